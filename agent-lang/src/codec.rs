@@ -1,0 +1,380 @@
+//! The continuation codec: an [`Execution`] as bytes that can travel, and back.
+//!
+//! Layout (CBOR, definite lengths only):
+//! `["tern-continuation", VERSION, program-hash, state, [frame...]]` where a frame is
+//! `[body, pending-node | null, [[name, const, value]...], [cursor...]]` and a cursor is
+//! `[0, block, next, scope-len, value]` (block), `[1, node, scope-len, loop-state...]` (loop) or
+//! `[2, node, scope-len, caught | null]` (try). Node, block and body ids index the program's plan,
+//! which is why a continuation is bound to the program hash; every id is checked on decode.
+
+use rhai::{Dynamic, EvalAltResult, Position, Scope};
+
+use crate::compile::{Node, Primitive, Program, ProgramHash, ProgramInner, MAIN_BODY};
+use crate::exec::{Caught, Cursor, Execution, ForIter, Frame, LoopState, RunState};
+use crate::value::{encode_value, put, put_bool, put_int, put_null, put_text, put_uint, Enc, Malformed, Reader, ValueError};
+
+/// Magic string that opens every continuation.
+pub const MAGIC: &str = "tern-continuation";
+/// Version of the layout this build writes and reads.
+pub const VERSION: u64 = 1;
+
+/// Why an execution could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// A value that cannot travel.
+    #[error(transparent)]
+    Value(#[from] ValueError),
+    /// The encoding is larger than the limit.
+    #[error("the continuation is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Only a suspended execution can be encoded.
+    #[error("only a suspended agent can travel")]
+    NotSuspended,
+}
+
+/// Why bytes could not be decoded into an execution.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Larger than the limit; nothing was parsed.
+    #[error("continuation of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge {
+        /// Input size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not a tern continuation.
+    #[error("not a tern continuation")]
+    BadMagic,
+    /// Written by another layout version.
+    #[error("unsupported continuation version {0} (this build reads version {VERSION})")]
+    Version(u64),
+    /// Bound to another program.
+    #[error("continuation belongs to program {found}, not {expected}")]
+    WrongProgram {
+        /// The program it was decoded against.
+        expected: ProgramHash,
+        /// The program it names.
+        found: ProgramHash,
+    },
+    /// Malformed or inconsistent content.
+    #[error("malformed continuation at byte {offset}: {what}")]
+    Malformed {
+        /// What is wrong.
+        what: String,
+        /// Byte offset where it was noticed.
+        offset: usize,
+    },
+}
+
+impl From<Malformed> for DecodeError {
+    fn from(m: Malformed) -> Self {
+        DecodeError::Malformed { what: m.0, offset: m.1 }
+    }
+}
+
+impl Execution {
+    /// Encodes the suspended execution.
+    ///
+    /// # Errors
+    ///
+    /// A variable (or temporary) holding a value that cannot travel, naming it; an encoding over
+    /// the program's `max_continuation_bytes`; an execution that is not suspended.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let primitive = match self.state {
+            RunState::Suspended(p) => p,
+            _ => return Err(EncodeError::NotSuspended),
+        };
+        let prog = &self.program.inner;
+        let mut bytes = Vec::with_capacity(256);
+        let mut enc = Enc::from(&mut bytes);
+        put(&mut enc, ciborium_ll::Header::Array(Some(5)));
+        put_text(&mut enc, MAGIC);
+        put_uint(&mut enc, VERSION);
+        let _ = enc.bytes(&prog.hash.0, None);
+        put_uint(&mut enc, match primitive {
+            Primitive::Migrate => 1,
+            Primitive::Receive => 2,
+        });
+        put(&mut enc, ciborium_ll::Header::Array(Some(self.frames.len())));
+        for frame in &self.frames {
+            let fname = &prog.plan.bodies[frame.body as usize].name;
+            let place = move || if fname.is_empty() { "the main body".to_string() } else { format!("function '{fname}'") };
+            put(&mut enc, ciborium_ll::Header::Array(Some(4)));
+            put_uint(&mut enc, frame.body as u64);
+            match frame.pending {
+                Some(id) => put_uint(&mut enc, id as u64),
+                None => put_null(&mut enc),
+            }
+            put(&mut enc, ciborium_ll::Header::Array(Some(frame.scope.len())));
+            // `Scope::iter_raw` walks from the newest variable down; the layout is oldest first.
+            let vars: Vec<_> = frame.scope.iter_raw().collect();
+            for &(name, constant, value) in vars.iter().rev() {
+                put(&mut enc, ciborium_ll::Header::Array(Some(3)));
+                put_text(&mut enc, name);
+                put_bool(&mut enc, constant);
+                encode_value(&mut enc, value, &|| format!("variable '{name}' in {}", place()), 0)?;
+            }
+            put(&mut enc, ciborium_ll::Header::Array(Some(frame.cursors.len())));
+            for cursor in &frame.cursors {
+                let temp = || format!("a temporary value in {}", place());
+                match cursor {
+                    Cursor::Block { block, next, scope_len, value } => {
+                        put(&mut enc, ciborium_ll::Header::Array(Some(5)));
+                        put_uint(&mut enc, 0);
+                        put_uint(&mut enc, *block as u64);
+                        put_uint(&mut enc, *next as u64);
+                        put_uint(&mut enc, *scope_len as u64);
+                        encode_value(&mut enc, value, &temp, 0)?;
+                    }
+                    Cursor::Loop { node, scope_len, state } => {
+                        let n = match state {
+                            LoopState::While => 4,
+                            LoopState::Do { .. } => 5,
+                            LoopState::For { iter: ForIter::Range { .. }, .. } => 9,
+                            LoopState::For { iter: ForIter::Items { .. }, .. } => 8,
+                        };
+                        put(&mut enc, ciborium_ll::Header::Array(Some(n)));
+                        put_uint(&mut enc, 1);
+                        put_uint(&mut enc, *node as u64);
+                        put_uint(&mut enc, *scope_len as u64);
+                        match state {
+                            LoopState::While => put_uint(&mut enc, 0),
+                            LoopState::Do { started } => {
+                                put_uint(&mut enc, 1);
+                                put_bool(&mut enc, *started);
+                            }
+                            LoopState::For { index, iter } => {
+                                put_uint(&mut enc, 2);
+                                put_int(&mut enc, *index);
+                                match iter {
+                                    ForIter::Range { next, end, inclusive } => {
+                                        put_uint(&mut enc, 0);
+                                        put_int(&mut enc, *next);
+                                        put_int(&mut enc, *end);
+                                        put_bool(&mut enc, *inclusive);
+                                    }
+                                    ForIter::Items { items, pos } => {
+                                        put_uint(&mut enc, 1);
+                                        put_uint(&mut enc, *pos as u64);
+                                        // Items already consumed were taken out; only the rest matters.
+                                        let rest = items.get(*pos..).unwrap_or(&[]);
+                                        put(&mut enc, ciborium_ll::Header::Array(Some(rest.len())));
+                                        for (i, item) in rest.iter().enumerate() {
+                                            encode_value(&mut enc, item, &|| format!("item {} of a `for` loop in {}", pos + i, place()), 1)?;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Cursor::Try { node, scope_len, caught } => {
+                        put(&mut enc, ciborium_ll::Header::Array(Some(4)));
+                        put_uint(&mut enc, 2);
+                        put_uint(&mut enc, *node as u64);
+                        put_uint(&mut enc, *scope_len as u64);
+                        match caught {
+                            None => put_null(&mut enc),
+                            Some(Caught(err)) => {
+                                // A caught error travels as the value it was caught as.
+                                let v = match err.unwrap_inner() {
+                                    EvalAltResult::ErrorRuntime(v, _) => v.clone(),
+                                    other => other.to_string().into(),
+                                };
+                                encode_value(&mut enc, &v, &temp, 0)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        drop(enc);
+        let limit = prog.limits.max_continuation_bytes;
+        if bytes.len() > limit {
+            return Err(EncodeError::TooLarge { size: bytes.len(), limit });
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes a continuation of `program`.
+    ///
+    /// # Errors
+    ///
+    /// Oversized input (checked before parsing), wrong magic, version or program hash, and any
+    /// malformed or inconsistent content, with the byte offset where it was noticed. Never panics.
+    pub fn decode(program: &Program, bytes: &[u8]) -> Result<Execution, DecodeError> {
+        let prog = &program.inner;
+        let limit = prog.limits.max_continuation_bytes;
+        if bytes.len() > limit {
+            return Err(DecodeError::TooLarge { size: bytes.len(), limit });
+        }
+        let mut r = Reader::new(bytes);
+        if r.array().map_err(|_| DecodeError::BadMagic)? != 5 || r.text().map_err(|_| DecodeError::BadMagic)? != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let version = r.uint()?;
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let hash = r.bytes()?;
+        let found: [u8; 32] = hash.as_slice().try_into().map_err(|_| DecodeError::Malformed { what: "program hash is not 32 bytes".into(), offset: 0 })?;
+        if found != prog.hash.0 {
+            return Err(DecodeError::WrongProgram { expected: prog.hash, found: ProgramHash(found) });
+        }
+        let primitive = match r.uint()? {
+            1 => Primitive::Migrate,
+            2 => Primitive::Receive,
+            _ => return bad(&mut r, "unknown suspension"),
+        };
+        let nframes = r.array()?;
+        if nframes == 0 {
+            return bad(&mut r, "no frames");
+        }
+        if nframes > prog.limits.max_call_depth + 1 {
+            return bad(&mut r, "more frames than the call depth limit");
+        }
+        let mut frames: Vec<Frame> = Vec::with_capacity(nframes);
+        for i in 0..nframes {
+            let frame = decode_frame(&mut r, prog)?;
+            if (i == 0) != (frame.body == MAIN_BODY) {
+                return bad(&mut r, "the bottom frame must be the main body, and only it");
+            }
+            frames.push(frame);
+        }
+        // Every frame but the top waits for the one above it; the top waits for the primitive.
+        let call_positions: Vec<Position> = frames
+            .iter()
+            .map(|f| {
+                f.pending.and_then(|id| match &prog.plan.nodes[id as usize] {
+                    Node::Suspend { pos, .. } => Some(*pos),
+                    _ => None,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| DecodeError::Malformed { what: "a frame is not waiting at a suspending statement".into(), offset: r.offset() })?;
+        for (i, frame) in frames.iter_mut().enumerate().skip(1) {
+            frame.call_pos = call_positions[i - 1];
+        }
+        if r.offset() != bytes.len() {
+            return Err(DecodeError::Malformed { what: "trailing bytes".into(), offset: r.offset() });
+        }
+        Ok(Execution { program: program.clone(), frames, state: RunState::Suspended(primitive) })
+    }
+}
+
+fn bad<T>(r: &mut Reader, what: &str) -> Result<T, DecodeError> {
+    Err(r.fail::<T>(what).err().map_or(DecodeError::BadMagic, DecodeError::from))
+}
+
+fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeError> {
+    let plan = &prog.plan;
+    if r.array()? != 4 {
+        return bad(r, "a frame has 4 fields");
+    }
+    let body = r.u32()?;
+    if body as usize >= plan.bodies.len() {
+        return bad(r, "unknown body");
+    }
+    let pending = r.nullable(|r| r.u32())?;
+    if let Some(id) = pending {
+        if !matches!(plan.nodes.get(id as usize), Some(Node::Suspend { .. })) {
+            return bad(r, "pending node is not a suspending statement");
+        }
+    }
+    let nvars = r.array()?;
+    let mut scope = Scope::with_capacity(nvars);
+    for _ in 0..nvars {
+        if r.array()? != 3 {
+            return bad(r, "a variable has 3 fields");
+        }
+        let name = r.text()?;
+        let constant = r.bool()?;
+        let value = r.value(prog, 0)?;
+        if constant {
+            scope.push_constant_dynamic(name, value);
+        } else {
+            scope.push_dynamic(name, value);
+        }
+    }
+    let ncursors = r.array()?;
+    if ncursors == 0 {
+        return bad(r, "a frame without position");
+    }
+    let mut cursors = Vec::with_capacity(ncursors);
+    for i in 0..ncursors {
+        let n = r.array()?;
+        let kind = r.uint()?;
+        let cursor = match (kind, n) {
+            (0, 5) => {
+                let block = r.u32()?;
+                let next = r.u32()?;
+                let scope_len = r.u32()?;
+                let value = r.value(prog, 0)?;
+                if block as usize >= plan.blocks.len() {
+                    return bad(r, "unknown block");
+                }
+                if i == 0 && block != plan.bodies[body as usize].block {
+                    return bad(r, "a frame must start in its body's block");
+                }
+                Cursor::Block { block, next, scope_len, value }
+            }
+            (1, 4..=9) => {
+                let node = r.u32()?;
+                let scope_len = r.u32()?;
+                let state = match (r.uint()?, plan.nodes.get(node as usize)) {
+                    (0, Some(Node::While { .. })) => LoopState::While,
+                    (1, Some(Node::Do { .. })) => LoopState::Do { started: r.bool()? },
+                    (2, Some(Node::For { .. })) => {
+                        let index = r.int()?;
+                        let iter = match r.uint()? {
+                            0 => ForIter::Range { next: r.int()?, end: r.int()?, inclusive: r.bool()? },
+                            1 => {
+                                let pos = r.uint()? as usize;
+                                let count = r.array()?;
+                                let mut items = rhai::Array::with_capacity(count);
+                                for _ in 0..count {
+                                    items.push(r.value(prog, 1)?);
+                                }
+                                // Consumed items are not sent; keep the positions consistent.
+                                let mut all = vec![Dynamic::UNIT; pos.min(prog.limits.max_array_size)];
+                                if all.len() != pos {
+                                    return bad(r, "for-loop position out of range");
+                                }
+                                all.extend(items);
+                                ForIter::Items { items: all, pos }
+                            }
+                            _ => return bad(r, "unknown iterator"),
+                        };
+                        LoopState::For { index, iter }
+                    }
+                    _ => return bad(r, "loop state does not match its node"),
+                };
+                Cursor::Loop { node, scope_len, state }
+            }
+            (2, 4) => {
+                let node = r.u32()?;
+                let scope_len = r.u32()?;
+                if !matches!(plan.nodes.get(node as usize), Some(Node::Try { .. })) {
+                    return bad(r, "try cursor on a node that is not a try");
+                }
+                let caught = r
+                    .nullable(|r| r.value(prog, 0))?
+                    .map(|v| Caught(EvalAltResult::ErrorRuntime(v, Position::NONE).into()));
+                Cursor::Try { node, scope_len, caught }
+            }
+            _ => return bad(r, "unknown cursor"),
+        };
+        if i == 0 && !matches!(cursor, Cursor::Block { .. }) {
+            return bad(r, "a frame must start in its body's block");
+        }
+        cursors.push(cursor);
+    }
+    Ok(Frame { body, scope, cursors, call_pos: Position::NONE, pending })
+}

@@ -1,0 +1,97 @@
+//! Errors an agent fails with at run time, and how Rhai's errors map onto them.
+
+use std::fmt;
+
+use rhai::EvalAltResult;
+
+/// What kind of failure ended an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AgentErrorKind {
+    /// A `throw` (or a thrown error from a host function) nobody caught.
+    Thrown,
+    /// The slice ran more operations than the node allows (a runaway loop).
+    OperationLimit,
+    /// A string, array, map, blob or the continuation grew past its limit.
+    SizeLimit,
+    /// Calls nested deeper than the node allows.
+    StackOverflow,
+    /// Any other run-time error: type mismatch, unknown function, bad index...
+    Runtime,
+    /// A value that cannot travel blocked a hop.
+    NotPortable,
+    /// A bug in tern, reported instead of a panic.
+    Internal,
+}
+
+/// Why an agent failed: a kind, a message, and where in the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentError {
+    /// What kind of failure.
+    pub kind: AgentErrorKind,
+    /// What happened, in Rhai's words where Rhai raised it.
+    pub message: String,
+    /// 1-based line and column of the innermost place the error was raised, when known.
+    pub position: Option<(usize, usize)>,
+}
+
+impl AgentError {
+    pub(crate) fn new(kind: AgentErrorKind, message: String, position: Option<(usize, usize)>) -> Self {
+        AgentError { kind, message, position }
+    }
+
+    /// Maps a Rhai error.
+    pub fn from_rhai(err: &EvalAltResult) -> Self {
+        let mut inner = err;
+        let mut position = err.position();
+        while let EvalAltResult::ErrorInFunctionCall(_, _, e, _) = inner {
+            inner = e;
+            if !e.position().is_none() {
+                position = e.position();
+            }
+        }
+        let kind = match inner {
+            EvalAltResult::ErrorRuntime(..) => AgentErrorKind::Thrown,
+            EvalAltResult::ErrorTooManyOperations(..) => AgentErrorKind::OperationLimit,
+            EvalAltResult::ErrorDataTooLarge(..) | EvalAltResult::ErrorTooManyVariables(..) => {
+                AgentErrorKind::SizeLimit
+            }
+            EvalAltResult::ErrorStackOverflow(..) => AgentErrorKind::StackOverflow,
+            EvalAltResult::ErrorSystem(..) => AgentErrorKind::Internal,
+            _ => AgentErrorKind::Runtime,
+        };
+        let message = match kind {
+            AgentErrorKind::OperationLimit => {
+                "too many operations: the agent ran past the node's operation limit for one slice (a runaway loop?)".to_string()
+            }
+            _ => message_without_position(err),
+        };
+        let position = match (position.line(), position.position()) {
+            (Some(l), c) => Some((l, c.unwrap_or(0))),
+            _ => None,
+        };
+        AgentError { kind, message, position }
+    }
+}
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((l, c)) => write!(f, "line {l}, column {c}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+/// Rhai's message for `err` without the " (line L, position P)" it appends.
+pub(crate) fn message_without_position(err: &EvalAltResult) -> String {
+    let full = err.to_string();
+    let pos = err.position();
+    if pos.is_none() {
+        return full;
+    }
+    let suffix = format!(" ({pos})");
+    full.strip_suffix(&suffix).map(str::to_string).unwrap_or(full)
+}

@@ -1,0 +1,67 @@
+//! The resource limits a node imposes on the agents it runs, so a runaway loop or a memory bomb
+//! ends that agent with a clear error and nothing else.
+
+/// Limits applied to one agent. A node fills them from its policy; [`Limits::default`] is a
+/// reasonable policy for a trusted single-user mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Rhai operations allowed in one run slice (from a resume to the next suspension).
+    pub max_operations: u64,
+    /// Depth of nested function calls, walked and native together.
+    pub max_call_depth: usize,
+    /// Longest string, in bytes.
+    pub max_string_size: usize,
+    /// Longest array or blob, in elements.
+    pub max_array_size: usize,
+    /// Largest object map, in entries.
+    pub max_map_size: usize,
+    /// Largest encoded continuation, in bytes.
+    pub max_continuation_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_operations: 100_000_000,
+            max_call_depth: 64,
+            max_string_size: 64 << 20,
+            max_array_size: 16 << 20,
+            max_map_size: 1 << 20,
+            max_continuation_bytes: 256 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// Sets [`Limits::max_operations`].
+    pub fn with_max_operations(mut self, n: u64) -> Self {
+        self.max_operations = n;
+        self
+    }
+    /// Sets [`Limits::max_call_depth`].
+    pub fn with_max_call_depth(mut self, n: usize) -> Self {
+        self.max_call_depth = n;
+        self
+    }
+    /// Sets [`Limits::max_string_size`].
+    pub fn with_max_string_size(mut self, n: usize) -> Self {
+        self.max_string_size = n;
+        self
+    }
+    /// Sets [`Limits::max_array_size`].
+    pub fn with_max_array_size(mut self, n: usize) -> Self {
+        self.max_array_size = n;
+        self
+    }
+    /// Sets [`Limits::max_map_size`].
+    pub fn with_max_map_size(mut self, n: usize) -> Self {
+        self.max_map_size = n;
+        self
+    }
+    /// Sets [`Limits::max_continuation_bytes`].
+    pub fn with_max_continuation_bytes(mut self, n: usize) -> Self {
+        self.max_continuation_bytes = n;
+        self
+    }
+}

@@ -1,0 +1,331 @@
+//! Portable values: the subset of Rhai values with a stable encoding that may travel in a
+//! continuation, their CBOR form, and their JSON form for results.
+//!
+//! CBOR mapping (independent of Rhai's internal layout): unit → null, bool → bool, integer →
+//! integer, float → float, string → text, blob → byte string, array → array, map → map with text
+//! keys, char → tag [`TAG_CHAR`] over its code point, function pointer without captures → tag
+//! [`TAG_FN_PTR`] over its name. Anything else is refused, naming where it was found.
+
+use ciborium_io::Read as _;
+use ciborium_ll::{simple, Decoder, Encoder, Header};
+use rhai::{Array, Blob, Dynamic, FnPtr, ImmutableString, Map};
+
+use crate::compile::ProgramInner;
+
+/// CBOR tag of a `char` (its Unicode scalar value follows).
+pub const TAG_CHAR: u64 = 0x7465_726E_0001;
+/// CBOR tag of a function pointer (its function name follows).
+pub const TAG_FN_PTR: u64 = 0x7465_726E_0002;
+
+/// Deepest nesting of arrays and maps that is encoded or decoded.
+pub(crate) const MAX_DEPTH: usize = 128;
+
+/// Why a value cannot be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValueError {
+    /// A value of a type that cannot travel.
+    #[error("{what} holds a value of type '{type_name}', which cannot travel between nodes (portable: (), bool, int, float, char, string, blob, array, map, Fn pointers without captures)")]
+    NotPortable {
+        /// Where the value was found (e.g. "variable 'x' in function 'f'").
+        what: String,
+        /// Rhai's name for its type.
+        type_name: String,
+    },
+    /// Arrays or maps nested deeper than [`MAX_DEPTH`].
+    #[error("{what} is nested too deeply")]
+    TooDeep {
+        /// Where the value was found.
+        what: String,
+    },
+}
+
+pub(crate) type Enc<'a> = Encoder<&'a mut Vec<u8>>;
+
+pub(crate) fn put(enc: &mut Enc<'_>, h: Header) {
+    // Writing into a Vec cannot fail.
+    let _ = enc.push(h);
+}
+
+pub(crate) fn put_uint(enc: &mut Enc<'_>, n: u64) {
+    put(enc, Header::Positive(n));
+}
+
+pub(crate) fn put_int(enc: &mut Enc<'_>, n: i64) {
+    if n >= 0 {
+        put(enc, Header::Positive(n as u64));
+    } else {
+        put(enc, Header::Negative(!(n as u64)));
+    }
+}
+
+pub(crate) fn put_text(enc: &mut Enc<'_>, s: &str) {
+    let _ = enc.text(s, None);
+}
+
+pub(crate) fn put_bool(enc: &mut Enc<'_>, b: bool) {
+    put(enc, Header::Simple(if b { simple::TRUE } else { simple::FALSE }));
+}
+
+pub(crate) fn put_null(enc: &mut Enc<'_>) {
+    put(enc, Header::Simple(simple::NULL));
+}
+
+/// Encodes `value`; `what` names it in errors.
+pub(crate) fn encode_value(enc: &mut Enc<'_>, value: &Dynamic, what: &dyn Fn() -> String, depth: usize) -> Result<(), ValueError> {
+    if depth > MAX_DEPTH {
+        return Err(ValueError::TooDeep { what: what() });
+    }
+    if value.is_shared() {
+        return encode_value(enc, &value.flatten_clone(), what, depth);
+    }
+    if value.is_unit() {
+        put_null(enc);
+    } else if let Ok(b) = value.as_bool() {
+        put_bool(enc, b);
+    } else if let Ok(n) = value.as_int() {
+        put_int(enc, n);
+    } else if let Ok(f) = value.as_float() {
+        put(enc, Header::Float(f));
+    } else if let Ok(c) = value.as_char() {
+        put(enc, Header::Tag(TAG_CHAR));
+        put_uint(enc, c as u64);
+    } else if let Some(s) = value.read_lock::<ImmutableString>() {
+        put_text(enc, s.as_str());
+    } else if let Some(b) = value.read_lock::<Blob>() {
+        let _ = enc.bytes(&b, None);
+    } else if let Some(a) = value.read_lock::<Array>() {
+        put(enc, Header::Array(Some(a.len())));
+        for (i, item) in a.iter().enumerate() {
+            encode_value(enc, item, &|| format!("{}[{i}]", what()), depth + 1)?;
+        }
+    } else if let Some(m) = value.read_lock::<Map>() {
+        put(enc, Header::Map(Some(m.len())));
+        for (k, v) in m.iter() {
+            put_text(enc, k.as_str());
+            encode_value(enc, v, &|| format!("{}.{k}", what()), depth + 1)?;
+        }
+    } else if let Some(f) = value.read_lock::<FnPtr>() {
+        if f.is_curried() {
+            return Err(ValueError::NotPortable { what: what(), type_name: "closure with captured variables".into() });
+        }
+        put(enc, Header::Tag(TAG_FN_PTR));
+        put_text(enc, f.fn_name());
+    } else {
+        return Err(ValueError::NotPortable { what: what(), type_name: value.type_name().to_string() });
+    }
+    Ok(())
+}
+
+/// A decoding error: what was wrong, at which byte offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Malformed(pub(crate) String, pub(crate) usize);
+
+/// A CBOR reader over a byte slice that never allocates more than the input could hold.
+pub(crate) struct Reader<'a> {
+    dec: Decoder<&'a [u8]>,
+    total: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Reader { dec: Decoder::from(bytes), total: bytes.len() }
+    }
+
+    pub(crate) fn offset(&mut self) -> usize {
+        self.dec.offset()
+    }
+
+    fn remaining(&mut self) -> usize {
+        self.total.saturating_sub(self.dec.offset())
+    }
+
+    pub(crate) fn fail<T>(&mut self, what: impl Into<String>) -> Result<T, Malformed> {
+        Err(Malformed(what.into(), self.dec.offset()))
+    }
+
+    pub(crate) fn header(&mut self) -> Result<Header, Malformed> {
+        let at = self.dec.offset();
+        self.dec.pull().map_err(|e| match e {
+            ciborium_ll::Error::Io(_) => Malformed("truncated".into(), at),
+            ciborium_ll::Error::Syntax(o) => Malformed("invalid CBOR".into(), o),
+        })
+    }
+
+    fn payload(&mut self, len: usize) -> Result<Vec<u8>, Malformed> {
+        if len > self.remaining() {
+            return self.fail(format!("length {len} runs past the end of the input"));
+        }
+        let mut buf = vec![0u8; len];
+        let at = self.dec.offset();
+        self.dec.read_exact(&mut buf).map_err(|_| Malformed("truncated".into(), at))?;
+        Ok(buf)
+    }
+
+    pub(crate) fn uint(&mut self) -> Result<u64, Malformed> {
+        match self.header()? {
+            Header::Positive(n) => Ok(n),
+            _ => self.fail("expected an unsigned integer"),
+        }
+    }
+
+    pub(crate) fn u32(&mut self) -> Result<u32, Malformed> {
+        let n = self.uint()?;
+        u32::try_from(n).or_else(|_| self.fail("integer out of range"))
+    }
+
+    pub(crate) fn int(&mut self) -> Result<i64, Malformed> {
+        match self.header()? {
+            Header::Positive(n) if n <= i64::MAX as u64 => Ok(n as i64),
+            Header::Negative(n) if n <= i64::MAX as u64 => Ok(!(n as i64)),
+            _ => self.fail("expected an integer"),
+        }
+    }
+
+    pub(crate) fn bool(&mut self) -> Result<bool, Malformed> {
+        match self.header()? {
+            Header::Simple(simple::TRUE) => Ok(true),
+            Header::Simple(simple::FALSE) => Ok(false),
+            _ => self.fail("expected a boolean"),
+        }
+    }
+
+    pub(crate) fn text(&mut self) -> Result<String, Malformed> {
+        match self.header()? {
+            Header::Text(Some(len)) => self.text_payload(len),
+            _ => self.fail("expected a text string"),
+        }
+    }
+
+    fn text_payload(&mut self, len: usize) -> Result<String, Malformed> {
+        let at = self.dec.offset();
+        String::from_utf8(self.payload(len)?).map_err(|_| Malformed("invalid UTF-8 in text".into(), at))
+    }
+
+    pub(crate) fn bytes(&mut self) -> Result<Vec<u8>, Malformed> {
+        match self.header()? {
+            Header::Bytes(Some(len)) => self.payload(len),
+            _ => self.fail("expected a byte string"),
+        }
+    }
+
+    /// An array header of definite length (each element takes at least one byte).
+    pub(crate) fn array(&mut self) -> Result<usize, Malformed> {
+        match self.header()? {
+            Header::Array(Some(n)) if n <= self.remaining() => Ok(n),
+            Header::Array(Some(n)) => self.fail(format!("array of {n} items runs past the end of the input")),
+            _ => self.fail("expected an array"),
+        }
+    }
+
+    /// Either null (None) or whatever `f` reads.
+    pub(crate) fn nullable<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Malformed>) -> Result<Option<T>, Malformed> {
+        match self.header()? {
+            Header::Simple(simple::NULL) => Ok(None),
+            h => {
+                self.dec.push(h);
+                f(self).map(Some)
+            }
+        }
+    }
+
+    /// A portable value.
+    pub(crate) fn value(&mut self, prog: &ProgramInner, depth: usize) -> Result<Dynamic, Malformed> {
+        if depth > MAX_DEPTH {
+            return self.fail("values nested too deeply");
+        }
+        Ok(match self.header()? {
+            Header::Simple(simple::NULL) => Dynamic::UNIT,
+            Header::Simple(simple::TRUE) => Dynamic::TRUE,
+            Header::Simple(simple::FALSE) => Dynamic::FALSE,
+            Header::Positive(n) if n <= i64::MAX as u64 => Dynamic::from_int(n as i64),
+            Header::Negative(n) if n <= i64::MAX as u64 => Dynamic::from_int(!(n as i64)),
+            Header::Float(f) => Dynamic::from_float(f),
+            Header::Text(Some(len)) => Dynamic::from(ImmutableString::from(self.text_payload(len)?)),
+            Header::Bytes(Some(len)) => Dynamic::from_blob(self.payload(len)?),
+            Header::Array(Some(n)) => {
+                if n > self.remaining() {
+                    return self.fail(format!("array of {n} items runs past the end of the input"));
+                }
+                let mut a = Array::with_capacity(n);
+                for _ in 0..n {
+                    a.push(self.value(prog, depth + 1)?);
+                }
+                Dynamic::from_array(a)
+            }
+            Header::Map(Some(n)) => {
+                if n.saturating_mul(2) > self.remaining() {
+                    return self.fail(format!("map of {n} entries runs past the end of the input"));
+                }
+                let mut m = Map::new();
+                for _ in 0..n {
+                    let k = self.text()?;
+                    let v = self.value(prog, depth + 1)?;
+                    m.insert(k.into(), v);
+                }
+                Dynamic::from_map(m)
+            }
+            Header::Tag(TAG_CHAR) => {
+                let n = self.uint()?;
+                match u32::try_from(n).ok().and_then(char::from_u32) {
+                    Some(c) => Dynamic::from_char(c),
+                    None => return self.fail("invalid char"),
+                }
+            }
+            Header::Tag(TAG_FN_PTR) => {
+                let name = self.text()?;
+                match fn_ptr(prog, &name) {
+                    Some(f) => Dynamic::from(f),
+                    None => return self.fail(format!("function pointer to unknown function '{name}'")),
+                }
+            }
+            _ => return self.fail("not a portable value"),
+        })
+    }
+}
+
+/// Rebuilds a function pointer by name against the program's functions.
+fn fn_ptr(prog: &ProgramInner, name: &str) -> Option<FnPtr> {
+    let def = prog
+        .ast
+        .shared_lib()
+        .iter_script_fn_info()
+        .find(|(.., n, _, _)| *n == name)
+        .map(|(.., f)| f.clone());
+    match def {
+        Some(def) if name.starts_with("anon$") => Some(FnPtr::from(def)),
+        _ => FnPtr::new(name).ok(),
+    }
+}
+
+/// The JSON form of a result: unit → null, char → one-character string, blob → array of byte
+/// values, map → object, function pointer → its name, non-finite float → null.
+pub fn to_json(value: &Dynamic) -> serde_json::Value {
+    use serde_json::Value as J;
+    if value.is_shared() {
+        return to_json(&value.flatten_clone());
+    }
+    if value.is_unit() {
+        J::Null
+    } else if let Ok(b) = value.as_bool() {
+        J::Bool(b)
+    } else if let Ok(n) = value.as_int() {
+        J::from(n)
+    } else if let Ok(f) = value.as_float() {
+        serde_json::Number::from_f64(f).map_or(J::Null, J::Number)
+    } else if let Ok(c) = value.as_char() {
+        J::String(c.to_string())
+    } else if let Some(s) = value.read_lock::<ImmutableString>() {
+        J::String(s.to_string())
+    } else if let Some(b) = value.read_lock::<Blob>() {
+        J::Array(b.iter().map(|&x| J::from(x)).collect())
+    } else if let Some(a) = value.read_lock::<Array>() {
+        J::Array(a.iter().map(to_json).collect())
+    } else if let Some(m) = value.read_lock::<Map>() {
+        J::Object(m.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect())
+    } else if let Some(f) = value.read_lock::<FnPtr>() {
+        J::String(f.fn_name().to_string())
+    } else {
+        J::String(value.to_string())
+    }
+}

@@ -1,0 +1,138 @@
+//! Test support: the plain-Rhai oracle and an in-memory mesh that runs an agent through tern's
+//! executor, passing only encoded bytes between nodes.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::{Arc, Mutex};
+
+use agent_lang::rhai::{Dynamic, EvalAltResult, ImmutableString};
+use agent_lang::{exit_value, sandboxed_engine, unknown_node_error, Execution, HostEnv, Limits, Outcome, Program, Resume};
+
+/// The mesh the tests use.
+pub fn mesh() -> Vec<String> {
+    (0..3).map(|i| format!("node-{i}")).collect()
+}
+
+/// What a run produced, comparable between the oracle and tern.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunResult {
+    Value(String),
+    Error(String),
+}
+
+fn show(v: &Dynamic) -> String {
+    format!("{:?}", agent_lang::to_json(v))
+}
+
+/// Plain Rhai, same sandbox, with a fake `migrate` that only changes what `here()` returns.
+pub fn oracle(source: &str, limits: &Limits) -> RunResult {
+    let nodes = mesh();
+    let here = Arc::new(Mutex::new(nodes[0].clone()));
+    let hops = Arc::new(Mutex::new(0i64));
+    let mut engine = sandboxed_engine(limits);
+    engine.on_print(|_| {});
+    {
+        let here = here.clone();
+        engine.register_fn("here", move || ImmutableString::from(here.lock().unwrap().as_str()));
+    }
+    engine.register_fn("home", || ImmutableString::from("node-0"));
+    engine.register_fn("id", || ImmutableString::from("agent-test"));
+    {
+        let hops = hops.clone();
+        engine.register_fn("hops", move || *hops.lock().unwrap());
+    }
+    {
+        let nodes = nodes.clone();
+        engine.register_fn("nodes", move || {
+            nodes.iter().map(|n| Dynamic::from(ImmutableString::from(n.as_str()))).collect::<agent_lang::rhai::Array>()
+        });
+    }
+    {
+        let (here, hops, nodes) = (here.clone(), hops.clone(), nodes.clone());
+        engine.register_fn("migrate", move |to: ImmutableString| -> Result<(), Box<EvalAltResult>> {
+            if nodes.iter().any(|n| n == to.as_str()) {
+                *here.lock().unwrap() = to.to_string();
+                *hops.lock().unwrap() += 1;
+                Ok(())
+            } else {
+                Err(unknown_node_error(&to).into())
+            }
+        });
+    }
+    engine.register_fn("receive", || Dynamic::UNIT);
+    engine.register_fn("receive", |_: i64| Dynamic::UNIT);
+    match engine.eval::<Dynamic>(source) {
+        Ok(v) => RunResult::Value(show(&v)),
+        Err(e) => match exit_value(&e) {
+            Some(v) => RunResult::Value(show(&v)),
+            None => RunResult::Error(e.to_string()),
+        },
+    }
+}
+
+/// Statistics of a tern run.
+#[derive(Debug, Default, Clone)]
+pub struct Trace {
+    pub hops: usize,
+    pub bytes: usize,
+}
+
+/// Runs `source` on the in-memory mesh with tern's executor.
+pub fn tern(source: &str, limits: &Limits) -> (RunResult, Trace) {
+    let program = match Program::compile(source, limits) {
+        Ok(p) => p,
+        Err(e) => return (RunResult::Error(format!("compile: {e}")), Trace::default()),
+    };
+    let nodes = mesh();
+    let mut env = HostEnv {
+        here: nodes[0].clone(),
+        home: nodes[0].clone(),
+        nodes: nodes.clone(),
+        agent_id: "agent-test".into(),
+        hops: 0,
+        printer: Arc::new(|_| {}),
+    };
+    let mut trace = Trace::default();
+    let mut exec = Execution::new(&program);
+    let mut input = Resume::Start;
+    loop {
+        match exec.resume(&env, input) {
+            Outcome::Finished(v) => return (RunResult::Value(show(&v)), trace),
+            Outcome::Failed(e) => return (RunResult::Error(e.to_string()), trace),
+            Outcome::Migrate { to } => {
+                if !nodes.contains(&to) {
+                    input = Resume::Error(unknown_node_error(&to));
+                    continue;
+                }
+                let bytes = match exec.encode() {
+                    Ok(b) => b,
+                    Err(e) => return (RunResult::Error(format!("encode: {e}")), trace),
+                };
+                trace.hops += 1;
+                trace.bytes += bytes.len();
+                exec = match Execution::decode(&program, &bytes) {
+                    Ok(x) => x,
+                    Err(e) => return (RunResult::Error(format!("decode: {e}")), trace),
+                };
+                env.here = to;
+                env.hops += 1;
+                input = Resume::Start;
+            }
+            Outcome::Receive { .. } => input = Resume::Value(Dynamic::UNIT),
+            other => return (RunResult::Error(format!("unexpected outcome {other:?}")), trace),
+        }
+    }
+}
+
+/// Asserts tern agrees with the oracle on `source` (values must be equal; both must fail or
+/// both succeed).
+pub fn check(source: &str) -> (RunResult, Trace) {
+    let limits = Limits::default().with_max_operations(5_000_000);
+    let expected = oracle(source, &limits);
+    let (got, trace) = tern(source, &limits);
+    match (&expected, &got) {
+        (RunResult::Value(a), RunResult::Value(b)) => assert_eq!(a, b, "value differs for:\n{source}"),
+        (RunResult::Error(_), RunResult::Error(_)) => {}
+        _ => panic!("oracle {expected:?} vs tern {got:?} for:\n{source}"),
+    }
+    (got, trace)
+}

@@ -1,0 +1,536 @@
+//! Hop envelopes: what the sending node signs at every hop, so that the chain of envelopes is the
+//! agent's custody record and a destination can refuse forged, replayed, out-of-order or
+//! misaddressed hops.
+//!
+//! # The chain
+//!
+//! The first envelope of an agent's journey has hop number [`FIRST_HOP`] and no `previous`. Every
+//! later envelope has hop number one more than the envelope before it and names that envelope's
+//! [`EnvelopeHash`] in `previous`. The node holding an agent keeps the envelope under which it
+//! received it (its [`VerifiedHop`]); when the agent moves on, it signs the next envelope and sends
+//! **both** (the new one and the one it holds). The receiver then passes the older one as
+//! [`HopCheck::with_previous`], which proves the sender held custody: it was signed by its own
+//! sender, addressed to this sender, for the same agent and package, one hop earlier.
+//!
+//! Separately, each node keeps a [`LastHop`] per agent — the latest hop it has accepted *or sent*
+//! — and passes it as [`HopCheck::with_last_seen`]: anything at or below it is a replay (or, if it
+//! is that very envelope again, a [`HopError::Duplicate`] the platform can acknowledge again).
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, byte_id, fixed_bytes, opt_fixed_bytes, DecodeError};
+use crate::keys::{wire_key, PublicKey, SecretKey};
+use crate::package::PackageHash;
+
+/// The first bytes of an encoded envelope: `TERNHOP` and format version 1.
+pub const ENVELOPE_MAGIC: &[u8; 8] = b"TERNHOP\x01";
+
+/// Largest envelope [`HopEnvelope::decode`] accepts. A real one is about 330 bytes.
+pub const MAX_ENVELOPE_BYTES: usize = 1024;
+
+/// Hop number of the first envelope of a chain (the agent's first move).
+pub const FIRST_HOP: u64 = 1;
+
+/// Domain-separation tag for envelope signatures.
+const SIGNING_TAG: &str = "tern/hop/v1";
+
+byte_id!(
+    /// An agent's identity for its whole life, chosen at launch (random). Text form: 32 hex digits.
+    AgentId,
+    16,
+    "agent id"
+);
+
+byte_id!(
+    /// BLAKE3 of an envelope's encoded bytes ([`HopEnvelope::encode`]), signature included.
+    EnvelopeHash,
+    32,
+    "envelope hash"
+);
+
+impl AgentId {
+    /// A fresh random id from the operating system's generator.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+        Self(bytes)
+    }
+}
+
+/// What a hop envelope says; the sender signs all of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopFields {
+    /// The agent that moves.
+    pub agent_id: AgentId,
+    /// Which move this is: [`FIRST_HOP`] for the first, then one more each time.
+    pub hop: u64,
+    /// The package the agent runs.
+    pub package_hash: PackageHash,
+    /// BLAKE3 of the continuation bytes that travel with this hop.
+    pub continuation_hash: [u8; 32],
+    /// Hash of the envelope of the hop before; `None` exactly for the first hop.
+    pub previous: Option<EnvelopeHash>,
+    /// The sending node (the signer).
+    pub from: PublicKey,
+    /// The destination node.
+    pub to: PublicKey,
+    /// Sender's clock at signing, unix milliseconds.
+    pub time_ms: u64,
+}
+
+/// A signed hop envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopEnvelope {
+    fields: HopFields,
+    signature: [u8; 64],
+}
+
+/// The latest hop a node has accepted or sent for an agent: what it needs to detect replays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LastHop {
+    /// That envelope's hop number.
+    pub hop: u64,
+    /// That envelope's hash.
+    pub hash: EnvelopeHash,
+}
+
+/// Why an envelope could not be signed or was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HopError {
+    /// [`HopEnvelope::sign`] was given a key other than `fields.from`.
+    #[error("signing key is not the envelope's sender")]
+    SignerNotSender,
+    /// The envelope claims a sender other than the peer on the authenticated connection.
+    #[error("envelope is from {claimed}, but the connection is from {peer}")]
+    SenderMismatch {
+        /// `from` in the envelope.
+        claimed: PublicKey,
+        /// The authenticated peer.
+        peer: PublicKey,
+    },
+    /// The signature does not verify under `from`: the envelope is forged or corrupted.
+    #[error("envelope signature does not verify")]
+    BadSignature,
+    /// The envelope is addressed to another node.
+    #[error("envelope is addressed to {to}, not to this node")]
+    Misaddressed {
+        /// `to` in the envelope.
+        to: PublicKey,
+    },
+    /// This exact envelope was already accepted (a retransmission: safe to acknowledge again).
+    #[error("hop {hop} already accepted")]
+    Duplicate {
+        /// Its hop number.
+        hop: u64,
+    },
+    /// The hop number is not above the latest hop this node has seen for the agent.
+    #[error("hop {hop} replayed: already saw hop {last_seen}")]
+    Replayed {
+        /// The envelope's hop number.
+        hop: u64,
+        /// The latest hop seen.
+        last_seen: u64,
+    },
+    /// The hop number is not the one that follows the previous envelope (a skipped or
+    /// repeated hop), or a first-hop envelope has a previous hash or vice versa.
+    #[error("hop {hop} out of order: expected hop {expected}")]
+    OutOfOrder {
+        /// The envelope's hop number.
+        hop: u64,
+        /// The hop number the chain calls for.
+        expected: u64,
+    },
+    /// `previous` does not name the previous envelope that was presented.
+    #[error("previous envelope hash does not match")]
+    PreviousMismatch,
+    /// The previous envelope does not show that the sender held the agent: it was not addressed
+    /// to the sender, or is for another agent or package, or its own signature does not verify.
+    #[error("previous envelope does not prove custody: {reason}")]
+    NoCustody {
+        /// Which check failed.
+        reason: &'static str,
+    },
+    /// The envelope names another package than the one offered.
+    #[error("envelope is for package {in_envelope}, not {offered}")]
+    PackageMismatch {
+        /// `package_hash` in the envelope.
+        in_envelope: PackageHash,
+        /// The package actually offered.
+        offered: PackageHash,
+    },
+    /// The continuation bytes received do not hash to `continuation_hash`.
+    #[error("continuation does not match the envelope")]
+    ContinuationMismatch,
+    /// The envelope is dated further in the future than the allowed clock skew.
+    #[error("envelope is dated {time_ms}, ahead of local time {now_ms}")]
+    FromTheFuture {
+        /// `time_ms` in the envelope.
+        time_ms: u64,
+        /// The receiver's clock.
+        now_ms: u64,
+    },
+}
+
+#[derive(Serialize)]
+struct FieldsRef<'a> {
+    #[serde(with = "fixed_bytes")]
+    agent_id: &'a [u8; 16],
+    hop: u64,
+    #[serde(with = "fixed_bytes")]
+    package_hash: &'a [u8; 32],
+    #[serde(with = "fixed_bytes")]
+    continuation_hash: &'a [u8; 32],
+    #[serde(with = "opt_fixed_bytes")]
+    previous: Option<[u8; 32]>,
+    #[serde(with = "fixed_bytes")]
+    from: &'a [u8; 32],
+    #[serde(with = "fixed_bytes")]
+    to: &'a [u8; 32],
+    time_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EnvelopeWire {
+    #[serde(with = "fixed_bytes")]
+    agent_id: [u8; 16],
+    hop: u64,
+    #[serde(with = "fixed_bytes")]
+    package_hash: [u8; 32],
+    #[serde(with = "fixed_bytes")]
+    continuation_hash: [u8; 32],
+    #[serde(with = "opt_fixed_bytes")]
+    previous: Option<[u8; 32]>,
+    #[serde(with = "fixed_bytes")]
+    from: [u8; 32],
+    #[serde(with = "fixed_bytes")]
+    to: [u8; 32],
+    time_ms: u64,
+    #[serde(with = "fixed_bytes")]
+    signature: [u8; 64],
+}
+
+/// The encoded form: the same fields as [`EnvelopeWire`], borrowed.
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    #[serde(with = "fixed_bytes")]
+    agent_id: &'a [u8; 16],
+    hop: u64,
+    #[serde(with = "fixed_bytes")]
+    package_hash: &'a [u8; 32],
+    #[serde(with = "fixed_bytes")]
+    continuation_hash: &'a [u8; 32],
+    #[serde(with = "opt_fixed_bytes")]
+    previous: Option<[u8; 32]>,
+    #[serde(with = "fixed_bytes")]
+    from: &'a [u8; 32],
+    #[serde(with = "fixed_bytes")]
+    to: &'a [u8; 32],
+    time_ms: u64,
+    #[serde(with = "fixed_bytes")]
+    signature: &'a [u8; 64],
+}
+
+fn fields_ref<'a>(f: &'a HopFields, from: &'a [u8; 32], to: &'a [u8; 32]) -> FieldsRef<'a> {
+    FieldsRef {
+        agent_id: &f.agent_id.0,
+        hop: f.hop,
+        package_hash: &f.package_hash.0,
+        continuation_hash: &f.continuation_hash,
+        previous: f.previous.map(|h| h.0),
+        from,
+        to,
+        time_ms: f.time_ms,
+    }
+}
+
+fn signing_bytes(fields: &HopFields) -> Vec<u8> {
+    let (from, to) = (fields.from.to_bytes(), fields.to.to_bytes());
+    let mut out = Vec::with_capacity(256);
+    codec::encode(&(SIGNING_TAG, fields_ref(fields, &from, &to)), &mut out);
+    out
+}
+
+impl HopEnvelope {
+    /// Signs `fields` with the sending node's key.
+    ///
+    /// # Errors
+    ///
+    /// [`HopError::SignerNotSender`] if `key` is not `fields.from`.
+    pub fn sign(fields: HopFields, key: &SecretKey) -> Result<Self, HopError> {
+        if key.public() != fields.from {
+            return Err(HopError::SignerNotSender);
+        }
+        let signature = key.sign(&signing_bytes(&fields));
+        Ok(Self { fields, signature })
+    }
+
+    /// What the envelope says (not yet checked, unless it came from a [`VerifiedHop`]).
+    pub fn fields(&self) -> &HopFields {
+        &self.fields
+    }
+
+    /// The sender's signature.
+    pub fn signature(&self) -> &[u8; 64] {
+        &self.signature
+    }
+
+    /// The wire bytes: [`ENVELOPE_MAGIC`] then canonical CBOR of the fields and the signature.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(384);
+        out.extend_from_slice(ENVELOPE_MAGIC);
+        let f = &self.fields;
+        let (from, to) = (f.from.to_bytes(), f.to.to_bytes());
+        codec::encode(
+            &EnvelopeRef {
+                agent_id: &f.agent_id.0,
+                hop: f.hop,
+                package_hash: &f.package_hash.0,
+                continuation_hash: &f.continuation_hash,
+                previous: f.previous.map(|h| h.0),
+                from: &from,
+                to: &to,
+                time_ms: f.time_ms,
+                signature: &self.signature,
+            },
+            &mut out,
+        );
+        out
+    }
+
+    /// Reads an envelope of at most [`MAX_ENVELOPE_BYTES`]. Checks the format only; the
+    /// signature and the chain are checked by [`verify_hop`].
+    ///
+    /// # Errors
+    ///
+    /// A [`DecodeError`] for anything but a canonical envelope with valid keys.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let body =
+            codec::strip_magic(bytes, ENVELOPE_MAGIC, "tern hop envelope", MAX_ENVELOPE_BYTES)?;
+        let w: EnvelopeWire = codec::decode_canonical(body, ENVELOPE_MAGIC.len())?;
+        Ok(Self {
+            fields: HopFields {
+                agent_id: AgentId(w.agent_id),
+                hop: w.hop,
+                package_hash: PackageHash(w.package_hash),
+                continuation_hash: w.continuation_hash,
+                previous: w.previous.map(EnvelopeHash),
+                from: wire_key(&w.from, "from")?,
+                to: wire_key(&w.to, "to")?,
+                time_ms: w.time_ms,
+            },
+            signature: w.signature,
+        })
+    }
+
+    /// BLAKE3 of [`HopEnvelope::encode`].
+    pub fn hash(&self) -> EnvelopeHash {
+        EnvelopeHash(*blake3::hash(&self.encode()).as_bytes())
+    }
+
+    /// This envelope as the latest hop of its agent, e.g. right after sending it.
+    pub fn last_hop(&self) -> LastHop {
+        LastHop {
+            hop: self.fields.hop,
+            hash: self.hash(),
+        }
+    }
+
+    fn signature_ok(&self) -> bool {
+        self.fields
+            .from
+            .verify(&signing_bytes(&self.fields), &self.signature)
+    }
+}
+
+/// What the receiver knows when a hop arrives. Build with [`HopCheck::new`] and the `with_*`
+/// methods.
+#[derive(Debug, Clone, Copy)]
+pub struct HopCheck<'a> {
+    /// The peer on the authenticated (noise) connection the envelope came over.
+    pub authenticated_sender: &'a PublicKey,
+    /// This node.
+    pub me: &'a PublicKey,
+    /// Hash of the package offered with the hop.
+    pub package_hash: &'a PackageHash,
+    /// BLAKE3 of the continuation bytes received with the hop.
+    pub continuation_hash: &'a [u8; 32],
+    /// The envelope under which the sender holds the agent; `None` means the hop must be the
+    /// first of the chain.
+    pub previous: Option<&'a HopEnvelope>,
+    /// The latest hop this node has accepted or sent for this agent, if any.
+    pub last_seen: Option<LastHop>,
+    /// `(now_ms, max_skew_ms)`: refuse envelopes dated after `now_ms + max_skew_ms`.
+    pub clock: Option<(u64, u64)>,
+}
+
+impl<'a> HopCheck<'a> {
+    /// The checks every hop needs: who sent it, who I am, what package and continuation came.
+    pub fn new(
+        authenticated_sender: &'a PublicKey,
+        me: &'a PublicKey,
+        package_hash: &'a PackageHash,
+        continuation_hash: &'a [u8; 32],
+    ) -> Self {
+        Self {
+            authenticated_sender,
+            me,
+            package_hash,
+            continuation_hash,
+            previous: None,
+            last_seen: None,
+            clock: None,
+        }
+    }
+
+    /// The envelope the sender presented as its own custody (the hop before this one).
+    pub fn with_previous(mut self, previous: Option<&'a HopEnvelope>) -> Self {
+        self.previous = previous;
+        self
+    }
+
+    /// The latest hop this node knows for the agent.
+    pub fn with_last_seen(mut self, last_seen: Option<LastHop>) -> Self {
+        self.last_seen = last_seen;
+        self
+    }
+
+    /// Refuse envelopes dated more than `max_skew_ms` after `now_ms` (unix milliseconds).
+    pub fn with_clock(mut self, now_ms: u64, max_skew_ms: u64) -> Self {
+        self.clock = Some((now_ms, max_skew_ms));
+        self
+    }
+}
+
+/// An envelope that passed [`verify_hop`]. Keep it as the agent's custody while it is here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedHop {
+    envelope: HopEnvelope,
+    hash: EnvelopeHash,
+}
+
+impl VerifiedHop {
+    /// The envelope.
+    pub fn envelope(&self) -> &HopEnvelope {
+        &self.envelope
+    }
+
+    /// Its fields.
+    pub fn fields(&self) -> &HopFields {
+        &self.envelope.fields
+    }
+
+    /// Its hash (the `previous` of the next hop).
+    pub fn hash(&self) -> EnvelopeHash {
+        self.hash
+    }
+
+    /// What to record as the agent's latest hop.
+    pub fn last_hop(&self) -> LastHop {
+        LastHop {
+            hop: self.envelope.fields.hop,
+            hash: self.hash,
+        }
+    }
+
+    /// The envelope, forgetting that it was verified.
+    pub fn into_envelope(self) -> HopEnvelope {
+        self.envelope
+    }
+}
+
+/// Checks an arriving hop against what the receiver knows.
+///
+/// # Errors
+///
+/// The first failing check, as a [`HopError`], in this order: sender mismatch, bad signature,
+/// misaddressed, duplicate, replayed, out of order, previous mismatch, no custody, package
+/// mismatch, continuation mismatch, from the future.
+pub fn verify_hop(envelope: HopEnvelope, ctx: &HopCheck<'_>) -> Result<VerifiedHop, HopError> {
+    let f = &envelope.fields;
+    if f.from != *ctx.authenticated_sender {
+        return Err(HopError::SenderMismatch {
+            claimed: f.from,
+            peer: *ctx.authenticated_sender,
+        });
+    }
+    // Right after the sender check, so every later error is about a genuine envelope.
+    if !envelope.signature_ok() {
+        return Err(HopError::BadSignature);
+    }
+    if f.to != *ctx.me {
+        return Err(HopError::Misaddressed { to: f.to });
+    }
+    let hash = envelope.hash();
+    if let Some(last) = ctx.last_seen {
+        if last.hash == hash {
+            return Err(HopError::Duplicate { hop: f.hop });
+        }
+        if f.hop <= last.hop {
+            return Err(HopError::Replayed {
+                hop: f.hop,
+                last_seen: last.hop,
+            });
+        }
+    }
+    match (ctx.previous, f.previous) {
+        (None, None) if f.hop == FIRST_HOP => {}
+        (None, _) => {
+            return Err(HopError::OutOfOrder {
+                hop: f.hop,
+                expected: FIRST_HOP,
+            })
+        }
+        (Some(prev), claimed) => {
+            let p = &prev.fields;
+            let expected = p.hop.saturating_add(1);
+            if f.hop != expected || p.hop == u64::MAX {
+                return Err(HopError::OutOfOrder {
+                    hop: f.hop,
+                    expected,
+                });
+            }
+            if claimed != Some(prev.hash()) {
+                return Err(HopError::PreviousMismatch);
+            }
+            if p.to != f.from {
+                return Err(HopError::NoCustody {
+                    reason: "previous hop was addressed to another node",
+                });
+            }
+            if p.agent_id != f.agent_id {
+                return Err(HopError::NoCustody {
+                    reason: "previous hop is for another agent",
+                });
+            }
+            if p.package_hash != f.package_hash {
+                return Err(HopError::NoCustody {
+                    reason: "previous hop is for another package",
+                });
+            }
+            if !prev.signature_ok() {
+                return Err(HopError::NoCustody {
+                    reason: "previous envelope signature does not verify",
+                });
+            }
+        }
+    }
+    if f.package_hash != *ctx.package_hash {
+        return Err(HopError::PackageMismatch {
+            in_envelope: f.package_hash,
+            offered: *ctx.package_hash,
+        });
+    }
+    if f.continuation_hash != *ctx.continuation_hash {
+        return Err(HopError::ContinuationMismatch);
+    }
+    if let Some((now_ms, skew)) = ctx.clock {
+        if f.time_ms > now_ms.saturating_add(skew) {
+            return Err(HopError::FromTheFuture {
+                time_ms: f.time_ms,
+                now_ms,
+            });
+        }
+    }
+    Ok(VerifiedHop { envelope, hash })
+}

@@ -1,0 +1,350 @@
+//! Ed25519 keys for authors and nodes: generation, PKCS#8/SPKI PEM files, a text form for
+//! configuration, and the libp2p `PeerId` text of a node key, computed without libp2p.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use rand_core::OsRng;
+use serde::de::Visitor;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::codec;
+
+/// Prefix of a [`PublicKey`]'s text form.
+pub const PUBLIC_KEY_PREFIX: &str = "ed25519:";
+
+/// The bytes in front of the 32 key bytes in an ed25519 `PeerId`: identity multihash (code 0x00,
+/// length 36), then the protobuf `PublicKey { Type = Ed25519 (1), Data = 32 bytes }`.
+const PEER_ID_PREFIX: [u8; 6] = [0x00, 0x24, 0x08, 0x01, 0x12, 0x20];
+
+/// Longest base58 text a 38-byte `PeerId` can have; longer strings are refused before decoding.
+const MAX_PEER_ID_TEXT: usize = 60;
+
+/// Why a key could not be parsed or loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The text is not a PKCS#8 (private) or SPKI (public) ed25519 PEM document.
+    #[error("invalid pem: {0}")]
+    Pem(String),
+    /// 32 bytes that do not encode a point on the curve.
+    #[error("not an ed25519 public key")]
+    InvalidPoint,
+    /// A small-order point: anyone can forge signatures that verify under it.
+    #[error("weak ed25519 public key")]
+    WeakKey,
+    /// A text key that is neither `ed25519:<64 hex digits>` nor an ed25519 `PeerId`.
+    #[error("bad public key text: expected `ed25519:` and 64 hex digits, or a 12D3KooW… peer id")]
+    BadText,
+}
+
+/// An ed25519 signing key: an author's key (signs packages) or a node's key (signs hop
+/// envelopes and, through [`SecretKey::seed`], is the node's libp2p identity).
+///
+/// `Debug` shows only the public half. The key is zeroed when dropped.
+#[derive(Clone)]
+pub struct SecretKey(SigningKey);
+
+impl SecretKey {
+    /// A new random key from the operating system's generator.
+    pub fn generate() -> Self {
+        Self(SigningKey::generate(&mut OsRng))
+    }
+
+    /// The key whose 32-byte seed (RFC 8032 private key) is `seed`.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(&seed))
+    }
+
+    /// The 32-byte seed, e.g. for `libp2p::identity::Keypair::ed25519_from_bytes(seed)`, which
+    /// gives the same public key and therefore the `PeerId` of [`PublicKey::peer_id_string`].
+    pub fn seed(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The public half.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), as written by `openssl genpkey -algorithm
+    /// ed25519` and read by `openssl pkey`.
+    pub fn to_pkcs8_pem(&self) -> String {
+        // Only the seed is written (PKCS#8 v1), which is what OpenSSL itself writes.
+        let doc = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.0.to_bytes(),
+            public_key: None,
+        };
+        match doc.to_pkcs8_pem(LineEnding::LF) {
+            Ok(pem) => pem.as_str().to_owned(),
+            // Encoding 32 fixed bytes into a fixed structure has no failure case in practice.
+            Err(e) => unreachable!("pkcs8 encoding of an ed25519 key failed: {e}"),
+        }
+    }
+
+    /// Reads a PKCS#8 PEM ed25519 private key (v1, or v2 with the public key, which must match).
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::Pem`] if the text is not such a document.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, KeyError> {
+        SigningKey::from_pkcs8_pem(pem)
+            .map(Self)
+            .map_err(|e| KeyError::Pem(e.to_string()))
+    }
+
+    pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.0.sign(message).to_bytes()
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretKey")
+            .field("public", &self.public())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An ed25519 public key: an author or a node.
+///
+/// Always a valid, non-weak curve point (checked on every way in).
+///
+/// **Text form** (`Display`, and what `FromStr` and human-readable serde formats such as TOML
+/// accept): `ed25519:` followed by the 64 lowercase hex digits of the 32 key bytes. `FromStr`
+/// also accepts the key's libp2p `PeerId` text (`12D3KooW…`), since an ed25519 `PeerId` inlines
+/// the key. Binary serde formats (CBOR) carry the 32 raw bytes as a byte string.
+///
+/// ```
+/// use security::{PublicKey, SecretKey};
+/// let key = SecretKey::from_seed([7; 32]).public();
+/// let text = key.to_string();
+/// assert!(text.starts_with("ed25519:"));
+/// assert_eq!(text.parse::<PublicKey>().unwrap(), key);
+/// assert_eq!(key.peer_id_string().parse::<PublicKey>().unwrap(), key);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(VerifyingKey);
+
+impl PublicKey {
+    /// The key with these 32 bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::InvalidPoint`] or [`KeyError::WeakKey`].
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, KeyError> {
+        let key = VerifyingKey::from_bytes(bytes).map_err(|_| KeyError::InvalidPoint)?;
+        if key.is_weak() {
+            return Err(KeyError::WeakKey);
+        }
+        Ok(Self(key))
+    }
+
+    /// The 32 key bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`), byte-identical to the output of
+    /// `openssl pkey -in SECRET.pem -pubout`.
+    pub fn to_spki_pem(&self) -> String {
+        match self.0.to_public_key_pem(LineEnding::LF) {
+            Ok(pem) => pem,
+            Err(e) => unreachable!("spki encoding of an ed25519 key failed: {e}"),
+        }
+    }
+
+    /// Reads an SPKI PEM ed25519 public key.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::Pem`] if the text is not such a document, [`KeyError::WeakKey`] for a
+    /// small-order key.
+    pub fn from_spki_pem(pem: &str) -> Result<Self, KeyError> {
+        let key = VerifyingKey::from_public_key_pem(pem).map_err(|e| KeyError::Pem(e.to_string()))?;
+        Self::from_bytes(key.as_bytes())
+    }
+
+    /// The libp2p `PeerId` text of a node with this key: base58btc of the identity multihash of
+    /// the protobuf-encoded public key. Equal to `PeerId::from(keypair.public()).to_string()`.
+    pub fn peer_id_string(&self) -> String {
+        let mut bytes = [0u8; 38];
+        bytes[..6].copy_from_slice(&PEER_ID_PREFIX);
+        bytes[6..].copy_from_slice(self.0.as_bytes());
+        bs58::encode(bytes).into_string()
+    }
+
+    /// The key inlined in an ed25519 `PeerId` text.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::BadText`] if the text is not an ed25519 `PeerId` (RSA and secp256k1 ids are
+    /// refused), or the key errors of [`PublicKey::from_bytes`].
+    pub fn from_peer_id_str(s: &str) -> Result<Self, KeyError> {
+        if s.len() > MAX_PEER_ID_TEXT {
+            return Err(KeyError::BadText);
+        }
+        let mut buf = [0u8; 38];
+        let n = bs58::decode(s)
+            .onto(&mut buf[..])
+            .map_err(|_| KeyError::BadText)?;
+        if n != buf.len() || buf[..6] != PEER_ID_PREFIX {
+            return Err(KeyError::BadText);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&buf[6..]);
+        Self::from_bytes(&key)
+    }
+
+    /// Strict RFC 8032 verification (no malleable signatures, no small-order components).
+    pub(crate) fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        self.0
+            .verify_strict(message, &Signature::from_bytes(signature))
+            .is_ok()
+    }
+}
+
+impl PartialOrd for PublicKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PublicKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.as_bytes().cmp(other.0.as_bytes())
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{PUBLIC_KEY_PREFIX}{}", codec::to_hex(self.0.as_bytes()))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyError;
+
+    /// Parses `ed25519:<64 hex digits>` (either case) or an ed25519 `PeerId` (`12D3KooW…`).
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        match s.strip_prefix(PUBLIC_KEY_PREFIX) {
+            Some(hex) => Self::from_bytes(&codec::from_hex::<32>(hex).ok_or(KeyError::BadText)?),
+            None => Self::from_peer_id_str(s),
+        }
+    }
+}
+
+impl Serialize for PublicKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            s.serialize_bytes(self.0.as_bytes())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+
+        impl Visitor<'_> for KeyVisitor {
+            type Value = PublicKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an ed25519 public key (`ed25519:<hex>`, a peer id, or 32 bytes)")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PublicKey, E> {
+                v.parse().map_err(E::custom)
+            }
+
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<PublicKey, E> {
+                let bytes = <[u8; 32]>::try_from(v).map_err(|_| E::invalid_length(v.len(), &self))?;
+                PublicKey::from_bytes(&bytes).map_err(E::custom)
+            }
+        }
+
+        if d.is_human_readable() {
+            d.deserialize_str(KeyVisitor)
+        } else {
+            d.deserialize_bytes(KeyVisitor)
+        }
+    }
+}
+
+/// Turns raw key bytes read from the wire into a key, naming the field on failure.
+pub(crate) fn wire_key(
+    bytes: &[u8; 32],
+    field: &'static str,
+) -> Result<PublicKey, crate::DecodeError> {
+    PublicKey::from_bytes(bytes).map_err(|_| crate::DecodeError::InvalidKey { field })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_form_round_trips_and_is_lowercase_hex() {
+        let key = SecretKey::from_seed([1; 32]).public();
+        let text = key.to_string();
+        assert_eq!(text.len(), PUBLIC_KEY_PREFIX.len() + 64);
+        assert_eq!(text, text.to_lowercase());
+        assert_eq!(text.parse::<PublicKey>(), Ok(key));
+        assert_eq!(text.to_uppercase().replace("ED25519:", "ed25519:").parse(), Ok(key));
+    }
+
+    #[test]
+    fn bad_text_is_refused() {
+        for bad in [
+            "",
+            "ed25519:",
+            "ed25519:00",
+            "ed25519:zz",
+            "12D3KooW",
+            "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+            &"1".repeat(1000),
+        ] {
+            assert!(bad.parse::<PublicKey>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn weak_and_invalid_points_are_refused() {
+        // The identity point (y = 1) has small order.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(PublicKey::from_bytes(&identity), Err(KeyError::WeakKey));
+        // y = 2 is not the y-coordinate of any curve point.
+        let mut not_on_curve = [0u8; 32];
+        not_on_curve[0] = 2;
+        assert_eq!(PublicKey::from_bytes(&not_on_curve), Err(KeyError::InvalidPoint));
+    }
+
+    #[test]
+    fn secret_debug_does_not_print_the_seed() {
+        let key = SecretKey::from_seed([0xab; 32]);
+        let shown = format!("{key:?}");
+        assert!(!shown.contains("abab"), "{shown}");
+        assert!(shown.contains(&key.public().to_string()));
+    }
+
+    #[test]
+    fn signatures_verify_only_for_their_message() {
+        let key = SecretKey::from_seed([3; 32]);
+        let sig = key.sign(b"hello");
+        assert!(key.public().verify(b"hello", &sig));
+        assert!(!key.public().verify(b"hellO", &sig));
+        assert!(!SecretKey::from_seed([4; 32]).public().verify(b"hello", &sig));
+    }
+}

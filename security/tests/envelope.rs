@@ -1,0 +1,308 @@
+//! Hop envelopes through the public API: the chain of custody and every way a hop is refused.
+
+mod common;
+
+use common::*;
+use security::*;
+
+struct Mesh {
+    a: SecretKey,
+    b: SecretKey,
+    c: SecretKey,
+    package: PackageHash,
+}
+
+fn mesh() -> Mesh {
+    Mesh { a: key(10), b: key(11), c: key(12), package: package().hash() }
+}
+
+const STATE: &[u8] = b"continuation bytes";
+
+fn check<'a>(
+    sender: &'a PublicKey,
+    me: &'a PublicKey,
+    package: &'a PackageHash,
+    continuation: &'a [u8; 32],
+) -> HopCheck<'a> {
+    HopCheck::new(sender, me, package, continuation)
+}
+
+#[test]
+fn a_chain_of_three_hops_verifies() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (a, b, c) = (m.a.public(), m.b.public(), m.c.public());
+
+    // a -> b, first hop
+    let e1 = hop(None, &m.a, &b, m.package, STATE);
+    let v1 = verify_hop(e1.clone(), &check(&a, &b, &m.package, &ch)).unwrap();
+    assert_eq!(v1.hash(), e1.hash());
+
+    // b -> c, presenting e1 as custody
+    let e2 = hop(Some(&e1), &m.b, &c, m.package, STATE);
+    let v2 = verify_hop(
+        e2.clone(),
+        &check(&b, &c, &m.package, &ch).with_previous(Some(&e1)),
+    )
+    .unwrap();
+    assert_eq!(v2.fields().hop, 2);
+
+    // c -> b; b has seen hop 2 (it sent it), so hop 3 is new to it.
+    let e3 = hop(Some(&e2), &m.c, &b, m.package, STATE);
+    let v3 = verify_hop(
+        e3,
+        &check(&c, &b, &m.package, &ch)
+            .with_previous(Some(&e2))
+            .with_last_seen(Some(e2.last_hop()))
+            .with_clock(T0, 0),
+    )
+    .unwrap();
+    assert_eq!(v3.last_hop().hop, 3);
+    assert_eq!(v3.fields().previous, Some(e2.hash()));
+}
+
+#[test]
+fn encode_decode_round_trip_and_hash() {
+    let m = mesh();
+    let e = hop(None, &m.a, &m.b.public(), m.package, STATE);
+    let bytes = e.encode();
+    assert_eq!(&bytes[..8], ENVELOPE_MAGIC);
+    assert!(bytes.len() <= 400, "{}", bytes.len());
+    let back = HopEnvelope::decode(&bytes).unwrap();
+    assert_eq!(back, e);
+    assert_eq!(back.hash().0, *blake3::hash(&bytes).as_bytes());
+    let e2 = hop(Some(&e), &m.b, &m.c.public(), m.package, STATE);
+    assert_eq!(HopEnvelope::decode(&e2.encode()), Ok(e2));
+}
+
+#[test]
+fn forged_signature_is_bad_signature() {
+    let m = mesh();
+    let (a, b) = (m.a.public(), m.b.public());
+    let ch = continuation_hash(STATE);
+    // Signed by c, but claims to be from a (c cannot sign as a through the API, so splice).
+    let genuine = hop(None, &m.a, &b, m.package, STATE);
+    let mut fields = genuine.fields().clone();
+    fields.from = m.c.public();
+    let by_c = HopEnvelope::sign(fields, &m.c).unwrap();
+    let mut bytes = genuine.encode();
+    let n = bytes.len();
+    bytes[n - 64..].copy_from_slice(by_c.signature());
+    let forged = HopEnvelope::decode(&bytes).unwrap();
+    assert_eq!(
+        verify_hop(forged, &check(&a, &b, &m.package, &ch)),
+        Err(HopError::BadSignature)
+    );
+    // A field changed after signing.
+    let mut bytes = genuine.encode();
+    let pos = bytes.windows(32).position(|w| w == ch).unwrap();
+    bytes[pos] ^= 1;
+    let tampered = HopEnvelope::decode(&bytes).unwrap();
+    let mut other_ch = ch;
+    other_ch[0] ^= 1;
+    assert_eq!(
+        verify_hop(tampered, &check(&a, &b, &m.package, &other_ch)),
+        Err(HopError::BadSignature)
+    );
+}
+
+#[test]
+fn envelope_relayed_by_another_peer_is_sender_mismatch() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let e = hop(None, &m.a, &m.b.public(), m.package, STATE);
+    let c = m.c.public();
+    assert_eq!(
+        verify_hop(e, &check(&c, &m.b.public(), &m.package, &ch)),
+        Err(HopError::SenderMismatch { claimed: m.a.public(), peer: c })
+    );
+}
+
+#[test]
+fn sign_refuses_a_key_other_than_from() {
+    let m = mesh();
+    let e = hop(None, &m.a, &m.b.public(), m.package, STATE);
+    assert_eq!(
+        HopEnvelope::sign(e.fields().clone(), &m.c),
+        Err(HopError::SignerNotSender)
+    );
+}
+
+#[test]
+fn misaddressed_hop_is_refused() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let e = hop(None, &m.a, &m.b.public(), m.package, STATE);
+    assert_eq!(
+        verify_hop(e, &check(&m.a.public(), &m.c.public(), &m.package, &ch)),
+        Err(HopError::Misaddressed { to: m.b.public() })
+    );
+}
+
+#[test]
+fn same_envelope_again_is_duplicate_and_older_hop_is_replayed() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (a, b) = (m.a.public(), m.b.public());
+    let e1 = hop(None, &m.a, &b, m.package, STATE);
+    let seen = verify_hop(e1.clone(), &check(&a, &b, &m.package, &ch))
+        .unwrap()
+        .last_hop();
+    assert_eq!(
+        verify_hop(e1.clone(), &check(&a, &b, &m.package, &ch).with_last_seen(Some(seen))),
+        Err(HopError::Duplicate { hop: 1 })
+    );
+    // A different, genuine envelope with the same hop number (e.g. re-signed later).
+    let mut fields = e1.fields().clone();
+    fields.time_ms += 1;
+    let again = HopEnvelope::sign(fields, &m.a).unwrap();
+    assert_eq!(
+        verify_hop(again, &check(&a, &b, &m.package, &ch).with_last_seen(Some(seen))),
+        Err(HopError::Replayed { hop: 1, last_seen: 1 })
+    );
+}
+
+#[test]
+fn skipped_hop_is_out_of_order() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (b, c) = (m.b.public(), m.c.public());
+    let e1 = hop(None, &m.a, &b, m.package, STATE);
+    let mut fields = hop(Some(&e1), &m.b, &c, m.package, STATE).fields().clone();
+    fields.hop = 3;
+    let skipping = HopEnvelope::sign(fields, &m.b).unwrap();
+    assert_eq!(
+        verify_hop(skipping, &check(&b, &c, &m.package, &ch).with_previous(Some(&e1))),
+        Err(HopError::OutOfOrder { hop: 3, expected: 2 })
+    );
+    // A later hop presented without its previous envelope.
+    let e2 = hop(Some(&e1), &m.b, &c, m.package, STATE);
+    assert_eq!(
+        verify_hop(e2, &check(&b, &c, &m.package, &ch)),
+        Err(HopError::OutOfOrder { hop: 2, expected: FIRST_HOP })
+    );
+}
+
+#[test]
+fn wrong_previous_hash_is_previous_mismatch() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (b, c) = (m.b.public(), m.c.public());
+    let e1 = hop(None, &m.a, &b, m.package, STATE);
+    let mut fields = hop(Some(&e1), &m.b, &c, m.package, STATE).fields().clone();
+    fields.previous = Some(EnvelopeHash([7; 32]));
+    let e2 = HopEnvelope::sign(fields, &m.b).unwrap();
+    assert_eq!(
+        verify_hop(e2, &check(&b, &c, &m.package, &ch).with_previous(Some(&e1))),
+        Err(HopError::PreviousMismatch)
+    );
+}
+
+#[test]
+fn previous_addressed_elsewhere_is_no_custody() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (b, c) = (m.b.public(), m.c.public());
+    // e1 went a -> c, yet b claims to move the agent on.
+    let e1 = hop(None, &m.a, &c, m.package, STATE);
+    let e2 = hop(Some(&e1), &m.b, &c, m.package, STATE);
+    assert!(matches!(
+        verify_hop(e2, &check(&b, &c, &m.package, &ch).with_previous(Some(&e1))),
+        Err(HopError::NoCustody { .. })
+    ));
+}
+
+#[test]
+fn forged_previous_is_no_custody() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (b, c) = (m.b.public(), m.c.public());
+    // b fabricates "a sent it to me" without a's key.
+    let genuine = hop(None, &m.a, &b, m.package, STATE);
+    let mut fake = genuine.encode();
+    let n = fake.len();
+    fake[n - 1] ^= 1;
+    let fake = HopEnvelope::decode(&fake).unwrap();
+    let e2 = hop(Some(&fake), &m.b, &c, m.package, STATE);
+    assert_eq!(
+        verify_hop(e2, &check(&b, &c, &m.package, &ch).with_previous(Some(&fake))),
+        Err(HopError::NoCustody { reason: "previous envelope signature does not verify" })
+    );
+}
+
+#[test]
+fn package_and_continuation_must_match_what_arrived() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (a, b) = (m.a.public(), m.b.public());
+    let e = hop(None, &m.a, &b, m.package, STATE);
+    let other = PackageHash([9; 32]);
+    assert_eq!(
+        verify_hop(e.clone(), &check(&a, &b, &other, &ch)),
+        Err(HopError::PackageMismatch { in_envelope: m.package, offered: other })
+    );
+    let other_ch = continuation_hash(b"something else");
+    assert_eq!(
+        verify_hop(e, &check(&a, &b, &m.package, &other_ch)),
+        Err(HopError::ContinuationMismatch)
+    );
+}
+
+#[test]
+fn envelope_from_the_future_is_refused_beyond_the_skew() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (a, b) = (m.a.public(), m.b.public());
+    let e = hop(None, &m.a, &b, m.package, STATE);
+    let ok = check(&a, &b, &m.package, &ch).with_clock(T0 - 1_000, 1_000);
+    assert!(verify_hop(e.clone(), &ok).is_ok());
+    let late = check(&a, &b, &m.package, &ch).with_clock(T0 - 1_001, 1_000);
+    assert_eq!(
+        verify_hop(e, &late),
+        Err(HopError::FromTheFuture { time_ms: T0, now_ms: T0 - 1_001 })
+    );
+}
+
+#[test]
+fn every_flipped_bit_is_caught() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (a, b) = (m.a.public(), m.b.public());
+    let e = hop(None, &m.a, &b, m.package, STATE);
+    let bytes = e.encode();
+    for i in 0..bytes.len() {
+        for bit in 0..8 {
+            let mut flipped = bytes.clone();
+            flipped[i] ^= 1 << bit;
+            if let Ok(env) = HopEnvelope::decode(&flipped) {
+                assert!(
+                    verify_hop(env, &check(&a, &b, &m.package, &ch)).is_err(),
+                    "bit {bit} of byte {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn truncations_and_oversize_are_decode_errors() {
+    let m = mesh();
+    let bytes = hop(None, &m.a, &m.b.public(), m.package, STATE).encode();
+    for len in 0..bytes.len() {
+        assert!(HopEnvelope::decode(&bytes[..len]).is_err());
+    }
+    let big = vec![0u8; MAX_ENVELOPE_BYTES + 1];
+    assert!(matches!(HopEnvelope::decode(&big), Err(DecodeError::Oversized { .. })));
+    assert!(matches!(
+        HopEnvelope::decode(b"TERNPKG\x01"),
+        Err(DecodeError::BadMagic { .. })
+    ));
+}
+
+#[test]
+fn agent_id_text_round_trips() {
+    let id = AgentId::generate();
+    assert_eq!(id.to_string().len(), 32);
+    assert_eq!(id.to_string().parse::<AgentId>(), Ok(id));
+    assert_ne!(AgentId::generate(), id);
+}

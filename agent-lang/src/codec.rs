@@ -4,14 +4,17 @@
 //! `["tern-continuation", VERSION, program-hash, state, [frame...]]` where a frame is
 //! `[body, pending-node | null, [[name, const, value]...], [cursor...]]` and a cursor is
 //! `[0, block, next, scope-len, value]` (block), `[1, node, scope-len, loop-state...]` (loop) or
-//! `[2, node, scope-len, caught | null]` (try). Node, block and body ids index the program's plan,
+//! `[2, node, scope-len, caught | null]` (try) or `[3, node]` (a block computing a statement's value). Node, block and body ids index the program's plan,
 //! which is why a continuation is bound to the program hash; every id is checked on decode.
 
 use rhai::{Dynamic, EvalAltResult, Position, Scope};
 
-use crate::compile::{Node, Primitive, Program, ProgramHash, ProgramInner, MAIN_BODY};
+use crate::compile::{Call, Node, Primitive, Program, ProgramHash, ProgramInner, MAIN_BODY};
 use crate::exec::{Caught, Cursor, Execution, ForIter, Frame, LoopState, RunState};
-use crate::value::{encode_value, put, put_bool, put_int, put_null, put_text, put_uint, Enc, Malformed, Reader, ValueError};
+use crate::value::{
+    encode_value, put, put_bool, put_int, put_null, put_text, put_uint, Enc, Malformed, Reader,
+    ValueError,
+};
 
 /// Magic string that opens every continuation.
 pub const MAGIC: &str = "tern-continuation";
@@ -76,7 +79,10 @@ pub enum DecodeError {
 
 impl From<Malformed> for DecodeError {
     fn from(m: Malformed) -> Self {
-        DecodeError::Malformed { what: m.0, offset: m.1 }
+        DecodeError::Malformed {
+            what: m.0,
+            offset: m.1,
+        }
     }
 }
 
@@ -99,34 +105,62 @@ impl Execution {
         put_text(&mut enc, MAGIC);
         put_uint(&mut enc, VERSION);
         let _ = enc.bytes(&prog.hash.0, None);
-        put_uint(&mut enc, match primitive {
-            Primitive::Migrate => 1,
-            Primitive::Receive => 2,
-        });
-        put(&mut enc, ciborium_ll::Header::Array(Some(self.frames.len())));
+        put_uint(
+            &mut enc,
+            match primitive {
+                Primitive::Migrate => 1,
+                Primitive::Receive => 2,
+            },
+        );
+        put(
+            &mut enc,
+            ciborium_ll::Header::Array(Some(self.frames.len())),
+        );
         for frame in &self.frames {
             let fname = &prog.plan.bodies[frame.body as usize].name;
-            let place = move || if fname.is_empty() { "the main body".to_string() } else { format!("function '{fname}'") };
+            let place = move || {
+                if fname.is_empty() {
+                    "the main body".to_string()
+                } else {
+                    format!("function '{fname}'")
+                }
+            };
             put(&mut enc, ciborium_ll::Header::Array(Some(4)));
             put_uint(&mut enc, frame.body as u64);
             match frame.pending {
                 Some(id) => put_uint(&mut enc, id as u64),
                 None => put_null(&mut enc),
             }
-            put(&mut enc, ciborium_ll::Header::Array(Some(frame.scope.len())));
+            put(
+                &mut enc,
+                ciborium_ll::Header::Array(Some(frame.scope.len())),
+            );
             // `Scope::iter_raw` walks from the newest variable down; the layout is oldest first.
             let vars: Vec<_> = frame.scope.iter_raw().collect();
             for &(name, constant, value) in vars.iter().rev() {
                 put(&mut enc, ciborium_ll::Header::Array(Some(3)));
                 put_text(&mut enc, name);
                 put_bool(&mut enc, constant);
-                encode_value(&mut enc, value, &|| format!("variable '{name}' in {}", place()), 0)?;
+                encode_value(
+                    &mut enc,
+                    value,
+                    &|| format!("variable '{name}' in {}", place()),
+                    0,
+                )?;
             }
-            put(&mut enc, ciborium_ll::Header::Array(Some(frame.cursors.len())));
+            put(
+                &mut enc,
+                ciborium_ll::Header::Array(Some(frame.cursors.len())),
+            );
             for cursor in &frame.cursors {
                 let temp = || format!("a temporary value in {}", place());
                 match cursor {
-                    Cursor::Block { block, next, scope_len, value } => {
+                    Cursor::Block {
+                        block,
+                        next,
+                        scope_len,
+                        value,
+                    } => {
                         put(&mut enc, ciborium_ll::Header::Array(Some(5)));
                         put_uint(&mut enc, 0);
                         put_uint(&mut enc, *block as u64);
@@ -134,12 +168,22 @@ impl Execution {
                         put_uint(&mut enc, *scope_len as u64);
                         encode_value(&mut enc, value, &temp, 0)?;
                     }
-                    Cursor::Loop { node, scope_len, state } => {
+                    Cursor::Loop {
+                        node,
+                        scope_len,
+                        state,
+                    } => {
                         let n = match state {
                             LoopState::While => 4,
                             LoopState::Do { .. } => 5,
-                            LoopState::For { iter: ForIter::Range { .. }, .. } => 9,
-                            LoopState::For { iter: ForIter::Items { .. }, .. } => 8,
+                            LoopState::For {
+                                iter: ForIter::Range { .. },
+                                ..
+                            } => 9,
+                            LoopState::For {
+                                iter: ForIter::Items { .. },
+                                ..
+                            } => 8,
                         };
                         put(&mut enc, ciborium_ll::Header::Array(Some(n)));
                         put_uint(&mut enc, 1);
@@ -155,7 +199,11 @@ impl Execution {
                                 put_uint(&mut enc, 2);
                                 put_int(&mut enc, *index);
                                 match iter {
-                                    ForIter::Range { next, end, inclusive } => {
+                                    ForIter::Range {
+                                        next,
+                                        end,
+                                        inclusive,
+                                    } => {
                                         put_uint(&mut enc, 0);
                                         put_int(&mut enc, *next);
                                         put_int(&mut enc, *end);
@@ -168,14 +216,34 @@ impl Execution {
                                         let rest = items.get(*pos..).unwrap_or(&[]);
                                         put(&mut enc, ciborium_ll::Header::Array(Some(rest.len())));
                                         for (i, item) in rest.iter().enumerate() {
-                                            encode_value(&mut enc, item, &|| format!("item {} of a `for` loop in {}", pos + i, place()), 1)?;
+                                            encode_value(
+                                                &mut enc,
+                                                item,
+                                                &|| {
+                                                    format!(
+                                                        "item {} of a `for` loop in {}",
+                                                        pos + i,
+                                                        place()
+                                                    )
+                                                },
+                                                1,
+                                            )?;
                                         }
                                     }
                                 }
                             }
                         }
                     }
-                    Cursor::Try { node, scope_len, caught } => {
+                    Cursor::Value { node } => {
+                        put(&mut enc, ciborium_ll::Header::Array(Some(2)));
+                        put_uint(&mut enc, 3);
+                        put_uint(&mut enc, *node as u64);
+                    }
+                    Cursor::Try {
+                        node,
+                        scope_len,
+                        caught,
+                    } => {
                         put(&mut enc, ciborium_ll::Header::Array(Some(4)));
                         put_uint(&mut enc, 2);
                         put_uint(&mut enc, *node as u64);
@@ -195,10 +263,12 @@ impl Execution {
                 }
             }
         }
-        drop(enc);
         let limit = prog.limits.max_continuation_bytes;
         if bytes.len() > limit {
-            return Err(EncodeError::TooLarge { size: bytes.len(), limit });
+            return Err(EncodeError::TooLarge {
+                size: bytes.len(),
+                limit,
+            });
         }
         Ok(bytes)
     }
@@ -213,10 +283,15 @@ impl Execution {
         let prog = &program.inner;
         let limit = prog.limits.max_continuation_bytes;
         if bytes.len() > limit {
-            return Err(DecodeError::TooLarge { size: bytes.len(), limit });
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                limit,
+            });
         }
         let mut r = Reader::new(bytes);
-        if r.array().map_err(|_| DecodeError::BadMagic)? != 5 || r.text().map_err(|_| DecodeError::BadMagic)? != MAGIC {
+        if r.array().map_err(|_| DecodeError::BadMagic)? != 5
+            || r.text().map_err(|_| DecodeError::BadMagic)? != MAGIC
+        {
             return Err(DecodeError::BadMagic);
         }
         let version = r.uint()?;
@@ -224,9 +299,18 @@ impl Execution {
             return Err(DecodeError::Version(version));
         }
         let hash = r.bytes()?;
-        let found: [u8; 32] = hash.as_slice().try_into().map_err(|_| DecodeError::Malformed { what: "program hash is not 32 bytes".into(), offset: 0 })?;
+        let found: [u8; 32] = hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| DecodeError::Malformed {
+                what: "program hash is not 32 bytes".into(),
+                offset: 0,
+            })?;
         if found != prog.hash.0 {
-            return Err(DecodeError::WrongProgram { expected: prog.hash, found: ProgramHash(found) });
+            return Err(DecodeError::WrongProgram {
+                expected: prog.hash,
+                found: ProgramHash(found),
+            });
         }
         let primitive = match r.uint()? {
             1 => Primitive::Migrate,
@@ -244,7 +328,10 @@ impl Execution {
         for i in 0..nframes {
             let frame = decode_frame(&mut r, prog)?;
             if (i == 0) != (frame.body == MAIN_BODY) {
-                return bad(&mut r, "the bottom frame must be the main body, and only it");
+                return bad(
+                    &mut r,
+                    "the bottom frame must be the main body, and only it",
+                );
             }
             frames.push(frame);
         }
@@ -252,25 +339,39 @@ impl Execution {
         let call_positions: Vec<Position> = frames
             .iter()
             .map(|f| {
-                f.pending.and_then(|id| match &prog.plan.nodes[id as usize] {
-                    Node::Suspend { pos, .. } => Some(*pos),
-                    _ => None,
-                })
+                f.pending
+                    .and_then(|id| match &prog.plan.nodes[id as usize] {
+                        Node::Suspend { pos, .. } => Some(*pos),
+                        _ => None,
+                    })
             })
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| DecodeError::Malformed { what: "a frame is not waiting at a suspending statement".into(), offset: r.offset() })?;
+            .ok_or_else(|| DecodeError::Malformed {
+                what: "a frame is not waiting at a suspending statement".into(),
+                offset: r.offset(),
+            })?;
         for (i, frame) in frames.iter_mut().enumerate().skip(1) {
             frame.call_pos = call_positions[i - 1];
         }
         if r.offset() != bytes.len() {
-            return Err(DecodeError::Malformed { what: "trailing bytes".into(), offset: r.offset() });
+            return Err(DecodeError::Malformed {
+                what: "trailing bytes".into(),
+                offset: r.offset(),
+            });
         }
-        Ok(Execution { program: program.clone(), frames, state: RunState::Suspended(primitive) })
+        Ok(Execution {
+            program: program.clone(),
+            frames,
+            state: RunState::Suspended(primitive),
+        })
     }
 }
 
 fn bad<T>(r: &mut Reader, what: &str) -> Result<T, DecodeError> {
-    Err(r.fail::<T>(what).err().map_or(DecodeError::BadMagic, DecodeError::from))
+    Err(r
+        .fail::<T>(what)
+        .err()
+        .map_or(DecodeError::BadMagic, DecodeError::from))
 }
 
 fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeError> {
@@ -323,7 +424,12 @@ fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeErro
                 if i == 0 && block != plan.bodies[body as usize].block {
                     return bad(r, "a frame must start in its body's block");
                 }
-                Cursor::Block { block, next, scope_len, value }
+                Cursor::Block {
+                    block,
+                    next,
+                    scope_len,
+                    value,
+                }
             }
             (1, 4..=9) => {
                 let node = r.u32()?;
@@ -334,7 +440,11 @@ fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeErro
                     (2, Some(Node::For { .. })) => {
                         let index = r.int()?;
                         let iter = match r.uint()? {
-                            0 => ForIter::Range { next: r.int()?, end: r.int()?, inclusive: r.bool()? },
+                            0 => ForIter::Range {
+                                next: r.int()?,
+                                end: r.int()?,
+                                inclusive: r.bool()?,
+                            },
                             1 => {
                                 let pos = r.uint()? as usize;
                                 let count = r.array()?;
@@ -343,7 +453,8 @@ fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeErro
                                     items.push(r.value(prog, 1)?);
                                 }
                                 // Consumed items are not sent; keep the positions consistent.
-                                let mut all = vec![Dynamic::UNIT; pos.min(prog.limits.max_array_size)];
+                                let mut all =
+                                    vec![Dynamic::UNIT; pos.min(prog.limits.max_array_size)];
                                 if all.len() != pos {
                                     return bad(r, "for-loop position out of range");
                                 }
@@ -356,7 +467,11 @@ fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeErro
                     }
                     _ => return bad(r, "loop state does not match its node"),
                 };
-                Cursor::Loop { node, scope_len, state }
+                Cursor::Loop {
+                    node,
+                    scope_len,
+                    state,
+                }
             }
             (2, 4) => {
                 let node = r.u32()?;
@@ -367,7 +482,24 @@ fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeErro
                 let caught = r
                     .nullable(|r| r.value(prog, 0))?
                     .map(|v| Caught(EvalAltResult::ErrorRuntime(v, Position::NONE).into()));
-                Cursor::Try { node, scope_len, caught }
+                Cursor::Try {
+                    node,
+                    scope_len,
+                    caught,
+                }
+            }
+            (3, 2) => {
+                let node = r.u32()?;
+                if !matches!(
+                    plan.nodes.get(node as usize),
+                    Some(Node::Suspend {
+                        call: Call::Block(_),
+                        ..
+                    })
+                ) {
+                    return bad(r, "value cursor on a node that is not a block value");
+                }
+                Cursor::Value { node }
             }
             _ => return bad(r, "unknown cursor"),
         };
@@ -376,5 +508,11 @@ fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeErro
         }
         cursors.push(cursor);
     }
-    Ok(Frame { body, scope, cursors, call_pos: Position::NONE, pending })
+    Ok(Frame {
+        body,
+        scope,
+        cursors,
+        call_pos: Position::NONE,
+        pending,
+    })
 }

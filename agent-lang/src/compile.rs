@@ -12,8 +12,8 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use rhai::{
-    ASTFlags, ASTNode, BinaryExpr, Engine, Expr, FnCallExpr, Ident, ImmutableString,
-    OpAssignment, Position, Shared, Stmt, AST, INT,
+    ASTFlags, ASTNode, BinaryExpr, Engine, Expr, FnCallExpr, Ident, ImmutableString, OpAssignment,
+    Position, Shared, Stmt, AST, INT,
 };
 
 use crate::engine::{agent_engine, PRIMITIVES, RESERVED_FUNCTIONS};
@@ -43,6 +43,10 @@ pub(crate) enum Call {
     Primitive(Primitive, Option<Snippet>),
     /// A mobile script function, with its arguments as one array expression.
     Mobile(BodyId, Option<Snippet>),
+    /// A walked block used as a value: `let x = if c { migrate(..); 1 } else { 2 };`, the same
+    /// with `loop`/`while`/`do`/`for` (their `break` value), `switch`, `try` or a plain `{ .. }`.
+    /// The completion gets the block's value.
+    Block(BlockId),
 }
 
 /// What a suspending statement does with the value its call produces.
@@ -62,17 +66,50 @@ pub(crate) enum Completion {
 #[derive(Debug)]
 pub(crate) enum Node {
     Delegated(Snippet),
-    Suspend { call: Call, then: Completion, pos: Position },
+    Suspend {
+        call: Call,
+        then: Completion,
+        pos: Position,
+    },
     Block(BlockId),
-    If { cond: Snippet, then: BlockId, otherwise: BlockId },
+    If {
+        cond: Snippet,
+        then: BlockId,
+        otherwise: BlockId,
+    },
     /// `selector` is the switch with each arm replaced by its index.
-    Switch { selector: Snippet, arms: Vec<BlockId> },
-    While { cond: Option<Snippet>, body: BlockId },
-    Do { cond: Snippet, body: BlockId, is_while: bool },
-    For { var: ImmutableString, counter: Option<ImmutableString>, iterable: Snippet, body: BlockId, pos: Position },
-    Break { is_break: bool, value: Option<Snippet> },
-    Return { value: Option<Snippet> },
-    Try { body: BlockId, catch_var: Option<ImmutableString>, catch: BlockId },
+    Switch {
+        selector: Snippet,
+        arms: Vec<BlockId>,
+    },
+    While {
+        cond: Option<Snippet>,
+        body: BlockId,
+    },
+    Do {
+        cond: Snippet,
+        body: BlockId,
+        is_while: bool,
+    },
+    For {
+        var: ImmutableString,
+        counter: Option<ImmutableString>,
+        iterable: Snippet,
+        body: BlockId,
+        pos: Position,
+    },
+    Break {
+        is_break: bool,
+        value: Option<Snippet>,
+    },
+    Return {
+        value: Option<Snippet>,
+    },
+    Try {
+        body: BlockId,
+        catch_var: Option<ImmutableString>,
+        catch: BlockId,
+    },
 }
 
 /// A body the executor can run a frame of: main, or a mobile function.
@@ -143,9 +180,8 @@ impl CompileError {
     /// Line and column of the problem.
     pub fn position(&self) -> (usize, usize) {
         match self {
-            CompileError::Syntax { line, column, .. } | CompileError::Unresumable { line, column, .. } => {
-                (*line, *column)
-            }
+            CompileError::Syntax { line, column, .. }
+            | CompileError::Unresumable { line, column, .. } => (*line, *column),
         }
     }
 }
@@ -156,7 +192,12 @@ fn line_col(pos: Position) -> (usize, usize) {
 
 fn unresumable(pos: Position, message: impl Into<String>, hint: impl Into<String>) -> CompileError {
     let (line, column) = line_col(pos);
-    CompileError::Unresumable { line, column, message: message.into(), hint: hint.into() }
+    CompileError::Unresumable {
+        line,
+        column,
+        message: message.into(),
+        hint: hint.into(),
+    }
 }
 
 /// A compiled agent program: cheap to clone, shared by every execution of it.
@@ -179,7 +220,9 @@ pub(crate) struct ProgramInner {
 
 impl fmt::Debug for Program {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Program").field("hash", &self.inner.hash).finish_non_exhaustive()
+        f.debug_struct("Program")
+            .field("hash", &self.inner.hash)
+            .finish_non_exhaustive()
     }
 }
 
@@ -194,12 +237,20 @@ impl Program {
         let engine = agent_engine(limits);
         let ast = engine.compile(source).map_err(|e| {
             let (line, column) = line_col(e.1);
-            CompileError::Syntax { line, column, message: e.0.to_string() }
+            CompileError::Syntax {
+                line,
+                column,
+                message: e.0.to_string(),
+            }
         })?;
         let plan = Planner::plan(&ast)?;
         let collector = engine
             .compile("fn collect(v) { let a = []; for x in v { a.push(x); } a }")
-            .map_err(|e| CompileError::Syntax { line: 0, column: 0, message: e.to_string() })?;
+            .map_err(|e| CompileError::Syntax {
+                line: 0,
+                column: 0,
+                message: e.to_string(),
+            })?;
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"tern-program/v1\0rhai-1.25.0\0");
         hasher.update(source.as_bytes());
@@ -286,8 +337,11 @@ impl<'a> Planner<'a> {
                 }
                 let calls = f.body.statements().iter().any(|s| {
                     !s.walk(&mut Vec::new(), &mut |path: &[ASTNode]| match path.last() {
-                        Some(ASTNode::Expr(Expr::FnCall(fc, _))) | Some(ASTNode::Stmt(Stmt::FnCall(fc, _))) => {
-                            !(is_primitive(fc) || (fc.namespace.is_empty() && mobile.contains(&(fc.name.clone(), fc.args.len()))))
+                        Some(ASTNode::Expr(Expr::FnCall(fc, _)))
+                        | Some(ASTNode::Stmt(Stmt::FnCall(fc, _))) => {
+                            !(is_primitive(fc)
+                                || (fc.namespace.is_empty()
+                                    && mobile.contains(&(fc.name.clone(), fc.args.len()))))
                         }
                         _ => true,
                     })
@@ -304,18 +358,33 @@ impl<'a> Planner<'a> {
         keys.sort();
         let mut planner = Planner {
             plan: Plan::default(),
-            mobile: keys.iter().enumerate().map(|(i, k)| (k.clone(), (i + 1) as BodyId)).collect(),
+            mobile: keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.clone(), (i + 1) as BodyId))
+                .collect(),
             mobile_names: keys.iter().map(|k| k.0.clone()).collect(),
             _ast: ast,
         };
         let main = planner.plan_block(ast.statements())?;
-        planner.plan.bodies.push(Body { name: "".into(), params: Vec::new(), block: main });
+        planner.plan.bodies.push(Body {
+            name: "".into(),
+            params: Vec::new(),
+            block: main,
+        });
         for key in &keys {
-            let Some(f) = functions.iter().find(|f| f.name == key.0 && f.params.len() == key.1) else {
+            let Some(f) = functions
+                .iter()
+                .find(|f| f.name == key.0 && f.params.len() == key.1)
+            else {
                 continue;
             };
             let block = planner.plan_block(f.body.statements())?;
-            planner.plan.bodies.push(Body { name: f.name.clone(), params: f.params.iter().cloned().collect(), block });
+            planner.plan.bodies.push(Body {
+                name: f.name.clone(),
+                params: f.params.iter().cloned().collect(),
+                block,
+            });
         }
         Ok(planner.plan)
     }
@@ -330,7 +399,9 @@ impl<'a> Planner<'a> {
                 _ => Primitive::Receive,
             }));
         }
-        self.mobile.get(&(fc.name.clone(), fc.args.len())).map(|&b| Target::Mobile(b))
+        self.mobile
+            .get(&(fc.name.clone(), fc.args.len()))
+            .map(|&b| Target::Mobile(b))
     }
 
     /// Does `node` (somewhere below the root of `path`) force its root statement to be walked?
@@ -340,12 +411,16 @@ impl<'a> Planner<'a> {
                 self.target(fc).is_some()
             }
             Some(ASTNode::Expr(Expr::MethodCall(fc, _))) => {
-                self.mobile_names.contains(&fc.name) || PRIMITIVES.iter().any(|(n, _)| *n == fc.name.as_str())
+                self.mobile_names.contains(&fc.name)
+                    || PRIMITIVES.iter().any(|(n, _)| *n == fc.name.as_str())
             }
             Some(ASTNode::Stmt(Stmt::Return(_, flags, _))) => !flags.intersects(ASTFlags::BREAK),
-            Some(ASTNode::Stmt(Stmt::BreakLoop(..))) => !path[..path.len() - 1]
-                .iter()
-                .any(|n| matches!(n, ASTNode::Stmt(Stmt::While(..) | Stmt::Do(..) | Stmt::For(..)))),
+            Some(ASTNode::Stmt(Stmt::BreakLoop(..))) => !path[..path.len() - 1].iter().any(|n| {
+                matches!(
+                    n,
+                    ASTNode::Stmt(Stmt::While(..) | Stmt::Do(..) | Stmt::For(..))
+                )
+            }),
             _ => false,
         }
     }
@@ -420,6 +495,22 @@ impl<'a> Planner<'a> {
         Ok(vec![Stmt::Expr(Box::new(expr.clone()))].into_boxed_slice())
     }
 
+    /// `expr` as the whole right-hand side of a `let`, an assignment or a `return` that must be
+    /// walked: a direct call, or a block expression (`if`, `switch`, loops, `{ .. }`) that
+    /// contains something walked.
+    fn value_source(&mut self, expr: &Expr) -> Result<Option<(Call, Position)>, CompileError> {
+        match expr {
+            Expr::Stmt(block) if self.expr_walk_reason(expr).is_some() => {
+                let pos = expr.start_position();
+                Ok(Some((
+                    Call::Block(self.plan_block(block.statements())?),
+                    pos,
+                )))
+            }
+            _ => self.direct_call(expr),
+        }
+    }
+
     /// `expr` as the whole right-hand side of a suspending statement, if it is a direct call.
     fn direct_call(&self, expr: &Expr) -> Result<Option<(Call, Position)>, CompileError> {
         let (fc, pos) = match expr {
@@ -429,8 +520,14 @@ impl<'a> Planner<'a> {
         self.call_of(fc, pos)
     }
 
-    fn call_of(&self, fc: &FnCallExpr, pos: Position) -> Result<Option<(Call, Position)>, CompileError> {
-        let Some(target) = self.target(fc) else { return Ok(None) };
+    fn call_of(
+        &self,
+        fc: &FnCallExpr,
+        pos: Position,
+    ) -> Result<Option<(Call, Position)>, CompileError> {
+        let Some(target) = self.target(fc) else {
+            return Ok(None);
+        };
         for arg in fc.args.iter() {
             if let Some(p) = self.expr_walk_reason(arg) {
                 return Err(unresumable(
@@ -468,7 +565,7 @@ impl<'a> Planner<'a> {
         Ok(match stmt {
             Stmt::Var(x, flags, pos) => {
                 let (ident, expr, index) = &**x;
-                match self.direct_call(expr)? {
+                match self.value_source(expr)? {
                     Some((call, cpos)) => Node::Suspend {
                         call,
                         then: Completion::Let(Box::new((ident.clone(), *index)), *flags, *pos),
@@ -480,9 +577,13 @@ impl<'a> Planner<'a> {
             Stmt::Assignment(x) => {
                 let (op, BinaryExpr { lhs, rhs }) = &**x;
                 if let Some(p) = self.expr_walk_reason(lhs) {
-                    return Err(unresumable(p, "a call that can suspend inside an assignment target", "compute the index first into a variable"));
+                    return Err(unresumable(
+                        p,
+                        "a call that can suspend inside an assignment target",
+                        "compute the index first into a variable",
+                    ));
                 }
-                match self.direct_call(rhs)? {
+                match self.value_source(rhs)? {
                     Some((call, cpos)) => Node::Suspend {
                         call,
                         then: Completion::Assign(Box::new((op.clone(), lhs.clone()))),
@@ -492,17 +593,28 @@ impl<'a> Planner<'a> {
                 }
             }
             Stmt::FnCall(fc, pos) => match self.call_of(fc, *pos)? {
-                Some((call, cpos)) => Node::Suspend { call, then: Completion::Value, pos: cpos },
+                Some((call, cpos)) => Node::Suspend {
+                    call,
+                    then: Completion::Value,
+                    pos: cpos,
+                },
                 None => return Err(self.refuse_nested(stmt)),
             },
             Stmt::Expr(expr) => match self.direct_call(expr)? {
-                Some((call, cpos)) => Node::Suspend { call, then: Completion::Value, pos: cpos },
+                Some((call, cpos)) => Node::Suspend {
+                    call,
+                    then: Completion::Value,
+                    pos: cpos,
+                },
                 None => match &**expr {
                     Expr::Stmt(block) => Node::Block(self.plan_block(block.statements())?),
                     Expr::MethodCall(fc, pos) => {
                         return Err(unresumable(
                             *pos,
-                            format!("`{}` can suspend, so it cannot be called as a method", fc.name),
+                            format!(
+                                "`{}` can suspend, so it cannot be called as a method",
+                                fc.name
+                            ),
                             format!("call it as a function: `{}(value, ..)`", fc.name),
                         ))
                     }
@@ -518,35 +630,55 @@ impl<'a> Planner<'a> {
             Stmt::Switch(x, pos) => {
                 let (value, cases) = &**x;
                 if let Some(p) = self.expr_walk_reason(value) {
-                    return Err(unresumable(p, "a call that can suspend in a `switch` value", "assign it to a variable first"));
+                    return Err(unresumable(
+                        p,
+                        "a call that can suspend in a `switch` value",
+                        "assign it to a variable first",
+                    ));
                 }
                 let mut selector_cases = cases.clone();
                 let mut arms = Vec::with_capacity(cases.expressions.len());
                 for (i, arm) in cases.expressions.iter().enumerate() {
                     if let Some(p) = self.expr_walk_reason(&arm.lhs) {
-                        return Err(unresumable(p, "a call that can suspend in a `switch` condition", "compute it into a variable before the switch"));
+                        return Err(unresumable(
+                            p,
+                            "a call that can suspend in a `switch` condition",
+                            "compute it into a variable before the switch",
+                        ));
                     }
                     selector_cases.expressions[i].rhs = Expr::IntegerConstant(i as INT, *pos);
                     let block = match &arm.rhs {
                         Expr::Stmt(block) => self.plan_block(block.statements())?,
-                        other => match self.direct_call(other)? {
-                            Some((call, cpos)) => {
-                                let node = self.push_node(Node::Suspend { call, then: Completion::Value, pos: cpos });
-                                self.push_block(vec![node])
-                            }
-                            None => {
-                                if let Some(p) = self.expr_walk_reason(other) {
-                                    return Err(unresumable(p, "a call that can suspend inside a `switch` arm expression", "use a block arm: `value => { let x = f(..); x }`"));
+                        other => {
+                            match self.direct_call(other)? {
+                                Some((call, cpos)) => {
+                                    let node = self.push_node(Node::Suspend {
+                                        call,
+                                        then: Completion::Value,
+                                        pos: cpos,
+                                    });
+                                    self.push_block(vec![node])
                                 }
-                                let node = self.push_node(Node::Delegated(vec![Stmt::Expr(Box::new(other.clone()))].into_boxed_slice()));
-                                self.push_block(vec![node])
+                                None => {
+                                    if let Some(p) = self.expr_walk_reason(other) {
+                                        return Err(unresumable(p, "a call that can suspend inside a `switch` arm expression", "use a block arm: `value => { let x = f(..); x }`"));
+                                    }
+                                    let node = self.push_node(Node::Delegated(
+                                        vec![Stmt::Expr(Box::new(other.clone()))]
+                                            .into_boxed_slice(),
+                                    ));
+                                    self.push_block(vec![node])
+                                }
                             }
-                        },
+                        }
                     };
                     arms.push(block);
                 }
                 let selector = Stmt::Switch(Box::new((value.clone(), selector_cases)), *pos);
-                Node::Switch { selector: vec![selector].into_boxed_slice(), arms }
+                Node::Switch {
+                    selector: vec![selector].into_boxed_slice(),
+                    arms,
+                }
             }
             Stmt::While(fc, _) => Node::While {
                 cond: match fc.expr {
@@ -579,11 +711,17 @@ impl<'a> Planner<'a> {
             },
             Stmt::Return(value, flags, pos) if !flags.intersects(ASTFlags::BREAK) => match value {
                 None => Node::Return { value: None },
-                Some(e) => match self.direct_call(e)? {
-                    Some((call, cpos)) => Node::Suspend { call, then: Completion::Return, pos: cpos },
+                Some(e) => match self.value_source(e)? {
+                    Some((call, cpos)) => Node::Suspend {
+                        call,
+                        then: Completion::Return,
+                        pos: cpos,
+                    },
                     None => {
                         let _ = pos;
-                        Node::Return { value: Some(self.plain_expr(e, "a `return` value")?) }
+                        Node::Return {
+                            value: Some(self.plain_expr(e, "a `return` value")?),
+                        }
                     }
                 },
             },
@@ -602,5 +740,7 @@ impl<'a> Planner<'a> {
 
 fn is_primitive(fc: &FnCallExpr) -> bool {
     fc.namespace.is_empty()
-        && PRIMITIVES.iter().any(|(n, arity)| *n == fc.name.as_str() && *arity == fc.args.len())
+        && PRIMITIVES
+            .iter()
+            .any(|(n, arity)| *n == fc.name.as_str() && *arity == fc.args.len())
 }

@@ -76,7 +76,8 @@ fn with_host<T>(f: impl FnOnce(&HostEnv) -> T) -> Result<T, Box<EvalAltResult>> 
 pub(crate) const PRIMITIVES: &[(&str, usize)] = &[("migrate", 1), ("receive", 0), ("receive", 1)];
 
 /// The names an agent may not define functions under.
-pub(crate) const RESERVED_FUNCTIONS: &[&str] = &["migrate", "receive", "here", "home", "nodes", "id", "hops"];
+pub(crate) const RESERVED_FUNCTIONS: &[&str] =
+    &["migrate", "receive", "here", "home", "nodes", "id", "hops"];
 
 /// The value carried by `exit(value)`: Rhai's own `exit` would end only the statement the executor
 /// delegated, so the sandbox replaces it with a non-catchable termination carrying this token.
@@ -116,11 +117,10 @@ pub fn sandboxed_engine(limits: &Limits) -> Engine {
         Err(EvalAltResult::ErrorTerminated(Dynamic::from(ExitValue(v)), Position::NONE).into())
     });
     engine.register_fn("exit", || -> Result<(), Box<EvalAltResult>> {
-        Err(EvalAltResult::ErrorTerminated(
-            Dynamic::from(ExitValue(Dynamic::UNIT)),
-            Position::NONE,
+        Err(
+            EvalAltResult::ErrorTerminated(Dynamic::from(ExitValue(Dynamic::UNIT)), Position::NONE)
+                .into(),
         )
-        .into())
     });
     engine
 }
@@ -134,9 +134,15 @@ pub(crate) fn agent_engine(limits: &Limits) -> Engine {
     engine.on_debug(|s, _, _| {
         let _ = with_host(|h| (h.printer)(s));
     });
-    engine.register_fn("here", || with_host(|h| ImmutableString::from(h.here.as_str())));
-    engine.register_fn("home", || with_host(|h| ImmutableString::from(h.home.as_str())));
-    engine.register_fn("id", || with_host(|h| ImmutableString::from(h.agent_id.as_str())));
+    engine.register_fn("here", || {
+        with_host(|h| ImmutableString::from(h.here.as_str()))
+    });
+    engine.register_fn("home", || {
+        with_host(|h| ImmutableString::from(h.home.as_str()))
+    });
+    engine.register_fn("id", || {
+        with_host(|h| ImmutableString::from(h.agent_id.as_str()))
+    });
     engine.register_fn("hops", || with_host(|h| h.hops));
     engine.register_fn("nodes", || {
         with_host(|h| {

@@ -36,8 +36,16 @@ pub struct AgentError {
 }
 
 impl AgentError {
-    pub(crate) fn new(kind: AgentErrorKind, message: String, position: Option<(usize, usize)>) -> Self {
-        AgentError { kind, message, position }
+    pub(crate) fn new(
+        kind: AgentErrorKind,
+        message: String,
+        position: Option<(usize, usize)>,
+    ) -> Self {
+        AgentError {
+            kind,
+            message,
+            position,
+        }
     }
 
     /// Maps a Rhai error.
@@ -70,7 +78,11 @@ impl AgentError {
             (Some(l), c) => Some((l, c.unwrap_or(0))),
             _ => None,
         };
-        AgentError { kind, message, position }
+        AgentError {
+            kind,
+            message,
+            position,
+        }
     }
 }
 
@@ -93,5 +105,7 @@ pub(crate) fn message_without_position(err: &EvalAltResult) -> String {
         return full;
     }
     let suffix = format!(" ({pos})");
-    full.strip_suffix(&suffix).map(str::to_string).unwrap_or(full)
+    full.strip_suffix(&suffix)
+        .map(str::to_string)
+        .unwrap_or(full)
 }

@@ -10,8 +10,8 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use rhai::{
-    Array, BinaryExpr, Caches, Dynamic, EvalAltResult, Expr, GlobalRuntimeState,
-    ImmutableString, Position, Scope, Stmt, INT,
+    Array, BinaryExpr, Caches, Dynamic, EvalAltResult, Expr, GlobalRuntimeState, ImmutableString,
+    Position, Scope, Stmt, INT,
 };
 
 use crate::compile::{
@@ -70,10 +70,26 @@ pub(crate) struct Frame {
 /// A position inside a frame: one entry per walked construct being executed.
 #[derive(Debug)]
 pub(crate) enum Cursor {
-    Block { block: BlockId, next: u32, scope_len: u32, value: Dynamic },
-    Loop { node: NodeId, scope_len: u32, state: LoopState },
+    Block {
+        block: BlockId,
+        next: u32,
+        scope_len: u32,
+        value: Dynamic,
+    },
+    Loop {
+        node: NodeId,
+        scope_len: u32,
+        state: LoopState,
+    },
     /// `caught`: the value the catch variable got, while the catch block runs.
-    Try { node: NodeId, scope_len: u32, caught: Option<Caught> },
+    Try {
+        node: NodeId,
+        scope_len: u32,
+        caught: Option<Caught>,
+    },
+    /// The block above computes the value of the suspending statement `node` (a
+    /// [`Call::Block`]): when it ends, the statement completes with the block's value.
+    Value { node: NodeId },
 }
 
 /// The error a running `catch` block handles, kept for a bare `throw;` that re-throws it.
@@ -89,8 +105,15 @@ pub(crate) enum LoopState {
 
 #[derive(Debug)]
 pub(crate) enum ForIter {
-    Range { next: INT, end: INT, inclusive: bool },
-    Items { items: Array, pos: usize },
+    Range {
+        next: INT,
+        end: INT,
+        inclusive: bool,
+    },
+    Items {
+        items: Array,
+        pos: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +136,8 @@ struct Ctx<'p> {
     prog: &'p ProgramInner,
     global: GlobalRuntimeState,
     caches: Caches,
+    /// Where the last failed snippet starts, for errors that carry no position.
+    fallback_pos: Position,
 }
 
 /// What stops the stepping loop.
@@ -124,7 +149,11 @@ impl Execution {
     /// A new execution of `program`, not started yet: call [`Execution::resume`] with
     /// [`Resume::Start`].
     pub fn new(program: &Program) -> Execution {
-        Execution { program: program.clone(), frames: Vec::new(), state: RunState::NotStarted }
+        Execution {
+            program: program.clone(),
+            frames: Vec::new(),
+            state: RunState::NotStarted,
+        }
     }
 
     /// The program this execution runs.
@@ -175,7 +204,12 @@ impl Execution {
     fn run_slice(&mut self, prog: &ProgramInner, input: Resume) -> Outcome {
         let mut global = prog.engine.new_global_runtime_state();
         global.lib.push(prog.ast.shared_lib().clone());
-        let mut ctx = Ctx { prog, global, caches: Caches::new() };
+        let mut ctx = Ctx {
+            prog,
+            global,
+            caches: Caches::new(),
+            fallback_pos: Position::NONE,
+        };
         let first = match (self.state, input) {
             (RunState::Done, _) => {
                 return Outcome::Failed(AgentError::new(
@@ -189,7 +223,12 @@ impl Execution {
                 self.frames.push(Frame {
                     body: MAIN_BODY,
                     scope: Scope::new(),
-                    cursors: vec![Cursor::Block { block, next: 0, scope_len: 0, value: Dynamic::UNIT }],
+                    cursors: vec![Cursor::Block {
+                        block,
+                        next: 0,
+                        scope_len: 0,
+                        value: Dynamic::UNIT,
+                    }],
                     call_pos: Position::NONE,
                     pending: None,
                 });
@@ -238,8 +277,14 @@ impl Execution {
 
     fn step(&mut self, ctx: &mut Ctx) -> Result<(), StepErr> {
         let prog = ctx.prog;
-        let frame = self.frames.last_mut().ok_or_else(|| internal("no frame to run"))?;
-        let top = frame.cursors.last_mut().ok_or_else(|| internal("frame without position"))?;
+        let frame = self
+            .frames
+            .last_mut()
+            .ok_or_else(|| internal("no frame to run"))?;
+        let top = frame
+            .cursors
+            .last_mut()
+            .ok_or_else(|| internal("frame without position"))?;
         match top {
             Cursor::Block { block, next, .. } => {
                 let nodes = &prog.plan.blocks[*block as usize];
@@ -247,7 +292,10 @@ impl Execution {
                     *next += 1;
                     self.exec_node(ctx, id)
                 } else {
-                    let Some(Cursor::Block { scope_len, value, .. }) = frame.cursors.pop() else {
+                    let Some(Cursor::Block {
+                        scope_len, value, ..
+                    }) = frame.cursors.pop()
+                    else {
                         return Err(internal("block cursor vanished"));
                     };
                     frame.scope.rewind(scope_len as usize);
@@ -256,6 +304,7 @@ impl Execution {
             }
             Cursor::Loop { .. } => self.loop_step(ctx),
             Cursor::Try { .. } => Err(internal("try without a body")),
+            Cursor::Value { .. } => Err(internal("value cursor without a block")),
         }
     }
 
@@ -268,20 +317,33 @@ impl Execution {
         let depth = self.frames.len();
         let frame = self.frames.last_mut().ok_or_else(|| internal("no frame"))?;
         ctx.global.level = depth - 1;
-        ctx.global.scope_level = if depth == 1 { frame.cursors.len().saturating_sub(1) } else { frame.cursors.len() + depth };
+        ctx.global.scope_level = if depth == 1 {
+            frame.cursors.len().saturating_sub(1)
+        } else {
+            frame.cursors.len() + depth
+        };
         #[allow(deprecated)]
-        let r = ctx
-            .prog
-            .engine
-            .eval_statements_raw(&mut ctx.global, &mut ctx.caches, &mut frame.scope, snippet);
-        r.map_err(StepErr::Eval)
+        let r = ctx.prog.engine.eval_statements_raw(
+            &mut ctx.global,
+            &mut ctx.caches,
+            &mut frame.scope,
+            snippet,
+        );
+        r.map_err(|err| {
+            // Some native failures (e.g. division by zero) carry no position; Rhai's `catch`
+            // sees none either, but a report of the failure names the statement.
+            ctx.fallback_pos = snippet_pos(snippet);
+            StepErr::Eval(err)
+        })
     }
 
     fn eval_bool(&mut self, ctx: &mut Ctx, snippet: &[Stmt]) -> Result<bool, StepErr> {
         let v = self.eval(ctx, snippet)?;
         v.as_bool().map_err(|typ| {
             let pos = snippet_pos(snippet);
-            StepErr::Eval(EvalAltResult::ErrorMismatchDataType("bool".into(), typ.into(), pos).into())
+            StepErr::Eval(
+                EvalAltResult::ErrorMismatchDataType("bool".into(), typ.into(), pos).into(),
+            )
         })
     }
 
@@ -289,7 +351,9 @@ impl Execution {
         ctx.global.num_operations += 1;
         let max = ctx.prog.engine.max_operations();
         if max > 0 && ctx.global.num_operations > max {
-            return Err(StepErr::Eval(EvalAltResult::ErrorTooManyOperations(pos).into()));
+            return Err(StepErr::Eval(
+                EvalAltResult::ErrorTooManyOperations(pos).into(),
+            ));
         }
         Ok(())
     }
@@ -308,7 +372,12 @@ impl Execution {
         let frame = self.top_frame()?;
         let _ = empty_value;
         let scope_len = frame.scope.len() as u32;
-        frame.cursors.push(Cursor::Block { block, next: 0, scope_len, value: Dynamic::UNIT });
+        frame.cursors.push(Cursor::Block {
+            block,
+            next: 0,
+            scope_len,
+            value: Dynamic::UNIT,
+        });
         Ok(())
     }
 
@@ -322,7 +391,11 @@ impl Execution {
                 self.set_value(v)
             }
             Node::Block(b) => self.enter(*b),
-            Node::If { cond, then, otherwise } => {
+            Node::If {
+                cond,
+                then,
+                otherwise,
+            } => {
                 self.track(ctx, snippet_pos(cond))?;
                 let c = self.eval_bool(ctx, cond)?;
                 let chosen = if c { *then } else { *otherwise };
@@ -347,7 +420,11 @@ impl Execution {
                 };
                 let frame = self.top_frame()?;
                 let scope_len = frame.scope.len() as u32;
-                frame.cursors.push(Cursor::Loop { node: id, scope_len, state });
+                frame.cursors.push(Cursor::Loop {
+                    node: id,
+                    scope_len,
+                    state,
+                });
                 Ok(())
             }
             Node::For { iterable, pos, .. } => {
@@ -355,7 +432,11 @@ impl Execution {
                 let iter = self.make_iter(ctx, value, *pos)?;
                 let frame = self.top_frame()?;
                 let scope_len = frame.scope.len() as u32;
-                frame.cursors.push(Cursor::Loop { node: id, scope_len, state: LoopState::For { index: -1, iter } });
+                frame.cursors.push(Cursor::Loop {
+                    node: id,
+                    scope_len,
+                    state: LoopState::For { index: -1, iter },
+                });
                 Ok(())
             }
             Node::Break { is_break, value } => {
@@ -378,21 +459,41 @@ impl Execution {
                 }
                 let frame = self.top_frame()?;
                 let scope_len = frame.scope.len() as u32;
-                frame.cursors.push(Cursor::Try { node: id, scope_len, caught: None });
+                frame.cursors.push(Cursor::Try {
+                    node: id,
+                    scope_len,
+                    caught: None,
+                });
                 self.push_block(*body, true)
+            }
+            Node::Suspend {
+                call: Call::Block(block),
+                pos,
+                ..
+            } => {
+                self.track(ctx, *pos)?;
+                if blocks[*block as usize].is_empty() {
+                    return self
+                        .complete_node(ctx, id, Dynamic::UNIT)
+                        .map_err(StepErr::Eval);
+                }
+                self.top_frame()?.cursors.push(Cursor::Value { node: id });
+                self.push_block(*block, true)
             }
             Node::Suspend { call, pos, .. } => {
                 self.track(ctx, *pos)?;
                 let args = match call {
-                    Call::Primitive(_, Some(a)) | Call::Mobile(_, Some(a)) => {
-                        self.eval(ctx, a)?.into_array().map_err(|t| internal(&format!("arguments evaluated to {t}")))?
-                    }
+                    Call::Primitive(_, Some(a)) | Call::Mobile(_, Some(a)) => self
+                        .eval(ctx, a)?
+                        .into_array()
+                        .map_err(|t| internal(&format!("arguments evaluated to {t}")))?,
                     _ => Array::new(),
                 };
                 self.top_frame()?.pending = Some(id);
                 match call {
                     Call::Primitive(p, _) => self.primitive(*p, args, *pos),
                     Call::Mobile(body, _) => self.call_mobile(ctx, *body, args, *pos),
+                    Call::Block(_) => Err(internal("block value handled above")),
                 }
             }
         }
@@ -415,7 +516,8 @@ impl Execution {
                     Ok(s) => Outcome::Migrate { to: s.to_string() },
                     Err(t) => {
                         return Err(StepErr::Eval(
-                            EvalAltResult::ErrorFunctionNotFound(format!("migrate ({t})"), pos).into(),
+                            EvalAltResult::ErrorFunctionNotFound(format!("migrate ({t})"), pos)
+                                .into(),
                         ))
                     }
                 }
@@ -423,10 +525,13 @@ impl Execution {
             Primitive::Receive => match args.into_iter().next() {
                 None => Outcome::Receive { timeout_ms: None },
                 Some(t) => match t.as_int() {
-                    Ok(ms) => Outcome::Receive { timeout_ms: Some(ms.max(0) as u64) },
+                    Ok(ms) => Outcome::Receive {
+                        timeout_ms: Some(ms.max(0) as u64),
+                    },
                     Err(typ) => {
                         return Err(StepErr::Eval(
-                            EvalAltResult::ErrorFunctionNotFound(format!("receive ({typ})"), pos).into(),
+                            EvalAltResult::ErrorFunctionNotFound(format!("receive ({typ})"), pos)
+                                .into(),
                         ))
                     }
                 },
@@ -436,7 +541,13 @@ impl Execution {
         Err(StepErr::Stop(Stop::Outcome(outcome)))
     }
 
-    fn call_mobile(&mut self, ctx: &mut Ctx, body: BodyId, args: Array, pos: Position) -> Result<(), StepErr> {
+    fn call_mobile(
+        &mut self,
+        ctx: &mut Ctx,
+        body: BodyId,
+        args: Array,
+        pos: Position,
+    ) -> Result<(), StepErr> {
         let b = &ctx.prog.plan.bodies[body as usize];
         if self.frames.len() > ctx.prog.engine.max_call_levels() {
             return Err(StepErr::Eval(EvalAltResult::ErrorStackOverflow(pos).into()));
@@ -451,7 +562,12 @@ impl Execution {
         self.frames.push(Frame {
             body,
             scope,
-            cursors: vec![Cursor::Block { block: b.block, next: 0, scope_len: 0, value: Dynamic::UNIT }],
+            cursors: vec![Cursor::Block {
+                block: b.block,
+                next: 0,
+                scope_len: 0,
+                value: Dynamic::UNIT,
+            }],
             call_pos: pos,
             pending: None,
         });
@@ -468,12 +584,24 @@ impl Execution {
                 Ok(())
             }
             Some(Cursor::Loop { .. }) => Ok(()),
+            Some(Cursor::Value { node }) => {
+                let node = *node;
+                frame.cursors.pop();
+                self.complete_node(ctx, node, value).map_err(StepErr::Eval)
+            }
             Some(Cursor::Try { .. }) => {
-                let Some(Cursor::Try { scope_len, caught, .. }) = frame.cursors.pop() else {
+                let Some(Cursor::Try {
+                    scope_len, caught, ..
+                }) = frame.cursors.pop()
+                else {
                     return Err(internal("try cursor vanished"));
                 };
                 frame.scope.rewind(scope_len as usize);
-                let value = if caught.is_some() { Dynamic::UNIT } else { value };
+                let value = if caught.is_some() {
+                    Dynamic::UNIT
+                } else {
+                    value
+                };
                 self.deliver(ctx, value)
             }
         }
@@ -483,7 +611,9 @@ impl Execution {
     fn loop_step(&mut self, ctx: &mut Ctx) -> Result<(), StepErr> {
         let prog = ctx.prog;
         let (node_id, scope_len) = match self.top_frame()?.cursors.last() {
-            Some(Cursor::Loop { node, scope_len, .. }) => (*node, *scope_len),
+            Some(Cursor::Loop {
+                node, scope_len, ..
+            }) => (*node, *scope_len),
             _ => return Err(internal("loop cursor expected")),
         };
         let node = &prog.plan.nodes[node_id as usize];
@@ -496,10 +626,17 @@ impl Execution {
                 };
                 go.then_some(*body)
             }
-            Node::Do { cond, body, is_while } => {
+            Node::Do {
+                cond,
+                body,
+                is_while,
+            } => {
                 self.track(ctx, Position::NONE)?;
                 let started = match self.top_frame()?.cursors.last_mut() {
-                    Some(Cursor::Loop { state: LoopState::Do { started }, .. }) => std::mem::replace(started, true),
+                    Some(Cursor::Loop {
+                        state: LoopState::Do { started },
+                        ..
+                    }) => std::mem::replace(started, true),
                     _ => return Err(internal("do cursor expected")),
                 };
                 if !started {
@@ -509,15 +646,33 @@ impl Execution {
                     (!(c ^ is_while)).then_some(*body)
                 }
             }
-            Node::For { var, counter, body, pos, .. } => {
+            Node::For {
+                var,
+                counter,
+                body,
+                pos,
+                ..
+            } => {
                 self.track(ctx, *pos)?;
                 let frame = self.top_frame()?;
-                let Some(Cursor::Loop { state: LoopState::For { index, iter }, .. }) = frame.cursors.last_mut() else {
+                let Some(Cursor::Loop {
+                    state: LoopState::For { index, iter },
+                    ..
+                }) = frame.cursors.last_mut()
+                else {
                     return Err(internal("for cursor expected"));
                 };
                 let item = match iter {
-                    ForIter::Range { next, end, inclusive } => {
-                        let more = if *inclusive { *next <= *end } else { *next < *end };
+                    ForIter::Range {
+                        next,
+                        end,
+                        inclusive,
+                    } => {
+                        let more = if *inclusive {
+                            *next <= *end
+                        } else {
+                            *next < *end
+                        };
                         if more {
                             let v = *next;
                             match next.checked_add(1) {
@@ -566,26 +721,43 @@ impl Execution {
         }
     }
 
-    fn make_iter(&mut self, ctx: &mut Ctx, value: Dynamic, pos: Position) -> Result<ForIter, StepErr> {
+    fn make_iter(
+        &mut self,
+        ctx: &mut Ctx,
+        value: Dynamic,
+        pos: Position,
+    ) -> Result<ForIter, StepErr> {
         if value.is_array() {
-            let items = value.into_array().map_err(|t| internal(t))?;
+            let items = value.into_array().map_err(internal)?;
             return Ok(ForIter::Items { items, pos: 0 });
         }
         if let Some(r) = value.read_lock::<std::ops::Range<INT>>() {
-            return Ok(ForIter::Range { next: r.start, end: r.end, inclusive: false });
+            return Ok(ForIter::Range {
+                next: r.start,
+                end: r.end,
+                inclusive: false,
+            });
         }
         if let Some(r) = value.read_lock::<std::ops::RangeInclusive<INT>>() {
-            return Ok(ForIter::Range { next: *r.start(), end: *r.end(), inclusive: true });
+            return Ok(ForIter::Range {
+                next: *r.start(),
+                end: *r.end(),
+                inclusive: true,
+            });
         }
         // Anything else Rhai can iterate: let Rhai's own iterator materialize it.
-        let collected = ctx
-            .prog
-            .engine
-            .call_fn::<Array>(&mut Scope::new(), &ctx.prog.collector, "collect", (value,));
+        let collected = ctx.prog.engine.call_fn::<Array>(
+            &mut Scope::new(),
+            &ctx.prog.collector,
+            "collect",
+            (value,),
+        );
         match collected {
             Ok(items) => Ok(ForIter::Items { items, pos: 0 }),
             Err(err) => match *err {
-                EvalAltResult::ErrorInFunctionCall(_, _, inner, _) if matches!(*inner, EvalAltResult::ErrorFor(..)) => {
+                EvalAltResult::ErrorInFunctionCall(_, _, inner, _)
+                    if matches!(*inner, EvalAltResult::ErrorFor(..)) =>
+                {
                     Err(StepErr::Eval(EvalAltResult::ErrorFor(pos).into()))
                 }
                 other => Err(StepErr::Eval(Box::new(other))),
@@ -600,7 +772,9 @@ impl Execution {
         loop {
             match frame.cursors.last() {
                 None => return Err(internal("break outside a loop")),
-                Some(Cursor::Loop { node, scope_len, .. }) => {
+                Some(Cursor::Loop {
+                    node, scope_len, ..
+                }) => {
                     let (node, scope_len) = (*node, *scope_len);
                     if is_break {
                         frame.cursors.pop();
@@ -618,6 +792,9 @@ impl Execution {
                     let l = *scope_len as usize;
                     frame.cursors.pop();
                     frame.scope.rewind(l);
+                }
+                Some(Cursor::Value { .. }) => {
+                    frame.cursors.pop();
                 }
             }
         }
@@ -644,9 +821,20 @@ impl Execution {
 
     /// Completes the top frame's pending suspending statement with `value`.
     fn complete(&mut self, ctx: &mut Ctx, value: Dynamic) -> Result<(), Err> {
+        let frame = self
+            .frames
+            .last_mut()
+            .ok_or_else(|| internal_err("no frame"))?;
+        let id = frame
+            .pending
+            .take()
+            .ok_or_else(|| internal_err("nothing pending"))?;
+        self.complete_node(ctx, id, value)
+    }
+
+    /// Completes the suspending statement `id` of the top frame with `value`.
+    fn complete_node(&mut self, ctx: &mut Ctx, id: NodeId, value: Dynamic) -> Result<(), Err> {
         let prog = ctx.prog;
-        let frame = self.frames.last_mut().ok_or_else(|| internal_err("no frame"))?;
-        let id = frame.pending.take().ok_or_else(|| internal_err("nothing pending"))?;
         let Node::Suspend { then, pos, .. } = &prog.plan.nodes[id as usize] else {
             return Err(internal_err("pending node is not a suspension"));
         };
@@ -659,14 +847,26 @@ impl Execution {
             Completion::Return => return self.return_from_frame(ctx, value).map_err(step_to_err),
             Completion::Let(x, flags, spos) => {
                 let (ident, index) = &**x;
-                Stmt::Var(Box::new((ident.clone(), constant(value), *index)), *flags, *spos)
+                Stmt::Var(
+                    Box::new((ident.clone(), constant(value), *index)),
+                    *flags,
+                    *spos,
+                )
             }
             Completion::Assign(x) => {
                 let (op, lhs) = &**x;
-                Stmt::Assignment(Box::new((op.clone(), BinaryExpr { lhs: lhs.clone(), rhs: constant(value) })))
+                Stmt::Assignment(Box::new((
+                    op.clone(),
+                    BinaryExpr {
+                        lhs: lhs.clone(),
+                        rhs: constant(value),
+                    },
+                )))
             }
         };
-        let _ = self.eval(ctx, std::slice::from_ref(&stmt)).map_err(step_to_err)?;
+        let _ = self
+            .eval(ctx, std::slice::from_ref(&stmt))
+            .map_err(step_to_err)?;
         self.set_value(Dynamic::UNIT).map_err(step_to_err)
     }
 
@@ -679,14 +879,21 @@ impl Execution {
         let catchable = err.is_catchable() && !err.is_pseudo_error();
         loop {
             let Some(frame) = self.frames.last_mut() else {
-                return Err(Stop::Outcome(Outcome::Failed(AgentError::from_rhai(&err))));
+                return Err(Stop::Outcome(Outcome::Failed(failure(
+                    err,
+                    ctx.fallback_pos,
+                ))));
             };
             while let Some(cursor) = frame.cursors.pop() {
                 match cursor {
                     Cursor::Block { scope_len, .. } | Cursor::Loop { scope_len, .. } => {
                         frame.scope.rewind(scope_len as usize);
                     }
-                    Cursor::Try { scope_len, caught: Some(caught), .. } => {
+                    Cursor::Try {
+                        scope_len,
+                        caught: Some(caught),
+                        ..
+                    } => {
                         frame.scope.rewind(scope_len as usize);
                         // A bare `throw;` in a catch block re-throws the caught error.
                         if let EvalAltResult::ErrorRuntime(v, pos) = &*err {
@@ -697,10 +904,19 @@ impl Execution {
                             }
                         }
                     }
-                    Cursor::Try { node, scope_len, caught: None } if catchable => {
+                    Cursor::Try {
+                        node,
+                        scope_len,
+                        caught: None,
+                    } if catchable => {
                         frame.scope.rewind(scope_len as usize);
-                        let Node::Try { catch_var, catch, .. } = &prog.plan.nodes[node as usize] else {
-                            return Err(Stop::Outcome(Outcome::Failed(internal_error("try node expected"))));
+                        let Node::Try {
+                            catch_var, catch, ..
+                        } = &prog.plan.nodes[node as usize]
+                        else {
+                            return Err(Stop::Outcome(Outcome::Failed(internal_error(
+                                "try node expected",
+                            ))));
                         };
                         let value = match catch_var {
                             Some(_) => catch_value(&err),
@@ -709,7 +925,11 @@ impl Execution {
                         if let Some(name) = catch_var {
                             frame.scope.push_dynamic(name.clone(), value);
                         }
-                        frame.cursors.push(Cursor::Try { node, scope_len, caught: Some(Caught(err)) });
+                        frame.cursors.push(Cursor::Try {
+                            node,
+                            scope_len,
+                            caught: Some(Caught(err)),
+                        });
                         if prog.plan.blocks[*catch as usize].is_empty() {
                             return self.deliver(ctx, Dynamic::UNIT).or_else(|e| match e {
                                 StepErr::Stop(s) => Err(s),
@@ -717,18 +937,29 @@ impl Execution {
                             });
                         }
                         let scope_len = frame.scope.len() as u32;
-                        frame.cursors.push(Cursor::Block { block: *catch, next: 0, scope_len, value: Dynamic::UNIT });
+                        frame.cursors.push(Cursor::Block {
+                            block: *catch,
+                            next: 0,
+                            scope_len,
+                            value: Dynamic::UNIT,
+                        });
                         return Ok(());
                     }
                     Cursor::Try { scope_len, .. } => {
                         frame.scope.rewind(scope_len as usize);
                     }
+                    Cursor::Value { .. } => {}
                 }
             }
             // The error leaves this frame.
-            let Some(frame) = self.frames.pop() else { continue };
+            let Some(frame) = self.frames.pop() else {
+                continue;
+            };
             if self.frames.is_empty() {
-                return Err(Stop::Outcome(Outcome::Failed(AgentError::from_rhai(&err))));
+                return Err(Stop::Outcome(Outcome::Failed(failure(
+                    err,
+                    ctx.fallback_pos,
+                ))));
             }
             if let Some(caller) = self.frames.last_mut() {
                 caller.pending = None;
@@ -744,6 +975,13 @@ impl Execution {
     }
 }
 
+fn failure(mut err: Err, fallback: Position) -> AgentError {
+    if err.position().is_none() {
+        err.set_position(fallback);
+    }
+    AgentError::from_rhai(&err)
+}
+
 /// The value `catch (e)` binds for `err`: what Rhai's own `try`/`catch` gives.
 fn catch_value(err: &EvalAltResult) -> Dynamic {
     use rhai::Map;
@@ -752,19 +990,30 @@ fn catch_value(err: &EvalAltResult) -> Dynamic {
         return v.clone();
     }
     let mut map = Map::new();
-    map.insert("message".into(), crate::error::message_without_position(err).into());
+    map.insert(
+        "message".into(),
+        crate::error::message_without_position(err).into(),
+    );
     let pos = err.position();
     if let Some(line) = pos.line() {
         map.insert("line".into(), (line as INT).into());
-        map.insert("position".into(), (pos.position().unwrap_or(0) as INT).into());
+        map.insert(
+            "position".into(),
+            (pos.position().unwrap_or(0) as INT).into(),
+        );
     }
     let debug = format!("{err:?}");
-    map.insert("error".into(), debug.split('(').next().unwrap_or_default().into());
+    map.insert(
+        "error".into(),
+        debug.split('(').next().unwrap_or_default().into(),
+    );
     let mut put = |k: &str, v: Dynamic| {
         map.insert(k.into(), v);
     };
     match err {
-        E::ErrorFunctionNotFound(f, ..) | E::ErrorNonPureMethodCallOnConstant(f, ..) => put("function", f.into()),
+        E::ErrorFunctionNotFound(f, ..) | E::ErrorNonPureMethodCallOnConstant(f, ..) => {
+            put("function", f.into())
+        }
         E::ErrorInFunctionCall(f, s, ..) => {
             put("function", f.into());
             put("source", s.into());
@@ -773,7 +1022,9 @@ fn catch_value(err: &EvalAltResult) -> Dynamic {
             put("requested", r.into());
             put("actual", a.into());
         }
-        E::ErrorArrayBounds(n, i, ..) | E::ErrorStringBounds(n, i, ..) | E::ErrorBitFieldBounds(n, i, ..) => {
+        E::ErrorArrayBounds(n, i, ..)
+        | E::ErrorStringBounds(n, i, ..)
+        | E::ErrorBitFieldBounds(n, i, ..) => {
             put("length", (*n as INT).into());
             put("index", (*i as INT).into());
         }
@@ -815,9 +1066,11 @@ impl From<Stop> for StepErr {
 fn step_to_err(e: StepErr) -> Err {
     match e {
         StepErr::Eval(e) => e,
-        StepErr::Stop(Stop::Outcome(Outcome::Finished(v))) => {
-            EvalAltResult::ErrorTerminated(Dynamic::from(crate::engine::ExitValue(v)), Position::NONE).into()
-        }
+        StepErr::Stop(Stop::Outcome(Outcome::Finished(v))) => EvalAltResult::ErrorTerminated(
+            Dynamic::from(crate::engine::ExitValue(v)),
+            Position::NONE,
+        )
+        .into(),
         StepErr::Stop(Stop::Outcome(_)) => internal_err("unexpected suspension while completing"),
     }
 }
@@ -831,7 +1084,11 @@ fn internal_err(what: &str) -> Err {
 }
 
 fn internal_error(what: &str) -> AgentError {
-    AgentError::new(AgentErrorKind::Internal, format!("internal error: {what}"), None)
+    AgentError::new(
+        AgentErrorKind::Internal,
+        format!("internal error: {what}"),
+        None,
+    )
 }
 
 fn unreachable_outcome() -> Outcome {

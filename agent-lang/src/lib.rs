@@ -55,7 +55,9 @@ mod exec;
 mod limits;
 mod value;
 
-pub use codec::{DecodeError, EncodeError, MAGIC as CONTINUATION_MAGIC, VERSION as CONTINUATION_VERSION};
+pub use codec::{
+    DecodeError, EncodeError, MAGIC as CONTINUATION_MAGIC, VERSION as CONTINUATION_VERSION,
+};
 pub use compile::{CompileError, Program, ProgramHash};
 pub use engine::{exit_value, sandboxed_engine, unknown_node_error, ExitValue, HostEnv};
 pub use error::{AgentError, AgentErrorKind};

@@ -64,7 +64,10 @@ pub(crate) fn put_text(enc: &mut Enc<'_>, s: &str) {
 }
 
 pub(crate) fn put_bool(enc: &mut Enc<'_>, b: bool) {
-    put(enc, Header::Simple(if b { simple::TRUE } else { simple::FALSE }));
+    put(
+        enc,
+        Header::Simple(if b { simple::TRUE } else { simple::FALSE }),
+    );
 }
 
 pub(crate) fn put_null(enc: &mut Enc<'_>) {
@@ -72,7 +75,12 @@ pub(crate) fn put_null(enc: &mut Enc<'_>) {
 }
 
 /// Encodes `value`; `what` names it in errors.
-pub(crate) fn encode_value(enc: &mut Enc<'_>, value: &Dynamic, what: &dyn Fn() -> String, depth: usize) -> Result<(), ValueError> {
+pub(crate) fn encode_value(
+    enc: &mut Enc<'_>,
+    value: &Dynamic,
+    what: &dyn Fn() -> String,
+    depth: usize,
+) -> Result<(), ValueError> {
     if depth > MAX_DEPTH {
         return Err(ValueError::TooDeep { what: what() });
     }
@@ -107,12 +115,18 @@ pub(crate) fn encode_value(enc: &mut Enc<'_>, value: &Dynamic, what: &dyn Fn() -
         }
     } else if let Some(f) = value.read_lock::<FnPtr>() {
         if f.is_curried() {
-            return Err(ValueError::NotPortable { what: what(), type_name: "closure with captured variables".into() });
+            return Err(ValueError::NotPortable {
+                what: what(),
+                type_name: "closure with captured variables".into(),
+            });
         }
         put(enc, Header::Tag(TAG_FN_PTR));
         put_text(enc, f.fn_name());
     } else {
-        return Err(ValueError::NotPortable { what: what(), type_name: value.type_name().to_string() });
+        return Err(ValueError::NotPortable {
+            what: what(),
+            type_name: value.type_name().to_string(),
+        });
     }
     Ok(())
 }
@@ -129,7 +143,10 @@ pub(crate) struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Reader { dec: Decoder::from(bytes), total: bytes.len() }
+        Reader {
+            dec: Decoder::from(bytes),
+            total: bytes.len(),
+        }
     }
 
     pub(crate) fn offset(&mut self) -> usize {
@@ -158,7 +175,9 @@ impl<'a> Reader<'a> {
         }
         let mut buf = vec![0u8; len];
         let at = self.dec.offset();
-        self.dec.read_exact(&mut buf).map_err(|_| Malformed("truncated".into(), at))?;
+        self.dec
+            .read_exact(&mut buf)
+            .map_err(|_| Malformed("truncated".into(), at))?;
         Ok(buf)
     }
 
@@ -199,7 +218,8 @@ impl<'a> Reader<'a> {
 
     fn text_payload(&mut self, len: usize) -> Result<String, Malformed> {
         let at = self.dec.offset();
-        String::from_utf8(self.payload(len)?).map_err(|_| Malformed("invalid UTF-8 in text".into(), at))
+        String::from_utf8(self.payload(len)?)
+            .map_err(|_| Malformed("invalid UTF-8 in text".into(), at))
     }
 
     pub(crate) fn bytes(&mut self) -> Result<Vec<u8>, Malformed> {
@@ -213,13 +233,18 @@ impl<'a> Reader<'a> {
     pub(crate) fn array(&mut self) -> Result<usize, Malformed> {
         match self.header()? {
             Header::Array(Some(n)) if n <= self.remaining() => Ok(n),
-            Header::Array(Some(n)) => self.fail(format!("array of {n} items runs past the end of the input")),
+            Header::Array(Some(n)) => {
+                self.fail(format!("array of {n} items runs past the end of the input"))
+            }
             _ => self.fail("expected an array"),
         }
     }
 
     /// Either null (None) or whatever `f` reads.
-    pub(crate) fn nullable<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Malformed>) -> Result<Option<T>, Malformed> {
+    pub(crate) fn nullable<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, Malformed>,
+    ) -> Result<Option<T>, Malformed> {
         match self.header()? {
             Header::Simple(simple::NULL) => Ok(None),
             h => {
@@ -230,7 +255,11 @@ impl<'a> Reader<'a> {
     }
 
     /// A portable value.
-    pub(crate) fn value(&mut self, prog: &ProgramInner, depth: usize) -> Result<Dynamic, Malformed> {
+    pub(crate) fn value(
+        &mut self,
+        prog: &ProgramInner,
+        depth: usize,
+    ) -> Result<Dynamic, Malformed> {
         if depth > MAX_DEPTH {
             return self.fail("values nested too deeply");
         }
@@ -241,7 +270,9 @@ impl<'a> Reader<'a> {
             Header::Positive(n) if n <= i64::MAX as u64 => Dynamic::from_int(n as i64),
             Header::Negative(n) if n <= i64::MAX as u64 => Dynamic::from_int(!(n as i64)),
             Header::Float(f) => Dynamic::from_float(f),
-            Header::Text(Some(len)) => Dynamic::from(ImmutableString::from(self.text_payload(len)?)),
+            Header::Text(Some(len)) => {
+                Dynamic::from(ImmutableString::from(self.text_payload(len)?))
+            }
             Header::Bytes(Some(len)) => Dynamic::from_blob(self.payload(len)?),
             Header::Array(Some(n)) => {
                 if n > self.remaining() {
@@ -276,7 +307,9 @@ impl<'a> Reader<'a> {
                 let name = self.text()?;
                 match fn_ptr(prog, &name) {
                     Some(f) => Dynamic::from(f),
-                    None => return self.fail(format!("function pointer to unknown function '{name}'")),
+                    None => {
+                        return self.fail(format!("function pointer to unknown function '{name}'"))
+                    }
                 }
             }
             _ => return self.fail("not a portable value"),

@@ -148,7 +148,9 @@ pub(crate) fn decode_canonical<W: Serialize + DeserializeOwned>(
     })?;
     let used = body.len() - rest.len();
     if !rest.is_empty() {
-        return Err(DecodeError::TrailingBytes { offset: base + used });
+        return Err(DecodeError::TrailingBytes {
+            offset: base + used,
+        });
     }
     let mut again = Vec::with_capacity(used);
     encode(&value, &mut again);
@@ -309,7 +311,10 @@ mod tests {
             strip_magic(b"TERNPKG\x01abc", magic, "x", 5),
             Err(DecodeError::Oversized { len: 11, max: 5 })
         );
-        assert_eq!(strip_magic(b"TERNPKG\x01abc", magic, "x", 100), Ok(&b"abc"[..]));
+        assert_eq!(
+            strip_magic(b"TERNPKG\x01abc", magic, "x", 100),
+            Ok(&b"abc"[..])
+        );
     }
 
     #[test]

@@ -305,8 +305,12 @@ impl HopEnvelope {
     ///
     /// A [`DecodeError`] for anything but a canonical envelope with valid keys.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let body =
-            codec::strip_magic(bytes, ENVELOPE_MAGIC, "tern hop envelope", MAX_ENVELOPE_BYTES)?;
+        let body = codec::strip_magic(
+            bytes,
+            ENVELOPE_MAGIC,
+            "tern hop envelope",
+            MAX_ENVELOPE_BYTES,
+        )?;
         let w: EnvelopeWire = codec::decode_canonical(body, ENVELOPE_MAGIC.len())?;
         Ok(Self {
             fields: HopFields {

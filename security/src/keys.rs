@@ -67,7 +67,7 @@ impl SecretKey {
 
     /// The public half.
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.0.verifying_key())
+        PublicKey(self.0.verifying_key().to_bytes())
     }
 
     /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), as written by `openssl genpkey -algorithm
@@ -111,7 +111,8 @@ impl fmt::Debug for SecretKey {
 
 /// An ed25519 public key: an author or a node.
 ///
-/// Always a valid, non-weak curve point (checked on every way in).
+/// Always a valid, non-weak curve point (checked on every way in). Stored as its 32 bytes, so
+/// it is small to copy, hash and keep in tables; verification decompresses it again.
 ///
 /// **Text form** (`Display`, and what `FromStr` and human-readable serde formats such as TOML
 /// accept): `ed25519:` followed by the 64 lowercase hex digits of the 32 key bytes. `FromStr`
@@ -126,8 +127,8 @@ impl fmt::Debug for SecretKey {
 /// assert_eq!(text.parse::<PublicKey>().unwrap(), key);
 /// assert_eq!(key.peer_id_string().parse::<PublicKey>().unwrap(), key);
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PublicKey(VerifyingKey);
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
     /// The key with these 32 bytes.
@@ -140,18 +141,18 @@ impl PublicKey {
         if key.is_weak() {
             return Err(KeyError::WeakKey);
         }
-        Ok(Self(key))
+        Ok(Self(*bytes))
     }
 
     /// The 32 key bytes.
     pub fn to_bytes(&self) -> [u8; 32] {
-        self.0.to_bytes()
+        self.0
     }
 
     /// SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`), byte-identical to the output of
     /// `openssl pkey -in SECRET.pem -pubout`.
     pub fn to_spki_pem(&self) -> String {
-        match self.0.to_public_key_pem(LineEnding::LF) {
+        match self.verifying_key().to_public_key_pem(LineEnding::LF) {
             Ok(pem) => pem,
             Err(e) => unreachable!("spki encoding of an ed25519 key failed: {e}"),
         }
@@ -164,7 +165,8 @@ impl PublicKey {
     /// [`KeyError::Pem`] if the text is not such a document, [`KeyError::WeakKey`] for a
     /// small-order key.
     pub fn from_spki_pem(pem: &str) -> Result<Self, KeyError> {
-        let key = VerifyingKey::from_public_key_pem(pem).map_err(|e| KeyError::Pem(e.to_string()))?;
+        let key =
+            VerifyingKey::from_public_key_pem(pem).map_err(|e| KeyError::Pem(e.to_string()))?;
         Self::from_bytes(key.as_bytes())
     }
 
@@ -173,7 +175,7 @@ impl PublicKey {
     pub fn peer_id_string(&self) -> String {
         let mut bytes = [0u8; 38];
         bytes[..6].copy_from_slice(&PEER_ID_PREFIX);
-        bytes[6..].copy_from_slice(self.0.as_bytes());
+        bytes[6..].copy_from_slice(&self.0);
         bs58::encode(bytes).into_string()
     }
 
@@ -201,27 +203,23 @@ impl PublicKey {
 
     /// Strict RFC 8032 verification (no malleable signatures, no small-order components).
     pub(crate) fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
-        self.0
+        self.verifying_key()
             .verify_strict(message, &Signature::from_bytes(signature))
             .is_ok()
     }
-}
 
-impl PartialOrd for PublicKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for PublicKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.as_bytes().cmp(other.0.as_bytes())
+    fn verifying_key(&self) -> VerifyingKey {
+        match VerifyingKey::from_bytes(&self.0) {
+            Ok(key) => key,
+            // Every constructor checked that the bytes decompress.
+            Err(e) => unreachable!("a PublicKey holds an invalid point: {e}"),
+        }
     }
 }
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{PUBLIC_KEY_PREFIX}{}", codec::to_hex(self.0.as_bytes()))
+        write!(f, "{PUBLIC_KEY_PREFIX}{}", codec::to_hex(&self.0))
     }
 }
 
@@ -248,7 +246,7 @@ impl Serialize for PublicKey {
         if s.is_human_readable() {
             s.collect_str(self)
         } else {
-            s.serialize_bytes(self.0.as_bytes())
+            s.serialize_bytes(&self.0)
         }
     }
 }
@@ -269,7 +267,8 @@ impl<'de> Deserialize<'de> for PublicKey {
             }
 
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<PublicKey, E> {
-                let bytes = <[u8; 32]>::try_from(v).map_err(|_| E::invalid_length(v.len(), &self))?;
+                let bytes =
+                    <[u8; 32]>::try_from(v).map_err(|_| E::invalid_length(v.len(), &self))?;
                 PublicKey::from_bytes(&bytes).map_err(E::custom)
             }
         }
@@ -301,7 +300,10 @@ mod tests {
         assert_eq!(text.len(), PUBLIC_KEY_PREFIX.len() + 64);
         assert_eq!(text, text.to_lowercase());
         assert_eq!(text.parse::<PublicKey>(), Ok(key));
-        assert_eq!(text.to_uppercase().replace("ED25519:", "ed25519:").parse(), Ok(key));
+        assert_eq!(
+            text.to_uppercase().replace("ED25519:", "ed25519:").parse(),
+            Ok(key)
+        );
     }
 
     #[test]
@@ -328,7 +330,10 @@ mod tests {
         // y = 2 is not the y-coordinate of any curve point.
         let mut not_on_curve = [0u8; 32];
         not_on_curve[0] = 2;
-        assert_eq!(PublicKey::from_bytes(&not_on_curve), Err(KeyError::InvalidPoint));
+        assert_eq!(
+            PublicKey::from_bytes(&not_on_curve),
+            Err(KeyError::InvalidPoint)
+        );
     }
 
     #[test]
@@ -345,6 +350,8 @@ mod tests {
         let sig = key.sign(b"hello");
         assert!(key.public().verify(b"hello", &sig));
         assert!(!key.public().verify(b"hellO", &sig));
-        assert!(!SecretKey::from_seed([4; 32]).public().verify(b"hello", &sig));
+        assert!(!SecretKey::from_seed([4; 32])
+            .public()
+            .verify(b"hello", &sig));
     }
 }

@@ -181,10 +181,13 @@ impl TrustPolicy {
             });
         }
         let mut limits = [None; 6];
-        for (slot, ((limit, requested), (_, allowed))) in limits
-            .iter_mut()
-            .zip(manifest.limits.entries().into_iter().zip(grant.limits.entries()))
-        {
+        for (slot, ((limit, requested), (_, allowed))) in limits.iter_mut().zip(
+            manifest
+                .limits
+                .entries()
+                .into_iter()
+                .zip(grant.limits.entries()),
+        ) {
             *slot = match (requested, allowed) {
                 (Some(requested), Some(allowed)) if requested > allowed => {
                     return Err(PolicyError::LimitExceeded {

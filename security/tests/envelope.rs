@@ -13,7 +13,12 @@ struct Mesh {
 }
 
 fn mesh() -> Mesh {
-    Mesh { a: key(10), b: key(11), c: key(12), package: package().hash() }
+    Mesh {
+        a: key(10),
+        b: key(11),
+        c: key(12),
+        package: package().hash(),
+    }
 }
 
 const STATE: &[u8] = b"continuation bytes";
@@ -114,7 +119,10 @@ fn envelope_relayed_by_another_peer_is_sender_mismatch() {
     let c = m.c.public();
     assert_eq!(
         verify_hop(e, &check(&c, &m.b.public(), &m.package, &ch)),
-        Err(HopError::SenderMismatch { claimed: m.a.public(), peer: c })
+        Err(HopError::SenderMismatch {
+            claimed: m.a.public(),
+            peer: c
+        })
     );
 }
 
@@ -149,7 +157,10 @@ fn same_envelope_again_is_duplicate_and_older_hop_is_replayed() {
         .unwrap()
         .last_hop();
     assert_eq!(
-        verify_hop(e1.clone(), &check(&a, &b, &m.package, &ch).with_last_seen(Some(seen))),
+        verify_hop(
+            e1.clone(),
+            &check(&a, &b, &m.package, &ch).with_last_seen(Some(seen))
+        ),
         Err(HopError::Duplicate { hop: 1 })
     );
     // A different, genuine envelope with the same hop number (e.g. re-signed later).
@@ -157,8 +168,14 @@ fn same_envelope_again_is_duplicate_and_older_hop_is_replayed() {
     fields.time_ms += 1;
     let again = HopEnvelope::sign(fields, &m.a).unwrap();
     assert_eq!(
-        verify_hop(again, &check(&a, &b, &m.package, &ch).with_last_seen(Some(seen))),
-        Err(HopError::Replayed { hop: 1, last_seen: 1 })
+        verify_hop(
+            again,
+            &check(&a, &b, &m.package, &ch).with_last_seen(Some(seen))
+        ),
+        Err(HopError::Replayed {
+            hop: 1,
+            last_seen: 1
+        })
     );
 }
 
@@ -172,14 +189,23 @@ fn skipped_hop_is_out_of_order() {
     fields.hop = 3;
     let skipping = HopEnvelope::sign(fields, &m.b).unwrap();
     assert_eq!(
-        verify_hop(skipping, &check(&b, &c, &m.package, &ch).with_previous(Some(&e1))),
-        Err(HopError::OutOfOrder { hop: 3, expected: 2 })
+        verify_hop(
+            skipping,
+            &check(&b, &c, &m.package, &ch).with_previous(Some(&e1))
+        ),
+        Err(HopError::OutOfOrder {
+            hop: 3,
+            expected: 2
+        })
     );
     // A later hop presented without its previous envelope.
     let e2 = hop(Some(&e1), &m.b, &c, m.package, STATE);
     assert_eq!(
         verify_hop(e2, &check(&b, &c, &m.package, &ch)),
-        Err(HopError::OutOfOrder { hop: 2, expected: FIRST_HOP })
+        Err(HopError::OutOfOrder {
+            hop: 2,
+            expected: FIRST_HOP
+        })
     );
 }
 
@@ -225,8 +251,13 @@ fn forged_previous_is_no_custody() {
     let fake = HopEnvelope::decode(&fake).unwrap();
     let e2 = hop(Some(&fake), &m.b, &c, m.package, STATE);
     assert_eq!(
-        verify_hop(e2, &check(&b, &c, &m.package, &ch).with_previous(Some(&fake))),
-        Err(HopError::NoCustody { reason: "previous envelope signature does not verify" })
+        verify_hop(
+            e2,
+            &check(&b, &c, &m.package, &ch).with_previous(Some(&fake))
+        ),
+        Err(HopError::NoCustody {
+            reason: "previous envelope signature does not verify"
+        })
     );
 }
 
@@ -239,7 +270,10 @@ fn package_and_continuation_must_match_what_arrived() {
     let other = PackageHash([9; 32]);
     assert_eq!(
         verify_hop(e.clone(), &check(&a, &b, &other, &ch)),
-        Err(HopError::PackageMismatch { in_envelope: m.package, offered: other })
+        Err(HopError::PackageMismatch {
+            in_envelope: m.package,
+            offered: other
+        })
     );
     let other_ch = continuation_hash(b"something else");
     assert_eq!(
@@ -259,7 +293,10 @@ fn envelope_from_the_future_is_refused_beyond_the_skew() {
     let late = check(&a, &b, &m.package, &ch).with_clock(T0 - 1_001, 1_000);
     assert_eq!(
         verify_hop(e, &late),
-        Err(HopError::FromTheFuture { time_ms: T0, now_ms: T0 - 1_001 })
+        Err(HopError::FromTheFuture {
+            time_ms: T0,
+            now_ms: T0 - 1_001
+        })
     );
 }
 
@@ -292,7 +329,10 @@ fn truncations_and_oversize_are_decode_errors() {
         assert!(HopEnvelope::decode(&bytes[..len]).is_err());
     }
     let big = vec![0u8; MAX_ENVELOPE_BYTES + 1];
-    assert!(matches!(HopEnvelope::decode(&big), Err(DecodeError::Oversized { .. })));
+    assert!(matches!(
+        HopEnvelope::decode(&big),
+        Err(DecodeError::Oversized { .. })
+    ));
     assert!(matches!(
         HopEnvelope::decode(b"TERNPKG\x01"),
         Err(DecodeError::BadMagic { .. })

@@ -42,9 +42,19 @@ fn spki_pem_round_trips() {
 
 #[test]
 fn garbage_pem_is_an_error() {
-    for bad in ["", "hello", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"] {
-        assert!(matches!(SecretKey::from_pkcs8_pem(bad), Err(KeyError::Pem(_))));
-        assert!(matches!(PublicKey::from_spki_pem(bad), Err(KeyError::Pem(_))));
+    for bad in [
+        "",
+        "hello",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    ] {
+        assert!(matches!(
+            SecretKey::from_pkcs8_pem(bad),
+            Err(KeyError::Pem(_))
+        ));
+        assert!(matches!(
+            PublicKey::from_spki_pem(bad),
+            Err(KeyError::Pem(_))
+        ));
     }
 }
 
@@ -61,8 +71,15 @@ fn openssl_reads_our_private_key_and_derives_our_public_key() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), key.public().to_spki_pem());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        key.public().to_spki_pem()
+    );
 }
 
 #[test]
@@ -79,7 +96,11 @@ fn we_read_an_openssl_generated_key() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
     let key = SecretKey::from_pkcs8_pem(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let out = Command::new(openssl)
         .args(["pkey", "-pubout", "-in"])
@@ -135,7 +156,9 @@ fn serde_uses_text_in_toml_and_bytes_in_cbor() {
     struct Doc {
         key: PublicKey,
     }
-    let doc = Doc { key: SecretKey::from_seed([5; 32]).public() };
+    let doc = Doc {
+        key: SecretKey::from_seed([5; 32]).public(),
+    };
     let text = toml::to_string(&doc).unwrap();
     assert_eq!(text.trim(), format!("key = \"{}\"", doc.key));
     assert_eq!(toml::from_str::<Doc>(&text).unwrap(), doc);
@@ -144,7 +167,10 @@ fn serde_uses_text_in_toml_and_bytes_in_cbor() {
     ciborium::into_writer(&doc.key, &mut cbor).unwrap();
     assert_eq!(cbor.len(), 2 + 32); // byte string head (0x58 0x20) + 32 bytes
     assert_eq!(&cbor[..2], &[0x58, 0x20]);
-    assert_eq!(ciborium::from_reader::<PublicKey, _>(&cbor[..]).unwrap(), doc.key);
+    assert_eq!(
+        ciborium::from_reader::<PublicKey, _>(&cbor[..]).unwrap(),
+        doc.key
+    );
     // 31 bytes is not a key.
     let short = [&[0x58u8, 0x1f][..], &[0u8; 31]].concat();
     assert!(ciborium::from_reader::<PublicKey, _>(&short[..]).is_err());

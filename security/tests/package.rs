@@ -31,7 +31,9 @@ fn hash_text_is_hex_and_parses_back() {
     let hash = package().hash();
     let text = hash.to_string();
     assert_eq!(text.len(), 64);
-    assert!(text.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(text
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     assert_eq!(text.parse::<PackageHash>(), Ok(hash));
     assert!("abc".parse::<PackageHash>().is_err());
 }
@@ -39,12 +41,7 @@ fn hash_text_is_hex_and_parses_back() {
 #[test]
 fn changed_source_fails_verification() {
     let good = package();
-    let forged = Package::sign(
-        manifest(key(1).public()),
-        "evil()".into(),
-        &key(1),
-    )
-    .unwrap();
+    let forged = Package::sign(manifest(key(1).public()), "evil()".into(), &key(1)).unwrap();
     // Splice the good signature onto the forged content through the byte format.
     let mut bytes = forged.to_bytes();
     let sig_at = bytes.len() - 64;
@@ -78,7 +75,10 @@ fn every_flipped_bit_is_caught() {
             b[i] ^= bit;
             if let Ok(p) = Package::from_bytes(&b) {
                 assert!(p.hash() != original);
-                assert!(p.verify().is_err(), "flip of bit {bit:#x} in byte {i} verified");
+                assert!(
+                    p.verify().is_err(),
+                    "flip of bit {bit:#x} in byte {i} verified"
+                );
             }
         }
     }
@@ -88,7 +88,10 @@ fn every_flipped_bit_is_caught() {
 fn every_truncation_is_an_error() {
     let bytes = package().to_bytes();
     for len in 0..bytes.len() {
-        assert!(Package::from_bytes(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
+        assert!(
+            Package::from_bytes(&bytes[..len]).is_err(),
+            "prefix of {len} bytes decoded"
+        );
     }
     assert_eq!(
         Package::from_bytes(&bytes[..100]),
@@ -107,23 +110,32 @@ fn magic_version_size_and_trailing_bytes() {
     other[0] = b'X';
     assert_eq!(
         Package::from_bytes(&other),
-        Err(PackageError::Decode(DecodeError::BadMagic { expected: "tern package" }))
+        Err(PackageError::Decode(DecodeError::BadMagic {
+            expected: "tern package"
+        }))
     );
     let mut v2 = bytes.clone();
     v2[7] = 2;
     assert_eq!(
         Package::from_bytes(&v2),
-        Err(PackageError::Decode(DecodeError::UnsupportedVersion { version: 2 }))
+        Err(PackageError::Decode(DecodeError::UnsupportedVersion {
+            version: 2
+        }))
     );
     assert_eq!(
         Package::from_bytes_with_limit(&bytes, 100),
-        Err(PackageError::Decode(DecodeError::Oversized { len: bytes.len(), max: 100 }))
+        Err(PackageError::Decode(DecodeError::Oversized {
+            len: bytes.len(),
+            max: 100
+        }))
     );
     let mut long = bytes.clone();
     long.push(0);
     assert_eq!(
         Package::from_bytes(&long),
-        Err(PackageError::Decode(DecodeError::TrailingBytes { offset: bytes.len() }))
+        Err(PackageError::Decode(DecodeError::TrailingBytes {
+            offset: bytes.len()
+        }))
     );
 }
 
@@ -176,7 +188,9 @@ fn weak_author_key_is_an_invalid_key_error() {
     weak[pos..pos + 32].copy_from_slice(&identity);
     assert_eq!(
         Package::from_bytes(&weak),
-        Err(PackageError::Decode(DecodeError::InvalidKey { field: "author" }))
+        Err(PackageError::Decode(DecodeError::InvalidKey {
+            field: "author"
+        }))
     );
 }
 

@@ -23,7 +23,9 @@ fn default_trusts_no_author_and_no_peer_but_serves() {
     let policy = TrustPolicy::default();
     assert_eq!(
         policy.admit_package(&verified()),
-        Err(PolicyError::UntrustedAuthor { author: key(1).public() })
+        Err(PolicyError::UntrustedAuthor {
+            author: key(1).public()
+        })
     );
     assert!(!policy.accepts_push_from(&key(2).public()));
     assert!(policy.serve_packages);
@@ -36,18 +38,26 @@ fn any_means_any() {
     let policy = parse("[trust]\nauthors = \"any\"\naccept_from = \"any\"\n").unwrap();
     assert_eq!(policy.authors, AuthorsPolicy::Any);
     let grant = policy.admit_package(&verified()).unwrap();
-    assert_eq!(grant.capabilities, vec!["net".to_string(), "table:read".to_string()]);
+    assert_eq!(
+        grant.capabilities,
+        vec!["net".to_string(), "table:read".to_string()]
+    );
     assert_eq!(grant.limits, manifest(key(1).public()).limits);
     assert!(policy.accepts_push_from(&key(9).public()));
 }
 
 #[test]
 fn other_strings_than_any_are_errors() {
-    let err = parse("[trust]\nauthors = \"all\"\n").unwrap_err().to_string();
+    let err = parse("[trust]\nauthors = \"all\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("any"), "{err}");
     assert!(parse("[trust]\naccept_from = \"everyone\"\n").is_err());
     assert!(parse("[trust]\nauthors = [\"ed25519:zz\"]\n").is_err());
-    assert!(parse("[trust]\nauthours = \"any\"\n").is_err(), "unknown keys are refused");
+    assert!(
+        parse("[trust]\nauthours = \"any\"\n").is_err(),
+        "unknown keys are refused"
+    );
 }
 
 #[test]
@@ -65,7 +75,10 @@ fn a_bare_author_key_gets_no_capabilities() {
     let author = key(1);
     let mut m = manifest(author.public());
     m.capabilities.clear();
-    let p = Package::sign(m, "1".into(), &author).unwrap().verify().unwrap();
+    let p = Package::sign(m, "1".into(), &author)
+        .unwrap()
+        .verify()
+        .unwrap();
     assert!(policy.admit_package(&p).is_ok());
 }
 
@@ -93,10 +106,25 @@ fn a_grant_table_grants_capabilities_and_caps_limits() {
     assert!(!policy.accepts_push_from(&key(5).public()));
     let grant = policy.admit_package(&verified()).unwrap();
     assert_eq!(grant.author, key(1).public());
-    assert_eq!(grant.capabilities, vec!["net".to_string(), "table:read".to_string()]);
-    assert_eq!(grant.limits.max_operations, Some(10_000), "the package asked for less");
-    assert_eq!(grant.limits.max_call_depth, Some(8), "the cap fills an unstated limit");
-    assert_eq!(grant.limits.max_continuation_bytes, Some(1 << 20), "no cap: as asked");
+    assert_eq!(
+        grant.capabilities,
+        vec!["net".to_string(), "table:read".to_string()]
+    );
+    assert_eq!(
+        grant.limits.max_operations,
+        Some(10_000),
+        "the package asked for less"
+    );
+    assert_eq!(
+        grant.limits.max_call_depth,
+        Some(8),
+        "the cap fills an unstated limit"
+    );
+    assert_eq!(
+        grant.limits.max_continuation_bytes,
+        Some(1 << 20),
+        "no cap: as asked"
+    );
 }
 
 #[test]
@@ -122,11 +150,18 @@ fn policy_round_trips_through_toml() {
         authors: AuthorsPolicy::List(vec![AuthorGrant {
             key: key(1).public(),
             capabilities: Capabilities::Any,
-            limits: PackageLimits { max_operations: Some(3), ..PackageLimits::default() },
+            limits: PackageLimits {
+                max_operations: Some(3),
+                ..PackageLimits::default()
+            },
         }]),
         accept_from: PeersPolicy::Any,
         serve_packages: true,
     };
     let text = toml::to_string(&policy).unwrap();
-    assert_eq!(toml::from_str::<TrustPolicy>(&text).unwrap(), policy, "{text}");
+    assert_eq!(
+        toml::from_str::<TrustPolicy>(&text).unwrap(),
+        policy,
+        "{text}"
+    );
 }

@@ -5,7 +5,10 @@
 use std::sync::{Arc, Mutex};
 
 use agent_lang::rhai::{Dynamic, EvalAltResult, ImmutableString};
-use agent_lang::{exit_value, sandboxed_engine, unknown_node_error, Execution, HostEnv, Limits, Outcome, Program, Resume};
+use agent_lang::{
+    exit_value, sandboxed_engine, unknown_node_error, Execution, HostEnv, Limits, Outcome, Program,
+    Resume,
+};
 
 /// The mesh the tests use.
 pub fn mesh() -> Vec<String> {
@@ -32,7 +35,9 @@ pub fn oracle(source: &str, limits: &Limits) -> RunResult {
     engine.on_print(|_| {});
     {
         let here = here.clone();
-        engine.register_fn("here", move || ImmutableString::from(here.lock().unwrap().as_str()));
+        engine.register_fn("here", move || {
+            ImmutableString::from(here.lock().unwrap().as_str())
+        });
     }
     engine.register_fn("home", || ImmutableString::from("node-0"));
     engine.register_fn("id", || ImmutableString::from("agent-test"));
@@ -43,20 +48,26 @@ pub fn oracle(source: &str, limits: &Limits) -> RunResult {
     {
         let nodes = nodes.clone();
         engine.register_fn("nodes", move || {
-            nodes.iter().map(|n| Dynamic::from(ImmutableString::from(n.as_str()))).collect::<agent_lang::rhai::Array>()
+            nodes
+                .iter()
+                .map(|n| Dynamic::from(ImmutableString::from(n.as_str())))
+                .collect::<agent_lang::rhai::Array>()
         });
     }
     {
         let (here, hops, nodes) = (here.clone(), hops.clone(), nodes.clone());
-        engine.register_fn("migrate", move |to: ImmutableString| -> Result<(), Box<EvalAltResult>> {
-            if nodes.iter().any(|n| n == to.as_str()) {
-                *here.lock().unwrap() = to.to_string();
-                *hops.lock().unwrap() += 1;
-                Ok(())
-            } else {
-                Err(unknown_node_error(&to).into())
-            }
-        });
+        engine.register_fn(
+            "migrate",
+            move |to: ImmutableString| -> Result<(), Box<EvalAltResult>> {
+                if nodes.iter().any(|n| n == to.as_str()) {
+                    *here.lock().unwrap() = to.to_string();
+                    *hops.lock().unwrap() += 1;
+                    Ok(())
+                } else {
+                    Err(unknown_node_error(&to).into())
+                }
+            },
+        );
     }
     engine.register_fn("receive", || Dynamic::UNIT);
     engine.register_fn("receive", |_: i64| Dynamic::UNIT);
@@ -118,7 +129,12 @@ pub fn tern(source: &str, limits: &Limits) -> (RunResult, Trace) {
                 input = Resume::Start;
             }
             Outcome::Receive { .. } => input = Resume::Value(Dynamic::UNIT),
-            other => return (RunResult::Error(format!("unexpected outcome {other:?}")), trace),
+            other => {
+                return (
+                    RunResult::Error(format!("unexpected outcome {other:?}")),
+                    trace,
+                )
+            }
         }
     }
 }
@@ -130,9 +146,43 @@ pub fn check(source: &str) -> (RunResult, Trace) {
     let expected = oracle(source, &limits);
     let (got, trace) = tern(source, &limits);
     match (&expected, &got) {
-        (RunResult::Value(a), RunResult::Value(b)) => assert_eq!(a, b, "value differs for:\n{source}"),
-        (RunResult::Error(_), RunResult::Error(_)) => {}
+        (RunResult::Value(a), RunResult::Value(b)) => {
+            assert_eq!(a, b, "value differs for:\n{source}")
+        }
+        (RunResult::Error(a), RunResult::Error(b)) => {
+            // Both failed: at run time they must fail the same way (a compile-time refusal by
+            // tern of a script plain Rhai rejects too is fine whatever the message).
+            if !b.starts_with("compile:") {
+                assert_eq!(
+                    failure_core(a),
+                    failure_core(b),
+                    "both failed, differently, for:\n{source}\noracle: {a}\ntern: {b}"
+                );
+            }
+        }
         _ => panic!("oracle {expected:?} vs tern {got:?} for:\n{source}"),
     }
     (got, trace)
+}
+
+/// The gist of a run-time failure message, comparable between the oracle and tern: its first
+/// line without the position Rhai appends (" (line L, position P)") or tern prefixes
+/// ("line L, column C: ").
+pub fn failure_core(message: &str) -> String {
+    let first = message.lines().next().unwrap_or_default();
+    let mut s = first;
+    if let Some(rest) = s.strip_prefix("line ") {
+        if let Some(i) = rest.find(": ") {
+            if rest[..i]
+                .split(", column ")
+                .all(|p| p.chars().all(|c| c.is_ascii_digit()))
+            {
+                s = &rest[i + 2..];
+            }
+        }
+    }
+    match s.rfind(" (line ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s.to_string(),
+    }
 }

@@ -1,0 +1,235 @@
+//! `tern run` through the real binary: the success contract and every error path.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn write_agent(name: &str, source: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tern-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, source).unwrap();
+    path
+}
+
+fn tern(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn run_source(name: &str, source: &str, extra: &[&str]) -> (i32, String, String) {
+    let path = write_agent(name, source);
+    let mut args = vec!["run"];
+    args.extend_from_slice(extra);
+    let p = path.to_str().unwrap().to_string();
+    args.push(&p);
+    let out = tern(&args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn last_line(s: &str) -> &str {
+    s.lines().last().unwrap_or("")
+}
+
+#[test]
+fn result_is_the_last_line_of_stdout_as_json() {
+    let (code, out, _) = run_source(
+        "ok.rhai",
+        r#"let m = #{a: 1, b: [true, 'c', 2.5, ()]}; migrate("node-2"); m.here = here(); m.blob = blob(2, 7); m"#,
+        &[],
+    );
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(last_line(&out)).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"a": 1, "b": [true, "c", 2.5, null], "here": "node-2", "blob": [7, 7]})
+    );
+}
+
+#[test]
+fn json_mode_prints_only_the_result() {
+    let (code, out, _) = run_source("json.rhai", r#"migrate("node-1"); here()"#, &["--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "\"node-1\"");
+}
+
+#[test]
+fn nodes_option_sets_the_mesh_size() {
+    let (code, out, _) = run_source("nodes.rhai", "nodes()", &["--nodes", "5"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        last_line(&out),
+        r#"["node-0","node-1","node-2","node-3","node-4"]"#
+    );
+}
+
+#[test]
+fn trace_writes_one_line_per_hop() {
+    let (code, _, err) = run_source(
+        "trace.rhai",
+        r#"for n in nodes() { migrate(n); } hops()"#,
+        &["--trace"],
+    );
+    assert_eq!(code, 0);
+    let hops: Vec<_> = err.lines().filter(|l| l.starts_with("hop ")).collect();
+    assert_eq!(hops.len(), 3, "{err}");
+    assert!(
+        hops[1].contains("node-0 -> node-1") && hops[1].contains("bytes") && hops[1].contains("µs"),
+        "{err}"
+    );
+}
+
+#[test]
+fn print_goes_to_stderr_with_node_and_agent() {
+    let (code, out, err) = run_source("print.rhai", r#"migrate("node-1"); print("hello"); 1"#, &[]);
+    assert_eq!(code, 0);
+    assert_eq!(last_line(&out), "1");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("[node-1 ") && l.ends_with("] hello")),
+        "{err}"
+    );
+}
+
+#[test]
+fn syntax_error_names_node_line_and_column() {
+    let (code, _, err) = run_source("syntax.rhai", "let x = 1;\nlet = 2;\n", &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("node-0") && err.contains("line 2, column"),
+        "{err}"
+    );
+}
+
+#[test]
+fn uncaught_throw_names_node_line_and_column() {
+    let (code, _, err) = run_source("throw.rhai", "migrate(\"node-2\");\nthrow \"boom\";\n", &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("node-2") && err.contains("line 2, column 1") && err.contains("boom"),
+        "{err}"
+    );
+}
+
+#[test]
+fn runaway_loop_is_stopped_by_the_operation_limit() {
+    let (code, _, err) = run_source(
+        "loop.rhai",
+        "migrate(\"node-1\");\nlet i = 0;\nloop { i += 1; }\n",
+        &["--max-operations", "100000"],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("node-1") && err.contains("too many operations") && err.contains("line 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn runaway_walked_loop_is_stopped_too() {
+    let (code, _, err) = run_source(
+        "walked.rhai",
+        "let i = 0;\nloop { i += 1; if i < 0 { migrate(\"node-1\"); } }\n",
+        &["--max-operations", "100000"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("too many operations"), "{err}");
+}
+
+#[test]
+fn memory_bomb_is_stopped_by_the_size_limit() {
+    let (code, _, err) = run_source("bomb.rhai", "let s = \"xx\";\nloop { s += s; }\n", &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line 2") && err.to_lowercase().contains("too large"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unresumable_form_is_refused_with_a_hint() {
+    let (code, _, err) = run_source(
+        "unresumable.rhai",
+        "let x = 1 + migrate(\"node-1\");\n",
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line 1, column") && err.contains("variable first"),
+        "{err}"
+    );
+}
+
+#[test]
+fn migrate_to_an_unknown_node_throws_and_the_agent_stays() {
+    let (code, out, _) = run_source(
+        "unknown.rhai",
+        r#"let r = ""; try { migrate("mars"); } catch (e) { r = e; } [here(), r]"#,
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(
+        last_line(&out),
+        r#"["node-0","migrate: no node named 'mars' in the mesh"]"#
+    );
+    let (code, _, err) = run_source("unknown2.rhai", "migrate(\"mars\");\n", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("mars") && err.contains("node-0"), "{err}");
+}
+
+#[test]
+fn non_portable_value_blocks_the_hop_naming_the_variable() {
+    let (code, out, _) = run_source(
+        "portable.rhai",
+        r#"let r = 0..3; let msg = ""; try { migrate("node-1"); } catch (e) { msg = e; } [here(), msg]"#,
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(last_line(&out)).unwrap();
+    assert_eq!(v[0], "node-0");
+    assert!(v[1].as_str().unwrap().contains("variable 'r'"), "{v}");
+}
+
+#[test]
+fn receive_without_timeout_cannot_hang() {
+    let (code, _, err) = run_source("receive.rhai", "receive()\n", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("receive"), "{err}");
+    let (code, out, _) = run_source("receive2.rhai", "let m = receive(10); m", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(last_line(&out), "null");
+}
+
+#[test]
+fn missing_file_is_an_error() {
+    let out = tern(&["run", "/nonexistent/agent.rhai"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn every_example_runs() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "rhai") {
+            let out = tern(&["run", path.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            serde_json::from_str::<serde_json::Value>(last_line(&stdout)).unwrap();
+            count += 1;
+        }
+    }
+    assert!(count >= 2);
+}

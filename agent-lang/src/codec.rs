@@ -3,11 +3,15 @@
 //! Layout (CBOR, definite lengths only):
 //! `["tern-continuation", VERSION, program-hash, state, [frame...]]` where a frame is
 //! `[body, pending-node | null, [[name, const, value]...], [cursor...]]` and a cursor is
-//! `[0, block, next, scope-len, value]` (block), `[1, node, scope-len, loop-state...]` (loop) or
-//! `[2, node, scope-len, caught | null]` (try) or `[3, node]` (a block computing a statement's value). Node, block and body ids index the program's plan,
-//! which is why a continuation is bound to the program hash; every id is checked on decode.
+//! `[0, block, next, scope-len, value]` (block), `[1, node, scope-len, loop-state...]` (loop),
+//! `[2, node, scope-len, caught | null]` (try) or `[3, node]` (a block computing the value of a
+//! `let`, an assignment or a `return`). A loop state is `0` (while), `1, started` (do), or
+//! `2, counter, iterator` (for) with the iterator `0, next, end, inclusive` (integer range),
+//! `1, [item...]` (the items not consumed yet) or `2, from, to, step, dir` (`range(a, b, step)`).
+//! Node, block and body ids index the program's plan, which is why a continuation is bound to the
+//! program hash (and the layout version to the planner); every id is checked on decode.
 
-use rhai::{Dynamic, EvalAltResult, Position, Scope};
+use rhai::{EvalAltResult, Position, Scope};
 
 use crate::compile::{Call, Node, Primitive, Program, ProgramHash, ProgramInner, MAIN_BODY};
 use crate::exec::{Caught, Cursor, Execution, ForIter, Frame, LoopState, RunState};
@@ -19,7 +23,9 @@ use crate::value::{
 /// Magic string that opens every continuation.
 pub const MAGIC: &str = "tern-continuation";
 /// Version of the layout this build writes and reads.
-pub const VERSION: u64 = 1;
+/// Version 2: block-valued statements (`[3, node]` cursors), lazy stepped ranges, and `for`
+/// items without the consumed prefix.
+pub const VERSION: u64 = 2;
 
 /// Why an execution could not be encoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -183,7 +189,11 @@ impl Execution {
                             LoopState::For {
                                 iter: ForIter::Items { .. },
                                 ..
-                            } => 8,
+                            } => 7,
+                            LoopState::For {
+                                iter: ForIter::Step { .. },
+                                ..
+                            } => 10,
                         };
                         put(&mut enc, ciborium_ll::Header::Array(Some(n)));
                         put_uint(&mut enc, 1);
@@ -209,10 +219,22 @@ impl Execution {
                                         put_int(&mut enc, *end);
                                         put_bool(&mut enc, *inclusive);
                                     }
+                                    ForIter::Step {
+                                        from,
+                                        to,
+                                        step,
+                                        dir,
+                                    } => {
+                                        put_uint(&mut enc, 2);
+                                        put_int(&mut enc, *from);
+                                        put_int(&mut enc, *to);
+                                        put_int(&mut enc, *step);
+                                        put_int(&mut enc, (*dir).signum().into());
+                                    }
                                     ForIter::Items { items, pos } => {
                                         put_uint(&mut enc, 1);
-                                        put_uint(&mut enc, *pos as u64);
-                                        // Items already consumed were taken out; only the rest matters.
+                                        // Items already consumed were taken out; only the rest
+                                        // travels (the loop counter says how many went before).
                                         let rest = items.get(*pos..).unwrap_or(&[]);
                                         put(&mut enc, ciborium_ll::Header::Array(Some(rest.len())));
                                         for (i, item) in rest.iter().enumerate() {
@@ -222,7 +244,7 @@ impl Execution {
                                                 &|| {
                                                     format!(
                                                         "item {} of a `for` loop in {}",
-                                                        pos + i,
+                                                        *index + 1 + i as i64,
                                                         place()
                                                     )
                                                 },
@@ -431,7 +453,7 @@ fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeErro
                     value,
                 }
             }
-            (1, 4..=9) => {
+            (1, 4..=10) => {
                 let node = r.u32()?;
                 let scope_len = r.u32()?;
                 let state = match (r.uint()?, plan.nodes.get(node as usize)) {
@@ -446,20 +468,33 @@ fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeErro
                                 inclusive: r.bool()?,
                             },
                             1 => {
-                                let pos = r.uint()? as usize;
+                                // Only the items not yet consumed travel. (The position is not
+                                // sent: materializing the consumed prefix would let a few
+                                // hostile bytes allocate gigabytes.)
                                 let count = r.array()?;
                                 let mut items = rhai::Array::with_capacity(count);
                                 for _ in 0..count {
                                     items.push(r.value(prog, 1)?);
                                 }
-                                // Consumed items are not sent; keep the positions consistent.
-                                let mut all =
-                                    vec![Dynamic::UNIT; pos.min(prog.limits.max_array_size)];
-                                if all.len() != pos {
-                                    return bad(r, "for-loop position out of range");
+                                ForIter::Items { items, pos: 0 }
+                            }
+                            2 => {
+                                let from = r.int()?;
+                                let to = r.int()?;
+                                let step = r.int()?;
+                                let dir = match r.int()? {
+                                    d @ -1..=1 => d as i8,
+                                    _ => return bad(r, "bad range direction"),
+                                };
+                                if step == 0 && dir != 0 {
+                                    return bad(r, "zero range step");
                                 }
-                                all.extend(items);
-                                ForIter::Items { items: all, pos }
+                                ForIter::Step {
+                                    from,
+                                    to,
+                                    step,
+                                    dir,
+                                }
                             }
                             _ => return bad(r, "unknown iterator"),
                         };

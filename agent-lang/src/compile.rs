@@ -95,6 +95,10 @@ pub(crate) enum Node {
         var: ImmutableString,
         counter: Option<ImmutableString>,
         iterable: Snippet,
+        /// When the iterable is Rhai's `range(from, to, step)`: its arguments as one array
+        /// expression, and the call itself. The executor then iterates integer steps lazily
+        /// (like Rhai's `StepRange`) instead of materializing the range.
+        stepped: Option<Box<(Snippet, FnCallExpr)>>,
         body: BlockId,
         pos: Position,
     },
@@ -305,6 +309,8 @@ struct Planner<'a> {
     /// Mobile functions by (name, arity), with the body id they will get.
     mobile: HashMap<(ImmutableString, usize), BodyId>,
     mobile_names: HashSet<ImmutableString>,
+    /// Every script function by (name, arity).
+    script_fns: HashSet<(ImmutableString, usize)>,
     _ast: &'a AST,
 }
 
@@ -336,15 +342,19 @@ impl<'a> Planner<'a> {
                     continue;
                 }
                 let calls = f.body.statements().iter().any(|s| {
-                    !s.walk(&mut Vec::new(), &mut |path: &[ASTNode]| match path.last() {
-                        Some(ASTNode::Expr(Expr::FnCall(fc, _)))
-                        | Some(ASTNode::Stmt(Stmt::FnCall(fc, _))) => {
-                            !(is_primitive(fc)
-                                || (fc.namespace.is_empty()
-                                    && mobile.contains(&(fc.name.clone(), fc.args.len()))))
-                        }
-                        _ => true,
-                    })
+                    !walk(
+                        ASTNode::Stmt(s),
+                        &[],
+                        &mut |path: &[ASTNode]| match path.last() {
+                            Some(ASTNode::Expr(Expr::FnCall(fc, _)))
+                            | Some(ASTNode::Stmt(Stmt::FnCall(fc, _))) => {
+                                !(is_primitive(fc)
+                                    || (fc.namespace.is_empty()
+                                        && mobile.contains(&(fc.name.clone(), fc.args.len()))))
+                            }
+                            _ => true,
+                        },
+                    )
                 });
                 if calls {
                     mobile.insert(key);
@@ -364,6 +374,10 @@ impl<'a> Planner<'a> {
                 .map(|(i, k)| (k.clone(), (i + 1) as BodyId))
                 .collect(),
             mobile_names: keys.iter().map(|k| k.0.clone()).collect(),
+            script_fns: functions
+                .iter()
+                .map(|f| (f.name.clone(), f.params.len()))
+                .collect(),
             _ast: ast,
         };
         let main = planner.plan_block(ast.statements())?;
@@ -428,7 +442,7 @@ impl<'a> Planner<'a> {
     /// The first place in `stmt` that forces it to be walked, if any.
     fn walk_reason(&self, stmt: &Stmt) -> Option<Position> {
         let mut found = None;
-        stmt.walk(&mut Vec::new(), &mut |path: &[ASTNode]| {
+        walk(ASTNode::Stmt(stmt), &[], &mut |path: &[ASTNode]| {
             if self.forces_walk(path) {
                 found = path.last().map(|n| n.position());
                 false
@@ -441,7 +455,7 @@ impl<'a> Planner<'a> {
 
     fn expr_walk_reason(&self, expr: &Expr) -> Option<Position> {
         let mut found = None;
-        expr.walk(&mut Vec::new(), &mut |path: &[ASTNode]| {
+        walk(ASTNode::Expr(expr), &[], &mut |path: &[ASTNode]| {
             if self.forces_walk(path) {
                 found = path.last().map(|n| n.position());
                 false
@@ -553,6 +567,23 @@ impl<'a> Planner<'a> {
     }
 
     fn refuse_nested(&self, stmt: &Stmt) -> CompileError {
+        let mut method = None;
+        walk(ASTNode::Stmt(stmt), &[], &mut |path: &[ASTNode]| {
+            if !self.forces_walk(path) {
+                return true;
+            }
+            if let Some(ASTNode::Expr(Expr::MethodCall(fc, pos))) = path.last() {
+                method = Some((fc.name.to_string(), *pos));
+            }
+            false
+        });
+        if let Some((name, pos)) = method {
+            return unresumable(
+                pos,
+                format!("`{name}` can suspend, so it cannot be called as a method"),
+                format!("call it as a function: `{name}(value, ..)`, as a statement of its own"),
+            );
+        }
         let pos = self.walk_reason(stmt).unwrap_or(stmt.position());
         unresumable(
             pos,
@@ -694,10 +725,27 @@ impl<'a> Planner<'a> {
             },
             Stmt::For(x, _) => {
                 let (var, counter, fc) = &**x;
+                let iterable = self.plain_expr(&fc.expr, "a `for` iterable")?;
+                let stepped = match &fc.expr {
+                    Expr::FnCall(call, pos)
+                        if call.namespace.is_empty()
+                            && call.name == "range"
+                            && call.args.len() == 3
+                            && !self.script_fns.contains(&("range".into(), 3)) =>
+                    {
+                        let args = Expr::Array(call.args.iter().cloned().collect(), *pos);
+                        Some(Box::new((
+                            vec![Stmt::Expr(Box::new(args))].into_boxed_slice(),
+                            (**call).clone(),
+                        )))
+                    }
+                    _ => None,
+                };
                 Node::For {
                     var: var.name.clone(),
                     counter: counter.as_ref().map(|c| c.name.clone()),
-                    iterable: self.plain_expr(&fc.expr, "a `for` iterable")?,
+                    iterable,
+                    stepped,
                     body: self.plan_block(fc.body.statements())?,
                     pos: fc.expr.start_position(),
                 }
@@ -743,4 +791,36 @@ fn is_primitive(fc: &FnCallExpr) -> bool {
         && PRIMITIVES
             .iter()
             .any(|(n, arity)| *n == fc.name.as_str() && *arity == fc.args.len())
+}
+
+/// Walks `node` (below `prefix`) like Rhai's own `walk`, calling `on_node` with the path to each
+/// node, stopping when it returns false (then this returns false too). Rhai's `Stmt::walk` does
+/// not visit the value of `break value;`, so a mobile call there would be missed (and then run
+/// natively, failing at run time); this walks it as well.
+fn walk<'a>(
+    node: ASTNode<'a>,
+    prefix: &[ASTNode<'a>],
+    on_node: &mut dyn FnMut(&[ASTNode]) -> bool,
+) -> bool {
+    let mut path: Vec<ASTNode<'a>> = prefix.to_vec();
+    let mut go_on = true;
+    let mut visit = |p: &[ASTNode]| -> bool {
+        if !on_node(p) {
+            go_on = false;
+            return false;
+        }
+        if let Some(ASTNode::Stmt(Stmt::BreakLoop(Some(value), ..))) = p.last() {
+            if !walk(ASTNode::Expr(value), p, &mut *on_node) {
+                go_on = false;
+                return false;
+            }
+        }
+        true
+    };
+    match node {
+        ASTNode::Stmt(s) => s.walk(&mut path, &mut visit),
+        ASTNode::Expr(e) => e.walk(&mut path, &mut visit),
+        _ => true,
+    };
+    go_on
 }

@@ -110,6 +110,14 @@ pub(crate) enum ForIter {
         end: INT,
         inclusive: bool,
     },
+    /// Rhai's `range(from, to, step)` over integers, iterated exactly as its `StepRange`:
+    /// `dir` > 0 forward, < 0 backward, 0 done.
+    Step {
+        from: INT,
+        to: INT,
+        step: INT,
+        dir: i8,
+    },
     Items {
         items: Array,
         pos: usize,
@@ -427,9 +435,19 @@ impl Execution {
                 });
                 Ok(())
             }
-            Node::For { iterable, pos, .. } => {
-                let value = self.eval(ctx, iterable)?.flatten();
-                let iter = self.make_iter(ctx, value, *pos)?;
+            Node::For {
+                iterable,
+                stepped,
+                pos,
+                ..
+            } => {
+                let iter = match stepped {
+                    Some(x) => self.stepped_iter(ctx, &x.0, &x.1, *pos)?,
+                    None => {
+                        let value = self.eval(ctx, iterable)?.flatten();
+                        self.make_iter(ctx, value, *pos)?
+                    }
+                };
                 let frame = self.top_frame()?;
                 let scope_len = frame.scope.len() as u32;
                 frame.cursors.push(Cursor::Loop {
@@ -688,6 +706,33 @@ impl Execution {
                             None
                         }
                     }
+                    ForIter::Step {
+                        from,
+                        to,
+                        step,
+                        dir,
+                    } => {
+                        if *dir == 0 {
+                            None
+                        } else {
+                            let v = *from;
+                            match from.checked_add(*step) {
+                                // Like `StepRange::next`: an overflowing step ends the range
+                                // without yielding the current value.
+                                None => {
+                                    *dir = 0;
+                                    None
+                                }
+                                Some(n) => {
+                                    *from = n;
+                                    if (*dir > 0 && n >= *to) || (*dir < 0 && n <= *to) {
+                                        *dir = 0;
+                                    }
+                                    Some(Dynamic::from_int(v))
+                                }
+                            }
+                        }
+                    }
                     ForIter::Items { items, pos } => {
                         let v = items.get_mut(*pos).map(std::mem::take);
                         *pos += 1;
@@ -719,6 +764,46 @@ impl Execution {
                 self.deliver(ctx, Dynamic::UNIT)
             }
         }
+    }
+
+    /// The iterator of `for x in range(from, to, step)`: lazy over integers, as Rhai's
+    /// `StepRange::new` builds it; anything else (floats, a zero step and its error) goes
+    /// through Rhai's own `range` with the arguments already evaluated (once).
+    fn stepped_iter(
+        &mut self,
+        ctx: &mut Ctx,
+        args: &[Stmt],
+        call: &rhai::FnCallExpr,
+        pos: Position,
+    ) -> Result<ForIter, StepErr> {
+        let args = self
+            .eval(ctx, args)?
+            .into_array()
+            .map_err(|t| internal(&format!("range arguments evaluated to {t}")))?;
+        let ints: Vec<INT> = args.iter().filter_map(|a| a.as_int().ok()).collect();
+        if let [from, to, step] = ints[..] {
+            if step != 0 {
+                let dir = match from.checked_add(step) {
+                    Some(n) if from < to && n > from => 1,
+                    Some(n) if from > to && n < from => -1,
+                    _ => 0,
+                };
+                return Ok(ForIter::Step {
+                    from,
+                    to,
+                    step,
+                    dir,
+                });
+            }
+        }
+        let mut call = call.clone();
+        call.args = args
+            .into_iter()
+            .map(|a| Expr::DynamicConstant(Box::new(a), pos))
+            .collect();
+        let stmt = Stmt::Expr(Box::new(Expr::FnCall(Box::new(call), pos)));
+        let value = self.eval(ctx, std::slice::from_ref(&stmt))?.flatten();
+        self.make_iter(ctx, value, pos)
     }
 
     fn make_iter(

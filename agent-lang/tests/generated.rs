@@ -488,7 +488,10 @@ fn generated_agents_agree_with_oracle() {
             .ok()
             .and_then(|c| c.parse().ok())
             .unwrap_or(1000);
-        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::with_cases(cases)
+        });
         let outcomes = std::cell::RefCell::new((0usize, 0usize, 0usize));
         runner
             .run(&agent(), |a| {

@@ -2,13 +2,21 @@
 //! command line.
 //!
 //! - [`package_files`] reads and writes key and package files for the CLI.
-//! - [`mesh`] is the embedded mesh `tern run` uses: N named nodes inside one process, each on
-//!   its own thread with its own compiled copy of the program. Nothing is shared between nodes
-//!   but bytes: every hop encodes the agent's continuation at the source and decodes it into a
-//!   fresh executor at the destination.
+//! - [`node`] is a tern node on libp2p (TCP + noise + yamux; identify, ping, Kademlia, optional
+//!   mDNS): the exactly-once hop protocol, anonymous package pull, the control protocol, and the
+//!   agents it runs on tokio's blocking pool. [`wire`] holds the protocols' names, messages and
+//!   framing; [`client`] is the CLI's side of the control protocol; [`config`] reads
+//!   `tern node`'s TOML file.
+//! - [`loopback`] is the mesh `tern run` uses: N real nodes on 127.0.0.1 inside one process.
+//!   Nothing is shared between nodes but bytes: every hop encodes the agent's continuation at the
+//!   source and decodes it into a fresh executor at the destination.
+//! - [`store`] is the node's crash-safe embedded database (redb): agents, packages, hops seen,
+//!   forwarding pointers, locations, message queues and results.
 //!
-//! The networked node (libp2p transport, durable store, exactly-once hops) builds on the same
-//! [`mesh::NodeEvent`] vocabulary and replaces the in-process channels.
-
-pub mod mesh;
+pub mod client;
+pub mod config;
+pub mod loopback;
+pub mod node;
 pub mod package_files;
+pub mod store;
+pub mod wire;

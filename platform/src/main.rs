@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use platform::mesh::{Mesh, MeshOptions, NodeEvent};
 use platform::package_files;
 
 /// tern: mobile agents in Rhai that travel with their whole execution state.
@@ -29,6 +28,41 @@ enum Command {
     Pack(PackArgs),
     /// Show a package's manifest, author and hash, and whether its signature verifies.
     Inspect(InspectArgs),
+    /// Run one node as a long-lived daemon.
+    Node(NodeArgs),
+    /// Hand a package to a node and wait for the agent's result.
+    Launch(LaunchArgs),
+    /// Show a node's peers, agents and forwarding pointers.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    /// The node's configuration file (TOML).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct LaunchArgs {
+    /// The signed package.
+    package: PathBuf,
+    /// The node's address, ending in /p2p/<peer id>.
+    #[arg(long)]
+    node: libp2p::Multiaddr,
+    /// Do not wait: print the agent id and return.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    /// The node's address, ending in /p2p/<peer id>.
+    #[arg(long)]
+    node: libp2p::Multiaddr,
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -150,86 +184,121 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keygen(args) => keygen(args),
         Command::Pack(args) => pack(args),
         Command::Inspect(args) => inspect(args),
+        Command::Node(args) => runtime()?.block_on(node(args)),
+        Command::Launch(args) => runtime()?.block_on(launch(args)),
+        Command::Status(args) => runtime()?.block_on(status(args)),
     }
 }
 
 fn run_agent(args: RunArgs) -> Result<()> {
     let mut limits = agent_lang::Limits::default().with_max_operations(args.max_operations);
-    let source = if args.file.extension().is_some_and(|e| e == "tern") {
+    let (package, trust) = if args.file.extension().is_some_and(|e| e == "tern") {
         let package = package_files::read_package(&args.file)?;
-        package_files::admit(&trust_policy(&args)?, &package)?;
+        let trust = trust_policy(&args)?;
+        package_files::admit(&trust, &package)?;
         limits = package_files::limits_for(&package, limits);
-        package.source().to_string()
+        (package, trust)
     } else {
-        std::fs::read_to_string(&args.file)
-            .with_context(|| format!("cannot read {}", args.file.display()))?
+        let source = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?;
+        // Refuse a script that does not compile before starting any node.
+        if let Err(e) = agent_lang::Program::compile(&source, &limits) {
+            report_failure(
+                &args,
+                "node-0",
+                &args.file.display().to_string(),
+                &e.to_string(),
+                Some(e.position()),
+            );
+            return Err(AgentFailed.into());
+        }
+        // A plain script is signed with a throwaway key that only this run's nodes trust.
+        let key = security::SecretKey::generate();
+        let name = args
+            .file
+            .file_stem()
+            .map_or_else(|| "agent".into(), |s| s.to_string_lossy().into_owned());
+        let spec = package_files::PackSpec {
+            name,
+            version: "0.0.0".into(),
+            resources: Vec::new(),
+            capabilities: Vec::new(),
+            limits: security::PackageLimits::default(),
+        };
+        let package = package_files::pack(source, spec, &key, now_ms())?.verify()?;
+        let trust: security::TrustPolicy =
+            toml::from_str(&format!("authors = [\"{}\"]", key.public()))?;
+        (package, trust)
     };
-    // Refuse a script that does not compile before starting any node.
-    if let Err(e) = agent_lang::Program::compile(&source, &limits) {
-        report_failure(
-            &args,
-            "node-0",
-            &args.file.display().to_string(),
-            &e.to_string(),
-            Some(e.position()),
-        );
-        return Err(AgentFailed.into());
-    }
-    let (mesh, events) = Mesh::start(&MeshOptions {
-        nodes: args.nodes as usize,
+    // Every node of the one-process mesh accepts pushes from the others.
+    let trust = security::TrustPolicy {
+        accept_from: security::PeersPolicy::Any,
+        ..trust
+    };
+    runtime()?.block_on(run_on_loopback(&args, package, trust, limits))
+}
+
+async fn run_on_loopback(
+    args: &RunArgs,
+    package: security::VerifiedPackage,
+    trust: security::TrustPolicy,
+    limits: agent_lang::Limits,
+) -> Result<()> {
+    let (hop_tx, mut hop_rx) = tokio::sync::mpsc::unbounded_channel::<platform::node::HopRecord>();
+    let mesh = platform::loopback::LoopbackMesh::start(
+        args.nodes as usize,
+        trust,
         limits,
-    })
-    .context("cannot start the embedded mesh")?;
-    let agent_id = agent_id(&source);
+        args.trace.then_some(hop_tx),
+    )
+    .await
+    .context("cannot start the mesh")?;
+    let (json, trace) = (args.json, args.trace);
+    let printer = tokio::spawn(async move {
+        while let Some(h) = hop_rx.recv().await {
+            if !trace {
+                continue;
+            }
+            if json {
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"hop": h.hop, "from": h.from, "to": h.to, "bytes": h.bytes, "micros": h.micros})
+                );
+            } else {
+                eprintln!(
+                    "hop {}: {} -> {}  {} bytes  {} µs",
+                    h.hop, h.from, h.to, h.bytes, h.micros
+                );
+            }
+        }
+    });
     let started = Instant::now();
-    mesh.launch(&agent_id, &source);
-    let stdout = std::io::stdout();
-    loop {
-        let event = events
-            .recv_timeout(Duration::from_secs(3600))
-            .context("the mesh stopped answering")?;
-        match event {
-            NodeEvent::Print { node, text } => eprintln!("[{node} {agent_id}] {text}"),
-            NodeEvent::Hop(h) if args.trace => {
-                if args.json {
-                    eprintln!(
-                        "{}",
-                        serde_json::json!({"hop": h.hop, "from": h.from, "to": h.to, "bytes": h.bytes, "micros": h.micros})
-                    );
-                } else {
-                    eprintln!(
-                        "hop {}: {} -> {}  {} bytes  {} µs",
-                        h.hop, h.from, h.to, h.bytes, h.micros
-                    );
-                }
+    let (agent, end) = mesh.run(package).await?;
+    drop(mesh);
+    let _ = tokio::time::timeout(Duration::from_millis(200), printer).await;
+    match end {
+        platform::wire::AgentEnd::Finished { json, node, hops } => {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            if !args.json {
+                writeln!(
+                    out,
+                    "agent {agent} finished on {node} after {hops} hops in {:.1?}",
+                    started.elapsed()
+                )?;
             }
-            NodeEvent::Hop(_) => {}
-            NodeEvent::Finished { node, value, hops } => {
-                let mut out = stdout.lock();
-                if !args.json {
-                    writeln!(
-                        out,
-                        "agent {agent_id} finished on {node} after {hops} hops in {:.1?}",
-                        started.elapsed()
-                    )?;
-                }
-                writeln!(out, "{}", agent_lang::to_json(&value))?;
-                out.flush()?;
-                return Ok(());
-            }
-            NodeEvent::Failed { node, error } => {
-                let position = match &error {
-                    platform::mesh::AgentFailure::Agent(e) => e.position,
-                    platform::mesh::AgentFailure::Compile(e) => Some(e.position()),
-                    _ => None,
-                };
-                let message = match &error {
-                    platform::mesh::AgentFailure::Agent(e) => e.message.clone(),
-                    other => other.to_string(),
-                };
-                report_failure(&args, &node, &agent_id, &message, position);
-                return Err(AgentFailed.into());
-            }
+            writeln!(out, "{json}")?;
+            out.flush()?;
+            Ok(())
+        }
+        platform::wire::AgentEnd::Failed {
+            error,
+            node,
+            position,
+        } => {
+            let position = position.map(|(l, c)| (l as usize, c as usize));
+            report_failure(args, &node, &agent, &error, position);
+            Err(AgentFailed.into())
         }
     }
 }
@@ -255,18 +324,6 @@ fn report_failure(
             None => eprintln!("error: {what} failed on {node}: {message}"),
         }
     }
-}
-
-/// A fresh agent id: the source hash mixed with the clock and the process id.
-fn agent_id(source: &str) -> String {
-    let mut h = blake3::Hasher::new();
-    h.update(source.as_bytes());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    h.update(&now.as_nanos().to_le_bytes());
-    h.update(&std::process::id().to_le_bytes());
-    h.finalize().to_hex()[..12].to_string()
 }
 
 /// The trust policy of an embedded run, from `--trust-author` / `--trust-any-author`.
@@ -402,6 +459,135 @@ fn inspect(args: InspectArgs) -> Result<()> {
             }
         }
         println!("source:       {} bytes", package.source().len());
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Agent slices run on the blocking pool: room for Rhai's native recursion.
+        .thread_stack_size(64 << 20)
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn node(args: NodeArgs) -> Result<()> {
+    let config = platform::config::load(&args.config)?;
+    let handle = platform::node::Node::start(config).await?;
+    for addr in handle.listen_addrs() {
+        println!("listening on {addr}");
+    }
+    std::io::stdout().flush()?;
+    shutdown_signal().await;
+    handle.shutdown();
+    eprintln!("{}: stopped; agents are kept in the store", handle.name());
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn launch(args: LaunchArgs) -> Result<()> {
+    let bytes = std::fs::read(&args.package)
+        .with_context(|| format!("cannot read {}", args.package.display()))?;
+    security::Package::from_bytes(&bytes)
+        .and_then(security::Package::verify)
+        .with_context(|| format!("{} is not a valid signed package", args.package.display()))?;
+    let client = platform::client::Client::connect(&args.node)?;
+    let (agent, end) = client.launch(bytes, !args.detach).await?;
+    if args.detach {
+        println!("{agent}");
+        return Ok(());
+    }
+    match end {
+        Some(platform::wire::ControlReply::Ended(platform::wire::AgentEnd::Finished {
+            json,
+            ..
+        })) => {
+            println!("{json}");
+            Ok(())
+        }
+        Some(platform::wire::ControlReply::Ended(platform::wire::AgentEnd::Failed {
+            error,
+            node,
+            position,
+        })) => {
+            match position {
+                Some((l, c)) => eprintln!(
+                    "error: agent {agent} failed on {node} at line {l}, column {c}: {error}"
+                ),
+                None => eprintln!("error: agent {agent} failed on {node}: {error}"),
+            }
+            Err(AgentFailed.into())
+        }
+        other => anyhow::bail!("unexpected reply from the node: {other:?}"),
+    }
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let client = platform::client::Client::connect(&args.node)?;
+    let report = match client
+        .request(&platform::wire::ControlRequest::Status)
+        .await?
+    {
+        platform::wire::ControlReply::Status(r) => r,
+        other => anyhow::bail!("unexpected reply from the node: {other:?}"),
+    };
+    if args.json {
+        let agents: Vec<_> = report
+            .agents
+            .iter()
+            .map(|a| serde_json::json!({"id": a.id, "package": a.package, "state": a.state, "hops": a.hops}))
+            .collect();
+        let peers: Vec<_> = report
+            .peers
+            .iter()
+            .map(|(n, p)| serde_json::json!({"name": n, "peer_id": p}))
+            .collect();
+        let forwards: Vec<_> = report
+            .forwards
+            .iter()
+            .map(|(a, n)| serde_json::json!({"agent": a, "to": n}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"name": report.name, "peer_id": report.peer_id, "peers": peers, "agents": agents, "forwards": forwards})
+        );
+    } else {
+        println!("node {} ({})", report.name, report.peer_id);
+        println!("peers: {}", report.peers.len());
+        for (n, p) in &report.peers {
+            println!("  {n}  {p}");
+        }
+        println!("agents: {}", report.agents.len());
+        for a in &report.agents {
+            println!(
+                "  {}  {}  hops {}  package {}",
+                a.id,
+                a.state,
+                a.hops,
+                &a.package[..16.min(a.package.len())]
+            );
+        }
+        println!("forwarding pointers: {}", report.forwards.len());
+        for (a, n) in &report.forwards {
+            println!("  {a} -> {n}");
+        }
     }
     Ok(())
 }

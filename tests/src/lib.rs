@@ -1,54 +1,33 @@
-//! Shared support for end-to-end tests: start a mesh, launch an agent, wait for its end.
+//! Shared support for end-to-end tests: sign a script for a test mesh, and the runtime nodes
+//! need.
 
-use std::time::Duration;
+use security::{PeersPolicy, SecretKey, TrustPolicy, VerifiedPackage};
 
-use agent_lang::Limits;
-use platform::mesh::{Mesh, MeshOptions, NodeEvent};
-
-/// How an end-to-end run ended, with the hops it made.
-#[derive(Debug)]
-pub enum Ending {
-    /// Finished on `node` with a JSON value.
-    Finished {
-        node: String,
-        json: String,
-        hops: u64,
-        hop_records: usize,
-    },
-    /// Failed on `node`.
-    Failed { node: String, error: String },
+/// Signs `source` with a fresh author key; returns the package and a trust policy that trusts
+/// that author and accepts pushes from any peer.
+pub fn package(source: &str) -> (VerifiedPackage, TrustPolicy) {
+    let key = SecretKey::generate();
+    let spec = platform::package_files::PackSpec {
+        name: "test".into(),
+        version: "0".into(),
+        resources: vec![],
+        capabilities: vec![],
+        limits: Default::default(),
+    };
+    let package = platform::package_files::pack(source.to_string(), spec, &key, 0)
+        .and_then(|p| Ok(p.verify()?))
+        .unwrap_or_else(|e| panic!("test agent does not pack: {e:#}"));
+    let mut trust: TrustPolicy =
+        toml::from_str(&format!("authors = [\"{}\"]", key.public())).unwrap_or_default();
+    trust.accept_from = PeersPolicy::Any;
+    (package, trust)
 }
 
-/// Starts an embedded mesh of `nodes` nodes, runs `source` from node-0 and stops the mesh.
-pub fn run_on_mesh(nodes: usize, source: &str) -> Ending {
-    let (mesh, events) = Mesh::start(&MeshOptions {
-        nodes,
-        limits: Limits::default(),
-    })
-    .expect("mesh starts");
-    mesh.launch("e2e-agent", source);
-    let mut hop_records = 0;
-    loop {
-        match events
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the agent ends within two minutes")
-        {
-            NodeEvent::Hop(_) => hop_records += 1,
-            NodeEvent::Print { .. } => {}
-            NodeEvent::Finished { node, value, hops } => {
-                return Ending::Finished {
-                    node,
-                    json: agent_lang::to_json(&value).to_string(),
-                    hops,
-                    hop_records,
-                }
-            }
-            NodeEvent::Failed { node, error } => {
-                return Ending::Failed {
-                    node,
-                    error: error.to_string(),
-                }
-            }
-        }
-    }
+/// A runtime like `tern`'s: multi-threaded, with room for Rhai's recursion on blocking threads.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(64 << 20)
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"))
 }

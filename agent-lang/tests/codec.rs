@@ -1,0 +1,353 @@
+//! The continuation codec against hostile input: every decoder result is a value or an error,
+//! never a panic; a decoded (even corrupted) continuation resumes to an outcome.
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use agent_lang::{DecodeError, EncodeError, Execution, HostEnv, Limits, Outcome, Program, Resume};
+use proptest::prelude::*;
+
+/// An agent whose suspended state has everything: nested walked frames, a `try`, loops over a
+/// range, a stepped range and an array, a block computing a `let`, maps, blobs, chars, floats.
+const RICH: &str = r#"
+fn visit(depth, m) {
+    let acc = [];
+    for (x, i) in ["a", "b", "c"] {
+        try {
+            let v = if depth > 0 { migrate(nodes()[i % 3]); depth * 10 } else { -1 };
+            acc.push([x, v, 'z', 1.5, blob(2, 7)]);
+        } catch (e) { acc.push(e); }
+    }
+    if depth > 0 { let r = visit(depth - 1, m); acc.push(r); }
+    m.n += 1;
+    [acc, m]
+}
+let total = 0;
+for k in range(0, 9, 4) {
+    for j in 0..2 { total += j; }
+    let got = visit(2, #{ n: k, s: "str" });
+    total += got.len();
+}
+total
+"#;
+
+fn env(here: &str) -> HostEnv {
+    HostEnv {
+        here: here.into(),
+        home: "node-0".into(),
+        nodes: support::mesh(),
+        agent_id: "agent-codec".into(),
+        hops: 0,
+        printer: Arc::new(|_| {}),
+    }
+}
+
+/// Runs `program` until its `n`-th hop and returns the suspended execution there.
+fn suspended_at(program: &Program, n: usize) -> Execution {
+    let mut exec = Execution::new(program);
+    let mut input = Resume::Start;
+    let mut hops = 0;
+    loop {
+        match exec.resume(&env("node-0"), input) {
+            Outcome::Migrate { .. } => {
+                hops += 1;
+                if hops == n {
+                    return exec;
+                }
+                input = Resume::Start;
+            }
+            other => panic!("agent stopped before hop {n}: {other:?}"),
+        }
+    }
+}
+
+/// Resumes `exec` until it stops for good (hops go nowhere), at most `slices` times; returns
+/// how it ended. Never panics: every path returns an outcome.
+fn drive(mut exec: Execution, slices: usize) -> &'static str {
+    let mut input = Resume::Start;
+    for _ in 0..slices {
+        match exec.resume(&env("node-1"), input) {
+            Outcome::Finished(_) => return "finished",
+            Outcome::Failed(_) => return "failed",
+            Outcome::Migrate { .. } => {
+                // Also check the state after a corrupted resume still encodes or refuses cleanly.
+                let _ = exec.encode();
+                input = Resume::Start;
+            }
+            Outcome::Receive { .. } => input = Resume::Value(().into()),
+            _ => return "other",
+        }
+    }
+    "still running"
+}
+
+fn rich() -> (Program, Vec<u8>) {
+    let limits = Limits::default().with_max_operations(200_000);
+    let program = Program::compile(RICH, &limits).unwrap();
+    let exec = suspended_at(&program, 5);
+    let bytes = exec.encode().unwrap();
+    (program, bytes)
+}
+
+#[test]
+fn round_trip_is_stable_and_resumes_like_the_original() {
+    let (program, bytes) = rich();
+    let decoded = Execution::decode(&program, &bytes).unwrap();
+    assert_eq!(
+        decoded.encode().unwrap(),
+        bytes,
+        "decode then encode must give the same bytes"
+    );
+    assert!(
+        decoded.depth() > 2,
+        "the rich agent should be suspended in nested frames"
+    );
+    let mut a = Execution::decode(&program, &bytes).unwrap();
+    let mut b = suspended_at(&program, 5);
+    let mut input = Resume::Start;
+    loop {
+        match (
+            a.resume(&env("node-1"), input.clone()),
+            b.resume(&env("node-1"), input),
+        ) {
+            (Outcome::Migrate { to: x }, Outcome::Migrate { to: y }) => {
+                assert_eq!(x, y);
+                assert_eq!(a.encode().unwrap(), b.encode().unwrap());
+                input = Resume::Start;
+            }
+            (Outcome::Finished(x), Outcome::Finished(y)) => {
+                assert_eq!(x.to_string(), y.to_string());
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn truncated_at_every_length_is_an_error() {
+    let (program, bytes) = rich();
+    for len in 0..bytes.len() {
+        assert!(
+            Execution::decode(&program, &bytes[..len]).is_err(),
+            "a prefix of {len} bytes decoded"
+        );
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(matches!(
+        Execution::decode(&program, &longer),
+        Err(DecodeError::Malformed { .. })
+    ));
+}
+
+static CAUGHT_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+#[test]
+fn every_single_bit_flip_decodes_or_errs_and_resumes_without_panic() {
+    // `Execution::resume` turns a panic inside Rhai into `Outcome::Failed` (kind Internal);
+    // count those (silently, for this test's thread only) to report them.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current()
+            .name()
+            .is_some_and(|n| n.contains("bit_flip"))
+        {
+            CAUGHT_PANICS.fetch_add(1, Ordering::SeqCst);
+        } else {
+            previous(info);
+        }
+    }));
+    let (program, bytes) = rich();
+    let (mut decoded, mut refused) = (0, 0);
+    let mut endings = std::collections::BTreeMap::new();
+    for i in 0..bytes.len() * 8 {
+        let mut flipped = bytes.clone();
+        flipped[i / 8] ^= 1 << (i % 8);
+        // Decoding never panics (this would unwind through the test).
+        match Execution::decode(&program, &flipped) {
+            Ok(exec) => {
+                decoded += 1;
+                // Neither does resuming: every slice returns an outcome.
+                *endings.entry(drive(exec, 20)).or_insert(0) += 1;
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    let caught = CAUGHT_PANICS.load(Ordering::SeqCst);
+    eprintln!(
+        "{} bit flips: {refused} refused, {decoded} decoded and resumed: {endings:?}; \
+         {caught} panics inside Rhai caught by resume and reported as internal failures",
+        bytes.len() * 8
+    );
+    assert!(refused > 0 && decoded > 0);
+}
+
+#[test]
+fn wrong_program_is_refused() {
+    let (_, bytes) = rich();
+    let other =
+        Program::compile(&format!("{RICH}\n// another program"), &Limits::default()).unwrap();
+    assert!(matches!(
+        Execution::decode(&other, &bytes),
+        Err(DecodeError::WrongProgram { .. })
+    ));
+}
+
+#[test]
+fn wrong_version_is_refused() {
+    let (program, bytes) = rich();
+    // [array(5), text(17) "tern-continuation", VERSION, ..]: the version is byte 19.
+    assert_eq!(bytes[19] as u64, agent_lang::CONTINUATION_VERSION);
+    let mut old = bytes.clone();
+    old[19] = 1;
+    assert_eq!(
+        Execution::decode(&program, &old).unwrap_err(),
+        DecodeError::Version(1)
+    );
+    let mut future = bytes;
+    future[19] = 0x17;
+    assert_eq!(
+        Execution::decode(&program, &future).unwrap_err(),
+        DecodeError::Version(0x17)
+    );
+}
+
+#[test]
+fn bad_magic_is_refused() {
+    let (program, mut bytes) = rich();
+    bytes[3] = b'X';
+    assert_eq!(
+        Execution::decode(&program, &bytes).unwrap_err(),
+        DecodeError::BadMagic
+    );
+    assert_eq!(
+        Execution::decode(&program, b"").unwrap_err(),
+        DecodeError::BadMagic
+    );
+}
+
+#[test]
+fn oversized_continuations_are_refused_both_ways() {
+    let src =
+        "let big = []; for i in 0..500 { big.push(`item ${i}`); } migrate(\"node-1\"); big.len()";
+    let program =
+        Program::compile(src, &Limits::default().with_max_continuation_bytes(1000)).unwrap();
+    let exec = suspended_at(&program, 1);
+    match exec.encode() {
+        Err(EncodeError::TooLarge { size, limit }) => assert!(size > limit && limit == 1000),
+        other => panic!("{other:?}"),
+    }
+    // Bytes from a generous node are refused by a strict one before anything is parsed.
+    let generous = Program::compile(src, &Limits::default()).unwrap();
+    let bytes = suspended_at(&generous, 1).encode().unwrap();
+    assert!(bytes.len() > 1000);
+    assert!(matches!(
+        Execution::decode(&program, &bytes),
+        Err(DecodeError::TooLarge { limit: 1000, .. })
+    ));
+    // Garbage over the limit is refused the same way.
+    assert!(matches!(
+        Execution::decode(&program, &vec![0xff; 5000]),
+        Err(DecodeError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn capturing_closure_blocks_the_hop_naming_the_variable() {
+    let program = Program::compile(
+        "let y = 5; let add_y = |x| x + y; migrate(\"node-1\"); add_y.call(1)",
+        &Limits::default(),
+    )
+    .unwrap();
+    let err = suspended_at(&program, 1).encode().unwrap_err();
+    assert!(err.to_string().contains("variable 'add_y'"), "{err}");
+}
+
+#[test]
+fn range_value_blocks_the_hop_naming_the_variable() {
+    let program =
+        Program::compile("let r = 0..3; migrate(\"node-1\"); r", &Limits::default()).unwrap();
+    let err = suspended_at(&program, 1).encode().unwrap_err();
+    assert!(err.to_string().contains("variable 'r'"), "{err}");
+    // Nested inside a map inside a function frame: the path is named too.
+    let program = Program::compile(
+        "fn f() { let m = #{ inner: [1, 0..3] }; migrate(\"node-1\"); m } f()",
+        &Limits::default(),
+    )
+    .unwrap();
+    let err = suspended_at(&program, 1).encode().unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("variable 'm'") && msg.contains("function 'f'") && msg.contains("inner[1]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn function_pointers_without_captures_travel() {
+    let program = Program::compile(
+        "fn twice(x) { x * 2 } let f = Fn(\"twice\"); let g = |x| x + 1; migrate(\"node-1\"); f.call(g.call(20))",
+        &Limits::default(),
+    )
+    .unwrap();
+    let bytes = suspended_at(&program, 1).encode().unwrap();
+    let mut exec = Execution::decode(&program, &bytes).unwrap();
+    match exec.resume(&env("node-1"), Resume::Start) {
+        Outcome::Finished(v) => assert_eq!(v.as_int().unwrap(), 42),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn for_loop_items_travel_without_the_consumed_prefix() {
+    // Regression: the decoder used to rebuild the consumed prefix of a `for` array from a
+    // position in the input, so a few hostile bytes could allocate gigabytes.
+    let src = "let a = []; for i in 0..200 { a.push(`${i}-padding-padding`); } let n = 0; for s in a { migrate(\"node-1\"); n += 1; } n";
+    let program = Program::compile(src, &Limits::default()).unwrap();
+    let early = suspended_at(&program, 2).encode().unwrap();
+    let late = suspended_at(&program, 190).encode().unwrap();
+    assert!(
+        late.len() + 2000 < early.len(),
+        "early {} bytes, late {} bytes",
+        early.len(),
+        late.len()
+    );
+    let mut exec = Execution::decode(&program, &late).unwrap();
+    let mut hops = 190;
+    loop {
+        match exec.resume(&env("node-1"), Resume::Start) {
+            Outcome::Migrate { .. } => hops += 1,
+            Outcome::Finished(v) => {
+                assert_eq!(v.as_int().unwrap(), 200);
+                assert_eq!(hops, 200);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let program = Program::compile(RICH, &Limits::default()).unwrap();
+        let _ = Execution::decode(&program, &bytes);
+    }
+
+    #[test]
+    fn random_tails_after_a_valid_header_never_panic(tail in prop::collection::vec(any::<u8>(), 0..256), cut in 0usize..200) {
+        // Keep the real magic, version and program hash so decoding reaches the frames.
+        let (program, bytes) = rich();
+        let header = 1 + 18 + 1 + 2 + 32;
+        let mut input = bytes[..header].to_vec();
+        input.extend_from_slice(&bytes[header..(header + cut).min(bytes.len())]);
+        input.extend_from_slice(&tail);
+        if let Ok(exec) = Execution::decode(&program, &input) {
+            let _ = drive(exec, 5);
+        }
+    }
+}

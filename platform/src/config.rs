@@ -1,0 +1,153 @@
+//! The `tern node` configuration file (TOML), validated into a [`NodeConfig`].
+//!
+//! ```toml
+//! name = "alpha"
+//! listen = ["/ip4/127.0.0.1/tcp/0"]
+//! bootstrap = ["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW..."]
+//! key = "alpha.pem"          # created if missing
+//! data_dir = "alpha-data"
+//! mdns = false
+//! durability = "fsync"       # or "none"
+//! [trust]
+//! authors = "any"            # or a list of public keys
+//! accept_from = "any"        # or a list of peer ids / public keys
+//! [limits]
+//! max_operations = 100000000
+//! ```
+//! Relative paths are relative to the file's directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use libp2p::Multiaddr;
+use serde::Deserialize;
+
+use crate::node::NodeConfig;
+use crate::store::Durability;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: String,
+    #[serde(default = "default_listen")]
+    listen: Vec<String>,
+    #[serde(default)]
+    bootstrap: Vec<String>,
+    key: PathBuf,
+    data_dir: PathBuf,
+    #[serde(default)]
+    mdns: bool,
+    #[serde(default = "default_durability")]
+    durability: String,
+    #[serde(default)]
+    trust: Option<toml::Value>,
+    #[serde(default)]
+    limits: LimitsConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsConfig {
+    max_operations: Option<u64>,
+    max_call_depth: Option<usize>,
+    max_string_size: Option<usize>,
+    max_array_size: Option<usize>,
+    max_map_size: Option<usize>,
+    max_continuation_bytes: Option<usize>,
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["/ip4/0.0.0.0/tcp/0".into()]
+}
+
+fn default_durability() -> String {
+    "fsync".into()
+}
+
+/// Reads and validates a node configuration file; creates the key file if it is missing.
+///
+/// # Errors
+///
+/// The file cannot be read, is not valid TOML, or a field is invalid (named in the error).
+pub fn load(path: &Path) -> Result<NodeConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file: FileConfig = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid node configuration", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    if !discovery::is_valid_name(&file.name) {
+        bail!(
+            "{}: name '{}' must be 1 to 64 of A-Z a-z 0-9 . _ -",
+            path.display(),
+            file.name
+        );
+    }
+    let parse_addrs = |field: &str, v: &[String]| -> Result<Vec<Multiaddr>> {
+        v.iter()
+            .map(|a| {
+                a.parse().with_context(|| {
+                    format!("{}: {field}: '{a}' is not a multiaddr", path.display())
+                })
+            })
+            .collect()
+    };
+    let key_path = resolve(&file.key);
+    let key = if key_path.exists() {
+        crate::package_files::read_key(&key_path)?
+    } else {
+        crate::package_files::write_new_key(&key_path, false)?
+    };
+    let durability = match file.durability.as_str() {
+        "fsync" => Durability::Fsync,
+        "none" => Durability::NoSync,
+        other => bail!(
+            "{}: durability '{other}' must be \"fsync\" or \"none\"",
+            path.display()
+        ),
+    };
+    let trust = match file.trust {
+        Some(v) => v
+            .try_into()
+            .with_context(|| format!("{}: [trust]", path.display()))?,
+        None => security::TrustPolicy::default(),
+    };
+    let mut limits = agent_lang::Limits::default();
+    let l = &file.limits;
+    if let Some(v) = l.max_operations {
+        limits = limits.with_max_operations(v);
+    }
+    if let Some(v) = l.max_call_depth {
+        limits = limits.with_max_call_depth(v);
+    }
+    if let Some(v) = l.max_string_size {
+        limits = limits.with_max_string_size(v);
+    }
+    if let Some(v) = l.max_array_size {
+        limits = limits.with_max_array_size(v);
+    }
+    if let Some(v) = l.max_map_size {
+        limits = limits.with_max_map_size(v);
+    }
+    if let Some(v) = l.max_continuation_bytes {
+        limits = limits.with_max_continuation_bytes(v);
+    }
+    Ok(NodeConfig {
+        name: file.name,
+        listen: parse_addrs("listen", &file.listen)?,
+        bootstrap: parse_addrs("bootstrap", &file.bootstrap)?,
+        key,
+        data_dir: resolve(&file.data_dir),
+        mdns: file.mdns,
+        durability,
+        trust,
+        limits,
+        hop_log: None,
+    })
+}

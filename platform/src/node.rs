@@ -1,0 +1,1386 @@
+//! A tern node on libp2p: the swarm, the hop, package and control protocols, and the agents it
+//! runs.
+//!
+//! Shape (after rust-libp2p's file-sharing example): [`Node::start`] spawns one task that owns
+//! the `Swarm` and answers [`SwarmCommand`]s; protocols run over libp2p-stream, whose `Control`
+//! is cloneable, so each exchange is its own task and the swarm task never blocks on a peer.
+//! Agent slices run on tokio's blocking pool, so a busy agent never stalls networking. Durable
+//! state lives in the [`Store`]: an agent exists on exactly one node at a time because the
+//! source records its departure before offering the hop and deletes its copy only after the
+//! destination acknowledged having stored it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use agent_lang::rhai::Dynamic;
+use agent_lang::{unknown_node_error, Execution, HostEnv, Limits, Outcome, Program, Resume};
+use futures::StreamExt;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, identity, Multiaddr, PeerId, Swarm};
+use security::{
+    verify_hop, AgentId, HopCheck, HopEnvelope, HopFields, Package, PackageHash, PublicKey,
+    SecretKey, TrustPolicy, VerifiedPackage, FIRST_HOP,
+};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::store::{AgentRecord, AgentState, Arrival, Durability, Store};
+use crate::wire::{
+    read_bulk, read_frame, write_bulk, write_frame, AgentEnd, AgentStatus, ControlReply,
+    ControlRequest, HopOffer, HopReply, PackageReply, PackageRequest, StatusReport,
+    CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
+};
+
+/// Everything a node is configured with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Human name, carried by identify; `migrate(name)` uses it.
+    pub name: String,
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// The node's identity (its libp2p key and the key that signs hop envelopes).
+    pub key: SecretKey,
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// mDNS discovery on the LAN.
+    pub mdns: bool,
+    /// Whether commits wait for the disk.
+    pub durability: Durability,
+    /// Which authors run here and which peers may push agents.
+    pub trust: TrustPolicy,
+    /// Limits agents run under.
+    pub limits: Limits,
+    /// Where to report each hop this node sends (for `tern run --trace`).
+    pub hop_log: Option<mpsc::UnboundedSender<HopRecord>>,
+}
+
+/// One hop as a trace reports it.
+#[derive(Debug, Clone)]
+pub struct HopRecord {
+    /// Hop number.
+    pub hop: u64,
+    /// Source node name.
+    pub from: String,
+    /// Destination node name.
+    pub to: String,
+    /// Size of the continuation.
+    pub bytes: usize,
+    /// From the agent's suspension to the destination's acknowledgement.
+    pub micros: u64,
+}
+
+/// Where a test wants a node to die during a hop (fault injection; never set outside tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Source: after recording the departure, before offering the hop.
+    SourceAfterLeaving,
+    /// Source: after the destination acknowledged, before deleting its copy.
+    SourceAfterAck,
+    /// Destination: after storing the agent, before acknowledging.
+    DestinationAfterStore,
+}
+
+/// Reads the fault point from `TERN_FAULT` (only the end-to-end crash tests set it).
+fn fault_from_env() -> Option<FaultPoint> {
+    match std::env::var("TERN_FAULT").ok()?.as_str() {
+        "source-after-leaving" => Some(FaultPoint::SourceAfterLeaving),
+        "source-after-ack" => Some(FaultPoint::SourceAfterAck),
+        "destination-after-store" => Some(FaultPoint::DestinationAfterStore),
+        _ => None,
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct NodeBehaviour {
+    discovery: discovery::Discovery,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// Requests to the task that owns the swarm.
+enum SwarmCommand {
+    Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
+}
+
+/// A compiled package this node can run.
+#[derive(Clone)]
+struct Loaded {
+    package: VerifiedPackage,
+    program: Program,
+}
+
+struct Shared {
+    name: String,
+    key: SecretKey,
+    public: PublicKey,
+    peer_id: PeerId,
+    store: Store,
+    trust: TrustPolicy,
+    limits: Limits,
+    fault: Option<FaultPoint>,
+    hop_log: Option<mpsc::UnboundedSender<HopRecord>>,
+    /// Connected tern peers and their names (from identify).
+    peers: Mutex<HashMap<PeerId, String>>,
+    listen: Mutex<Vec<Multiaddr>>,
+    programs: Mutex<HashMap<[u8; 32], Loaded>>,
+    /// Launchers waiting for agents of this home node to end.
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<AgentEnd>>>>,
+    /// Runner tasks on this node, by (agent, hop envelope number): an agent that comes back
+    /// while the runner that sent it away is still finishing gets a runner of its own.
+    running: Mutex<HashSet<(String, u64)>>,
+    /// Bounds the streams handled at once, so a flood of peers cannot exhaust the node.
+    streams: Semaphore,
+    control: libp2p_stream::Control,
+    commands: mpsc::Sender<SwarmCommand>,
+}
+
+/// A handle to a running node. Cloneable; the node stops when [`NodeHandle::shutdown`] is
+/// called or the last handle is dropped.
+#[derive(Clone)]
+pub struct NodeHandle {
+    shared: Arc<Shared>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short critical sections cannot leave a broken
+    // invariant behind (each is a single insert/remove/read), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The node.
+pub struct Node;
+
+impl Node {
+    /// Starts a node: opens the store, listens, dials the bootstrap peers, resumes every agent
+    /// the store holds.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be opened or a listen address is refused.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
+        use anyhow::Context;
+        if !discovery::is_valid_name(&config.name) {
+            anyhow::bail!(
+                "invalid node name '{}': use 1 to 64 of A-Z a-z 0-9 . _ -",
+                config.name
+            );
+        }
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
+        let store = Store::open(&config.data_dir.join("tern.redb"), config.durability)
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        let keypair =
+            identity::Keypair::ed25519_from_bytes(config.key.seed()).context("node key")?;
+        let peer_id = keypair.public().to_peer_id();
+        let discovery =
+            discovery::Discovery::new(&keypair, &config.name, config.mdns).context("discovery")?;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default().nodelay(true),
+                libp2p::noise::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .context("transport")?
+            .with_behaviour(|_| NodeBehaviour {
+                discovery,
+                stream: libp2p_stream::Behaviour::new(),
+            })
+            .context("behaviour")?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+            .build();
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .with_context(|| format!("cannot listen on {addr}"))?;
+        }
+        let mut control = swarm.behaviour().stream.new_control();
+        let incoming_hops = control.accept(HOP_PROTOCOL).context("hop protocol")?;
+        let incoming_packages = control
+            .accept(PACKAGE_PROTOCOL)
+            .context("package protocol")?;
+        let incoming_control = control
+            .accept(CONTROL_PROTOCOL)
+            .context("control protocol")?;
+        let (commands, command_rx) = mpsc::channel(64);
+        let shared = Arc::new(Shared {
+            name: config.name.clone(),
+            public: config.key.public(),
+            key: config.key,
+            peer_id,
+            store,
+            trust: config.trust,
+            limits: config.limits,
+            fault: fault_from_env(),
+            hop_log: config.hop_log,
+            peers: Mutex::new(HashMap::new()),
+            listen: Mutex::new(Vec::new()),
+            programs: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
+            streams: Semaphore::new(256),
+            control,
+            commands,
+        });
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (listening_tx, listening_rx) = oneshot::channel();
+        tokio::spawn(swarm_loop(
+            swarm,
+            shared.clone(),
+            command_rx,
+            stop_rx.clone(),
+            Some(listening_tx),
+        ));
+        tokio::spawn(accept_loop(
+            incoming_hops,
+            shared.clone(),
+            stop_rx.clone(),
+            Protocol::Hop,
+        ));
+        tokio::spawn(accept_loop(
+            incoming_packages,
+            shared.clone(),
+            stop_rx.clone(),
+            Protocol::Package,
+        ));
+        tokio::spawn(accept_loop(
+            incoming_control,
+            shared.clone(),
+            stop_rx.clone(),
+            Protocol::Control,
+        ));
+        if !config.listen.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), listening_rx).await;
+        }
+        let handle = NodeHandle {
+            shared,
+            stop: Arc::new(stop_tx),
+        };
+        for addr in config.bootstrap {
+            if let Err(e) = handle.dial(addr.clone()).await {
+                tracing::warn!(%addr, "bootstrap dial failed: {e}");
+            }
+        }
+        handle.resume_stored_agents();
+        Ok(handle)
+    }
+}
+
+impl NodeHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.peer_id
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Addresses the node listens on, each ending in `/p2p/<peer id>`.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        lock(&self.shared.listen)
+            .iter()
+            .map(|a| {
+                a.clone()
+                    .with(libp2p::multiaddr::Protocol::P2p(self.shared.peer_id))
+            })
+            .collect()
+    }
+
+    /// Names of the tern peers this node is connected to.
+    pub fn peer_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.shared.peers).values().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Dials `addr`.
+    ///
+    /// # Errors
+    ///
+    /// The node is stopping or the address cannot be dialled.
+    pub async fn dial(&self, addr: Multiaddr) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .commands
+            .send(SwarmCommand::Dial(addr, tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("node stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("node stopped"))?
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// Launches a verified, admitted package here; returns the agent id. `end` (if given)
+    /// receives how the agent ended, wherever that happens.
+    ///
+    /// # Errors
+    ///
+    /// The trust policy refuses the package, or it cannot be stored or compiled.
+    pub fn launch(
+        &self,
+        package: VerifiedPackage,
+        launcher: Option<String>,
+    ) -> Result<(String, oneshot::Receiver<AgentEnd>), String> {
+        launch(&self.shared, package, launcher)
+    }
+
+    /// This node's status.
+    pub fn status(&self) -> StatusReport {
+        status(&self.shared)
+    }
+
+    /// Stops the node's tasks (agents stay in the store).
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    fn resume_stored_agents(&self) {
+        let agents = match self.shared.store.agents() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("cannot list stored agents: {e}");
+                return;
+            }
+        };
+        for rec in agents {
+            let shared = self.shared.clone();
+            match rec.state {
+                AgentState::Leaving { .. } => {
+                    tokio::spawn(recover_departure(shared, rec));
+                }
+                _ => spawn_agent(&shared, rec.id.clone(), rec.hop),
+            }
+        }
+    }
+}
+
+async fn swarm_loop(
+    mut swarm: Swarm<NodeBehaviour>,
+    shared: Arc<Shared>,
+    mut commands: mpsc::Receiver<SwarmCommand>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut listening: Option<oneshot::Sender<()>>,
+) {
+    let mut pending_dials: HashMap<
+        libp2p::swarm::ConnectionId,
+        oneshot::Sender<Result<(), String>>,
+    > = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            command = commands.recv() => match command {
+                None => break,
+                Some(SwarmCommand::Dial(addr, reply)) => {
+                    let opts = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id().address(addr).build();
+                    let id = opts.connection_id();
+                    match swarm.dial(opts) {
+                        Ok(()) => { pending_dials.insert(id, reply); }
+                        Err(e) => { let _ = reply.send(Err(e.to_string())); }
+                    }
+                }
+            },
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    lock(&shared.listen).push(address);
+                    if let Some(tx) = listening.take() { let _ = tx.send(()); }
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                    if let Some(reply) = pending_dials.remove(&connection_id) { let _ = reply.send(Ok(())); }
+                    if endpoint.is_dialer() {
+                        swarm.add_peer_address(peer_id, endpoint.get_remote_address().clone());
+                    }
+                }
+                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                    if let Some(reply) = pending_dials.remove(&connection_id) { let _ = reply.send(Err(error.to_string())); }
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                    lock(&shared.peers).remove(&peer_id);
+                }
+                SwarmEvent::Behaviour(NodeBehaviourEvent::Discovery(discovery::DiscoveryEvent::Identify(
+                    identify::Event::Received { peer_id, info, .. },
+                ))) => {
+                    if let Some(name) = discovery::name_from_agent_version(&info.agent_version) {
+                        lock(&shared.peers).insert(peer_id, name);
+                        for addr in info.listen_addrs {
+                            swarm.behaviour_mut().discovery.kad.add_address(&peer_id, addr.clone());
+                            swarm.add_peer_address(peer_id, addr);
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(NodeBehaviourEvent::Discovery(discovery::DiscoveryEvent::Mdns(
+                    libp2p::mdns::Event::Discovered(found),
+                ))) => {
+                    for (peer, addr) in found {
+                        if peer != shared.peer_id && !lock(&shared.peers).contains_key(&peer) {
+                            let _ = swarm.dial(addr);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Protocol {
+    Hop,
+    Package,
+    Control,
+}
+
+async fn accept_loop(
+    mut incoming: libp2p_stream::IncomingStreams,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    protocol: Protocol,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = stop.changed() => break,
+            next = incoming.next() => next,
+        };
+        let Some((peer, stream)) = next else { break };
+        // libp2p-stream drops inbound streams when this loop lags: hand each to its own task.
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = shared.streams.acquire().await else {
+                return;
+            };
+            let result = match protocol {
+                Protocol::Hop => handle_hop(&shared, peer, stream).await,
+                Protocol::Package => handle_package(&shared, stream).await,
+                Protocol::Control => handle_control(&shared, peer, stream).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(%peer, "exchange failed: {e}");
+            }
+        });
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn public_of(peer: &PeerId) -> Option<PublicKey> {
+    PublicKey::from_peer_id_str(&peer.to_string()).ok()
+}
+
+fn die_if(shared: &Shared, point: FaultPoint) {
+    if shared.fault == Some(point) {
+        tracing::error!("fault injection: dying at {point:?}");
+        std::process::exit(86);
+    }
+}
+
+impl Shared {
+    /// Compiles (once) the package with this hash from the store.
+    fn loaded(&self, hash: &[u8; 32]) -> Result<Loaded, String> {
+        if let Some(l) = lock(&self.programs).get(hash) {
+            return Ok(l.clone());
+        }
+        let bytes = self
+            .store
+            .package(hash)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("package {} is not on this node", hex(hash)))?;
+        let package = Package::from_bytes(&bytes)
+            .and_then(Package::verify)
+            .map_err(|e| e.to_string())?;
+        let limits = crate::package_files::limits_for(&package, self.limits.clone());
+        let program = Program::compile(package.source(), &limits).map_err(|e| e.to_string())?;
+        let loaded = Loaded { package, program };
+        lock(&self.programs).insert(*hash, loaded.clone());
+        Ok(loaded)
+    }
+
+    fn name_of(&self, peer: &str) -> String {
+        if peer == self.peer_id.to_string() {
+            return self.name.clone();
+        }
+        peer.parse::<PeerId>()
+            .ok()
+            .and_then(|p| lock(&self.peers).get(&p).cloned())
+            .unwrap_or_else(|| peer.to_string())
+    }
+
+    fn node_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.peers).values().cloned().collect();
+        names.push(self.name.clone());
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// A node name or peer id to a peer.
+    fn resolve(&self, to: &str) -> Option<PeerId> {
+        if to == self.name {
+            return Some(self.peer_id);
+        }
+        if let Some((p, _)) = lock(&self.peers).iter().find(|(_, n)| n.as_str() == to) {
+            return Some(*p);
+        }
+        to.parse::<PeerId>().ok()
+    }
+
+    fn env(&self, rec: &AgentRecord) -> HostEnv {
+        let node = self.name.clone();
+        let agent = rec.id.clone();
+        HostEnv {
+            here: self.name.clone(),
+            home: self.name_of(&rec.home),
+            nodes: self.node_names(),
+            agent_id: rec.id.clone(),
+            hops: rec.hops as i64,
+            printer: Arc::new(move |text: &str| {
+                tracing::info!(target: "tern::agent", "[{node} {agent}] {text}");
+                eprintln!("[{node} {agent}] {text}");
+            }),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn launch(
+    shared: &Arc<Shared>,
+    package: VerifiedPackage,
+    launcher: Option<String>,
+) -> Result<(String, oneshot::Receiver<AgentEnd>), String> {
+    shared
+        .trust
+        .admit_package(&package)
+        .map_err(|e| format!("package refused: {e}"))?;
+    let hash = package.hash();
+    shared
+        .store
+        .put_package(hash.as_bytes(), &package.to_bytes())
+        .map_err(|e| e.to_string())?;
+    shared.loaded(hash.as_bytes())?;
+    let id = AgentId::generate().to_string();
+    let (tx, rx) = oneshot::channel();
+    lock(&shared.waiters)
+        .entry(id.clone())
+        .or_default()
+        .push(tx);
+    let rec = AgentRecord {
+        id: id.clone(),
+        package: *hash.as_bytes(),
+        hop: 0,
+        hops: 0,
+        home: shared.peer_id.to_string(),
+        launcher,
+        state: AgentState::Ready,
+        continuation: Vec::new(),
+        envelope: Vec::new(),
+    };
+    shared.store.put_agent(&rec).map_err(|e| e.to_string())?;
+    let _ = shared.store.set_location(&id, &shared.peer_id.to_string());
+    spawn_agent(shared, id.clone(), 0);
+    Ok((id, rx))
+}
+
+fn status(shared: &Shared) -> StatusReport {
+    let mut peers: Vec<(String, String)> = lock(&shared.peers)
+        .iter()
+        .map(|(p, n)| (n.clone(), p.to_string()))
+        .collect();
+    peers.sort();
+    let agents = shared
+        .store
+        .agents()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| AgentStatus {
+            id: r.id,
+            package: hex(&r.package),
+            state: match r.state {
+                AgentState::Ready => "running".into(),
+                AgentState::Waiting { .. } => "waiting".into(),
+                AgentState::Leaving { to, hop } => {
+                    format!("leaving for {} (hop {hop})", shared.name_of(&to))
+                }
+            },
+            hops: r.hops,
+        })
+        .collect();
+    let forwards = shared
+        .store
+        .forwards()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(a, to)| (a, shared.name_of(&to)))
+        .collect();
+    StatusReport {
+        name: shared.name.clone(),
+        peer_id: shared.peer_id.to_string(),
+        peers,
+        agents,
+        forwards,
+    }
+}
+
+/// Starts the runner task of a stored agent (once per arrival).
+fn spawn_agent(shared: &Arc<Shared>, id: String, hop: u64) {
+    let key = (id, hop);
+    if !lock(&shared.running).insert(key.clone()) {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        run_agent(&shared, &key.0, key.1).await;
+        lock(&shared.running).remove(&key);
+    });
+}
+
+/// The source's side of a completed hop, in one transaction: drop our copy and leave a
+/// forwarding pointer — unless the agent has already come back (a newer arrival replaced the
+/// departure record), in which case the record is the new arrival's and stays.
+fn complete_departure(shared: &Shared, id: &str, to: &str, hop: u64) -> Result<(), String> {
+    shared
+        .store
+        .batch(|b| match b.agent(id)? {
+            Some(AgentRecord {
+                state: AgentState::Leaving { hop: h, .. },
+                ..
+            }) if h == hop => b.complete_departure(id, to),
+            _ => Ok(()),
+        })
+        .map_err(|e| format!("migrate: {e}"))
+}
+
+/// What became of an agent's hop attempt.
+enum HopResult {
+    /// The agent lives on the destination now.
+    Left,
+    /// It migrated to this very node: carry on.
+    Stayed,
+}
+
+async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64) {
+    let mut rec = match shared.store.agent(id) {
+        Ok(Some(r)) if r.hop == arrival => r,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::error!(agent = id, "cannot read agent: {e}");
+            return;
+        }
+    };
+    let loaded = match shared.loaded(&rec.package) {
+        Ok(l) => l,
+        Err(e) => {
+            return finish(
+                shared,
+                &rec,
+                AgentEnd::Failed {
+                    error: e,
+                    node: shared.name.clone(),
+                    position: None,
+                },
+            )
+            .await
+        }
+    };
+    let mut exec = if rec.continuation.is_empty() {
+        Execution::new(&loaded.program)
+    } else {
+        match Execution::decode(&loaded.program, &rec.continuation) {
+            Ok(e) => e,
+            Err(e) => {
+                return finish(
+                    shared,
+                    &rec,
+                    AgentEnd::Failed {
+                        error: format!("stored continuation: {e}"),
+                        node: shared.name.clone(),
+                        position: None,
+                    },
+                )
+                .await
+            }
+        }
+    };
+    let mut input = Resume::Start;
+    loop {
+        let env = shared.env(&rec);
+        let slice = tokio::task::spawn_blocking(move || {
+            let outcome = exec.resume(&env, input);
+            (exec, outcome)
+        })
+        .await;
+        let (e, outcome) = match slice {
+            Ok(r) => r,
+            Err(join) => {
+                return finish(
+                    shared,
+                    &rec,
+                    AgentEnd::Failed {
+                        error: format!("agent slice crashed: {join}"),
+                        node: shared.name.clone(),
+                        position: None,
+                    },
+                )
+                .await
+            }
+        };
+        exec = e;
+        match outcome {
+            Outcome::Finished(v) => {
+                let json = agent_lang::to_json(&v).to_string();
+                return finish(shared, &rec, AgentEnd::Finished { json, node: shared.name.clone(), hops: rec.hops }).await;
+            }
+            Outcome::Failed(err) => return finish(shared, &rec, failed_end(&shared.name, err)).await,
+            Outcome::Migrate { to } => match hop(shared, &mut rec, &exec, &loaded, &to).await {
+                Ok(HopResult::Left) => return,
+                Ok(HopResult::Stayed) => input = Resume::Start,
+                Err(message) => input = Resume::Error(message),
+            },
+            Outcome::Receive { timeout_ms } => match timeout_ms {
+                Some(ms) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    input = Resume::Value(Dynamic::UNIT);
+                }
+                None => {
+                    return finish(
+                        shared,
+                        &rec,
+                        AgentEnd::Failed {
+                            error: "receive() without a timeout: no message can reach an agent on this node yet (use receive(timeout_ms))".into(),
+                            node: shared.name.clone(),
+                            position: None,
+                        },
+                    )
+                    .await
+                }
+            },
+            _ => return finish(shared, &rec, AgentEnd::Failed { error: "unknown outcome".into(), node: shared.name.clone(), position: None }).await,
+        }
+    }
+}
+
+/// The agent ended here: drop it, keep the result, tell its home (which tells the launcher).
+async fn finish(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
+    let result = ciborium_bytes(&end);
+    let _ = shared.store.batch(|b| {
+        b.delete_agent(&rec.id)?;
+        b.put_result(&rec.id, &result)
+    });
+    if rec.home == shared.peer_id.to_string() {
+        deliver_end(shared, &rec.id, end);
+        return;
+    }
+    let Ok(home) = rec.home.parse::<PeerId>() else {
+        return;
+    };
+    // The home may be briefly unreachable: retry for a while; the result stays stored here.
+    for attempt in 0..20u64 {
+        match control_request(
+            shared,
+            home,
+            &ControlRequest::Ended {
+                agent: rec.id.clone(),
+                end: end.clone(),
+            },
+        )
+        .await
+        {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(agent = %rec.id, "cannot report the end to the home node (attempt {attempt}): {e}");
+                tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+            }
+        }
+    }
+}
+
+fn failed_end(node: &str, err: agent_lang::AgentError) -> AgentEnd {
+    AgentEnd::Failed {
+        error: err.message,
+        node: node.to_string(),
+        position: err.position.map(|(l, c)| (l as u64, c as u64)),
+    }
+}
+
+fn ciborium_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = ciborium::into_writer(v, &mut out);
+    out
+}
+
+fn deliver_end(shared: &Shared, agent: &str, end: AgentEnd) {
+    let _ = shared.store.put_result(agent, &ciborium_bytes(&end));
+    if let Some(waiters) = lock(&shared.waiters).remove(agent) {
+        for w in waiters {
+            let _ = w.send(end.clone());
+        }
+    }
+}
+
+async fn control_request(
+    shared: &Shared,
+    peer: PeerId,
+    request: &ControlRequest,
+) -> Result<ControlReply, String> {
+    let mut stream = shared
+        .control
+        .clone()
+        .open_stream(peer, CONTROL_PROTOCOL)
+        .await
+        .map_err(|e| e.to_string())?;
+    write_frame(&mut stream, request)
+        .await
+        .map_err(|e| e.to_string())?;
+    read_frame(&mut stream, MAX_FRAME)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Moves the agent to `to`, exactly once. On any failure before the destination owns the agent,
+/// the agent stays here and `migrate` throws the returned message.
+async fn hop(
+    shared: &Arc<Shared>,
+    rec: &mut AgentRecord,
+    exec: &Execution,
+    loaded: &Loaded,
+    to: &str,
+) -> Result<HopResult, String> {
+    let Some(dest) = shared.resolve(to) else {
+        return Err(unknown_node_error(to));
+    };
+    if dest == shared.peer_id {
+        rec.hops += 1;
+        return Ok(HopResult::Stayed);
+    }
+    let dest_key =
+        public_of(&dest).ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
+    let started = std::time::Instant::now();
+    let continuation = exec.encode().map_err(|e| format!("migrate: {e}"))?;
+    let previous = if rec.envelope.is_empty() {
+        None
+    } else {
+        Some(
+            HopEnvelope::decode(&rec.envelope)
+                .map_err(|e| format!("migrate: stored envelope: {e}"))?,
+        )
+    };
+    let agent_id: AgentId = rec
+        .id
+        .parse()
+        .map_err(|_| "migrate: agent id is not an envelope id".to_string())?;
+    let next_hop = previous.as_ref().map_or(FIRST_HOP, |p| p.fields().hop + 1);
+    let envelope = HopEnvelope::sign(
+        HopFields {
+            agent_id,
+            hop: next_hop,
+            package_hash: loaded.package.hash(),
+            continuation_hash: *blake3::hash(&continuation).as_bytes(),
+            previous: previous.as_ref().map(HopEnvelope::hash),
+            from: shared.public,
+            to: dest_key,
+            time_ms: now_ms(),
+        },
+        &shared.key,
+    )
+    .map_err(|e| format!("migrate: {e}"))?;
+    // Durably "leaving for dest at hop h" before anything is offered.
+    let leaving = AgentRecord {
+        state: AgentState::Leaving {
+            to: dest.to_string(),
+            hop: next_hop,
+        },
+        continuation: continuation.clone(),
+        ..rec.clone()
+    };
+    shared
+        .store
+        .put_agent(&leaving)
+        .map_err(|e| format!("migrate: cannot record the departure: {e}"))?;
+    die_if(shared, FaultPoint::SourceAfterLeaving);
+    let offer = HopOffer {
+        envelope: envelope.encode(),
+        previous: rec.envelope.clone(),
+        continuation_len: continuation.len() as u64,
+        hops: rec.hops + 1,
+        home: rec.home.clone(),
+        launcher: rec.launcher.clone(),
+    };
+    let outcome = send_hop(shared, dest, &offer, &continuation).await;
+    match outcome {
+        SendOutcome::Owned => {
+            die_if(shared, FaultPoint::SourceAfterAck);
+            complete_departure(shared, &rec.id, &dest.to_string(), next_hop)?;
+            if let Some(log) = &shared.hop_log {
+                let _ = log.send(HopRecord {
+                    hop: next_hop,
+                    from: shared.name.clone(),
+                    to: shared.name_of(&dest.to_string()),
+                    bytes: continuation.len(),
+                    micros: started.elapsed().as_micros() as u64,
+                });
+            }
+            Ok(HopResult::Left)
+        }
+        SendOutcome::NotTaken(reason) => {
+            // The destination certainly does not hold the agent: it stays here.
+            let _ = shared.store.put_agent(rec);
+            Err(format!("migrate: cannot move to {to}: {reason}"))
+        }
+        SendOutcome::Unknown(reason) => {
+            // The continuation went out but the acknowledgement did not come back: ask.
+            match resolve_departure(shared, &rec.id, dest, next_hop).await {
+                Some(true) => {
+                    complete_departure(shared, &rec.id, &dest.to_string(), next_hop)?;
+                    Ok(HopResult::Left)
+                }
+                Some(false) => {
+                    let _ = shared.store.put_agent(rec);
+                    Err(format!("migrate: cannot move to {to}: {reason}"))
+                }
+                None => {
+                    // Still unknown: keep the departure record; recovery settles it later.
+                    tokio::spawn(recover_departure(shared.clone(), leaving));
+                    Ok(HopResult::Left)
+                }
+            }
+        }
+    }
+}
+
+enum SendOutcome {
+    /// The destination acknowledged (or already had it).
+    Owned,
+    /// The destination did not take the agent.
+    NotTaken(String),
+    /// The continuation may have arrived: ask before deciding.
+    Unknown(String),
+}
+
+async fn send_hop(
+    shared: &Shared,
+    dest: PeerId,
+    offer: &HopOffer,
+    continuation: &[u8],
+) -> SendOutcome {
+    let mut stream = match shared.control.clone().open_stream(dest, HOP_PROTOCOL).await {
+        Ok(s) => s,
+        Err(e) => return SendOutcome::NotTaken(format!("unreachable ({e})")),
+    };
+    if let Err(e) = write_frame(&mut stream, offer).await {
+        return SendOutcome::NotTaken(e.to_string());
+    }
+    match read_frame::<_, HopReply>(&mut stream, MAX_FRAME).await {
+        Ok(HopReply::Ready) => {}
+        Ok(HopReply::Duplicate) | Ok(HopReply::Stored) => return SendOutcome::Owned,
+        Ok(HopReply::Refused(r)) => return SendOutcome::NotTaken(format!("refused: {r}")),
+        Err(e) => return SendOutcome::NotTaken(e.to_string()),
+    }
+    if let Err(e) = write_bulk(&mut stream, continuation).await {
+        return SendOutcome::Unknown(e.to_string());
+    }
+    match read_frame::<_, HopReply>(&mut stream, MAX_FRAME).await {
+        Ok(HopReply::Stored) | Ok(HopReply::Duplicate) => SendOutcome::Owned,
+        Ok(HopReply::Refused(r)) => SendOutcome::NotTaken(format!("refused: {r}")),
+        Ok(HopReply::Ready) => SendOutcome::NotTaken("protocol error".into()),
+        Err(e) => SendOutcome::Unknown(e.to_string()),
+    }
+}
+
+/// Asks the destination whether it holds (agent, hop). None: it could not be asked.
+async fn resolve_departure(shared: &Shared, agent: &str, dest: PeerId, hop: u64) -> Option<bool> {
+    for attempt in 0..5u64 {
+        match control_request(
+            shared,
+            dest,
+            &ControlRequest::HopStatus {
+                agent: agent.to_string(),
+                hop,
+            },
+        )
+        .await
+        {
+            Ok(ControlReply::HopHeld(held)) => return Some(held),
+            _ => tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await,
+        }
+    }
+    None
+}
+
+/// Settles a departure whose outcome is unknown (after a lost acknowledgement or a restart):
+/// asks the destination until it answers; if it holds the agent, drop ours, else resume ours.
+async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
+    let AgentState::Leaving { to, hop } = rec.state.clone() else {
+        return;
+    };
+    let Ok(dest) = to.parse::<PeerId>() else {
+        let _ = shared.store.put_agent(&AgentRecord {
+            state: AgentState::Ready,
+            ..rec.clone()
+        });
+        return spawn_agent(&shared, rec.id.clone(), rec.hop);
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if let Some(held) = resolve_departure(&shared, &rec.id, dest, hop).await {
+            if held {
+                let _ = complete_departure(&shared, &rec.id, &to, hop);
+            } else {
+                // Back to the state before the hop: the agent resumes and `migrate` throws.
+                let back = AgentRecord {
+                    state: AgentState::Ready,
+                    ..rec.clone()
+                };
+                let _ = shared.store.put_agent(&back);
+                spawn_agent_with(
+                    &shared,
+                    back,
+                    Resume::Error(format!(
+                        "migrate: the hop to {} was interrupted",
+                        shared.name_of(&to)
+                    )),
+                );
+            }
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Starts the runner of an agent whose stored continuation waits at `migrate`, resuming it with
+/// `input`.
+fn spawn_agent_with(shared: &Arc<Shared>, rec: AgentRecord, input: Resume) {
+    let key = (rec.id.clone(), rec.hop);
+    if !lock(&shared.running).insert(key.clone()) {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        run_agent_from(&shared, rec, input).await;
+        lock(&shared.running).remove(&key);
+    });
+}
+
+async fn run_agent_from(shared: &Arc<Shared>, rec: AgentRecord, input: Resume) {
+    // The continuation in `rec` is suspended at the interrupted `migrate`: resume it with the
+    // error once, then run as usual.
+    let loaded = match shared.loaded(&rec.package) {
+        Ok(l) => l,
+        Err(e) => {
+            return finish(
+                shared,
+                &rec,
+                AgentEnd::Failed {
+                    error: e,
+                    node: shared.name.clone(),
+                    position: None,
+                },
+            )
+            .await
+        }
+    };
+    let Ok(mut exec) = Execution::decode(&loaded.program, &rec.continuation) else {
+        return finish(
+            shared,
+            &rec,
+            AgentEnd::Failed {
+                error: "stored continuation is corrupt".into(),
+                node: shared.name.clone(),
+                position: None,
+            },
+        )
+        .await;
+    };
+    let env = shared.env(&rec);
+    let (e, outcome) = match tokio::task::spawn_blocking(move || {
+        let o = exec.resume(&env, input);
+        (exec, o)
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return finish(
+                shared,
+                &rec,
+                AgentEnd::Failed {
+                    error: e.to_string(),
+                    node: shared.name.clone(),
+                    position: None,
+                },
+            )
+            .await
+        }
+    };
+    // Store the new suspension point and continue in the normal runner.
+    match outcome {
+        Outcome::Finished(v) => {
+            finish(
+                shared,
+                &rec,
+                AgentEnd::Finished {
+                    json: agent_lang::to_json(&v).to_string(),
+                    node: shared.name.clone(),
+                    hops: rec.hops,
+                },
+            )
+            .await
+        }
+        Outcome::Failed(err) => finish(shared, &rec, failed_end(&shared.name, err)).await,
+        _ => match e.encode() {
+            Ok(c) => {
+                let _ = shared.store.put_agent(&AgentRecord {
+                    continuation: c,
+                    ..rec.clone()
+                });
+                lock(&shared.running).remove(&(rec.id.clone(), rec.hop));
+                spawn_agent(shared, rec.id.clone(), rec.hop);
+            }
+            Err(err) => {
+                finish(
+                    shared,
+                    &rec,
+                    AgentEnd::Failed {
+                        error: err.to_string(),
+                        node: shared.name.clone(),
+                        position: None,
+                    },
+                )
+                .await
+            }
+        },
+    }
+}
+
+/// Destination side of a hop.
+async fn handle_hop(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+) -> Result<(), crate::wire::WireError> {
+    let offer: HopOffer = read_frame(&mut stream, MAX_FRAME).await?;
+    let refuse = |why: String| HopReply::Refused(why);
+    let Some(sender) = public_of(&peer) else {
+        return write_frame(
+            &mut stream,
+            &refuse("sender has no ed25519 identity".into()),
+        )
+        .await;
+    };
+    if !shared.trust.accepts_push_from(&sender) {
+        tracing::warn!(%peer, "refused a pushed agent: peer not in accept_from");
+        return write_frame(
+            &mut stream,
+            &refuse(format!("this node does not accept agents from {peer}")),
+        )
+        .await;
+    }
+    let envelope = match HopEnvelope::decode(&offer.envelope) {
+        Ok(e) => e,
+        Err(e) => return write_frame(&mut stream, &refuse(format!("envelope: {e}"))).await,
+    };
+    let previous = if offer.previous.is_empty() {
+        None
+    } else {
+        match HopEnvelope::decode(&offer.previous) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                return write_frame(&mut stream, &refuse(format!("previous envelope: {e}"))).await
+            }
+        }
+    };
+    let fields = envelope.fields().clone();
+    let agent = fields.agent_id.to_string();
+    if shared.store.has_seen(&agent, fields.hop).unwrap_or(false) {
+        return write_frame(&mut stream, &HopReply::Duplicate).await;
+    }
+    if offer.continuation_len > shared.limits.max_continuation_bytes as u64 {
+        return write_frame(
+            &mut stream,
+            &refuse(format!(
+                "continuation of {} bytes is over this node's limit",
+                offer.continuation_len
+            )),
+        )
+        .await;
+    }
+    // Pull the code if this node lacks it (receiver-initiated, anonymous), then admit it.
+    let hash = fields.package_hash;
+    if let Err(e) = ensure_package(shared, peer, &hash).await {
+        return write_frame(&mut stream, &refuse(e)).await;
+    }
+    let loaded = match shared.loaded(hash.as_bytes()) {
+        Ok(l) => l,
+        Err(e) => return write_frame(&mut stream, &refuse(e)).await,
+    };
+    if let Err(e) = shared.trust.admit_package(&loaded.package) {
+        return write_frame(&mut stream, &refuse(format!("package refused: {e}"))).await;
+    }
+    write_frame(&mut stream, &HopReply::Ready).await?;
+    let continuation = read_bulk(&mut stream, offer.continuation_len as usize).await?;
+    let continuation_hash = *blake3::hash(&continuation).as_bytes();
+    let check = HopCheck::new(&sender, &shared.public, &hash, &continuation_hash)
+        .with_previous(previous.as_ref());
+    if let Err(e) = verify_hop(envelope, &check) {
+        tracing::warn!(%peer, "refused a hop: {e}");
+        return write_frame(&mut stream, &refuse(format!("hop envelope: {e}"))).await;
+    }
+    if let Err(e) = Execution::decode(&loaded.program, &continuation) {
+        return write_frame(&mut stream, &refuse(format!("continuation: {e}"))).await;
+    }
+    let rec = AgentRecord {
+        id: agent.clone(),
+        package: *hash.as_bytes(),
+        hop: fields.hop,
+        hops: offer.hops,
+        home: offer.home,
+        launcher: offer.launcher,
+        state: AgentState::Ready,
+        continuation,
+        envelope: offer.envelope,
+    };
+    match shared.store.accept_arrival(&rec) {
+        Ok(Arrival::New) => {}
+        Ok(Arrival::Duplicate) => return write_frame(&mut stream, &HopReply::Duplicate).await,
+        Err(e) => {
+            return write_frame(&mut stream, &refuse(format!("cannot store the agent: {e}"))).await
+        }
+    }
+    die_if(shared, FaultPoint::DestinationAfterStore);
+    write_frame(&mut stream, &HopReply::Stored).await?;
+    tell_home_location(shared, &rec);
+    spawn_agent(shared, agent, rec.hop);
+    Ok(())
+}
+
+/// Updates the agent's location at its home node (best effort; forwarding pointers cover gaps).
+fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecord) {
+    if rec.home == shared.peer_id.to_string() {
+        let _ = shared.store.set_location(&rec.id, &rec.home);
+    }
+}
+
+/// Makes sure the package with `hash` is in the store, pulling it from `peer` if needed.
+async fn ensure_package(shared: &Shared, peer: PeerId, hash: &PackageHash) -> Result<(), String> {
+    if shared
+        .store
+        .has_package(hash.as_bytes())
+        .map_err(|e| e.to_string())?
+    {
+        return Ok(());
+    }
+    let mut stream = shared
+        .control
+        .clone()
+        .open_stream(peer, PACKAGE_PROTOCOL)
+        .await
+        .map_err(|e| format!("package pull: {e}"))?;
+    write_frame(
+        &mut stream,
+        &PackageRequest {
+            hash: *hash.as_bytes(),
+        },
+    )
+    .await
+    .map_err(|e| format!("package pull: {e}"))?;
+    let bytes = match read_frame::<_, PackageReply>(&mut stream, MAX_FRAME)
+        .await
+        .map_err(|e| format!("package pull: {e}"))?
+    {
+        PackageReply::Found(b) => b,
+        PackageReply::NotFound => {
+            return Err("package pull: the peer does not have the package".into())
+        }
+        PackageReply::Refused => {
+            return Err("package pull: the peer does not serve packages".into())
+        }
+    };
+    let package = Package::from_bytes(&bytes)
+        .and_then(Package::verify)
+        .map_err(|e| format!("pulled package: {e}"))?;
+    if package.hash() != *hash {
+        return Err("pulled package has another hash".into());
+    }
+    shared
+        .trust
+        .admit_package(&package)
+        .map_err(|e| format!("package refused: {e}"))?;
+    shared
+        .store
+        .put_package(hash.as_bytes(), &bytes)
+        .map_err(|e| e.to_string())
+}
+
+async fn handle_package(
+    shared: &Shared,
+    mut stream: libp2p::Stream,
+) -> Result<(), crate::wire::WireError> {
+    let request: PackageRequest = read_frame(&mut stream, 1024).await?;
+    let reply = if !shared.trust.serve_packages {
+        PackageReply::Refused
+    } else {
+        match shared.store.package(&request.hash) {
+            Ok(Some(bytes)) => PackageReply::Found(bytes),
+            _ => PackageReply::NotFound,
+        }
+    };
+    write_frame(&mut stream, &reply).await
+}
+
+async fn handle_control(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+) -> Result<(), crate::wire::WireError> {
+    let request: ControlRequest = read_frame(&mut stream, MAX_FRAME).await?;
+    match request {
+        ControlRequest::Launch { package, wait } => {
+            let verified = match Package::from_bytes(&package).and_then(Package::verify) {
+                Ok(p) => p,
+                Err(e) => {
+                    return write_frame(&mut stream, &ControlReply::Error(format!("package: {e}")))
+                        .await
+                }
+            };
+            match launch(shared, verified, Some(peer.to_string())) {
+                Ok((agent, end)) => {
+                    write_frame(
+                        &mut stream,
+                        &ControlReply::Launched {
+                            agent: agent.clone(),
+                        },
+                    )
+                    .await?;
+                    if wait {
+                        if let Ok(end) = end.await {
+                            write_frame(&mut stream, &ControlReply::Ended(end)).await?;
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => write_frame(&mut stream, &ControlReply::Error(e)).await,
+            }
+        }
+        ControlRequest::Status => {
+            write_frame(&mut stream, &ControlReply::Status(status(shared))).await
+        }
+        ControlRequest::Ended { agent, end } => {
+            deliver_end(shared, &agent, end);
+            write_frame(&mut stream, &ControlReply::Ok).await
+        }
+        ControlRequest::HopStatus { agent, hop } => {
+            let held = shared.store.has_seen(&agent, hop).unwrap_or(false);
+            write_frame(&mut stream, &ControlReply::HopHeld(held)).await
+        }
+    }
+}

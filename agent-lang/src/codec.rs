@@ -116,6 +116,7 @@ impl Execution {
             match primitive {
                 Primitive::Migrate => 1,
                 Primitive::Receive => 2,
+                Primitive::Send => 3,
             },
         );
         put(
@@ -337,6 +338,7 @@ impl Execution {
         let primitive = match r.uint()? {
             1 => Primitive::Migrate,
             2 => Primitive::Receive,
+            3 => Primitive::Send,
             _ => return bad(&mut r, "unknown suspension"),
         };
         let nframes = r.array()?;

@@ -34,6 +34,7 @@ pub(crate) const MAIN_BODY: BodyId = 0;
 pub(crate) enum Primitive {
     Migrate,
     Receive,
+    Send,
 }
 
 /// What a suspending statement calls.
@@ -410,6 +411,7 @@ impl<'a> Planner<'a> {
         if is_primitive(fc) {
             return Some(Target::Primitive(match fc.name.as_str() {
                 "migrate" => Primitive::Migrate,
+                "send" => Primitive::Send,
                 _ => Primitive::Receive,
             }));
         }

@@ -73,11 +73,13 @@ fn with_host<T>(f: impl FnOnce(&HostEnv) -> T) -> Result<T, Box<EvalAltResult>> 
 }
 
 /// Names of the suspension primitives, with the argument counts that make them primitives.
-pub(crate) const PRIMITIVES: &[(&str, usize)] = &[("migrate", 1), ("receive", 0), ("receive", 1)];
+pub(crate) const PRIMITIVES: &[(&str, usize)] =
+    &[("migrate", 1), ("receive", 0), ("receive", 1), ("send", 2)];
 
 /// The names an agent may not define functions under.
-pub(crate) const RESERVED_FUNCTIONS: &[&str] =
-    &["migrate", "receive", "here", "home", "nodes", "id", "hops"];
+pub(crate) const RESERVED_FUNCTIONS: &[&str] = &[
+    "migrate", "receive", "send", "here", "home", "nodes", "id", "hops",
+];
 
 /// The value carried by `exit(value)`: Rhai's own `exit` would end only the statement the executor
 /// delegated, so the sandbox replaces it with a non-catchable termination carrying this token.
@@ -161,6 +163,12 @@ pub(crate) fn agent_engine(limits: &Limits) -> Engine {
     engine.register_fn("receive", |_: Dynamic| -> Result<(), Box<EvalAltResult>> {
         Err(native_primitive_error("receive").into())
     });
+    engine.register_fn(
+        "send",
+        |_: Dynamic, _: Dynamic| -> Result<(), Box<EvalAltResult>> {
+            Err(native_primitive_error("send").into())
+        },
+    );
     engine
 }
 

@@ -40,6 +40,14 @@ pub enum Outcome {
         /// How long to wait, if the agent said.
         timeout_ms: Option<u64>,
     },
+    /// The agent called `send(to, value)`: deliver the message, then resume it with `()`, or
+    /// with `Resume::Error(..)` if it cannot be delivered.
+    Send {
+        /// The receiving agent's id.
+        to: String,
+        /// The message.
+        value: Dynamic,
+    },
     /// The agent failed; it cannot be resumed.
     Failed(AgentError),
 }
@@ -535,6 +543,23 @@ impl Execution {
                     Err(t) => {
                         return Err(StepErr::Eval(
                             EvalAltResult::ErrorFunctionNotFound(format!("migrate ({t})"), pos)
+                                .into(),
+                        ))
+                    }
+                }
+            }
+            Primitive::Send => {
+                let mut args = args.into_iter();
+                let to = args.next().unwrap_or_default();
+                let value = args.next().unwrap_or_default();
+                match to.into_immutable_string() {
+                    Ok(s) => Outcome::Send {
+                        to: s.to_string(),
+                        value: value.flatten(),
+                    },
+                    Err(t) => {
+                        return Err(StepErr::Eval(
+                            EvalAltResult::ErrorFunctionNotFound(format!("send ({t}, ?)"), pos)
                                 .into(),
                         ))
                     }

@@ -63,6 +63,8 @@ pub use engine::{exit_value, sandboxed_engine, unknown_node_error, ExitValue, Ho
 pub use error::{AgentError, AgentErrorKind};
 pub use exec::{Execution, Outcome, Resume};
 pub use limits::Limits;
-pub use value::{to_json, ValueError, TAG_CHAR, TAG_FN_PTR};
+pub use value::{
+    decode_portable, encode_portable, from_json, to_json, ValueError, TAG_CHAR, TAG_FN_PTR,
+};
 
 pub use rhai;

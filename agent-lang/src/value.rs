@@ -362,3 +362,57 @@ pub fn to_json(value: &Dynamic) -> serde_json::Value {
         J::String(value.to_string())
     }
 }
+
+/// Encodes one portable value on its own (a message between agents).
+///
+/// # Errors
+///
+/// The value, or something inside it, cannot travel.
+pub fn encode_portable(value: &Dynamic) -> Result<Vec<u8>, ValueError> {
+    let mut bytes = Vec::new();
+    let mut enc = Enc::from(&mut bytes);
+    encode_value(&mut enc, value, &|| "the message".to_string(), 0)?;
+    Ok(bytes)
+}
+
+/// Decodes a value written by [`encode_portable`]; function pointers are resolved against
+/// `program` (the receiving agent's).
+///
+/// # Errors
+///
+/// Malformed, truncated or trailing bytes, or a value that is not portable.
+pub fn decode_portable(
+    program: &crate::Program,
+    bytes: &[u8],
+) -> Result<Dynamic, crate::DecodeError> {
+    let mut r = Reader::new(bytes);
+    let v = r.value(&program.inner, 0)?;
+    if r.offset() != bytes.len() {
+        return Err(crate::DecodeError::Malformed {
+            what: "trailing bytes".into(),
+            offset: r.offset(),
+        });
+    }
+    Ok(v)
+}
+
+/// A JSON value as a Rhai value: null → (), numbers → integer when integral else float,
+/// arrays and objects recursively.
+pub fn from_json(value: &serde_json::Value) -> Dynamic {
+    use serde_json::Value as J;
+    match value {
+        J::Null => Dynamic::UNIT,
+        J::Bool(b) => Dynamic::from_bool(*b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => Dynamic::from(ImmutableString::from(s.as_str())),
+        J::Array(a) => Dynamic::from_array(a.iter().map(from_json).collect()),
+        J::Object(m) => Dynamic::from_map(
+            m.iter()
+                .map(|(k, v)| (k.as_str().into(), from_json(v)))
+                .collect(),
+        ),
+    }
+}

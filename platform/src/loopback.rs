@@ -79,10 +79,28 @@ impl LoopbackMesh {
         let (agent, end) = self.nodes[0]
             .launch(package, None)
             .map_err(anyhow::Error::msg)?;
-        let end = end
-            .await
-            .context("the mesh stopped before the agent ended")?;
-        Ok((agent, end))
+        tokio::pin!(end);
+        // Only the agent itself can send it messages here: waiting for one without a timeout,
+        // with none queued, would never end.
+        let mut stuck_checks = 0;
+        loop {
+            tokio::select! {
+                end = &mut end => return Ok((agent, end.context("the mesh stopped before the agent ended")?)),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    match self.nodes.iter().find(|n| n.waits_for_a_message(&agent)) {
+                        Some(node) if stuck_checks >= 1 => {
+                            let node = node.name().to_string();
+                            let error = "receive() without a timeout would wait forever: under `tern run` only \
+                                         the agent itself can send it messages (use receive(timeout_ms))"
+                                .to_string();
+                            return Ok((agent, AgentEnd::Failed { error, node, position: None }));
+                        }
+                        Some(_) => stuck_checks += 1,
+                        None => stuck_checks = 0,
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -34,6 +34,19 @@ enum Command {
     Launch(LaunchArgs),
     /// Show a node's peers, agents and forwarding pointers.
     Status(StatusArgs),
+    /// Send a message (a JSON value) to an agent, through any node of its mesh.
+    Send(SendArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SendArgs {
+    /// The receiving agent's id.
+    agent: String,
+    /// The message, as JSON (e.g. '42', '"hi"', '{"x": [1, 2]}').
+    message: String,
+    /// The node's address, ending in /p2p/<peer id>.
+    #[arg(long)]
+    node: libp2p::Multiaddr,
 }
 
 #[derive(clap::Args, Debug)]
@@ -187,6 +200,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(args) => runtime()?.block_on(node(args)),
         Command::Launch(args) => runtime()?.block_on(launch(args)),
         Command::Status(args) => runtime()?.block_on(status(args)),
+        Command::Send(args) => runtime()?.block_on(send(args)),
     }
 }
 
@@ -590,4 +604,24 @@ async fn status(args: StatusArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn send(args: SendArgs) -> Result<()> {
+    let json: serde_json::Value =
+        serde_json::from_str(&args.message).context("the message must be a JSON value")?;
+    let message = agent_lang::encode_portable(&agent_lang::from_json(&json))?;
+    let client = platform::client::Client::connect(&args.node)?;
+    let request = platform::wire::ControlRequest::Deliver {
+        agent: args.agent.clone(),
+        message,
+        ttl: 16,
+        probe: false,
+    };
+    match client.request(&request).await? {
+        platform::wire::ControlReply::Delivered => Ok(()),
+        platform::wire::ControlReply::Error(e) => {
+            anyhow::bail!("cannot deliver to {}: {e}", args.agent)
+        }
+        other => anyhow::bail!("unexpected reply from the node: {other:?}"),
+    }
 }

@@ -130,6 +130,8 @@ struct Shared {
     /// Runner tasks on this node, by (agent, hop envelope number): an agent that comes back
     /// while the runner that sent it away is still finishing gets a runner of its own.
     running: Mutex<HashSet<(String, u64)>>,
+    /// Wakes agents waiting in `receive` when a message is queued for them.
+    mailboxes: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     /// Bounds the streams handled at once, so a flood of peers cannot exhaust the node.
     streams: Semaphore,
     control: libp2p_stream::Control,
@@ -222,6 +224,7 @@ impl Node {
             programs: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             running: Mutex::new(HashSet::new()),
+            mailboxes: Mutex::new(HashMap::new()),
             streams: Semaphore::new(256),
             control,
             commands,
@@ -328,6 +331,34 @@ impl NodeHandle {
         launcher: Option<String>,
     ) -> Result<(String, oneshot::Receiver<AgentEnd>), String> {
         launch(&self.shared, package, launcher)
+    }
+
+    /// Sends `message` (a portable value) to `agent`, wherever it is.
+    ///
+    /// # Errors
+    ///
+    /// The value cannot travel, or no node knows the agent, or it has finished.
+    pub async fn send(&self, agent: &str, message: &Dynamic) -> Result<(), String> {
+        let bytes = agent_lang::encode_portable(message).map_err(|e| e.to_string())?;
+        route_message(&self.shared, agent, bytes).await
+    }
+
+    /// Whether `agent` is held here waiting in `receive()` without a timeout, with no message
+    /// queued: only a message from outside can wake it.
+    pub fn waits_for_a_message(&self, agent: &str) -> bool {
+        matches!(
+            self.shared.store.agent(agent),
+            Ok(Some(AgentRecord {
+                state: AgentState::Waiting {
+                    timeout_at_ms: None
+                },
+                ..
+            }))
+        ) && self
+            .shared
+            .store
+            .message_count(agent)
+            .is_ok_and(|n| n == 0)
     }
 
     /// This node's status.
@@ -647,17 +678,24 @@ fn spawn_agent(shared: &Arc<Shared>, id: String, hop: u64) {
 /// The source's side of a completed hop, in one transaction: drop our copy and leave a
 /// forwarding pointer — unless the agent has already come back (a newer arrival replaced the
 /// departure record), in which case the record is the new arrival's and stays.
-fn complete_departure(shared: &Shared, id: &str, to: &str, hop: u64) -> Result<(), String> {
-    shared
+fn complete_departure(shared: &Arc<Shared>, id: &str, to: &str, hop: u64) -> Result<(), String> {
+    let queued = shared
         .store
         .batch(|b| match b.agent(id)? {
             Some(AgentRecord {
                 state: AgentState::Leaving { hop: h, .. },
                 ..
-            }) if h == hop => b.complete_departure(id, to),
-            _ => Ok(()),
+            }) if h == hop => {
+                let queued = b.take_messages(id)?;
+                b.complete_departure(id, to)?;
+                Ok(queued)
+            }
+            _ => Ok(Vec::new()),
         })
-        .map_err(|e| format!("migrate: {e}"))
+        .map_err(|e| format!("migrate: {e}"))?;
+    // Messages that arrived while the agent was in flight follow it.
+    forward_queued(shared, id, queued);
+    Ok(())
 }
 
 /// What became of an agent's hop attempt.
@@ -711,7 +749,17 @@ async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64) {
             }
         }
     };
-    let mut input = Resume::Start;
+    // An agent stored while waiting in `receive` goes back to waiting.
+    let mut input = match rec.state {
+        AgentState::Waiting { timeout_at_ms } => {
+            let left = timeout_at_ms.map(|t| t.saturating_sub(now_ms()));
+            match receive(shared, &rec, &exec, &loaded, left).await {
+                Ok(v) => Resume::Value(v),
+                Err(e) => Resume::Error(e),
+            }
+        }
+        _ => Resume::Start,
+    };
     loop {
         let env = shared.env(&rec);
         let slice = tokio::task::spawn_blocking(move || {
@@ -738,33 +786,52 @@ async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64) {
         match outcome {
             Outcome::Finished(v) => {
                 let json = agent_lang::to_json(&v).to_string();
-                return finish(shared, &rec, AgentEnd::Finished { json, node: shared.name.clone(), hops: rec.hops }).await;
+                return finish(
+                    shared,
+                    &rec,
+                    AgentEnd::Finished {
+                        json,
+                        node: shared.name.clone(),
+                        hops: rec.hops,
+                    },
+                )
+                .await;
             }
-            Outcome::Failed(err) => return finish(shared, &rec, failed_end(&shared.name, err)).await,
+            Outcome::Failed(err) => {
+                return finish(shared, &rec, failed_end(&shared.name, err)).await
+            }
             Outcome::Migrate { to } => match hop(shared, &mut rec, &exec, &loaded, &to).await {
                 Ok(HopResult::Left) => return,
                 Ok(HopResult::Stayed) => input = Resume::Start,
                 Err(message) => input = Resume::Error(message),
             },
-            Outcome::Receive { timeout_ms } => match timeout_ms {
-                Some(ms) => {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    input = Resume::Value(Dynamic::UNIT);
+            Outcome::Receive { timeout_ms } => {
+                input = match receive(shared, &rec, &exec, &loaded, timeout_ms).await {
+                    Ok(v) => Resume::Value(v),
+                    Err(e) => Resume::Error(e),
                 }
-                None => {
-                    return finish(
-                        shared,
-                        &rec,
-                        AgentEnd::Failed {
-                            error: "receive() without a timeout: no message can reach an agent on this node yet (use receive(timeout_ms))".into(),
-                            node: shared.name.clone(),
-                            position: None,
-                        },
-                    )
-                    .await
+            }
+            Outcome::Send { to, value } => {
+                input = match agent_lang::encode_portable(&value) {
+                    Ok(bytes) => match route_message(shared, &to, bytes).await {
+                        Ok(()) => Resume::Value(Dynamic::UNIT),
+                        Err(e) => Resume::Error(format!("send: {e}")),
+                    },
+                    Err(e) => Resume::Error(format!("send: {e}")),
                 }
-            },
-            _ => return finish(shared, &rec, AgentEnd::Failed { error: "unknown outcome".into(), node: shared.name.clone(), position: None }).await,
+            }
+            _ => {
+                return finish(
+                    shared,
+                    &rec,
+                    AgentEnd::Failed {
+                        error: "unknown outcome".into(),
+                        node: shared.name.clone(),
+                        position: None,
+                    },
+                )
+                .await
+            }
         }
     }
 }
@@ -1162,6 +1229,182 @@ async fn run_agent_from(shared: &Arc<Shared>, rec: AgentRecord, input: Resume) {
     }
 }
 
+/// Waits for the agent's next message (or the timeout). While it waits, its continuation is
+/// stored with state Waiting, so a restarted node resumes it at the `receive`.
+async fn receive(
+    shared: &Arc<Shared>,
+    rec: &AgentRecord,
+    exec: &Execution,
+    loaded: &Loaded,
+    timeout_ms: Option<u64>,
+) -> Result<Dynamic, String> {
+    let notify = lock(&shared.mailboxes)
+        .entry(rec.id.clone())
+        .or_default()
+        .clone();
+    let deadline = timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let mut persisted = false;
+    let result = loop {
+        match shared.store.pop_message(&rec.id) {
+            Ok(Some(bytes)) => {
+                break agent_lang::decode_portable(&loaded.program, &bytes)
+                    .map_err(|e| format!("receive: bad message: {e}"));
+            }
+            Ok(None) => {}
+            Err(e) => break Err(format!("receive: {e}")),
+        }
+        if !persisted {
+            persisted = true;
+            if let Ok(continuation) = exec.encode() {
+                let timeout_at_ms = timeout_ms.map(|ms| now_ms().saturating_add(ms));
+                let waiting = AgentRecord {
+                    state: AgentState::Waiting { timeout_at_ms },
+                    continuation,
+                    ..rec.clone()
+                };
+                let _ = shared.store.put_agent(&waiting);
+            }
+            continue;
+        }
+        match deadline {
+            Some(d) => {
+                if tokio::time::timeout_at(d, notify.notified()).await.is_err() {
+                    break Ok(Dynamic::UNIT);
+                }
+            }
+            None => notify.notified().await,
+        }
+    };
+    if persisted {
+        let _ = shared.store.put_agent(&AgentRecord {
+            state: AgentState::Ready,
+            ..rec.clone()
+        });
+    }
+    result
+}
+
+/// What a probed node that knows nothing of an agent answers.
+const NOT_HERE: &str = "not here";
+
+/// What this node can do with a message for `agent`.
+enum Delivery {
+    /// Queued here (the agent is here, or leaving from here).
+    Queued,
+    /// The agent is elsewhere: this peer knows more.
+    Forward(PeerId),
+    /// The agent finished.
+    Finished,
+    /// This node knows nothing of the agent.
+    Unknown,
+}
+
+/// Queues the message if the agent is here (waking it), or says where to forward it.
+fn deliver_here(shared: &Shared, agent: &str, message: &[u8]) -> Result<Delivery, String> {
+    let d = shared
+        .store
+        .batch(|b| {
+            if b.agent(agent)?.is_some() {
+                b.push_message(agent, message)?;
+                return Ok(Delivery::Queued);
+            }
+            Ok(Delivery::Unknown)
+        })
+        .map_err(|e| e.to_string())?;
+    if let Delivery::Queued = d {
+        lock(&shared.mailboxes)
+            .entry(agent.to_string())
+            .or_default()
+            .notify_one();
+        return Ok(d);
+    }
+    let me = shared.peer_id.to_string();
+    let next = shared.store.forward(agent).ok().flatten().or_else(|| {
+        shared
+            .store
+            .location(agent)
+            .ok()
+            .flatten()
+            .filter(|l| *l != me)
+    });
+    if let Some(peer) = next.and_then(|p| p.parse::<PeerId>().ok()) {
+        return Ok(Delivery::Forward(peer));
+    }
+    if shared.store.result(agent).ok().flatten().is_some() {
+        return Ok(Delivery::Finished);
+    }
+    Ok(Delivery::Unknown)
+}
+
+/// Delivers a message to `agent` wherever it is: here, along forwarding pointers, or — when
+/// this node knows nothing of it — by asking every connected peer.
+async fn route_message(shared: &Arc<Shared>, agent: &str, message: Vec<u8>) -> Result<(), String> {
+    route(shared, agent, message, 16, false).await
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    agent: &str,
+    message: Vec<u8>,
+    ttl: u8,
+    probe: bool,
+) -> Result<(), String> {
+    match deliver_here(shared, agent, &message)? {
+        Delivery::Queued => Ok(()),
+        Delivery::Finished => Err(format!("agent {agent} has finished")),
+        Delivery::Forward(peer) if ttl > 0 => {
+            let request = ControlRequest::Deliver {
+                agent: agent.to_string(),
+                message,
+                ttl: ttl - 1,
+                probe: false,
+            };
+            match control_request(shared, peer, &request).await? {
+                ControlReply::Delivered => Ok(()),
+                ControlReply::Error(e) => Err(e),
+                other => Err(format!("unexpected reply {other:?}")),
+            }
+        }
+        Delivery::Forward(_) => Err(format!("agent {agent}: too many forwarding steps")),
+        Delivery::Unknown if probe => Err(NOT_HERE.into()),
+        Delivery::Unknown => {
+            let peers: Vec<PeerId> = lock(&shared.peers).keys().copied().collect();
+            let mut known_error = None;
+            for peer in peers {
+                let request = ControlRequest::Deliver {
+                    agent: agent.to_string(),
+                    message: message.clone(),
+                    ttl: ttl.saturating_sub(1),
+                    probe: true,
+                };
+                match control_request(shared, peer, &request).await {
+                    Ok(ControlReply::Delivered) => return Ok(()),
+                    // The peer knows the agent but cannot deliver (e.g. it finished).
+                    Ok(ControlReply::Error(e)) => known_error = Some(e),
+                    _ => {}
+                }
+            }
+            Err(known_error.unwrap_or_else(|| format!("no agent {agent} in the mesh")))
+        }
+    }
+}
+
+/// Forwards the messages queued for an agent that has just left to where it went.
+fn forward_queued(shared: &Arc<Shared>, agent: &str, messages: Vec<Vec<u8>>) {
+    if messages.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
+    let agent = agent.to_string();
+    tokio::spawn(async move {
+        for m in messages {
+            if let Err(e) = route(&shared, &agent, m, 16, false).await {
+                tracing::warn!(%agent, "a queued message could not follow the agent: {e}");
+            }
+        }
+    });
+}
+
 /// Destination side of a hop.
 async fn handle_hop(
     shared: &Arc<Shared>,
@@ -1265,9 +1508,24 @@ async fn handle_hop(
 
 /// Updates the agent's location at its home node (best effort; forwarding pointers cover gaps).
 fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecord) {
-    if rec.home == shared.peer_id.to_string() {
-        let _ = shared.store.set_location(&rec.id, &rec.home);
+    let me = shared.peer_id.to_string();
+    if rec.home == me {
+        let _ = shared.store.set_location(&rec.id, &me);
+        return;
     }
+    let Ok(home) = rec.home.parse::<PeerId>() else {
+        return;
+    };
+    let shared = shared.clone();
+    let request = ControlRequest::Location {
+        agent: rec.id.clone(),
+        node: me,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = control_request(&shared, home, &request).await {
+            tracing::debug!("cannot tell the home node where the agent is (forwarding pointers still lead there): {e}");
+        }
+    });
 }
 
 /// Makes sure the package with `hash` is in the store, pulling it from `peer` if needed.
@@ -1370,6 +1628,23 @@ async fn handle_control(
                 }
                 Err(e) => write_frame(&mut stream, &ControlReply::Error(e)).await,
             }
+        }
+        ControlRequest::Deliver {
+            agent,
+            message,
+            ttl,
+            probe,
+        } => {
+            let reply = match route(shared, &agent, message, ttl, probe).await {
+                Ok(()) => ControlReply::Delivered,
+                Err(e) if probe && e == NOT_HERE => ControlReply::NotHere,
+                Err(e) => ControlReply::Error(e),
+            };
+            write_frame(&mut stream, &reply).await
+        }
+        ControlRequest::Location { agent, node } => {
+            let _ = shared.store.set_location(&agent, &node);
+            write_frame(&mut stream, &ControlReply::Ok).await
         }
         ControlRequest::Status => {
             write_frame(&mut stream, &ControlReply::Status(status(shared))).await

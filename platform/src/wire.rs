@@ -208,6 +208,26 @@ pub enum ControlRequest {
         /// How it ended.
         end: AgentEnd,
     },
+    /// Deliver a message to an agent: held here → queued for it; moved on → forwarded along
+    /// the forwarding pointer or the home's location record.
+    Deliver {
+        /// The receiving agent.
+        agent: String,
+        /// The message, a portable value (`agent_lang::encode_portable`).
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+        /// Forwarding steps left (guards against pointer loops).
+        ttl: u8,
+        /// Only answer for what this node knows; do not ask other peers.
+        probe: bool,
+    },
+    /// Where an agent of this home node is now (from the node it arrived at).
+    Location {
+        /// The agent.
+        agent: String,
+        /// Peer id of the node holding it.
+        node: String,
+    },
     /// Does this node hold (agent, hop)? Asked by a source that lost a hop's acknowledgement.
     HopStatus {
         /// The agent.
@@ -254,6 +274,10 @@ pub enum ControlReply {
     Status(StatusReport),
     /// Whether this node holds the hop asked about.
     HopHeld(bool),
+    /// The message is queued for the agent (or forwarded to where it is).
+    Delivered,
+    /// (To a probe) this node knows nothing of the agent.
+    NotHere,
     /// Done.
     Ok,
     /// The request was refused or failed.

@@ -144,3 +144,169 @@ fn thousands_of_hops() {
         assert_eq!(finished(run(3, src).await).0, "[2000,2000]");
     });
 }
+
+async fn mesh_for(nodes: usize, source: &str) -> (LoopbackMesh, security::VerifiedPackage) {
+    let (package, trust) = package(source);
+    let mesh = LoopbackMesh::start(nodes, trust, agent_lang::Limits::default(), None)
+        .await
+        .unwrap();
+    (mesh, package)
+}
+
+/// Polls `f` every 10 ms for up to 20 s.
+async fn eventually(mut f: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within 20 s");
+}
+
+#[test]
+fn messages_sent_before_a_hop_follow_the_agent() {
+    rt().block_on(async {
+        let src = r#"
+            send(id(), #{ hello: "me" });
+            migrate("node-1");
+            send(id(), 42);
+            let a = receive(); let b = receive(); let c = receive(50);
+            [a, b, c, here()]
+        "#;
+        assert_eq!(
+            finished(run(2, src).await).0,
+            r#"[{"hello":"me"},42,null,"node-1"]"#
+        );
+    });
+}
+
+#[test]
+fn a_message_reaches_a_resident_agent_from_another_node() {
+    rt().block_on(async {
+        let (mesh, package) = mesh_for(3, "let m = receive(); [m * 2, here()]").await;
+        let (agent, end) = mesh.nodes()[0].launch(package, None).unwrap();
+        let n0 = mesh.nodes()[0].clone();
+        eventually(|| {
+            n0.status()
+                .agents
+                .iter()
+                .any(|a| a.id == agent && a.state == "waiting")
+        })
+        .await;
+        mesh.nodes()[2]
+            .send(&agent, &agent_lang::rhai::Dynamic::from_int(21))
+            .await
+            .unwrap();
+        assert_eq!(finished(end.await.unwrap()).0, r#"[42,"node-0"]"#);
+    });
+}
+
+#[test]
+fn a_message_follows_an_agent_that_moved_on_twice() {
+    rt().block_on(async {
+        let (mesh, package) = mesh_for(
+            3,
+            r#"migrate("node-1"); migrate("node-2"); let m = receive(); [m, here(), hops()]"#,
+        )
+        .await;
+        let (agent, end) = mesh.nodes()[0].launch(package, None).unwrap();
+        let n2 = mesh.nodes()[2].clone();
+        eventually(|| {
+            n2.status()
+                .agents
+                .iter()
+                .any(|a| a.id == agent && a.state == "waiting")
+        })
+        .await;
+        // From the home node: node-0 -> node-1 -> node-2 along forwarding pointers (or the location).
+        mesh.nodes()[0]
+            .send(&agent, &agent_lang::rhai::Dynamic::from_int(7))
+            .await
+            .unwrap();
+        assert_eq!(finished(end.await.unwrap()).0, r#"[7,"node-2",2]"#);
+    });
+}
+
+#[test]
+fn a_message_to_an_agent_in_flight_is_delivered_after_it_lands() {
+    rt().block_on(async {
+        let src = r#"
+            let i = 0;
+            while i < 40 { migrate(nodes()[i % 3]); i += 1; }
+            let m = receive();
+            [m, hops()]
+        "#;
+        let (mesh, package) = mesh_for(3, src).await;
+        let (agent, end) = mesh.nodes()[0].launch(package, None).unwrap();
+        // Sent while the agent is bouncing around the mesh.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        mesh.nodes()[1]
+            .send(&agent, &agent_lang::rhai::Dynamic::from_int(99))
+            .await
+            .unwrap();
+        assert_eq!(finished(end.await.unwrap()).0, "[99,40]");
+    });
+}
+
+#[test]
+fn messages_to_unknown_or_finished_agents_are_errors() {
+    rt().block_on(async {
+        let (mesh, package) = mesh_for(2, "1").await;
+        let err = mesh.nodes()[0]
+            .send(
+                "0123456789abcdef0123456789abcdef",
+                &agent_lang::rhai::Dynamic::UNIT,
+            )
+            .await
+            .unwrap_err();
+        assert!(err.contains("no agent"), "{err}");
+        let (agent, end) = mesh.nodes()[0].launch(package, None).unwrap();
+        end.await.unwrap();
+        let err = mesh.nodes()[1]
+            .send(&agent, &agent_lang::rhai::Dynamic::UNIT)
+            .await
+            .unwrap_err();
+        assert!(err.contains("finished"), "{err}");
+    });
+}
+
+#[test]
+fn an_agent_can_message_another_agent() {
+    rt().block_on(async {
+        let author = security::SecretKey::generate();
+        let sign = |source: String| {
+            let spec = platform::package_files::PackSpec {
+                name: "pair".into(),
+                version: "0".into(),
+                resources: vec![],
+                capabilities: vec![],
+                limits: Default::default(),
+            };
+            platform::package_files::pack(source, spec, &author, 0)
+                .unwrap()
+                .verify()
+                .unwrap()
+        };
+        let mut trust: security::TrustPolicy =
+            toml::from_str(&format!("authors = [\"{}\"]", author.public())).unwrap();
+        trust.accept_from = PeersPolicy::Any;
+        let mesh = LoopbackMesh::start(2, trust, agent_lang::Limits::default(), None)
+            .await
+            .unwrap();
+        let receiver = sign(r#"migrate("node-1"); let m = receive(); m + 1"#.to_string());
+        let (receiver_id, receiver_end) = mesh.nodes()[0].launch(receiver, None).unwrap();
+        let n1 = mesh.nodes()[1].clone();
+        eventually(|| {
+            n1.status()
+                .agents
+                .iter()
+                .any(|a| a.id == receiver_id && a.state == "waiting")
+        })
+        .await;
+        let sender = sign(format!(r#"send("{receiver_id}", 41); "sent""#));
+        let (_, sender_end) = mesh.nodes()[0].launch(sender, None).unwrap();
+        assert_eq!(finished(sender_end.await.unwrap()).0, "\"sent\"");
+        assert_eq!(finished(receiver_end.await.unwrap()).0, "42");
+    });
+}

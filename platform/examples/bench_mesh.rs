@@ -1,0 +1,987 @@
+//! The mesh benchmarks: real tern nodes (libp2p, TCP + noise + yamux on 127.0.0.1, redb stores in
+//! temporary directories) in one process, measured in one run and printed as a markdown table
+//! with the target next to each figure.
+//!
+//! `cargo run --release -p platform --example bench_mesh [BENCH ...] [--option value ...]`
+//!
+//! Benches (all when none is named): `latency` (hop latency and single-agent hops per second,
+//! store without fsync), `fsync` (the same with fsync on both sides, against this machine's
+//! fsync latency), `concurrent` (many agents in flight), `bulk` (a 100 MB continuation hop
+//! against a raw libp2p-stream transfer of the same bytes), `resident` (resident agents on one
+//! node, in a child process so its RSS is the node's alone), `parts` (component timings that
+//! explain the figures: store commits, envelope sign/verify, continuation encode/decode).
+//!
+//! Options: `--hops N` (hops of the bouncing agent, default 1000), `--agents N` (agents in
+//! flight, default 200), `--agent-hops N` (hops each of those makes, default 50), `--bulk-mb N`
+//! (default 100), `--resident N` (default 10000), `--runs N` (measured runs of the bulk hop and
+//! the raw transfer, default 3).
+
+use std::fmt::Write as _;
+use std::io::{BufRead, Write as _};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_lang::{Execution, HostEnv, Limits, Outcome, Program, Resume};
+use anyhow::{anyhow, bail, Context, Result};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, StreamProtocol, Swarm};
+use platform::loopback::LoopbackMesh;
+use platform::node::{HopRecord, Node, NodeConfig, NodeHandle};
+use platform::store::{AgentRecord, AgentState, Durability, Store};
+use platform::wire::AgentEnd;
+use security::{
+    verify_hop, AgentId, HopCheck, HopEnvelope, HopFields, PeersPolicy, SecretKey, TrustPolicy,
+    VerifiedPackage, FIRST_HOP,
+};
+use tokio::sync::mpsc;
+
+const BENCHES: [&str; 6] = [
+    "latency",
+    "fsync",
+    "concurrent",
+    "bulk",
+    "resident",
+    "parts",
+];
+
+struct Options {
+    benches: Vec<String>,
+    hops: u64,
+    agents: usize,
+    agent_hops: u64,
+    bulk_mb: usize,
+    resident: usize,
+    runs: usize,
+}
+
+fn parse_args(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        benches: Vec::new(),
+        hops: 1000,
+        agents: 200,
+        agent_hops: 50,
+        bulk_mb: 100,
+        resident: 10_000,
+        runs: 3,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> Result<u64> {
+            it.next()
+                .with_context(|| format!("{name} needs a value"))?
+                .replace('_', "")
+                .parse::<u64>()
+                .with_context(|| format!("{name} needs a number"))
+        };
+        match a.as_str() {
+            "--hops" => o.hops = value(a)?.max(2),
+            "--agents" => o.agents = value(a)?.max(1) as usize,
+            "--agent-hops" => o.agent_hops = value(a)?.max(2),
+            "--bulk-mb" => o.bulk_mb = value(a)?.max(1) as usize,
+            "--resident" => o.resident = value(a)?.max(1) as usize,
+            "--runs" => o.runs = value(a)?.max(1) as usize,
+            "-h" | "--help" => {
+                println!(
+                    "usage: bench_mesh [{}] [--hops N] [--agents N] [--agent-hops N] \
+                     [--bulk-mb N] [--resident N] [--runs N]",
+                    BENCHES.join("|")
+                );
+                std::process::exit(0);
+            }
+            b if BENCHES.contains(&b) => o.benches.push(b.to_string()),
+            other => bail!(
+                "unknown argument '{other}' (benches: {})",
+                BENCHES.join(", ")
+            ),
+        }
+    }
+    if o.benches.is_empty() {
+        o.benches = BENCHES.iter().map(|s| s.to_string()).collect();
+    }
+    Ok(o)
+}
+
+/// A runtime like `tern`'s: multi-threaded, with room for Rhai's recursion on blocking threads.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(64 << 20)
+        .build()?)
+}
+
+/// One author key for every bench agent, and a policy that trusts it and takes pushes from
+/// any peer.
+struct Author {
+    key: SecretKey,
+    trust: TrustPolicy,
+}
+
+impl Author {
+    fn new() -> Result<Author> {
+        let key = SecretKey::generate();
+        let mut trust: TrustPolicy = toml::from_str(&format!("authors = [\"{}\"]", key.public()))?;
+        trust.accept_from = PeersPolicy::Any;
+        Ok(Author { key, trust })
+    }
+
+    fn sign(&self, source: String) -> Result<VerifiedPackage> {
+        let spec = platform::package_files::PackSpec {
+            name: "bench".into(),
+            version: "0".into(),
+            resources: vec![],
+            capabilities: vec![],
+            limits: Default::default(),
+        };
+        Ok(platform::package_files::pack(source, spec, &self.key, 0)?.verify()?)
+    }
+}
+
+fn bouncer(hops: u64) -> String {
+    format!(
+        "let i = 0;\n\
+         while i < {hops} {{\n\
+             let to = if here() == \"node-0\" {{ \"node-1\" }} else {{ \"node-0\" }};\n\
+             migrate(to);\n\
+             i += 1;\n\
+         }}\n\
+         i"
+    )
+}
+
+/// Launches `package` on `node`, waits (bounded) for its end, checks it finished.
+async fn run_agent(node: &NodeHandle, package: VerifiedPackage, limit: Duration) -> Result<u64> {
+    let (_, end) = node.launch(package, None).map_err(anyhow::Error::msg)?;
+    match tokio::time::timeout(limit, end)
+        .await
+        .map_err(|_| anyhow!("the agent did not end within {limit:?}"))?
+        .context("the node stopped before the agent ended")?
+    {
+        AgentEnd::Finished { hops, .. } => Ok(hops),
+        AgentEnd::Failed { error, node, .. } => bail!("the agent failed on {node}: {error}"),
+    }
+}
+
+fn drain(rx: &mut mpsc::UnboundedReceiver<HopRecord>) -> Vec<HopRecord> {
+    let mut v = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        v.push(r);
+    }
+    v
+}
+
+/// Percentile `p` (0..=100) of a sorted slice.
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Bounce {
+    wall: Duration,
+    micros: Vec<u64>,
+    bytes: usize,
+}
+
+/// Bounces one agent `hops` times between node-0 and node-1 (after a warm-up run of the same
+/// package, which also pulls and compiles it on node-1).
+async fn bounce(
+    nodes: &[NodeHandle],
+    author: &Author,
+    rx: &mut mpsc::UnboundedReceiver<HopRecord>,
+    hops: u64,
+) -> Result<Bounce> {
+    let package = author.sign(bouncer(hops))?;
+    let limit = Duration::from_secs(60 + hops / 50);
+    run_agent(&nodes[0], package.clone(), limit).await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drain(rx);
+    let t = Instant::now();
+    let made = run_agent(&nodes[0], package, limit).await?;
+    let wall = t.elapsed();
+    if made != hops {
+        bail!("the agent made {made} hops, not {hops}");
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let recs = drain(rx);
+    let bytes = recs.iter().map(|r| r.bytes).max().unwrap_or(0);
+    let mut micros: Vec<u64> = recs.into_iter().map(|r| r.micros).collect();
+    micros.sort_unstable();
+    Ok(Bounce {
+        wall,
+        micros,
+        bytes,
+    })
+}
+
+/// Two nodes with fsync'd stores (the durable default), in temporary directories.
+async fn fsync_pair(
+    author: &Author,
+    hop_log: mpsc::UnboundedSender<HopRecord>,
+) -> Result<(Vec<NodeHandle>, Vec<tempfile::TempDir>)> {
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..2 {
+        let dir = tempfile::tempdir()?;
+        let config = NodeConfig {
+            name: format!("node-{i}"),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+            bootstrap: nodes
+                .iter()
+                .flat_map(|h| h.listen_addrs().into_iter().take(1))
+                .collect(),
+            key: SecretKey::generate(),
+            data_dir: dir.path().to_path_buf(),
+            mdns: false,
+            durability: Durability::Fsync,
+            trust: author.trust.clone(),
+            limits: Limits::default(),
+            hop_log: Some(hop_log.clone()),
+        };
+        nodes.push(Node::start(config).await?);
+        dirs.push(dir);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nodes.iter().any(|h| h.peer_names().len() < 1) {
+        if Instant::now() > deadline {
+            for n in &nodes {
+                n.shutdown();
+            }
+            bail!("the fsync nodes did not find each other within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok((nodes, dirs))
+}
+
+/// Median of 200 (write 4 KiB + fsync) to a file in the temporary directory, in µs.
+fn fsync_latency() -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let mut f = std::fs::File::create(dir.path().join("probe"))?;
+    let block = [0x5au8; 4096];
+    for _ in 0..20 {
+        f.write_all(&block)?;
+        f.sync_all()?;
+    }
+    let mut v: Vec<f64> = (0..200)
+        .map(|_| {
+            let t = Instant::now();
+            f.write_all(&block)?;
+            f.sync_all()?;
+            Ok(t.elapsed().as_secs_f64() * 1e6)
+        })
+        .collect::<Result<_>>()?;
+    Ok(median(&mut v))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw libp2p-stream transfer (the ceiling a bulk hop can reach)
+
+const RAW_PROTOCOL: StreamProtocol = StreamProtocol::new("/bench/raw/1");
+
+fn bare_swarm() -> Result<Swarm<libp2p_stream::Behaviour>> {
+    Ok(libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )?
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build())
+}
+
+/// Sends `bytes` bytes `runs` times (after one warm-up) over one libp2p-stream stream each,
+/// between two bare swarms on loopback; each time runs from the first write to the receiver's
+/// one-byte acknowledgement of the last byte.
+async fn raw_transfers(bytes: usize, runs: usize) -> Result<Vec<Duration>> {
+    let a = bare_swarm()?;
+    let mut b = bare_swarm()?;
+    b.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
+    let addr: Multiaddr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = b.select_next_some().await {
+            break address;
+        }
+    };
+    let peer_b = *b.local_peer_id();
+    let mut incoming = b.behaviour().new_control().accept(RAW_PROTOCOL)?;
+    let mut control = a.behaviour().new_control();
+    let mut a = a;
+    a.add_peer_address(peer_b, addr);
+    let poll_a = tokio::spawn(async move {
+        loop {
+            a.select_next_some().await;
+        }
+    });
+    let poll_b = tokio::spawn(async move {
+        loop {
+            b.select_next_some().await;
+        }
+    });
+    let receiver = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 20];
+        while let Some((_, mut s)) = incoming.next().await {
+            let mut len = [0u8; 8];
+            s.read_exact(&mut len).await?;
+            let mut left = u64::from_be_bytes(len) as usize;
+            while left > 0 {
+                let want = left.min(buf.len());
+                let n = s.read(&mut buf[..want]).await?;
+                if n == 0 {
+                    bail!("raw transfer: early end of stream");
+                }
+                left -= n;
+            }
+            s.write_all(&[1]).await?;
+            s.flush().await?;
+            s.close().await?;
+        }
+        Ok::<(), anyhow::Error>(())
+    });
+    let payload: Vec<u8> = (0..bytes).map(|i| (i * 31 + 7) as u8).collect();
+    let mut times = Vec::new();
+    let result = async {
+        for run in 0..=runs {
+            let mut s = control.open_stream(peer_b, RAW_PROTOCOL).await?;
+            let t = Instant::now();
+            s.write_all(&(payload.len() as u64).to_be_bytes()).await?;
+            for chunk in payload.chunks(1 << 20) {
+                s.write_all(chunk).await?;
+            }
+            s.flush().await?;
+            let mut ack = [0u8; 1];
+            s.read_exact(&mut ack).await?;
+            let took = t.elapsed();
+            let _ = s.close().await;
+            if run > 0 {
+                times.push(took);
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    let r = tokio::time::timeout(Duration::from_secs(120), result).await;
+    poll_a.abort();
+    poll_b.abort();
+    receiver.abort();
+    r.map_err(|_| anyhow!("raw transfers did not finish within 120 s"))??;
+    Ok(times)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resident agents: a child process, so the RSS is one node's alone.
+
+fn rss_kb() -> u64 {
+    status_field("VmRSS:")
+}
+
+fn status_field(name: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// utime + stime of this process, in clock ticks.
+fn cpu_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+fn resident_child(n: usize) -> Result<()> {
+    let rt = runtime()?;
+    let author = Author::new()?;
+    let mesh = rt.block_on(async {
+        let base = rss_kb();
+        let mesh = LoopbackMesh::start(1, author.trust.clone(), Limits::default(), None).await?;
+        let node = mesh.nodes()[0].clone();
+        let package = author.sign("let m = receive(600000);\nm".to_string())?;
+        // One warm-up agent compiles the package.
+        let _warm = node
+            .launch(package.clone(), None)
+            .map_err(anyhow::Error::msg)?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = rss_kb();
+        let t = Instant::now();
+        let mut ends = Vec::with_capacity(n);
+        for _ in 0..n {
+            ends.push(
+                node.launch(package.clone(), None)
+                    .map_err(anyhow::Error::msg)?
+                    .1,
+            );
+            if ends.len() % 256 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let launch = t.elapsed();
+        // Settled: every runner has run its slice and sleeps in `receive` once the process
+        // stops using CPU (under 5 % over 500 ms).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last = cpu_ticks();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = cpu_ticks();
+            if now - last <= 2 || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
+        let settled = t.elapsed();
+        let rss = rss_kb();
+        let hwm = status_field("VmHWM:");
+        let threads = status_field("Threads:");
+        let stored = node.status().agents.len();
+        let running = ends
+            .iter_mut()
+            .map(|e| e.try_recv().is_err())
+            .filter(|b| *b)
+            .count();
+        println!(
+            "RESIDENT n={n} base_kb={base} before_kb={before} rss_kb={rss} hwm_kb={hwm} \
+             threads={threads} stored={stored} unfinished={running} launch_ms={} settle_ms={}",
+            launch.as_millis(),
+            settled.as_millis()
+        );
+        std::io::stdout().flush()?;
+        Ok::<_, anyhow::Error>(mesh)
+    })?;
+    drop(mesh);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+struct Resident {
+    fields: std::collections::HashMap<String, u64>,
+}
+
+fn resident_in_child(n: usize) -> Result<Resident> {
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .args(["resident-child", &n.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("RESIDENT ") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(240));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let line = line.map_err(|_| anyhow!("the resident-agents child reported nothing"))?;
+    let fields = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect();
+    Ok(Resident { fields })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Components, timed on their own (what a hop is made of)
+
+fn time_median<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        std::hint::black_box(f()?);
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(median(&mut v))
+}
+
+fn env() -> HostEnv {
+    HostEnv {
+        here: "node-0".into(),
+        home: "node-0".into(),
+        nodes: vec!["node-0".into(), "node-1".into()],
+        agent_id: "bench".into(),
+        hops: 0,
+        printer: Arc::new(|_| {}),
+    }
+}
+
+/// A suspended execution of `source` (at its first `migrate`).
+fn suspended(source: &str) -> Result<(Program, Execution)> {
+    let program = Program::compile(source, &Limits::default())?;
+    let mut exec = Execution::new(&program);
+    match exec.resume(&env(), Resume::Start) {
+        Outcome::Migrate { .. } => Ok((program, exec)),
+        other => bail!("expected a migrate, got {other:?}"),
+    }
+}
+
+fn record(continuation: Vec<u8>, envelope: Vec<u8>) -> AgentRecord {
+    AgentRecord {
+        id: AgentId::generate().to_string(),
+        package: [7; 32],
+        hop: 1,
+        hops: 1,
+        home: "home".into(),
+        launcher: None,
+        state: AgentState::Ready,
+        continuation,
+        envelope,
+    }
+}
+
+struct Part {
+    name: String,
+    micros: f64,
+}
+
+fn parts(author: &Author, bulk_bytes: usize) -> Result<Vec<Part>> {
+    let mut out = Vec::new();
+    let mut add = |name: &str, micros: f64| {
+        out.push(Part {
+            name: name.to_string(),
+            micros,
+        })
+    };
+    // A small continuation: the bouncer suspended at its migrate.
+    let (program, exec) = suspended(&bouncer(1000))?;
+    let small = exec.encode()?;
+    add(
+        "encode small continuation",
+        time_median(2000, || Ok(exec.encode()?))?,
+    );
+    add(
+        "decode small continuation",
+        time_median(2000, || Ok(Execution::decode(&program, &small)?))?,
+    );
+    add(
+        "compile the bouncer package (once per node)",
+        time_median(50, || {
+            Ok(Program::compile(&bouncer(1000), &Limits::default())?)
+        })?,
+    );
+    // Envelope sign / verify.
+    let node_a = SecretKey::generate();
+    let node_b = SecretKey::generate();
+    let package = author.sign(bouncer(1000))?;
+    let continuation_hash = *blake3::hash(&small).as_bytes();
+    let fields = HopFields {
+        agent_id: AgentId::generate(),
+        hop: FIRST_HOP,
+        package_hash: package.hash(),
+        continuation_hash,
+        previous: None,
+        from: node_a.public(),
+        to: node_b.public(),
+        time_ms: 0,
+    };
+    let envelope = HopEnvelope::sign(fields.clone(), &node_a)?;
+    let bytes = envelope.encode();
+    add(
+        "sign hop envelope",
+        time_median(1000, || Ok(HopEnvelope::sign(fields.clone(), &node_a)?))?,
+    );
+    let (a_pub, b_pub, hash) = (node_a.public(), node_b.public(), package.hash());
+    add(
+        "decode + verify hop envelope",
+        time_median(1000, || {
+            let e = HopEnvelope::decode(&bytes)?;
+            let check = HopCheck::new(&a_pub, &b_pub, &hash, &continuation_hash);
+            Ok(verify_hop(e, &check)?)
+        })?,
+    );
+    // Store commits of a small agent record, without and with fsync.
+    for (name, durability, runs) in [
+        ("store put_agent (small), NoSync", Durability::NoSync, 2000),
+        ("store put_agent (small), Fsync", Durability::Fsync, 200),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(&dir.path().join("s.redb"), durability)?;
+        let rec = record(small.clone(), bytes.clone());
+        for _ in 0..20 {
+            store.put_agent(&rec)?;
+        }
+        add(name, time_median(runs, || Ok(store.put_agent(&rec)?))?);
+        add(
+            &name.replace("put_agent", "has_seen"),
+            time_median(runs, || Ok(store.has_seen(&rec.id, 1)?))?,
+        );
+    }
+    // Bulk: what a 100 MB hop does besides moving bytes.
+    let blob = bulk_source(bulk_bytes);
+    let (program, exec) = suspended(&blob)?;
+    let big = exec.encode()?;
+    add(
+        "bulk: encode continuation",
+        time_median(3, || Ok(exec.encode()?))?,
+    );
+    add(
+        "bulk: blake3 of the continuation",
+        time_median(3, || Ok(*blake3::hash(&big).as_bytes()))?,
+    );
+    add(
+        "bulk: decode continuation",
+        time_median(3, || Ok(Execution::decode(&program, &big)?))?,
+    );
+    add(
+        "bulk: clone continuation (one memcpy)",
+        time_median(3, || Ok(big.clone()))?,
+    );
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(&dir.path().join("s.redb"), Durability::NoSync)?;
+    let rec = record(big.clone(), bytes.clone());
+    add(
+        "bulk: store put_agent, NoSync",
+        time_median(3, || Ok(store.put_agent(&rec)?))?,
+    );
+    add(
+        "bulk: store read agent, NoSync",
+        time_median(3, || Ok(store.agent(&rec.id)?))?,
+    );
+    Ok(out)
+}
+
+fn bulk_source(bytes: usize) -> String {
+    let per = bytes / 7;
+    let mut s = String::new();
+    for i in 0..7 {
+        let _ = writeln!(s, "let b{i} = blob({per}, {});", 0x41 + i);
+    }
+    s.push_str("migrate(\"node-1\");\nb0.len() + b1.len() + b2.len() + b3.len() + b4.len() + b5.len() + b6.len()\n");
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Row {
+    what: String,
+    measured: String,
+    target: String,
+    met: Option<bool>,
+}
+
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "n/a",
+    }
+}
+
+fn us(micros: f64) -> String {
+    if micros >= 10_000.0 {
+        format!("{:.1} ms", micros / 1000.0)
+    } else {
+        format!("{micros:.0} µs")
+    }
+}
+
+fn group(n: f64) -> String {
+    let s = format!("{:.0}", n);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("resident-child") {
+        let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
+        return resident_child(n);
+    }
+    let o = parse_args(&args)?;
+    let has = |b: &str| o.benches.iter().any(|x| x == b);
+    let author = Author::new()?;
+    let rt = runtime()?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let started = Instant::now();
+
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    eprintln!(
+        "bench_mesh: {cpus} CPUs; benches: {}; temp dir {}",
+        o.benches.join(" "),
+        std::env::temp_dir().display()
+    );
+
+    if has("latency") || has("concurrent") || has("bulk") {
+        rt.block_on(async {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let limits = Limits::default();
+            let mesh = LoopbackMesh::start(2, author.trust.clone(), limits, Some(tx)).await?;
+            let nodes = mesh.nodes().to_vec();
+            if has("latency") {
+                eprintln!("latency: one agent, {} hops, NoSync ...", o.hops);
+                let b = bounce(&nodes, &author, &mut rx, o.hops).await?;
+                let (p50, p99) = (pct(&b.micros, 50.0), pct(&b.micros, 99.0));
+                let wall_per_hop = b.wall.as_secs_f64() * 1e6 / o.hops as f64;
+                rows.push(Row {
+                    what: format!(
+                        "hop latency, small agent ({} B continuation), 2 nodes on loopback, \
+                         signed + verified, store NoSync, p50 / p99 (hop_log: suspension → ack, \
+                         {} hops)",
+                        b.bytes,
+                        b.micros.len()
+                    ),
+                    measured: format!(
+                        "{} / {} (max {}; wall time per hop incl. restart on arrival: {})",
+                        us(p50 as f64),
+                        us(p99 as f64),
+                        us(*b.micros.last().unwrap_or(&0) as f64),
+                        us(wall_per_hop)
+                    ),
+                    target: "≤ 300 µs / ≤ 1 ms".into(),
+                    met: Some(p50 <= 300 && p99 <= 1000),
+                });
+                let hps = o.hops as f64 / b.wall.as_secs_f64();
+                rows.push(Row {
+                    what: format!(
+                        "hops per second, one node pair, one agent bouncing ({} hops), NoSync",
+                        o.hops
+                    ),
+                    measured: format!("{} hops/s", group(hps)),
+                    target: "≥ 3,000".into(),
+                    met: Some(hps >= 3000.0),
+                });
+            }
+            if has("concurrent") {
+                eprintln!(
+                    "concurrent: {} agents × {} hops, NoSync ...",
+                    o.agents, o.agent_hops
+                );
+                let package = author.sign(bouncer(o.agent_hops))?;
+                let limit = Duration::from_secs(120);
+                // Warm-up: a tenth of the agents.
+                let warm: Vec<_> = (0..(o.agents / 10).max(1))
+                    .map(|_| run_agent(&nodes[0], package.clone(), limit))
+                    .collect();
+                for r in futures::future::join_all(warm).await {
+                    r?;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                drain(&mut rx);
+                let t = Instant::now();
+                let runs: Vec<_> = (0..o.agents)
+                    .map(|_| run_agent(&nodes[0], package.clone(), limit))
+                    .collect();
+                let mut total = 0;
+                for r in futures::future::join_all(runs).await {
+                    total += r?;
+                }
+                let wall = t.elapsed();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let mut micros: Vec<u64> = drain(&mut rx).into_iter().map(|r| r.micros).collect();
+                micros.sort_unstable();
+                let hps = total as f64 / wall.as_secs_f64();
+                rows.push(Row {
+                    what: format!(
+                        "hops per second, {} agents in flight × {} hops each, one node pair, NoSync",
+                        o.agents, o.agent_hops
+                    ),
+                    measured: format!(
+                        "{} hops/s ({} hops in {:.2} s; per-hop p50 / p99 under load {} / {})",
+                        group(hps),
+                        group(total as f64),
+                        wall.as_secs_f64(),
+                        us(pct(&micros, 50.0) as f64),
+                        us(pct(&micros, 99.0) as f64)
+                    ),
+                    target: "≥ 10,000".into(),
+                    met: Some(hps >= 10_000.0),
+                });
+            }
+            if has("bulk") {
+                let bytes = o.bulk_mb * 1_000_000;
+                eprintln!("bulk: {} MB continuation hop, {} runs ...", o.bulk_mb, o.runs);
+                let package = author.sign(bulk_source(bytes))?;
+                let limit = Duration::from_secs(120);
+                let mut hop_us = Vec::new();
+                let mut wall_us = Vec::new();
+                let mut size = 0;
+                for run in 0..=o.runs {
+                    drain(&mut rx);
+                    let t = Instant::now();
+                    run_agent(&nodes[0], package.clone(), limit).await?;
+                    let wall = t.elapsed();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let recs = drain(&mut rx);
+                    let r = recs.last().context("no hop record for the bulk hop")?;
+                    size = r.bytes;
+                    if run > 0 {
+                        hop_us.push(r.micros as f64);
+                        wall_us.push(wall.as_secs_f64() * 1e6);
+                    }
+                }
+                drop(mesh);
+                eprintln!("bulk: raw libp2p-stream transfer of {size} bytes, {} runs ...", o.runs);
+                let raw = raw_transfers(size, o.runs).await?;
+                let mut raw_us: Vec<f64> = raw.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+                let (hop, raw, wall) =
+                    (median(&mut hop_us), median(&mut raw_us), median(&mut wall_us));
+                let mib = size as f64 / (1 << 20) as f64;
+                let ratio = raw / hop;
+                rows.push(Row {
+                    what: format!(
+                        "{} MB continuation hop / raw libp2p-stream transfer of the same {} bytes \
+                         (throughput ratio, medians of {})",
+                        o.bulk_mb, group(size as f64), o.runs
+                    ),
+                    measured: format!(
+                        "{ratio:.2} (hop {} = {:.0} MiB/s; raw {} = {:.0} MiB/s; agent launch → \
+                         end {})",
+                        us(hop),
+                        mib / (hop / 1e6),
+                        us(raw),
+                        mib / (raw / 1e6),
+                        us(wall)
+                    ),
+                    target: "≥ 0.8".into(),
+                    met: Some(ratio >= 0.8),
+                });
+            } else {
+                drop(mesh);
+            }
+            Ok::<(), anyhow::Error>(())
+        })?;
+    }
+
+    if has("fsync") {
+        eprintln!("fsync: probe, then one agent, {} hops, Fsync ...", o.hops);
+        let fsync = fsync_latency()?;
+        let r = rt.block_on(async {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let (nodes, dirs) = fsync_pair(&author, tx).await?;
+            let r = bounce(&nodes, &author, &mut rx, o.hops).await;
+            for n in &nodes {
+                n.shutdown();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(dirs);
+            r
+        })?;
+        let (p50, p99) = (pct(&r.micros, 50.0), pct(&r.micros, 99.0));
+        let ratio = p50 as f64 / fsync;
+        rows.push(Row {
+            what: "hop latency with the durable default (fsync on both sides) / this machine's \
+                   fsync latency (4 KiB write + fsync, median of 200)"
+                .into(),
+            measured: format!(
+                "{ratio:.2} (hop p50 {} / fsync {}; hop p99 {}; {} hops/s)",
+                us(p50 as f64),
+                us(fsync),
+                us(p99 as f64),
+                group(o.hops as f64 / r.wall.as_secs_f64())
+            ),
+            target: "≤ 2.5".into(),
+            met: Some(ratio <= 2.5),
+        });
+    }
+
+    if has("resident") {
+        eprintln!(
+            "resident: {} agents in receive(600000), child process ...",
+            o.resident
+        );
+        let r = resident_in_child(o.resident)?;
+        let f = |k: &str| r.fields.get(k).copied().unwrap_or(0);
+        let rss = f("rss_kb");
+        let per = (rss.saturating_sub(f("before_kb"))) as f64 / o.resident as f64;
+        let resident = f("stored") as usize;
+        rows.push(Row {
+            what: format!(
+                "resident agents on one node, each blocked in receive(600000) ({} launched)",
+                o.resident
+            ),
+            measured: format!(
+                "{} resident, VmRSS {:.0} MiB (node alone {:.0} MiB; {:.1} KiB per agent; \
+                 peak {:.0} MiB; {} threads; launched in {} ms)",
+                group(resident as f64),
+                rss as f64 / 1024.0,
+                f("before_kb") as f64 / 1024.0,
+                per,
+                f("hwm_kb") as f64 / 1024.0,
+                f("threads"),
+                f("launch_ms")
+            ),
+            target: "10,000 within 1 GB".into(),
+            met: Some(resident >= 10_000 && rss <= 1 << 20 && f("unfinished") >= 10_000),
+        });
+    }
+
+    if has("parts") {
+        eprintln!("parts: component timings ...");
+        let ps = parts(&author, o.bulk_mb * 1_000_000)?;
+        for p in ps {
+            notes.push(format!("| {} | {} |", p.name, us(p.micros)));
+        }
+    }
+
+    println!();
+    println!(
+        "## tern mesh benchmarks ({cpus} CPUs, release build, {:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    println!();
+    println!("| what | measured | target | |");
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.what,
+            r.measured,
+            r.target,
+            verdict(r.met)
+        );
+    }
+    if !notes.is_empty() {
+        println!();
+        println!("### Components (median, measured alone)");
+        println!();
+        println!("| part | time |");
+        println!("|---|---|");
+        for n in &notes {
+            println!("{n}");
+        }
+    }
+    Ok(())
+}

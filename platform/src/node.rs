@@ -102,6 +102,10 @@ struct NodeBehaviour {
 /// Requests to the task that owns the swarm.
 enum SwarmCommand {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
+    /// Announce (Kademlia provider record) that this node serves the package with this hash.
+    Provide([u8; 32]),
+    /// Find nodes that announced the package with this hash.
+    FindProviders([u8; 32], oneshot::Sender<Vec<PeerId>>),
 }
 
 /// A compiled package this node can run.
@@ -354,11 +358,7 @@ impl NodeHandle {
                 },
                 ..
             }))
-        ) && self
-            .shared
-            .store
-            .message_count(agent)
-            .is_ok_and(|n| n == 0)
+        ) && self.shared.store.message_count(agent).is_ok_and(|n| n == 0)
     }
 
     /// This node's status.
@@ -402,6 +402,11 @@ async fn swarm_loop(
         libp2p::swarm::ConnectionId,
         oneshot::Sender<Result<(), String>>,
     > = HashMap::new();
+    let mut pending_providers: HashMap<
+        libp2p::kad::QueryId,
+        (oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>),
+    > = HashMap::new();
+    let mut last_bootstrap: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -414,6 +419,15 @@ async fn swarm_loop(
                         Ok(()) => { pending_dials.insert(id, reply); }
                         Err(e) => { let _ = reply.send(Err(e.to_string())); }
                     }
+                }
+                Some(SwarmCommand::Provide(hash)) => {
+                    if let Err(e) = swarm.behaviour_mut().discovery.kad.start_providing(libp2p::kad::RecordKey::new(&hash)) {
+                        tracing::warn!("cannot announce a package: {e}");
+                    }
+                }
+                Some(SwarmCommand::FindProviders(hash, reply)) => {
+                    let id = swarm.behaviour_mut().discovery.kad.get_providers(libp2p::kad::RecordKey::new(&hash));
+                    pending_providers.insert(id, (reply, HashSet::new()));
                 }
             },
             event = swarm.select_next_some() => match event {
@@ -441,6 +455,35 @@ async fn swarm_loop(
                         for addr in info.listen_addrs {
                             swarm.behaviour_mut().discovery.kad.add_address(&peer_id, addr.clone());
                             swarm.add_peer_address(peer_id, addr);
+                        }
+                        // Learn the rest of the mesh from the new peer's routing table.
+                        if last_bootstrap.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+                            last_bootstrap = Some(tokio::time::Instant::now());
+                            let _ = swarm.behaviour_mut().discovery.kad.bootstrap();
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(NodeBehaviourEvent::Discovery(discovery::DiscoveryEvent::Kad(
+                    libp2p::kad::Event::RoutingUpdated { peer, addresses, .. },
+                // A private mesh is small: connect to every tern node Kademlia finds, so
+                // `nodes()` names them all.
+                ))) if peer != shared.peer_id && !swarm.is_connected(&peer) => {
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addresses.into_vec()).build();
+                    let _ = swarm.dial(opts);
+                }
+                SwarmEvent::Behaviour(NodeBehaviourEvent::Discovery(discovery::DiscoveryEvent::Kad(
+                    libp2p::kad::Event::OutboundQueryProgressed { id, result: libp2p::kad::QueryResult::GetProviders(result), step, .. },
+                ))) => {
+                    let done = match result {
+                        Ok(libp2p::kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                            if let Some((_, found)) = pending_providers.get_mut(&id) { found.extend(providers); }
+                            step.last
+                        }
+                        _ => true,
+                    };
+                    if done {
+                        if let Some((reply, found)) = pending_providers.remove(&id) {
+                            let _ = reply.send(found.into_iter().filter(|p| *p != shared.peer_id).collect());
                         }
                     }
                 }
@@ -1528,7 +1571,8 @@ fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecord) {
     });
 }
 
-/// Makes sure the package with `hash` is in the store, pulling it from `peer` if needed.
+/// Makes sure the package with `hash` is in the store: pulled (anonymously, receiver-initiated)
+/// from `peer` — the node offering the hop — or else from any node that announced it.
 async fn ensure_package(shared: &Shared, peer: PeerId, hash: &PackageHash) -> Result<(), String> {
     if shared
         .store
@@ -1537,6 +1581,47 @@ async fn ensure_package(shared: &Shared, peer: PeerId, hash: &PackageHash) -> Re
     {
         return Ok(());
     }
+    let first = pull_package(shared, peer, hash).await;
+    let bytes = match first {
+        Ok(bytes) => bytes,
+        Err(first_error) => {
+            let (tx, rx) = oneshot::channel();
+            let _ = shared
+                .commands
+                .send(SwarmCommand::FindProviders(*hash.as_bytes(), tx))
+                .await;
+            let providers = tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let mut pulled = None;
+            for provider in providers.into_iter().filter(|p| *p != peer) {
+                if let Ok(bytes) = pull_package(shared, provider, hash).await {
+                    pulled = Some(bytes);
+                    break;
+                }
+            }
+            pulled.ok_or(first_error)?
+        }
+    };
+    shared
+        .store
+        .put_package(hash.as_bytes(), &bytes)
+        .map_err(|e| e.to_string())?;
+    let _ = shared
+        .commands
+        .send(SwarmCommand::Provide(*hash.as_bytes()))
+        .await;
+    Ok(())
+}
+
+/// Downloads and verifies a package from one peer; checks its hash and the trust policy.
+async fn pull_package(
+    shared: &Shared,
+    peer: PeerId,
+    hash: &PackageHash,
+) -> Result<Vec<u8>, String> {
     let mut stream = shared
         .control
         .clone()
@@ -1573,10 +1658,7 @@ async fn ensure_package(shared: &Shared, peer: PeerId, hash: &PackageHash) -> Re
         .trust
         .admit_package(&package)
         .map_err(|e| format!("package refused: {e}"))?;
-    shared
-        .store
-        .put_package(hash.as_bytes(), &bytes)
-        .map_err(|e| e.to_string())
+    Ok(bytes)
 }
 
 async fn handle_package(

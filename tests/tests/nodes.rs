@@ -310,3 +310,37 @@ fn an_agent_can_message_another_agent() {
         assert_eq!(finished(receiver_end.await.unwrap()).0, "42");
     });
 }
+
+#[test]
+fn kademlia_completes_a_mesh_joined_in_a_chain() {
+    rt().block_on(async {
+        let (_, trust) = package("1");
+        let mut handles: Vec<platform::node::NodeHandle> = Vec::new();
+        let mut dirs = Vec::new();
+        for i in 0..4 {
+            let dir = tempfile::tempdir().unwrap();
+            // Each node knows only the one started before it.
+            let bootstrap = handles.last().map(|h| h.listen_addrs()).unwrap_or_default();
+            let config = platform::node::NodeConfig {
+                name: format!("n{i}"),
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                bootstrap,
+                key: security::SecretKey::generate(),
+                data_dir: dir.path().to_path_buf(),
+                mdns: false,
+                durability: platform::store::Durability::NoSync,
+                trust: trust.clone(),
+                limits: agent_lang::Limits::default(),
+                hop_log: None,
+            };
+            handles.push(platform::node::Node::start(config).await.unwrap());
+            dirs.push(dir);
+        }
+        let all = handles.clone();
+        eventually(|| all.iter().all(|h| h.peer_names().len() == 3)).await;
+        assert_eq!(handles[3].peer_names(), ["n0", "n1", "n2"]);
+        for h in &handles {
+            h.shutdown();
+        }
+    });
+}

@@ -25,7 +25,7 @@ impl Client {
     /// # Errors
     ///
     /// The address has no peer id, or the transport cannot be built.
-    pub fn connect(addr: &Multiaddr) -> Result<Client> {
+    pub async fn connect(addr: &Multiaddr) -> Result<Client> {
         let Some(Protocol::P2p(peer)) = addr.iter().last() else {
             bail!("{addr}: the node address must end in /p2p/<peer id> (as `tern node` prints it)");
         };
@@ -41,8 +41,38 @@ impl Client {
             .context("behaviour")?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
-        swarm.add_peer_address(peer, addr.clone());
+        // libp2p-stream keeps no addresses: dial the node ourselves (by peer id, so that
+        // `open_stream` waits for this dial instead of starting one with no address).
+        swarm
+            .dial(
+                libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .build(),
+            )
+            .with_context(|| format!("cannot dial {addr}"))?;
         let control = swarm.behaviour().new_control();
+        // Wait for the connection before opening streams on it.
+        let connected = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match swarm.select_next_some().await {
+                    libp2p::swarm::SwarmEvent::ConnectionEstablished { peer_id, .. }
+                        if peer_id == peer =>
+                    {
+                        return Ok(())
+                    }
+                    libp2p::swarm::SwarmEvent::OutgoingConnectionError { error, .. } => {
+                        return Err(error.to_string())
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        match connected {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("cannot reach the node at {addr}: {e}"),
+            Err(_) => bail!("cannot reach the node at {addr}: timed out"),
+        }
         let driver = tokio::spawn(async move {
             loop {
                 let _ = swarm.select_next_some().await;

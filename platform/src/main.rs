@@ -36,6 +36,17 @@ enum Command {
     Status(StatusArgs),
     /// Send a message (a JSON value) to an agent, through any node of its mesh.
     Send(SendArgs),
+    /// Print how an agent ended, as its home node (or the node it ended on) recorded it.
+    Result(ResultArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ResultArgs {
+    /// The agent's id.
+    agent: String,
+    /// The node's address, ending in /p2p/<peer id>.
+    #[arg(long)]
+    node: libp2p::Multiaddr,
 }
 
 #[derive(clap::Args, Debug)]
@@ -201,6 +212,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Launch(args) => runtime()?.block_on(launch(args)),
         Command::Status(args) => runtime()?.block_on(status(args)),
         Command::Send(args) => runtime()?.block_on(send(args)),
+        Command::Result(args) => runtime()?.block_on(result(args)),
     }
 }
 
@@ -522,25 +534,31 @@ async fn launch(args: LaunchArgs) -> Result<()> {
     security::Package::from_bytes(&bytes)
         .and_then(security::Package::verify)
         .with_context(|| format!("{} is not a valid signed package", args.package.display()))?;
-    let client = platform::client::Client::connect(&args.node)?;
+    let client = platform::client::Client::connect(&args.node).await?;
     let (agent, end) = client.launch(bytes, !args.detach).await?;
     if args.detach {
         println!("{agent}");
         return Ok(());
     }
     match end {
-        Some(platform::wire::ControlReply::Ended(platform::wire::AgentEnd::Finished {
-            json,
-            ..
-        })) => {
+        Some(platform::wire::ControlReply::Ended(end)) => print_end(&agent, end),
+        other => anyhow::bail!("unexpected reply from the node: {other:?}"),
+    }
+}
+
+/// Prints an agent's end as `tern launch` does: the result JSON on stdout, or the error on
+/// stderr and exit code 1.
+fn print_end(agent: &str, end: platform::wire::AgentEnd) -> Result<()> {
+    match end {
+        platform::wire::AgentEnd::Finished { json, .. } => {
             println!("{json}");
             Ok(())
         }
-        Some(platform::wire::ControlReply::Ended(platform::wire::AgentEnd::Failed {
+        platform::wire::AgentEnd::Failed {
             error,
             node,
             position,
-        })) => {
+        } => {
             match position {
                 Some((l, c)) => eprintln!(
                     "error: agent {agent} failed on {node} at line {l}, column {c}: {error}"
@@ -549,12 +567,11 @@ async fn launch(args: LaunchArgs) -> Result<()> {
             }
             Err(AgentFailed.into())
         }
-        other => anyhow::bail!("unexpected reply from the node: {other:?}"),
     }
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
-    let client = platform::client::Client::connect(&args.node)?;
+    let client = platform::client::Client::connect(&args.node).await?;
     let report = match client
         .request(&platform::wire::ControlRequest::Status)
         .await?
@@ -610,7 +627,7 @@ async fn send(args: SendArgs) -> Result<()> {
     let json: serde_json::Value =
         serde_json::from_str(&args.message).context("the message must be a JSON value")?;
     let message = agent_lang::encode_portable(&agent_lang::from_json(&json))?;
-    let client = platform::client::Client::connect(&args.node)?;
+    let client = platform::client::Client::connect(&args.node).await?;
     let request = platform::wire::ControlRequest::Deliver {
         agent: args.agent.clone(),
         message,
@@ -622,6 +639,18 @@ async fn send(args: SendArgs) -> Result<()> {
         platform::wire::ControlReply::Error(e) => {
             anyhow::bail!("cannot deliver to {}: {e}", args.agent)
         }
+        other => anyhow::bail!("unexpected reply from the node: {other:?}"),
+    }
+}
+
+async fn result(args: ResultArgs) -> Result<()> {
+    let client = platform::client::Client::connect(&args.node).await?;
+    let request = platform::wire::ControlRequest::Result {
+        agent: args.agent.clone(),
+    };
+    match client.request(&request).await? {
+        platform::wire::ControlReply::Ended(end) => print_end(&args.agent, end),
+        platform::wire::ControlReply::Error(e) => anyhow::bail!("{e}"),
         other => anyhow::bail!("unexpected reply from the node: {other:?}"),
     }
 }

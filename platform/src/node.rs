@@ -138,6 +138,9 @@ struct Shared {
     mailboxes: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     /// Bounds the streams handled at once, so a flood of peers cannot exhaust the node.
     streams: Semaphore,
+    /// Streams each peer may have handled at once: one peer cannot take every permit of
+    /// `streams` and starve the others (its extra streams wait on its own semaphore).
+    peer_streams: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
     control: libp2p_stream::Control,
     commands: mpsc::Sender<SwarmCommand>,
 }
@@ -230,6 +233,7 @@ impl Node {
             running: Mutex::new(HashSet::new()),
             mailboxes: Mutex::new(HashMap::new()),
             streams: Semaphore::new(256),
+            peer_streams: Mutex::new(HashMap::new()),
             control,
             commands,
         });
@@ -446,6 +450,7 @@ async fn swarm_loop(
                 }
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                     lock(&shared.peers).remove(&peer_id);
+                    lock(&shared.peer_streams).remove(&peer_id);
                 }
                 SwarmEvent::Behaviour(NodeBehaviourEvent::Discovery(discovery::DiscoveryEvent::Identify(
                     identify::Event::Received { peer_id, info, .. },
@@ -502,6 +507,9 @@ async fn swarm_loop(
     }
 }
 
+/// Streams of one peer handled at once (see `Shared::peer_streams`).
+const MAX_STREAMS_PER_PEER: usize = 32;
+
 #[derive(Clone, Copy)]
 enum Protocol {
     Hop,
@@ -523,7 +531,14 @@ async fn accept_loop(
         let Some((peer, stream)) = next else { break };
         // libp2p-stream drops inbound streams when this loop lags: hand each to its own task.
         let shared = shared.clone();
+        let per_peer = lock(&shared.peer_streams)
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_STREAMS_PER_PEER)))
+            .clone();
         tokio::spawn(async move {
+            let Ok(_peer_permit) = per_peer.acquire().await else {
+                return;
+            };
             let Ok(_permit) = shared.streams.acquire().await else {
                 return;
             };
@@ -1082,19 +1097,30 @@ async fn send_hop(
     offer: &HopOffer,
     continuation: &[u8],
 ) -> SendOutcome {
-    let mut stream = match shared.control.clone().open_stream(dest, HOP_PROTOCOL).await {
-        Ok(s) => s,
-        Err(e) => return SendOutcome::NotTaken(format!("unreachable ({e})")),
+    // Until the destination says Ready nothing of the agent has left, so that phase is retried:
+    // libp2p-stream drops inbound streams when the destination's accept loop lags behind.
+    let mut attempt = 0u64;
+    let mut stream = loop {
+        attempt += 1;
+        let failure = match shared.control.clone().open_stream(dest, HOP_PROTOCOL).await {
+            Err(e) => format!("unreachable ({e})"),
+            Ok(mut stream) => match write_frame(&mut stream, offer).await {
+                Err(e) => e.to_string(),
+                Ok(()) => match read_frame::<_, HopReply>(&mut stream, MAX_FRAME).await {
+                    Ok(HopReply::Ready) => break stream,
+                    Ok(HopReply::Duplicate) | Ok(HopReply::Stored) => return SendOutcome::Owned,
+                    Ok(HopReply::Refused(r)) => {
+                        return SendOutcome::NotTaken(format!("refused: {r}"))
+                    }
+                    Err(e) => e.to_string(),
+                },
+            },
+        };
+        if attempt >= 4 {
+            return SendOutcome::NotTaken(failure);
+        }
+        tokio::time::sleep(Duration::from_millis(50 * attempt * attempt)).await;
     };
-    if let Err(e) = write_frame(&mut stream, offer).await {
-        return SendOutcome::NotTaken(e.to_string());
-    }
-    match read_frame::<_, HopReply>(&mut stream, MAX_FRAME).await {
-        Ok(HopReply::Ready) => {}
-        Ok(HopReply::Duplicate) | Ok(HopReply::Stored) => return SendOutcome::Owned,
-        Ok(HopReply::Refused(r)) => return SendOutcome::NotTaken(format!("refused: {r}")),
-        Err(e) => return SendOutcome::NotTaken(e.to_string()),
-    }
     if let Err(e) = write_bulk(&mut stream, continuation).await {
         return SendOutcome::Unknown(e.to_string());
     }
@@ -1490,6 +1516,20 @@ async fn handle_hop(
     if shared.store.has_seen(&agent, fields.hop).unwrap_or(false) {
         return write_frame(&mut stream, &HopReply::Duplicate).await;
     }
+    // An agent that lives here cannot arrive here. Only a departure record (the agent is in
+    // flight, and may be coming back before the departure completed) gives way to an arrival.
+    match shared.store.agent(&agent) {
+        Ok(None)
+        | Ok(Some(AgentRecord {
+            state: AgentState::Leaving { .. },
+            ..
+        })) => {}
+        Ok(Some(_)) => {
+            tracing::warn!(%peer, agent, "refused a hop of an agent that lives here");
+            return write_frame(&mut stream, &refuse("this agent lives on this node".into())).await;
+        }
+        Err(e) => return write_frame(&mut stream, &refuse(format!("store: {e}"))).await,
+    }
     if offer.continuation_len > shared.limits.max_continuation_bytes as u64 {
         return write_frame(
             &mut stream,
@@ -1721,6 +1761,19 @@ async fn handle_control(
                 Ok(()) => ControlReply::Delivered,
                 Err(e) if probe && e == NOT_HERE => ControlReply::NotHere,
                 Err(e) => ControlReply::Error(e),
+            };
+            write_frame(&mut stream, &reply).await
+        }
+        ControlRequest::Result { agent } => {
+            let reply = match shared.store.result(&agent) {
+                Ok(Some(bytes)) => match ciborium::from_reader::<AgentEnd, _>(bytes.as_slice()) {
+                    Ok(end) => ControlReply::Ended(end),
+                    Err(e) => ControlReply::Error(format!("stored result is unreadable: {e}")),
+                },
+                Ok(None) => {
+                    ControlReply::Error(format!("no result for agent {agent} on this node (yet)"))
+                }
+                Err(e) => ControlReply::Error(e.to_string()),
             };
             write_frame(&mut stream, &reply).await
         }

@@ -228,6 +228,11 @@ pub enum ControlRequest {
         /// Peer id of the node holding it.
         node: String,
     },
+    /// How an agent of this home node ended, if it has (`tern result`).
+    Result {
+        /// The agent.
+        agent: String,
+    },
     /// Does this node hold (agent, hop)? Asked by a source that lost a hop's acknowledgement.
     HopStatus {
         /// The agent.

@@ -1,0 +1,323 @@
+//! Crash tests with separate `tern node` processes: a node dies (`TERN_FAULT`, exit code 86) at
+//! each step of a hop, is restarted from the same key and data directory without the fault, and
+//! the agent still exists exactly once and finishes exactly once with the right result.
+//!
+//! Three nodes: `home` (where the agent is launched and its result delivered; never crashes),
+//! `src` and `dst`. The agent goes home -> src, does its work there, then src -> dst: the hop
+//! that crashes. Launching on a node that never dies keeps the result observable through the
+//! control protocol (`tern launch` waits on the home node; a crashed home would lose its waiter,
+//! and no command reads a stored result afterwards).
+//!
+//! Status goes through the control protocol from the test (`tern_tests::ctl`) rather than
+//! `tern status`, which cannot reach a node yet (see processes.rs).
+
+use std::time::Duration;
+
+use platform::wire::{AgentEnd, StatusReport};
+use tern_tests::ctl;
+use tern_tests::process::{keygen, pack, toml_list, NodeFile, TernNode, QUICK};
+use tern_tests::wait_for;
+
+const FAULT_EXIT: i32 = 86;
+
+/// Work on src, a hop to dst that may be interrupted (then `migrate` throws and the agent
+/// retries), a pause on dst (4 s) so the test can look at where it is, the result.
+const AGENT: &str = r#"
+migrate("src");
+print("work " + id());
+let total = 0;
+for i in 1..=100 { total += i; }
+let tries = 0;
+let moved = false;
+while !moved {
+    tries += 1;
+    try {
+        migrate("dst");
+        moved = true;
+    } catch (e) {
+        print("retry " + id() + ": " + e);
+        receive(300);
+    }
+}
+receive(4000);
+print("finished " + id());
+[total, here(), hops(), tries]
+"#;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Source,
+    Destination,
+}
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    files: Vec<NodeFile>,
+    /// home, src, dst (the current incarnations).
+    nodes: Vec<TernNode>,
+    /// Incarnations that crashed, kept for their logs.
+    dead: Vec<TernNode>,
+    package: Vec<u8>,
+}
+
+impl Mesh {
+    fn start(fault: Option<(Side, &str)>) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let author = keygen(dir.path(), "author");
+        let package = std::fs::read(pack(dir.path(), "agent", AGENT, &author)).unwrap();
+        let authors = toml_list(&[&author.public_key]);
+        let mut files = Vec::new();
+        let mut nodes: Vec<TernNode> = Vec::new();
+        for (name, side) in [
+            ("home", None),
+            ("src", Some(Side::Source)),
+            ("dst", Some(Side::Destination)),
+        ] {
+            let mut f = NodeFile::new(dir.path(), name, &authors);
+            // Crash recovery depends on what reached the disk.
+            f.durability = "fsync".into();
+            f.bootstrap = nodes.iter().map(|n| n.addr.clone()).collect();
+            let env = fault.and_then(|(s, f)| (Some(s) == side).then_some(f));
+            nodes.push(TernNode::start(&f, env));
+            files.push(f);
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            let others: Vec<&str> = ["home", "src", "dst"]
+                .into_iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, n)| n)
+                .collect();
+            n.wait_for_peers(&others);
+        }
+        Mesh {
+            _dir: dir,
+            files,
+            nodes,
+            dead: Vec::new(),
+            package,
+        }
+    }
+
+    fn index(side: Side) -> usize {
+        match side {
+            Side::Source => 1,
+            Side::Destination => 2,
+        }
+    }
+
+    /// Waits for the node on `side` to die by itself with the fault's exit code.
+    fn expect_fault_exit(&mut self, side: Side) {
+        let n = &mut self.nodes[Self::index(side)];
+        let status = n.wait_exit(QUICK);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(FAULT_EXIT),
+            "{} did not die at the fault point; log:\n{}",
+            n.name,
+            n.log()
+        );
+    }
+
+    /// SIGKILLs the node on `side`.
+    fn kill(&mut self, side: Side) {
+        self.nodes[Self::index(side)].kill();
+    }
+
+    /// Starts the node on `side` again from its key and data directory, without the fault; it
+    /// dials the two others (their addresses are not in its original file).
+    fn restart(&mut self, side: Side) {
+        let i = Self::index(side);
+        let mut f = self.files[i].clone();
+        f.bootstrap = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| n.addr.clone())
+            .collect();
+        let old_peer_id = self.nodes[i].peer_id.clone();
+        let new = TernNode::start(&f, None);
+        assert_eq!(new.peer_id, old_peer_id);
+        let old = std::mem::replace(&mut self.nodes[i], new);
+        self.dead.push(old);
+    }
+
+    fn reports(&self) -> Vec<StatusReport> {
+        self.nodes.iter().map(TernNode::report).collect()
+    }
+
+    /// Lines containing `needle` in the logs of every incarnation of every node.
+    fn count_in_logs(&self, needle: &str) -> usize {
+        self.nodes
+            .iter()
+            .chain(&self.dead)
+            .map(|n| n.count_in_log(needle))
+            .sum()
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .chain(&self.dead)
+            .map(|n| format!("--- {} ---\n{}", n.name, n.log()))
+            .collect()
+    }
+}
+
+/// Where `agent` is held and in what state, over every node.
+fn holders(reports: &[StatusReport], agent: &str) -> Vec<(String, String)> {
+    reports
+        .iter()
+        .flat_map(|r| {
+            r.agents
+                .iter()
+                .filter(|a| a.id == agent)
+                .map(|a| (r.name.clone(), a.state.clone()))
+        })
+        .collect()
+}
+
+/// One run of the scenario: crash at `fault` on `side`, restart, check exactly-once.
+fn crash_and_recover(side: Side, fault: &str, expect_retry: bool) {
+    let mut mesh = Mesh::start(Some((side, fault)));
+    let home = mesh.nodes[0].addr.clone();
+    let launch = ctl::launch_in_background(&home, mesh.package.clone(), Duration::from_secs(120));
+    let agent = launch.agent.clone();
+    mesh.expect_fault_exit(side);
+    mesh.restart(side);
+
+    // While it pauses on dst, exactly one node holds a live copy, and it is dst ("running" or
+    // "waiting" in `receive`). A departure record on src, "leaving for dst", may linger until
+    // src has asked dst; it is not a copy that runs.
+    let seen = wait_for("the agent to run on dst", Duration::from_secs(60), || {
+        let h = holders(&mesh.reports(), &agent);
+        h.iter()
+            .any(|(n, s)| n == "dst" && !s.starts_with("leaving"))
+            .then_some(h)
+    });
+    let running: Vec<_> = seen
+        .iter()
+        .filter(|(_, s)| !s.starts_with("leaving"))
+        .collect();
+    assert_eq!(
+        running.len(),
+        1,
+        "running copies: {seen:?}\n{}",
+        mesh.logs()
+    );
+
+    let end = launch.end();
+    match end {
+        Some(AgentEnd::Finished { json, node, hops }) => {
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v[0], 5050, "{json}");
+            assert_eq!(v[1], "dst", "{json}");
+            assert_eq!(v[2], 2, "{json}");
+            let tries = v[3].as_i64().unwrap_or(0);
+            // An interrupted hop throws in `migrate` at least once (more if the restarted source
+            // has not yet learnt dst's name when the agent retries).
+            assert!(
+                if expect_retry { tries >= 2 } else { tries == 1 },
+                "{json}\n{}",
+                mesh.logs()
+            );
+            assert_eq!((node.as_str(), hops), ("dst", 2));
+        }
+        other => panic!("the agent did not finish: {other:?}\n{}", mesh.logs()),
+    }
+
+    // Settled: nobody holds it; src points to dst, home to src.
+    let reports = wait_for("every node to settle", Duration::from_secs(60), || {
+        let r = mesh.reports();
+        holders(&r, &agent).is_empty().then_some(r)
+    });
+    let forward = |r: &StatusReport| {
+        r.forwards
+            .iter()
+            .find(|(a, _)| *a == agent)
+            .map(|(_, to)| to.clone())
+    };
+    assert_eq!(forward(&reports[0]).as_deref(), Some("src"));
+    assert_eq!(forward(&reports[1]).as_deref(), Some("dst"));
+    assert_eq!(forward(&reports[2]), None);
+
+    // The work ran once, the agent finished once.
+    assert_eq!(
+        mesh.count_in_logs(&format!("work {agent}")),
+        1,
+        "{}",
+        mesh.logs()
+    );
+    assert_eq!(
+        mesh.count_in_logs(&format!("finished {agent}")),
+        1,
+        "{}",
+        mesh.logs()
+    );
+    let retries = mesh.count_in_logs(&format!("retry {agent}"));
+    if expect_retry {
+        assert!(retries >= 1, "{}", mesh.logs());
+    } else {
+        assert_eq!(retries, 0, "{}", mesh.logs());
+    }
+}
+
+/// The source dies after recording the departure, before offering the hop: on restart it
+/// asks dst, learns dst never got it, resumes the agent with `migrate` throwing "interrupted",
+/// and the agent's retry moves it.
+#[test]
+fn source_dies_after_recording_the_departure() {
+    crash_and_recover(Side::Source, "source-after-leaving", true);
+}
+
+/// The source dies after dst acknowledged, before dropping its copy: dst owns the agent and
+/// runs it; the restarted source asks dst, learns it holds the hop, and only leaves a forwarding
+/// pointer.
+#[test]
+fn source_dies_after_the_acknowledgement() {
+    crash_and_recover(Side::Source, "source-after-ack", false);
+}
+
+/// The destination dies after storing the agent, before acknowledging: the source cannot
+/// tell, keeps its departure record and keeps asking; the restarted destination resumes the
+/// agent from its store, and the source then drops its copy.
+#[test]
+fn destination_dies_after_storing_the_agent() {
+    crash_and_recover(Side::Destination, "destination-after-store", false);
+}
+
+/// A node SIGKILLed while an agent waits on it resumes the agent when it restarts.
+#[test]
+fn a_killed_node_resumes_its_agents_on_restart() {
+    let mut mesh = Mesh::start(None);
+    let home = mesh.nodes[0].addr.clone();
+    let launch = ctl::launch_in_background(&home, mesh.package.clone(), Duration::from_secs(120));
+    let agent = launch.agent.clone();
+    wait_for("the agent to run on dst", Duration::from_secs(30), || {
+        holders(&[mesh.nodes[2].report()], &agent)
+            .iter()
+            .any(|(_, s)| !s.starts_with("leaving"))
+            .then_some(())
+    });
+    mesh.kill(Side::Destination);
+    mesh.restart(Side::Destination);
+    match launch.end() {
+        Some(AgentEnd::Finished { json, .. }) => {
+            assert_eq!(json, r#"[5050,"dst",2,1]"#, "{}", mesh.logs())
+        }
+        other => panic!("the agent did not finish: {other:?}\n{}", mesh.logs()),
+    }
+    assert_eq!(
+        mesh.count_in_logs(&format!("finished {agent}")),
+        1,
+        "{}",
+        mesh.logs()
+    );
+    wait_for("dst to drop the agent", QUICK, || {
+        mesh.reports()
+            .iter()
+            .all(|r| r.agents.is_empty())
+            .then_some(())
+    });
+}

@@ -1,0 +1,506 @@
+//! Hostile peers: a raw libp2p peer (`tern_tests::raw_peer`) that speaks `/tern/hop/1` by hand
+//! sends garbage, truncated and oversized frames, forged, replayed and tampered hops, and pushes
+//! it is not allowed to make. Each must be refused (a `HopReply::Refused`/`Duplicate`, or the
+//! stream closed promptly) and the node must keep serving: after each attack an honest agent
+//! still hops through it.
+
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt};
+use platform::node::{Node, NodeConfig, NodeHandle};
+use platform::store::Durability;
+use platform::wire::{
+    read_frame, write_bulk, write_frame, AgentEnd, HopOffer, HopReply, MAX_FRAME,
+};
+use security::{AgentId, SecretKey, TrustPolicy, VerifiedPackage};
+use tern_tests::raw_peer::{first_hop, first_hop_of, RawPeer};
+
+/// Two honest nodes, `honest` and `target`, and the key of a raw peer that `target` accepts
+/// pushes from (as it would a registered node that turned hostile).
+struct Mesh {
+    honest: NodeHandle,
+    target: NodeHandle,
+    target_key: security::PublicKey,
+    author: SecretKey,
+    raw_key: SecretKey,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+const HONEST_AGENT: &str = r#"migrate("target"); migrate("honest"); [here(), hops()]"#;
+
+fn sign(source: &str, author: &SecretKey) -> VerifiedPackage {
+    let spec = platform::package_files::PackSpec {
+        name: "hostile-test".into(),
+        version: "0".into(),
+        resources: vec![],
+        capabilities: vec![],
+        limits: Default::default(),
+    };
+    platform::package_files::pack(source.to_string(), spec, author, 0)
+        .and_then(|p| Ok(p.verify()?))
+        .unwrap_or_else(|e| panic!("test agent does not pack: {e:#}"))
+}
+
+fn trust(author: &SecretKey, accept: &[&security::PublicKey]) -> TrustPolicy {
+    let accept: Vec<String> = accept.iter().map(|k| format!("\"{k}\"")).collect();
+    toml::from_str(&format!(
+        "authors = [\"{}\"]\naccept_from = [{}]",
+        author.public(),
+        accept.join(", ")
+    ))
+    .expect("trust policy")
+}
+
+async fn start(
+    name: &str,
+    key: SecretKey,
+    trust: TrustPolicy,
+    bootstrap: Vec<libp2p::Multiaddr>,
+) -> (NodeHandle, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        name: name.into(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        key,
+        data_dir: dir.path().to_path_buf(),
+        mdns: false,
+        durability: Durability::NoSync,
+        trust,
+        limits: agent_lang::Limits::default(),
+        hop_log: None,
+    };
+    (Node::start(config).await.expect("node starts"), dir)
+}
+
+impl Mesh {
+    async fn start() -> Mesh {
+        let author = SecretKey::generate();
+        let raw_key = SecretKey::generate();
+        let (honest_key, target_key) = (SecretKey::generate(), SecretKey::generate());
+        let target_public = target_key.public();
+        let (honest, d1) = start(
+            "honest",
+            honest_key.clone(),
+            trust(&author, &[&target_public]),
+            vec![],
+        )
+        .await;
+        let (target, d2) = start(
+            "target",
+            target_key,
+            trust(&author, &[&honest_key.public(), &raw_key.public()]),
+            honest.listen_addrs(),
+        )
+        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while honest.peer_names().is_empty() || target.peer_names().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "nodes did not meet");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Mesh {
+            honest,
+            target,
+            target_key: target_public,
+            author,
+            raw_key,
+            _dirs: vec![d1, d2],
+        }
+    }
+
+    fn raw(&self) -> RawPeer {
+        RawPeer::new(self.raw_key.clone(), &self.target.listen_addrs()[0])
+    }
+
+    /// An honest agent still goes honest -> target -> honest.
+    async fn still_serves(&self) {
+        let (_, end) = self
+            .honest
+            .launch(sign(HONEST_AGENT, &self.author), None)
+            .expect("launch");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the honest agent did not finish within 20 s")
+            .expect("ended");
+        match end {
+            AgentEnd::Finished { json, .. } => assert_eq!(json, r#"["honest",2]"#),
+            other => panic!("the honest agent failed: {other:?}"),
+        }
+        // target drops its copy right after honest acknowledged, which may be just after the
+        // agent finished there.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.target.status().agents.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "target still holds {:?}",
+                self.target.status().agents
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A first hop of `package` from the raw peer to target, reporting its end to `home`.
+    fn hop(&self, package: &VerifiedPackage, home: &str) -> (HopOffer, Vec<u8>) {
+        first_hop(
+            package,
+            &self.raw_key,
+            self.raw_key.public(),
+            self.target_key,
+            home,
+        )
+    }
+}
+
+fn run(test: impl std::future::Future<Output = ()>) {
+    tern_tests::runtime().block_on(async {
+        tokio::time::timeout(Duration::from_secs(90), test)
+            .await
+            .expect("test timed out")
+    });
+}
+
+/// The node closes (or resets) the stream without answering, well before its 30 s I/O timeout.
+async fn expect_closed(stream: &mut libp2p::Stream) {
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("the node answered {n} bytes: {:?}", &buf[..n]),
+        Err(_) => panic!("the node kept the stream open for 10 s"),
+    }
+}
+
+/// Sends a hop (offer, then the continuation if the node is ready) and returns the last reply.
+async fn send_hop(stream: &mut libp2p::Stream, offer: &HopOffer, continuation: &[u8]) -> HopReply {
+    write_frame(stream, offer).await.expect("send the offer");
+    match read_frame::<_, HopReply>(stream, MAX_FRAME)
+        .await
+        .expect("a reply to the offer")
+    {
+        HopReply::Ready => {}
+        other => return other,
+    }
+    write_bulk(stream, continuation)
+        .await
+        .expect("send the continuation");
+    read_frame(stream, MAX_FRAME)
+        .await
+        .expect("a reply to the continuation")
+}
+
+fn refused(reply: &HopReply, why: &str) {
+    match reply {
+        HopReply::Refused(r) => assert!(r.contains(why), "refused for another reason: {r}"),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+#[test]
+fn garbage_on_the_hop_protocol_is_dropped() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        // A frame of valid length whose bytes are not CBOR of an offer.
+        let mut s = raw.open_hop().await;
+        s.write_all(&[0, 0, 0, 16]).await.unwrap();
+        s.write_all(&[0xff; 16]).await.unwrap();
+        s.flush().await.unwrap();
+        expect_closed(&mut s).await;
+        // Text where a length should be (0x47455420 = 1.2 GB).
+        let mut s = raw.open_hop().await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        expect_closed(&mut s).await;
+        // Valid CBOR of the wrong type.
+        let mut s = raw.open_hop().await;
+        write_frame(&mut s, &vec!["not", "an", "offer"])
+            .await
+            .unwrap();
+        expect_closed(&mut s).await;
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_truncated_frame_then_close_is_dropped() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let mut s = raw.open_hop().await;
+        s.write_all(&[0, 0, 0, 100]).await.unwrap();
+        s.write_all(&[0xa1; 10]).await.unwrap();
+        s.close().await.unwrap();
+        expect_closed(&mut s).await;
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_four_gigabyte_length_is_refused_before_allocating() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let mut s = raw.open_hop().await;
+        s.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+        s.flush().await.unwrap();
+        // The stream stays open on our side: the node must not wait for 4 GB that never come.
+        expect_closed(&mut s).await;
+        // An offer announcing a continuation of 2^64-1 bytes is refused by size.
+        let package = sign(r#"migrate("target"); 1"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        let (mut offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        offer.continuation_len = u64::MAX;
+        let mut s = raw.open_hop().await;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "over this node's limit",
+        );
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn an_envelope_signed_by_another_key_than_the_connections_is_refused() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let package = sign(r#"migrate("target"); 1"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        // A valid envelope, but from (and signed by) a key the connection is not.
+        let other = SecretKey::generate();
+        let (offer, continuation) = first_hop(
+            &package,
+            &other,
+            other.public(),
+            mesh.target_key,
+            &raw.peer_id.to_string(),
+        );
+        let mut s = raw.open_hop().await;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "hop envelope",
+        );
+        // A genuine envelope whose continuation was changed on the way.
+        let (offer, mut continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let last = continuation.len() - 1;
+        continuation[last] ^= 1;
+        let mut s = raw.open_hop().await;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "hop envelope",
+        );
+        // An envelope addressed to another node.
+        let (offer, continuation) = first_hop(
+            &package,
+            &mesh.raw_key,
+            mesh.raw_key.public(),
+            SecretKey::generate().public(),
+            &raw.peer_id.to_string(),
+        );
+        let mut s = raw.open_hop().await;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "hop envelope",
+        );
+        assert!(mesh.target.status().agents.is_empty());
+        assert!(raw.ended().is_empty());
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_replayed_hop_is_a_duplicate_and_runs_once() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let package = sign(r#"migrate("target"); [here(), hops()]"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        // The raw peer is the agent's source and home: the node reports the end to it.
+        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let mut s = raw.open_hop().await;
+        assert!(matches!(
+            send_hop(&mut s, &offer, &continuation).await,
+            HopReply::Stored
+        ));
+        // Replayed at once, and again after the agent has ended.
+        let mut s = raw.open_hop().await;
+        assert!(matches!(
+            send_hop(&mut s, &offer, &continuation).await,
+            HopReply::Duplicate
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while raw.ended().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "no end reported");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut s = raw.open_hop().await;
+        assert!(matches!(
+            send_hop(&mut s, &offer, &continuation).await,
+            HopReply::Duplicate
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ended = raw.ended();
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        match &ended[0].1 {
+            AgentEnd::Finished { json, hops, .. } => {
+                assert_eq!((json.as_str(), *hops), (r#"["target",1]"#, 1));
+            }
+            other => panic!("{other:?}"),
+        }
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn an_interrupted_hop_leaves_no_trace_and_can_be_sent_again() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let package = sign(r#"migrate("target"); here()"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let mut s = raw.open_hop().await;
+        write_frame(&mut s, &offer).await.unwrap();
+        assert!(matches!(
+            read_frame::<_, HopReply>(&mut s, MAX_FRAME).await.unwrap(),
+            HopReply::Ready
+        ));
+        s.write_all(&continuation[..continuation.len() / 2])
+            .await
+            .unwrap();
+        s.close().await.unwrap();
+        expect_closed(&mut s).await;
+        assert!(mesh.target.status().agents.is_empty());
+        // Not recorded as seen: the whole hop goes through afterwards.
+        let mut s = raw.open_hop().await;
+        assert!(matches!(
+            send_hop(&mut s, &offer, &continuation).await,
+            HopReply::Stored
+        ));
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_push_from_a_peer_not_in_accept_from_is_refused() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let stranger = SecretKey::generate();
+        let raw = RawPeer::new(stranger.clone(), &mesh.target.listen_addrs()[0]);
+        let package = sign(r#"migrate("target"); 1"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        let (offer, continuation) = first_hop(
+            &package,
+            &stranger,
+            stranger.public(),
+            mesh.target_key,
+            &raw.peer_id.to_string(),
+        );
+        let mut s = raw.open_hop().await;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "does not accept agents from",
+        );
+        assert!(mesh.target.status().agents.is_empty());
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_pulled_package_that_is_not_the_announced_one_is_refused() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let package = sign(r#"migrate("target"); 1"#, &mesh.author);
+        // Another (validly signed) package under this package's hash.
+        let other = sign(r#"migrate("target"); 2"#, &mesh.author);
+        raw.serve(&package, other.to_bytes());
+        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let mut s = raw.open_hop().await;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "another hash",
+        );
+        // Bytes that are no package at all.
+        raw.serve(&package, vec![0x42; 1000]);
+        let mut s = raw.open_hop().await;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "pulled package",
+        );
+        // A package by an author the node does not trust.
+        let untrusted = sign(r#"migrate("target"); 3"#, &SecretKey::generate());
+        raw.serve(&untrusted, untrusted.to_bytes());
+        let (offer, continuation) = mesh.hop(&untrusted, &raw.peer_id.to_string());
+        let mut s = raw.open_hop().await;
+        refused(&send_hop(&mut s, &offer, &continuation).await, "refused");
+        assert!(mesh.target.status().agents.is_empty());
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_hop_cannot_replace_an_agent_that_lives_on_the_node() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        // A victim launched on target, pausing there; its id is public (`tern status`).
+        let victim = sign(r#"receive(3000); "original""#, &mesh.author);
+        let (id, end) = mesh.target.launch(victim, None).expect("launch");
+        // The attacker sends "hop 1" of that agent id with its own code, home = target, so the
+        // end goes to the victim's launcher.
+        let evil = sign(r#"migrate("target"); "hijacked""#, &mesh.author);
+        raw.serve(&evil, evil.to_bytes());
+        let (offer, continuation) = first_hop_of(
+            id.parse::<AgentId>().unwrap(),
+            &evil,
+            &mesh.raw_key,
+            mesh.raw_key.public(),
+            mesh.target_key,
+            &mesh.target.peer_id().to_string(),
+        );
+        let mut s = raw.open_hop().await;
+        let reply = send_hop(&mut s, &offer, &continuation).await;
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the victim did not end")
+            .expect("ended");
+        assert_eq!(
+            end,
+            AgentEnd::Finished {
+                json: r#""original""#.into(),
+                node: "target".into(),
+                hops: 0
+            },
+            "the hop was answered {reply:?}"
+        );
+        assert!(matches!(reply, HopReply::Refused(_)), "{reply:?}");
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn silent_streams_from_one_peer_do_not_starve_the_node() {
+    run(async {
+        let mesh = Mesh::start().await;
+        // Not even a peer the node accepts pushes from: anyone can connect.
+        let raw = RawPeer::new(SecretKey::generate(), &mesh.target.listen_addrs()[0]);
+        let mut held = Vec::new();
+        for _ in 0..300 {
+            match tokio::time::timeout(Duration::from_secs(2), raw.open_hop_unchecked()).await {
+                Ok(Ok(s)) => held.push(s),
+                _ => break,
+            }
+        }
+        assert!(held.len() >= 256, "opened only {} streams", held.len());
+        let started = std::time::Instant::now();
+        mesh.still_serves().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(held);
+    });
+}

@@ -697,7 +697,7 @@ fn status(shared: &Shared) -> StatusReport {
             state: match r.state {
                 AgentState::Ready => "running".into(),
                 AgentState::Waiting { .. } => "waiting".into(),
-                AgentState::Leaving { to, hop } => {
+                AgentState::Leaving { to, hop, .. } => {
                     format!("leaving for {} (hop {hop})", shared.name_of(&to))
                 }
             },
@@ -722,21 +722,41 @@ fn status(shared: &Shared) -> StatusReport {
 
 /// Starts the runner task of a stored agent (once per arrival).
 fn spawn_agent(shared: &Arc<Shared>, id: String, hop: u64) {
+    spawn_runner(shared, id, hop, None);
+}
+
+/// Starts the runner of a stored agent; `first` (if any) is what its pending primitive returns.
+fn spawn_runner(shared: &Arc<Shared>, id: String, hop: u64, first: Option<Resume>) {
     let key = (id, hop);
     if !lock(&shared.running).insert(key.clone()) {
         return;
     }
     let shared = shared.clone();
     tokio::spawn(async move {
-        run_agent(&shared, &key.0, key.1).await;
+        run_agent(&shared, &key.0, key.1, first).await;
         lock(&shared.running).remove(&key);
     });
+}
+
+/// An agent end for a failure of the node rather than of the script.
+fn node_failure(shared: &Shared, error: String) -> AgentEnd {
+    AgentEnd::Failed {
+        error,
+        node: shared.name.clone(),
+        position: None,
+    }
 }
 
 /// The source's side of a completed hop, in one transaction: drop our copy and leave a
 /// forwarding pointer — unless the agent has already come back (a newer arrival replaced the
 /// departure record), in which case the record is the new arrival's and stays.
-fn complete_departure(shared: &Arc<Shared>, id: &str, to: &str, hop: u64) -> Result<(), String> {
+fn complete_departure(
+    shared: &Arc<Shared>,
+    id: &str,
+    to: &str,
+    hop: u64,
+    carried: usize,
+) -> Result<(), String> {
     let queued = shared
         .store
         .batch(|b| match b.agent(id)? {
@@ -751,8 +771,9 @@ fn complete_departure(shared: &Arc<Shared>, id: &str, to: &str, hop: u64) -> Res
             _ => Ok(Vec::new()),
         })
         .map_err(|e| format!("migrate: {e}"))?;
-    // Messages that arrived while the agent was in flight follow it.
-    forward_queued(shared, id, queued);
+    // The first `carried` travelled with the agent; those that arrived while it was in flight
+    // follow it.
+    forward_queued(shared, id, queued.into_iter().skip(carried).collect());
     Ok(())
 }
 
@@ -764,7 +785,10 @@ enum HopResult {
     Stayed,
 }
 
-async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64) {
+/// Runs a stored agent until it leaves, finishes or fails. `first` is what its pending
+/// primitive returns (a recovered, interrupted hop); otherwise a waiting agent goes back to
+/// waiting and any other resumes with `()`.
+async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64, first: Option<Resume>) {
     let mut rec = match shared.store.agent(id) {
         Ok(Some(r)) if r.hop == arrival => r,
         Ok(_) => return,
@@ -775,18 +799,7 @@ async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64) {
     };
     let loaded = match shared.loaded(&rec.package) {
         Ok(l) => l,
-        Err(e) => {
-            return finish(
-                shared,
-                &rec,
-                AgentEnd::Failed {
-                    error: e,
-                    node: shared.name.clone(),
-                    position: None,
-                },
-            )
-            .await
-        }
+        Err(e) => return finish(shared, &rec, node_failure(shared, e)).await,
     };
     let mut exec = if rec.continuation.is_empty() {
         Execution::new(&loaded.program)
@@ -797,26 +810,22 @@ async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64) {
                 return finish(
                     shared,
                     &rec,
-                    AgentEnd::Failed {
-                        error: format!("stored continuation: {e}"),
-                        node: shared.name.clone(),
-                        position: None,
-                    },
+                    node_failure(shared, format!("stored continuation: {e}")),
                 )
                 .await
             }
         }
     };
-    // An agent stored while waiting in `receive` goes back to waiting.
-    let mut input = match rec.state {
-        AgentState::Waiting { timeout_at_ms } => {
+    let mut input = match (first, &rec.state) {
+        (Some(input), _) => input,
+        (None, AgentState::Waiting { timeout_at_ms }) => {
             let left = timeout_at_ms.map(|t| t.saturating_sub(now_ms()));
             match receive(shared, &rec, &exec, &loaded, left).await {
                 Ok(v) => Resume::Value(v),
                 Err(e) => Resume::Error(e),
             }
         }
-        _ => Resume::Start,
+        (None, _) => Resume::Start,
     };
     loop {
         let env = shared.env(&rec);
@@ -831,11 +840,7 @@ async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64) {
                 return finish(
                     shared,
                     &rec,
-                    AgentEnd::Failed {
-                        error: format!("agent slice crashed: {join}"),
-                        node: shared.name.clone(),
-                        position: None,
-                    },
+                    node_failure(shared, format!("agent slice crashed: {join}")),
                 )
                 .await
             }
@@ -844,16 +849,12 @@ async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64) {
         match outcome {
             Outcome::Finished(v) => {
                 let json = agent_lang::to_json(&v).to_string();
-                return finish(
-                    shared,
-                    &rec,
-                    AgentEnd::Finished {
-                        json,
-                        node: shared.name.clone(),
-                        hops: rec.hops,
-                    },
-                )
-                .await;
+                let end = AgentEnd::Finished {
+                    json,
+                    node: shared.name.clone(),
+                    hops: rec.hops,
+                };
+                return finish(shared, &rec, end).await;
             }
             Outcome::Failed(err) => {
                 return finish(shared, &rec, failed_end(&shared.name, err)).await
@@ -878,18 +879,7 @@ async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64) {
                     Err(e) => Resume::Error(format!("send: {e}")),
                 }
             }
-            _ => {
-                return finish(
-                    shared,
-                    &rec,
-                    AgentEnd::Failed {
-                        error: "unknown outcome".into(),
-                        node: shared.name.clone(),
-                        position: None,
-                    },
-                )
-                .await
-            }
+            _ => return finish(shared, &rec, node_failure(shared, "unknown outcome".into())).await,
         }
     }
 }
@@ -1018,11 +1008,17 @@ async fn hop(
         &shared.key,
     )
     .map_err(|e| format!("migrate: {e}"))?;
+    // The messages queued so far travel with the agent.
+    let carried = shared
+        .store
+        .messages(&rec.id)
+        .map_err(|e| format!("migrate: {e}"))?;
     // Durably "leaving for dest at hop h" before anything is offered.
     let leaving = AgentRecord {
         state: AgentState::Leaving {
             to: dest.to_string(),
             hop: next_hop,
+            carried: carried.len() as u64,
         },
         continuation: continuation.clone(),
         ..rec.clone()
@@ -1037,6 +1033,11 @@ async fn hop(
         previous: rec.envelope.clone(),
         continuation_len: continuation.len() as u64,
         hops: rec.hops + 1,
+        messages: carried
+            .iter()
+            .cloned()
+            .map(serde_bytes::ByteBuf::from)
+            .collect(),
         home: rec.home.clone(),
         launcher: rec.launcher.clone(),
     };
@@ -1044,7 +1045,7 @@ async fn hop(
     match outcome {
         SendOutcome::Owned => {
             die_if(shared, FaultPoint::SourceAfterAck);
-            complete_departure(shared, &rec.id, &dest.to_string(), next_hop)?;
+            complete_departure(shared, &rec.id, &dest.to_string(), next_hop, carried.len())?;
             if let Some(log) = &shared.hop_log {
                 let _ = log.send(HopRecord {
                     hop: next_hop,
@@ -1065,7 +1066,13 @@ async fn hop(
             // The continuation went out but the acknowledgement did not come back: ask.
             match resolve_departure(shared, &rec.id, dest, next_hop).await {
                 Some(true) => {
-                    complete_departure(shared, &rec.id, &dest.to_string(), next_hop)?;
+                    complete_departure(
+                        shared,
+                        &rec.id,
+                        &dest.to_string(),
+                        next_hop,
+                        carried.len(),
+                    )?;
                     Ok(HopResult::Left)
                 }
                 Some(false) => {
@@ -1155,7 +1162,7 @@ async fn resolve_departure(shared: &Shared, agent: &str, dest: PeerId, hop: u64)
 /// Settles a departure whose outcome is unknown (after a lost acknowledgement or a restart):
 /// asks the destination until it answers; if it holds the agent, drop ours, else resume ours.
 async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
-    let AgentState::Leaving { to, hop } = rec.state.clone() else {
+    let AgentState::Leaving { to, hop, carried } = rec.state.clone() else {
         return;
     };
     let Ok(dest) = to.parse::<PeerId>() else {
@@ -1169,7 +1176,7 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
     loop {
         if let Some(held) = resolve_departure(&shared, &rec.id, dest, hop).await {
             if held {
-                let _ = complete_departure(&shared, &rec.id, &to, hop);
+                let _ = complete_departure(&shared, &rec.id, &to, hop, carried as usize);
             } else {
                 // Back to the state before the hop: the agent resumes and `migrate` throws.
                 let back = AgentRecord {
@@ -1177,124 +1184,16 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
                     ..rec.clone()
                 };
                 let _ = shared.store.put_agent(&back);
-                spawn_agent_with(
-                    &shared,
-                    back,
-                    Resume::Error(format!(
-                        "migrate: the hop to {} was interrupted",
-                        shared.name_of(&to)
-                    )),
+                let interrupted = format!(
+                    "migrate: the hop to {} was interrupted",
+                    shared.name_of(&to)
                 );
+                spawn_runner(&shared, back.id, back.hop, Some(Resume::Error(interrupted)));
             }
             return;
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
-    }
-}
-
-/// Starts the runner of an agent whose stored continuation waits at `migrate`, resuming it with
-/// `input`.
-fn spawn_agent_with(shared: &Arc<Shared>, rec: AgentRecord, input: Resume) {
-    let key = (rec.id.clone(), rec.hop);
-    if !lock(&shared.running).insert(key.clone()) {
-        return;
-    }
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        run_agent_from(&shared, rec, input).await;
-        lock(&shared.running).remove(&key);
-    });
-}
-
-async fn run_agent_from(shared: &Arc<Shared>, rec: AgentRecord, input: Resume) {
-    // The continuation in `rec` is suspended at the interrupted `migrate`: resume it with the
-    // error once, then run as usual.
-    let loaded = match shared.loaded(&rec.package) {
-        Ok(l) => l,
-        Err(e) => {
-            return finish(
-                shared,
-                &rec,
-                AgentEnd::Failed {
-                    error: e,
-                    node: shared.name.clone(),
-                    position: None,
-                },
-            )
-            .await
-        }
-    };
-    let Ok(mut exec) = Execution::decode(&loaded.program, &rec.continuation) else {
-        return finish(
-            shared,
-            &rec,
-            AgentEnd::Failed {
-                error: "stored continuation is corrupt".into(),
-                node: shared.name.clone(),
-                position: None,
-            },
-        )
-        .await;
-    };
-    let env = shared.env(&rec);
-    let (e, outcome) = match tokio::task::spawn_blocking(move || {
-        let o = exec.resume(&env, input);
-        (exec, o)
-    })
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            return finish(
-                shared,
-                &rec,
-                AgentEnd::Failed {
-                    error: e.to_string(),
-                    node: shared.name.clone(),
-                    position: None,
-                },
-            )
-            .await
-        }
-    };
-    // Store the new suspension point and continue in the normal runner.
-    match outcome {
-        Outcome::Finished(v) => {
-            finish(
-                shared,
-                &rec,
-                AgentEnd::Finished {
-                    json: agent_lang::to_json(&v).to_string(),
-                    node: shared.name.clone(),
-                    hops: rec.hops,
-                },
-            )
-            .await
-        }
-        Outcome::Failed(err) => finish(shared, &rec, failed_end(&shared.name, err)).await,
-        _ => match e.encode() {
-            Ok(c) => {
-                let _ = shared.store.put_agent(&AgentRecord {
-                    continuation: c,
-                    ..rec.clone()
-                });
-                lock(&shared.running).remove(&(rec.id.clone(), rec.hop));
-                spawn_agent(shared, rec.id.clone(), rec.hop);
-            }
-            Err(err) => {
-                finish(
-                    shared,
-                    &rec,
-                    AgentEnd::Failed {
-                        error: err.to_string(),
-                        node: shared.name.clone(),
-                        position: None,
-                    },
-                )
-                .await
-            }
-        },
     }
 }
 
@@ -1575,7 +1474,17 @@ async fn handle_hop(
         continuation,
         envelope: offer.envelope,
     };
-    match shared.store.accept_arrival(&rec) {
+    let messages = offer.messages;
+    let arrival = shared.store.batch(|b| {
+        let arrival = b.accept_arrival(&rec)?;
+        if let Arrival::New = arrival {
+            for m in &messages {
+                b.push_message(&rec.id, m)?;
+            }
+        }
+        Ok(arrival)
+    });
+    match arrival {
         Ok(Arrival::New) => {}
         Ok(Arrival::Duplicate) => return write_frame(&mut stream, &HopReply::Duplicate).await,
         Err(e) => {

@@ -142,6 +142,10 @@ pub enum AgentState {
         to: String,
         /// The hop number being made.
         hop: u64,
+        /// How many of the agent's queued messages (the oldest) travel with this hop; the rest
+        /// arrived later and are forwarded once the hop completes.
+        #[serde(default)]
+        carried: u64,
     },
 }
 
@@ -498,6 +502,22 @@ impl Store {
     /// When the write fails; then the messages stay queued.
     pub fn take_messages(&self, id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
         self.batch(|b| b.take_messages(id))
+    }
+
+    /// The messages queued for agent `id`, oldest first, left in place (a hop carries them).
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn messages(&self, id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.read(|txn| {
+            let t = txn.open_table(MESSAGES)?;
+            let mut out = Vec::new();
+            for entry in t.range(queue(id))? {
+                out.push(entry?.1.value().to_vec());
+            }
+            Ok(out)
+        })
     }
 
     /// How many messages are queued for agent `id`.

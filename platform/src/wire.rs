@@ -150,6 +150,9 @@ pub struct HopOffer {
     pub continuation_len: u64,
     /// Hops the agent will have made on arrival (what `hops()` reports).
     pub hops: u64,
+    /// Messages queued for the agent at the source, oldest first: they travel with it, so the
+    /// destination's queue keeps their order.
+    pub messages: Vec<serde_bytes::ByteBuf>,
     /// The agent's home node (peer id).
     pub home: String,
     /// Who waits for the agent's result (peer id), if anyone.

@@ -68,6 +68,7 @@ fn agents_round_trip() {
     leaving.state = AgentState::Leaving {
         to: "12D3KooWDest".into(),
         hop: 5,
+        carried: 0,
     };
     let mut fresh = agent("a", 0);
     fresh.continuation.clear();
@@ -213,6 +214,7 @@ fn complete_departure_removes_agent_and_leaves_forward() {
     rec.state = AgentState::Leaving {
         to: "peer-b".into(),
         hop: 2,
+        carried: 0,
     };
     store.put_agent(&rec).unwrap();
     store.put_agent(&agent("other", 0)).unwrap();

@@ -835,6 +835,7 @@ pub mod raw_peer {
             previous: Vec::new(),
             continuation_len: continuation.len() as u64,
             hops: 1,
+            messages: Vec::new(),
             home: home.to_string(),
             launcher: None,
         };

@@ -305,18 +305,17 @@ enum Target {
     Mobile(BodyId),
 }
 
-struct Planner<'a> {
+struct Planner {
     plan: Plan,
     /// Mobile functions by (name, arity), with the body id they will get.
     mobile: HashMap<(ImmutableString, usize), BodyId>,
     mobile_names: HashSet<ImmutableString>,
     /// Every script function by (name, arity).
     script_fns: HashSet<(ImmutableString, usize)>,
-    _ast: &'a AST,
 }
 
-impl<'a> Planner<'a> {
-    fn plan(ast: &'a AST) -> Result<Plan, CompileError> {
+impl Planner {
+    fn plan(ast: &AST) -> Result<Plan, CompileError> {
         let functions: Vec<Shared<rhai::ScriptFuncDef>> = ast
             .shared_lib()
             .iter_script_fn_info()
@@ -379,7 +378,6 @@ impl<'a> Planner<'a> {
                 .iter()
                 .map(|f| (f.name.clone(), f.params.len()))
                 .collect(),
-            _ast: ast,
         };
         let main = planner.plan_block(ast.statements())?;
         planner.plan.bodies.push(Body {

@@ -10,8 +10,8 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use rhai::{
-    Array, BinaryExpr, Caches, Dynamic, EvalAltResult, Expr, GlobalRuntimeState, ImmutableString,
-    Position, Scope, Stmt, INT,
+    Array, BinaryExpr, Caches, Dynamic, EvalAltResult, Expr, GlobalRuntimeState, Position, Scope,
+    Stmt, INT,
 };
 
 use crate::compile::{
@@ -384,9 +384,8 @@ impl Execution {
         }
     }
 
-    fn push_block(&mut self, block: BlockId, empty_value: bool) -> Result<(), StepErr> {
+    fn push_block(&mut self, block: BlockId) -> Result<(), StepErr> {
         let frame = self.top_frame()?;
-        let _ = empty_value;
         let scope_len = frame.scope.len() as u32;
         frame.cursors.push(Cursor::Block {
             block,
@@ -418,7 +417,7 @@ impl Execution {
                 if blocks[chosen as usize].is_empty() {
                     self.set_value(Dynamic::UNIT)
                 } else {
-                    self.push_block(chosen, true)
+                    self.push_block(chosen)
                 }
             }
             Node::Switch { selector, arms } => {
@@ -490,7 +489,7 @@ impl Execution {
                     scope_len,
                     caught: None,
                 });
-                self.push_block(*body, true)
+                self.push_block(*body)
             }
             Node::Suspend {
                 call: Call::Block(block),
@@ -504,7 +503,7 @@ impl Execution {
                         .map_err(StepErr::Eval);
                 }
                 self.top_frame()?.cursors.push(Cursor::Value { node: id });
-                self.push_block(*block, true)
+                self.push_block(*block)
             }
             Node::Suspend { call, pos, .. } => {
                 self.track(ctx, *pos)?;
@@ -530,7 +529,7 @@ impl Execution {
         if self.program.inner.plan.blocks[block as usize].is_empty() {
             self.set_value(Dynamic::UNIT)
         } else {
-            self.push_block(block, true)
+            self.push_block(block)
         }
     }
 
@@ -781,7 +780,7 @@ impl Execution {
             _ => return Err(internal("loop node expected")),
         };
         match again {
-            Some(body) => self.push_block(body, true),
+            Some(body) => self.push_block(body),
             None => {
                 let frame = self.top_frame()?;
                 frame.cursors.pop();
@@ -894,7 +893,7 @@ impl Execution {
                     if let Node::Do { body, .. } = &prog.plan.nodes[node as usize] {
                         // Rhai's `continue` in a `do` loop skips the condition.
                         let body = *body;
-                        return self.push_block(body, true);
+                        return self.push_block(body);
                     }
                     return Ok(());
                 }
@@ -1203,11 +1202,4 @@ fn internal_error(what: &str) -> AgentError {
 
 fn unreachable_outcome() -> Outcome {
     Outcome::Failed(internal_error("the executor stopped without an outcome"))
-}
-
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>() {}
-    is_send::<Execution>();
-    let _: Option<ImmutableString> = None;
 }

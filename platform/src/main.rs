@@ -163,7 +163,9 @@ struct RunArgs {
     trust_any_author: bool,
 }
 
-/// An agent that ran but did not succeed: reported, then exit code 1.
+/// An agent that ran but did not succeed: already reported on stderr; exit code 1.
+#[derive(Debug, thiserror::Error)]
+#[error("agent failed")]
 struct AgentFailed;
 
 fn main() -> ExitCode {
@@ -174,7 +176,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) if err.is::<AgentFailedMarker>() => ExitCode::from(1),
+        Err(err) if err.is::<AgentFailed>() => ExitCode::from(1),
         Err(err) => {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
@@ -182,16 +184,6 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::from(1)
         }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("agent failed")]
-struct AgentFailedMarker;
-
-impl From<AgentFailed> for anyhow::Error {
-    fn from(_: AgentFailed) -> Self {
-        AgentFailedMarker.into()
     }
 }
 
@@ -279,29 +271,36 @@ async fn run_on_loopback(
     )
     .await
     .context("cannot start the mesh")?;
-    let (json, trace) = (args.json, args.trace);
-    let printer = tokio::spawn(async move {
-        while let Some(h) = hop_rx.recv().await {
-            if !trace {
-                continue;
-            }
-            if json {
-                eprintln!(
-                    "{}",
-                    serde_json::json!({"hop": h.hop, "from": h.from, "to": h.to, "bytes": h.bytes, "micros": h.micros})
-                );
-            } else {
-                eprintln!(
-                    "hop {}: {} -> {}  {} bytes  {} µs",
-                    h.hop, h.from, h.to, h.bytes, h.micros
-                );
+    let print_hop = |h: platform::node::HopRecord| {
+        if args.json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"hop": h.hop, "from": h.from, "to": h.to, "bytes": h.bytes, "micros": h.micros})
+            );
+        } else {
+            eprintln!(
+                "hop {}: {} -> {}  {} bytes  {} µs",
+                h.hop, h.from, h.to, h.bytes, h.micros
+            );
+        }
+    };
+    let started = Instant::now();
+    let (agent, end) = {
+        let run = mesh.run(package);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                ended = &mut run => break ended?,
+                Some(h) = hop_rx.recv() => print_hop(h),
             }
         }
-    });
-    let started = Instant::now();
-    let (agent, end) = mesh.run(package).await?;
+    };
+    // A source reports its hop once acknowledged, which can race the agent's end: print what
+    // comes until the mesh has been quiet for a moment.
+    while let Ok(Some(h)) = tokio::time::timeout(Duration::from_millis(100), hop_rx.recv()).await {
+        print_hop(h);
+    }
     drop(mesh);
-    let _ = tokio::time::timeout(Duration::from_millis(200), printer).await;
     match end {
         platform::wire::AgentEnd::Finished { json, node, hops } => {
             let stdout = std::io::stdout();

@@ -1044,8 +1044,6 @@ async fn hop(
     let outcome = send_hop(shared, dest, &offer, &continuation).await;
     match outcome {
         SendOutcome::Owned => {
-            die_if(shared, FaultPoint::SourceAfterAck);
-            complete_departure(shared, &rec.id, &dest.to_string(), next_hop, carried.len())?;
             if let Some(log) = &shared.hop_log {
                 let _ = log.send(HopRecord {
                     hop: next_hop,
@@ -1055,6 +1053,8 @@ async fn hop(
                     micros: started.elapsed().as_micros() as u64,
                 });
             }
+            die_if(shared, FaultPoint::SourceAfterAck);
+            complete_departure(shared, &rec.id, &dest.to_string(), next_hop, carried.len())?;
             Ok(HopResult::Left)
         }
         SendOutcome::NotTaken(reason) => {

@@ -6,8 +6,7 @@
 //! keys, char → tag [`TAG_CHAR`] over its code point, function pointer without captures → tag
 //! [`TAG_FN_PTR`] over its name. Anything else is refused, naming where it was found.
 
-use ciborium_io::Read as _;
-use ciborium_ll::{simple, Decoder, Encoder, Header};
+use ciborium_ll::{simple, Encoder, Header};
 use rhai::{Array, Blob, Dynamic, FnPtr, ImmutableString, Map};
 
 use crate::compile::ProgramInner;
@@ -52,11 +51,35 @@ pub(crate) fn put_uint(enc: &mut Enc<'_>, n: u64) {
 }
 
 pub(crate) fn put_int(enc: &mut Enc<'_>, n: i64) {
-    if n >= 0 {
-        put(enc, Header::Positive(n as u64));
+    // Written directly (integers dominate numeric state): the shortest CBOR head, as ciborium
+    // would write it.
+    let (major, arg) = if n >= 0 {
+        (0u8, n as u64)
     } else {
-        put(enc, Header::Negative(!(n as u64)));
-    }
+        (0x20u8, !(n as u64))
+    };
+    let mut head = [0u8; 9];
+    let len = if arg < 24 {
+        head[0] = major | arg as u8;
+        1
+    } else if arg <= u8::MAX as u64 {
+        head[0] = major | 24;
+        head[1] = arg as u8;
+        2
+    } else if arg <= u16::MAX as u64 {
+        head[0] = major | 25;
+        head[1..3].copy_from_slice(&(arg as u16).to_be_bytes());
+        3
+    } else if arg <= u32::MAX as u64 {
+        head[0] = major | 26;
+        head[1..5].copy_from_slice(&(arg as u32).to_be_bytes());
+        5
+    } else {
+        head[0] = major | 27;
+        head[1..9].copy_from_slice(&arg.to_be_bytes());
+        9
+    };
+    let _ = ciborium_io::Write::write_all(enc, &head[..len]);
 }
 
 pub(crate) fn put_text(enc: &mut Enc<'_>, s: &str) {
@@ -87,12 +110,12 @@ pub(crate) fn encode_value(
     if value.is_shared() {
         return encode_value(enc, &value.flatten_clone(), what, depth);
     }
-    if value.is_unit() {
+    if let Ok(n) = value.as_int() {
+        put_int(enc, n);
+    } else if value.is_unit() {
         put_null(enc);
     } else if let Ok(b) = value.as_bool() {
         put_bool(enc, b);
-    } else if let Ok(n) = value.as_int() {
-        put_int(enc, n);
     } else if let Ok(f) = value.as_float() {
         put(enc, Header::Float(f));
     } else if let Ok(c) = value.as_char() {
@@ -105,7 +128,10 @@ pub(crate) fn encode_value(
     } else if let Some(a) = value.read_lock::<Array>() {
         put(enc, Header::Array(Some(a.len())));
         for (i, item) in a.iter().enumerate() {
-            encode_value(enc, item, &|| format!("{}[{i}]", what()), depth + 1)?;
+            match item.as_int() {
+                Ok(n) => put_int(enc, n),
+                Err(_) => encode_value(enc, item, &|| format!("{}[{i}]", what()), depth + 1)?,
+            }
         }
     } else if let Some(m) = value.read_lock::<Map>() {
         put(enc, Header::Map(Some(m.len())));
@@ -136,36 +162,87 @@ pub(crate) fn encode_value(
 pub(crate) struct Malformed(pub(crate) String, pub(crate) usize);
 
 /// A CBOR reader over a byte slice that never allocates more than the input could hold.
+///
+/// It parses item heads itself (into ciborium-ll's [`Header`]): per-item overhead is what bounds
+/// decoding a state of many small values, and a direct slice cursor is several times faster than
+/// going through an `io::Read`.
 pub(crate) struct Reader<'a> {
-    dec: Decoder<&'a [u8]>,
-    total: usize,
+    bytes: &'a [u8],
+    pos: usize,
 }
 
 impl<'a> Reader<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Reader {
-            dec: Decoder::from(bytes),
-            total: bytes.len(),
-        }
+        Reader { bytes, pos: 0 }
     }
 
     pub(crate) fn offset(&mut self) -> usize {
-        self.dec.offset()
+        self.pos
     }
 
     fn remaining(&mut self) -> usize {
-        self.total.saturating_sub(self.dec.offset())
+        self.bytes.len() - self.pos
     }
 
     pub(crate) fn fail<T>(&mut self, what: impl Into<String>) -> Result<T, Malformed> {
-        Err(Malformed(what.into(), self.dec.offset()))
+        Err(Malformed(what.into(), self.pos))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        match self.bytes.get(self.pos..self.pos.saturating_add(n)) {
+            Some(s) if self.pos.checked_add(n).is_some() => {
+                self.pos += n;
+                Ok(s)
+            }
+            _ => Err(Malformed("truncated".into(), self.pos)),
+        }
+    }
+
+    /// The argument of an item head with additional information `info`.
+    fn argument(&mut self, info: u8) -> Result<u64, Malformed> {
+        Ok(match info {
+            0..=23 => info as u64,
+            24 => self.take(1)?[0] as u64,
+            25 => u16::from_be_bytes([self.take(1)?[0], self.take(1)?[0]]) as u64,
+            26 => {
+                let b = self.take(4)?;
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64
+            }
+            27 => {
+                let b = self.take(8)?;
+                u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+            }
+            _ => {
+                return Err(Malformed(
+                    "invalid or indefinite-length CBOR item".into(),
+                    self.pos,
+                ))
+            }
+        })
     }
 
     pub(crate) fn header(&mut self) -> Result<Header, Malformed> {
-        let at = self.dec.offset();
-        self.dec.pull().map_err(|e| match e {
-            ciborium_ll::Error::Io(_) => Malformed("truncated".into(), at),
-            ciborium_ll::Error::Syntax(o) => Malformed("invalid CBOR".into(), o),
+        let at = self.pos;
+        let initial = self.take(1)?[0];
+        let (major, info) = (initial >> 5, initial & 0x1f);
+        let len =
+            |n: u64| usize::try_from(n).map_err(|_| Malformed("length out of range".into(), at));
+        Ok(match major {
+            0 => Header::Positive(self.argument(info)?),
+            1 => Header::Negative(self.argument(info)?),
+            2 => Header::Bytes(Some(len(self.argument(info)?)?)),
+            3 => Header::Text(Some(len(self.argument(info)?)?)),
+            4 => Header::Array(Some(len(self.argument(info)?)?)),
+            5 => Header::Map(Some(len(self.argument(info)?)?)),
+            6 => Header::Tag(self.argument(info)?),
+            _ => match info {
+                0..=23 => Header::Simple(info),
+                24 => Header::Simple(self.take(1)?[0]),
+                25 => Header::Float(f16_to_f64(self.argument(25)? as u16)),
+                26 => Header::Float(f32::from_bits(self.argument(26)? as u32) as f64),
+                27 => Header::Float(f64::from_bits(self.argument(27)?)),
+                _ => return Err(Malformed("invalid CBOR".into(), at)),
+            },
         })
     }
 
@@ -173,12 +250,7 @@ impl<'a> Reader<'a> {
         if len > self.remaining() {
             return self.fail(format!("length {len} runs past the end of the input"));
         }
-        let mut buf = vec![0u8; len];
-        let at = self.dec.offset();
-        self.dec
-            .read_exact(&mut buf)
-            .map_err(|_| Malformed("truncated".into(), at))?;
-        Ok(buf)
+        Ok(self.take(len)?.to_vec())
     }
 
     pub(crate) fn uint(&mut self) -> Result<u64, Malformed> {
@@ -217,7 +289,7 @@ impl<'a> Reader<'a> {
     }
 
     fn text_payload(&mut self, len: usize) -> Result<String, Malformed> {
-        let at = self.dec.offset();
+        let at = self.pos;
         String::from_utf8(self.payload(len)?)
             .map_err(|_| Malformed("invalid UTF-8 in text".into(), at))
     }
@@ -245,10 +317,11 @@ impl<'a> Reader<'a> {
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<T, Malformed>,
     ) -> Result<Option<T>, Malformed> {
+        let at = self.pos;
         match self.header()? {
             Header::Simple(simple::NULL) => Ok(None),
-            h => {
-                self.dec.push(h);
+            _ => {
+                self.pos = at;
                 f(self).map(Some)
             }
         }
@@ -280,7 +353,20 @@ impl<'a> Reader<'a> {
                 }
                 let mut a = Array::with_capacity(n);
                 for _ in 0..n {
-                    a.push(self.value(prog, depth + 1)?);
+                    // Small integers inline: arrays of numbers are the common bulky state.
+                    let item = match self.bytes.get(self.pos) {
+                        Some(&b) if b < 0x18 => {
+                            self.pos += 1;
+                            Dynamic::from_int(b as i64)
+                        }
+                        Some(&b) if (0x18..=0x1a).contains(&b) || (0x38..=0x3a).contains(&b) => {
+                            self.pos += 1;
+                            let arg = self.argument(b & 0x1f)? as i64;
+                            Dynamic::from_int(if b >= 0x20 { !arg } else { arg })
+                        }
+                        _ => self.value(prog, depth + 1)?,
+                    };
+                    a.push(item);
                 }
                 Dynamic::from_array(a)
             }
@@ -314,6 +400,19 @@ impl<'a> Reader<'a> {
             }
             _ => return self.fail("not a portable value"),
         })
+    }
+}
+
+/// An IEEE 754 half-precision float (CBOR's shortest float form) as an f64.
+fn f16_to_f64(h: u16) -> f64 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = ((h >> 10) & 0x1f) as i32;
+    let frac = (h & 0x3ff) as f64;
+    sign * match exp {
+        0 => frac * 2f64.powi(-24),
+        31 if frac == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        _ => (1.0 + frac / 1024.0) * 2f64.powi(exp - 15),
     }
 }
 

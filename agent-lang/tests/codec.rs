@@ -351,3 +351,41 @@ proptest! {
         }
     }
 }
+
+/// Guards the hand-written CBOR reader: every float width ciborium may choose (half, single,
+/// double), special values, and integers at each head size survive a hop exactly.
+#[test]
+fn scalars_of_every_cbor_width_round_trip() {
+    let source = r#"
+        let v = [0.0, -0.0, 1.5, 2.5, 65504.0, 0.1, 1e300, -3.25, 1.0/0.0, -1.0/0.0,
+                 0, 23, 24, 255, 256, 65535, 65536, 4294967295, 4294967296, -1, -24, -25, -256, -257,
+                 9223372036854775807, -9223372036854775807 - 1, 'x', "", blob(3, 9), #{a: [()]}, true, false];
+        migrate("b");
+        v
+    "#;
+    let program = Program::compile(source, &Limits::default()).unwrap();
+    let mut exec = Execution::new(&program);
+    assert!(matches!(
+        exec.resume(&env("a"), Resume::Start),
+        Outcome::Migrate { .. }
+    ));
+    let bytes = exec.encode().unwrap();
+    let mut back = Execution::decode(&program, &bytes).unwrap();
+    // Re-encoding the decoded state gives the same bytes.
+    assert_eq!(back.encode().unwrap(), bytes);
+    match back.resume(&env("b"), Resume::Start) {
+        Outcome::Finished(v) => {
+            let json = agent_lang::to_json(&v).to_string();
+            assert_eq!(
+                json,
+                r#"[0.0,-0.0,1.5,2.5,65504.0,0.1,1e+300,-3.25,null,null,0,23,24,255,256,65535,65536,4294967295,4294967296,-1,-24,-25,-256,-257,9223372036854775807,-9223372036854775808,"x","",[9,9,9],{"a":[null]},true,false]"#
+            );
+            let items = v.into_array().unwrap();
+            assert!(
+                items[8].as_float().unwrap().is_infinite() && items[8].as_float().unwrap() > 0.0
+            );
+            assert!(items[1].as_float().unwrap().is_sign_negative());
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,3 +1,4 @@
+//! A quick tour of the walked forms against the oracle (the corpus and generator cover them in depth).
 mod support;
 use support::*;
 

@@ -222,7 +222,7 @@ fn run_agent(args: RunArgs) -> Result<()> {
         // Refuse a script that does not compile before starting any node.
         if let Err(e) = agent_lang::Program::compile(&source, &limits) {
             report_failure(
-                &args,
+                args.json,
                 "node-0",
                 &args.file.display().to_string(),
                 &e.to_string(),
@@ -322,20 +322,20 @@ async fn run_on_loopback(
             position,
         } => {
             let position = position.map(|(l, c)| (l as usize, c as usize));
-            report_failure(args, &node, &agent, &error, position);
+            report_failure(args.json, &node, &agent, &error, position);
             Err(AgentFailed.into())
         }
     }
 }
 
 fn report_failure(
-    args: &RunArgs,
+    json: bool,
     node: &str,
     what: &str,
     message: &str,
     position: Option<(usize, usize)>,
 ) {
-    if args.json {
+    if json {
         let (line, column) = position.map_or((None, None), |(l, c)| (Some(l), Some(c)));
         eprintln!(
             "{}",
@@ -558,12 +558,8 @@ fn print_end(agent: &str, end: platform::wire::AgentEnd) -> Result<()> {
             node,
             position,
         } => {
-            match position {
-                Some((l, c)) => eprintln!(
-                    "error: agent {agent} failed on {node} at line {l}, column {c}: {error}"
-                ),
-                None => eprintln!("error: agent {agent} failed on {node}: {error}"),
-            }
+            let position = position.map(|(l, c)| (l as usize, c as usize));
+            report_failure(false, &node, &format!("agent {agent}"), &error, position);
             Err(AgentFailed.into())
         }
     }

@@ -311,16 +311,9 @@ fn fsync_latency() -> Result<Vec<f64>> {
 const RAW_PROTOCOL: StreamProtocol = StreamProtocol::new("/bench/raw/1");
 
 fn bare_swarm() -> Result<Swarm<libp2p_stream::Behaviour>> {
-    Ok(libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default().nodelay(true),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )?
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build())
+    platform::wire::swarm(libp2p::identity::Keypair::generate_ed25519(), |_| {
+        libp2p_stream::Behaviour::new()
+    })
 }
 
 /// Sends `bytes` bytes `runs` times (after one warm-up) over one libp2p-stream stream each,

@@ -29,18 +29,9 @@ impl Client {
         let Some(Protocol::P2p(peer)) = addr.iter().last() else {
             bail!("{addr}: the node address must end in /p2p/<peer id> (as `tern node` prints it)");
         };
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                libp2p::tcp::Config::default().nodelay(true),
-                libp2p::noise::Config::new,
-                libp2p::yamux::Config::default,
-            )
-            .context("transport")?
-            .with_behaviour(|_| libp2p_stream::Behaviour::new())
-            .context("behaviour")?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
-            .build();
+        let mut swarm = crate::wire::swarm(libp2p::identity::Keypair::generate_ed25519(), |_| {
+            libp2p_stream::Behaviour::new()
+        })?;
         // libp2p-stream keeps no addresses: dial the node ourselves (by peer id, so that
         // `open_stream` waits for this dial instead of starting one with no address).
         swarm

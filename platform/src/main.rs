@@ -320,12 +320,22 @@ async fn run_on_loopback(
             error,
             node,
             position,
-        } => {
-            let position = position.map(|(l, c)| (l as usize, c as usize));
-            report_failure(args.json, &node, &agent, &error, position);
-            Err(AgentFailed.into())
-        }
+        } => Err(failed(args.json, &node, &agent, &error, position)),
     }
+}
+
+/// Reports an agent's failure (with its position in the source, when known) and returns the
+/// error that makes the exit code 1.
+fn failed(
+    json: bool,
+    node: &str,
+    what: &str,
+    error: &str,
+    position: Option<(u64, u64)>,
+) -> anyhow::Error {
+    let position = position.map(|(l, c)| (l as usize, c as usize));
+    report_failure(json, node, what, error, position);
+    AgentFailed.into()
 }
 
 fn report_failure(
@@ -557,11 +567,13 @@ fn print_end(agent: &str, end: platform::wire::AgentEnd) -> Result<()> {
             error,
             node,
             position,
-        } => {
-            let position = position.map(|(l, c)| (l as usize, c as usize));
-            report_failure(false, &node, &format!("agent {agent}"), &error, position);
-            Err(AgentFailed.into())
-        }
+        } => Err(failed(
+            false,
+            &node,
+            &format!("agent {agent}"),
+            &error,
+            position,
+        )),
     }
 }
 

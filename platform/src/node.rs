@@ -187,21 +187,10 @@ impl Node {
         let peer_id = keypair.public().to_peer_id();
         let discovery =
             discovery::Discovery::new(&keypair, &config.name, config.mdns).context("discovery")?;
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-            .with_tokio()
-            .with_tcp(
-                libp2p::tcp::Config::default().nodelay(true),
-                libp2p::noise::Config::new,
-                libp2p::yamux::Config::default,
-            )
-            .context("transport")?
-            .with_behaviour(|_| NodeBehaviour {
-                discovery,
-                stream: libp2p_stream::Behaviour::new(),
-            })
-            .context("behaviour")?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
-            .build();
+        let mut swarm = crate::wire::swarm(keypair, |_| NodeBehaviour {
+            discovery,
+            stream: libp2p_stream::Behaviour::new(),
+        })?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())

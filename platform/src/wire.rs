@@ -13,6 +13,28 @@ use libp2p::StreamProtocol;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+/// A swarm with tern's transport: TCP (no Nagle) + noise + yamux on tokio, connections kept
+/// open for an hour when idle (ping and the protocols do not keep them alive on their own).
+///
+/// # Errors
+///
+/// The transport or the behaviour cannot be built.
+pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
+    keypair: libp2p::identity::Keypair,
+    behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
+) -> anyhow::Result<libp2p::Swarm<B>> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )?
+        .with_behaviour(|k| behaviour(k))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build())
+}
+
 /// Moving an agent: offer, (package pull by the receiver), continuation bytes, acknowledgement.
 pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/1");
 /// Anonymous, receiver-initiated download of a package by hash.

@@ -597,18 +597,8 @@ pub mod raw_peer {
             let keypair =
                 libp2p::identity::Keypair::ed25519_from_bytes(key.seed()).expect("ed25519 key");
             let peer_id = keypair.public().to_peer_id();
-            let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-                .with_tokio()
-                .with_tcp(
-                    libp2p::tcp::Config::default().nodelay(true),
-                    libp2p::noise::Config::new,
-                    libp2p::yamux::Config::default,
-                )
-                .expect("transport")
-                .with_behaviour(|_| libp2p_stream::Behaviour::new())
-                .expect("behaviour")
-                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
-                .build();
+            let mut swarm =
+                platform::wire::swarm(keypair, |_| libp2p_stream::Behaviour::new()).expect("swarm");
             // libp2p-stream keeps no addresses: dial by peer id, so that `open_stream` waits for
             // this dial.
             swarm

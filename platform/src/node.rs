@@ -68,7 +68,8 @@ pub struct HopRecord {
     pub to: String,
     /// Size of the continuation.
     pub bytes: usize,
-    /// From the agent's suspension to the destination's acknowledgement.
+    /// From the agent's suspension at the source to the agent stored at the destination (the
+    /// one-way transit of the offer excluded: the two clocks are not compared).
     pub micros: u64,
 }
 
@@ -1022,6 +1023,7 @@ async fn hop(
         previous: rec.envelope.clone(),
         continuation_len: continuation.len() as u64,
         hops: rec.hops + 1,
+        prepared_micros: started.elapsed().as_micros() as u64,
         messages: carried
             .iter()
             .cloned()
@@ -1033,15 +1035,6 @@ async fn hop(
     let outcome = send_hop(shared, dest, &offer, &continuation).await;
     match outcome {
         SendOutcome::Owned => {
-            if let Some(log) = &shared.hop_log {
-                let _ = log.send(HopRecord {
-                    hop: next_hop,
-                    from: shared.name.clone(),
-                    to: shared.name_of(&dest.to_string()),
-                    bytes: continuation.len(),
-                    micros: started.elapsed().as_micros() as u64,
-                });
-            }
             die_if(shared, FaultPoint::SourceAfterAck);
             complete_departure(shared, &rec.id, &dest.to_string(), next_hop, carried.len())?;
             Ok(HopResult::Left)
@@ -1368,6 +1361,7 @@ async fn handle_hop(
     peer: PeerId,
     mut stream: libp2p::Stream,
 ) -> Result<(), crate::wire::WireError> {
+    let received = std::time::Instant::now();
     let offer: HopOffer = read_frame(&mut stream, MAX_FRAME).await?;
     let refuse = |why: String| HopReply::Refused(why);
     let Some(sender) = public_of(&peer) else {
@@ -1464,6 +1458,7 @@ async fn handle_hop(
         envelope: offer.envelope,
     };
     let messages = offer.messages;
+    let prepared_micros = offer.prepared_micros;
     let arrival = shared.store.batch(|b| {
         let arrival = b.accept_arrival(&rec)?;
         if let Arrival::New = arrival {
@@ -1481,6 +1476,17 @@ async fn handle_hop(
         }
     }
     die_if(shared, FaultPoint::DestinationAfterStore);
+    // Reported by the destination, before the agent runs here: a trace line never races the
+    // agent's end.
+    if let Some(log) = &shared.hop_log {
+        let _ = log.send(HopRecord {
+            hop: rec.hop,
+            from: shared.name_of(&peer.to_string()),
+            to: shared.name.clone(),
+            bytes: rec.continuation.len(),
+            micros: prepared_micros + received.elapsed().as_micros() as u64,
+        });
+    }
     write_frame(&mut stream, &HopReply::Stored).await?;
     tell_home_location(shared, &rec);
     spawn_agent(shared, agent, rec.hop);

@@ -172,6 +172,8 @@ pub struct HopOffer {
     pub continuation_len: u64,
     /// Hops the agent will have made on arrival (what `hops()` reports).
     pub hops: u64,
+    /// Microseconds the source spent from the agent's suspension to sending this offer.
+    pub prepared_micros: u64,
     /// Messages queued for the agent at the source, oldest first: they travel with it, so the
     /// destination's queue keeps their order.
     pub messages: Vec<serde_bytes::ByteBuf>,

@@ -825,6 +825,7 @@ pub mod raw_peer {
             previous: Vec::new(),
             continuation_len: continuation.len() as u64,
             hops: 1,
+            prepared_micros: 0,
             messages: Vec::new(),
             home: home.to_string(),
             launcher: None,

@@ -1,5 +1,6 @@
 //! Prints the executor and codec benchmark figures as a table of ratios measured in one run:
-//! `cargo run --release -p agent-lang --example bench_table`.
+//! `cargo run --release -p agent-lang --example bench_table`; with `-- --codec-only` it prints
+//! only the encode, decode and drop times of a 10 MB integer array, measured apart.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -69,7 +70,58 @@ fn ratio_row(name: &str, source: &str, iterations: u64, runs: usize) -> f64 {
     r
 }
 
+/// Encode, decode and drop times of a continuation holding a 10 MB integer array, measured
+/// apart (the codec table times encode + decode + drop together).
+fn int_array_breakdown() {
+    let source = format!(
+        "let data = []; data.pad({}, 1000000); migrate(\"node-1\"); data.len()",
+        (10 << 20) / 8
+    );
+    let program = Program::compile(&source, &Limits::default()).unwrap();
+    let mut exec = Execution::new(&program);
+    assert!(matches!(
+        exec.resume(&env(), Resume::Start),
+        Outcome::Migrate { .. }
+    ));
+    let bytes = exec.encode().unwrap();
+    let runs = 11;
+    let encode = time(runs, || {
+        let _ = black_box(exec.encode().unwrap());
+    });
+    // Decode and drop timed apart, each decoded state dropped right after (so the allocator
+    // reuses its memory as it would in a node).
+    let (mut decode, mut drop): (Vec<Duration>, Vec<Duration>) = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            let e = black_box(Execution::decode(&program, &bytes).unwrap());
+            let d = t.elapsed();
+            let t = Instant::now();
+            std::mem::drop(e);
+            (d, t.elapsed())
+        })
+        .unzip();
+    decode.sort();
+    drop.sort();
+    let (decode, drop) = (decode[runs / 2], drop[runs / 2]);
+    let total = encode + decode;
+    println!("\n## 10 MB int array, apart (median of {runs} runs)\n");
+    println!("| encode | decode | drop | continuation bytes / (encode + decode) | data bytes / (encode + decode) |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {:.2} ms | {:.2} ms | {:.2} ms | {:.0} MB/s | {:.0} MB/s |",
+        encode.as_secs_f64() * 1e3,
+        decode.as_secs_f64() * 1e3,
+        drop.as_secs_f64() * 1e3,
+        bytes.len() as f64 / total.as_secs_f64() / 1e6,
+        (10u64 << 20) as f64 / total.as_secs_f64() / 1e6
+    );
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--codec-only") {
+        int_array_breakdown();
+        return;
+    }
     println!("## executor against plain Rhai (per iteration, median of runs)\n");
     println!("| workload | plain Rhai | tern | tern / plain |");
     println!("|---|---|---|---|");
@@ -164,4 +216,5 @@ fn main() {
             );
         }
     }
+    int_array_breakdown();
 }

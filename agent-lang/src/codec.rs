@@ -11,14 +11,11 @@
 //! Node, block and body ids index the program's plan, which is why a continuation is bound to the
 //! program hash (and the layout version to the planner); every id is checked on decode.
 
-use rhai::{EvalAltResult, Position, Scope};
+use rhai::{Dynamic, EvalAltResult, Position, Scope};
 
 use crate::compile::{Call, Node, Primitive, Program, ProgramHash, ProgramInner, MAIN_BODY};
 use crate::exec::{Caught, Cursor, Execution, ForIter, Frame, LoopState, RunState};
-use crate::value::{
-    encode_value, put, put_bool, put_int, put_null, put_text, put_uint, Enc, Malformed, Reader,
-    ValueError,
-};
+use crate::value::{encode_value, Enc, Malformed, Reader, ValueError};
 
 /// Magic string that opens every continuation.
 pub const MAGIC: &str = "tern-continuation";
@@ -105,24 +102,17 @@ impl Execution {
             _ => return Err(EncodeError::NotSuspended),
         };
         let prog = &self.program.inner;
-        let mut bytes = Vec::with_capacity(256);
-        let mut enc = Enc::from(&mut bytes);
-        put(&mut enc, ciborium_ll::Header::Array(Some(5)));
-        put_text(&mut enc, MAGIC);
-        put_uint(&mut enc, VERSION);
-        let _ = enc.bytes(&prog.hash.0, None);
-        put_uint(
-            &mut enc,
-            match primitive {
-                Primitive::Migrate => 1,
-                Primitive::Receive => 2,
-                Primitive::Send => 3,
-            },
-        );
-        put(
-            &mut enc,
-            ciborium_ll::Header::Array(Some(self.frames.len())),
-        );
+        let mut enc = Enc::with_capacity(256);
+        enc.array(5);
+        enc.text(MAGIC);
+        enc.uint(VERSION);
+        enc.bytes(&prog.hash.0);
+        enc.uint(match primitive {
+            Primitive::Migrate => 1,
+            Primitive::Receive => 2,
+            Primitive::Send => 3,
+        });
+        enc.array(self.frames.len());
         for frame in &self.frames {
             let fname = &prog.plan.bodies[frame.body as usize].name;
             let place = move || {
@@ -132,22 +122,19 @@ impl Execution {
                     format!("function '{fname}'")
                 }
             };
-            put(&mut enc, ciborium_ll::Header::Array(Some(4)));
-            put_uint(&mut enc, frame.body as u64);
+            enc.array(4);
+            enc.uint(frame.body as u64);
             match frame.pending {
-                Some(id) => put_uint(&mut enc, id as u64),
-                None => put_null(&mut enc),
+                Some(id) => enc.uint(id as u64),
+                None => enc.null(),
             }
-            put(
-                &mut enc,
-                ciborium_ll::Header::Array(Some(frame.scope.len())),
-            );
+            enc.array(frame.scope.len());
             // `Scope::iter_raw` walks from the newest variable down; the layout is oldest first.
             let vars: Vec<_> = frame.scope.iter_raw().collect();
             for &(name, constant, value) in vars.iter().rev() {
-                put(&mut enc, ciborium_ll::Header::Array(Some(3)));
-                put_text(&mut enc, name);
-                put_bool(&mut enc, constant);
+                enc.array(3);
+                enc.text(name);
+                enc.bool(constant);
                 encode_value(
                     &mut enc,
                     value,
@@ -155,10 +142,7 @@ impl Execution {
                     0,
                 )?;
             }
-            put(
-                &mut enc,
-                ciborium_ll::Header::Array(Some(frame.cursors.len())),
-            );
+            enc.array(frame.cursors.len());
             for cursor in &frame.cursors {
                 let temp = || format!("a temporary value in {}", place());
                 match cursor {
@@ -168,11 +152,11 @@ impl Execution {
                         scope_len,
                         value,
                     } => {
-                        put(&mut enc, ciborium_ll::Header::Array(Some(5)));
-                        put_uint(&mut enc, 0);
-                        put_uint(&mut enc, *block as u64);
-                        put_uint(&mut enc, *next as u64);
-                        put_uint(&mut enc, *scope_len as u64);
+                        enc.array(5);
+                        enc.uint(0);
+                        enc.uint(*block as u64);
+                        enc.uint(*next as u64);
+                        enc.uint(*scope_len as u64);
                         encode_value(&mut enc, value, &temp, 0)?;
                     }
                     Cursor::Loop {
@@ -196,29 +180,29 @@ impl Execution {
                                 ..
                             } => 10,
                         };
-                        put(&mut enc, ciborium_ll::Header::Array(Some(n)));
-                        put_uint(&mut enc, 1);
-                        put_uint(&mut enc, *node as u64);
-                        put_uint(&mut enc, *scope_len as u64);
+                        enc.array(n);
+                        enc.uint(1);
+                        enc.uint(*node as u64);
+                        enc.uint(*scope_len as u64);
                         match state {
-                            LoopState::While => put_uint(&mut enc, 0),
+                            LoopState::While => enc.uint(0),
                             LoopState::Do { started } => {
-                                put_uint(&mut enc, 1);
-                                put_bool(&mut enc, *started);
+                                enc.uint(1);
+                                enc.bool(*started);
                             }
                             LoopState::For { index, iter } => {
-                                put_uint(&mut enc, 2);
-                                put_int(&mut enc, *index);
+                                enc.uint(2);
+                                enc.int(*index);
                                 match iter {
                                     ForIter::Range {
                                         next,
                                         end,
                                         inclusive,
                                     } => {
-                                        put_uint(&mut enc, 0);
-                                        put_int(&mut enc, *next);
-                                        put_int(&mut enc, *end);
-                                        put_bool(&mut enc, *inclusive);
+                                        enc.uint(0);
+                                        enc.int(*next);
+                                        enc.int(*end);
+                                        enc.bool(*inclusive);
                                     }
                                     ForIter::Step {
                                         from,
@@ -226,18 +210,18 @@ impl Execution {
                                         step,
                                         dir,
                                     } => {
-                                        put_uint(&mut enc, 2);
-                                        put_int(&mut enc, *from);
-                                        put_int(&mut enc, *to);
-                                        put_int(&mut enc, *step);
-                                        put_int(&mut enc, (*dir).signum().into());
+                                        enc.uint(2);
+                                        enc.int(*from);
+                                        enc.int(*to);
+                                        enc.int(*step);
+                                        enc.int((*dir).signum().into());
                                     }
                                     ForIter::Items { items, pos } => {
-                                        put_uint(&mut enc, 1);
+                                        enc.uint(1);
                                         // Items already consumed were taken out; only the rest
                                         // travels (the loop counter says how many went before).
                                         let rest = items.get(*pos..).unwrap_or(&[]);
-                                        put(&mut enc, ciborium_ll::Header::Array(Some(rest.len())));
+                                        enc.array(rest.len());
                                         for (i, item) in rest.iter().enumerate() {
                                             encode_value(
                                                 &mut enc,
@@ -258,21 +242,21 @@ impl Execution {
                         }
                     }
                     Cursor::Value { node } => {
-                        put(&mut enc, ciborium_ll::Header::Array(Some(2)));
-                        put_uint(&mut enc, 3);
-                        put_uint(&mut enc, *node as u64);
+                        enc.array(2);
+                        enc.uint(3);
+                        enc.uint(*node as u64);
                     }
                     Cursor::Try {
                         node,
                         scope_len,
                         caught,
                     } => {
-                        put(&mut enc, ciborium_ll::Header::Array(Some(4)));
-                        put_uint(&mut enc, 2);
-                        put_uint(&mut enc, *node as u64);
-                        put_uint(&mut enc, *scope_len as u64);
+                        enc.array(4);
+                        enc.uint(2);
+                        enc.uint(*node as u64);
+                        enc.uint(*scope_len as u64);
                         match caught {
-                            None => put_null(&mut enc),
+                            None => enc.null(),
                             Some(Caught(err)) => {
                                 // A caught error travels as the value it was caught as.
                                 let v = match err.unwrap_inner() {
@@ -287,13 +271,13 @@ impl Execution {
             }
         }
         let limit = prog.limits.max_continuation_bytes;
-        if bytes.len() > limit {
+        if enc.len() > limit {
             return Err(EncodeError::TooLarge {
-                size: bytes.len(),
+                size: enc.len(),
                 limit,
             });
         }
-        Ok(bytes)
+        Ok(enc.into_bytes())
     }
 
     /// Decodes a continuation of `program`.
@@ -425,7 +409,13 @@ fn decode_frame(r: &mut Reader, prog: &ProgramInner) -> Result<Frame, DecodeErro
         if constant {
             scope.push_constant_dynamic(name, value);
         } else {
-            scope.push_dynamic(name, value);
+            // `push_dynamic` walks the whole value to mark every element writable, which a
+            // freshly decoded value already is; pushing a placeholder and filling it skips that
+            // second pass over a large array. (`get_mut` finds the entry just pushed first.)
+            scope.push_dynamic(name.as_str(), Dynamic::UNIT);
+            if let Some(slot) = scope.get_mut(&name) {
+                *slot = value;
+            }
         }
     }
     let ncursors = r.array()?;

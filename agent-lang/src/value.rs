@@ -39,67 +39,167 @@ pub enum ValueError {
     },
 }
 
-pub(crate) type Enc<'a> = Encoder<&'a mut Vec<u8>>;
-
-pub(crate) fn put(enc: &mut Enc<'_>, h: Header) {
-    // Writing into a Vec cannot fail.
-    let _ = enc.push(h);
+/// A CBOR writer into a growing byte vector, writing the shortest (canonical) head of every item.
+///
+/// It writes heads itself rather than through ciborium-ll's `Encoder`: an array of numbers is
+/// one head per element, and a fixed-size copy followed by a truncation is several times faster
+/// than the variable-length copy behind `io::Write` (floats, rare, still go through ciborium-ll
+/// so they keep its choice of the shortest exact width). The output is the same canonical CBOR.
+pub(crate) struct Enc {
+    out: Vec<u8>,
 }
 
-pub(crate) fn put_uint(enc: &mut Enc<'_>, n: u64) {
-    put(enc, Header::Positive(n));
+impl Enc {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Enc {
+            out: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Bytes written so far.
+    pub(crate) fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        self.out
+    }
+
+    /// Makes room for `additional` more bytes (a size estimate; writing more still works).
+    fn reserve(&mut self, additional: usize) {
+        self.out.reserve(additional);
+    }
+
+    /// The head of an item of major type `major` (already shifted into the top 3 bits) with
+    /// argument `arg`, in its shortest form.
+    #[inline(always)]
+    fn head(&mut self, major: u8, arg: u64) {
+        let (initial, arg_bytes, len) = head_parts(major, arg);
+        let end = self.out.len() + len;
+        self.out.push(initial);
+        self.out.extend_from_slice(&arg_bytes);
+        self.out.truncate(end);
+    }
+
+    /// Writes the leading integers of `items`, at most [`INT_RUN`] of them, and returns how
+    /// many it wrote (0 if the first item is not an integer).
+    ///
+    /// The heads are assembled in a buffer on the stack and appended with one copy: appending
+    /// each to the vector on its own costs a capacity check and a length update in memory per
+    /// number, which dominates encoding an array of numbers.
+    fn int_run(&mut self, items: &[Dynamic]) -> usize {
+        let mut buf = [0u8; INT_RUN * 9];
+        let mut at = 0;
+        let mut count = 0;
+        for item in items.iter().take(INT_RUN) {
+            let Ok(n) = item.as_int() else { break };
+            let (major, arg) = if n >= 0 {
+                (0x00, n as u64)
+            } else {
+                (0x20, !(n as u64))
+            };
+            let (initial, arg_bytes, len) = head_parts(major, arg);
+            if let Some(slot) = buf.get_mut(at..at + 9) {
+                slot[0] = initial;
+                slot[1..].copy_from_slice(&arg_bytes);
+            }
+            at += len;
+            count += 1;
+        }
+        self.out.extend_from_slice(&buf[..at]);
+        count
+    }
+
+    pub(crate) fn uint(&mut self, n: u64) {
+        self.head(0x00, n);
+    }
+
+    #[inline(always)]
+    pub(crate) fn int(&mut self, n: i64) {
+        if n >= 0 {
+            self.head(0x00, n as u64);
+        } else {
+            self.head(0x20, !(n as u64));
+        }
+    }
+
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
+        self.head(0x40, b.len() as u64);
+        self.out.extend_from_slice(b);
+    }
+
+    pub(crate) fn text(&mut self, s: &str) {
+        self.head(0x60, s.len() as u64);
+        self.out.extend_from_slice(s.as_bytes());
+    }
+
+    pub(crate) fn array(&mut self, n: usize) {
+        self.head(0x80, n as u64);
+    }
+
+    pub(crate) fn map(&mut self, n: usize) {
+        self.head(0xa0, n as u64);
+    }
+
+    pub(crate) fn tag(&mut self, t: u64) {
+        self.head(0xc0, t);
+    }
+
+    pub(crate) fn bool(&mut self, b: bool) {
+        self.out
+            .push(0xe0 | if b { simple::TRUE } else { simple::FALSE });
+    }
+
+    pub(crate) fn null(&mut self) {
+        self.out.push(0xe0 | simple::NULL);
+    }
+
+    pub(crate) fn float(&mut self, f: f64) {
+        // Writing into a Vec cannot fail.
+        let _ = Encoder::from(&mut self.out).push(Header::Float(f));
+    }
 }
 
-pub(crate) fn put_int(enc: &mut Enc<'_>, n: i64) {
-    // Written directly (integers dominate numeric state): the shortest CBOR head, as ciborium
-    // would write it.
-    let (major, arg) = if n >= 0 {
-        (0u8, n as u64)
-    } else {
-        (0x20u8, !(n as u64))
-    };
-    let mut head = [0u8; 9];
-    let len = if arg < 24 {
-        head[0] = major | arg as u8;
-        1
+/// How many integers [`Enc::int_run`] writes at a time.
+const INT_RUN: usize = 256;
+
+/// A head in its shortest form: the initial byte (major type `major`, already shifted into the
+/// top 3 bits, and the additional information), the argument's big-endian bytes with the
+/// significant ones first, and the head's length (the initial byte and the bytes of the
+/// argument that belong to it).
+#[inline(always)]
+fn head_parts(major: u8, arg: u64) -> (u8, [u8; 8], usize) {
+    let (info, len) = if arg < 24 {
+        (arg as u8, 1)
     } else if arg <= u8::MAX as u64 {
-        head[0] = major | 24;
-        head[1] = arg as u8;
-        2
+        (24, 2)
     } else if arg <= u16::MAX as u64 {
-        head[0] = major | 25;
-        head[1..3].copy_from_slice(&(arg as u16).to_be_bytes());
-        3
+        (25, 3)
     } else if arg <= u32::MAX as u64 {
-        head[0] = major | 26;
-        head[1..5].copy_from_slice(&(arg as u32).to_be_bytes());
-        5
+        (26, 5)
     } else {
-        head[0] = major | 27;
-        head[1..9].copy_from_slice(&arg.to_be_bytes());
-        9
+        (27, 9)
     };
-    let _ = ciborium_io::Write::write_all(enc, &head[..len]);
+    // For a one-byte head the shift wraps to 0; none of those bytes belong to the head.
+    let arg_bytes = arg.wrapping_shl(8 * (9 - len as u32)).to_be_bytes();
+    (major | info, arg_bytes, len)
 }
 
-pub(crate) fn put_text(enc: &mut Enc<'_>, s: &str) {
-    let _ = enc.text(s, None);
-}
-
-pub(crate) fn put_bool(enc: &mut Enc<'_>, b: bool) {
-    put(
-        enc,
-        Header::Simple(if b { simple::TRUE } else { simple::FALSE }),
-    );
-}
-
-pub(crate) fn put_null(enc: &mut Enc<'_>) {
-    put(enc, Header::Simple(simple::NULL));
+/// Encoded size of an integer.
+fn int_len(n: i64) -> usize {
+    let arg = if n >= 0 { n as u64 } else { !(n as u64) };
+    match arg {
+        0..=23 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
 }
 
 /// Encodes `value`; `what` names it in errors.
 pub(crate) fn encode_value(
-    enc: &mut Enc<'_>,
+    enc: &mut Enc,
     value: &Dynamic,
     what: &dyn Fn() -> String,
     depth: usize,
@@ -111,32 +211,39 @@ pub(crate) fn encode_value(
         return encode_value(enc, &value.flatten_clone(), what, depth);
     }
     if let Ok(n) = value.as_int() {
-        put_int(enc, n);
+        enc.int(n);
     } else if value.is_unit() {
-        put_null(enc);
+        enc.null();
     } else if let Ok(b) = value.as_bool() {
-        put_bool(enc, b);
+        enc.bool(b);
     } else if let Ok(f) = value.as_float() {
-        put(enc, Header::Float(f));
+        enc.float(f);
     } else if let Ok(c) = value.as_char() {
-        put(enc, Header::Tag(TAG_CHAR));
-        put_uint(enc, c as u64);
+        enc.tag(TAG_CHAR);
+        enc.uint(c as u64);
     } else if let Some(s) = value.read_lock::<ImmutableString>() {
-        put_text(enc, s.as_str());
+        enc.text(s.as_str());
     } else if let Some(b) = value.read_lock::<Blob>() {
-        let _ = enc.bytes(&b, None);
+        enc.bytes(&b);
     } else if let Some(a) = value.read_lock::<Array>() {
-        put(enc, Header::Array(Some(a.len())));
-        for (i, item) in a.iter().enumerate() {
-            match item.as_int() {
-                Ok(n) => put_int(enc, n),
-                Err(_) => encode_value(enc, item, &|| format!("{}[{i}]", what()), depth + 1)?,
+        enc.array(a.len());
+        // Size estimate: every item as long as the first (exact for the common bulky state, an
+        // array of numbers of one magnitude); the vector still grows if it was too small.
+        let each = a.first().and_then(|v| v.as_int().ok()).map_or(1, int_len);
+        enc.reserve(a.len().saturating_mul(each));
+        let mut i = 0;
+        while let Some(rest) = a.get(i..).filter(|r| !r.is_empty()) {
+            let ints = enc.int_run(rest);
+            i += ints;
+            if ints == 0 {
+                encode_value(enc, &rest[0], &|| format!("{}[{i}]", what()), depth + 1)?;
+                i += 1;
             }
         }
     } else if let Some(m) = value.read_lock::<Map>() {
-        put(enc, Header::Map(Some(m.len())));
+        enc.map(m.len());
         for (k, v) in m.iter() {
-            put_text(enc, k.as_str());
+            enc.text(k.as_str());
             encode_value(enc, v, &|| format!("{}.{k}", what()), depth + 1)?;
         }
     } else if let Some(f) = value.read_lock::<FnPtr>() {
@@ -146,8 +253,8 @@ pub(crate) fn encode_value(
                 type_name: "closure with captured variables".into(),
             });
         }
-        put(enc, Header::Tag(TAG_FN_PTR));
-        put_text(enc, f.fn_name());
+        enc.tag(TAG_FN_PTR);
+        enc.text(f.fn_name());
     } else {
         return Err(ValueError::NotPortable {
             what: what(),
@@ -327,6 +434,35 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The next item if it is an integer that fits an `i64` (consumed), else `None` with
+    /// nothing consumed: the caller then reads the item the general way, which also reports
+    /// what is wrong with it.
+    #[inline(always)]
+    fn int_item(&mut self) -> Option<i64> {
+        let rest = self.bytes.get(self.pos..)?;
+        let &initial = rest.first()?;
+        if initial >= 0x40 {
+            return None;
+        }
+        let (arg, len) = match initial & 0x1f {
+            info @ 0..=23 => (info as u64, 1),
+            24 => (*rest.get(1)? as u64, 2),
+            25 => (
+                u16::from_be_bytes(rest.get(1..3)?.try_into().ok()?) as u64,
+                3,
+            ),
+            26 => (
+                u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as u64,
+                5,
+            ),
+            27 => (u64::from_be_bytes(rest.get(1..9)?.try_into().ok()?), 9),
+            _ => return None,
+        };
+        let n = i64::try_from(arg).ok()?;
+        self.pos += len;
+        Some(if initial >= 0x20 { !n } else { n })
+    }
+
     /// A portable value.
     pub(crate) fn value(
         &mut self,
@@ -351,22 +487,27 @@ impl<'a> Reader<'a> {
                 if n > self.remaining() {
                     return self.fail(format!("array of {n} items runs past the end of the input"));
                 }
+                // Built by `extend` over a counted range, which writes each item in place: a
+                // `push` loop builds every 16-byte `Dynamic` on the stack first and copies it,
+                // several times slower for an array of a million numbers. A failure stops the
+                // reading; the rest of the array is filled with units and thrown away.
+                let mut failed = None;
                 let mut a = Array::with_capacity(n);
-                for _ in 0..n {
-                    // Small integers inline: arrays of numbers are the common bulky state.
-                    let item = match self.bytes.get(self.pos) {
-                        Some(&b) if b < 0x18 => {
-                            self.pos += 1;
-                            Dynamic::from_int(b as i64)
-                        }
-                        Some(&b) if (0x18..=0x1a).contains(&b) || (0x38..=0x3a).contains(&b) => {
-                            self.pos += 1;
-                            let arg = self.argument(b & 0x1f)? as i64;
-                            Dynamic::from_int(if b >= 0x20 { !arg } else { arg })
-                        }
-                        _ => self.value(prog, depth + 1)?,
-                    };
-                    a.push(item);
+                a.extend((0..n).map(|_| {
+                    if failed.is_some() {
+                        return Dynamic::UNIT;
+                    }
+                    // Integers inline: arrays of numbers are the common bulky state.
+                    match self.int_item() {
+                        Some(i) => Dynamic::from_int(i),
+                        None => self.value(prog, depth + 1).unwrap_or_else(|e| {
+                            failed = Some(e);
+                            Dynamic::UNIT
+                        }),
+                    }
+                }));
+                if let Some(e) = failed {
+                    return Err(e);
                 }
                 Dynamic::from_array(a)
             }
@@ -468,10 +609,9 @@ pub fn to_json(value: &Dynamic) -> serde_json::Value {
 ///
 /// The value, or something inside it, cannot travel.
 pub fn encode_portable(value: &Dynamic) -> Result<Vec<u8>, ValueError> {
-    let mut bytes = Vec::new();
-    let mut enc = Enc::from(&mut bytes);
+    let mut enc = Enc::with_capacity(64);
     encode_value(&mut enc, value, &|| "the message".to_string(), 0)?;
-    Ok(bytes)
+    Ok(enc.into_bytes())
 }
 
 /// Decodes a value written by [`encode_portable`]; function pointers are resolved against

@@ -389,3 +389,54 @@ fn scalars_of_every_cbor_width_round_trip() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Guards the bulk paths for arrays of numbers (written in runs, read in one pass): long arrays
+/// of integers of every width and sign, broken by other values and nested arrays at and around
+/// the run boundaries, survive a hop exactly, and constants stay constants.
+#[test]
+fn long_mixed_integer_arrays_round_trip() {
+    let source = r#"
+        let v = [];
+        for i in 0..2000 {
+            let m = i % 11;
+            if m == 0 { v.push(i); }
+            else if m == 1 { v.push(-i); }
+            else if m == 2 { v.push(i * 1000); }
+            else if m == 3 { v.push(-i * 100000); }
+            else if m == 4 { v.push(i * 10000000000); }
+            else if m == 5 { v.push(9223372036854775807 - i); }
+            else if m == 6 { v.push(-9223372036854775807 + i); }
+            else if i % 255 == 7 { v.push(`s${i}`); }
+            else if i % 257 == 8 { v.push([i, [i, -i], 1.5]); }
+            else { v.push(i % 24); }
+        }
+        v[255] = "edge"; v[256] = 0.5; v[511] = (); v[512] = [];
+        const C = [1, 2, 3];
+        migrate("b");
+        let same = C.len() == 3;
+        [v, same, v.len()]
+    "#;
+    let program = Program::compile(source, &Limits::default()).unwrap();
+    let mut original = Execution::new(&program);
+    assert!(matches!(
+        original.resume(&env("a"), Resume::Start),
+        Outcome::Migrate { .. }
+    ));
+    let bytes = original.encode().unwrap();
+    let mut back = Execution::decode(&program, &bytes).unwrap();
+    assert_eq!(back.encode().unwrap(), bytes);
+    let results = [&mut original, &mut back].map(|e| match e.resume(&env("b"), Resume::Start) {
+        Outcome::Finished(v) => agent_lang::to_json(&v).to_string(),
+        other => panic!("{other:?}"),
+    });
+    assert_eq!(results[0], results[1]);
+    assert!(
+        results[0].ends_with(",true,2000]"),
+        "{}",
+        &results[0][..200]
+    );
+    // Every truncation inside the bulk array is refused.
+    for len in (bytes.len() - 4000..bytes.len()).step_by(7) {
+        assert!(Execution::decode(&program, &bytes[..len]).is_err());
+    }
+}

@@ -27,9 +27,9 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::store::{AgentRecord, AgentState, Arrival, Durability, Store};
 use crate::wire::{
-    read_bulk, read_frame, write_bulk, write_frame, AgentEnd, AgentStatus, ControlReply,
-    ControlRequest, HopOffer, HopReply, PackageReply, PackageRequest, StatusReport,
-    CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
+    read_bulk, read_frame, read_next_frame, write_bulk, write_frame, AgentEnd, AgentStatus,
+    ControlReply, ControlRequest, HopOffer, HopReply, PackageReply, PackageRequest, StatusReport,
+    CONTROL_PROTOCOL, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_FRAME, PACKAGE_PROTOCOL,
 };
 
 /// Everything a node is configured with.
@@ -121,6 +121,8 @@ struct Shared {
     key: SecretKey,
     public: PublicKey,
     peer_id: PeerId,
+    /// `peer_id` as text (the form the store and the wire use).
+    me: String,
     store: Store,
     trust: TrustPolicy,
     limits: Limits,
@@ -142,6 +144,12 @@ struct Shared {
     /// Streams each peer may have handled at once: one peer cannot take every permit of
     /// `streams` and starve the others (its extra streams wait on its own semaphore).
     peer_streams: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
+    /// Peers' ed25519 keys, decoded once from their peer ids.
+    peer_keys: Mutex<HashMap<PeerId, PublicKey>>,
+    /// Idle hop and control streams to peers, for the next exchange.
+    idle_streams: StreamPool,
+    /// Hops being received right now and offers their senders gave up on.
+    arrivals: Mutex<ArrivalGate>,
     control: libp2p_stream::Control,
     commands: mpsc::Sender<SwarmCommand>,
 }
@@ -211,6 +219,7 @@ impl Node {
             public: config.key.public(),
             key: config.key,
             peer_id,
+            me: peer_id.to_string(),
             store,
             trust: config.trust,
             limits: config.limits,
@@ -224,6 +233,9 @@ impl Node {
             mailboxes: Mutex::new(HashMap::new()),
             streams: Semaphore::new(256),
             peer_streams: Mutex::new(HashMap::new()),
+            peer_keys: Mutex::new(HashMap::new()),
+            idle_streams: StreamPool::default(),
+            arrivals: Mutex::new(ArrivalGate::default()),
             control,
             commands,
         });
@@ -441,6 +453,7 @@ async fn swarm_loop(
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                     lock(&shared.peers).remove(&peer_id);
                     lock(&shared.peer_streams).remove(&peer_id);
+                    shared.idle_streams.forget(&peer_id);
                 }
                 SwarmEvent::Behaviour(NodeBehaviourEvent::Discovery(discovery::DiscoveryEvent::Identify(
                     identify::Event::Received { peer_id, info, .. },
@@ -550,8 +563,137 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn public_of(peer: &PeerId) -> Option<PublicKey> {
-    PublicKey::from_peer_id_str(&peer.to_string()).ok()
+/// Streams kept open to peers between exchanges. A hop or control exchange takes one (or opens
+/// a new one) and gives it back once it got its answer; the receiving side serves exchange
+/// after exchange on a stream until it is closed or idle for `wire::STREAM_IDLE`.
+#[derive(Default)]
+struct StreamPool {
+    idle: Mutex<HashMap<(PeerId, libp2p::StreamProtocol), Vec<IdleStream>>>,
+}
+
+/// A stream and since when it has been idle.
+type IdleStream = (std::time::Instant, libp2p::Stream);
+
+/// Idle streams kept per peer and protocol.
+const IDLE_STREAMS_PER_PEER: usize = 16;
+/// An idle stream older than this is dropped rather than reused: the other side closes its end
+/// after `wire::STREAM_IDLE`, and this stays well inside that.
+const IDLE_STREAM_REUSE: Duration = Duration::from_secs(10);
+
+impl StreamPool {
+    fn take(&self, peer: PeerId, protocol: &libp2p::StreamProtocol) -> Option<libp2p::Stream> {
+        let mut idle = lock(&self.idle);
+        let streams = idle.get_mut(&(peer, protocol.clone()))?;
+        while let Some((since, stream)) = streams.pop() {
+            if since.elapsed() < IDLE_STREAM_REUSE {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    fn put(&self, peer: PeerId, protocol: libp2p::StreamProtocol, stream: libp2p::Stream) {
+        let mut idle = lock(&self.idle);
+        let streams = idle.entry((peer, protocol)).or_default();
+        streams.retain(|(since, _)| since.elapsed() < IDLE_STREAM_REUSE);
+        if streams.len() < IDLE_STREAMS_PER_PEER {
+            streams.push((std::time::Instant::now(), stream));
+        }
+    }
+
+    /// The connection to `peer` closed: its streams are dead.
+    fn forget(&self, peer: &PeerId) {
+        lock(&self.idle).retain(|(p, _), _| p != peer);
+    }
+}
+
+/// A stream to `peer` for one exchange, and whether it is a reused one (which may have died
+/// with its connection since it was last used).
+async fn stream_to(
+    shared: &Shared,
+    peer: PeerId,
+    protocol: libp2p::StreamProtocol,
+) -> Result<(libp2p::Stream, bool), String> {
+    if let Some(stream) = shared.idle_streams.take(peer, &protocol) {
+        return Ok((stream, true));
+    }
+    shared
+        .control
+        .clone()
+        .open_stream(peer, protocol)
+        .await
+        .map(|s| (s, false))
+        .map_err(|e| e.to_string())
+}
+
+/// What the destination knows of hops in progress, so that a source asking about a hop whose
+/// acknowledgement it lost (`ControlRequest::HopStatus`) gets an answer that stays true.
+#[derive(Default)]
+struct ArrivalGate {
+    /// (agent, hop) being received now: the answer about them waits.
+    arriving: HashSet<(String, u64)>,
+    /// Envelope hashes of offers answered "not held": if one still comes in, it is refused.
+    abandoned: HashMap<[u8; 32], std::time::Instant>,
+}
+
+/// How long an abandoned offer is remembered (far longer than any stream stays open).
+const ABANDONED_MEMORY: Duration = Duration::from_secs(600);
+
+/// Holds (agent, hop) in `ArrivalGate::arriving` while a hop is received.
+struct Arriving<'a> {
+    shared: &'a Shared,
+    key: (String, u64),
+}
+
+impl Drop for Arriving<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.arrivals).arriving.remove(&self.key);
+    }
+}
+
+/// Enters the receipt of (agent, hop) with this envelope: waits while another receipt of the
+/// same hop is in progress (a sender's retry); refuses an offer its sender gave up on.
+async fn enter_arrival<'a>(
+    shared: &'a Shared,
+    key: (String, u64),
+    envelope: [u8; 32],
+) -> Result<Arriving<'a>, String> {
+    loop {
+        {
+            let mut gate = lock(&shared.arrivals);
+            if gate.abandoned.contains_key(&envelope) {
+                return Err("the sender gave up on this hop".into());
+            }
+            if gate.arriving.insert(key.clone()) {
+                return Ok(Arriving { shared, key });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Whether this node holds (agent, hop), once no receipt of that hop is in progress; a "no"
+/// shuts out the offer with envelope hash `envelope` for good.
+async fn hop_held(shared: &Shared, agent: String, hop: u64, envelope: Option<[u8; 32]>) -> bool {
+    let key = (agent, hop);
+    let deadline = tokio::time::Instant::now() + 2 * crate::wire::IO_TIMEOUT;
+    loop {
+        {
+            let mut gate = lock(&shared.arrivals);
+            if !gate.arriving.contains(&key) || tokio::time::Instant::now() > deadline {
+                let held = shared.store.has_seen(&key.0, key.1).unwrap_or(false);
+                if !held {
+                    if let Some(hash) = envelope {
+                        gate.abandoned
+                            .retain(|_, since| since.elapsed() < ABANDONED_MEMORY);
+                        gate.abandoned.insert(hash, std::time::Instant::now());
+                    }
+                }
+                return held;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn die_if(shared: &Shared, point: FaultPoint) {
@@ -582,8 +724,23 @@ impl Shared {
         Ok(loaded)
     }
 
+    /// The ed25519 key of a peer (every tern node has one: its peer id inlines it).
+    fn key_of(&self, peer: &PeerId) -> Option<PublicKey> {
+        if let Some(key) = lock(&self.peer_keys).get(peer) {
+            return Some(*key);
+        }
+        let key = PublicKey::from_peer_id_bytes(&peer.to_bytes()).ok()?;
+        let mut keys = lock(&self.peer_keys);
+        if keys.len() >= 4096 {
+            // Peers come and go; a long-lived node does not keep every key it ever saw.
+            keys.clear();
+        }
+        keys.insert(*peer, key);
+        Some(key)
+    }
+
     fn name_of(&self, peer: &str) -> String {
-        if peer == self.peer_id.to_string() {
+        if peer == self.me {
             return self.name.clone();
         }
         peer.parse::<PeerId>()
@@ -658,14 +815,14 @@ fn launch(
         package: *hash.as_bytes(),
         hop: 0,
         hops: 0,
-        home: shared.peer_id.to_string(),
+        home: shared.me.clone(),
         launcher,
         state: AgentState::Ready,
         continuation: Vec::new(),
         envelope: Vec::new(),
     };
     shared.store.put_agent(&rec).map_err(|e| e.to_string())?;
-    let _ = shared.store.set_location(&id, &shared.peer_id.to_string());
+    let _ = shared.store.set_location(&id, &shared.me);
     spawn_agent(shared, id.clone(), 0);
     Ok((id, rx))
 }
@@ -703,7 +860,7 @@ fn status(shared: &Shared) -> StatusReport {
         .collect();
     StatusReport {
         name: shared.name.clone(),
-        peer_id: shared.peer_id.to_string(),
+        peer_id: shared.me.clone(),
         peers,
         agents,
         forwards,
@@ -712,20 +869,74 @@ fn status(shared: &Shared) -> StatusReport {
 
 /// Starts the runner task of a stored agent (once per arrival).
 fn spawn_agent(shared: &Arc<Shared>, id: String, hop: u64) {
-    spawn_runner(shared, id, hop, None);
+    spawn_runner(shared, id, hop, None, None);
 }
 
-/// Starts the runner of a stored agent; `first` (if any) is what its pending primitive returns.
-fn spawn_runner(shared: &Arc<Shared>, id: String, hop: u64, first: Option<Resume>) {
+/// Starts the runner of a stored agent; `first` (if any) is what its pending primitive
+/// returns; `state` (if any) is the agent as the hop that just stored it decoded it, which
+/// spares reading it back.
+fn spawn_runner(
+    shared: &Arc<Shared>,
+    id: String,
+    hop: u64,
+    first: Option<Resume>,
+    state: Option<Runnable>,
+) {
     let key = (id, hop);
     if !lock(&shared.running).insert(key.clone()) {
         return;
     }
     let shared = shared.clone();
     tokio::spawn(async move {
-        run_agent(&shared, &key.0, key.1, first).await;
+        let state = match state {
+            Some(state) => Some(state),
+            None => load_runnable(&shared, &key.0, key.1).await,
+        };
+        if let Some(state) = state {
+            run_agent(&shared, state, first).await;
+        }
         lock(&shared.running).remove(&key);
     });
+}
+
+/// A stored agent, ready to run: its record, its decoded execution and its program.
+struct Runnable {
+    rec: AgentRecord,
+    exec: Execution,
+    loaded: Loaded,
+}
+
+/// Reads the agent stored for this arrival; None if it is gone (or was replaced by a later
+/// arrival). An agent that cannot be loaded ends with a node failure.
+async fn load_runnable(shared: &Arc<Shared>, id: &str, arrival: u64) -> Option<Runnable> {
+    let rec = match shared.store.agent(id) {
+        Ok(Some(r)) if r.hop == arrival => r,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::error!(agent = id, "cannot read agent: {e}");
+            return None;
+        }
+    };
+    let loaded = match shared.loaded(&rec.package) {
+        Ok(l) => l,
+        Err(e) => {
+            finish(shared, &rec, node_failure(shared, e)).await;
+            return None;
+        }
+    };
+    let exec = if rec.continuation.is_empty() {
+        Execution::new(&loaded.program)
+    } else {
+        match Execution::decode(&loaded.program, &rec.continuation) {
+            Ok(e) => e,
+            Err(e) => {
+                let failure = node_failure(shared, format!("stored continuation: {e}"));
+                finish(shared, &rec, failure).await;
+                return None;
+            }
+        }
+    };
+    Some(Runnable { rec, exec, loaded })
 }
 
 /// An agent end for a failure of the node rather than of the script.
@@ -778,34 +989,12 @@ enum HopResult {
 /// Runs a stored agent until it leaves, finishes or fails. `first` is what its pending
 /// primitive returns (a recovered, interrupted hop); otherwise a waiting agent goes back to
 /// waiting and any other resumes with `()`.
-async fn run_agent(shared: &Arc<Shared>, id: &str, arrival: u64, first: Option<Resume>) {
-    let mut rec = match shared.store.agent(id) {
-        Ok(Some(r)) if r.hop == arrival => r,
-        Ok(_) => return,
-        Err(e) => {
-            tracing::error!(agent = id, "cannot read agent: {e}");
-            return;
-        }
-    };
-    let loaded = match shared.loaded(&rec.package) {
-        Ok(l) => l,
-        Err(e) => return finish(shared, &rec, node_failure(shared, e)).await,
-    };
-    let mut exec = if rec.continuation.is_empty() {
-        Execution::new(&loaded.program)
-    } else {
-        match Execution::decode(&loaded.program, &rec.continuation) {
-            Ok(e) => e,
-            Err(e) => {
-                return finish(
-                    shared,
-                    &rec,
-                    node_failure(shared, format!("stored continuation: {e}")),
-                )
-                .await
-            }
-        }
-    };
+async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>) {
+    let Runnable {
+        mut rec,
+        mut exec,
+        loaded,
+    } = state;
     let mut input = match (first, &rec.state) {
         (Some(input), _) => input,
         (None, AgentState::Waiting { timeout_at_ms }) => {
@@ -881,7 +1070,7 @@ async fn finish(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
         b.delete_agent(&rec.id)?;
         b.put_result(&rec.id, &result)
     });
-    if rec.home == shared.peer_id.to_string() {
+    if rec.home == shared.me {
         deliver_end(shared, &rec.id, end);
         return;
     }
@@ -937,18 +1126,22 @@ async fn control_request(
     peer: PeerId,
     request: &ControlRequest,
 ) -> Result<ControlReply, String> {
-    let mut stream = shared
-        .control
-        .clone()
-        .open_stream(peer, CONTROL_PROTOCOL)
-        .await
-        .map_err(|e| e.to_string())?;
-    write_frame(&mut stream, request)
-        .await
-        .map_err(|e| e.to_string())?;
-    read_frame(&mut stream, MAX_FRAME)
-        .await
-        .map_err(|e| e.to_string())
+    loop {
+        let (mut stream, reused) = stream_to(shared, peer, CONTROL_PROTOCOL).await?;
+        if let Err(e) = write_frame(&mut stream, request).await {
+            // A reused stream that cannot be written to died with its connection before the
+            // request went out: open a fresh one.
+            if reused {
+                continue;
+            }
+            return Err(e.to_string());
+        }
+        let reply = read_frame(&mut stream, MAX_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
+        shared.idle_streams.put(peer, CONTROL_PROTOCOL, stream);
+        return Ok(reply);
+    }
 }
 
 /// Moves the agent to `to`, exactly once. On any failure before the destination owns the agent,
@@ -967,8 +1160,9 @@ async fn hop(
         rec.hops += 1;
         return Ok(HopResult::Stayed);
     }
-    let dest_key =
-        public_of(&dest).ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
+    let dest_key = shared
+        .key_of(&dest)
+        .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
     let started = std::time::Instant::now();
     let continuation = exec.encode().map_err(|e| format!("migrate: {e}"))?;
     let previous = if rec.envelope.is_empty() {
@@ -1022,6 +1216,11 @@ async fn hop(
         envelope: envelope.encode(),
         previous: rec.envelope.clone(),
         continuation_len: continuation.len() as u64,
+        inline: if continuation.len() <= INLINE_CONTINUATION {
+            continuation.clone()
+        } else {
+            Vec::new()
+        },
         hops: rec.hops + 1,
         prepared_micros: started.elapsed().as_micros() as u64,
         messages: carried
@@ -1032,8 +1231,13 @@ async fn hop(
         home: rec.home.clone(),
         launcher: rec.launcher.clone(),
     };
-    let outcome = send_hop(shared, dest, &offer, &continuation).await;
-    match outcome {
+    let sent = SentHop {
+        dest,
+        agent: &rec.id,
+        hop: next_hop,
+        envelope: Some(*envelope.hash().as_bytes()),
+    };
+    match send_hop(shared, &sent, &offer, &continuation).await {
         SendOutcome::Owned => {
             die_if(shared, FaultPoint::SourceAfterAck);
             complete_departure(shared, &rec.id, &dest.to_string(), next_hop, carried.len())?;
@@ -1046,7 +1250,7 @@ async fn hop(
         }
         SendOutcome::Unknown(reason) => {
             // The continuation went out but the acknowledgement did not come back: ask.
-            match resolve_departure(shared, &rec.id, dest, next_hop).await {
+            match resolve_departure(shared, &sent).await {
                 Some(true) => {
                     complete_departure(
                         shared,
@@ -1080,56 +1284,118 @@ enum SendOutcome {
     Unknown(String),
 }
 
+/// The hop being sent, as the destination knows it.
+struct SentHop<'a> {
+    dest: PeerId,
+    agent: &'a str,
+    hop: u64,
+    /// BLAKE3 of its envelope (None when settling a departure found in the store).
+    envelope: Option<[u8; 32]>,
+}
+
+/// How one attempt to send a hop over a stream ended.
+enum HopExchange {
+    /// The destination answered; `reusable`: the stream is fit for the next exchange.
+    Answered(SendOutcome, bool),
+    /// Nothing of the agent reached the destination.
+    NotSent(String),
+    /// The agent may have reached it.
+    Unknown(String),
+}
+
 async fn send_hop(
     shared: &Shared,
-    dest: PeerId,
+    sent: &SentHop<'_>,
     offer: &HopOffer,
     continuation: &[u8],
 ) -> SendOutcome {
-    // Until the destination says Ready nothing of the agent has left, so that phase is retried:
-    // libp2p-stream drops inbound streams when the destination's accept loop lags behind.
+    // Until the destination has the agent's bytes nothing of the agent has left, so that part
+    // is retried: libp2p-stream drops inbound streams when the destination's accept loop lags
+    // behind, and a reused stream may have died with its connection.
     let mut attempt = 0u64;
-    let mut stream = loop {
+    loop {
         attempt += 1;
-        let failure = match shared.control.clone().open_stream(dest, HOP_PROTOCOL).await {
+        let failure = match stream_to(shared, sent.dest, HOP_PROTOCOL).await {
             Err(e) => format!("unreachable ({e})"),
-            Ok(mut stream) => match write_frame(&mut stream, offer).await {
-                Err(e) => e.to_string(),
-                Ok(()) => match read_frame::<_, HopReply>(&mut stream, MAX_FRAME).await {
-                    Ok(HopReply::Ready) => break stream,
-                    Ok(HopReply::Duplicate) | Ok(HopReply::Stored) => return SendOutcome::Owned,
-                    Ok(HopReply::Refused(r)) => {
-                        return SendOutcome::NotTaken(format!("refused: {r}"))
+            Ok((mut stream, reused)) => {
+                match hop_exchange(&mut stream, offer, continuation).await {
+                    HopExchange::Answered(outcome, reusable) => {
+                        if reusable {
+                            shared.idle_streams.put(sent.dest, HOP_PROTOCOL, stream);
+                        }
+                        return outcome;
                     }
-                    Err(e) => e.to_string(),
-                },
-            },
+                    HopExchange::NotSent(e) => e,
+                    HopExchange::Unknown(e) if !reused => return SendOutcome::Unknown(e),
+                    // A reused stream: most likely its connection closed under it. Ask (the
+                    // answer also shuts out the offer should it still arrive), then try afresh.
+                    HopExchange::Unknown(e) => match resolve_departure(shared, sent).await {
+                        Some(true) => return SendOutcome::Owned,
+                        Some(false) => e,
+                        None => return SendOutcome::Unknown(e),
+                    },
+                }
+            }
         };
         if attempt >= 4 {
             return SendOutcome::NotTaken(failure);
         }
         tokio::time::sleep(Duration::from_millis(50 * attempt * attempt)).await;
-    };
-    if let Err(e) = write_bulk(&mut stream, continuation).await {
-        return SendOutcome::Unknown(e.to_string());
-    }
-    match read_frame::<_, HopReply>(&mut stream, MAX_FRAME).await {
-        Ok(HopReply::Stored) | Ok(HopReply::Duplicate) => SendOutcome::Owned,
-        Ok(HopReply::Refused(r)) => SendOutcome::NotTaken(format!("refused: {r}")),
-        Ok(HopReply::Ready) => SendOutcome::NotTaken("protocol error".into()),
-        Err(e) => SendOutcome::Unknown(e.to_string()),
     }
 }
 
-/// Asks the destination whether it holds (agent, hop). None: it could not be asked.
-async fn resolve_departure(shared: &Shared, agent: &str, dest: PeerId, hop: u64) -> Option<bool> {
+/// One attempt at a hop on one stream: the offer (with the continuation inline when it is
+/// small), else Ready and the raw continuation; then the destination's answer.
+async fn hop_exchange(
+    stream: &mut libp2p::Stream,
+    offer: &HopOffer,
+    continuation: &[u8],
+) -> HopExchange {
+    let inline = !offer.inline.is_empty();
+    let answered = |reply| match reply {
+        HopReply::Stored | HopReply::Duplicate => HopExchange::Answered(SendOutcome::Owned, true),
+        HopReply::Refused(r) => {
+            HopExchange::Answered(SendOutcome::NotTaken(format!("refused: {r}")), true)
+        }
+        HopReply::Ready => HopExchange::Answered(
+            SendOutcome::NotTaken("protocol error: Ready out of turn".into()),
+            false,
+        ),
+    };
+    if let Err(e) = write_frame(stream, offer).await {
+        return if inline {
+            HopExchange::Unknown(e.to_string())
+        } else {
+            HopExchange::NotSent(e.to_string())
+        };
+    }
+    let reply = read_frame::<_, HopReply>(stream, MAX_FRAME).await;
+    match reply {
+        Err(e) if inline => return HopExchange::Unknown(e.to_string()),
+        Err(e) => return HopExchange::NotSent(e.to_string()),
+        Ok(reply) if inline => return answered(reply),
+        Ok(HopReply::Ready) => {}
+        Ok(reply) => return answered(reply),
+    }
+    if let Err(e) = write_bulk(stream, continuation).await {
+        return HopExchange::Unknown(e.to_string());
+    }
+    match read_frame::<_, HopReply>(stream, MAX_FRAME).await {
+        Ok(reply) => answered(reply),
+        Err(e) => HopExchange::Unknown(e.to_string()),
+    }
+}
+
+/// Asks the destination whether it holds the hop. None: it could not be asked.
+async fn resolve_departure(shared: &Shared, sent: &SentHop<'_>) -> Option<bool> {
     for attempt in 0..5u64 {
         match control_request(
             shared,
-            dest,
+            sent.dest,
             &ControlRequest::HopStatus {
-                agent: agent.to_string(),
-                hop,
+                agent: sent.agent.to_string(),
+                hop: sent.hop,
+                envelope: sent.envelope,
             },
         )
         .await
@@ -1156,7 +1422,13 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
     };
     let mut delay = Duration::from_millis(200);
     loop {
-        if let Some(held) = resolve_departure(&shared, &rec.id, dest, hop).await {
+        let sent = SentHop {
+            dest,
+            agent: &rec.id,
+            hop,
+            envelope: None,
+        };
+        if let Some(held) = resolve_departure(&shared, &sent).await {
             if held {
                 let _ = complete_departure(&shared, &rec.id, &to, hop, carried as usize);
             } else {
@@ -1170,7 +1442,13 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
                     "migrate: the hop to {} was interrupted",
                     shared.name_of(&to)
                 );
-                spawn_runner(&shared, back.id, back.hop, Some(Resume::Error(interrupted)));
+                spawn_runner(
+                    &shared,
+                    back.id,
+                    back.hop,
+                    Some(Resume::Error(interrupted)),
+                    None,
+                );
             }
             return;
         }
@@ -1355,48 +1633,85 @@ fn forward_queued(shared: &Arc<Shared>, agent: &str, messages: Vec<Vec<u8>>) {
     });
 }
 
-/// Destination side of a hop.
+/// Destination side of hops: offer after offer on one stream, until the source closes it.
 async fn handle_hop(
     shared: &Arc<Shared>,
     peer: PeerId,
     mut stream: libp2p::Stream,
 ) -> Result<(), crate::wire::WireError> {
+    while let Some(offer) = read_next_frame::<_, HopOffer>(&mut stream, MAX_FRAME).await? {
+        match receive_hop(shared, peer, &mut stream, offer).await {
+            Ok(arrived) => {
+                let acknowledged = write_frame(&mut stream, &HopReply::Stored).await;
+                // Stored is stored: the agent runs here even if the acknowledgement is lost
+                // (the source then learns of the hop through `HopStatus`).
+                tell_home_location(shared, &arrived.rec);
+                let (id, hop) = (arrived.rec.id.clone(), arrived.rec.hop);
+                spawn_runner(shared, id, hop, None, Some(arrived));
+                acknowledged?;
+            }
+            Err(Refusal::Reply(reply)) => write_frame(&mut stream, &reply).await?,
+            Err(Refusal::Wire(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Why a hop was not received: an answer for the source, or a broken stream.
+enum Refusal {
+    Reply(HopReply),
+    Wire(crate::wire::WireError),
+}
+
+impl From<crate::wire::WireError> for Refusal {
+    fn from(e: crate::wire::WireError) -> Self {
+        Refusal::Wire(e)
+    }
+}
+
+fn refused(why: String) -> Refusal {
+    Refusal::Reply(HopReply::Refused(why))
+}
+
+/// Checks an offer, takes the continuation (inline, or raw after Ready), verifies and stores
+/// the agent.
+async fn receive_hop(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    stream: &mut libp2p::Stream,
+    offer: HopOffer,
+) -> Result<Runnable, Refusal> {
     let received = std::time::Instant::now();
-    let offer: HopOffer = read_frame(&mut stream, MAX_FRAME).await?;
-    let refuse = |why: String| HopReply::Refused(why);
-    let Some(sender) = public_of(&peer) else {
-        return write_frame(
-            &mut stream,
-            &refuse("sender has no ed25519 identity".into()),
-        )
-        .await;
+    let Some(sender) = shared.key_of(&peer) else {
+        return Err(refused("sender has no ed25519 identity".into()));
     };
     if !shared.trust.accepts_push_from(&sender) {
         tracing::warn!(%peer, "refused a pushed agent: peer not in accept_from");
-        return write_frame(
-            &mut stream,
-            &refuse(format!("this node does not accept agents from {peer}")),
-        )
-        .await;
+        return Err(refused(format!(
+            "this node does not accept agents from {peer}"
+        )));
     }
-    let envelope = match HopEnvelope::decode(&offer.envelope) {
-        Ok(e) => e,
-        Err(e) => return write_frame(&mut stream, &refuse(format!("envelope: {e}"))).await,
-    };
+    let envelope =
+        HopEnvelope::decode(&offer.envelope).map_err(|e| refused(format!("envelope: {e}")))?;
     let previous = if offer.previous.is_empty() {
         None
     } else {
-        match HopEnvelope::decode(&offer.previous) {
-            Ok(e) => Some(e),
-            Err(e) => {
-                return write_frame(&mut stream, &refuse(format!("previous envelope: {e}"))).await
-            }
-        }
+        Some(
+            HopEnvelope::decode(&offer.previous)
+                .map_err(|e| refused(format!("previous envelope: {e}")))?,
+        )
     };
     let fields = envelope.fields().clone();
     let agent = fields.agent_id.to_string();
+    let _arriving = enter_arrival(
+        shared,
+        (agent.clone(), fields.hop),
+        *envelope.hash().as_bytes(),
+    )
+    .await
+    .map_err(refused)?;
     if shared.store.has_seen(&agent, fields.hop).unwrap_or(false) {
-        return write_frame(&mut stream, &HopReply::Duplicate).await;
+        return Err(Refusal::Reply(HopReply::Duplicate));
     }
     // An agent that lives here cannot arrive here. Only a departure record (the agent is in
     // flight, and may be coming back before the departure completed) gives way to an arrival.
@@ -1408,46 +1723,48 @@ async fn handle_hop(
         })) => {}
         Ok(Some(_)) => {
             tracing::warn!(%peer, agent, "refused a hop of an agent that lives here");
-            return write_frame(&mut stream, &refuse("this agent lives on this node".into())).await;
+            return Err(refused("this agent lives on this node".into()));
         }
-        Err(e) => return write_frame(&mut stream, &refuse(format!("store: {e}"))).await,
+        Err(e) => return Err(refused(format!("store: {e}"))),
     }
     if offer.continuation_len > shared.limits.max_continuation_bytes as u64 {
-        return write_frame(
-            &mut stream,
-            &refuse(format!(
-                "continuation of {} bytes is over this node's limit",
-                offer.continuation_len
-            )),
-        )
-        .await;
+        return Err(refused(format!(
+            "continuation of {} bytes is over this node's limit",
+            offer.continuation_len
+        )));
+    }
+    let inline = !offer.inline.is_empty();
+    if inline && offer.inline.len() as u64 != offer.continuation_len {
+        return Err(refused(format!(
+            "the inline continuation has {} bytes, the offer announces {}",
+            offer.inline.len(),
+            offer.continuation_len
+        )));
     }
     // Pull the code if this node lacks it (receiver-initiated, anonymous), then admit it.
     let hash = fields.package_hash;
-    if let Err(e) = ensure_package(shared, peer, &hash).await {
-        return write_frame(&mut stream, &refuse(e)).await;
-    }
-    let loaded = match shared.loaded(hash.as_bytes()) {
-        Ok(l) => l,
-        Err(e) => return write_frame(&mut stream, &refuse(e)).await,
-    };
+    ensure_package(shared, peer, &hash).await.map_err(refused)?;
+    let loaded = shared.loaded(hash.as_bytes()).map_err(refused)?;
     if let Err(e) = shared.trust.admit_package(&loaded.package) {
-        return write_frame(&mut stream, &refuse(format!("package refused: {e}"))).await;
+        return Err(refused(format!("package refused: {e}")));
     }
-    write_frame(&mut stream, &HopReply::Ready).await?;
-    let continuation = read_bulk(&mut stream, offer.continuation_len as usize).await?;
+    let continuation = if inline {
+        offer.inline
+    } else {
+        write_frame(stream, &HopReply::Ready).await?;
+        read_bulk(stream, offer.continuation_len as usize).await?
+    };
     let continuation_hash = *blake3::hash(&continuation).as_bytes();
     let check = HopCheck::new(&sender, &shared.public, &hash, &continuation_hash)
         .with_previous(previous.as_ref());
     if let Err(e) = verify_hop(envelope, &check) {
         tracing::warn!(%peer, "refused a hop: {e}");
-        return write_frame(&mut stream, &refuse(format!("hop envelope: {e}"))).await;
+        return Err(refused(format!("hop envelope: {e}")));
     }
-    if let Err(e) = Execution::decode(&loaded.program, &continuation) {
-        return write_frame(&mut stream, &refuse(format!("continuation: {e}"))).await;
-    }
+    let exec = Execution::decode(&loaded.program, &continuation)
+        .map_err(|e| refused(format!("continuation: {e}")))?;
     let rec = AgentRecord {
-        id: agent.clone(),
+        id: agent,
         package: *hash.as_bytes(),
         hop: fields.hop,
         hops: offer.hops,
@@ -1458,7 +1775,6 @@ async fn handle_hop(
         envelope: offer.envelope,
     };
     let messages = offer.messages;
-    let prepared_micros = offer.prepared_micros;
     let arrival = shared.store.batch(|b| {
         let arrival = b.accept_arrival(&rec)?;
         if let Arrival::New = arrival {
@@ -1470,10 +1786,8 @@ async fn handle_hop(
     });
     match arrival {
         Ok(Arrival::New) => {}
-        Ok(Arrival::Duplicate) => return write_frame(&mut stream, &HopReply::Duplicate).await,
-        Err(e) => {
-            return write_frame(&mut stream, &refuse(format!("cannot store the agent: {e}"))).await
-        }
+        Ok(Arrival::Duplicate) => return Err(Refusal::Reply(HopReply::Duplicate)),
+        Err(e) => return Err(refused(format!("cannot store the agent: {e}"))),
     }
     die_if(shared, FaultPoint::DestinationAfterStore);
     // Reported by the destination, before the agent runs here: a trace line never races the
@@ -1484,18 +1798,15 @@ async fn handle_hop(
             from: shared.name_of(&peer.to_string()),
             to: shared.name.clone(),
             bytes: rec.continuation.len(),
-            micros: prepared_micros + received.elapsed().as_micros() as u64,
+            micros: offer.prepared_micros + received.elapsed().as_micros() as u64,
         });
     }
-    write_frame(&mut stream, &HopReply::Stored).await?;
-    tell_home_location(shared, &rec);
-    spawn_agent(shared, agent, rec.hop);
-    Ok(())
+    Ok(Runnable { rec, exec, loaded })
 }
 
 /// Updates the agent's location at its home node (best effort; forwarding pointers cover gaps).
 fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecord) {
-    let me = shared.peer_id.to_string();
+    let me = shared.me.clone();
     if rec.home == me {
         let _ = shared.store.set_location(&rec.id, &me);
         return;
@@ -1621,25 +1932,36 @@ async fn handle_package(
     write_frame(&mut stream, &reply).await
 }
 
+/// Serves control requests on a stream, one after the other, until the peer closes it.
 async fn handle_control(
     shared: &Arc<Shared>,
     peer: PeerId,
     mut stream: libp2p::Stream,
 ) -> Result<(), crate::wire::WireError> {
-    let request: ControlRequest = read_frame(&mut stream, MAX_FRAME).await?;
+    while let Some(request) = read_next_frame(&mut stream, MAX_FRAME).await? {
+        answer_control(shared, peer, &mut stream, request).await?;
+    }
+    Ok(())
+}
+
+async fn answer_control(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    stream: &mut libp2p::Stream,
+    request: ControlRequest,
+) -> Result<(), crate::wire::WireError> {
     match request {
         ControlRequest::Launch { package, wait } => {
             let verified = match Package::from_bytes(&package).and_then(Package::verify) {
                 Ok(p) => p,
                 Err(e) => {
-                    return write_frame(&mut stream, &ControlReply::Error(format!("package: {e}")))
-                        .await
+                    return write_frame(stream, &ControlReply::Error(format!("package: {e}"))).await
                 }
             };
             match launch(shared, verified, Some(peer.to_string())) {
                 Ok((agent, end)) => {
                     write_frame(
-                        &mut stream,
+                        stream,
                         &ControlReply::Launched {
                             agent: agent.clone(),
                         },
@@ -1647,12 +1969,12 @@ async fn handle_control(
                     .await?;
                     if wait {
                         if let Ok(end) = end.await {
-                            write_frame(&mut stream, &ControlReply::Ended(end)).await?;
+                            write_frame(stream, &ControlReply::Ended(end)).await?;
                         }
                     }
                     Ok(())
                 }
-                Err(e) => write_frame(&mut stream, &ControlReply::Error(e)).await,
+                Err(e) => write_frame(stream, &ControlReply::Error(e)).await,
             }
         }
         ControlRequest::Deliver {
@@ -1666,7 +1988,7 @@ async fn handle_control(
                 Err(e) if probe && e == NOT_HERE => ControlReply::NotHere,
                 Err(e) => ControlReply::Error(e),
             };
-            write_frame(&mut stream, &reply).await
+            write_frame(stream, &reply).await
         }
         ControlRequest::Result { agent } => {
             let reply = match shared.store.result(&agent) {
@@ -1679,22 +2001,24 @@ async fn handle_control(
                 }
                 Err(e) => ControlReply::Error(e.to_string()),
             };
-            write_frame(&mut stream, &reply).await
+            write_frame(stream, &reply).await
         }
         ControlRequest::Location { agent, node } => {
             let _ = shared.store.set_location(&agent, &node);
-            write_frame(&mut stream, &ControlReply::Ok).await
+            write_frame(stream, &ControlReply::Ok).await
         }
-        ControlRequest::Status => {
-            write_frame(&mut stream, &ControlReply::Status(status(shared))).await
-        }
+        ControlRequest::Status => write_frame(stream, &ControlReply::Status(status(shared))).await,
         ControlRequest::Ended { agent, end } => {
             deliver_end(shared, &agent, end);
-            write_frame(&mut stream, &ControlReply::Ok).await
+            write_frame(stream, &ControlReply::Ok).await
         }
-        ControlRequest::HopStatus { agent, hop } => {
-            let held = shared.store.has_seen(&agent, hop).unwrap_or(false);
-            write_frame(&mut stream, &ControlReply::HopHeld(held)).await
+        ControlRequest::HopStatus {
+            agent,
+            hop,
+            envelope,
+        } => {
+            let held = hop_held(shared, agent, hop, envelope).await;
+            write_frame(stream, &ControlReply::HopHeld(held)).await
         }
     }
 }

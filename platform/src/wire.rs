@@ -1,10 +1,13 @@
 //! tern's wire protocols between nodes (and between the CLI and a node): names, message types,
 //! and the framing every stream uses.
 //!
-//! Each protocol is one libp2p stream per exchange (libp2p-stream), so large continuations flow
-//! without being buffered by a request-response layer. A frame is a 4-byte big-endian length
-//! followed by that many bytes of CBOR; the length is checked against a limit *before* anything
-//! is allocated. Bulk continuation bytes follow a hop offer raw, their length announced in it.
+//! Each protocol runs over libp2p streams (libp2p-stream), so large continuations flow without
+//! being buffered by a request-response layer. A stream carries one exchange after another:
+//! nodes keep idle hop and control streams to a peer and reuse them, so a hop does not pay for
+//! opening and negotiating a stream. A frame is a 4-byte big-endian length followed by that many
+//! bytes of CBOR; the length is checked against a limit *before* anything is allocated. A small
+//! continuation travels inside its hop offer; a large one follows it raw, its length announced
+//! in the offer.
 
 use std::time::Duration;
 
@@ -31,7 +34,12 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
             libp2p::yamux::Config::default,
         )?
         .with_behaviour(|k| behaviour(k))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(3600))
+                // Every tern stream offers exactly one protocol: the dialer sends its data right
+                // behind the protocol proposal instead of waiting a round trip for the answer.
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build())
 }
 
@@ -47,6 +55,13 @@ pub const MAX_FRAME: usize = 17 << 20;
 
 /// How long one exchange may stay silent before it is abandoned.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a stream may wait idle for its next exchange before the receiving side closes it.
+pub const STREAM_IDLE: Duration = Duration::from_secs(20);
+
+/// Continuations up to this size travel inside the hop offer (one round trip per hop); larger
+/// ones follow it as raw bytes once the destination said it will take them.
+pub const INLINE_CONTINUATION: usize = 64 << 10;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -80,15 +95,17 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     message: &T,
 ) -> Result<(), WireError> {
-    let mut body = Vec::new();
-    ciborium::into_writer(message, &mut body).map_err(|e| WireError::Malformed(e.to_string()))?;
-    let len = u32::try_from(body.len()).map_err(|_| WireError::TooLarge {
-        len: body.len(),
+    // One buffer, one write: the length and the body go out in one yamux frame.
+    let mut frame = Vec::with_capacity(256);
+    frame.extend_from_slice(&[0; 4]);
+    ciborium::into_writer(message, &mut frame).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = u32::try_from(frame.len() - 4).map_err(|_| WireError::TooLarge {
+        len: frame.len() - 4,
         max: MAX_FRAME,
     })?;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
     with_timeout(async {
-        w.write_all(&len.to_be_bytes()).await?;
-        w.write_all(&body).await?;
+        w.write_all(&frame).await?;
         w.flush().await?;
         Ok(())
     })
@@ -117,6 +134,39 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     })
     .await?;
     ciborium::from_reader(body.as_slice()).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Reads the next frame of a reused stream: `None` if the peer closed the stream (or left it
+/// idle for [`STREAM_IDLE`]) before the frame began.
+///
+/// # Errors
+///
+/// As [`read_frame`], once the frame began.
+pub async fn read_next_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, WireError> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(STREAM_IDLE, r.read(&mut first)).await {
+        Err(_) | Ok(Ok(0)) => return Ok(None),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e.into()),
+    }
+    let body = with_timeout(async {
+        let mut rest = [0u8; 3];
+        r.read_exact(&mut rest).await?;
+        let len = u32::from_be_bytes([first[0], rest[0], rest[1], rest[2]]) as usize;
+        if len > max {
+            return Err(WireError::TooLarge { len, max });
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).await?;
+        Ok(body)
+    })
+    .await?;
+    ciborium::from_reader(body.as_slice())
+        .map(Some)
+        .map_err(|e| WireError::Malformed(e.to_string()))
 }
 
 /// Reads exactly `len` raw bytes (a continuation), in chunks, each under the I/O timeout.
@@ -168,8 +218,12 @@ pub struct HopOffer {
     /// The envelope the source received this agent with (empty on its first hop).
     #[serde(with = "serde_bytes")]
     pub previous: Vec<u8>,
-    /// Length of the continuation bytes that follow a [`HopReply::Ready`].
+    /// Length of the continuation.
     pub continuation_len: u64,
+    /// The continuation itself when it is at most [`INLINE_CONTINUATION`] bytes; otherwise
+    /// empty, and its bytes follow a [`HopReply::Ready`].
+    #[serde(with = "serde_bytes")]
+    pub inline: Vec<u8>,
     /// Hops the agent will have made on arrival (what `hops()` reports).
     pub hops: u64,
     /// Microseconds the source spent from the agent's suspension to sending this offer.
@@ -261,11 +315,15 @@ pub enum ControlRequest {
         agent: String,
     },
     /// Does this node hold (agent, hop)? Asked by a source that lost a hop's acknowledgement.
+    /// The answer waits for an arrival of that hop still in progress; a "no" about the offer
+    /// with envelope hash `envelope` also shuts that offer out, should it still come in late.
     HopStatus {
         /// The agent.
         agent: String,
         /// The hop.
         hop: u64,
+        /// BLAKE3 of the envelope of the offer in question, when the source knows it.
+        envelope: Option<[u8; 32]>,
     },
 }
 

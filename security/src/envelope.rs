@@ -105,9 +105,9 @@ pub enum HopError {
     #[error("envelope is from {claimed}, but the connection is from {peer}")]
     SenderMismatch {
         /// `from` in the envelope.
-        claimed: PublicKey,
+        claimed: Box<PublicKey>,
         /// The authenticated peer.
-        peer: PublicKey,
+        peer: Box<PublicKey>,
     },
     /// The signature does not verify under `from`: the envelope is forged or corrupted.
     #[error("envelope signature does not verify")]
@@ -116,7 +116,7 @@ pub enum HopError {
     #[error("envelope is addressed to {to}, not to this node")]
     Misaddressed {
         /// `to` in the envelope.
-        to: PublicKey,
+        to: Box<PublicKey>,
     },
     /// This exact envelope was already accepted (a retransmission: safe to acknowledge again).
     #[error("hop {hop} already accepted")]
@@ -454,8 +454,8 @@ pub fn verify_hop(envelope: HopEnvelope, ctx: &HopCheck<'_>) -> Result<VerifiedH
     let f = &envelope.fields;
     if f.from != *ctx.authenticated_sender {
         return Err(HopError::SenderMismatch {
-            claimed: f.from,
-            peer: *ctx.authenticated_sender,
+            claimed: Box::new(f.from),
+            peer: Box::new(*ctx.authenticated_sender),
         });
     }
     // Right after the sender check, so every later error is about a genuine envelope.
@@ -463,7 +463,7 @@ pub fn verify_hop(envelope: HopEnvelope, ctx: &HopCheck<'_>) -> Result<VerifiedH
         return Err(HopError::BadSignature);
     }
     if f.to != *ctx.me {
-        return Err(HopError::Misaddressed { to: f.to });
+        return Err(HopError::Misaddressed { to: Box::new(f.to) });
     }
     let hash = envelope.hash();
     if let Some(last) = ctx.last_seen {

@@ -67,7 +67,11 @@ impl SecretKey {
 
     /// The public half.
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.0.verifying_key().to_bytes())
+        let key = self.0.verifying_key();
+        PublicKey {
+            bytes: key.to_bytes(),
+            key,
+        }
     }
 
     /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), as written by `openssl genpkey -algorithm
@@ -127,8 +131,40 @@ impl fmt::Debug for SecretKey {
 /// assert_eq!(text.parse::<PublicKey>().unwrap(), key);
 /// assert_eq!(key.peer_id_string().parse::<PublicKey>().unwrap(), key);
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PublicKey([u8; 32]);
+///
+/// The point is decompressed once, when the key is made: verifying with a key (every hop checks
+/// one or two signatures) does not pay for decompression again.
+#[derive(Clone, Copy)]
+pub struct PublicKey {
+    bytes: [u8; 32],
+    key: VerifyingKey,
+}
+
+impl PartialEq for PublicKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for PublicKey {}
+
+impl std::hash::Hash for PublicKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes.hash(state);
+    }
+}
+
+impl PartialOrd for PublicKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PublicKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.bytes.cmp(&other.bytes)
+    }
+}
 
 impl PublicKey {
     /// The key with these 32 bytes.
@@ -141,18 +177,18 @@ impl PublicKey {
         if key.is_weak() {
             return Err(KeyError::WeakKey);
         }
-        Ok(Self(*bytes))
+        Ok(Self { bytes: *bytes, key })
     }
 
     /// The 32 key bytes.
     pub fn to_bytes(&self) -> [u8; 32] {
-        self.0
+        self.bytes
     }
 
     /// SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`), byte-identical to the output of
     /// `openssl pkey -in SECRET.pem -pubout`.
     pub fn to_spki_pem(&self) -> String {
-        match self.verifying_key().to_public_key_pem(LineEnding::LF) {
+        match self.key.to_public_key_pem(LineEnding::LF) {
             Ok(pem) => pem,
             Err(e) => unreachable!("spki encoding of an ed25519 key failed: {e}"),
         }
@@ -175,7 +211,7 @@ impl PublicKey {
     pub fn peer_id_string(&self) -> String {
         let mut bytes = [0u8; 38];
         bytes[..6].copy_from_slice(&PEER_ID_PREFIX);
-        bytes[6..].copy_from_slice(&self.0);
+        bytes[6..].copy_from_slice(&self.bytes);
         bs58::encode(bytes).into_string()
     }
 
@@ -193,33 +229,40 @@ impl PublicKey {
         let n = bs58::decode(s)
             .onto(&mut buf[..])
             .map_err(|_| KeyError::BadText)?;
-        if n != buf.len() || buf[..6] != PEER_ID_PREFIX {
+        if n != buf.len() {
             return Err(KeyError::BadText);
         }
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&buf[6..]);
-        Self::from_bytes(&key)
+        Self::from_peer_id_bytes(&buf)
+    }
+
+    /// The key inlined in the binary form of an ed25519 `PeerId` (its identity multihash, as
+    /// `PeerId::to_bytes` gives it).
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::BadText`] if the bytes are not an ed25519 `PeerId`, or the key errors of
+    /// [`PublicKey::from_bytes`].
+    pub fn from_peer_id_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
+        match bytes.split_first_chunk::<6>() {
+            Some((prefix, key)) if *prefix == PEER_ID_PREFIX => {
+                let key: &[u8; 32] = key.try_into().map_err(|_| KeyError::BadText)?;
+                Self::from_bytes(key)
+            }
+            _ => Err(KeyError::BadText),
+        }
     }
 
     /// Strict RFC 8032 verification (no malleable signatures, no small-order components).
     pub(crate) fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
-        self.verifying_key()
+        self.key
             .verify_strict(message, &Signature::from_bytes(signature))
             .is_ok()
-    }
-
-    fn verifying_key(&self) -> VerifyingKey {
-        match VerifyingKey::from_bytes(&self.0) {
-            Ok(key) => key,
-            // Every constructor checked that the bytes decompress.
-            Err(e) => unreachable!("a PublicKey holds an invalid point: {e}"),
-        }
     }
 }
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{PUBLIC_KEY_PREFIX}{}", codec::to_hex(&self.0))
+        write!(f, "{PUBLIC_KEY_PREFIX}{}", codec::to_hex(&self.bytes))
     }
 }
 
@@ -246,7 +289,7 @@ impl Serialize for PublicKey {
         if s.is_human_readable() {
             s.collect_str(self)
         } else {
-            s.serialize_bytes(&self.0)
+            s.serialize_bytes(&self.bytes)
         }
     }
 }

@@ -125,13 +125,13 @@ pub enum PolicyError {
     #[error("author {author} is not trusted")]
     UntrustedAuthor {
         /// The author.
-        author: PublicKey,
+        author: Box<PublicKey>,
     },
     /// The package asks for a capability its author's grant does not include.
     #[error("capability {capability:?} is not granted to author {author}")]
     CapabilityNotGranted {
         /// The author.
-        author: PublicKey,
+        author: Box<PublicKey>,
         /// The capability.
         capability: String,
     },
@@ -165,10 +165,13 @@ impl TrustPolicy {
                     limits: manifest.limits,
                 })
             }
-            AuthorsPolicy::List(list) => list
-                .iter()
-                .find(|g| g.key == author)
-                .ok_or(PolicyError::UntrustedAuthor { author })?,
+            AuthorsPolicy::List(list) => {
+                list.iter()
+                    .find(|g| g.key == author)
+                    .ok_or(PolicyError::UntrustedAuthor {
+                        author: Box::new(author),
+                    })?
+            }
         };
         if let Some(missing) = manifest
             .capabilities
@@ -176,7 +179,7 @@ impl TrustPolicy {
             .find(|c| !grant.capabilities.allows(c))
         {
             return Err(PolicyError::CapabilityNotGranted {
-                author,
+                author: Box::new(author),
                 capability: missing.clone(),
             });
         }

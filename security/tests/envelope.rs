@@ -120,8 +120,8 @@ fn envelope_relayed_by_another_peer_is_sender_mismatch() {
     assert_eq!(
         verify_hop(e, &check(&c, &m.b.public(), &m.package, &ch)),
         Err(HopError::SenderMismatch {
-            claimed: m.a.public(),
-            peer: c
+            claimed: Box::new(m.a.public()),
+            peer: Box::new(c)
         })
     );
 }
@@ -143,7 +143,9 @@ fn misaddressed_hop_is_refused() {
     let e = hop(None, &m.a, &m.b.public(), m.package, STATE);
     assert_eq!(
         verify_hop(e, &check(&m.a.public(), &m.c.public(), &m.package, &ch)),
-        Err(HopError::Misaddressed { to: m.b.public() })
+        Err(HopError::Misaddressed {
+            to: Box::new(m.b.public())
+        })
     );
 }
 

@@ -133,6 +133,10 @@ fn peer_id_matches_libp2p() {
         let peer_id = libp2p_identity::PeerId::from(theirs.public());
         assert_eq!(ours.public().peer_id_string(), peer_id.to_string());
         assert!(peer_id.to_string().starts_with("12D3KooW"));
+        assert_eq!(
+            PublicKey::from_peer_id_bytes(&peer_id.to_bytes()),
+            Ok(ours.public())
+        );
         let libp2p_key = theirs.public().try_into_ed25519().unwrap().to_bytes();
         assert_eq!(ours.public().to_bytes(), libp2p_key);
         // libp2p and we sign identically, so either can check the other's envelopes.
@@ -148,6 +152,19 @@ fn peer_id_text_of_a_non_ed25519_key_is_refused() {
     let rsa = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N";
     assert_eq!(PublicKey::from_peer_id_str(rsa), Err(KeyError::BadText));
     assert_eq!(rsa.parse::<PublicKey>(), Err(KeyError::BadText));
+    let ed = SecretKey::from_seed([3; 32]).public().peer_id_string();
+    let mut bytes = bs58::decode(ed).into_vec().unwrap();
+    for len in 0..bytes.len() {
+        assert_eq!(
+            PublicKey::from_peer_id_bytes(&bytes[..len]),
+            Err(KeyError::BadText)
+        );
+    }
+    bytes.push(0);
+    assert_eq!(
+        PublicKey::from_peer_id_bytes(&bytes),
+        Err(KeyError::BadText)
+    );
 }
 
 #[test]

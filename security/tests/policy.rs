@@ -24,7 +24,7 @@ fn default_trusts_no_author_and_no_peer_but_serves() {
     assert_eq!(
         policy.admit_package(&verified()),
         Err(PolicyError::UntrustedAuthor {
-            author: key(1).public()
+            author: Box::new(key(1).public())
         })
     );
     assert!(!policy.accepts_push_from(&key(2).public()));
@@ -67,7 +67,7 @@ fn a_bare_author_key_gets_no_capabilities() {
     assert_eq!(
         policy.admit_package(&verified()),
         Err(PolicyError::CapabilityNotGranted {
-            author: key(1).public(),
+            author: Box::new(key(1).public()),
             capability: "net".into()
         })
     );

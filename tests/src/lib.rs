@@ -824,6 +824,8 @@ pub mod raw_peer {
             envelope: envelope.encode(),
             previous: Vec::new(),
             continuation_len: continuation.len() as u64,
+            // The raw path (Ready, then the bytes); tests that want the inline one fill it.
+            inline: Vec::new(),
             hops: 1,
             prepared_micros: 0,
             messages: Vec::new(),

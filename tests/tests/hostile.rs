@@ -10,9 +10,10 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::store::Durability;
 use platform::wire::{
-    read_frame, write_bulk, write_frame, AgentEnd, HopOffer, HopReply, MAX_FRAME,
+    read_frame, write_bulk, write_frame, AgentEnd, ControlReply, ControlRequest, HopOffer,
+    HopReply, MAX_FRAME,
 };
-use security::{AgentId, SecretKey, TrustPolicy, VerifiedPackage};
+use security::{AgentId, HopEnvelope, SecretKey, TrustPolicy, VerifiedPackage};
 use tern_tests::raw_peer::{first_hop, first_hop_of, RawPeer};
 
 /// Two honest nodes, `honest` and `target`, and the key of a raw peer that `target` accepts
@@ -378,6 +379,72 @@ fn an_interrupted_hop_leaves_no_trace_and_can_be_sent_again() {
             send_hop(&mut s, &offer, &continuation).await,
             HopReply::Stored
         ));
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn an_inline_continuation_is_checked_like_a_raw_one_and_one_stream_serves_many_offers() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let package = sign(r#"migrate("target"); here()"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        let (mut offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let mut s = raw.open_hop().await;
+        // Not the length the offer announces.
+        offer.inline = continuation[..continuation.len() - 1].to_vec();
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "inline continuation",
+        );
+        // Changed on the way; same stream.
+        let mut tampered = continuation.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        offer.inline = tampered;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "hop envelope",
+        );
+        // The genuine bytes, then a replay, still on the same stream.
+        offer.inline = continuation.clone();
+        assert!(matches!(
+            send_hop(&mut s, &offer, &continuation).await,
+            HopReply::Stored
+        ));
+        assert!(matches!(
+            send_hop(&mut s, &offer, &continuation).await,
+            HopReply::Duplicate
+        ));
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn an_offer_its_sender_was_told_is_not_held_cannot_arrive_later() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let package = sign(r#"migrate("target"); here()"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let envelope = HopEnvelope::decode(&offer.envelope).unwrap();
+        // The source lost its stream and asks: not held, and so it never will be.
+        let (reply, _) = raw
+            .control(&ControlRequest::HopStatus {
+                agent: envelope.fields().agent_id.to_string(),
+                hop: envelope.fields().hop,
+                envelope: Some(*envelope.hash().as_bytes()),
+            })
+            .await;
+        assert!(matches!(reply, ControlReply::HopHeld(false)), "{reply:?}");
+        let mut s = raw.open_hop().await;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            "gave up on this hop",
+        );
+        assert!(mesh.target.status().agents.is_empty());
         mesh.still_serves().await;
     });
 }

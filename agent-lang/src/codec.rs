@@ -9,12 +9,15 @@
 //! `2, counter, iterator` (for) with the iterator `0, next, end, inclusive` (integer range),
 //! `1, [item...]` (the items not consumed yet) or `2, from, to, step, dir` (`range(a, b, step)`).
 //! Node, block and body ids index the program's plan, which is why a continuation is bound to the
-//! program hash (and the layout version to the planner); every id is checked on decode.
+//! program hash (and the layout version to the planner); every id is checked on decode, and every
+//! frame is checked against the plan (see [`crate::layout`]): its position follows the program's
+//! structure and its scope holds exactly the variables the executor has at that position.
 
 use rhai::{Dynamic, EvalAltResult, Position, Scope};
 
 use crate::compile::{Call, Node, Primitive, Program, ProgramHash, ProgramInner, MAIN_BODY};
 use crate::exec::{Caught, Cursor, Execution, ForIter, Frame, LoopState, RunState};
+use crate::layout;
 use crate::value::{encode_value, Enc, Malformed, Reader, ValueError};
 
 /// Magic string that opens every continuation.
@@ -334,7 +337,14 @@ impl Execution {
         }
         let mut frames: Vec<Frame> = Vec::with_capacity(nframes);
         for i in 0..nframes {
+            let start = r.offset();
             let frame = decode_frame(&mut r, prog)?;
+            // Well-formed is not enough: the frame must be one the executor could have built,
+            // or Rhai would run it with a scope its compiled variable offsets do not fit.
+            layout::check_frame(&prog.plan, &frame).map_err(|what| DecodeError::Malformed {
+                what: what.into(),
+                offset: start,
+            })?;
             if (i == 0) != (frame.body == MAIN_BODY) {
                 return bad(
                     &mut r,
@@ -367,6 +377,12 @@ impl Execution {
                 offset: r.offset(),
             });
         }
+        layout::check_calls(&prog.plan, &frames, primitive).map_err(|what| {
+            DecodeError::Malformed {
+                what: what.into(),
+                offset: r.offset(),
+            }
+        })?;
         Ok(Execution {
             program: program.clone(),
             frames,

@@ -134,6 +134,29 @@ pub(crate) struct Plan {
     pub(crate) bodies: Vec<Body>,
 }
 
+impl Plan {
+    /// Appends to `scope` the variables statement `node` leaves in its frame's scope once it has
+    /// completed, in order: the top-level `let`s and `const`s of a delegated snippet and the
+    /// variable of a suspending `let`. A `let` that re-declares a variable of the same block
+    /// pushes nothing (Rhai's parser gave it that variable's slot, and the executor evaluates
+    /// the same statement), and whatever else a statement declares is rewound when it ends.
+    pub(crate) fn declared<'a>(&'a self, node: NodeId, scope: &mut Vec<&'a str>) {
+        match self.nodes.get(node as usize) {
+            Some(Node::Delegated(snippet)) => {
+                scope.extend(snippet.iter().filter_map(|stmt| match stmt {
+                    Stmt::Var(x, ..) if x.2.is_none() => Some(x.0.name.as_str()),
+                    _ => None,
+                }));
+            }
+            Some(Node::Suspend {
+                then: Completion::Let(x, ..),
+                ..
+            }) if x.1.is_none() => scope.push(x.0.name.as_str()),
+            _ => {}
+        }
+    }
+}
+
 /// The hash a continuation is bound to: blake3 of the program's source and the language version.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProgramHash(pub [u8; 32]);

@@ -52,6 +52,7 @@ mod compile;
 mod engine;
 mod error;
 mod exec;
+mod layout;
 mod limits;
 mod value;
 

@@ -5,7 +5,9 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use agent_lang::{DecodeError, EncodeError, Execution, HostEnv, Limits, Outcome, Program, Resume};
+use agent_lang::{
+    AgentErrorKind, DecodeError, EncodeError, Execution, HostEnv, Limits, Outcome, Program, Resume,
+};
 use proptest::prelude::*;
 
 /// An agent whose suspended state has everything: nested walked frames, a `try`, loops over a
@@ -69,6 +71,7 @@ fn drive(mut exec: Execution, slices: usize) -> &'static str {
     for _ in 0..slices {
         match exec.resume(&env("node-1"), input) {
             Outcome::Finished(_) => return "finished",
+            Outcome::Failed(e) if e.kind == AgentErrorKind::Internal => return "internal failure",
             Outcome::Failed(_) => return "failed",
             Outcome::Migrate { .. } => {
                 // Also check the state after a corrupted resume still encodes or refuses cleanly.
@@ -144,8 +147,13 @@ fn truncated_at_every_length_is_an_error() {
 
 static CAUGHT_PANICS: AtomicUsize = AtomicUsize::new(0);
 
+/// Every single-bit corruption of a rich continuation is refused by the decoder (a typed
+/// error) or decodes to a state that runs to a normal outcome: never a panic, never an internal
+/// failure. (Regression: about ten flips used to shorten a frame's scope or move its position;
+/// Rhai then indexed its scope out of range, a panic `resume` reported as an internal failure.
+/// The decoder now checks every frame against the plan.)
 #[test]
-fn every_single_bit_flip_decodes_or_errs_and_resumes_without_panic() {
+fn every_single_bit_flip_is_refused_or_runs_normally() {
     // `Execution::resume` turns a panic inside Rhai into `Outcome::Failed` (kind Internal);
     // count those (silently, for this test's thread only) to report them.
     let previous = std::panic::take_hook();
@@ -162,6 +170,7 @@ fn every_single_bit_flip_decodes_or_errs_and_resumes_without_panic() {
     let (program, bytes) = rich();
     let (mut decoded, mut refused) = (0, 0);
     let mut endings = std::collections::BTreeMap::new();
+    let mut internal = Vec::new();
     for i in 0..bytes.len() * 8 {
         let mut flipped = bytes.clone();
         flipped[i / 8] ^= 1 << (i % 8);
@@ -170,7 +179,11 @@ fn every_single_bit_flip_decodes_or_errs_and_resumes_without_panic() {
             Ok(exec) => {
                 decoded += 1;
                 // Neither does resuming: every slice returns an outcome.
-                *endings.entry(drive(exec, 20)).or_insert(0) += 1;
+                let ending = drive(exec, 20);
+                if ending == "internal failure" {
+                    internal.push(i);
+                }
+                *endings.entry(ending).or_insert(0) += 1;
             }
             Err(_) => refused += 1,
         }
@@ -178,10 +191,65 @@ fn every_single_bit_flip_decodes_or_errs_and_resumes_without_panic() {
     let caught = CAUGHT_PANICS.load(Ordering::SeqCst);
     eprintln!(
         "{} bit flips: {refused} refused, {decoded} decoded and resumed: {endings:?}; \
-         {caught} panics inside Rhai caught by resume and reported as internal failures",
+         {caught} panics inside Rhai caught by resume",
         bytes.len() * 8
     );
     assert!(refused > 0 && decoded > 0);
+    assert!(
+        internal.is_empty() && caught == 0,
+        "bits {internal:?} decoded into states that failed internally ({caught} panics)"
+    );
+}
+
+/// A frame whose scope or position was tampered with in ways that keep the bytes well-formed
+/// (the kind of change that used to make Rhai index out of range) is a typed decode error.
+#[test]
+fn inconsistent_frames_are_refused() {
+    let source = r#"
+        fn f(a, b) {
+            let s = a;
+            for (x, i) in [1, 2] {
+                let t = x + i;
+                migrate("n");
+                s += t;
+            }
+            s + b
+        }
+        let k = 1;
+        let r = f(k, 2);
+        r
+    "#;
+    let program = Program::compile(source, &Limits::default()).unwrap();
+    let bytes = suspended_at(&program, 1).encode().unwrap();
+    assert!(Execution::decode(&program, &bytes).is_ok());
+    // Each case replaces one encoded piece with another of the same kind, so the bytes still
+    // parse; only its meaning is wrong.
+    let cases: [(&str, &[u8], &[u8]); 5] = [
+        // The function's variable `t` renamed (`u`).
+        ("renamed variable", b"\x61t", b"\x61u"),
+        // The main body's `k` renamed to `r`, declared later.
+        ("variable of a later statement", b"\x61k", b"\x61r"),
+        // A parameter renamed.
+        ("renamed parameter", b"\x61b", b"\x61z"),
+        // The loop counter `i` and item `x` swapped.
+        ("swapped loop variables", b"\x61x", b"\x61i"),
+        // The function frame's first variable `a` renamed to the main body's `k`.
+        ("variable of another body", b"\x61a", b"\x61k"),
+    ];
+    for (what, from, to) in cases {
+        let at = bytes
+            .windows(from.len())
+            .rposition(|w| w == from)
+            .unwrap_or_else(|| panic!("{what}: {from:?} not found"));
+        let mut bad = bytes.clone();
+        bad[at..at + to.len()].copy_from_slice(to);
+        match Execution::decode(&program, &bad) {
+            Err(DecodeError::Malformed { what: why, .. }) => {
+                assert!(why.contains("variables"), "{what}: {why}")
+            }
+            other => panic!("{what}: decoded: {other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -347,7 +415,7 @@ proptest! {
         input.extend_from_slice(&bytes[header..(header + cut).min(bytes.len())]);
         input.extend_from_slice(&tail);
         if let Ok(exec) = Execution::decode(&program, &input) {
-            let _ = drive(exec, 5);
+            prop_assert_ne!(drive(exec, 5), "internal failure");
         }
     }
 }

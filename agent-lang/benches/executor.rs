@@ -54,8 +54,27 @@ fn executor(c: &mut Criterion) {
 
 fn codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("continuation");
-    for size in [1usize << 10, 100 << 10, 10 << 20] {
-        let source = format!("let data = blob({size}, 7); migrate(\"node-1\"); data.len()");
+    let sizes = [1usize << 10, 100 << 10, 10 << 20];
+    let states = sizes
+        .iter()
+        .map(|&size| {
+            (
+                format!("blob/{size}"),
+                size,
+                format!("let data = blob({size}, 7); migrate(\"node-1\"); data.len()"),
+            )
+        })
+        .chain(sizes.iter().map(|&size| {
+            (
+                format!("int-array/{size}"),
+                size,
+                format!(
+                    "let data = []; data.pad({}, 1000000); migrate(\"node-1\"); data.len()",
+                    size / 8
+                ),
+            )
+        }));
+    for (name, size, source) in states {
         let program = Program::compile(&source, &Limits::default()).unwrap();
         let mut exec = Execution::new(&program);
         assert!(matches!(
@@ -63,7 +82,7 @@ fn codec(c: &mut Criterion) {
             Outcome::Migrate { .. }
         ));
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_function(BenchmarkId::new("encode+decode", size), |b| {
+        group.bench_function(BenchmarkId::new("encode+decode", name), |b| {
             b.iter(|| {
                 let bytes = exec.encode().unwrap();
                 black_box(Execution::decode(&program, &bytes).unwrap())

@@ -47,12 +47,16 @@ pub enum ValueError {
 /// so they keep its choice of the shortest exact width). The output is the same canonical CBOR.
 pub(crate) struct Enc {
     out: Vec<u8>,
+    /// Where [`Enc::int_run`] assembles heads: allocated (and zeroed) once per encoding, on the
+    /// first array of numbers, rather than a stack buffer zeroed on every run.
+    scratch: Vec<u8>,
 }
 
 impl Enc {
     pub(crate) fn with_capacity(capacity: usize) -> Self {
         Enc {
             out: Vec::with_capacity(capacity),
+            scratch: Vec::new(),
         }
     }
 
@@ -84,11 +88,14 @@ impl Enc {
     /// Writes the leading integers of `items`, at most [`INT_RUN`] of them, and returns how
     /// many it wrote (0 if the first item is not an integer).
     ///
-    /// The heads are assembled in a buffer on the stack and appended with one copy: appending
-    /// each to the vector on its own costs a capacity check and a length update in memory per
+    /// The heads are assembled in a scratch buffer and appended with one copy: appending each
+    /// to the vector on its own costs a capacity check and a length update in memory per
     /// number, which dominates encoding an array of numbers.
     fn int_run(&mut self, items: &[Dynamic]) -> usize {
-        let mut buf = [0u8; INT_RUN * 9];
+        if self.scratch.is_empty() {
+            self.scratch = vec![0; INT_RUN * 9];
+        }
+        let buf = &mut self.scratch[..];
         let mut at = 0;
         let mut count = 0;
         for item in items.iter().take(INT_RUN) {

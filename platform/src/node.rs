@@ -27,9 +27,9 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::store::{AgentRecord, AgentState, Arrival, Durability, Store};
 use crate::wire::{
-    read_bulk, read_frame, read_next_frame, write_bulk, write_frame, AgentEnd, AgentStatus,
-    ControlReply, ControlRequest, HopOffer, HopReply, PackageReply, PackageRequest, StatusReport,
-    CONTROL_PROTOCOL, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_FRAME, PACKAGE_PROTOCOL,
+    next_frame_start, read_bulk, read_frame, read_frame_after, write_bulk, write_frame, AgentEnd,
+    AgentStatus, ControlReply, ControlRequest, HopOffer, HopReply, PackageReply, PackageRequest,
+    StatusReport, CONTROL_PROTOCOL, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_FRAME, PACKAGE_PROTOCOL,
 };
 
 /// Everything a node is configured with.
@@ -139,10 +139,10 @@ struct Shared {
     running: Mutex<HashSet<(String, u64)>>,
     /// Wakes agents waiting in `receive` when a message is queued for them.
     mailboxes: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
-    /// Bounds the streams handled at once, so a flood of peers cannot exhaust the node.
+    /// Bounds the exchanges handled at once, so a flood of peers cannot exhaust the node.
     streams: Semaphore,
-    /// Streams each peer may have handled at once: one peer cannot take every permit of
-    /// `streams` and starve the others (its extra streams wait on its own semaphore).
+    /// Exchanges each peer may have handled at once: one peer cannot take every permit of
+    /// `streams` and starve the others (its extra exchanges wait on its own semaphore).
     peer_streams: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
     /// Peers' ed25519 keys, decoded once from their peer ids.
     peer_keys: Mutex<HashMap<PeerId, PublicKey>>,
@@ -510,7 +510,7 @@ async fn swarm_loop(
     }
 }
 
-/// Streams of one peer handled at once (see `Shared::peer_streams`).
+/// Exchanges of one peer handled at once (see `Shared::peer_streams`).
 const MAX_STREAMS_PER_PEER: usize = 32;
 
 #[derive(Clone, Copy)]
@@ -518,6 +518,27 @@ enum Protocol {
     Hop,
     Package,
     Control,
+}
+
+/// What an exchange holds while it is handled: a permit of its peer's and one of the node's.
+/// Idle reused streams hold none.
+struct ExchangePermits<'a> {
+    per_peer: Arc<Semaphore>,
+    all: &'a Semaphore,
+}
+
+impl ExchangePermits<'_> {
+    /// None once the node is shutting down.
+    async fn acquire(
+        &self,
+    ) -> Option<(
+        tokio::sync::SemaphorePermit<'_>,
+        tokio::sync::SemaphorePermit<'_>,
+    )> {
+        let peer = self.per_peer.acquire().await.ok()?;
+        let all = self.all.acquire().await.ok()?;
+        Some((peer, all))
+    }
 }
 
 async fn accept_loop(
@@ -539,16 +560,14 @@ async fn accept_loop(
             .or_insert_with(|| Arc::new(Semaphore::new(MAX_STREAMS_PER_PEER)))
             .clone();
         tokio::spawn(async move {
-            let Ok(_peer_permit) = per_peer.acquire().await else {
-                return;
-            };
-            let Ok(_permit) = shared.streams.acquire().await else {
-                return;
+            let permits = ExchangePermits {
+                per_peer,
+                all: &shared.streams,
             };
             let result = match protocol {
-                Protocol::Hop => handle_hop(&shared, peer, stream).await,
-                Protocol::Package => handle_package(&shared, stream).await,
-                Protocol::Control => handle_control(&shared, peer, stream).await,
+                Protocol::Hop => handle_hop(&shared, peer, stream, &permits).await,
+                Protocol::Package => handle_package(&shared, stream, &permits).await,
+                Protocol::Control => handle_control(&shared, peer, stream, &permits).await,
             };
             if let Err(e) = result {
                 tracing::warn!(%peer, "exchange failed: {e}");
@@ -566,16 +585,34 @@ fn now_ms() -> u64 {
 /// Streams kept open to peers between exchanges. A hop or control exchange takes one (or opens
 /// a new one) and gives it back once it got its answer; the receiving side serves exchange
 /// after exchange on a stream until it is closed or idle for `wire::STREAM_IDLE`.
+///
+/// New streams to a peer are opened one at a time, each once the previous one got its first
+/// answer: libp2p-stream hands inbound streams to the receiver through a queue of one and drops
+/// what does not fit, so a burst of new streams (many agents leaving at once) would mostly be
+/// dropped.
 #[derive(Default)]
 struct StreamPool {
     idle: Mutex<HashMap<(PeerId, libp2p::StreamProtocol), Vec<IdleStream>>>,
+    opening: Mutex<HashMap<(PeerId, libp2p::StreamProtocol), OpeningTurn>>,
+}
+
+/// Held by the exchange whose turn it is to open a new stream to a peer.
+type OpeningTurn = Arc<tokio::sync::Mutex<()>>;
+
+/// A stream for one exchange.
+struct PeerStream {
+    stream: libp2p::Stream,
+    /// It served an exchange before (and may have died with its connection since).
+    reused: bool,
+    /// A new stream holds its peer's opening turn until the first answer arrives on it.
+    opening: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// A stream and since when it has been idle.
 type IdleStream = (std::time::Instant, libp2p::Stream);
 
 /// Idle streams kept per peer and protocol.
-const IDLE_STREAMS_PER_PEER: usize = 16;
+const IDLE_STREAMS_PER_PEER: usize = 128;
 /// An idle stream older than this is dropped rather than reused: the other side closes its end
 /// after `wire::STREAM_IDLE`, and this stays well inside that.
 const IDLE_STREAM_REUSE: Duration = Duration::from_secs(10);
@@ -604,26 +641,52 @@ impl StreamPool {
     /// The connection to `peer` closed: its streams are dead.
     fn forget(&self, peer: &PeerId) {
         lock(&self.idle).retain(|(p, _), _| p != peer);
+        lock(&self.opening).retain(|(p, _), _| p != peer);
+    }
+
+    fn opening_turn(&self, peer: PeerId, protocol: &libp2p::StreamProtocol) -> OpeningTurn {
+        lock(&self.opening)
+            .entry((peer, protocol.clone()))
+            .or_default()
+            .clone()
     }
 }
 
-/// A stream to `peer` for one exchange, and whether it is a reused one (which may have died
-/// with its connection since it was last used).
+/// A stream to `peer` for one exchange: an idle one, or a new one once it is this exchange's
+/// turn to open one.
 async fn stream_to(
     shared: &Shared,
     peer: PeerId,
     protocol: libp2p::StreamProtocol,
-) -> Result<(libp2p::Stream, bool), String> {
+) -> Result<PeerStream, String> {
+    let reused = |stream| PeerStream {
+        stream,
+        reused: true,
+        opening: None,
+    };
     if let Some(stream) = shared.idle_streams.take(peer, &protocol) {
-        return Ok((stream, true));
+        return Ok(reused(stream));
     }
-    shared
+    let turn = shared
+        .idle_streams
+        .opening_turn(peer, &protocol)
+        .lock_owned()
+        .await;
+    // Another exchange may have given its stream back meanwhile.
+    if let Some(stream) = shared.idle_streams.take(peer, &protocol) {
+        return Ok(reused(stream));
+    }
+    let stream = shared
         .control
         .clone()
         .open_stream(peer, protocol)
         .await
-        .map(|s| (s, false))
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(PeerStream {
+        stream,
+        reused: false,
+        opening: Some(turn),
+    })
 }
 
 /// What the destination knows of hops in progress, so that a source asking about a hop whose
@@ -1127,19 +1190,19 @@ async fn control_request(
     request: &ControlRequest,
 ) -> Result<ControlReply, String> {
     loop {
-        let (mut stream, reused) = stream_to(shared, peer, CONTROL_PROTOCOL).await?;
-        if let Err(e) = write_frame(&mut stream, request).await {
+        let mut s = stream_to(shared, peer, CONTROL_PROTOCOL).await?;
+        if let Err(e) = write_frame(&mut s.stream, request).await {
             // A reused stream that cannot be written to died with its connection before the
             // request went out: open a fresh one.
-            if reused {
+            if s.reused {
                 continue;
             }
             return Err(e.to_string());
         }
-        let reply = read_frame(&mut stream, MAX_FRAME)
+        let reply = read_frame(&mut s.stream, MAX_FRAME)
             .await
             .map_err(|e| e.to_string())?;
-        shared.idle_streams.put(peer, CONTROL_PROTOCOL, stream);
+        shared.idle_streams.put(peer, CONTROL_PROTOCOL, s.stream);
         return Ok(reply);
     }
 }
@@ -1249,28 +1312,11 @@ async fn hop(
             Err(format!("migrate: cannot move to {to}: {reason}"))
         }
         SendOutcome::Unknown(reason) => {
-            // The continuation went out but the acknowledgement did not come back: ask.
-            match resolve_departure(shared, &sent).await {
-                Some(true) => {
-                    complete_departure(
-                        shared,
-                        &rec.id,
-                        &dest.to_string(),
-                        next_hop,
-                        carried.len(),
-                    )?;
-                    Ok(HopResult::Left)
-                }
-                Some(false) => {
-                    let _ = shared.store.put_agent(rec);
-                    Err(format!("migrate: cannot move to {to}: {reason}"))
-                }
-                None => {
-                    // Still unknown: keep the departure record; recovery settles it later.
-                    tokio::spawn(recover_departure(shared.clone(), leaving));
-                    Ok(HopResult::Left)
-                }
-            }
+            // The destination could not even be asked: keep the departure record; recovery
+            // settles it when the destination answers.
+            tracing::warn!(agent = %rec.id, "hop to {to} unsettled: {reason}");
+            tokio::spawn(recover_departure(shared.clone(), leaving));
+            Ok(HopResult::Left)
         }
     }
 }
@@ -1280,7 +1326,7 @@ enum SendOutcome {
     Owned,
     /// The destination did not take the agent.
     NotTaken(String),
-    /// The continuation may have arrived: ask before deciding.
+    /// The continuation may have arrived, and the destination could not be asked.
     Unknown(String),
 }
 
@@ -1309,48 +1355,61 @@ async fn send_hop(
     offer: &HopOffer,
     continuation: &[u8],
 ) -> SendOutcome {
-    // Until the destination has the agent's bytes nothing of the agent has left, so that part
-    // is retried: libp2p-stream drops inbound streams when the destination's accept loop lags
-    // behind, and a reused stream may have died with its connection.
+    // Attempts are retried: libp2p-stream drops inbound streams when the destination's accept
+    // queue is full, and a reused stream may have died with its connection. Resending the
+    // same offer is safe (the destination stores it once); giving up is only safe once the
+    // destination has shut out every copy that may still be on its way.
     let mut attempt = 0u64;
+    let mut maybe_delivered = false;
     loop {
         attempt += 1;
         let failure = match stream_to(shared, sent.dest, HOP_PROTOCOL).await {
             Err(e) => format!("unreachable ({e})"),
-            Ok((mut stream, reused)) => {
-                match hop_exchange(&mut stream, offer, continuation).await {
+            Ok(mut s) => {
+                let reused = s.reused;
+                match hop_exchange(&mut s, offer, continuation).await {
                     HopExchange::Answered(outcome, reusable) => {
                         if reusable {
-                            shared.idle_streams.put(sent.dest, HOP_PROTOCOL, stream);
+                            shared.idle_streams.put(sent.dest, HOP_PROTOCOL, s.stream);
                         }
                         return outcome;
                     }
+                    HopExchange::NotSent(e) if reused => {
+                        // Most likely the connection closed under an idle stream: afresh.
+                        attempt -= 1;
+                        e
+                    }
                     HopExchange::NotSent(e) => e,
-                    HopExchange::Unknown(e) if !reused => return SendOutcome::Unknown(e),
-                    // A reused stream: most likely its connection closed under it. Ask (the
-                    // answer also shuts out the offer should it still arrive), then try afresh.
-                    HopExchange::Unknown(e) => match resolve_departure(shared, sent).await {
-                        Some(true) => return SendOutcome::Owned,
-                        Some(false) => e,
-                        None => return SendOutcome::Unknown(e),
-                    },
+                    // The stream broke after the offer went out: ask, then try again.
+                    HopExchange::Unknown(e) => {
+                        maybe_delivered = true;
+                        match resolve_departure(shared, sent, false).await {
+                            Some(true) => return SendOutcome::Owned,
+                            Some(false) => e,
+                            None => return SendOutcome::Unknown(e),
+                        }
+                    }
                 }
             }
         };
-        if attempt >= 4 {
-            return SendOutcome::NotTaken(failure);
+        if attempt >= 6 {
+            if !maybe_delivered {
+                return SendOutcome::NotTaken(failure);
+            }
+            return match resolve_departure(shared, sent, true).await {
+                Some(true) => SendOutcome::Owned,
+                Some(false) => SendOutcome::NotTaken(failure),
+                None => SendOutcome::Unknown(failure),
+            };
         }
-        tokio::time::sleep(Duration::from_millis(50 * attempt * attempt)).await;
+        tokio::time::sleep(Duration::from_millis(10 * attempt * attempt)).await;
     }
 }
 
 /// One attempt at a hop on one stream: the offer (with the continuation inline when it is
 /// small), else Ready and the raw continuation; then the destination's answer.
-async fn hop_exchange(
-    stream: &mut libp2p::Stream,
-    offer: &HopOffer,
-    continuation: &[u8],
-) -> HopExchange {
+async fn hop_exchange(s: &mut PeerStream, offer: &HopOffer, continuation: &[u8]) -> HopExchange {
+    let stream = &mut s.stream;
     let inline = !offer.inline.is_empty();
     let answered = |reply| match reply {
         HopReply::Stored | HopReply::Duplicate => HopExchange::Answered(SendOutcome::Owned, true),
@@ -1370,6 +1429,8 @@ async fn hop_exchange(
         };
     }
     let reply = read_frame::<_, HopReply>(stream, MAX_FRAME).await;
+    // Answered (or not at all): the next new stream to this peer may be opened.
+    s.opening = None;
     match reply {
         Err(e) if inline => return HopExchange::Unknown(e.to_string()),
         Err(e) => return HopExchange::NotSent(e.to_string()),
@@ -1386,8 +1447,9 @@ async fn hop_exchange(
     }
 }
 
-/// Asks the destination whether it holds the hop. None: it could not be asked.
-async fn resolve_departure(shared: &Shared, sent: &SentHop<'_>) -> Option<bool> {
+/// Asks the destination whether it holds the hop; with `give_up`, a "no" also shuts out any
+/// copy of the offer still on its way. None: it could not be asked.
+async fn resolve_departure(shared: &Shared, sent: &SentHop<'_>, give_up: bool) -> Option<bool> {
     for attempt in 0..5u64 {
         match control_request(
             shared,
@@ -1395,7 +1457,7 @@ async fn resolve_departure(shared: &Shared, sent: &SentHop<'_>) -> Option<bool> 
             &ControlRequest::HopStatus {
                 agent: sent.agent.to_string(),
                 hop: sent.hop,
-                envelope: sent.envelope,
+                envelope: sent.envelope.filter(|_| give_up),
             },
         )
         .await
@@ -1428,7 +1490,7 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
             hop,
             envelope: None,
         };
-        if let Some(held) = resolve_departure(&shared, &sent).await {
+        if let Some(held) = resolve_departure(&shared, &sent, true).await {
             if held {
                 let _ = complete_departure(&shared, &rec.id, &to, hop, carried as usize);
             } else {
@@ -1638,8 +1700,13 @@ async fn handle_hop(
     shared: &Arc<Shared>,
     peer: PeerId,
     mut stream: libp2p::Stream,
+    permits: &ExchangePermits<'_>,
 ) -> Result<(), crate::wire::WireError> {
-    while let Some(offer) = read_next_frame::<_, HopOffer>(&mut stream, MAX_FRAME).await? {
+    while let Some(first) = next_frame_start(&mut stream).await? {
+        let Some(_permits) = permits.acquire().await else {
+            return Ok(());
+        };
+        let offer: HopOffer = read_frame_after(&mut stream, first, MAX_FRAME).await?;
         match receive_hop(shared, peer, &mut stream, offer).await {
             Ok(arrived) => {
                 let acknowledged = write_frame(&mut stream, &HopReply::Stored).await;
@@ -1919,7 +1986,11 @@ async fn pull_package(
 async fn handle_package(
     shared: &Shared,
     mut stream: libp2p::Stream,
+    permits: &ExchangePermits<'_>,
 ) -> Result<(), crate::wire::WireError> {
+    let Some(_permits) = permits.acquire().await else {
+        return Ok(());
+    };
     let request: PackageRequest = read_frame(&mut stream, 1024).await?;
     let reply = if !shared.trust.serve_packages {
         PackageReply::Refused
@@ -1937,8 +2008,13 @@ async fn handle_control(
     shared: &Arc<Shared>,
     peer: PeerId,
     mut stream: libp2p::Stream,
+    permits: &ExchangePermits<'_>,
 ) -> Result<(), crate::wire::WireError> {
-    while let Some(request) = read_next_frame(&mut stream, MAX_FRAME).await? {
+    while let Some(first) = next_frame_start(&mut stream).await? {
+        let Some(_permits) = permits.acquire().await else {
+            return Ok(());
+        };
+        let request = read_frame_after(&mut stream, first, MAX_FRAME).await?;
         answer_control(shared, peer, &mut stream, request).await?;
     }
     Ok(())

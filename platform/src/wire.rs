@@ -124,49 +124,59 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     let body = with_timeout(async {
         let mut len = [0u8; 4];
         r.read_exact(&mut len).await?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > max {
-            return Err(WireError::TooLarge { len, max });
-        }
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body).await?;
-        Ok(body)
+        read_body(r, u32::from_be_bytes(len) as usize, max).await
     })
     .await?;
     ciborium::from_reader(body.as_slice()).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
-/// Reads the next frame of a reused stream: `None` if the peer closed the stream (or left it
-/// idle for [`STREAM_IDLE`]) before the frame began.
+/// Waits for the next frame on a reused stream to begin: its first byte, or `None` if the peer
+/// closed the stream (or left it idle for [`STREAM_IDLE`]) first.
 ///
 /// # Errors
 ///
-/// As [`read_frame`], once the frame began.
-pub async fn read_next_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
-    r: &mut R,
-    max: usize,
-) -> Result<Option<T>, WireError> {
+/// The stream fails.
+pub async fn next_frame_start<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<u8>, WireError> {
     let mut first = [0u8; 1];
     match tokio::time::timeout(STREAM_IDLE, r.read(&mut first)).await {
-        Err(_) | Ok(Ok(0)) => return Ok(None),
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(e.into()),
+        Err(_) | Ok(Ok(0)) => Ok(None),
+        Ok(Ok(_)) => Ok(Some(first[0])),
+        Ok(Err(e)) => Err(e.into()),
     }
+}
+
+/// Reads the rest of a frame of at most `max` bytes whose first byte was `first` (see
+/// [`next_frame_start`]).
+///
+/// # Errors
+///
+/// As [`read_frame`].
+pub async fn read_frame_after<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    first: u8,
+    max: usize,
+) -> Result<T, WireError> {
     let body = with_timeout(async {
         let mut rest = [0u8; 3];
         r.read_exact(&mut rest).await?;
-        let len = u32::from_be_bytes([first[0], rest[0], rest[1], rest[2]]) as usize;
-        if len > max {
-            return Err(WireError::TooLarge { len, max });
-        }
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body).await?;
-        Ok(body)
+        let len = u32::from_be_bytes([first, rest[0], rest[1], rest[2]]) as usize;
+        read_body(r, len, max).await
     })
     .await?;
-    ciborium::from_reader(body.as_slice())
-        .map(Some)
-        .map_err(|e| WireError::Malformed(e.to_string()))
+    ciborium::from_reader(body.as_slice()).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+    max: usize,
+) -> Result<Vec<u8>, WireError> {
+    if len > max {
+        return Err(WireError::TooLarge { len, max });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(body)
 }
 
 /// Reads exactly `len` raw bytes (a continuation), in chunks, each under the I/O timeout.

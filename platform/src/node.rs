@@ -150,6 +150,9 @@ struct Shared {
     idle_streams: StreamPool,
     /// Hops being received right now and offers their senders gave up on.
     arrivals: Mutex<ArrivalGate>,
+    /// Hashes of the hop envelopes this node signed lately: an agent that comes back presents
+    /// one as its custody, and its signature needs no check.
+    signed: Mutex<HashSet<[u8; 32]>>,
     control: libp2p_stream::Control,
     commands: mpsc::Sender<SwarmCommand>,
 }
@@ -236,6 +239,7 @@ impl Node {
             peer_keys: Mutex::new(HashMap::new()),
             idle_streams: StreamPool::default(),
             arrivals: Mutex::new(ArrivalGate::default()),
+            signed: Mutex::new(HashSet::new()),
             control,
             commands,
         });
@@ -1012,8 +1016,9 @@ fn node_failure(shared: &Shared, error: String) -> AgentEnd {
 }
 
 /// The source's side of a completed hop, in one transaction: drop our copy and leave a
-/// forwarding pointer — unless the agent has already come back (a newer arrival replaced the
-/// departure record), in which case the record is the new arrival's and stays.
+/// forwarding pointer (and, on the agent's home node, record where it went) — unless the agent
+/// has already come back (a newer arrival replaced the departure record), in which case the
+/// record is the new arrival's and stays.
 fn complete_departure(
     shared: &Arc<Shared>,
     id: &str,
@@ -1026,10 +1031,14 @@ fn complete_departure(
         .batch(|b| match b.agent(id)? {
             Some(AgentRecord {
                 state: AgentState::Leaving { hop: h, .. },
+                home,
                 ..
             }) if h == hop => {
                 let queued = b.take_messages(id)?;
                 b.complete_departure(id, to)?;
+                if home == shared.me {
+                    b.set_location(id, to)?;
+                }
                 Ok(queued)
             }
             _ => Ok(Vec::new()),
@@ -1232,7 +1241,7 @@ async fn hop(
         None
     } else {
         Some(
-            HopEnvelope::decode(&rec.envelope)
+            HopEnvelope::decode_known(&rec.envelope, &[shared.public])
                 .map_err(|e| format!("migrate: stored envelope: {e}"))?,
         )
     };
@@ -1255,6 +1264,15 @@ async fn hop(
         &shared.key,
     )
     .map_err(|e| format!("migrate: {e}"))?;
+    let envelope_hash = *envelope.hash().as_bytes();
+    {
+        let mut signed = lock(&shared.signed);
+        if signed.len() >= 65_536 {
+            // Agents that come back after this only cost one more signature check.
+            signed.clear();
+        }
+        signed.insert(envelope_hash);
+    }
     // The messages queued so far travel with the agent.
     let carried = shared
         .store
@@ -1298,7 +1316,7 @@ async fn hop(
         dest,
         agent: &rec.id,
         hop: next_hop,
-        envelope: Some(*envelope.hash().as_bytes()),
+        envelope: Some(envelope_hash),
     };
     match send_hop(shared, &sent, &offer, &continuation).await {
         SendOutcome::Owned => {
@@ -1712,7 +1730,7 @@ async fn handle_hop(
                 let acknowledged = write_frame(&mut stream, &HopReply::Stored).await;
                 // Stored is stored: the agent runs here even if the acknowledgement is lost
                 // (the source then learns of the hop through `HopStatus`).
-                tell_home_location(shared, &arrived.rec);
+                tell_home_location(shared, &arrived.rec, &peer);
                 let (id, hop) = (arrived.rec.id.clone(), arrived.rec.hop);
                 spawn_runner(shared, id, hop, None, Some(arrived));
                 acknowledged?;
@@ -1758,13 +1776,14 @@ async fn receive_hop(
             "this node does not accept agents from {peer}"
         )));
     }
-    let envelope =
-        HopEnvelope::decode(&offer.envelope).map_err(|e| refused(format!("envelope: {e}")))?;
+    let known = [shared.public, sender];
+    let envelope = HopEnvelope::decode_known(&offer.envelope, &known)
+        .map_err(|e| refused(format!("envelope: {e}")))?;
     let previous = if offer.previous.is_empty() {
         None
     } else {
         Some(
-            HopEnvelope::decode(&offer.previous)
+            HopEnvelope::decode_known(&offer.previous, &known)
                 .map_err(|e| refused(format!("previous envelope: {e}")))?,
         )
     };
@@ -1822,8 +1841,13 @@ async fn receive_hop(
         read_bulk(stream, offer.continuation_len as usize).await?
     };
     let continuation_hash = *blake3::hash(&continuation).as_bytes();
+    // An agent coming back presents the envelope this node signed when it sent it away.
+    let signed_here = previous
+        .as_ref()
+        .is_some_and(|p| lock(&shared.signed).contains(p.hash().as_bytes()));
     let check = HopCheck::new(&sender, &shared.public, &hash, &continuation_hash)
-        .with_previous(previous.as_ref());
+        .with_previous(previous.as_ref())
+        .with_previous_known_genuine(signed_here);
     if let Err(e) = verify_hop(envelope, &check) {
         tracing::warn!(%peer, "refused a hop: {e}");
         return Err(refused(format!("hop envelope: {e}")));
@@ -1847,6 +1871,9 @@ async fn receive_hop(
         if let Arrival::New = arrival {
             for m in &messages {
                 b.push_message(&rec.id, m)?;
+            }
+            if rec.home == shared.me {
+                b.set_location(&rec.id, &shared.me)?;
             }
         }
         Ok(arrival)
@@ -1872,19 +1899,22 @@ async fn receive_hop(
 }
 
 /// Updates the agent's location at its home node (best effort; forwarding pointers cover gaps).
-fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecord) {
-    let me = shared.me.clone();
-    if rec.home == me {
-        let _ = shared.store.set_location(&rec.id, &me);
+/// A home that sent the agent here recorded where it went when the hop completed.
+/// (An agent arriving at its home is recorded there with the arrival.)
+fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecord, from: &PeerId) {
+    if rec.home == shared.me {
         return;
     }
     let Ok(home) = rec.home.parse::<PeerId>() else {
         return;
     };
+    if home == *from {
+        return;
+    }
     let shared = shared.clone();
     let request = ControlRequest::Location {
         agent: rec.id.clone(),
-        node: me,
+        node: shared.me.clone(),
     };
     tokio::spawn(async move {
         if let Err(e) = control_request(&shared, home, &request).await {

@@ -348,3 +348,57 @@ fn agent_id_text_round_trips() {
     assert_eq!(id.to_string().parse::<AgentId>(), Ok(id));
     assert_ne!(AgentId::generate(), id);
 }
+
+#[test]
+fn a_previous_known_genuine_skips_only_its_signature_check() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (b, c) = (m.b.public(), m.c.public());
+    let genuine = hop(None, &m.a, &b, m.package, STATE);
+    let mut fake = genuine.encode();
+    let n = fake.len();
+    fake[n - 1] ^= 1;
+    let fake = HopEnvelope::decode(&fake).unwrap();
+    let e2 = hop(Some(&fake), &m.b, &c, m.package, STATE);
+    // Trusting the previous envelope is the caller's word; the chain checks still run.
+    let trusted = check(&b, &c, &m.package, &ch)
+        .with_previous(Some(&fake))
+        .with_previous_known_genuine(true);
+    assert!(verify_hop(e2.clone(), &trusted).is_ok());
+    let elsewhere = hop(None, &m.a, &c, m.package, STATE);
+    assert_eq!(
+        verify_hop(
+            e2,
+            &check(&b, &c, &m.package, &ch)
+                .with_previous(Some(&elsewhere))
+                .with_previous_known_genuine(true)
+        ),
+        Err(HopError::PreviousMismatch)
+    );
+}
+
+#[test]
+fn decode_known_reuses_known_keys_and_checks_the_others() {
+    let m = mesh();
+    let e = hop(None, &m.a, &m.b.public(), m.package, STATE);
+    let bytes = e.encode();
+    for known in [vec![], vec![m.a.public()], vec![m.b.public(), m.c.public()]] {
+        assert_eq!(HopEnvelope::decode_known(&bytes, &known).unwrap(), e);
+    }
+    // A key that is not a valid point is refused whatever the receiver knows.
+    let mut bad = bytes.clone();
+    let at = bytes
+        .windows(32)
+        .position(|w| w == m.b.public().to_bytes())
+        .unwrap();
+    let invalid = (2u8..)
+        .map(|y| {
+            let mut k = [0u8; 32];
+            k[0] = y;
+            k
+        })
+        .find(|k| PublicKey::from_bytes(k).is_err())
+        .unwrap();
+    bad[at..at + 32].copy_from_slice(&invalid);
+    assert!(HopEnvelope::decode_known(&bad, &[m.a.public(), m.c.public()]).is_err());
+}

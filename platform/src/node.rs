@@ -966,15 +966,17 @@ fn spawn_runner(
     });
 }
 
-/// A stored agent, ready to run: its record, its decoded execution and its program.
+/// A stored agent, ready to run: its record, its program, and its execution if it is decoded
+/// already (a hop decodes small continuations before storing them; large ones, and those read
+/// back from the store, are decoded by their runner).
 struct Runnable {
     rec: AgentRecord,
-    exec: Execution,
+    exec: Option<Execution>,
     loaded: Loaded,
 }
 
 /// Reads the agent stored for this arrival; None if it is gone (or was replaced by a later
-/// arrival). An agent that cannot be loaded ends with a node failure.
+/// arrival). An agent whose package cannot be loaded ends with a node failure.
 async fn load_runnable(shared: &Arc<Shared>, id: &str, arrival: u64) -> Option<Runnable> {
     let rec = match shared.store.agent(id) {
         Ok(Some(r)) if r.hop == arrival => r,
@@ -991,19 +993,11 @@ async fn load_runnable(shared: &Arc<Shared>, id: &str, arrival: u64) -> Option<R
             return None;
         }
     };
-    let exec = if rec.continuation.is_empty() {
-        Execution::new(&loaded.program)
-    } else {
-        match Execution::decode(&loaded.program, &rec.continuation) {
-            Ok(e) => e,
-            Err(e) => {
-                let failure = node_failure(shared, format!("stored continuation: {e}"));
-                finish(shared, &rec, failure).await;
-                return None;
-            }
-        }
-    };
-    Some(Runnable { rec, exec, loaded })
+    Some(Runnable {
+        rec,
+        exec: None,
+        loaded,
+    })
 }
 
 /// An agent end for a failure of the node rather than of the script.
@@ -1064,9 +1058,21 @@ enum HopResult {
 async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>) {
     let Runnable {
         mut rec,
-        mut exec,
+        exec,
         loaded,
     } = state;
+    let decoded = match exec {
+        Some(exec) => Ok(exec),
+        None if rec.continuation.is_empty() => Ok(Execution::new(&loaded.program)),
+        None => Execution::decode(&loaded.program, &rec.continuation),
+    };
+    let mut exec = match decoded {
+        Ok(exec) => exec,
+        Err(e) => {
+            let failure = node_failure(shared, format!("stored continuation: {e}"));
+            return finish(shared, &rec, failure).await;
+        }
+    };
     let mut input = match (first, &rec.state) {
         (Some(input), _) => input,
         (None, AgentState::Waiting { timeout_at_ms }) => {
@@ -1279,15 +1285,23 @@ async fn hop(
         .messages(&rec.id)
         .map_err(|e| format!("migrate: {e}"))?;
     // Durably "leaving for dest at hop h" before anything is offered.
+    // (Built field by field: the continuation is moved, never copied — it may be 100 MB.)
     let leaving = AgentRecord {
+        id: rec.id.clone(),
+        package: rec.package,
+        hop: rec.hop,
+        hops: rec.hops,
+        home: rec.home.clone(),
+        launcher: rec.launcher.clone(),
         state: AgentState::Leaving {
             to: dest.to_string(),
             hop: next_hop,
             carried: carried.len() as u64,
         },
-        continuation: continuation.clone(),
-        ..rec.clone()
+        continuation,
+        envelope: rec.envelope.clone(),
     };
+    let continuation = &leaving.continuation;
     shared
         .store
         .put_agent(&leaving)
@@ -1318,7 +1332,7 @@ async fn hop(
         hop: next_hop,
         envelope: Some(envelope_hash),
     };
-    match send_hop(shared, &sent, &offer, &continuation).await {
+    match send_hop(shared, &sent, &offer, continuation).await {
         SendOutcome::Owned => {
             die_if(shared, FaultPoint::SourceAfterAck);
             complete_departure(shared, &rec.id, &dest.to_string(), next_hop, carried.len())?;
@@ -1834,13 +1848,13 @@ async fn receive_hop(
     if let Err(e) = shared.trust.admit_package(&loaded.package) {
         return Err(refused(format!("package refused: {e}")));
     }
-    let continuation = if inline {
-        offer.inline
+    let (continuation, continuation_hash) = if inline {
+        let hash = *blake3::hash(&offer.inline).as_bytes();
+        (offer.inline, hash)
     } else {
         write_frame(stream, &HopReply::Ready).await?;
         read_bulk(stream, offer.continuation_len as usize).await?
     };
-    let continuation_hash = *blake3::hash(&continuation).as_bytes();
     // An agent coming back presents the envelope this node signed when it sent it away.
     let signed_here = previous
         .as_ref()
@@ -1852,8 +1866,16 @@ async fn receive_hop(
         tracing::warn!(%peer, "refused a hop: {e}");
         return Err(refused(format!("hop envelope: {e}")));
     }
-    let exec = Execution::decode(&loaded.program, &continuation)
-        .map_err(|e| refused(format!("continuation: {e}")))?;
+    // A small continuation is decoded before it is accepted; a large one (whose hash and
+    // envelope were checked) by its runner, so the acknowledgement does not wait for it.
+    let exec = if inline {
+        Some(
+            Execution::decode(&loaded.program, &continuation)
+                .map_err(|e| refused(format!("continuation: {e}")))?,
+        )
+    } else {
+        None
+    };
     let rec = AgentRecord {
         id: agent,
         package: *hash.as_bytes(),

@@ -179,24 +179,33 @@ async fn read_body<R: AsyncRead + Unpin>(
     Ok(body)
 }
 
-/// Reads exactly `len` raw bytes (a continuation), in chunks, each under the I/O timeout.
+/// Reads exactly `len` raw bytes (a continuation), in chunks, each under the I/O timeout, and
+/// their BLAKE3 hash, computed as they arrive.
+///
+/// The bytes land in place (a zeroed allocation costs nothing until it is written, so a peer
+/// that announces `len` and sends less holds no memory it did not fill).
 ///
 /// # Errors
 ///
 /// The stream fails, closes early or stalls.
-pub async fn read_bulk<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, WireError> {
+pub async fn read_bulk<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+) -> Result<(Vec<u8>, [u8; 32]), WireError> {
     const CHUNK: usize = 1 << 20;
-    let mut out = Vec::with_capacity(len.min(64 << 20));
-    let mut buf = vec![0u8; CHUNK.min(len.max(1))];
-    while out.len() < len {
-        let want = (len - out.len()).min(buf.len());
-        let n = with_timeout(async { Ok(r.read(&mut buf[..want]).await?) }).await?;
+    let mut out = vec![0u8; len];
+    let mut hasher = blake3::Hasher::new();
+    let mut filled = 0;
+    while filled < len {
+        let end = (filled + CHUNK).min(len);
+        let n = with_timeout(async { Ok(r.read(&mut out[filled..end]).await?) }).await?;
         if n == 0 {
             return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        out.extend_from_slice(&buf[..n]);
+        hasher.update(&out[filled..filled + n]);
+        filled += n;
     }
-    Ok(out)
+    Ok((out, *hasher.finalize().as_bytes()))
 }
 
 /// Writes raw bytes, in chunks, each under the I/O timeout.

@@ -23,16 +23,34 @@
 //!
 //! # Concurrency
 //!
-//! [`Store`] is a cheap `Clone` around one `Arc<redb::Database>`, shared by every task of a node;
-//! opening the same file twice in one process fails, so share clones instead. redb allows one
-//! write transaction at a time: any clone may write, and [`redb::Database::begin_write`] blocks the
-//! calling thread until the previous writer has committed (which, with [`Durability::Fsync`],
-//! includes its fsync). The writers are the node's protocol handlers (arrivals, departures,
-//! packages, locations, messages) and its scheduler (agent records after each slice, results).
-//! No lock of ours is added on top: every public operation is one transaction, and operations
-//! that must be atomic together go through [`Store::batch`]. Readers never block and never wait
-//! for writers (MVCC snapshots). Because a write can block for an fsync, async code should call
-//! the store from a blocking context (`tokio::task::spawn_blocking`) on hot paths.
+//! [`Store`] is a cheap `Clone` around one shared `Arc` (the `redb::Database` and the write
+//! queue), shared by every task of a node; opening the same file twice in one process fails, so
+//! share clones instead. Readers never block and never wait for writers (MVCC snapshots). redb
+//! allows one write transaction at a time, and a commit with [`Durability::Fsync`] waits for the
+//! disk, so writes are where contention is. There are two ways to write:
+//!
+//! - [`Store::write`] (async, the hot path): **group commit**. Concurrent writes share one
+//!   transaction and one commit (one fsync). Each write is queued, with a oneshot for its result,
+//!   on a `std::sync::Mutex<VecDeque>` (held only to push or pop, never across a transaction or an
+//!   `.await`, so a std mutex is right). If no write is being led, the caller becomes the
+//!   *leader*: on its own thread, with no hop to another task when uncontended, it takes up to
+//!   [`MAX_GROUP`] queued writes, runs them in queue order in one transaction, commits once and
+//!   sends every write its result. Everyone else is a *follower* and just awaits its oneshot. A
+//!   leader inside a tokio runtime leads one group only (its own write is always the first of
+//!   it): if more writes queued meanwhile, it hands leadership to a `spawn_blocking` thread, which
+//!   drains the queue until it is empty, so that no caller of `write` is held up serving others
+//!   under sustained load (without a runtime, the leader drains the queue itself). The leader flag lives under the same mutex as the queue: a write that is
+//!   queued as the leader finds the queue empty either is taken by it or finds no leader and
+//!   leads itself, so no write is left behind. See [`Store::write`] for what a failure does to the
+//!   other writes of its group.
+//! - [`Store::batch`] and the one-shot methods ([`Store::put_agent`], ...): synchronous, one
+//!   transaction and one commit per call, on the calling thread, which
+//!   [`redb::Database::begin_write`] blocks until the previous writer has committed (fsync
+//!   included). For tests, start-up and rare paths; async code on a hot path uses `write`.
+//!
+//! The writers are the node's protocol handlers (arrivals, departures, packages, locations,
+//! messages) and its scheduler (agent records after each slice, results). Operations that must be
+//! atomic together go in one `write` or `batch` closure.
 //!
 //! # Examples
 //!
@@ -52,14 +70,18 @@
 //! # Ok(()) }
 //! ```
 
+use std::any::Any;
+use std::collections::VecDeque;
 use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 const PACKAGES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("packages");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
@@ -74,6 +96,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA: u64 = 1;
 const META_SCHEMA: &str = "schema";
 const META_NEXT_SEQ: &str = "next_message_seq";
+
+/// The most writes [`Store::write`] puts in one transaction. Writes are closures, so their size
+/// is unknown; this bounds how long one commit keeps results waiting and how much one failing
+/// write can take down with it.
+pub const MAX_GROUP: usize = 256;
 
 /// Whether a commit waits for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +226,20 @@ pub enum StoreError {
         #[source]
         source: ciborium::de::Error<std::io::Error>,
     },
+    /// [`Store::write`] only: this write shared its transaction with others, and the
+    /// transaction was abandoned for a reason outside this write (named in the message): another
+    /// write before it in the group failed or panicked, or the transaction could not begin or
+    /// commit. Nothing this write did was stored, so running it again is safe.
+    #[error("store write abandoned: {0}")]
+    BatchAborted(String),
+    /// [`Store::write`] only: the write's closure panicked. Nothing of its transaction was
+    /// stored; the panic is not resumed.
+    #[error("store write panicked: {0}")]
+    Panicked(String),
+    /// [`Store::write`] only: the store stopped writing before it could report this write's
+    /// outcome (a bug in the store panicked mid-commit): whether it was stored is unknown.
+    #[error("store write interrupted before its outcome was known")]
+    Interrupted,
     /// A value could not be encoded.
     #[error("cannot encode {table} entry {key:?}")]
     Encode {
@@ -215,14 +256,31 @@ pub enum StoreError {
 /// The node's durable state; see the [module docs](self) for the tables and who writes.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
+}
+
+/// What every clone of a [`Store`] shares.
+struct Shared {
+    db: Database,
     durability: Durability,
+    /// The group-commit queue of [`Store::write`]. A std mutex: it is held only to push or pop
+    /// writes and flip the leader flag, never across a transaction or an `.await`.
+    writes: Mutex<Writes>,
+}
+
+/// Writes waiting for a transaction, and whether someone is leading them.
+#[derive(Default)]
+struct Writes {
+    queue: VecDeque<Box<dyn Job>>,
+    /// A leader is running (or about to run) groups. Invariant: when false, `queue` is empty;
+    /// whoever queues a write while it is false becomes the leader in the same critical section.
+    leading: bool,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
-            .field("durability", &self.durability)
+            .field("durability", &self.shared.durability)
             .finish_non_exhaustive()
     }
 }
@@ -237,8 +295,11 @@ impl Store {
     pub fn open(path: &Path, durability: Durability) -> Result<Store, StoreError> {
         let db = Database::create(path)?;
         let store = Store {
-            db: Arc::new(db),
-            durability,
+            shared: Arc::new(Shared {
+                db,
+                durability,
+                writes: Mutex::default(),
+            }),
         };
         // Create every table up front so that read transactions always find them.
         store.batch(|b| {
@@ -265,11 +326,13 @@ impl Store {
 
     /// The durability this store commits with.
     pub fn durability(&self) -> Durability {
-        self.durability
+        self.shared.durability
     }
 
-    /// Runs `f` in one write transaction: everything it writes is committed together (one
-    /// commit, one fsync), or, if it returns an error, nothing is.
+    /// Runs `f` in one write transaction of its own, on the calling thread: everything it writes
+    /// is committed together (one commit, one fsync), or, if it returns an error, nothing is.
+    /// Blocks until any other write transaction has committed; async code on a hot path should
+    /// use [`Store::write`] instead.
     ///
     /// # Errors
     ///
@@ -292,8 +355,7 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(self.durability.into())?;
+        let txn = self.shared.begin()?;
         let result = f(&mut Batch { txn: &txn });
         match result {
             Ok(value) => {
@@ -309,11 +371,82 @@ impl Store {
         }
     }
 
+    /// Runs `op` in a write transaction shared with the other writes queued at the same time
+    /// (group commit; see the [module docs](self#concurrency)): one commit, one fsync for the
+    /// whole group. Writes run one after another in the order they were queued, and each sees
+    /// what the writes before it in the group wrote (an arrival then a departure of the same
+    /// agent compose). `write` returns once the group has committed (or failed).
+    ///
+    /// Uncontended, the write runs and commits on the caller's thread, like [`Store::batch`];
+    /// either way the commit blocks the thread that leads it, a tokio worker included.
+    ///
+    /// A write still runs if its future is dropped once it was first polled (it is queued
+    /// then): its outcome is discarded, and the other writes are unaffected.
+    ///
+    /// `op` must not write through the store itself ([`Store::batch`], [`Store::put_agent`],
+    /// ..., or wait for another `write`): it runs inside the group's transaction, and redb
+    /// allows one at a time, so that would deadlock. Write through the [`Batch`] instead.
+    ///
+    /// # Errors
+    ///
+    /// A redb transaction cannot be partly rolled back (savepoints cannot be taken once it has
+    /// written), so one failing write takes the writes before it in its group down with it:
+    ///
+    /// - If `op` returns an error, `write` returns that error, and nothing of the transaction is
+    ///   stored. The writes before it in the group get [`StoreError::BatchAborted`] naming the
+    ///   cause; the writes after it had not run yet and go on in the next transaction,
+    ///   unaffected.
+    /// - If `op` panics, `write` returns [`StoreError::Panicked`] with the panic message (the
+    ///   panic is caught, not resumed), and the group is treated as above.
+    /// - If the transaction cannot begin or commit, every write of the group gets
+    ///   [`StoreError::BatchAborted`] naming the cause.
+    ///
+    /// So `op`'s own error always comes back as is, and `BatchAborted` always means nothing
+    /// this write did was stored, through no fault of its own: running it again is safe. An
+    /// `op` should return `Err` only for real failures, not for outcomes its caller expects
+    /// (those are values, like [`Arrival::Duplicate`]). [`StoreError::Interrupted`] reports a
+    /// write whose outcome was lost to a bug in the store.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use platform::store::{Durability, Store};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = Store::open(&dir.path().join("s.redb"), Durability::NoSync)?;
+    /// let tasks: Vec<_> = (0..8)
+    ///     .map(|i| {
+    ///         let store = store.clone();
+    ///         tokio::spawn(async move {
+    ///             store.write(move |b| b.push_message("agent-1", &[i])).await
+    ///         })
+    ///     })
+    ///     .collect();
+    /// for task in tasks {
+    ///     task.await??;
+    /// }
+    /// assert_eq!(store.message_count("agent-1")?, 8);
+    /// # Ok(()) }
+    /// ```
+    pub async fn write<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        if let Some(leader) = self.shared.enqueue(Box::new(Queued { op, reply })) {
+            // Runs at least the group holding this write before returning, so the await below
+            // never waits on a leader that is this very task.
+            leader.lead(true);
+        }
+        outcome.await.unwrap_or(Err(StoreError::Interrupted))
+    }
+
     fn read<T>(
         &self,
         f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        f(&self.db.begin_read()?)
+        f(&self.shared.db.begin_read()?)
     }
 
     /// Stores a package under its hash (overwriting is harmless: same hash, same bytes).
@@ -561,7 +694,246 @@ impl Store {
     }
 }
 
-/// Writes made inside [`Store::batch`]: the same operations as [`Store`], committed together.
+impl Shared {
+    /// A write transaction with the store's durability.
+    fn begin(&self) -> Result<WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(self.durability.into())?;
+        Ok(txn)
+    }
+
+    fn lock_writes(&self) -> MutexGuard<'_, Writes> {
+        // Nothing panics while the lock is held (queue operations only), so a poisoned lock
+        // still guards a consistent queue.
+        self.writes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `job`; returns the leadership if nobody was leading.
+    fn enqueue(self: &Arc<Self>, job: Box<dyn Job>) -> Option<Leader> {
+        let mut writes = self.lock_writes();
+        writes.queue.push_back(job);
+        if writes.leading {
+            return None;
+        }
+        writes.leading = true;
+        Some(Leader {
+            shared: Arc::clone(self),
+            active: true,
+        })
+    }
+
+    /// Runs `group` in one transaction and reports to each write. Writes that did not run
+    /// because an earlier one failed are left in `group`, in order, for the next transaction.
+    fn commit_group(&self, group: &mut VecDeque<Box<dyn Job>>) {
+        let txn = match self.begin() {
+            Ok(txn) => txn,
+            Err(e) => {
+                let cause = format!("its transaction could not begin: {}", chain(&e));
+                for job in group.drain(..) {
+                    job.abandon(StoreError::BatchAborted(cause.clone()));
+                }
+                return;
+            }
+        };
+        let mut batch = Batch { txn: &txn };
+        let mut wrote: Vec<Finish> = Vec::with_capacity(group.len());
+        while let Some(job) = group.pop_front() {
+            match job.run(&mut batch) {
+                Ran::Wrote(finish) => wrote.push(finish),
+                Ran::Failed(cause) => {
+                    // The failing write's own error is what matters; a failed abort changes
+                    // nothing on disk either way.
+                    let _ = txn.abort();
+                    for finish in wrote {
+                        finish(Err(StoreError::BatchAborted(cause.clone())));
+                    }
+                    return;
+                }
+            }
+        }
+        match txn.commit() {
+            Ok(()) => {
+                for finish in wrote {
+                    finish(Ok(()));
+                }
+            }
+            Err(e) => {
+                let cause = format!(
+                    "its transaction could not commit: {}",
+                    chain(&StoreError::from(e))
+                );
+                for finish in wrote {
+                    finish(Err(StoreError::BatchAborted(cause.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// The right to run groups of queued writes; at most one exists per store at a time. Dropping
+/// an active leader (a panic in the store's own code, or a hand-off the runtime never ran)
+/// releases the leadership and abandons the queued writes, so the store is never wedged.
+struct Leader {
+    shared: Arc<Shared>,
+    /// Whether this leader still holds the leadership.
+    active: bool,
+}
+
+impl Leader {
+    /// Runs groups until the queue is empty. A leader on a caller's thread (`hand_off`) runs one
+    /// group (which holds its caller's write) and then, if more writes are queued and a tokio
+    /// runtime is at hand, lets a blocking thread go on, so that its caller is not kept serving
+    /// others under sustained load.
+    fn lead(mut self, hand_off: bool) {
+        while let Some(mut group) = self.take_group() {
+            self.shared.commit_group(&mut group);
+            self.requeue(group);
+            if hand_off {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    if !self.release_if_idle() {
+                        runtime.spawn_blocking(move || self.lead(false));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The next group to run, oldest first; `None`, with the leadership released, if no write
+    /// is queued.
+    fn take_group(&mut self) -> Option<VecDeque<Box<dyn Job>>> {
+        let mut writes = self.shared.lock_writes();
+        if writes.queue.is_empty() {
+            writes.leading = false;
+            self.active = false;
+            return None;
+        }
+        let n = writes.queue.len().min(MAX_GROUP);
+        Some(writes.queue.drain(..n).collect())
+    }
+
+    /// Releases the leadership if no write is queued; says whether it did.
+    fn release_if_idle(&mut self) -> bool {
+        let mut writes = self.shared.lock_writes();
+        if writes.queue.is_empty() {
+            writes.leading = false;
+            self.active = false;
+        }
+        !self.active
+    }
+
+    /// Puts writes that have not run back at the front of the queue, in their order.
+    fn requeue(&self, group: VecDeque<Box<dyn Job>>) {
+        if group.is_empty() {
+            return;
+        }
+        let mut writes = self.shared.lock_writes();
+        for job in group.into_iter().rev() {
+            writes.queue.push_front(job);
+        }
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if !self.active {
+            return;
+        }
+        let orphans = {
+            let mut writes = self.shared.lock_writes();
+            writes.leading = false;
+            std::mem::take(&mut writes.queue)
+        };
+        // Reported outside the lock: nothing of theirs ran, and their closures are dropped here.
+        for job in orphans {
+            job.abandon(StoreError::BatchAborted(
+                "the store stopped writing before it ran".to_owned(),
+            ));
+        }
+    }
+}
+
+/// A queued [`Store::write`], with its result type erased.
+trait Job: Send {
+    /// Runs the write in the group's transaction; catches its panic.
+    fn run(self: Box<Self>, batch: &mut Batch<'_>) -> Ran;
+    /// Reports that the write was not run and why.
+    fn abandon(self: Box<Self>, error: StoreError);
+}
+
+/// Reports the commit's outcome to a write that succeeded in its transaction.
+type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// What running a queued write did.
+enum Ran {
+    /// It succeeded; its value waits for the commit.
+    Wrote(Finish),
+    /// It failed or panicked, and its caller has been told; the cause, for the others.
+    Failed(String),
+}
+
+struct Queued<F, T> {
+    op: F,
+    /// Sending fails only when the caller stopped waiting; its outcome is then discarded.
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<F, T> Job for Queued<F, T>
+where
+    F: FnOnce(&mut Batch<'_>) -> Result<T, StoreError> + Send,
+    T: Send + 'static,
+{
+    fn run(self: Box<Self>, batch: &mut Batch<'_>) -> Ran {
+        let Queued { op, reply } = *self;
+        // The transaction a panic may leave half-written is aborted, so no broken state is
+        // observed afterwards.
+        match panic::catch_unwind(AssertUnwindSafe(|| op(batch))) {
+            Ok(Ok(value)) => Ran::Wrote(Box::new(move |outcome: Result<(), StoreError>| {
+                let _ = reply.send(outcome.map(|()| value));
+            })),
+            Ok(Err(e)) => {
+                let cause = format!("another write in its transaction failed: {}", chain(&e));
+                let _ = reply.send(Err(e));
+                Ran::Failed(cause)
+            }
+            Err(payload) => {
+                let message = panic_message(payload.as_ref());
+                let cause = format!("another write in its transaction panicked: {message}");
+                let _ = reply.send(Err(StoreError::Panicked(message)));
+                Ran::Failed(cause)
+            }
+        }
+    }
+
+    fn abandon(self: Box<Self>, error: StoreError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// `e` and its sources, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}
+
+/// Writes made inside [`Store::batch`] or [`Store::write`]: the same operations as [`Store`],
+/// committed together.
 pub struct Batch<'txn> {
     txn: &'txn WriteTransaction,
 }

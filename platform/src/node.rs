@@ -1013,30 +1013,32 @@ fn node_failure(shared: &Shared, error: String) -> AgentEnd {
 /// forwarding pointer (and, on the agent's home node, record where it went) — unless the agent
 /// has already come back (a newer arrival replaced the departure record), in which case the
 /// record is the new arrival's and stays.
-fn complete_departure(
+async fn complete_departure(
     shared: &Arc<Shared>,
     id: &str,
     to: &str,
     hop: u64,
     carried: usize,
 ) -> Result<(), String> {
+    let (agent, dest, me) = (id.to_string(), to.to_string(), shared.me.clone());
     let queued = shared
         .store
-        .batch(|b| match b.agent(id)? {
+        .write(move |b| match b.agent(&agent)? {
             Some(AgentRecord {
                 state: AgentState::Leaving { hop: h, .. },
                 home,
                 ..
             }) if h == hop => {
-                let queued = b.take_messages(id)?;
-                b.complete_departure(id, to)?;
-                if home == shared.me {
-                    b.set_location(id, to)?;
+                let queued = b.take_messages(&agent)?;
+                b.complete_departure(&agent, &dest)?;
+                if home == me {
+                    b.set_location(&agent, &dest)?;
                 }
                 Ok(queued)
             }
             _ => Ok(Vec::new()),
         })
+        .await
         .map_err(|e| format!("migrate: {e}"))?;
     // The first `carried` travelled with the agent; those that arrived while it was in flight
     // follow it.
@@ -1144,10 +1146,14 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
 /// The agent ended here: drop it, keep the result, tell its home (which tells the launcher).
 async fn finish(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
     let result = ciborium_bytes(&end);
-    let _ = shared.store.batch(|b| {
-        b.delete_agent(&rec.id)?;
-        b.put_result(&rec.id, &result)
-    });
+    let id = rec.id.clone();
+    let _ = shared
+        .store
+        .write(move |b| {
+            b.delete_agent(&id)?;
+            b.put_result(&id, &result)
+        })
+        .await;
     if rec.home == shared.me {
         deliver_end(shared, &rec.id, end);
         return;
@@ -1301,11 +1307,13 @@ async fn hop(
         continuation,
         envelope: rec.envelope.clone(),
     };
-    let continuation = &leaving.continuation;
-    shared
+    // (The record goes to the store and comes back: a write may run on another thread.)
+    let leaving = shared
         .store
-        .put_agent(&leaving)
+        .write(move |b| b.put_agent(&leaving).map(|()| leaving))
+        .await
         .map_err(|e| format!("migrate: cannot record the departure: {e}"))?;
+    let continuation = &leaving.continuation;
     die_if(shared, FaultPoint::SourceAfterLeaving);
     let offer = HopOffer {
         envelope: envelope.encode(),
@@ -1335,7 +1343,7 @@ async fn hop(
     match send_hop(shared, &sent, &offer, continuation).await {
         SendOutcome::Owned => {
             die_if(shared, FaultPoint::SourceAfterAck);
-            complete_departure(shared, &rec.id, &dest.to_string(), next_hop, carried.len())?;
+            complete_departure(shared, &rec.id, &dest.to_string(), next_hop, carried.len()).await?;
             Ok(HopResult::Left)
         }
         SendOutcome::NotTaken(reason) => {
@@ -1524,7 +1532,7 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
         };
         if let Some(held) = resolve_departure(&shared, &sent, true).await {
             if held {
-                let _ = complete_departure(&shared, &rec.id, &to, hop, carried as usize);
+                let _ = complete_departure(&shared, &rec.id, &to, hop, carried as usize).await;
             } else {
                 // Back to the state before the hop: the agent resumes and `migrate` throws.
                 let back = AgentRecord {
@@ -1888,23 +1896,27 @@ async fn receive_hop(
         envelope: offer.envelope,
     };
     let messages = offer.messages;
-    let arrival = shared.store.batch(|b| {
-        let arrival = b.accept_arrival(&rec)?;
-        if let Arrival::New = arrival {
-            for m in &messages {
-                b.push_message(&rec.id, m)?;
+    let me = shared.me.clone();
+    let arrival = shared
+        .store
+        .write(move |b| {
+            let arrival = b.accept_arrival(&rec)?;
+            if let Arrival::New = arrival {
+                for m in &messages {
+                    b.push_message(&rec.id, m)?;
+                }
+                if rec.home == me {
+                    b.set_location(&rec.id, &me)?;
+                }
             }
-            if rec.home == shared.me {
-                b.set_location(&rec.id, &shared.me)?;
-            }
-        }
-        Ok(arrival)
-    });
-    match arrival {
-        Ok(Arrival::New) => {}
-        Ok(Arrival::Duplicate) => return Err(Refusal::Reply(HopReply::Duplicate)),
+            Ok((arrival, rec))
+        })
+        .await;
+    let rec = match arrival {
+        Ok((Arrival::New, rec)) => rec,
+        Ok((Arrival::Duplicate, _)) => return Err(Refusal::Reply(HopReply::Duplicate)),
         Err(e) => return Err(refused(format!("cannot store the agent: {e}"))),
-    }
+    };
     die_if(shared, FaultPoint::DestinationAfterStore);
     // Reported by the destination, before the agent runs here: a trace line never races the
     // agent's end.

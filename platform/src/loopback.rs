@@ -93,7 +93,7 @@ impl LoopbackMesh {
                             let error = "receive() without a timeout would wait forever: under `tern run` only \
                                          the agent itself can send it messages (use receive(timeout_ms))"
                                 .to_string();
-                            return Ok((agent, AgentEnd::Failed { error, node, position: None }));
+                            return Ok((agent, AgentEnd::Failed { error, node, position: None, unread: 0 }));
                         }
                         Some(_) => stuck_checks += 1,
                         None => stuck_checks = 0,

@@ -300,8 +300,11 @@ async fn run_on_loopback(
         print_hop(h);
     }
     drop(mesh);
+    note_unread(&agent, &end);
     match end {
-        platform::wire::AgentEnd::Finished { json, node, hops } => {
+        platform::wire::AgentEnd::Finished {
+            json, node, hops, ..
+        } => {
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             if !args.json {
@@ -319,7 +322,17 @@ async fn run_on_loopback(
             error,
             node,
             position,
+            ..
         } => Err(failed(args.json, &node, &agent, &error, position)),
+    }
+}
+
+/// Says on stderr when messages delivered to the agent were never received by it.
+fn note_unread(agent: &str, end: &platform::wire::AgentEnd) {
+    match end.unread() {
+        0 => {}
+        1 => eprintln!("note: agent {agent} ended with 1 message it never received"),
+        n => eprintln!("note: agent {agent} ended with {n} messages it never received"),
     }
 }
 
@@ -557,6 +570,7 @@ async fn launch(args: LaunchArgs) -> Result<()> {
 /// Prints an agent's end as `tern launch` does: the result JSON on stdout, or the error on
 /// stderr and exit code 1.
 fn print_end(agent: &str, end: platform::wire::AgentEnd) -> Result<()> {
+    note_unread(agent, &end);
     match end {
         platform::wire::AgentEnd::Finished { json, .. } => {
             println!("{json}");
@@ -566,6 +580,7 @@ fn print_end(agent: &str, end: platform::wire::AgentEnd) -> Result<()> {
             error,
             node,
             position,
+            ..
         } => Err(failed(
             false,
             &node,

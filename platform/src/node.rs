@@ -109,6 +109,19 @@ enum SwarmCommand {
     FindProviders([u8; 32], oneshot::Sender<Vec<PeerId>>),
 }
 
+/// See `Shared::peer_facts`.
+#[derive(Clone)]
+struct PeerFacts {
+    key: PublicKey,
+    text: String,
+}
+
+#[derive(Default)]
+struct KnownPeers {
+    by_peer: HashMap<PeerId, PeerFacts>,
+    by_key: HashMap<[u8; 32], PublicKey>,
+}
+
 /// A compiled package this node can run.
 #[derive(Clone)]
 struct Loaded {
@@ -144,8 +157,8 @@ struct Shared {
     /// Exchanges each peer may have handled at once: one peer cannot take every permit of
     /// `streams` and starve the others (its extra exchanges wait on its own semaphore).
     peer_streams: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
-    /// Peers' ed25519 keys, decoded once from their peer ids.
-    peer_keys: Mutex<HashMap<PeerId, PublicKey>>,
+    /// Peers' ed25519 keys and id texts, worked out once.
+    peer_facts: Mutex<KnownPeers>,
     /// Idle hop and control streams to peers, for the next exchange.
     idle_streams: StreamPool,
     /// Hops being received right now and offers their senders gave up on.
@@ -236,7 +249,7 @@ impl Node {
             mailboxes: Mutex::new(HashMap::new()),
             streams: Semaphore::new(256),
             peer_streams: Mutex::new(HashMap::new()),
-            peer_keys: Mutex::new(HashMap::new()),
+            peer_facts: Mutex::new(KnownPeers::default()),
             idle_streams: StreamPool::default(),
             arrivals: Mutex::new(ArrivalGate::default()),
             signed: Mutex::new(HashSet::new()),
@@ -791,19 +804,42 @@ impl Shared {
         Ok(loaded)
     }
 
+    /// What the node knows of a peer (its key, its id as text), learned once.
+    fn peer_facts(&self, peer: &PeerId) -> Option<PeerFacts> {
+        if let Some(facts) = lock(&self.peer_facts).by_peer.get(peer) {
+            return Some(facts.clone());
+        }
+        let facts = PeerFacts {
+            key: PublicKey::from_peer_id_bytes(&peer.to_bytes()).ok()?,
+            text: peer.to_string(),
+        };
+        let mut known = lock(&self.peer_facts);
+        if known.by_peer.len() >= 4096 {
+            // Peers come and go; a long-lived node does not keep every key it ever saw.
+            *known = KnownPeers::default();
+        }
+        known.by_peer.insert(*peer, facts.clone());
+        known.by_key.insert(facts.key.to_bytes(), facts.key);
+        Some(facts)
+    }
+
     /// The ed25519 key of a peer (every tern node has one: its peer id inlines it).
     fn key_of(&self, peer: &PeerId) -> Option<PublicKey> {
-        if let Some(key) = lock(&self.peer_keys).get(peer) {
-            return Some(*key);
+        self.peer_facts(peer).map(|f| f.key)
+    }
+
+    /// A peer id as text (the form records and the wire use).
+    fn text_of(&self, peer: &PeerId) -> String {
+        self.peer_facts(peer)
+            .map_or_else(|| peer.to_string(), |f| f.text)
+    }
+
+    /// The key with these bytes, if it is this node's or a known peer's.
+    fn known_key(&self, bytes: &[u8; 32]) -> Option<PublicKey> {
+        if self.public.to_bytes() == *bytes {
+            return Some(self.public);
         }
-        let key = PublicKey::from_peer_id_bytes(&peer.to_bytes()).ok()?;
-        let mut keys = lock(&self.peer_keys);
-        if keys.len() >= 4096 {
-            // Peers come and go; a long-lived node does not keep every key it ever saw.
-            keys.clear();
-        }
-        keys.insert(*peer, key);
-        Some(key)
+        lock(&self.peer_facts).by_key.get(bytes).copied()
     }
 
     fn name_of(&self, peer: &str) -> String {
@@ -1006,6 +1042,7 @@ fn node_failure(shared: &Shared, error: String) -> AgentEnd {
         error,
         node: shared.name.clone(),
         position: None,
+        unread: 0,
     }
 }
 
@@ -1112,6 +1149,7 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
                     json,
                     node: shared.name.clone(),
                     hops: rec.hops,
+                    unread: 0,
                 };
                 return finish(shared, &rec, end).await;
             }
@@ -1145,15 +1183,26 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
 
 /// The agent ended here: drop it, keep the result, tell its home (which tells the launcher).
 async fn finish(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
-    let result = ciborium_bytes(&end);
+    // Messages still queued were delivered and never received: the end says how many (taken in
+    // the transaction that deletes the agent, so a message is either counted here or refused
+    // to its sender as sent to a finished agent).
     let id = rec.id.clone();
-    let _ = shared
+    let ending = end.clone();
+    let end = shared
         .store
         .write(move |b| {
+            let unread = b.take_messages(&id)?.len() as u64;
+            let end = ending.with_unread(unread);
             b.delete_agent(&id)?;
-            b.put_result(&id, &result)
+            b.put_result(&id, &ciborium_bytes(&end))?;
+            Ok(end)
         })
-        .await;
+        .await
+        .unwrap_or(end);
+    if end.unread() > 0 {
+        let unread = end.unread();
+        tracing::warn!(agent = %rec.id, "the agent ended with {unread} unread message(s)");
+    }
     if rec.home == shared.me {
         deliver_end(shared, &rec.id, end);
         return;
@@ -1187,6 +1236,7 @@ fn failed_end(node: &str, err: agent_lang::AgentError) -> AgentEnd {
         error: err.message,
         node: node.to_string(),
         position: err.position.map(|(l, c)| (l as u64, c as u64)),
+        unread: 0,
     }
 }
 
@@ -1253,7 +1303,7 @@ async fn hop(
         None
     } else {
         Some(
-            HopEnvelope::decode_known(&rec.envelope, &[shared.public])
+            HopEnvelope::decode_known(&rec.envelope, |k| shared.known_key(k))
                 .map_err(|e| format!("migrate: stored envelope: {e}"))?,
         )
     };
@@ -1300,7 +1350,7 @@ async fn hop(
         home: rec.home.clone(),
         launcher: rec.launcher.clone(),
         state: AgentState::Leaving {
-            to: dest.to_string(),
+            to: shared.text_of(&dest),
             hop: next_hop,
             carried: carried.len() as u64,
         },
@@ -1314,6 +1364,7 @@ async fn hop(
         .await
         .map_err(|e| format!("migrate: cannot record the departure: {e}"))?;
     let continuation = &leaving.continuation;
+    let dest_text = shared.text_of(&dest);
     die_if(shared, FaultPoint::SourceAfterLeaving);
     let offer = HopOffer {
         envelope: envelope.encode(),
@@ -1343,7 +1394,7 @@ async fn hop(
     match send_hop(shared, &sent, &offer, continuation).await {
         SendOutcome::Owned => {
             die_if(shared, FaultPoint::SourceAfterAck);
-            complete_departure(shared, &rec.id, &dest.to_string(), next_hop, carried.len()).await?;
+            complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len()).await?;
             Ok(HopResult::Left)
         }
         SendOutcome::NotTaken(reason) => {
@@ -1798,14 +1849,14 @@ async fn receive_hop(
             "this node does not accept agents from {peer}"
         )));
     }
-    let known = [shared.public, sender];
-    let envelope = HopEnvelope::decode_known(&offer.envelope, &known)
+    let known = |k: &[u8; 32]| shared.known_key(k);
+    let envelope = HopEnvelope::decode_known(&offer.envelope, known)
         .map_err(|e| refused(format!("envelope: {e}")))?;
     let previous = if offer.previous.is_empty() {
         None
     } else {
         Some(
-            HopEnvelope::decode_known(&offer.previous, &known)
+            HopEnvelope::decode_known(&offer.previous, known)
                 .map_err(|e| refused(format!("previous envelope: {e}")))?,
         )
     };
@@ -1923,7 +1974,7 @@ async fn receive_hop(
     if let Some(log) = &shared.hop_log {
         let _ = log.send(HopRecord {
             hop: rec.hop,
-            from: shared.name_of(&peer.to_string()),
+            from: shared.name_of(&shared.text_of(&peer)),
             to: shared.name.clone(),
             bytes: rec.continuation.len(),
             micros: offer.prepared_micros + received.elapsed().as_micros() as u64,

@@ -357,6 +357,9 @@ pub enum AgentEnd {
         node: String,
         /// Hops made.
         hops: u64,
+        /// Messages that were queued for the agent and that it never received.
+        #[serde(default)]
+        unread: u64,
     },
     /// Failed with this message, on this node.
     Failed {
@@ -366,7 +369,31 @@ pub enum AgentEnd {
         node: String,
         /// Line and column in the agent's source, when known.
         position: Option<(u64, u64)>,
+        /// Messages that were queued for the agent and that it never received.
+        #[serde(default)]
+        unread: u64,
     },
+}
+
+impl AgentEnd {
+    /// Messages delivered to the agent (queued for it) that it never received.
+    pub fn unread(&self) -> u64 {
+        match self {
+            AgentEnd::Finished { unread, .. } | AgentEnd::Failed { unread, .. } => *unread,
+        }
+    }
+
+    fn unread_mut(&mut self) -> &mut u64 {
+        match self {
+            AgentEnd::Finished { unread, .. } | AgentEnd::Failed { unread, .. } => unread,
+        }
+    }
+
+    /// The same end, with `n` unread messages.
+    pub fn with_unread(mut self, n: u64) -> Self {
+        *self.unread_mut() = n;
+        self
+    }
 }
 
 /// Control replies.

@@ -52,6 +52,21 @@ fn result_is_the_last_line_of_stdout_as_json() {
 }
 
 #[test]
+fn messages_the_agent_never_received_are_reported() {
+    let (code, out, err) = run_source(
+        "unread.rhai",
+        r#"send(id(), 1); migrate("node-1"); send(id(), 2); send(id(), 3); receive()"#,
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(last_line(&out), "1");
+    assert!(
+        err.contains("ended with 2 messages it never received"),
+        "{err}"
+    );
+}
+
+#[test]
 fn json_mode_prints_only_the_result() {
     let (code, out, _) = run_source("json.rhai", r#"migrate("node-1"); here()"#, &["--json"]);
     assert_eq!(code, 0);

@@ -305,19 +305,23 @@ impl HopEnvelope {
     ///
     /// A [`DecodeError`] for anything but a canonical envelope with valid keys.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        Self::decode_known(bytes, &[])
+        Self::decode_known(bytes, |_| None)
     }
 
-    /// As [`HopEnvelope::decode`], but a key equal to one of `known` (the receiver's own, the
-    /// sender's) is taken from there instead of being decompressed and checked again.
+    /// As [`HopEnvelope::decode`], but a key that `known` returns for its bytes (the receiver's
+    /// own, a peer's it met before) is taken as it is instead of being decompressed and checked
+    /// again.
     ///
     /// # Errors
     ///
     /// As [`HopEnvelope::decode`].
-    pub fn decode_known(bytes: &[u8], known: &[PublicKey]) -> Result<Self, DecodeError> {
-        let key = |bytes: &[u8; 32], field| match known.iter().find(|k| k.to_bytes() == *bytes) {
-            Some(k) => Ok(*k),
-            None => wire_key(bytes, field),
+    pub fn decode_known(
+        bytes: &[u8],
+        known: impl Fn(&[u8; 32]) -> Option<PublicKey>,
+    ) -> Result<Self, DecodeError> {
+        let key = |bytes: &[u8; 32], field| match known(bytes) {
+            Some(k) if k.to_bytes() == *bytes => Ok(k),
+            _ => wire_key(bytes, field),
         };
         let body = codec::strip_magic(
             bytes,

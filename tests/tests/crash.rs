@@ -209,7 +209,9 @@ fn crash_and_recover(side: Side, fault: &str, expect_retry: bool) {
 
     let end = launch.end();
     match end {
-        Some(AgentEnd::Finished { json, node, hops }) => {
+        Some(AgentEnd::Finished {
+            json, node, hops, ..
+        }) => {
             let v: serde_json::Value = serde_json::from_str(&json).unwrap();
             assert_eq!(v[0], 5050, "{json}");
             assert_eq!(v[1], "dst", "{json}");

@@ -538,7 +538,8 @@ fn a_hop_cannot_replace_an_agent_that_lives_on_the_node() {
             AgentEnd::Finished {
                 json: r#""original""#.into(),
                 node: "target".into(),
-                hops: 0
+                hops: 0,
+                unread: 0
             },
             "the hop was answered {reply:?}"
         );

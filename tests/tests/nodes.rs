@@ -25,7 +25,9 @@ async fn run(nodes: usize, source: &str) -> AgentEnd {
 
 fn finished(end: AgentEnd) -> (String, String, u64) {
     match end {
-        AgentEnd::Finished { json, node, hops } => (json, node, hops),
+        AgentEnd::Finished {
+            json, node, hops, ..
+        } => (json, node, hops),
         other => panic!("{other:?}"),
     }
 }
@@ -246,6 +248,25 @@ fn a_message_to_an_agent_in_flight_is_delivered_after_it_lands() {
             .await
             .unwrap();
         assert_eq!(finished(end.await.unwrap()).0, "[99,40]");
+    });
+}
+
+#[test]
+fn an_agent_that_ends_with_unread_messages_says_how_many() {
+    rt().block_on(async {
+        let src =
+            r#"send(id(), "a"); send(id(), "b"); migrate("node-1"); send(id(), "c"); receive()"#;
+        match run(2, src).await {
+            AgentEnd::Finished { json, unread, .. } => {
+                assert_eq!((json.as_str(), unread), (r#""a""#, 2));
+            }
+            other => panic!("{other:?}"),
+        }
+        // An agent that read everything reports none.
+        match run(2, r#"send(id(), 1); receive()"#).await {
+            AgentEnd::Finished { unread, .. } => assert_eq!(unread, 0),
+            other => panic!("{other:?}"),
+        }
     });
 }
 

@@ -144,7 +144,7 @@ struct Shared {
     /// Connected tern peers and their names (from identify).
     peers: Mutex<HashMap<PeerId, String>>,
     listen: Mutex<Vec<Multiaddr>>,
-    programs: Mutex<HashMap<[u8; 32], Loaded>>,
+    programs: Mutex<HashMap<[u8; 32], Arc<Loaded>>>,
     /// Launchers waiting for agents of this home node to end.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<AgentEnd>>>>,
     /// Runner tasks on this node, by (agent, hop envelope number): an agent that comes back
@@ -785,7 +785,7 @@ fn die_if(shared: &Shared, point: FaultPoint) {
 
 impl Shared {
     /// Compiles (once) the package with this hash from the store.
-    fn loaded(&self, hash: &[u8; 32]) -> Result<Loaded, String> {
+    fn loaded(&self, hash: &[u8; 32]) -> Result<Arc<Loaded>, String> {
         if let Some(l) = lock(&self.programs).get(hash) {
             return Ok(l.clone());
         }
@@ -799,7 +799,7 @@ impl Shared {
             .map_err(|e| e.to_string())?;
         let limits = crate::package_files::limits_for(&package, self.limits.clone());
         let program = Program::compile(package.source(), &limits).map_err(|e| e.to_string())?;
-        let loaded = Loaded { package, program };
+        let loaded = Arc::new(Loaded { package, program });
         lock(&self.programs).insert(*hash, loaded.clone());
         Ok(loaded)
     }
@@ -1008,7 +1008,7 @@ fn spawn_runner(
 struct Runnable {
     rec: AgentRecord,
     exec: Option<Execution>,
-    loaded: Loaded,
+    loaded: Arc<Loaded>,
 }
 
 /// Reads the agent stored for this arrival; None if it is gone (or was replaced by a later
@@ -2011,6 +2011,9 @@ fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecord, from: &PeerId) {
 /// Makes sure the package with `hash` is in the store: pulled (anonymously, receiver-initiated)
 /// from `peer` — the node offering the hop — or else from any node that announced it.
 async fn ensure_package(shared: &Shared, peer: PeerId, hash: &PackageHash) -> Result<(), String> {
+    if lock(&shared.programs).contains_key(hash.as_bytes()) {
+        return Ok(());
+    }
     if shared
         .store
         .has_package(hash.as_bytes())

@@ -4,22 +4,62 @@
 //!
 //! # Tables
 //!
-//! The table names and types below are the on-disk format (schema 1, recorded in `meta`).
+//! The table names and types below are the on-disk format (schema 2, recorded in `meta`). A file
+//! of another schema is refused with [`StoreError::Schema`]; there is no migration (schema 1, which
+//! kept the continuation inside the CBOR agent record, never held deployed data).
 //!
-//! | table       | key                 | value                    | why |
-//! |-------------|---------------------|--------------------------|-----|
-//! | `packages`  | `[u8; 32]` hash     | package bytes            | code is pulled once per node, by hash, and served to peers that lack it |
-//! | `agents`    | agent id            | CBOR [`AgentRecord`]     | the agents resident here: what a restart resumes |
-//! | `seen`      | (agent id, hop)     | `()`                     | hops this node accepted: makes arrivals exactly once |
-//! | `forwards`  | agent id            | destination peer id      | forwarding pointers left by departed agents |
-//! | `locations` | agent id            | peer id                  | on the home node, where each agent it launched is now |
-//! | `messages`  | (agent id, seq)     | message bytes            | per-agent FIFO queues; `seq` orders them |
-//! | `results`   | agent id            | result bytes             | how agents ended, kept for whoever launched them |
-//! | `meta`      | name                | `u64`                    | `schema` version and `next_message_seq` |
+//! | table                 | key                     | value                    | why |
+//! |-----------------------|-------------------------|--------------------------|-----|
+//! | `packages`            | `[u8; 32]` hash         | package bytes            | code is pulled once per node, by hash, and served to peers that lack it |
+//! | `agents`              | agent id                | tag byte, CBOR [`AgentMeta`] (+ short continuation) | the agents resident here: what a restart resumes and status lists |
+//! | `continuation_chunks` | (agent id, `u32` chunk) | continuation bytes       | continuations of 4 KiB or more, in chunks of 4 KiB to 1 MiB |
+//! | `seen`                | (agent id, hop)         | `()`                     | hops this node accepted: makes arrivals exactly once |
+//! | `forwards`            | agent id                | destination peer id      | forwarding pointers left by departed agents |
+//! | `locations`           | agent id                | peer id                  | on the home node, where each agent it launched is now |
+//! | `messages`            | (agent id, seq)         | message bytes            | per-agent FIFO queues; `seq` orders them |
+//! | `results`             | agent id                | result bytes             | how agents ended, kept for whoever launched them |
+//! | `meta`                | name                    | `u64`                    | `schema` version and `next_message_seq` |
 //!
-//! Packages, messages and results are opaque bytes to the store; only agent records are decoded
-//! here. A record that does not decode is reported as [`StoreError::Decode`] naming the table and
-//! key, never a panic.
+//! Packages, messages, results and continuations are opaque bytes to the store; only agent
+//! records are decoded here. A record that does not decode is reported as
+//! [`StoreError::Decode`] naming the table and key, and an agent whose continuation is missing
+//! as [`StoreError::Inconsistent`], never a panic.
+//!
+//! ## Continuations
+//!
+//! An agent's continuation may be 100 MB or more, and most of what reads or writes its record
+//! does not need it; so an `agents` value is one tag byte, saying where the continuation is,
+//! then the CBOR [`AgentMeta`]:
+//!
+//! - tag 0: the continuation is shorter than 4 KiB (or empty) and is in the CBOR, as a
+//!   `continuation` byte string after the metadata fields: one table, one value, as cheap as a
+//!   record without a continuation;
+//! - tag 1: the continuation is 4 KiB or longer and is in `continuation_chunks`, as raw bytes,
+//!   under the agent's id and chunk numbers 0, 1, ... with no gap.
+//!
+//! [`Batch::put_agent`] and [`Batch::delete_agent`] write and remove both parts in the same
+//! transaction, so they are stored and dropped together. So:
+//!
+//! - A large continuation is copied once into redb's pages when stored and once out of them
+//!   when read (into a vector allocated once), never CBOR-encoded or decoded.
+//! - Whatever needs only the metadata ([`Store::agent_meta`], [`Store::agent_metas`],
+//!   [`Batch::agent_meta`]) never touches a large continuation, and [`Batch::put_agent_meta`]
+//!   changes the metadata without rewriting the continuation.
+//! - Chunks fill 1 MiB pages. Whole, a 100 MB value would take a 128 MiB page (redb gives a
+//!   value a page of a power-of-two size), zeroed and written in full; chunks waste at most a
+//!   few bytes a page, and their pages are reused one by one as agents come and go.
+//! - Every chunk is at least 4 KiB and nothing else is in their table, so each chunk has a leaf
+//!   page of its own, and a write never copies a neighbour's chunk. (In one table with small
+//!   values, a leaf holding a 100 MB value and a small one costs 100 MB of copying per write
+//!   of the small one: 120 ms here.)
+//!
+//! ## Durability
+//!
+//! With [`Durability::Fsync`] a commit is redb's default one-phase commit: it writes the pages
+//! it changed and the header, then calls `fdatasync` once (plus once more when the file grows).
+//! Crash safety comes from page checksums, verified when the file is opened after a crash; redb's
+//! two-phase commit and quick-repair (both off by default, and left off) would each add an
+//! fsync or more per commit without making a commit more durable.
 //!
 //! # Concurrency
 //!
@@ -85,6 +125,7 @@ use tokio::sync::oneshot;
 
 const PACKAGES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("packages");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("continuation_chunks");
 const SEEN: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
 const FORWARDS: TableDefinition<&str, &str> = TableDefinition::new("forwards");
 const LOCATIONS: TableDefinition<&str, &str> = TableDefinition::new("locations");
@@ -93,9 +134,24 @@ const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The on-disk format this code reads and writes.
-const SCHEMA: u64 = 1;
+const SCHEMA: u64 = 2;
 const META_SCHEMA: &str = "schema";
 const META_NEXT_SEQ: &str = "next_message_seq";
+
+/// The first byte of an `agents` value when the continuation is inline, in the CBOR.
+const INLINE: u8 = 0;
+/// The first byte of an `agents` value when the continuation is in `continuation_chunks`.
+const CHUNKED: u8 = 1;
+/// Continuations this long or longer go to `continuation_chunks`, shorter ones inline. redb
+/// gives a leaf holding one pair at least this long a page of its own, so no chunk shares a
+/// leaf.
+const LARGE: usize = 4096;
+/// The page a full chunk fills (redb allocates pages of 4 KiB times a power of two).
+const CHUNK_PAGE: usize = 1 << 20;
+/// What a leaf page holding one chunk needs besides the chunk and its agent id: the page header,
+/// the key and value ends, the key's length prefix and chunk number (21 bytes), with room to
+/// spare.
+const CHUNK_OVERHEAD: usize = 64;
 
 /// The most writes [`Store::write`] puts in one transaction. Writes are closures, so their size
 /// is unknown; this bounds how long one commit keeps results waiting and how much one failing
@@ -150,6 +206,183 @@ pub struct AgentRecord {
     /// The envelope of the hop that brought the agent here; empty on its home node.
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
+}
+
+impl AgentRecord {
+    /// The record's metadata: everything but the continuation (which is not copied).
+    pub fn meta(&self) -> AgentMeta {
+        AgentMeta {
+            id: self.id.clone(),
+            package: self.package,
+            hop: self.hop,
+            hops: self.hops,
+            home: self.home.clone(),
+            launcher: self.launcher.clone(),
+            state: self.state.clone(),
+            envelope: self.envelope.clone(),
+        }
+    }
+
+    /// The record made of `meta` and `continuation` (moved, not copied).
+    pub fn from_parts(meta: AgentMeta, continuation: Vec<u8>) -> AgentRecord {
+        let AgentMeta {
+            id,
+            package,
+            hop,
+            hops,
+            home,
+            launcher,
+            state,
+            envelope,
+        } = meta;
+        AgentRecord {
+            id,
+            package,
+            hop,
+            hops,
+            home,
+            launcher,
+            state,
+            continuation,
+            envelope,
+        }
+    }
+
+    /// The record's metadata and its continuation (moved, not copied).
+    pub fn into_parts(self) -> (AgentMeta, Vec<u8>) {
+        let AgentRecord {
+            id,
+            package,
+            hop,
+            hops,
+            home,
+            launcher,
+            state,
+            continuation,
+            envelope,
+        } = self;
+        let meta = AgentMeta {
+            id,
+            package,
+            hop,
+            hops,
+            home,
+            launcher,
+            state,
+            envelope,
+        };
+        (meta, continuation)
+    }
+}
+
+/// An [`AgentRecord`] without its continuation: what status listings, duplicate checks and
+/// state changes need, read without touching the continuation (which may be 100 MB). The fields
+/// mean what they mean in [`AgentRecord`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentMeta {
+    /// See [`AgentRecord::id`].
+    pub id: String,
+    /// See [`AgentRecord::package`].
+    #[serde(with = "serde_bytes")]
+    pub package: [u8; 32],
+    /// See [`AgentRecord::hop`].
+    pub hop: u64,
+    /// See [`AgentRecord::hops`].
+    #[serde(default)]
+    pub hops: u64,
+    /// See [`AgentRecord::home`].
+    pub home: String,
+    /// See [`AgentRecord::launcher`].
+    pub launcher: Option<String>,
+    /// See [`AgentRecord::state`].
+    pub state: AgentState,
+    /// See [`AgentRecord::envelope`].
+    #[serde(with = "serde_bytes")]
+    pub envelope: Vec<u8>,
+}
+
+/// The CBOR of an `agents` value, borrowed from an [`AgentRecord`] or an [`AgentMeta`] to be
+/// encoded without copying; decodes as a [`StoredAgent`], or as an [`AgentMeta`] (same field
+/// names, the continuation ignored).
+#[derive(Serialize)]
+struct MetaRef<'a> {
+    id: &'a str,
+    #[serde(with = "serde_bytes")]
+    package: &'a [u8; 32],
+    hop: u64,
+    hops: u64,
+    home: &'a str,
+    launcher: Option<&'a str>,
+    state: &'a AgentState,
+    #[serde(with = "serde_bytes")]
+    envelope: &'a [u8],
+    /// The continuation when it is inline.
+    #[serde(with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    continuation: Option<&'a [u8]>,
+}
+
+impl<'a> MetaRef<'a> {
+    fn new(m: &'a AgentMeta, continuation: Option<&'a [u8]>) -> Self {
+        MetaRef {
+            id: &m.id,
+            package: &m.package,
+            hop: m.hop,
+            hops: m.hops,
+            home: &m.home,
+            launcher: m.launcher.as_deref(),
+            state: &m.state,
+            envelope: &m.envelope,
+            continuation,
+        }
+    }
+
+    fn of_record(r: &'a AgentRecord, continuation: Option<&'a [u8]>) -> Self {
+        MetaRef {
+            id: &r.id,
+            package: &r.package,
+            hop: r.hop,
+            hops: r.hops,
+            home: &r.home,
+            launcher: r.launcher.as_deref(),
+            state: &r.state,
+            envelope: &r.envelope,
+            continuation,
+        }
+    }
+}
+
+/// The CBOR of an `agents` value, decoded whole.
+#[derive(Deserialize)]
+struct StoredAgent {
+    id: String,
+    #[serde(with = "serde_bytes")]
+    package: [u8; 32],
+    hop: u64,
+    #[serde(default)]
+    hops: u64,
+    home: String,
+    launcher: Option<String>,
+    state: AgentState,
+    #[serde(with = "serde_bytes")]
+    envelope: Vec<u8>,
+    #[serde(default, with = "serde_bytes")]
+    continuation: Option<Vec<u8>>,
+}
+
+impl StoredAgent {
+    fn into_parts(self) -> (AgentMeta, Option<Vec<u8>>) {
+        let meta = AgentMeta {
+            id: self.id,
+            package: self.package,
+            hop: self.hop,
+            hops: self.hops,
+            home: self.home,
+            launcher: self.launcher,
+            state: self.state,
+            envelope: self.envelope,
+        };
+        (meta, self.continuation)
+    }
 }
 
 /// What an agent was doing when its record was written.
@@ -240,6 +473,18 @@ pub enum StoreError {
     /// outcome (a bug in the store panicked mid-commit): whether it was stored is unknown.
     #[error("store write interrupted before its outcome was known")]
     Interrupted,
+    /// Entries that must go together do not: an agent in `agents` without its continuation, or
+    /// a continuation with a chunk missing. Only a bug or a change made to the file outside
+    /// tern leaves the store so.
+    #[error("inconsistent {table} entry {key:?}: {what}")]
+    Inconsistent {
+        /// The table that lacks an entry.
+        table: &'static str,
+        /// The key, as text.
+        key: String,
+        /// What is wrong.
+        what: &'static str,
+    },
     /// A value could not be encoded.
     #[error("cannot encode {table} entry {key:?}")]
     Encode {
@@ -305,6 +550,7 @@ impl Store {
         store.batch(|b| {
             b.txn.open_table(PACKAGES)?;
             b.txn.open_table(AGENTS)?;
+            b.txn.open_table(CHUNKS)?;
             b.txn.open_table(SEEN)?;
             b.txn.open_table(FORWARDS)?;
             b.txn.open_table(LOCATIONS)?;
@@ -479,7 +725,7 @@ impl Store {
         self.read(|txn| Ok(txn.open_table(PACKAGES)?.get(hash)?.is_some()))
     }
 
-    /// Stores (or replaces) an agent record.
+    /// Stores (or replaces) an agent record: its metadata and its continuation, in one commit.
     ///
     /// # Errors
     ///
@@ -488,31 +734,90 @@ impl Store {
         self.batch(|b| b.put_agent(rec))
     }
 
-    /// The agent with this id, if it is resident here.
+    /// Replaces the metadata of a stored agent, keeping its continuation as stored (a state
+    /// change without rewriting a continuation that did not change); see
+    /// [`Batch::put_agent_meta`]. Returns false, having written nothing, if agent `meta.id` is
+    /// not stored here.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn put_agent_meta(&self, meta: &AgentMeta) -> Result<bool, StoreError> {
+        self.batch(|b| b.put_agent_meta(meta))
+    }
+
+    /// The agent with this id, if it is resident here. Its continuation is copied once, from
+    /// the store's pages into the record.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if its record is corrupt, [`StoreError::Inconsistent`] if its
+    /// continuation is missing, or when the read fails.
+    pub fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        self.read(|txn| {
+            let agents = txn.open_table(AGENTS)?;
+            let Some(v) = agents.get(id)? else {
+                return Ok(None);
+            };
+            match decode_agent(id, v.value())? {
+                (meta, Some(inline)) => Ok(Some(AgentRecord::from_parts(meta, inline))),
+                (meta, None) => {
+                    let continuation = read_chunks(&txn.open_table(CHUNKS)?, id)?;
+                    Ok(Some(AgentRecord::from_parts(meta, continuation)))
+                }
+            }
+        })
+    }
+
+    /// The metadata of the agent with this id, if it is resident here, without reading its
+    /// continuation: for status, duplicate checks and everything else that does not run it.
     ///
     /// # Errors
     ///
     /// [`StoreError::Decode`] if its record is corrupt, or when the read fails.
-    pub fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+    pub fn agent_meta(&self, id: &str) -> Result<Option<AgentMeta>, StoreError> {
+        self.read(|txn| get_meta(&txn.open_table(AGENTS)?, id))
+    }
+
+    /// Every agent resident here, ordered by id, continuations included: what a restart
+    /// resumes. [`Store::agent_metas`] lists them without their continuations.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] naming the first record that is corrupt,
+    /// [`StoreError::Inconsistent`] naming the first agent whose continuation is missing, or
+    /// when the read fails.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         self.read(|txn| {
-            let t = txn.open_table(AGENTS)?;
-            let v = t.get(id)?;
-            v.map(|v| decode_agent(id, v.value())).transpose()
+            let chunks = txn.open_table(CHUNKS)?;
+            txn.open_table(AGENTS)?
+                .iter()?
+                .map(|entry| {
+                    let (k, v) = entry?;
+                    let (meta, inline) = decode_agent(k.value(), v.value())?;
+                    let continuation = match inline {
+                        Some(inline) => inline,
+                        None => read_chunks(&chunks, k.value())?,
+                    };
+                    Ok(AgentRecord::from_parts(meta, continuation))
+                })
+                .collect()
         })
     }
 
-    /// Every agent resident here, ordered by id: what a restart resumes and status shows.
+    /// The metadata of every agent resident here, ordered by id, without their continuations:
+    /// what status shows, and what a restart needs to decide what to resume.
     ///
     /// # Errors
     ///
     /// [`StoreError::Decode`] naming the first record that is corrupt, or when the read fails.
-    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+    pub fn agent_metas(&self) -> Result<Vec<AgentMeta>, StoreError> {
         self.read(|txn| {
-            let t = txn.open_table(AGENTS)?;
-            t.iter()?
+            txn.open_table(AGENTS)?
+                .iter()?
                 .map(|entry| {
                     let (k, v) = entry?;
-                    decode_agent(k.value(), v.value())
+                    decode_meta(k.value(), v.value())
                 })
                 .collect()
         })
@@ -955,37 +1260,113 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// The agent with this id, as this transaction sees it (for read-modify-write).
+    /// The agent with this id, as this transaction sees it (for read-modify-write). Reads the
+    /// continuation: use [`Batch::agent_meta`] when the metadata is enough.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if its record is corrupt, [`StoreError::Inconsistent`] if its
+    /// continuation is missing, or when the read fails.
+    pub fn agent(&mut self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        let agents = self.txn.open_table(AGENTS)?;
+        let Some(v) = agents.get(id)? else {
+            return Ok(None);
+        };
+        match decode_agent(id, v.value())? {
+            (meta, Some(inline)) => Ok(Some(AgentRecord::from_parts(meta, inline))),
+            (meta, None) => {
+                let continuation = read_chunks(&self.txn.open_table(CHUNKS)?, id)?;
+                Ok(Some(AgentRecord::from_parts(meta, continuation)))
+            }
+        }
+    }
+
+    /// The metadata of the agent with this id, as this transaction sees it, without reading its
+    /// continuation.
     ///
     /// # Errors
     ///
     /// [`StoreError::Decode`] if its record is corrupt, or when the read fails.
-    pub fn agent(&mut self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
-        let t = self.txn.open_table(AGENTS)?;
-        let v = t.get(id)?;
-        v.map(|v| decode_agent(id, v.value())).transpose()
+    pub fn agent_meta(&mut self, id: &str) -> Result<Option<AgentMeta>, StoreError> {
+        get_meta(&self.txn.open_table(AGENTS)?, id)
     }
 
-    /// See [`Store::put_agent`].
+    /// See [`Store::put_agent`]. The continuation replaces the stored one whole (the old one is
+    /// dropped, never read or copied).
     ///
     /// # Errors
     ///
     /// When the write fails.
     pub fn put_agent(&mut self, rec: &AgentRecord) -> Result<(), StoreError> {
-        let bytes = encode_agent(rec)?;
-        self.txn
+        let id = rec.id.as_str();
+        let large = rec.continuation.len() >= LARGE;
+        let value = if large {
+            encode_agent(CHUNKED, &MetaRef::of_record(rec, None))?
+        } else {
+            encode_agent(INLINE, &MetaRef::of_record(rec, Some(&rec.continuation)))?
+        };
+        let old_inline = self
+            .txn
             .open_table(AGENTS)?
-            .insert(rec.id.as_str(), bytes.as_slice())?;
+            .insert(id, value.as_slice())?
+            .map(|old| old.value().first() == Some(&INLINE));
+        // The old chunks go first, so that redb never copies them (a replacement in place
+        // copies the old value, or its whole page), and none is left behind by a shorter
+        // continuation.
+        if large || old_inline == Some(false) {
+            let mut chunks = self.txn.open_table(CHUNKS)?;
+            remove_chunks(&mut chunks, id)?;
+            if large {
+                let lens = chunk_lens(rec.continuation.len(), chunk_capacity(id));
+                let mut rest = rec.continuation.as_slice();
+                for (n, len) in (0u32..).zip(lens) {
+                    let (chunk, tail) = rest.split_at(len);
+                    chunks.insert((id, n), chunk)?;
+                    rest = tail;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// See [`Store::delete_agent`].
+    /// Replaces the metadata of agent `meta.id` and keeps its continuation as stored: a state
+    /// change (such as back to [`AgentState::Ready`] after an interrupted hop) without rewriting
+    /// a continuation that did not change. Returns false, having written nothing, if the agent
+    /// is not stored (this never stores an agent without a continuation).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if the stored record is corrupt, or when the write fails.
+    pub fn put_agent_meta(&mut self, meta: &AgentMeta) -> Result<bool, StoreError> {
+        let id = meta.id.as_str();
+        let mut agents = self.txn.open_table(AGENTS)?;
+        let value = {
+            let Some(old) = agents.get(id)? else {
+                return Ok(false);
+            };
+            match decode_agent(id, old.value())?.1 {
+                Some(inline) => encode_agent(INLINE, &MetaRef::new(meta, Some(&inline)))?,
+                None => encode_agent(CHUNKED, &MetaRef::new(meta, None))?,
+            }
+        };
+        agents.insert(id, value.as_slice())?;
+        Ok(true)
+    }
+
+    /// See [`Store::delete_agent`]: removes its record and its continuation.
     ///
     /// # Errors
     ///
     /// When the write fails.
     pub fn delete_agent(&mut self, id: &str) -> Result<(), StoreError> {
-        self.txn.open_table(AGENTS)?.remove(id)?;
+        let old_inline = self
+            .txn
+            .open_table(AGENTS)?
+            .remove(id)?
+            .map(|old| old.value().first() == Some(&INLINE));
+        if old_inline == Some(false) {
+            remove_chunks(&mut self.txn.open_table(CHUNKS)?, id)?;
+        }
         Ok(())
     }
 
@@ -1105,20 +1486,184 @@ fn queue(id: &str) -> std::ops::RangeInclusive<(&str, u64)> {
     (id, 0)..=(id, u64::MAX)
 }
 
-fn encode_agent(rec: &AgentRecord) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::new();
-    ciborium::into_writer(rec, &mut out).map_err(|source| StoreError::Encode {
+/// An `agents` value: `tag`, then the CBOR of `meta`.
+fn encode_agent(tag: u8, meta: &MetaRef<'_>) -> Result<Vec<u8>, StoreError> {
+    // Room for the fields and their names, so that the vector is allocated once.
+    let room = 256
+        + meta.id.len()
+        + meta.home.len()
+        + meta.launcher.map_or(0, str::len)
+        + meta.envelope.len()
+        + meta.continuation.map_or(0, <[u8]>::len);
+    let mut out = Vec::with_capacity(room);
+    out.push(tag);
+    ciborium::into_writer(meta, &mut out).map_err(|source| StoreError::Encode {
         table: "agents",
-        key: rec.id.clone(),
+        key: meta.id.to_owned(),
         source,
     })?;
     Ok(out)
 }
 
-fn decode_agent(key: &str, bytes: &[u8]) -> Result<AgentRecord, StoreError> {
-    ciborium::from_reader(bytes).map_err(|source| StoreError::Decode {
+/// The tag and the CBOR of an `agents` value.
+fn split_tag<'v>(key: &str, bytes: &'v [u8]) -> Result<(u8, &'v [u8]), StoreError> {
+    match bytes.split_first() {
+        Some((&tag, cbor)) if tag == INLINE || tag == CHUNKED => Ok((tag, cbor)),
+        _ => Err(StoreError::Decode {
+            table: "agents",
+            key: key.to_owned(),
+            source: ciborium::de::Error::Semantic(None, "unknown record tag".to_owned()),
+        }),
+    }
+}
+
+fn decode_error(key: &str) -> impl FnOnce(ciborium::de::Error<std::io::Error>) -> StoreError + '_ {
+    move |source| StoreError::Decode {
         table: "agents",
         key: key.to_owned(),
         source,
-    })
+    }
+}
+
+/// The metadata of an `agents` value (an inline continuation is skipped, not copied).
+fn decode_meta(key: &str, bytes: &[u8]) -> Result<AgentMeta, StoreError> {
+    let (_, cbor) = split_tag(key, bytes)?;
+    ciborium::from_reader(cbor).map_err(decode_error(key))
+}
+
+/// The metadata of an `agents` value, and its continuation if it is inline (`None`: in chunks).
+fn decode_agent(key: &str, bytes: &[u8]) -> Result<(AgentMeta, Option<Vec<u8>>), StoreError> {
+    let (tag, cbor) = split_tag(key, bytes)?;
+    let stored: StoredAgent = ciborium::from_reader(cbor).map_err(decode_error(key))?;
+    let (meta, continuation) = stored.into_parts();
+    match (tag, continuation) {
+        (INLINE, None) => Err(StoreError::Inconsistent {
+            table: "agents",
+            key: key.to_owned(),
+            what: "the record has no continuation",
+        }),
+        (INLINE, inline) => Ok((meta, inline)),
+        // A continuation in the CBOR of a chunked record is not the agent's.
+        (_, _) => Ok((meta, None)),
+    }
+}
+
+fn get_meta(
+    agents: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<Option<AgentMeta>, StoreError> {
+    agents
+        .get(id)?
+        .map(|v| decode_meta(id, v.value()))
+        .transpose()
+}
+
+/// The chunk keys of agent `id`'s continuation, in order.
+fn chunk_keys(id: &str) -> std::ops::RangeInclusive<(&str, u32)> {
+    (id, 0)..=(id, u32::MAX)
+}
+
+/// Agent `id`'s chunked continuation, copied once out of the store's pages: each chunk
+/// straight into its place in a vector allocated once.
+fn read_chunks(
+    chunks: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
+    id: &str,
+) -> Result<Vec<u8>, StoreError> {
+    // The guards borrow the pages (no copy yet); their total length sizes the vector.
+    let mut guards = Vec::new();
+    for (n, entry) in (0u32..).zip(chunks.range(chunk_keys(id))?) {
+        let (k, v) = entry?;
+        if k.value().1 != n {
+            return Err(StoreError::Inconsistent {
+                table: "continuation_chunks",
+                key: id.to_owned(),
+                what: "a chunk of the continuation is missing",
+            });
+        }
+        guards.push(v);
+    }
+    if guards.is_empty() {
+        return Err(StoreError::Inconsistent {
+            table: "continuation_chunks",
+            key: id.to_owned(),
+            what: "the agent's continuation is missing",
+        });
+    }
+    let mut out = Vec::with_capacity(guards.iter().map(|g| g.value().len()).sum());
+    for g in &guards {
+        out.extend_from_slice(g.value());
+    }
+    Ok(out)
+}
+
+/// Removes every chunk of agent `id`'s continuation (none is fine).
+fn remove_chunks(
+    chunks: &mut redb::Table<'_, (&'static str, u32), &'static [u8]>,
+    id: &str,
+) -> Result<(), StoreError> {
+    chunks.retain_in(chunk_keys(id), |_, _| false)?;
+    Ok(())
+}
+
+/// The most bytes of agent `id`'s continuation one chunk holds: what fills a 1 MiB page.
+fn chunk_capacity(id: &str) -> usize {
+    // An id too long to leave half the page (never in practice) only costs space.
+    CHUNK_PAGE
+        .saturating_sub(CHUNK_OVERHEAD + id.len())
+        .max(CHUNK_PAGE / 2)
+}
+
+/// The chunk lengths of a continuation of `len` bytes (at least [`LARGE`]) cut in chunks of at
+/// most `capacity` bytes (at least twice [`LARGE`]): full chunks, then the rest, except that a
+/// rest shorter than [`LARGE`] is shared with the last full chunk, so that every chunk is at
+/// least [`LARGE`] long (and has a leaf page of its own).
+fn chunk_lens(len: usize, capacity: usize) -> Vec<usize> {
+    debug_assert!(len >= LARGE && capacity >= 2 * LARGE);
+    let mut lens = vec![capacity; len / capacity];
+    match len % capacity {
+        0 => {}
+        rest if rest >= LARGE || lens.is_empty() => lens.push(rest),
+        rest => {
+            let pair = capacity + rest;
+            if let Some(last) = lens.last_mut() {
+                *last = pair - pair / 2;
+            }
+            lens.push(pair / 2);
+        }
+    }
+    lens
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_fill_pages_and_none_is_short() {
+        let cap = chunk_capacity("agent");
+        assert!(cap + CHUNK_OVERHEAD + "agent".len() <= CHUNK_PAGE);
+        for len in [
+            LARGE,
+            LARGE + 1,
+            cap - 1,
+            cap,
+            cap + 1,
+            cap + LARGE - 1,
+            cap + LARGE,
+            2 * cap,
+            2 * cap + 1,
+            100 * 1024 * 1024,
+            100 * 1024 * 1024 + 17,
+        ] {
+            let lens = chunk_lens(len, cap);
+            assert_eq!(lens.iter().sum::<usize>(), len, "{len}: {lens:?}");
+            assert!(
+                lens.iter().all(|&l| (LARGE..=cap).contains(&l)),
+                "{len}: {lens:?}"
+            );
+            assert_eq!(lens.len(), len.div_ceil(cap), "{len}: {lens:?}");
+        }
+        // A very long id still leaves chunks no shorter than half a page.
+        assert_eq!(chunk_capacity(&"x".repeat(CHUNK_PAGE)), CHUNK_PAGE / 2);
+    }
 }

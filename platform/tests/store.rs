@@ -11,7 +11,10 @@ use std::task::Context;
 use std::time::{Duration, Instant};
 
 use futures::task::noop_waker_ref;
-use platform::store::{AgentRecord, AgentState, Arrival, Durability, Store, StoreError, MAX_GROUP};
+use platform::store::{
+    AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store, StoreError, MAX_GROUP,
+};
+use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
 use tempfile::TempDir;
 
 fn temp_store(durability: Durability) -> (TempDir, PathBuf, Store) {
@@ -33,6 +36,74 @@ fn agent(id: &str, hop: u64) -> AgentRecord {
         continuation: vec![1, 2, 3, hop as u8],
         envelope: vec![9; 40],
     }
+}
+
+/// The store's tables, for looking at the file under the store.
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("continuation_chunks");
+
+const MB: usize = 1024 * 1024;
+
+/// `len` bytes starting with `mark`, in a pattern whose period (a prime) matches no chunk size,
+/// so that chunks out of order, missing or left over from an older continuation change them.
+fn continuation(mark: u8, len: usize) -> Vec<u8> {
+    let block: Vec<u8> = (0..65_521u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    let mut out = Vec::with_capacity(len);
+    out.push(mark);
+    while out.len() < len {
+        let n = block.len().min(len - out.len());
+        out.extend_from_slice(&block[..n]);
+    }
+    out.truncate(len);
+    out
+}
+
+fn agent_with(id: &str, hop: u64, continuation: Vec<u8>) -> AgentRecord {
+    AgentRecord {
+        continuation,
+        ..agent(id, hop)
+    }
+}
+
+/// Asserts equality without printing 100 MB when it fails.
+#[track_caller]
+fn assert_same(found: Option<&AgentRecord>, expected: &AgentRecord) {
+    let Some(found) = found else {
+        panic!("agent {} is missing", expected.id);
+    };
+    assert_eq!(found.meta(), expected.meta());
+    assert_eq!(
+        found.continuation.len(),
+        expected.continuation.len(),
+        "{}",
+        expected.id
+    );
+    assert!(
+        found.continuation == expected.continuation,
+        "{}",
+        expected.id
+    );
+}
+
+/// What the file holds for agent `id`, read with a raw redb handle once the store is closed: the
+/// first byte of its record (0: continuation inline, 1: in chunks) and its chunks' lengths.
+fn raw_agent(path: &Path, id: &str) -> (Option<u8>, Vec<usize>) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let tag = txn
+        .open_table(AGENTS)
+        .unwrap()
+        .get(id)
+        .unwrap()
+        .map(|v| v.value()[0]);
+    let chunks = txn
+        .open_table(CHUNKS)
+        .unwrap()
+        .range((id, 0)..=(id, u32::MAX))
+        .unwrap()
+        .map(|e| e.unwrap().1.value().len())
+        .collect();
+    (tag, chunks)
 }
 
 /// Writes `value` under `key` in `table` with a raw redb handle, as corruption would.
@@ -103,6 +174,350 @@ fn agents_round_trip() {
     store.delete_agent("not-there").unwrap();
     assert_eq!(store.agent("b").unwrap(), None);
     assert_eq!(store.agents().unwrap().len(), 2);
+}
+
+#[test]
+fn continuations_of_every_size_round_trip() {
+    let (_dir, path, store) = temp_store(Durability::NoSync);
+    let sizes = [
+        0,
+        1,
+        100,
+        4095,
+        4096,
+        4097,
+        MB - 100,
+        MB,
+        MB + 1,
+        MB + 4095,
+        2 * MB + 5000,
+        100 * MB,
+    ];
+    let recs: Vec<AgentRecord> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            agent_with(
+                &format!("agent-{i:02}"),
+                i as u64,
+                continuation(i as u8, len),
+            )
+        })
+        .collect();
+    for rec in &recs {
+        store.put_agent(rec).unwrap();
+    }
+    for rec in &recs {
+        assert_same(store.agent(&rec.id).unwrap().as_ref(), rec);
+        assert_eq!(store.agent_meta(&rec.id).unwrap(), Some(rec.meta()));
+    }
+    let listed = store.agents().unwrap();
+    assert_eq!(listed.len(), recs.len());
+    for (found, rec) in listed.iter().zip(&recs) {
+        assert_same(Some(found), rec);
+    }
+    assert_eq!(
+        store.agent_metas().unwrap(),
+        recs.iter().map(AgentRecord::meta).collect::<Vec<_>>()
+    );
+    // A batch reads what the transaction sees, its own writes included.
+    store
+        .batch(|b| {
+            assert_same(b.agent("agent-11")?.as_ref(), &recs[11]);
+            let replaced = agent_with("agent-11", 99, continuation(0xee, 3 * MB + 7));
+            b.put_agent(&replaced)?;
+            assert_same(b.agent("agent-11")?.as_ref(), &replaced);
+            assert_eq!(b.agent_meta("agent-11")?, Some(replaced.meta()));
+            b.put_agent(&recs[11])
+        })
+        .unwrap();
+
+    // Each continuation replaced by one of another size: nothing of the old one is left.
+    let resized: Vec<AgentRecord> = recs
+        .iter()
+        .enumerate()
+        .map(|(i, rec)| {
+            let len = sizes[(i + 5) % sizes.len()];
+            agent_with(&rec.id, rec.hop + 1, continuation(0x80 | i as u8, len))
+        })
+        .collect();
+    for rec in &resized {
+        store.put_agent(rec).unwrap();
+    }
+    drop(store);
+    for (i, rec) in resized.iter().enumerate() {
+        let (tag, chunks) = raw_agent(&path, &rec.id);
+        let len = rec.continuation.len();
+        if len < 4096 {
+            assert_eq!((tag, chunks.len()), (Some(0), 0), "{i}");
+        } else {
+            assert_eq!(tag, Some(1), "{i}");
+            assert_eq!(chunks.iter().sum::<usize>(), len, "{i}");
+            assert!(
+                chunks.iter().all(|&c| (4096..=MB).contains(&c)),
+                "{i}: {chunks:?}"
+            );
+        }
+    }
+    let store = Store::open(&path, Durability::NoSync).unwrap();
+    for rec in &resized {
+        assert_same(store.agent(&rec.id).unwrap().as_ref(), rec);
+    }
+}
+
+#[test]
+fn large_continuations_survive_reopen_and_hops() {
+    let (_dir, path, store) = temp_store(Durability::Fsync);
+    let big = agent_with("big", 3, continuation(1, 100 * MB));
+    assert_eq!(store.accept_arrival(&big).unwrap(), Arrival::New);
+    // A duplicate offer with another continuation writes nothing.
+    let other = agent_with("big", 3, continuation(2, 5 * MB));
+    assert_eq!(store.accept_arrival(&other).unwrap(), Arrival::Duplicate);
+    drop(store);
+
+    let store = Store::open(&path, Durability::Fsync).unwrap();
+    assert_same(store.agent("big").unwrap().as_ref(), &big);
+    // The departure record, then the acknowledged departure.
+    let leaving = AgentRecord {
+        state: AgentState::Leaving {
+            to: "peer-b".into(),
+            hop: 4,
+            carried: 0,
+        },
+        continuation: continuation(3, 100 * MB + 1),
+        ..big.clone()
+    };
+    store.put_agent(&leaving).unwrap();
+    assert_same(store.agent("big").unwrap().as_ref(), &leaving);
+    store.complete_departure("big", "peer-b").unwrap();
+    assert_eq!(store.agent("big").unwrap(), None);
+    assert_eq!(store.agent_meta("big").unwrap(), None);
+    assert_eq!(store.forward("big").unwrap().as_deref(), Some("peer-b"));
+    drop(store);
+    assert_eq!(raw_agent(&path, "big"), (None, vec![]));
+}
+
+#[test]
+fn metadata_reads_and_writes_leave_the_continuation_alone() {
+    let (_dir, _path, store) = temp_store(Durability::NoSync);
+    let big = agent_with("big", 2, continuation(5, 3 * MB + 11));
+    let small = agent_with("small", 1, continuation(6, 10));
+    store.put_agent(&big).unwrap();
+    store.put_agent(&small).unwrap();
+    assert_eq!(store.agent_meta("none").unwrap(), None);
+    assert_eq!(store.agent_meta("big").unwrap(), Some(big.meta()));
+    assert_eq!(store.agent_metas().unwrap(), vec![big.meta(), small.meta()]);
+
+    // A state change keeps the continuation as stored.
+    let ready = AgentMeta {
+        state: AgentState::Waiting {
+            timeout_at_ms: Some(7),
+        },
+        hops: 9,
+        ..big.meta()
+    };
+    assert!(store.put_agent_meta(&ready).unwrap());
+    let expected = AgentRecord::from_parts(ready.clone(), big.continuation.clone());
+    assert_same(store.agent("big").unwrap().as_ref(), &expected);
+    assert!(store
+        .batch(|b| {
+            let mut meta = b.agent_meta("small")?.expect("small");
+            meta.state = AgentState::Ready;
+            meta.hop = 4;
+            b.put_agent_meta(&meta)
+        })
+        .unwrap());
+    let small_now = store.agent("small").unwrap().unwrap();
+    assert_eq!(
+        (small_now.hop, &small_now.continuation),
+        (4, &small.continuation)
+    );
+
+    // An agent that is not stored is not created without its continuation.
+    let absent = AgentMeta {
+        id: "absent".into(),
+        ..ready.clone()
+    };
+    assert!(!store.put_agent_meta(&absent).unwrap());
+    assert_eq!(store.agent_meta("absent").unwrap(), None);
+    assert!(matches!(store.agent("absent"), Ok(None)));
+
+    // The parts make the record again.
+    let (meta, cont) = big.clone().into_parts();
+    assert_eq!(meta, big.meta());
+    assert_eq!(AgentRecord::from_parts(meta, cont), big);
+}
+
+#[test]
+fn delete_removes_the_record_and_its_continuation() {
+    let (_dir, path, store) = temp_store(Durability::NoSync);
+    for (id, len) in [("a", 0), ("b", 100), ("c", 2 * MB + 3), ("d", 5000)] {
+        store
+            .put_agent(&agent_with(id, 1, continuation(1, len)))
+            .unwrap();
+    }
+    store.delete_agent("a").unwrap();
+    store.delete_agent("c").unwrap();
+    store.complete_departure("d", "peer").unwrap();
+    store.batch(|b| b.delete_agent("nothing")).unwrap();
+    assert_eq!(
+        store
+            .agent_metas()
+            .unwrap()
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["b"]
+    );
+    drop(store);
+    assert_eq!(raw_agent(&path, "a"), (None, vec![]));
+    assert_eq!(raw_agent(&path, "c"), (None, vec![]));
+    assert_eq!(raw_agent(&path, "d"), (None, vec![]));
+    assert_eq!(raw_agent(&path, "b"), (Some(0), vec![]));
+}
+
+#[test]
+fn a_failed_batch_or_write_stores_neither_record_nor_continuation() {
+    let (_dir, path, store) = temp_store(Durability::Fsync);
+    let kept = agent_with("kept", 1, continuation(1, 2 * MB + 9));
+    let gone = agent_with("gone", 1, continuation(2, 50));
+    store.put_agent(&kept).unwrap();
+    store.put_agent(&gone).unwrap();
+
+    let err = store
+        .batch(|b| {
+            b.put_agent(&agent_with("new", 1, continuation(3, 100 * MB)))?;
+            assert_eq!(
+                b.accept_arrival(&agent_with("arrived", 1, continuation(4, 5000)))?,
+                Arrival::New
+            );
+            b.put_agent(&agent_with("kept", 2, continuation(5, 10)))?;
+            b.delete_agent("gone")?;
+            Err::<(), _>(StoreError::Schema { found: 0 })
+        })
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Schema { found: 0 }), "{err:?}");
+
+    // The same through a group-committed write.
+    let runtime = multi_thread_runtime();
+    let err = runtime
+        .block_on(store.write(|b| {
+            b.put_agent(&agent_with("new", 1, continuation(3, 3 * MB)))?;
+            b.complete_departure("kept", "peer")?;
+            Err::<(), _>(StoreError::Schema { found: 0 })
+        }))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Schema { found: 0 }), "{err:?}");
+
+    assert_eq!(store.agent("new").unwrap(), None);
+    assert_eq!(store.agent("arrived").unwrap(), None);
+    assert_same(store.agent("kept").unwrap().as_ref(), &kept);
+    assert_same(store.agent("gone").unwrap().as_ref(), &gone);
+    drop(store);
+    assert_eq!(raw_agent(&path, "new"), (None, vec![]));
+    assert_eq!(raw_agent(&path, "arrived"), (None, vec![]));
+    assert_eq!(raw_agent(&path, "kept").1.iter().sum::<usize>(), 2 * MB + 9);
+}
+
+#[test]
+fn each_chunk_has_a_leaf_page_of_its_own() {
+    // Small and large continuations, with ids interleaved and written in mixed order: no leaf
+    // of the chunk table ever holds two entries, so writing a small continuation never
+    // rewrites a page holding a large one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.redb");
+    for round in 0..5u8 {
+        let store = Store::open(&path, Durability::NoSync).unwrap();
+        for i in [5u32, 0, 9, 2, 7, 1, 8, 3, 6, 4] {
+            // First all small (they share leaves), then large ones among them.
+            let len = match (round > 0, (i + u32::from(round)) % 3) {
+                (false, _) | (true, 0) => 10 + i as usize,
+                (true, 1) => 4096 + i as usize,
+                (true, _) => MB + 4000 * i as usize,
+            };
+            store
+                .put_agent(&agent_with(
+                    &format!("agent-{i}"),
+                    1,
+                    continuation(round, len),
+                ))
+                .unwrap();
+        }
+        if round == 2 {
+            store.delete_agent("agent-4").unwrap();
+        }
+        drop(store);
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let chunks = txn.open_table(CHUNKS).unwrap();
+        assert_eq!(
+            chunks.stats().unwrap().leaf_pages(),
+            chunks.len().unwrap(),
+            "round {round}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_continuation_is_an_error_not_an_empty_one() {
+    let (_dir, path, store) = temp_store(Durability::NoSync);
+    store
+        .put_agent(&agent_with("gap", 1, continuation(1, 3 * MB)))
+        .unwrap();
+    store
+        .put_agent(&agent_with("none", 1, continuation(2, 5000)))
+        .unwrap();
+    drop(store);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut chunks = txn.open_table(CHUNKS).unwrap();
+            chunks.remove(("gap", 1)).unwrap();
+            chunks.remove(("none", 0)).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path, Durability::NoSync).unwrap();
+    for id in ["gap", "none"] {
+        match store.agent(id) {
+            Err(StoreError::Inconsistent { table, key, .. }) => {
+                assert_eq!((table, key.as_str()), ("continuation_chunks", id));
+            }
+            other => panic!("expected an inconsistency for {id}, got {other:?}"),
+        }
+        // The metadata is still readable, and the agent can be stored again.
+        assert!(store.agent_meta(id).unwrap().is_some());
+    }
+    assert!(matches!(
+        store.agents(),
+        Err(StoreError::Inconsistent { .. })
+    ));
+    assert_eq!(store.agent_metas().unwrap().len(), 2);
+    let fixed = agent_with("gap", 2, continuation(3, 2 * MB));
+    store.put_agent(&fixed).unwrap();
+    assert_same(store.agent("gap").unwrap().as_ref(), &fixed);
+    let small = agent_with("none", 2, continuation(4, 10));
+    store.put_agent(&small).unwrap();
+    assert_same(store.agent("none").unwrap().as_ref(), &small);
+
+    // A record marked as holding its continuation inline, without one.
+    drop(store);
+    let mut value = vec![0];
+    ciborium::into_writer(&agent("inline", 1).meta(), &mut value).unwrap();
+    write_raw(&path, "agents", "inline", &value);
+    let store = Store::open(&path, Durability::NoSync).unwrap();
+    assert!(matches!(
+        store.agent("inline"),
+        Err(StoreError::Inconsistent {
+            table: "agents",
+            ..
+        })
+    ));
+    assert_eq!(
+        store.agent_meta("inline").unwrap(),
+        Some(agent("inline", 1).meta())
+    );
 }
 
 #[test]
@@ -389,6 +804,19 @@ fn unknown_schema_is_refused() {
     }
     let err = Store::open(&path, Durability::NoSync).unwrap_err();
     assert!(matches!(err, StoreError::Schema { found: 99 }), "{err:?}");
+
+    // Schema 1 kept continuations inside the agent records: refused too, not misread.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+            txn.open_table(def).unwrap().insert("schema", 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let err = Store::open(&path, Durability::NoSync).unwrap_err();
+    assert!(matches!(err, StoreError::Schema { found: 1 }), "{err:?}");
 }
 
 #[test]

@@ -25,7 +25,7 @@ use security::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::store::{AgentRecord, AgentState, Arrival, Durability, Store};
+use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store};
 use crate::wire::{
     next_frame_start, read_bulk, read_frame, read_frame_after, write_bulk, write_frame, AgentEnd,
     AgentStatus, ControlReply, ControlRequest, HopOffer, HopReply, PackageReply, PackageRequest,
@@ -374,8 +374,8 @@ impl NodeHandle {
     /// queued: only a message from outside can wake it.
     pub fn waits_for_a_message(&self, agent: &str) -> bool {
         matches!(
-            self.shared.store.agent(agent),
-            Ok(Some(AgentRecord {
+            self.shared.store.agent_meta(agent),
+            Ok(Some(AgentMeta {
                 state: AgentState::Waiting {
                     timeout_at_ms: None
                 },
@@ -395,7 +395,7 @@ impl NodeHandle {
     }
 
     fn resume_stored_agents(&self) {
-        let agents = match self.shared.store.agents() {
+        let agents = match self.shared.store.agent_metas() {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!("cannot list stored agents: {e}");
@@ -938,7 +938,7 @@ fn status(shared: &Shared) -> StatusReport {
     peers.sort();
     let agents = shared
         .store
-        .agents()
+        .agent_metas()
         .unwrap_or_default()
         .into_iter()
         .map(|r| AgentStatus {
@@ -1060,8 +1060,8 @@ async fn complete_departure(
     let (agent, dest, me) = (id.to_string(), to.to_string(), shared.me.clone());
     let queued = shared
         .store
-        .write(move |b| match b.agent(&agent)? {
-            Some(AgentRecord {
+        .write(move |b| match b.agent_meta(&agent)? {
+            Some(AgentMeta {
                 state: AgentState::Leaving { hop: h, .. },
                 home,
                 ..
@@ -1406,7 +1406,7 @@ async fn hop(
             // The destination could not even be asked: keep the departure record; recovery
             // settles it when the destination answers.
             tracing::warn!(agent = %rec.id, "hop to {to} unsettled: {reason}");
-            tokio::spawn(recover_departure(shared.clone(), leaving));
+            tokio::spawn(recover_departure(shared.clone(), leaving.meta()));
             Ok(HopResult::Left)
         }
     }
@@ -1562,12 +1562,12 @@ async fn resolve_departure(shared: &Shared, sent: &SentHop<'_>, give_up: bool) -
 
 /// Settles a departure whose outcome is unknown (after a lost acknowledgement or a restart):
 /// asks the destination until it answers; if it holds the agent, drop ours, else resume ours.
-async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
+async fn recover_departure(shared: Arc<Shared>, rec: AgentMeta) {
     let AgentState::Leaving { to, hop, carried } = rec.state.clone() else {
         return;
     };
     let Ok(dest) = to.parse::<PeerId>() else {
-        let _ = shared.store.put_agent(&AgentRecord {
+        let _ = shared.store.put_agent_meta(&AgentMeta {
             state: AgentState::Ready,
             ..rec.clone()
         });
@@ -1586,11 +1586,12 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentRecord) {
                 let _ = complete_departure(&shared, &rec.id, &to, hop, carried as usize).await;
             } else {
                 // Back to the state before the hop: the agent resumes and `migrate` throws.
-                let back = AgentRecord {
+                // (Only the state changes: the stored continuation stays as it is.)
+                let back = AgentMeta {
                     state: AgentState::Ready,
                     ..rec.clone()
                 };
-                let _ = shared.store.put_agent(&back);
+                let _ = shared.store.put_agent_meta(&back);
                 let interrupted = format!(
                     "migrate: the hop to {} was interrupted",
                     shared.name_of(&to)
@@ -1685,7 +1686,7 @@ fn deliver_here(shared: &Shared, agent: &str, message: &[u8]) -> Result<Delivery
     let d = shared
         .store
         .batch(|b| {
-            if b.agent(agent)?.is_some() {
+            if b.agent_meta(agent)?.is_some() {
                 b.push_message(agent, message)?;
                 return Ok(Delivery::Queued);
             }
@@ -1874,9 +1875,9 @@ async fn receive_hop(
     }
     // An agent that lives here cannot arrive here. Only a departure record (the agent is in
     // flight, and may be coming back before the departure completed) gives way to an arrival.
-    match shared.store.agent(&agent) {
+    match shared.store.agent_meta(&agent) {
         Ok(None)
-        | Ok(Some(AgentRecord {
+        | Ok(Some(AgentMeta {
             state: AgentState::Leaving { .. },
             ..
         })) => {}

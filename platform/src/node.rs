@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use agent_lang::rhai::Dynamic;
 use agent_lang::{unknown_node_error, Execution, HostEnv, Limits, Outcome, Program, Resume};
-use futures::StreamExt;
+use futures::future::{BoxFuture, Shared as SharedFuture};
+use futures::{FutureExt, StreamExt};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, identity, Multiaddr, PeerId, Swarm};
 use security::{
@@ -28,8 +29,9 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store};
 use crate::wire::{
     next_frame_start, read_bulk, read_frame, read_frame_after, write_bulk, write_frame, AgentEnd,
-    AgentStatus, ControlReply, ControlRequest, HopOffer, HopReply, PackageReply, PackageRequest,
-    StatusReport, CONTROL_PROTOCOL, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_FRAME, PACKAGE_PROTOCOL,
+    AgentStatus, ControlReply, ControlRequest, HopDecision, HopOffer, HopReply, PackageReply,
+    PackageRequest, StatusReport, CONTROL_PROTOCOL, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_FRAME,
+    PACKAGE_PROTOCOL,
 };
 
 /// Everything a node is configured with.
@@ -1340,7 +1342,9 @@ async fn hop(
         .store
         .messages(&rec.id)
         .map_err(|e| format!("migrate: {e}"))?;
-    // Durably "leaving for dest at hop h" before anything is offered.
+    // Durably "leaving for dest at hop h" before the destination may store the agent: before
+    // the offer when the continuation travels inside it, else while the bytes travel (the
+    // destination stores only after the source's `HopDecision::Commit`).
     // (Built field by field: the continuation is moved, never copied — it may be 100 MB.)
     let leaving = AgentRecord {
         id: rec.id.clone(),
@@ -1357,20 +1361,33 @@ async fn hop(
         continuation,
         envelope: rec.envelope.clone(),
     };
-    // (The record goes to the store and comes back: a write may run on another thread.)
-    let leaving = shared
-        .store
-        .write(move |b| b.put_agent(&leaving).map(|()| leaving))
-        .await
-        .map_err(|e| format!("migrate: cannot record the departure: {e}"))?;
+    let leaving = Arc::new(leaving);
+    let recorded: DepartureRecorded = {
+        let (store, record) = (shared.store.clone(), leaving.clone());
+        tokio::spawn(async move { store.write(move |b| b.put_agent(&record)).await })
+            .map(|written| match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("cannot record the departure: {e}")),
+                Err(e) => Err(format!("cannot record the departure: {e}")),
+            })
+            .boxed()
+            .shared()
+    };
     let continuation = &leaving.continuation;
+    let inline = continuation.len() <= INLINE_CONTINUATION;
+    if inline {
+        recorded
+            .clone()
+            .await
+            .map_err(|e| format!("migrate: {e}"))?;
+        die_if(shared, FaultPoint::SourceAfterLeaving);
+    }
     let dest_text = shared.text_of(&dest);
-    die_if(shared, FaultPoint::SourceAfterLeaving);
     let offer = HopOffer {
         envelope: envelope.encode(),
         previous: rec.envelope.clone(),
         continuation_len: continuation.len() as u64,
-        inline: if continuation.len() <= INLINE_CONTINUATION {
+        inline: if inline {
             continuation.clone()
         } else {
             Vec::new()
@@ -1391,14 +1408,16 @@ async fn hop(
         hop: next_hop,
         envelope: Some(envelope_hash),
     };
-    match send_hop(shared, &sent, &offer, continuation).await {
+    match send_hop(shared, &sent, &offer, continuation, &recorded).await {
         SendOutcome::Owned => {
             die_if(shared, FaultPoint::SourceAfterAck);
             complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len()).await?;
             Ok(HopResult::Left)
         }
         SendOutcome::NotTaken(reason) => {
-            // The destination certainly does not hold the agent: it stays here.
+            // The destination certainly does not hold the agent: it stays here (once the
+            // departure record, if it is still being written, is there to be replaced).
+            let _ = recorded.await;
             let _ = shared.store.put_agent(rec);
             Err(format!("migrate: cannot move to {to}: {reason}"))
         }
@@ -1406,11 +1425,15 @@ async fn hop(
             // The destination could not even be asked: keep the departure record; recovery
             // settles it when the destination answers.
             tracing::warn!(agent = %rec.id, "hop to {to} unsettled: {reason}");
+            let _ = recorded.await;
             tokio::spawn(recover_departure(shared.clone(), leaving.meta()));
             Ok(HopResult::Left)
         }
     }
 }
+
+/// The source's departure record being written (see `hop`): `Ok` once it is durable.
+type DepartureRecorded = SharedFuture<BoxFuture<'static, Result<(), String>>>;
 
 enum SendOutcome {
     /// The destination acknowledged (or already had it).
@@ -1445,6 +1468,7 @@ async fn send_hop(
     sent: &SentHop<'_>,
     offer: &HopOffer,
     continuation: &[u8],
+    recorded: &DepartureRecorded,
 ) -> SendOutcome {
     // Attempts are retried: libp2p-stream drops inbound streams when the destination's accept
     // queue is full, and a reused stream may have died with its connection. Resending the
@@ -1458,7 +1482,7 @@ async fn send_hop(
             Err(e) => format!("unreachable ({e})"),
             Ok(mut s) => {
                 let reused = s.reused;
-                match hop_exchange(&mut s, offer, continuation).await {
+                match hop_exchange(shared, &mut s, offer, continuation, recorded).await {
                     HopExchange::Answered(outcome, reusable) => {
                         if reusable {
                             shared.idle_streams.put(sent.dest, HOP_PROTOCOL, s.stream);
@@ -1498,8 +1522,15 @@ async fn send_hop(
 }
 
 /// One attempt at a hop on one stream: the offer (with the continuation inline when it is
-/// small), else Ready and the raw continuation; then the destination's answer.
-async fn hop_exchange(s: &mut PeerStream, offer: &HopOffer, continuation: &[u8]) -> HopExchange {
+/// small), else Ready, the raw continuation and the source's decision once its departure
+/// record is written; then the destination's answer.
+async fn hop_exchange(
+    shared: &Shared,
+    s: &mut PeerStream,
+    offer: &HopOffer,
+    continuation: &[u8],
+    recorded: &DepartureRecorded,
+) -> HopExchange {
     let stream = &mut s.stream;
     let inline = !offer.inline.is_empty();
     let answered = |reply| match reply {
@@ -1529,12 +1560,35 @@ async fn hop_exchange(s: &mut PeerStream, offer: &HopOffer, continuation: &[u8])
         Ok(HopReply::Ready) => {}
         Ok(reply) => return answered(reply),
     }
+    // Until the decision goes out the destination stores nothing: failures are NotSent.
     if let Err(e) = write_bulk(stream, continuation).await {
-        return HopExchange::Unknown(e.to_string());
+        return HopExchange::NotSent(e.to_string());
     }
-    match read_frame::<_, HopReply>(stream, MAX_FRAME).await {
-        Ok(reply) => answered(reply),
-        Err(e) => HopExchange::Unknown(e.to_string()),
+    let decision = match recorded.clone().await {
+        Ok(()) => {
+            die_if(shared, FaultPoint::SourceAfterLeaving);
+            HopDecision::Commit
+        }
+        Err(e) => HopDecision::Abort(e),
+    };
+    if let Err(e) = write_frame(stream, &decision).await {
+        return match decision {
+            HopDecision::Commit => HopExchange::Unknown(e.to_string()),
+            HopDecision::Abort(why) => HopExchange::Answered(SendOutcome::NotTaken(why), false),
+        };
+    }
+    match (read_frame::<_, HopReply>(stream, MAX_FRAME).await, decision) {
+        (Ok(reply), HopDecision::Abort(why)) => match answered(reply) {
+            HopExchange::Answered(_, reusable) => {
+                HopExchange::Answered(SendOutcome::NotTaken(why), reusable)
+            }
+            other => other,
+        },
+        (Ok(reply), HopDecision::Commit) => answered(reply),
+        (Err(_), HopDecision::Abort(why)) => {
+            HopExchange::Answered(SendOutcome::NotTaken(why), false)
+        }
+        (Err(e), HopDecision::Commit) => HopExchange::Unknown(e.to_string()),
     }
 }
 
@@ -1913,7 +1967,14 @@ async fn receive_hop(
         (offer.inline, hash)
     } else {
         write_frame(stream, &HopReply::Ready).await?;
-        read_bulk(stream, offer.continuation_len as usize).await?
+        let bulk = read_bulk(stream, offer.continuation_len as usize).await?;
+        // The source wrote its departure record while the bytes travelled.
+        match read_frame::<_, HopDecision>(stream, MAX_FRAME).await? {
+            HopDecision::Commit => bulk,
+            HopDecision::Abort(why) => {
+                return Err(refused(format!("the source gave up the hop: {why}")))
+            }
+        }
     };
     // An agent coming back presents the envelope this node signed when it sent it away.
     let signed_here = previous

@@ -239,8 +239,9 @@ pub struct HopOffer {
     pub previous: Vec<u8>,
     /// Length of the continuation.
     pub continuation_len: u64,
-    /// The continuation itself when it is at most [`INLINE_CONTINUATION`] bytes; otherwise
-    /// empty, and its bytes follow a [`HopReply::Ready`].
+    /// The continuation itself when it is at most [`INLINE_CONTINUATION`] bytes (the source
+    /// recorded its departure before offering); otherwise empty, and its bytes follow a
+    /// [`HopReply::Ready`], then a [`HopDecision`].
     #[serde(with = "serde_bytes")]
     pub inline: Vec<u8>,
     /// Hops the agent will have made on arrival (what `hops()` reports).
@@ -254,6 +255,17 @@ pub struct HopOffer {
     pub home: String,
     /// Who waits for the agent's result (peer id), if anyone.
     pub launcher: Option<String>,
+}
+
+/// The source's last word on a hop whose continuation followed the offer raw (sent right
+/// after the bytes): the departure record it wrote while the bytes travelled is durable, or it
+/// could not be written. The destination stores the agent only after `Commit`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum HopDecision {
+    /// The source's departure record is durable: store the agent.
+    Commit,
+    /// The source could not record the departure: drop what arrived.
+    Abort(String),
 }
 
 /// The destination's answers during a hop.

@@ -10,8 +10,8 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::store::Durability;
 use platform::wire::{
-    read_frame, write_bulk, write_frame, AgentEnd, ControlReply, ControlRequest, HopOffer,
-    HopReply, MAX_FRAME,
+    read_frame, write_bulk, write_frame, AgentEnd, ControlReply, ControlRequest, HopDecision,
+    HopOffer, HopReply, MAX_FRAME,
 };
 use security::{AgentId, HopEnvelope, SecretKey, TrustPolicy, VerifiedPackage};
 use tern_tests::raw_peer::{first_hop, first_hop_of, RawPeer};
@@ -170,8 +170,18 @@ async fn expect_closed(stream: &mut libp2p::Stream) {
     }
 }
 
-/// Sends a hop (offer, then the continuation if the node is ready) and returns the last reply.
+/// Sends a hop (offer, then the continuation and the decision to commit if the node is ready)
+/// and returns the last reply.
 async fn send_hop(stream: &mut libp2p::Stream, offer: &HopOffer, continuation: &[u8]) -> HopReply {
+    send_hop_deciding(stream, offer, continuation, HopDecision::Commit).await
+}
+
+async fn send_hop_deciding(
+    stream: &mut libp2p::Stream,
+    offer: &HopOffer,
+    continuation: &[u8],
+    decision: HopDecision,
+) -> HopReply {
     write_frame(stream, offer).await.expect("send the offer");
     match read_frame::<_, HopReply>(stream, MAX_FRAME)
         .await
@@ -183,6 +193,9 @@ async fn send_hop(stream: &mut libp2p::Stream, offer: &HopOffer, continuation: &
     write_bulk(stream, continuation)
         .await
         .expect("send the continuation");
+    write_frame(stream, &decision)
+        .await
+        .expect("send the decision");
     read_frame(stream, MAX_FRAME)
         .await
         .expect("a reply to the continuation")
@@ -416,6 +429,42 @@ fn an_inline_continuation_is_checked_like_a_raw_one_and_one_stream_serves_many_o
         assert!(matches!(
             send_hop(&mut s, &offer, &continuation).await,
             HopReply::Duplicate
+        ));
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_raw_continuation_is_stored_only_after_the_source_commits() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let package = sign(r#"migrate("target"); here()"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        // The source could not record its departure: nothing is stored, the stream goes on.
+        let mut s = raw.open_hop().await;
+        let why = "disk full".to_string();
+        refused(
+            &send_hop_deciding(&mut s, &offer, &continuation, HopDecision::Abort(why)).await,
+            "disk full",
+        );
+        assert!(mesh.target.status().agents.is_empty());
+        // The bytes, then silence: still nothing stored once the stream breaks.
+        write_frame(&mut s, &offer).await.unwrap();
+        assert!(matches!(
+            read_frame::<_, HopReply>(&mut s, MAX_FRAME).await.unwrap(),
+            HopReply::Ready
+        ));
+        write_bulk(&mut s, &continuation).await.unwrap();
+        s.close().await.unwrap();
+        expect_closed(&mut s).await;
+        assert!(mesh.target.status().agents.is_empty());
+        // Committed: stored.
+        let mut s = raw.open_hop().await;
+        assert!(matches!(
+            send_hop(&mut s, &offer, &continuation).await,
+            HopReply::Stored
         ));
         mesh.still_serves().await;
     });

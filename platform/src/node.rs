@@ -1272,11 +1272,17 @@ async fn control_request(
             }
             return Err(e.to_string());
         }
-        let reply = read_frame(&mut s.stream, MAX_FRAME)
-            .await
-            .map_err(|e| e.to_string())?;
-        shared.idle_streams.put(peer, CONTROL_PROTOCOL, s.stream);
-        return Ok(reply);
+        match read_frame(&mut s.stream, MAX_FRAME).await {
+            Ok(reply) => {
+                shared.idle_streams.put(peer, CONTROL_PROTOCOL, s.stream);
+                return Ok(reply);
+            }
+            // A peer that serves one request per stream closed the idle one: afresh. (tern
+            // nodes answer every request they read, so the request was not handled.)
+            Err(crate::wire::WireError::Io(e))
+                if s.reused && e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 

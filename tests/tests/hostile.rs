@@ -140,6 +140,16 @@ impl Mesh {
         }
     }
 
+    /// A raw peer serving `migrate("target"); here()` and its first hop to target, reporting
+    /// the agent's end to the raw peer.
+    fn plain_hop(&self) -> (RawPeer, HopOffer, Vec<u8>) {
+        let raw = self.raw();
+        let package = sign(r#"migrate("target"); here()"#, &self.author);
+        raw.serve(&package, package.to_bytes());
+        let (offer, continuation) = self.hop(&package, &raw.peer_id.to_string());
+        (raw, offer, continuation)
+    }
+
     /// A first hop of `package` from the raw peer to target, reporting its end to `home`.
     fn hop(&self, package: &VerifiedPackage, home: &str) -> (HopOffer, Vec<u8>) {
         first_hop(
@@ -199,6 +209,19 @@ async fn send_hop_deciding(
     read_frame(stream, MAX_FRAME)
         .await
         .expect("a reply to the continuation")
+}
+
+/// Offers a hop whose continuation follows raw, sends `bytes` once the node is ready, then
+/// closes: the node must close its side promptly.
+async fn send_then_close(stream: &mut libp2p::Stream, offer: &HopOffer, bytes: &[u8]) {
+    write_frame(stream, offer).await.unwrap();
+    assert!(matches!(
+        read_frame::<_, HopReply>(stream, MAX_FRAME).await.unwrap(),
+        HopReply::Ready
+    ));
+    stream.write_all(bytes).await.unwrap();
+    stream.close().await.unwrap();
+    expect_closed(stream).await;
 }
 
 fn refused(reply: &HopReply, why: &str) {
@@ -370,21 +393,13 @@ fn a_replayed_hop_is_a_duplicate_and_runs_once() {
 fn an_interrupted_hop_leaves_no_trace_and_can_be_sent_again() {
     run(async {
         let mesh = Mesh::start().await;
-        let raw = mesh.raw();
-        let package = sign(r#"migrate("target"); here()"#, &mesh.author);
-        raw.serve(&package, package.to_bytes());
-        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
-        let mut s = raw.open_hop().await;
-        write_frame(&mut s, &offer).await.unwrap();
-        assert!(matches!(
-            read_frame::<_, HopReply>(&mut s, MAX_FRAME).await.unwrap(),
-            HopReply::Ready
-        ));
-        s.write_all(&continuation[..continuation.len() / 2])
-            .await
-            .unwrap();
-        s.close().await.unwrap();
-        expect_closed(&mut s).await;
+        let (raw, offer, continuation) = mesh.plain_hop();
+        send_then_close(
+            &mut raw.open_hop().await,
+            &offer,
+            &continuation[..continuation.len() / 2],
+        )
+        .await;
         assert!(mesh.target.status().agents.is_empty());
         // Not recorded as seen: the whole hop goes through afterwards.
         let mut s = raw.open_hop().await;
@@ -400,10 +415,7 @@ fn an_interrupted_hop_leaves_no_trace_and_can_be_sent_again() {
 fn an_inline_continuation_is_checked_like_a_raw_one_and_one_stream_serves_many_offers() {
     run(async {
         let mesh = Mesh::start().await;
-        let raw = mesh.raw();
-        let package = sign(r#"migrate("target"); here()"#, &mesh.author);
-        raw.serve(&package, package.to_bytes());
-        let (mut offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let (raw, mut offer, continuation) = mesh.plain_hop();
         let mut s = raw.open_hop().await;
         // Not the length the offer announces.
         offer.inline = continuation[..continuation.len() - 1].to_vec();
@@ -438,10 +450,7 @@ fn an_inline_continuation_is_checked_like_a_raw_one_and_one_stream_serves_many_o
 fn a_raw_continuation_is_stored_only_after_the_source_commits() {
     run(async {
         let mesh = Mesh::start().await;
-        let raw = mesh.raw();
-        let package = sign(r#"migrate("target"); here()"#, &mesh.author);
-        raw.serve(&package, package.to_bytes());
-        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let (raw, offer, continuation) = mesh.plain_hop();
         // The source could not record its departure: nothing is stored, the stream goes on.
         let mut s = raw.open_hop().await;
         let why = "disk full".to_string();
@@ -451,14 +460,7 @@ fn a_raw_continuation_is_stored_only_after_the_source_commits() {
         );
         assert!(mesh.target.status().agents.is_empty());
         // The bytes, then silence: still nothing stored once the stream breaks.
-        write_frame(&mut s, &offer).await.unwrap();
-        assert!(matches!(
-            read_frame::<_, HopReply>(&mut s, MAX_FRAME).await.unwrap(),
-            HopReply::Ready
-        ));
-        write_bulk(&mut s, &continuation).await.unwrap();
-        s.close().await.unwrap();
-        expect_closed(&mut s).await;
+        send_then_close(&mut s, &offer, &continuation).await;
         assert!(mesh.target.status().agents.is_empty());
         // Committed: stored.
         let mut s = raw.open_hop().await;
@@ -474,10 +476,7 @@ fn a_raw_continuation_is_stored_only_after_the_source_commits() {
 fn an_offer_its_sender_was_told_is_not_held_cannot_arrive_later() {
     run(async {
         let mesh = Mesh::start().await;
-        let raw = mesh.raw();
-        let package = sign(r#"migrate("target"); here()"#, &mesh.author);
-        raw.serve(&package, package.to_bytes());
-        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let (raw, offer, continuation) = mesh.plain_hop();
         let envelope = HopEnvelope::decode(&offer.envelope).unwrap();
         // The source lost its stream and asks: not held, and so it never will be.
         let (reply, _) = raw

@@ -6,8 +6,10 @@
 //! is cloneable, so each exchange is its own task and the swarm task never blocks on a peer.
 //! Agent slices run on tokio's blocking pool, so a busy agent never stalls networking. Durable
 //! state lives in the [`Store`]: an agent exists on exactly one node at a time because the
-//! source records its departure before offering the hop and deletes its copy only after the
-//! destination acknowledged having stored it.
+//! source's departure record is durable before the destination may store the agent (written
+//! before the offer of a small continuation; for a large one, while its bytes travel, and the
+//! destination stores it only after the source's commit), and the source deletes its copy only
+//! after the destination acknowledged having stored it.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

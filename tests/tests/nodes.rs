@@ -115,16 +115,24 @@ fn failures_name_node_line_and_column() {
 }
 
 #[test]
-fn a_large_continuation_travels_over_a_stream() {
+fn a_100_mb_continuation_travels_over_a_stream_and_back() {
     rt().block_on(async {
-        let (json, _, _) = finished(
-            run(
-                2,
-                "let b = blob(15000000, 7); migrate(\"node-1\"); [b.len(), here()]",
-            )
-            .await,
-        );
-        assert_eq!(json, r#"[15000000,"node-1"]"#);
+        // Seven blobs of 14.3 MB in seven variables (the sandbox limits the size of one blob,
+        // and of an array counting what it holds).
+        let src = r#"
+            let b0 = blob(14300000, 1); let b1 = blob(14300000, 2); let b2 = blob(14300000, 3);
+            let b3 = blob(14300000, 4); let b4 = blob(14300000, 5); let b5 = blob(14300000, 6);
+            let b6 = blob(14300000, 7);
+            migrate("node-1");
+            let there = here();
+            b3[1000] = 99;
+            migrate("node-0");
+            let total = b0.len() + b1.len() + b2.len() + b3.len() + b4.len() + b5.len() + b6.len();
+            [total, there, here(), b0[0], b6[14299999], b3[1000], b3[999]]
+        "#;
+        let (json, _, hops) = finished(run(2, src).await);
+        assert_eq!(json, r#"[100100000,"node-1","node-0",1,7,99,4]"#);
+        assert_eq!(hops, 2);
     });
 }
 

@@ -2132,24 +2132,21 @@ async fn pull_package(
     peer: PeerId,
     hash: &PackageHash,
 ) -> Result<Vec<u8>, String> {
-    let mut stream = shared
-        .control
-        .clone()
-        .open_stream(peer, PACKAGE_PROTOCOL)
-        .await
-        .map_err(|e| format!("package pull: {e}"))?;
-    write_frame(
-        &mut stream,
-        &PackageRequest {
-            hash: *hash.as_bytes(),
-        },
-    )
-    .await
-    .map_err(|e| format!("package pull: {e}"))?;
-    let bytes = match read_frame::<_, PackageReply>(&mut stream, MAX_FRAME)
-        .await
-        .map_err(|e| format!("package pull: {e}"))?
-    {
+    // A download is idempotent: a stream that broke (libp2p-stream drops inbound streams that
+    // arrive while the peer's accept queue is full) is tried again.
+    let mut attempt = 0u64;
+    let reply = loop {
+        attempt += 1;
+        match request_package(shared, peer, hash).await {
+            Ok(reply) => break reply,
+            Err(crate::wire::WireError::Io(e)) if attempt < 3 => {
+                tracing::debug!(%peer, "package pull failed, trying again: {e}");
+                tokio::time::sleep(Duration::from_millis(20 * attempt * attempt)).await;
+            }
+            Err(e) => return Err(format!("package pull: {e}")),
+        }
+    };
+    let bytes = match reply {
         PackageReply::Found(b) => b,
         PackageReply::NotFound => {
             return Err("package pull: the peer does not have the package".into())
@@ -2169,6 +2166,24 @@ async fn pull_package(
         .admit_package(&package)
         .map_err(|e| format!("package refused: {e}"))?;
     Ok(bytes)
+}
+
+async fn request_package(
+    shared: &Shared,
+    peer: PeerId,
+    hash: &PackageHash,
+) -> Result<PackageReply, crate::wire::WireError> {
+    let mut stream = shared
+        .control
+        .clone()
+        .open_stream(peer, PACKAGE_PROTOCOL)
+        .await
+        .map_err(|e| crate::wire::WireError::Io(std::io::Error::other(e.to_string())))?;
+    let request = PackageRequest {
+        hash: *hash.as_bytes(),
+    };
+    write_frame(&mut stream, &request).await?;
+    read_frame(&mut stream, MAX_FRAME).await
 }
 
 async fn handle_package(

@@ -1418,6 +1418,10 @@ async fn hop(
     };
     match send_hop(shared, &sent, &offer, continuation, &recorded).await {
         SendOutcome::Owned => {
+            // (The destination owns the agent only after a Commit, sent once the departure
+            // record was durable; wait for that write all the same, so the record completed
+            // below is that one.)
+            let _ = recorded.await;
             die_if(shared, FaultPoint::SourceAfterAck);
             complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len()).await?;
             Ok(HopResult::Left)

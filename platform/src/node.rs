@@ -560,6 +560,23 @@ impl ExchangePermits<'_> {
         let all = self.all.acquire().await.ok()?;
         Some((peer, all))
     }
+
+    /// The next request on a reused stream and the permits its exchange holds; None once the
+    /// peer closed the stream (or left it idle) or the node is shutting down. The permits are
+    /// taken once the request begins, so idle streams hold none.
+    async fn next_request<T: serde::de::DeserializeOwned>(
+        &self,
+        stream: &mut libp2p::Stream,
+    ) -> Result<Option<(T, impl Sized + '_)>, crate::wire::WireError> {
+        let Some(first) = next_frame_start(stream).await? else {
+            return Ok(None);
+        };
+        let Some(permits) = self.acquire().await else {
+            return Ok(None);
+        };
+        let request = read_frame_after(stream, first, MAX_FRAME).await?;
+        Ok(Some((request, permits)))
+    }
 }
 
 async fn accept_loop(
@@ -1860,11 +1877,7 @@ async fn handle_hop(
     mut stream: libp2p::Stream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), crate::wire::WireError> {
-    while let Some(first) = next_frame_start(&mut stream).await? {
-        let Some(_permits) = permits.acquire().await else {
-            return Ok(());
-        };
-        let offer: HopOffer = read_frame_after(&mut stream, first, MAX_FRAME).await?;
+    while let Some((offer, _permits)) = permits.next_request::<HopOffer>(&mut stream).await? {
         match receive_hop(shared, peer, &mut stream, offer).await {
             Ok(arrived) => {
                 let acknowledged = write_frame(&mut stream, &HopReply::Stored).await;
@@ -2217,11 +2230,7 @@ async fn handle_control(
     mut stream: libp2p::Stream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), crate::wire::WireError> {
-    while let Some(first) = next_frame_start(&mut stream).await? {
-        let Some(_permits) = permits.acquire().await else {
-            return Ok(());
-        };
-        let request = read_frame_after(&mut stream, first, MAX_FRAME).await?;
+    while let Some((request, _permits)) = permits.next_request(&mut stream).await? {
         answer_control(shared, peer, &mut stream, request).await?;
     }
     Ok(())

@@ -224,6 +224,15 @@ async fn send_then_close(stream: &mut libp2p::Stream, offer: &HopOffer, bytes: &
     expect_closed(stream).await;
 }
 
+/// The hop, sent whole on a new stream, is stored.
+async fn stored_on_a_new_stream(raw: &RawPeer, offer: &HopOffer, continuation: &[u8]) {
+    let mut s = raw.open_hop().await;
+    assert!(matches!(
+        send_hop(&mut s, offer, continuation).await,
+        HopReply::Stored
+    ));
+}
+
 fn refused(reply: &HopReply, why: &str) {
     match reply {
         HopReply::Refused(r) => assert!(r.contains(why), "refused for another reason: {r}"),
@@ -402,11 +411,7 @@ fn an_interrupted_hop_leaves_no_trace_and_can_be_sent_again() {
         .await;
         assert!(mesh.target.status().agents.is_empty());
         // Not recorded as seen: the whole hop goes through afterwards.
-        let mut s = raw.open_hop().await;
-        assert!(matches!(
-            send_hop(&mut s, &offer, &continuation).await,
-            HopReply::Stored
-        ));
+        stored_on_a_new_stream(&raw, &offer, &continuation).await;
         mesh.still_serves().await;
     });
 }
@@ -463,11 +468,7 @@ fn a_raw_continuation_is_stored_only_after_the_source_commits() {
         send_then_close(&mut s, &offer, &continuation).await;
         assert!(mesh.target.status().agents.is_empty());
         // Committed: stored.
-        let mut s = raw.open_hop().await;
-        assert!(matches!(
-            send_hop(&mut s, &offer, &continuation).await,
-            HopReply::Stored
-        ));
+        stored_on_a_new_stream(&raw, &offer, &continuation).await;
         mesh.still_serves().await;
     });
 }

@@ -143,6 +143,7 @@ fn big(c: &mut Criterion) {
                         to: "peer".into(),
                         hop: hop + 1,
                         carried: 0,
+                        envelope: [9; 32],
                     };
                     store.put_agent(&r).expect("leave");
                     store

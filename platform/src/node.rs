@@ -170,6 +170,9 @@ struct Shared {
     /// Hashes of the hop envelopes this node signed lately: an agent that comes back presents
     /// one as its custody, and its signature needs no check.
     signed: Mutex<HashSet<[u8; 32]>>,
+    /// Departure records being written, by envelope hash: a destination asking whether such a
+    /// hop committed waits for the record.
+    departures: Mutex<HashMap<[u8; 32], DepartureRecorded>>,
     control: libp2p_stream::Control,
     commands: mpsc::Sender<SwarmCommand>,
 }
@@ -257,6 +260,7 @@ impl Node {
             idle_streams: StreamPool::default(),
             arrivals: Mutex::new(ArrivalGate::default()),
             signed: Mutex::new(HashSet::new()),
+            departures: Mutex::new(HashMap::new()),
             control,
             commands,
         });
@@ -411,6 +415,9 @@ impl NodeHandle {
             match rec.state {
                 AgentState::Leaving { .. } => {
                     tokio::spawn(recover_departure(shared, rec));
+                }
+                AgentState::Arriving { .. } => {
+                    tokio::spawn(ask_hop_decision(shared, rec));
                 }
                 _ => spawn_agent(&shared, rec.id.clone(), rec.hop),
             }
@@ -971,6 +978,9 @@ fn status(shared: &Shared) -> StatusReport {
                 AgentState::Leaving { to, hop, .. } => {
                     format!("leaving for {} (hop {hop})", shared.name_of(&to))
                 }
+                AgentState::Arriving { from, .. } => {
+                    format!("arriving from {} (hop {})", shared.name_of(&from), r.hop)
+                }
             },
             hops: r.hops,
         })
@@ -1036,6 +1046,11 @@ struct Runnable {
 /// arrival). An agent whose package cannot be loaded ends with a node failure.
 async fn load_runnable(shared: &Arc<Shared>, id: &str, arrival: u64) -> Option<Runnable> {
     let rec = match shared.store.agent(id) {
+        // (An agent stored as arriving runs once its hop committed.)
+        Ok(Some(AgentRecord {
+            state: AgentState::Arriving { .. },
+            ..
+        })) => return None,
         Ok(Some(r)) if r.hop == arrival => r,
         Ok(_) => return None,
         Err(e) => {
@@ -1367,9 +1382,10 @@ async fn hop(
         .store
         .messages(&rec.id)
         .map_err(|e| format!("migrate: {e}"))?;
-    // Durably "leaving for dest at hop h" before the destination may store the agent: before
-    // the offer when the continuation travels inside it, else while the bytes travel (the
-    // destination stores only after the source's `HopDecision::Commit`).
+    // Durably "leaving for dest at hop h", written while the offer travels and the destination
+    // stores the agent as arriving: the destination runs it only after this record is durable
+    // (`HopDecision::Commit`, or asked after a crash), so the two commits overlap and a crash
+    // at any point leaves one live copy.
     // (Built field by field: the continuation is moved, never copied — it may be 100 MB.)
     let leaving = AgentRecord {
         id: rec.id.clone(),
@@ -1382,6 +1398,7 @@ async fn hop(
             to: shared.text_of(&dest),
             hop: next_hop,
             carried: carried.len() as u64,
+            envelope: envelope_hash,
         },
         continuation,
         envelope: rec.envelope.clone(),
@@ -1398,15 +1415,9 @@ async fn hop(
             .boxed()
             .shared()
     };
+    lock(&shared.departures).insert(envelope_hash, recorded.clone());
     let continuation = &leaving.continuation;
     let inline = continuation.len() <= INLINE_CONTINUATION;
-    if inline {
-        recorded
-            .clone()
-            .await
-            .map_err(|e| format!("migrate: {e}"))?;
-        die_if(shared, FaultPoint::SourceAfterLeaving);
-    }
     let dest_text = shared.text_of(&dest);
     let offer = HopOffer {
         envelope: envelope.encode(),
@@ -1433,32 +1444,36 @@ async fn hop(
         hop: next_hop,
         envelope: Some(envelope_hash),
     };
-    match send_hop(shared, &sent, &offer, continuation, &recorded).await {
-        SendOutcome::Owned => {
-            // (The destination owns the agent only after a Commit, sent once the departure
-            // record was durable; wait for that write all the same, so the record completed
-            // below is that one.)
-            let _ = recorded.await;
+    let outcome = send_hop(shared, &sent, &offer, continuation, &recorded).await;
+    let result = match (outcome, recorded.await) {
+        (SendOutcome::Owned, Ok(())) => {
             die_if(shared, FaultPoint::SourceAfterAck);
-            complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len()).await?;
-            Ok(HopResult::Left)
+            complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len())
+                .await
+                .map(|()| HopResult::Left)
         }
-        SendOutcome::NotTaken(reason) => {
-            // The destination certainly does not hold the agent: it stays here (once the
-            // departure record, if it is still being written, is there to be replaced).
-            let _ = recorded.await;
-            let _ = shared.store.put_agent(rec);
-            Err(format!("migrate: cannot move to {to}: {reason}"))
-        }
-        SendOutcome::Unknown(reason) => {
+        (SendOutcome::Unknown(reason), Ok(())) => {
             // The destination could not even be asked: keep the departure record; recovery
             // settles it when the destination answers.
             tracing::warn!(agent = %rec.id, "hop to {to} unsettled: {reason}");
-            let _ = recorded.await;
             tokio::spawn(recover_departure(shared.clone(), leaving.meta()));
             Ok(HopResult::Left)
         }
-    }
+        // The destination does not hold the agent, or holds it only as arriving and hears
+        // that the hop did not commit (the departure record is not there): it stays here.
+        (SendOutcome::NotTaken(reason), _) => {
+            let _ = shared.store.put_agent(rec);
+            Err(format!("migrate: cannot move to {to}: {reason}"))
+        }
+        (_, Err(e)) => {
+            let _ = shared.store.put_agent(rec);
+            Err(format!("migrate: {e}"))
+        }
+    };
+    // Only now: until the store says how the hop ended, a destination asking about it must
+    // wait for the record.
+    lock(&shared.departures).remove(&envelope_hash);
+    result
 }
 
 /// The source's departure record being written (see `hop`): `Ok` once it is durable.
@@ -1551,8 +1566,8 @@ async fn send_hop(
 }
 
 /// One attempt at a hop on one stream: the offer (with the continuation inline when it is
-/// small), else Ready, the raw continuation and the source's decision once its departure
-/// record is written; then the destination's answer.
+/// small, else Ready and the raw continuation), the source's decision once its departure record
+/// is written, then the destination's answer.
 async fn hop_exchange(
     shared: &Shared,
     s: &mut PeerStream,
@@ -1561,7 +1576,6 @@ async fn hop_exchange(
     recorded: &DepartureRecorded,
 ) -> HopExchange {
     let stream = &mut s.stream;
-    let inline = !offer.inline.is_empty();
     let answered = |reply| match reply {
         HopReply::Stored | HopReply::Duplicate => HopExchange::Answered(SendOutcome::Owned, true),
         HopReply::Refused(r) => {
@@ -1573,25 +1587,26 @@ async fn hop_exchange(
         ),
     };
     if let Err(e) = write_frame(stream, offer).await {
-        return if inline {
-            HopExchange::Unknown(e.to_string())
-        } else {
+        // An inline offer may have arrived whole, a raw one cannot have.
+        return if offer.inline.is_empty() {
             HopExchange::NotSent(e.to_string())
+        } else {
+            HopExchange::Unknown(e.to_string())
         };
     }
-    let reply = read_frame::<_, HopReply>(stream, MAX_FRAME).await;
-    // Answered (or not at all): the next new stream to this peer may be opened.
-    s.opening = None;
-    match reply {
-        Err(e) if inline => return HopExchange::Unknown(e.to_string()),
-        Err(e) => return HopExchange::NotSent(e.to_string()),
-        Ok(reply) if inline => return answered(reply),
-        Ok(HopReply::Ready) => {}
-        Ok(reply) => return answered(reply),
-    }
-    // Until the decision goes out the destination stores nothing: failures are NotSent.
-    if let Err(e) = write_bulk(stream, continuation).await {
-        return HopExchange::NotSent(e.to_string());
+    if offer.inline.is_empty() {
+        let reply = read_frame::<_, HopReply>(stream, MAX_FRAME).await;
+        // Answered (or not at all): the next new stream to this peer may be opened.
+        s.opening = None;
+        match reply {
+            Err(e) => return HopExchange::NotSent(e.to_string()),
+            Ok(HopReply::Ready) => {}
+            Ok(reply) => return answered(reply),
+        }
+        // Until the bytes are all out, the destination holds nothing.
+        if let Err(e) = write_bulk(stream, continuation).await {
+            return HopExchange::NotSent(e.to_string());
+        }
     }
     let decision = match recorded.clone().await {
         Ok(()) => {
@@ -1606,7 +1621,9 @@ async fn hop_exchange(
             HopDecision::Abort(why) => HopExchange::Answered(SendOutcome::NotTaken(why), false),
         };
     }
-    match (read_frame::<_, HopReply>(stream, MAX_FRAME).await, decision) {
+    let reply = read_frame::<_, HopReply>(stream, MAX_FRAME).await;
+    s.opening = None;
+    match (reply, decision) {
         (Ok(reply), HopDecision::Abort(why)) => match answered(reply) {
             HopExchange::Answered(_, reusable) => {
                 HopExchange::Answered(SendOutcome::NotTaken(why), reusable)
@@ -1646,7 +1663,10 @@ async fn resolve_departure(shared: &Shared, sent: &SentHop<'_>, give_up: bool) -
 /// Settles a departure whose outcome is unknown (after a lost acknowledgement or a restart):
 /// asks the destination until it answers; if it holds the agent, drop ours, else resume ours.
 async fn recover_departure(shared: Arc<Shared>, rec: AgentMeta) {
-    let AgentState::Leaving { to, hop, carried } = rec.state.clone() else {
+    let AgentState::Leaving {
+        to, hop, carried, ..
+    } = rec.state.clone()
+    else {
         return;
     };
     let Ok(dest) = to.parse::<PeerId>() else {
@@ -1911,8 +1931,8 @@ fn refused(why: String) -> Refusal {
     Refusal::Reply(HopReply::Refused(why))
 }
 
-/// Checks an offer, takes the continuation (inline, or raw after Ready), verifies and stores
-/// the agent.
+/// Checks an offer, takes the continuation (inline, or raw after Ready), verifies it, stores the
+/// agent as arriving while the source's decision travels, and makes it runnable on `Commit`.
 async fn receive_hop(
     shared: &Arc<Shared>,
     peer: PeerId,
@@ -1920,6 +1940,156 @@ async fn receive_hop(
     offer: HopOffer,
 ) -> Result<Runnable, Refusal> {
     let received = std::time::Instant::now();
+    let inline = !offer.inline.is_empty();
+    let checked = match check_offer(shared, peer, &offer).await {
+        Ok(checked) => checked,
+        // The source's decision follows an inline offer whatever the answer.
+        Err(refusal) if inline => return Err(after_decision(stream, refusal).await),
+        Err(refusal) => return Err(refusal),
+    };
+    let (continuation, continuation_hash) = if inline {
+        let hash = *blake3::hash(&offer.inline).as_bytes();
+        (offer.inline, hash)
+    } else {
+        write_frame(stream, &HopReply::Ready).await?;
+        read_bulk(stream, offer.continuation_len as usize).await?
+    };
+    // From here on the source's decision follows, whatever the answer.
+    let CheckedOffer {
+        envelope,
+        previous,
+        sender,
+        loaded,
+        _arriving,
+    } = checked;
+    let fields = envelope.fields().clone();
+    let envelope_hash = *envelope.hash().as_bytes();
+    // An agent coming back presents the envelope this node signed when it sent it away.
+    let signed_here = previous
+        .as_ref()
+        .is_some_and(|p| lock(&shared.signed).contains(p.hash().as_bytes()));
+    let hash = fields.package_hash;
+    let check = HopCheck::new(&sender, &shared.public, &hash, &continuation_hash)
+        .with_previous(previous.as_ref())
+        .with_previous_known_genuine(signed_here);
+    if let Err(e) = verify_hop(envelope, &check) {
+        tracing::warn!(%peer, "refused a hop: {e}");
+        return Err(after_decision(stream, refused(format!("hop envelope: {e}"))).await);
+    }
+    // A small continuation is decoded before it is accepted; a large one (whose hash and
+    // envelope were checked) by its runner, so the acknowledgement does not wait for it.
+    let exec = if inline {
+        match Execution::decode(&loaded.program, &continuation) {
+            Ok(exec) => Some(exec),
+            Err(e) => {
+                let refusal = refused(format!("continuation: {e}"));
+                return Err(after_decision(stream, refusal).await);
+            }
+        }
+    } else {
+        None
+    };
+    let messages = offer.messages;
+    let rec = AgentRecord {
+        id: fields.agent_id.to_string(),
+        package: *hash.as_bytes(),
+        hop: fields.hop,
+        hops: offer.hops,
+        home: offer.home,
+        launcher: offer.launcher,
+        state: AgentState::Arriving {
+            from: shared.text_of(&peer),
+            envelope: envelope_hash,
+            carried: messages.len() as u64,
+        },
+        continuation,
+        envelope: offer.envelope,
+    };
+    // Stored durably while the source's departure record is written and its decision travels.
+    let store = shared.store.write(move |b| {
+        // An arrival of this hop number by another envelope still waits for its decision: its
+        // source gave it up (the source is offering this one), so it goes.
+        if let Some(AgentMeta {
+            state: AgentState::Arriving { envelope: old, .. },
+            hop,
+            ..
+        }) = b.agent_meta(&rec.id)?
+        {
+            if hop == rec.hop && old != envelope_hash {
+                b.abort_arrival(&rec.id, &old)?;
+            }
+        }
+        let arrival = b.accept_arrival(&rec)?;
+        if let Arrival::New = arrival {
+            for m in &messages {
+                b.push_message(&rec.id, m)?;
+            }
+        }
+        Ok((arrival, rec))
+    });
+    let (stored, decision) = tokio::join!(store, read_frame::<_, HopDecision>(stream, MAX_FRAME));
+    let rec = match stored {
+        Ok((Arrival::New, rec)) => rec,
+        Ok((Arrival::Duplicate, _)) => {
+            decision?;
+            return Err(Refusal::Reply(HopReply::Duplicate));
+        }
+        Err(e) => {
+            decision?;
+            return Err(refused(format!("cannot store the agent: {e}")));
+        }
+    };
+    die_if(shared, FaultPoint::DestinationAfterStore);
+    match decision {
+        Ok(HopDecision::Commit) => {}
+        Ok(HopDecision::Abort(why)) => {
+            settle_arrival(shared, &rec.meta(), false).await;
+            return Err(refused(format!("the source gave up the hop: {why}")));
+        }
+        Err(e) => {
+            // The decision is lost with the stream: ask the source for it.
+            tokio::spawn(ask_hop_decision(shared.clone(), rec.meta()));
+            return Err(Refusal::Wire(e));
+        }
+    }
+    let rec = match commit_arrival(shared, &rec.id, &envelope_hash).await {
+        Some(meta) => AgentRecord {
+            state: meta.state,
+            ..rec
+        },
+        None => return Err(refused("the arrival was dropped meanwhile".into())),
+    };
+    // Reported by the destination, before the agent runs here: a trace line never races the
+    // agent's end.
+    if let Some(log) = &shared.hop_log {
+        let _ = log.send(HopRecord {
+            hop: rec.hop,
+            from: shared.name_of(&shared.text_of(&peer)),
+            to: shared.name.clone(),
+            bytes: rec.continuation.len(),
+            micros: offer.prepared_micros + received.elapsed().as_micros() as u64,
+        });
+    }
+    Ok(Runnable { rec, exec, loaded })
+}
+
+/// An offer that passed the checks made before its continuation is taken.
+struct CheckedOffer<'a> {
+    envelope: HopEnvelope,
+    previous: Option<HopEnvelope>,
+    sender: PublicKey,
+    loaded: Arc<Loaded>,
+    /// Holds the hop in `ArrivalGate::arriving` until the offer is settled.
+    _arriving: Arriving<'a>,
+}
+
+/// The checks of an offer made before its continuation is taken: the sender, the envelope, the
+/// hop not seen before, the size, the package (pulled if missing) and its author.
+async fn check_offer<'a>(
+    shared: &'a Arc<Shared>,
+    peer: PeerId,
+    offer: &HopOffer,
+) -> Result<CheckedOffer<'a>, Refusal> {
     let Some(sender) = shared.key_of(&peer) else {
         return Err(refused("sender has no ed25519 identity".into()));
     };
@@ -1940,31 +2110,41 @@ async fn receive_hop(
                 .map_err(|e| refused(format!("previous envelope: {e}")))?,
         )
     };
-    let fields = envelope.fields().clone();
+    let fields = envelope.fields();
     let agent = fields.agent_id.to_string();
-    let _arriving = enter_arrival(
+    let arriving = enter_arrival(
         shared,
         (agent.clone(), fields.hop),
         *envelope.hash().as_bytes(),
     )
     .await
     .map_err(refused)?;
-    if shared.store.has_seen(&agent, fields.hop).unwrap_or(false) {
+    // An agent that lives here cannot arrive here. Only a departure record (the agent is in
+    // flight, and may be coming back before the departure completed) gives way to an arrival,
+    // and an arrival of the same hop by another envelope (given up by its source) to this one.
+    let here = shared
+        .store
+        .agent_meta(&agent)
+        .map_err(|e| refused(format!("store: {e}")))?;
+    let replaces = here.as_ref().is_some_and(|m| {
+        m.hop == fields.hop
+            && matches!(m.state, AgentState::Arriving { .. })
+            && !m.arriving_by(envelope.hash().as_bytes())
+    });
+    if !replaces && shared.store.has_seen(&agent, fields.hop).unwrap_or(false) {
         return Err(Refusal::Reply(HopReply::Duplicate));
     }
-    // An agent that lives here cannot arrive here. Only a departure record (the agent is in
-    // flight, and may be coming back before the departure completed) gives way to an arrival.
-    match shared.store.agent_meta(&agent) {
-        Ok(None)
-        | Ok(Some(AgentMeta {
+    match here {
+        None
+        | Some(AgentMeta {
             state: AgentState::Leaving { .. },
             ..
-        })) => {}
-        Ok(Some(_)) => {
+        }) => {}
+        Some(_) if replaces => {}
+        Some(_) => {
             tracing::warn!(%peer, agent, "refused a hop of an agent that lives here");
             return Err(refused("this agent lives on this node".into()));
         }
-        Err(e) => return Err(refused(format!("store: {e}"))),
     }
     if offer.continuation_len > shared.limits.max_continuation_bytes as u64 {
         return Err(refused(format!(
@@ -1972,8 +2152,7 @@ async fn receive_hop(
             offer.continuation_len
         )));
     }
-    let inline = !offer.inline.is_empty();
-    if inline && offer.inline.len() as u64 != offer.continuation_len {
+    if !offer.inline.is_empty() && offer.inline.len() as u64 != offer.continuation_len {
         return Err(refused(format!(
             "the inline continuation has {} bytes, the offer announces {}",
             offer.inline.len(),
@@ -1987,87 +2166,136 @@ async fn receive_hop(
     if let Err(e) = shared.trust.admit_package(&loaded.package) {
         return Err(refused(format!("package refused: {e}")));
     }
-    let (continuation, continuation_hash) = if inline {
-        let hash = *blake3::hash(&offer.inline).as_bytes();
-        (offer.inline, hash)
-    } else {
-        write_frame(stream, &HopReply::Ready).await?;
-        let bulk = read_bulk(stream, offer.continuation_len as usize).await?;
-        // The source wrote its departure record while the bytes travelled.
-        match read_frame::<_, HopDecision>(stream, MAX_FRAME).await? {
-            HopDecision::Commit => bulk,
-            HopDecision::Abort(why) => {
-                return Err(refused(format!("the source gave up the hop: {why}")))
-            }
+    Ok(CheckedOffer {
+        envelope,
+        previous,
+        sender,
+        loaded,
+        _arriving: arriving,
+    })
+}
+
+/// Takes the source's decision that follows the continuation, then gives `refusal`: the stream
+/// stays in step for the next offer.
+async fn after_decision(stream: &mut libp2p::Stream, refusal: Refusal) -> Refusal {
+    if let Refusal::Reply(_) = refusal {
+        if let Err(e) = read_frame::<_, HopDecision>(stream, MAX_FRAME).await {
+            return Refusal::Wire(e);
         }
-    };
-    // An agent coming back presents the envelope this node signed when it sent it away.
-    let signed_here = previous
-        .as_ref()
-        .is_some_and(|p| lock(&shared.signed).contains(p.hash().as_bytes()));
-    let check = HopCheck::new(&sender, &shared.public, &hash, &continuation_hash)
-        .with_previous(previous.as_ref())
-        .with_previous_known_genuine(signed_here);
-    if let Err(e) = verify_hop(envelope, &check) {
-        tracing::warn!(%peer, "refused a hop: {e}");
-        return Err(refused(format!("hop envelope: {e}")));
     }
-    // A small continuation is decoded before it is accepted; a large one (whose hash and
-    // envelope were checked) by its runner, so the acknowledgement does not wait for it.
-    let exec = if inline {
-        Some(
-            Execution::decode(&loaded.program, &continuation)
-                .map_err(|e| refused(format!("continuation: {e}")))?,
-        )
-    } else {
-        None
-    };
-    let rec = AgentRecord {
-        id: agent,
-        package: *hash.as_bytes(),
-        hop: fields.hop,
-        hops: offer.hops,
-        home: offer.home,
-        launcher: offer.launcher,
-        state: AgentState::Ready,
-        continuation,
-        envelope: offer.envelope,
-    };
-    let messages = offer.messages;
-    let me = shared.me.clone();
-    let arrival = shared
+    refusal
+}
+
+/// The hop committed: the agent stored as arriving by this envelope becomes runnable (an
+/// unsynced write: a crash before it is durable leaves the agent arriving, and a restart asks
+/// the source again). Its metadata as now stored; None if it is not arriving by this hop.
+async fn commit_arrival(shared: &Shared, id: &str, envelope: &[u8; 32]) -> Option<AgentMeta> {
+    let (agent, envelope, me) = (id.to_string(), *envelope, shared.me.clone());
+    let committed = shared
         .store
-        .write(move |b| {
-            let arrival = b.accept_arrival(&rec)?;
-            if let Arrival::New = arrival {
-                for m in &messages {
-                    b.push_message(&rec.id, m)?;
-                }
-                if rec.home == me {
-                    b.set_location(&rec.id, &me)?;
-                }
+        .write_unsynced(move |b| {
+            let Some(meta) = b.commit_arrival(&agent, &envelope)? else {
+                return Ok(None);
+            };
+            if meta.home == me {
+                b.set_location(&agent, &me)?;
             }
-            Ok((arrival, rec))
+            Ok(Some(meta))
         })
         .await;
-    let rec = match arrival {
-        Ok((Arrival::New, rec)) => rec,
-        Ok((Arrival::Duplicate, _)) => return Err(Refusal::Reply(HopReply::Duplicate)),
-        Err(e) => return Err(refused(format!("cannot store the agent: {e}"))),
-    };
-    die_if(shared, FaultPoint::DestinationAfterStore);
-    // Reported by the destination, before the agent runs here: a trace line never races the
-    // agent's end.
-    if let Some(log) = &shared.hop_log {
-        let _ = log.send(HopRecord {
-            hop: rec.hop,
-            from: shared.name_of(&shared.text_of(&peer)),
-            to: shared.name.clone(),
-            bytes: rec.continuation.len(),
-            micros: offer.prepared_micros + received.elapsed().as_micros() as u64,
-        });
+    match committed {
+        Ok(meta) => meta,
+        Err(e) => {
+            // Stored as arriving, and committed: it runs; a restart would ask the source again.
+            tracing::error!(agent = id, "cannot record that the hop committed: {e}");
+            shared
+                .store
+                .agent_meta(id)
+                .ok()
+                .flatten()
+                .map(|m| AgentMeta {
+                    state: AgentState::Ready,
+                    ..m
+                })
+        }
     }
-    Ok(Runnable { rec, exec, loaded })
+}
+
+/// Applies the source's decision to an agent stored as arriving: runs it if the hop committed,
+/// else drops it (and forwards what was queued for it since it arrived).
+async fn settle_arrival(shared: &Arc<Shared>, meta: &AgentMeta, committed: bool) {
+    let AgentState::Arriving { envelope, .. } = meta.state else {
+        return;
+    };
+    if committed {
+        if commit_arrival(shared, &meta.id, &envelope).await.is_some() {
+            spawn_agent(shared, meta.id.clone(), meta.hop);
+        }
+        return;
+    }
+    let agent = meta.id.clone();
+    match shared
+        .store
+        .write(move |b| b.abort_arrival(&agent, &envelope))
+        .await
+    {
+        Ok(Some(queued)) => forward_queued(shared, &meta.id, queued),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(agent = %meta.id, "cannot drop an arrival that did not commit: {e}")
+        }
+    }
+}
+
+/// Settles an agent stored as arriving whose source's decision was lost (a broken stream, a
+/// restart): asks the source until it answers.
+async fn ask_hop_decision(shared: Arc<Shared>, meta: AgentMeta) {
+    let AgentState::Arriving {
+        ref from, envelope, ..
+    } = meta.state
+    else {
+        return;
+    };
+    let Ok(source) = from.parse::<PeerId>() else {
+        tracing::error!(agent = %meta.id, "arrival from an unreadable peer id {from:?}: dropped");
+        return settle_arrival(&shared, &meta, false).await;
+    };
+    let request = ControlRequest::HopCommitted {
+        agent: meta.id.clone(),
+        envelope,
+    };
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match control_request(&shared, source, &request).await {
+            Ok(ControlReply::HopCommitted(committed)) => {
+                return settle_arrival(&shared, &meta, committed).await
+            }
+            Ok(other) => {
+                tracing::warn!(agent = %meta.id, "the source answered {other:?} about a hop")
+            }
+            Err(e) => tracing::debug!(agent = %meta.id, "cannot ask the source about a hop: {e}"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The source's answer to [`ControlRequest::HopCommitted`]: whether the departure record of the
+/// hop with this envelope hash is durable (waiting for it while it is written). None when the
+/// store cannot be read.
+async fn hop_committed(shared: &Shared, agent: &str, envelope: &[u8; 32]) -> Option<bool> {
+    let recording = lock(&shared.departures).get(envelope).cloned();
+    if let Some(recorded) = recording {
+        return Some(recorded.await.is_ok());
+    }
+    // The hop's outcome is in the store: still leaving by it, or departed by it.
+    match shared.store.agent_meta(agent).ok()? {
+        Some(AgentMeta {
+            state: AgentState::Leaving { envelope: e, .. },
+            ..
+        }) if e == *envelope => Some(true),
+        _ => Some(shared.store.departed(agent).ok()? == Some(*envelope)),
+    }
 }
 
 /// Updates the agent's location at its home node (best effort; forwarding pointers cover gaps).
@@ -2311,6 +2539,13 @@ async fn answer_control(
         } => {
             let held = hop_held(shared, agent, hop, envelope).await;
             write_frame(stream, &ControlReply::HopHeld(held)).await
+        }
+        ControlRequest::HopCommitted { agent, envelope } => {
+            let reply = match hop_committed(shared, &agent, &envelope).await {
+                Some(committed) => ControlReply::HopCommitted(committed),
+                None => ControlReply::Error("cannot read the store".into()),
+            };
+            write_frame(stream, &reply).await
         }
     }
 }

@@ -15,6 +15,7 @@
 //! | `continuation_chunks` | (agent id, `u32` chunk) | continuation bytes       | continuations of 4 KiB or more, in chunks of 4 KiB to 1 MiB |
 //! | `seen`                | (agent id, hop)         | `()`                     | hops this node accepted: makes arrivals exactly once |
 //! | `forwards`            | agent id                | destination peer id      | forwarding pointers left by departed agents |
+//! | `departed`            | agent id                | `[u8; 32]` envelope hash | the hop an agent last left by: a destination still holding it as arriving after a crash asks whether that hop committed |
 //! | `locations`           | agent id                | peer id                  | on the home node, where each agent it launched is now |
 //! | `messages`            | (agent id, seq)         | message bytes            | per-agent FIFO queues; `seq` orders them |
 //! | `results`             | agent id                | result bytes             | how agents ended, kept for whoever launched them |
@@ -128,6 +129,7 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("continuation_chunks");
 const SEEN: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
 const FORWARDS: TableDefinition<&str, &str> = TableDefinition::new("forwards");
+const DEPARTED: TableDefinition<&str, [u8; 32]> = TableDefinition::new("departed");
 const LOCATIONS: TableDefinition<&str, &str> = TableDefinition::new("locations");
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
@@ -301,6 +303,13 @@ pub struct AgentMeta {
     pub envelope: Vec<u8>,
 }
 
+impl AgentMeta {
+    /// Whether the agent is stored as arriving by the hop with this envelope hash.
+    pub fn arriving_by(&self, hash: &[u8; 32]) -> bool {
+        matches!(&self.state, AgentState::Arriving { envelope, .. } if envelope == hash)
+    }
+}
+
 /// The CBOR of an `agents` value, borrowed from an [`AgentRecord`] or an [`AgentMeta`] to be
 /// encoded without copying; decodes as a [`StoredAgent`], or as an [`AgentMeta`] (same field
 /// names, the continuation ignored).
@@ -395,8 +404,9 @@ pub enum AgentState {
         /// When `receive` gives up, if ever.
         timeout_at_ms: Option<u64>,
     },
-    /// A hop in progress, recorded before the hop is offered: after a crash, ask `to` whether it
-    /// holds `hop` before resuming the agent here.
+    /// A hop in progress, recorded while the hop is offered: after a crash, ask `to` whether it
+    /// holds `hop` before resuming the agent here. Once this record is durable, the hop commits
+    /// as soon as the destination holds it.
     Leaving {
         /// Destination peer id text.
         to: String,
@@ -405,6 +415,22 @@ pub enum AgentState {
         /// How many of the agent's queued messages (the oldest) travel with this hop; the rest
         /// arrived later and are forwarded once the hop completes.
         #[serde(default)]
+        carried: u64,
+        /// BLAKE3 of the hop's envelope: the destination asks about the hop by it.
+        #[serde(default, with = "serde_bytes")]
+        envelope: [u8; 32],
+    },
+    /// Stored by a hop whose source may not have recorded its departure durably yet: not
+    /// runnable until the source says the hop committed (its departure record is durable), and
+    /// dropped if it says it did not.
+    Arriving {
+        /// Source peer id text: whom to ask after a crash.
+        from: String,
+        /// BLAKE3 of the hop's envelope.
+        #[serde(with = "serde_bytes")]
+        envelope: [u8; 32],
+        /// How many of the agent's queued messages (the oldest) came with the hop (copies of the
+        /// source's, dropped if the hop does not commit).
         carried: u64,
     },
 }
@@ -553,6 +579,7 @@ impl Store {
             b.txn.open_table(CHUNKS)?;
             b.txn.open_table(SEEN)?;
             b.txn.open_table(FORWARDS)?;
+            b.txn.open_table(DEPARTED)?;
             b.txn.open_table(LOCATIONS)?;
             b.txn.open_table(MESSAGES)?;
             b.txn.open_table(RESULTS)?;
@@ -601,7 +628,7 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.shared.begin()?;
+        let txn = self.shared.begin(true)?;
         let result = f(&mut Batch { txn: &txn });
         match result {
             Ok(value) => {
@@ -679,8 +706,32 @@ impl Store {
         &self,
         op: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.queue_write(op, true).await
+    }
+
+    /// [`Store::write`] for a change a crash may lose, because recovery redoes it (an arrival
+    /// turning runnable, a completed departure): its group commits without waiting for the
+    /// disk, unless another write of the group needs the store's durability. It becomes durable
+    /// with the next commit that waits for the disk; a crash before that loses it and every
+    /// unsynced write after it, never part of one, and never a synced write.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::write`].
+    pub async fn write_unsynced<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.queue_write(op, false).await
+    }
+
+    async fn queue_write<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError> + Send + 'static,
+        synced: bool,
+    ) -> Result<T, StoreError> {
         let (reply, outcome) = oneshot::channel();
-        if let Some(leader) = self.shared.enqueue(Box::new(Queued { op, reply })) {
+        if let Some(leader) = self.shared.enqueue(Box::new(Queued { op, reply, synced })) {
             // Runs at least the group holding this write before returning, so the await below
             // never waits on a leader that is this very task.
             leader.lead(true);
@@ -861,6 +912,15 @@ impl Store {
         self.batch(|b| b.complete_departure(id, to))
     }
 
+    /// BLAKE3 of the envelope of the hop agent `id` last left this node by, if it ever did.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn departed(&self, id: &str) -> Result<Option<[u8; 32]>, StoreError> {
+        self.read(|txn| Ok(txn.open_table(DEPARTED)?.get(id)?.map(|v| v.value())))
+    }
+
     /// Where agent `id` went from here, if it left.
     ///
     /// # Errors
@@ -1000,10 +1060,15 @@ impl Store {
 }
 
 impl Shared {
-    /// A write transaction with the store's durability.
-    fn begin(&self) -> Result<WriteTransaction, StoreError> {
+    /// A write transaction with the store's durability, or none (`synced` false).
+    fn begin(&self, synced: bool) -> Result<WriteTransaction, StoreError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(self.durability.into())?;
+        let durability = if synced {
+            self.durability
+        } else {
+            Durability::NoSync
+        };
+        txn.set_durability(durability.into())?;
         Ok(txn)
     }
 
@@ -1030,7 +1095,7 @@ impl Shared {
     /// Runs `group` in one transaction and reports to each write. Writes that did not run
     /// because an earlier one failed are left in `group`, in order, for the next transaction.
     fn commit_group(&self, group: &mut VecDeque<Box<dyn Job>>) {
-        let txn = match self.begin() {
+        let txn = match self.begin(group.iter().any(|job| job.synced())) {
             Ok(txn) => txn,
             Err(e) => {
                 let cause = format!("its transaction could not begin: {}", chain(&e));
@@ -1164,6 +1229,8 @@ trait Job: Send {
     fn run(self: Box<Self>, batch: &mut Batch<'_>) -> Ran;
     /// Reports that the write was not run and why.
     fn abandon(self: Box<Self>, error: StoreError);
+    /// Whether its commit must have the store's durability.
+    fn synced(&self) -> bool;
 }
 
 /// Reports the commit's outcome to a write that succeeded in its transaction.
@@ -1181,6 +1248,7 @@ struct Queued<F, T> {
     op: F,
     /// Sending fails only when the caller stopped waiting; its outcome is then discarded.
     reply: oneshot::Sender<Result<T, StoreError>>,
+    synced: bool,
 }
 
 impl<F, T> Job for Queued<F, T>
@@ -1189,7 +1257,7 @@ where
     T: Send + 'static,
 {
     fn run(self: Box<Self>, batch: &mut Batch<'_>) -> Ran {
-        let Queued { op, reply } = *self;
+        let Queued { op, reply, .. } = *self;
         // The transaction a panic may leave half-written is aborted, so no broken state is
         // observed afterwards.
         match panic::catch_unwind(AssertUnwindSafe(|| op(batch))) {
@@ -1212,6 +1280,10 @@ where
 
     fn abandon(self: Box<Self>, error: StoreError) {
         let _ = self.reply.send(Err(error));
+    }
+
+    fn synced(&self) -> bool {
+        self.synced
     }
 }
 
@@ -1398,16 +1470,83 @@ impl Batch<'_> {
     }
 
     /// The source side of a hop once the destination acknowledged it: deletes the agent and
-    /// records the forwarding pointer `id -> to`. Messages queued for the agent stay queued;
-    /// take them in the same batch to forward them.
+    /// records the forwarding pointer `id -> to` (and, if its record was
+    /// [`AgentState::Leaving`], the hop's envelope hash as [`Store::departed`]). Messages queued
+    /// for the agent stay queued; take them in the same batch to forward them.
     ///
     /// # Errors
     ///
     /// When the write fails.
     pub fn complete_departure(&mut self, id: &str, to: &str) -> Result<(), StoreError> {
+        if let Some(AgentMeta {
+            state: AgentState::Leaving { envelope, .. },
+            ..
+        }) = self.agent_meta(id)?
+        {
+            self.txn.open_table(DEPARTED)?.insert(id, envelope)?;
+        }
         self.delete_agent(id)?;
         self.txn.open_table(FORWARDS)?.insert(id, to)?;
         Ok(())
+    }
+
+    /// The hop with envelope hash `envelope` committed: agent `id`, stored by it as
+    /// [`AgentState::Arriving`], becomes [`AgentState::Ready`], and any forwarding pointer of
+    /// the agent goes (it lives here again). Returns its metadata as now stored, or None,
+    /// having written nothing, if the agent is not stored as arriving by that hop.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if the stored record is corrupt, or when the write fails.
+    pub fn commit_arrival(
+        &mut self,
+        id: &str,
+        envelope: &[u8; 32],
+    ) -> Result<Option<AgentMeta>, StoreError> {
+        match self.agent_meta(id)? {
+            Some(meta) if meta.arriving_by(envelope) => {
+                let ready = AgentMeta {
+                    state: AgentState::Ready,
+                    ..meta
+                };
+                self.put_agent_meta(&ready)?;
+                self.txn.open_table(FORWARDS)?.remove(id)?;
+                Ok(Some(ready))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The hop with envelope hash `envelope` did not commit: agent `id`, stored by it as
+    /// [`AgentState::Arriving`], is dropped with the messages that came with it, and its hop is
+    /// forgotten (so that a later offer of that hop number is not taken for a duplicate).
+    /// Returns the messages queued for the agent since it arrived (to forward), or None, having
+    /// written nothing, if the agent is not stored as arriving by that hop.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if the stored record is corrupt, or when the write fails.
+    pub fn abort_arrival(
+        &mut self,
+        id: &str,
+        envelope: &[u8; 32],
+    ) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+        let meta = match self.agent_meta(id)? {
+            Some(meta) if meta.arriving_by(envelope) => meta,
+            _ => return Ok(None),
+        };
+        let AgentState::Arriving { carried, .. } = meta.state else {
+            return Ok(None);
+        };
+        self.delete_agent(id)?;
+        self.txn.open_table(SEEN)?.remove((id, meta.hop))?;
+        let queued = self.take_messages(id)?;
+        Ok(Some(
+            queued
+                .into_iter()
+                .skip(usize::try_from(carried).unwrap_or(usize::MAX))
+                .collect(),
+        ))
     }
 
     /// See [`Store::set_location`].

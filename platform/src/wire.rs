@@ -43,8 +43,9 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
         .build())
 }
 
-/// Moving an agent: offer, (package pull by the receiver), continuation bytes, acknowledgement.
-pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/1");
+/// Moving an agent: offer, (package pull by the receiver), continuation bytes, the source's
+/// decision, acknowledgement.
+pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/2");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Launching agents, status, results and hop recovery queries.
@@ -239,8 +240,8 @@ pub struct HopOffer {
     pub previous: Vec<u8>,
     /// Length of the continuation.
     pub continuation_len: u64,
-    /// The continuation itself when it is at most [`INLINE_CONTINUATION`] bytes (the source
-    /// recorded its departure before offering); otherwise empty, and its bytes follow a
+    /// The continuation itself when it is at most [`INLINE_CONTINUATION`] bytes, and then a
+    /// [`HopDecision`] follows the offer; otherwise empty, and its bytes follow a
     /// [`HopReply::Ready`], then a [`HopDecision`].
     #[serde(with = "serde_bytes")]
     pub inline: Vec<u8>,
@@ -257,12 +258,14 @@ pub struct HopOffer {
     pub launcher: Option<String>,
 }
 
-/// The source's last word on a hop whose continuation followed the offer raw (sent right
-/// after the bytes): the departure record it wrote while the bytes travelled is durable, or it
-/// could not be written. The destination stores the agent only after `Commit`.
+/// The source's last word on a hop, sent after the continuation (inline in the offer, or raw
+/// after it) once the departure record it writes meanwhile is durable, or could not be written.
+/// The destination stores the agent as arriving while this travels, and runs it only after
+/// `Commit`; a destination that misses it asks with [`ControlRequest::HopCommitted`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum HopDecision {
-    /// The source's departure record is durable: store the agent.
+    /// The source's departure record is durable: the hop commits once the destination holds
+    /// the agent.
     Commit,
     /// The source could not record the departure: drop what arrived.
     Abort(String),
@@ -356,6 +359,14 @@ pub enum ControlRequest {
         /// BLAKE3 of the envelope of the offer in question, when the source knows it.
         envelope: Option<[u8; 32]>,
     },
+    /// Did the hop with this envelope hash commit (is the source's departure record durable)?
+    /// Asked by a destination holding the agent as arriving that missed the source's decision.
+    HopCommitted {
+        /// The agent.
+        agent: String,
+        /// BLAKE3 of the hop's envelope.
+        envelope: [u8; 32],
+    },
 }
 
 /// How an agent ended.
@@ -422,6 +433,8 @@ pub enum ControlReply {
     Status(StatusReport),
     /// Whether this node holds the hop asked about.
     HopHeld(bool),
+    /// Whether the hop asked about committed.
+    HopCommitted(bool),
     /// The message is queued for the agent (or forwarded to where it is).
     Delivered,
     /// (To a probe) this node knows nothing of the agent.

@@ -148,6 +148,7 @@ fn agents_round_trip() {
         to: "12D3KooWDest".into(),
         hop: 5,
         carried: 0,
+        envelope: [9; 32],
     };
     let mut fresh = agent("a", 0);
     fresh.continuation.clear();
@@ -283,6 +284,7 @@ fn large_continuations_survive_reopen_and_hops() {
             to: "peer-b".into(),
             hop: 4,
             carried: 0,
+            envelope: [9; 32],
         },
         continuation: continuation(3, 100 * MB + 1),
         ..big.clone()
@@ -638,6 +640,7 @@ fn complete_departure_removes_agent_and_leaves_forward() {
         to: "peer-b".into(),
         hop: 2,
         carried: 0,
+        envelope: [9; 32],
     };
     store.put_agent(&rec).unwrap();
     store.put_agent(&agent("other", 0)).unwrap();

@@ -553,9 +553,10 @@ pub mod process {
 
 /// A raw libp2p peer that speaks tern's wire protocols by hand, for hostile-peer tests: it can
 /// open hop streams and write anything on them, serves the packages it is given, and records
-/// the agent ends nodes report to it (when it names itself as an agent's home).
+/// the agent ends nodes report to it (when it names itself as an agent's home), and answers
+/// whether the hops it sent committed ([`RawPeer::record_departure`]).
 pub mod raw_peer {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -580,6 +581,7 @@ pub mod raw_peer {
         connected: tokio::sync::watch::Receiver<bool>,
         packages: Packages,
         ended: Arc<Mutex<Vec<(String, AgentEnd)>>>,
+        departures: Arc<Mutex<HashSet<[u8; 32]>>>,
         tasks: Vec<tokio::task::JoinHandle<()>>,
     }
 
@@ -647,9 +649,11 @@ pub mod raw_peer {
                 }
             }));
             let ends = ended.clone();
+            let departures: Arc<Mutex<HashSet<[u8; 32]>>> = Arc::default();
+            let recorded = departures.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some((_, mut stream)) = control_streams.next().await {
-                    let ends = ends.clone();
+                    let (ends, recorded) = (ends.clone(), recorded.clone());
                     tokio::spawn(async move {
                         let reply =
                             match read_frame::<_, ControlRequest>(&mut stream, MAX_FRAME).await {
@@ -658,6 +662,14 @@ pub mod raw_peer {
                                         .unwrap_or_else(|e| e.into_inner())
                                         .push((agent, end));
                                     ControlReply::Ok
+                                }
+                                Ok(ControlRequest::HopCommitted { envelope, .. }) => {
+                                    ControlReply::HopCommitted(
+                                        recorded
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .contains(&envelope),
+                                    )
                                 }
                                 _ => ControlReply::Error("raw peer".into()),
                             };
@@ -673,6 +685,7 @@ pub mod raw_peer {
                 connected,
                 packages,
                 ended,
+                departures,
                 tasks,
             }
         }
@@ -743,6 +756,15 @@ pub mod raw_peer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(*package.hash().as_bytes(), bytes);
+        }
+
+        /// From now on, answers that the hop with this envelope hash committed (as a source
+        /// whose departure record is durable); other hops did not.
+        pub fn record_departure(&self, envelope: [u8; 32]) {
+            self.departures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(envelope);
         }
 
         /// Agent ends reported to this peer so far.

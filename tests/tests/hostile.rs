@@ -180,8 +180,8 @@ async fn expect_closed(stream: &mut libp2p::Stream) {
     }
 }
 
-/// Sends a hop (offer, then the continuation and the decision to commit if the node is ready)
-/// and returns the last reply.
+/// Sends a hop (offer; then, for a raw continuation, the bytes if the node is ready; then the
+/// decision to commit) and returns the last reply.
 async fn send_hop(stream: &mut libp2p::Stream, offer: &HopOffer, continuation: &[u8]) -> HopReply {
     send_hop_deciding(stream, offer, continuation, HopDecision::Commit).await
 }
@@ -193,16 +193,18 @@ async fn send_hop_deciding(
     decision: HopDecision,
 ) -> HopReply {
     write_frame(stream, offer).await.expect("send the offer");
-    match read_frame::<_, HopReply>(stream, MAX_FRAME)
-        .await
-        .expect("a reply to the offer")
-    {
-        HopReply::Ready => {}
-        other => return other,
+    if offer.inline.is_empty() {
+        match read_frame::<_, HopReply>(stream, MAX_FRAME)
+            .await
+            .expect("a reply to the offer")
+        {
+            HopReply::Ready => {}
+            other => return other,
+        }
+        write_bulk(stream, continuation)
+            .await
+            .expect("send the continuation");
     }
-    write_bulk(stream, continuation)
-        .await
-        .expect("send the continuation");
     write_frame(stream, &decision)
         .await
         .expect("send the decision");
@@ -451,12 +453,25 @@ fn an_inline_continuation_is_checked_like_a_raw_one_and_one_stream_serves_many_o
     });
 }
 
+/// Waits (up to 20 s) until the node holds no agent.
+async fn no_agent_left(mesh: &Mesh) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !mesh.target.status().agents.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            mesh.target.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
-fn a_raw_continuation_is_stored_only_after_the_source_commits() {
+fn a_continuation_runs_only_after_the_source_commits() {
     run(async {
         let mesh = Mesh::start().await;
         let (raw, offer, continuation) = mesh.plain_hop();
-        // The source could not record its departure: nothing is stored, the stream goes on.
+        // The source could not record its departure: nothing is kept, the stream goes on.
         let mut s = raw.open_hop().await;
         let why = "disk full".to_string();
         refused(
@@ -464,11 +479,46 @@ fn a_raw_continuation_is_stored_only_after_the_source_commits() {
             "disk full",
         );
         assert!(mesh.target.status().agents.is_empty());
-        // The bytes, then silence: still nothing stored once the stream breaks.
+        // The bytes, then silence: the node keeps the agent as arriving, asks the source, which
+        // has no departure record of that hop, and drops it.
         send_then_close(&mut s, &offer, &continuation).await;
-        assert!(mesh.target.status().agents.is_empty());
-        // Committed: stored.
+        no_agent_left(&mesh).await;
+        assert!(raw.ended().is_empty());
+        // Committed: stored, and it runs.
         stored_on_a_new_stream(&raw, &offer, &continuation).await;
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn an_arrival_whose_decision_was_lost_asks_the_source_and_runs() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let package = sign(r#"migrate("target"); here()"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        let (mut offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        offer.inline = continuation;
+        let envelope = HopEnvelope::decode(&offer.envelope).unwrap();
+        // The source's departure record is durable; the offer goes out inline, then the stream
+        // breaks before the decision: the node asks the source, and runs the agent.
+        raw.record_departure(*envelope.hash().as_bytes());
+        let mut s = raw.open_hop().await;
+        write_frame(&mut s, &offer).await.unwrap();
+        s.close().await.unwrap();
+        expect_closed(&mut s).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while raw.ended().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the agent never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match &raw.ended()[0].1 {
+            AgentEnd::Finished { json, .. } => assert_eq!(json, r#""target""#),
+            other => panic!("{other:?}"),
+        }
         mesh.still_serves().await;
     });
 }

@@ -5,11 +5,18 @@
 //! the `Swarm` and answers [`SwarmCommand`]s; protocols run over libp2p-stream, whose `Control`
 //! is cloneable, so each exchange is its own task and the swarm task never blocks on a peer.
 //! Agent slices run on tokio's blocking pool, so a busy agent never stalls networking. Durable
-//! state lives in the [`Store`]: an agent exists on exactly one node at a time because the
-//! source's departure record is durable before the destination may store the agent (written
-//! before the offer of a small continuation; for a large one, while its bytes travel, and the
-//! destination stores it only after the source's commit), and the source deletes its copy only
-//! after the destination acknowledged having stored it.
+//! state lives in the [`Store`].
+//!
+//! An agent runs on exactly one node at a time. A hop commits in two overlapping phases: the
+//! source writes its departure record ("leaving for dst by envelope E") while the offer and
+//! the continuation travel, and the destination stores the agent as *arriving* (durable, not
+//! runnable) meanwhile. The hop commits when both records are durable: the source then sends
+//! `HopDecision::Commit`, and only then does the destination run the agent (its switch to
+//! runnable needs no fsync: after a crash an arriving agent asks the source, whose departure
+//! record, or the `departed` hash it leaves, answers). The source deletes its copy only once
+//! the destination acknowledged, or said it holds the hop when asked; a source that cannot
+//! write its record says `Abort`, and the destination drops the arrival. So the critical path
+//! of a durable hop holds one fsync, not two in a row.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -80,11 +87,11 @@ pub struct HopRecord {
 /// Where a test wants a node to die during a hop (fault injection; never set outside tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
-    /// Source: after recording the departure, before offering the hop.
+    /// Source: once its departure record is durable (the offer is out), before its Commit.
     SourceAfterLeaving,
     /// Source: after the destination acknowledged, before deleting its copy.
     SourceAfterAck,
-    /// Destination: after storing the agent, before acknowledging.
+    /// Destination: after storing the agent as arriving, before applying the source's decision.
     DestinationAfterStore,
 }
 

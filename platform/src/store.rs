@@ -62,6 +62,10 @@
 //! two-phase commit and quick-repair (both off by default, and left off) would each add an
 //! fsync or more per commit without making a commit more durable.
 //!
+//! [`Store::write_unsynced`] is for changes a crash may lose because recovery redoes them (an
+//! arrival turning runnable once its hop committed): its group commits without an fsync unless
+//! another write of the group needs one, and becomes durable with the next synced commit.
+//!
 //! # Concurrency
 //!
 //! [`Store`] is a cheap `Clone` around one shared `Arc` (the `redb::Database` and the write

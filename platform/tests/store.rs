@@ -646,10 +646,13 @@ fn complete_departure_removes_agent_and_leaves_forward() {
     store.put_agent(&agent("other", 0)).unwrap();
     store.push_message("a", b"for a").unwrap();
 
+    assert_eq!(store.departed("a").unwrap(), None);
     store.complete_departure("a", "peer-b").unwrap();
     assert_eq!(store.agent("a").unwrap(), None);
     assert_eq!(store.agents().unwrap(), vec![agent("other", 0)]);
     assert_eq!(store.forward("a").unwrap().as_deref(), Some("peer-b"));
+    // The hop it left by, for a destination that asks whether it committed.
+    assert_eq!(store.departed("a").unwrap(), Some([9; 32]));
     // Queued messages stay, for the node to forward.
     assert_eq!(store.take_messages("a").unwrap(), vec![b"for a".to_vec()]);
 
@@ -1329,5 +1332,103 @@ fn measure_batch_against_write() {
                 ops as f64 / elapsed.as_secs_f64()
             );
         }
+    }
+}
+
+/// Agent `id` arriving by hop `hop` with envelope hash `envelope`, stored as an arrival would
+/// be: the record, and the messages that came with it.
+fn arrive(store: &Store, id: &str, hop: u64, envelope: [u8; 32], carried: &[&[u8]]) -> Arrival {
+    let mut rec = agent(id, hop);
+    rec.state = AgentState::Arriving {
+        from: "12D3KooWSource".into(),
+        envelope,
+        carried: carried.len() as u64,
+    };
+    store
+        .batch(|b| {
+            let arrival = b.accept_arrival(&rec)?;
+            for m in carried {
+                b.push_message(id, m)?;
+            }
+            Ok(arrival)
+        })
+        .unwrap()
+}
+
+#[test]
+fn an_arrival_commits_or_is_dropped_by_its_envelope_only() {
+    let (_dir, _path, store) = temp_store(Durability::NoSync);
+    let (first, second, other) = ([1; 32], [2; 32], [7; 32]);
+    store.complete_departure("a", "peer-c").unwrap();
+    assert_eq!(arrive(&store, "a", 2, first, &[b"carried"]), Arrival::New);
+    store.push_message("a", b"arrived later").unwrap();
+    let meta = store.agent_meta("a").unwrap().unwrap();
+    assert!(meta.arriving_by(&first) && !meta.arriving_by(&other));
+
+    // Another hop's decision changes nothing.
+    assert_eq!(
+        store.batch(|b| b.commit_arrival("a", &other)).unwrap(),
+        None
+    );
+    assert_eq!(store.batch(|b| b.abort_arrival("a", &other)).unwrap(), None);
+    assert_eq!(store.agent_meta("a").unwrap(), Some(meta));
+
+    // Dropped: the record, the messages that came with it, and the hop, which may arrive again;
+    // what was queued since comes back to be forwarded.
+    let queued = store.batch(|b| b.abort_arrival("a", &first)).unwrap();
+    assert_eq!(queued, Some(vec![b"arrived later".to_vec()]));
+    assert_eq!(store.agent("a").unwrap(), None);
+    assert_eq!(store.message_count("a").unwrap(), 0);
+    assert!(!store.has_seen("a", 2).unwrap());
+
+    // The same hop number again, by another envelope: committed, it is runnable, its hop seen,
+    // and it lives here (no forwarding pointer).
+    assert_eq!(arrive(&store, "a", 2, second, &[]), Arrival::New);
+    let ready = store.batch(|b| b.commit_arrival("a", &second)).unwrap();
+    let ready = ready.expect("committed");
+    assert_eq!(ready.state, AgentState::Ready);
+    assert_eq!(store.agent_meta("a").unwrap(), Some(ready));
+    assert_eq!(
+        store.agent("a").unwrap().unwrap().continuation,
+        vec![1, 2, 3, 2]
+    );
+    assert!(store.has_seen("a", 2).unwrap());
+    assert_eq!(store.forward("a").unwrap(), None);
+    // Settled: a late decision about it changes nothing.
+    assert_eq!(
+        store.batch(|b| b.commit_arrival("a", &second)).unwrap(),
+        None
+    );
+    assert_eq!(
+        store.batch(|b| b.abort_arrival("a", &second)).unwrap(),
+        None
+    );
+    assert_eq!(arrive(&store, "a", 2, second, &[]), Arrival::Duplicate);
+}
+
+#[test]
+fn unsynced_writes_land_and_survive_a_clean_close() {
+    let (_dir, path, store) = temp_store(Durability::Fsync);
+    multi_thread_runtime().block_on(async {
+        store
+            .write_unsynced(|b| b.put_result("a", b"unsynced"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.result("a").unwrap().as_deref(),
+            Some(&b"unsynced"[..])
+        );
+        // In one group with a synced write, or just before it.
+        let (x, y) = tokio::join!(
+            store.write_unsynced(|b| b.put_result("b", b"unsynced")),
+            store.write(|b| b.put_result("c", b"synced")),
+        );
+        x.unwrap();
+        y.unwrap();
+    });
+    drop(store);
+    let store = Store::open(&path, Durability::Fsync).unwrap();
+    for (id, value) in [("a", "unsynced"), ("b", "unsynced"), ("c", "synced")] {
+        assert_eq!(store.result(id).unwrap().as_deref(), Some(value.as_bytes()));
     }
 }

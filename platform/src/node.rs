@@ -35,7 +35,9 @@ use security::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store};
+use crate::store::{
+    AgentMeta, AgentRecord, AgentState, Arrival, Batch, Durability, Store, StoreError,
+};
 use crate::wire::{
     next_frame_start, read_bulk, read_frame, read_frame_after, write_bulk, write_frame, AgentEnd,
     AgentStatus, ControlReply, ControlRequest, HopDecision, HopOffer, HopReply, PackageReply,
@@ -2012,7 +2014,21 @@ async fn receive_hop(
         continuation,
         envelope: offer.envelope,
     };
-    // Stored durably while the source's departure record is written and its decision travels.
+    // Stored durably while the source's departure record is written and its decision travels;
+    // runnable at once if the decision to commit is already here when the write runs (the
+    // decision is read first, so one that came with the offer is).
+    let commit_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let decision = {
+        let commit_seen = commit_seen.clone();
+        async move {
+            let decision = read_frame::<_, HopDecision>(stream, MAX_FRAME).await;
+            if let Ok(HopDecision::Commit) = decision {
+                commit_seen.store(true, std::sync::atomic::Ordering::Release);
+            }
+            decision
+        }
+    };
+    let me = shared.me.clone();
     let store = shared.store.write(move |b| {
         // An arrival of this hop number by another envelope still waits for its decision: its
         // source gave it up (the source is offering this one), so it goes.
@@ -2027,17 +2043,21 @@ async fn receive_hop(
             }
         }
         let arrival = b.accept_arrival(&rec)?;
+        let mut committed = None;
         if let Arrival::New = arrival {
             for m in &messages {
                 b.push_message(&rec.id, m)?;
             }
+            if commit_seen.load(std::sync::atomic::Ordering::Acquire) {
+                committed = commit_in(b, &rec.id, &envelope_hash, &me)?;
+            }
         }
-        Ok((arrival, rec))
+        Ok((arrival, rec, committed))
     });
-    let (stored, decision) = tokio::join!(store, read_frame::<_, HopDecision>(stream, MAX_FRAME));
-    let rec = match stored {
-        Ok((Arrival::New, rec)) => rec,
-        Ok((Arrival::Duplicate, _)) => {
+    let (decision, stored) = tokio::join!(decision, store);
+    let (rec, committed) = match stored {
+        Ok((Arrival::New, rec, committed)) => (rec, committed),
+        Ok((Arrival::Duplicate, ..)) => {
             decision?;
             return Err(Refusal::Reply(HopReply::Duplicate));
         }
@@ -2059,7 +2079,11 @@ async fn receive_hop(
             return Err(Refusal::Wire(e));
         }
     }
-    let rec = match commit_arrival(shared, &rec.id, &envelope_hash).await {
+    let committed = match committed {
+        Some(meta) => Some(meta),
+        None => commit_arrival(shared, &rec.id, &envelope_hash).await,
+    };
+    let rec = match committed {
         Some(meta) => AgentRecord {
             state: meta.state,
             ..rec
@@ -2200,15 +2224,7 @@ async fn commit_arrival(shared: &Shared, id: &str, envelope: &[u8; 32]) -> Optio
     let (agent, envelope, me) = (id.to_string(), *envelope, shared.me.clone());
     let committed = shared
         .store
-        .write_unsynced(move |b| {
-            let Some(meta) = b.commit_arrival(&agent, &envelope)? else {
-                return Ok(None);
-            };
-            if meta.home == me {
-                b.set_location(&agent, &me)?;
-            }
-            Ok(Some(meta))
-        })
+        .write_unsynced(move |b| commit_in(b, &agent, &envelope, &me))
         .await;
     match committed {
         Ok(meta) => meta,
@@ -2226,6 +2242,22 @@ async fn commit_arrival(shared: &Shared, id: &str, envelope: &[u8; 32]) -> Optio
                 })
         }
     }
+}
+
+/// [`Batch::commit_arrival`], and on the agent's home node (`me`) its location.
+fn commit_in(
+    b: &mut Batch<'_>,
+    id: &str,
+    envelope: &[u8; 32],
+    me: &str,
+) -> Result<Option<AgentMeta>, StoreError> {
+    let Some(meta) = b.commit_arrival(id, envelope)? else {
+        return Ok(None);
+    };
+    if meta.home == me {
+        b.set_location(id, me)?;
+    }
+    Ok(Some(meta))
 }
 
 /// Applies the source's decision to an agent stored as arriving: runs it if the hop committed,

@@ -2029,6 +2029,7 @@ async fn receive_hop(
         }
     };
     let me = shared.me.clone();
+    let mut rec = rec;
     let store = shared.store.write(move |b| {
         // An arrival of this hop number by another envelope still waits for its decision: its
         // source gave it up (the source is offering this one), so it goes.
@@ -2042,14 +2043,17 @@ async fn receive_hop(
                 b.abort_arrival(&rec.id, &old)?;
             }
         }
+        let committed = commit_seen.load(std::sync::atomic::Ordering::Acquire);
+        if committed {
+            rec.state = AgentState::Ready;
+        }
         let arrival = b.accept_arrival(&rec)?;
-        let mut committed = None;
         if let Arrival::New = arrival {
             for m in &messages {
                 b.push_message(&rec.id, m)?;
             }
-            if commit_seen.load(std::sync::atomic::Ordering::Acquire) {
-                committed = commit_in(b, &rec.id, &envelope_hash, &me)?;
+            if committed && rec.home == me {
+                b.set_location(&rec.id, &me)?;
             }
         }
         Ok((arrival, rec, committed))
@@ -2079,16 +2083,16 @@ async fn receive_hop(
             return Err(Refusal::Wire(e));
         }
     }
-    let committed = match committed {
-        Some(meta) => Some(meta),
-        None => commit_arrival(shared, &rec.id, &envelope_hash).await,
-    };
-    let rec = match committed {
-        Some(meta) => AgentRecord {
-            state: meta.state,
-            ..rec
-        },
-        None => return Err(refused("the arrival was dropped meanwhile".into())),
+    let rec = if committed {
+        rec
+    } else {
+        match commit_arrival(shared, &rec.id, &envelope_hash).await {
+            Some(meta) => AgentRecord {
+                state: meta.state,
+                ..rec
+            },
+            None => return Err(refused("the arrival was dropped meanwhile".into())),
+        }
     };
     // Reported by the destination, before the agent runs here: a trace line never races the
     // agent's end.

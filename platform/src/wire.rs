@@ -194,7 +194,7 @@ pub async fn read_bulk<R: AsyncRead + Unpin>(
     len: usize,
 ) -> Result<(Vec<u8>, [u8; 32]), WireError> {
     const CHUNK: usize = 1 << 20;
-    let mut out = vec![0u8; len];
+    let mut out = large_buffer(len);
     let mut hasher = blake3::Hasher::new();
     let mut filled = 0;
     while filled < len {
@@ -207,6 +207,28 @@ pub async fn read_bulk<R: AsyncRead + Unpin>(
         filled += n;
     }
     Ok((out, *hasher.finalize().as_bytes()))
+}
+
+/// `len` zero bytes, in memory the kernel is asked to back with huge pages: filling 100 MB of
+/// fresh 4 KiB pages costs 25,600 page faults (50 ms here), 2 MiB pages 50.
+pub fn large_buffer(len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    if len >= 4 << 20 {
+        let p = v.as_mut_ptr() as usize;
+        let start = p & !4095;
+        // SAFETY: madvise only advises on how to back the pages of this allocation (which
+        // we own, and which is not yet touched); it changes no memory contents or mappings.
+        unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                len + (p - start),
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
+    v.resize(len, 0);
+    v
 }
 
 /// Writes raw bytes, in chunks, each under the I/O timeout.

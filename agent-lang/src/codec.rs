@@ -18,7 +18,7 @@ use rhai::{Dynamic, EvalAltResult, Position, Scope};
 use crate::compile::{Call, Node, Primitive, Program, ProgramHash, ProgramInner, MAIN_BODY};
 use crate::exec::{Caught, Cursor, Execution, ForIter, Frame, LoopState, RunState};
 use crate::layout;
-use crate::value::{encode_value, Enc, Malformed, Reader, ValueError};
+use crate::value::{encode_value, len_hint, Enc, Malformed, Reader, ValueError};
 
 /// Magic string that opens every continuation.
 pub const MAGIC: &str = "tern-continuation";
@@ -100,12 +100,45 @@ impl Execution {
     /// A variable (or temporary) holding a value that cannot travel, naming it; an encoding over
     /// the program's `max_continuation_bytes`; an execution that is not suspended.
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        self.encode_into(Vec::with_capacity(256))
+    }
+
+    /// A rough size of [`Execution::encode`]'s output, to allocate for it once: exact for
+    /// strings, blobs and arrays of numbers of one magnitude, sampled for long arrays of other
+    /// values.
+    pub fn encoded_len_hint(&self) -> usize {
+        let mut len = 64usize;
+        for frame in &self.frames {
+            len = len.saturating_add(32);
+            for (name, _, value) in frame.scope.iter_raw() {
+                len = len
+                    .saturating_add(name.len() + 8)
+                    .saturating_add(len_hint(value, 0));
+            }
+            for cursor in &frame.cursors {
+                len = len.saturating_add(match cursor {
+                    Cursor::Block { value, .. } => 16 + len_hint(value, 0),
+                    _ => 64,
+                });
+            }
+        }
+        len
+    }
+
+    /// [`Execution::encode`], appending to `out` (its capacity is used first): with a buffer
+    /// of [`Execution::encoded_len_hint`] bytes the output is written once, into memory the
+    /// caller chose.
+    ///
+    /// # Errors
+    ///
+    /// As [`Execution::encode`] (`out` is dropped).
+    pub fn encode_into(&self, out: Vec<u8>) -> Result<Vec<u8>, EncodeError> {
         let primitive = match self.state {
             RunState::Suspended(p) => p,
             _ => return Err(EncodeError::NotSuspended),
         };
         let prog = &self.program.inner;
-        let mut enc = Enc::with_capacity(256);
+        let mut enc = Enc::from_vec(out);
         enc.array(5);
         enc.text(MAGIC);
         enc.uint(VERSION);

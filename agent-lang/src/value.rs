@@ -53,9 +53,10 @@ pub(crate) struct Enc {
 }
 
 impl Enc {
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
+    /// An encoder appending to `out`.
+    pub(crate) fn from_vec(out: Vec<u8>) -> Self {
         Enc {
-            out: Vec::with_capacity(capacity),
+            out,
             scratch: Vec::new(),
         }
     }
@@ -205,6 +206,42 @@ fn int_len(n: i64) -> usize {
 }
 
 /// Encodes `value`; `what` names it in errors.
+/// A rough encoded size of `value` (see `Execution::encoded_len_hint`): an array longer than
+/// `SAMPLED` counts as that many times its largest item among the first and last few, so the
+/// hint stays cheap.
+pub(crate) fn len_hint(value: &Dynamic, depth: usize) -> usize {
+    const SAMPLED: usize = 16;
+    if depth > MAX_DEPTH {
+        return 9;
+    }
+    if let Some(s) = value.read_lock::<ImmutableString>() {
+        s.len() + 9
+    } else if let Some(b) = value.read_lock::<Blob>() {
+        b.len() + 9
+    } else if let Some(a) = value.read_lock::<Array>() {
+        // The first and the last items (numbers that grow along the array are sized by the
+        // largest ones).
+        let half = SAMPLED / 2;
+        let sample = if a.len() <= SAMPLED {
+            a.iter().map(|v| len_hint(v, depth + 1)).sum::<usize>()
+        } else {
+            let ends = a[..half].iter().chain(&a[a.len() - half..]);
+            let most = ends.map(|v| len_hint(v, depth + 1)).max().unwrap_or(1);
+            most.saturating_mul(SAMPLED)
+        };
+        let sampled = a.len().clamp(1, SAMPLED);
+        9 + sample.saturating_mul(a.len()) / sampled
+    } else if let Some(m) = value.read_lock::<Map>() {
+        m.iter().fold(9, |n, (k, v)| {
+            n.saturating_add(k.len() + 9 + len_hint(v, depth + 1))
+        })
+    } else if let Ok(n) = value.as_int() {
+        int_len(n)
+    } else {
+        9
+    }
+}
+
 pub(crate) fn encode_value(
     enc: &mut Enc,
     value: &Dynamic,
@@ -616,7 +653,7 @@ pub fn to_json(value: &Dynamic) -> serde_json::Value {
 ///
 /// The value, or something inside it, cannot travel.
 pub fn encode_portable(value: &Dynamic) -> Result<Vec<u8>, ValueError> {
-    let mut enc = Enc::with_capacity(64);
+    let mut enc = Enc::from_vec(Vec::with_capacity(64));
     encode_value(&mut enc, value, &|| "the message".to_string(), 0)?;
     Ok(enc.into_bytes())
 }

@@ -508,3 +508,46 @@ fn long_mixed_integer_arrays_round_trip() {
         assert!(Execution::decode(&program, &bytes[..len]).is_err());
     }
 }
+
+#[test]
+fn encoding_into_a_buffer_sized_by_the_hint_gives_the_same_bytes() {
+    // The rich state, and a bulky one: blobs, a long array of numbers, a long string.
+    let bulky = Program::compile(
+        r#"
+        let b = blob(300000, 9);
+        let a = [];
+        for i in 0..100000 { a.push(i * 1000); }
+        let s = "x";
+        for i in 0..12 { s += s; }
+        migrate("node-1");
+        [b.len(), a.len(), s.len()]
+        "#,
+        &Limits::default(),
+    )
+    .unwrap();
+    let (rich, _) = rich();
+    for (program, hop, is_bulky) in [(&rich, 1, false), (&rich, 3, false), (&bulky, 1, true)] {
+        let exec = suspended_at(program, hop);
+        let plain = exec.encode().unwrap();
+        let hint = exec.encoded_len_hint();
+        let into = exec.encode_into(Vec::with_capacity(hint)).unwrap();
+        assert_eq!(into, plain);
+        // Appended after what the buffer holds.
+        let mut prefix = b"head".to_vec();
+        prefix = exec.encode_into(prefix).unwrap();
+        assert_eq!((&prefix[..4], &prefix[4..]), (&b"head"[..], &plain[..]));
+        // A hint, not a promise: near the size for bulky state, never far below it.
+        assert!(
+            hint * 10 >= plain.len() * 9,
+            "hint {hint} for {} bytes",
+            plain.len()
+        );
+        if is_bulky {
+            assert!(
+                hint <= plain.len() * 11 / 10,
+                "hint {hint} for {} bytes",
+                plain.len()
+            );
+        }
+    }
+}

@@ -1349,7 +1349,9 @@ async fn hop(
         .key_of(&dest)
         .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
     let started = std::time::Instant::now();
-    let continuation = exec.encode().map_err(|e| format!("migrate: {e}"))?;
+    let continuation = exec
+        .encode_into(crate::wire::buffer_for(exec.encoded_len_hint()))
+        .map_err(|e| format!("migrate: {e}"))?;
     let previous = if rec.envelope.is_empty() {
         None
     } else {

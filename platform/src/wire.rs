@@ -194,7 +194,9 @@ pub async fn read_bulk<R: AsyncRead + Unpin>(
     len: usize,
 ) -> Result<(Vec<u8>, [u8; 32]), WireError> {
     const CHUNK: usize = 1 << 20;
-    let mut out = large_buffer(len);
+    // Zeroed by the allocator as fresh pages (calloc), not written twice.
+    let mut out = vec![0u8; len];
+    advise_huge_pages(&out);
     let mut hasher = blake3::Hasher::new();
     let mut filled = 0;
     while filled < len {
@@ -209,26 +211,39 @@ pub async fn read_bulk<R: AsyncRead + Unpin>(
     Ok((out, *hasher.finalize().as_bytes()))
 }
 
-/// `len` zero bytes, in memory the kernel is asked to back with huge pages: filling 100 MB of
-/// fresh 4 KiB pages costs 25,600 page faults (50 ms here), 2 MiB pages 50.
-pub fn large_buffer(len: usize) -> Vec<u8> {
-    let mut v: Vec<u8> = Vec::with_capacity(len);
+/// An empty vector with room for `capacity` bytes, advised as [`advise_huge_pages`] says.
+pub fn buffer_for(capacity: usize) -> Vec<u8> {
+    let v: Vec<u8> = Vec::with_capacity(capacity);
+    // SAFETY: the capacity is allocated (and not yet touched) memory of this vector.
+    unsafe { advise(v.as_ptr(), capacity) };
+    v
+}
+
+/// From 4 MiB on, asks the kernel to back `buf`'s pages not yet touched with huge pages (where
+/// it does so on request): filling 100 MB of fresh 4 KiB pages costs 25,600 page faults (50 ms
+/// here), of 2 MiB pages 50.
+fn advise_huge_pages(buf: &[u8]) {
+    // SAFETY: the range is this slice's.
+    unsafe { advise(buf.as_ptr(), buf.len()) };
+}
+
+/// # Safety
+///
+/// `ptr..ptr + len` must be memory of one allocation of this process.
+#[allow(unused_variables)]
+unsafe fn advise(ptr: *const u8, len: usize) {
     #[cfg(target_os = "linux")]
     if len >= 4 << 20 {
-        let p = v.as_mut_ptr() as usize;
+        let p = ptr as usize;
         let start = p & !4095;
-        // SAFETY: madvise only advises on how to back the pages of this allocation (which
-        // we own, and which is not yet touched); it changes no memory contents or mappings.
-        unsafe {
-            libc::madvise(
-                start as *mut libc::c_void,
-                len + (p - start),
-                libc::MADV_HUGEPAGE,
-            );
-        }
+        // madvise only advises on how to back these pages; it changes no contents or mappings.
+        // (Advice on the allocation's first, partly shared page is as harmless.)
+        libc::madvise(
+            start as *mut libc::c_void,
+            len + (p - start),
+            libc::MADV_HUGEPAGE,
+        );
     }
-    v.resize(len, 0);
-    v
 }
 
 /// Writes raw bytes, in chunks, each under the I/O timeout.

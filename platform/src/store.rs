@@ -78,12 +78,9 @@
 //!   transaction and one commit (one fsync). Each write is queued, with a oneshot for its result,
 //!   on a `std::sync::Mutex<VecDeque>` (held only to push or pop, never across a transaction or an
 //!   `.await`, so a std mutex is right). If no write is being led, the caller becomes the
-//!   *leader*: it takes up to [`MAX_GROUP`] queued writes, runs them in queue order in one
-//!   transaction, commits once and sends every write its result. Everyone else is a *follower*
-//!   and just awaits its oneshot. An idle store is led on the caller's own thread, with no hop
-//!   to another task; a store that saw two writes at once in the last 2 ms is led from a
-//!   blocking thread, so the caller's thread goes on producing writes that join the next group
-//!   (with 200 agents hopping, 7,300 hops/s against 5,600 led on the caller's thread). A
+//!   *leader*: on its own thread, with no hop to another task when uncontended, it takes up to
+//!   [`MAX_GROUP`] queued writes, runs them in queue order in one transaction, commits once and
+//!   sends every write its result. Everyone else is a *follower* and just awaits its oneshot. A
 //!   leader inside a tokio runtime leads one group only (its own write is always the first of
 //!   it): if more writes queued meanwhile, it hands leadership to a `spawn_blocking` thread, which
 //!   drains the queue until it is empty, so that no caller of `write` is held up serving others
@@ -531,10 +528,6 @@ pub enum StoreError {
     },
 }
 
-/// How long the store counts as busy after it last saw two writes at once (see
-/// [`Store::write`]).
-const BUSY_SPELL: std::time::Duration = std::time::Duration::from_millis(2);
-
 /// The node's durable state; see the [module docs](self) for the tables and who writes.
 #[derive(Clone)]
 pub struct Store {
@@ -557,9 +550,6 @@ struct Writes {
     /// A leader is running (or about to run) groups. Invariant: when false, `queue` is empty;
     /// whoever queues a write while it is false becomes the leader in the same critical section.
     leading: bool,
-    /// Until when the store counts as busy: set ahead by [`BUSY_SPELL`] whenever a write is
-    /// queued behind a leader or a group holds more than one write.
-    busy_until: Option<std::time::Instant>,
 }
 
 impl fmt::Debug for Store {
@@ -664,9 +654,8 @@ impl Store {
     /// what the writes before it in the group wrote (an arrival then a departure of the same
     /// agent compose). `write` returns once the group has committed (or failed).
     ///
-    /// On an idle store, the write runs and commits on the caller's thread, like
-    /// [`Store::batch`] (blocking it, a tokio worker included); on a busy one, on a blocking
-    /// thread.
+    /// Uncontended, the write runs and commits on the caller's thread, like [`Store::batch`];
+    /// either way the commit blocks the thread that leads it, a tokio worker included.
     ///
     /// A write still runs if its future is dropped once it was first polled (it is queued
     /// then): its outcome is discarded, and the other writes are unaffected.
@@ -746,17 +735,10 @@ impl Store {
         synced: bool,
     ) -> Result<T, StoreError> {
         let (reply, outcome) = oneshot::channel();
-        if let Some((leader, busy)) = self.shared.enqueue(Box::new(Queued { op, reply, synced })) {
-            match tokio::runtime::Handle::try_current() {
-                // Busy: a blocking thread leads, and the caller's thread goes on producing
-                // work, so that writes pile up into bigger groups (fewer commits).
-                Ok(runtime) if busy => {
-                    runtime.spawn_blocking(move || leader.lead(false));
-                }
-                // Idle: runs at least the group holding this write before returning (no thread
-                // hop), so the await below never waits on a leader that is this very task.
-                _ => leader.lead(true),
-            }
+        if let Some(leader) = self.shared.enqueue(Box::new(Queued { op, reply, synced })) {
+            // Runs at least the group holding this write before returning, so the await below
+            // never waits on a leader that is this very task.
+            leader.lead(true);
         }
         outcome.await.unwrap_or(Err(StoreError::Interrupted))
     }
@@ -1101,25 +1083,17 @@ impl Shared {
     }
 
     /// Queues `job`; returns the leadership if nobody was leading.
-    /// Queues `job`; returns the leadership if nobody was leading, and whether the store is
-    /// busy.
-    fn enqueue(self: &Arc<Self>, job: Box<dyn Job>) -> Option<(Leader, bool)> {
+    fn enqueue(self: &Arc<Self>, job: Box<dyn Job>) -> Option<Leader> {
         let mut writes = self.lock_writes();
         writes.queue.push_back(job);
-        let now = std::time::Instant::now();
         if writes.leading {
-            writes.busy_until = Some(now + BUSY_SPELL);
             return None;
         }
         writes.leading = true;
-        let busy = writes.busy_until.is_some_and(|until| now < until);
-        Some((
-            Leader {
-                shared: Arc::clone(self),
-                active: true,
-            },
-            busy,
-        ))
+        Some(Leader {
+            shared: Arc::clone(self),
+            active: true,
+        })
     }
 
     /// Runs `group` in one transaction and reports to each write. Writes that did not run
@@ -1209,9 +1183,6 @@ impl Leader {
             return None;
         }
         let n = writes.queue.len().min(MAX_GROUP);
-        if n > 1 {
-            writes.busy_until = Some(std::time::Instant::now() + BUSY_SPELL);
-        }
         Some(writes.queue.drain(..n).collect())
     }
 

@@ -95,6 +95,8 @@ pub enum FaultPoint {
     SourceAfterAck,
     /// Destination: after storing the agent as arriving, before applying the source's decision.
     DestinationAfterStore,
+    /// Any node: after an agent took a message off its queue in `receive`.
+    AfterReceive,
 }
 
 /// Reads the fault point from `TERN_FAULT` (only the end-to-end crash tests set it).
@@ -103,6 +105,7 @@ fn fault_from_env() -> Option<FaultPoint> {
         "source-after-leaving" => Some(FaultPoint::SourceAfterLeaving),
         "source-after-ack" => Some(FaultPoint::SourceAfterAck),
         "destination-after-store" => Some(FaultPoint::DestinationAfterStore),
+        "after-receive" => Some(FaultPoint::AfterReceive),
         _ => None,
     }
 }
@@ -984,6 +987,7 @@ fn status(shared: &Shared) -> StatusReport {
             state: match r.state {
                 AgentState::Ready => "running".into(),
                 AgentState::Waiting { .. } => "waiting".into(),
+                AgentState::Answered { .. } => "running".into(),
                 AgentState::Leaving { to, hop, .. } => {
                     format!("leaving for {} (hop {hop})", shared.name_of(&to))
                 }
@@ -1161,9 +1165,15 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
         (Some(input), _) => input,
         (None, AgentState::Waiting { timeout_at_ms }) => {
             let left = timeout_at_ms.map(|t| t.saturating_sub(now_ms()));
-            match receive(shared, &rec, &exec, &loaded, left).await {
+            match receive(shared, &mut rec, &exec, &loaded, left).await {
                 Ok(v) => Resume::Value(v),
                 Err(e) => Resume::Error(e),
+            }
+        }
+        (None, AgentState::Answered { value }) => {
+            match agent_lang::decode_portable(&loaded.program, value) {
+                Ok(v) => Resume::Value(v),
+                Err(e) => Resume::Error(format!("receive: bad message: {e}")),
             }
         }
         (None, _) => Resume::Start,
@@ -1207,7 +1217,7 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
                 Err(message) => input = Resume::Error(message),
             },
             Outcome::Receive { timeout_ms } => {
-                input = match receive(shared, &rec, &exec, &loaded, timeout_ms).await {
+                input = match receive(shared, &mut rec, &exec, &loaded, timeout_ms).await {
                     Ok(v) => Resume::Value(v),
                     Err(e) => Resume::Error(e),
                 }
@@ -1725,11 +1735,14 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentMeta) {
     }
 }
 
-/// Waits for the agent's next message (or the timeout). While it waits, its continuation is
-/// stored with state Waiting, so a restarted node resumes it at the `receive`.
+/// Waits for the agent's next message (or the timeout), without holding a thread. Each step
+/// is a checkpoint of the agent suspended at this `receive`, and `rec` becomes it: while it
+/// waits, stored as Waiting (a restarted node resumes it waiting); once a message is here, as
+/// Answered by it, in the transaction that takes the message off the queue (a crash after that
+/// resumes it with that message: none is lost or received twice).
 async fn receive(
     shared: &Arc<Shared>,
-    rec: &AgentRecord,
+    rec: &mut AgentRecord,
     exec: &Execution,
     loaded: &Loaded,
     timeout_ms: Option<u64>,
@@ -1739,45 +1752,116 @@ async fn receive(
         .or_default()
         .clone();
     let deadline = timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-    let mut persisted = false;
-    let result = loop {
-        match shared.store.pop_message(&rec.id) {
-            Ok(Some(bytes)) => {
-                break agent_lang::decode_portable(&loaded.program, &bytes)
-                    .map_err(|e| format!("receive: bad message: {e}"));
+    let mut waiting = false;
+    loop {
+        match shared.store.message_count(&rec.id) {
+            Ok(0) => {}
+            Ok(_) => {
+                if let Some(message) = take_message(shared, rec, exec, waiting).await? {
+                    return agent_lang::decode_portable(&loaded.program, &message)
+                        .map_err(|e| format!("receive: bad message: {e}"));
+                }
             }
-            Ok(None) => {}
-            Err(e) => break Err(format!("receive: {e}")),
+            Err(e) => return Err(format!("receive: {e}")),
         }
-        if !persisted {
-            persisted = true;
-            if let Ok(continuation) = exec.encode() {
-                let timeout_at_ms = timeout_ms.map(|ms| now_ms().saturating_add(ms));
-                let waiting = AgentRecord {
-                    state: AgentState::Waiting { timeout_at_ms },
-                    continuation,
-                    ..rec.clone()
-                };
-                let _ = shared.store.put_agent(&waiting);
-            }
+        if !waiting {
+            waiting = true;
+            let continuation = exec.encode().map_err(|e| format!("receive: {e}"))?;
+            let timeout_at_ms = timeout_ms.map(|ms| now_ms().saturating_add(ms));
+            let state = AgentState::Waiting { timeout_at_ms };
+            let checkpoint = AgentRecord::from_parts(
+                AgentMeta {
+                    state,
+                    ..rec.meta()
+                },
+                continuation,
+            );
+            let stored = shared
+                .store
+                .write(move |b| b.put_agent(&checkpoint).map(|()| checkpoint))
+                .await;
+            *rec = stored.map_err(|e| format!("receive: {e}"))?;
+            // A message may have come in before the record said Waiting: look again.
             continue;
         }
         match deadline {
             Some(d) => {
                 if tokio::time::timeout_at(d, notify.notified()).await.is_err() {
-                    break Ok(Dynamic::UNIT);
+                    // Timed out: `receive` returns `()`, and the checkpoint says so.
+                    let unit = agent_lang::encode_portable(&Dynamic::UNIT)
+                        .map_err(|e| format!("receive: {e}"))?;
+                    let answered = AgentMeta {
+                        state: AgentState::Answered { value: unit },
+                        ..rec.meta()
+                    };
+                    let stored = shared
+                        .store
+                        .write(move |b| b.put_agent_meta(&answered).map(|_| answered.state))
+                        .await;
+                    rec.state = stored.map_err(|e| format!("receive: {e}"))?;
+                    return Ok(Dynamic::UNIT);
                 }
             }
             None => notify.notified().await,
         }
-    };
-    if persisted {
-        let _ = shared.store.put_agent(&AgentRecord {
-            state: AgentState::Ready,
-            ..rec.clone()
-        });
     }
-    result
+}
+
+/// Takes the agent's next message off its queue and stores the agent as Answered by it, in one
+/// transaction; `rec` becomes that record. `waiting`: `rec` is the Waiting checkpoint at this
+/// very `receive` (its continuation is kept, not encoded and written again).
+async fn take_message(
+    shared: &Shared,
+    rec: &mut AgentRecord,
+    exec: &Execution,
+    waiting: bool,
+) -> Result<Option<Vec<u8>>, String> {
+    let continuation = if waiting {
+        None
+    } else {
+        Some(exec.encode().map_err(|e| format!("receive: {e}"))?)
+    };
+    let (id, meta) = (rec.id.clone(), rec.meta());
+    let taken = shared
+        .store
+        .write(move |b| {
+            let Some(message) = b.pop_message(&id)? else {
+                return Ok(None);
+            };
+            let answered = AgentMeta {
+                state: AgentState::Answered {
+                    value: message.clone(),
+                },
+                ..meta
+            };
+            match continuation {
+                Some(continuation) => {
+                    let checkpoint = AgentRecord::from_parts(answered, continuation);
+                    b.put_agent(&checkpoint)?;
+                    Ok(Some((
+                        message,
+                        checkpoint.state,
+                        Some(checkpoint.continuation),
+                    )))
+                }
+                None => {
+                    b.put_agent_meta(&answered)?;
+                    Ok(Some((message, answered.state, None)))
+                }
+            }
+        })
+        .await
+        .map_err(|e| format!("receive: {e}"))?;
+    if taken.is_some() {
+        die_if(shared, FaultPoint::AfterReceive);
+    }
+    Ok(taken.map(|(message, state, continuation)| {
+        rec.state = state;
+        if let Some(continuation) = continuation {
+            rec.continuation = continuation;
+        }
+        message
+    }))
 }
 
 /// What a probed node that knows nothing of an agent answers.

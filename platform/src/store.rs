@@ -424,6 +424,14 @@ pub enum AgentState {
         #[serde(default, with = "serde_bytes")]
         envelope: [u8; 32],
     },
+    /// Suspended at `receive`, which returned this message (the portable encoding of a value):
+    /// resume it with that. Written in the transaction that takes the message off the queue,
+    /// so a crash after it neither loses nor repeats the message.
+    Answered {
+        /// The message.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
     /// Stored by a hop whose source may not have recorded its departure durably yet: not
     /// runnable until the source says the hop committed (its departure record is durable), and
     /// dropped if it says it did not.

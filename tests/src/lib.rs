@@ -86,14 +86,22 @@ pub mod process {
                 .and_then(Path::parent)
                 .expect("test binary is in target/<profile>/deps");
             let bin = profile_dir.join(format!("tern{}", std::env::consts::EXE_SUFFIX));
-            let lib = profile_dir.join("libplatform.rlib");
-            let stale = match (std::fs::metadata(&bin), std::fs::metadata(&lib)) {
-                (Ok(b), Ok(l)) => match (b.modified(), l.modified()) {
-                    (Ok(b), Ok(l)) => b < l,
-                    _ => false,
-                },
-                (Err(_), _) => true,
-                _ => false,
+            // The platform library this test was built with (under deps/: `cargo test -p
+            // tern-tests` does not refresh target/<profile>/libplatform.rlib).
+            let newest_lib = std::fs::read_dir(profile_dir.join("deps"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with("libplatform-") && name.ends_with(".rlib")
+                })
+                .filter_map(|e| e.metadata().ok()?.modified().ok())
+                .max();
+            let stale = match std::fs::metadata(&bin).and_then(|b| b.modified()) {
+                Ok(built) => newest_lib.is_some_and(|lib| built < lib),
+                Err(_) => true,
             };
             if stale {
                 let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

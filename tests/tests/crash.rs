@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use platform::wire::{AgentEnd, StatusReport};
 use tern_tests::ctl;
-use tern_tests::process::{keygen, pack, toml_list, NodeFile, TernNode, QUICK};
+use tern_tests::process::{keygen, pack, tern, toml_list, NodeFile, TernNode, QUICK};
 use tern_tests::wait_for;
 
 const FAULT_EXIT: i32 = 86;
@@ -379,4 +379,47 @@ fn a_killed_node_resumes_its_agents_on_restart() {
             .all(|r| r.agents.is_empty())
             .then_some(())
     });
+}
+
+/// dst dies right after an agent waiting there took a message off its queue: restarted, it
+/// resumes the agent with that message (neither lost nor received twice).
+#[test]
+fn a_node_that_dies_after_a_receive_resumes_the_agent_with_that_message() {
+    const RECEIVER: &str = r#"
+migrate("dst");
+let m = receive();
+print("got " + m + " " + id());
+let more = receive(500);
+[m, more, here()]
+"#;
+    let mut mesh = Mesh::start_with(Some((Side::Destination, "after-receive")), RECEIVER);
+    let home = mesh.nodes[0].addr.clone();
+    let launch = ctl::launch_in_background(&home, mesh.package.clone(), Duration::from_secs(120));
+    let agent = launch.agent.clone();
+    wait_for("the agent to wait on dst", Duration::from_secs(30), || {
+        holders(&[mesh.nodes[2].report()], &agent)
+            .iter()
+            .any(|(_, s)| s == "waiting")
+            .then_some(())
+    });
+    tern(&["send", &agent, "7", "--node", &home], QUICK).expect_code(0);
+    mesh.expect_fault_exit(Side::Destination);
+    mesh.restart(Side::Destination);
+    match launch.end() {
+        Some(AgentEnd::Finished { json, .. }) => {
+            assert_eq!(
+                json,
+                r#"[7,(),"dst"]"#.replace("()", "null"),
+                "{}",
+                mesh.logs()
+            )
+        }
+        other => panic!("the agent did not finish: {other:?}\n{}", mesh.logs()),
+    }
+    assert_eq!(
+        mesh.count_in_logs(&format!("got 7 {agent}")),
+        1,
+        "{}",
+        mesh.logs()
+    );
 }

@@ -44,7 +44,7 @@ enum Command {
 struct ResultArgs {
     /// The agent's id.
     agent: String,
-    /// The node's address, ending in /p2p/<peer id>.
+    /// The node's address, ending in `/p2p/<peer id>`.
     #[arg(long)]
     node: libp2p::Multiaddr,
 }
@@ -55,7 +55,7 @@ struct SendArgs {
     agent: String,
     /// The message, as JSON (e.g. '42', '"hi"', '{"x": [1, 2]}').
     message: String,
-    /// The node's address, ending in /p2p/<peer id>.
+    /// The node's address, ending in `/p2p/<peer id>`.
     #[arg(long)]
     node: libp2p::Multiaddr,
 }
@@ -71,7 +71,7 @@ struct NodeArgs {
 struct LaunchArgs {
     /// The signed package.
     package: PathBuf,
-    /// The node's address, ending in /p2p/<peer id>.
+    /// The node's address, ending in `/p2p/<peer id>`.
     #[arg(long)]
     node: libp2p::Multiaddr,
     /// Do not wait: print the agent id and return.
@@ -81,7 +81,7 @@ struct LaunchArgs {
 
 #[derive(clap::Args, Debug)]
 struct StatusArgs {
-    /// The node's address, ending in /p2p/<peer id>.
+    /// The node's address, ending in `/p2p/<peer id>`.
     #[arg(long)]
     node: libp2p::Multiaddr,
     /// Print as JSON.

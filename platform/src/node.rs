@@ -2,7 +2,7 @@
 //! runs.
 //!
 //! Shape (after rust-libp2p's file-sharing example): [`Node::start`] spawns one task that owns
-//! the `Swarm` and answers [`SwarmCommand`]s; protocols run over libp2p-stream, whose `Control`
+//! the `Swarm` and answers `SwarmCommand`s; protocols run over libp2p-stream, whose `Control`
 //! is cloneable, so each exchange is its own task and the swarm task never blocks on a peer.
 //! Agent slices run on tokio's blocking pool, so a busy agent never stalls networking. Durable
 //! state lives in the [`Store`].
@@ -35,9 +35,7 @@ use security::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::store::{
-    AgentMeta, AgentRecord, AgentState, Arrival, Batch, Durability, Store, StoreError,
-};
+use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store};
 use crate::wire::{
     next_frame_start, read_bulk, read_frame, read_frame_after, write_bulk, write_frame, AgentEnd,
     AgentStatus, ControlReply, ControlRequest, HopDecision, HopOffer, HopReply, PackageReply,
@@ -2314,7 +2312,16 @@ async fn commit_arrival(shared: &Shared, id: &str, envelope: &[u8; 32]) -> Optio
     let (agent, envelope, me) = (id.to_string(), *envelope, shared.me.clone());
     let committed = shared
         .store
-        .write_unsynced(move |b| commit_in(b, &agent, &envelope, &me))
+        .write_unsynced(move |b| {
+            let Some(meta) = b.commit_arrival(&agent, &envelope)? else {
+                return Ok(None);
+            };
+            // (On the agent's home node, its location with it.)
+            if meta.home == me {
+                b.set_location(&agent, &me)?;
+            }
+            Ok(Some(meta))
+        })
         .await;
     match committed {
         Ok(meta) => meta,
@@ -2332,22 +2339,6 @@ async fn commit_arrival(shared: &Shared, id: &str, envelope: &[u8; 32]) -> Optio
                 })
         }
     }
-}
-
-/// [`Batch::commit_arrival`], and on the agent's home node (`me`) its location.
-fn commit_in(
-    b: &mut Batch<'_>,
-    id: &str,
-    envelope: &[u8; 32],
-    me: &str,
-) -> Result<Option<AgentMeta>, StoreError> {
-    let Some(meta) = b.commit_arrival(id, envelope)? else {
-        return Ok(None);
-    };
-    if meta.home == me {
-        b.set_location(id, me)?;
-    }
-    Ok(Some(meta))
 }
 
 /// Applies the source's decision to an agent stored as arriving: runs it if the hop committed,

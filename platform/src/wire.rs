@@ -211,7 +211,8 @@ pub async fn read_bulk<R: AsyncRead + Unpin>(
     Ok((out, *hasher.finalize().as_bytes()))
 }
 
-/// An empty vector with room for `capacity` bytes, advised as [`advise_huge_pages`] says.
+/// An empty vector with room for `capacity` bytes; from 4 MiB on, in memory advised for huge
+/// pages (see `advise_huge_pages`).
 pub fn buffer_for(capacity: usize) -> Vec<u8> {
     let v: Vec<u8> = Vec::with_capacity(capacity);
     // SAFETY: the capacity is allocated (and not yet touched) memory of this vector.

@@ -1737,7 +1737,8 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentMeta) {
 /// is a checkpoint of the agent suspended at this `receive`, and `rec` becomes it: while it
 /// waits, stored as Waiting (a restarted node resumes it waiting); once a message is here, as
 /// Answered by it, in the transaction that takes the message off the queue (a crash after that
-/// resumes it with that message: none is lost or received twice).
+/// resumes it with that message: none is lost or received twice). An agent holding a value
+/// that cannot be stored gets no checkpoint here (a crash resumes it from its last one).
 async fn receive(
     shared: &Arc<Shared>,
     rec: &mut AgentRecord,
@@ -1750,21 +1751,25 @@ async fn receive(
         .or_default()
         .clone();
     let deadline = timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-    let mut waiting = false;
+    let mut here = match exec.encode() {
+        Ok(continuation) => AtReceive::Encoded(continuation),
+        Err(e) => {
+            tracing::debug!(agent = %rec.id, "receive without a checkpoint: {e}");
+            AtReceive::Unstorable
+        }
+    };
     loop {
         match shared.store.message_count(&rec.id) {
             Ok(0) => {}
             Ok(_) => {
-                if let Some(message) = take_message(shared, rec, exec, waiting).await? {
+                if let Some(message) = take_message(shared, rec, &mut here).await? {
                     return agent_lang::decode_portable(&loaded.program, &message)
                         .map_err(|e| format!("receive: bad message: {e}"));
                 }
             }
             Err(e) => return Err(format!("receive: {e}")),
         }
-        if !waiting {
-            waiting = true;
-            let continuation = exec.encode().map_err(|e| format!("receive: {e}"))?;
+        if let AtReceive::Encoded(continuation) = std::mem::replace(&mut here, AtReceive::Stored) {
             let timeout_at_ms = timeout_ms.map(|ms| now_ms().saturating_add(ms));
             let state = AgentState::Waiting { timeout_at_ms };
             let checkpoint = AgentRecord::from_parts(
@@ -1786,17 +1791,19 @@ async fn receive(
             Some(d) => {
                 if tokio::time::timeout_at(d, notify.notified()).await.is_err() {
                     // Timed out: `receive` returns `()`, and the checkpoint says so.
-                    let unit = agent_lang::encode_portable(&Dynamic::UNIT)
-                        .map_err(|e| format!("receive: {e}"))?;
-                    let answered = AgentMeta {
-                        state: AgentState::Answered { value: unit },
-                        ..rec.meta()
-                    };
-                    let stored = shared
-                        .store
-                        .write(move |b| b.put_agent_meta(&answered).map(|_| answered.state))
-                        .await;
-                    rec.state = stored.map_err(|e| format!("receive: {e}"))?;
+                    if let AtReceive::Stored = here {
+                        let unit = agent_lang::encode_portable(&Dynamic::UNIT)
+                            .map_err(|e| format!("receive: {e}"))?;
+                        let answered = AgentMeta {
+                            state: AgentState::Answered { value: unit },
+                            ..rec.meta()
+                        };
+                        let stored = shared
+                            .store
+                            .write(move |b| b.put_agent_meta(&answered).map(|_| answered.state))
+                            .await;
+                        rec.state = stored.map_err(|e| format!("receive: {e}"))?;
+                    }
                     return Ok(Dynamic::UNIT);
                 }
             }
@@ -1805,26 +1812,31 @@ async fn receive(
     }
 }
 
-/// Takes the agent's next message off its queue and stores the agent as Answered by it, in one
-/// transaction; `rec` becomes that record. `waiting`: `rec` is the Waiting checkpoint at this
-/// very `receive` (its continuation is kept, not encoded and written again).
+/// The checkpoint `receive` can make of the agent at this `receive`.
+enum AtReceive {
+    /// Its continuation here, not stored yet.
+    Encoded(Vec<u8>),
+    /// `rec` is its Waiting record here: only the state changes.
+    Stored,
+    /// It holds a value that cannot be stored: no checkpoint.
+    Unstorable,
+}
+
+/// Takes the agent's next message off its queue and, in the same transaction, stores the agent
+/// as Answered by it (as `here` allows); `rec` becomes that record. None, with `here` as it
+/// was, if the queue is empty.
 async fn take_message(
     shared: &Shared,
     rec: &mut AgentRecord,
-    exec: &Execution,
-    waiting: bool,
+    here: &mut AtReceive,
 ) -> Result<Option<Vec<u8>>, String> {
-    let continuation = if waiting {
-        None
-    } else {
-        Some(exec.encode().map_err(|e| format!("receive: {e}"))?)
-    };
+    let checkpoint = std::mem::replace(here, AtReceive::Unstorable);
     let (id, meta) = (rec.id.clone(), rec.meta());
-    let taken = shared
+    let (message, checkpoint) = shared
         .store
         .write(move |b| {
             let Some(message) = b.pop_message(&id)? else {
-                return Ok(None);
+                return Ok((None, Err(checkpoint)));
             };
             let answered = AgentMeta {
                 state: AgentState::Answered {
@@ -1832,34 +1844,39 @@ async fn take_message(
                 },
                 ..meta
             };
-            match continuation {
-                Some(continuation) => {
-                    let checkpoint = AgentRecord::from_parts(answered, continuation);
-                    b.put_agent(&checkpoint)?;
-                    Ok(Some((
-                        message,
-                        checkpoint.state,
-                        Some(checkpoint.continuation),
-                    )))
+            let stored = match checkpoint {
+                AtReceive::Encoded(continuation) => {
+                    let record = AgentRecord::from_parts(answered, continuation);
+                    b.put_agent(&record)?;
+                    Some((record.state, Some(record.continuation)))
                 }
-                None => {
+                AtReceive::Stored => {
                     b.put_agent_meta(&answered)?;
-                    Ok(Some((message, answered.state, None)))
+                    Some((answered.state, None))
                 }
-            }
+                AtReceive::Unstorable => None,
+            };
+            Ok((Some(message), Ok(stored)))
         })
         .await
         .map_err(|e| format!("receive: {e}"))?;
-    if taken.is_some() {
-        die_if(shared, FaultPoint::AfterReceive);
-    }
-    Ok(taken.map(|(message, state, continuation)| {
-        rec.state = state;
-        if let Some(continuation) = continuation {
-            rec.continuation = continuation;
+    match (message, checkpoint) {
+        (Some(message), Ok(stored)) => {
+            die_if(shared, FaultPoint::AfterReceive);
+            if let Some((state, continuation)) = stored {
+                rec.state = state;
+                if let Some(continuation) = continuation {
+                    rec.continuation = continuation;
+                }
+            }
+            Ok(Some(message))
         }
-        message
-    }))
+        (_, Err(unchanged)) => {
+            *here = unchanged;
+            Ok(None)
+        }
+        (None, Ok(_)) => Ok(None),
+    }
 }
 
 /// What a probed node that knows nothing of an agent answers.

@@ -213,6 +213,23 @@ fn a_message_reaches_a_resident_agent_from_another_node() {
 }
 
 #[test]
+fn an_agent_holding_a_value_that_cannot_travel_still_receives() {
+    rt().block_on(async {
+        // The closure captures `y`: the agent cannot be stored at its `receive`, and waits in
+        // memory only.
+        let source = "let y = 2; let f = |x| x * y; let m = receive(); f.call(m)";
+        let (mesh, package) = mesh_for(2, source).await;
+        let (agent, end) = mesh.nodes()[0].launch(package, None).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        mesh.nodes()[1]
+            .send(&agent, &agent_lang::rhai::Dynamic::from_int(21))
+            .await
+            .unwrap();
+        assert_eq!(finished(end.await.unwrap()).0, "42");
+    });
+}
+
+#[test]
 fn a_message_follows_an_agent_that_moved_on_twice() {
     rt().block_on(async {
         let (mesh, package) = mesh_for(

@@ -144,6 +144,7 @@ fn big(c: &mut Criterion) {
                         hop: hop + 1,
                         carried: 0,
                         envelope: [9; 32],
+                        checkpoint: None,
                     };
                     store.put_agent(&r).expect("leave");
                     store

@@ -21,6 +21,9 @@ use std::io::{BufRead, Write as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[global_allocator]
+static ALLOC: platform::memory::HugePageAlloc = platform::memory::HugePageAlloc;
+
 use agent_lang::{Execution, HostEnv, Limits, Outcome, Program, Resume};
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -316,76 +319,98 @@ fn bare_swarm() -> Result<Swarm<libp2p_stream::Behaviour>> {
     })
 }
 
-/// Sends `bytes` bytes `runs` times (after one warm-up) over one libp2p-stream stream each,
-/// between two bare swarms on loopback; each time runs from the first write to the receiver's
-/// one-byte acknowledgement of the last byte.
-async fn raw_transfers(bytes: usize, runs: usize) -> Result<Vec<Duration>> {
-    let a = bare_swarm()?;
-    let mut b = bare_swarm()?;
-    b.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
-    let addr: Multiaddr = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = b.select_next_some().await {
-            break address;
-        }
-    };
-    let peer_b = *b.local_peer_id();
-    let mut incoming = b.behaviour().new_control().accept(RAW_PROTOCOL)?;
-    let mut control = a.behaviour().new_control();
-    let mut a = a;
-    a.dial(addr)?;
-    // Poll both until the connection is up (libp2p-stream keeps no address book).
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            tokio::select! {
-                e = a.select_next_some() => {
-                    if let SwarmEvent::ConnectionEstablished { .. } = e {
-                        break;
+/// Two bare swarms on loopback, connected, with a receiver that reads whole transfers and
+/// acknowledges each with one byte: the ceiling a bulk hop can reach, measured in the same
+/// conditions (interleaved with the hops: this machine's speed drifts).
+struct RawPair {
+    control: libp2p_stream::Control,
+    peer_b: libp2p::PeerId,
+    payload: Vec<u8>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RawPair {
+    async fn start(bytes: usize) -> Result<RawPair> {
+        let a = bare_swarm()?;
+        let mut b = bare_swarm()?;
+        b.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
+        let addr: Multiaddr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = b.select_next_some().await {
+                break address;
+            }
+        };
+        let peer_b = *b.local_peer_id();
+        let mut incoming = b.behaviour().new_control().accept(RAW_PROTOCOL)?;
+        let control = a.behaviour().new_control();
+        let mut a = a;
+        a.dial(addr)?;
+        // Poll both until the connection is up (libp2p-stream keeps no address book).
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::select! {
+                    e = a.select_next_some() => {
+                        if let SwarmEvent::ConnectionEstablished { .. } = e {
+                            break;
+                        }
                     }
+                    _ = b.select_next_some() => {}
                 }
-                _ = b.select_next_some() => {}
             }
-        }
-    })
-    .await
-    .map_err(|_| anyhow!("the raw swarms did not connect"))?;
-    let poll_a = tokio::spawn(async move {
-        loop {
-            a.select_next_some().await;
-        }
-    });
-    let poll_b = tokio::spawn(async move {
-        loop {
-            b.select_next_some().await;
-        }
-    });
-    let receiver = tokio::spawn(async move {
-        let mut buf = vec![0u8; 1 << 20];
-        while let Some((_, mut s)) = incoming.next().await {
-            let mut len = [0u8; 8];
-            s.read_exact(&mut len).await?;
-            let mut left = u64::from_be_bytes(len) as usize;
-            while left > 0 {
-                let want = left.min(buf.len());
-                let n = s.read(&mut buf[..want]).await?;
-                if n == 0 {
-                    bail!("raw transfer: early end of stream");
+        })
+        .await
+        .map_err(|_| anyhow!("the raw swarms did not connect"))?;
+        let poll_a = tokio::spawn(async move {
+            loop {
+                a.select_next_some().await;
+            }
+        });
+        let poll_b = tokio::spawn(async move {
+            loop {
+                b.select_next_some().await;
+            }
+        });
+        let receiver = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 20];
+            while let Some((_, mut s)) = incoming.next().await {
+                let received = async {
+                    let mut len = [0u8; 8];
+                    s.read_exact(&mut len).await?;
+                    let mut left = u64::from_be_bytes(len) as usize;
+                    while left > 0 {
+                        let want = left.min(buf.len());
+                        let n = s.read(&mut buf[..want]).await?;
+                        if n == 0 {
+                            bail!("raw transfer: early end of stream");
+                        }
+                        left -= n;
+                    }
+                    s.write_all(&[1]).await?;
+                    s.flush().await?;
+                    s.close().await?;
+                    Ok::<(), anyhow::Error>(())
+                };
+                if let Err(e) = received.await {
+                    eprintln!("raw transfer: {e}");
                 }
-                left -= n;
             }
-            s.write_all(&[1]).await?;
-            s.flush().await?;
-            s.close().await?;
-        }
-        Ok::<(), anyhow::Error>(())
-    });
-    let payload: Vec<u8> = (0..bytes).map(|i| (i * 31 + 7) as u8).collect();
-    let mut times = Vec::new();
-    let result = async {
-        for run in 0..=runs {
-            let mut s = control.open_stream(peer_b, RAW_PROTOCOL).await?;
+        });
+        Ok(RawPair {
+            control,
+            peer_b,
+            payload: (0..bytes).map(|i| (i * 31 + 7) as u8).collect(),
+            tasks: vec![poll_a, poll_b, receiver],
+        })
+    }
+
+    /// Sends the payload over a new stream: from the first write to the receiver's
+    /// acknowledgement of the last byte.
+    async fn transfer(&mut self) -> Result<Duration> {
+        let sent = async {
+            let mut s = self.control.open_stream(self.peer_b, RAW_PROTOCOL).await?;
             let t = Instant::now();
-            s.write_all(&(payload.len() as u64).to_be_bytes()).await?;
-            for chunk in payload.chunks(1 << 20) {
+            s.write_all(&(self.payload.len() as u64).to_be_bytes())
+                .await?;
+            for chunk in self.payload.chunks(1 << 20) {
                 s.write_all(chunk).await?;
             }
             s.flush().await?;
@@ -393,18 +418,20 @@ async fn raw_transfers(bytes: usize, runs: usize) -> Result<Vec<Duration>> {
             s.read_exact(&mut ack).await?;
             let took = t.elapsed();
             let _ = s.close().await;
-            if run > 0 {
-                times.push(took);
-            }
+            Ok::<Duration, anyhow::Error>(took)
+        };
+        tokio::time::timeout(Duration::from_secs(60), sent)
+            .await
+            .map_err(|_| anyhow!("a raw transfer did not finish within 60 s"))?
+    }
+}
+
+impl Drop for RawPair {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
         }
-        Ok::<(), anyhow::Error>(())
-    };
-    let r = tokio::time::timeout(Duration::from_secs(120), result).await;
-    poll_a.abort();
-    poll_b.abort();
-    receiver.abort();
-    r.map_err(|_| anyhow!("raw transfers did not finish within 120 s"))??;
-    Ok(times)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -879,12 +906,16 @@ fn main() -> Result<()> {
             }
             if has("bulk") {
                 let bytes = o.bulk_mb * 1_000_000;
-                eprintln!("bulk: {} MB continuation hop, {} runs ...", o.bulk_mb, o.runs);
+                eprintln!("bulk: {} MB continuation hop and raw transfer, {} runs each ...", o.bulk_mb, o.runs);
                 let package = author.sign(bulk_source(bytes))?;
                 let limit = Duration::from_secs(120);
                 let mut hop_us = Vec::new();
                 let mut wall_us = Vec::new();
+                let mut raw_us = Vec::new();
                 let mut size = 0;
+                // Hops and raw transfers of the same size take turns (the first of each warms
+                // up), so that both see the machine in the same state.
+                let mut raw_pair = None;
                 for run in 0..=o.runs {
                     drain(&mut rx);
                     let t = Instant::now();
@@ -893,16 +924,22 @@ fn main() -> Result<()> {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     let recs = drain(&mut rx);
                     let r = recs.last().context("no hop record for the bulk hop")?;
-                    size = r.bytes;
+                    if raw_pair.is_none() {
+                        size = r.bytes;
+                        raw_pair = Some(RawPair::start(size).await?);
+                    }
+                    let raw = match raw_pair.as_mut() {
+                        Some(pair) => pair.transfer().await?,
+                        None => bail!("no raw pair"),
+                    };
                     if run > 0 {
                         hop_us.push(r.micros as f64);
                         wall_us.push(wall.as_secs_f64() * 1e6);
+                        raw_us.push(raw.as_secs_f64() * 1e6);
                     }
                 }
+                drop(raw_pair);
                 drop(mesh);
-                eprintln!("bulk: raw libp2p-stream transfer of {size} bytes, {} runs ...", o.runs);
-                let raw = raw_transfers(size, o.runs).await?;
-                let mut raw_us: Vec<f64> = raw.iter().map(|d| d.as_secs_f64() * 1e6).collect();
                 let (hop, raw, wall) =
                     (median(&mut hop_us), median(&mut raw_us), median(&mut wall_us));
                 let mib = size as f64 / (1 << 20) as f64;
@@ -910,7 +947,7 @@ fn main() -> Result<()> {
                 rows.push(Row {
                     what: format!(
                         "{} MB continuation hop / raw libp2p-stream transfer of the same {} bytes \
-                         (throughput ratio, medians of {})",
+                         (throughput ratio, medians of {} interleaved runs)",
                         o.bulk_mb, group(size as f64), o.runs
                     ),
                     measured: format!(

@@ -10,12 +10,14 @@
 //! - [`loopback`] is the mesh `tern run` uses: N real nodes on 127.0.0.1 inside one process.
 //!   Nothing is shared between nodes but bytes: every hop encodes the agent's continuation at the
 //!   source and decodes it into a fresh executor at the destination.
+//! - [`memory`] is the allocator the binaries use: large blocks on huge pages.
 //! - [`store`] is the node's crash-safe embedded database (redb): agents, packages, hops seen,
 //!   forwarding pointers, locations, message queues and results.
 //!
 pub mod client;
 pub mod config;
 pub mod loopback;
+pub mod memory;
 pub mod node;
 pub mod package_files;
 pub mod store;

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOC: platform::memory::HugePageAlloc = platform::memory::HugePageAlloc;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use platform::package_files;

@@ -35,7 +35,9 @@ use security::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store};
+use crate::store::{
+    AgentMeta, AgentRecord, AgentState, Arrival, Batch, Durability, Store, StoreError,
+};
 use crate::wire::{
     next_frame_start, read_bulk, read_frame, read_frame_after, write_bulk, write_frame, AgentEnd,
     AgentStatus, ControlReply, ControlRequest, HopDecision, HopOffer, HopReply, PackageReply,
@@ -89,6 +91,8 @@ pub struct HopRecord {
 pub enum FaultPoint {
     /// Source: once its departure record is durable (the offer is out), before its Commit.
     SourceAfterLeaving,
+    /// Source: once its departure record is durable, before anything of the hop was sent.
+    SourceBeforeOffer,
     /// Source: after the destination acknowledged, before deleting its copy.
     SourceAfterAck,
     /// Destination: after storing the agent as arriving, before applying the source's decision.
@@ -101,6 +105,7 @@ pub enum FaultPoint {
 fn fault_from_env() -> Option<FaultPoint> {
     match std::env::var("TERN_FAULT").ok()?.as_str() {
         "source-after-leaving" => Some(FaultPoint::SourceAfterLeaving),
+        "source-before-offer" => Some(FaultPoint::SourceBeforeOffer),
         "source-after-ack" => Some(FaultPoint::SourceAfterAck),
         "destination-after-store" => Some(FaultPoint::DestinationAfterStore),
         "after-receive" => Some(FaultPoint::AfterReceive),
@@ -1358,7 +1363,7 @@ async fn hop(
         .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
     let started = std::time::Instant::now();
     let continuation = exec
-        .encode_into(crate::wire::buffer_for(exec.encoded_len_hint()))
+        .encode_into(Vec::with_capacity(exec.encoded_len_hint()))
         .map_err(|e| format!("migrate: {e}"))?;
     let previous = if rec.envelope.is_empty() {
         None
@@ -1378,7 +1383,7 @@ async fn hop(
             agent_id,
             hop: next_hop,
             package_hash: loaded.package.hash(),
-            continuation_hash: *blake3::hash(&continuation).as_bytes(),
+            continuation_hash: continuation_hash(&continuation),
             previous: previous.as_ref().map(HopEnvelope::hash),
             from: shared.public,
             to: dest_key,
@@ -1406,26 +1411,50 @@ async fn hop(
     // (`HopDecision::Commit`, or asked after a crash), so the two commits overlap and a crash
     // at any point leaves one live copy.
     // (Built field by field: the continuation is moved, never copied — it may be 100 MB.)
-    let leaving = AgentRecord {
+    let leaving_state = |checkpoint| AgentState::Leaving {
+        to: shared.text_of(&dest),
+        hop: next_hop,
+        carried: carried.len() as u64,
+        envelope: envelope_hash,
+        checkpoint,
+    };
+    // A large continuation is not written again while it travels (that write would compete
+    // with sending it): the record keeps the agent's last checkpoint, from which it resumes
+    // if the hop does not happen.
+    let kept = if continuation.len() >= KEEP_CHECKPOINT_FROM {
+        match shared.store.agent_meta(&rec.id) {
+            Ok(Some(stored)) => Some(AgentMeta {
+                state: leaving_state(Some(Box::new(stored.state.clone()))),
+                ..stored
+            }),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let leaving = Arc::new(AgentRecord {
         id: rec.id.clone(),
         package: rec.package,
         hop: rec.hop,
         hops: rec.hops,
         home: rec.home.clone(),
         launcher: rec.launcher.clone(),
-        state: AgentState::Leaving {
-            to: shared.text_of(&dest),
-            hop: next_hop,
-            carried: carried.len() as u64,
-            envelope: envelope_hash,
-        },
+        state: leaving_state(None),
         continuation,
         envelope: rec.envelope.clone(),
-    };
-    let leaving = Arc::new(leaving);
+    });
     let recorded: DepartureRecorded = {
-        let (store, record) = (shared.store.clone(), leaving.clone());
-        tokio::spawn(async move { store.write(move |b| b.put_agent(&record)).await })
+        let (store, record, kept) = (shared.store.clone(), leaving.clone(), kept.clone());
+        let write = move |b: &mut Batch<'_>| match &kept {
+            None => b.put_agent(&record),
+            Some(meta) if b.put_agent_meta(meta)? => Ok(()),
+            Some(_) => Err(StoreError::Inconsistent {
+                table: "agents",
+                key: record.id.clone(),
+                what: "the departing agent is no longer stored",
+            }),
+        };
+        tokio::spawn(async move { store.write(write).await })
             .map(|written| match written {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(format!("cannot record the departure: {e}")),
@@ -1463,6 +1492,9 @@ async fn hop(
         hop: next_hop,
         envelope: Some(envelope_hash),
     };
+    if shared.fault == Some(FaultPoint::SourceBeforeOffer) && recorded.clone().await.is_ok() {
+        die_if(shared, FaultPoint::SourceBeforeOffer);
+    }
     let outcome = send_hop(shared, &sent, &offer, continuation, &recorded).await;
     let result = match (outcome, recorded.await) {
         (SendOutcome::Owned, Ok(())) => {
@@ -1475,17 +1507,18 @@ async fn hop(
             // The destination could not even be asked: keep the departure record; recovery
             // settles it when the destination answers.
             tracing::warn!(agent = %rec.id, "hop to {to} unsettled: {reason}");
-            tokio::spawn(recover_departure(shared.clone(), leaving.meta()));
+            let record = kept.clone().unwrap_or_else(|| leaving.meta());
+            tokio::spawn(recover_departure(shared.clone(), record));
             Ok(HopResult::Left)
         }
         // The destination does not hold the agent, or holds it only as arriving and hears
         // that the hop did not commit (the departure record is not there): it stays here.
         (SendOutcome::NotTaken(reason), _) => {
-            let _ = shared.store.put_agent(rec);
+            stay(shared, rec, kept.is_some());
             Err(format!("migrate: cannot move to {to}: {reason}"))
         }
         (_, Err(e)) => {
-            let _ = shared.store.put_agent(rec);
+            stay(shared, rec, kept.is_some());
             Err(format!("migrate: {e}"))
         }
     };
@@ -1493,6 +1526,37 @@ async fn hop(
     // wait for the record.
     lock(&shared.departures).remove(&envelope_hash);
     result
+}
+
+/// From this size on, a departure record keeps the agent's last checkpoint rather than its
+/// continuation at `migrate` (see `AgentState::Leaving`): writing it again would cost as much as
+/// sending it. So a crash of the source during such a hop that does not go through resumes the
+/// agent from that checkpoint (as a crash between checkpoints does), not at `migrate`.
+pub const KEEP_CHECKPOINT_FROM: usize = 1 << 20;
+
+/// BLAKE3 of a continuation: a large one hashed on every core (while it is hashed, the hop
+/// waits and nothing else of it runs).
+fn continuation_hash(continuation: &[u8]) -> [u8; 32] {
+    if continuation.len() < 1 << 20 {
+        return *blake3::hash(continuation).as_bytes();
+    }
+    *blake3::Hasher::new()
+        .update_rayon(continuation)
+        .finalize()
+        .as_bytes()
+}
+
+/// A hop that did not happen: the agent's record goes back to what it was before (only its
+/// metadata, when the departure record kept its continuation).
+fn stay(shared: &Shared, rec: &AgentRecord, continuation_kept: bool) {
+    let restored = if continuation_kept {
+        shared.store.put_agent_meta(&rec.meta()).map(drop)
+    } else {
+        shared.store.put_agent(rec)
+    };
+    if let Err(e) = restored {
+        tracing::error!(agent = %rec.id, "cannot restore the agent after a failed hop: {e}");
+    }
 }
 
 /// The source's departure record being written (see `hop`): `Ok` once it is durable.
@@ -1683,14 +1747,18 @@ async fn resolve_departure(shared: &Shared, sent: &SentHop<'_>, give_up: bool) -
 /// asks the destination until it answers; if it holds the agent, drop ours, else resume ours.
 async fn recover_departure(shared: Arc<Shared>, rec: AgentMeta) {
     let AgentState::Leaving {
-        to, hop, carried, ..
+        to,
+        hop,
+        carried,
+        checkpoint,
+        ..
     } = rec.state.clone()
     else {
         return;
     };
     let Ok(dest) = to.parse::<PeerId>() else {
         let _ = shared.store.put_agent_meta(&AgentMeta {
-            state: AgentState::Ready,
+            state: checkpoint.map_or(AgentState::Ready, |state| *state),
             ..rec.clone()
         });
         return spawn_agent(&shared, rec.id.clone(), rec.hop);
@@ -1707,24 +1775,25 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentMeta) {
             if held {
                 let _ = complete_departure(&shared, &rec.id, &to, hop, carried as usize).await;
             } else {
-                // Back to the state before the hop: the agent resumes and `migrate` throws.
-                // (Only the state changes: the stored continuation stays as it is.)
+                // Back to the state before the hop (only the state changes: the stored
+                // continuation stays as it is). At `migrate`, the agent resumes and `migrate`
+                // throws; at its last checkpoint, it resumes from there.
+                let (state, first) = match checkpoint {
+                    Some(state) => (*state, None),
+                    None => {
+                        let interrupted = format!(
+                            "migrate: the hop to {} was interrupted",
+                            shared.name_of(&to)
+                        );
+                        (AgentState::Ready, Some(Resume::Error(interrupted)))
+                    }
+                };
                 let back = AgentMeta {
-                    state: AgentState::Ready,
+                    state,
                     ..rec.clone()
                 };
                 let _ = shared.store.put_agent_meta(&back);
-                let interrupted = format!(
-                    "migrate: the hop to {} was interrupted",
-                    shared.name_of(&to)
-                );
-                spawn_runner(
-                    &shared,
-                    back.id,
-                    back.hop,
-                    Some(Resume::Error(interrupted)),
-                    None,
-                );
+                spawn_runner(&shared, back.id, back.hop, first, None);
             }
             return;
         }
@@ -2064,7 +2133,6 @@ async fn receive_hop(
         write_frame(stream, &HopReply::Ready).await?;
         read_bulk(stream, offer.continuation_len as usize).await?
     };
-    // From here on the source's decision follows, whatever the answer.
     let CheckedOffer {
         envelope,
         previous,

@@ -423,6 +423,13 @@ pub enum AgentState {
         /// BLAKE3 of the hop's envelope: the destination asks about the hop by it.
         #[serde(default, with = "serde_bytes")]
         envelope: [u8; 32],
+        /// None: the stored continuation is the agent's at `migrate` (if the hop does not
+        /// happen, it resumes there and `migrate` throws). Some: the record kept the agent's
+        /// last checkpoint instead (a large continuation is not written again while it
+        /// travels), and this is the state it was stored in: if the hop does not happen, the
+        /// agent resumes from that checkpoint, as after any crash between checkpoints.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checkpoint: Option<Box<AgentState>>,
     },
     /// Suspended at `receive`, which returned this message (the portable encoding of a value):
     /// resume it with that. Written in the transaction that takes the message off the queue,

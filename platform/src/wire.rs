@@ -196,8 +196,6 @@ pub async fn read_bulk<R: AsyncRead + Unpin>(
     const CHUNK: usize = 1 << 20;
     // Zeroed by the allocator as fresh pages (calloc), not written twice.
     let mut out = vec![0u8; len];
-    // SAFETY: the range is this vector's.
-    unsafe { advise_huge_pages(out.as_ptr(), out.len()) };
     let mut hasher = blake3::Hasher::new();
     let mut filled = 0;
     while filled < len {
@@ -210,38 +208,6 @@ pub async fn read_bulk<R: AsyncRead + Unpin>(
         filled += n;
     }
     Ok((out, *hasher.finalize().as_bytes()))
-}
-
-/// An empty vector with room for `capacity` bytes; from 4 MiB on, in memory advised for huge
-/// pages (see `advise_huge_pages`).
-pub fn buffer_for(capacity: usize) -> Vec<u8> {
-    let v: Vec<u8> = Vec::with_capacity(capacity);
-    // SAFETY: the capacity is allocated (and not yet touched) memory of this vector.
-    unsafe { advise_huge_pages(v.as_ptr(), capacity) };
-    v
-}
-
-/// From 4 MiB on, asks the kernel to back the pages of `ptr..ptr + len` not yet touched with
-/// huge pages (where it does so on request): filling 100 MB of fresh 4 KiB pages costs 25,600
-/// page faults (50 ms here), of 2 MiB pages 50.
-///
-/// # Safety
-///
-/// `ptr..ptr + len` must be memory of one allocation of this process.
-#[allow(unused_variables)]
-unsafe fn advise_huge_pages(ptr: *const u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    if len >= 4 << 20 {
-        let p = ptr as usize;
-        let start = p & !4095;
-        // madvise only advises on how to back these pages; it changes no contents or mappings.
-        // (Advice on the allocation's first, partly shared page is as harmless.)
-        libc::madvise(
-            start as *mut libc::c_void,
-            len + (p - start),
-            libc::MADV_HUGEPAGE,
-        );
-    }
 }
 
 /// Writes raw bytes, in chunks, each under the I/O timeout.

@@ -149,6 +149,7 @@ fn agents_round_trip() {
         hop: 5,
         carried: 0,
         envelope: [9; 32],
+        checkpoint: None,
     };
     let mut fresh = agent("a", 0);
     fresh.continuation.clear();
@@ -285,6 +286,7 @@ fn large_continuations_survive_reopen_and_hops() {
             hop: 4,
             carried: 0,
             envelope: [9; 32],
+            checkpoint: None,
         },
         continuation: continuation(3, 100 * MB + 1),
         ..big.clone()
@@ -641,6 +643,7 @@ fn complete_departure_removes_agent_and_leaves_forward() {
         hop: 2,
         carried: 0,
         envelope: [9; 32],
+        checkpoint: None,
     };
     store.put_agent(&rec).unwrap();
     store.put_agent(&agent("other", 0)).unwrap();

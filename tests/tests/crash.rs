@@ -193,6 +193,12 @@ fn large_agent() -> String {
     format!("let ballast = blob(100000, 7);\n{AGENT}")
 }
 
+/// The same agent carrying 2 MB of state: the source's departure record keeps the agent's last
+/// checkpoint (its arrival on src) instead of its state at `migrate`.
+fn huge_agent() -> String {
+    format!("let ballast = blob(2000000, 7);\n{AGENT}")
+}
+
 /// Whether the crash makes the agent's `migrate` throw (and the agent try again).
 #[derive(Clone, Copy, PartialEq)]
 enum Retry {
@@ -200,6 +206,14 @@ enum Retry {
     /// Either is right: the hop went through, or it was interrupted (whether the destination
     /// got the offer before the source died is up to timing).
     Maybe,
+    /// Either is right: the hop went through, or the source resumed the agent from its last
+    /// checkpoint, its arrival on src (so the work on src may run a second time).
+    FromCheckpoint,
+    /// The hop was interrupted: `migrate` throws at least once.
+    Always,
+    /// The hop was interrupted and the source resumed the agent from its last checkpoint: the
+    /// work on src ran twice, and the agent's `migrate` from there went through at once.
+    Checkpoint,
 }
 
 /// A node's state in a status report of a live copy: not a departure record (which may linger
@@ -248,12 +262,13 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent: &str) {
             assert_eq!(v[2], 2, "{json}");
             let tries = v[3].as_i64().unwrap_or(0);
             // An interrupted hop throws in `migrate` at least once (more if the restarted source
-            // has not yet learnt dst's name when the agent retries).
+            // has not yet learnt dst's name when the agent retries); one resumed from its
+            // checkpoint counts its tries again.
             assert!(
-                if retry == Retry::Never {
-                    tries == 1
-                } else {
-                    tries >= 1
+                match retry {
+                    Retry::Never | Retry::Checkpoint => tries == 1,
+                    Retry::Always => tries >= 2,
+                    Retry::Maybe | Retry::FromCheckpoint => tries >= 1,
                 },
                 "{json}\n{}",
                 mesh.logs()
@@ -278,11 +293,16 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent: &str) {
     assert_eq!(forward(&reports[1]).as_deref(), Some("dst"));
     assert_eq!(forward(&reports[2]), None);
 
-    // The work ran once, the agent finished once.
-    assert_eq!(
-        mesh.count_in_logs(&format!("work {agent}")),
-        1,
-        "{}",
+    // The work ran once (or again from the checkpoint), the agent finished once.
+    let work = mesh.count_in_logs(&format!("work {agent}"));
+    let expected = match retry {
+        Retry::Never | Retry::Maybe | Retry::Always => 1..=1,
+        Retry::FromCheckpoint => 1..=2,
+        Retry::Checkpoint => 2..=2,
+    };
+    assert!(
+        expected.contains(&work),
+        "work ran {work} times\n{}",
         mesh.logs()
     );
     assert_eq!(
@@ -291,9 +311,11 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent: &str) {
         "{}",
         mesh.logs()
     );
-    if retry == Retry::Never {
-        let retries = mesh.count_in_logs(&format!("retry {agent}"));
-        assert_eq!(retries, 0, "{}", mesh.logs());
+    let retries = mesh.count_in_logs(&format!("retry {agent}"));
+    match retry {
+        Retry::Never | Retry::Checkpoint => assert_eq!(retries, 0, "{}", mesh.logs()),
+        Retry::Always => assert!(retries >= 1, "{}", mesh.logs()),
+        Retry::Maybe | Retry::FromCheckpoint => {}
     }
 }
 
@@ -332,6 +354,40 @@ fn source_dies_after_recording_the_departure_of_a_large_agent() {
         "source-after-leaving",
         Retry::Maybe,
         &large_agent(),
+    );
+}
+
+/// As `source_dies_after_recording_the_departure`, for a continuation so large that the
+/// departure record keeps the agent's last checkpoint: if the hop did not go through, src
+/// resumes the agent from its arrival there, and the agent migrates again.
+#[test]
+fn source_dies_after_recording_the_departure_of_a_huge_agent() {
+    crash_and_recover_agent(
+        Side::Source,
+        "source-after-leaving",
+        Retry::FromCheckpoint,
+        &huge_agent(),
+    );
+}
+
+/// The source dies once its departure record is durable, before offering anything: on restart
+/// dst says it does not hold the hop, and src resumes the agent with `migrate` throwing
+/// "interrupted"; the agent's retry moves it.
+#[test]
+fn source_dies_before_offering_the_hop() {
+    crash_and_recover(Side::Source, "source-before-offer", Retry::Always);
+}
+
+/// As `source_dies_before_offering_the_hop`, for an agent whose departure record keeps its last
+/// checkpoint: src resumes it from its arrival there, so its work runs a second time, and it
+/// migrates again (a first try that succeeds).
+#[test]
+fn source_dies_before_offering_the_hop_of_a_huge_agent() {
+    crash_and_recover_agent(
+        Side::Source,
+        "source-before-offer",
+        Retry::Checkpoint,
+        &huge_agent(),
     );
 }
 

@@ -80,7 +80,11 @@
 //!   `.await`, so a std mutex is right). If no write is being led, the caller becomes the
 //!   *leader*: on its own thread, with no hop to another task when uncontended, it takes up to
 //!   [`MAX_GROUP`] queued writes, runs them in queue order in one transaction, commits once and
-//!   sends every write its result. Everyone else is a *follower* and just awaits its oneshot. A
+//!   sends every write its result. Everyone else is a *follower* and just awaits its oneshot.
+//!   When writes contend (some joined the previous leader's queue), a new leader first yields
+//!   one turn to the runtime, so that the tasks ready to run queue their writes into its group:
+//!   with 200 agents hopping, that alone took a benchmark from ~5,800 to ~8,500 hops/s (groups
+//!   averaged 1.3 writes, now about 9), while an uncontended write still commits at once. A
 //!   leader inside a tokio runtime leads one group only (its own write is always the first of
 //!   it): if more writes queued meanwhile, it hands leadership to a `spawn_blocking` thread, which
 //!   drains the queue until it is empty, so that no caller of `write` is held up serving others
@@ -565,6 +569,8 @@ struct Writes {
     /// A leader is running (or about to run) groups. Invariant: when false, `queue` is empty;
     /// whoever queues a write while it is false becomes the leader in the same critical section.
     leading: bool,
+    /// A write was queued while a leader ran, since the last leadership was taken.
+    joined: bool,
 }
 
 impl fmt::Debug for Store {
@@ -750,10 +756,19 @@ impl Store {
         synced: bool,
     ) -> Result<T, StoreError> {
         let (reply, outcome) = oneshot::channel();
-        if let Some(leader) = self.shared.enqueue(Box::new(Queued { op, reply, synced })) {
+        if let Some((leader, contended)) =
+            self.shared.enqueue(Box::new(Queued { op, reply, synced }))
+        {
             // Runs at least the group holding this write before returning, so the await below
-            // never waits on a leader that is this very task.
-            leader.lead(true);
+            // never waits on a leader that is this very task. When writes contend (some joined
+            // the previous leader's queue), it first lets the tasks ready to run queue theirs,
+            // which then join this group: one commit for all. It leads even if this future is
+            // dropped meanwhile.
+            let leading = LeadOnDrop(Some(leader));
+            if contended {
+                tokio::task::yield_now().await;
+            }
+            drop(leading);
         }
         outcome.await.unwrap_or(Err(StoreError::Interrupted))
     }
@@ -1097,18 +1112,21 @@ impl Shared {
         self.writes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `job`; returns the leadership if nobody was leading.
-    fn enqueue(self: &Arc<Self>, job: Box<dyn Job>) -> Option<Leader> {
+    /// Queues `job`; returns the leadership if nobody was leading, and whether writes joined
+    /// a leader's queue since the last leadership was taken (the store is busy).
+    fn enqueue(self: &Arc<Self>, job: Box<dyn Job>) -> Option<(Leader, bool)> {
         let mut writes = self.lock_writes();
         writes.queue.push_back(job);
         if writes.leading {
+            writes.joined = true;
             return None;
         }
         writes.leading = true;
-        Some(Leader {
+        let leader = Leader {
             shared: Arc::clone(self),
             active: true,
-        })
+        };
+        Some((leader, std::mem::take(&mut writes.joined)))
     }
 
     /// Runs `group` in one transaction and reports to each write. Writes that did not run
@@ -1219,6 +1237,17 @@ impl Leader {
         let mut writes = self.shared.lock_writes();
         for job in group.into_iter().rev() {
             writes.queue.push_front(job);
+        }
+    }
+}
+
+/// A leader that leads (on the current thread) when it is dropped.
+struct LeadOnDrop(Option<Leader>);
+
+impl Drop for LeadOnDrop {
+    fn drop(&mut self) {
+        if let Some(leader) = self.0.take() {
+            leader.lead(true);
         }
     }
 }

@@ -1162,6 +1162,29 @@ fn a_dropped_write_still_runs_and_others_are_unaffected() {
     }
 }
 
+/// Once writes contended, the next write to find no leader waits one turn before leading (so
+/// that writes ready meanwhile join its group); dropped during that turn, it still runs, and
+/// so do the writes that joined it.
+#[test]
+fn a_write_dropped_while_it_waits_to_lead_still_runs_with_those_that_joined_it() {
+    for runtime in leader_modes() {
+        let (_dir, _path, store) = temp_store(Durability::NoSync);
+        let leader = BlockedLeader::start(&store, runtime.as_ref());
+        let joined = queue_write(&store, |b| b.push_message("q", b"1"));
+        leader.finish();
+        futures::executor::block_on(joined).unwrap();
+        // The store is busy now: this write leads after one turn, and is dropped during it.
+        let waiting = queue_write(&store, |b| b.push_message("q", b"2"));
+        let behind = queue_write(&store, |b| b.push_message("q", b"3"));
+        drop(waiting);
+        futures::executor::block_on(behind).unwrap();
+        assert_eq!(
+            store.messages("q").unwrap(),
+            vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]
+        );
+    }
+}
+
 #[test]
 fn more_writes_than_a_group_holds_all_commit() {
     for runtime in leader_modes() {

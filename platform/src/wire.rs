@@ -96,17 +96,42 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     message: &T,
 ) -> Result<(), WireError> {
-    // One buffer, one write: the length and the body go out in one yamux frame.
-    let mut frame = Vec::with_capacity(256);
-    frame.extend_from_slice(&[0; 4]);
-    ciborium::into_writer(message, &mut frame).map_err(|e| WireError::Malformed(e.to_string()))?;
-    let len = u32::try_from(frame.len() - 4).map_err(|_| WireError::TooLarge {
-        len: frame.len() - 4,
+    let mut frames = Vec::with_capacity(256);
+    push_frame(&mut frames, message)?;
+    write_frames(w, &frames).await
+}
+
+/// Appends `message` to `frames` as one frame (its length, then its body), for
+/// [`write_frames`]: frames that go out together take one write and one yamux frame.
+///
+/// # Errors
+///
+/// The message cannot be encoded or is over 4 GiB.
+pub fn push_frame<T: Serialize>(frames: &mut Vec<u8>, message: &T) -> Result<(), WireError> {
+    let start = frames.len();
+    frames.extend_from_slice(&[0; 4]);
+    ciborium::into_writer(message, &mut *frames)
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = frames.len() - start - 4;
+    let len = u32::try_from(len).map_err(|_| WireError::TooLarge {
+        len,
         max: MAX_FRAME,
     })?;
-    frame[..4].copy_from_slice(&len.to_be_bytes());
+    frames[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// Writes frames made by [`push_frame`] in one write, and flushes.
+///
+/// # Errors
+///
+/// The stream fails.
+pub async fn write_frames<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &[u8],
+) -> Result<(), WireError> {
     with_timeout(async {
-        w.write_all(&frame).await?;
+        w.write_all(frames).await?;
         w.flush().await?;
         Ok(())
     })

@@ -11,6 +11,7 @@
 //!   Nothing is shared between nodes but bytes: every hop encodes the agent's continuation at the
 //!   source and decodes it into a fresh executor at the destination.
 //! - [`memory`] is the allocator the binaries use: large blocks on huge pages.
+//! - [`verifier`] checks the signatures of hops that arrive together in batches.
 //! - [`store`] is the node's crash-safe embedded database (redb): agents, packages, hops seen,
 //!   forwarding pointers, locations, message queues and results.
 //!
@@ -21,4 +22,5 @@ pub mod memory;
 pub mod node;
 pub mod package_files;
 pub mod store;
+pub mod verifier;
 pub mod wire;

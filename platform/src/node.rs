@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::store::{
     AgentMeta, AgentRecord, AgentState, Arrival, Batch, Durability, Store, StoreError,
 };
+use crate::verifier::BatchVerifier;
 use crate::wire::{
     next_frame_start, push_frame, read_bulk, read_frame, read_frame_after, write_bulk, write_frame,
     write_frames, AgentEnd, AgentStatus, ControlReply, ControlRequest, HopDecision, HopOffer,
@@ -185,6 +186,8 @@ struct Shared {
     /// Hashes of the hop envelopes this node signed lately: an agent that comes back presents
     /// one as its custody, and its signature needs no check.
     signed: Mutex<HashSet<[u8; 32]>>,
+    /// Checks the signatures of arriving hops in batches.
+    verifier: BatchVerifier,
     /// Departure records being written, by envelope hash: a destination asking whether such a
     /// hop committed waits for the record.
     departures: Mutex<HashMap<[u8; 32], DepartureRecorded>>,
@@ -275,6 +278,7 @@ impl Node {
             idle_streams: StreamPool::default(),
             arrivals: Mutex::new(ArrivalGate::default()),
             signed: Mutex::new(HashSet::new()),
+            verifier: BatchVerifier::default(),
             departures: Mutex::new(HashMap::new()),
             control,
             commands,
@@ -2172,9 +2176,20 @@ async fn receive_hop(
         .as_ref()
         .is_some_and(|p| lock(&shared.signed).contains(p.hash().as_bytes()));
     let hash = fields.package_hash;
+    // The signature is checked with those of the hops arriving at the same time.
+    let signature_checked = if envelope.fields().from == sender {
+        let others_arriving = lock(&shared.arrivals).arriving.len() > 1;
+        shared
+            .verifier
+            .check(envelope.clone(), others_arriving)
+            .await
+    } else {
+        None
+    };
     let check = HopCheck::new(&sender, &shared.public, &hash, &continuation_hash)
         .with_previous(previous.as_ref())
-        .with_previous_known_genuine(signed_here);
+        .with_previous_known_genuine(signed_here)
+        .with_signature_checked(signature_checked);
     if let Err(e) = verify_hop(envelope, &check) {
         tracing::warn!(%peer, "refused a hop: {e}");
         return Err(after_decision(stream, refused(format!("hop envelope: {e}"))).await);

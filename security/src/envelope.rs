@@ -365,6 +365,29 @@ impl HopEnvelope {
     }
 }
 
+/// Proof that an envelope's signature verifies under its sender's key, from
+/// [`check_signatures`]; [`HopCheck::with_signature_checked`] takes it so that [`verify_hop`]
+/// does not check the signature again. Only this crate makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignatureChecked(EnvelopeHash);
+
+/// Checks the signatures of many envelopes at once (ed25519 batch verification: from 8 on,
+/// about half the cost of checking them one by one): `Some` proof for each that verifies. For
+/// a node that receives many hops at the same time; [`verify_hop`] does everything else.
+pub fn check_signatures(envelopes: &[&HopEnvelope]) -> Vec<Option<SignatureChecked>> {
+    let messages: Vec<Vec<u8>> = envelopes.iter().map(|e| signing_bytes(&e.fields)).collect();
+    let items: Vec<(&PublicKey, &[u8], &[u8; 64])> = envelopes
+        .iter()
+        .zip(&messages)
+        .map(|(e, m)| (&e.fields.from, m.as_slice(), &e.signature))
+        .collect();
+    crate::keys::verify_many(&items)
+        .into_iter()
+        .zip(envelopes)
+        .map(|(ok, e)| ok.then(|| SignatureChecked(e.hash())))
+        .collect()
+}
+
 /// What the receiver knows when a hop arrives. Build with [`HopCheck::new`] and the `with_*`
 /// methods.
 #[derive(Debug, Clone, Copy)]
@@ -387,6 +410,8 @@ pub struct HopCheck<'a> {
     pub last_seen: Option<LastHop>,
     /// `(now_ms, max_skew_ms)`: refuse envelopes dated after `now_ms + max_skew_ms`.
     pub clock: Option<(u64, u64)>,
+    /// The envelope's signature was checked already (if this proof is for it).
+    pub signature_checked: Option<SignatureChecked>,
 }
 
 impl<'a> HopCheck<'a> {
@@ -406,7 +431,15 @@ impl<'a> HopCheck<'a> {
             previous_known_genuine: false,
             last_seen: None,
             clock: None,
+            signature_checked: None,
         }
+    }
+
+    /// The envelope's signature was checked by [`check_signatures`]: a proof for this very
+    /// envelope spares checking it again (a proof for another is ignored).
+    pub fn with_signature_checked(mut self, proof: Option<SignatureChecked>) -> Self {
+        self.signature_checked = proof;
+        self
     }
 
     /// The envelope the sender presented as its own custody (the hop before this one).
@@ -488,13 +521,14 @@ pub fn verify_hop(envelope: HopEnvelope, ctx: &HopCheck<'_>) -> Result<VerifiedH
         });
     }
     // Right after the sender check, so every later error is about a genuine envelope.
-    if !envelope.signature_ok() {
+    let hash = envelope.hash();
+    let checked = ctx.signature_checked == Some(SignatureChecked(hash));
+    if !checked && !envelope.signature_ok() {
         return Err(HopError::BadSignature);
     }
     if f.to != *ctx.me {
         return Err(HopError::Misaddressed { to: Box::new(f.to) });
     }
-    let hash = envelope.hash();
     if let Some(last) = ctx.last_seen {
         if last.hash == hash {
             return Err(HopError::Duplicate { hop: f.hop });

@@ -260,6 +260,45 @@ impl PublicKey {
     }
 }
 
+/// Verifies many (key, message, signature) triples; says which verify.
+///
+/// Together they cost about half as much as one by one from 8 on (ed25519 batch verification).
+/// Small-order keys and nonces are refused first, as [`PublicKey::verify`] refuses them. The
+/// batch equation is checked with coefficients derived from all the triples, and it can accept a
+/// signature whose nonce its own signer gave a torsion component (the strict check refuses
+/// those): only the holder of the key can make such a signature, so it proves as much as any
+/// other. If the batch fails, every triple is checked alone.
+pub(crate) fn verify_many(items: &[(&PublicKey, &[u8], &[u8; 64])]) -> Vec<bool> {
+    if items.len() < 2 {
+        return items.iter().map(|(k, m, s)| k.verify(m, s)).collect();
+    }
+    let nonce_ok = |signature: &[u8; 64]| {
+        let mut r = [0u8; 32];
+        r.copy_from_slice(&signature[..32]);
+        curve25519_dalek::edwards::CompressedEdwardsY(r)
+            .decompress()
+            .is_some_and(|r| !r.is_small_order())
+    };
+    let mut ok: Vec<bool> = items
+        .iter()
+        .map(|(k, _, s)| !k.key.is_weak() && nonce_ok(s))
+        .collect();
+    let batch: Vec<usize> = (0..items.len()).filter(|&i| ok[i]).collect();
+    let messages: Vec<&[u8]> = batch.iter().map(|&i| items[i].1).collect();
+    let signatures: Vec<Signature> = batch
+        .iter()
+        .map(|&i| Signature::from_bytes(items[i].2))
+        .collect();
+    let keys: Vec<VerifyingKey> = batch.iter().map(|&i| items[i].0.key).collect();
+    if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_err() {
+        for i in batch {
+            let (k, m, s) = items[i];
+            ok[i] = k.verify(m, s);
+        }
+    }
+    ok
+}
+
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{PUBLIC_KEY_PREFIX}{}", codec::to_hex(&self.bytes))

@@ -83,8 +83,9 @@ mod policy;
 
 pub use codec::{BadHex, DecodeError};
 pub use envelope::{
-    verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope, HopError, HopFields, LastHop,
-    VerifiedHop, ENVELOPE_MAGIC, FIRST_HOP, MAX_ENVELOPE_BYTES,
+    check_signatures, verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope, HopError,
+    HopFields, LastHop, SignatureChecked, VerifiedHop, ENVELOPE_MAGIC, FIRST_HOP,
+    MAX_ENVELOPE_BYTES,
 };
 pub use keys::{KeyError, PublicKey, SecretKey, PUBLIC_KEY_PREFIX};
 pub use package::{

@@ -408,3 +408,71 @@ fn decode_known_reuses_known_keys_and_checks_the_others() {
     let lookup = |b: &[u8; 32]| known.iter().copied().find(|k| k.to_bytes() == *b);
     assert!(HopEnvelope::decode_known(&bad, lookup).is_err());
 }
+
+/// An envelope like `genuine` but with these signature bytes.
+fn with_signature(genuine: &HopEnvelope, signature: &[u8; 64]) -> HopEnvelope {
+    let mut bytes = genuine.encode();
+    let n = bytes.len();
+    bytes[n - 64..].copy_from_slice(signature);
+    HopEnvelope::decode(&bytes).unwrap()
+}
+
+#[test]
+fn signatures_checked_together_give_a_proof_for_each_genuine_one_only() {
+    let m = mesh();
+    let b = m.b.public();
+    let ch = continuation_hash(STATE);
+    let senders = [&m.a, &m.c, &m.a, &m.c, &m.a, &m.c, &m.a, &m.c, &m.a];
+    let genuine: Vec<HopEnvelope> = senders
+        .iter()
+        .enumerate()
+        .map(|(i, k)| hop(None, k, &b, m.package, &STATE[..STATE.len() - i]))
+        .collect();
+
+    // All genuine: a proof each, and each proof lets its own envelope through.
+    let all: Vec<&HopEnvelope> = genuine.iter().collect();
+    let proofs = check_signatures(&all);
+    assert!(proofs.iter().all(Option::is_some), "{proofs:?}");
+    for (i, (e, proof)) in genuine.iter().zip(&proofs).enumerate() {
+        let ch = continuation_hash(&STATE[..STATE.len() - i]);
+        let sender = e.fields().from;
+        let ctx = check(&sender, &b, &m.package, &ch).with_signature_checked(*proof);
+        assert!(verify_hop(e.clone(), &ctx).is_ok());
+    }
+
+    // One signed by another key, one with a small-order nonce (R = the identity, s = 0):
+    // refused, the others still proven.
+    let by_c = HopEnvelope::sign(
+        HopFields {
+            from: m.c.public(),
+            ..genuine[2].fields().clone()
+        },
+        &m.c,
+    )
+    .unwrap();
+    let forged = with_signature(&genuine[2], by_c.signature());
+    let mut small = [0u8; 64];
+    small[0] = 1;
+    let small_order = with_signature(&genuine[5], &small);
+    let mut mixed = all.clone();
+    mixed[2] = &forged;
+    mixed[5] = &small_order;
+    let proofs = check_signatures(&mixed);
+    for (i, proof) in proofs.iter().enumerate() {
+        assert_eq!(proof.is_some(), i != 2 && i != 5, "envelope {i}: {proof:?}");
+    }
+
+    // A proof is for its own envelope only: handed in with another, the signature is checked.
+    let proof_of_genuine = check_signatures(&[&genuine[0]])[0];
+    assert!(proof_of_genuine.is_some());
+    let a = m.a.public();
+    let forged_first = with_signature(&genuine[0], genuine[1].signature());
+    assert_eq!(
+        verify_hop(
+            forged_first,
+            &check(&a, &b, &m.package, &ch).with_signature_checked(proof_of_genuine)
+        ),
+        Err(HopError::BadSignature)
+    );
+    assert!(check_signatures(&[]).is_empty());
+}

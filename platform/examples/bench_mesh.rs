@@ -14,7 +14,7 @@
 //! Options: `--hops N` (hops of the bouncing agent, default 1000), `--agents N` (agents in
 //! flight, default 200), `--agent-hops N` (hops each of those makes, default 50), `--bulk-mb N`
 //! (default 100), `--resident N` (default 10000), `--runs N` (measured runs of the bulk hop and
-//! the raw transfer, default 3).
+//! the raw transfer, taking turns, default 7).
 
 use std::fmt::Write as _;
 use std::io::{BufRead, Write as _};
@@ -66,7 +66,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
         agent_hops: 50,
         bulk_mb: 100,
         resident: 10_000,
-        runs: 3,
+        runs: 7,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {

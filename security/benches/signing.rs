@@ -2,8 +2,8 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use security::{
-    verify_hop, AgentId, HopCheck, HopEnvelope, HopFields, Manifest, Package, PackageHash,
-    PackageLimits, SecretKey, FIRST_HOP,
+    check_signatures, verify_hop, AgentId, HopCheck, HopEnvelope, HopFields, Manifest, Package,
+    PackageHash, PackageLimits, SecretKey, FIRST_HOP,
 };
 
 fn envelope(c: &mut Criterion) {
@@ -35,6 +35,21 @@ fn envelope(c: &mut Criterion) {
     group.bench_function("decode+verify", |bench| {
         let ctx = HopCheck::new(&a_pub, &b_pub, &package, &continuation);
         bench.iter(|| HopEnvelope::decode(&wire).map(|e| verify_hop(e, &ctx)))
+    });
+    // What a node receiving 8 hops at once pays for their signatures (batch verification).
+    let eight: Vec<HopEnvelope> = (0..8u8)
+        .filter_map(|n| {
+            let f = HopFields {
+                agent_id: AgentId([n; 16]),
+                ..fields.clone()
+            };
+            HopEnvelope::sign(f, &a).ok()
+        })
+        .collect();
+    group.throughput(Throughput::Elements(eight.len() as u64));
+    group.bench_function("check_signatures x8", |bench| {
+        let refs: Vec<&HopEnvelope> = eight.iter().collect();
+        bench.iter(|| check_signatures(&refs))
     });
     group.finish();
 }

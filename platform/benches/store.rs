@@ -11,22 +11,24 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
-use platform::store::{AgentRecord, AgentState, Arrival, Durability, Store};
+use platform::store::{AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store};
 use tempfile::TempDir;
 
 const BIG: usize = 100 * 1024 * 1024;
 
 fn record(id: &str, hop: u64, continuation: Vec<u8>) -> AgentRecord {
     AgentRecord {
-        id: id.to_owned(),
-        package: [3; 32],
-        hop,
-        hops: hop,
-        home: "12D3KooWHomeNodePeerIdText0000000000000000000000".to_owned(),
-        launcher: Some("12D3KooWLauncherPeerIdText00000000000000000000".to_owned()),
-        state: AgentState::Ready,
+        meta: AgentMeta {
+            id: id.to_owned(),
+            package: [3; 32],
+            hop,
+            hops: hop,
+            home: "12D3KooWHomeNodePeerIdText0000000000000000000000".to_owned(),
+            launcher: Some("12D3KooWLauncherPeerIdText00000000000000000000".to_owned()),
+            state: AgentState::Ready,
+            envelope: vec![9; 300],
+        },
         continuation,
-        envelope: vec![9; 300],
     }
 }
 

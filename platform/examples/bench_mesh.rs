@@ -31,7 +31,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol, Swarm};
 use platform::loopback::LoopbackMesh;
 use platform::node::{HopRecord, Node, NodeConfig, NodeHandle};
-use platform::store::{AgentRecord, AgentState, Durability, Store};
+use platform::store::{AgentMeta, AgentRecord, AgentState, Durability, Store};
 use platform::wire::AgentEnd;
 use security::{
     verify_hop, AgentId, HopCheck, HopEnvelope, HopFields, PeersPolicy, SecretKey, TrustPolicy,
@@ -612,15 +612,17 @@ fn suspended(source: &str) -> Result<(Program, Execution)> {
 
 fn record(continuation: Vec<u8>, envelope: Vec<u8>) -> AgentRecord {
     AgentRecord {
-        id: AgentId::generate().to_string(),
-        package: [7; 32],
-        hop: 1,
-        hops: 1,
-        home: "home".into(),
-        launcher: None,
-        state: AgentState::Ready,
+        meta: AgentMeta {
+            id: AgentId::generate().to_string(),
+            package: [7; 32],
+            hop: 1,
+            hops: 1,
+            home: "home".into(),
+            launcher: None,
+            state: AgentState::Ready,
+            envelope,
+        },
         continuation,
-        envelope,
     }
 }
 

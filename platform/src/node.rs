@@ -961,15 +961,17 @@ fn launch(
         .or_default()
         .push(tx);
     let rec = AgentRecord {
-        id: id.clone(),
-        package: *hash.as_bytes(),
-        hop: 0,
-        hops: 0,
-        home: shared.me.clone(),
-        launcher,
-        state: AgentState::Ready,
+        meta: AgentMeta {
+            id: id.clone(),
+            package: *hash.as_bytes(),
+            hop: 0,
+            hops: 0,
+            home: shared.me.clone(),
+            launcher,
+            state: AgentState::Ready,
+            envelope: Vec::new(),
+        },
         continuation: Vec::new(),
-        envelope: Vec::new(),
     };
     shared.store.put_agent(&rec).map_err(|e| e.to_string())?;
     let _ = shared.store.set_location(&id, &shared.me);
@@ -1068,7 +1070,11 @@ async fn load_runnable(shared: &Arc<Shared>, id: &str, arrival: u64) -> Option<R
     let rec = match shared.store.agent(id) {
         // (An agent stored as arriving runs once its hop committed.)
         Ok(Some(AgentRecord {
-            state: AgentState::Arriving { .. },
+            meta:
+                AgentMeta {
+                    state: AgentState::Arriving { .. },
+                    ..
+                },
             ..
         })) => return None,
         Ok(Some(r)) if r.hop == arrival => r,
@@ -1414,7 +1420,7 @@ async fn hop(
     // stores the agent as arriving: the destination runs it only after this record is durable
     // (`HopDecision::Commit`, or asked after a crash), so the two commits overlap and a crash
     // at any point leaves one live copy.
-    // (Built field by field: the continuation is moved, never copied — it may be 100 MB.)
+    // (The continuation is moved, never copied: it may be 100 MB.)
     let leaving_state = |checkpoint| AgentState::Leaving {
         to: shared.text_of(&dest),
         hop: next_hop,
@@ -1437,15 +1443,11 @@ async fn hop(
         None
     };
     let leaving = Arc::new(AgentRecord {
-        id: rec.id.clone(),
-        package: rec.package,
-        hop: rec.hop,
-        hops: rec.hops,
-        home: rec.home.clone(),
-        launcher: rec.launcher.clone(),
-        state: leaving_state(None),
+        meta: AgentMeta {
+            state: leaving_state(None),
+            ..rec.meta.clone()
+        },
         continuation,
-        envelope: rec.envelope.clone(),
     });
     let recorded: DepartureRecorded = {
         let (store, record, kept) = (shared.store.clone(), leaving.clone(), kept.clone());
@@ -1516,7 +1518,7 @@ async fn hop(
             // The destination could not even be asked: keep the departure record; recovery
             // settles it when the destination answers.
             tracing::warn!(agent = %rec.id, "hop to {to} unsettled: {reason}");
-            let record = kept.clone().unwrap_or_else(|| leaving.meta());
+            let record = kept.clone().unwrap_or_else(|| leaving.meta.clone());
             tokio::spawn(recover_departure(shared.clone(), record));
             Ok(HopResult::Left)
         }
@@ -1559,7 +1561,7 @@ fn continuation_hash(continuation: &[u8]) -> [u8; 32] {
 /// metadata, when the departure record kept its continuation).
 fn stay(shared: &Shared, rec: &AgentRecord, continuation_kept: bool) {
     let restored = if continuation_kept {
-        shared.store.put_agent_meta(&rec.meta()).map(drop)
+        shared.store.put_agent_meta(&rec.meta).map(drop)
     } else {
         shared.store.put_agent(rec)
     };
@@ -1873,7 +1875,7 @@ async fn receive(
             let checkpoint = AgentRecord::from_parts(
                 AgentMeta {
                     state,
-                    ..rec.meta()
+                    ..rec.meta.clone()
                 },
                 continuation,
             );
@@ -1894,7 +1896,7 @@ async fn receive(
                             .map_err(|e| format!("receive: {e}"))?;
                         let answered = AgentMeta {
                             state: AgentState::Answered { value: unit },
-                            ..rec.meta()
+                            ..rec.meta.clone()
                         };
                         let stored = shared
                             .store
@@ -1929,7 +1931,7 @@ async fn take_message(
     here: &mut AtReceive,
 ) -> Result<Option<Vec<u8>>, String> {
     let checkpoint = std::mem::replace(here, AtReceive::Unstorable);
-    let (id, meta) = (rec.id.clone(), rec.meta());
+    let (id, meta) = (rec.id.clone(), rec.meta.clone());
     let (message, checkpoint) = shared
         .store
         .write(move |b| {
@@ -1946,7 +1948,7 @@ async fn take_message(
                 AtReceive::Encoded(continuation) => {
                     let record = AgentRecord::from_parts(answered, continuation);
                     b.put_agent(&record)?;
-                    Some((record.state, Some(record.continuation)))
+                    Some((record.meta.state, Some(record.continuation)))
                 }
                 AtReceive::Stored => {
                     b.put_agent_meta(&answered)?;
@@ -2209,19 +2211,21 @@ async fn receive_hop(
     };
     let messages = offer.messages;
     let rec = AgentRecord {
-        id: fields.agent_id.to_string(),
-        package: *hash.as_bytes(),
-        hop: fields.hop,
-        hops: offer.hops,
-        home: offer.home,
-        launcher: offer.launcher,
-        state: AgentState::Arriving {
-            from: shared.text_of(&peer),
-            envelope: envelope_hash,
-            carried: messages.len() as u64,
+        meta: AgentMeta {
+            id: fields.agent_id.to_string(),
+            package: *hash.as_bytes(),
+            hop: fields.hop,
+            hops: offer.hops,
+            home: offer.home,
+            launcher: offer.launcher,
+            state: AgentState::Arriving {
+                from: shared.text_of(&peer),
+                envelope: envelope_hash,
+                carried: messages.len() as u64,
+            },
+            envelope: offer.envelope,
         },
         continuation,
-        envelope: offer.envelope,
     };
     // Stored durably while the source's departure record is written and its decision travels;
     // runnable at once if the decision to commit is already here when the write runs (the
@@ -2283,12 +2287,12 @@ async fn receive_hop(
     match decision {
         Ok(HopDecision::Commit) => {}
         Ok(HopDecision::Abort(why)) => {
-            settle_arrival(shared, &rec.meta(), false).await;
+            settle_arrival(shared, &rec.meta, false).await;
             return Err(refused(format!("the source gave up the hop: {why}")));
         }
         Err(e) => {
             // The decision is lost with the stream: ask the source for it.
-            tokio::spawn(ask_hop_decision(shared.clone(), rec.meta()));
+            tokio::spawn(ask_hop_decision(shared.clone(), rec.meta.clone()));
             return Err(Refusal::Wire(e));
         }
     }
@@ -2297,7 +2301,10 @@ async fn receive_hop(
     } else {
         match commit_arrival(shared, &rec.id, &envelope_hash).await {
             Some(meta) => AgentRecord {
-                state: meta.state,
+                meta: AgentMeta {
+                    state: meta.state,
+                    ..rec.meta
+                },
                 ..rec
             },
             None => return Err(refused("the arrival was dropped meanwhile".into())),

@@ -189,9 +189,41 @@ impl From<Durability> for redb::Durability {
     }
 }
 
-/// An agent resident on this node, as a restart finds it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// An agent resident on this node, as a restart finds it: its metadata and its continuation.
+/// The metadata's fields read through the record (`rec.id` is `rec.meta.id`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRecord {
+    /// Everything but the continuation.
+    pub meta: AgentMeta,
+    /// The encoded continuation; empty when the agent has not started yet.
+    pub continuation: Vec<u8>,
+}
+
+impl std::ops::Deref for AgentRecord {
+    type Target = AgentMeta;
+
+    fn deref(&self) -> &AgentMeta {
+        &self.meta
+    }
+}
+
+impl std::ops::DerefMut for AgentRecord {
+    fn deref_mut(&mut self) -> &mut AgentMeta {
+        &mut self.meta
+    }
+}
+
+impl AgentRecord {
+    /// The record made of `meta` and `continuation` (moved, not copied).
+    pub fn from_parts(meta: AgentMeta, continuation: Vec<u8>) -> AgentRecord {
+        AgentRecord { meta, continuation }
+    }
+}
+
+/// An agent's record without its continuation: what status listings, duplicate checks and
+/// state changes need, read without touching the continuation (which may be 100 MB).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentMeta {
     /// The agent's id, unique in the mesh.
     pub id: String,
     /// Hash of the agent's package (its code), a key of the `packages` table.
@@ -210,103 +242,7 @@ pub struct AgentRecord {
     pub launcher: Option<String>,
     /// What to do with the agent after a restart.
     pub state: AgentState,
-    /// The encoded continuation; empty when the agent has not started yet.
-    #[serde(with = "serde_bytes")]
-    pub continuation: Vec<u8>,
     /// The envelope of the hop that brought the agent here; empty on its home node.
-    #[serde(with = "serde_bytes")]
-    pub envelope: Vec<u8>,
-}
-
-impl AgentRecord {
-    /// The record's metadata: everything but the continuation (which is not copied).
-    pub fn meta(&self) -> AgentMeta {
-        AgentMeta {
-            id: self.id.clone(),
-            package: self.package,
-            hop: self.hop,
-            hops: self.hops,
-            home: self.home.clone(),
-            launcher: self.launcher.clone(),
-            state: self.state.clone(),
-            envelope: self.envelope.clone(),
-        }
-    }
-
-    /// The record made of `meta` and `continuation` (moved, not copied).
-    pub fn from_parts(meta: AgentMeta, continuation: Vec<u8>) -> AgentRecord {
-        let AgentMeta {
-            id,
-            package,
-            hop,
-            hops,
-            home,
-            launcher,
-            state,
-            envelope,
-        } = meta;
-        AgentRecord {
-            id,
-            package,
-            hop,
-            hops,
-            home,
-            launcher,
-            state,
-            continuation,
-            envelope,
-        }
-    }
-
-    /// The record's metadata and its continuation (moved, not copied).
-    pub fn into_parts(self) -> (AgentMeta, Vec<u8>) {
-        let AgentRecord {
-            id,
-            package,
-            hop,
-            hops,
-            home,
-            launcher,
-            state,
-            continuation,
-            envelope,
-        } = self;
-        let meta = AgentMeta {
-            id,
-            package,
-            hop,
-            hops,
-            home,
-            launcher,
-            state,
-            envelope,
-        };
-        (meta, continuation)
-    }
-}
-
-/// An [`AgentRecord`] without its continuation: what status listings, duplicate checks and
-/// state changes need, read without touching the continuation (which may be 100 MB). The fields
-/// mean what they mean in [`AgentRecord`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentMeta {
-    /// See [`AgentRecord::id`].
-    pub id: String,
-    /// See [`AgentRecord::package`].
-    #[serde(with = "serde_bytes")]
-    pub package: [u8; 32],
-    /// See [`AgentRecord::hop`].
-    pub hop: u64,
-    /// See [`AgentRecord::hops`].
-    #[serde(default)]
-    pub hops: u64,
-    /// See [`AgentRecord::home`].
-    pub home: String,
-    /// See [`AgentRecord::launcher`].
-    pub launcher: Option<String>,
-    /// See [`AgentRecord::state`].
-    pub state: AgentState,
-    /// See [`AgentRecord::envelope`].
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
 }

@@ -26,15 +26,17 @@ fn temp_store(durability: Durability) -> (TempDir, PathBuf, Store) {
 
 fn agent(id: &str, hop: u64) -> AgentRecord {
     AgentRecord {
-        id: id.to_string(),
-        package: [3; 32],
-        hop,
-        hops: hop,
-        home: "12D3KooWHome".to_string(),
-        launcher: Some("12D3KooWLauncher".to_string()),
-        state: AgentState::Ready,
+        meta: AgentMeta {
+            id: id.to_string(),
+            package: [3; 32],
+            hop,
+            hops: hop,
+            home: "12D3KooWHome".to_string(),
+            launcher: Some("12D3KooWLauncher".to_string()),
+            state: AgentState::Ready,
+            envelope: vec![9; 40],
+        },
         continuation: vec![1, 2, 3, hop as u8],
-        envelope: vec![9; 40],
     }
 }
 
@@ -71,7 +73,7 @@ fn assert_same(found: Option<&AgentRecord>, expected: &AgentRecord) {
     let Some(found) = found else {
         panic!("agent {} is missing", expected.id);
     };
-    assert_eq!(found.meta(), expected.meta());
+    assert_eq!(found.meta, expected.meta);
     assert_eq!(
         found.continuation.len(),
         expected.continuation.len(),
@@ -164,10 +166,8 @@ fn agents_round_trip() {
     );
 
     // Replacing a record keeps one record per id.
-    let resumed = AgentRecord {
-        state: AgentState::Ready,
-        ..leaving.clone()
-    };
+    let mut resumed = leaving.clone();
+    resumed.state = AgentState::Ready;
     store.put_agent(&resumed).unwrap();
     assert_eq!(store.agent("c").unwrap(), Some(resumed));
     assert_eq!(store.agents().unwrap().len(), 3);
@@ -211,7 +211,7 @@ fn continuations_of_every_size_round_trip() {
     }
     for rec in &recs {
         assert_same(store.agent(&rec.id).unwrap().as_ref(), rec);
-        assert_eq!(store.agent_meta(&rec.id).unwrap(), Some(rec.meta()));
+        assert_eq!(store.agent_meta(&rec.id).unwrap(), Some(rec.meta.clone()));
     }
     let listed = store.agents().unwrap();
     assert_eq!(listed.len(), recs.len());
@@ -220,7 +220,7 @@ fn continuations_of_every_size_round_trip() {
     }
     assert_eq!(
         store.agent_metas().unwrap(),
-        recs.iter().map(AgentRecord::meta).collect::<Vec<_>>()
+        recs.iter().map(|r| r.meta.clone()).collect::<Vec<_>>()
     );
     // A batch reads what the transaction sees, its own writes included.
     store
@@ -229,7 +229,7 @@ fn continuations_of_every_size_round_trip() {
             let replaced = agent_with("agent-11", 99, continuation(0xee, 3 * MB + 7));
             b.put_agent(&replaced)?;
             assert_same(b.agent("agent-11")?.as_ref(), &replaced);
-            assert_eq!(b.agent_meta("agent-11")?, Some(replaced.meta()));
+            assert_eq!(b.agent_meta("agent-11")?, Some(replaced.meta.clone()));
             b.put_agent(&recs[11])
         })
         .unwrap();
@@ -281,15 +281,17 @@ fn large_continuations_survive_reopen_and_hops() {
     assert_same(store.agent("big").unwrap().as_ref(), &big);
     // The departure record, then the acknowledged departure.
     let leaving = AgentRecord {
-        state: AgentState::Leaving {
-            to: "peer-b".into(),
-            hop: 4,
-            carried: 0,
-            envelope: [9; 32],
-            checkpoint: None,
+        meta: AgentMeta {
+            state: AgentState::Leaving {
+                to: "peer-b".into(),
+                hop: 4,
+                carried: 0,
+                envelope: [9; 32],
+                checkpoint: None,
+            },
+            ..big.meta.clone()
         },
         continuation: continuation(3, 100 * MB + 1),
-        ..big.clone()
     };
     store.put_agent(&leaving).unwrap();
     assert_same(store.agent("big").unwrap().as_ref(), &leaving);
@@ -309,8 +311,11 @@ fn metadata_reads_and_writes_leave_the_continuation_alone() {
     store.put_agent(&big).unwrap();
     store.put_agent(&small).unwrap();
     assert_eq!(store.agent_meta("none").unwrap(), None);
-    assert_eq!(store.agent_meta("big").unwrap(), Some(big.meta()));
-    assert_eq!(store.agent_metas().unwrap(), vec![big.meta(), small.meta()]);
+    assert_eq!(store.agent_meta("big").unwrap(), Some(big.meta.clone()));
+    assert_eq!(
+        store.agent_metas().unwrap(),
+        vec![big.meta.clone(), small.meta.clone()]
+    );
 
     // A state change keeps the continuation as stored.
     let ready = AgentMeta {
@@ -318,7 +323,7 @@ fn metadata_reads_and_writes_leave_the_continuation_alone() {
             timeout_at_ms: Some(7),
         },
         hops: 9,
-        ..big.meta()
+        ..big.meta.clone()
     };
     assert!(store.put_agent_meta(&ready).unwrap());
     let expected = AgentRecord::from_parts(ready.clone(), big.continuation.clone());
@@ -347,8 +352,7 @@ fn metadata_reads_and_writes_leave_the_continuation_alone() {
     assert!(matches!(store.agent("absent"), Ok(None)));
 
     // The parts make the record again.
-    let (meta, cont) = big.clone().into_parts();
-    assert_eq!(meta, big.meta());
+    let (meta, cont) = (big.meta.clone(), big.continuation.clone());
     assert_eq!(AgentRecord::from_parts(meta, cont), big);
 }
 
@@ -508,7 +512,7 @@ fn a_missing_continuation_is_an_error_not_an_empty_one() {
     // A record marked as holding its continuation inline, without one.
     drop(store);
     let mut value = vec![0];
-    ciborium::into_writer(&agent("inline", 1).meta(), &mut value).unwrap();
+    ciborium::into_writer(&agent("inline", 1).meta.clone(), &mut value).unwrap();
     write_raw(&path, "agents", "inline", &value);
     let store = Store::open(&path, Durability::NoSync).unwrap();
     assert!(matches!(
@@ -520,7 +524,7 @@ fn a_missing_continuation_is_an_error_not_an_empty_one() {
     ));
     assert_eq!(
         store.agent_meta("inline").unwrap(),
-        Some(agent("inline", 1).meta())
+        Some(agent("inline", 1).meta.clone())
     );
 }
 

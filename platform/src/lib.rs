@@ -10,7 +10,7 @@
 //! - [`loopback`] is the mesh `tern run` uses: N real nodes on 127.0.0.1 inside one process.
 //!   Nothing is shared between nodes but bytes: every hop encodes the agent's continuation at the
 //!   source and decodes it into a fresh executor at the destination.
-//! - [`memory`] is the allocator the binaries use: large blocks on huge pages.
+//! - [`memory`] says how the binaries allocate (jemalloc, configured for large hops).
 //! - [`verifier`] checks the signatures of hops that arrive together in batches.
 //! - [`store`] is the node's crash-safe embedded database (redb): agents, packages, hops seen,
 //!   forwarding pointers, locations, message queues and results.

@@ -104,14 +104,27 @@ pub mod process {
                 Err(_) => true,
             };
             if stale {
+                // Built with the profile of this test (target/debug is cargo's `dev`).
+                let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+                    Some("debug") | None => "dev",
+                    Some(other) => other,
+                };
                 let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
                 let status = Command::new(cargo)
-                    .args(["build", "-p", "platform", "--bin", "tern"])
+                    .args([
+                        "build",
+                        "-p",
+                        "platform",
+                        "--bin",
+                        "tern",
+                        "--profile",
+                        profile,
+                    ])
                     .status()
                     .expect("run cargo build for the tern binary");
                 assert!(
                     status.success(),
-                    "cargo build -p platform --bin tern failed"
+                    "cargo build -p platform --bin tern --profile {profile} failed"
                 );
             }
             assert!(bin.exists(), "{} does not exist", bin.display());

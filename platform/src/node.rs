@@ -2164,6 +2164,7 @@ async fn receive_hop(
         write_frame(stream, &HopReply::Ready).await?;
         read_bulk(stream, offer.continuation_len as usize).await?
     };
+    // From here on the source's decision follows, whatever the answer.
     let CheckedOffer {
         envelope,
         previous,

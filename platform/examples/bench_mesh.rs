@@ -22,15 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 // jemalloc, configured for large hops: see `platform::memory`.
-#[cfg(not(target_env = "msvc"))]
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// Read by jemalloc when it starts.
-#[cfg(not(target_env = "msvc"))]
-#[allow(non_upper_case_globals)]
-#[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8; 53] = platform::memory::JEMALLOC_CONF;
+platform::jemalloc_for_large_hops!();
 
 use agent_lang::{Execution, HostEnv, Limits, Outcome, Program, Resume};
 use anyhow::{anyhow, bail, Context, Result};

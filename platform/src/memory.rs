@@ -12,19 +12,30 @@
 //! 100 MB hop no different within this machine's noise; 40–60 MiB more resident memory with
 //! 10,000 agents. jemalloc with its defaults, or either setting alone, made the 100 MB hop slower.
 //!
-//! A binary opts in (`tern` and the benchmarks do; tests keep the system allocator):
-//!
-//! ```ignore
-//! #[cfg(not(target_env = "msvc"))]
-//! #[global_allocator]
-//! static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-//!
-//! // jemalloc reads its configuration from this symbol when it starts.
-//! #[cfg(not(target_env = "msvc"))]
-//! #[allow(non_upper_case_globals)]
-//! #[export_name = "_rjem_malloc_conf"]
-//! pub static malloc_conf: &[u8; 53] = platform::memory::JEMALLOC_CONF;
-//! ```
+//! A binary opts in with [`jemalloc_for_large_hops!`](crate::jemalloc_for_large_hops) at its
+//! top level (`tern` and the benchmarks do; tests keep the system allocator).
+
+#[cfg(not(target_env = "msvc"))]
+#[doc(hidden)]
+pub use tikv_jemallocator;
+
+/// Makes jemalloc, with [`JEMALLOC_CONF`], the allocator of the binary it is used in (once, at
+/// the binary's top level; nothing on MSVC targets, where jemalloc does not build).
+#[macro_export]
+macro_rules! jemalloc_for_large_hops {
+    () => {
+        #[cfg(not(target_env = "msvc"))]
+        #[global_allocator]
+        static ALLOC: $crate::memory::tikv_jemallocator::Jemalloc =
+            $crate::memory::tikv_jemallocator::Jemalloc;
+
+        /// Read by jemalloc when it starts.
+        #[cfg(not(target_env = "msvc"))]
+        #[allow(non_upper_case_globals)]
+        #[export_name = "_rjem_malloc_conf"]
+        pub static malloc_conf: &[u8; 53] = $crate::memory::JEMALLOC_CONF;
+    };
+}
 
 /// jemalloc's configuration for tern's binaries (a C string; see the module docs).
 pub const JEMALLOC_CONF: &[u8; 53] = b"thp:always,dirty_decay_ms:30000,muzzy_decay_ms:30000\0";

@@ -208,8 +208,10 @@ async fn read_body<R: AsyncRead + Unpin>(
 /// Reads exactly `len` raw bytes (a continuation), in chunks, each under the I/O timeout, and
 /// their BLAKE3 hash, computed as they arrive.
 ///
-/// The bytes land in place (a zeroed allocation costs nothing until it is written, so a peer
-/// that announces `len` and sends less holds no memory it did not fill).
+/// The bytes land in place, in one zeroed allocation of `len` bytes: the caller bounds `len`
+/// (the node refuses offers over its continuation limit before reading them). Fresh pages cost
+/// nothing until written; memory the allocator reuses (jemalloc keeps freed pages a while) is
+/// zeroed first.
 ///
 /// # Errors
 ///
@@ -219,7 +221,6 @@ pub async fn read_bulk<R: AsyncRead + Unpin>(
     len: usize,
 ) -> Result<(Vec<u8>, [u8; 32]), WireError> {
     const CHUNK: usize = 1 << 20;
-    // Zeroed by the allocator as fresh pages (calloc), not written twice.
     let mut out = vec![0u8; len];
     let mut hasher = blake3::Hasher::new();
     let mut filled = 0;

@@ -1994,7 +1994,8 @@ enum Delivery {
     Unknown,
 }
 
-/// Queues the message if the agent is here (waking it), or says where to forward it.
+/// Queues the message if the agent is here (without waking it: see [`Wake`]), or says where
+/// to forward it.
 fn deliver_here(shared: &Shared, agent: &str, message: &[u8]) -> Result<Delivery, String> {
     let d = shared
         .store
@@ -2007,10 +2008,6 @@ fn deliver_here(shared: &Shared, agent: &str, message: &[u8]) -> Result<Delivery
         })
         .map_err(|e| e.to_string())?;
     if let Delivery::Queued = d {
-        lock(&shared.mailboxes)
-            .entry(agent.to_string())
-            .or_default()
-            .notify_one();
         return Ok(d);
     }
     let me = shared.peer_id.to_string();
@@ -2031,10 +2028,29 @@ fn deliver_here(shared: &Shared, agent: &str, message: &[u8]) -> Result<Delivery
     Ok(Delivery::Unknown)
 }
 
+/// A message delivered: if it was queued on this node, the agent it is for, to wake once
+/// whoever sent the message has been answered. Waking first would let the agent take the
+/// message, and its node die, before the sender learns that it was delivered.
+#[must_use]
+struct Wake(Option<String>);
+
+impl Wake {
+    fn wake(self, shared: &Shared) {
+        if let Some(agent) = self.0 {
+            lock(&shared.mailboxes)
+                .entry(agent)
+                .or_default()
+                .notify_one();
+        }
+    }
+}
+
 /// Delivers a message to `agent` wherever it is: here, along forwarding pointers, or — when
 /// this node knows nothing of it — by asking every connected peer.
 async fn route_message(shared: &Arc<Shared>, agent: &str, message: Vec<u8>) -> Result<(), String> {
-    route(shared, agent, message, 16, false).await
+    route(shared, agent, message, 16, false)
+        .await
+        .map(|wake| wake.wake(shared))
 }
 
 async fn route(
@@ -2043,9 +2059,9 @@ async fn route(
     message: Vec<u8>,
     ttl: u8,
     probe: bool,
-) -> Result<(), String> {
+) -> Result<Wake, String> {
     match deliver_here(shared, agent, &message)? {
-        Delivery::Queued => Ok(()),
+        Delivery::Queued => Ok(Wake(Some(agent.to_string()))),
         Delivery::Finished => Err(format!("agent {agent} has finished")),
         Delivery::Forward(peer) if ttl > 0 => {
             let request = ControlRequest::Deliver {
@@ -2055,7 +2071,7 @@ async fn route(
                 probe: false,
             };
             match control_request(shared, peer, &request).await? {
-                ControlReply::Delivered => Ok(()),
+                ControlReply::Delivered => Ok(Wake(None)),
                 ControlReply::Error(e) => Err(e),
                 other => Err(format!("unexpected reply {other:?}")),
             }
@@ -2073,7 +2089,7 @@ async fn route(
                     probe: true,
                 };
                 match control_request(shared, peer, &request).await {
-                    Ok(ControlReply::Delivered) => return Ok(()),
+                    Ok(ControlReply::Delivered) => return Ok(Wake(None)),
                     // The peer knows the agent but cannot deliver (e.g. it finished).
                     Ok(ControlReply::Error(e)) => known_error = Some(e),
                     _ => {}
@@ -2093,7 +2109,7 @@ fn forward_queued(shared: &Arc<Shared>, agent: &str, messages: Vec<Vec<u8>>) {
     let agent = agent.to_string();
     tokio::spawn(async move {
         for m in messages {
-            if let Err(e) = route(&shared, &agent, m, 16, false).await {
+            if let Err(e) = route_message(&shared, &agent, m).await {
                 tracing::warn!(%agent, "a queued message could not follow the agent: {e}");
             }
         }
@@ -2756,12 +2772,14 @@ async fn answer_control(
             ttl,
             probe,
         } => {
-            let reply = match route(shared, &agent, message, ttl, probe).await {
-                Ok(()) => ControlReply::Delivered,
-                Err(e) if probe && e == NOT_HERE => ControlReply::NotHere,
-                Err(e) => ControlReply::Error(e),
+            let (reply, wake) = match route(shared, &agent, message, ttl, probe).await {
+                Ok(wake) => (ControlReply::Delivered, wake),
+                Err(e) if probe && e == NOT_HERE => (ControlReply::NotHere, Wake(None)),
+                Err(e) => (ControlReply::Error(e), Wake(None)),
             };
-            write_frame(stream, &reply).await
+            let answered = write_frame(stream, &reply).await;
+            wake.wake(shared);
+            answered
         }
         ControlRequest::Result { agent } => {
             let reply = match shared.store.result(&agent) {

@@ -1536,6 +1536,9 @@ async fn hop(
     // Only now: until the store says how the hop ended, a destination asking about it must
     // wait for the record.
     lock(&shared.departures).remove(&envelope_hash);
+    if continuation.len() >= KEEP_CHECKPOINT_FROM {
+        crate::memory::after_large_hop();
+    }
     result
 }
 
@@ -2327,6 +2330,9 @@ async fn receive_hop(
             None => return Err(refused("the arrival was dropped meanwhile".into())),
         }
     };
+    if rec.continuation.len() >= KEEP_CHECKPOINT_FROM {
+        crate::memory::after_large_hop();
+    }
     // Reported by the destination, before the agent runs here: a trace line never races the
     // agent's end.
     if let Some(log) = &shared.hop_log {

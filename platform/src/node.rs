@@ -4,7 +4,7 @@
 //! Shape (after rust-libp2p's file-sharing example): [`Node::start`] spawns one task that owns
 //! the `Swarm` and answers `SwarmCommand`s; protocols run over libp2p-stream, whose `Control`
 //! is cloneable, so each exchange is its own task and the swarm task never blocks on a peer.
-//! Agent slices run on tokio's blocking pool, so a busy agent never stalls networking. Durable
+//! Agent slices run off the runtime ([`crate::slices`]), so a busy agent never stalls networking. Durable
 //! state lives in the [`Store`].
 //!
 //! An agent runs on exactly one node at a time. A hop commits in two overlapping phases: the
@@ -1193,7 +1193,7 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
     };
     loop {
         let env = shared.env(&rec);
-        let slice = tokio::task::spawn_blocking(move || {
+        let slice = crate::slices::run(move || {
             let outcome = exec.resume(&env, input);
             (exec, outcome)
         })

@@ -1122,20 +1122,14 @@ async fn complete_departure(
     let (agent, dest, me) = (id.to_string(), to.to_string(), shared.me.clone());
     let queued = shared
         .store
-        .write(move |b| match b.agent_meta(&agent)? {
-            Some(AgentMeta {
-                state: AgentState::Leaving { hop: h, .. },
-                home,
-                ..
-            }) if h == hop => {
-                let queued = b.take_messages(&agent)?;
-                b.complete_departure(&agent, &dest)?;
-                if home == me {
-                    b.set_location(&agent, &dest)?;
-                }
-                Ok(queued)
+        .write(move |b| {
+            let Some(left) = b.complete_departure_by(&agent, hop, &dest)? else {
+                return Ok(Vec::new());
+            };
+            if left.home == me {
+                b.set_location(&agent, &dest)?;
             }
-            _ => Ok(Vec::new()),
+            b.take_messages(&agent)
         })
         .await
         .map_err(|e| format!("migrate: {e}"))?;

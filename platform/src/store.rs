@@ -1469,10 +1469,43 @@ impl Batch<'_> {
     ///
     /// When the write fails.
     pub fn complete_departure(&mut self, id: &str, to: &str) -> Result<(), StoreError> {
+        let meta = self.agent_meta(id)?;
+        self.depart(id, meta.as_ref(), to)
+    }
+
+    /// [`Batch::complete_departure`] of hop `hop` only: if agent `id` is stored as
+    /// [`AgentState::Leaving`] by that hop, completes its departure and returns its metadata as
+    /// it was; otherwise writes nothing and returns None.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if the stored record is corrupt, or when the write fails.
+    pub fn complete_departure_by(
+        &mut self,
+        id: &str,
+        hop: u64,
+        to: &str,
+    ) -> Result<Option<AgentMeta>, StoreError> {
+        let meta = self.agent_meta(id)?;
+        match &meta {
+            Some(AgentMeta {
+                state: AgentState::Leaving { hop: leaving, .. },
+                ..
+            }) if *leaving == hop => {
+                self.depart(id, meta.as_ref(), to)?;
+                Ok(meta)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Deletes agent `id`, whose metadata this transaction read as `meta`, leaving a forwarding
+    /// pointer to `to` (and the envelope hash of its departure, if it was leaving).
+    fn depart(&mut self, id: &str, meta: Option<&AgentMeta>, to: &str) -> Result<(), StoreError> {
         if let Some(AgentMeta {
             state: AgentState::Leaving { envelope, .. },
             ..
-        }) = self.agent_meta(id)?
+        }) = meta
         {
             self.txn.open_table(DEPARTED)?.insert(id, envelope)?;
         }

@@ -674,6 +674,40 @@ fn complete_departure_removes_agent_and_leaves_forward() {
 }
 
 #[test]
+fn complete_departure_by_completes_only_the_hop_named() {
+    let (_dir, _path, store) = temp_store(Durability::NoSync);
+    let mut rec = agent("a", 1);
+    rec.state = AgentState::Leaving {
+        to: "peer-b".into(),
+        hop: 2,
+        carried: 0,
+        envelope: [9; 32],
+        checkpoint: None,
+    };
+    store.put_agent(&rec).unwrap();
+    store.put_agent(&agent("ready", 2)).unwrap();
+
+    // Another hop, an agent that is not leaving, or none at all: nothing is written.
+    for (id, hop) in [("a", 3), ("ready", 2), ("missing", 2)] {
+        let done = store
+            .batch(|b| b.complete_departure_by(id, hop, "peer-b"))
+            .unwrap();
+        assert_eq!(done, None, "{id} at hop {hop}");
+        assert_eq!(store.forward(id).unwrap(), None);
+    }
+    assert_eq!(store.agent("a").unwrap(), Some(rec.clone()));
+
+    // The hop it is leaving by: completed, and its metadata as it was comes back.
+    let done = store
+        .batch(|b| b.complete_departure_by("a", 2, "peer-b"))
+        .unwrap();
+    assert_eq!(done, Some(rec.meta.clone()));
+    assert_eq!(store.agent("a").unwrap(), None);
+    assert_eq!(store.forward("a").unwrap().as_deref(), Some("peer-b"));
+    assert_eq!(store.departed("a").unwrap(), Some([9; 32]));
+}
+
+#[test]
 fn message_fifo_order_across_reopen() {
     let (_dir, path, store) = temp_store(Durability::Fsync);
     let mut seqs = Vec::new();

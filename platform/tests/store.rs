@@ -638,10 +638,9 @@ fn accept_arrival_twice_is_duplicate() {
     assert!(!store.has_seen("a", 4).unwrap());
 }
 
-#[test]
-fn complete_departure_removes_agent_and_leaves_forward() {
-    let (_dir, _path, store) = temp_store(Durability::NoSync);
-    let mut rec = agent("a", 1);
+/// Agent `id` stored at hop 1, leaving for "peer-b" by hop 2 (envelope hash `[9; 32]`).
+fn leaving_for_peer_b(id: &str) -> AgentRecord {
+    let mut rec = agent(id, 1);
     rec.state = AgentState::Leaving {
         to: "peer-b".into(),
         hop: 2,
@@ -649,6 +648,13 @@ fn complete_departure_removes_agent_and_leaves_forward() {
         envelope: [9; 32],
         checkpoint: None,
     };
+    rec
+}
+
+#[test]
+fn complete_departure_removes_agent_and_leaves_forward() {
+    let (_dir, _path, store) = temp_store(Durability::NoSync);
+    let rec = leaving_for_peer_b("a");
     store.put_agent(&rec).unwrap();
     store.put_agent(&agent("other", 0)).unwrap();
     store.push_message("a", b"for a").unwrap();
@@ -676,14 +682,7 @@ fn complete_departure_removes_agent_and_leaves_forward() {
 #[test]
 fn complete_departure_by_completes_only_the_hop_named() {
     let (_dir, _path, store) = temp_store(Durability::NoSync);
-    let mut rec = agent("a", 1);
-    rec.state = AgentState::Leaving {
-        to: "peer-b".into(),
-        hop: 2,
-        carried: 0,
-        envelope: [9; 32],
-        checkpoint: None,
-    };
+    let rec = leaving_for_peer_b("a");
     store.put_agent(&rec).unwrap();
     store.put_agent(&agent("ready", 2)).unwrap();
 

@@ -4,8 +4,8 @@
 //! Shape (after rust-libp2p's file-sharing example): [`Node::start`] spawns one task that owns
 //! the `Swarm` and answers `SwarmCommand`s; protocols run over libp2p-stream, whose `Control`
 //! is cloneable, so each exchange is its own task and the swarm task never blocks on a peer.
-//! Agent slices run off the runtime ([`crate::slices`]), so a busy agent never stalls networking. Durable
-//! state lives in the [`Store`].
+//! Agent slices run off the runtime ([`crate::slices`]), so a busy agent never stalls
+//! networking. Durable state lives in the [`Store`].
 //!
 //! An agent runs on exactly one node at a time. A hop commits in two overlapping phases: the
 //! source writes its departure record ("leaving for dst by envelope E") while the offer and

@@ -11,8 +11,9 @@
 //! - backs its memory with huge pages (`thp:always`);
 //! - keeps the pages it frees (`dirty_decay_ms:-1`, `muzzy_decay_ms:-1`), so the next large
 //!   buffer reuses them. Any finite decay (30 s or 10 min alike) left the 100 MB hop faulting in
-//!   200–250 fresh huge pages per hop (jemalloc returns large blocks early); never decaying, ~50. The memory goes back to the system
-//!   only when [`after_large_hop`] finds that no large hop happened for [`KEEP_FREED_FOR`];
+//!   200–250 fresh huge pages per hop; never decaying, ~50.
+//!   The memory goes back to the system every [`KEEP_FREED_FOR`] in which no large hop ended
+//!   ([`return_freed_memory_when_idle`]);
 //! - serves large buffers from its ordinary arenas (`oversize_threshold:0`: its dedicated arena
 //!   for large allocations returns them at once) and keeps one arena (`narenas:1`), so that a
 //!   buffer freed by one thread is reused by the next that allocates one (the 200-agent
@@ -26,7 +27,8 @@
 //! top level (`tern` and the benchmarks do; tests keep the system allocator).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Once, OnceLock};
+use std::time::{Duration, Instant};
 
 #[cfg(not(target_env = "msvc"))]
 #[doc(hidden)]
@@ -54,25 +56,50 @@ macro_rules! jemalloc_for_large_hops {
 pub const JEMALLOC_CONF: &[u8; 78] =
     b"thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0,narenas:1\0";
 
-/// How long the memory freed after a large hop is kept for the next one.
+/// How long freed memory is kept after a large hop, for the next one; also how often, with no
+/// large hop in that time, it is returned to the system.
 pub const KEEP_FREED_FOR: Duration = Duration::from_secs(30);
 
-/// Large hops so far, in this process.
-static LARGE_HOPS: AtomicU64 = AtomicU64::new(0);
+/// When the last large hop ended: milliseconds since [`started`].
+static LAST_LARGE_HOP_MS: AtomicU64 = AtomicU64::new(0);
 
-/// Called at the end of a hop of a large continuation (either side, from a tokio runtime): if
-/// no other large hop comes within [`KEEP_FREED_FOR`], the memory jemalloc holds unused is
-/// returned to the system then.
+fn started() -> Instant {
+    static STARTED: OnceLock<Instant> = OnceLock::new();
+    *STARTED.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(started().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Called at the end of a hop of a large continuation (either side): the memory freed since
+/// is kept for the next one for at least [`KEEP_FREED_FOR`].
 pub fn after_large_hop() {
-    let this = LARGE_HOPS.fetch_add(1, Ordering::Relaxed) + 1;
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            tokio::time::sleep(KEEP_FREED_FOR).await;
-            if LARGE_HOPS.load(Ordering::Relaxed) == this {
-                return_freed_memory();
-            }
-        });
-    }
+    LAST_LARGE_HOP_MS.store(now_ms().max(1), Ordering::Relaxed);
+}
+
+/// Starts (once per process; nodes call it when they start) a thread that, every
+/// [`KEEP_FREED_FOR`], returns the memory jemalloc holds unused to the system unless a large
+/// hop ended within that time. So a node's resident memory falls back within a minute of its
+/// last burst, whatever the size of its agents.
+pub fn return_freed_memory_when_idle() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        started();
+        let spawned = std::thread::Builder::new()
+            .name("tern-memory".into())
+            .spawn(|| loop {
+                std::thread::sleep(KEEP_FREED_FOR);
+                let last = LAST_LARGE_HOP_MS.load(Ordering::Relaxed);
+                let keep_ms = u64::try_from(KEEP_FREED_FOR.as_millis()).unwrap_or(u64::MAX);
+                if last == 0 || now_ms().saturating_sub(last) >= keep_ms {
+                    return_freed_memory();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("freed memory will not be returned to the system: {e}");
+        }
+    });
 }
 
 /// Returns every jemalloc arena's unused pages to the system (nothing when the binary does not

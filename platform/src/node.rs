@@ -227,6 +227,7 @@ impl Node {
                 config.name
             );
         }
+        crate::memory::return_freed_memory_when_idle();
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;

@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-/// How long a thread may be on one slice and still count as about to take the next one.
-pub const SHORT_SLICE: Duration = Duration::from_millis(2);
+/// How long a thread may be on one slice and still count as about to take the next one: well
+/// above what preemption adds (a slice of 100 µs shares the cores with the runtime's threads and
+/// can take a few milliseconds; at 2 ms, busy runs sent slices to the blocking pool for nothing).
+pub const SHORT_SLICE: Duration = Duration::from_millis(20);
 
 /// The stack of each thread: room for Rhai's recursion, as on `tern`'s blocking threads.
 const STACK: usize = 64 << 20;

@@ -48,7 +48,8 @@ macro_rules! jemalloc_for_large_hops {
         #[cfg(not(target_env = "msvc"))]
         #[allow(non_upper_case_globals)]
         #[export_name = "_rjem_malloc_conf"]
-        pub static malloc_conf: &[u8; 78] = $crate::memory::JEMALLOC_CONF;
+        pub static malloc_conf: &[u8; $crate::memory::JEMALLOC_CONF.len()] =
+            $crate::memory::JEMALLOC_CONF;
     };
 }
 
@@ -60,7 +61,7 @@ pub const JEMALLOC_CONF: &[u8; 78] =
 /// large hop in that time, it is returned to the system.
 pub const KEEP_FREED_FOR: Duration = Duration::from_secs(30);
 
-/// When the last large hop ended: milliseconds since [`started`].
+/// When the last large hop ended: milliseconds since [`started`] (0: none yet).
 static LAST_LARGE_HOP_MS: AtomicU64 = AtomicU64::new(0);
 
 fn started() -> Instant {
@@ -75,7 +76,7 @@ fn now_ms() -> u64 {
 /// Called at the end of a hop of a large continuation (either side): the memory freed since
 /// is kept for the next one for at least [`KEEP_FREED_FOR`].
 pub fn after_large_hop() {
-    LAST_LARGE_HOP_MS.store(now_ms().max(1), Ordering::Relaxed);
+    LAST_LARGE_HOP_MS.store(now_ms(), Ordering::Relaxed);
 }
 
 /// Starts (once per process; nodes call it when they start) a thread that, every
@@ -90,10 +91,11 @@ pub fn return_freed_memory_when_idle() {
             .name("tern-memory".into())
             .spawn(|| loop {
                 std::thread::sleep(KEEP_FREED_FOR);
-                let last = LAST_LARGE_HOP_MS.load(Ordering::Relaxed);
-                let keep_ms = u64::try_from(KEEP_FREED_FOR.as_millis()).unwrap_or(u64::MAX);
-                if last == 0 || now_ms().saturating_sub(last) >= keep_ms {
-                    return_freed_memory();
+                let since_last = now_ms().saturating_sub(LAST_LARGE_HOP_MS.load(Ordering::Relaxed));
+                if u128::from(since_last) >= KEEP_FREED_FOR.as_millis() {
+                    if let Err(code) = return_freed_memory() {
+                        tracing::debug!("jemalloc did not purge its arenas (error {code})");
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -103,8 +105,10 @@ pub fn return_freed_memory_when_idle() {
 }
 
 /// Returns every jemalloc arena's unused pages to the system (nothing when the binary does not
-/// allocate with jemalloc: its arenas then hold nothing).
-fn return_freed_memory() {
+/// allocate with jemalloc: its arenas then hold nothing). `Err` holds jemalloc's error code.
+fn return_freed_memory() -> Result<(), i32> {
+    #[cfg(target_env = "msvc")]
+    return Ok(());
     #[cfg(not(target_env = "msvc"))]
     {
         // "arena.<MALLCTL_ARENAS_ALL>.purge"; the control takes no old or new value.
@@ -120,8 +124,9 @@ fn return_freed_memory() {
                 0,
             )
         };
-        if failed != 0 {
-            tracing::debug!("jemalloc did not purge its arenas (error {failed})");
+        match failed {
+            0 => Ok(()),
+            code => Err(code),
         }
     }
 }
@@ -132,7 +137,9 @@ mod tests {
 
     #[test]
     fn returning_freed_memory_works_whatever_the_allocator() {
-        return_freed_memory();
+        // jemalloc knows the control (a wrong name would be refused), even when it is not
+        // the allocator.
+        assert_eq!(return_freed_memory(), Ok(()));
     }
 
     #[test]

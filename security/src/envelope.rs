@@ -83,6 +83,8 @@ pub struct HopFields {
 pub struct HopEnvelope {
     fields: HopFields,
     signature: [u8; 64],
+    /// BLAKE3 of the wire bytes, computed once: a hop needs it four or five times.
+    hash: EnvelopeHash,
 }
 
 /// The latest hop a node has accepted or sent for an agent: what it needs to detect replays.
@@ -262,7 +264,13 @@ impl HopEnvelope {
             return Err(HopError::SignerNotSender);
         }
         let signature = key.sign(&signing_bytes(&fields));
-        Ok(Self { fields, signature })
+        let mut envelope = Self {
+            fields,
+            signature,
+            hash: EnvelopeHash([0; 32]),
+        };
+        envelope.hash = EnvelopeHash(*blake3::hash(&envelope.encode()).as_bytes());
+        Ok(envelope)
     }
 
     /// What the envelope says (not yet checked, unless it came from a [`VerifiedHop`]).
@@ -342,12 +350,14 @@ impl HopEnvelope {
                 time_ms: w.time_ms,
             },
             signature: w.signature,
+            // The decoder took canonical bytes only: these are what `encode` gives.
+            hash: EnvelopeHash(*blake3::hash(bytes).as_bytes()),
         })
     }
 
     /// BLAKE3 of [`HopEnvelope::encode`].
     pub fn hash(&self) -> EnvelopeHash {
-        EnvelopeHash(*blake3::hash(&self.encode()).as_bytes())
+        self.hash
     }
 
     /// This envelope as the latest hop of its agent, e.g. right after sending it.

@@ -263,25 +263,20 @@ impl PublicKey {
 /// Verifies many (key, message, signature) triples; says which verify.
 ///
 /// Together they cost about half as much as one by one from 8 on (ed25519 batch verification).
-/// Small-order keys and nonces are refused first, as [`PublicKey::verify`] refuses them. The
-/// batch equation is checked with coefficients derived from all the triples, and it can accept a
-/// signature whose nonce its own signer gave a torsion component (the strict check refuses
-/// those): only the holder of the key can make such a signature, so it proves as much as any
-/// other. If the batch fails, every triple is checked alone.
+/// Small-order nonces are refused first, as [`PublicKey::verify`] refuses them (a [`PublicKey`]
+/// is never of small order: every way of making one checks it). The batch equation is checked
+/// with coefficients derived from all the triples, and it can accept a signature whose nonce
+/// its own signer gave a torsion component (the strict check refuses those): only the holder of
+/// the key can make such a signature, so it proves as much as any other. If the batch fails
+/// (a bad signature, or a nonce that is no point at all), every triple is checked alone.
 pub(crate) fn verify_many(items: &[(&PublicKey, &[u8], &[u8; 64])]) -> Vec<bool> {
     if items.len() < 2 {
         return items.iter().map(|(k, m, s)| k.verify(m, s)).collect();
     }
-    let nonce_ok = |signature: &[u8; 64]| {
-        let mut r = [0u8; 32];
-        r.copy_from_slice(&signature[..32]);
-        curve25519_dalek::edwards::CompressedEdwardsY(r)
-            .decompress()
-            .is_some_and(|r| !r.is_small_order())
-    };
+    let small_order = small_order_encodings();
     let mut ok: Vec<bool> = items
         .iter()
-        .map(|(k, _, s)| !k.key.is_weak() && nonce_ok(s))
+        .map(|(_, _, s)| !small_order.iter().any(|e| s[..32] == e[..]))
         .collect();
     let batch: Vec<usize> = (0..items.len()).filter(|&i| ok[i]).collect();
     let messages: Vec<&[u8]> = batch.iter().map(|&i| items[i].1).collect();
@@ -297,6 +292,43 @@ pub(crate) fn verify_many(items: &[(&PublicKey, &[u8], &[u8; 64])]) -> Vec<bool>
         }
     }
     ok
+}
+
+/// Every 32-byte string that decompresses to a point of small order (as libsodium's
+/// `has_small_order` lists them): comparing a nonce with these costs nanoseconds, decompressing
+/// it microseconds. The eight torsion points have five y coordinates; each is written with
+/// either sign bit (for x = 0 both decode to the same point), and the two below 19 also as
+/// y + p (a non-canonical encoding that decompression accepts): 14 strings.
+fn small_order_encodings() -> &'static [[u8; 32]] {
+    static ENCODINGS: std::sync::OnceLock<Vec<[u8; 32]>> = std::sync::OnceLock::new();
+    ENCODINGS.get_or_init(|| {
+        // p = 2^255 - 19, little-endian.
+        let mut p = [0xffu8; 32];
+        p[0] = 0xed;
+        p[31] = 0x7f;
+        let mut out: Vec<[u8; 32]> = Vec::new();
+        for point in curve25519_dalek::constants::EIGHT_TORSION {
+            let canonical = point.compress().to_bytes();
+            let mut y = canonical;
+            y[31] &= 0x7f;
+            let mut forms = vec![y];
+            if y[1..].iter().all(|&b| b == 0) && y[0] < 19 {
+                let mut alias = p;
+                alias[0] += y[0];
+                forms.push(alias);
+            }
+            for form in forms {
+                for sign in [0, 0x80] {
+                    let mut e = form;
+                    e[31] |= sign;
+                    if !out.contains(&e) {
+                        out.push(e);
+                    }
+                }
+            }
+        }
+        out
+    })
 }
 
 impl fmt::Display for PublicKey {
@@ -373,6 +405,8 @@ pub(crate) fn wire_key(
 
 #[cfg(test)]
 mod tests {
+    use sha2::Digest;
+
     use super::*;
 
     #[test]
@@ -435,5 +469,66 @@ mod tests {
         assert!(!SecretKey::from_seed([4; 32])
             .public()
             .verify(b"hello", &sig));
+    }
+
+    #[test]
+    fn every_small_order_nonce_is_refused_in_a_batch() {
+        let encodings = small_order_encodings();
+        assert_eq!(encodings.len(), 14);
+        for e in encodings {
+            let point = curve25519_dalek::edwards::CompressedEdwardsY(*e).decompress();
+            assert!(point.is_some_and(|p| p.is_small_order()), "{e:02x?}");
+        }
+        // Each of them as the nonce R of a signature the key holder made (s = H(R‖A‖M)·a):
+        // the batch equation alone accepts it whenever z·R is the identity (always for the
+        // identity itself), the strict check never. Checked together with a genuine one, only
+        // the genuine one verifies.
+        let seed = [5; 32];
+        let key = SecretKey::from_seed(seed);
+        let public = key.public();
+        let genuine = key.sign(b"genuine");
+        let expanded: [u8; 64] = sha2::Sha512::digest(seed).into();
+        let mut a = [0u8; 32];
+        a.copy_from_slice(&expanded[..32]);
+        let a = curve25519_dalek::Scalar::from_bytes_mod_order(
+            curve25519_dalek::scalar::clamp_integer(a),
+        );
+        for e in encodings {
+            let k = curve25519_dalek::Scalar::from_hash(
+                sha2::Sha512::new()
+                    .chain_update(e)
+                    .chain_update(public.to_bytes())
+                    .chain_update(b"genuine"),
+            );
+            let mut forged = [0u8; 64];
+            forged[..32].copy_from_slice(e);
+            forged[32..].copy_from_slice((k * a).as_bytes());
+            assert!(!public.verify(b"genuine", &forged));
+            let items = [
+                (&public, &b"genuine"[..], &genuine),
+                (&public, &b"genuine"[..], &forged),
+            ];
+            assert_eq!(verify_many(&items), [true, false], "{e:02x?}");
+        }
+        // A nonce that is no point at all fails the batch; the genuine one still verifies.
+        let invalid = (2..=255u8)
+            .map(|y| {
+                let mut e = [0u8; 32];
+                e[0] = y;
+                e
+            })
+            .find(|e| {
+                curve25519_dalek::edwards::CompressedEdwardsY(*e)
+                    .decompress()
+                    .is_none()
+            })
+            .unwrap();
+        let mut not_a_point = genuine;
+        not_a_point[..32].copy_from_slice(&invalid);
+        let items = [
+            (&public, &b"genuine"[..], &not_a_point),
+            (&public, &b"genuine"[..], &genuine),
+        ];
+        assert_eq!(verify_many(&items), [false, true]);
     }
 }

@@ -76,6 +76,7 @@ fn encode_decode_round_trip_and_hash() {
     let back = HopEnvelope::decode(&bytes).unwrap();
     assert_eq!(back, e);
     assert_eq!(back.hash().0, *blake3::hash(&bytes).as_bytes());
+    assert_eq!(e.hash(), back.hash());
     let e2 = hop(Some(&e), &m.b, &m.c.public(), m.package, STATE);
     assert_eq!(HopEnvelope::decode(&e2.encode()), Ok(e2));
 }

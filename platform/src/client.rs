@@ -98,7 +98,9 @@ impl Client {
     /// The node cannot be reached or answers garbage.
     pub async fn request(&self, request: &ControlRequest) -> Result<ControlReply> {
         let mut stream = self.open(request).await?;
-        Ok(read_frame(&mut stream, MAX_FRAME).await?)
+        read_frame(&mut stream, MAX_FRAME)
+            .await
+            .context("the node took the request but sent no answer (it may have carried it out)")
     }
 
     /// Launches a package; with `wait`, also waits for the agent's end (no time limit).

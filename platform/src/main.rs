@@ -663,6 +663,12 @@ async fn send(args: SendArgs) -> Result<()> {
         platform::wire::ControlReply::Error(e) => {
             anyhow::bail!("cannot deliver to {}: {e}", args.agent)
         }
+        platform::wire::ControlReply::Unconfirmed(e) => {
+            anyhow::bail!(
+                "delivery to {} unconfirmed (the message may have been delivered): {e}",
+                args.agent
+            )
+        }
         other => anyhow::bail!("unexpected reply from the node: {other:?}"),
     }
 }

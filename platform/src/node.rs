@@ -100,6 +100,8 @@ pub enum FaultPoint {
     DestinationAfterStore,
     /// Any node: after an agent took a message off its queue in `receive`.
     AfterReceive,
+    /// Any node: after it queued a message for an agent it holds, before answering the sender.
+    AfterQueue,
 }
 
 /// Reads the fault point from `TERN_FAULT` (only the end-to-end crash tests set it).
@@ -110,6 +112,7 @@ fn fault_from_env() -> Option<FaultPoint> {
         "source-after-ack" => Some(FaultPoint::SourceAfterAck),
         "destination-after-store" => Some(FaultPoint::DestinationAfterStore),
         "after-receive" => Some(FaultPoint::AfterReceive),
+        "after-queue" => Some(FaultPoint::AfterQueue),
         _ => None,
     }
 }
@@ -1322,16 +1325,18 @@ async fn control_request(
     shared: &Shared,
     peer: PeerId,
     request: &ControlRequest,
-) -> Result<ControlReply, String> {
+) -> Result<ControlReply, ControlFailure> {
     loop {
-        let mut s = stream_to(shared, peer, CONTROL_PROTOCOL).await?;
+        let mut s = stream_to(shared, peer, CONTROL_PROTOCOL)
+            .await
+            .map_err(ControlFailure::NotSent)?;
         if let Err(e) = write_frame(&mut s.stream, request).await {
             // A reused stream that cannot be written to died with its connection before the
             // request went out: open a fresh one.
             if s.reused {
                 continue;
             }
-            return Err(e.to_string());
+            return Err(ControlFailure::NotSent(e.to_string()));
         }
         match read_frame(&mut s.stream, MAX_FRAME).await {
             Ok(reply) => {
@@ -1342,7 +1347,25 @@ async fn control_request(
             // nodes answer every request they read, so the request was not handled.)
             Err(crate::wire::WireError::Io(e))
                 if s.reused && e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(ControlFailure::Unanswered(e.to_string())),
+        }
+    }
+}
+
+/// Why a control request got no reply.
+#[derive(Debug)]
+enum ControlFailure {
+    /// The request did not go out.
+    NotSent(String),
+    /// It went out and no answer came: the peer may have carried it out.
+    Unanswered(String),
+}
+
+impl std::fmt::Display for ControlFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotSent(e) => write!(f, "{e}"),
+            Self::Unanswered(e) => write!(f, "no answer ({e})"),
         }
     }
 }
@@ -1977,9 +2000,6 @@ async fn take_message(
     }
 }
 
-/// What a probed node that knows nothing of an agent answers.
-const NOT_HERE: &str = "not here";
-
 /// What this node can do with a message for `agent`.
 enum Delivery {
     /// Queued here (the agent is here, or leaving from here).
@@ -2049,6 +2069,49 @@ async fn route_message(shared: &Arc<Shared>, agent: &str, message: Vec<u8>) -> R
     route(shared, agent, message, 16, false)
         .await
         .map(|wake| wake.wake(shared))
+        .map_err(|e| e.to_string())
+}
+
+/// Why [`route`] did not deliver a message.
+#[derive(Debug)]
+enum Undelivered {
+    /// It was not delivered, for this reason.
+    Refused(String),
+    /// (To a probe) this node knows nothing of the agent.
+    NotHere,
+    /// It went to the node holding the agent (this one says where) and no answer came back:
+    /// it may have been delivered, so it is not sent anywhere else.
+    Unconfirmed(String),
+}
+
+impl std::fmt::Display for Undelivered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused(e) => write!(f, "{e}"),
+            Self::NotHere => write!(f, "not here"),
+            Self::Unconfirmed(e) => write!(f, "{e}; the message may have been delivered"),
+        }
+    }
+}
+
+/// What a peer's answer to a forwarded `Deliver` says.
+fn forwarded(
+    shared: &Shared,
+    peer: PeerId,
+    answer: Result<ControlReply, ControlFailure>,
+) -> Result<Wake, Undelivered> {
+    match answer {
+        Ok(ControlReply::Delivered) => Ok(Wake(None)),
+        Ok(ControlReply::NotHere) => Err(Undelivered::NotHere),
+        Ok(ControlReply::Error(e)) => Err(Undelivered::Refused(e)),
+        Ok(ControlReply::Unconfirmed(e)) => Err(Undelivered::Unconfirmed(e)),
+        Ok(other) => Err(Undelivered::Refused(format!("unexpected reply {other:?}"))),
+        Err(ControlFailure::NotSent(e)) => Err(Undelivered::Refused(e)),
+        Err(ControlFailure::Unanswered(e)) => Err(Undelivered::Unconfirmed(format!(
+            "{} took the message and then broke off ({e})",
+            shared.name_of(&peer.to_string())
+        ))),
+    }
 }
 
 async fn route(
@@ -2057,10 +2120,10 @@ async fn route(
     message: Vec<u8>,
     ttl: u8,
     probe: bool,
-) -> Result<Wake, String> {
-    match deliver_here(shared, agent, &message)? {
+) -> Result<Wake, Undelivered> {
+    match deliver_here(shared, agent, &message).map_err(Undelivered::Refused)? {
         Delivery::Queued => Ok(Wake(Some(agent.to_string()))),
-        Delivery::Finished => Err(format!("agent {agent} has finished")),
+        Delivery::Finished => Err(Undelivered::Refused(format!("agent {agent} has finished"))),
         Delivery::Forward(peer) if ttl > 0 => {
             let request = ControlRequest::Deliver {
                 agent: agent.to_string(),
@@ -2068,14 +2131,12 @@ async fn route(
                 ttl: ttl - 1,
                 probe: false,
             };
-            match control_request(shared, peer, &request).await? {
-                ControlReply::Delivered => Ok(Wake(None)),
-                ControlReply::Error(e) => Err(e),
-                other => Err(format!("unexpected reply {other:?}")),
-            }
+            forwarded(shared, peer, control_request(shared, peer, &request).await)
         }
-        Delivery::Forward(_) => Err(format!("agent {agent}: too many forwarding steps")),
-        Delivery::Unknown if probe => Err(NOT_HERE.into()),
+        Delivery::Forward(_) => Err(Undelivered::Refused(format!(
+            "agent {agent}: too many forwarding steps"
+        ))),
+        Delivery::Unknown if probe => Err(Undelivered::NotHere),
         Delivery::Unknown => {
             let peers: Vec<PeerId> = lock(&shared.peers).keys().copied().collect();
             let mut known_error = None;
@@ -2086,14 +2147,23 @@ async fn route(
                     ttl: ttl.saturating_sub(1),
                     probe: true,
                 };
-                match control_request(shared, peer, &request).await {
-                    Ok(ControlReply::Delivered) => return Ok(Wake(None)),
+                let answer = control_request(shared, peer, &request).await;
+                if matches!(answer, Err(ControlFailure::NotSent(_))) {
+                    // Unreachable: it cannot be holding the agent for us.
+                    continue;
+                }
+                match forwarded(shared, peer, answer) {
+                    Ok(wake) => return Ok(wake),
+                    // Asking another peer could deliver it twice.
+                    Err(e @ Undelivered::Unconfirmed(_)) => return Err(e),
                     // The peer knows the agent but cannot deliver (e.g. it finished).
-                    Ok(ControlReply::Error(e)) => known_error = Some(e),
-                    _ => {}
+                    Err(Undelivered::Refused(e)) => known_error = Some(e),
+                    Err(Undelivered::NotHere) => {}
                 }
             }
-            Err(known_error.unwrap_or_else(|| format!("no agent {agent} in the mesh")))
+            Err(Undelivered::Refused(
+                known_error.unwrap_or_else(|| format!("no agent {agent} in the mesh")),
+            ))
         }
     }
 }
@@ -2775,9 +2845,13 @@ async fn answer_control(
         } => {
             let (reply, wake) = match route(shared, &agent, message, ttl, probe).await {
                 Ok(wake) => (ControlReply::Delivered, wake),
-                Err(e) if probe && e == NOT_HERE => (ControlReply::NotHere, Wake(None)),
-                Err(e) => (ControlReply::Error(e), Wake(None)),
+                Err(Undelivered::NotHere) => (ControlReply::NotHere, Wake(None)),
+                Err(Undelivered::Unconfirmed(e)) => (ControlReply::Unconfirmed(e), Wake(None)),
+                Err(Undelivered::Refused(e)) => (ControlReply::Error(e), Wake(None)),
             };
+            if wake.0.is_some() {
+                die_if(shared, FaultPoint::AfterQueue);
+            }
             let answered = write_frame(stream, &reply).await;
             wake.wake(shared);
             answered

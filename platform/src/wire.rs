@@ -470,6 +470,9 @@ pub enum ControlReply {
     Ok,
     /// The request was refused or failed.
     Error(String),
+    /// The message went on to the node holding the agent, which broke off without answering:
+    /// it may have been delivered (why, as text).
+    Unconfirmed(String),
 }
 
 /// What `tern status` shows.

@@ -437,6 +437,51 @@ fn a_killed_node_resumes_its_agents_on_restart() {
     });
 }
 
+/// dst dies after queuing a message for the agent waiting there, before answering: the sender
+/// hears that delivery is unconfirmed (not that it failed), and the restarted dst resumes the
+/// agent with that message, once.
+#[test]
+fn a_node_that_dies_before_confirming_a_message_delivers_it_once_and_the_sender_is_told_it_may_have(
+) {
+    const RECEIVER: &str = r#"
+migrate("dst");
+let m = receive();
+print("got " + m + " " + id());
+[m, here()]
+"#;
+    let mut mesh = Mesh::start_with(Some((Side::Destination, "after-queue")), RECEIVER);
+    let home = mesh.nodes[0].addr.clone();
+    let launch = ctl::launch_in_background(&home, mesh.package.clone(), Duration::from_secs(120));
+    let agent = launch.agent.clone();
+    wait_for("the agent to wait on dst", Duration::from_secs(30), || {
+        holders(&[mesh.nodes[2].report()], &agent)
+            .iter()
+            .any(|(_, s)| s == "waiting")
+            .then_some(())
+    });
+    let sent = tern(&["send", &agent, "7", "--node", &home], QUICK);
+    assert!(
+        sent.code == Some(1)
+            && sent.stderr.contains("unconfirmed")
+            && sent.stderr.contains("may have been delivered"),
+        "{sent:?}"
+    );
+    mesh.expect_fault_exit(Side::Destination);
+    mesh.restart(Side::Destination);
+    match launch.end() {
+        Some(AgentEnd::Finished { json, .. }) => {
+            assert_eq!(json, r#"[7,"dst"]"#, "{}", mesh.logs())
+        }
+        other => panic!("the agent did not finish: {other:?}\n{}", mesh.logs()),
+    }
+    assert_eq!(
+        mesh.count_in_logs(&format!("got 7 {agent}")),
+        1,
+        "{}",
+        mesh.logs()
+    );
+}
+
 /// dst dies right after an agent waiting there took a message off its queue: restarted, it
 /// resumes the agent with that message (neither lost nor received twice).
 #[test]
@@ -459,12 +504,14 @@ let more = receive(500);
             .then_some(())
     });
     // dst dies right after the agent takes the message: its `Delivered` may or may not leave
-    // the process first, so the sender learns either that the message arrived or that the
-    // stream to dst broke (the outcome it cannot know). Either way the agent has it once.
+    // the process first, so the sender learns either that the message arrived or that its
+    // delivery is unconfirmed (the outcome it cannot know). Either way the agent has it once.
     let sent = tern(&["send", &agent, "7", "--node", &home], QUICK);
     if sent.code != Some(0) {
         assert!(
-            sent.code == Some(1) && sent.stderr.contains("stream error"),
+            sent.code == Some(1)
+                && sent.stderr.contains("unconfirmed")
+                && sent.stderr.contains("may have been delivered"),
             "{sent:?}"
         );
     }

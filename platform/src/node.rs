@@ -2461,16 +2461,16 @@ async fn check_offer<'a>(
     // An agent that lives here cannot arrive here. Only a departure record (the agent is in
     // flight, and may be coming back before the departure completed) gives way to an arrival,
     // and an arrival of the same hop by another envelope (given up by its source) to this one.
-    let here = shared
+    let (here, seen) = shared
         .store
-        .agent_meta(&agent)
+        .arrival_view(&agent, fields.hop)
         .map_err(|e| refused(format!("store: {e}")))?;
     let replaces = here.as_ref().is_some_and(|m| {
         m.hop == fields.hop
             && matches!(m.state, AgentState::Arriving { .. })
             && !m.arriving_by(envelope.hash().as_bytes())
     });
-    if !replaces && shared.store.has_seen(&agent, fields.hop).unwrap_or(false) {
+    if !replaces && seen {
         return Err(Refusal::Reply(HopReply::Duplicate));
     }
     match here {

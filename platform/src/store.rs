@@ -879,6 +879,24 @@ impl Store {
         self.read(|txn| Ok(txn.open_table(SEEN)?.get((id, hop))?.is_some()))
     }
 
+    /// What an offer of hop `hop` of agent `id` is checked against, from one snapshot: the
+    /// agent's metadata if it is stored here, and [`Store::has_seen`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if the stored record is corrupt, or when the read fails.
+    pub fn arrival_view(
+        &self,
+        id: &str,
+        hop: u64,
+    ) -> Result<(Option<AgentMeta>, bool), StoreError> {
+        self.read(|txn| {
+            let meta = get_meta(&txn.open_table(AGENTS)?, id)?;
+            let seen = txn.open_table(SEEN)?.get((id, hop))?.is_some();
+            Ok((meta, seen))
+        })
+    }
+
     /// The source side of a hop after the destination acknowledged it, in one transaction; see
     /// [`Batch::complete_departure`].
     ///

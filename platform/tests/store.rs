@@ -636,6 +636,13 @@ fn accept_arrival_twice_is_duplicate() {
     assert_eq!(store.accept_arrival(&agent("a2", 3)).unwrap(), Arrival::New);
     assert!(store.has_seen("a", 3).unwrap() && store.has_seen("a", 5).unwrap());
     assert!(!store.has_seen("a", 4).unwrap());
+
+    // What an offer is checked against, in one read: the agent here (if any) and the hop seen.
+    let here = store.agent_meta("a").unwrap();
+    assert!(here.is_some());
+    assert_eq!(store.arrival_view("a", 5).unwrap(), (here.clone(), true));
+    assert_eq!(store.arrival_view("a", 4).unwrap(), (here, false));
+    assert_eq!(store.arrival_view("nobody", 3).unwrap(), (None, false));
 }
 
 /// Agent `id` stored at hop 1, leaving for "peer-b" by hop 2 (envelope hash `[9; 32]`).

@@ -1116,6 +1116,9 @@ fn node_failure(shared: &Shared, error: String) -> AgentEnd {
 /// forwarding pointer (and, on the agent's home node, record where it went) — unless the agent
 /// has already come back (a newer arrival replaced the departure record), in which case the
 /// record is the new arrival's and stays.
+///
+/// (The write waits for the disk. Recovery could redo it, but tried unsynced, it made the next
+/// hop slower: redb's next synced commit then writes out what the unsynced one deferred.)
 async fn complete_departure(
     shared: &Arc<Shared>,
     id: &str,
@@ -1528,9 +1531,16 @@ async fn hop(
     let result = match (outcome, recorded.await) {
         (SendOutcome::Owned, Ok(())) => {
             die_if(shared, FaultPoint::SourceAfterAck);
-            complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len())
-                .await
-                .map(|()| HopResult::Left)
+            let completed =
+                complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len()).await;
+            if let Err(e) = completed {
+                // The destination owns the agent: it must not run here again. The departure
+                // record stays; recovery (now, or after a restart) completes it.
+                tracing::error!(agent = %rec.id, "hop to {to} done, but not recorded here: {e}");
+                let record = kept.clone().unwrap_or_else(|| leaving.meta.clone());
+                tokio::spawn(recover_departure(shared.clone(), record));
+            }
+            Ok(HopResult::Left)
         }
         (SendOutcome::Unknown(reason), Ok(())) => {
             // The destination could not even be asked: keep the departure record; recovery

@@ -18,7 +18,7 @@
 //! write its record says `Abort`, and the destination drops the arrival. So the critical path
 //! of a durable hop holds one fsync, not two in a row.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -660,7 +660,9 @@ fn now_ms() -> u64 {
 /// dropped.
 #[derive(Default)]
 struct StreamPool {
-    idle: Mutex<HashMap<(PeerId, libp2p::StreamProtocol), Vec<IdleStream>>>,
+    /// Oldest first: a stream is taken from the back (the most recently used, least likely
+    /// to have been closed by the other side) and expired ones leave from the front.
+    idle: Mutex<HashMap<(PeerId, libp2p::StreamProtocol), VecDeque<IdleStream>>>,
     opening: Mutex<HashMap<(PeerId, libp2p::StreamProtocol), OpeningTurn>>,
 }
 
@@ -689,20 +691,27 @@ impl StreamPool {
     fn take(&self, peer: PeerId, protocol: &libp2p::StreamProtocol) -> Option<libp2p::Stream> {
         let mut idle = lock(&self.idle);
         let streams = idle.get_mut(&(peer, protocol.clone()))?;
-        while let Some((since, stream)) = streams.pop() {
-            if since.elapsed() < IDLE_STREAM_REUSE {
-                return Some(stream);
-            }
+        let (since, stream) = streams.pop_back()?;
+        if since.elapsed() < IDLE_STREAM_REUSE {
+            return Some(stream);
         }
+        // The most recent one expired, so all did.
+        streams.clear();
         None
     }
 
     fn put(&self, peer: PeerId, protocol: libp2p::StreamProtocol, stream: libp2p::Stream) {
         let mut idle = lock(&self.idle);
         let streams = idle.entry((peer, protocol)).or_default();
-        streams.retain(|(since, _)| since.elapsed() < IDLE_STREAM_REUSE);
+        let now = std::time::Instant::now();
+        while streams
+            .front()
+            .is_some_and(|(since, _)| now.duration_since(*since) >= IDLE_STREAM_REUSE)
+        {
+            streams.pop_front();
+        }
         if streams.len() < IDLE_STREAMS_PER_PEER {
-            streams.push((std::time::Instant::now(), stream));
+            streams.push_back((now, stream));
         }
     }
 
@@ -893,6 +902,7 @@ impl Shared {
         lock(&self.peer_facts).by_key.get(bytes).copied()
     }
 
+    /// The name of a node given by its peer id as text (its text when it has no known name).
     fn name_of(&self, peer: &str) -> String {
         if peer == self.me {
             return self.name.clone();
@@ -901,6 +911,15 @@ impl Shared {
             .ok()
             .and_then(|p| lock(&self.peers).get(&p).cloned())
             .unwrap_or_else(|| peer.to_string())
+    }
+
+    /// [`Shared::name_of`] a peer.
+    fn name_of_peer(&self, peer: &PeerId) -> String {
+        if *peer == self.peer_id {
+            return self.name.clone();
+        }
+        let name = lock(&self.peers).get(peer).cloned();
+        name.unwrap_or_else(|| self.text_of(peer))
     }
 
     fn node_names(&self) -> Vec<String> {
@@ -2119,7 +2138,7 @@ fn forwarded(
         Err(ControlFailure::NotSent(e)) => Err(Undelivered::Refused(e)),
         Err(ControlFailure::Unanswered(e)) => Err(Undelivered::Unconfirmed(format!(
             "{} took the message and then broke off ({e})",
-            shared.name_of(&peer.to_string())
+            shared.name_of_peer(&peer)
         ))),
     }
 }
@@ -2413,7 +2432,7 @@ async fn receive_hop(
     if let Some(log) = &shared.hop_log {
         let _ = log.send(HopRecord {
             hop: rec.hop,
-            from: shared.name_of(&shared.text_of(&peer)),
+            from: shared.name_of_peer(&peer),
             to: shared.name.clone(),
             bytes: rec.continuation.len(),
             micros: offer.prepared_micros + received.elapsed().as_micros() as u64,

@@ -13,7 +13,7 @@
 //! | `packages`            | `[u8; 32]` hash         | package bytes            | code is pulled once per node, by hash, and served to peers that lack it |
 //! | `agents`              | agent id                | tag byte, CBOR [`AgentMeta`] (+ short continuation) | the agents resident here: what a restart resumes and status lists |
 //! | `continuation_chunks` | (agent id, `u32` chunk) | continuation bytes       | continuations of 4 KiB or more, in chunks of 4 KiB to 1 MiB |
-//! | `seen`                | (agent id, hop)         | `()`                     | hops this node accepted: makes arrivals exactly once |
+//! | `seen`                | (agent id, hop)         | `()`                     | hops this node accepted: makes arrivals exactly once (per agent, the last committed one and any later arriving) |
 //! | `forwards`            | agent id                | destination peer id      | forwarding pointers left by departed agents |
 //! | `departed`            | agent id                | `[u8; 32]` envelope hash | the hop an agent last left by: a destination still holding it as arriving after a crash asks whether that hop committed |
 //! | `locations`           | agent id                | peer id                  | on the home node, where each agent it launched is now |
@@ -869,14 +869,37 @@ impl Store {
         self.batch(|b| b.accept_arrival(rec))
     }
 
-    /// Whether this node accepted hop `hop` of agent `id` (answers a source recovering from a
-    /// crash in the middle of that hop).
+    /// Whether this node accepted hop `hop` of agent `id`, or a later one (answers a source
+    /// recovering from a crash in the middle of that hop).
+    ///
+    /// A later one answers too because only the last committed hop of an agent is remembered
+    /// (with any later one still arriving): the table stays one entry per agent instead of
+    /// growing with every hop. That is the answer the source needs: it asks about hop `hop` only
+    /// while its durable departure record says it offered that hop here, and then the agent can
+    /// have gone past `hop` only if this node took it.
     ///
     /// # Errors
     ///
     /// When the read fails.
     pub fn has_seen(&self, id: &str, hop: u64) -> Result<bool, StoreError> {
-        self.read(|txn| Ok(txn.open_table(SEEN)?.get((id, hop))?.is_some()))
+        self.read(|txn| seen_from(&txn.open_table(SEEN)?, id, hop))
+    }
+
+    /// The hops of agent `id` this node remembers accepting, oldest first (diagnostics: see
+    /// [`Store::has_seen`] for which are kept).
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn remembered_hops(&self, id: &str) -> Result<Vec<u64>, StoreError> {
+        self.read(|txn| {
+            let seen = txn.open_table(SEEN)?;
+            let mut hops = Vec::new();
+            for entry in seen.range((id, 0)..=(id, u64::MAX))? {
+                hops.push(entry?.0.value().1);
+            }
+            Ok(hops)
+        })
     }
 
     /// What an offer of hop `hop` of agent `id` is checked against, from one snapshot: the
@@ -892,7 +915,7 @@ impl Store {
     ) -> Result<(Option<AgentMeta>, bool), StoreError> {
         self.read(|txn| {
             let meta = get_meta(&txn.open_table(AGENTS)?, id)?;
-            let seen = txn.open_table(SEEN)?.get((id, hop))?.is_some();
+            let seen = seen_from(&txn.open_table(SEEN)?, id, hop)?;
             Ok((meta, seen))
         })
     }
@@ -1463,15 +1486,13 @@ impl Batch<'_> {
     pub fn accept_arrival(&mut self, rec: &AgentRecord) -> Result<Arrival, StoreError> {
         let id = rec.id.as_str();
         let mut seen = self.txn.open_table(SEEN)?;
-        let already = seen
-            .range((id, rec.hop)..=(id, u64::MAX))?
-            .next()
-            .transpose()?
-            .is_some();
-        if already {
+        if seen_from(&seen, id, rec.hop)? {
             return Ok(Arrival::Duplicate);
         }
         seen.insert((id, rec.hop), ())?;
+        if rec.state == AgentState::Ready {
+            forget_hops_before(&mut seen, id, rec.hop)?;
+        }
         drop(seen);
         self.put_agent(rec)?;
         self.txn.open_table(FORWARDS)?.remove(id)?;
@@ -1553,6 +1574,7 @@ impl Batch<'_> {
                 };
                 self.put_agent_meta(&ready)?;
                 self.txn.open_table(FORWARDS)?.remove(id)?;
+                forget_hops_before(&mut self.txn.open_table(SEEN)?, id, ready.hop)?;
                 Ok(Some(ready))
             }
             _ => Ok(None),
@@ -1727,6 +1749,30 @@ fn decode_agent(key: &str, bytes: &[u8]) -> Result<(AgentMeta, Option<Vec<u8>>),
         // A continuation in the CBOR of a chunked record is not the agent's.
         (_, _) => Ok((meta, None)),
     }
+}
+
+/// Whether `seen` holds hop `hop` of agent `id` or a later one.
+fn seen_from(
+    seen: &impl ReadableTable<(&'static str, u64), ()>,
+    id: &str,
+    hop: u64,
+) -> Result<bool, StoreError> {
+    Ok(seen
+        .range((id, hop)..=(id, u64::MAX))?
+        .next()
+        .transpose()?
+        .is_some())
+}
+
+/// Hop `hop` of agent `id` committed here: the hops it accepted before need no remembering
+/// (see [`Store::has_seen`]).
+fn forget_hops_before(
+    seen: &mut redb::Table<'_, (&'static str, u64), ()>,
+    id: &str,
+    hop: u64,
+) -> Result<(), StoreError> {
+    seen.retain_in((id, 0)..(id, hop), |_, ()| false)?;
+    Ok(())
 }
 
 fn get_meta(

@@ -631,18 +631,70 @@ fn accept_arrival_twice_is_duplicate() {
         store.accept_arrival(&agent("a", 1)).unwrap(),
         Arrival::Duplicate
     );
-    assert!(!store.has_seen("a", 1).unwrap());
+    assert_eq!(store.remembered_hops("a").unwrap(), [3]);
     assert_eq!(store.accept_arrival(&agent("a", 5)).unwrap(), Arrival::New);
     assert_eq!(store.accept_arrival(&agent("a2", 3)).unwrap(), Arrival::New);
-    assert!(store.has_seen("a", 3).unwrap() && store.has_seen("a", 5).unwrap());
-    assert!(!store.has_seen("a", 4).unwrap());
+    // Hop 5 committed here (the agent arrived runnable): hop 3 is forgotten, and "seen" means
+    // that hop or a later one.
+    assert_eq!(store.remembered_hops("a").unwrap(), [5]);
+    assert!((1..=5).all(|h| store.has_seen("a", h).unwrap()));
+    assert!(!store.has_seen("a", 6).unwrap());
+    assert_eq!(
+        store.accept_arrival(&agent("a", 4)).unwrap(),
+        Arrival::Duplicate
+    );
 
     // What an offer is checked against, in one read: the agent here (if any) and the hop seen.
     let here = store.agent_meta("a").unwrap();
     assert!(here.is_some());
     assert_eq!(store.arrival_view("a", 5).unwrap(), (here.clone(), true));
-    assert_eq!(store.arrival_view("a", 4).unwrap(), (here, false));
+    assert_eq!(store.arrival_view("a", 6).unwrap(), (here, false));
     assert_eq!(store.arrival_view("nobody", 3).unwrap(), (None, false));
+}
+
+#[test]
+fn only_the_last_committed_hop_of_an_agent_is_remembered() {
+    let (_dir, _path, store) = temp_store(Durability::NoSync);
+    // Hops committed at once (the agent arrives runnable): one entry, however many hops.
+    for hop in 1..=100 {
+        assert_eq!(
+            store.accept_arrival(&agent("a", hop)).unwrap(),
+            Arrival::New
+        );
+    }
+    assert_eq!(store.remembered_hops("a").unwrap(), [100]);
+
+    // A hop still arriving is remembered next to it; aborted, it alone is forgotten; committed,
+    // the older one is.
+    let arriving = |envelope| {
+        let mut rec = agent("a", 101);
+        rec.state = AgentState::Arriving {
+            from: "peer-b".into(),
+            envelope,
+            carried: 0,
+        };
+        rec
+    };
+    assert_eq!(
+        store.accept_arrival(&arriving([1; 32])).unwrap(),
+        Arrival::New
+    );
+    assert_eq!(store.remembered_hops("a").unwrap(), [100, 101]);
+    store
+        .batch(|b| b.abort_arrival("a", &[1; 32]))
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.remembered_hops("a").unwrap(), [100]);
+    assert_eq!(
+        store.accept_arrival(&arriving([2; 32])).unwrap(),
+        Arrival::New
+    );
+    assert!(store
+        .batch(|b| b.commit_arrival("a", &[2; 32]))
+        .unwrap()
+        .is_some());
+    assert_eq!(store.remembered_hops("a").unwrap(), [101]);
+    assert!(store.has_seen("a", 100).unwrap() && !store.has_seen("a", 102).unwrap());
 }
 
 /// Agent `id` stored at hop 1, leaving for "peer-b" by hop 2 (envelope hash `[9; 32]`).

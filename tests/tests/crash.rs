@@ -437,6 +437,41 @@ fn a_killed_node_resumes_its_agents_on_restart() {
     });
 }
 
+/// An agent (`receiver`: it migrates to dst and prints "got M ID" for the message M it takes)
+/// waits on dst, whose node has the fault point `fault`; `tern send` gives it 7 through the home
+/// node, dst dies at the fault point and restarts. Checks that the agent ends with `result`
+/// having taken the message exactly once, and returns what `tern send` reported.
+fn message_to_a_receiver_on_a_dying_node(
+    fault: &str,
+    receiver: &str,
+    result: &str,
+) -> tern_tests::process::CliOutput {
+    let mut mesh = Mesh::start_with(Some((Side::Destination, fault)), receiver);
+    let home = mesh.nodes[0].addr.clone();
+    let launch = ctl::launch_in_background(&home, mesh.package.clone(), Duration::from_secs(120));
+    let agent = launch.agent.clone();
+    wait_for("the agent to wait on dst", Duration::from_secs(30), || {
+        holders(&[mesh.nodes[2].report()], &agent)
+            .iter()
+            .any(|(_, s)| s == "waiting")
+            .then_some(())
+    });
+    let sent = tern(&["send", &agent, "7", "--node", &home], QUICK);
+    mesh.expect_fault_exit(Side::Destination);
+    mesh.restart(Side::Destination);
+    match launch.end() {
+        Some(AgentEnd::Finished { json, .. }) => assert_eq!(json, result, "{}", mesh.logs()),
+        other => panic!("the agent did not finish: {other:?}\n{}", mesh.logs()),
+    }
+    assert_eq!(
+        mesh.count_in_logs(&format!("got 7 {agent}")),
+        1,
+        "{}",
+        mesh.logs()
+    );
+    sent
+}
+
 /// dst dies after queuing a message for the agent waiting there, before answering: the sender
 /// hears that delivery is unconfirmed (not that it failed), and the restarted dst resumes the
 /// agent with that message, once.
@@ -449,36 +484,12 @@ let m = receive();
 print("got " + m + " " + id());
 [m, here()]
 "#;
-    let mut mesh = Mesh::start_with(Some((Side::Destination, "after-queue")), RECEIVER);
-    let home = mesh.nodes[0].addr.clone();
-    let launch = ctl::launch_in_background(&home, mesh.package.clone(), Duration::from_secs(120));
-    let agent = launch.agent.clone();
-    wait_for("the agent to wait on dst", Duration::from_secs(30), || {
-        holders(&[mesh.nodes[2].report()], &agent)
-            .iter()
-            .any(|(_, s)| s == "waiting")
-            .then_some(())
-    });
-    let sent = tern(&["send", &agent, "7", "--node", &home], QUICK);
+    let sent = message_to_a_receiver_on_a_dying_node("after-queue", RECEIVER, r#"[7,"dst"]"#);
     assert!(
         sent.code == Some(1)
             && sent.stderr.contains("unconfirmed")
             && sent.stderr.contains("may have been delivered"),
         "{sent:?}"
-    );
-    mesh.expect_fault_exit(Side::Destination);
-    mesh.restart(Side::Destination);
-    match launch.end() {
-        Some(AgentEnd::Finished { json, .. }) => {
-            assert_eq!(json, r#"[7,"dst"]"#, "{}", mesh.logs())
-        }
-        other => panic!("the agent did not finish: {other:?}\n{}", mesh.logs()),
-    }
-    assert_eq!(
-        mesh.count_in_logs(&format!("got 7 {agent}")),
-        1,
-        "{}",
-        mesh.logs()
     );
 }
 
@@ -493,20 +504,11 @@ print("got " + m + " " + id());
 let more = receive(500);
 [m, more, here()]
 "#;
-    let mut mesh = Mesh::start_with(Some((Side::Destination, "after-receive")), RECEIVER);
-    let home = mesh.nodes[0].addr.clone();
-    let launch = ctl::launch_in_background(&home, mesh.package.clone(), Duration::from_secs(120));
-    let agent = launch.agent.clone();
-    wait_for("the agent to wait on dst", Duration::from_secs(30), || {
-        holders(&[mesh.nodes[2].report()], &agent)
-            .iter()
-            .any(|(_, s)| s == "waiting")
-            .then_some(())
-    });
+    let sent =
+        message_to_a_receiver_on_a_dying_node("after-receive", RECEIVER, r#"[7,null,"dst"]"#);
     // dst dies right after the agent takes the message: its `Delivered` may or may not leave
     // the process first, so the sender learns either that the message arrived or that its
     // delivery is unconfirmed (the outcome it cannot know). Either way the agent has it once.
-    let sent = tern(&["send", &agent, "7", "--node", &home], QUICK);
     if sent.code != Some(0) {
         assert!(
             sent.code == Some(1)
@@ -515,23 +517,4 @@ let more = receive(500);
             "{sent:?}"
         );
     }
-    mesh.expect_fault_exit(Side::Destination);
-    mesh.restart(Side::Destination);
-    match launch.end() {
-        Some(AgentEnd::Finished { json, .. }) => {
-            assert_eq!(
-                json,
-                r#"[7,(),"dst"]"#.replace("()", "null"),
-                "{}",
-                mesh.logs()
-            )
-        }
-        other => panic!("the agent did not finish: {other:?}\n{}", mesh.logs()),
-    }
-    assert_eq!(
-        mesh.count_in_logs(&format!("got 7 {agent}")),
-        1,
-        "{}",
-        mesh.logs()
-    );
 }

@@ -2160,7 +2160,14 @@ async fn route(
                 ttl: ttl - 1,
                 probe: false,
             };
-            forwarded(shared, peer, control_request(shared, peer, &request).await)
+            match forwarded(shared, peer, control_request(shared, peer, &request).await) {
+                // (Only a probe is answered so; the pointer led nowhere.)
+                Err(Undelivered::NotHere) => Err(Undelivered::Refused(format!(
+                    "{} does not know agent {agent}",
+                    shared.name_of_peer(&peer)
+                ))),
+                other => other,
+            }
         }
         Delivery::Forward(_) => Err(Undelivered::Refused(format!(
             "agent {agent}: too many forwarding steps"

@@ -1477,7 +1477,8 @@ impl Batch<'_> {
     /// The destination side of a hop: if this node already accepted hop `rec.hop` of agent
     /// `rec.id`, or a later one (the offer is stale: the agent has moved past it), returns
     /// [`Arrival::Duplicate`] and writes nothing. Otherwise stores the agent, remembers
-    /// (`rec.id`, `rec.hop`) as seen, drops any forwarding pointer for the agent (it lives here
+    /// (`rec.id`, `rec.hop`) as seen (forgetting the agent's older hops if it arrives runnable:
+    /// see [`Store::has_seen`]), drops any forwarding pointer for the agent (it lives here
     /// again) and returns [`Arrival::New`].
     ///
     /// # Errors

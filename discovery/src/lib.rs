@@ -7,6 +7,10 @@
 //! external address confirmation; it also holds provider records for packages. mDNS is behind a
 //! [`Toggle`](libp2p::swarm::behaviour::toggle::Toggle): it does not see loopback, so tests keep it off.
 //!
+//! [`Directory`] handles the behaviours' events: it keeps the map of peer names ([`PeerNames`],
+//! which the node's tasks read), feeds Kademlia the addresses identify learns, and says what the
+//! swarm must do in answer ([`SwarmAction`]) and what the node learned ([`Learned`]).
+//!
 //! ```
 //! let key = libp2p::identity::Keypair::generate_ed25519();
 //! let discovery = discovery::Discovery::new(&key, "node-0", false).unwrap();
@@ -15,6 +19,10 @@
 //! ```
 
 use std::time::Duration;
+
+mod directory;
+
+pub use directory::{Directory, Learned, PeerNames, Reaction, SwarmAction};
 
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;

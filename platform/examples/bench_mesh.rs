@@ -33,7 +33,7 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol, Swarm};
 use platform::loopback::LoopbackMesh;
-use platform::node::{HopRecord, Node, NodeConfig, NodeHandle};
+use platform::node::{Node, NodeConfig, NodeEvent, NodeHandle};
 use platform::store::{AgentMeta, AgentRecord, AgentState, Durability, Store};
 use platform::wire::AgentEnd;
 use security::{
@@ -194,6 +194,37 @@ async fn run_agent_json(
     }
 }
 
+/// A hop as the destination's `NodeEvent::HopStored` reports it.
+struct HopRecord {
+    bytes: usize,
+    micros: u64,
+}
+
+/// The hops `nodes` store from now on, read from their event streams (one task per node, which
+/// ends with the node).
+fn hop_records(nodes: &[NodeHandle]) -> mpsc::UnboundedReceiver<HopRecord> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for node in nodes {
+        let mut events = node.events();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(NodeEvent::HopStored { bytes, micros, .. }) => {
+                        let _ = tx.send(HopRecord { bytes, micros });
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
+                        eprintln!("bench_mesh: {lost} hop events lost (the reader fell behind)");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+    rx
+}
+
 fn drain(rx: &mut mpsc::UnboundedReceiver<HopRecord>) -> Vec<HopRecord> {
     let mut v = Vec::new();
     while let Ok(r) = rx.try_recv() {
@@ -262,10 +293,7 @@ async fn bounce(
 }
 
 /// Two nodes with fsync'd stores (the durable default), in temporary directories.
-async fn fsync_pair(
-    author: &Author,
-    hop_log: mpsc::UnboundedSender<HopRecord>,
-) -> Result<(Vec<NodeHandle>, Vec<tempfile::TempDir>)> {
+async fn fsync_pair(author: &Author) -> Result<(Vec<NodeHandle>, Vec<tempfile::TempDir>)> {
     let mut nodes: Vec<NodeHandle> = Vec::new();
     let mut dirs = Vec::new();
     for i in 0..2 {
@@ -283,7 +311,6 @@ async fn fsync_pair(
             durability: Durability::Fsync,
             trust: author.trust.clone(),
             limits: Limits::default(),
-            hop_log: Some(hop_log.clone()),
         };
         nodes.push(Node::start(config).await?);
         dirs.push(dir);
@@ -484,7 +511,7 @@ fn resident_child(n: usize) -> Result<()> {
     let author = Author::new()?;
     let mesh = rt.block_on(async {
         let base = rss_kb();
-        let mesh = LoopbackMesh::start(1, author.trust.clone(), Limits::default(), None).await?;
+        let mesh = LoopbackMesh::start(1, author.trust.clone(), Limits::default()).await?;
         let node = mesh.nodes()[0].clone();
         let package = author.sign("let m = receive(600000);\nm".to_string())?;
         // One warm-up agent compiles the package.
@@ -830,10 +857,10 @@ fn main() -> Result<()> {
 
     if has("latency") || has("concurrent") || has("bulk") {
         rt.block_on(async {
-            let (tx, mut rx) = mpsc::unbounded_channel();
             let limits = Limits::default();
-            let mesh = LoopbackMesh::start(2, author.trust.clone(), limits, Some(tx)).await?;
+            let mesh = LoopbackMesh::start(2, author.trust.clone(), limits).await?;
             let nodes = mesh.nodes().to_vec();
+            let mut rx = hop_records(&nodes);
             if has("latency") {
                 eprintln!(
                     "latency: one agent, {} hops, {} times, NoSync ...",
@@ -855,7 +882,7 @@ fn main() -> Result<()> {
                 rows.push(Row {
                     what: format!(
                         "hop latency, small agent ({bytes} B continuation), 2 nodes on loopback, \
-                         signed + verified, store NoSync, p50 / p99 (hop_log: suspension → ack, \
+                         signed + verified, store NoSync, p50 / p99 (HopStored: suspension → stored, \
                          {} hops)",
                         micros.len()
                     ),
@@ -1030,8 +1057,8 @@ fn main() -> Result<()> {
         // The disk is shared and its speed moves: probes and hops take turns, and the figure
         // is the hops' p50 over the probes' median, each over all rounds.
         let (micros, mut probe, round_medians, wall, hops) = rt.block_on(async {
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let (nodes, dirs) = fsync_pair(&author, tx).await?;
+            let (nodes, dirs) = fsync_pair(&author).await?;
+            let mut rx = hop_records(&nodes);
             let mut round_medians = Vec::new();
             let mut probes = |probe: &mut Vec<f64>, round: Vec<f64>| {
                 round_medians.push(round[round.len() / 2]);

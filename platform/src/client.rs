@@ -116,7 +116,7 @@ impl Client {
         let mut stream = self.open(&ControlRequest::Launch { package, wait }).await?;
         let agent = match read_frame(&mut stream, MAX_FRAME).await? {
             ControlReply::Launched { agent } => agent,
-            ControlReply::Error(e) => bail!("the node refused the package: {e}"),
+            ControlReply::Refused(e) => bail!("the node refused the package: {e}"),
             other => bail!("unexpected reply {other:?}"),
         };
         if !wait {

@@ -148,6 +148,5 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         durability,
         trust,
         limits,
-        hop_log: None,
     })
 }

@@ -3,13 +3,16 @@
 //! throwaway key the run trusts (or is a package whose author the caller trusts), launched on
 //! `node-0`, and its end comes back through the control protocol's waiter like any launch.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use futures::future::select_all;
+use futures::FutureExt;
 use security::{SecretKey, TrustPolicy, VerifiedPackage};
-use tokio::sync::mpsc;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
-use crate::node::{HopRecord, Node, NodeConfig, NodeHandle};
+use crate::node::{Node, NodeConfig, NodeEvent, NodeHandle};
 use crate::store::Durability;
 use crate::wire::AgentEnd;
 
@@ -29,7 +32,6 @@ impl LoopbackMesh {
         n: usize,
         trust: TrustPolicy,
         limits: agent_lang::Limits,
-        hop_log: Option<mpsc::UnboundedSender<HopRecord>>,
     ) -> Result<LoopbackMesh> {
         let mut nodes: Vec<NodeHandle> = Vec::with_capacity(n);
         let mut dirs = Vec::with_capacity(n);
@@ -49,7 +51,6 @@ impl LoopbackMesh {
                 durability: Durability::NoSync,
                 trust: trust.clone(),
                 limits: limits.clone(),
-                hop_log: hop_log.clone(),
             };
             nodes.push(Node::start(config).await?);
             dirs.push(dir);
@@ -70,6 +71,13 @@ impl LoopbackMesh {
         &self.nodes
     }
 
+    /// The events of every node of the mesh from now on, as one stream.
+    pub fn events(&self) -> MeshEvents {
+        MeshEvents {
+            receivers: self.nodes.iter().map(NodeHandle::events).collect(),
+        }
+    }
+
     /// Launches `package` on node-0 and waits for the agent's end.
     ///
     /// # Errors
@@ -78,7 +86,7 @@ impl LoopbackMesh {
     pub async fn run(&self, package: VerifiedPackage) -> Result<(String, AgentEnd)> {
         let (agent, end) = self.nodes[0]
             .launch(package, None)
-            .map_err(anyhow::Error::msg)?;
+            .context("node-0 refused the agent")?;
         tokio::pin!(end);
         // Only the agent itself can send it messages here: waiting for one without a timeout,
         // with none queued, would never end.
@@ -108,6 +116,161 @@ impl Drop for LoopbackMesh {
     fn drop(&mut self) {
         for n in &self.nodes {
             n.shutdown();
+        }
+    }
+}
+
+/// The events of the nodes of a mesh, read as one stream. Events of one node come in the order
+/// it published them; events of different nodes in the order they are read.
+pub struct MeshEvents {
+    receivers: Vec<broadcast::Receiver<NodeEvent>>,
+}
+
+/// What reading a node's events gave.
+#[derive(Debug)]
+pub enum MeshEvent {
+    /// An event.
+    Event(NodeEvent),
+    /// This many events were lost: the reader fell more than `node::EVENT_BUFFER` behind.
+    Lost(u64),
+}
+
+impl MeshEvents {
+    /// The next event of any node; None once every node has stopped.
+    pub async fn next(&mut self) -> Option<MeshEvent> {
+        loop {
+            if self.receivers.is_empty() {
+                return None;
+            }
+            let (received, index, _) =
+                select_all(self.receivers.iter_mut().map(|r| r.recv().boxed())).await;
+            match received {
+                Ok(event) => return Some(MeshEvent::Event(event)),
+                Err(RecvError::Lagged(lost)) => return Some(MeshEvent::Lost(lost)),
+                Err(RecvError::Closed) => {
+                    self.receivers.swap_remove(index);
+                }
+            }
+        }
+    }
+
+    /// Every event already published and not read yet, without waiting.
+    pub fn drain(&mut self) -> Vec<MeshEvent> {
+        let mut out = Vec::new();
+        for receiver in &mut self.receivers {
+            loop {
+                match receiver.try_recv() {
+                    Ok(event) => out.push(MeshEvent::Event(event)),
+                    Err(TryRecvError::Lagged(lost)) => out.push(MeshEvent::Lost(lost)),
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One hop as a trace shows it: a [`NodeEvent::HopStored`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracedHop {
+    /// The hop number.
+    pub hop: u64,
+    /// The source's name.
+    pub from: String,
+    /// The destination's name.
+    pub to: String,
+    /// The continuation's size.
+    pub bytes: usize,
+    /// From the agent's suspension at the source to the agent stored at the destination.
+    pub micros: u64,
+}
+
+/// The hops of the mesh's agents, each agent's in hop order. Each destination publishes the
+/// hops it stores on its own channel, so a reader may see a later hop (stored by one node)
+/// before an earlier one (stored by another); a hop that comes early waits for those before it.
+pub struct HopTrace {
+    events: MeshEvents,
+    /// Per agent, the hop to show next.
+    next: HashMap<String, u64>,
+    /// Hops that came before one of their agent's earlier hops.
+    early: BTreeMap<(String, u64), TracedHop>,
+    /// Hops shown and waiting to be taken.
+    ready: std::collections::VecDeque<TracedHop>,
+}
+
+impl HopTrace {
+    /// The trace of the mesh's hops from now on.
+    pub fn new(mesh: &LoopbackMesh) -> HopTrace {
+        HopTrace {
+            events: mesh.events(),
+            next: HashMap::new(),
+            early: BTreeMap::new(),
+            ready: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// The next hop in order; None once every node has stopped.
+    pub async fn next(&mut self) -> Option<TracedHop> {
+        while self.ready.is_empty() {
+            let event = self.events.next().await?;
+            self.take(event);
+        }
+        self.ready.pop_front()
+    }
+
+    /// Every hop published and not taken yet, in order (what waits for a hop that never came
+    /// included), without waiting.
+    pub fn rest(&mut self) -> Vec<TracedHop> {
+        for event in self.events.drain() {
+            self.take(event);
+        }
+        self.flush();
+        self.ready.drain(..).collect()
+    }
+
+    fn take(&mut self, event: MeshEvent) {
+        match event {
+            MeshEvent::Event(NodeEvent::HopStored {
+                agent,
+                hop,
+                from,
+                to,
+                bytes,
+                micros,
+            }) => {
+                let traced = TracedHop {
+                    hop,
+                    from,
+                    to,
+                    bytes,
+                    micros,
+                };
+                let next = self
+                    .next
+                    .entry(agent.clone())
+                    .or_insert(security::FIRST_HOP);
+                if hop > *next {
+                    self.early.insert((agent, hop), traced);
+                    return;
+                }
+                *next = hop + 1;
+                self.ready.push_back(traced);
+                while let Some(traced) = self.early.remove(&(agent.clone(), *next)) {
+                    *next += 1;
+                    self.ready.push_back(traced);
+                }
+            }
+            // Lost events leave gaps no hop will fill.
+            MeshEvent::Lost(_) => self.flush(),
+            MeshEvent::Event(_) => {}
+        }
+    }
+
+    /// Shows every hop that waits, in order.
+    fn flush(&mut self) {
+        for ((agent, hop), traced) in std::mem::take(&mut self.early) {
+            self.next.insert(agent, hop + 1);
+            self.ready.push_back(traced);
         }
     }
 }

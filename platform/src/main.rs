@@ -265,16 +265,11 @@ async fn run_on_loopback(
     trust: security::TrustPolicy,
     limits: agent_lang::Limits,
 ) -> Result<()> {
-    let (hop_tx, mut hop_rx) = tokio::sync::mpsc::unbounded_channel::<platform::node::HopRecord>();
-    let mesh = platform::loopback::LoopbackMesh::start(
-        args.nodes as usize,
-        trust,
-        limits,
-        args.trace.then_some(hop_tx),
-    )
-    .await
-    .context("cannot start the mesh")?;
-    let print_hop = |h: platform::node::HopRecord| {
+    let mesh = platform::loopback::LoopbackMesh::start(args.nodes as usize, trust, limits)
+        .await
+        .context("cannot start the mesh")?;
+    let mut trace = args.trace.then(|| platform::loopback::HopTrace::new(&mesh));
+    let print_hop = |h: platform::loopback::TracedHop| {
         if args.json {
             eprintln!(
                 "{}",
@@ -294,12 +289,12 @@ async fn run_on_loopback(
         loop {
             tokio::select! {
                 ended = &mut run => break ended?,
-                Some(h) = hop_rx.recv() => print_hop(h),
+                Some(h) = async { trace.as_mut()?.next().await } => print_hop(h),
             }
         }
     };
-    // Destinations report a hop before the agent runs there: every record is already queued.
-    while let Ok(h) = hop_rx.try_recv() {
+    // Destinations report a hop before the agent runs there: every hop is already published.
+    for h in trace.as_mut().map(|t| t.rest()).unwrap_or_default() {
         print_hop(h);
     }
     drop(mesh);
@@ -660,7 +655,7 @@ async fn send(args: SendArgs) -> Result<()> {
     };
     match client.request(&request).await? {
         platform::wire::ControlReply::Delivered => Ok(()),
-        platform::wire::ControlReply::Error(e) => {
+        platform::wire::ControlReply::Refused(e) => {
             anyhow::bail!("cannot deliver to {}: {e}", args.agent)
         }
         platform::wire::ControlReply::Unconfirmed(e) => {
@@ -680,7 +675,7 @@ async fn result(args: ResultArgs) -> Result<()> {
     };
     match client.request(&request).await? {
         platform::wire::ControlReply::Ended(end) => print_end(&args.agent, end),
-        platform::wire::ControlReply::Error(e) => anyhow::bail!("{e}"),
+        platform::wire::ControlReply::Refused(e) => anyhow::bail!("{e}"),
         other => anyhow::bail!("unexpected reply from the node: {other:?}"),
     }
 }

@@ -45,11 +45,11 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
 
 /// Moving an agent: offer, (package pull by the receiver), continuation bytes, the source's
 /// decision, acknowledgement.
-pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/2");
+pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/3");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Launching agents, status, results and hop recovery queries.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/1");
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/2");
 
 /// Largest control frame (a package travels in one): 17 MiB.
 pub const MAX_FRAME: usize = 17 << 20;
@@ -304,11 +304,146 @@ pub enum HopReply {
     /// Send the continuation.
     Ready,
     /// The destination refuses the hop (policy, verification, size ...).
-    Refused(String),
+    Refused(HopRefusal),
     /// The destination already holds this hop (a retry after a lost acknowledgement).
     Duplicate,
     /// The continuation is verified and stored durably: the destination owns the agent now.
     Stored,
+}
+
+/// Why a destination refused a hop ([`HopReply::Refused`]). The text is made here, at the edge;
+/// code and tests match the variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum HopRefusal {
+    /// The sending peer's id does not inline an ed25519 key.
+    #[error("sender has no ed25519 identity")]
+    NoIdentity,
+    /// The sending peer is not in this node's `accept_from`.
+    #[error("this node does not accept agents from {peer}")]
+    PeerNotAccepted {
+        /// The peer (id as text).
+        peer: String,
+    },
+    /// The hop envelope does not decode.
+    #[error("envelope: {0}")]
+    Envelope(String),
+    /// The previous envelope (the sender's custody) does not decode.
+    #[error("previous envelope: {0}")]
+    PreviousEnvelope(String),
+    /// The envelope does not verify: signature, chain, sender or destination.
+    #[error("hop envelope: {0}")]
+    Verification(String),
+    /// The sender gave up on this offer (it asked about the hop and heard "not held").
+    #[error("the sender gave up on this hop")]
+    Abandoned,
+    /// The agent lives on this node: it cannot arrive here.
+    #[error("this agent lives on this node")]
+    LivesHere,
+    /// The continuation is larger than this node takes.
+    #[error("continuation of {bytes} bytes is over this node's limit")]
+    OverLimit {
+        /// The size the offer announces.
+        bytes: u64,
+    },
+    /// The inline continuation's length is not the one the offer announces.
+    #[error("the inline continuation has {inline} bytes, the offer announces {announced}")]
+    LengthMismatch {
+        /// Bytes inline.
+        inline: u64,
+        /// Bytes announced.
+        announced: u64,
+    },
+    /// The package could not be pulled from the source nor from any provider.
+    #[error("package pull: {0}")]
+    PackageUnavailable(String),
+    /// The pulled package does not decode, verify, or have the announced hash.
+    #[error("pulled package: {0}")]
+    BadPackage(String),
+    /// The package could not be loaded (compiled) here.
+    #[error("{0}")]
+    Package(String),
+    /// The trust policy refuses the package (its author, its grants).
+    #[error("package refused: {0}")]
+    UntrustedPackage(String),
+    /// The continuation does not decode against the package's program.
+    #[error("continuation: {0}")]
+    Continuation(String),
+    /// The store could not be read.
+    #[error("store: {0}")]
+    StoreRead(String),
+    /// The store could not take the agent.
+    #[error("cannot store the agent: {0}")]
+    StoreWrite(String),
+    /// The source could not record its departure and sent `Abort`.
+    #[error("the source gave up the hop: {0}")]
+    SourceAborted(String),
+    /// The arrival was dropped while its commit was being recorded.
+    #[error("the arrival was dropped meanwhile")]
+    ArrivalDropped,
+}
+
+/// Why a node refused or failed a control request ([`ControlReply::Refused`]): a launch, a
+/// delivery, a result, a question about a hop. The text is made here, at the edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlRefusal {
+    /// The package does not decode or its signature does not verify.
+    #[error("package: {0}")]
+    BadPackage(String),
+    /// The trust policy refuses the package (its author, its grants).
+    #[error("package refused: {0}")]
+    UntrustedPackage(String),
+    /// The package could not be loaded (compiled) here.
+    #[error("{0}")]
+    Package(String),
+    /// The store failed.
+    #[error("{0}")]
+    Store(String),
+    /// The store could not be read to answer a question about a hop.
+    #[error("cannot read the store: {0}")]
+    StoreUnreadable(String),
+    /// The agent has finished: it takes no more messages.
+    #[error("agent {agent} has finished")]
+    Finished {
+        /// The agent.
+        agent: String,
+    },
+    /// No node asked knows the agent.
+    #[error("no agent {agent} in the mesh")]
+    UnknownAgent {
+        /// The agent.
+        agent: String,
+    },
+    /// A forwarding pointer or location record led to a node that does not know the agent.
+    #[error("{node} does not know agent {agent}")]
+    StalePointer {
+        /// The node that did not know it (its name, or peer id).
+        node: String,
+        /// The agent.
+        agent: String,
+    },
+    /// A message followed more forwarding pointers than it may.
+    #[error("agent {agent}: too many forwarding steps")]
+    TooManySteps {
+        /// The agent.
+        agent: String,
+    },
+    /// The next node on the message's way could not be reached.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The next node answered something the protocol does not allow there.
+    #[error("unexpected reply {0}")]
+    UnexpectedReply(String),
+    /// No result is recorded for the agent on this (its home) node, yet.
+    #[error("no result for agent {agent} on this node (yet)")]
+    NoResult {
+        /// The agent.
+        agent: String,
+    },
+    /// The recorded result does not decode.
+    #[error("stored result is unreadable: {0}")]
+    UnreadableResult(String),
 }
 
 /// A package download request: the package hash.
@@ -469,7 +604,7 @@ pub enum ControlReply {
     /// Done.
     Ok,
     /// The request was refused or failed.
-    Error(String),
+    Refused(ControlRefusal),
     /// The message went on to the node holding the agent, which broke off without answering:
     /// it may have been delivered (why, as text).
     Unconfirmed(String),

@@ -584,8 +584,8 @@ pub mod raw_peer {
     use futures::StreamExt;
     use libp2p::{Multiaddr, PeerId};
     use platform::wire::{
-        read_frame, write_frame, AgentEnd, ControlReply, ControlRequest, HopOffer, PackageReply,
-        PackageRequest, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
+        read_frame, write_frame, AgentEnd, ControlRefusal, ControlReply, ControlRequest, HopOffer,
+        PackageReply, PackageRequest, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
     };
     use security::{AgentId, HopEnvelope, HopFields, PublicKey, SecretKey, VerifiedPackage};
 
@@ -692,7 +692,9 @@ pub mod raw_peer {
                                             .contains(&envelope),
                                     )
                                 }
-                                _ => ControlReply::Error("raw peer".into()),
+                                _ => ControlReply::Refused(ControlRefusal::UnexpectedReply(
+                                    "raw peer".into(),
+                                )),
                             };
                         let _ = write_frame(&mut stream, &reply).await;
                     });

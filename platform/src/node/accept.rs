@@ -1,0 +1,124 @@
+//! Incoming streams: one loop per protocol hands each inbound stream to a task of its own, and
+//! the permits bound how many exchanges the node, and each peer, has in hand at once (a flood of
+//! streams from one peer cannot starve the others or exhaust the node).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use libp2p::PeerId;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use super::{control, hop, lock, packages, Shared};
+use crate::wire::{next_frame_start, read_frame_after, WireError, MAX_FRAME};
+
+/// Exchanges the node handles at once.
+const MAX_STREAMS: usize = 256;
+
+/// Exchanges of one peer handled at once.
+const MAX_STREAMS_PER_PEER: usize = 32;
+
+/// The protocols a node accepts streams of.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Protocol {
+    Hop,
+    Package,
+    Control,
+}
+
+/// The permits of the exchanges in hand.
+pub(super) struct InboundLimits {
+    /// Bounds the exchanges handled at once, so a flood of peers cannot exhaust the node.
+    all: Semaphore,
+    /// Exchanges each peer may have handled at once: one peer cannot take every permit of
+    /// `all` and starve the others (its extra exchanges wait on its own semaphore). A `std`
+    /// mutex held for one map operation.
+    per_peer: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        InboundLimits {
+            all: Semaphore::new(MAX_STREAMS),
+            per_peer: Mutex::default(),
+        }
+    }
+}
+
+impl InboundLimits {
+    /// The permits an exchange of `peer` will take.
+    fn permits_of(&self, peer: PeerId) -> ExchangePermits<'_> {
+        let per_peer = lock(&self.per_peer)
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_STREAMS_PER_PEER)))
+            .clone();
+        ExchangePermits {
+            per_peer,
+            all: &self.all,
+        }
+    }
+
+    /// The connection to `peer` closed: its semaphore goes (exchanges still running keep
+    /// theirs).
+    pub(super) fn forget(&self, peer: &PeerId) {
+        lock(&self.per_peer).remove(peer);
+    }
+}
+
+/// What an exchange holds while it is handled: a permit of its peer's and one of the node's.
+/// Idle reused streams hold none.
+pub(super) struct ExchangePermits<'a> {
+    per_peer: Arc<Semaphore>,
+    all: &'a Semaphore,
+}
+
+impl ExchangePermits<'_> {
+    /// Both permits; None if a semaphore was closed.
+    pub(super) async fn acquire(&self) -> Option<(SemaphorePermit<'_>, SemaphorePermit<'_>)> {
+        let peer = self.per_peer.acquire().await.ok()?;
+        let all = self.all.acquire().await.ok()?;
+        Some((peer, all))
+    }
+
+    /// The next request on a reused stream and the permits its exchange holds; None once the
+    /// peer closed the stream (or left it idle). The permits are taken once the request
+    /// begins, so idle streams hold none.
+    pub(super) async fn next_request<T: serde::de::DeserializeOwned>(
+        &self,
+        stream: &mut libp2p::Stream,
+    ) -> Result<Option<(T, impl Sized + '_)>, WireError> {
+        let Some(first) = next_frame_start(stream).await? else {
+            return Ok(None);
+        };
+        let Some(permits) = self.acquire().await else {
+            return Ok(None);
+        };
+        let request = read_frame_after(stream, first, MAX_FRAME).await?;
+        Ok(Some((request, permits)))
+    }
+}
+
+/// Takes the inbound streams of `protocol` until the node stops, each to a task of the node's
+/// own (libp2p-stream drops inbound streams when this loop lags).
+pub(super) async fn accept_loop(
+    mut incoming: libp2p_stream::IncomingStreams,
+    shared: Arc<Shared>,
+    protocol: Protocol,
+) {
+    while let Some((peer, stream)) = incoming.next().await {
+        let exchange = shared.clone();
+        shared.tasks.spawn(async move {
+            let permits = exchange.inbound.permits_of(peer);
+            let result = match protocol {
+                Protocol::Hop => hop::handle_hop(&exchange, peer, stream, &permits).await,
+                Protocol::Package => packages::handle_package(&exchange, stream, &permits).await,
+                Protocol::Control => {
+                    control::handle_control(&exchange, peer, stream, &permits).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(%peer, ?protocol, "exchange failed: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,483 @@
+//! The destination's side of a hop: check the offer (peer, envelope, duplicates, size, package),
+//! take and verify the continuation, store the agent as arriving, and make it runnable once the
+//! source's decision to commit is here.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use agent_lang::Execution;
+use libp2p::PeerId;
+use security::{verify_hop, HopCheck, HopEnvelope, PublicKey};
+
+use super::depart::KEEP_CHECKPOINT_FROM;
+use super::gate::Arriving;
+use super::recover::ask_hop_decision;
+use crate::node::accept::ExchangePermits;
+use crate::node::control::control_request;
+use crate::node::events::NodeEvent;
+use crate::node::fault::FaultPoint;
+use crate::node::packages::{ensure_package, Loaded};
+use crate::node::routing::forward_queued;
+use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
+use crate::node::Shared;
+use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival};
+use crate::wire::{
+    read_bulk, read_frame, write_frame, ControlRequest, HopDecision, HopOffer, HopRefusal,
+    HopReply, WireError, MAX_FRAME,
+};
+
+/// Destination side of hops: offer after offer on one stream, until the source closes it.
+pub(in crate::node) async fn handle_hop(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    permits: &ExchangePermits<'_>,
+) -> Result<(), WireError> {
+    while let Some((offer, _permits)) = permits.next_request::<HopOffer>(&mut stream).await? {
+        let mut claimed = None;
+        match receive_hop(shared, peer, &mut stream, offer, &mut claimed).await {
+            Ok(arrived) => {
+                let acknowledged = write_frame(&mut stream, &HopReply::Stored).await;
+                // Stored is stored: the agent runs here even if the acknowledgement is lost
+                // (the source then learns of the hop through `HopStatus`).
+                tell_home_location(shared, &arrived.rec, &peer);
+                let (id, hop) = (arrived.rec.id.clone(), arrived.rec.hop);
+                spawn_runner(shared, id, hop, None, Some(arrived));
+                acknowledged?;
+            }
+            Err(Refusal::Reply(reply)) => {
+                if let HopReply::Refused(reason) = &reply {
+                    shared.events.emit(|| NodeEvent::HopRefused {
+                        agent: claimed.as_ref().map(|(agent, _)| agent.clone()),
+                        hop: claimed.as_ref().map(|(_, hop)| *hop),
+                        from: shared.peers.name_of_peer(&peer),
+                        reason: reason.clone(),
+                    });
+                }
+                write_frame(&mut stream, &reply).await?
+            }
+            Err(Refusal::Wire(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Why a hop was not received: an answer for the source, or a broken stream.
+pub(in crate::node) enum Refusal {
+    Reply(HopReply),
+    Wire(WireError),
+}
+
+impl From<WireError> for Refusal {
+    fn from(e: WireError) -> Self {
+        Refusal::Wire(e)
+    }
+}
+
+pub(in crate::node) fn refused(why: HopRefusal) -> Refusal {
+    Refusal::Reply(HopReply::Refused(why))
+}
+
+/// Checks an offer, takes the continuation (inline, or raw after Ready), verifies it, stores the
+/// agent as arriving while the source's decision travels, and makes it runnable on `Commit`.
+pub(in crate::node) async fn receive_hop(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    stream: &mut libp2p::Stream,
+    offer: HopOffer,
+    claimed: &mut Option<(String, u64)>,
+) -> Result<Runnable, Refusal> {
+    let received = std::time::Instant::now();
+    let inline = !offer.inline.is_empty();
+    let checked = match check_offer(shared, peer, &offer, claimed).await {
+        Ok(checked) => checked,
+        // The source's decision follows an inline offer whatever the answer.
+        Err(refusal) if inline => return Err(after_decision(stream, refusal).await),
+        Err(refusal) => return Err(refusal),
+    };
+    let (continuation, continuation_hash) = if inline {
+        let hash = *blake3::hash(&offer.inline).as_bytes();
+        (offer.inline, hash)
+    } else {
+        write_frame(stream, &HopReply::Ready).await?;
+        read_bulk(stream, offer.continuation_len as usize).await?
+    };
+    // From here on the source's decision follows, whatever the answer.
+    let CheckedOffer {
+        envelope,
+        previous,
+        sender,
+        loaded,
+        _arriving,
+    } = checked;
+    let fields = envelope.fields().clone();
+    let envelope_hash = *envelope.hash().as_bytes();
+    // An agent coming back presents the envelope this node signed when it sent it away.
+    let signed_here = previous
+        .as_ref()
+        .is_some_and(|p| shared.departures.signed_here(p.hash().as_bytes()));
+    let hash = fields.package_hash;
+    // The signature is checked with those of the hops arriving at the same time.
+    let signature_checked = if envelope.fields().from == sender {
+        let others_arriving = shared.arrivals.in_progress() > 1;
+        shared
+            .verifier
+            .check(envelope.clone(), others_arriving)
+            .await
+    } else {
+        None
+    };
+    let check = HopCheck::new(&sender, shared.peers.local_key(), &hash, &continuation_hash)
+        .with_previous(previous.as_ref())
+        .with_previous_known_genuine(signed_here)
+        .with_signature_checked(signature_checked);
+    if let Err(e) = verify_hop(envelope, &check) {
+        tracing::warn!(%peer, "refused a hop: {e}");
+        return Err(after_decision(stream, refused(HopRefusal::Verification(e.to_string()))).await);
+    }
+    // A small continuation is decoded before it is accepted; a large one (whose hash and
+    // envelope were checked) by its runner, so the acknowledgement does not wait for it.
+    let exec = if inline {
+        match Execution::decode(&loaded.program, &continuation) {
+            Ok(exec) => Some(exec),
+            Err(e) => {
+                let refusal = refused(HopRefusal::Continuation(e.to_string()));
+                return Err(after_decision(stream, refusal).await);
+            }
+        }
+    } else {
+        None
+    };
+    let messages = offer.messages;
+    let rec = AgentRecord {
+        meta: AgentMeta {
+            id: fields.agent_id.to_string(),
+            package: *hash.as_bytes(),
+            hop: fields.hop,
+            hops: offer.hops,
+            home: offer.home,
+            launcher: offer.launcher,
+            state: AgentState::Arriving {
+                from: shared.peers.text_of(&peer),
+                envelope: envelope_hash,
+                carried: messages.len() as u64,
+            },
+            envelope: offer.envelope,
+        },
+        continuation,
+    };
+    // Stored durably while the source's departure record is written and its decision travels;
+    // runnable at once if the decision to commit is already here when the write runs (the
+    // decision is read first, so one that came with the offer is).
+    let commit_seen = Arc::new(AtomicBool::new(false));
+    let decision = {
+        let commit_seen = commit_seen.clone();
+        async move {
+            let decision = read_frame::<_, HopDecision>(stream, MAX_FRAME).await;
+            if let Ok(HopDecision::Commit) = decision {
+                commit_seen.store(true, Ordering::Release);
+            }
+            decision
+        }
+    };
+    let me = shared.peers.local_text().to_string();
+    let mut rec = rec;
+    let store = shared.store.write(move |b| {
+        // An arrival of this hop number by another envelope still waits for its decision: its
+        // source gave it up (the source is offering this one), so it goes.
+        if let Some(AgentMeta {
+            state: AgentState::Arriving { envelope: old, .. },
+            hop,
+            ..
+        }) = b.agent_meta(&rec.id)?
+        {
+            if hop == rec.hop && old != envelope_hash {
+                b.abort_arrival(&rec.id, &old)?;
+            }
+        }
+        let committed = commit_seen.load(Ordering::Acquire);
+        if committed {
+            rec.state = AgentState::Ready;
+        }
+        let arrival = b.accept_arrival(&rec)?;
+        if let Arrival::New = arrival {
+            for m in &messages {
+                b.push_message(&rec.id, m)?;
+            }
+            if committed && rec.home == me {
+                b.set_location(&rec.id, &me)?;
+            }
+        }
+        Ok((arrival, rec, committed))
+    });
+    let (decision, stored) = tokio::join!(decision, store);
+    let (rec, committed) = match stored {
+        Ok((Arrival::New, rec, committed)) => (rec, committed),
+        Ok((Arrival::Duplicate, ..)) => {
+            decision?;
+            return Err(Refusal::Reply(HopReply::Duplicate));
+        }
+        Err(e) => {
+            decision?;
+            return Err(refused(HopRefusal::StoreWrite(e.to_string())));
+        }
+    };
+    shared.faults.die_at(FaultPoint::DestinationAfterStore);
+    match decision {
+        Ok(HopDecision::Commit) => {}
+        Ok(HopDecision::Abort(why)) => {
+            settle_arrival(shared, &rec.meta, false).await;
+            return Err(refused(HopRefusal::SourceAborted(why)));
+        }
+        Err(e) => {
+            // The decision is lost with the stream: ask the source for it.
+            shared
+                .tasks
+                .spawn(ask_hop_decision(shared.clone(), rec.meta.clone()));
+            return Err(Refusal::Wire(e));
+        }
+    }
+    let rec = if committed {
+        rec
+    } else {
+        match commit_arrival(shared, &rec.id, &envelope_hash).await {
+            Some(meta) => AgentRecord {
+                meta: AgentMeta {
+                    state: meta.state,
+                    ..rec.meta
+                },
+                ..rec
+            },
+            None => return Err(refused(HopRefusal::ArrivalDropped)),
+        }
+    };
+    if rec.continuation.len() >= KEEP_CHECKPOINT_FROM {
+        crate::memory::after_large_hop();
+    }
+    // Reported by the destination, before the agent runs here: a trace line never races the
+    // agent's end.
+    shared.events.emit(|| NodeEvent::HopStored {
+        agent: rec.id.clone(),
+        hop: rec.hop,
+        from: shared.peers.name_of_peer(&peer),
+        to: shared.peers.local_name().to_string(),
+        bytes: rec.continuation.len(),
+        micros: offer.prepared_micros + received.elapsed().as_micros() as u64,
+    });
+    Ok(Runnable { rec, exec, loaded })
+}
+
+/// An offer that passed the checks made before its continuation is taken.
+pub(in crate::node) struct CheckedOffer<'a> {
+    pub(in crate::node) envelope: HopEnvelope,
+    pub(in crate::node) previous: Option<HopEnvelope>,
+    pub(in crate::node) sender: PublicKey,
+    pub(in crate::node) loaded: Arc<Loaded>,
+    /// Holds the hop in `ArrivalGate::arriving` until the offer is settled.
+    pub(in crate::node) _arriving: Arriving<'a>,
+}
+
+/// The checks of an offer made before its continuation is taken: the sender, the envelope, the
+/// hop not seen before, the size, the package (pulled if missing) and its author.
+pub(in crate::node) async fn check_offer<'a>(
+    shared: &'a Arc<Shared>,
+    peer: PeerId,
+    offer: &HopOffer,
+    claimed: &mut Option<(String, u64)>,
+) -> Result<CheckedOffer<'a>, Refusal> {
+    let Some(sender) = shared.peers.key_of(&peer) else {
+        return Err(refused(HopRefusal::NoIdentity));
+    };
+    if !shared.trust.accepts_push_from(&sender) {
+        tracing::warn!(%peer, "refused a pushed agent: peer not in accept_from");
+        return Err(refused(HopRefusal::PeerNotAccepted {
+            peer: peer.to_string(),
+        }));
+    }
+    let known = |k: &[u8; 32]| shared.peers.known_key(k);
+    let envelope = HopEnvelope::decode_known(&offer.envelope, known)
+        .map_err(|e| refused(HopRefusal::Envelope(e.to_string())))?;
+    let previous = if offer.previous.is_empty() {
+        None
+    } else {
+        Some(
+            HopEnvelope::decode_known(&offer.previous, known)
+                .map_err(|e| refused(HopRefusal::PreviousEnvelope(e.to_string())))?,
+        )
+    };
+    let fields = envelope.fields();
+    let agent = fields.agent_id.to_string();
+    *claimed = Some((agent.clone(), fields.hop));
+    let arriving = shared
+        .arrivals
+        .enter((agent.clone(), fields.hop), *envelope.hash().as_bytes())
+        .await
+        .map_err(refused)?;
+    // An agent that lives here cannot arrive here. Only a departure record (the agent is in
+    // flight, and may be coming back before the departure completed) gives way to an arrival,
+    // and an arrival of the same hop by another envelope (given up by its source) to this one.
+    let (here, seen) = shared
+        .store
+        .arrival_view(&agent, fields.hop)
+        .map_err(|e| refused(HopRefusal::StoreRead(e.to_string())))?;
+    let replaces = here.as_ref().is_some_and(|m| {
+        m.hop == fields.hop
+            && matches!(m.state, AgentState::Arriving { .. })
+            && !m.arriving_by(envelope.hash().as_bytes())
+    });
+    if !replaces && seen {
+        return Err(Refusal::Reply(HopReply::Duplicate));
+    }
+    match here {
+        None
+        | Some(AgentMeta {
+            state: AgentState::Leaving { .. },
+            ..
+        }) => {}
+        Some(_) if replaces => {}
+        Some(_) => {
+            tracing::warn!(%peer, agent, "refused a hop of an agent that lives here");
+            return Err(refused(HopRefusal::LivesHere));
+        }
+    }
+    if offer.continuation_len > shared.limits.max_continuation_bytes as u64 {
+        return Err(refused(HopRefusal::OverLimit {
+            bytes: offer.continuation_len,
+        }));
+    }
+    if !offer.inline.is_empty() && offer.inline.len() as u64 != offer.continuation_len {
+        return Err(refused(HopRefusal::LengthMismatch {
+            inline: offer.inline.len() as u64,
+            announced: offer.continuation_len,
+        }));
+    }
+    // Pull the code if this node lacks it (receiver-initiated, anonymous), then admit it.
+    let hash = fields.package_hash;
+    ensure_package(shared, peer, &hash).await.map_err(refused)?;
+    let loaded = shared
+        .loaded(hash.as_bytes())
+        .map_err(|e| refused(HopRefusal::Package(e)))?;
+    if let Err(e) = shared.trust.admit_package(&loaded.package) {
+        return Err(refused(HopRefusal::UntrustedPackage(e.to_string())));
+    }
+    Ok(CheckedOffer {
+        envelope,
+        previous,
+        sender,
+        loaded,
+        _arriving: arriving,
+    })
+}
+
+/// Takes the source's decision that follows the continuation, then gives `refusal`: the stream
+/// stays in step for the next offer.
+pub(in crate::node) async fn after_decision(
+    stream: &mut libp2p::Stream,
+    refusal: Refusal,
+) -> Refusal {
+    if let Refusal::Reply(_) = refusal {
+        if let Err(e) = read_frame::<_, HopDecision>(stream, MAX_FRAME).await {
+            return Refusal::Wire(e);
+        }
+    }
+    refusal
+}
+
+/// The hop committed: the agent stored as arriving by this envelope becomes runnable (an
+/// unsynced write: a crash before it is durable leaves the agent arriving, and a restart asks
+/// the source again). Its metadata as now stored; None if it is not arriving by this hop.
+pub(in crate::node) async fn commit_arrival(
+    shared: &Shared,
+    id: &str,
+    envelope: &[u8; 32],
+) -> Option<AgentMeta> {
+    let (agent, envelope, me) = (
+        id.to_string(),
+        *envelope,
+        shared.peers.local_text().to_string(),
+    );
+    let committed = shared
+        .store
+        .write_unsynced(move |b| {
+            let Some(meta) = b.commit_arrival(&agent, &envelope)? else {
+                return Ok(None);
+            };
+            // (On the agent's home node, its location with it.)
+            if meta.home == me {
+                b.set_location(&agent, &me)?;
+            }
+            Ok(Some(meta))
+        })
+        .await;
+    match committed {
+        Ok(meta) => meta,
+        Err(e) => {
+            // Stored as arriving, and committed: it runs; a restart would ask the source again.
+            tracing::error!(agent = id, "cannot record that the hop committed: {e}");
+            shared
+                .store
+                .agent_meta(id)
+                .ok()
+                .flatten()
+                .map(|m| AgentMeta {
+                    state: AgentState::Ready,
+                    ..m
+                })
+        }
+    }
+}
+
+/// Applies the source's decision to an agent stored as arriving: runs it if the hop committed,
+/// else drops it (and forwards what was queued for it since it arrived).
+pub(in crate::node) async fn settle_arrival(
+    shared: &Arc<Shared>,
+    meta: &AgentMeta,
+    committed: bool,
+) {
+    let AgentState::Arriving { envelope, .. } = meta.state else {
+        return;
+    };
+    if committed {
+        if commit_arrival(shared, &meta.id, &envelope).await.is_some() {
+            spawn_agent(shared, meta.id.clone(), meta.hop);
+        }
+        return;
+    }
+    let agent = meta.id.clone();
+    match shared
+        .store
+        .write(move |b| b.abort_arrival(&agent, &envelope))
+        .await
+    {
+        Ok(Some(queued)) => forward_queued(shared, &meta.id, queued),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(agent = %meta.id, "cannot drop an arrival that did not commit: {e}")
+        }
+    }
+}
+
+/// Updates the agent's location at its home node (best effort; forwarding pointers cover gaps).
+/// A home that sent the agent here recorded where it went when the hop completed.
+/// (An agent arriving at its home is recorded there with the arrival.)
+pub(in crate::node) fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecord, from: &PeerId) {
+    if rec.home == shared.peers.local_text() {
+        return;
+    }
+    let Ok(home) = rec.home.parse::<PeerId>() else {
+        return;
+    };
+    if home == *from {
+        return;
+    }
+    let task_shared = shared.clone();
+    let request = ControlRequest::Location {
+        agent: rec.id.clone(),
+        node: shared.peers.local_text().to_string(),
+    };
+    shared.tasks.spawn(async move {
+        if let Err(e) = control_request(&task_shared, home, &request).await {
+            tracing::debug!("cannot tell the home node where the agent is (forwarding pointers still lead there): {e}");
+        }
+    });
+}

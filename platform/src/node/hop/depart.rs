@@ -1,0 +1,537 @@
+//! The source's side of a hop: sign the envelope, write the departure record while the offer and
+//! the continuation travel, decide Commit or Abort, and complete the departure once the
+//! destination owns the agent.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_lang::{unknown_node_error, Execution};
+use futures::future::{BoxFuture, Shared as SharedFuture};
+use futures::FutureExt;
+use libp2p::PeerId;
+use security::{AgentId, HopEnvelope, HopFields, FIRST_HOP};
+
+use super::recover::{recover_departure, resolve_departure};
+use crate::node::events::NodeEvent;
+use crate::node::fault::FaultPoint;
+use crate::node::packages::Loaded;
+use crate::node::routing::forward_queued;
+use crate::node::streams::PeerStream;
+use crate::node::{lock, now_ms, Shared};
+use crate::store::{AgentMeta, AgentRecord, AgentState, Batch, Durability, StoreError};
+use crate::wire::{
+    push_frame, read_frame, write_bulk, write_frame, write_frames, HopDecision, HopOffer, HopReply,
+    HOP_PROTOCOL, INLINE_CONTINUATION, MAX_FRAME,
+};
+
+/// Envelopes this node signed that it remembers: an agent that comes back presents one as its
+/// custody, and its signature needs no check. Past this many, they are forgotten (an agent
+/// that comes back after that costs one more signature check).
+const SIGNED_REMEMBERED: usize = 65_536;
+
+/// What the source side of hops keeps in memory. `std` mutexes, each held for one map or set
+/// operation, never across an `.await`.
+#[derive(Default)]
+pub(in crate::node) struct Departures {
+    /// Departure records being written, by envelope hash: a destination asking whether such a
+    /// hop committed waits for the record.
+    recording: Mutex<HashMap<[u8; 32], DepartureRecorded>>,
+    /// Hashes of the hop envelopes this node signed lately.
+    signed: Mutex<HashSet<[u8; 32]>>,
+}
+
+impl Departures {
+    /// Remembers an envelope this node signed.
+    fn signed(&self, hash: [u8; 32]) {
+        let mut signed = lock(&self.signed);
+        if signed.len() >= SIGNED_REMEMBERED {
+            signed.clear();
+        }
+        signed.insert(hash);
+    }
+
+    /// Whether this node signed the envelope with this hash (lately).
+    pub(in crate::node) fn signed_here(&self, hash: &[u8; 32]) -> bool {
+        lock(&self.signed).contains(hash)
+    }
+
+    /// The departure record of the hop with this envelope hash, while it is being written.
+    pub(in crate::node) fn recording(&self, hash: &[u8; 32]) -> Option<DepartureRecorded> {
+        lock(&self.recording).get(hash).cloned()
+    }
+}
+
+/// The source's side of a completed hop, in one transaction: drop our copy and leave a
+/// forwarding pointer (and, on the agent's home node, record where it went) — unless the agent
+/// has already come back (a newer arrival replaced the departure record), in which case the
+/// record is the new arrival's and stays.
+///
+/// (The write waits for the disk. Recovery could redo it, but tried unsynced, it made the next
+/// hop slower: redb's next synced commit then writes out what the unsynced one deferred.)
+pub(in crate::node) async fn complete_departure(
+    shared: &Arc<Shared>,
+    id: &str,
+    to: &str,
+    hop: u64,
+    carried: usize,
+) -> Result<(), String> {
+    let (agent, dest, me) = (
+        id.to_string(),
+        to.to_string(),
+        shared.peers.local_text().to_string(),
+    );
+    let queued = shared
+        .store
+        .write(move |b| {
+            let Some(left) = b.complete_departure_by(&agent, hop, &dest)? else {
+                return Ok(Vec::new());
+            };
+            if left.home == me {
+                b.set_location(&agent, &dest)?;
+            }
+            b.take_messages(&agent)
+        })
+        .await
+        .map_err(|e| format!("migrate: {e}"))?;
+    // The first `carried` travelled with the agent; those that arrived while it was in flight
+    // follow it.
+    forward_queued(shared, id, queued.into_iter().skip(carried).collect());
+    Ok(())
+}
+
+/// What became of an agent's hop attempt.
+pub(in crate::node) enum HopResult {
+    /// The agent lives on the destination now.
+    Left,
+    /// It migrated to this very node: carry on.
+    Stayed,
+}
+
+/// Moves the agent to `to`, exactly once. On any failure before the destination owns the agent,
+/// the agent stays here and `migrate` throws the returned message.
+pub(in crate::node) async fn hop(
+    shared: &Arc<Shared>,
+    rec: &mut AgentRecord,
+    exec: &Execution,
+    loaded: &Loaded,
+    to: &str,
+) -> Result<HopResult, String> {
+    let Some(dest) = shared.peers.resolve(to) else {
+        return Err(unknown_node_error(to));
+    };
+    if dest == shared.peers.local() {
+        rec.hops += 1;
+        return Ok(HopResult::Stayed);
+    }
+    let dest_key = shared
+        .peers
+        .key_of(&dest)
+        .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
+    let started = std::time::Instant::now();
+    let continuation = exec
+        .encode_into(Vec::with_capacity(exec.encoded_len_hint()))
+        .map_err(|e| format!("migrate: {e}"))?;
+    let previous = if rec.envelope.is_empty() {
+        None
+    } else {
+        Some(
+            HopEnvelope::decode_known(&rec.envelope, |k| shared.peers.known_key(k))
+                .map_err(|e| format!("migrate: stored envelope: {e}"))?,
+        )
+    };
+    let agent_id: AgentId = rec
+        .id
+        .parse()
+        .map_err(|_| "migrate: agent id is not an envelope id".to_string())?;
+    let next_hop = previous.as_ref().map_or(FIRST_HOP, |p| p.fields().hop + 1);
+    let envelope = HopEnvelope::sign(
+        HopFields {
+            agent_id,
+            hop: next_hop,
+            package_hash: loaded.package.hash(),
+            continuation_hash: continuation_hash(&continuation),
+            previous: previous.as_ref().map(HopEnvelope::hash),
+            from: *shared.peers.local_key(),
+            to: dest_key,
+            time_ms: now_ms(),
+        },
+        &shared.key,
+    )
+    .map_err(|e| format!("migrate: {e}"))?;
+    let envelope_hash = *envelope.hash().as_bytes();
+    shared.departures.signed(envelope_hash);
+    // The messages queued so far travel with the agent.
+    let carried = shared
+        .store
+        .messages(&rec.id)
+        .map_err(|e| format!("migrate: {e}"))?;
+    // Durably "leaving for dest at hop h", written while the offer travels and the destination
+    // stores the agent as arriving: the destination runs it only after this record is durable
+    // (`HopDecision::Commit`, or asked after a crash), so the two commits overlap and a crash
+    // at any point leaves one live copy.
+    // (The continuation is moved, never copied: it may be 100 MB.)
+    let leaving_state = |checkpoint| AgentState::Leaving {
+        to: shared.peers.text_of(&dest),
+        hop: next_hop,
+        carried: carried.len() as u64,
+        envelope: envelope_hash,
+        checkpoint,
+    };
+    // A large continuation is not written again while it travels (that write would compete
+    // with sending it): the record keeps the agent's last checkpoint, from which it resumes
+    // if the hop does not happen.
+    let kept = if continuation.len() >= KEEP_CHECKPOINT_FROM {
+        match shared.store.agent_meta(&rec.id) {
+            Ok(Some(stored)) => Some(AgentMeta {
+                state: leaving_state(Some(Box::new(stored.state.clone()))),
+                ..stored
+            }),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let leaving = Arc::new(AgentRecord {
+        meta: AgentMeta {
+            state: leaving_state(None),
+            ..rec.meta.clone()
+        },
+        continuation,
+    });
+    let recorded: DepartureRecorded = {
+        let (store, record, kept) = (shared.store.clone(), leaving.clone(), kept.clone());
+        let write = move |b: &mut Batch<'_>| match &kept {
+            None => b.put_agent(&record),
+            Some(meta) if b.put_agent_meta(meta)? => Ok(()),
+            Some(_) => Err(StoreError::Inconsistent {
+                table: "agents",
+                key: record.id.clone(),
+                what: "the departing agent is no longer stored",
+            }),
+        };
+        shared
+            .tasks
+            .spawn_to_end(async move { store.write(write).await })
+            .map(|written| match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("cannot record the departure: {e}")),
+                Err(e) => Err(format!("cannot record the departure: {e}")),
+            })
+            .boxed()
+            .shared()
+    };
+    lock(&shared.departures.recording).insert(envelope_hash, recorded.clone());
+    let continuation = &leaving.continuation;
+    let inline = continuation.len() <= INLINE_CONTINUATION;
+    let dest_text = shared.peers.text_of(&dest);
+    let offer = HopOffer {
+        envelope: envelope.encode(),
+        previous: rec.envelope.clone(),
+        continuation_len: continuation.len() as u64,
+        inline: if inline {
+            continuation.clone()
+        } else {
+            Vec::new()
+        },
+        hops: rec.hops + 1,
+        prepared_micros: started.elapsed().as_micros() as u64,
+        messages: carried
+            .iter()
+            .cloned()
+            .map(serde_bytes::ByteBuf::from)
+            .collect(),
+        home: rec.home.clone(),
+        launcher: rec.launcher.clone(),
+    };
+    let sent = SentHop {
+        dest,
+        agent: &rec.id,
+        hop: next_hop,
+        envelope: Some(envelope_hash),
+    };
+    if shared.faults.at(FaultPoint::SourceBeforeOffer) && recorded.clone().await.is_ok() {
+        shared.faults.die_at(FaultPoint::SourceBeforeOffer);
+    }
+    if inline && shared.store.durability() == Durability::NoSync {
+        // Without fsync the record costs little: written first, it lets the decision travel
+        // with the offer (one message instead of two, and one write at the destination).
+        let _ = recorded.clone().await;
+    }
+    shared.events.emit(|| NodeEvent::HopOffered {
+        agent: rec.id.clone(),
+        hop: next_hop,
+        to: shared.peers.name_of_peer(&dest),
+        bytes: continuation.len(),
+    });
+    let outcome = send_hop(shared, &sent, &offer, continuation, &recorded).await;
+    let result = match (outcome, recorded.await) {
+        (SendOutcome::Owned, Ok(())) => {
+            shared.faults.die_at(FaultPoint::SourceAfterAck);
+            shared.events.emit(|| NodeEvent::HopCommitted {
+                agent: rec.id.clone(),
+                hop: next_hop,
+                to: shared.peers.name_of_peer(&dest),
+            });
+            let completed =
+                complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len()).await;
+            if let Err(e) = completed {
+                // The destination owns the agent: it must not run here again. The departure
+                // record stays; recovery (now, or after a restart) completes it.
+                tracing::error!(agent = %rec.id, "hop to {to} done, but not recorded here: {e}");
+                let record = kept.clone().unwrap_or_else(|| leaving.meta.clone());
+                shared
+                    .tasks
+                    .spawn(recover_departure(shared.clone(), record));
+            }
+            Ok(HopResult::Left)
+        }
+        (SendOutcome::Unknown(reason), Ok(())) => {
+            // The destination could not even be asked: keep the departure record; recovery
+            // settles it when the destination answers.
+            tracing::warn!(agent = %rec.id, "hop to {to} unsettled: {reason}");
+            let record = kept.clone().unwrap_or_else(|| leaving.meta.clone());
+            shared
+                .tasks
+                .spawn(recover_departure(shared.clone(), record));
+            Ok(HopResult::Left)
+        }
+        // The destination does not hold the agent, or holds it only as arriving and hears
+        // that the hop did not commit (the departure record is not there): it stays here.
+        (SendOutcome::NotTaken(reason), _) => {
+            stay(shared, rec, kept.is_some());
+            Err(format!("migrate: cannot move to {to}: {reason}"))
+        }
+        (_, Err(e)) => {
+            stay(shared, rec, kept.is_some());
+            Err(format!("migrate: {e}"))
+        }
+    };
+    if let Err(reason) = &result {
+        shared.events.emit(|| NodeEvent::HopFailed {
+            agent: rec.id.clone(),
+            to: to.to_string(),
+            reason: reason.clone(),
+        });
+    }
+    // Only now: until the store says how the hop ended, a destination asking about it must
+    // wait for the record.
+    lock(&shared.departures.recording).remove(&envelope_hash);
+    if continuation.len() >= KEEP_CHECKPOINT_FROM {
+        crate::memory::after_large_hop();
+    }
+    result
+}
+
+/// From this size on, a departure record keeps the agent's last checkpoint rather than its
+/// continuation at `migrate` (see `AgentState::Leaving`): writing it again would cost as much as
+/// sending it. So a crash of the source during such a hop that does not go through resumes the
+/// agent from that checkpoint (as a crash between checkpoints does), not at `migrate`.
+pub(in crate::node) const KEEP_CHECKPOINT_FROM: usize = 1 << 20;
+
+/// BLAKE3 of a continuation: a large one hashed on every core (while it is hashed, the hop
+/// waits and nothing else of it runs).
+pub(in crate::node) fn continuation_hash(continuation: &[u8]) -> [u8; 32] {
+    if continuation.len() < 1 << 20 {
+        return *blake3::hash(continuation).as_bytes();
+    }
+    *blake3::Hasher::new()
+        .update_rayon(continuation)
+        .finalize()
+        .as_bytes()
+}
+
+/// A hop that did not happen: the agent's record goes back to what it was before (only its
+/// metadata, when the departure record kept its continuation).
+pub(in crate::node) fn stay(shared: &Shared, rec: &AgentRecord, continuation_kept: bool) {
+    let restored = if continuation_kept {
+        shared.store.put_agent_meta(&rec.meta).map(drop)
+    } else {
+        shared.store.put_agent(rec)
+    };
+    if let Err(e) = restored {
+        tracing::error!(agent = %rec.id, "cannot restore the agent after a failed hop: {e}");
+    }
+}
+
+/// The source's departure record being written (see `hop`): `Ok` once it is durable.
+pub(in crate::node) type DepartureRecorded = SharedFuture<BoxFuture<'static, Result<(), String>>>;
+
+pub(in crate::node) enum SendOutcome {
+    /// The destination acknowledged (or already had it).
+    Owned,
+    /// The destination did not take the agent.
+    NotTaken(String),
+    /// The continuation may have arrived, and the destination could not be asked.
+    Unknown(String),
+}
+
+/// The hop being sent, as the destination knows it.
+pub(in crate::node) struct SentHop<'a> {
+    pub(in crate::node) dest: PeerId,
+    pub(in crate::node) agent: &'a str,
+    pub(in crate::node) hop: u64,
+    /// BLAKE3 of its envelope (None when settling a departure found in the store).
+    pub(in crate::node) envelope: Option<[u8; 32]>,
+}
+
+/// How one attempt to send a hop over a stream ended.
+pub(in crate::node) enum HopExchange {
+    /// The destination answered; `reusable`: the stream is fit for the next exchange.
+    Answered(SendOutcome, bool),
+    /// Nothing of the agent reached the destination.
+    NotSent(String),
+    /// The agent may have reached it.
+    Unknown(String),
+}
+
+pub(in crate::node) async fn send_hop(
+    shared: &Shared,
+    sent: &SentHop<'_>,
+    offer: &HopOffer,
+    continuation: &[u8],
+    recorded: &DepartureRecorded,
+) -> SendOutcome {
+    // Attempts are retried: libp2p-stream drops inbound streams when the destination's accept
+    // queue is full, and a reused stream may have died with its connection. Resending the
+    // same offer is safe (the destination stores it once); giving up is only safe once the
+    // destination has shut out every copy that may still be on its way.
+    let mut attempt = 0u64;
+    let mut maybe_delivered = false;
+    loop {
+        attempt += 1;
+        let failure = match shared.open_stream(sent.dest, HOP_PROTOCOL).await {
+            Err(e) => format!("unreachable ({e})"),
+            Ok(mut s) => {
+                let reused = s.reused;
+                match hop_exchange(shared, &mut s, offer, continuation, recorded).await {
+                    HopExchange::Answered(outcome, reusable) => {
+                        if reusable {
+                            shared.outbound.put(sent.dest, HOP_PROTOCOL, s.stream);
+                        }
+                        return outcome;
+                    }
+                    HopExchange::NotSent(e) if reused => {
+                        // Most likely the connection closed under an idle stream: afresh.
+                        attempt -= 1;
+                        e
+                    }
+                    HopExchange::NotSent(e) => e,
+                    // The stream broke after the offer went out: ask, then try again.
+                    HopExchange::Unknown(e) => {
+                        maybe_delivered = true;
+                        match resolve_departure(shared, sent, false).await {
+                            Some(true) => return SendOutcome::Owned,
+                            Some(false) => e,
+                            None => return SendOutcome::Unknown(e),
+                        }
+                    }
+                }
+            }
+        };
+        if attempt >= 6 {
+            if !maybe_delivered {
+                return SendOutcome::NotTaken(failure);
+            }
+            return match resolve_departure(shared, sent, true).await {
+                Some(true) => SendOutcome::Owned,
+                Some(false) => SendOutcome::NotTaken(failure),
+                None => SendOutcome::Unknown(failure),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(10 * attempt * attempt)).await;
+    }
+}
+
+/// One attempt at a hop on one stream: the offer (with the continuation inline when it is
+/// small, else Ready and the raw continuation), the source's decision once its departure record
+/// is written, then the destination's answer.
+pub(in crate::node) async fn hop_exchange(
+    shared: &Shared,
+    s: &mut PeerStream,
+    offer: &HopOffer,
+    continuation: &[u8],
+    recorded: &DepartureRecorded,
+) -> HopExchange {
+    let stream = &mut s.stream;
+    let answered = |reply| match reply {
+        HopReply::Stored | HopReply::Duplicate => HopExchange::Answered(SendOutcome::Owned, true),
+        HopReply::Refused(r) => {
+            HopExchange::Answered(SendOutcome::NotTaken(format!("refused: {r}")), true)
+        }
+        HopReply::Ready => HopExchange::Answered(
+            SendOutcome::NotTaken("protocol error: Ready out of turn".into()),
+            false,
+        ),
+    };
+    if !offer.inline.is_empty() && matches!(recorded.peek(), Some(Ok(()))) {
+        // The departure record is written already (see `hop`): the offer and the decision to
+        // commit go out together, and the destination stores the agent runnable at once.
+        shared.faults.die_at(FaultPoint::SourceAfterLeaving);
+        let mut frames = Vec::with_capacity(offer.inline.len() + 1024);
+        let pushed = push_frame(&mut frames, offer)
+            .and_then(|()| push_frame(&mut frames, &HopDecision::Commit));
+        if let Err(e) = pushed {
+            return HopExchange::NotSent(e.to_string());
+        }
+        if let Err(e) = write_frames(stream, &frames).await {
+            return HopExchange::Unknown(e.to_string());
+        }
+        let reply = read_frame::<_, HopReply>(stream, MAX_FRAME).await;
+        s.opening = None;
+        return match reply {
+            Ok(reply) => answered(reply),
+            Err(e) => HopExchange::Unknown(e.to_string()),
+        };
+    }
+    if let Err(e) = write_frame(stream, offer).await {
+        // An inline offer may have arrived whole, a raw one cannot have.
+        return if offer.inline.is_empty() {
+            HopExchange::NotSent(e.to_string())
+        } else {
+            HopExchange::Unknown(e.to_string())
+        };
+    }
+    if offer.inline.is_empty() {
+        let reply = read_frame::<_, HopReply>(stream, MAX_FRAME).await;
+        // Answered (or not at all): the next new stream to this peer may be opened.
+        s.opening = None;
+        match reply {
+            Err(e) => return HopExchange::NotSent(e.to_string()),
+            Ok(HopReply::Ready) => {}
+            Ok(reply) => return answered(reply),
+        }
+        // Until the bytes are all out, the destination holds nothing.
+        if let Err(e) = write_bulk(stream, continuation).await {
+            return HopExchange::NotSent(e.to_string());
+        }
+    }
+    let decision = match recorded.clone().await {
+        Ok(()) => {
+            shared.faults.die_at(FaultPoint::SourceAfterLeaving);
+            HopDecision::Commit
+        }
+        Err(e) => HopDecision::Abort(e),
+    };
+    if let Err(e) = write_frame(stream, &decision).await {
+        return match decision {
+            HopDecision::Commit => HopExchange::Unknown(e.to_string()),
+            HopDecision::Abort(why) => HopExchange::Answered(SendOutcome::NotTaken(why), false),
+        };
+    }
+    let reply = read_frame::<_, HopReply>(stream, MAX_FRAME).await;
+    s.opening = None;
+    match (reply, decision) {
+        (Ok(reply), HopDecision::Abort(why)) => match answered(reply) {
+            HopExchange::Answered(_, reusable) => {
+                HopExchange::Answered(SendOutcome::NotTaken(why), reusable)
+            }
+            other => other,
+        },
+        (Ok(reply), HopDecision::Commit) => answered(reply),
+        (Err(_), HopDecision::Abort(why)) => {
+            HopExchange::Answered(SendOutcome::NotTaken(why), false)
+        }
+        (Err(e), HopDecision::Commit) => HopExchange::Unknown(e.to_string()),
+    }
+}

@@ -1,0 +1,13 @@
+//! The hop protocol (`/tern/hop/3`), exactly once: the source's side ([`depart`]), the
+//! destination's ([`arrive`]), the destination's record of receipts in progress ([`gate`]),
+//! and the settling of hops whose outcome a crash or a lost answer left unknown ([`recover`]).
+
+mod arrive;
+mod depart;
+mod gate;
+mod recover;
+
+pub(super) use arrive::handle_hop;
+pub(super) use depart::{hop, Departures, HopResult};
+pub(super) use gate::ArrivalGate;
+pub(super) use recover::{ask_hop_decision, hop_committed, hop_held, recover_departure};

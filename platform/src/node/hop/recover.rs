@@ -1,0 +1,178 @@
+//! Hops whose outcome is unknown to one side (a lost acknowledgement, a lost decision, a restart):
+//! each side asks the other until it answers, and the answers stay true however late they come.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_lang::Resume;
+use libp2p::PeerId;
+
+use super::arrive::settle_arrival;
+use super::depart::{complete_departure, SentHop};
+use crate::node::control::control_request;
+use crate::node::events::NodeEvent;
+use crate::node::runner::{spawn_agent, spawn_runner};
+use crate::node::Shared;
+use crate::store::{AgentMeta, AgentState, StoreError};
+use crate::wire::{ControlReply, ControlRequest};
+
+/// Whether this node holds (agent, hop), once no receipt of that hop is in progress; a "no"
+/// shuts out the offer with envelope hash `envelope` for good. A store that cannot be read is
+/// an error, never a "no" (the source would resume an agent that may live here).
+pub(in crate::node) async fn hop_held(
+    shared: &Shared,
+    agent: String,
+    hop: u64,
+    envelope: Option<[u8; 32]>,
+) -> Result<bool, StoreError> {
+    shared
+        .arrivals
+        .held((agent, hop), envelope, |agent, hop| {
+            shared.store.has_seen(agent, hop)
+        })
+        .await
+}
+
+/// Asks the destination whether it holds the hop; with `give_up`, a "no" also shuts out any
+/// copy of the offer still on its way. None: it could not be asked.
+pub(in crate::node) async fn resolve_departure(
+    shared: &Shared,
+    sent: &SentHop<'_>,
+    give_up: bool,
+) -> Option<bool> {
+    for attempt in 0..5u64 {
+        match control_request(
+            shared,
+            sent.dest,
+            &ControlRequest::HopStatus {
+                agent: sent.agent.to_string(),
+                hop: sent.hop,
+                envelope: sent.envelope.filter(|_| give_up),
+            },
+        )
+        .await
+        {
+            Ok(ControlReply::HopHeld(held)) => return Some(held),
+            _ => tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await,
+        }
+    }
+    None
+}
+
+/// Settles a departure whose outcome is unknown (after a lost acknowledgement or a restart):
+/// asks the destination until it answers; if it holds the agent, drop ours, else resume ours.
+pub(in crate::node) async fn recover_departure(shared: Arc<Shared>, rec: AgentMeta) {
+    let AgentState::Leaving {
+        to,
+        hop,
+        carried,
+        checkpoint,
+        ..
+    } = rec.state.clone()
+    else {
+        return;
+    };
+    let Ok(dest) = to.parse::<PeerId>() else {
+        let _ = shared.store.put_agent_meta(&AgentMeta {
+            state: checkpoint.map_or(AgentState::Ready, |state| *state),
+            ..rec.clone()
+        });
+        return spawn_agent(&shared, rec.id.clone(), rec.hop);
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let sent = SentHop {
+            dest,
+            agent: &rec.id,
+            hop,
+            envelope: None,
+        };
+        if let Some(held) = resolve_departure(&shared, &sent, true).await {
+            if held {
+                shared.events.emit(|| NodeEvent::HopCommitted {
+                    agent: rec.id.clone(),
+                    hop,
+                    to: shared.peers.name_of(&to),
+                });
+                let _ = complete_departure(&shared, &rec.id, &to, hop, carried as usize).await;
+            } else {
+                // Back to the state before the hop (only the state changes: the stored
+                // continuation stays as it is). At `migrate`, the agent resumes and `migrate`
+                // throws; at its last checkpoint, it resumes from there.
+                let (state, first) = match checkpoint {
+                    Some(state) => (*state, None),
+                    None => {
+                        let interrupted = format!(
+                            "migrate: the hop to {} was interrupted",
+                            shared.peers.name_of(&to)
+                        );
+                        (AgentState::Ready, Some(Resume::Error(interrupted)))
+                    }
+                };
+                let back = AgentMeta {
+                    state,
+                    ..rec.clone()
+                };
+                let _ = shared.store.put_agent_meta(&back);
+                spawn_runner(&shared, back.id, back.hop, first, None);
+            }
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Settles an agent stored as arriving whose source's decision was lost (a broken stream, a
+/// restart): asks the source until it answers.
+pub(in crate::node) async fn ask_hop_decision(shared: Arc<Shared>, meta: AgentMeta) {
+    let AgentState::Arriving {
+        ref from, envelope, ..
+    } = meta.state
+    else {
+        return;
+    };
+    let Ok(source) = from.parse::<PeerId>() else {
+        tracing::error!(agent = %meta.id, "arrival from an unreadable peer id {from:?}: dropped");
+        return settle_arrival(&shared, &meta, false).await;
+    };
+    let request = ControlRequest::HopCommitted {
+        agent: meta.id.clone(),
+        envelope,
+    };
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match control_request(&shared, source, &request).await {
+            Ok(ControlReply::HopCommitted(committed)) => {
+                return settle_arrival(&shared, &meta, committed).await
+            }
+            Ok(other) => {
+                tracing::warn!(agent = %meta.id, "the source answered {other:?} about a hop")
+            }
+            Err(e) => tracing::debug!(agent = %meta.id, "cannot ask the source about a hop: {e}"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The source's answer to [`ControlRequest::HopCommitted`]: whether the departure record of the
+/// hop with this envelope hash is durable (waiting for it while it is written). A store that
+/// cannot be read is an error, never a "no".
+pub(in crate::node) async fn hop_committed(
+    shared: &Shared,
+    agent: &str,
+    envelope: &[u8; 32],
+) -> Result<bool, StoreError> {
+    if let Some(recorded) = shared.departures.recording(envelope) {
+        return Ok(recorded.await.is_ok());
+    }
+    // The hop's outcome is in the store: still leaving by it, or departed by it.
+    match shared.store.agent_meta(agent)? {
+        Some(AgentMeta {
+            state: AgentState::Leaving { envelope: e, .. },
+            ..
+        }) if e == *envelope => Ok(true),
+        _ => Ok(shared.store.departed(agent)? == Some(*envelope)),
+    }
+}

@@ -1,0 +1,379 @@
+//! The agent runner: launches agents, runs a stored agent slice after slice until it leaves,
+//! finishes or fails, and reports its end to its home node (which tells the launcher).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_lang::rhai::Dynamic;
+use agent_lang::{Execution, HostEnv, Outcome, Resume};
+use libp2p::PeerId;
+use security::{AgentId, VerifiedPackage};
+use tokio::sync::oneshot;
+
+use super::control::control_request;
+use super::events::NodeEvent;
+use super::hop::{hop, HopResult};
+use super::packages::Loaded;
+use super::routing::route_message;
+use super::{hex, lock, now_ms, Shared};
+use crate::store::{AgentMeta, AgentRecord, AgentState};
+use crate::wire::{AgentEnd, ControlRefusal, ControlRequest};
+
+/// The agents running on this node, and the launchers waiting for the ends of the agents this
+/// node is home to. `std` mutexes, each held for one set or map operation.
+#[derive(Default)]
+pub(super) struct Agents {
+    /// Runner tasks on this node, by (agent, hop envelope number): an agent that comes back
+    /// while the runner that sent it away is still finishing gets a runner of its own.
+    running: Mutex<HashSet<(String, u64)>>,
+    /// Launchers waiting for agents of this home node to end.
+    launchers: Mutex<HashMap<String, Vec<oneshot::Sender<AgentEnd>>>>,
+}
+
+impl Shared {
+    /// What the agent's host functions see of this node.
+    fn env(&self, rec: &AgentRecord) -> HostEnv {
+        let node = self.peers.local_name().to_string();
+        let agent = rec.id.clone();
+        HostEnv {
+            here: node.clone(),
+            home: self.peers.name_of(&rec.home),
+            nodes: self.peers.node_names(),
+            agent_id: rec.id.clone(),
+            hops: rec.hops as i64,
+            printer: Arc::new(move |text: &str| {
+                tracing::info!(target: "tern::agent", "[{node} {agent}] {text}");
+                eprintln!("[{node} {agent}] {text}");
+            }),
+        }
+    }
+}
+
+/// Launches a verified package here, with this node as the agent's home; `launcher` (a peer
+/// id as text) is whoever waits for its end. The agent id, and where its end will come.
+pub(super) fn launch(
+    shared: &Arc<Shared>,
+    package: VerifiedPackage,
+    launcher: Option<String>,
+) -> Result<(String, oneshot::Receiver<AgentEnd>), ControlRefusal> {
+    shared
+        .trust
+        .admit_package(&package)
+        .map_err(|e| ControlRefusal::UntrustedPackage(e.to_string()))?;
+    let hash = package.hash();
+    shared
+        .store
+        .put_package(hash.as_bytes(), &package.to_bytes())
+        .map_err(|e| ControlRefusal::Store(e.to_string()))?;
+    shared
+        .loaded(hash.as_bytes())
+        .map_err(ControlRefusal::Package)?;
+    let id = AgentId::generate().to_string();
+    let (tx, rx) = oneshot::channel();
+    lock(&shared.agents.launchers)
+        .entry(id.clone())
+        .or_default()
+        .push(tx);
+    let me = shared.peers.local_text().to_string();
+    let rec = AgentRecord {
+        meta: AgentMeta {
+            id: id.clone(),
+            package: *hash.as_bytes(),
+            hop: 0,
+            hops: 0,
+            home: me.clone(),
+            launcher,
+            state: AgentState::Ready,
+            envelope: Vec::new(),
+        },
+        continuation: Vec::new(),
+    };
+    shared
+        .store
+        .put_agent(&rec)
+        .map_err(|e| ControlRefusal::Store(e.to_string()))?;
+    let _ = shared.store.set_location(&id, &me);
+    shared.events.emit(|| NodeEvent::AgentLaunched {
+        agent: id.clone(),
+        package: hex(hash.as_bytes()),
+    });
+    spawn_agent(shared, id.clone(), 0);
+    Ok((id, rx))
+}
+
+/// Starts the runner task of a stored agent (once per arrival).
+pub(super) fn spawn_agent(shared: &Arc<Shared>, id: String, hop: u64) {
+    spawn_runner(shared, id, hop, None, None);
+}
+
+/// Starts the runner of a stored agent; `first` (if any) is what its pending primitive
+/// returns; `state` (if any) is the agent as the hop that just stored it decoded it, which
+/// spares reading it back.
+pub(super) fn spawn_runner(
+    shared: &Arc<Shared>,
+    id: String,
+    hop: u64,
+    first: Option<Resume>,
+    state: Option<Runnable>,
+) {
+    let key = (id, hop);
+    if !lock(&shared.agents.running).insert(key.clone()) {
+        return;
+    }
+    let runner = shared.clone();
+    shared.tasks.spawn(async move {
+        let state = match state {
+            Some(state) => Some(state),
+            None => load_runnable(&runner, &key.0, key.1).await,
+        };
+        if let Some(state) = state {
+            runner.events.emit(|| NodeEvent::AgentResumed {
+                agent: key.0.clone(),
+                hop: key.1,
+            });
+            run_agent(&runner, state, first).await;
+        }
+        lock(&runner.agents.running).remove(&key);
+    });
+}
+
+/// A stored agent, ready to run: its record, its program, and its execution if it is decoded
+/// already (a hop decodes small continuations before storing them; large ones, and those read
+/// back from the store, are decoded by their runner).
+pub(super) struct Runnable {
+    pub(super) rec: AgentRecord,
+    pub(super) exec: Option<Execution>,
+    pub(super) loaded: Arc<Loaded>,
+}
+
+/// Reads the agent stored for this arrival; None if it is gone (or was replaced by a later
+/// arrival). An agent whose package cannot be loaded ends with a node failure.
+async fn load_runnable(shared: &Arc<Shared>, id: &str, arrival: u64) -> Option<Runnable> {
+    let rec = match shared.store.agent(id) {
+        // (An agent stored as arriving runs once its hop committed.)
+        Ok(Some(AgentRecord {
+            meta:
+                AgentMeta {
+                    state: AgentState::Arriving { .. },
+                    ..
+                },
+            ..
+        })) => return None,
+        Ok(Some(r)) if r.hop == arrival => r,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::error!(agent = id, "cannot read agent: {e}");
+            return None;
+        }
+    };
+    let loaded = match shared.loaded(&rec.package) {
+        Ok(l) => l,
+        Err(e) => {
+            finish(shared, &rec, node_failure(shared, e)).await;
+            return None;
+        }
+    };
+    Some(Runnable {
+        rec,
+        exec: None,
+        loaded,
+    })
+}
+
+/// An agent end for a failure of the node rather than of the script.
+pub(super) fn node_failure(shared: &Shared, error: String) -> AgentEnd {
+    AgentEnd::Failed {
+        error,
+        node: shared.peers.local_name().to_string(),
+        position: None,
+        unread: 0,
+    }
+}
+
+/// Runs a stored agent until it leaves, finishes or fails. `first` is what its pending
+/// primitive returns (a recovered, interrupted hop); otherwise a waiting agent goes back to
+/// waiting and any other resumes with `()`.
+async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>) {
+    let Runnable {
+        mut rec,
+        exec,
+        loaded,
+    } = state;
+    let decoded = match exec {
+        Some(exec) => Ok(exec),
+        None if rec.continuation.is_empty() => Ok(Execution::new(&loaded.program)),
+        None => Execution::decode(&loaded.program, &rec.continuation),
+    };
+    let mut exec = match decoded {
+        Ok(exec) => exec,
+        Err(e) => {
+            let failure = node_failure(shared, format!("stored continuation: {e}"));
+            return finish(shared, &rec, failure).await;
+        }
+    };
+    let mut input = match (first, &rec.state) {
+        (Some(input), _) => input,
+        (None, AgentState::Waiting { timeout_at_ms }) => {
+            let left = timeout_at_ms.map(|t| t.saturating_sub(now_ms()));
+            match shared
+                .mailboxes
+                .receive(&mut rec, &exec, &loaded.program, left)
+                .await
+            {
+                Ok(v) => Resume::Value(v),
+                Err(e) => Resume::Error(e),
+            }
+        }
+        (None, AgentState::Answered { value }) => {
+            match agent_lang::decode_portable(&loaded.program, value) {
+                Ok(v) => Resume::Value(v),
+                Err(e) => Resume::Error(format!("receive: bad message: {e}")),
+            }
+        }
+        (None, _) => Resume::Start,
+    };
+    loop {
+        let env = shared.env(&rec);
+        let slice = crate::slices::run(move || {
+            let outcome = exec.resume(&env, input);
+            (exec, outcome)
+        })
+        .await;
+        let (e, outcome) = match slice {
+            Ok(r) => r,
+            Err(join) => {
+                return finish(
+                    shared,
+                    &rec,
+                    node_failure(shared, format!("agent slice crashed: {join}")),
+                )
+                .await
+            }
+        };
+        exec = e;
+        match outcome {
+            Outcome::Finished(v) => {
+                let json = agent_lang::to_json(&v).to_string();
+                let end = AgentEnd::Finished {
+                    json,
+                    node: shared.peers.local_name().to_string(),
+                    hops: rec.hops,
+                    unread: 0,
+                };
+                return finish(shared, &rec, end).await;
+            }
+            Outcome::Failed(err) => {
+                return finish(shared, &rec, failed_end(shared.peers.local_name(), err)).await
+            }
+            Outcome::Migrate { to } => match hop(shared, &mut rec, &exec, &loaded, &to).await {
+                Ok(HopResult::Left) => return,
+                Ok(HopResult::Stayed) => input = Resume::Start,
+                Err(message) => input = Resume::Error(message),
+            },
+            Outcome::Receive { timeout_ms } => {
+                input = match shared
+                    .mailboxes
+                    .receive(&mut rec, &exec, &loaded.program, timeout_ms)
+                    .await
+                {
+                    Ok(v) => Resume::Value(v),
+                    Err(e) => Resume::Error(e),
+                }
+            }
+            Outcome::Send { to, value } => {
+                input = match agent_lang::encode_portable(&value) {
+                    Ok(bytes) => match route_message(shared, &to, bytes).await {
+                        Ok(()) => Resume::Value(Dynamic::UNIT),
+                        Err(e) => Resume::Error(format!("send: {e}")),
+                    },
+                    Err(e) => Resume::Error(format!("send: {e}")),
+                }
+            }
+            _ => return finish(shared, &rec, node_failure(shared, "unknown outcome".into())).await,
+        }
+    }
+}
+
+/// The agent ended here: drop it, keep the result, tell its home (which tells the launcher).
+pub(super) async fn finish(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
+    // Messages still queued were delivered and never received: the end says how many (taken in
+    // the transaction that deletes the agent, so a message is either counted here or refused
+    // to its sender as sent to a finished agent).
+    let id = rec.id.clone();
+    let ending = end.clone();
+    let end = shared
+        .store
+        .write(move |b| {
+            let unread = b.take_messages(&id)?.len() as u64;
+            let end = ending.with_unread(unread);
+            b.delete_agent(&id)?;
+            b.put_result(&id, &ciborium_bytes(&end))?;
+            Ok(end)
+        })
+        .await
+        .unwrap_or(end);
+    shared.mailboxes.forget(&rec.id);
+    shared.events.emit(|| NodeEvent::AgentEnded {
+        agent: rec.id.clone(),
+        end: end.clone(),
+    });
+    if end.unread() > 0 {
+        let unread = end.unread();
+        tracing::warn!(agent = %rec.id, "the agent ended with {unread} unread message(s)");
+    }
+    if rec.home == shared.peers.local_text() {
+        deliver_end(shared, &rec.id, end);
+        return;
+    }
+    let Ok(home) = rec.home.parse::<PeerId>() else {
+        return;
+    };
+    // The home may be briefly unreachable: retry for a while; the result stays stored here.
+    for attempt in 0..20u64 {
+        match control_request(
+            shared,
+            home,
+            &ControlRequest::Ended {
+                agent: rec.id.clone(),
+                end: end.clone(),
+            },
+        )
+        .await
+        {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(agent = %rec.id, "cannot report the end to the home node (attempt {attempt}): {e}");
+                tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+            }
+        }
+    }
+}
+
+/// The end of an agent whose script failed here.
+fn failed_end(node: &str, err: agent_lang::AgentError) -> AgentEnd {
+    AgentEnd::Failed {
+        error: err.message,
+        node: node.to_string(),
+        position: err.position.map(|(l, c)| (l as u64, c as u64)),
+        unread: 0,
+    }
+}
+
+/// CBOR of a value whose encoding cannot fail (a wire type held in memory).
+pub(super) fn ciborium_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = ciborium::into_writer(v, &mut out);
+    out
+}
+
+/// An agent of this home node ended (here or elsewhere): keep its end for `tern result`, and
+/// tell whoever waits for it.
+pub(super) fn deliver_end(shared: &Shared, agent: &str, end: AgentEnd) {
+    let _ = shared.store.put_result(agent, &ciborium_bytes(&end));
+    if let Some(waiters) = lock(&shared.agents.launchers).remove(agent) {
+        for w in waiters {
+            let _ = w.send(end.clone());
+        }
+    }
+}

@@ -1,2 +1,0 @@
-/dev/fd/3: line 45: launch: command not found
-new 127

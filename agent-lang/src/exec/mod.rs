@@ -1,0 +1,241 @@
+//! The resumable executor: runs a [`Program`] as an explicit stack of frames that can stop at a
+//! suspension primitive, be encoded, and carry on elsewhere from the very next statement.
+//!
+//! Rhai's own evaluator keeps its place in a script on the Rust stack, which cannot be saved, so
+//! the statements that can reach a suspension are walked here instead, with the place kept as
+//! data. Each frame holds its Rhai [`Scope`], built exactly as Rhai's own evaluator would build it
+//! (parameters, then each `let` in order, loop variables pushed and popped as Rhai does, rewinds
+//! at block exits), because Rhai's compiled variable references are offsets from the end of the
+//! scope. Its position is a stack of [`Cursor`]s: the blocks, loops and `try`s it is inside.
+//! Delegated snippets run through Rhai natively with the frame's scope.
+//!
+//! # Layout
+//!
+//! - `frame`: what a walked call stack is made of (frames, cursors, a caught error) and the
+//!   operations on the top frame.
+//! - `step`: the walker: one step of the top cursor, one statement at a time.
+//! - `snippet`: delegated statements run natively by Rhai in the top frame's scope.
+//! - `loops`: `while`, `do` and `for` as cursors whose iteration state is plain data.
+//! - `suspend`: suspending statements: the primitives, calls of mobile functions, and finishing
+//!   the statement with the value that comes back.
+//! - `unwind`: leaving constructs early: `break`, `continue`, `return`, and errors unwinding to a
+//!   `catch` across frames.
+//!
+//! Where walking a construct must give what Rhai's evaluator gives, the walker copies the Rhai
+//! 1.25.0 internal that does it; each copy names that internal and says why it is copied.
+
+mod frame;
+mod loops;
+mod snippet;
+mod step;
+mod suspend;
+mod unwind;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use rhai::{Caches, Dynamic, EvalAltResult, GlobalRuntimeState, Position, Scope};
+
+use crate::compile::{Primitive, Program, ProgramInner, MAIN_BODY};
+use crate::engine::{HostEnv, HostGuard};
+use crate::error::{AgentError, AgentErrorKind};
+
+pub(crate) use frame::{Caught, Cursor, Frame};
+pub(crate) use loops::{ForIter, LoopState};
+
+type Err = Box<EvalAltResult>;
+
+/// Why [`Execution::resume`] returned.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The agent finished with this value.
+    Finished(Dynamic),
+    /// The agent called `migrate(to)`: move it, then resume it with `Resume::Value(())`, or resume
+    /// it where it is with `Resume::Error(..)` if the hop failed.
+    Migrate {
+        /// Where the agent asked to go.
+        to: String,
+    },
+    /// The agent called `receive()` (no timeout) or `receive(timeout_ms)`: resume it with the
+    /// message, or with `()` when the timeout expires.
+    Receive {
+        /// How long to wait, if the agent said.
+        timeout_ms: Option<u64>,
+    },
+    /// The agent called `send(to, value)`: deliver the message, then resume it with `()`, or
+    /// with `Resume::Error(..)` if it cannot be delivered.
+    Send {
+        /// The receiving agent's id.
+        to: String,
+        /// The message.
+        value: Dynamic,
+    },
+    /// The agent failed; it cannot be resumed.
+    Failed(AgentError),
+}
+
+/// What a suspended agent is resumed with.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// Start a new execution (the first resume), or continue one whose primitive returns `()`.
+    Start,
+    /// The primitive returns this value.
+    Value(Dynamic),
+    /// The primitive throws this message (catchable by the agent).
+    Error(String),
+}
+
+/// Where an execution is between two slices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunState {
+    NotStarted,
+    Suspended(Primitive),
+    Done,
+}
+
+/// A running agent: its program and its execution state.
+#[derive(Debug)]
+pub struct Execution {
+    pub(crate) program: Program,
+    pub(crate) frames: Vec<Frame>,
+    pub(crate) state: RunState,
+}
+
+/// Per-slice evaluation context.
+struct Ctx<'p> {
+    prog: &'p ProgramInner,
+    global: GlobalRuntimeState,
+    caches: Caches,
+    /// Where the last failed snippet starts, for errors that carry no position.
+    fallback_pos: Position,
+}
+
+/// What stops the stepping loop.
+enum Stop {
+    Outcome(Outcome),
+}
+
+/// Why a step did not simply move on: the agent stopped, or Rhai raised an error (to be thrown
+/// at the current position).
+enum StepErr {
+    Stop(Stop),
+    Eval(Err),
+}
+
+impl Execution {
+    /// A new execution of `program`, not started yet: call [`Execution::resume`] with
+    /// [`Resume::Start`].
+    pub fn new(program: &Program) -> Execution {
+        Execution {
+            program: program.clone(),
+            frames: Vec::new(),
+            state: RunState::NotStarted,
+        }
+    }
+
+    /// The program this execution runs.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// Is the agent finished (or failed)?
+    pub fn is_done(&self) -> bool {
+        self.state == RunState::Done
+    }
+
+    /// Depth of the walked call stack (1 = only the main body).
+    pub fn depth(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Runs the agent until it finishes, fails or reaches a suspension primitive.
+    ///
+    /// `env` is what the host functions report during this slice. The slice may run at most
+    /// [`Limits::max_operations`](crate::Limits) operations.
+    pub fn resume(&mut self, env: &HostEnv, input: Resume) -> Outcome {
+        let _host = HostGuard::install(env);
+        let program = self.program.clone();
+        let result = catch_unwind(AssertUnwindSafe(|| self.run_slice(&program.inner, input)));
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Outcome::Failed(AgentError::new(
+                    AgentErrorKind::Internal,
+                    format!("internal error in the executor: {what}"),
+                    None,
+                ))
+            }
+        };
+        if matches!(outcome, Outcome::Finished(_) | Outcome::Failed(_)) {
+            self.state = RunState::Done;
+            self.frames.clear();
+        }
+        outcome
+    }
+
+    fn run_slice(&mut self, prog: &ProgramInner, input: Resume) -> Outcome {
+        let mut global = prog.engine.new_global_runtime_state();
+        global.lib.push(prog.ast.shared_lib().clone());
+        let mut ctx = Ctx {
+            prog,
+            global,
+            caches: Caches::new(),
+            fallback_pos: Position::NONE,
+        };
+        let first = match (self.state, input) {
+            (RunState::Done, _) => {
+                return Outcome::Failed(AgentError::new(
+                    AgentErrorKind::Internal,
+                    "the agent has already finished".into(),
+                    None,
+                ))
+            }
+            (RunState::NotStarted, _) => {
+                let block = prog.plan.bodies[MAIN_BODY as usize].block;
+                self.frames
+                    .push(Frame::new(MAIN_BODY, block, Scope::new(), Position::NONE));
+                Ok(())
+            }
+            (RunState::Suspended(_), Resume::Start) => self.complete(&mut ctx, Dynamic::UNIT),
+            (RunState::Suspended(_), Resume::Value(v)) => self.complete(&mut ctx, v),
+            (RunState::Suspended(_), Resume::Error(msg)) => {
+                let pos = self.pending_pos(prog);
+                Err(EvalAltResult::ErrorRuntime(msg.into(), pos).into())
+            }
+        };
+        self.state = RunState::NotStarted;
+        let step = match first {
+            Ok(()) => self.run(&mut ctx),
+            Err(err) => self.raise(&mut ctx, err).and_then(|()| self.run(&mut ctx)),
+        };
+        match step {
+            Ok(()) => unreachable_outcome(),
+            Err(Stop::Outcome(o)) => o,
+        }
+    }
+}
+
+fn internal(what: &str) -> StepErr {
+    StepErr::Eval(internal_err(what))
+}
+
+fn internal_err(what: &str) -> Err {
+    EvalAltResult::ErrorSystem("executor".into(), format!("internal error: {what}").into()).into()
+}
+
+fn internal_error(what: &str) -> AgentError {
+    AgentError::new(
+        AgentErrorKind::Internal,
+        format!("internal error: {what}"),
+        None,
+    )
+}
+
+fn unreachable_outcome() -> Outcome {
+    Outcome::Failed(internal_error("the executor stopped without an outcome"))
+}

@@ -1,21 +1,93 @@
-//! The CLI's side of the control protocol: an ephemeral libp2p peer that dials one node and
-//! exchanges control frames with it (`tern launch`, `tern status`).
+//! The CLI's side of the control protocol: an ephemeral libp2p peer that dials one node, sends it
+//! control requests and turns the node's replies into typed results (`tern launch`, `tern status`,
+//! `tern send`, `tern result`), so that no command reads wire messages itself.
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::wire::{
-    read_frame, write_frame, ControlReply, ControlRequest, CONTROL_PROTOCOL, MAX_FRAME,
+    read_frame, read_frame_after, write_frame, AgentEnd, ControlRefusal, ControlReply,
+    ControlRequest, StatusReport, WireError, CONTROL_PROTOCOL, MAX_FRAME, MESSAGE_TTL,
 };
+
+/// How long the client waits for the connection to the node, and then for each control stream.
+const REACH_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a request to a node failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The node's address does not end in `/p2p/<peer id>`.
+    #[error("{0}: the node address must end in /p2p/<peer id> (as `tern node` prints it)")]
+    NoPeerId(Multiaddr),
+    /// This side's libp2p transport cannot be built.
+    #[error(transparent)]
+    Transport(anyhow::Error),
+    /// The node's address cannot be dialled.
+    #[error("cannot dial {addr}")]
+    Dial {
+        /// The node's address.
+        addr: Multiaddr,
+        /// Why.
+        #[source]
+        source: Box<libp2p::swarm::DialError>,
+    },
+    /// No connection to the node came up.
+    #[error("cannot reach the node at {addr}: {reason}")]
+    Unreachable {
+        /// The node's address.
+        addr: Multiaddr,
+        /// Why: the connection error, or that it timed out.
+        reason: String,
+    },
+    /// The node is connected but no control stream could be opened to it (why, as text).
+    #[error("cannot reach the node: {0}")]
+    NoStream(String),
+    /// A request could not be sent, or a reply not read.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The node took the request but sent no answer: it may have carried it out.
+    #[error("the node took the request but sent no answer (it may have carried it out)")]
+    NoAnswer(#[source] WireError),
+    /// The node refused the package.
+    #[error("the node refused the package: {0}")]
+    PackageRefused(ControlRefusal),
+    /// The node closed the stream (or it broke) before the launched agent ended.
+    #[error("the node closed the stream before the agent ended")]
+    ClosedBeforeEnd(#[source] std::io::Error),
+    /// The message was refused or could not be delivered.
+    #[error("cannot deliver to {agent}: {reason}")]
+    NotDelivered {
+        /// The receiving agent.
+        agent: String,
+        /// Why.
+        reason: ControlRefusal,
+    },
+    /// The message went on to the node holding the agent, which broke off without answering:
+    /// it may have been delivered.
+    #[error("delivery to {agent} unconfirmed (the message may have been delivered): {reason}")]
+    DeliveryUnconfirmed {
+        /// The receiving agent.
+        agent: String,
+        /// Why, as the node said it.
+        reason: String,
+    },
+    /// The node has no end to give for the agent.
+    #[error("{0}")]
+    NoResult(ControlRefusal),
+    /// The node answered with a reply that does not fit the request.
+    #[error("unexpected reply from the node: {0:?}")]
+    UnexpectedReply(Box<ControlReply>),
+}
 
 /// A connection to one node.
 pub struct Client {
     control: libp2p_stream::Control,
     peer: PeerId,
+    /// Drives the swarm (the connection) in the background; aborted on drop.
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -24,14 +96,15 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// The address has no peer id, or the transport cannot be built.
-    pub async fn connect(addr: &Multiaddr) -> Result<Client> {
+    /// The address has no peer id, the transport cannot be built, or the node cannot be reached.
+    pub async fn connect(addr: &Multiaddr) -> Result<Client, ClientError> {
         let Some(Protocol::P2p(peer)) = addr.iter().last() else {
-            bail!("{addr}: the node address must end in /p2p/<peer id> (as `tern node` prints it)");
+            return Err(ClientError::NoPeerId(addr.clone()));
         };
         let mut swarm = crate::wire::swarm(libp2p::identity::Keypair::generate_ed25519(), |_| {
             libp2p_stream::Behaviour::new()
-        })?;
+        })
+        .map_err(ClientError::Transport)?;
         // libp2p-stream keeps no addresses: dial the node ourselves (by peer id, so that
         // `open_stream` waits for this dial instead of starting one with no address).
         swarm
@@ -40,10 +113,13 @@ impl Client {
                     .addresses(vec![addr.clone()])
                     .build(),
             )
-            .with_context(|| format!("cannot dial {addr}"))?;
+            .map_err(|source| ClientError::Dial {
+                addr: addr.clone(),
+                source: Box::new(source),
+            })?;
         let control = swarm.behaviour().new_control();
         // Wait for the connection before opening streams on it.
-        let connected = tokio::time::timeout(Duration::from_secs(15), async {
+        let connected = tokio::time::timeout(REACH_TIMEOUT, async {
             loop {
                 match swarm.select_next_some().await {
                     libp2p::swarm::SwarmEvent::ConnectionEstablished { peer_id, .. }
@@ -58,11 +134,13 @@ impl Client {
                 }
             }
         })
-        .await;
-        match connected {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => bail!("cannot reach the node at {addr}: {e}"),
-            Err(_) => bail!("cannot reach the node at {addr}: timed out"),
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_string()));
+        if let Err(reason) = connected {
+            return Err(ClientError::Unreachable {
+                addr: addr.clone(),
+                reason,
+            });
         }
         let driver = tokio::spawn(async move {
             loop {
@@ -76,66 +154,131 @@ impl Client {
         })
     }
 
+    /// Starts an agent from `package` (the bytes of a signed package) and returns its id,
+    /// without waiting for it.
+    ///
+    /// # Errors
+    ///
+    /// The node cannot be reached, refuses the package, or the stream breaks.
+    pub async fn launch(&self, package: Vec<u8>) -> Result<String, ClientError> {
+        let (agent, _) = self.start_agent(package, false).await?;
+        Ok(agent)
+    }
+
+    /// Starts an agent from `package` (the bytes of a signed package) and waits, with no time
+    /// limit, for its end; returns its id and how it ended.
+    ///
+    /// # Errors
+    ///
+    /// The node cannot be reached, refuses the package, or the stream breaks before the end.
+    pub async fn launch_and_wait(
+        &self,
+        package: Vec<u8>,
+    ) -> Result<(String, AgentEnd), ClientError> {
+        let (agent, mut stream) = self.start_agent(package, true).await?;
+        // The agent may run for a long time: wait for its end to begin without the frame timeout.
+        let mut first = [0u8; 1];
+        futures::AsyncReadExt::read_exact(&mut stream, &mut first)
+            .await
+            .map_err(ClientError::ClosedBeforeEnd)?;
+        match read_frame_after(&mut stream, first[0], MAX_FRAME).await? {
+            ControlReply::Ended(end) => Ok((agent, end)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The node's peers, agents and forwarding pointers.
+    ///
+    /// # Errors
+    ///
+    /// The node cannot be reached or does not answer.
+    pub async fn status(&self) -> Result<StatusReport, ClientError> {
+        match self.request(&ControlRequest::Status).await? {
+            ControlReply::Status(report) => Ok(report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Delivers `message` (a portable value, as `agent_lang::encode_portable` writes it) to
+    /// `agent`, wherever it is: the node queues it, or forwards it to the node holding the agent.
+    ///
+    /// # Errors
+    ///
+    /// The node cannot be reached or does not answer, the message cannot be delivered, or it
+    /// may have been ([`ClientError::DeliveryUnconfirmed`]).
+    pub async fn send(&self, agent: &str, message: Vec<u8>) -> Result<(), ClientError> {
+        let request = ControlRequest::Deliver {
+            agent: agent.to_string(),
+            message,
+            ttl: MESSAGE_TTL,
+            probe: false,
+        };
+        match self.request(&request).await? {
+            ControlReply::Delivered => Ok(()),
+            ControlReply::Refused(reason) => Err(ClientError::NotDelivered {
+                agent: agent.to_string(),
+                reason,
+            }),
+            ControlReply::Unconfirmed(reason) => Err(ClientError::DeliveryUnconfirmed {
+                agent: agent.to_string(),
+                reason,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// How `agent` ended, as the node recorded it (its home node, or the node it ended on).
+    ///
+    /// # Errors
+    ///
+    /// The node cannot be reached or does not answer, or has no end recorded for the agent.
+    pub async fn result(&self, agent: &str) -> Result<AgentEnd, ClientError> {
+        let request = ControlRequest::Result {
+            agent: agent.to_string(),
+        };
+        match self.request(&request).await? {
+            ControlReply::Ended(end) => Ok(end),
+            ControlReply::Refused(reason) => Err(ClientError::NoResult(reason)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends a launch request and reads the agent id the node answers with; returns the stream,
+    /// on which the agent's end follows if `wait`.
+    async fn start_agent(
+        &self,
+        package: Vec<u8>,
+        wait: bool,
+    ) -> Result<(String, libp2p::Stream), ClientError> {
+        let mut stream = self.open(&ControlRequest::Launch { package, wait }).await?;
+        match read_frame(&mut stream, MAX_FRAME).await? {
+            ControlReply::Launched { agent } => Ok((agent, stream)),
+            ControlReply::Refused(reason) => Err(ClientError::PackageRefused(reason)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One request, one reply.
+    async fn request(&self, request: &ControlRequest) -> Result<ControlReply, ClientError> {
+        let mut stream = self.open(request).await?;
+        read_frame(&mut stream, MAX_FRAME)
+            .await
+            .map_err(ClientError::NoAnswer)
+    }
+
     /// Sends `request` and returns the stream for the replies.
-    async fn open(&self, request: &ControlRequest) -> Result<libp2p::Stream> {
+    async fn open(&self, request: &ControlRequest) -> Result<libp2p::Stream, ClientError> {
         let mut stream = tokio::time::timeout(
-            Duration::from_secs(15),
+            REACH_TIMEOUT,
             self.control
                 .clone()
                 .open_stream(self.peer, CONTROL_PROTOCOL),
         )
         .await
-        .map_err(|_| anyhow!("cannot reach the node: timed out"))?
-        .map_err(|e| anyhow!("cannot reach the node: {e}"))?;
+        .map_err(|_| ClientError::NoStream("timed out".to_string()))?
+        .map_err(|e| ClientError::NoStream(e.to_string()))?;
         write_frame(&mut stream, request).await?;
         Ok(stream)
-    }
-
-    /// One request, one reply.
-    ///
-    /// # Errors
-    ///
-    /// The node cannot be reached or answers garbage.
-    pub async fn request(&self, request: &ControlRequest) -> Result<ControlReply> {
-        let mut stream = self.open(request).await?;
-        read_frame(&mut stream, MAX_FRAME)
-            .await
-            .context("the node took the request but sent no answer (it may have carried it out)")
-    }
-
-    /// Launches a package; with `wait`, also waits for the agent's end (no time limit).
-    ///
-    /// # Errors
-    ///
-    /// The node cannot be reached, refuses the package, or the stream breaks.
-    pub async fn launch(
-        &self,
-        package: Vec<u8>,
-        wait: bool,
-    ) -> Result<(String, Option<ControlReply>)> {
-        let mut stream = self.open(&ControlRequest::Launch { package, wait }).await?;
-        let agent = match read_frame(&mut stream, MAX_FRAME).await? {
-            ControlReply::Launched { agent } => agent,
-            ControlReply::Refused(e) => bail!("the node refused the package: {e}"),
-            other => bail!("unexpected reply {other:?}"),
-        };
-        if !wait {
-            return Ok((agent, None));
-        }
-        // The agent may run for a long time: wait on the stream without the frame timeout.
-        let mut len = [0u8; 4];
-        futures::AsyncReadExt::read_exact(&mut stream, &mut len)
-            .await
-            .context("the node closed the stream before the agent ended")?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
-            bail!("reply too large");
-        }
-        let mut body = vec![0u8; len];
-        futures::AsyncReadExt::read_exact(&mut stream, &mut body).await?;
-        let reply: ControlReply =
-            ciborium::from_reader(body.as_slice()).context("malformed reply")?;
-        Ok((agent, Some(reply)))
     }
 }
 
@@ -143,4 +286,9 @@ impl Drop for Client {
     fn drop(&mut self) {
         self.driver.abort();
     }
+}
+
+/// The error for a reply that does not fit the request.
+fn unexpected(reply: ControlReply) -> ClientError {
+    ClientError::UnexpectedReply(Box::new(reply))
 }

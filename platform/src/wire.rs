@@ -51,6 +51,9 @@ pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Launching agents, status, results and hop recovery queries.
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/2");
 
+/// Forwarding steps a message may take on its way to an agent (guards against pointer loops).
+pub const MESSAGE_TTL: u8 = 16;
+
 /// Largest control frame (a package travels in one): 17 MiB.
 pub const MAX_FRAME: usize = 17 << 20;
 

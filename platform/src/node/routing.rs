@@ -9,10 +9,7 @@ use libp2p::PeerId;
 use super::control::{control_request, ControlFailure};
 use super::mailbox::Wake;
 use super::Shared;
-use crate::wire::{ControlRefusal, ControlReply, ControlRequest};
-
-/// Forwarding steps a message may take (guards against pointer loops).
-const MESSAGE_TTL: u8 = 16;
+use crate::wire::{ControlRefusal, ControlReply, ControlRequest, MESSAGE_TTL};
 
 /// What this node can do with a message for `agent`.
 enum Delivery {

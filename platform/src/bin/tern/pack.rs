@@ -1,0 +1,91 @@
+//! `tern pack`: a script compiled and signed by its author into a package file.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use platform::package_files;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct PackArgs {
+    /// The agent's Rhai script.
+    script: PathBuf,
+    /// The author's secret key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// Package name (default: the script's file stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// Version text.
+    #[arg(long, default_value = "0.1.0")]
+    version: String,
+    /// A resource binding, NAME=POLICY with POLICY one of copy, rebind, remote, move (repeatable).
+    #[arg(long = "resource", value_name = "NAME=POLICY")]
+    resources: Vec<String>,
+    /// A capability the agent asks for (repeatable).
+    #[arg(long = "capability")]
+    capabilities: Vec<String>,
+    /// Operations per run slice the agent asks for.
+    #[arg(long)]
+    max_operations: Option<u64>,
+    /// Where to write the package (default: the script path with extension .tern).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Runs `tern pack`.
+pub(crate) fn pack(args: PackArgs) -> Result<()> {
+    let key = package_files::read_key(&args.key)?;
+    let source = std::fs::read_to_string(&args.script)
+        .with_context(|| format!("cannot read {}", args.script.display()))?;
+    let resources = args
+        .resources
+        .iter()
+        .map(|r| {
+            let (name, policy) = r
+                .split_once('=')
+                .with_context(|| format!("--resource {r}: expected NAME=POLICY"))?;
+            let policy = policy
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--resource {r}: {e}"))?;
+            Ok(security::ResourceDecl {
+                name: name.to_string(),
+                policy,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let name = match args.name {
+        Some(n) => n,
+        None => args
+            .script
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "agent".into()),
+    };
+    let spec = package_files::PackSpec {
+        name,
+        version: args.version,
+        resources,
+        capabilities: args.capabilities,
+        limits: security::PackageLimits {
+            max_operations: args.max_operations,
+            ..Default::default()
+        },
+    };
+    let package = package_files::pack(source, spec, &key, now_ms())
+        .with_context(|| format!("cannot pack {}", args.script.display()))?;
+    let out = args
+        .out
+        .unwrap_or_else(|| args.script.with_extension("tern"));
+    std::fs::write(&out, package.to_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    println!("wrote {}", out.display());
+    println!("hash: {}", package.hash());
+    Ok(())
+}
+
+/// The creation time a package is signed with: now, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,173 @@
+//! `tern run`: an agent (a script or a signed package) on an embedded mesh of N nodes inside this
+//! process, its hops traced on stderr and its result on the last line of stdout.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use platform::loopback::{HopTrace, TracedHop};
+use platform::package_files;
+use platform::wire::AgentEnd;
+
+use crate::agent_end::{failed, note_unread, report_failure, AgentFailed};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct RunArgs {
+    /// The agent: a Rhai script.
+    file: PathBuf,
+    /// Number of nodes in the mesh (named node-0 .. node-{N-1}); the agent starts on node-0.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=256))]
+    nodes: u16,
+    /// Write one line per hop to stderr: from, to, continuation bytes, microseconds.
+    #[arg(long)]
+    trace: bool,
+    /// Machine-readable output: only the result on stdout; trace lines and errors as JSON on stderr.
+    #[arg(long)]
+    json: bool,
+    /// Operations the agent may run between two suspensions before it is stopped.
+    #[arg(long, default_value_t = agent_lang::Limits::default().max_operations)]
+    max_operations: u64,
+    /// Trust packages signed by this author key (`ed25519:<hex>`; repeatable). Packages of other
+    /// authors are refused.
+    #[arg(long = "trust-author", value_name = "KEY")]
+    trust_authors: Vec<String>,
+    /// Trust packages of any author (development only).
+    #[arg(long)]
+    trust_any_author: bool,
+}
+
+/// Runs `tern run`.
+pub(crate) fn run_agent(args: RunArgs) -> Result<()> {
+    let mut limits = agent_lang::Limits::default().with_max_operations(args.max_operations);
+    let (package, trust) = if args.file.extension().is_some_and(|e| e == "tern") {
+        let package = package_files::read_package(&args.file)?;
+        let trust = trust_policy(&args)?;
+        package_files::admit(&trust, &package)?;
+        limits = package_files::limits_for(&package, limits);
+        (package, trust)
+    } else {
+        let source = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?;
+        // Refuse a script that does not compile before starting any node.
+        if let Err(e) = agent_lang::Program::compile(&source, &limits) {
+            report_failure(
+                args.json,
+                "node-0",
+                &args.file.display().to_string(),
+                &e.to_string(),
+                Some(e.position()),
+            );
+            return Err(AgentFailed.into());
+        }
+        // A plain script is signed with a throwaway key that only this run's nodes trust.
+        let key = security::SecretKey::generate();
+        let name = args
+            .file
+            .file_stem()
+            .map_or_else(|| "agent".into(), |s| s.to_string_lossy().into_owned());
+        let spec = package_files::PackSpec {
+            name,
+            version: "0.0.0".into(),
+            resources: Vec::new(),
+            capabilities: Vec::new(),
+            limits: security::PackageLimits::default(),
+        };
+        let package = package_files::pack(source, spec, &key, crate::pack::now_ms())?.verify()?;
+        let trust: security::TrustPolicy =
+            toml::from_str(&format!("authors = [\"{}\"]", key.public()))?;
+        (package, trust)
+    };
+    // Every node of the one-process mesh accepts pushes from the others.
+    let trust = security::TrustPolicy {
+        accept_from: security::PeersPolicy::Any,
+        ..trust
+    };
+    crate::runtime()?.block_on(run_on_loopback(&args, package, trust, limits))
+}
+
+async fn run_on_loopback(
+    args: &RunArgs,
+    package: security::VerifiedPackage,
+    trust: security::TrustPolicy,
+    limits: agent_lang::Limits,
+) -> Result<()> {
+    let mesh = platform::loopback::LoopbackMesh::start(args.nodes as usize, trust, limits)
+        .await
+        .context("cannot start the mesh")?;
+    let mut trace = args.trace.then(|| HopTrace::new(&mesh));
+    let print_hop = |h: TracedHop| {
+        if args.json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"hop": h.hop, "from": h.from, "to": h.to, "bytes": h.bytes, "micros": h.micros})
+            );
+        } else {
+            eprintln!(
+                "hop {}: {} -> {}  {} bytes  {} µs",
+                h.hop, h.from, h.to, h.bytes, h.micros
+            );
+        }
+    };
+    let started = Instant::now();
+    let (agent, end) = {
+        let run = mesh.run(package);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                ended = &mut run => break ended?,
+                Some(h) = async { trace.as_mut()?.next().await } => print_hop(h),
+            }
+        }
+    };
+    // Destinations report a hop before the agent runs there: every hop is already published.
+    for h in trace.as_mut().map(HopTrace::rest).unwrap_or_default() {
+        print_hop(h);
+    }
+    drop(mesh);
+    note_unread(&agent, &end);
+    match end {
+        AgentEnd::Finished {
+            json, node, hops, ..
+        } => {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            if !args.json {
+                writeln!(
+                    out,
+                    "agent {agent} finished on {node} after {hops} hops in {:.1?}",
+                    started.elapsed()
+                )?;
+            }
+            writeln!(out, "{json}")?;
+            out.flush()?;
+            Ok(())
+        }
+        AgentEnd::Failed {
+            error,
+            node,
+            position,
+            ..
+        } => Err(failed(args.json, &node, &agent, &error, position)),
+    }
+}
+
+/// The trust policy of an embedded run, from `--trust-author` / `--trust-any-author`.
+fn trust_policy(args: &RunArgs) -> Result<security::TrustPolicy> {
+    let authors = if args.trust_any_author {
+        "\"any\"".to_string()
+    } else {
+        let keys: Vec<String> = args
+            .trust_authors
+            .iter()
+            .map(|k| {
+                k.parse::<security::PublicKey>()
+                    .map(|k| format!("\"{k}\""))
+                    .with_context(|| format!("--trust-author {k}"))
+            })
+            .collect::<Result<_>>()?;
+        format!("[{}]", keys.join(", "))
+    };
+    let text = format!("authors = {authors}");
+    toml::from_str(&text).context("trust policy")
+}

@@ -8,7 +8,8 @@
 use std::fs::File;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
 use platform::store::{AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store};
@@ -177,5 +178,60 @@ fn neighbour(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, small, big, neighbour);
+/// Writes of a small record through `Store::write` from tasks: one task writing one record after
+/// another (a time per write), and 64 tasks writing at once (a time per 64 writes, which group
+/// commit shares among them).
+fn write(c: &mut Criterion) {
+    const TASKS: u64 = 64;
+    let mut group = c.benchmark_group("write");
+    let runtimes = [
+        (
+            "multi-thread",
+            tokio::runtime::Builder::new_multi_thread()
+                .build()
+                .expect("runtime"),
+        ),
+        (
+            "current-thread",
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime"),
+        ),
+    ];
+    for d in [Durability::NoSync, Durability::Fsync] {
+        let (_dir, store) = open(d);
+        let rec = Arc::new(record("agent-small", 1, vec![7; 2048]));
+        for (flavor, runtime) in &runtimes {
+            for tasks in [1, TASKS] {
+                let id = format!("put_agent, {tasks} task(s), {flavor}");
+                group.bench_function(BenchmarkId::new(id, name(d)), |b| {
+                    b.iter_custom(|iters| {
+                        runtime.block_on(async {
+                            let start = Instant::now();
+                            let writers: Vec<_> = (0..tasks)
+                                .map(|_| {
+                                    let (store, rec) = (store.clone(), rec.clone());
+                                    tokio::spawn(async move {
+                                        for _ in 0..iters {
+                                            let rec = rec.clone();
+                                            store.write(move |b| b.put_agent(&rec)).await?;
+                                        }
+                                        Ok::<_, platform::store::StoreError>(())
+                                    })
+                                })
+                                .collect();
+                            for writer in writers {
+                                writer.await.expect("task").expect("write");
+                            }
+                            start.elapsed()
+                        })
+                    })
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, small, big, neighbour, write);
 criterion_main!(benches);

@@ -64,9 +64,9 @@ fn small(c: &mut Criterion) {
     for d in [Durability::NoSync, Durability::Fsync] {
         let (_dir, store) = open(d);
         let rec = record("agent-small", 1, vec![7; 2048]);
-        store.put_agent(&rec).expect("put");
+        store.batch(|b| b.put_agent(&rec)).expect("put");
         group.bench_function(BenchmarkId::new("put_agent", name(d)), |b| {
-            b.iter(|| store.put_agent(black_box(&rec)).expect("put"))
+            b.iter(|| store.batch(|w| w.put_agent(black_box(&rec))).expect("put"))
         });
         group.bench_function(BenchmarkId::new("agent", name(d)), |b| {
             b.iter(|| store.agent(black_box("agent-small")).expect("read"))
@@ -113,9 +113,9 @@ fn big(c: &mut Criterion) {
     for d in [Durability::NoSync, Durability::Fsync] {
         let (_dir, store) = open(d);
         let rec = record("agent-big", 1, continuation.clone());
-        store.put_agent(&rec).expect("put");
+        store.batch(|b| b.put_agent(&rec)).expect("put");
         group.bench_function(BenchmarkId::new("put_agent (replace)", name(d)), |b| {
-            b.iter(|| store.put_agent(black_box(&rec)).expect("put"))
+            b.iter(|| store.batch(|w| w.put_agent(black_box(&rec))).expect("put"))
         });
         group.bench_function(BenchmarkId::new("agent", name(d)), |b| {
             b.iter(|| store.agent(black_box("agent-big")).expect("read"))
@@ -131,7 +131,9 @@ fn big(c: &mut Criterion) {
         });
         // The store side of a hop through this node: the arrival is stored, the departure
         // record replaces it, the acknowledged departure deletes it.
-        store.delete_agent("agent-big").expect("delete");
+        store
+            .batch(|b| b.delete_agent("agent-big"))
+            .expect("delete");
         let mut hop = 1;
         let mut r = rec.clone();
         group.bench_function(
@@ -141,7 +143,10 @@ fn big(c: &mut Criterion) {
                     hop += 1;
                     r.hop = hop;
                     r.state = AgentState::Ready;
-                    assert_eq!(store.accept_arrival(&r).expect("arrive"), Arrival::New);
+                    assert_eq!(
+                        store.batch(|w| w.accept_arrival(&r)).expect("arrive"),
+                        Arrival::New
+                    );
                     r.state = AgentState::Leaving {
                         to: "peer".into(),
                         hop: hop + 1,
@@ -149,9 +154,9 @@ fn big(c: &mut Criterion) {
                         envelope: [9; 32],
                         checkpoint: None,
                     };
-                    store.put_agent(&r).expect("leave");
+                    store.batch(|w| w.put_agent(&r)).expect("leave");
                     store
-                        .complete_departure("agent-big", "peer")
+                        .batch(|w| w.complete_departure("agent-big", "peer"))
                         .expect("depart");
                 })
             },
@@ -166,14 +171,20 @@ fn neighbour(c: &mut Criterion) {
     let mut group = c.benchmark_group("next to 100MB");
     let (_dir, store) = open(Durability::NoSync);
     for id in ["agent-a", "agent-c", "agent-d", "agent-e"] {
-        store.put_agent(&record(id, 1, vec![7; 1500])).expect("put");
+        store
+            .batch(|b| b.put_agent(&record(id, 1, vec![7; 1500])))
+            .expect("put");
     }
     store
-        .put_agent(&record("agent-b", 1, bulk(BIG)))
+        .batch(|b| b.put_agent(&record("agent-b", 1, bulk(BIG))))
         .expect("put");
     let small = record("agent-a", 2, vec![8; 1500]);
     group.bench_function("put_agent small/NoSync", |b| {
-        b.iter(|| store.put_agent(black_box(&small)).expect("put"))
+        b.iter(|| {
+            store
+                .batch(|w| w.put_agent(black_box(&small)))
+                .expect("put")
+        })
     });
     group.finish();
 }
@@ -214,7 +225,7 @@ fn write(c: &mut Criterion) {
                                     tokio::spawn(async move {
                                         for _ in 0..iters {
                                             let rec = rec.clone();
-                                            store.write(move |b| b.put_agent(&rec)).await?;
+                                            store.write(move |w| w.put_agent(&rec)).await?;
                                         }
                                         Ok::<_, platform::store::StoreError>(())
                                     })

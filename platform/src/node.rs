@@ -974,7 +974,7 @@ fn launch(
     let hash = package.hash();
     shared
         .store
-        .put_package(hash.as_bytes(), &package.to_bytes())
+        .batch(|b| b.put_package(hash.as_bytes(), &package.to_bytes()))
         .map_err(|e| e.to_string())?;
     shared.loaded(hash.as_bytes())?;
     let id = AgentId::generate().to_string();
@@ -996,8 +996,11 @@ fn launch(
         },
         continuation: Vec::new(),
     };
-    shared.store.put_agent(&rec).map_err(|e| e.to_string())?;
-    let _ = shared.store.set_location(&id, &shared.me);
+    shared
+        .store
+        .batch(|b| b.put_agent(&rec))
+        .map_err(|e| e.to_string())?;
+    let _ = shared.store.batch(|b| b.set_location(&id, &shared.me));
     spawn_agent(shared, id.clone(), 0);
     Ok((id, rx))
 }
@@ -1335,7 +1338,9 @@ fn ciborium_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn deliver_end(shared: &Shared, agent: &str, end: AgentEnd) {
-    let _ = shared.store.put_result(agent, &ciborium_bytes(&end));
+    let _ = shared
+        .store
+        .batch(|b| b.put_result(agent, &ciborium_bytes(&end)));
     if let Some(waiters) = lock(&shared.waiters).remove(agent) {
         for w in waiters {
             let _ = w.send(end.clone());
@@ -1611,9 +1616,12 @@ fn continuation_hash(continuation: &[u8]) -> [u8; 32] {
 /// metadata, when the departure record kept its continuation).
 fn stay(shared: &Shared, rec: &AgentRecord, continuation_kept: bool) {
     let restored = if continuation_kept {
-        shared.store.put_agent_meta(&rec.meta).map(drop)
+        shared
+            .store
+            .batch(|b| b.put_agent_meta(&rec.meta))
+            .map(drop)
     } else {
-        shared.store.put_agent(rec)
+        shared.store.batch(|b| b.put_agent(rec))
     };
     if let Err(e) = restored {
         tracing::error!(agent = %rec.id, "cannot restore the agent after a failed hop: {e}");
@@ -1838,10 +1846,14 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentMeta) {
         return;
     };
     let Ok(dest) = to.parse::<PeerId>() else {
-        let _ = shared.store.put_agent_meta(&AgentMeta {
+        let restored = AgentMeta {
             state: checkpoint.map_or(AgentState::Ready, |state| *state),
             ..rec.clone()
-        });
+        };
+        let _ = shared
+            .store
+            .write(move |b| b.put_agent_meta(&restored))
+            .await;
         return spawn_agent(&shared, rec.id.clone(), rec.hop);
     };
     let mut delay = Duration::from_millis(200);
@@ -1873,7 +1885,8 @@ async fn recover_departure(shared: Arc<Shared>, rec: AgentMeta) {
                     state,
                     ..rec.clone()
                 };
-                let _ = shared.store.put_agent_meta(&back);
+                let stored = back.clone();
+                let _ = shared.store.write(move |b| b.put_agent_meta(&stored)).await;
                 spawn_runner(&shared, back.id, back.hop, first, None);
             }
             return;
@@ -2736,9 +2749,11 @@ async fn ensure_package(shared: &Shared, peer: PeerId, hash: &PackageHash) -> Re
             pulled.ok_or(first_error)?
         }
     };
+    let key = *hash.as_bytes();
     shared
         .store
-        .put_package(hash.as_bytes(), &bytes)
+        .write(move |b| b.put_package(&key, &bytes))
+        .await
         .map_err(|e| e.to_string())?;
     let _ = shared
         .commands
@@ -2906,7 +2921,10 @@ async fn answer_control(
             write_frame(stream, &reply).await
         }
         ControlRequest::Location { agent, node } => {
-            let _ = shared.store.set_location(&agent, &node);
+            let _ = shared
+                .store
+                .write(move |b| b.set_location(&agent, &node))
+                .await;
             write_frame(stream, &ControlReply::Ok).await
         }
         ControlRequest::Status => write_frame(stream, &ControlReply::Status(status(shared))).await,

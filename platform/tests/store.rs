@@ -1406,6 +1406,90 @@ fn a_hand_off_refused_by_a_shut_down_runtime_does_not_wedge_the_store() {
 }
 
 #[test]
+fn a_write_refused_a_blocking_thread_by_a_shut_down_current_thread_runtime_is_abandoned() {
+    let (_dir, _path, store) = temp_store(Durability::Fsync);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    runtime.shutdown_background();
+    // With fsync, on a current-thread runtime the leader hands even its own write to a
+    // blocking thread, which this runtime refuses: the write says it was not run.
+    let entered = handle.enter();
+    match futures::executor::block_on(store.write(|b| b.put_result("refused", b"r"))) {
+        Err(StoreError::BatchAborted(cause)) => assert!(cause.contains("stopped"), "{cause}"),
+        other => panic!("expected BatchAborted, got {other:?}"),
+    }
+    drop(entered);
+    assert_eq!(store.result("refused").unwrap(), None);
+    // The leadership was released with it.
+    futures::executor::block_on(store.write(|b| b.put_result("after", b"r"))).unwrap();
+    assert!(store.result("after").unwrap().is_some());
+}
+
+/// A wait for the closure of a store write: it says it started, which wakes a task spawned on
+/// `runtime`, then waits (10 s at most) for that task to run; true if it did.
+fn wait_for_a_task(runtime: &tokio::runtime::Runtime) -> impl FnOnce() -> bool + Send + 'static {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ran_tx, ran_rx) = mpsc::channel::<()>();
+    runtime.spawn(async move {
+        if started_rx.await.is_ok() {
+            let _ = ran_tx.send(());
+        }
+    });
+    move || {
+        let _ = started_tx.send(());
+        ran_rx.recv_timeout(Duration::from_secs(10)).is_ok()
+    }
+}
+
+#[test]
+fn a_write_waits_for_the_disk_off_the_threads_of_its_runtime() {
+    // Each runtime has one thread for tasks: if a write waited on it, the other task could not
+    // run until the write was done. (Without fsync, a commit waits for no disk and runs there.)
+    let (_dir, _path, store) = temp_store(Durability::Fsync);
+    let runtimes = [
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap(),
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap(),
+    ];
+    for runtime in &runtimes {
+        let flavor = runtime.handle().runtime_flavor();
+        let wait = wait_for_a_task(runtime);
+        let writer = store.clone();
+        let write = runtime.spawn(async move {
+            writer
+                .write(move |b| {
+                    let ran = wait();
+                    b.put_result("written", b"r")?;
+                    Ok(ran)
+                })
+                .await
+        });
+        let ran = runtime.block_on(write).unwrap().unwrap();
+        assert!(ran, "{flavor:?}: a write held the runtime's thread");
+    }
+    // A batch from a task on a multi-thread runtime, too.
+    let wait = wait_for_a_task(&runtimes[0]);
+    let writer = store.clone();
+    let batch = runtimes[0].spawn(async move {
+        writer.batch(|b| {
+            let ran = wait();
+            b.put_result("batched", b"r")?;
+            Ok(ran)
+        })
+    });
+    let ran = runtimes[0].block_on(batch).unwrap().unwrap();
+    assert!(ran, "a batch held the runtime's worker");
+    assert!(store.result("written").unwrap().is_some());
+    assert!(store.result("batched").unwrap().is_some());
+}
+
+#[test]
 fn writes_queued_while_a_leader_commits_are_not_lost() {
     // Many short rounds of a few racing writers: a write queued just as the leader finds the
     // queue empty must still be committed (a lost wake-up would hang a round).

@@ -3,32 +3,55 @@
 //!
 //! Each write is queued, with a oneshot for its result, on a `std::sync::Mutex<VecDeque>` (held
 //! only to push or pop, never across a transaction or an `.await`, so a std mutex is right). If
-//! no write is being led, the caller becomes the *leader*: on its own thread, with no hop to
-//! another task when uncontended, it takes up to [`MAX_GROUP`] queued writes, runs them in queue
-//! order in one transaction, commits once and sends every write its result. Everyone else is a
-//! *follower* and just awaits its oneshot.
+//! no write is being led, the caller becomes the *leader*: it takes up to [`MAX_GROUP`] queued
+//! writes, runs them in queue order in one transaction, commits once and sends every write its
+//! result. Everyone else is a *follower* and just awaits its oneshot. The leader flag lives
+//! under the same mutex as the queue: a write that is queued as the leader finds the queue empty
+//! either is taken by it or finds no leader and leads itself, so no write is left behind. See
+//! [`Store::write`] for what a failure does to the other writes of its group.
 //!
 //! When writes contend (some joined the previous leader's queue), a new leader first yields one
 //! turn to the runtime, so that the tasks ready to run queue their writes into its group: with
 //! 200 agents hopping, that alone took a benchmark from ~5,800 to ~8,500 hops/s (groups averaged
 //! 1.3 writes, now about 9), while an uncontended write still commits at once.
 //!
-//! A leader inside a tokio runtime leads one group only (its own write is always the first of
-//! it): if more writes queued meanwhile, it hands leadership to a `spawn_blocking` thread, which
+//! # Where the leader waits for the disk
+//!
+//! Outside any runtime, nothing else would run the queue: the caller's thread drains it. Inside
+//! one, a leader leads the group holding its own write (the first of the queue) and no more: if
+//! more writes queued meanwhile, it hands the leadership to a `spawn_blocking` thread, which
 //! drains the queue until it is empty, so that no caller of `write` is held up serving others
-//! under sustained load (without a runtime, the leader drains the queue itself). The leader flag
-//! lives under the same mutex as the queue: a write that is queued as the leader finds the queue
-//! empty either is taken by it or finds no leader and leads itself, so no write is left behind.
-//! See [`Store::write`] for what a failure does to the other writes of its group.
+//! under sustained load. Where that first group runs depends on whether it may wait for the
+//! disk:
+//!
+//! - In a store with [`Durability::Fsync`], a commit waits for the disk (and `begin_write` for
+//!   the commit before it), so it never runs on a thread that the runtime runs tasks on. On a
+//!   multi-thread runtime (the node's), the group runs on the caller's thread inside
+//!   [`tokio::task::block_in_place`], which hands the worker's other tasks to another thread
+//!   meanwhile: no hop to another task, so an uncontended write still commits at once. On a
+//!   current-thread runtime, `block_in_place` cannot free the runtime's one thread, so the
+//!   leadership goes to a `spawn_blocking` thread at once, and the caller awaits its result
+//!   like a follower.
+//! - In a store with [`Durability::NoSync`] (tests, benchmarks, the `tern run` mesh), a commit
+//!   hands its pages to the OS and waits for no fsync, its own or another writer's: the group
+//!   runs on the caller's thread, as a read would. `block_in_place` there cost more than the
+//!   commit (a small uncontended write took 21 µs instead of 15).
+//!
+//! A runtime shutting down may refuse the `spawn_blocking` thread: the writes it would have run
+//! are then abandoned ([`StoreError::BatchAborted`]), never left waiting.
+//!
+//! [`Durability::Fsync`]: super::Durability::Fsync
+//! [`Durability::NoSync`]: super::Durability::NoSync
 
 use std::any::Any;
 use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, MutexGuard, PoisonError};
 
+use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-use super::{Batch, Shared, Store, StoreError};
+use super::{Batch, DiskWait, Shared, Store, StoreError};
 
 /// The most writes [`Store::write`] puts in one transaction. Writes are closures, so their size
 /// is unknown; this bounds how long one commit keeps results waiting and how much one failing
@@ -48,12 +71,19 @@ pub(super) struct Writes {
 
 impl Store {
     /// Runs `op` in a write transaction shared with the other writes queued at the same time
-    /// (group commit): one commit, one fsync for the whole group. Writes run one after another in the order they were queued, and each sees
-    /// what the writes before it in the group wrote (an arrival then a departure of the same
-    /// agent compose). `write` returns once the group has committed (or failed).
+    /// (group commit): one commit, one fsync for the whole group. Writes run one after another
+    /// in the order they were queued, and each sees what the writes before it in the group wrote
+    /// (an arrival then a departure of the same agent compose). `write` returns once the group
+    /// has committed (or failed).
     ///
-    /// Uncontended, the write runs and commits on the caller's thread, like [`Store::batch`];
-    /// either way the commit blocks the thread that leads it, a tokio worker included.
+    /// Groups wait for the disk off the threads that run a runtime's tasks. With
+    /// [`Durability::Fsync`](super::Durability::Fsync), on a multi-thread runtime the group
+    /// holding this write runs on the caller's thread inside [`tokio::task::block_in_place`]
+    /// (the worker's other tasks move to another thread meanwhile) unless another write leads
+    /// it, and the groups after it on a blocking thread; on a current-thread runtime every group
+    /// runs on a blocking thread. Without fsync, the group holding this write commits on the
+    /// caller's thread (it waits for no disk), and the groups after it on a blocking thread.
+    /// Outside any runtime, every group runs on the caller's thread.
     ///
     /// A write still runs if its future is dropped once it was first polled (it is queued
     /// then): its outcome is discarded, and the other writes are unaffected.
@@ -136,8 +166,8 @@ impl Store {
         if let Some((leader, contended)) =
             self.shared.enqueue(Box::new(Queued { op, reply, synced }))
         {
-            // Runs at least the group holding this write before returning, so the await below
-            // never waits on a leader that is this very task. When writes contend (some joined
+            // Runs (or hands to a blocking thread) at least the group holding this write before
+            // returning, so the await below never waits on a leader that is this very task. When writes contend (some joined
             // the previous leader's queue), it first lets the tasks ready to run queue theirs,
             // which then join this group: one commit for all. It leads even if this future is
             // dropped meanwhile.
@@ -233,23 +263,40 @@ struct Leader {
 }
 
 impl Leader {
-    /// Runs groups until the queue is empty. A leader on a caller's thread (`hand_off`) runs one
-    /// group (which holds its caller's write) and then, if more writes are queued and a tokio
-    /// runtime is at hand, lets a blocking thread go on, so that its caller is not kept serving
-    /// others under sustained load.
-    fn lead(mut self, hand_off: bool) {
-        while let Some(mut group) = self.take_group() {
-            self.shared.commit_group(&mut group);
-            self.requeue(group);
-            if hand_off {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    if !self.release_if_idle() {
-                        runtime.spawn_blocking(move || self.lead(false));
-                    }
-                    return;
-                }
+    /// Leads from the thread of the write that took the leadership, never waiting for the disk
+    /// where a runtime's tasks would wait with it (see the module docs).
+    fn lead(mut self) {
+        let Ok(runtime) = Handle::try_current() else {
+            return self.drain();
+        };
+        let ran = match self.shared.disk_wait(&runtime) {
+            DiskWait::Here => self.run_group(),
+            DiskWait::InPlace => tokio::task::block_in_place(|| self.run_group()),
+            DiskWait::Elsewhere => {
+                // A refused hand-off drops the leader, which abandons the queue.
+                drop(runtime.spawn_blocking(move || self.drain()));
+                return;
             }
+        };
+        if ran && !self.release_if_idle() {
+            drop(runtime.spawn_blocking(move || self.drain()));
         }
+    }
+
+    /// Runs groups until the queue is empty.
+    fn drain(mut self) {
+        while self.run_group() {}
+    }
+
+    /// Runs the oldest queued writes as one group; false, with the leadership released, if no
+    /// write is queued.
+    fn run_group(&mut self) -> bool {
+        let Some(mut group) = self.take_group() else {
+            return false;
+        };
+        self.shared.commit_group(&mut group);
+        self.requeue(group);
+        true
     }
 
     /// The next group to run, oldest first; `None`, with the leadership released, if no write
@@ -287,13 +334,13 @@ impl Leader {
     }
 }
 
-/// A leader that leads (on the current thread) when it is dropped.
+/// A leader that leads when it is dropped.
 struct LeadOnDrop(Option<Leader>);
 
 impl Drop for LeadOnDrop {
     fn drop(&mut self) {
         if let Some(leader) = self.0.take() {
-            leader.lead(true);
+            leader.lead();
         }
     }
 }

@@ -29,7 +29,27 @@
 //! - [`Store::write`] (async): **group commit**. Concurrent writes share one transaction and one
 //!   commit (one fsync): the way the node writes from its tasks.
 //! - [`Store::batch`] (blocking): one transaction and one commit of its own, on the calling
-//!   thread. For synchronous code: start-up, tests, benchmarks and tools.
+//!   thread. For synchronous code: start-up ([`Store::open`]), tests, benchmarks, and the node's
+//!   few synchronous paths (launching an agent, queueing a message for an agent held here,
+//!   keeping a result, restoring an agent after a failed hop).
+//!
+//! `batch` is the blocking form of `write`, not a second API: the same closure over the same
+//! [`Batch`]. It stays because a synchronous caller gains nothing from a group (it waits for its
+//! own commit either way) and would pay for what the group needs: a `Send + 'static` closure (it
+//! may run on another thread, in another write's group), an executor to await it, and errors
+//! that are another write's ([`StoreError::BatchAborted`]). So tests write with `batch`, and
+//! use `write` only where group commit itself is tested.
+//!
+//! In a store with [`Durability::Fsync`], neither waits for the disk on a thread that runs a
+//! tokio runtime's tasks, but for `batch` on a current-thread runtime. On a multi-thread
+//! runtime (the node's), `batch` runs inside [`tokio::task::block_in_place`], which hands the
+//! worker's other tasks to another thread meanwhile, and so does the group `write` leads; on a
+//! current-thread runtime, `write` hands its group to a blocking thread (`group_commit` has the
+//! details). `batch` cannot: a current-thread runtime has no other thread for its tasks, so
+//! there `batch` blocks them all, and async code uses `write`. In a store with
+//! [`Durability::NoSync`], no commit waits for the disk (none fsyncs), and both commit on the
+//! calling thread: moving a commit that takes microseconds to another thread would cost more
+//! than the commit.
 //!
 //! The writers are the node's protocol handlers (arrivals, departures, packages, locations,
 //! messages) and its scheduler (agent records after each slice, results).
@@ -54,7 +74,8 @@
 //! allows one write transaction at a time, and a commit with [`Durability::Fsync`] waits for the
 //! disk, so writes are where contention is: [`Store::batch`] waits in
 //! [`redb::Database::begin_write`] until the write before it has committed (fsync included),
-//! while [`Store::write`] joins the group being formed.
+//! while [`Store::write`] joins the group being formed. Reads run on the calling thread, which
+//! waits for the disk when a page is not in the cache.
 //!
 //! # Examples
 //!
@@ -88,6 +109,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
+use tokio::runtime::{Handle, RuntimeFlavor};
 
 pub use error::StoreError;
 pub use group_commit::MAX_GROUP;
@@ -172,8 +194,11 @@ impl Store {
 
     /// Runs `f` in one write transaction of its own, on the calling thread: everything it writes
     /// is committed together (one commit, one fsync), or, if it returns an error, nothing is.
-    /// Blocks until any other write transaction has committed; async code should use
-    /// [`Store::write`] instead.
+    /// Blocks until any other write transaction has committed, then while its own commits (an
+    /// fsync under [`Durability::Fsync`]). Under `Fsync`, on a worker of a multi-thread runtime
+    /// it blocks inside [`tokio::task::block_in_place`], so that the worker's other tasks go on
+    /// elsewhere; on a current-thread runtime it blocks the runtime, so async code there uses
+    /// [`Store::write`] (as async code everywhere should: its writes share commits).
     ///
     /// # Errors
     ///
@@ -196,19 +221,26 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.shared.begin(true)?;
-        let result = f(&mut Batch { txn: &txn });
-        match result {
-            Ok(value) => {
-                txn.commit()?;
-                Ok(value)
+        let run = || {
+            let txn = self.shared.begin(true)?;
+            let result = f(&mut Batch { txn: &txn });
+            match result {
+                Ok(value) => {
+                    txn.commit()?;
+                    Ok(value)
+                }
+                Err(e) => {
+                    // The closure's error is the one worth reporting; a failed abort changes
+                    // nothing on disk either way.
+                    let _ = txn.abort();
+                    Err(e)
+                }
             }
-            Err(e) => {
-                // The closure's error is the one worth reporting; a failed abort changes nothing
-                // on disk either way.
-                let _ = txn.abort();
-                Err(e)
-            }
+        };
+        match Handle::try_current().map(|runtime| self.shared.disk_wait(&runtime)) {
+            Ok(DiskWait::InPlace) => tokio::task::block_in_place(run),
+            // `Elsewhere` too: the caller waits for the outcome on this thread either way.
+            Err(_) | Ok(DiskWait::Here | DiskWait::Elsewhere) => run(),
         }
     }
 
@@ -231,6 +263,34 @@ impl Shared {
         };
         txn.set_durability(durability.into())?;
         Ok(txn)
+    }
+}
+
+/// Where a write on a thread of a tokio runtime waits for the disk.
+enum DiskWait {
+    /// Where it is: the store never waits for the disk to write (see [`Shared::disk_wait`]).
+    Here,
+    /// Inside [`tokio::task::block_in_place`], which hands the worker's other tasks to another
+    /// thread meanwhile.
+    InPlace,
+    /// Not on this thread, which may be a current-thread runtime's only one: nothing can free
+    /// it for its tasks.
+    Elsewhere,
+}
+
+impl Shared {
+    /// Where a write on the calling thread, which `runtime` may run tasks on, waits for the
+    /// disk.
+    fn disk_wait(&self, runtime: &Handle) -> DiskWait {
+        match (self.durability, runtime.runtime_flavor()) {
+            // A commit without an fsync hands its pages to the OS's page cache and returns: it
+            // waits for the disk no more than a read does, and no writer of this store waits for
+            // the disk before it. Moving it off the worker would cost more than the commit
+            // (block_in_place: +40 % for a small write).
+            (Durability::NoSync, _) => DiskWait::Here,
+            (Durability::Fsync, RuntimeFlavor::MultiThread) => DiskWait::InPlace,
+            (Durability::Fsync, _) => DiskWait::Elsewhere,
+        }
     }
 }
 

@@ -81,9 +81,10 @@ impl Store {
     /// holding this write runs on the caller's thread inside [`tokio::task::block_in_place`]
     /// (the worker's other tasks move to another thread meanwhile) unless another write leads
     /// it, and the groups after it on a blocking thread; on a current-thread runtime every group
-    /// runs on a blocking thread. Without fsync, the group holding this write commits on the
-    /// caller's thread (it waits for no disk), and the groups after it on a blocking thread.
-    /// Outside any runtime, every group runs on the caller's thread.
+    /// runs on a blocking thread. With [`Durability::NoSync`](super::Durability::NoSync), the
+    /// group holding this write commits on the caller's thread (it waits for no disk), and the
+    /// groups after it on a blocking thread. Outside any runtime, every group runs on the
+    /// caller's thread.
     ///
     /// A write still runs if its future is dropped once it was first polled (it is queued
     /// then): its outcome is discarded, and the other writes are unaffected.

@@ -8,7 +8,8 @@
 use std::fs::File;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
 use platform::store::{AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store};
@@ -63,9 +64,9 @@ fn small(c: &mut Criterion) {
     for d in [Durability::NoSync, Durability::Fsync] {
         let (_dir, store) = open(d);
         let rec = record("agent-small", 1, vec![7; 2048]);
-        store.put_agent(&rec).expect("put");
+        store.batch(|b| b.put_agent(&rec)).expect("put");
         group.bench_function(BenchmarkId::new("put_agent", name(d)), |b| {
-            b.iter(|| store.put_agent(black_box(&rec)).expect("put"))
+            b.iter(|| store.batch(|w| w.put_agent(black_box(&rec))).expect("put"))
         });
         group.bench_function(BenchmarkId::new("agent", name(d)), |b| {
             b.iter(|| store.agent(black_box("agent-small")).expect("read"))
@@ -112,9 +113,9 @@ fn big(c: &mut Criterion) {
     for d in [Durability::NoSync, Durability::Fsync] {
         let (_dir, store) = open(d);
         let rec = record("agent-big", 1, continuation.clone());
-        store.put_agent(&rec).expect("put");
+        store.batch(|b| b.put_agent(&rec)).expect("put");
         group.bench_function(BenchmarkId::new("put_agent (replace)", name(d)), |b| {
-            b.iter(|| store.put_agent(black_box(&rec)).expect("put"))
+            b.iter(|| store.batch(|w| w.put_agent(black_box(&rec))).expect("put"))
         });
         group.bench_function(BenchmarkId::new("agent", name(d)), |b| {
             b.iter(|| store.agent(black_box("agent-big")).expect("read"))
@@ -130,7 +131,9 @@ fn big(c: &mut Criterion) {
         });
         // The store side of a hop through this node: the arrival is stored, the departure
         // record replaces it, the acknowledged departure deletes it.
-        store.delete_agent("agent-big").expect("delete");
+        store
+            .batch(|b| b.delete_agent("agent-big"))
+            .expect("delete");
         let mut hop = 1;
         let mut r = rec.clone();
         group.bench_function(
@@ -140,7 +143,10 @@ fn big(c: &mut Criterion) {
                     hop += 1;
                     r.hop = hop;
                     r.state = AgentState::Ready;
-                    assert_eq!(store.accept_arrival(&r).expect("arrive"), Arrival::New);
+                    assert_eq!(
+                        store.batch(|w| w.accept_arrival(&r)).expect("arrive"),
+                        Arrival::New
+                    );
                     r.state = AgentState::Leaving {
                         to: "peer".into(),
                         hop: hop + 1,
@@ -148,9 +154,9 @@ fn big(c: &mut Criterion) {
                         envelope: [9; 32],
                         checkpoint: None,
                     };
-                    store.put_agent(&r).expect("leave");
+                    store.batch(|w| w.put_agent(&r)).expect("leave");
                     store
-                        .complete_departure("agent-big", "peer")
+                        .batch(|w| w.complete_departure("agent-big", "peer"))
                         .expect("depart");
                 })
             },
@@ -165,17 +171,78 @@ fn neighbour(c: &mut Criterion) {
     let mut group = c.benchmark_group("next to 100MB");
     let (_dir, store) = open(Durability::NoSync);
     for id in ["agent-a", "agent-c", "agent-d", "agent-e"] {
-        store.put_agent(&record(id, 1, vec![7; 1500])).expect("put");
+        store
+            .batch(|b| b.put_agent(&record(id, 1, vec![7; 1500])))
+            .expect("put");
     }
     store
-        .put_agent(&record("agent-b", 1, bulk(BIG)))
+        .batch(|b| b.put_agent(&record("agent-b", 1, bulk(BIG))))
         .expect("put");
     let small = record("agent-a", 2, vec![8; 1500]);
     group.bench_function("put_agent small/NoSync", |b| {
-        b.iter(|| store.put_agent(black_box(&small)).expect("put"))
+        b.iter(|| {
+            store
+                .batch(|w| w.put_agent(black_box(&small)))
+                .expect("put")
+        })
     });
     group.finish();
 }
 
-criterion_group!(benches, small, big, neighbour);
+/// Writes of a small record through `Store::write` from tasks: one task writing one record after
+/// another (a time per write), and 64 tasks writing at once (a time per 64 writes, which group
+/// commit shares among them).
+fn write(c: &mut Criterion) {
+    const TASKS: u64 = 64;
+    let mut group = c.benchmark_group("write");
+    let runtimes = [
+        (
+            "multi-thread",
+            tokio::runtime::Builder::new_multi_thread()
+                .build()
+                .expect("runtime"),
+        ),
+        (
+            "current-thread",
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime"),
+        ),
+    ];
+    for d in [Durability::NoSync, Durability::Fsync] {
+        let (_dir, store) = open(d);
+        let rec = Arc::new(record("agent-small", 1, vec![7; 2048]));
+        for (flavor, runtime) in &runtimes {
+            for tasks in [1, TASKS] {
+                let id = format!("put_agent, {tasks} task(s), {flavor}");
+                group.bench_function(BenchmarkId::new(id, name(d)), |b| {
+                    b.iter_custom(|iters| {
+                        runtime.block_on(async {
+                            let start = Instant::now();
+                            let writers: Vec<_> = (0..tasks)
+                                .map(|_| {
+                                    let (store, rec) = (store.clone(), rec.clone());
+                                    tokio::spawn(async move {
+                                        for _ in 0..iters {
+                                            let rec = rec.clone();
+                                            store.write(move |w| w.put_agent(&rec)).await?;
+                                        }
+                                        Ok::<_, platform::store::StoreError>(())
+                                    })
+                                })
+                                .collect();
+                            for writer in writers {
+                                writer.await.expect("task").expect("write");
+                            }
+                            start.elapsed()
+                        })
+                    })
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, small, big, neighbour, write);
 criterion_main!(benches);

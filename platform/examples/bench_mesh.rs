@@ -549,7 +549,7 @@ fn resident_child(n: usize) -> Result<()> {
         let rss = rss_kb();
         let hwm = status_field("VmHWM:");
         let threads = status_field("Threads:");
-        let stored = node.status().agents.len();
+        let stored = node.status().expect("the store reads").agents.len();
         let running = ends
             .iter_mut()
             .map(|e| e.try_recv().is_err())
@@ -736,9 +736,12 @@ fn parts(author: &Author, bulk_bytes: usize) -> Result<Vec<Part>> {
         let store = Store::open(&dir.path().join("s.redb"), durability)?;
         let rec = record(small.clone(), bytes.clone());
         for _ in 0..20 {
-            store.put_agent(&rec)?;
+            store.batch(|b| b.put_agent(&rec))?;
         }
-        add(name, time_median(runs, || Ok(store.put_agent(&rec)?))?);
+        add(
+            name,
+            time_median(runs, || Ok(store.batch(|b| b.put_agent(&rec))?))?,
+        );
         add(
             &name.replace("put_agent", "has_seen"),
             time_median(runs, || Ok(store.has_seen(&rec.id, 1)?))?,
@@ -769,7 +772,7 @@ fn parts(author: &Author, bulk_bytes: usize) -> Result<Vec<Part>> {
     let rec = record(big.clone(), bytes.clone());
     add(
         "bulk: store put_agent, NoSync",
-        time_median(3, || Ok(store.put_agent(&rec)?))?,
+        time_median(3, || Ok(store.batch(|b| b.put_agent(&rec))?))?,
     );
     add(
         "bulk: store read agent, NoSync",

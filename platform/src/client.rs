@@ -16,6 +16,13 @@ use crate::wire::{
 /// How long the client waits for the connection to the node, and then for each control stream.
 const REACH_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How many times a question that changes nothing (status, result) is asked when the node
+/// closes the stream without an answer. libp2p-stream hands a node's inbound streams of one
+/// protocol over a channel of one slot and drops a stream that arrives while the slot is full,
+/// which a busy node's accept loop can let happen: such a stream was never read, and asking
+/// again is the remedy (for questions only: a request that acts may have been carried out).
+const QUERY_ATTEMPTS: u32 = 4;
+
 /// Why a request to a node failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -193,7 +200,7 @@ impl Client {
     ///
     /// The node cannot be reached or does not answer.
     pub async fn status(&self) -> Result<StatusReport, ClientError> {
-        match self.request(&ControlRequest::Status).await? {
+        match self.query(&ControlRequest::Status).await? {
             ControlReply::Status(report) => Ok(report),
             other => Err(unexpected(other)),
         }
@@ -236,7 +243,7 @@ impl Client {
         let request = ControlRequest::Result {
             agent: agent.to_string(),
         };
-        match self.request(&request).await? {
+        match self.query(&request).await? {
             ControlReply::Ended(end) => Ok(end),
             ControlReply::Refused(reason) => Err(ClientError::NoResult(reason)),
             other => Err(unexpected(other)),
@@ -264,6 +271,24 @@ impl Client {
         read_frame(&mut stream, MAX_FRAME)
             .await
             .map_err(ClientError::NoAnswer)
+    }
+
+    /// One question (a request that changes nothing at the node), one reply: asked again on a
+    /// fresh stream if the node closed the stream without answering (see [`QUERY_ATTEMPTS`]).
+    async fn query(&self, request: &ControlRequest) -> Result<ControlReply, ClientError> {
+        let mut attempt = 1;
+        loop {
+            match self.request(request).await {
+                Err(ClientError::NoAnswer(WireError::Io(e)))
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof
+                        && attempt < QUERY_ATTEMPTS =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                answer => return answer,
+            }
+        }
     }
 
     /// Sends `request` and returns the stream for the replies.

@@ -626,6 +626,49 @@ pub struct StatusReport {
     pub agents: Vec<AgentStatus>,
     /// Forwarding pointers: (agent, node it left for).
     pub forwards: Vec<(String, String)>,
+    /// What happened on the node since it started (absent from nodes that predate it).
+    #[serde(default)]
+    pub activity: Activity,
+}
+
+/// What happened on a node since it started, from its event stream: counts per kind of event
+/// and the latest events.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Activity {
+    /// How many events of each kind.
+    pub counts: ActivityCounts,
+    /// The latest events, oldest first.
+    pub recent: Vec<RecentEvent>,
+    /// Events the count missed (the node was too busy to fold them in time).
+    pub missed: u64,
+}
+
+/// How many events of each kind a node saw since it started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[allow(missing_docs)] // each field counts the event of its name
+pub struct ActivityCounts {
+    pub peers_up: u64,
+    pub peers_down: u64,
+    pub agents_launched: u64,
+    pub agents_resumed: u64,
+    pub agents_finished: u64,
+    pub agents_failed: u64,
+    pub hops_offered: u64,
+    pub hops_stored: u64,
+    pub hops_committed: u64,
+    pub hops_refused: u64,
+    pub hops_failed: u64,
+    pub messages_queued: u64,
+    pub messages_delivered: u64,
+}
+
+/// One event in a [`StatusReport`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecentEvent {
+    /// When, in unix milliseconds.
+    pub at_ms: u64,
+    /// What happened.
+    pub event: String,
 }
 
 /// One agent in a [`StatusReport`].

@@ -125,7 +125,9 @@ fn packages_round_trip() {
     let hash = [0xab; 32];
     assert!(!store.has_package(&hash).unwrap());
     assert_eq!(store.package(&hash).unwrap(), None);
-    store.put_package(&hash, b"source and manifest").unwrap();
+    store
+        .batch(|b| b.put_package(&hash, b"source and manifest"))
+        .unwrap();
     assert!(store.has_package(&hash).unwrap());
     assert_eq!(
         store.package(&hash).unwrap().as_deref(),
@@ -157,7 +159,7 @@ fn agents_round_trip() {
     fresh.continuation.clear();
     fresh.envelope.clear();
     for rec in [&leaving, &fresh, &waiting] {
-        store.put_agent(rec).unwrap();
+        store.batch(|b| b.put_agent(rec)).unwrap();
     }
     assert_eq!(store.agent("b").unwrap().as_ref(), Some(&waiting));
     assert_eq!(
@@ -168,12 +170,12 @@ fn agents_round_trip() {
     // Replacing a record keeps one record per id.
     let mut resumed = leaving.clone();
     resumed.state = AgentState::Ready;
-    store.put_agent(&resumed).unwrap();
+    store.batch(|b| b.put_agent(&resumed)).unwrap();
     assert_eq!(store.agent("c").unwrap(), Some(resumed));
     assert_eq!(store.agents().unwrap().len(), 3);
 
-    store.delete_agent("b").unwrap();
-    store.delete_agent("not-there").unwrap();
+    store.batch(|b| b.delete_agent("b")).unwrap();
+    store.batch(|b| b.delete_agent("not-there")).unwrap();
     assert_eq!(store.agent("b").unwrap(), None);
     assert_eq!(store.agents().unwrap().len(), 2);
 }
@@ -207,7 +209,7 @@ fn continuations_of_every_size_round_trip() {
         })
         .collect();
     for rec in &recs {
-        store.put_agent(rec).unwrap();
+        store.batch(|b| b.put_agent(rec)).unwrap();
     }
     for rec in &recs {
         assert_same(store.agent(&rec.id).unwrap().as_ref(), rec);
@@ -244,7 +246,7 @@ fn continuations_of_every_size_round_trip() {
         })
         .collect();
     for rec in &resized {
-        store.put_agent(rec).unwrap();
+        store.batch(|b| b.put_agent(rec)).unwrap();
     }
     drop(store);
     for (i, rec) in resized.iter().enumerate() {
@@ -271,10 +273,16 @@ fn continuations_of_every_size_round_trip() {
 fn large_continuations_survive_reopen_and_hops() {
     let (_dir, path, store) = temp_store(Durability::Fsync);
     let big = agent_with("big", 3, continuation(1, 100 * MB));
-    assert_eq!(store.accept_arrival(&big).unwrap(), Arrival::New);
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&big)).unwrap(),
+        Arrival::New
+    );
     // A duplicate offer with another continuation writes nothing.
     let other = agent_with("big", 3, continuation(2, 5 * MB));
-    assert_eq!(store.accept_arrival(&other).unwrap(), Arrival::Duplicate);
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&other)).unwrap(),
+        Arrival::Duplicate
+    );
     drop(store);
 
     let store = Store::open(&path, Durability::Fsync).unwrap();
@@ -293,9 +301,11 @@ fn large_continuations_survive_reopen_and_hops() {
         },
         continuation: continuation(3, 100 * MB + 1),
     };
-    store.put_agent(&leaving).unwrap();
+    store.batch(|b| b.put_agent(&leaving)).unwrap();
     assert_same(store.agent("big").unwrap().as_ref(), &leaving);
-    store.complete_departure("big", "peer-b").unwrap();
+    store
+        .batch(|b| b.complete_departure("big", "peer-b"))
+        .unwrap();
     assert_eq!(store.agent("big").unwrap(), None);
     assert_eq!(store.agent_meta("big").unwrap(), None);
     assert_eq!(store.forward("big").unwrap().as_deref(), Some("peer-b"));
@@ -308,8 +318,8 @@ fn metadata_reads_and_writes_leave_the_continuation_alone() {
     let (_dir, _path, store) = temp_store(Durability::NoSync);
     let big = agent_with("big", 2, continuation(5, 3 * MB + 11));
     let small = agent_with("small", 1, continuation(6, 10));
-    store.put_agent(&big).unwrap();
-    store.put_agent(&small).unwrap();
+    store.batch(|b| b.put_agent(&big)).unwrap();
+    store.batch(|b| b.put_agent(&small)).unwrap();
     assert_eq!(store.agent_meta("none").unwrap(), None);
     assert_eq!(store.agent_meta("big").unwrap(), Some(big.meta.clone()));
     assert_eq!(
@@ -325,7 +335,7 @@ fn metadata_reads_and_writes_leave_the_continuation_alone() {
         hops: 9,
         ..big.meta.clone()
     };
-    assert!(store.put_agent_meta(&ready).unwrap());
+    assert!(store.batch(|b| b.put_agent_meta(&ready)).unwrap());
     let expected = AgentRecord::from_parts(ready.clone(), big.continuation.clone());
     assert_same(store.agent("big").unwrap().as_ref(), &expected);
     assert!(store
@@ -347,7 +357,7 @@ fn metadata_reads_and_writes_leave_the_continuation_alone() {
         id: "absent".into(),
         ..ready.clone()
     };
-    assert!(!store.put_agent_meta(&absent).unwrap());
+    assert!(!store.batch(|b| b.put_agent_meta(&absent)).unwrap());
     assert_eq!(store.agent_meta("absent").unwrap(), None);
     assert!(matches!(store.agent("absent"), Ok(None)));
 
@@ -361,12 +371,12 @@ fn delete_removes_the_record_and_its_continuation() {
     let (_dir, path, store) = temp_store(Durability::NoSync);
     for (id, len) in [("a", 0), ("b", 100), ("c", 2 * MB + 3), ("d", 5000)] {
         store
-            .put_agent(&agent_with(id, 1, continuation(1, len)))
+            .batch(|b| b.put_agent(&agent_with(id, 1, continuation(1, len))))
             .unwrap();
     }
-    store.delete_agent("a").unwrap();
-    store.delete_agent("c").unwrap();
-    store.complete_departure("d", "peer").unwrap();
+    store.batch(|b| b.delete_agent("a")).unwrap();
+    store.batch(|b| b.delete_agent("c")).unwrap();
+    store.batch(|b| b.complete_departure("d", "peer")).unwrap();
     store.batch(|b| b.delete_agent("nothing")).unwrap();
     assert_eq!(
         store
@@ -389,8 +399,8 @@ fn a_failed_batch_or_write_stores_neither_record_nor_continuation() {
     let (_dir, path, store) = temp_store(Durability::Fsync);
     let kept = agent_with("kept", 1, continuation(1, 2 * MB + 9));
     let gone = agent_with("gone", 1, continuation(2, 50));
-    store.put_agent(&kept).unwrap();
-    store.put_agent(&gone).unwrap();
+    store.batch(|b| b.put_agent(&kept)).unwrap();
+    store.batch(|b| b.put_agent(&gone)).unwrap();
 
     let err = store
         .batch(|b| {
@@ -444,15 +454,17 @@ fn each_chunk_has_a_leaf_page_of_its_own() {
                 (true, _) => MB + 4000 * i as usize,
             };
             store
-                .put_agent(&agent_with(
-                    &format!("agent-{i}"),
-                    1,
-                    continuation(round, len),
-                ))
+                .batch(|b| {
+                    b.put_agent(&agent_with(
+                        &format!("agent-{i}"),
+                        1,
+                        continuation(round, len),
+                    ))
+                })
                 .unwrap();
         }
         if round == 2 {
-            store.delete_agent("agent-4").unwrap();
+            store.batch(|b| b.delete_agent("agent-4")).unwrap();
         }
         drop(store);
         let db = redb::Database::create(&path).unwrap();
@@ -470,10 +482,10 @@ fn each_chunk_has_a_leaf_page_of_its_own() {
 fn a_missing_continuation_is_an_error_not_an_empty_one() {
     let (_dir, path, store) = temp_store(Durability::NoSync);
     store
-        .put_agent(&agent_with("gap", 1, continuation(1, 3 * MB)))
+        .batch(|b| b.put_agent(&agent_with("gap", 1, continuation(1, 3 * MB))))
         .unwrap();
     store
-        .put_agent(&agent_with("none", 1, continuation(2, 5000)))
+        .batch(|b| b.put_agent(&agent_with("none", 1, continuation(2, 5000))))
         .unwrap();
     drop(store);
     {
@@ -503,10 +515,10 @@ fn a_missing_continuation_is_an_error_not_an_empty_one() {
     ));
     assert_eq!(store.agent_metas().unwrap().len(), 2);
     let fixed = agent_with("gap", 2, continuation(3, 2 * MB));
-    store.put_agent(&fixed).unwrap();
+    store.batch(|b| b.put_agent(&fixed)).unwrap();
     assert_same(store.agent("gap").unwrap().as_ref(), &fixed);
     let small = agent_with("none", 2, continuation(4, 10));
-    store.put_agent(&small).unwrap();
+    store.batch(|b| b.put_agent(&small)).unwrap();
     assert_same(store.agent("none").unwrap().as_ref(), &small);
 
     // A record marked as holding its continuation inline, without one.
@@ -536,8 +548,12 @@ fn forwards_locations_and_results_round_trip() {
     assert_eq!(store.location("a").unwrap(), None);
     assert_eq!(store.result("a").unwrap(), None);
 
-    store.complete_departure("b", "peer-2").unwrap();
-    store.complete_departure("a", "peer-1").unwrap();
+    store
+        .batch(|b| b.complete_departure("b", "peer-2"))
+        .unwrap();
+    store
+        .batch(|b| b.complete_departure("a", "peer-1"))
+        .unwrap();
     assert_eq!(store.forward("a").unwrap().as_deref(), Some("peer-1"));
     assert_eq!(
         store.forwards().unwrap(),
@@ -547,12 +563,14 @@ fn forwards_locations_and_results_round_trip() {
         ]
     );
 
-    store.set_location("a", "peer-1").unwrap();
-    store.set_location("a", "peer-3").unwrap();
+    store.batch(|b| b.set_location("a", "peer-1")).unwrap();
+    store.batch(|b| b.set_location("a", "peer-3")).unwrap();
     assert_eq!(store.location("a").unwrap().as_deref(), Some("peer-3"));
 
-    store.put_result("a", b"first").unwrap();
-    store.put_result("a", b"\x00\xffresult").unwrap();
+    store.batch(|b| b.put_result("a", b"first")).unwrap();
+    store
+        .batch(|b| b.put_result("a", b"\x00\xffresult"))
+        .unwrap();
     assert_eq!(
         store.result("a").unwrap().as_deref(),
         Some(&b"\x00\xffresult"[..])
@@ -562,13 +580,18 @@ fn forwards_locations_and_results_round_trip() {
 #[test]
 fn data_survives_reopen() {
     let (_dir, path, store) = temp_store(Durability::Fsync);
-    store.put_package(&[1; 32], b"pkg").unwrap();
-    store.put_agent(&agent("a", 1)).unwrap();
-    assert_eq!(store.accept_arrival(&agent("b", 3)).unwrap(), Arrival::New);
-    store.complete_departure("c", "peer-9").unwrap();
-    store.set_location("a", "peer-1").unwrap();
-    store.push_message("a", b"m").unwrap();
-    store.put_result("d", b"r").unwrap();
+    store.batch(|b| b.put_package(&[1; 32], b"pkg")).unwrap();
+    store.batch(|b| b.put_agent(&agent("a", 1))).unwrap();
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&agent("b", 3))).unwrap(),
+        Arrival::New
+    );
+    store
+        .batch(|b| b.complete_departure("c", "peer-9"))
+        .unwrap();
+    store.batch(|b| b.set_location("a", "peer-1")).unwrap();
+    store.batch(|b| b.push_message("a", b"m")).unwrap();
+    store.batch(|b| b.put_result("d", b"r")).unwrap();
     let clone = store.clone();
     drop(store);
     drop(clone);
@@ -581,19 +604,22 @@ fn data_survives_reopen() {
     assert_eq!(store.agents().unwrap(), vec![agent("a", 1), agent("b", 3)]);
     assert!(store.has_seen("b", 3).unwrap());
     assert_eq!(
-        store.accept_arrival(&agent("b", 3)).unwrap(),
+        store.batch(|b| b.accept_arrival(&agent("b", 3))).unwrap(),
         Arrival::Duplicate
     );
     assert_eq!(store.forward("c").unwrap().as_deref(), Some("peer-9"));
     assert_eq!(store.location("a").unwrap().as_deref(), Some("peer-1"));
-    assert_eq!(store.take_messages("a").unwrap(), vec![b"m".to_vec()]);
+    assert_eq!(
+        store.batch(|b| b.take_messages("a")).unwrap(),
+        vec![b"m".to_vec()]
+    );
     assert_eq!(store.result("d").unwrap().as_deref(), Some(&b"r"[..]));
 }
 
 #[test]
 fn no_sync_commits_survive_a_clean_close() {
     let (_dir, path, store) = temp_store(Durability::NoSync);
-    store.put_agent(&agent("a", 0)).unwrap();
+    store.batch(|b| b.put_agent(&agent("a", 0))).unwrap();
     drop(store);
     let store = Store::open(&path, Durability::NoSync).unwrap();
     assert_eq!(store.agent("a").unwrap(), Some(agent("a", 0)));
@@ -613,7 +639,10 @@ fn accept_arrival_twice_is_duplicate() {
     let (_dir, _path, store) = temp_store(Durability::NoSync);
     let rec = agent("a", 3);
     assert!(!store.has_seen("a", 3).unwrap());
-    assert_eq!(store.accept_arrival(&rec).unwrap(), Arrival::New);
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&rec)).unwrap(),
+        Arrival::New
+    );
     assert!(store.has_seen("a", 3).unwrap());
     assert_eq!(store.agent("a").unwrap().as_ref(), Some(&rec));
 
@@ -622,25 +651,34 @@ fn accept_arrival_twice_is_duplicate() {
         continuation: vec![42],
         ..rec.clone()
     };
-    store.put_agent(&ran).unwrap();
-    assert_eq!(store.accept_arrival(&rec).unwrap(), Arrival::Duplicate);
+    store.batch(|b| b.put_agent(&ran)).unwrap();
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&rec)).unwrap(),
+        Arrival::Duplicate
+    );
     assert_eq!(store.agent("a").unwrap(), Some(ran));
 
     // An older hop of the same agent is stale; a later one, or another agent, is new.
     assert_eq!(
-        store.accept_arrival(&agent("a", 1)).unwrap(),
+        store.batch(|b| b.accept_arrival(&agent("a", 1))).unwrap(),
         Arrival::Duplicate
     );
     assert_eq!(store.remembered_hops("a").unwrap(), [3]);
-    assert_eq!(store.accept_arrival(&agent("a", 5)).unwrap(), Arrival::New);
-    assert_eq!(store.accept_arrival(&agent("a2", 3)).unwrap(), Arrival::New);
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&agent("a", 5))).unwrap(),
+        Arrival::New
+    );
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&agent("a2", 3))).unwrap(),
+        Arrival::New
+    );
     // Hop 5 committed here (the agent arrived runnable): hop 3 is forgotten, and "seen" means
     // that hop or a later one.
     assert_eq!(store.remembered_hops("a").unwrap(), [5]);
     assert!((1..=5).all(|h| store.has_seen("a", h).unwrap()));
     assert!(!store.has_seen("a", 6).unwrap());
     assert_eq!(
-        store.accept_arrival(&agent("a", 4)).unwrap(),
+        store.batch(|b| b.accept_arrival(&agent("a", 4))).unwrap(),
         Arrival::Duplicate
     );
 
@@ -658,7 +696,7 @@ fn only_the_last_committed_hop_of_an_agent_is_remembered() {
     // Hops committed at once (the agent arrives runnable): one entry, however many hops.
     for hop in 1..=100 {
         assert_eq!(
-            store.accept_arrival(&agent("a", hop)).unwrap(),
+            store.batch(|b| b.accept_arrival(&agent("a", hop))).unwrap(),
             Arrival::New
         );
     }
@@ -676,7 +714,9 @@ fn only_the_last_committed_hop_of_an_agent_is_remembered() {
         rec
     };
     assert_eq!(
-        store.accept_arrival(&arriving([1; 32])).unwrap(),
+        store
+            .batch(|b| b.accept_arrival(&arriving([1; 32])))
+            .unwrap(),
         Arrival::New
     );
     assert_eq!(store.remembered_hops("a").unwrap(), [100, 101]);
@@ -686,7 +726,9 @@ fn only_the_last_committed_hop_of_an_agent_is_remembered() {
         .unwrap();
     assert_eq!(store.remembered_hops("a").unwrap(), [100]);
     assert_eq!(
-        store.accept_arrival(&arriving([2; 32])).unwrap(),
+        store
+            .batch(|b| b.accept_arrival(&arriving([2; 32])))
+            .unwrap(),
         Arrival::New
     );
     assert!(store
@@ -714,26 +756,36 @@ fn leaving_for_peer_b(id: &str) -> AgentRecord {
 fn complete_departure_removes_agent_and_leaves_forward() {
     let (_dir, _path, store) = temp_store(Durability::NoSync);
     let rec = leaving_for_peer_b("a");
-    store.put_agent(&rec).unwrap();
-    store.put_agent(&agent("other", 0)).unwrap();
-    store.push_message("a", b"for a").unwrap();
+    store.batch(|b| b.put_agent(&rec)).unwrap();
+    store.batch(|b| b.put_agent(&agent("other", 0))).unwrap();
+    store.batch(|b| b.push_message("a", b"for a")).unwrap();
 
     assert_eq!(store.departed("a").unwrap(), None);
-    store.complete_departure("a", "peer-b").unwrap();
+    store
+        .batch(|b| b.complete_departure("a", "peer-b"))
+        .unwrap();
     assert_eq!(store.agent("a").unwrap(), None);
     assert_eq!(store.agents().unwrap(), vec![agent("other", 0)]);
     assert_eq!(store.forward("a").unwrap().as_deref(), Some("peer-b"));
     // The hop it left by, for a destination that asks whether it committed.
     assert_eq!(store.departed("a").unwrap(), Some([9; 32]));
     // Queued messages stay, for the node to forward.
-    assert_eq!(store.take_messages("a").unwrap(), vec![b"for a".to_vec()]);
+    assert_eq!(
+        store.batch(|b| b.take_messages("a")).unwrap(),
+        vec![b"for a".to_vec()]
+    );
 
     // Idempotent: a repeated acknowledgement after a crash changes nothing.
-    store.complete_departure("a", "peer-b").unwrap();
+    store
+        .batch(|b| b.complete_departure("a", "peer-b"))
+        .unwrap();
     assert_eq!(store.forward("a").unwrap().as_deref(), Some("peer-b"));
 
     // When the agent comes back, it lives here again and the pointer goes.
-    assert_eq!(store.accept_arrival(&agent("a", 7)).unwrap(), Arrival::New);
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&agent("a", 7))).unwrap(),
+        Arrival::New
+    );
     assert_eq!(store.forward("a").unwrap(), None);
     assert_eq!(store.agent("a").unwrap(), Some(agent("a", 7)));
 }
@@ -742,8 +794,8 @@ fn complete_departure_removes_agent_and_leaves_forward() {
 fn complete_departure_by_completes_only_the_hop_named() {
     let (_dir, _path, store) = temp_store(Durability::NoSync);
     let rec = leaving_for_peer_b("a");
-    store.put_agent(&rec).unwrap();
-    store.put_agent(&agent("ready", 2)).unwrap();
+    store.batch(|b| b.put_agent(&rec)).unwrap();
+    store.batch(|b| b.put_agent(&agent("ready", 2))).unwrap();
 
     // Another hop, an agent that is not leaving, or none at all: nothing is written.
     for (id, hop) in [("a", 3), ("ready", 2), ("missing", 2)] {
@@ -770,41 +822,47 @@ fn message_fifo_order_across_reopen() {
     let (_dir, path, store) = temp_store(Durability::Fsync);
     let mut seqs = Vec::new();
     for i in 0..5u8 {
-        seqs.push(store.push_message("a", &[i]).unwrap());
-        store.push_message("b", &[100 + i]).unwrap();
+        seqs.push(store.batch(|b| b.push_message("a", &[i])).unwrap());
+        store.batch(|b| b.push_message("b", &[100 + i])).unwrap();
     }
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(store.message_count("a").unwrap(), 5);
-    assert_eq!(store.pop_message("a").unwrap(), Some(vec![0]));
+    assert_eq!(store.batch(|b| b.pop_message("a")).unwrap(), Some(vec![0]));
     drop(store);
 
     let store = Store::open(&path, Durability::Fsync).unwrap();
-    assert_eq!(store.pop_message("a").unwrap(), Some(vec![1]));
+    assert_eq!(store.batch(|b| b.pop_message("a")).unwrap(), Some(vec![1]));
     // Sequence numbers keep growing after a reopen.
-    let after = store.push_message("a", &[5]).unwrap();
+    let after = store.batch(|b| b.push_message("a", &[5])).unwrap();
     assert!(after > *seqs.last().unwrap());
     assert_eq!(
-        store.take_messages("a").unwrap(),
+        store.batch(|b| b.take_messages("a")).unwrap(),
         vec![vec![2], vec![3], vec![4], vec![5]]
     );
-    assert_eq!(store.pop_message("a").unwrap(), None);
-    assert!(store.take_messages("a").unwrap().is_empty());
+    assert_eq!(store.batch(|b| b.pop_message("a")).unwrap(), None);
+    assert!(store.batch(|b| b.take_messages("a")).unwrap().is_empty());
     assert_eq!(store.message_count("a").unwrap(), 0);
     // Another agent's queue, and ids that are prefixes of each other, stay apart.
-    store.push_message("", b"empty id").unwrap();
-    store.push_message("bb", b"bb").unwrap();
+    store.batch(|b| b.push_message("", b"empty id")).unwrap();
+    store.batch(|b| b.push_message("bb", b"bb")).unwrap();
     assert_eq!(
-        store.take_messages("b").unwrap(),
+        store.batch(|b| b.take_messages("b")).unwrap(),
         (100..105).map(|i| vec![i]).collect::<Vec<_>>()
     );
-    assert_eq!(store.take_messages("").unwrap(), vec![b"empty id".to_vec()]);
-    assert_eq!(store.take_messages("bb").unwrap(), vec![b"bb".to_vec()]);
+    assert_eq!(
+        store.batch(|b| b.take_messages("")).unwrap(),
+        vec![b"empty id".to_vec()]
+    );
+    assert_eq!(
+        store.batch(|b| b.take_messages("bb")).unwrap(),
+        vec![b"bb".to_vec()]
+    );
 }
 
 #[test]
 fn batch_commits_everything_together() {
     let (_dir, _path, store) = temp_store(Durability::Fsync);
-    store.put_agent(&agent("a", 1)).unwrap();
+    store.batch(|b| b.put_agent(&agent("a", 1))).unwrap();
     let seq = store
         .batch(|b| {
             let mut rec = b.agent("a")?.expect("agent a");
@@ -827,7 +885,10 @@ fn batch_commits_everything_together() {
     assert_eq!(store.result("a").unwrap().as_deref(), Some(&b"r"[..]));
     assert_eq!(store.location("a").unwrap().as_deref(), Some("peer-1"));
     assert!(store.has_seen("z", 1).unwrap());
-    assert_eq!(store.take_messages("a").unwrap(), vec![b"m2".to_vec()]);
+    assert_eq!(
+        store.batch(|b| b.take_messages("a")).unwrap(),
+        vec![b"m2".to_vec()]
+    );
     assert_eq!(store.forward("gone").unwrap().as_deref(), Some("peer-2"));
     assert!(seq > 0);
 }
@@ -835,8 +896,8 @@ fn batch_commits_everything_together() {
 #[test]
 fn batch_error_leaves_nothing_written() {
     let (_dir, _path, store) = temp_store(Durability::Fsync);
-    store.put_agent(&agent("a", 1)).unwrap();
-    store.push_message("a", b"kept").unwrap();
+    store.batch(|b| b.put_agent(&agent("a", 1))).unwrap();
+    store.batch(|b| b.push_message("a", b"kept")).unwrap();
 
     let err = store
         .batch(|b| {
@@ -856,19 +917,25 @@ fn batch_error_leaves_nothing_written() {
 
     assert!(!store.has_package(&[5; 32]).unwrap());
     assert_eq!(store.agents().unwrap(), vec![agent("a", 1)]);
-    assert_eq!(store.take_messages("a").unwrap(), vec![b"kept".to_vec()]);
+    assert_eq!(
+        store.batch(|b| b.take_messages("a")).unwrap(),
+        vec![b"kept".to_vec()]
+    );
     assert!(!store.has_seen("z", 1).unwrap());
     assert_eq!(store.forward("a").unwrap(), None);
     assert_eq!(store.location("a").unwrap(), None);
     assert_eq!(store.result("a").unwrap(), None);
     // The store still works after the aborted batch.
-    assert_eq!(store.accept_arrival(&agent("z", 1)).unwrap(), Arrival::New);
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&agent("z", 1))).unwrap(),
+        Arrival::New
+    );
 }
 
 #[test]
 fn corrupt_agent_record_is_an_error_not_a_panic() {
     let (_dir, path, store) = temp_store(Durability::NoSync);
-    store.put_agent(&agent("good", 0)).unwrap();
+    store.batch(|b| b.put_agent(&agent("good", 0))).unwrap();
     drop(store);
     write_raw(&path, "agents", "bad", b"\xff\x00garbage");
 
@@ -890,7 +957,7 @@ fn corrupt_agent_record_is_an_error_not_a_panic() {
     assert!(matches!(store.agent("bad"), Err(StoreError::Decode { .. })));
     // Other records are still readable, and the bad one can be replaced.
     assert_eq!(store.agent("good").unwrap(), Some(agent("good", 0)));
-    store.put_agent(&agent("bad", 1)).unwrap();
+    store.batch(|b| b.put_agent(&agent("bad", 1))).unwrap();
     assert_eq!(store.agents().unwrap().len(), 2);
 }
 
@@ -929,7 +996,7 @@ fn ten_thousand_agents_stored_and_listed() {
     let (_dir, path, store) = temp_store(Durability::NoSync);
     for i in 0..10_000u64 {
         store
-            .put_agent(&agent(&format!("agent-{i:05}"), i))
+            .batch(|b| b.put_agent(&agent(&format!("agent-{i:05}"), i)))
             .unwrap();
     }
     let all = store.agents().unwrap();
@@ -954,7 +1021,7 @@ fn clones_write_from_many_threads() {
             let store = store.clone();
             std::thread::spawn(move || {
                 (0..100u8)
-                    .map(|i| store.push_message("a", &[t, i]).unwrap())
+                    .map(|i| store.batch(|b| b.push_message("a", &[t, i])).unwrap())
                     .collect::<Vec<_>>()
             })
         })
@@ -966,7 +1033,7 @@ fn clones_write_from_many_threads() {
     seqs.sort_unstable();
     seqs.dedup();
     assert_eq!(seqs.len(), 400);
-    let messages = store.take_messages("a").unwrap();
+    let messages = store.batch(|b| b.take_messages("a")).unwrap();
     assert_eq!(messages.len(), 400);
     // Each thread's messages come out in the order that thread pushed them.
     for t in 0..4u8 {
@@ -1089,7 +1156,7 @@ fn concurrent_writes_all_land_in_order_and_answer_their_caller() {
             }
             all
         });
-        let messages = store.take_messages("a").unwrap();
+        let messages = store.batch(|b| b.take_messages("a")).unwrap();
         assert_eq!(messages.len(), usize::from(TASKS) * usize::from(OPS));
         for t in 0..TASKS {
             let mine: Vec<u8> = messages
@@ -1339,6 +1406,90 @@ fn a_hand_off_refused_by_a_shut_down_runtime_does_not_wedge_the_store() {
 }
 
 #[test]
+fn a_write_refused_a_blocking_thread_by_a_shut_down_current_thread_runtime_is_abandoned() {
+    let (_dir, _path, store) = temp_store(Durability::Fsync);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    runtime.shutdown_background();
+    // With fsync, on a current-thread runtime the leader hands even its own write to a
+    // blocking thread, which this runtime refuses: the write says it was not run.
+    let entered = handle.enter();
+    match futures::executor::block_on(store.write(|b| b.put_result("refused", b"r"))) {
+        Err(StoreError::BatchAborted(cause)) => assert!(cause.contains("stopped"), "{cause}"),
+        other => panic!("expected BatchAborted, got {other:?}"),
+    }
+    drop(entered);
+    assert_eq!(store.result("refused").unwrap(), None);
+    // The leadership was released with it.
+    futures::executor::block_on(store.write(|b| b.put_result("after", b"r"))).unwrap();
+    assert!(store.result("after").unwrap().is_some());
+}
+
+/// A wait for the closure of a store write: it says it started, which wakes a task spawned on
+/// `runtime`, then waits (10 s at most) for that task to run; true if it did.
+fn wait_for_a_task(runtime: &tokio::runtime::Runtime) -> impl FnOnce() -> bool + Send + 'static {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ran_tx, ran_rx) = mpsc::channel::<()>();
+    runtime.spawn(async move {
+        if started_rx.await.is_ok() {
+            let _ = ran_tx.send(());
+        }
+    });
+    move || {
+        let _ = started_tx.send(());
+        ran_rx.recv_timeout(Duration::from_secs(10)).is_ok()
+    }
+}
+
+#[test]
+fn a_write_waits_for_the_disk_off_the_threads_of_its_runtime() {
+    // Each runtime has one thread for tasks: if a write waited on it, the other task could not
+    // run until the write was done. (Without fsync, a commit waits for no disk and runs there.)
+    let (_dir, _path, store) = temp_store(Durability::Fsync);
+    let runtimes = [
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap(),
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap(),
+    ];
+    for runtime in &runtimes {
+        let flavor = runtime.handle().runtime_flavor();
+        let wait = wait_for_a_task(runtime);
+        let writer = store.clone();
+        let write = runtime.spawn(async move {
+            writer
+                .write(move |b| {
+                    let ran = wait();
+                    b.put_result("written", b"r")?;
+                    Ok(ran)
+                })
+                .await
+        });
+        let ran = runtime.block_on(write).unwrap().unwrap();
+        assert!(ran, "{flavor:?}: a write held the runtime's thread");
+    }
+    // A batch from a task on a multi-thread runtime, too.
+    let wait = wait_for_a_task(&runtimes[0]);
+    let writer = store.clone();
+    let batch = runtimes[0].spawn(async move {
+        writer.batch(|b| {
+            let ran = wait();
+            b.put_result("batched", b"r")?;
+            Ok(ran)
+        })
+    });
+    let ran = runtimes[0].block_on(batch).unwrap().unwrap();
+    assert!(ran, "a batch held the runtime's worker");
+    assert!(store.result("written").unwrap().is_some());
+    assert!(store.result("batched").unwrap().is_some());
+}
+
+#[test]
 fn writes_queued_while_a_leader_commits_are_not_lost() {
     // Many short rounds of a few racing writers: a write queued just as the leader finds the
     // queue empty must still be committed (a lost wake-up would hang a round).
@@ -1374,7 +1525,9 @@ fn writes_queued_while_a_leader_commits_are_not_lost() {
             std::thread::spawn(move || {
                 for i in 0..500u32 {
                     if i % 5 == 0 {
-                        store.put_result(&format!("sync-{t}-{i}"), b"r").unwrap();
+                        store
+                            .batch(|b| b.put_result(&format!("sync-{t}-{i}"), b"r"))
+                            .unwrap();
                     } else {
                         futures::executor::block_on(
                             store.write(move |b| b.put_result(&format!("t-{t}-{i}"), b"r")),
@@ -1481,9 +1634,13 @@ fn arrive(store: &Store, id: &str, hop: u64, envelope: [u8; 32], carried: &[&[u8
 fn an_arrival_commits_or_is_dropped_by_its_envelope_only() {
     let (_dir, _path, store) = temp_store(Durability::NoSync);
     let (first, second, other) = ([1; 32], [2; 32], [7; 32]);
-    store.complete_departure("a", "peer-c").unwrap();
+    store
+        .batch(|b| b.complete_departure("a", "peer-c"))
+        .unwrap();
     assert_eq!(arrive(&store, "a", 2, first, &[b"carried"]), Arrival::New);
-    store.push_message("a", b"arrived later").unwrap();
+    store
+        .batch(|b| b.push_message("a", b"arrived later"))
+        .unwrap();
     let meta = store.agent_meta("a").unwrap().unwrap();
     assert!(meta.arriving_by(&first) && !meta.arriving_by(&other));
 

@@ -897,23 +897,24 @@ pub mod ctl {
         )
     }
 
-    /// The status of the node at `addr`.
+    /// The status of the node at `addr`, asked as `tern status` asks it (through
+    /// [`platform::client::Client`]).
     ///
     /// # Panics
     ///
     /// The node does not answer within 20 s.
     pub fn status(addr: &str) -> StatusReport {
         crate::runtime().block_on(async {
-            let p = peer(addr);
-            let reply =
-                tokio::time::timeout(Duration::from_secs(20), p.control(&ControlRequest::Status))
+            let addr = addr.parse().expect("a node address");
+            let report = tokio::time::timeout(Duration::from_secs(20), async {
+                platform::client::Client::connect(&addr)
+                    .await?
+                    .status()
                     .await
-                    .expect("status: timed out")
-                    .0;
-            match reply {
-                ControlReply::Status(s) => s,
-                other => panic!("status: unexpected reply {other:?}"),
-            }
+            })
+            .await
+            .expect("status: timed out");
+            report.unwrap_or_else(|e| panic!("status: {e}"))
         })
     }
 

@@ -129,11 +129,11 @@ impl Mesh {
         // target drops its copy right after honest acknowledged, which may be just after the
         // agent finished there.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !self.target.status().agents.is_empty() {
+        while !self.target.status().expect("status").agents.is_empty() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "target still holds {:?}",
-                self.target.status().agents
+                self.target.status().expect("status").agents
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -346,7 +346,7 @@ fn an_envelope_signed_by_another_key_than_the_connections_is_refused() {
         refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
             matches!(r, HopRefusal::Verification(_))
         });
-        assert!(mesh.target.status().agents.is_empty());
+        assert!(mesh.target.status().expect("status").agents.is_empty());
         assert!(raw.ended().is_empty());
         mesh.still_serves().await;
     });
@@ -406,7 +406,7 @@ fn an_interrupted_hop_leaves_no_trace_and_can_be_sent_again() {
             &continuation[..continuation.len() / 2],
         )
         .await;
-        assert!(mesh.target.status().agents.is_empty());
+        assert!(mesh.target.status().expect("status").agents.is_empty());
         // Not recorded as seen: the whole hop goes through afterwards.
         stored_on_a_new_stream(&raw, &offer, &continuation).await;
         mesh.still_serves().await;
@@ -449,11 +449,11 @@ fn an_inline_continuation_is_checked_like_a_raw_one_and_one_stream_serves_many_o
 /// Waits (up to 20 s) until the node holds no agent.
 async fn no_agent_left(mesh: &Mesh) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !mesh.target.status().agents.is_empty() {
+    while !mesh.target.status().expect("status").agents.is_empty() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{:?}",
-            mesh.target.status()
+            mesh.target.status().expect("status")
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -471,7 +471,7 @@ fn a_continuation_runs_only_after_the_source_commits() {
             &send_hop_deciding(&mut s, &offer, &continuation, HopDecision::Abort(why)).await,
             |r| matches!(r, HopRefusal::SourceAborted(why) if why.contains("disk full")),
         );
-        assert!(mesh.target.status().agents.is_empty());
+        assert!(mesh.target.status().expect("status").agents.is_empty());
         // The bytes, then silence: the node keeps the agent as arriving, asks the source, which
         // has no departure record of that hop, and drops it.
         send_then_close(&mut s, &offer, &continuation).await;
@@ -535,7 +535,7 @@ fn an_offer_its_sender_was_told_is_not_held_cannot_arrive_later() {
         refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
             *r == HopRefusal::Abandoned
         });
-        assert!(mesh.target.status().agents.is_empty());
+        assert!(mesh.target.status().expect("status").agents.is_empty());
         mesh.still_serves().await;
     });
 }
@@ -559,7 +559,7 @@ fn a_push_from_a_peer_not_in_accept_from_is_refused() {
         refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
             matches!(r, HopRefusal::PeerNotAccepted { .. })
         });
-        assert!(mesh.target.status().agents.is_empty());
+        assert!(mesh.target.status().expect("status").agents.is_empty());
         mesh.still_serves().await;
     });
 }
@@ -592,7 +592,7 @@ fn a_pulled_package_that_is_not_the_announced_one_is_refused() {
         refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
             matches!(r, HopRefusal::UntrustedPackage(_))
         });
-        assert!(mesh.target.status().agents.is_empty());
+        assert!(mesh.target.status().expect("status").agents.is_empty());
         mesh.still_serves().await;
     });
 }

@@ -97,7 +97,7 @@ fn code_is_pulled_once_and_then_cached() {
         // A second agent of the same package finds it cached on node-1.
         let (_, end) = mesh.run(package).await.unwrap();
         assert_eq!(finished(end).0, "3");
-        let status = mesh.nodes()[1].status();
+        let status = mesh.nodes()[1].status().expect("status");
         assert!(status.agents.is_empty());
     });
 }
@@ -200,6 +200,7 @@ fn a_message_reaches_a_resident_agent_from_another_node() {
         let n0 = mesh.nodes()[0].clone();
         eventually(|| {
             n0.status()
+                .expect("status")
                 .agents
                 .iter()
                 .any(|a| a.id == agent && a.state == "waiting")
@@ -242,6 +243,7 @@ fn a_message_follows_an_agent_that_moved_on_twice() {
         let n2 = mesh.nodes()[2].clone();
         eventually(|| {
             n2.status()
+                .expect("status")
                 .agents
                 .iter()
                 .any(|a| a.id == agent && a.state == "waiting")
@@ -358,6 +360,7 @@ fn an_agent_can_message_another_agent() {
         let n1 = mesh.nodes()[1].clone();
         eventually(|| {
             n1.status()
+                .expect("status")
                 .agents
                 .iter()
                 .any(|a| a.id == receiver_id && a.state == "waiting")

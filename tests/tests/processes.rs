@@ -72,6 +72,31 @@ fn three_node_processes_run_agents_report_status_and_survive_a_restart() {
     .expect_code(0);
     assert_eq!(out.last_line(), r#"["alpha",3,["beta","gamma","alpha"]]"#);
 
+    // Status reads the node's event stream: beta stored the first hop and committed the second.
+    let b = nodes[1].status();
+    let counts = &b["activity"]["counts"];
+    assert!(
+        counts["hops_stored"].as_u64() >= Some(1),
+        "status of beta: {b}"
+    );
+    assert!(
+        counts["hops_committed"].as_u64() >= Some(1),
+        "status of beta: {b}"
+    );
+    let recent: Vec<&str> = b["activity"]["recent"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|e| e["event"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        recent.iter().any(|e| e.starts_with("stored hop 1 of ")),
+        "recent events of beta: {recent:?}"
+    );
+    // (The count follows the event stream, which may trail the answer to `launch` a little.)
+    wait_for("alpha to count the finished agent", QUICK, || {
+        let a = nodes[0].status();
+        (a["activity"]["counts"]["agents_finished"].as_u64() >= Some(1)).then_some(())
+    });
+
     // A failing agent: exit 1, the node and the line on stderr.
     let failing = pack(
         dir.path(),

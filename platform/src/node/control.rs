@@ -14,7 +14,7 @@ use super::mailbox::Wake;
 use super::routing::{route, Undelivered};
 use super::runner::{deliver_end, launch};
 use super::{hex, Shared};
-use crate::store::AgentState;
+use crate::store::{AgentState, StoreError};
 use crate::wire::{
     read_frame, write_frame, AgentEnd, AgentStatus, ControlRefusal, ControlReply, ControlRequest,
     StatusReport, WireError, CONTROL_PROTOCOL, MAX_FRAME,
@@ -102,10 +102,19 @@ async fn answer(
         } => on_deliver(shared, stream, &agent, message, ttl, probe).await,
         ControlRequest::Result { agent } => write_frame(stream, &on_result(shared, &agent)).await,
         ControlRequest::Location { agent, node } => {
-            let _ = shared.store.set_location(&agent, &node);
+            let _ = shared
+                .store
+                .write(move |b| b.set_location(&agent, &node))
+                .await;
             write_frame(stream, &ControlReply::Ok).await
         }
-        ControlRequest::Status => write_frame(stream, &ControlReply::Status(status(shared))).await,
+        ControlRequest::Status => {
+            let reply = match status(shared) {
+                Ok(report) => ControlReply::Status(report),
+                Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
+            };
+            write_frame(stream, &reply).await
+        }
         ControlRequest::Ended { agent, end } => {
             deliver_end(shared, &agent, end);
             write_frame(stream, &ControlReply::Ok).await
@@ -197,8 +206,9 @@ fn on_result(shared: &Shared, agent: &str) -> ControlReply {
     }
 }
 
-/// `Status`: this node's peers, agents and forwarding pointers.
-pub(super) fn status(shared: &Shared) -> StatusReport {
+/// `Status`: this node's peers, agents, forwarding pointers and recent activity (an error if the store cannot be
+/// read: an unreadable store is not an empty one).
+pub(super) fn status(shared: &Shared) -> Result<StatusReport, StoreError> {
     let peers = shared
         .peers
         .names()
@@ -208,8 +218,7 @@ pub(super) fn status(shared: &Shared) -> StatusReport {
         .collect();
     let agents = shared
         .store
-        .agent_metas()
-        .unwrap_or_default()
+        .agent_metas()?
         .into_iter()
         .map(|r| AgentStatus {
             id: r.id,
@@ -234,16 +243,16 @@ pub(super) fn status(shared: &Shared) -> StatusReport {
         .collect();
     let forwards = shared
         .store
-        .forwards()
-        .unwrap_or_default()
+        .forwards()?
         .into_iter()
         .map(|(a, to)| (a, shared.peers.name_of(&to)))
         .collect();
-    StatusReport {
+    Ok(StatusReport {
         name: shared.peers.local_name().to_string(),
         peer_id: shared.peers.local_text().to_string(),
         peers,
         agents,
         forwards,
-    }
+        activity: shared.activity.snapshot(),
+    })
 }

@@ -163,7 +163,7 @@ impl EventLoop {
         self.shared.inbound.forget(&peer);
         self.shared.outbound.forget(&peer);
         if named {
-            self.shared.events.emit(|| NodeEvent::PeerDown { peer });
+            self.shared.events.emit(NodeEvent::PeerDown { peer });
         }
     }
 
@@ -192,7 +192,7 @@ impl EventLoop {
         }
         match reaction.learned {
             Some(Learned::PeerNamed { peer, name }) => {
-                self.shared.events.emit(|| NodeEvent::PeerUp { peer, name });
+                self.shared.events.emit(NodeEvent::PeerUp { peer, name });
             }
             Some(Learned::Providers {
                 query,

@@ -11,6 +11,9 @@ use crate::wire::{AgentEnd, HopRefusal};
 /// Events kept for a subscriber that has not read them yet.
 pub const EVENT_BUFFER: usize = 4096;
 
+/// Characters of an agent's result that an event's text shows.
+const RESULT_SHOWN: usize = 80;
+
 /// One thing that happened on a node.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -117,6 +120,73 @@ pub enum NodeEvent {
     },
 }
 
+impl std::fmt::Display for NodeEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PeerUp { peer, name } => write!(f, "peer {name} up ({peer})"),
+            Self::PeerDown { peer } => write!(f, "peer {peer} down"),
+            Self::AgentLaunched { agent, package } => {
+                let short = &package[..package.len().min(16)];
+                write!(f, "launched {agent} (package {short})")
+            }
+            Self::HopOffered {
+                agent,
+                hop,
+                to,
+                bytes,
+            } => write!(f, "offered hop {hop} of {agent} to {to} ({bytes} bytes)"),
+            Self::HopStored {
+                agent,
+                hop,
+                from,
+                bytes,
+                micros,
+                ..
+            } => write!(
+                f,
+                "stored hop {hop} of {agent} from {from} ({bytes} bytes, {micros} µs)"
+            ),
+            Self::HopCommitted { agent, hop, to } => {
+                write!(f, "hop {hop} of {agent} committed: {to} holds it")
+            }
+            Self::HopRefused {
+                agent,
+                hop,
+                from,
+                reason,
+            } => match (agent, hop) {
+                (Some(agent), Some(hop)) => {
+                    write!(f, "refused hop {hop} of {agent} from {from}: {reason}")
+                }
+                _ => write!(f, "refused a hop from {from}: {reason}"),
+            },
+            Self::HopFailed { agent, to, reason } => {
+                write!(f, "hop of {agent} to {to} failed: {reason}")
+            }
+            Self::AgentResumed { agent, hop: 0 } => write!(f, "{agent} running"),
+            Self::AgentResumed { agent, hop } => {
+                write!(f, "{agent} running (arrived by hop {hop})")
+            }
+            Self::MessageQueued { agent } => write!(f, "message queued for {agent}"),
+            Self::MessageDelivered { agent } => write!(f, "{agent} received a message"),
+            Self::AgentEnded { agent, end } => match end {
+                AgentEnd::Finished { json, node, .. } => {
+                    // A result can be large: its beginning says enough here.
+                    match json.char_indices().nth(RESULT_SHOWN) {
+                        Some((cut, _)) => {
+                            write!(f, "{agent} finished on {node}: {}…", &json[..cut])
+                        }
+                        None => write!(f, "{agent} finished on {node}: {json}"),
+                    }
+                }
+                AgentEnd::Failed { error, node, .. } => {
+                    write!(f, "{agent} failed on {node}: {error}")
+                }
+            },
+        }
+    }
+}
+
 /// The sending side of a node's events (a cheap `Clone`: every part of the node that reports
 /// holds one).
 #[derive(Clone)]
@@ -133,13 +203,10 @@ impl Default for Events {
 }
 
 impl Events {
-    /// Publishes the event `make` builds, built only if anyone listens (events sit on the hot
-    /// path of every hop).
-    pub(super) fn emit(&self, make: impl FnOnce() -> NodeEvent) {
-        if self.sender.receiver_count() > 0 {
-            // A subscriber that left meanwhile is not an error.
-            let _ = self.sender.send(make());
-        }
+    /// Publishes `event` (the node's own [`super::activity`] log always listens).
+    pub(super) fn emit(&self, event: NodeEvent) {
+        // No subscriber (the node stopping, a unit test) is not an error.
+        let _ = self.sender.send(event);
     }
 
     /// A new subscriber: it sees every event from now on.

@@ -78,7 +78,7 @@ impl Mailboxes {
     /// Wakes the agent a delivered message was queued for (see [`Wake`]).
     pub(super) fn wake(&self, wake: Wake) {
         if let Some(agent) = wake.0 {
-            self.events.emit(|| NodeEvent::MessageQueued {
+            self.events.emit(NodeEvent::MessageQueued {
                 agent: agent.clone(),
             });
             self.notify_of(&agent).notify_one();
@@ -216,7 +216,7 @@ impl Mailboxes {
                         rec.continuation = continuation;
                     }
                 }
-                self.events.emit(|| NodeEvent::MessageDelivered {
+                self.events.emit(NodeEvent::MessageDelivered {
                     agent: rec.id.clone(),
                 });
                 Ok(Some(message))

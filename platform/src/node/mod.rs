@@ -18,6 +18,7 @@
 //!   the runtime, so a busy agent never stalls networking);
 //! - [`peers`]: names, keys and ids of this node and its peers;
 //! - [`events`]: what happens, as typed [`NodeEvent`]s on one broadcast channel;
+//! - [`activity`]: the counts and latest events `tern status` shows, folded from that channel;
 //! - [`tasks`]: every task the node spawns, stopped with it;
 //! - [`fault`]: the crash tests' fault points.
 //!
@@ -48,13 +49,14 @@ use libp2p::{identity, Multiaddr, PeerId, StreamProtocol};
 use security::{SecretKey, TrustPolicy, VerifiedPackage};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::store::{AgentMeta, AgentState, Durability, Store};
+use crate::store::{AgentMeta, AgentState, Durability, Store, StoreError};
 use crate::verifier::BatchVerifier;
 use crate::wire::{
     AgentEnd, ControlRefusal, StatusReport, CONTROL_PROTOCOL, HOP_PROTOCOL, PACKAGE_PROTOCOL,
 };
 
 mod accept;
+mod activity;
 mod control;
 mod event_loop;
 mod events;
@@ -72,6 +74,7 @@ pub use events::{NodeEvent, EVENT_BUFFER};
 pub use routing::{SendError, Undelivered};
 
 use accept::{accept_loop, InboundLimits, Protocol};
+use activity::ActivityLog;
 use event_loop::{EventLoop, NodeBehaviour, SwarmCommand};
 use events::Events;
 use fault::Faults;
@@ -131,6 +134,7 @@ struct Shared {
     /// Checks the signatures of arriving hops in batches.
     verifier: BatchVerifier,
     events: Events,
+    activity: ActivityLog,
     tasks: NodeTasks,
     /// Opens streams to peers (cloneable; no round trip through the swarm's task).
     control: libp2p_stream::Control,
@@ -257,11 +261,13 @@ impl Node {
             departures: Departures::default(),
             verifier: BatchVerifier::default(),
             events,
+            activity: ActivityLog::default(),
             tasks: NodeTasks::default(),
             control,
             commands,
         });
         let tasks = &shared.tasks;
+        tasks.spawn(shared.activity.clone().follow(shared.events.subscribe()));
         let (listening_tx, listening_rx) = oneshot::channel();
         tasks.spawn(
             EventLoop::new(swarm, shared.clone(), command_rx, directory, listening_tx).run(),
@@ -378,7 +384,11 @@ impl NodeHandle {
     }
 
     /// This node's status.
-    pub fn status(&self) -> StatusReport {
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub fn status(&self) -> Result<StatusReport, StoreError> {
         control::status(&self.shared)
     }
 

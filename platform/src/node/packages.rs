@@ -94,9 +94,11 @@ pub(super) async fn ensure_package(
             pulled.ok_or(first_error)?
         }
     };
+    let key = *hash.as_bytes();
     shared
         .store
-        .put_package(hash.as_bytes(), &bytes)
+        .write(move |b| b.put_package(&key, &bytes))
+        .await
         .map_err(|e| HopRefusal::StoreWrite(e.to_string()))?;
     let _ = shared
         .commands

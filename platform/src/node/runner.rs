@@ -64,7 +64,7 @@ pub(super) fn launch(
     let hash = package.hash();
     shared
         .store
-        .put_package(hash.as_bytes(), &package.to_bytes())
+        .batch(|b| b.put_package(hash.as_bytes(), &package.to_bytes()))
         .map_err(|e| ControlRefusal::Store(e.to_string()))?;
     shared
         .loaded(hash.as_bytes())
@@ -91,10 +91,12 @@ pub(super) fn launch(
     };
     shared
         .store
-        .put_agent(&rec)
+        .batch(|b| {
+            b.put_agent(&rec)?;
+            b.set_location(&id, &me)
+        })
         .map_err(|e| ControlRefusal::Store(e.to_string()))?;
-    let _ = shared.store.set_location(&id, &me);
-    shared.events.emit(|| NodeEvent::AgentLaunched {
+    shared.events.emit(NodeEvent::AgentLaunched {
         agent: id.clone(),
         package: hex(hash.as_bytes()),
     });
@@ -128,7 +130,7 @@ pub(super) fn spawn_runner(
             None => load_runnable(&runner, &key.0, key.1).await,
         };
         if let Some(state) = state {
-            runner.events.emit(|| NodeEvent::AgentResumed {
+            runner.events.emit(NodeEvent::AgentResumed {
                 agent: key.0.clone(),
                 hop: key.1,
             });
@@ -314,7 +316,7 @@ pub(super) async fn finish(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEn
         .await
         .unwrap_or(end);
     shared.mailboxes.forget(&rec.id);
-    shared.events.emit(|| NodeEvent::AgentEnded {
+    shared.events.emit(NodeEvent::AgentEnded {
         agent: rec.id.clone(),
         end: end.clone(),
     });
@@ -370,7 +372,9 @@ pub(super) fn ciborium_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
 /// An agent of this home node ended (here or elsewhere): keep its end for `tern result`, and
 /// tell whoever waits for it.
 pub(super) fn deliver_end(shared: &Shared, agent: &str, end: AgentEnd) {
-    let _ = shared.store.put_result(agent, &ciborium_bytes(&end));
+    let _ = shared
+        .store
+        .batch(|b| b.put_result(agent, &ciborium_bytes(&end)));
     if let Some(waiters) = lock(&shared.agents.launchers).remove(agent) {
         for w in waiters {
             let _ = w.send(end.clone());

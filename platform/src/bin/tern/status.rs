@@ -1,6 +1,9 @@
-//! `tern status`: a node's peers, agents and forwarding pointers, as text or JSON.
+//! `tern status`: a node's peers, agents, forwarding pointers and activity (counts of what its
+//! event stream reported since it started, and the latest events), as text or JSON.
 
 use anyhow::Result;
+
+use platform::wire::Activity;
 
 use crate::node_address::NodeAddress;
 
@@ -32,9 +35,10 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
             .iter()
             .map(|(a, n)| serde_json::json!({"agent": a, "to": n}))
             .collect();
+        let activity = serde_json::to_value(&report.activity)?;
         println!(
             "{}",
-            serde_json::json!({"name": report.name, "peer_id": report.peer_id, "peers": peers, "agents": agents, "forwards": forwards})
+            serde_json::json!({"name": report.name, "peer_id": report.peer_id, "peers": peers, "agents": agents, "forwards": forwards, "activity": activity})
         );
     } else {
         println!("node {} ({})", report.name, report.peer_id);
@@ -56,6 +60,46 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
         for (a, n) in &report.forwards {
             println!("  {a} -> {n}");
         }
+        print_activity(&report.activity);
     }
     Ok(())
+}
+
+fn print_activity(activity: &Activity) {
+    let c = &activity.counts;
+    println!(
+        "since start: agents {} launched, {} resumed, {} finished, {} failed; \
+         hops {} offered, {} committed, {} stored, {} refused, {} failed; \
+         messages {} queued, {} delivered; peers {} up, {} down",
+        c.agents_launched,
+        c.agents_resumed,
+        c.agents_finished,
+        c.agents_failed,
+        c.hops_offered,
+        c.hops_committed,
+        c.hops_stored,
+        c.hops_refused,
+        c.hops_failed,
+        c.messages_queued,
+        c.messages_delivered,
+        c.peers_up,
+        c.peers_down,
+    );
+    if activity.missed > 0 {
+        println!(
+            "  ({} events missed while the node was busy)",
+            activity.missed
+        );
+    }
+    println!("recent events (UTC): {}", activity.recent.len());
+    for e in &activity.recent {
+        println!("  {}  {}", time_of_day(e.at_ms), e.event);
+    }
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a unix time in milliseconds.
+fn time_of_day(at_ms: u64) -> String {
+    let ms = at_ms % 1000;
+    let s = (at_ms / 1000) % 86_400;
+    format!("{:02}:{:02}:{:02}.{ms:03}", s / 3600, s / 60 % 60, s % 60)
 }

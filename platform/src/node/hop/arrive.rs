@@ -47,7 +47,7 @@ pub(in crate::node) async fn handle_hop(
             }
             Err(Refusal::Reply(reply)) => {
                 if let HopReply::Refused(reason) = &reply {
-                    shared.events.emit(|| NodeEvent::HopRefused {
+                    shared.events.emit(NodeEvent::HopRefused {
                         agent: claimed.as_ref().map(|(agent, _)| agent.clone()),
                         hop: claimed.as_ref().map(|(_, hop)| *hop),
                         from: shared.peers.name_of_peer(&peer),
@@ -256,7 +256,7 @@ pub(in crate::node) async fn receive_hop(
     }
     // Reported by the destination, before the agent runs here: a trace line never races the
     // agent's end.
-    shared.events.emit(|| NodeEvent::HopStored {
+    shared.events.emit(NodeEvent::HopStored {
         agent: rec.id.clone(),
         hop: rec.hop,
         from: shared.peers.name_of_peer(&peer),

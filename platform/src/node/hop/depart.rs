@@ -258,7 +258,7 @@ pub(in crate::node) async fn hop(
         // with the offer (one message instead of two, and one write at the destination).
         let _ = recorded.clone().await;
     }
-    shared.events.emit(|| NodeEvent::HopOffered {
+    shared.events.emit(NodeEvent::HopOffered {
         agent: rec.id.clone(),
         hop: next_hop,
         to: shared.peers.name_of_peer(&dest),
@@ -268,7 +268,7 @@ pub(in crate::node) async fn hop(
     let result = match (outcome, recorded.await) {
         (SendOutcome::Owned, Ok(())) => {
             shared.faults.die_at(FaultPoint::SourceAfterAck);
-            shared.events.emit(|| NodeEvent::HopCommitted {
+            shared.events.emit(NodeEvent::HopCommitted {
                 agent: rec.id.clone(),
                 hop: next_hop,
                 to: shared.peers.name_of_peer(&dest),
@@ -308,7 +308,7 @@ pub(in crate::node) async fn hop(
         }
     };
     if let Err(reason) = &result {
-        shared.events.emit(|| NodeEvent::HopFailed {
+        shared.events.emit(NodeEvent::HopFailed {
             agent: rec.id.clone(),
             to: to.to_string(),
             reason: reason.clone(),
@@ -345,9 +345,12 @@ pub(in crate::node) fn continuation_hash(continuation: &[u8]) -> [u8; 32] {
 /// metadata, when the departure record kept its continuation).
 pub(in crate::node) fn stay(shared: &Shared, rec: &AgentRecord, continuation_kept: bool) {
     let restored = if continuation_kept {
-        shared.store.put_agent_meta(&rec.meta).map(drop)
+        shared
+            .store
+            .batch(|b| b.put_agent_meta(&rec.meta))
+            .map(drop)
     } else {
-        shared.store.put_agent(rec)
+        shared.store.batch(|b| b.put_agent(rec))
     };
     if let Err(e) = restored {
         tracing::error!(agent = %rec.id, "cannot restore the agent after a failed hop: {e}");

@@ -73,10 +73,14 @@ pub(in crate::node) async fn recover_departure(shared: Arc<Shared>, rec: AgentMe
         return;
     };
     let Ok(dest) = to.parse::<PeerId>() else {
-        let _ = shared.store.put_agent_meta(&AgentMeta {
+        let restored = AgentMeta {
             state: checkpoint.map_or(AgentState::Ready, |state| *state),
             ..rec.clone()
-        });
+        };
+        let _ = shared
+            .store
+            .write(move |b| b.put_agent_meta(&restored))
+            .await;
         return spawn_agent(&shared, rec.id.clone(), rec.hop);
     };
     let mut delay = Duration::from_millis(200);
@@ -89,7 +93,7 @@ pub(in crate::node) async fn recover_departure(shared: Arc<Shared>, rec: AgentMe
         };
         if let Some(held) = resolve_departure(&shared, &sent, true).await {
             if held {
-                shared.events.emit(|| NodeEvent::HopCommitted {
+                shared.events.emit(NodeEvent::HopCommitted {
                     agent: rec.id.clone(),
                     hop,
                     to: shared.peers.name_of(&to),
@@ -113,7 +117,8 @@ pub(in crate::node) async fn recover_departure(shared: Arc<Shared>, rec: AgentMe
                     state,
                     ..rec.clone()
                 };
-                let _ = shared.store.put_agent_meta(&back);
+                let stored = back.clone();
+                let _ = shared.store.write(move |b| b.put_agent_meta(&stored)).await;
                 spawn_runner(&shared, back.id, back.hop, first, None);
             }
             return;

@@ -1,0 +1,280 @@
+//! Both sides of a hop, made exactly once: the destination accepts an arrival once per hop
+//! (`seen`) and runs it once its source says the hop committed; the source deletes the agent
+//! once the destination holds it, leaving a forwarding pointer (`forwards`) and the hop it left
+//! by (`departed`) for a destination that asks after a crash.
+
+use redb::ReadableTable;
+
+use super::records::get_meta;
+use super::schema::{AGENTS, DEPARTED, FORWARDS, SEEN};
+use super::{AgentMeta, AgentRecord, AgentState, Batch, Store, StoreError};
+
+/// What [`Batch::accept_arrival`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a duplicate arrival must not be run"]
+pub enum Arrival {
+    /// The agent is stored: acknowledge the hop and run it.
+    New,
+    /// This hop (or a later one of the same agent) was already accepted here; nothing was
+    /// written. Acknowledge without running it again.
+    Duplicate,
+}
+
+impl Store {
+    /// Whether this node accepted hop `hop` of agent `id`, or a later one (answers a source
+    /// recovering from a crash in the middle of that hop).
+    ///
+    /// A later one answers too because only the last committed hop of an agent is remembered
+    /// (with any later one still arriving): the table stays one entry per agent instead of
+    /// growing with every hop. That is the answer the source needs: it asks about hop `hop` only
+    /// while its durable departure record says it offered that hop here, and then the agent can
+    /// have gone past `hop` only if this node took it.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn has_seen(&self, id: &str, hop: u64) -> Result<bool, StoreError> {
+        self.read(|txn| seen_from(&txn.open_table(SEEN)?, id, hop))
+    }
+
+    /// The hops of agent `id` this node remembers accepting, oldest first (diagnostics: see
+    /// [`Store::has_seen`] for which are kept).
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn remembered_hops(&self, id: &str) -> Result<Vec<u64>, StoreError> {
+        self.read(|txn| {
+            let seen = txn.open_table(SEEN)?;
+            let mut hops = Vec::new();
+            for entry in seen.range((id, 0)..=(id, u64::MAX))? {
+                hops.push(entry?.0.value().1);
+            }
+            Ok(hops)
+        })
+    }
+
+    /// What an offer of hop `hop` of agent `id` is checked against, from one snapshot: the
+    /// agent's metadata if it is stored here, and [`Store::has_seen`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if the stored record is corrupt, or when the read fails.
+    pub fn arrival_view(
+        &self,
+        id: &str,
+        hop: u64,
+    ) -> Result<(Option<AgentMeta>, bool), StoreError> {
+        self.read(|txn| {
+            let meta = get_meta(&txn.open_table(AGENTS)?, id)?;
+            let seen = seen_from(&txn.open_table(SEEN)?, id, hop)?;
+            Ok((meta, seen))
+        })
+    }
+
+    /// BLAKE3 of the envelope of the hop agent `id` last left this node by, if it ever did.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn departed(&self, id: &str) -> Result<Option<[u8; 32]>, StoreError> {
+        self.read(|txn| Ok(txn.open_table(DEPARTED)?.get(id)?.map(|v| v.value())))
+    }
+
+    /// Where agent `id` went from here, if it left.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn forward(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.read(|txn| {
+            Ok(txn
+                .open_table(FORWARDS)?
+                .get(id)?
+                .map(|v| v.value().to_owned()))
+        })
+    }
+
+    /// Every forwarding pointer, as (agent id, destination), ordered by id.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn forwards(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(|txn| {
+            let t = txn.open_table(FORWARDS)?;
+            t.iter()?
+                .map(|entry| {
+                    let (k, v) = entry?;
+                    Ok((k.value().to_owned(), v.value().to_owned()))
+                })
+                .collect()
+        })
+    }
+}
+
+impl Batch<'_> {
+    /// The destination side of a hop: if this node already accepted hop `rec.hop` of agent
+    /// `rec.id`, or a later one (the offer is stale: the agent has moved past it), returns
+    /// [`Arrival::Duplicate`] and writes nothing. Otherwise stores the agent, remembers
+    /// (`rec.id`, `rec.hop`) as seen (forgetting the agent's older hops if it arrives runnable:
+    /// see [`Store::has_seen`]), drops any forwarding pointer for the agent (it lives here
+    /// again) and returns [`Arrival::New`].
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn accept_arrival(&mut self, rec: &AgentRecord) -> Result<Arrival, StoreError> {
+        let id = rec.id.as_str();
+        let mut seen = self.txn.open_table(SEEN)?;
+        if seen_from(&seen, id, rec.hop)? {
+            return Ok(Arrival::Duplicate);
+        }
+        seen.insert((id, rec.hop), ())?;
+        if rec.state == AgentState::Ready {
+            forget_hops_before(&mut seen, id, rec.hop)?;
+        }
+        drop(seen);
+        self.put_agent(rec)?;
+        self.txn.open_table(FORWARDS)?.remove(id)?;
+        Ok(Arrival::New)
+    }
+
+    /// The source side of a hop once the destination acknowledged it: deletes the agent and
+    /// records the forwarding pointer `id -> to` (and, if its record was
+    /// [`AgentState::Leaving`], the hop's envelope hash as [`Store::departed`]). Messages queued
+    /// for the agent stay queued; take them in the same batch to forward them.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn complete_departure(&mut self, id: &str, to: &str) -> Result<(), StoreError> {
+        let meta = self.agent_meta(id)?;
+        self.depart(id, meta.as_ref(), to)
+    }
+
+    /// [`Batch::complete_departure`] of hop `hop` only: if agent `id` is stored as
+    /// [`AgentState::Leaving`] by that hop, completes its departure and returns its metadata as
+    /// it was; otherwise writes nothing and returns None.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if the stored record is corrupt, or when the write fails.
+    pub fn complete_departure_by(
+        &mut self,
+        id: &str,
+        hop: u64,
+        to: &str,
+    ) -> Result<Option<AgentMeta>, StoreError> {
+        let meta = self.agent_meta(id)?;
+        match &meta {
+            Some(AgentMeta {
+                state: AgentState::Leaving { hop: leaving, .. },
+                ..
+            }) if *leaving == hop => {
+                self.depart(id, meta.as_ref(), to)?;
+                Ok(meta)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Deletes agent `id`, whose metadata this transaction read as `meta`, leaving a forwarding
+    /// pointer to `to` (and the envelope hash of its departure, if it was leaving).
+    fn depart(&mut self, id: &str, meta: Option<&AgentMeta>, to: &str) -> Result<(), StoreError> {
+        if let Some(AgentMeta {
+            state: AgentState::Leaving { envelope, .. },
+            ..
+        }) = meta
+        {
+            self.txn.open_table(DEPARTED)?.insert(id, envelope)?;
+        }
+        self.delete_agent(id)?;
+        self.txn.open_table(FORWARDS)?.insert(id, to)?;
+        Ok(())
+    }
+
+    /// The hop with envelope hash `envelope` committed: agent `id`, stored by it as
+    /// [`AgentState::Arriving`], becomes [`AgentState::Ready`], and any forwarding pointer of
+    /// the agent goes (it lives here again). Returns its metadata as now stored, or None,
+    /// having written nothing, if the agent is not stored as arriving by that hop.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if the stored record is corrupt, or when the write fails.
+    pub fn commit_arrival(
+        &mut self,
+        id: &str,
+        envelope: &[u8; 32],
+    ) -> Result<Option<AgentMeta>, StoreError> {
+        match self.agent_meta(id)? {
+            Some(meta) if meta.arriving_by(envelope) => {
+                let ready = AgentMeta {
+                    state: AgentState::Ready,
+                    ..meta
+                };
+                self.put_agent_meta(&ready)?;
+                self.txn.open_table(FORWARDS)?.remove(id)?;
+                forget_hops_before(&mut self.txn.open_table(SEEN)?, id, ready.hop)?;
+                Ok(Some(ready))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The hop with envelope hash `envelope` did not commit: agent `id`, stored by it as
+    /// [`AgentState::Arriving`], is dropped with the messages that came with it, and its hop is
+    /// forgotten (so that a later offer of that hop number is not taken for a duplicate).
+    /// Returns the messages queued for the agent since it arrived (to forward), or None, having
+    /// written nothing, if the agent is not stored as arriving by that hop.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Decode`] if the stored record is corrupt, or when the write fails.
+    pub fn abort_arrival(
+        &mut self,
+        id: &str,
+        envelope: &[u8; 32],
+    ) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+        let meta = match self.agent_meta(id)? {
+            Some(meta) if meta.arriving_by(envelope) => meta,
+            _ => return Ok(None),
+        };
+        let AgentState::Arriving { carried, .. } = meta.state else {
+            return Ok(None);
+        };
+        self.delete_agent(id)?;
+        self.txn.open_table(SEEN)?.remove((id, meta.hop))?;
+        let queued = self.take_messages(id)?;
+        Ok(Some(
+            queued
+                .into_iter()
+                .skip(usize::try_from(carried).unwrap_or(usize::MAX))
+                .collect(),
+        ))
+    }
+}
+
+/// Whether `seen` holds hop `hop` of agent `id` or a later one.
+fn seen_from(
+    seen: &impl ReadableTable<(&'static str, u64), ()>,
+    id: &str,
+    hop: u64,
+) -> Result<bool, StoreError> {
+    Ok(seen
+        .range((id, hop)..=(id, u64::MAX))?
+        .next()
+        .transpose()?
+        .is_some())
+}
+
+/// Hop `hop` of agent `id` committed here: the hops it accepted before need no remembering
+/// (see [`Store::has_seen`]).
+fn forget_hops_before(
+    seen: &mut redb::Table<'_, (&'static str, u64), ()>,
+    id: &str,
+    hop: u64,
+) -> Result<(), StoreError> {
+    seen.retain_in((id, 0)..(id, hop), |_, ()| false)?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Per-agent message queues: a message is queued durably where its agent is, and taken off the
+//! queue in the transaction that stores what the agent did with it.
+
+use redb::ReadableTable;
+
+use super::schema::{MESSAGES, META, META_NEXT_SEQ};
+use super::{Batch, Store, StoreError};
+
+impl Store {
+    /// The messages queued for agent `id`, oldest first, left in place (a hop carries them).
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn messages(&self, id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.read(|txn| {
+            let t = txn.open_table(MESSAGES)?;
+            let mut out = Vec::new();
+            for entry in t.range(queue(id))? {
+                out.push(entry?.1.value().to_vec());
+            }
+            Ok(out)
+        })
+    }
+
+    /// How many messages are queued for agent `id`.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn message_count(&self, id: &str) -> Result<usize, StoreError> {
+        self.read(|txn| {
+            let t = txn.open_table(MESSAGES)?;
+            let mut n = 0;
+            for entry in t.range(queue(id))? {
+                entry?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+}
+
+impl Batch<'_> {
+    /// Appends a message to agent `id`'s queue and returns its sequence number. Sequence
+    /// numbers come from one counter for the whole store, so they never repeat, even after a
+    /// queue was emptied.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn push_message(&mut self, id: &str, message: &[u8]) -> Result<u64, StoreError> {
+        let mut meta = self.txn.open_table(META)?;
+        let seq = meta.get(META_NEXT_SEQ)?.map_or(0, |v| v.value());
+        meta.insert(META_NEXT_SEQ, seq + 1)?;
+        self.txn.open_table(MESSAGES)?.insert((id, seq), message)?;
+        Ok(seq)
+    }
+
+    /// Removes and returns the oldest message queued for agent `id`.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn pop_message(&mut self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut t = self.txn.open_table(MESSAGES)?;
+        let oldest = match t.range(queue(id))?.next() {
+            Some(entry) => {
+                let (k, v) = entry?;
+                Some((k.value().1, v.value().to_vec()))
+            }
+            None => None,
+        };
+        let Some((seq, message)) = oldest else {
+            return Ok(None);
+        };
+        t.remove((id, seq))?;
+        Ok(Some(message))
+    }
+
+    /// Removes and returns every message queued for agent `id`, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn take_messages(&mut self, id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut t = self.txn.open_table(MESSAGES)?;
+        // Every entry must be read from the iterator to be removed, which `collect` does.
+        let taken = t
+            .extract_from_if(queue(id), |_, _| true)?
+            .map(|entry| entry.map(|(_, v)| v.value().to_vec()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(taken)
+    }
+}
+
+/// The keys of agent `id`'s message queue, oldest first.
+fn queue(id: &str) -> std::ops::RangeInclusive<(&str, u64)> {
+    (id, 0)..=(id, u64::MAX)
+}

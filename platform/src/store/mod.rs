@@ -1,0 +1,318 @@
+//! The node's crash-safe embedded store: everything a node must still know after a crash lives
+//! in one redb database file, so that a restarted node resumes its agents and no hop is lost or
+//! made twice.
+//!
+//! # Layout
+//!
+//! [`Store`] is the handle every task of a node shares, and its reads; [`Batch`] is what a write
+//! sees. One concept per file, each adding its reads to `Store` and its writes to `Batch`:
+//!
+//! - `schema`: the tables, which are the on-disk format (schema 2), and the check on open;
+//! - `records`: agent records ([`AgentRecord`], [`AgentMeta`], [`AgentState`]) and how an
+//!   `agents` value encodes them;
+//! - `chunks`: continuations of 4 KiB or more, kept apart from their records in chunks that fill
+//!   1 MiB pages;
+//! - `packages`: agent code, by hash;
+//! - `hops`: both sides of a hop ([`Batch::accept_arrival`], [`Batch::complete_departure`], ...),
+//!   the hops seen, departures and forwarding pointers;
+//! - `mailbox`: the per-agent message queues;
+//! - `directory`: on the home node, where its agents are and how they ended;
+//! - `group_commit`: the queue and the leader behind [`Store::write`];
+//! - `error`: [`StoreError`].
+//!
+//! # Writing
+//!
+//! Every write is a closure over a [`Batch`]: what it writes is committed together, or, if it
+//! returns an error, not at all. Operations that must be atomic together go in one closure. The
+//! closure runs one of two ways:
+//!
+//! - [`Store::write`] (async): **group commit**. Concurrent writes share one transaction and one
+//!   commit (one fsync): the way the node writes from its tasks.
+//! - [`Store::batch`] (blocking): one transaction and one commit of its own, on the calling
+//!   thread. For synchronous code: start-up ([`Store::open`]), tests, benchmarks, and the node's
+//!   few synchronous paths (launching an agent, queueing a message for an agent held here,
+//!   keeping a result, restoring an agent after a failed hop).
+//!
+//! `batch` is the blocking form of `write`, not a second API: the same closure over the same
+//! [`Batch`]. It stays because a synchronous caller gains nothing from a group (it waits for its
+//! own commit either way) and would pay for what the group needs: a `Send + 'static` closure (it
+//! may run on another thread, in another write's group), an executor to await it, and errors
+//! that are another write's ([`StoreError::BatchAborted`]). So tests write with `batch`, and
+//! use `write` only where group commit itself is tested.
+//!
+//! In a store with [`Durability::Fsync`], neither waits for the disk on a thread that runs a
+//! tokio runtime's tasks, but for `batch` on a current-thread runtime. On a multi-thread
+//! runtime (the node's), `batch` runs inside [`tokio::task::block_in_place`], which hands the
+//! worker's other tasks to another thread meanwhile, and so does the group `write` leads; on a
+//! current-thread runtime, `write` hands its group to a blocking thread (`group_commit` has the
+//! details). `batch` cannot: a current-thread runtime has no other thread for its tasks, so
+//! there `batch` blocks them all, and async code uses `write`. In a store with
+//! [`Durability::NoSync`], no commit waits for the disk (none fsyncs), and both commit on the
+//! calling thread: moving a commit that takes microseconds to another thread would cost more
+//! than the commit.
+//!
+//! The writers are the node's protocol handlers (arrivals, departures, packages, locations,
+//! messages) and its scheduler (agent records after each slice, results).
+//!
+//! ## Durability
+//!
+//! With [`Durability::Fsync`] a commit is redb's default one-phase commit: it writes the pages
+//! it changed and the header, then calls `fdatasync` once (plus once more when the file grows).
+//! Crash safety comes from page checksums, verified when the file is opened after a crash; redb's
+//! two-phase commit and quick-repair (both off by default, and left off) would each add an
+//! fsync or more per commit without making a commit more durable.
+//!
+//! [`Store::write_unsynced`] is for changes a crash may lose because recovery redoes them (an
+//! arrival turning runnable once its hop committed): its group commits without an fsync unless
+//! another write of the group needs one, and becomes durable with the next synced commit.
+//!
+//! # Concurrency
+//!
+//! [`Store`] is a cheap `Clone` around one shared `Arc` (the `redb::Database` and the write
+//! queue), shared by every task of a node; opening the same file twice in one process fails, so
+//! share clones instead. Readers never block and never wait for writers (MVCC snapshots). redb
+//! allows one write transaction at a time, and a commit with [`Durability::Fsync`] waits for the
+//! disk, so writes are where contention is: [`Store::batch`] waits in
+//! [`redb::Database::begin_write`] until the write before it has committed (fsync included),
+//! while [`Store::write`] joins the group being formed. Reads run on the calling thread, which
+//! waits for the disk when a page is not in the cache: under [`Durability::Fsync`] on a
+//! multi-thread runtime inside [`tokio::task::block_in_place`], as `batch` does, so that a node's
+//! other tasks go on meanwhile; under [`Durability::NoSync`] (a scratch store, whose pages the
+//! OS's cache holds) where they are.
+//!
+//! # Examples
+//!
+//! ```
+//! use platform::store::{Durability, Store};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let store = Store::open(&dir.path().join("tern.redb"), Durability::NoSync)?;
+//! // Queue a message and hand back the result of an agent in one commit.
+//! store.batch(|b| {
+//!     b.push_message("agent-1", b"hello")?;
+//!     b.put_result("agent-1", b"done")
+//! })?;
+//! assert_eq!(store.messages("agent-1")?, vec![b"hello".to_vec()]);
+//! assert_eq!(store.result("agent-1")?.as_deref(), Some(&b"done"[..]));
+//! # Ok(()) }
+//! ```
+
+mod chunks;
+mod directory;
+mod error;
+mod group_commit;
+mod hops;
+mod mailbox;
+mod packages;
+mod records;
+mod schema;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
+use tokio::runtime::{Handle, RuntimeFlavor};
+
+pub use error::StoreError;
+pub use group_commit::MAX_GROUP;
+pub use hops::Arrival;
+pub use records::{AgentMeta, AgentRecord, AgentState};
+
+/// Whether a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is on disk when it returns (redb's `Durability::Immediate`): the setting for
+    /// real nodes, and what exactly-once hops rely on across power loss.
+    Fsync,
+    /// Commits return without an fsync (redb's `Durability::None`). The file stays consistent,
+    /// and a clean close makes everything durable, but a crash or power loss rolls back to the
+    /// last durable commit: for tests, benchmarks and the embedded `tern run` mesh.
+    NoSync,
+}
+
+impl From<Durability> for redb::Durability {
+    fn from(d: Durability) -> Self {
+        match d {
+            Durability::Fsync => redb::Durability::Immediate,
+            Durability::NoSync => redb::Durability::None,
+        }
+    }
+}
+
+/// The node's durable state; see the [module docs](self) for how it is written.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+/// What every clone of a [`Store`] shares.
+struct Shared {
+    db: Database,
+    durability: Durability,
+    /// The group-commit queue of [`Store::write`]. A std mutex: it is held only to push or pop
+    /// writes and flip the leader flag, never across a transaction or an `.await`.
+    writes: Mutex<group_commit::Writes>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("durability", &self.shared.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes of redb's page cache. Its default, 1 GiB, kept every page written (a 100 MB
+/// continuation stayed cached after its agent left, and each large hop filled fresh memory);
+/// the metadata of 10,000 agents takes about 10 MiB.
+const STORE_CACHE: usize = 64 << 20;
+
+impl Store {
+    /// Opens the database at `path`, creating the file (not its directory) if it is missing.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Open`] if the file cannot be opened (including when it is already open in
+    /// this or another process), [`StoreError::Schema`] if it holds another schema.
+    pub fn open(path: &Path, durability: Durability) -> Result<Store, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(STORE_CACHE)
+            .create(path)?;
+        let store = Store {
+            shared: Arc::new(Shared {
+                db,
+                durability,
+                writes: Mutex::default(),
+            }),
+        };
+        store.batch(|b| b.create_tables())?;
+        Ok(store)
+    }
+
+    /// The durability this store commits with.
+    pub fn durability(&self) -> Durability {
+        self.shared.durability
+    }
+
+    /// Runs `f` in one write transaction of its own, on the calling thread: everything it writes
+    /// is committed together (one commit, one fsync), or, if it returns an error, nothing is.
+    /// Blocks until any other write transaction has committed, then while its own commits (an
+    /// fsync under [`Durability::Fsync`]). Under `Fsync`, on a worker of a multi-thread runtime
+    /// it blocks inside [`tokio::task::block_in_place`], so that the worker's other tasks go on
+    /// elsewhere; on a current-thread runtime it blocks the runtime, so async code there uses
+    /// [`Store::write`] (as async code everywhere should: its writes share commits).
+    ///
+    /// # Errors
+    ///
+    /// The error `f` returned, or the store's own when the transaction cannot begin or commit.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use platform::store::{Durability, Store};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = Store::open(&dir.path().join("s.redb"), Durability::NoSync).unwrap();
+    /// // The source side of a hop on the agent's home node: leave a pointer, track it.
+    /// store.batch(|b| {
+    ///     b.complete_departure("agent-1", "peer-b")?;
+    ///     b.set_location("agent-1", "peer-b")
+    /// }).unwrap();
+    /// assert_eq!(store.location("agent-1").unwrap().as_deref(), Some("peer-b"));
+    /// ```
+    pub fn batch<T>(
+        &self,
+        f: impl FnOnce(&mut Batch<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let run = || {
+            let txn = self.shared.begin(true)?;
+            let result = f(&mut Batch { txn: &txn });
+            match result {
+                Ok(value) => {
+                    txn.commit()?;
+                    Ok(value)
+                }
+                Err(e) => {
+                    // The closure's error is the one worth reporting; a failed abort changes
+                    // nothing on disk either way.
+                    let _ = txn.abort();
+                    Err(e)
+                }
+            }
+        };
+        match Handle::try_current().map(|runtime| self.shared.disk_wait(&runtime)) {
+            Ok(DiskWait::InPlace) => tokio::task::block_in_place(run),
+            // `Elsewhere` too: the caller waits for the outcome on this thread either way.
+            Err(_) | Ok(DiskWait::Here | DiskWait::Elsewhere) => run(),
+        }
+    }
+
+    /// Runs `f` on a snapshot of the store, on the calling thread: under [`Durability::Fsync`]
+    /// on a worker of a multi-thread runtime inside [`tokio::task::block_in_place`], as
+    /// [`Store::batch`] does, since a page not in the cache is read from the disk.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let run = || f(&self.shared.db.begin_read()?);
+        match Handle::try_current().map(|runtime| self.shared.disk_wait(&runtime)) {
+            Ok(DiskWait::InPlace) => tokio::task::block_in_place(run),
+            Err(_) | Ok(DiskWait::Here | DiskWait::Elsewhere) => run(),
+        }
+    }
+}
+
+impl Shared {
+    /// A write transaction with the store's durability, or none (`synced` false).
+    fn begin(&self, synced: bool) -> Result<WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        let durability = if synced {
+            self.durability
+        } else {
+            Durability::NoSync
+        };
+        txn.set_durability(durability.into())?;
+        Ok(txn)
+    }
+}
+
+/// Where a transaction on a thread of a tokio runtime waits for the disk.
+enum DiskWait {
+    /// Where it is: the store never waits for the disk to write (see [`Shared::disk_wait`]).
+    Here,
+    /// Inside [`tokio::task::block_in_place`], which hands the worker's other tasks to another
+    /// thread meanwhile.
+    InPlace,
+    /// Not on this thread, which may be a current-thread runtime's only one: nothing can free
+    /// it for its tasks.
+    Elsewhere,
+}
+
+impl Shared {
+    /// Where a transaction on the calling thread, which `runtime` may run tasks on, waits for the
+    /// disk.
+    fn disk_wait(&self, runtime: &Handle) -> DiskWait {
+        match (self.durability, runtime.runtime_flavor()) {
+            // A commit without an fsync hands its pages to the OS's page cache and returns: it
+            // waits for the disk no more than a read does, and no writer of this store waits for
+            // the disk before it. Moving it off the worker would cost more than the commit
+            // (block_in_place: +40 % for a small write).
+            (Durability::NoSync, _) => DiskWait::Here,
+            (Durability::Fsync, RuntimeFlavor::MultiThread) => DiskWait::InPlace,
+            (Durability::Fsync, _) => DiskWait::Elsewhere,
+        }
+    }
+}
+
+/// A write transaction, as the closures given to [`Store::write`] and [`Store::batch`] see it:
+/// everything written through it is committed together. Its reads see the transaction's own
+/// writes.
+pub struct Batch<'txn> {
+    txn: &'txn WriteTransaction,
+}
+
+impl fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batch").finish_non_exhaustive()
+    }
+}

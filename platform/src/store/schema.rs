@@ -1,0 +1,75 @@
+//! The store's tables, which are its on-disk format, and the check that a file holds this format.
+//!
+//! The table names and types below are the on-disk format (schema 2, recorded in `meta`). A file
+//! of another schema is refused with [`StoreError::Schema`]; there is no migration (schema 1, which
+//! kept the continuation inside the CBOR agent record, never held deployed data).
+//!
+//! | table                 | key                     | value                    | why |
+//! |-----------------------|-------------------------|--------------------------|-----|
+//! | `packages`            | `[u8; 32]` hash         | package bytes            | code is pulled once per node, by hash, and served to peers that lack it |
+//! | `agents`              | agent id                | tag byte, CBOR [`AgentMeta`](super::AgentMeta) (+ short continuation) | the agents resident here: what a restart resumes and status lists |
+//! | `continuation_chunks` | (agent id, `u32` chunk) | continuation bytes       | continuations of 4 KiB or more, in chunks of 4 KiB to 1 MiB |
+//! | `seen`                | (agent id, hop)         | `()`                     | hops this node accepted: makes arrivals exactly once (per agent, the last committed one and any later arriving) |
+//! | `forwards`            | agent id                | destination peer id      | forwarding pointers left by departed agents |
+//! | `departed`            | agent id                | `[u8; 32]` envelope hash | the hop an agent last left by: a destination still holding it as arriving after a crash asks whether that hop committed |
+//! | `locations`           | agent id                | peer id                  | on the home node, where each agent it launched is now |
+//! | `messages`            | (agent id, seq)         | message bytes            | per-agent FIFO queues; `seq` orders them |
+//! | `results`             | agent id                | result bytes             | how agents ended, kept for whoever launched them |
+//! | `meta`                | name                    | `u64`                    | `schema` version and `next_message_seq` |
+//!
+//! Packages, messages, results and continuations are opaque bytes to the store; only agent
+//! records are decoded (in `records`). A record that does not decode is reported as
+//! [`StoreError::Decode`] naming the table and key, and an agent whose continuation is missing
+//! as [`StoreError::Inconsistent`], never a panic.
+
+use redb::{ReadableTable, TableDefinition};
+
+use super::{Batch, StoreError};
+
+pub(super) const PACKAGES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("packages");
+pub(super) const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+pub(super) const CHUNKS: TableDefinition<(&str, u32), &[u8]> =
+    TableDefinition::new("continuation_chunks");
+pub(super) const SEEN: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
+pub(super) const FORWARDS: TableDefinition<&str, &str> = TableDefinition::new("forwards");
+pub(super) const DEPARTED: TableDefinition<&str, [u8; 32]> = TableDefinition::new("departed");
+pub(super) const LOCATIONS: TableDefinition<&str, &str> = TableDefinition::new("locations");
+pub(super) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+pub(super) const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
+pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The on-disk format this code reads and writes.
+pub(super) const SCHEMA: u64 = 2;
+const META_SCHEMA: &str = "schema";
+/// The `meta` entry holding the next message's sequence number.
+pub(super) const META_NEXT_SEQ: &str = "next_message_seq";
+
+impl Batch<'_> {
+    /// Creates every table that is missing, so that read transactions always find them, and
+    /// records the schema of a new file.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Schema`] if the file holds another schema, or when the write fails.
+    pub(super) fn create_tables(&mut self) -> Result<(), StoreError> {
+        self.txn.open_table(PACKAGES)?;
+        self.txn.open_table(AGENTS)?;
+        self.txn.open_table(CHUNKS)?;
+        self.txn.open_table(SEEN)?;
+        self.txn.open_table(FORWARDS)?;
+        self.txn.open_table(DEPARTED)?;
+        self.txn.open_table(LOCATIONS)?;
+        self.txn.open_table(MESSAGES)?;
+        self.txn.open_table(RESULTS)?;
+        let mut meta = self.txn.open_table(META)?;
+        let found = meta.get(META_SCHEMA)?.map(|v| v.value());
+        match found {
+            None => {
+                meta.insert(META_SCHEMA, SCHEMA)?;
+            }
+            Some(SCHEMA) => {}
+            Some(found) => return Err(StoreError::Schema { found }),
+        }
+        Ok(())
+    }
+}

@@ -65,7 +65,8 @@ pub use error::{AgentError, AgentErrorKind};
 pub use exec::{Execution, Outcome, Resume};
 pub use limits::Limits;
 pub use value::{
-    decode_portable, encode_portable, from_json, to_json, ValueError, TAG_CHAR, TAG_FN_PTR,
+    check_portable, decode_portable, encode_portable, from_json, to_json, ValueError, TAG_CHAR,
+    TAG_FN_PTR,
 };
 
 pub use rhai;

@@ -397,11 +397,12 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn payload(&mut self, len: usize) -> Result<Vec<u8>, Malformed> {
+    /// The `len` bytes of a string's payload, borrowed from the input.
+    fn payload(&mut self, len: usize) -> Result<&'a [u8], Malformed> {
         if len > self.remaining() {
             return self.fail(format!("length {len} runs past the end of the input"));
         }
-        Ok(self.take(len)?.to_vec())
+        self.take(len)
     }
 
     pub(crate) fn uint(&mut self) -> Result<u64, Malformed> {
@@ -433,21 +434,26 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn text(&mut self) -> Result<String, Malformed> {
+        self.str().map(String::from)
+    }
+
+    /// A text string, borrowed from the input.
+    fn str(&mut self) -> Result<&'a str, Malformed> {
         match self.header()? {
             Header::Text(Some(len)) => self.text_payload(len),
             _ => self.fail("expected a text string"),
         }
     }
 
-    fn text_payload(&mut self, len: usize) -> Result<String, Malformed> {
+    fn text_payload(&mut self, len: usize) -> Result<&'a str, Malformed> {
         let at = self.pos;
-        String::from_utf8(self.payload(len)?)
+        std::str::from_utf8(self.payload(len)?)
             .map_err(|_| Malformed("invalid UTF-8 in text".into(), at))
     }
 
     pub(crate) fn bytes(&mut self) -> Result<Vec<u8>, Malformed> {
         match self.header()? {
-            Header::Bytes(Some(len)) => self.payload(len),
+            Header::Bytes(Some(len)) => self.payload(len).map(<[u8]>::to_vec),
             _ => self.fail("expected a byte string"),
         }
     }
@@ -507,30 +513,58 @@ impl<'a> Reader<'a> {
         Some(if initial >= 0x20 { !n } else { n })
     }
 
+    /// The head of a portable value with a scalar's payload, checked as far as it can be
+    /// without the items that follow (a length that fits the input, UTF-8, a char's code point).
+    /// Shared by [`Reader::value`] and [`Reader::skip_value`], so both accept the same bytes.
+    #[inline(always)]
+    fn item(&mut self, depth: usize) -> Result<Item<'a>, Malformed> {
+        if depth > MAX_DEPTH {
+            return self.fail("values nested too deeply");
+        }
+        Ok(match self.header()? {
+            Header::Simple(simple::NULL) => Item::Unit,
+            Header::Simple(simple::TRUE) => Item::Bool(true),
+            Header::Simple(simple::FALSE) => Item::Bool(false),
+            Header::Positive(n) if n <= i64::MAX as u64 => Item::Int(n as i64),
+            Header::Negative(n) if n <= i64::MAX as u64 => Item::Int(!(n as i64)),
+            Header::Float(f) => Item::Float(f),
+            Header::Text(Some(len)) => Item::Text(self.text_payload(len)?),
+            Header::Bytes(Some(len)) => Item::Blob(self.payload(len)?),
+            Header::Array(Some(n)) if n <= self.remaining() => Item::Array(n),
+            Header::Array(Some(n)) => {
+                return self.fail(format!("array of {n} items runs past the end of the input"))
+            }
+            Header::Map(Some(n)) if n.saturating_mul(2) <= self.remaining() => Item::Map(n),
+            Header::Map(Some(n)) => {
+                return self.fail(format!("map of {n} entries runs past the end of the input"))
+            }
+            Header::Tag(TAG_CHAR) => {
+                let n = self.uint()?;
+                match u32::try_from(n).ok().and_then(char::from_u32) {
+                    Some(c) => Item::Char(c),
+                    None => return self.fail("invalid char"),
+                }
+            }
+            Header::Tag(TAG_FN_PTR) => Item::FnPtr(self.str()?),
+            _ => return self.fail("not a portable value"),
+        })
+    }
+
     /// A portable value.
     pub(crate) fn value(
         &mut self,
         prog: &ProgramInner,
         depth: usize,
     ) -> Result<Dynamic, Malformed> {
-        if depth > MAX_DEPTH {
-            return self.fail("values nested too deeply");
-        }
-        Ok(match self.header()? {
-            Header::Simple(simple::NULL) => Dynamic::UNIT,
-            Header::Simple(simple::TRUE) => Dynamic::TRUE,
-            Header::Simple(simple::FALSE) => Dynamic::FALSE,
-            Header::Positive(n) if n <= i64::MAX as u64 => Dynamic::from_int(n as i64),
-            Header::Negative(n) if n <= i64::MAX as u64 => Dynamic::from_int(!(n as i64)),
-            Header::Float(f) => Dynamic::from_float(f),
-            Header::Text(Some(len)) => {
-                Dynamic::from(ImmutableString::from(self.text_payload(len)?))
-            }
-            Header::Bytes(Some(len)) => Dynamic::from_blob(self.payload(len)?),
-            Header::Array(Some(n)) => {
-                if n > self.remaining() {
-                    return self.fail(format!("array of {n} items runs past the end of the input"));
-                }
+        Ok(match self.item(depth)? {
+            Item::Unit => Dynamic::UNIT,
+            Item::Bool(b) => Dynamic::from_bool(b),
+            Item::Int(n) => Dynamic::from_int(n),
+            Item::Float(f) => Dynamic::from_float(f),
+            Item::Char(c) => Dynamic::from_char(c),
+            Item::Text(s) => Dynamic::from(ImmutableString::from(s)),
+            Item::Blob(b) => Dynamic::from_blob(b.to_vec()),
+            Item::Array(n) => {
                 // Built by `extend` over a counted range, which writes each item in place: a
                 // `push` loop builds every 16-byte `Dynamic` on the stack first and copies it,
                 // several times slower for an array of a million numbers. A failure stops the
@@ -555,37 +589,68 @@ impl<'a> Reader<'a> {
                 }
                 Dynamic::from_array(a)
             }
-            Header::Map(Some(n)) => {
-                if n.saturating_mul(2) > self.remaining() {
-                    return self.fail(format!("map of {n} entries runs past the end of the input"));
-                }
+            Item::Map(n) => {
                 let mut m = Map::new();
                 for _ in 0..n {
-                    let k = self.text()?;
+                    let k = self.str()?;
                     let v = self.value(prog, depth + 1)?;
                     m.insert(k.into(), v);
                 }
                 Dynamic::from_map(m)
             }
-            Header::Tag(TAG_CHAR) => {
-                let n = self.uint()?;
-                match u32::try_from(n).ok().and_then(char::from_u32) {
-                    Some(c) => Dynamic::from_char(c),
-                    None => return self.fail("invalid char"),
-                }
-            }
-            Header::Tag(TAG_FN_PTR) => {
-                let name = self.text()?;
-                match fn_ptr(prog, &name) {
-                    Some(f) => Dynamic::from(f),
-                    None => {
-                        return self.fail(format!("function pointer to unknown function '{name}'"))
+            Item::FnPtr(name) => match fn_ptr(prog, name) {
+                Some(f) => Dynamic::from(f),
+                None => return self.fail(unknown_fn(name)),
+            },
+        })
+    }
+
+    /// Reads past a portable value, accepting exactly what [`Reader::value`] accepts (with the
+    /// same error), without building it: nothing is allocated but an error's message, and the
+    /// recursion is as deep as the nesting (at most [`MAX_DEPTH`]).
+    pub(crate) fn skip_value(
+        &mut self,
+        prog: &ProgramInner,
+        depth: usize,
+    ) -> Result<(), Malformed> {
+        match self.item(depth)? {
+            Item::Array(n) => {
+                for _ in 0..n {
+                    // Like `value`: an integer item is taken without the depth check.
+                    if self.int_item().is_none() {
+                        self.skip_value(prog, depth + 1)?;
                     }
                 }
             }
-            _ => return self.fail("not a portable value"),
-        })
+            Item::Map(n) => {
+                for _ in 0..n {
+                    self.str()?;
+                    self.skip_value(prog, depth + 1)?;
+                }
+            }
+            Item::FnPtr(name) if !fn_ptr_resolves(prog, name) => {
+                return self.fail(unknown_fn(name))
+            }
+            _ => {}
+        }
+        Ok(())
     }
+}
+
+/// One portable item as [`Reader::item`] reads it: a scalar (its payload borrowed from the
+/// input), or the length of an array or map whose items follow.
+enum Item<'a> {
+    Unit,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Char(char),
+    Text(&'a str),
+    Blob(&'a [u8]),
+    Array(usize),
+    Map(usize),
+    /// A function pointer's name, not yet resolved against the program.
+    FnPtr(&'a str),
 }
 
 /// An IEEE 754 half-precision float (CBOR's shortest float form) as an f64.
@@ -603,15 +668,40 @@ fn f16_to_f64(h: u16) -> f64 {
 
 /// Rebuilds a function pointer by name against the program's functions.
 fn fn_ptr(prog: &ProgramInner, name: &str) -> Option<FnPtr> {
-    let def = prog
-        .ast
+    match anon_fn(prog, name) {
+        Some(def) => Some(FnPtr::from(def.clone())),
+        None => FnPtr::new(name).ok(),
+    }
+}
+
+/// Whether [`fn_ptr`] rebuilds a pointer named `name`, without building it: a closure of the
+/// program, or any name `FnPtr::new` takes (exactly the valid function names, in Rhai 1.25.0).
+fn fn_ptr_resolves(prog: &ProgramInner, name: &str) -> bool {
+    anon_fn(prog, name).is_some() || rhai::is_valid_function_name(name)
+}
+
+/// The program's closure (an `anon$` function) named `name`.
+fn anon_fn<'p>(
+    prog: &'p ProgramInner,
+    name: &str,
+) -> Option<&'p rhai::Shared<rhai::ScriptFuncDef>> {
+    if !name.starts_with("anon$") {
+        return None;
+    }
+    prog.ast
         .shared_lib()
         .iter_script_fn_info()
         .find(|(.., n, _, _)| *n == name)
-        .map(|(.., f)| f.clone());
-    match def {
-        Some(def) if name.starts_with("anon$") => Some(FnPtr::from(def)),
-        _ => FnPtr::new(name).ok(),
+        .map(|(.., f)| f)
+}
+
+/// The message for a function pointer [`fn_ptr`] cannot rebuild; a long name (it comes from
+/// the peer) is cut short.
+fn unknown_fn(name: &str) -> String {
+    const SHOWN: usize = 64;
+    match name.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("function pointer to unknown function '{}…'", &name[..cut]),
+        None => format!("function pointer to unknown function '{name}'"),
     }
 }
 
@@ -670,13 +760,36 @@ pub fn decode_portable(
 ) -> Result<Dynamic, crate::DecodeError> {
     let mut r = Reader::new(bytes);
     let v = r.value(&program.inner, 0)?;
-    if r.offset() != bytes.len() {
+    no_trailing_bytes(&mut r)?;
+    Ok(v)
+}
+
+/// Checks that [`decode_portable`] would accept `bytes` for `program`, without decoding them.
+///
+/// A node calls it on a message from an untrusted peer before queueing it for an agent: it
+/// builds no values and allocates nothing in proportion to the input (memory grows with the
+/// nesting depth only), whereas decoding turns every byte of, say, an array of empty arrays into
+/// a 16-byte value and a vector.
+///
+/// # Errors
+///
+/// The error [`decode_portable`] gives for the same bytes: malformed, truncated or trailing
+/// bytes, nesting deeper than the limit, invalid UTF-8 or char, a function pointer `program`
+/// cannot resolve, or a value that is not portable.
+pub fn check_portable(program: &crate::Program, bytes: &[u8]) -> Result<(), crate::DecodeError> {
+    let mut r = Reader::new(bytes);
+    r.skip_value(&program.inner, 0)?;
+    no_trailing_bytes(&mut r)
+}
+
+fn no_trailing_bytes(r: &mut Reader) -> Result<(), crate::DecodeError> {
+    if r.remaining() != 0 {
         return Err(crate::DecodeError::Malformed {
             what: "trailing bytes".into(),
             offset: r.offset(),
         });
     }
-    Ok(v)
+    Ok(())
 }
 
 /// A JSON value as a Rhai value: null → (), numbers → integer when integral else float,

@@ -311,6 +311,7 @@ async fn fsync_pair(author: &Author) -> Result<(Vec<NodeHandle>, Vec<tempfile::T
             durability: Durability::Fsync,
             trust: author.trust.clone(),
             limits: Limits::default(),
+            mailbox: Default::default(),
         };
         nodes.push(Node::start(config).await?);
         dirs.push(dir);

@@ -13,6 +13,7 @@
 //! accept_from = "any"        # or a list of peer ids / public keys
 //! [limits]
 //! max_operations = 100000000
+//! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
 //! ```
 //! Relative paths are relative to the file's directory.
 
@@ -54,6 +55,9 @@ struct LimitsConfig {
     max_array_size: Option<usize>,
     max_map_size: Option<usize>,
     max_continuation_bytes: Option<usize>,
+    max_message_bytes: Option<u64>,
+    max_queued_messages: Option<u64>,
+    max_queued_bytes: Option<u64>,
 }
 
 fn default_listen() -> Vec<String> {
@@ -138,6 +142,17 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
     if let Some(v) = l.max_continuation_bytes {
         limits = limits.with_max_continuation_bytes(v);
     }
+    let defaults = crate::node::MailboxLimits::default();
+    let mailbox = crate::node::MailboxLimits {
+        max_message_bytes: l.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+        max_queued_messages: l
+            .max_queued_messages
+            .unwrap_or(defaults.max_queued_messages),
+        max_queued_bytes: l.max_queued_bytes.unwrap_or(defaults.max_queued_bytes),
+    };
+    mailbox
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}: [limits] {e}", path.display()))?;
     Ok(NodeConfig {
         name: file.name,
         listen: parse_addrs("listen", &file.listen)?,
@@ -148,5 +163,50 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         durability,
         trust,
         limits,
+        mailbox,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(limits: &str) -> Result<NodeConfig> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"alpha\"\nkey = \"alpha.pem\"\ndata_dir = \"data\"\n[limits]\n{limits}"
+            ),
+        )?;
+        load(&path)
+    }
+
+    #[test]
+    fn mailbox_limits_are_read_and_the_rest_default() {
+        let config = load_text("max_queued_messages = 10\nmax_operations = 5").unwrap();
+        assert_eq!(config.mailbox.max_queued_messages, 10);
+        assert_eq!(
+            config.mailbox.max_message_bytes,
+            crate::node::MailboxLimits::default().max_message_bytes
+        );
+        assert_eq!(config.limits.max_operations, 5);
+    }
+
+    #[test]
+    fn a_queue_too_large_to_travel_is_refused_naming_the_field() {
+        let err = load_text("max_queued_bytes = 20000000").unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("max_queued_bytes = 20000000"), "{text}");
+        let err = load_text("max_queued_messages = 5000").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("max_queued_messages"),
+            "{err:#}"
+        );
+        let err = load_text("max_message_bytes = 9000000").unwrap_err();
+        assert!(format!("{err:#}").contains("max_message_bytes"), "{err:#}");
+        let err = load_text("max_mesage_bytes = 1").unwrap_err();
+        assert!(format!("{err:#}").contains("max_mesage_bytes"), "{err:#}");
+    }
 }

@@ -51,6 +51,7 @@ impl LoopbackMesh {
                 durability: Durability::NoSync,
                 trust: trust.clone(),
                 limits: limits.clone(),
+                mailbox: Default::default(),
             };
             nodes.push(Node::start(config).await?);
             dirs.push(dir);

@@ -45,11 +45,11 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
 
 /// Moving an agent: offer, (package pull by the receiver), continuation bytes, the source's
 /// decision, acknowledgement.
-pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/3");
+pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/4");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Launching agents, status, results and hop recovery queries.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/2");
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/3");
 
 /// Forwarding steps a message may take on its way to an agent (guards against pointer loops).
 pub const MESSAGE_TTL: u8 = 16;
@@ -62,6 +62,15 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a stream may wait idle for its next exchange before the receiving side closes it.
 pub const STREAM_IDLE: Duration = Duration::from_secs(20);
+
+/// Most messages a hop offer may carry (the agent's queue at the source): a node's
+/// `max_queued_messages` is at most this, and an offer with more does not decode.
+pub const MAX_CARRIED_MESSAGES: usize = 4096;
+
+/// Most bytes of messages a hop offer may carry: a node's `max_queued_bytes` is at most this,
+/// so an agent's queue, with its continuation's inline part and envelopes, always fits in one
+/// [`MAX_FRAME`] and never keeps the agent from leaving.
+pub const MAX_CARRIED_BYTES: u64 = 12 << 20;
 
 /// Continuations up to this size travel inside the hop offer (one round trip per hop); larger
 /// ones follow it as raw bytes once the destination said it will take them.
@@ -280,7 +289,9 @@ pub struct HopOffer {
     /// Microseconds the source spent from the agent's suspension to sending this offer.
     pub prepared_micros: u64,
     /// Messages queued for the agent at the source, oldest first: they travel with it, so the
-    /// destination's queue keeps their order.
+    /// destination's queue keeps their order. At most [`MAX_CARRIED_MESSAGES`] (more do not
+    /// decode: a million empty messages in one frame would cost tens of MiB to decode).
+    #[serde(deserialize_with = "carried_messages")]
     pub messages: Vec<serde_bytes::ByteBuf>,
     /// The agent's home node (peer id).
     pub home: String,
@@ -369,6 +380,14 @@ pub enum HopRefusal {
     /// The trust policy refuses the package (its author, its grants).
     #[error("package refused: {0}")]
     UntrustedPackage(String),
+    /// A message the agent carries does not decode as a portable value for its program.
+    #[error("carried message {index}: {reason}")]
+    BadMessage {
+        /// Its place in the offer's queue.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The continuation does not decode against the package's program.
     #[error("continuation: {0}")]
     Continuation(String),
@@ -447,6 +466,60 @@ pub enum ControlRefusal {
     /// The recorded result does not decode.
     #[error("stored result is unreadable: {0}")]
     UnreadableResult(String),
+    /// The message is larger than the node takes.
+    #[error("a message of {bytes} bytes is over this node's limit of {max} bytes")]
+    MessageTooLarge {
+        /// Its size.
+        bytes: u64,
+        /// The node's `max_message_bytes`.
+        max: u64,
+    },
+    /// The agent's queue on this node is full (too many messages, or too many bytes).
+    #[error("the message queue of agent {agent} is full ({messages} messages, {bytes} bytes)")]
+    QueueFull {
+        /// The agent.
+        agent: String,
+        /// Messages queued.
+        messages: u64,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// The message is not a portable value the agent's program can take.
+    #[error("message for agent {agent} is not a portable value: {reason}")]
+    BadMessage {
+        /// The agent.
+        agent: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Decodes an offer's carried messages, refusing more than [`MAX_CARRIED_MESSAGES`] before
+/// building them.
+fn carried_messages<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<serde_bytes::ByteBuf>, D::Error> {
+    struct Carried;
+    impl<'de> serde::de::Visitor<'de> for Carried {
+        type Value = Vec<serde_bytes::ByteBuf>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "at most {MAX_CARRIED_MESSAGES} messages")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut messages = Vec::new();
+            while let Some(m) = seq.next_element()? {
+                if messages.len() == MAX_CARRIED_MESSAGES {
+                    return Err(serde::de::Error::invalid_length(messages.len() + 1, &self));
+                }
+                messages.push(m);
+            }
+            Ok(messages)
+        }
+    }
+    deserializer.deserialize_seq(Carried)
 }
 
 /// A package download request: the package hash.

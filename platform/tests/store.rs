@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use futures::task::noop_waker_ref;
 use platform::store::{
-    AgentMeta, AgentRecord, AgentState, Arrival, Durability, Store, StoreError, MAX_GROUP,
+    AgentMeta, AgentRecord, AgentState, Arrival, Durability, QueueSize, Store, StoreError,
+    MAX_GROUP,
 };
 use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
 use tempfile::TempDir;
@@ -857,6 +858,90 @@ fn message_fifo_order_across_reopen() {
         store.batch(|b| b.take_messages("bb")).unwrap(),
         vec![b"bb".to_vec()]
     );
+}
+
+#[test]
+fn queue_sizes_follow_every_push_pop_and_take() {
+    let (_dir, path, store) = temp_store(Durability::NoSync);
+    let size = |store: &Store, id: &str| store.batch(|b| b.queued(id)).unwrap();
+    assert_eq!(size(&store, "a"), QueueSize::default());
+    store.batch(|b| b.push_message("a", &[1; 10])).unwrap();
+    store.batch(|b| b.push_message("a", &[2; 30])).unwrap();
+    store.batch(|b| b.push_message("ab", &[3; 7])).unwrap();
+    let two = QueueSize {
+        messages: 2,
+        bytes: 40,
+    };
+    assert_eq!(size(&store, "a"), two);
+    assert_eq!(store.message_count("a").unwrap(), 2);
+    // A failed batch leaves the sizes as they were.
+    let failed = store.batch(|b| {
+        b.push_message("a", &[9; 100])?;
+        Err::<(), _>(StoreError::Schema { found: 0 })
+    });
+    assert!(failed.is_err());
+    assert_eq!(size(&store, "a"), two);
+    store.batch(|b| b.pop_message("a")).unwrap();
+    assert_eq!(
+        size(&store, "a"),
+        QueueSize {
+            messages: 1,
+            bytes: 30
+        }
+    );
+    drop(store);
+    let store = Store::open(&path, Durability::NoSync).unwrap();
+    store.batch(|b| b.take_messages("a")).unwrap();
+    assert_eq!(size(&store, "a"), QueueSize::default());
+    assert_eq!(
+        size(&store, "ab"),
+        QueueSize {
+            messages: 1,
+            bytes: 7
+        }
+    );
+    store.batch(|b| b.pop_message("ab")).unwrap();
+    assert_eq!(size(&store, "ab"), QueueSize::default());
+}
+
+/// A schema 2 file (no `queued` table) opens as schema 3, its queues counted.
+#[test]
+fn a_schema_2_file_is_upgraded_with_its_queues_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
+            let mut meta = txn.open_table(meta).unwrap();
+            meta.insert("schema", 2).unwrap();
+            meta.insert("next_message_seq", 3).unwrap();
+            let messages: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+            let mut messages = txn.open_table(messages).unwrap();
+            messages.insert(("a", 0), [1u8; 5].as_slice()).unwrap();
+            messages.insert(("b", 1), [2u8; 6].as_slice()).unwrap();
+            messages.insert(("a", 2), [3u8; 7].as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path, Durability::NoSync).unwrap();
+    assert_eq!(
+        store.batch(|b| b.queued("a")).unwrap(),
+        QueueSize {
+            messages: 2,
+            bytes: 12
+        }
+    );
+    assert_eq!(store.message_count("b").unwrap(), 1);
+    assert_eq!(
+        store.batch(|b| b.pop_message("a")).unwrap(),
+        Some(vec![1; 5])
+    );
+    drop(store);
+    // Once upgraded, it opens as schema 3 without counting again.
+    let store = Store::open(&path, Durability::NoSync).unwrap();
+    assert_eq!(store.message_count("a").unwrap(), 1);
 }
 
 #[test]

@@ -10,8 +10,8 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::store::Durability;
 use platform::wire::{
-    read_frame, write_bulk, write_frame, AgentEnd, ControlReply, ControlRequest, HopDecision,
-    HopOffer, HopRefusal, HopReply, MAX_FRAME,
+    read_frame, write_bulk, write_frame, AgentEnd, ControlRefusal, ControlReply, ControlRequest,
+    HopDecision, HopOffer, HopRefusal, HopReply, MAX_FRAME,
 };
 use security::{AgentId, HopEnvelope, SecretKey, TrustPolicy, VerifiedPackage};
 use tern_tests::raw_peer::{first_hop, first_hop_of, RawPeer};
@@ -69,6 +69,7 @@ async fn start(
         durability: Durability::NoSync,
         trust,
         limits: agent_lang::Limits::default(),
+        mailbox: Default::default(),
     };
     (Node::start(config).await.expect("node starts"), dir)
 }
@@ -660,5 +661,221 @@ fn silent_streams_from_one_peer_do_not_starve_the_node() {
             started.elapsed()
         );
         drop(held);
+    });
+}
+
+/// Waits (up to 20 s) until `agent` waits in `receive` on `node`.
+async fn waiting(node: &NodeHandle, agent: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !node
+        .status()
+        .expect("status")
+        .agents
+        .iter()
+        .any(|a| a.id == agent && a.state == "waiting")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{agent} never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn deliver(agent: &str, message: Vec<u8>) -> ControlRequest {
+    ControlRequest::Deliver {
+        agent: agent.to_string(),
+        message,
+        ttl: 16,
+        probe: false,
+    }
+}
+
+#[test]
+fn a_malformed_message_is_refused_and_the_waiting_agent_lives_on() {
+    run(async {
+        let mesh = Mesh::start().await;
+        // Any peer may deliver a message: this one is not in target's accept_from.
+        let raw = RawPeer::new(SecretKey::generate(), &mesh.target.listen_addrs()[0]);
+        let victim = sign(r#"let m = receive(); [m, here()]"#, &mesh.author);
+        let (id, end) = mesh.target.launch(victim, None).expect("launch");
+        waiting(&mesh.target, &id).await;
+        for garbage in [
+            b"\xff\x00 not a value".to_vec(),
+            vec![0x9f; 40],                  // an indefinite array, never closed
+            vec![0x81, 0x81, 0x81],          // arrays missing their items
+            b"\xd9\x01\x00\x63bad".to_vec(), // a tag tern does not know
+        ] {
+            let (reply, _) = raw.control(&deliver(&id, garbage)).await;
+            assert!(
+                matches!(
+                    reply,
+                    ControlReply::Refused(ControlRefusal::BadMessage { .. })
+                ),
+                "{reply:?}"
+            );
+        }
+        // A function pointer whose name no Rhai function can have.
+        let mut bad_fn = vec![0xdb];
+        bad_fn.extend_from_slice(&agent_lang::TAG_FN_PTR.to_be_bytes());
+        bad_fn.extend_from_slice(b"\x63x-y");
+        let (reply, _) = raw.control(&deliver(&id, bad_fn)).await;
+        assert!(
+            matches!(
+                reply,
+                ControlReply::Refused(ControlRefusal::BadMessage { .. })
+            ),
+            "{reply:?}"
+        );
+        mesh.honest
+            .send(&id, &agent_lang::rhai::Dynamic::from(42_i64))
+            .await
+            .expect("a good message is delivered");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the agent did not end")
+            .expect("ended");
+        match end {
+            AgentEnd::Finished { json, .. } => assert_eq!(json, r#"[42,"target"]"#),
+            other => panic!("{other:?}"),
+        }
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_message_over_the_size_limit_is_refused_before_it_is_read_as_a_value() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = RawPeer::new(SecretKey::generate(), &mesh.target.listen_addrs()[0]);
+        let victim = sign(r#"let m = receive(); m"#, &mesh.author);
+        let (id, end) = mesh.target.launch(victim, None).expect("launch");
+        waiting(&mesh.target, &id).await;
+        // 16 MiB of nested empty arrays: a frame the node reads, a value it must not build.
+        let n = 16 << 20;
+        let mut bomb = vec![0x9a];
+        bomb.extend_from_slice(&(n as u32).to_be_bytes());
+        bomb.resize(5 + n, 0x80);
+        let (reply, _) = raw.control(&deliver(&id, bomb)).await;
+        assert!(
+            matches!(
+                reply,
+                ControlReply::Refused(ControlRefusal::MessageTooLarge { max, .. }) if max == 1 << 20
+            ),
+            "{reply:?}"
+        );
+        // The agent takes the next message, within the limit.
+        mesh.honest
+            .send(&id, &agent_lang::rhai::Dynamic::from(7_i64))
+            .await
+            .expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the agent did not end")
+            .expect("ended");
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, .. } if json == "7"),
+            "{end:?}"
+        );
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_full_queue_refuses_more_messages_and_the_agent_still_leaves_with_its_queue() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        // An agent the raw peer offers to target and holds there as arriving (no decision yet):
+        // stored, so messages queue for it, and not running, so none is taken.
+        let package = sign(
+            r#"migrate("target"); migrate("honest"); migrate("target"); hops()"#,
+            &mesh.author,
+        );
+        raw.serve(&package, package.to_bytes());
+        let (mut offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        offer.inline = continuation;
+        let envelope = HopEnvelope::decode(&offer.envelope).expect("envelope");
+        let id = envelope.fields().agent_id.to_string();
+        let mut s = raw.open_hop().await;
+        write_frame(&mut s, &offer).await.expect("send the offer");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !mesh
+            .target
+            .status()
+            .expect("status")
+            .agents
+            .iter()
+            .any(|a| a.id == id && a.state.starts_with("arriving"))
+        {
+            assert!(tokio::time::Instant::now() < deadline, "never stored");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Messages of just under 1 MiB: eight fill the 8 MiB queue, the ninth is refused.
+        let blob = agent_lang::rhai::Dynamic::from_blob(vec![7u8; (1 << 20) - 16]);
+        for _ in 0..8 {
+            mesh.honest.send(&id, &blob).await.expect("queued");
+        }
+        let refusal = mesh.honest.send(&id, &blob).await.expect_err("a ninth");
+        assert!(
+            matches!(
+                refusal,
+                platform::node::SendError::Undelivered(platform::node::Undelivered::Refused(
+                    ControlRefusal::QueueFull { messages: 8, .. }
+                ))
+            ),
+            "{refusal:?}"
+        );
+        // Committed, the agent runs on target and goes to honest and back with its 8 MiB
+        // queue (it ends on target, which reports to the raw peer, its home).
+        write_frame(&mut s, &HopDecision::Commit)
+            .await
+            .expect("send the decision");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let end = loop {
+            if let Some((_, end)) = raw.ended().into_iter().find(|(a, _)| *a == id) {
+                break end;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the agent never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            end,
+            AgentEnd::Finished {
+                json: "3".into(),
+                node: "target".into(),
+                hops: 3,
+                unread: 8
+            }
+        );
+    });
+}
+
+#[test]
+fn carried_messages_are_checked_and_bounded() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let (raw, mut offer, continuation) = mesh.plain_hop();
+        // One carried message that is not a value: the hop is refused, naming it.
+        offer.messages = vec![
+            serde_bytes::ByteBuf::from(vec![0x01]),
+            serde_bytes::ByteBuf::from(b"\xff junk".to_vec()),
+        ];
+        let mut s = raw.open_hop().await;
+        let reply = send_hop(&mut s, &offer, &continuation).await;
+        refused(&reply, |r| {
+            matches!(r, HopRefusal::BadMessage { index: 1, .. })
+        });
+        // More messages than any queue may hold: the offer does not decode.
+        offer.messages =
+            vec![serde_bytes::ByteBuf::new(); platform::wire::MAX_CARRIED_MESSAGES + 1];
+        let mut s = raw.open_hop().await;
+        write_frame(&mut s, &offer).await.expect("offer sent");
+        expect_closed(&mut s).await;
+        no_agent_left(&mesh).await;
+        mesh.still_serves().await;
     });
 }

@@ -41,6 +41,7 @@ async fn start(
         durability: Durability::NoSync,
         trust: trust.clone(),
         limits: agent_lang::Limits::default(),
+        mailbox: Default::default(),
     };
     Node::start(config).await.expect("node starts")
 }

@@ -393,6 +393,7 @@ fn kademlia_completes_a_mesh_joined_in_a_chain() {
                 durability: platform::store::Durability::NoSync,
                 trust: trust.clone(),
                 limits: agent_lang::Limits::default(),
+                mailbox: Default::default(),
             };
             handles.push(platform::node::Node::start(config).await.unwrap());
             dirs.push(dir);

@@ -1,4 +1,4 @@
-//! The control protocol (`/tern/ctl/2`), both sides: the requests this node sends to a peer
+//! The control protocol (`/tern/ctl/3`), both sides: the requests this node sends to a peer
 //! over a pooled stream ([`control_request`]), and the answers it gives, one handler per
 //! request.
 

@@ -71,7 +71,7 @@ mod streams;
 mod tasks;
 
 pub use events::{NodeEvent, EVENT_BUFFER};
-pub use routing::{SendError, Undelivered};
+pub use routing::{MailboxLimits, SendError, Undelivered};
 
 use accept::{accept_loop, InboundLimits, Protocol};
 use activity::ActivityLog;
@@ -107,6 +107,8 @@ pub struct NodeConfig {
     pub trust: TrustPolicy,
     /// Limits agents run under.
     pub limits: Limits,
+    /// How much mail the node takes for each agent.
+    pub mailbox: MailboxLimits,
 }
 
 /// What every part of a running node shares: its identity and configuration, its store, and
@@ -119,6 +121,7 @@ struct Shared {
     store: Store,
     trust: TrustPolicy,
     limits: Limits,
+    mailbox: MailboxLimits,
     faults: Faults,
     /// Addresses the node listens on (the event loop adds them). A `std` mutex held to push or
     /// copy them.
@@ -203,6 +206,10 @@ impl Node {
                 config.name
             );
         }
+        config
+            .mailbox
+            .check()
+            .map_err(|e| anyhow::anyhow!("mailbox limits: {e}"))?;
         crate::memory::return_freed_memory_when_idle();
         let data_dir = config.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || {
@@ -251,6 +258,7 @@ impl Node {
             store,
             trust: config.trust,
             limits: config.limits,
+            mailbox: config.mailbox,
             faults,
             listen: Mutex::default(),
             programs: Programs::default(),

@@ -9,7 +9,11 @@ use libp2p::PeerId;
 use super::control::{control_request, ControlFailure};
 use super::mailbox::Wake;
 use super::Shared;
-use crate::wire::{ControlRefusal, ControlReply, ControlRequest, MESSAGE_TTL};
+use crate::store::QueueSize;
+use crate::wire::{
+    ControlRefusal, ControlReply, ControlRequest, MAX_CARRIED_BYTES, MAX_CARRIED_MESSAGES,
+    MESSAGE_TTL,
+};
 
 /// What this node can do with a message for `agent`.
 enum Delivery {
@@ -23,22 +27,117 @@ enum Delivery {
     Unknown,
 }
 
+/// How much mail a node takes for each agent: messages are checked against these before they
+/// are queued, so a sender cannot make an agent's queue too large to travel with it, or
+/// queue what the agent cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxLimits {
+    /// Largest message, in bytes (encoded).
+    pub max_message_bytes: u64,
+    /// Most messages queued for one agent.
+    pub max_queued_messages: u64,
+    /// Most bytes of messages queued for one agent.
+    pub max_queued_bytes: u64,
+}
+
+impl Default for MailboxLimits {
+    fn default() -> Self {
+        MailboxLimits {
+            max_message_bytes: 1 << 20,
+            max_queued_messages: 1024,
+            max_queued_bytes: 8 << 20,
+        }
+    }
+}
+
+impl MailboxLimits {
+    /// Checks that an agent's queue within these limits can travel in a hop offer.
+    ///
+    /// # Errors
+    ///
+    /// A limit above what a hop offer carries ([`MAX_CARRIED_MESSAGES`],
+    /// [`MAX_CARRIED_BYTES`]), or a message larger than a queue.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_queued_messages > MAX_CARRIED_MESSAGES as u64 {
+            return Err(format!(
+                "max_queued_messages = {} is over {MAX_CARRIED_MESSAGES}, the most a hop carries",
+                self.max_queued_messages
+            ));
+        }
+        if self.max_queued_bytes > MAX_CARRIED_BYTES {
+            return Err(format!(
+                "max_queued_bytes = {} is over {MAX_CARRIED_BYTES}, the most a hop carries",
+                self.max_queued_bytes
+            ));
+        }
+        if self.max_message_bytes > self.max_queued_bytes {
+            return Err(format!(
+                "max_message_bytes = {} is over max_queued_bytes = {}",
+                self.max_message_bytes, self.max_queued_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether one more message of `bytes` fits in a queue of `size`.
+    fn fits(&self, size: QueueSize, bytes: u64) -> bool {
+        size.messages < self.max_queued_messages
+            && size.bytes.saturating_add(bytes) <= self.max_queued_bytes
+    }
+}
+
 /// Queues the message if the agent is here (without waking it: see [`Wake`]), or says where
-/// to forward it. A store that cannot be read is an error, never "unknown here".
+/// to forward it. A message is refused if it is larger than this node takes, if the agent's
+/// queue is full, or if it does not decode for the agent's program. A store that cannot be
+/// read is an error, never "unknown here".
 fn deliver_here(shared: &Shared, agent: &str, message: &[u8]) -> Result<Delivery, ControlRefusal> {
     let store_failed = |e: crate::store::StoreError| ControlRefusal::Store(e.to_string());
-    let d = shared
-        .store
-        .batch(|b| {
-            if b.agent_meta(agent)?.is_some() {
+    let limits = shared.mailbox;
+    let bytes = message.len() as u64;
+    if bytes > limits.max_message_bytes {
+        return Err(ControlRefusal::MessageTooLarge {
+            bytes,
+            max: limits.max_message_bytes,
+        });
+    }
+    if let Some(meta) = shared.store.agent_meta(agent).map_err(store_failed)? {
+        // Checked before it is queued: a message the agent cannot decode would end it at its
+        // next `receive`. (The check walks the bytes; it builds no value.)
+        let loaded = shared
+            .loaded(&meta.package)
+            .map_err(ControlRefusal::Package)?;
+        if let Err(e) = agent_lang::check_portable(&loaded.program, message) {
+            return Err(ControlRefusal::BadMessage {
+                agent: agent.to_string(),
+                reason: e.to_string(),
+            });
+        }
+        let queued = shared
+            .store
+            .batch(|b| {
+                // (The agent may have left since it was looked up.)
+                if b.agent_meta(agent)?.is_none() {
+                    return Ok(None);
+                }
+                let size = b.queued(agent)?;
+                if !limits.fits(size, bytes) {
+                    return Ok(Some(Err(size)));
+                }
                 b.push_message(agent, message)?;
-                return Ok(Delivery::Queued);
+                Ok(Some(Ok(())))
+            })
+            .map_err(store_failed)?;
+        match queued {
+            Some(Ok(())) => return Ok(Delivery::Queued),
+            Some(Err(size)) => {
+                return Err(ControlRefusal::QueueFull {
+                    agent: agent.to_string(),
+                    messages: size.messages,
+                    bytes: size.bytes,
+                })
             }
-            Ok(Delivery::Unknown)
-        })
-        .map_err(store_failed)?;
-    if let Delivery::Queued = d {
-        return Ok(d);
+            None => {}
+        }
     }
     let next = match shared.store.forward(agent).map_err(store_failed)? {
         Some(to) => Some(to),

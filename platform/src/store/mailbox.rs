@@ -3,7 +3,7 @@
 
 use redb::ReadableTable;
 
-use super::schema::{MESSAGES, META, META_NEXT_SEQ};
+use super::schema::{MESSAGES, META, META_NEXT_SEQ, QUEUED};
 use super::{Batch, Store, StoreError};
 
 impl Store {
@@ -29,16 +29,27 @@ impl Store {
     ///
     /// When the read fails.
     pub fn message_count(&self, id: &str) -> Result<usize, StoreError> {
-        self.read(|txn| {
-            let t = txn.open_table(MESSAGES)?;
-            let mut n = 0;
-            for entry in t.range(queue(id))? {
-                entry?;
-                n += 1;
-            }
-            Ok(n)
-        })
+        self.read(|txn| Ok(queued_in(&txn.open_table(QUEUED)?, id)?.messages as usize))
     }
+}
+
+/// The size of an agent's message queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueSize {
+    /// Messages queued.
+    pub messages: u64,
+    /// Their bytes, together.
+    pub bytes: u64,
+}
+
+fn queued_in(
+    t: &impl ReadableTable<&'static str, (u64, u64)>,
+    id: &str,
+) -> Result<QueueSize, StoreError> {
+    Ok(t.get(id)?.map_or(QueueSize::default(), |v| {
+        let (messages, bytes) = v.value();
+        QueueSize { messages, bytes }
+    }))
 }
 
 impl Batch<'_> {
@@ -54,7 +65,19 @@ impl Batch<'_> {
         let seq = meta.get(META_NEXT_SEQ)?.map_or(0, |v| v.value());
         meta.insert(META_NEXT_SEQ, seq + 1)?;
         self.txn.open_table(MESSAGES)?.insert((id, seq), message)?;
+        let mut queued = self.txn.open_table(QUEUED)?;
+        let size = queued_in(&queued, id)?;
+        queued.insert(id, (size.messages + 1, size.bytes + message.len() as u64))?;
         Ok(seq)
+    }
+
+    /// The size of agent `id`'s message queue.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn queued(&self, id: &str) -> Result<QueueSize, StoreError> {
+        queued_in(&self.txn.open_table(QUEUED)?, id)
     }
 
     /// Removes and returns the oldest message queued for agent `id`.
@@ -75,6 +98,14 @@ impl Batch<'_> {
             return Ok(None);
         };
         t.remove((id, seq))?;
+        let mut queued = self.txn.open_table(QUEUED)?;
+        let size = queued_in(&queued, id)?;
+        if size.messages <= 1 {
+            queued.remove(id)?;
+        } else {
+            let bytes = size.bytes.saturating_sub(message.len() as u64);
+            queued.insert(id, (size.messages - 1, bytes))?;
+        }
         Ok(Some(message))
     }
 
@@ -90,6 +121,7 @@ impl Batch<'_> {
             .extract_from_if(queue(id), |_, _| true)?
             .map(|entry| entry.map(|(_, v)| v.value().to_vec()))
             .collect::<Result<Vec<_>, _>>()?;
+        self.txn.open_table(QUEUED)?.remove(id)?;
         Ok(taken)
     }
 }

@@ -117,6 +117,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 pub use error::StoreError;
 pub use group_commit::MAX_GROUP;
 pub use hops::Arrival;
+pub use mailbox::QueueSize;
 pub use records::{AgentMeta, AgentRecord, AgentState};
 
 /// Whether a commit waits for the disk.

@@ -1,8 +1,9 @@
 //! The store's tables, which are its on-disk format, and the check that a file holds this format.
 //!
-//! The table names and types below are the on-disk format (schema 2, recorded in `meta`). A file
-//! of another schema is refused with [`StoreError::Schema`]; there is no migration (schema 1, which
-//! kept the continuation inside the CBOR agent record, never held deployed data).
+//! The table names and types below are the on-disk format (schema 3, recorded in `meta`). A
+//! schema 2 file is upgraded when opened (it lacked `queued`, which is filled from `messages`);
+//! a file of another schema is refused with [`StoreError::Schema`] (schema 1, which kept the
+//! continuation inside the CBOR agent record, never held deployed data).
 //!
 //! | table                 | key                     | value                    | why |
 //! |-----------------------|-------------------------|--------------------------|-----|
@@ -14,6 +15,7 @@
 //! | `departed`            | agent id                | `[u8; 32]` envelope hash | the hop an agent last left by: a destination still holding it as arriving after a crash asks whether that hop committed |
 //! | `locations`           | agent id                | peer id                  | on the home node, where each agent it launched is now |
 //! | `messages`            | (agent id, seq)         | message bytes            | per-agent FIFO queues; `seq` orders them |
+//! | `queued`              | agent id                | (`u64` messages, `u64` bytes) | the size of each non-empty queue, kept with it: a quota check costs one read |
 //! | `results`             | agent id                | result bytes             | how agents ended, kept for whoever launched them |
 //! | `meta`                | name                    | `u64`                    | `schema` version and `next_message_seq` |
 //!
@@ -35,11 +37,12 @@ pub(super) const FORWARDS: TableDefinition<&str, &str> = TableDefinition::new("f
 pub(super) const DEPARTED: TableDefinition<&str, [u8; 32]> = TableDefinition::new("departed");
 pub(super) const LOCATIONS: TableDefinition<&str, &str> = TableDefinition::new("locations");
 pub(super) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+pub(super) const QUEUED: TableDefinition<&str, (u64, u64)> = TableDefinition::new("queued");
 pub(super) const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The on-disk format this code reads and writes.
-pub(super) const SCHEMA: u64 = 2;
+pub(super) const SCHEMA: u64 = 3;
 const META_SCHEMA: &str = "schema";
 /// The `meta` entry holding the next message's sequence number.
 pub(super) const META_NEXT_SEQ: &str = "next_message_seq";
@@ -60,15 +63,36 @@ impl Batch<'_> {
         self.txn.open_table(DEPARTED)?;
         self.txn.open_table(LOCATIONS)?;
         self.txn.open_table(MESSAGES)?;
+        self.txn.open_table(QUEUED)?;
         self.txn.open_table(RESULTS)?;
-        let mut meta = self.txn.open_table(META)?;
-        let found = meta.get(META_SCHEMA)?.map(|v| v.value());
+        let found = self
+            .txn
+            .open_table(META)?
+            .get(META_SCHEMA)?
+            .map(|v| v.value());
         match found {
-            None => {
-                meta.insert(META_SCHEMA, SCHEMA)?;
-            }
-            Some(SCHEMA) => {}
+            None => {}
+            Some(SCHEMA) => return Ok(()),
+            Some(2) => self.count_queues()?,
             Some(found) => return Err(StoreError::Schema { found }),
+        }
+        self.txn.open_table(META)?.insert(META_SCHEMA, SCHEMA)?;
+        Ok(())
+    }
+
+    /// Schema 2 to 3: the size of every queue, from the queues themselves.
+    fn count_queues(&mut self) -> Result<(), StoreError> {
+        let messages = self.txn.open_table(MESSAGES)?;
+        let mut queued = self.txn.open_table(QUEUED)?;
+        let mut sizes: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        for entry in messages.iter()? {
+            let (k, v) = entry?;
+            let size = sizes.entry(k.value().0.to_string()).or_default();
+            size.0 += 1;
+            size.1 += v.value().len() as u64;
+        }
+        for (agent, size) in sizes {
+            queued.insert(agent.as_str(), size)?;
         }
         Ok(())
     }

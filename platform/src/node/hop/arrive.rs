@@ -148,7 +148,15 @@ pub(in crate::node) async fn receive_hop(
     } else {
         None
     };
+    // Carried messages are checked as deliveries are: the agent must be able to decode them.
     let messages = offer.messages;
+    for (index, m) in messages.iter().enumerate() {
+        if let Err(e) = agent_lang::check_portable(&loaded.program, m) {
+            let reason = e.to_string();
+            let refusal = refused(HopRefusal::BadMessage { index, reason });
+            return Err(after_decision(stream, refusal).await);
+        }
+    }
     let rec = AgentRecord {
         meta: AgentMeta {
             id: fields.agent_id.to_string(),

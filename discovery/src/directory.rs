@@ -37,12 +37,25 @@ impl PeerNames {
         self.read().get(peer).cloned()
     }
 
-    /// The connected peer that announced `name`.
+    /// The connected peer that announced `name`, if exactly one did.
     pub fn peer(&self, name: &str) -> Option<PeerId> {
-        self.read()
+        match self.claimants(name).as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    /// Every connected peer that announced `name`, sorted: more than one is a conflict that
+    /// only pinning the name to a key settles (see [`Directory::with_pins`]).
+    pub fn claimants(&self, name: &str) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = self
+            .read()
             .iter()
-            .find(|(_, n)| n.as_str() == name)
+            .filter(|(_, n)| n.as_str() == name)
             .map(|(p, _)| *p)
+            .collect();
+        peers.sort();
+        peers
     }
 
     /// Whether `peer` is a connected tern peer.
@@ -100,6 +113,13 @@ pub enum Learned {
         /// Its name.
         name: String,
     },
+    /// A peer announced a name pinned to another key: it is not named.
+    NameRefused {
+        /// The peer.
+        peer: PeerId,
+        /// The name it announced.
+        name: String,
+    },
     /// Providers of a record a query of this node asked for.
     Providers {
         /// The query.
@@ -130,6 +150,8 @@ const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(2);
 pub struct Directory {
     local: PeerId,
     names: PeerNames,
+    /// Names only one key may take (`[peers]` in the node's configuration).
+    pins: HashMap<String, PeerId>,
     last_bootstrap: Option<Instant>,
 }
 
@@ -139,8 +161,16 @@ impl Directory {
         Directory {
             local,
             names: PeerNames::default(),
+            pins: HashMap::new(),
             last_bootstrap: None,
         }
+    }
+
+    /// Pins names to peers: a pinned name is given only to its peer, and another peer that
+    /// announces it is not named at all.
+    pub fn with_pins(mut self, pins: HashMap<String, PeerId>) -> Directory {
+        self.pins = pins;
+        self
     }
 
     /// The peer-name map (a handle on the same map, for the node's other tasks).
@@ -218,6 +248,15 @@ impl Directory {
         let Some(name) = name_from_agent_version(&info.agent_version) else {
             return Reaction::default();
         };
+        if self.pins.get(&name).is_some_and(|owner| *owner != peer) {
+            // An impostor (or a misconfigured node): not a destination, not a peer to learn
+            // the mesh from; a name it had before goes too.
+            let _ = self.names.write().remove(&peer);
+            return Reaction {
+                actions: Vec::new(),
+                learned: Some(Learned::NameRefused { peer, name }),
+            };
+        }
         let mut actions = Vec::with_capacity(info.listen_addrs.len());
         for addr in info.listen_addrs {
             discovery.kad.add_address(&peer, addr.clone());
@@ -348,6 +387,45 @@ mod tests {
         assert_eq!(directory.on_disconnected(&peer).as_deref(), Some("b"));
         assert_eq!(directory.on_disconnected(&peer), None);
         assert!(directory.names().peer("b").is_none());
+    }
+
+    #[test]
+    fn a_name_two_peers_announce_resolves_to_neither() {
+        let (mut discovery, mut directory) = node("a");
+        let (first, event) = identified(&agent_version("b"), &[]);
+        directory.on_event(&mut discovery, event, |_| true);
+        assert_eq!(directory.names().peer("b"), Some(first));
+        let (second, event) = identified(&agent_version("b"), &[]);
+        directory.on_event(&mut discovery, event, |_| true);
+        assert_eq!(directory.names().peer("b"), None);
+        let mut both = vec![first, second];
+        both.sort();
+        assert_eq!(directory.names().claimants("b"), both);
+        // One leaves: the name is the other's again.
+        directory.on_disconnected(&first);
+        assert_eq!(directory.names().peer("b"), Some(second));
+    }
+
+    #[test]
+    fn a_pinned_name_is_given_only_to_its_key() {
+        let (mut discovery, directory) = node("a");
+        let (owner, owner_event) = identified(&agent_version("b"), &[]);
+        let mut directory = directory.with_pins(HashMap::from([("b".to_string(), owner)]));
+        let (impostor, event) = identified(&agent_version("b"), &["/ip4/127.0.0.1/tcp/9"]);
+        let reaction = directory.on_event(&mut discovery, event, |_| true);
+        assert_eq!(
+            reaction.learned,
+            Some(Learned::NameRefused {
+                peer: impostor,
+                name: "b".into()
+            })
+        );
+        assert!(reaction.actions.is_empty());
+        assert!(!directory.names().contains(&impostor));
+        assert_eq!(directory.names().peer("b"), None);
+        directory.on_event(&mut discovery, owner_event, |_| true);
+        assert_eq!(directory.names().peer("b"), Some(owner));
+        assert_eq!(directory.names().claimants("b"), vec![owner]);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! [trust]
 //! authors = "any"            # or a list of public keys
 //! accept_from = "any"        # or a list of peer ids / public keys
+//! [peers]                    # node names pinned to keys: no other peer takes them
+//! beta = "ed25519:..."
 //! [limits]
 //! max_operations = 100000000
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
@@ -42,6 +44,9 @@ struct FileConfig {
     durability: String,
     #[serde(default)]
     trust: Option<toml::Value>,
+    /// Node names pinned to keys.
+    #[serde(default)]
+    peers: std::collections::HashMap<String, String>,
     #[serde(default)]
     limits: LimitsConfig,
 }
@@ -153,6 +158,16 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
     mailbox
         .check()
         .map_err(|e| anyhow::anyhow!("{}: [limits] {e}", path.display()))?;
+    let mut pinned_names = std::collections::HashMap::new();
+    for (name, key) in &file.peers {
+        if !discovery::is_valid_name(name) {
+            bail!("{}: [peers] '{name}' is not a node name", path.display());
+        }
+        let key = key
+            .parse::<security::PublicKey>()
+            .map_err(|e| anyhow::anyhow!("{}: [peers] {name} = '{key}': {e}", path.display()))?;
+        pinned_names.insert(name.clone(), key);
+    }
     Ok(NodeConfig {
         name: file.name,
         listen: parse_addrs("listen", &file.listen)?,
@@ -164,6 +179,7 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         trust,
         limits,
         mailbox,
+        pinned_names,
     })
 }
 

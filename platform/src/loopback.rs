@@ -52,6 +52,7 @@ impl LoopbackMesh {
                 trust: trust.clone(),
                 limits: limits.clone(),
                 mailbox: Default::default(),
+                pinned_names: Default::default(),
             };
             nodes.push(Node::start(config).await?);
             dirs.push(dir);

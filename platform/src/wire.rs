@@ -722,6 +722,7 @@ pub struct Activity {
 pub struct ActivityCounts {
     pub peers_up: u64,
     pub peers_down: u64,
+    pub names_refused: u64,
     pub agents_launched: u64,
     pub agents_resumed: u64,
     pub agents_finished: u64,

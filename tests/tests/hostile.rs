@@ -70,6 +70,7 @@ async fn start(
         trust,
         limits: agent_lang::Limits::default(),
         mailbox: Default::default(),
+        pinned_names: Default::default(),
     };
     (Node::start(config).await.expect("node starts"), dir)
 }

@@ -42,6 +42,7 @@ async fn start(
         trust: trust.clone(),
         limits: agent_lang::Limits::default(),
         mailbox: Default::default(),
+        pinned_names: Default::default(),
     };
     Node::start(config).await.expect("node starts")
 }

@@ -394,6 +394,7 @@ fn kademlia_completes_a_mesh_joined_in_a_chain() {
                 trust: trust.clone(),
                 limits: agent_lang::Limits::default(),
                 mailbox: Default::default(),
+                pinned_names: Default::default(),
             };
             handles.push(platform::node::Node::start(config).await.unwrap());
             dirs.push(dir);
@@ -404,5 +405,105 @@ fn kademlia_completes_a_mesh_joined_in_a_chain() {
         for h in &handles {
             h.shutdown();
         }
+    });
+}
+
+/// A node on 127.0.0.1 with `pins` in its `[peers]`.
+async fn start_named(
+    name: &str,
+    key: security::SecretKey,
+    bootstrap: Vec<libp2p::Multiaddr>,
+    trust: security::TrustPolicy,
+    pins: &[(&str, security::PublicKey)],
+) -> (platform::node::NodeHandle, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = platform::node::NodeConfig {
+        name: name.into(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        key,
+        data_dir: dir.path().to_path_buf(),
+        mdns: false,
+        durability: platform::store::Durability::NoSync,
+        trust,
+        limits: agent_lang::Limits::default(),
+        mailbox: Default::default(),
+        pinned_names: pins.iter().map(|(n, k)| (n.to_string(), *k)).collect(),
+    };
+    (platform::node::Node::start(config).await.unwrap(), dir)
+}
+
+#[test]
+fn a_name_two_keys_claim_is_refused_until_it_is_pinned() {
+    rt().block_on(async {
+        let (package, trust) = package(
+            r#"let e = ""; try { migrate("beta"); } catch (x) { e = x; } [here(), hops(), e]"#,
+        );
+        let beta_key = security::SecretKey::generate();
+        let (beta, _d1) = start_named("beta", beta_key.clone(), vec![], trust.clone(), &[]).await;
+        let (impostor, _d2) = start_named(
+            "beta",
+            security::SecretKey::generate(),
+            vec![],
+            trust.clone(),
+            &[],
+        )
+        .await;
+        let both: Vec<_> = [beta.listen_addrs(), impostor.listen_addrs()].concat();
+
+        // Unpinned: the name is contested, migrate says by whom, and nobody gets the agent.
+        let (alpha, _d3) = start_named(
+            "alpha",
+            security::SecretKey::generate(),
+            both.clone(),
+            trust.clone(),
+            &[],
+        )
+        .await;
+        eventually(|| alpha.peer_names().len() == 2).await;
+        let (_, end) = alpha.launch(package.clone(), None).unwrap();
+        let (json, node, _) = finished(end.await.unwrap());
+        assert_eq!(node, "alpha");
+        assert!(json.contains("is claimed by"), "{json}");
+        assert!(json.contains(&beta.peer_id().to_string()), "{json}");
+        assert!(json.contains(&impostor.peer_id().to_string()), "{json}");
+
+        // Pinned to beta's key: the impostor is not named, and the agent goes to beta.
+        let (gamma, _d4) = start_named(
+            "gamma",
+            security::SecretKey::generate(),
+            both,
+            trust,
+            &[("beta", beta_key.public())],
+        )
+        .await;
+        // Once gamma has heard both claims, and refused the impostor's.
+        eventually(|| {
+            let refused = gamma.status().unwrap().activity.counts.names_refused;
+            gamma.peer_names().contains(&"beta".to_string()) && refused == 1
+        })
+        .await;
+        let recent = gamma.status().unwrap().activity.recent;
+        let refusal = format!("refused the name beta to {}", impostor.peer_id());
+        assert!(
+            recent.iter().any(|e| e.event.starts_with(&refusal)),
+            "{recent:?}"
+        );
+        let names = gamma.peer_names();
+        assert_eq!(
+            names.iter().filter(|n| *n == "beta").count(),
+            1,
+            "{names:?}"
+        );
+        let (_, end) = gamma.launch(package, None).unwrap();
+        let (json, node, hops) = finished(end.await.unwrap());
+        assert_eq!(
+            (json.as_str(), node.as_str(), hops),
+            (r#"["beta",1,""]"#, "beta", 1)
+        );
+        let stored =
+            |n: &platform::node::NodeHandle| n.status().unwrap().activity.counts.hops_stored;
+        assert_eq!(stored(&beta), 1);
+        assert_eq!(stored(&impostor), 0);
     });
 }

@@ -47,6 +47,7 @@ impl ActivityLog {
         let count = match event {
             NodeEvent::PeerUp { .. } => &mut counts.peers_up,
             NodeEvent::PeerDown { .. } => &mut counts.peers_down,
+            NodeEvent::NameRefused { .. } => &mut counts.names_refused,
             NodeEvent::AgentLaunched { .. } => &mut counts.agents_launched,
             NodeEvent::AgentResumed { .. } => &mut counts.agents_resumed,
             NodeEvent::AgentEnded {

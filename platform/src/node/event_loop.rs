@@ -194,6 +194,12 @@ impl EventLoop {
             Some(Learned::PeerNamed { peer, name }) => {
                 self.shared.events.emit(NodeEvent::PeerUp { peer, name });
             }
+            Some(Learned::NameRefused { peer, name }) => {
+                tracing::warn!(%peer, "refused the name '{name}': it is pinned to another key");
+                self.shared
+                    .events
+                    .emit(NodeEvent::NameRefused { peer, name });
+            }
             Some(Learned::Providers {
                 query,
                 providers,

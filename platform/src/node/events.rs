@@ -30,6 +30,13 @@ pub enum NodeEvent {
         /// The peer.
         peer: PeerId,
     },
+    /// A peer announced a node name pinned to another key (`[peers]`): it was not named.
+    NameRefused {
+        /// The peer.
+        peer: PeerId,
+        /// The name it claimed.
+        name: String,
+    },
     /// An agent was launched here (this node is its home).
     AgentLaunched {
         /// The agent.
@@ -125,6 +132,12 @@ impl std::fmt::Display for NodeEvent {
         match self {
             Self::PeerUp { peer, name } => write!(f, "peer {name} up ({peer})"),
             Self::PeerDown { peer } => write!(f, "peer {peer} down"),
+            Self::NameRefused { peer, name } => {
+                write!(
+                    f,
+                    "refused the name {name} to {peer}: pinned to another key"
+                )
+            }
             Self::AgentLaunched { agent, package } => {
                 let short = &package[..package.len().min(16)];
                 write!(f, "launched {agent} (package {short})")

@@ -38,6 +38,7 @@
 //! write its record says `Abort`, and the destination drops the arrival. So the critical path
 //! of a durable hop holds one fsync, not two in a row.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -46,7 +47,7 @@ use agent_lang::rhai::Dynamic;
 use agent_lang::Limits;
 use anyhow::Context;
 use libp2p::{identity, Multiaddr, PeerId, StreamProtocol};
-use security::{SecretKey, TrustPolicy, VerifiedPackage};
+use security::{PublicKey, SecretKey, TrustPolicy, VerifiedPackage};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::store::{AgentMeta, AgentState, Durability, Store, StoreError};
@@ -109,6 +110,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// How much mail the node takes for each agent.
     pub mailbox: MailboxLimits,
+    /// Node names only one key may take (`[peers]`): another peer announcing one is not named.
+    pub pinned_names: HashMap<String, PublicKey>,
 }
 
 /// What every part of a running node shares: its identity and configuration, its store, and
@@ -243,7 +246,15 @@ impl Node {
             .accept(CONTROL_PROTOCOL)
             .context("control protocol")?;
         let (commands, command_rx) = mpsc::channel(64);
-        let directory = discovery::Directory::new(peer_id);
+        let pins = config
+            .pinned_names
+            .iter()
+            .map(|(name, key)| {
+                let peer = key.peer_id_string().parse::<PeerId>();
+                Ok((name.clone(), peer.context("a pinned name's key")?))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let directory = discovery::Directory::new(peer_id).with_pins(pins);
         let events = Events::default();
         let faults = Faults::from_env();
         let shared = Arc::new(Shared {

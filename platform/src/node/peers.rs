@@ -147,11 +147,25 @@ impl Peers {
         names
     }
 
-    /// A node name or peer id to a peer.
-    pub(super) fn resolve(&self, to: &str) -> Option<PeerId> {
+    /// A node name or peer id to a peer: this node, the one peer that announced the name, or
+    /// the peer with that id. A name that two connected peers announce resolves to neither.
+    pub(super) fn resolve(&self, to: &str) -> Result<PeerId, Unresolved> {
         if to == self.name {
-            return Some(self.local);
+            return Ok(self.local);
         }
-        self.names.peer(to).or_else(|| to.parse::<PeerId>().ok())
+        match self.names.claimants(to).as_slice() {
+            [one] => Ok(*one),
+            [] => to.parse::<PeerId>().map_err(|_| Unresolved::Unknown),
+            several => Err(Unresolved::Contested(several.to_vec())),
+        }
     }
+}
+
+/// Why a node name does not resolve to a peer.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Unresolved {
+    /// No connected peer has that name (and it is not a peer id).
+    Unknown,
+    /// Several connected peers announce it (sorted).
+    Contested(Vec<PeerId>),
 }

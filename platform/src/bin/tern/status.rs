@@ -70,7 +70,7 @@ fn print_activity(activity: &Activity) {
     println!(
         "since start: agents {} launched, {} resumed, {} finished, {} failed; \
          hops {} offered, {} committed, {} stored, {} refused, {} failed; \
-         messages {} queued, {} delivered; peers {} up, {} down",
+         messages {} queued, {} delivered; peers {} up, {} down, {} refused a pinned name",
         c.agents_launched,
         c.agents_resumed,
         c.agents_finished,
@@ -84,6 +84,7 @@ fn print_activity(activity: &Activity) {
         c.messages_delivered,
         c.peers_up,
         c.peers_down,
+        c.names_refused,
     );
     if activity.missed > 0 {
         println!(

@@ -16,6 +16,7 @@ use super::recover::{recover_departure, resolve_departure};
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::Loaded;
+use crate::node::peers::Unresolved;
 use crate::node::routing::forward_queued;
 use crate::node::streams::PeerStream;
 use crate::node::{lock, now_ms, Shared};
@@ -117,8 +118,16 @@ pub(in crate::node) async fn hop(
     loaded: &Loaded,
     to: &str,
 ) -> Result<HopResult, String> {
-    let Some(dest) = shared.peers.resolve(to) else {
-        return Err(unknown_node_error(to));
+    let dest = match shared.peers.resolve(to) {
+        Ok(dest) => dest,
+        Err(Unresolved::Unknown) => return Err(unknown_node_error(to)),
+        Err(Unresolved::Contested(peers)) => {
+            let peers: Vec<String> = peers.iter().map(PeerId::to_string).collect();
+            return Err(format!(
+                "migrate: node name '{to}' is claimed by {}: pin it to one key in [peers]",
+                peers.join(" and ")
+            ));
+        }
     };
     if dest == shared.peers.local() {
         rec.hops += 1;

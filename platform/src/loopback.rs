@@ -13,7 +13,6 @@ use security::{SecretKey, TrustPolicy, VerifiedPackage};
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 use crate::node::{Node, NodeConfig, NodeEvent, NodeHandle};
-use crate::store::Durability;
 use crate::wire::AgentEnd;
 
 /// A running loopback mesh; its nodes stop and their directories are removed when dropped.
@@ -42,17 +41,14 @@ impl LoopbackMesh {
                 .flat_map(|h| h.listen_addrs().into_iter().take(1))
                 .collect();
             let config = NodeConfig {
-                name: format!("node-{i}"),
-                listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
                 bootstrap,
-                key: SecretKey::generate(),
-                data_dir: dir.path().to_path_buf(),
-                mdns: false,
-                durability: Durability::NoSync,
-                trust: trust.clone(),
                 limits: limits.clone(),
-                mailbox: Default::default(),
-                pinned_names: Default::default(),
+                ..NodeConfig::local(
+                    &format!("node-{i}"),
+                    SecretKey::generate(),
+                    dir.path().to_path_buf(),
+                    trust.clone(),
+                )
             };
             nodes.push(Node::start(config).await?);
             dirs.push(dir);

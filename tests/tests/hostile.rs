@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt};
 use platform::node::{Node, NodeConfig, NodeHandle};
-use platform::store::Durability;
 use platform::wire::{
     read_frame, write_bulk, write_frame, AgentEnd, ControlRefusal, ControlReply, ControlRequest,
     HopDecision, HopOffer, HopRefusal, HopReply, MAX_FRAME,
@@ -60,17 +59,8 @@ async fn start(
 ) -> (NodeHandle, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
-        name: name.into(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap,
-        key,
-        data_dir: dir.path().to_path_buf(),
-        mdns: false,
-        durability: Durability::NoSync,
-        trust,
-        limits: agent_lang::Limits::default(),
-        mailbox: Default::default(),
-        pinned_names: Default::default(),
+        ..NodeConfig::local(name, key, dir.path().to_path_buf(), trust)
     };
     (Node::start(config).await.expect("node starts"), dir)
 }
@@ -665,19 +655,19 @@ fn silent_streams_from_one_peer_do_not_starve_the_node() {
     });
 }
 
-/// Waits (up to 20 s) until `agent` waits in `receive` on `node`.
-async fn waiting(node: &NodeHandle, agent: &str) {
+/// Waits (up to 20 s) until `node` holds `agent` in a state that starts with `state`.
+async fn held_in_state(node: &NodeHandle, agent: &str, state: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !node
         .status()
         .expect("status")
         .agents
         .iter()
-        .any(|a| a.id == agent && a.state == "waiting")
+        .any(|a| a.id == agent && a.state.starts_with(state))
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{agent} never waited"
+            "{agent} never was {state}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -700,7 +690,7 @@ fn a_malformed_message_is_refused_and_the_waiting_agent_lives_on() {
         let raw = RawPeer::new(SecretKey::generate(), &mesh.target.listen_addrs()[0]);
         let victim = sign(r#"let m = receive(); [m, here()]"#, &mesh.author);
         let (id, end) = mesh.target.launch(victim, None).expect("launch");
-        waiting(&mesh.target, &id).await;
+        held_in_state(&mesh.target, &id, "waiting").await;
         for garbage in [
             b"\xff\x00 not a value".to_vec(),
             vec![0x9f; 40],                  // an indefinite array, never closed
@@ -751,7 +741,7 @@ fn a_message_over_the_size_limit_is_refused_before_it_is_read_as_a_value() {
         let raw = RawPeer::new(SecretKey::generate(), &mesh.target.listen_addrs()[0]);
         let victim = sign(r#"let m = receive(); m"#, &mesh.author);
         let (id, end) = mesh.target.launch(victim, None).expect("launch");
-        waiting(&mesh.target, &id).await;
+        held_in_state(&mesh.target, &id, "waiting").await;
         // 16 MiB of nested empty arrays: a frame the node reads, a value it must not build.
         let n = 16 << 20;
         let mut bomb = vec![0x9a];
@@ -800,18 +790,7 @@ fn a_full_queue_refuses_more_messages_and_the_agent_still_leaves_with_its_queue(
         let id = envelope.fields().agent_id.to_string();
         let mut s = raw.open_hop().await;
         write_frame(&mut s, &offer).await.expect("send the offer");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !mesh
-            .target
-            .status()
-            .expect("status")
-            .agents
-            .iter()
-            .any(|a| a.id == id && a.state.starts_with("arriving"))
-        {
-            assert!(tokio::time::Instant::now() < deadline, "never stored");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        held_in_state(&mesh.target, &id, "arriving").await;
         // Messages of just under 1 MiB: eight fill the 8 MiB queue, the ninth is refused.
         let blob = agent_lang::rhai::Dynamic::from_blob(vec![7u8; (1 << 20) - 16]);
         for _ in 0..8 {

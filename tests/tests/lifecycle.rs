@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use platform::loopback::LoopbackMesh;
 use platform::node::{Node, NodeConfig, NodeEvent, NodeHandle};
-use platform::store::Durability;
 use security::{SecretKey, TrustPolicy};
 use tern_tests::package;
 use tokio::sync::broadcast;
@@ -32,17 +31,8 @@ async fn start(
     bootstrap: Vec<libp2p::Multiaddr>,
 ) -> NodeHandle {
     let config = NodeConfig {
-        name: name.into(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap,
-        key: key.clone(),
-        data_dir: dir.to_path_buf(),
-        mdns: false,
-        durability: Durability::NoSync,
-        trust: trust.clone(),
-        limits: agent_lang::Limits::default(),
-        mailbox: Default::default(),
-        pinned_names: Default::default(),
+        ..NodeConfig::local(name, key.clone(), dir.to_path_buf(), trust.clone())
     };
     Node::start(config).await.expect("node starts")
 }

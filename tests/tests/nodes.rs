@@ -384,17 +384,13 @@ fn kademlia_completes_a_mesh_joined_in_a_chain() {
             // Each node knows only the one started before it.
             let bootstrap = handles.last().map(|h| h.listen_addrs()).unwrap_or_default();
             let config = platform::node::NodeConfig {
-                name: format!("n{i}"),
-                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
                 bootstrap,
-                key: security::SecretKey::generate(),
-                data_dir: dir.path().to_path_buf(),
-                mdns: false,
-                durability: platform::store::Durability::NoSync,
-                trust: trust.clone(),
-                limits: agent_lang::Limits::default(),
-                mailbox: Default::default(),
-                pinned_names: Default::default(),
+                ..platform::node::NodeConfig::local(
+                    &format!("n{i}"),
+                    security::SecretKey::generate(),
+                    dir.path().to_path_buf(),
+                    trust.clone(),
+                )
             };
             handles.push(platform::node::Node::start(config).await.unwrap());
             dirs.push(dir);
@@ -418,17 +414,9 @@ async fn start_named(
 ) -> (platform::node::NodeHandle, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = platform::node::NodeConfig {
-        name: name.into(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap,
-        key,
-        data_dir: dir.path().to_path_buf(),
-        mdns: false,
-        durability: platform::store::Durability::NoSync,
-        trust,
-        limits: agent_lang::Limits::default(),
-        mailbox: Default::default(),
         pinned_names: pins.iter().map(|(n, k)| (n.to_string(), *k)).collect(),
+        ..platform::node::NodeConfig::local(name, key, dir.path().to_path_buf(), trust)
     };
     (platform::node::Node::start(config).await.unwrap(), dir)
 }

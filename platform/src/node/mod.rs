@@ -114,6 +114,27 @@ pub struct NodeConfig {
     pub pinned_names: HashMap<String, PublicKey>,
 }
 
+impl NodeConfig {
+    /// A node on 127.0.0.1 (a port the OS picks), without mDNS or fsync, with the default
+    /// limits and no bootstrap peers or pinned names: the mesh of tests and `tern run`.
+    pub fn local(name: &str, key: SecretKey, data_dir: PathBuf, trust: TrustPolicy) -> NodeConfig {
+        NodeConfig {
+            name: name.into(),
+            listen: vec![Multiaddr::from(std::net::Ipv4Addr::LOCALHOST)
+                .with(libp2p::multiaddr::Protocol::Tcp(0))],
+            bootstrap: Vec::new(),
+            key,
+            data_dir,
+            mdns: false,
+            durability: Durability::NoSync,
+            trust,
+            limits: Limits::default(),
+            mailbox: MailboxLimits::default(),
+            pinned_names: HashMap::new(),
+        }
+    }
+}
+
 /// What every part of a running node shares: its identity and configuration, its store, and
 /// the state of each module, owned by that module (see each field's type for its locks).
 struct Shared {

@@ -25,13 +25,13 @@
 //! disk:
 //!
 //! - In a store with [`Durability::Fsync`], a commit waits for the disk (and `begin_write` for
-//!   the commit before it), so it never runs on a thread that the runtime runs tasks on. On a
-//!   multi-thread runtime (the node's), the group runs on the caller's thread inside
-//!   [`tokio::task::block_in_place`], which hands the worker's other tasks to another thread
-//!   meanwhile: no hop to another task, so an uncontended write still commits at once. On a
-//!   current-thread runtime, `block_in_place` cannot free the runtime's one thread, so the
-//!   leadership goes to a `spawn_blocking` thread at once, and the caller awaits its result
-//!   like a follower.
+//!   the commit before it). On a multi-thread runtime (the node's), the group runs on the
+//!   caller's thread: where it is while the store's synced commits are fast (the module docs of
+//!   the store say why and what "fast" is), inside [`tokio::task::block_in_place`] otherwise,
+//!   which hands the worker's other tasks to another thread meanwhile. Either way there is no
+//!   hop to another task, so an uncontended write commits at once. On a current-thread
+//!   runtime, `block_in_place` cannot free the runtime's one thread, so the leadership goes to
+//!   a `spawn_blocking` thread at once, and the caller awaits its result like a follower.
 //! - In a store with [`Durability::NoSync`] (tests, benchmarks, the `tern run` mesh), a commit
 //!   hands its pages to the OS and waits for no fsync, its own or another writer's: the group
 //!   runs on the caller's thread, as a read would. `block_in_place` there cost more than the
@@ -209,7 +209,8 @@ impl Shared {
     /// Runs `group` in one transaction and reports to each write. Writes that did not run
     /// because an earlier one failed are left in `group`, in order, for the next transaction.
     fn commit_group(&self, group: &mut VecDeque<Box<dyn Job>>) {
-        let txn = match self.begin(group.iter().any(|job| job.synced())) {
+        let synced = group.iter().any(|job| job.synced());
+        let txn = match self.begin(synced) {
             Ok(txn) => txn,
             Err(e) => {
                 let cause = format!("its transaction could not begin: {}", chain(&e));
@@ -235,7 +236,7 @@ impl Shared {
                 }
             }
         }
-        match txn.commit() {
+        match self.commit(txn, synced) {
             Ok(()) => {
                 for finish in wrote {
                     finish(Ok(()));

@@ -40,16 +40,19 @@
 //! that are another write's ([`StoreError::BatchAborted`]). So tests write with `batch`, and
 //! use `write` only where group commit itself is tested.
 //!
-//! In a store with [`Durability::Fsync`], neither waits for the disk on a thread that runs a
-//! tokio runtime's tasks, but for `batch` on a current-thread runtime. On a multi-thread
-//! runtime (the node's), `batch` runs inside [`tokio::task::block_in_place`], which hands the
-//! worker's other tasks to another thread meanwhile, and so does the group `write` leads; on a
-//! current-thread runtime, `write` hands its group to a blocking thread (`group_commit` has the
-//! details). `batch` cannot: a current-thread runtime has no other thread for its tasks, so
-//! there `batch` blocks them all, and async code uses `write`. In a store with
-//! [`Durability::NoSync`], no commit waits for the disk (none fsyncs), and both commit on the
-//! calling thread: moving a commit that takes microseconds to another thread would cost more
-//! than the commit.
+//! In a store with [`Durability::Fsync`], neither holds a thread that runs a tokio runtime's
+//! tasks for long, but for `batch` on a current-thread runtime. The store times its synced
+//! commits ([`DiskSpeed`]). On a multi-thread runtime (the node's), while they average under
+//! [`SLOW_DISK`] (1 ms), a commit runs where it is called, as a task's poll of that length
+//! would: handing a worker's tasks to another thread costs more than that on a small machine
+//! (measured on the 2-core test VM: +250 µs per durable hop, +65 %, waking a thread there takes
+//! 100 µs or more). On a slower disk, `batch` runs inside [`tokio::task::block_in_place`], which
+//! hands the worker's other tasks to another thread meanwhile, and so does the group `write`
+//! leads. On a current-thread runtime, `write` hands its group to a blocking thread
+//! (`group_commit` has the details). `batch` cannot: a current-thread runtime has no other
+//! thread for its tasks, so there `batch` blocks them all, and async code uses `write`. In a
+//! store with [`Durability::NoSync`], no commit waits for the disk (none fsyncs), and both
+//! commit on the calling thread.
 //!
 //! The writers are the node's protocol handlers (arrivals, departures, packages, locations,
 //! messages) and its scheduler (agent records after each slice, results).
@@ -75,10 +78,9 @@
 //! disk, so writes are where contention is: [`Store::batch`] waits in
 //! [`redb::Database::begin_write`] until the write before it has committed (fsync included),
 //! while [`Store::write`] joins the group being formed. Reads run on the calling thread, which
-//! waits for the disk when a page is not in the cache: under [`Durability::Fsync`] on a
-//! multi-thread runtime inside [`tokio::task::block_in_place`], as `batch` does, so that a node's
-//! other tasks go on meanwhile; under [`Durability::NoSync`] (a scratch store, whose pages the
-//! OS's cache holds) where they are.
+//! waits for the disk when a page is not in the cache: where `batch` would wait (inside
+//! [`tokio::task::block_in_place`] on a slow disk under [`Durability::Fsync`], so that a node's
+//! other tasks go on meanwhile), and where they are otherwise.
 //!
 //! # Examples
 //!
@@ -109,7 +111,9 @@ mod schema;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -154,6 +158,8 @@ struct Shared {
     /// The group-commit queue of [`Store::write`]. A std mutex: it is held only to push or pop
     /// writes and flip the leader flag, never across a transaction or an `.await`.
     writes: Mutex<group_commit::Writes>,
+    /// How long this store's synced commits take, which decides where they wait.
+    disk: DiskSpeed,
 }
 
 impl fmt::Debug for Store {
@@ -185,6 +191,7 @@ impl Store {
                 db,
                 durability,
                 writes: Mutex::default(),
+                disk: DiskSpeed::default(),
             }),
         };
         store.batch(|b| b.create_tables())?;
@@ -230,7 +237,7 @@ impl Store {
             let result = f(&mut Batch { txn: &txn });
             match result {
                 Ok(value) => {
-                    txn.commit()?;
+                    self.shared.commit(txn, true)?;
                     Ok(value)
                 }
                 Err(e) => {
@@ -248,9 +255,8 @@ impl Store {
         }
     }
 
-    /// Runs `f` on a snapshot of the store, on the calling thread: under [`Durability::Fsync`]
-    /// on a worker of a multi-thread runtime inside [`tokio::task::block_in_place`], as
-    /// [`Store::batch`] does, since a page not in the cache is read from the disk.
+    /// Runs `f` on a snapshot of the store, on the calling thread, waiting where
+    /// [`Store::batch`] would, since a page not in the cache is read from the disk.
     fn read<T>(
         &self,
         f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>,
@@ -279,7 +285,8 @@ impl Shared {
 
 /// Where a transaction on a thread of a tokio runtime waits for the disk.
 enum DiskWait {
-    /// Where it is: the store never waits for the disk to write (see [`Shared::disk_wait`]).
+    /// Where it is: the disk is fast, or the store never waits for it to write (see
+    /// [`Shared::disk_wait`]).
     Here,
     /// Inside [`tokio::task::block_in_place`], which hands the worker's other tasks to another
     /// thread meanwhile.
@@ -299,9 +306,55 @@ impl Shared {
             // the disk before it. Moving it off the worker would cost more than the commit
             // (block_in_place: +40 % for a small write).
             (Durability::NoSync, _) => DiskWait::Here,
+            // A disk that syncs in well under a millisecond holds a worker no longer than a
+            // task's poll may: handing the worker's tasks to another thread costs more (on the
+            // 2-core test machine, +250 µs, +65 %, per durable hop, whether by block_in_place or
+            // spawn_blocking: waking a thread there takes 100 µs or more).
+            (Durability::Fsync, RuntimeFlavor::MultiThread) if !self.disk.is_slow() => {
+                DiskWait::Here
+            }
             (Durability::Fsync, RuntimeFlavor::MultiThread) => DiskWait::InPlace,
             (Durability::Fsync, _) => DiskWait::Elsewhere,
         }
+    }
+
+    /// Commits `txn`, timing it if it syncs.
+    fn commit(&self, txn: WriteTransaction, synced: bool) -> Result<(), redb::CommitError> {
+        if !(synced && self.durability == Durability::Fsync) {
+            return txn.commit();
+        }
+        let started = Instant::now();
+        let committed = txn.commit();
+        self.disk.record(started.elapsed());
+        committed
+    }
+}
+
+/// Synced commits that take longer than this, on average, are a slow disk: they are waited for
+/// off the runtime's workers.
+const SLOW_DISK: Duration = Duration::from_millis(1);
+
+/// How long this store's synced commits take: a moving average over about the last eight, in
+/// microseconds (0 until the first).
+#[derive(Default)]
+struct DiskSpeed {
+    micros: AtomicU64,
+}
+
+impl DiskSpeed {
+    fn record(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let old = self.micros.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old.saturating_mul(7).saturating_add(sample) / 8
+        };
+        self.micros.store(new, Ordering::Relaxed);
+    }
+
+    fn is_slow(&self) -> bool {
+        self.micros.load(Ordering::Relaxed) > SLOW_DISK.as_micros() as u64
     }
 }
 
@@ -315,5 +368,114 @@ pub struct Batch<'txn> {
 impl fmt::Debug for Batch<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Batch").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    fn fsync_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("tern.redb"), Durability::Fsync).unwrap();
+        (dir, store)
+    }
+
+    /// A closure that lets a task of `runtime` run and says whether it did within 10 s.
+    fn other_task_ran(runtime: &tokio::runtime::Runtime) -> impl FnOnce() -> bool + Send {
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ran_tx, ran_rx) = mpsc::channel::<()>();
+        runtime.spawn(async move {
+            if started_rx.await.is_ok() {
+                let _ = ran_tx.send(());
+            }
+        });
+        move || {
+            let _ = started_tx.send(());
+            ran_rx.recv_timeout(Duration::from_secs(10)).is_ok()
+        }
+    }
+
+    #[test]
+    fn disk_speed_is_a_moving_average_of_synced_commits() {
+        let speed = DiskSpeed::default();
+        assert!(!speed.is_slow(), "no commit yet");
+        speed.record(Duration::from_millis(4));
+        assert!(speed.is_slow(), "the first commit sets the average");
+        for _ in 0..40 {
+            speed.record(Duration::from_micros(200));
+        }
+        assert!(!speed.is_slow(), "fast commits bring it back");
+        speed.record(Duration::from_millis(3));
+        assert!(
+            !speed.is_slow(),
+            "one slow commit among fast ones is not a slow disk"
+        );
+    }
+
+    #[test]
+    fn synced_commits_are_timed_and_unsynced_ones_are_not() {
+        let (_dir, store) = fsync_store();
+        let before = store.shared.disk.micros.load(Ordering::Relaxed);
+        let txn = store.shared.begin(false).unwrap();
+        store.shared.commit(txn, false).unwrap();
+        assert_eq!(store.shared.disk.micros.load(Ordering::Relaxed), before);
+        // Opening committed once, synced; a commit takes at least a microsecond.
+        assert!(before > 0, "open's synced commit was not timed");
+    }
+
+    #[test]
+    fn on_a_slow_disk_a_commit_waits_off_the_worker_and_on_a_fast_one_where_it_is() {
+        let (_dir, store) = fsync_store();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        // Fast: the commit runs where it is called.
+        store.shared.disk.micros.store(100, Ordering::Relaxed);
+        let shared = Arc::clone(&store.shared);
+        let wait = runtime.block_on(async move {
+            tokio::spawn(async move { shared.disk_wait(&Handle::current()) })
+                .await
+                .unwrap()
+        });
+        assert!(matches!(wait, DiskWait::Here));
+
+        // Slow: a write and a batch let the worker's other tasks run while they commit (the
+        // runtime has one worker: had they held it, the other task could not run).
+        store.shared.disk.micros.store(50_000, Ordering::Relaxed);
+        let wait = other_task_ran(&runtime);
+        let writer = store.clone();
+        let write = runtime.spawn(async move {
+            writer
+                .write(move |b| {
+                    let ran = wait();
+                    b.put_result("written", b"r")?;
+                    Ok(ran)
+                })
+                .await
+        });
+        assert!(
+            runtime.block_on(write).unwrap().unwrap(),
+            "a write held the worker"
+        );
+        store.shared.disk.micros.store(50_000, Ordering::Relaxed);
+        let wait = other_task_ran(&runtime);
+        let writer = store.clone();
+        let batch = runtime.spawn(async move {
+            writer.batch(|b| {
+                let ran = wait();
+                b.put_result("batched", b"r")?;
+                Ok(ran)
+            })
+        });
+        assert!(
+            runtime.block_on(batch).unwrap().unwrap(),
+            "a batch held the worker"
+        );
+        assert!(store.result("written").unwrap().is_some());
+        assert!(store.result("batched").unwrap().is_some());
     }
 }

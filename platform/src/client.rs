@@ -1,6 +1,7 @@
-//! The CLI's side of the control protocol: an ephemeral libp2p peer that dials one node, sends it
-//! control requests and turns the node's replies into typed results (`tern launch`, `tern status`,
-//! `tern send`, `tern result`), so that no command reads wire messages itself.
+//! The CLI's side of the client protocol: a libp2p peer with the operator's key (or an ephemeral
+//! one, which nodes refuse) that dials one node, sends it requests and turns the node's replies
+//! into typed results (`tern launch`, `tern status`, `tern send`, `tern result`), so that no
+//! command reads wire messages itself.
 
 use std::time::Duration;
 
@@ -9,8 +10,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::wire::{
-    read_frame, read_frame_after, write_frame, AgentEnd, ControlRefusal, ControlReply,
-    ControlRequest, StatusReport, WireError, CONTROL_PROTOCOL, MAX_FRAME, MESSAGE_TTL,
+    read_frame, read_frame_after, write_frame, AgentEnd, ClientRequest, ControlRefusal,
+    ControlReply, StatusReport, WireError, CLIENT_PROTOCOL, MAX_FRAME,
 };
 
 /// How long the client waits for the connection to the node, and then for each control stream.
@@ -59,6 +60,9 @@ pub enum ClientError {
     /// The node took the request but sent no answer: it may have carried it out.
     #[error("the node took the request but sent no answer (it may have carried it out)")]
     NoAnswer(#[source] WireError),
+    /// The node takes requests only from its operators, and this client's key is not one.
+    #[error("{0} (pass an operator's key with --key or TERN_KEY)")]
+    NotOperator(ControlRefusal),
     /// The node refused the package.
     #[error("the node refused the package: {0}")]
     PackageRefused(ControlRefusal),
@@ -99,19 +103,27 @@ pub struct Client {
 }
 
 impl Client {
-    /// Dials the node at `addr`, which must end in `/p2p/<peer id>`.
+    /// Dials the node at `addr`, which must end in `/p2p/<peer id>`, as `operator` (a key in
+    /// the node's `[trust] operators`), or as a fresh key that nodes answer only with
+    /// [`ControlRefusal::NotOperator`].
     ///
     /// # Errors
     ///
     /// The address has no peer id, the transport cannot be built, or the node cannot be reached.
-    pub async fn connect(addr: &Multiaddr) -> Result<Client, ClientError> {
+    pub async fn connect(
+        addr: &Multiaddr,
+        operator: Option<&security::SecretKey>,
+    ) -> Result<Client, ClientError> {
         let Some(Protocol::P2p(peer)) = addr.iter().last() else {
             return Err(ClientError::NoPeerId(addr.clone()));
         };
-        let mut swarm = crate::wire::swarm(libp2p::identity::Keypair::generate_ed25519(), |_| {
-            libp2p_stream::Behaviour::new()
-        })
-        .map_err(ClientError::Transport)?;
+        let identity = match operator {
+            Some(key) => libp2p::identity::Keypair::ed25519_from_bytes(key.seed())
+                .map_err(|e| ClientError::Transport(e.into()))?,
+            None => libp2p::identity::Keypair::generate_ed25519(),
+        };
+        let mut swarm = crate::wire::swarm(identity, |_| libp2p_stream::Behaviour::new())
+            .map_err(ClientError::Transport)?;
         // libp2p-stream keeps no addresses: dial the node ourselves (by peer id, so that
         // `open_stream` waits for this dial instead of starting one with no address).
         swarm
@@ -200,7 +212,7 @@ impl Client {
     ///
     /// The node cannot be reached or does not answer.
     pub async fn status(&self) -> Result<StatusReport, ClientError> {
-        match self.query(&ControlRequest::Status).await? {
+        match self.query(&ClientRequest::Status).await? {
             ControlReply::Status(report) => Ok(report),
             other => Err(unexpected(other)),
         }
@@ -214,11 +226,9 @@ impl Client {
     /// The node cannot be reached or does not answer, the message cannot be delivered, or it
     /// may have been ([`ClientError::DeliveryUnconfirmed`]).
     pub async fn send(&self, agent: &str, message: Vec<u8>) -> Result<(), ClientError> {
-        let request = ControlRequest::Deliver {
+        let request = ClientRequest::Send {
             agent: agent.to_string(),
             message,
-            ttl: MESSAGE_TTL,
-            probe: false,
         };
         match self.request(&request).await? {
             ControlReply::Delivered => Ok(()),
@@ -240,7 +250,7 @@ impl Client {
     ///
     /// The node cannot be reached or does not answer, or has no end recorded for the agent.
     pub async fn result(&self, agent: &str) -> Result<AgentEnd, ClientError> {
-        let request = ControlRequest::Result {
+        let request = ClientRequest::Result {
             agent: agent.to_string(),
         };
         match self.query(&request).await? {
@@ -257,8 +267,8 @@ impl Client {
         package: Vec<u8>,
         wait: bool,
     ) -> Result<(String, libp2p::Stream), ClientError> {
-        let mut stream = self.open(&ControlRequest::Launch { package, wait }).await?;
-        match read_frame(&mut stream, MAX_FRAME).await? {
+        let mut stream = self.open(&ClientRequest::Launch { package, wait }).await?;
+        match operator_reply(read_frame(&mut stream, MAX_FRAME).await?)? {
             ControlReply::Launched { agent } => Ok((agent, stream)),
             ControlReply::Refused(reason) => Err(ClientError::PackageRefused(reason)),
             other => Err(unexpected(other)),
@@ -266,16 +276,17 @@ impl Client {
     }
 
     /// One request, one reply.
-    async fn request(&self, request: &ControlRequest) -> Result<ControlReply, ClientError> {
+    async fn request(&self, request: &ClientRequest) -> Result<ControlReply, ClientError> {
         let mut stream = self.open(request).await?;
-        read_frame(&mut stream, MAX_FRAME)
+        let reply = read_frame(&mut stream, MAX_FRAME)
             .await
-            .map_err(ClientError::NoAnswer)
+            .map_err(ClientError::NoAnswer)?;
+        operator_reply(reply)
     }
 
     /// One question (a request that changes nothing at the node), one reply: asked again on a
     /// fresh stream if the node closed the stream without answering (see [`QUERY_ATTEMPTS`]).
-    async fn query(&self, request: &ControlRequest) -> Result<ControlReply, ClientError> {
+    async fn query(&self, request: &ClientRequest) -> Result<ControlReply, ClientError> {
         let mut attempt = 1;
         loop {
             match self.request(request).await {
@@ -292,12 +303,10 @@ impl Client {
     }
 
     /// Sends `request` and returns the stream for the replies.
-    async fn open(&self, request: &ControlRequest) -> Result<libp2p::Stream, ClientError> {
+    async fn open(&self, request: &ClientRequest) -> Result<libp2p::Stream, ClientError> {
         let mut stream = tokio::time::timeout(
             REACH_TIMEOUT,
-            self.control
-                .clone()
-                .open_stream(self.peer, CONTROL_PROTOCOL),
+            self.control.clone().open_stream(self.peer, CLIENT_PROTOCOL),
         )
         .await
         .map_err(|_| ClientError::NoStream("timed out".to_string()))?
@@ -310,6 +319,16 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.driver.abort();
+    }
+}
+
+/// `reply`, unless it says the client is not an operator.
+fn operator_reply(reply: ControlReply) -> Result<ControlReply, ClientError> {
+    match reply {
+        ControlReply::Refused(refusal @ ControlRefusal::NotOperator { .. }) => {
+            Err(ClientError::NotOperator(refusal))
+        }
+        reply => Ok(reply),
     }
 }
 

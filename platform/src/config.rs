@@ -11,6 +11,7 @@
 //! [trust]
 //! authors = "any"            # or a list of public keys
 //! accept_from = "any"        # or a list of peer ids / public keys
+//! operators = ["ed25519:..."] # who may launch, send and ask (tern --key); none if omitted
 //! [peers]                    # node names pinned to keys: no other peer takes them
 //! beta = "ed25519:..."
 //! [limits]

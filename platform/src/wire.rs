@@ -48,8 +48,12 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
 pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/4");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
-/// Launching agents, status, results and hop recovery queries.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/3");
+/// Node to node: messages on their way, agents' ends and whereabouts for their home, hop
+/// recovery questions.
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/4");
+/// An operator's client (the CLI) to a node: launch, status, result, send. Only the keys of the
+/// node's `[trust] operators` are answered.
+pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/client/1");
 
 /// Forwarding steps a message may take on its way to an agent (guards against pointer loops).
 pub const MESSAGE_TTL: u8 = 16;
@@ -410,6 +414,15 @@ pub enum HopRefusal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum ControlRefusal {
+    /// The client's key is not one of the node's operators.
+    #[error(
+        "this node takes launch, status, result and send only from its operators ([trust] \
+         operators); {client} is not one"
+    )]
+    NotOperator {
+        /// The client's key (`ed25519:...`), or its peer id if it has no ed25519 key.
+        client: String,
+    },
     /// The package does not decode or its signature does not verify.
     #[error("package: {0}")]
     BadPackage(String),
@@ -540,9 +553,9 @@ pub enum PackageReply {
     Refused,
 }
 
-/// Control requests (CLI to node, and node to node).
+/// What an operator's client asks a node (protocol [`CLIENT_PROTOCOL`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum ControlRequest {
+pub enum ClientRequest {
     /// Start an agent from this package here. With `wait`, the stream stays open and the
     /// agent's end follows as [`ControlReply::Ended`].
     Launch {
@@ -554,6 +567,24 @@ pub enum ControlRequest {
     },
     /// The node's peers, agents and forwarding pointers.
     Status,
+    /// How an agent of this home node ended, if it has (`tern result`).
+    Result {
+        /// The agent.
+        agent: String,
+    },
+    /// Send a message to an agent, wherever it is (`tern send`).
+    Send {
+        /// The receiving agent.
+        agent: String,
+        /// The message, a portable value (`agent_lang::encode_portable`).
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+    },
+}
+
+/// What one node asks another (protocol [`CONTROL_PROTOCOL`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ControlRequest {
     /// An agent of this home node ended elsewhere (node to node).
     Ended {
         /// The agent.
@@ -580,11 +611,6 @@ pub enum ControlRequest {
         agent: String,
         /// Peer id of the node holding it.
         node: String,
-    },
-    /// How an agent of this home node ended, if it has (`tern result`).
-    Result {
-        /// The agent.
-        agent: String,
     },
     /// Does this node hold (agent, hop)? Asked by a source that lost a hop's acknowledgement.
     /// The answer waits for an arrival of that hop still in progress; a "no" about the offer

@@ -1,5 +1,6 @@
 //! A node's trust policy: which authors' packages it runs and with what capabilities and limits,
-//! which peers may push agents to it, and whether it serves packages to anyone who asks.
+//! which peers may push agents to it, whether it serves packages to anyone who asks, and who
+//! operates it.
 //!
 //! Read from the node's `[trust]` TOML table:
 //!
@@ -13,6 +14,9 @@
 //! # "any", or a list of `ed25519:` keys or peer ids; omitted means nobody may push.
 //! accept_from = "any"
 //! serve_packages = true
+//! # `ed25519:` keys or peer ids of who may launch agents here and ask about them (`tern launch
+//! # --key`); omitted means nobody.
+//! operators = ["ed25519:..."]
 //! ```
 
 use std::fmt;
@@ -37,6 +41,9 @@ pub struct TrustPolicy {
     pub accept_from: PeersPolicy,
     /// Whether this node answers package downloads by hash (pull is anonymous).
     pub serve_packages: bool,
+    /// Who may launch agents here and ask about them (the client protocol: launch, status,
+    /// result, send). Never "any": a node is run by someone.
+    pub operators: Vec<PublicKey>,
 }
 
 impl Default for TrustPolicy {
@@ -45,6 +52,7 @@ impl Default for TrustPolicy {
             authors: AuthorsPolicy::List(Vec::new()),
             accept_from: PeersPolicy::List(Vec::new()),
             serve_packages: true,
+            operators: Vec::new(),
         }
     }
 }
@@ -216,6 +224,11 @@ impl TrustPolicy {
             AuthorsPolicy::Any => true,
             AuthorsPolicy::List(list) => list.iter().any(|g| g.key == *author),
         }
+    }
+
+    /// Whether `client` may launch agents on this node and ask it about them.
+    pub fn is_operator(&self, client: &PublicKey) -> bool {
+        self.operators.contains(client)
     }
 
     /// Whether `peer` may push agents to this node.

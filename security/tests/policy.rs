@@ -157,6 +157,7 @@ fn policy_round_trips_through_toml() {
         }]),
         accept_from: PeersPolicy::Any,
         serve_packages: true,
+        operators: vec![key(2).public()],
     };
     let text = toml::to_string(&policy).unwrap();
     assert_eq!(
@@ -164,4 +165,22 @@ fn policy_round_trips_through_toml() {
         policy,
         "{text}"
     );
+}
+
+#[test]
+fn only_listed_keys_operate_a_node() {
+    let policy: TrustPolicy = toml::from_str(&format!(
+        "operators = [\"{}\", \"{}\"]",
+        key(1).public(),
+        key(2).public().peer_id_string()
+    ))
+    .unwrap();
+    assert!(policy.is_operator(&key(1).public()));
+    assert!(
+        policy.is_operator(&key(2).public()),
+        "a peer id names an operator too"
+    );
+    assert!(!policy.is_operator(&key(3).public()));
+    assert!(!TrustPolicy::default().is_operator(&key(1).public()));
+    assert!(toml::from_str::<TrustPolicy>("operators = \"any\"").is_err());
 }

@@ -23,6 +23,19 @@ pub fn package(source: &str) -> (VerifiedPackage, TrustPolicy) {
     (package, trust)
 }
 
+/// The operator key of every test node started from a configuration file (`tests/fixtures`,
+/// a key made for the tests and for nothing else): `tern launch|status|send|result` speak with
+/// it (`TERN_KEY`), and the nodes list it in `[trust] operators`.
+pub fn operator_key_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/operator.pem")
+}
+
+/// The key at [`operator_key_path`].
+pub fn operator_key() -> SecretKey {
+    platform::package_files::read_key(&operator_key_path())
+        .unwrap_or_else(|e| panic!("the tests' operator key: {e:#}"))
+}
+
 /// A runtime like `tern`'s: multi-threaded, with room for Rhai's recursion on blocking threads.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -191,6 +204,7 @@ pub mod process {
     pub fn spawn_tern(args: &[&str]) -> Running {
         let mut child = Command::new(tern_bin())
             .args(args)
+            .env("TERN_KEY", crate::operator_key_path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -372,7 +386,7 @@ pub mod process {
             let path = self.dir.join(format!("{}.toml", self.name));
             let bootstrap: Vec<&str> = self.bootstrap.iter().map(String::as_str).collect();
             let text = format!(
-                "name = {:?}\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nbootstrap = {}\nkey = {:?}\ndata_dir = {:?}\nmdns = false\ndurability = {:?}\n[trust]\nauthors = {}\naccept_from = {}\n",
+                "name = {:?}\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nbootstrap = {}\nkey = {:?}\ndata_dir = {:?}\nmdns = false\ndurability = {:?}\n[trust]\nauthors = {}\naccept_from = {}\noperators = [\"{}\"]\n",
                 self.name,
                 toml_list(&bootstrap),
                 self.key_path(),
@@ -380,6 +394,7 @@ pub mod process {
                 self.durability,
                 self.authors,
                 self.accept_from,
+                crate::operator_key().public(),
             );
             std::fs::write(&path, text).expect("write the node config");
             path
@@ -584,8 +599,9 @@ pub mod raw_peer {
     use futures::StreamExt;
     use libp2p::{Multiaddr, PeerId};
     use platform::wire::{
-        read_frame, write_frame, AgentEnd, ControlRefusal, ControlReply, ControlRequest, HopOffer,
-        PackageReply, PackageRequest, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
+        read_frame, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
+        ControlRequest, HopOffer, PackageReply, PackageRequest, CLIENT_PROTOCOL, CONTROL_PROTOCOL,
+        HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
     };
     use security::{AgentId, HopEnvelope, HopFields, PublicKey, SecretKey, VerifiedPackage};
 
@@ -763,10 +779,24 @@ pub mod raw_peer {
 
         /// One control request, its first reply, and the stream for any further replies.
         pub async fn control(&self, request: &ControlRequest) -> (ControlReply, libp2p::Stream) {
-            let mut stream = self.open(CONTROL_PROTOCOL).await;
+            self.request(CONTROL_PROTOCOL, request).await
+        }
+
+        /// One client request (as an operator's CLI would send it), its first reply, and the
+        /// stream for any further replies.
+        pub async fn client(&self, request: &ClientRequest) -> (ControlReply, libp2p::Stream) {
+            self.request(CLIENT_PROTOCOL, request).await
+        }
+
+        async fn request(
+            &self,
+            protocol: libp2p::StreamProtocol,
+            request: &impl serde::Serialize,
+        ) -> (ControlReply, libp2p::Stream) {
+            let mut stream = self.open(protocol).await;
             write_frame(&mut stream, request)
                 .await
-                .expect("send a control request");
+                .expect("send a request");
             let reply = read_frame(&mut stream, MAX_FRAME)
                 .await
                 .expect("control reply");
@@ -886,13 +916,13 @@ pub mod raw_peer {
 pub mod ctl {
     use std::time::Duration;
 
-    use platform::wire::{AgentEnd, ControlReply, ControlRequest, StatusReport};
+    use platform::wire::{AgentEnd, ClientRequest, ControlReply, StatusReport};
 
     use crate::raw_peer::RawPeer;
 
     fn peer(addr: &str) -> RawPeer {
         RawPeer::new(
-            security::SecretKey::generate(),
+            crate::operator_key(),
             &addr.parse().expect("a node address"),
         )
     }
@@ -907,7 +937,7 @@ pub mod ctl {
         crate::runtime().block_on(async {
             let addr = addr.parse().expect("a node address");
             let report = tokio::time::timeout(Duration::from_secs(20), async {
-                platform::client::Client::connect(&addr)
+                platform::client::Client::connect(&addr, Some(&crate::operator_key()))
                     .await?
                     .status()
                     .await
@@ -942,7 +972,7 @@ pub mod ctl {
     ) -> (String, Option<AgentEnd>) {
         crate::runtime().block_on(async {
             let p = peer(addr);
-            let (reply, mut stream) = p.control(&ControlRequest::Launch { package, wait }).await;
+            let (reply, mut stream) = p.client(&ClientRequest::Launch { package, wait }).await;
             let agent = match reply {
                 ControlReply::Launched { agent } => agent,
                 other => panic!("launch: unexpected reply {other:?}"),

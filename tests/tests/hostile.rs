@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::wire::{
-    read_frame, write_bulk, write_frame, AgentEnd, ControlRefusal, ControlReply, ControlRequest,
-    HopDecision, HopOffer, HopRefusal, HopReply, MAX_FRAME,
+    read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
+    ControlRequest, HopDecision, HopOffer, HopRefusal, HopReply, MAX_FRAME,
 };
 use security::{AgentId, HopEnvelope, SecretKey, TrustPolicy, VerifiedPackage};
 use tern_tests::raw_peer::{first_hop, first_hop_of, RawPeer};
@@ -856,6 +856,75 @@ fn carried_messages_are_checked_and_bounded() {
         write_frame(&mut s, &offer).await.expect("offer sent");
         expect_closed(&mut s).await;
         no_agent_left(&mesh).await;
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn only_operators_launch_agents_and_ask_about_them() {
+    // Attack rows 1 and 2: a peer that is not an operator (here even one the node accepts
+    // pushes from) must not start an agent, list the agents held, read a result or send.
+    run(async {
+        let mesh = Mesh::start().await;
+        let (victim, end) = mesh
+            .target
+            .launch(sign("receive()", &mesh.author), None)
+            .expect("launch");
+        held_in_state(&mesh.target, &victim, "waiting").await;
+        let raw = mesh.raw();
+        let package = sign("40 + 2", &mesh.author).to_bytes();
+        let message = agent_lang::encode_portable(&agent_lang::rhai::Dynamic::from(7_i64))
+            .expect("a portable value");
+        for request in [
+            ClientRequest::Launch {
+                package,
+                wait: true,
+            },
+            ClientRequest::Status,
+            ClientRequest::Result {
+                agent: victim.clone(),
+            },
+            ClientRequest::Send {
+                agent: victim.clone(),
+                message,
+            },
+        ] {
+            let what = format!("{request:?}").chars().take(40).collect::<String>();
+            let (reply, mut stream) = raw.client(&request).await;
+            match reply {
+                ControlReply::Refused(ControlRefusal::NotOperator { client }) => {
+                    assert_eq!(client, mesh.raw_key.public().to_string(), "{what}");
+                }
+                other => panic!("{what}: answered {other:?}"),
+            }
+            expect_closed(&mut stream).await;
+        }
+        // Through the library client with no key, too: a typed error that says what to do.
+        let client = platform::client::Client::connect(&mesh.target.listen_addrs()[0], None)
+            .await
+            .expect("connect");
+        let refused = client.status().await.expect_err("a status for a stranger");
+        assert!(
+            matches!(refused, platform::client::ClientError::NotOperator(_)),
+            "{refused:?}"
+        );
+        assert!(refused.to_string().contains("--key"), "{refused}");
+        // Nothing changed: one agent, still waiting, with no message.
+        let status = mesh.target.status().expect("status");
+        assert_eq!(status.agents.len(), 1, "{:?}", status.agents);
+        held_in_state(&mesh.target, &victim, "waiting").await;
+        mesh.honest
+            .send(&victim, &agent_lang::rhai::Dynamic::from(42_i64))
+            .await
+            .expect("a node's agents still send to it");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the agent did not end")
+            .expect("ended");
+        match end {
+            AgentEnd::Finished { json, .. } => assert_eq!(json, "42", "its first message"),
+            other => panic!("{other:?}"),
+        }
         mesh.still_serves().await;
     });
 }

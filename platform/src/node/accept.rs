@@ -9,7 +9,7 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::{control, hop, lock, packages, Shared};
+use super::{control, hop, lock, operators, packages, Shared};
 use crate::wire::{next_frame_start, read_frame_after, WireError, MAX_FRAME};
 
 /// Exchanges the node handles at once.
@@ -24,6 +24,7 @@ pub(super) enum Protocol {
     Hop,
     Package,
     Control,
+    Client,
 }
 
 /// The permits of the exchanges in hand.
@@ -112,8 +113,9 @@ pub(super) async fn accept_loop(
             let result = match protocol {
                 Protocol::Hop => hop::handle_hop(&exchange, peer, stream, &permits).await,
                 Protocol::Package => packages::handle_package(&exchange, stream, &permits).await,
-                Protocol::Control => {
-                    control::handle_control(&exchange, peer, stream, &permits).await
+                Protocol::Control => control::handle_control(&exchange, stream, &permits).await,
+                Protocol::Client => {
+                    operators::handle_client(&exchange, peer, stream, &permits).await
                 }
             };
             if let Err(e) = result {

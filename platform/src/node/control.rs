@@ -1,23 +1,21 @@
-//! The control protocol (`/tern/ctl/3`), both sides: the requests this node sends to a peer
-//! over a pooled stream ([`control_request`]), and the answers it gives, one handler per
-//! request.
+//! The node-to-node control protocol (`/tern/ctl/4`), both sides: the requests this node sends
+//! to a peer over a pooled stream ([`control_request`]), and the answers it gives, one handler
+//! per request. What an operator's client asks is `operators`.
 
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use security::Package;
 
 use super::accept::ExchangePermits;
 use super::fault::FaultPoint;
 use super::hop::{hop_committed, hop_held};
 use super::mailbox::Wake;
 use super::routing::{route, Undelivered};
-use super::runner::{deliver_end, launch};
-use super::{hex, Shared};
-use crate::store::{AgentState, StoreError};
+use super::runner::deliver_end;
+use super::Shared;
 use crate::wire::{
-    read_frame, write_frame, AgentEnd, AgentStatus, ControlRefusal, ControlReply, ControlRequest,
-    StatusReport, WireError, CONTROL_PROTOCOL, MAX_FRAME,
+    read_frame, write_frame, ControlRefusal, ControlReply, ControlRequest, WireError,
+    CONTROL_PROTOCOL, MAX_FRAME,
 };
 
 /// Sends `request` to `peer` and reads its reply, on an idle stream to it or a new one.
@@ -73,12 +71,11 @@ impl std::fmt::Display for ControlFailure {
 /// Serves control requests on a stream, one after the other, until the peer closes it.
 pub(super) async fn handle_control(
     shared: &Arc<Shared>,
-    peer: PeerId,
     mut stream: libp2p::Stream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
     while let Some((request, _permits)) = permits.next_request(&mut stream).await? {
-        answer(shared, peer, &mut stream, request).await?;
+        answer(shared, &mut stream, request).await?;
     }
     Ok(())
 }
@@ -86,34 +83,22 @@ pub(super) async fn handle_control(
 /// Answers one request.
 async fn answer(
     shared: &Arc<Shared>,
-    peer: PeerId,
     stream: &mut libp2p::Stream,
     request: ControlRequest,
 ) -> Result<(), WireError> {
     match request {
-        ControlRequest::Launch { package, wait } => {
-            on_launch(shared, peer, stream, &package, wait).await
-        }
         ControlRequest::Deliver {
             agent,
             message,
             ttl,
             probe,
         } => on_deliver(shared, stream, &agent, message, ttl, probe).await,
-        ControlRequest::Result { agent } => write_frame(stream, &on_result(shared, &agent)).await,
         ControlRequest::Location { agent, node } => {
             let _ = shared
                 .store
                 .write(move |b| b.set_location(&agent, &node))
                 .await;
             write_frame(stream, &ControlReply::Ok).await
-        }
-        ControlRequest::Status => {
-            let reply = match status(shared) {
-                Ok(report) => ControlReply::Status(report),
-                Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
-            };
-            write_frame(stream, &reply).await
         }
         ControlRequest::Ended { agent, end } => {
             deliver_end(shared, &agent, end);
@@ -140,37 +125,9 @@ async fn answer(
     }
 }
 
-/// `Launch`: starts the agent here; with `wait`, its end follows on the stream.
-async fn on_launch(
-    shared: &Arc<Shared>,
-    peer: PeerId,
-    stream: &mut libp2p::Stream,
-    package: &[u8],
-    wait: bool,
-) -> Result<(), WireError> {
-    let verified = match Package::from_bytes(package).and_then(Package::verify) {
-        Ok(p) => p,
-        Err(e) => {
-            let refusal = ControlRefusal::BadPackage(e.to_string());
-            return write_frame(stream, &ControlReply::Refused(refusal)).await;
-        }
-    };
-    let (agent, end) = match launch(shared, verified, Some(peer.to_string())) {
-        Ok(launched) => launched,
-        Err(refusal) => return write_frame(stream, &ControlReply::Refused(refusal)).await,
-    };
-    write_frame(stream, &ControlReply::Launched { agent }).await?;
-    if wait {
-        if let Ok(end) = end.await {
-            write_frame(stream, &ControlReply::Ended(end)).await?;
-        }
-    }
-    Ok(())
-}
-
 /// `Deliver`: queues the message here or passes it on; an agent it was queued for here is
 /// woken only once the sender is answered (see [`Wake`]).
-async fn on_deliver(
+pub(super) async fn on_deliver(
     shared: &Arc<Shared>,
     stream: &mut libp2p::Stream,
     agent: &str,
@@ -190,69 +147,4 @@ async fn on_deliver(
     let answered = write_frame(stream, &reply).await;
     shared.mailboxes.wake(wake);
     answered
-}
-
-/// `Result`: how an agent of this home node ended.
-fn on_result(shared: &Shared, agent: &str) -> ControlReply {
-    match shared.store.result(agent) {
-        Ok(Some(bytes)) => match ciborium::from_reader::<AgentEnd, _>(bytes.as_slice()) {
-            Ok(end) => ControlReply::Ended(end),
-            Err(e) => ControlReply::Refused(ControlRefusal::UnreadableResult(e.to_string())),
-        },
-        Ok(None) => ControlReply::Refused(ControlRefusal::NoResult {
-            agent: agent.to_string(),
-        }),
-        Err(e) => ControlReply::Refused(ControlRefusal::Store(e.to_string())),
-    }
-}
-
-/// `Status`: this node's peers, agents, forwarding pointers and recent activity (an error if the store cannot be
-/// read: an unreadable store is not an empty one).
-pub(super) fn status(shared: &Shared) -> Result<StatusReport, StoreError> {
-    let peers = shared
-        .peers
-        .names()
-        .list()
-        .into_iter()
-        .map(|(name, peer)| (name, peer.to_string()))
-        .collect();
-    let agents = shared
-        .store
-        .agent_metas()?
-        .into_iter()
-        .map(|r| AgentStatus {
-            id: r.id,
-            package: hex(&r.package),
-            state: match r.state {
-                AgentState::Ready => "running".into(),
-                AgentState::Waiting { .. } => "waiting".into(),
-                AgentState::Answered { .. } => "running".into(),
-                AgentState::Leaving { to, hop, .. } => {
-                    format!("leaving for {} (hop {hop})", shared.peers.name_of(&to))
-                }
-                AgentState::Arriving { from, .. } => {
-                    format!(
-                        "arriving from {} (hop {})",
-                        shared.peers.name_of(&from),
-                        r.hop
-                    )
-                }
-            },
-            hops: r.hops,
-        })
-        .collect();
-    let forwards = shared
-        .store
-        .forwards()?
-        .into_iter()
-        .map(|(a, to)| (a, shared.peers.name_of(&to)))
-        .collect();
-    Ok(StatusReport {
-        name: shared.peers.local_name().to_string(),
-        peer_id: shared.peers.local_text().to_string(),
-        peers,
-        agents,
-        forwards,
-        activity: shared.activity.snapshot(),
-    })
 }

@@ -53,7 +53,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::store::{AgentMeta, AgentState, Durability, Store, StoreError};
 use crate::verifier::BatchVerifier;
 use crate::wire::{
-    AgentEnd, ControlRefusal, StatusReport, CONTROL_PROTOCOL, HOP_PROTOCOL, PACKAGE_PROTOCOL,
+    AgentEnd, ControlRefusal, StatusReport, CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL,
+    PACKAGE_PROTOCOL,
 };
 
 mod accept;
@@ -64,6 +65,7 @@ mod events;
 mod fault;
 mod hop;
 mod mailbox;
+mod operators;
 mod packages;
 mod peers;
 mod routing;
@@ -266,6 +268,7 @@ impl Node {
         let incoming_control = control
             .accept(CONTROL_PROTOCOL)
             .context("control protocol")?;
+        let incoming_clients = control.accept(CLIENT_PROTOCOL).context("client protocol")?;
         let (commands, command_rx) = mpsc::channel(64);
         let pins = config
             .pinned_names
@@ -322,6 +325,11 @@ impl Node {
             incoming_control,
             shared.clone(),
             Protocol::Control,
+        ));
+        tasks.spawn(accept_loop(
+            incoming_clients,
+            shared.clone(),
+            Protocol::Client,
         ));
         if !config.listen.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(10), listening_rx).await;
@@ -429,7 +437,7 @@ impl NodeHandle {
     ///
     /// The store cannot be read.
     pub fn status(&self) -> Result<StatusReport, StoreError> {
-        control::status(&self.shared)
+        operators::status(&self.shared)
     }
 
     /// What happens on this node from now on, as typed events (see [`NodeEvent`]).

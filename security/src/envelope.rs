@@ -172,6 +172,15 @@ pub enum HopError {
         /// The receiver's clock.
         now_ms: u64,
     },
+    /// The envelope is dated before the one it follows, by more than the allowed clock skew:
+    /// custody moves forward in time.
+    #[error("envelope is dated {time_ms}, before the hop it follows ({previous_ms})")]
+    BeforeItsPrevious {
+        /// `time_ms` in the envelope.
+        time_ms: u64,
+        /// `time_ms` of the previous envelope.
+        previous_ms: u64,
+    },
 }
 
 #[derive(Serialize)]
@@ -418,7 +427,8 @@ pub struct HopCheck<'a> {
     pub previous_known_genuine: bool,
     /// The latest hop this node has accepted or sent for this agent, if any.
     pub last_seen: Option<LastHop>,
-    /// `(now_ms, max_skew_ms)`: refuse envelopes dated after `now_ms + max_skew_ms`.
+    /// `(now_ms, max_skew_ms)`: refuse envelopes dated after `now_ms + max_skew_ms`, or
+    /// before their previous envelope by more than `max_skew_ms`.
     pub clock: Option<(u64, u64)>,
     /// The envelope's signature was checked already (if this proof is for it).
     pub signature_checked: Option<SignatureChecked>,
@@ -471,7 +481,9 @@ impl<'a> HopCheck<'a> {
         self
     }
 
-    /// Refuse envelopes dated more than `max_skew_ms` after `now_ms` (unix milliseconds).
+    /// Refuse envelopes dated more than `max_skew_ms` after `now_ms` (unix milliseconds), or
+    /// more than `max_skew_ms` before the previous envelope (the two were signed by different
+    /// clocks).
     pub fn with_clock(mut self, now_ms: u64, max_skew_ms: u64) -> Self {
         self.clock = Some((now_ms, max_skew_ms));
         self
@@ -607,6 +619,15 @@ pub fn verify_hop(envelope: HopEnvelope, ctx: &HopCheck<'_>) -> Result<VerifiedH
                 time_ms: f.time_ms,
                 now_ms,
             });
+        }
+        if let Some(previous) = ctx.previous {
+            let previous_ms = previous.fields.time_ms;
+            if f.time_ms.saturating_add(skew) < previous_ms {
+                return Err(HopError::BeforeItsPrevious {
+                    time_ms: f.time_ms,
+                    previous_ms,
+                });
+            }
         }
     }
     Ok(VerifiedHop { envelope, hash })

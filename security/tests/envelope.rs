@@ -477,3 +477,33 @@ fn signatures_checked_together_give_a_proof_for_each_genuine_one_only() {
     );
     assert!(check_signatures(&[]).is_empty());
 }
+
+#[test]
+fn envelope_dated_before_the_hop_it_follows_is_refused_beyond_the_skew() {
+    let m = mesh();
+    let ch = continuation_hash(STATE);
+    let (b, c) = (m.b.public(), m.c.public());
+    let e1 = hop(None, &m.a, &b, m.package, STATE);
+    let dated = |time_ms| {
+        let mut fields = hop(Some(&e1), &m.b, &c, m.package, STATE).fields().clone();
+        fields.time_ms = time_ms;
+        HopEnvelope::sign(fields, &m.b).unwrap()
+    };
+    let ctx = check(&b, &c, &m.package, &ch)
+        .with_previous(Some(&e1))
+        .with_clock(T0, 1_000);
+    assert!(
+        verify_hop(dated(T0 - 1_000), &ctx).is_ok(),
+        "within the skew"
+    );
+    assert_eq!(
+        verify_hop(dated(T0 - 1_001), &ctx),
+        Err(HopError::BeforeItsPrevious {
+            time_ms: T0 - 1_001,
+            previous_ms: T0
+        })
+    );
+    // Without a clock, times are not compared.
+    let no_clock = check(&b, &c, &m.package, &ch).with_previous(Some(&e1));
+    assert!(verify_hop(dated(0), &no_clock).is_ok());
+}

@@ -928,3 +928,44 @@ fn only_operators_launch_agents_and_ask_about_them() {
         mesh.still_serves().await;
     });
 }
+
+#[test]
+fn an_envelope_dated_beyond_the_clock_skew_is_refused() {
+    // Part of attack row 9: a fabricated hop dated in the future (to win over the real one
+    // later) is refused; one within the stated skew (five minutes) is taken.
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let package = sign(r#"migrate("target"); 1"#, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        let now_ms = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        let dated = |time_ms: u64| {
+            let (mut offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+            let mut fields = HopEnvelope::decode(&offer.envelope)
+                .expect("an envelope")
+                .fields()
+                .clone();
+            fields.time_ms = time_ms;
+            offer.envelope = HopEnvelope::sign(fields, &mesh.raw_key)
+                .expect("sign")
+                .encode();
+            (offer, continuation)
+        };
+        let (offer, continuation) = dated(now_ms + 60 * 60 * 1000);
+        let mut s = raw.open_hop().await;
+        refused(
+            &send_hop(&mut s, &offer, &continuation).await,
+            |r| matches!(r, HopRefusal::Verification(why) if why.contains("ahead of local time")),
+        );
+        assert!(mesh.target.status().expect("status").agents.is_empty());
+        let (offer, continuation) = dated(now_ms + 60 * 1000);
+        stored_on_a_new_stream(&raw, &offer, &continuation).await;
+        mesh.still_serves().await;
+    });
+}

@@ -10,6 +10,11 @@ use libp2p::PeerId;
 use security::{verify_hop, HopCheck, HopEnvelope, PublicKey};
 
 use super::depart::KEEP_CHECKPOINT_FROM;
+
+/// How far apart two nodes' clocks may be: an envelope dated further ahead of this node's clock,
+/// or further before the envelope it follows, is refused. Five minutes, as Kerberos allows:
+/// hosts that keep time with NTP are within a second of each other.
+const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 use super::gate::Arriving;
 use super::recover::ask_hop_decision;
 use crate::node::accept::ExchangePermits;
@@ -19,7 +24,7 @@ use crate::node::fault::FaultPoint;
 use crate::node::packages::{ensure_package, Loaded};
 use crate::node::routing::forward_queued;
 use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
-use crate::node::Shared;
+use crate::node::{now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival};
 use crate::wire::{
     read_bulk, read_frame, write_frame, ControlRequest, HopDecision, HopOffer, HopRefusal,
@@ -128,6 +133,7 @@ pub(in crate::node) async fn receive_hop(
         None
     };
     let check = HopCheck::new(&sender, shared.peers.local_key(), &hash, &continuation_hash)
+        .with_clock(now_ms(), MAX_CLOCK_SKEW_MS)
         .with_previous(previous.as_ref())
         .with_previous_known_genuine(signed_here)
         .with_signature_checked(signature_checked);

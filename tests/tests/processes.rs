@@ -232,11 +232,35 @@ fn a_destination_refuses_pushes_from_peers_not_in_accept_from() {
 
 /// The smallest reproduction of the client bug: `tern status` against a fresh node.
 #[test]
-fn tern_status_reaches_a_node() {
+fn tern_status_reaches_a_node_as_its_operator_only() {
     let dir = tempfile::tempdir().unwrap();
     let node = TernNode::start(&NodeFile::new(dir.path(), "solo", "\"any\""), None);
     let out = tern(&["status", "--node", &node.addr, "--json"], QUICK);
     assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
     let status: serde_json::Value = serde_json::from_str(out.last_line()).unwrap();
     assert_eq!(status["name"], "solo");
+    // With a key the node does not list in [trust] operators: refused, saying what to do.
+    let stranger = keygen(dir.path(), "stranger");
+    let out = tern(
+        &[
+            "status",
+            "--node",
+            &node.addr,
+            "--key",
+            stranger.path.to_str().unwrap(),
+        ],
+        QUICK,
+    )
+    .expect_code(1);
+    assert!(
+        out.stderr.contains(&stranger.public_key) && out.stderr.contains("--key"),
+        "stderr: {}",
+        out.stderr
+    );
+    // The test nodes do not fsync, and say what that risks.
+    assert!(
+        node.log().contains("durability = \"none\"") && node.log().contains("forked"),
+        "{}",
+        node.log()
+    );
 }

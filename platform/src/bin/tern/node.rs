@@ -16,6 +16,15 @@ pub(crate) struct NodeArgs {
 /// Runs `tern node`: prints the addresses it listens on, then runs until a shutdown signal.
 pub(crate) async fn run_node(args: NodeArgs) -> Result<()> {
     let config = platform::config::load(&args.config)?;
+    if config.durability == platform::store::Durability::NoSync {
+        eprintln!(
+            "warning: {}: durability = \"none\": a crash or power loss can roll this node's \
+             store back to an older state, and then an agent that had left it runs here again \
+             while it also runs elsewhere (forked), or a hop it took is lost. Use \"fsync\" \
+             (the default) for anything but tests.",
+            args.config.display()
+        );
+    }
     let handle = platform::node::Node::start(config).await?;
     for addr in handle.listen_addrs() {
         println!("listening on {addr}");

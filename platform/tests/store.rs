@@ -1512,47 +1512,6 @@ fn a_write_refused_a_blocking_thread_by_a_shut_down_current_thread_runtime_is_ab
     assert!(store.result("after").unwrap().is_some());
 }
 
-/// A wait for the closure of a store write: it says it started, which wakes a task spawned on
-/// `runtime`, then waits (10 s at most) for that task to run; true if it did.
-fn wait_for_a_task(runtime: &tokio::runtime::Runtime) -> impl FnOnce() -> bool + Send + 'static {
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let (ran_tx, ran_rx) = mpsc::channel::<()>();
-    runtime.spawn(async move {
-        if started_rx.await.is_ok() {
-            let _ = ran_tx.send(());
-        }
-    });
-    move || {
-        let _ = started_tx.send(());
-        ran_rx.recv_timeout(Duration::from_secs(10)).is_ok()
-    }
-}
-
-#[test]
-fn a_write_on_a_current_thread_runtime_waits_for_the_disk_off_its_thread() {
-    // The runtime has one thread for tasks: if a write waited on it, the other task could not
-    // run until the write was done. (On a multi-thread runtime, where a commit waits depends on
-    // how fast the disk is: the store's unit tests check that.)
-    let (_dir, _path, store) = temp_store(Durability::Fsync);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let wait = wait_for_a_task(&runtime);
-    let writer = store.clone();
-    let write = runtime.spawn(async move {
-        writer
-            .write(move |b| {
-                let ran = wait();
-                b.put_result("written", b"r")?;
-                Ok(ran)
-            })
-            .await
-    });
-    let ran = runtime.block_on(write).unwrap().unwrap();
-    assert!(ran, "a write held the runtime's thread");
-    assert!(store.result("written").unwrap().is_some());
-}
-
 #[test]
 fn writes_queued_while_a_leader_commits_are_not_lost() {
     // Many short rounds of a few racing writers: a write queued just as the leader finds the

@@ -384,7 +384,7 @@ mod tests {
     }
 
     /// A closure that lets a task of `runtime` run and says whether it did within 10 s.
-    fn other_task_ran(runtime: &tokio::runtime::Runtime) -> impl FnOnce() -> bool + Send {
+    fn other_task_ran(runtime: &tokio::runtime::Runtime) -> impl FnOnce() -> bool + Send + 'static {
         let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
         let (ran_tx, ran_rx) = mpsc::channel::<()>();
         runtime.spawn(async move {
@@ -396,6 +396,22 @@ mod tests {
             let _ = started_tx.send(());
             ran_rx.recv_timeout(Duration::from_secs(10)).is_ok()
         }
+    }
+
+    /// Whether, while a write from a task of `runtime` commits, another task of it runs.
+    fn write_lets_tasks_run(store: &Store, runtime: &tokio::runtime::Runtime) -> bool {
+        let wait = other_task_ran(runtime);
+        let writer = store.clone();
+        let write = runtime.spawn(async move {
+            writer
+                .write(move |b| {
+                    let ran = wait();
+                    b.put_result("written", b"r")?;
+                    Ok(ran)
+                })
+                .await
+        });
+        runtime.block_on(write).unwrap().unwrap()
     }
 
     #[test]
@@ -446,19 +462,8 @@ mod tests {
         // Slow: a write and a batch let the worker's other tasks run while they commit (the
         // runtime has one worker: had they held it, the other task could not run).
         store.shared.disk.micros.store(50_000, Ordering::Relaxed);
-        let wait = other_task_ran(&runtime);
-        let writer = store.clone();
-        let write = runtime.spawn(async move {
-            writer
-                .write(move |b| {
-                    let ran = wait();
-                    b.put_result("written", b"r")?;
-                    Ok(ran)
-                })
-                .await
-        });
         assert!(
-            runtime.block_on(write).unwrap().unwrap(),
+            write_lets_tasks_run(&store, &runtime),
             "a write held the worker"
         );
         store.shared.disk.micros.store(50_000, Ordering::Relaxed);
@@ -477,5 +482,20 @@ mod tests {
         );
         assert!(store.result("written").unwrap().is_some());
         assert!(store.result("batched").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_write_on_a_current_thread_runtime_waits_for_the_disk_off_its_thread() {
+        // The runtime has one thread for tasks: if a write waited on it, the other task could
+        // not run until the write was done.
+        let (_dir, store) = fsync_store();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(
+            write_lets_tasks_run(&store, &runtime),
+            "a write held the runtime's thread"
+        );
+        assert!(store.result("written").unwrap().is_some());
     }
 }

@@ -17,6 +17,7 @@
 //! [limits]
 //! max_operations = 100000000
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
+//! max_messages_per_peer_per_second = 1000
 //! ```
 //! Relative paths are relative to the file's directory.
 
@@ -64,6 +65,7 @@ struct LimitsConfig {
     max_message_bytes: Option<u64>,
     max_queued_messages: Option<u64>,
     max_queued_bytes: Option<u64>,
+    max_messages_per_peer_per_second: Option<u32>,
 }
 
 fn default_listen() -> Vec<String> {
@@ -155,6 +157,15 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
             .max_queued_messages
             .unwrap_or(defaults.max_queued_messages),
         max_queued_bytes: l.max_queued_bytes.unwrap_or(defaults.max_queued_bytes),
+        max_messages_per_peer_per_second: match l.max_messages_per_peer_per_second {
+            None => defaults.max_messages_per_peer_per_second,
+            Some(v) => std::num::NonZeroU32::new(v).with_context(|| {
+                format!(
+                    "{}: [limits] max_messages_per_peer_per_second must be at least 1",
+                    path.display()
+                )
+            })?,
+        },
     };
     mailbox
         .check()
@@ -223,6 +234,11 @@ mod tests {
         );
         let err = load_text("max_message_bytes = 9000000").unwrap_err();
         assert!(format!("{err:#}").contains("max_message_bytes"), "{err:#}");
+        let err = load_text("max_messages_per_peer_per_second = 0").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("max_messages_per_peer_per_second must be at least 1"),
+            "{err:#}"
+        );
         let err = load_text("max_mesage_bytes = 1").unwrap_err();
         assert!(format!("{err:#}").contains("max_mesage_bytes"), "{err:#}");
     }

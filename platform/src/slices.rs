@@ -158,9 +158,12 @@ impl Pool {
         }
         state.queue.push_back(job);
         // Only a sleeping thread needs waking (a notification costs a system call), and the
-        // watcher only when no thread is free to take the slice at once.
+        // watcher only when there are more slices queued than sleeping threads to take them: a
+        // thread already notified counts as sleeping until it wakes, so `sleeping > 0` alone
+        // would let a slice queued behind two just-notified threads wait for the slices they
+        // take, however long.
         let wake_lane = state.sleeping > 0;
-        let wake_watcher = !wake_lane && state.watcher_sleeping;
+        let wake_watcher = state.queue.len() > state.sleeping && state.watcher_sleeping;
         drop(state);
         if wake_lane {
             self.work.notify_one();

@@ -50,7 +50,7 @@ pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/4");
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Node to node: messages on their way, agents' ends and whereabouts for their home, hop
 /// recovery questions.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/4");
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/5");
 /// An operator's client (the CLI) to a node: launch, status, result, send. Only the keys of the
 /// node's `[trust] operators` are answered.
 pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/client/1");
@@ -504,6 +504,12 @@ pub enum ControlRefusal {
         agent: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The sending peer delivered more messages than this node takes from one peer.
+    #[error("over this node's limit of {per_second} messages a second from one peer")]
+    RateLimited {
+        /// The node's `max_messages_per_peer_per_second`.
+        per_second: u32,
     },
 }
 

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt};
-use platform::node::{Node, NodeConfig, NodeHandle};
+use platform::node::{MailboxLimits, Node, NodeConfig, NodeHandle};
 use platform::wire::{
     read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
     ControlRequest, HopDecision, HopOffer, HopRefusal, HopReply, MAX_FRAME,
@@ -56,10 +56,12 @@ async fn start(
     key: SecretKey,
     trust: TrustPolicy,
     bootstrap: Vec<libp2p::Multiaddr>,
+    mailbox: MailboxLimits,
 ) -> (NodeHandle, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         bootstrap,
+        mailbox,
         ..NodeConfig::local(name, key, dir.path().to_path_buf(), trust)
     };
     (Node::start(config).await.expect("node starts"), dir)
@@ -67,6 +69,10 @@ async fn start(
 
 impl Mesh {
     async fn start() -> Mesh {
+        Mesh::with_target_mailbox(MailboxLimits::default()).await
+    }
+
+    async fn with_target_mailbox(mailbox: MailboxLimits) -> Mesh {
         let author = SecretKey::generate();
         let raw_key = SecretKey::generate();
         let (honest_key, target_key) = (SecretKey::generate(), SecretKey::generate());
@@ -76,6 +82,7 @@ impl Mesh {
             honest_key.clone(),
             trust(&author, &[&target_public]),
             vec![],
+            MailboxLimits::default(),
         )
         .await;
         let (target, d2) = start(
@@ -83,6 +90,7 @@ impl Mesh {
             target_key,
             trust(&author, &[&honest_key.public(), &raw_key.public()]),
             honest.listen_addrs(),
+            mailbox,
         )
         .await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -767,6 +775,53 @@ fn a_message_over_the_size_limit_is_refused_before_it_is_read_as_a_value() {
         assert!(
             matches!(&end, AgentEnd::Finished { json, .. } if json == "7"),
             "{end:?}"
+        );
+        mesh.still_serves().await;
+    });
+}
+
+#[test]
+fn a_peer_flooding_messages_is_refused_past_its_rate_and_others_still_deliver() {
+    run(async {
+        let mesh = Mesh::with_target_mailbox(MailboxLimits {
+            max_messages_per_peer_per_second: std::num::NonZeroU32::new(5).unwrap(),
+            ..MailboxLimits::default()
+        })
+        .await;
+        let raw = RawPeer::new(SecretKey::generate(), &mesh.target.listen_addrs()[0]);
+        let counter = sign(
+            r#"let n = 0; loop { let m = receive(); if m == "stop" { break; } n += 1; } n"#,
+            &mesh.author,
+        );
+        let (id, end) = mesh.target.launch(counter, None).expect("launch");
+        held_in_state(&mesh.target, &id, "waiting").await;
+        // 40 messages as fast as the node answers: at 5 a second (a burst of 5) most are
+        // refused, and each one it took reaches the agent.
+        let one = agent_lang::encode_portable(&agent_lang::rhai::Dynamic::from(1_i64)).unwrap();
+        let (mut delivered, mut limited) = (0, 0);
+        for _ in 0..40 {
+            match raw.control(&deliver(&id, one.clone())).await.0 {
+                ControlReply::Delivered => delivered += 1,
+                ControlReply::Refused(ControlRefusal::RateLimited { per_second: 5 }) => {
+                    limited += 1
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(
+            delivered >= 5 && limited > 0,
+            "{delivered} delivered, {limited} refused"
+        );
+        // Another peer has a quota of its own.
+        let stop = agent_lang::rhai::Dynamic::from("stop");
+        mesh.honest.send(&id, &stop).await.expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the agent did not end")
+            .expect("ended");
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, .. } if *json == delivered.to_string()),
+            "{end:?} after {delivered} delivered"
         );
         mesh.still_serves().await;
     });

@@ -113,7 +113,9 @@ pub(super) async fn accept_loop(
             let result = match protocol {
                 Protocol::Hop => hop::handle_hop(&exchange, peer, stream, &permits).await,
                 Protocol::Package => packages::handle_package(&exchange, stream, &permits).await,
-                Protocol::Control => control::handle_control(&exchange, stream, &permits).await,
+                Protocol::Control => {
+                    control::handle_control(&exchange, peer, stream, &permits).await
+                }
                 Protocol::Client => {
                     operators::handle_client(&exchange, peer, stream, &permits).await
                 }

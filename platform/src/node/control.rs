@@ -1,4 +1,4 @@
-//! The node-to-node control protocol (`/tern/ctl/4`), both sides: the requests this node sends
+//! The node-to-node control protocol (`/tern/ctl/5`), both sides: the requests this node sends
 //! to a peer over a pooled stream ([`control_request`]), and the answers it gives, one handler
 //! per request. What an operator's client asks is `operators`.
 
@@ -71,11 +71,12 @@ impl std::fmt::Display for ControlFailure {
 /// Serves control requests on a stream, one after the other, until the peer closes it.
 pub(super) async fn handle_control(
     shared: &Arc<Shared>,
+    peer: PeerId,
     mut stream: libp2p::Stream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
     while let Some((request, _permits)) = permits.next_request(&mut stream).await? {
-        answer(shared, &mut stream, request).await?;
+        answer(shared, peer, &mut stream, request).await?;
     }
     Ok(())
 }
@@ -83,6 +84,7 @@ pub(super) async fn handle_control(
 /// Answers one request.
 async fn answer(
     shared: &Arc<Shared>,
+    peer: PeerId,
     stream: &mut libp2p::Stream,
     request: ControlRequest,
 ) -> Result<(), WireError> {
@@ -92,7 +94,13 @@ async fn answer(
             message,
             ttl,
             probe,
-        } => on_deliver(shared, stream, &agent, message, ttl, probe).await,
+        } => match shared.sender_rates.admit(&peer) {
+            Ok(()) => on_deliver(shared, stream, &agent, message, ttl, probe).await,
+            Err(refusal) => {
+                tracing::debug!(%peer, "refused a message: over the peer's rate");
+                write_frame(stream, &ControlReply::Refused(refusal)).await
+            }
+        },
         ControlRequest::Location { agent, node } => {
             let _ = shared
                 .store

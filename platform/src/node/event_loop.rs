@@ -161,6 +161,7 @@ impl EventLoop {
     fn on_disconnected(&mut self, peer: PeerId) {
         let named = self.directory.on_disconnected(&peer).is_some();
         self.shared.inbound.forget(&peer);
+        self.shared.sender_rates.collect();
         self.shared.outbound.forget(&peer);
         if named {
             self.shared.events.emit(NodeEvent::PeerDown { peer });

@@ -70,11 +70,13 @@ mod packages;
 mod peers;
 mod routing;
 mod runner;
+mod sender_rates;
 mod streams;
 mod tasks;
 
 pub use events::{NodeEvent, EVENT_BUFFER};
 pub use routing::{MailboxLimits, SendError, Undelivered};
+use sender_rates::SenderRates;
 
 use accept::{accept_loop, InboundLimits, Protocol};
 use activity::ActivityLog;
@@ -148,6 +150,8 @@ struct Shared {
     trust: TrustPolicy,
     limits: Limits,
     mailbox: MailboxLimits,
+    /// How many messages each peer may still deliver.
+    sender_rates: SenderRates,
     faults: Faults,
     /// Addresses the node listens on (the event loop adds them). A `std` mutex held to push or
     /// copy them.
@@ -293,6 +297,7 @@ impl Node {
             store,
             trust: config.trust,
             limits: config.limits,
+            sender_rates: SenderRates::new(config.mailbox.max_messages_per_peer_per_second),
             mailbox: config.mailbox,
             faults,
             listen: Mutex::default(),

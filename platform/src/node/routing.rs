@@ -38,6 +38,8 @@ pub struct MailboxLimits {
     pub max_queued_messages: u64,
     /// Most bytes of messages queued for one agent.
     pub max_queued_bytes: u64,
+    /// Most messages one peer may deliver to this node a second (a burst of as many).
+    pub max_messages_per_peer_per_second: std::num::NonZeroU32,
 }
 
 impl Default for MailboxLimits {
@@ -46,6 +48,7 @@ impl Default for MailboxLimits {
             max_message_bytes: 1 << 20,
             max_queued_messages: 1024,
             max_queued_bytes: 8 << 20,
+            max_messages_per_peer_per_second: const { std::num::NonZeroU32::new(1000).unwrap() },
         }
     }
 }

@@ -11,6 +11,7 @@
 //! | [`SecretKey`], [`PublicKey`] | ed25519 keys of authors and nodes; PEM files, `ed25519:<hex>` text, libp2p `PeerId` text | `keys` |
 //! | [`Manifest`], [`Package`] → [`VerifiedPackage`], [`PackageHash`] | an agent's code, signed by its author; a file format; its content hash | `package` |
 //! | [`HopEnvelope`], [`HopCheck`], [`verify_hop`] → [`VerifiedHop`] | what the sending node signs at each hop; the checks a receiver makes | `envelope` |
+//! | [`CustodyPoint`], [`follow_custody`] | what a home node confirmed of an agent's custody; the check that a node reporting on the agent holds it | `custody` |
 //! | [`TrustPolicy`] → [`Grant`] | which authors a node runs, with what, and which peers may push to it | `policy` |
 //! | [`DecodeError`] | why bytes are not a package or envelope | `codec` |
 //!
@@ -76,12 +77,14 @@
 //! ```
 
 mod codec;
+mod custody;
 mod envelope;
 mod keys;
 mod package;
 mod policy;
 
 pub use codec::{BadHex, DecodeError};
+pub use custody::{follow_custody, CustodyError, CustodyPoint};
 pub use envelope::{
     check_signatures, verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope, HopError,
     HopFields, LastHop, SignatureChecked, VerifiedHop, ENVELOPE_MAGIC, FIRST_HOP,

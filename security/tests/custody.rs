@@ -1,0 +1,177 @@
+//! Custody tails through the public API: a tail that leads from what the home confirmed to its
+//! presenter is taken; every way a peer that never held the agent could try to claim it is not.
+
+mod common;
+
+use common::*;
+use security::*;
+
+/// home -> a -> b -> c, and the envelopes of those hops.
+struct Journey {
+    home: SecretKey,
+    a: SecretKey,
+    b: SecretKey,
+    c: SecretKey,
+    hops: Vec<HopEnvelope>,
+}
+
+fn journey() -> Journey {
+    let (home, a, b, c) = (key(20), key(21), key(22), key(23));
+    let package = package().hash();
+    let e1 = hop(None, &home, &a.public(), package, b"1");
+    let e2 = hop(Some(&e1), &a, &b.public(), package, b"2");
+    let e3 = hop(Some(&e2), &b, &c.public(), package, b"3");
+    Journey {
+        home,
+        a,
+        b,
+        c,
+        hops: vec![e1, e2, e3],
+    }
+}
+
+#[test]
+fn a_tail_from_the_launch_leads_to_its_holder() {
+    let j = journey();
+    let start = CustodyPoint::launched(j.home.public());
+    let at = follow_custody(&agent(), &start, &j.hops, &j.c.public()).unwrap();
+    assert_eq!(
+        at,
+        CustodyPoint {
+            hop: 3,
+            holder: j.c.public(),
+            envelope: Some(j.hops[2].hash()),
+        }
+    );
+    // From a later confirmed point, an overlapping tail is fine, and so is the exact rest.
+    let confirmed = follow_custody(&agent(), &start, &j.hops[..1], &j.a.public()).unwrap();
+    assert_eq!(
+        follow_custody(&agent(), &confirmed, &j.hops, &j.c.public()),
+        Ok(at)
+    );
+    assert_eq!(
+        follow_custody(&agent(), &confirmed, &j.hops[1..], &j.c.public()),
+        Ok(at)
+    );
+    // The holder the home confirmed needs no tail.
+    assert_eq!(follow_custody(&agent(), &at, &[], &j.c.public()), Ok(at));
+}
+
+#[test]
+fn a_node_that_is_not_where_the_tail_leads_is_refused() {
+    let j = journey();
+    let start = CustodyPoint::launched(j.home.public());
+    // A former holder presenting the tail it carried, or the whole one.
+    for (tail, presenter) in [(&j.hops[..2], &j.a), (&j.hops[..], &j.b)] {
+        assert!(matches!(
+            follow_custody(&agent(), &start, tail, &presenter.public()),
+            Err(CustodyError::NotHolder { .. })
+        ));
+    }
+    // Nobody but the home before the first hop.
+    assert!(matches!(
+        follow_custody(&agent(), &start, &[], &j.a.public()),
+        Err(CustodyError::NotHolder { .. })
+    ));
+}
+
+#[test]
+fn a_stranger_cannot_make_a_tail_to_itself() {
+    let j = journey();
+    let start = CustodyPoint::launched(j.home.public());
+    let package = package().hash();
+    let (stranger, throwaway) = (key(30), key(31));
+    // A "previous hop" signed by a throwaway key, to the stranger: the home never sent it there.
+    let forged = hop(None, &throwaway, &stranger.public(), package, b"x");
+    assert_eq!(
+        follow_custody(&agent(), &start, &[forged], &stranger.public()),
+        Err(CustodyError::NotFromHolder { hop: 1 })
+    );
+    // Hop 4, signed by the stranger, following the real hop 3 (to c, not to the stranger).
+    let e4 = hop(
+        Some(&j.hops[2]),
+        &stranger,
+        &stranger.public(),
+        package,
+        b"4",
+    );
+    let mut tail = j.hops.clone();
+    tail.push(e4.clone());
+    assert_eq!(
+        follow_custody(&agent(), &start, &tail, &stranger.public()),
+        Err(CustodyError::NotFromHolder { hop: 4 })
+    );
+    // Skipping hops, or the real hops with one left out.
+    assert_eq!(
+        follow_custody(&agent(), &start, &[e4], &stranger.public()),
+        Err(CustodyError::Gap {
+            expected: 1,
+            found: 4
+        })
+    );
+    assert!(matches!(
+        follow_custody(
+            &agent(),
+            &start,
+            &[j.hops[0].clone(), j.hops[2].clone()],
+            &j.c.public()
+        ),
+        Err(CustodyError::Gap { .. })
+    ));
+}
+
+#[test]
+fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
+    let j = journey();
+    let start = CustodyPoint::launched(j.home.public());
+    let package = package().hash();
+    // b signs another hop 2 to itself from a's hop 1: the from is wrong (a held the agent).
+    let other2 = hop(Some(&j.hops[0]), &j.b, &j.b.public(), package, b"2'");
+    assert_eq!(
+        follow_custody(
+            &agent(),
+            &start,
+            &[j.hops[0].clone(), other2],
+            &j.b.public()
+        ),
+        Err(CustodyError::NotFromHolder { hop: 2 })
+    );
+    // A hop 2 by a that names another envelope as its previous.
+    let mut fields = j.hops[1].fields().clone();
+    fields.previous = Some(j.hops[2].hash());
+    let unlinked = HopEnvelope::sign(fields, &j.a).unwrap();
+    assert_eq!(
+        follow_custody(
+            &agent(),
+            &start,
+            &[j.hops[0].clone(), unlinked],
+            &j.b.public()
+        ),
+        Err(CustodyError::Unlinked { hop: 2 })
+    );
+    // Hop 1 claiming to be from the home, signed by someone else.
+    let mut fields = j.hops[0].fields().clone();
+    fields.to = j.c.public();
+    let bytes = HopEnvelope::sign(fields, &j.home).unwrap().encode();
+    let mut tampered = bytes.clone();
+    // The `to` key sits in the CBOR; swap c's key bytes for a's, keeping the signature.
+    let (c, a) = (j.c.public().to_bytes(), j.a.public().to_bytes());
+    let at = tampered
+        .windows(32)
+        .position(|w| w == c)
+        .expect("c's key is in the envelope");
+    tampered[at..at + 32].copy_from_slice(&a);
+    let tampered = HopEnvelope::decode(&tampered).unwrap();
+    assert_eq!(
+        follow_custody(&agent(), &start, &[tampered], &j.a.public()),
+        Err(CustodyError::BadSignature { hop: 1 })
+    );
+    // Another agent's hop 1 from the same home.
+    let mut fields = j.hops[0].fields().clone();
+    fields.agent_id = AgentId([7; 16]);
+    let other_agent = HopEnvelope::sign(fields, &j.home).unwrap();
+    assert_eq!(
+        follow_custody(&agent(), &start, &[other_agent], &j.a.public()),
+        Err(CustodyError::OtherAgent { hop: 1 })
+    );
+}

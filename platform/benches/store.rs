@@ -28,6 +28,7 @@ fn record(id: &str, hop: u64, continuation: Vec<u8>) -> AgentRecord {
             launcher: Some("12D3KooWLauncherPeerIdText00000000000000000000".to_owned()),
             state: AgentState::Ready,
             envelope: vec![9; 300],
+            custody: Vec::new(),
         },
         continuation,
     }

@@ -664,6 +664,7 @@ fn record(continuation: Vec<u8>, envelope: Vec<u8>) -> AgentRecord {
             launcher: None,
             state: AgentState::Ready,
             envelope,
+            custody: Vec::new(),
         },
         continuation,
     }

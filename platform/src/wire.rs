@@ -71,6 +71,13 @@ pub const STREAM_IDLE: Duration = Duration::from_secs(20);
 /// `max_queued_messages` is at most this, and an offer with more does not decode.
 pub const MAX_CARRIED_MESSAGES: usize = 4096;
 
+/// Most envelopes of custody tail an agent carries besides the one it arrived with (about 300
+/// bytes each). The tail is what the agent's home has not confirmed yet; when it is longer (the
+/// home unreachable for this many hops), the oldest are dropped, and the home, which can then no
+/// longer follow the chain, refuses the agent's location and end reports (the result stays on
+/// the node where the agent ended).
+pub const MAX_CUSTODY_TAIL: usize = 256;
+
 /// Most bytes of messages a hop offer may carry: a node's `max_queued_bytes` is at most this,
 /// so an agent's queue, with its continuation's inline part and envelopes, always fits in one
 /// [`MAX_FRAME`] and never keeps the agent from leaving.
@@ -295,8 +302,13 @@ pub struct HopOffer {
     /// Messages queued for the agent at the source, oldest first: they travel with it, so the
     /// destination's queue keeps their order. At most [`MAX_CARRIED_MESSAGES`] (more do not
     /// decode: a million empty messages in one frame would cost tens of MiB to decode).
-    #[serde(deserialize_with = "carried_messages")]
+    #[serde(deserialize_with = "at_most::<MAX_CARRIED_MESSAGES, _>")]
     pub messages: Vec<serde_bytes::ByteBuf>,
+    /// The envelopes the source received the agent with before `previous` that its home node
+    /// may not have confirmed yet, oldest first (the custody tail): at most
+    /// [`MAX_CUSTODY_TAIL`].
+    #[serde(deserialize_with = "at_most::<MAX_CUSTODY_TAIL, _>")]
+    pub custody: Vec<serde_bytes::ByteBuf>,
     /// The agent's home node (peer id).
     pub home: String,
     /// Who waits for the agent's result (peer id), if anyone.
@@ -505,6 +517,24 @@ pub enum ControlRefusal {
         /// What is wrong with it.
         reason: String,
     },
+    /// The sender of an end or location report does not hold the agent, as far as the custody
+    /// it presented shows.
+    #[error("the sender does not hold agent {agent}: {reason}")]
+    NoCustody {
+        /// The agent.
+        agent: String,
+        /// What the check found.
+        reason: String,
+    },
+    /// A location report older than what the home knows of the agent (reports can arrive out
+    /// of order): nothing changed.
+    #[error("agent {agent}'s home knows of a later hop than {hop}")]
+    Superseded {
+        /// The agent.
+        agent: String,
+        /// The hop the report was about.
+        hop: u64,
+    },
     /// The sending peer delivered more messages than this node takes from one peer.
     #[error("over this node's limit of {per_second} messages a second from one peer")]
     RateLimited {
@@ -513,32 +543,32 @@ pub enum ControlRefusal {
     },
 }
 
-/// Decodes an offer's carried messages, refusing more than [`MAX_CARRIED_MESSAGES`] before
-/// building them.
-fn carried_messages<'de, D: serde::Deserializer<'de>>(
+/// Decodes a list of byte strings (an offer's carried messages, a custody tail), refusing more
+/// than `MAX` before building them: a million empty items in one frame would cost tens of MiB.
+fn at_most<'de, const MAX: usize, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Vec<serde_bytes::ByteBuf>, D::Error> {
-    struct Carried;
-    impl<'de> serde::de::Visitor<'de> for Carried {
+    struct AtMost<const MAX: usize>;
+    impl<'de, const MAX: usize> serde::de::Visitor<'de> for AtMost<MAX> {
         type Value = Vec<serde_bytes::ByteBuf>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            write!(f, "at most {MAX_CARRIED_MESSAGES} messages")
+            write!(f, "at most {MAX} byte strings")
         }
         fn visit_seq<A: serde::de::SeqAccess<'de>>(
             self,
             mut seq: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut messages = Vec::new();
+            let mut items = Vec::new();
             while let Some(m) = seq.next_element()? {
-                if messages.len() == MAX_CARRIED_MESSAGES {
-                    return Err(serde::de::Error::invalid_length(messages.len() + 1, &self));
+                if items.len() == MAX {
+                    return Err(serde::de::Error::invalid_length(items.len() + 1, &self));
                 }
-                messages.push(m);
+                items.push(m);
             }
-            Ok(messages)
+            Ok(items)
         }
     }
-    deserializer.deserialize_seq(Carried)
+    deserializer.deserialize_seq(AtMost::<MAX>)
 }
 
 /// A package download request: the package hash.
@@ -597,6 +627,11 @@ pub enum ControlRequest {
         agent: String,
         /// How it ended.
         end: AgentEnd,
+        /// The custody tail that shows the sender held the agent: the envelopes since the
+        /// hop the home last confirmed, up to the one that brought the agent to the sender
+        /// (at most [`MAX_CUSTODY_TAIL`] + 1).
+        #[serde(deserialize_with = "at_most::<{ MAX_CUSTODY_TAIL + 1 }, _>")]
+        custody: Vec<serde_bytes::ByteBuf>,
     },
     /// Deliver a message to an agent: held here → queued for it; moved on → forwarded along
     /// the forwarding pointer or the home's location record.
@@ -611,12 +646,13 @@ pub enum ControlRequest {
         /// Only answer for what this node knows; do not ask other peers.
         probe: bool,
     },
-    /// Where an agent of this home node is now (from the node it arrived at).
+    /// An agent of this home node is now on the sending node (which it arrived at).
     Location {
         /// The agent.
         agent: String,
-        /// Peer id of the node holding it.
-        node: String,
+        /// The custody tail that shows it, as in `Ended`.
+        #[serde(deserialize_with = "at_most::<{ MAX_CUSTODY_TAIL + 1 }, _>")]
+        custody: Vec<serde_bytes::ByteBuf>,
     },
     /// Does this node hold (agent, hop)? Asked by a source that lost a hop's acknowledgement.
     /// The answer waits for an arrival of that hop still in progress; a "no" about the offer

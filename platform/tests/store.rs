@@ -36,6 +36,7 @@ fn agent(id: &str, hop: u64) -> AgentRecord {
             launcher: Some("12D3KooWLauncher".to_string()),
             state: AgentState::Ready,
             envelope: vec![9; 40],
+            custody: vec![serde_bytes::ByteBuf::from(vec![8; 40])],
         },
         continuation: vec![1, 2, 3, hop as u8],
     }

@@ -71,6 +71,15 @@ pub enum CustodyError {
         /// Its hop number.
         hop: u64,
     },
+    /// The home has confirmed a later hop than the last of the tail: the report is older than
+    /// what the home knows (reports of a fast-moving agent can arrive out of order).
+    #[error("the custody tail ends at hop {hop}, and hop {confirmed} is confirmed already")]
+    Superseded {
+        /// The hop the tail ends at.
+        hop: u64,
+        /// The hop confirmed.
+        confirmed: u64,
+    },
     /// The tail leads to another node than the one presenting it.
     #[error("the custody tail leads to {holder}, not to the node presenting it")]
     NotHolder {
@@ -84,7 +93,10 @@ pub enum CustodyError {
 /// the home confirmed already); the others must each be the next hop, name the envelope before
 /// (the confirmed one for the first), be sent by the node the one before was addressed to, and be
 /// signed by it. An empty tail (or one the home confirmed entirely) leaves `confirmed`, which
-/// `presenter` must then hold.
+/// `presenter` must then hold. A tail that ends before the confirmed hop is [`Superseded`]
+/// (nothing in it is checked: it changes nothing either way).
+///
+/// [`Superseded`]: CustodyError::Superseded
 ///
 /// # Errors
 ///
@@ -95,6 +107,15 @@ pub fn follow_custody(
     tail: &[HopEnvelope],
     presenter: &PublicKey,
 ) -> Result<CustodyPoint, CustodyError> {
+    if let Some(last) = tail.last() {
+        let hop = last.fields().hop;
+        if hop < confirmed.hop {
+            return Err(CustodyError::Superseded {
+                hop,
+                confirmed: confirmed.hop,
+            });
+        }
+    }
     let new: Vec<&HopEnvelope> = tail
         .iter()
         .filter(|e| e.fields().hop > confirmed.hop)

@@ -68,6 +68,15 @@ fn a_node_that_is_not_where_the_tail_leads_is_refused() {
             Err(CustodyError::NotHolder { .. })
         ));
     }
+    // A tail older than what the home confirmed.
+    let confirmed = follow_custody(&agent(), &start, &j.hops, &j.c.public()).unwrap();
+    assert_eq!(
+        follow_custody(&agent(), &confirmed, &j.hops[..2], &j.b.public()),
+        Err(CustodyError::Superseded {
+            hop: 2,
+            confirmed: 3
+        })
+    );
     // Nobody but the home before the first hop.
     assert!(matches!(
         follow_custody(&agent(), &start, &[], &j.a.public()),

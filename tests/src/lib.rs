@@ -694,7 +694,7 @@ pub mod raw_peer {
                     tokio::spawn(async move {
                         let reply =
                             match read_frame::<_, ControlRequest>(&mut stream, MAX_FRAME).await {
-                                Ok(ControlRequest::Ended { agent, end }) => {
+                                Ok(ControlRequest::Ended { agent, end, .. }) => {
                                     ends.lock()
                                         .unwrap_or_else(|e| e.into_inner())
                                         .push((agent, end));
@@ -906,6 +906,7 @@ pub mod raw_peer {
             messages: Vec::new(),
             home: home.to_string(),
             launcher: None,
+            custody: Vec::new(),
         };
         (offer, continuation)
     }

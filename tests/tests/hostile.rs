@@ -1024,3 +1024,94 @@ fn an_envelope_dated_beyond_the_clock_skew_is_refused() {
         mesh.still_serves().await;
     });
 }
+
+/// Rows 1 and 3 of issue 12: a peer that learned an agent's id reports its end, or that it now
+/// holds it, to the agent's home. It does not hold the agent, so the home refuses both: the
+/// launcher gets the agent's own result, and messages still reach the agent where it is.
+#[test]
+fn a_peer_that_does_not_hold_an_agent_can_neither_end_it_nor_take_its_messages() {
+    run(async {
+        let mesh = Mesh::start().await;
+        // Launched on target (its home), waiting for a message on honest.
+        let waiter = sign(
+            r#"migrate("honest"); let m = receive(); [m, here()]"#,
+            &mesh.author,
+        );
+        let (id, end) = mesh.target.launch(waiter, None).expect("launch");
+        held_in_state(&mesh.honest, &id, "waiting").await;
+        let stranger = RawPeer::new(SecretKey::generate(), &mesh.target.listen_addrs()[0]);
+        let forged_end = AgentEnd::Finished {
+            json: "\"forged\"".into(),
+            node: "stranger".into(),
+            hops: 1,
+            unread: 0,
+        };
+        // With no custody at all, with the envelope that took the agent to honest (public to
+        // anyone who saw it: it is not addressed to the stranger), and with a "previous hop"
+        // a throwaway key signed to the stranger.
+        let meta = mesh
+            .honest
+            .agent(&id)
+            .expect("store")
+            .expect("honest holds the agent");
+        let throwaway = SecretKey::generate();
+        let package = security::PackageHash(meta.package);
+        let to_stranger = HopEnvelope::sign(
+            security::HopFields {
+                agent_id: id.parse().unwrap(),
+                hop: 1,
+                package_hash: package,
+                continuation_hash: [0; 32],
+                previous: None,
+                from: throwaway.public(),
+                to: stranger.key.public(),
+                time_ms: 0,
+            },
+            &throwaway,
+        )
+        .unwrap();
+        for custody in [
+            vec![],
+            vec![meta.envelope.clone()],
+            vec![to_stranger.encode()],
+        ] {
+            let custody: Vec<serde_bytes::ByteBuf> = custody
+                .into_iter()
+                .map(serde_bytes::ByteBuf::from)
+                .collect();
+            let ended = ControlRequest::Ended {
+                agent: id.clone(),
+                end: forged_end.clone(),
+                custody: custody.clone(),
+            };
+            let moved = ControlRequest::Location {
+                agent: id.clone(),
+                custody,
+            };
+            for request in [ended, moved] {
+                let (reply, _) = stranger.control(&request).await;
+                assert!(
+                    matches!(
+                        &reply,
+                        ControlReply::Refused(ControlRefusal::NoCustody { agent, .. }) if *agent == id
+                    ),
+                    "{request:?}: {reply:?}"
+                );
+            }
+        }
+        // The home still knows where the agent is: a message sent there reaches it.
+        mesh.target
+            .send(&id, &agent_lang::rhai::Dynamic::from(9_i64))
+            .await
+            .expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the agent did not end")
+            .expect("ended");
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, .. } if json == r#"[9,"honest"]"#),
+            "{end:?}"
+        );
+        mesh.still_serves().await;
+    });
+}

@@ -156,6 +156,23 @@ fn thousands_of_hops() {
     });
 }
 
+/// Past the custody tail an agent carries (256 envelopes) without coming home: its home follows
+/// its location reports, and takes its end from the node it ended on.
+#[test]
+fn a_long_journey_away_from_home_still_reports_its_end_home() {
+    rt().block_on(async {
+        let src = r#"
+            let home = here();
+            let away = [];
+            for n in nodes() { if n != home { away.push(n); } }
+            let i = 0;
+            while i < 600 { migrate(away[i % away.len()]); i += 1; }
+            [i, hops(), here() != home]
+        "#;
+        assert_eq!(finished(run(4, src).await).0, "[600,600,true]");
+    });
+}
+
 async fn mesh_for(nodes: usize, source: &str) -> (LoopbackMesh, security::VerifiedPackage) {
     let (package, trust) = package(source);
     let mesh = LoopbackMesh::start(nodes, trust, agent_lang::Limits::default())

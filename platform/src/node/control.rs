@@ -7,6 +7,7 @@ use std::sync::Arc;
 use libp2p::PeerId;
 
 use super::accept::ExchangePermits;
+use super::custody::confirm_report;
 use super::fault::FaultPoint;
 use super::hop::{hop_committed, hop_held};
 use super::mailbox::Wake;
@@ -101,16 +102,26 @@ async fn answer(
                 write_frame(stream, &ControlReply::Refused(refusal)).await
             }
         },
-        ControlRequest::Location { agent, node } => {
-            let _ = shared
-                .store
-                .write(move |b| b.set_location(&agent, &node))
-                .await;
-            write_frame(stream, &ControlReply::Ok).await
+        ControlRequest::Location { agent, custody } => {
+            let reply = match confirm_report(shared, &agent, custody, peer).await {
+                Ok(_) => ControlReply::Ok,
+                Err(refusal) => refuse_report(&peer, "location", refusal),
+            };
+            write_frame(stream, &reply).await
         }
-        ControlRequest::Ended { agent, end } => {
-            deliver_end(shared, &agent, end);
-            write_frame(stream, &ControlReply::Ok).await
+        ControlRequest::Ended {
+            agent,
+            end,
+            custody,
+        } => {
+            let reply = match confirm_report(shared, &agent, custody, peer).await {
+                Ok(_) => {
+                    deliver_end(shared, &agent, end);
+                    ControlReply::Ok
+                }
+                Err(refusal) => refuse_report(&peer, "end", refusal),
+            };
+            write_frame(stream, &reply).await
         }
         ControlRequest::HopStatus {
             agent,
@@ -131,6 +142,17 @@ async fn answer(
             write_frame(stream, &reply).await
         }
     }
+}
+
+/// A report on an agent from a peer that does not show it holds it: logged, and refused.
+/// (One that is only older than what this node knows is not worth a warning.)
+fn refuse_report(peer: &PeerId, what: &str, refusal: ControlRefusal) -> ControlReply {
+    if matches!(refusal, ControlRefusal::Superseded { .. }) {
+        tracing::debug!(%peer, "an agent's {what} report came late: {refusal}");
+    } else {
+        tracing::warn!(%peer, "refused a report of an agent's {what}: {refusal}");
+    }
+    ControlReply::Refused(refusal)
 }
 
 /// `Deliver`: queues the message here or passes it on; an agent it was queued for here is

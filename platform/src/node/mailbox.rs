@@ -283,6 +283,7 @@ mod tests {
                 launcher: None,
                 state: AgentState::Ready,
                 envelope: Vec::new(),
+                custody: Vec::new(),
             },
             Vec::new(),
         );

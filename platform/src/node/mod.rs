@@ -60,6 +60,7 @@ use crate::wire::{
 mod accept;
 mod activity;
 mod control;
+mod custody;
 mod event_loop;
 mod events;
 mod fault;
@@ -434,6 +435,16 @@ impl NodeHandle {
                 ..
             }))
         ) && self.shared.store.message_count(agent).is_ok_and(|n| n == 0)
+    }
+
+    /// What this node holds of agent `id`: its record without the continuation (None if it does
+    /// not hold it).
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub fn agent(&self, id: &str) -> Result<Option<AgentMeta>, StoreError> {
+        self.shared.store.agent_meta(id)
     }
 
     /// This node's status.

@@ -8,17 +8,18 @@ use std::time::Duration;
 use agent_lang::rhai::Dynamic;
 use agent_lang::{Execution, HostEnv, Outcome, Resume};
 use libp2p::PeerId;
-use security::{AgentId, VerifiedPackage};
+use security::{AgentId, CustodyPoint, VerifiedPackage};
 use tokio::sync::oneshot;
 
 use super::control::control_request;
+use super::custody::tail_of;
 use super::events::NodeEvent;
 use super::hop::{hop, HopResult};
 use super::packages::Loaded;
 use super::routing::route_message;
 use super::{hex, lock, now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState};
-use crate::wire::{AgentEnd, ControlRefusal, ControlRequest};
+use crate::wire::{AgentEnd, ControlRefusal, ControlReply, ControlRequest};
 
 /// The agents running on this node, and the launchers waiting for the ends of the agents this
 /// node is home to. `std` mutexes, each held for one set or map operation.
@@ -86,6 +87,7 @@ pub(super) fn launch(
             launcher,
             state: AgentState::Ready,
             envelope: Vec::new(),
+            custody: Vec::new(),
         },
         continuation: Vec::new(),
     };
@@ -93,6 +95,7 @@ pub(super) fn launch(
         .store
         .batch(|b| {
             b.put_agent(&rec)?;
+            b.set_custody(&id, &CustodyPoint::launched(*shared.peers.local_key()))?;
             b.set_location(&id, &me)
         })
         .map_err(|e| ControlRefusal::Store(e.to_string()))?;
@@ -343,17 +346,17 @@ async fn end_here(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
         return;
     };
     // The home may be briefly unreachable: retry for a while; the result stays stored here.
+    let report = ControlRequest::Ended {
+        agent: rec.id.clone(),
+        end,
+        custody: tail_of(rec),
+    };
     for attempt in 0..20u64 {
-        match control_request(
-            shared,
-            home,
-            &ControlRequest::Ended {
-                agent: rec.id.clone(),
-                end: end.clone(),
-            },
-        )
-        .await
-        {
+        match control_request(shared, home, &report).await {
+            Ok(ControlReply::Refused(refusal)) => {
+                tracing::error!(agent = %rec.id, "the home node refused the agent's end (its result stays here): {refusal}");
+                return;
+            }
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(agent = %rec.id, "cannot report the end to the home node (attempt {attempt}): {e}");

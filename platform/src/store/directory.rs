@@ -1,7 +1,11 @@
 //! What a home node knows of the agents launched from it: where each one is now (`locations`),
-//! and how it ended (`results`), kept for whoever launched it.
+//! whose custody it last confirmed (`custody`), and how it ended (`results`), kept for whoever
+//! launched it.
 
-use super::schema::{LOCATIONS, RESULTS};
+use redb::ReadableTable;
+use security::{CustodyPoint, EnvelopeHash, PublicKey};
+
+use super::schema::{CUSTODY, LOCATIONS, RESULTS};
 use super::{Batch, Store, StoreError};
 
 impl Store {
@@ -17,6 +21,17 @@ impl Store {
                 .get(id)?
                 .map(|v| v.value().to_owned()))
         })
+    }
+
+    /// On the home node: the custody of agent `id` it last confirmed (None: not launched here,
+    /// or launched before custody was kept).
+    ///
+    /// # Errors
+    ///
+    /// When the read fails, or the entry holds no valid key
+    /// ([`StoreError::Inconsistent`]).
+    pub fn custody(&self, id: &str) -> Result<Option<CustodyPoint>, StoreError> {
+        self.read(|txn| custody_in(&txn.open_table(CUSTODY)?, id))
     }
 
     /// How agent `id` ended, if it did and the result was kept here.
@@ -45,6 +60,28 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// [`Store::custody`], as this transaction sees it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::custody`].
+    pub fn custody(&mut self, id: &str) -> Result<Option<CustodyPoint>, StoreError> {
+        custody_in(&self.txn.open_table(CUSTODY)?, id)
+    }
+
+    /// On the home node: records the custody of agent `id` it confirmed.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn set_custody(&mut self, id: &str, at: &CustodyPoint) -> Result<(), StoreError> {
+        let envelope = at.envelope.map_or([0; 32], |h| *h.as_bytes());
+        self.txn
+            .open_table(CUSTODY)?
+            .insert(id, (at.hop, at.holder.to_bytes(), envelope))?;
+        Ok(())
+    }
+
     /// Keeps how agent `id` ended, for whoever launched it (replaces an earlier result).
     ///
     /// # Errors
@@ -54,4 +91,24 @@ impl Batch<'_> {
         self.txn.open_table(RESULTS)?.insert(id, result)?;
         Ok(())
     }
+}
+
+fn custody_in(
+    table: &impl ReadableTable<&'static str, (u64, [u8; 32], [u8; 32])>,
+    id: &str,
+) -> Result<Option<CustodyPoint>, StoreError> {
+    let Some(entry) = table.get(id)? else {
+        return Ok(None);
+    };
+    let (hop, holder, envelope) = entry.value();
+    let holder = PublicKey::from_bytes(&holder).map_err(|_| StoreError::Inconsistent {
+        table: "custody",
+        key: id.to_string(),
+        what: "the holder is not a public key",
+    })?;
+    Ok(Some(CustodyPoint {
+        hop,
+        holder,
+        envelope: (envelope != [0; 32]).then_some(EnvelopeHash(envelope)),
+    }))
 }

@@ -79,6 +79,11 @@ pub struct AgentMeta {
     /// The envelope of the hop that brought the agent here; empty on its home node.
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
+    /// The envelopes before `envelope` that the home node may not have confirmed yet, oldest
+    /// first (the custody tail: see `security::follow_custody`); at most
+    /// [`MAX_CUSTODY_TAIL`](crate::wire::MAX_CUSTODY_TAIL).
+    #[serde(default)]
+    pub custody: Vec<serde_bytes::ByteBuf>,
 }
 
 impl AgentMeta {
@@ -103,6 +108,7 @@ struct MetaRef<'a> {
     state: &'a AgentState,
     #[serde(with = "serde_bytes")]
     envelope: &'a [u8],
+    custody: &'a [serde_bytes::ByteBuf],
     /// The continuation when it is inline.
     #[serde(with = "serde_bytes", skip_serializing_if = "Option::is_none")]
     continuation: Option<&'a [u8]>,
@@ -119,6 +125,7 @@ impl<'a> MetaRef<'a> {
             launcher: m.launcher.as_deref(),
             state: &m.state,
             envelope: &m.envelope,
+            custody: &m.custody,
             continuation,
         }
     }
@@ -133,6 +140,7 @@ impl<'a> MetaRef<'a> {
             launcher: r.launcher.as_deref(),
             state: &r.state,
             envelope: &r.envelope,
+            custody: &r.custody,
             continuation,
         }
     }
@@ -152,6 +160,8 @@ struct StoredAgent {
     state: AgentState,
     #[serde(with = "serde_bytes")]
     envelope: Vec<u8>,
+    #[serde(default)]
+    custody: Vec<serde_bytes::ByteBuf>,
     #[serde(default, with = "serde_bytes")]
     continuation: Option<Vec<u8>>,
 }
@@ -167,6 +177,7 @@ impl StoredAgent {
             launcher: self.launcher,
             state: self.state,
             envelope: self.envelope,
+            custody: self.custody,
         };
         (meta, self.continuation)
     }

@@ -14,6 +14,7 @@
 //! | `forwards`            | agent id                | destination peer id      | forwarding pointers left by departed agents |
 //! | `departed`            | agent id                | `[u8; 32]` envelope hash | the hop an agent last left by: a destination still holding it as arriving after a crash asks whether that hop committed |
 //! | `locations`           | agent id                | peer id                  | on the home node, where each agent it launched is now |
+//! | `custody`             | agent id                | (`u64` hop, `[u8; 32]` holder key, `[u8; 32]` envelope hash or zeros) | on the home node, the custody of each agent it launched that it last confirmed: location and end reports must lead on from it |
 //! | `messages`            | (agent id, seq)         | message bytes            | per-agent FIFO queues; `seq` orders them |
 //! | `queued`              | agent id                | (`u64` messages, `u64` bytes) | the size of each non-empty queue, kept with it: a quota check costs one read |
 //! | `results`             | agent id                | result bytes             | how agents ended, kept for whoever launched them |
@@ -36,6 +37,8 @@ pub(super) const SEEN: TableDefinition<(&str, u64), ()> = TableDefinition::new("
 pub(super) const FORWARDS: TableDefinition<&str, &str> = TableDefinition::new("forwards");
 pub(super) const DEPARTED: TableDefinition<&str, [u8; 32]> = TableDefinition::new("departed");
 pub(super) const LOCATIONS: TableDefinition<&str, &str> = TableDefinition::new("locations");
+pub(super) const CUSTODY: TableDefinition<&str, (u64, [u8; 32], [u8; 32])> =
+    TableDefinition::new("custody");
 pub(super) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 pub(super) const QUEUED: TableDefinition<&str, (u64, u64)> = TableDefinition::new("queued");
 pub(super) const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
@@ -59,6 +62,7 @@ impl Batch<'_> {
         self.txn.open_table(AGENTS)?;
         self.txn.open_table(CHUNKS)?;
         self.txn.open_table(SEEN)?;
+        self.txn.open_table(CUSTODY)?;
         self.txn.open_table(FORWARDS)?;
         self.txn.open_table(DEPARTED)?;
         self.txn.open_table(LOCATIONS)?;

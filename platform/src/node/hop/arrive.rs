@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use agent_lang::Execution;
 use libp2p::PeerId;
-use security::{verify_hop, HopCheck, HopEnvelope, PublicKey};
+use security::{verify_hop, CustodyPoint, EnvelopeHash, HopCheck, HopEnvelope, PublicKey};
 
 use super::depart::KEEP_CHECKPOINT_FROM;
 
@@ -19,6 +19,7 @@ use super::gate::Arriving;
 use super::recover::ask_hop_decision;
 use crate::node::accept::ExchangePermits;
 use crate::node::control::control_request;
+use crate::node::custody::{arriving_tail, check_homecoming, tail_of, trim_confirmed};
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::{ensure_package, Loaded};
@@ -27,8 +28,8 @@ use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::{now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival};
 use crate::wire::{
-    read_bulk, read_frame, write_frame, ControlRequest, HopDecision, HopOffer, HopRefusal,
-    HopReply, WireError, MAX_FRAME,
+    read_bulk, read_frame, write_frame, ControlRefusal, ControlReply, ControlRequest, HopDecision,
+    HopOffer, HopRefusal, HopReply, WireError, MAX_FRAME,
 };
 
 /// Destination side of hops: offer after offer on one stream, until the source closes it.
@@ -163,9 +164,24 @@ pub(in crate::node) async fn receive_hop(
             return Err(after_decision(stream, refusal).await);
         }
     }
+    let id = fields.agent_id.to_string();
+    let custody = arriving_tail(offer.custody, &offer.previous);
+    // Coming home: only from the node the home confirmed, or one its tail leads from it to.
+    let custody = if offer.home == shared.peers.local_text() {
+        let mut tail = custody;
+        tail.push(serde_bytes::ByteBuf::from(offer.envelope.clone()));
+        if let Err(e) = check_homecoming(shared, &id, &tail) {
+            tracing::warn!(%peer, "refused an agent coming home: {e}");
+            let refusal = refused(HopRefusal::Verification(e.to_string()));
+            return Err(after_decision(stream, refusal).await);
+        }
+        Vec::new()
+    } else {
+        custody
+    };
     let rec = AgentRecord {
         meta: AgentMeta {
-            id: fields.agent_id.to_string(),
+            id,
             package: *hash.as_bytes(),
             hop: fields.hop,
             hops: offer.hops,
@@ -177,6 +193,7 @@ pub(in crate::node) async fn receive_hop(
                 carried: messages.len() as u64,
             },
             envelope: offer.envelope,
+            custody,
         },
         continuation,
     };
@@ -195,6 +212,11 @@ pub(in crate::node) async fn receive_hop(
         }
     };
     let me = shared.peers.local_text().to_string();
+    let home_custody = CustodyPoint {
+        hop: rec.hop,
+        holder: *shared.peers.local_key(),
+        envelope: Some(EnvelopeHash(envelope_hash)),
+    };
     let mut rec = rec;
     let store = shared.store.write(move |b| {
         // An arrival of this hop number by another envelope still waits for its decision: its
@@ -220,6 +242,7 @@ pub(in crate::node) async fn receive_hop(
             }
             if committed && rec.home == me {
                 b.set_location(&rec.id, &me)?;
+                b.set_custody(&rec.id, &home_custody)?;
             }
         }
         Ok((arrival, rec, committed))
@@ -405,10 +428,11 @@ pub(in crate::node) async fn commit_arrival(
     id: &str,
     envelope: &[u8; 32],
 ) -> Option<AgentMeta> {
-    let (agent, envelope, me) = (
+    let (agent, envelope, me, my_key) = (
         id.to_string(),
         *envelope,
         shared.peers.local_text().to_string(),
+        *shared.peers.local_key(),
     );
     let committed = shared
         .store
@@ -416,9 +440,15 @@ pub(in crate::node) async fn commit_arrival(
             let Some(meta) = b.commit_arrival(&agent, &envelope)? else {
                 return Ok(None);
             };
-            // (On the agent's home node, its location with it.)
+            // (On the agent's home node, its location and custody with it.)
             if meta.home == me {
                 b.set_location(&agent, &me)?;
+                let custody = CustodyPoint {
+                    hop: meta.hop,
+                    holder: my_key,
+                    envelope: Some(EnvelopeHash(envelope)),
+                };
+                b.set_custody(&agent, &custody)?;
             }
             Ok(Some(meta))
         })
@@ -487,11 +517,21 @@ pub(in crate::node) fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecor
     let task_shared = shared.clone();
     let request = ControlRequest::Location {
         agent: rec.id.clone(),
-        node: shared.peers.local_text().to_string(),
+        custody: tail_of(rec),
     };
+    let (agent, envelope) = (
+        rec.id.clone(),
+        EnvelopeHash(*blake3::hash(&rec.envelope).as_bytes()),
+    );
     shared.tasks.spawn(async move {
-        if let Err(e) = control_request(&task_shared, home, &request).await {
-            tracing::debug!("cannot tell the home node where the agent is (forwarding pointers still lead there): {e}");
+        match control_request(&task_shared, home, &request).await {
+            Ok(ControlReply::Ok) => trim_confirmed(&task_shared, &agent, envelope).await,
+            Ok(ControlReply::Refused(ControlRefusal::Superseded { .. })) => {}
+            Ok(ControlReply::Refused(refusal)) => {
+                tracing::warn!(agent, "the home node refused the agent's location: {refusal}")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("cannot tell the home node where the agent is (forwarding pointers still lead there): {e}"),
         }
     });
 }

@@ -252,6 +252,7 @@ pub(in crate::node) async fn hop(
             .collect(),
         home: rec.home.clone(),
         launcher: rec.launcher.clone(),
+        custody: rec.custody.clone(),
     };
     let sent = SentHop {
         dest,

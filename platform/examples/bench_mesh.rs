@@ -747,7 +747,7 @@ fn parts(author: &Author, bulk_bytes: usize) -> Result<Vec<Part>> {
         );
         add(
             &name.replace("put_agent", "has_seen"),
-            time_median(runs, || Ok(store.has_seen(&rec.id, 1)?))?,
+            time_median(runs, || Ok(store.has_seen(&rec.id, 1, None)?))?,
         );
     }
     // Bulk: what a 100 MB hop does besides moving bytes.

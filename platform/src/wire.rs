@@ -45,7 +45,7 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
 
 /// Moving an agent: offer, (package pull by the receiver), continuation bytes, the source's
 /// decision, acknowledgement.
-pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/4");
+pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/5");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Node to node: messages on their way, agents' ends and whereabouts for their home, hop
@@ -346,6 +346,13 @@ pub enum HopReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum HopRefusal {
+    /// This node accepted this hop of the agent already, by another envelope: one of the two
+    /// claims on it was made by a node that did not hold the agent. The agent stays where it is.
+    #[error("hop {hop} of this agent came here already, by another envelope")]
+    Conflict {
+        /// The hop.
+        hop: u64,
+    },
     /// The sending peer's id does not inline an ed25519 key.
     #[error("sender has no ed25519 identity")]
     NoIdentity,
@@ -662,8 +669,12 @@ pub enum ControlRequest {
         agent: String,
         /// The hop.
         hop: u64,
-        /// BLAKE3 of the envelope of the offer in question, when the source knows it.
+        /// BLAKE3 of the envelope of the offer in question, when the source knows it: the hop
+        /// is held only by that envelope.
         envelope: Option<[u8; 32]>,
+        /// The source gives the hop up if it is not held: a "no" also shuts out that offer,
+        /// should it still come in late.
+        give_up: bool,
     },
     /// Did the hop with this envelope hash commit (is the source's departure record durable)?
     /// Asked by a destination holding the agent as arriving that missed the source's decision.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::task::noop_waker_ref;
 use platform::store::{
-    AgentMeta, AgentRecord, AgentState, Arrival, Durability, QueueSize, Store, StoreError,
+    AgentMeta, AgentRecord, AgentState, Arrival, Durability, HopSeen, QueueSize, Store, StoreError,
     MAX_GROUP,
 };
 use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
@@ -604,7 +604,7 @@ fn data_survives_reopen() {
         Some(&b"pkg"[..])
     );
     assert_eq!(store.agents().unwrap(), vec![agent("a", 1), agent("b", 3)]);
-    assert!(store.has_seen("b", 3).unwrap());
+    assert!(store.has_seen("b", 3, None).unwrap());
     assert_eq!(
         store.batch(|b| b.accept_arrival(&agent("b", 3))).unwrap(),
         Arrival::Duplicate
@@ -640,12 +640,12 @@ fn opening_an_open_file_again_is_an_error() {
 fn accept_arrival_twice_is_duplicate() {
     let (_dir, _path, store) = temp_store(Durability::NoSync);
     let rec = agent("a", 3);
-    assert!(!store.has_seen("a", 3).unwrap());
+    assert!(!store.has_seen("a", 3, None).unwrap());
     assert_eq!(
         store.batch(|b| b.accept_arrival(&rec)).unwrap(),
         Arrival::New
     );
-    assert!(store.has_seen("a", 3).unwrap());
+    assert!(store.has_seen("a", 3, None).unwrap());
     assert_eq!(store.agent("a").unwrap().as_ref(), Some(&rec));
 
     // The duplicate writes nothing, even after the agent changed here.
@@ -677,19 +677,43 @@ fn accept_arrival_twice_is_duplicate() {
     // Hop 5 committed here (the agent arrived runnable): hop 3 is forgotten, and "seen" means
     // that hop or a later one.
     assert_eq!(store.remembered_hops("a").unwrap(), [5]);
-    assert!((1..=5).all(|h| store.has_seen("a", h).unwrap()));
-    assert!(!store.has_seen("a", 6).unwrap());
+    assert!((1..=5).all(|h| store.has_seen("a", h, None).unwrap()));
+    assert!(!store.has_seen("a", 6, None).unwrap());
     assert_eq!(
         store.batch(|b| b.accept_arrival(&agent("a", 4))).unwrap(),
         Arrival::Duplicate
     );
 
-    // What an offer is checked against, in one read: the agent here (if any) and the hop seen.
+    // The same hop by another envelope is a conflicting claim, and writes nothing.
+    let other = AgentRecord {
+        meta: AgentMeta {
+            envelope: vec![8; 40],
+            ..agent("a", 5).meta
+        },
+        continuation: vec![66],
+    };
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&other)).unwrap(),
+        Arrival::Conflict
+    );
+    assert_eq!(store.agent("a").unwrap(), Some(agent("a", 5)));
+
+    // What an offer is checked against, in one read: the agent here (if any) and the hop seen,
+    // by which envelope.
     let here = store.agent_meta("a").unwrap();
     assert!(here.is_some());
-    assert_eq!(store.arrival_view("a", 5).unwrap(), (here.clone(), true));
-    assert_eq!(store.arrival_view("a", 6).unwrap(), (here, false));
-    assert_eq!(store.arrival_view("nobody", 3).unwrap(), (None, false));
+    let (by, other) = (*blake3::hash(&[9; 40]).as_bytes(), [1; 32]);
+    let view = |hop, envelope: &[u8; 32]| store.arrival_view("a", hop, envelope).unwrap();
+    assert_eq!(view(5, &by), (here.clone(), HopSeen::ByThisEnvelope));
+    assert_eq!(view(5, &other), (here.clone(), HopSeen::ByAnotherEnvelope));
+    assert_eq!(view(4, &other), (here.clone(), HopSeen::Later));
+    assert_eq!(view(6, &by), (here, HopSeen::No));
+    assert_eq!(
+        store.arrival_view("nobody", 3, &by).unwrap(),
+        (None, HopSeen::No)
+    );
+    assert!(store.has_seen("a", 5, Some(&by)).unwrap());
+    assert!(!store.has_seen("a", 5, Some(&other)).unwrap());
 }
 
 #[test]
@@ -738,7 +762,7 @@ fn only_the_last_committed_hop_of_an_agent_is_remembered() {
         .unwrap()
         .is_some());
     assert_eq!(store.remembered_hops("a").unwrap(), [101]);
-    assert!(store.has_seen("a", 100).unwrap() && !store.has_seen("a", 102).unwrap());
+    assert!(store.has_seen("a", 100, None).unwrap() && !store.has_seen("a", 102, None).unwrap());
 }
 
 /// Agent `id` stored at hop 1, leaving for "peer-b" by hop 2 (envelope hash `[9; 32]`).
@@ -940,9 +964,41 @@ fn a_schema_2_file_is_upgraded_with_its_queues_counted() {
         Some(vec![1; 5])
     );
     drop(store);
-    // Once upgraded, it opens as schema 3 without counting again.
+    // Once upgraded, it opens as schema 4 without counting again.
     let store = Store::open(&path, Durability::NoSync).unwrap();
     assert_eq!(store.message_count("a").unwrap(), 1);
+}
+
+/// A schema 3 file kept the hops it accepted without their envelopes: they stay seen, by any
+/// envelope (as before), and the old table goes.
+#[test]
+fn a_schema_3_file_keeps_its_seen_hops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.redb");
+    let old_seen: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
+            txn.open_table(meta).unwrap().insert("schema", 3).unwrap();
+            let mut seen = txn.open_table(old_seen).unwrap();
+            seen.insert(("a", 4), ()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path, Durability::NoSync).unwrap();
+    assert!(store.has_seen("a", 4, Some(&[5; 32])).unwrap());
+    assert!(store.has_seen("a", 2, None).unwrap());
+    assert!(!store.has_seen("a", 5, None).unwrap());
+    assert_eq!(
+        store.batch(|b| b.accept_arrival(&agent("a", 4))).unwrap(),
+        Arrival::Duplicate
+    );
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert!(txn.open_table(old_seen).is_err(), "the old table is gone");
 }
 
 #[test]
@@ -970,7 +1026,7 @@ fn batch_commits_everything_together() {
     assert!(store.has_package(&[5; 32]).unwrap());
     assert_eq!(store.result("a").unwrap().as_deref(), Some(&b"r"[..]));
     assert_eq!(store.location("a").unwrap().as_deref(), Some("peer-1"));
-    assert!(store.has_seen("z", 1).unwrap());
+    assert!(store.has_seen("z", 1, None).unwrap());
     assert_eq!(
         store.batch(|b| b.take_messages("a")).unwrap(),
         vec![b"m2".to_vec()]
@@ -1007,7 +1063,7 @@ fn batch_error_leaves_nothing_written() {
         store.batch(|b| b.take_messages("a")).unwrap(),
         vec![b"kept".to_vec()]
     );
-    assert!(!store.has_seen("z", 1).unwrap());
+    assert!(!store.has_seen("z", 1, None).unwrap());
     assert_eq!(store.forward("a").unwrap(), None);
     assert_eq!(store.location("a").unwrap(), None);
     assert_eq!(store.result("a").unwrap(), None);
@@ -1284,7 +1340,7 @@ fn writes_in_one_group_see_each_other() {
             assert_eq!(rec, None);
         });
         assert_eq!(store.agent("x").unwrap(), None);
-        assert!(store.has_seen("x", 1).unwrap());
+        assert!(store.has_seen("x", 1, None).unwrap());
         assert_eq!(store.forward("x").unwrap().as_deref(), Some("peer-2"));
         assert_eq!(
             store.result("leader").unwrap().as_deref(),
@@ -1682,7 +1738,7 @@ fn an_arrival_commits_or_is_dropped_by_its_envelope_only() {
     assert_eq!(queued, Some(vec![b"arrived later".to_vec()]));
     assert_eq!(store.agent("a").unwrap(), None);
     assert_eq!(store.message_count("a").unwrap(), 0);
-    assert!(!store.has_seen("a", 2).unwrap());
+    assert!(!store.has_seen("a", 2, None).unwrap());
 
     // The same hop number again, by another envelope: committed, it is runnable, its hop seen,
     // and it lives here (no forwarding pointer).
@@ -1695,7 +1751,7 @@ fn an_arrival_commits_or_is_dropped_by_its_envelope_only() {
         store.agent("a").unwrap().unwrap().continuation,
         vec![1, 2, 3, 2]
     );
-    assert!(store.has_seen("a", 2).unwrap());
+    assert!(store.has_seen("a", 2, None).unwrap());
     assert_eq!(store.forward("a").unwrap(), None);
     // Settled: a late decision about it changes nothing.
     assert_eq!(

@@ -528,6 +528,7 @@ fn an_offer_its_sender_was_told_is_not_held_cannot_arrive_later() {
                 agent: envelope.fields().agent_id.to_string(),
                 hop: envelope.fields().hop,
                 envelope: Some(*envelope.hash().as_bytes()),
+                give_up: true,
             })
             .await;
         assert!(matches!(reply, ControlReply::HopHeld(false)), "{reply:?}");
@@ -1113,5 +1114,64 @@ fn a_peer_that_does_not_hold_an_agent_can_neither_end_it_nor_take_its_messages()
             "{end:?}"
         );
         mesh.still_serves().await;
+    });
+}
+
+/// Row 9 of issue 12: a peer target accepts pushes from claims hop 1 of an agent that is still
+/// on honest, before honest sends it there. The real hop 1 then comes by another envelope: a
+/// conflict, refused, never taken for a duplicate (which would make honest delete the only
+/// real copy). The agent stays on honest, where `migrate` throws.
+#[test]
+fn a_claim_on_a_hop_by_another_envelope_is_a_conflict_and_the_agent_stays() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let victim = sign(
+            r#"
+                let m = receive();
+                let why = "";
+                try { migrate("target"); } catch (e) { why = e; }
+                [here(), why]
+            "#,
+            &mesh.author,
+        );
+        let (id, end) = mesh.honest.launch(victim, None).expect("launch");
+        held_in_state(&mesh.honest, &id, "waiting").await;
+        let evil = sign(r#"migrate("target"); receive(); "hijacked""#, &mesh.author);
+        raw.serve(&evil, evil.to_bytes());
+        let (offer, continuation) = first_hop_of(
+            id.parse::<AgentId>().unwrap(),
+            &evil,
+            &mesh.raw_key,
+            mesh.raw_key.public(),
+            mesh.target_key,
+            &mesh.honest.peer_id().to_string(),
+        );
+        let mut s = raw.open_hop().await;
+        assert!(
+            matches!(
+                send_hop(&mut s, &offer, &continuation).await,
+                HopReply::Stored
+            ),
+            "the forged hop is one link deep and takes (the gap ARCHITECTURE names)"
+        );
+        mesh.honest
+            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+            .await
+            .expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the victim did not end")
+            .expect("ended");
+        match &end {
+            AgentEnd::Finished { json, node, .. } => {
+                assert_eq!(node, "honest");
+                assert!(
+                    json.starts_with(r#"["honest","#) && json.contains("by another envelope"),
+                    "{json}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     });
 }

@@ -127,8 +127,9 @@ async fn answer(
             agent,
             hop,
             envelope,
+            give_up,
         } => {
-            let reply = match hop_held(shared, agent, hop, envelope).await {
+            let reply = match hop_held(shared, agent, hop, envelope, give_up).await {
                 Ok(held) => ControlReply::HopHeld(held),
                 Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
             };

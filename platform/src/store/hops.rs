@@ -9,20 +9,46 @@ use super::records::get_meta;
 use super::schema::{AGENTS, DEPARTED, FORWARDS, SEEN};
 use super::{AgentMeta, AgentRecord, AgentState, Batch, Store, StoreError};
 
+/// What a node knows of an offered hop (agent, hop) by envelope hash: see
+/// [`Store::arrival_view`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HopSeen {
+    /// Neither that hop nor a later one was accepted here.
+    No,
+    /// That hop was accepted here by this very envelope (or by one whose hash was not kept:
+    /// hops accepted before schema 4).
+    ByThisEnvelope,
+    /// That hop was accepted here by another envelope: a conflicting claim on it.
+    ByAnotherEnvelope,
+    /// A later hop of the agent was accepted here: the offer is stale (see [`Store::has_seen`]).
+    Later,
+}
+
+impl HopSeen {
+    /// Whether the hop, by this envelope, needs no accepting again.
+    pub fn is_duplicate(self) -> bool {
+        matches!(self, HopSeen::ByThisEnvelope | HopSeen::Later)
+    }
+}
+
 /// What [`Batch::accept_arrival`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use = "a duplicate arrival must not be run"]
 pub enum Arrival {
     /// The agent is stored: acknowledge the hop and run it.
     New,
-    /// This hop (or a later one of the same agent) was already accepted here; nothing was
-    /// written. Acknowledge without running it again.
+    /// This hop by the same envelope (or a later one of the same agent) was already accepted
+    /// here; nothing was written. Acknowledge without running it again.
     Duplicate,
+    /// This hop was accepted here by another envelope; nothing was written. Refuse it: only one
+    /// claim on a hop can be the agent's.
+    Conflict,
 }
 
 impl Store {
-    /// Whether this node accepted hop `hop` of agent `id`, or a later one (answers a source
-    /// recovering from a crash in the middle of that hop).
+    /// Whether this node accepted hop `hop` of agent `id` (by envelope hash `envelope`, if
+    /// given), or a later one (answers a source recovering from a crash in the middle of that
+    /// hop).
     ///
     /// A later one answers too because only the last committed hop of an agent is remembered
     /// (with any later one still arriving): the table stays one entry per agent instead of
@@ -33,8 +59,24 @@ impl Store {
     /// # Errors
     ///
     /// When the read fails.
-    pub fn has_seen(&self, id: &str, hop: u64) -> Result<bool, StoreError> {
-        self.read(|txn| seen_from(&txn.open_table(SEEN)?, id, hop))
+    pub fn has_seen(
+        &self,
+        id: &str,
+        hop: u64,
+        envelope: Option<&[u8; 32]>,
+    ) -> Result<bool, StoreError> {
+        self.read(|txn| {
+            let seen = seen_from(
+                &txn.open_table(SEEN)?,
+                id,
+                hop,
+                envelope.unwrap_or(&[0; 32]),
+            )?;
+            Ok(match envelope {
+                Some(_) => seen.is_duplicate(),
+                None => seen != HopSeen::No,
+            })
+        })
     }
 
     /// The hops of agent `id` this node remembers accepting, oldest first (diagnostics: see
@@ -54,8 +96,9 @@ impl Store {
         })
     }
 
-    /// What an offer of hop `hop` of agent `id` is checked against, from one snapshot: the
-    /// agent's metadata if it is stored here, and [`Store::has_seen`].
+    /// What an offer of hop `hop` of agent `id` by envelope hash `envelope` is checked against,
+    /// from one snapshot: the agent's metadata if it is stored here, and what this node accepted
+    /// of that hop.
     ///
     /// # Errors
     ///
@@ -64,10 +107,11 @@ impl Store {
         &self,
         id: &str,
         hop: u64,
-    ) -> Result<(Option<AgentMeta>, bool), StoreError> {
+        envelope: &[u8; 32],
+    ) -> Result<(Option<AgentMeta>, HopSeen), StoreError> {
         self.read(|txn| {
             let meta = get_meta(&txn.open_table(AGENTS)?, id)?;
-            let seen = seen_from(&txn.open_table(SEEN)?, id, hop)?;
+            let seen = seen_from(&txn.open_table(SEEN)?, id, hop, envelope)?;
             Ok((meta, seen))
         })
     }
@@ -126,11 +170,14 @@ impl Batch<'_> {
     /// When the write fails.
     pub fn accept_arrival(&mut self, rec: &AgentRecord) -> Result<Arrival, StoreError> {
         let id = rec.id.as_str();
+        let envelope = *blake3::hash(&rec.envelope).as_bytes();
         let mut seen = self.txn.open_table(SEEN)?;
-        if seen_from(&seen, id, rec.hop)? {
-            return Ok(Arrival::Duplicate);
+        match seen_from(&seen, id, rec.hop, &envelope)? {
+            HopSeen::No => {}
+            HopSeen::ByAnotherEnvelope => return Ok(Arrival::Conflict),
+            HopSeen::ByThisEnvelope | HopSeen::Later => return Ok(Arrival::Duplicate),
         }
-        seen.insert((id, rec.hop), ())?;
+        seen.insert((id, rec.hop), envelope)?;
         if rec.state == AgentState::Ready {
             forget_hops_before(&mut seen, id, rec.hop)?;
         }
@@ -255,26 +302,33 @@ impl Batch<'_> {
     }
 }
 
-/// Whether `seen` holds hop `hop` of agent `id` or a later one.
+/// What `seen` holds of hop `hop` of agent `id`, compared with envelope hash `envelope`.
 fn seen_from(
-    seen: &impl ReadableTable<(&'static str, u64), ()>,
+    seen: &impl ReadableTable<(&'static str, u64), [u8; 32]>,
     id: &str,
     hop: u64,
-) -> Result<bool, StoreError> {
-    Ok(seen
-        .range((id, hop)..=(id, u64::MAX))?
-        .next()
-        .transpose()?
-        .is_some())
+    envelope: &[u8; 32],
+) -> Result<HopSeen, StoreError> {
+    let Some(entry) = seen.range((id, hop)..=(id, u64::MAX))?.next().transpose()? else {
+        return Ok(HopSeen::No);
+    };
+    let (key, by) = entry;
+    Ok(if key.value().1 > hop {
+        HopSeen::Later
+    } else if by.value() == *envelope || by.value() == [0; 32] {
+        HopSeen::ByThisEnvelope
+    } else {
+        HopSeen::ByAnotherEnvelope
+    })
 }
 
 /// Hop `hop` of agent `id` committed here: the hops it accepted before need no remembering
 /// (see [`Store::has_seen`]).
 fn forget_hops_before(
-    seen: &mut redb::Table<'_, (&'static str, u64), ()>,
+    seen: &mut redb::Table<'_, (&'static str, u64), [u8; 32]>,
     id: &str,
     hop: u64,
 ) -> Result<(), StoreError> {
-    seen.retain_in((id, 0)..(id, hop), |_, ()| false)?;
+    seen.retain_in((id, 0)..(id, hop), |_, _| false)?;
     Ok(())
 }

@@ -120,7 +120,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 
 pub use error::StoreError;
 pub use group_commit::MAX_GROUP;
-pub use hops::Arrival;
+pub use hops::{Arrival, HopSeen};
 pub use mailbox::QueueSize;
 pub use records::{AgentMeta, AgentRecord, AgentState};
 

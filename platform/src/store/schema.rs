@@ -1,7 +1,10 @@
 //! The store's tables, which are its on-disk format, and the check that a file holds this format.
 //!
-//! The table names and types below are the on-disk format (schema 3, recorded in `meta`). A
-//! schema 2 file is upgraded when opened (it lacked `queued`, which is filled from `messages`);
+//! The table names and types below are the on-disk format (schema 4, recorded in `meta`). A
+//! schema 3 file is upgraded when opened (its `seen` table kept no envelope hashes: its hops
+//! move to `seen_envelopes` with zeros, which match any envelope), and a schema 2 file too (it
+//! also lacked `queued`, which is filled from `messages`); `custody` is created when missing
+//! (agents launched before it have no custody record, and their homes refuse their reports);
 //! a file of another schema is refused with [`StoreError::Schema`] (schema 1, which kept the
 //! continuation inside the CBOR agent record, never held deployed data).
 //!
@@ -10,7 +13,7 @@
 //! | `packages`            | `[u8; 32]` hash         | package bytes            | code is pulled once per node, by hash, and served to peers that lack it |
 //! | `agents`              | agent id                | tag byte, CBOR [`AgentMeta`](super::AgentMeta) (+ short continuation) | the agents resident here: what a restart resumes and status lists |
 //! | `continuation_chunks` | (agent id, `u32` chunk) | continuation bytes       | continuations of 4 KiB or more, in chunks of 4 KiB to 1 MiB |
-//! | `seen`                | (agent id, hop)         | `()`                     | hops this node accepted: makes arrivals exactly once (per agent, the last committed one and any later arriving) |
+//! | `seen_envelopes`      | (agent id, hop)         | `[u8; 32]` envelope hash | hops this node accepted, by which envelope: makes arrivals exactly once, and tells a retry (same envelope) from a conflicting claim (another) (per agent, the last committed one and any later arriving) |
 //! | `forwards`            | agent id                | destination peer id      | forwarding pointers left by departed agents |
 //! | `departed`            | agent id                | `[u8; 32]` envelope hash | the hop an agent last left by: a destination still holding it as arriving after a crash asks whether that hop committed |
 //! | `locations`           | agent id                | peer id                  | on the home node, where each agent it launched is now |
@@ -33,7 +36,10 @@ pub(super) const PACKAGES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::n
 pub(super) const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 pub(super) const CHUNKS: TableDefinition<(&str, u32), &[u8]> =
     TableDefinition::new("continuation_chunks");
-pub(super) const SEEN: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
+pub(super) const SEEN: TableDefinition<(&str, u64), [u8; 32]> =
+    TableDefinition::new("seen_envelopes");
+/// `seen` before schema 4, without the envelope hashes.
+const SEEN_3: TableDefinition<(&str, u64), ()> = TableDefinition::new("seen");
 pub(super) const FORWARDS: TableDefinition<&str, &str> = TableDefinition::new("forwards");
 pub(super) const DEPARTED: TableDefinition<&str, [u8; 32]> = TableDefinition::new("departed");
 pub(super) const LOCATIONS: TableDefinition<&str, &str> = TableDefinition::new("locations");
@@ -45,7 +51,7 @@ pub(super) const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("r
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The on-disk format this code reads and writes.
-pub(super) const SCHEMA: u64 = 3;
+pub(super) const SCHEMA: u64 = 4;
 const META_SCHEMA: &str = "schema";
 /// The `meta` entry holding the next message's sequence number.
 pub(super) const META_NEXT_SEQ: &str = "next_message_seq";
@@ -77,10 +83,29 @@ impl Batch<'_> {
         match found {
             None => {}
             Some(SCHEMA) => return Ok(()),
-            Some(2) => self.count_queues()?,
+            Some(2) => {
+                self.count_queues()?;
+                self.keep_seen_hops()?;
+            }
+            Some(3) => self.keep_seen_hops()?,
             Some(found) => return Err(StoreError::Schema { found }),
         }
         self.txn.open_table(META)?.insert(META_SCHEMA, SCHEMA)?;
+        Ok(())
+    }
+
+    /// Schema 3 to 4: the hops accepted so far, with no envelope hash (zeros: any envelope of
+    /// such a hop counts as the one accepted, as every one did before).
+    fn keep_seen_hops(&mut self) -> Result<(), StoreError> {
+        let old = self.txn.open_table(SEEN_3)?;
+        let mut seen = self.txn.open_table(SEEN)?;
+        for entry in old.iter()? {
+            let (key, _) = entry?;
+            let (id, hop) = key.value();
+            seen.insert((id, hop), [0; 32])?;
+        }
+        drop(old);
+        self.txn.delete_table(SEEN_3)?;
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use crate::node::packages::{ensure_package, Loaded};
 use crate::node::routing::forward_queued;
 use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::{now_ms, Shared};
-use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival};
+use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, HopSeen};
 use crate::wire::{
     read_bulk, read_frame, write_frame, ControlRefusal, ControlReply, ControlRequest, HopDecision,
     HopOffer, HopRefusal, HopReply, WireError, MAX_FRAME,
@@ -218,16 +218,22 @@ pub(in crate::node) async fn receive_hop(
         envelope: Some(EnvelopeHash(envelope_hash)),
     };
     let mut rec = rec;
+    let source = shared.peers.text_of(&peer);
     let store = shared.store.write(move |b| {
-        // An arrival of this hop number by another envelope still waits for its decision: its
-        // source gave it up (the source is offering this one), so it goes.
+        // An arrival of this hop number by another envelope from the same source still waits
+        // for its decision: the source gave it up (it is offering this one), so it goes.
         if let Some(AgentMeta {
-            state: AgentState::Arriving { envelope: old, .. },
+            state:
+                AgentState::Arriving {
+                    envelope: old,
+                    from,
+                    ..
+                },
             hop,
             ..
         }) = b.agent_meta(&rec.id)?
         {
-            if hop == rec.hop && old != envelope_hash {
+            if hop == rec.hop && old != envelope_hash && from == source {
                 b.abort_arrival(&rec.id, &old)?;
             }
         }
@@ -253,6 +259,10 @@ pub(in crate::node) async fn receive_hop(
         Ok((Arrival::Duplicate, ..)) => {
             decision?;
             return Err(Refusal::Reply(HopReply::Duplicate));
+        }
+        Ok((Arrival::Conflict, rec, _)) => {
+            decision?;
+            return Err(conflict(&peer, &rec.id, rec.hop));
         }
         Err(e) => {
             decision?;
@@ -304,6 +314,14 @@ pub(in crate::node) async fn receive_hop(
     Ok(Runnable { rec, exec, loaded })
 }
 
+/// A hop this node accepted by another envelope, offered again: refused (only one claim on a
+/// hop can be the agent's), and logged, since one of the two was made by a node that did not
+/// hold the agent.
+fn conflict(peer: &PeerId, agent: &str, hop: u64) -> Refusal {
+    tracing::warn!(%peer, agent, hop, "refused a hop accepted here already by another envelope");
+    refused(HopRefusal::Conflict { hop })
+}
+
 /// An offer that passed the checks made before its continuation is taken.
 pub(in crate::node) struct CheckedOffer<'a> {
     pub(in crate::node) envelope: HopEnvelope,
@@ -352,18 +370,27 @@ pub(in crate::node) async fn check_offer<'a>(
         .map_err(refused)?;
     // An agent that lives here cannot arrive here. Only a departure record (the agent is in
     // flight, and may be coming back before the departure completed) gives way to an arrival,
-    // and an arrival of the same hop by another envelope (given up by its source) to this one.
+    // and an arrival of the same hop by another envelope from the same source (which gave it
+    // up) to this one. The same hop by the same envelope is a retry (`Duplicate`); by another,
+    // from anyone else, a conflicting claim (`Conflict`).
     let (here, seen) = shared
         .store
-        .arrival_view(&agent, fields.hop)
+        .arrival_view(&agent, fields.hop, envelope.hash().as_bytes())
         .map_err(|e| refused(HopRefusal::StoreRead(e.to_string())))?;
+    let source = shared.peers.text_of(&peer);
     let replaces = here.as_ref().is_some_and(|m| {
         m.hop == fields.hop
-            && matches!(m.state, AgentState::Arriving { .. })
+            && matches!(&m.state, AgentState::Arriving { from, .. } if *from == source)
             && !m.arriving_by(envelope.hash().as_bytes())
     });
-    if !replaces && seen {
-        return Err(Refusal::Reply(HopReply::Duplicate));
+    if !replaces {
+        match seen {
+            HopSeen::No => {}
+            HopSeen::ByThisEnvelope | HopSeen::Later => {
+                return Err(Refusal::Reply(HopReply::Duplicate))
+            }
+            HopSeen::ByAnotherEnvelope => return Err(conflict(&peer, &agent, fields.hop)),
+        }
     }
     match here {
         None

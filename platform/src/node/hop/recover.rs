@@ -16,19 +16,21 @@ use crate::node::Shared;
 use crate::store::{AgentMeta, AgentState, StoreError};
 use crate::wire::{ControlReply, ControlRequest};
 
-/// Whether this node holds (agent, hop), once no receipt of that hop is in progress; a "no"
-/// shuts out the offer with envelope hash `envelope` for good. A store that cannot be read is
-/// an error, never a "no" (the source would resume an agent that may live here).
+/// Whether this node holds (agent, hop) (by the envelope with hash `envelope`, if given: held
+/// by another is a "no"), once no receipt of that hop is in progress; with `give_up`, a "no"
+/// shuts out the offer with that envelope for good. A store that cannot be read is an error,
+/// never a "no" (the source would resume an agent that may live here).
 pub(in crate::node) async fn hop_held(
     shared: &Shared,
     agent: String,
     hop: u64,
     envelope: Option<[u8; 32]>,
+    give_up: bool,
 ) -> Result<bool, StoreError> {
     shared
         .arrivals
-        .held((agent, hop), envelope, |agent, hop| {
-            shared.store.has_seen(agent, hop)
+        .held((agent, hop), envelope.filter(|_| give_up), |agent, hop| {
+            shared.store.has_seen(agent, hop, envelope.as_ref())
         })
         .await
 }
@@ -47,7 +49,8 @@ pub(in crate::node) async fn resolve_departure(
             &ControlRequest::HopStatus {
                 agent: sent.agent.to_string(),
                 hop: sent.hop,
-                envelope: sent.envelope.filter(|_| give_up),
+                envelope: sent.envelope,
+                give_up,
             },
         )
         .await
@@ -66,8 +69,8 @@ pub(in crate::node) async fn recover_departure(shared: Arc<Shared>, rec: AgentMe
         to,
         hop,
         carried,
+        envelope,
         checkpoint,
-        ..
     } = rec.state.clone()
     else {
         return;
@@ -89,7 +92,8 @@ pub(in crate::node) async fn recover_departure(shared: Arc<Shared>, rec: AgentMe
             dest,
             agent: &rec.id,
             hop,
-            envelope: None,
+            // (Zeros in a record written before envelope hashes were kept.)
+            envelope: Some(envelope).filter(|e| *e != [0; 32]),
         };
         if let Some(held) = resolve_departure(&shared, &sent, true).await {
             if held {

@@ -215,6 +215,8 @@ pub async fn read_frame_after<R: AsyncRead + Unpin, T: DeserializeOwned>(
     ciborium::from_reader(body.as_slice()).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
+/// Reads a frame body of `len` bytes into a buffer that grows as they arrive: a peer that
+/// declares 17 MiB and sends one byte costs one byte (and a little more), not 17 MiB.
 async fn read_body<R: AsyncRead + Unpin>(
     r: &mut R,
     len: usize,
@@ -223,9 +225,40 @@ async fn read_body<R: AsyncRead + Unpin>(
     if len > max {
         return Err(WireError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(body)
+}
+
+/// Reads past a frame of at most `max` bytes whose first byte was `first` (see
+/// [`next_frame_start`]) without keeping it, in one small buffer.
+///
+/// # Errors
+///
+/// As [`read_frame`].
+pub async fn skip_frame_after<R: AsyncRead + Unpin>(
+    r: &mut R,
+    first: u8,
+    max: usize,
+) -> Result<(), WireError> {
+    with_timeout(async {
+        let mut rest = [0u8; 3];
+        r.read_exact(&mut rest).await?;
+        let len = u32::from_be_bytes([first, rest[0], rest[1], rest[2]]) as usize;
+        if len > max {
+            return Err(WireError::TooLarge { len, max });
+        }
+        let skipped =
+            futures::io::copy((&mut *r).take(len as u64), &mut futures::io::sink()).await?;
+        if skipped < len as u64 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Reads exactly `len` raw bytes (a continuation), in chunks, each under the I/O timeout, and

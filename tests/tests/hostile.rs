@@ -1175,3 +1175,42 @@ fn a_claim_on_a_hop_by_another_envelope_is_a_conflict_and_the_agent_stays() {
         }
     });
 }
+
+/// Row 6 of issue 12: ten throwaway identities start control requests (a length saying 1 MiB,
+/// then a few bytes) on 32 streams each and stall. Before they were cut off by the I/O timeout
+/// they held every exchange permit of the node; now they hold only reading slots of their own.
+#[test]
+fn stalled_requests_from_throwaway_identities_do_not_stall_the_node() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let addr = &mesh.target.listen_addrs()[0];
+        let (mut peers, mut held) = (Vec::new(), Vec::new());
+        for _ in 0..10 {
+            let peer = RawPeer::new(SecretKey::generate(), addr);
+            for _ in 0..32 {
+                let mut s = peer.open(platform::wire::CONTROL_PROTOCOL).await;
+                s.write_all(&(1u32 << 20).to_be_bytes())
+                    .await
+                    .expect("write");
+                s.write_all(&[0x81; 10]).await.expect("write");
+                s.flush().await.expect("flush");
+                held.push(s);
+                // (libp2p-stream drops an inbound stream its accept loop has not taken yet
+                // when the next one comes: a flood of streams at once mostly vanishes.)
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            peers.push(peer);
+        }
+        // An honest agent still goes through, and a stranger's whole request is answered.
+        mesh.still_serves().await;
+        let stranger = RawPeer::new(SecretKey::generate(), addr);
+        let (reply, _) = stranger
+            .control(&deliver("no-such-agent", vec![0x01]))
+            .await;
+        assert!(
+            !matches!(reply, ControlReply::Delivered),
+            "a message to no agent: {reply:?}"
+        );
+        drop((held, peers));
+    });
+}

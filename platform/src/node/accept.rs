@@ -1,6 +1,12 @@
 //! Incoming streams: one loop per protocol hands each inbound stream to a task of its own, and
 //! the permits bound how many exchanges the node, and each peer, has in hand at once (a flood of
 //! streams from one peer cannot starve the others or exhaust the node).
+//!
+//! An exchange takes the node's permits only once its first request has arrived whole: a peer
+//! that starts requests and stalls (one byte, then nothing) holds only reading slots of its own,
+//! [`MAX_READING_PER_PEER`] at most, each for at most the I/O timeout, and never delays another
+//! peer's exchanges. A request is read into a buffer that grows as its bytes arrive, not one of
+//! the length it declares.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,13 +16,16 @@ use libp2p::PeerId;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{control, hop, lock, operators, packages, Shared};
-use crate::wire::{next_frame_start, read_frame_after, WireError, MAX_FRAME};
+use crate::wire::{next_frame_start, read_frame_after, skip_frame_after, WireError, MAX_FRAME};
 
 /// Exchanges the node handles at once.
 const MAX_STREAMS: usize = 256;
 
 /// Exchanges of one peer handled at once.
 const MAX_STREAMS_PER_PEER: usize = 32;
+
+/// Requests of one peer being read at once (before their exchange takes its permits).
+const MAX_READING_PER_PEER: usize = 8;
 
 /// The protocols a node accepts streams of.
 #[derive(Clone, Copy, Debug)]
@@ -31,10 +40,18 @@ pub(super) enum Protocol {
 pub(super) struct InboundLimits {
     /// Bounds the exchanges handled at once, so a flood of peers cannot exhaust the node.
     all: Semaphore,
-    /// Exchanges each peer may have handled at once: one peer cannot take every permit of
-    /// `all` and starve the others (its extra exchanges wait on its own semaphore). A `std`
-    /// mutex held for one map operation.
-    per_peer: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
+    /// What each peer may have in hand at once: one peer cannot take every permit of `all`
+    /// and starve the others (its extra exchanges wait on its own semaphores). A `std` mutex
+    /// held for one map operation.
+    per_peer: Mutex<HashMap<PeerId, Arc<PeerPermits>>>,
+}
+
+/// One peer's semaphores.
+struct PeerPermits {
+    /// Its exchanges being handled.
+    exchanges: Semaphore,
+    /// Its requests being read.
+    reading: Semaphore,
 }
 
 impl Default for InboundLimits {
@@ -51,7 +68,12 @@ impl InboundLimits {
     fn permits_of(&self, peer: PeerId) -> ExchangePermits<'_> {
         let per_peer = lock(&self.per_peer)
             .entry(peer)
-            .or_insert_with(|| Arc::new(Semaphore::new(MAX_STREAMS_PER_PEER)))
+            .or_insert_with(|| {
+                Arc::new(PeerPermits {
+                    exchanges: Semaphore::new(MAX_STREAMS_PER_PEER),
+                    reading: Semaphore::new(MAX_READING_PER_PEER),
+                })
+            })
             .clone();
         ExchangePermits {
             per_peer,
@@ -69,33 +91,57 @@ impl InboundLimits {
 /// What an exchange holds while it is handled: a permit of its peer's and one of the node's.
 /// Idle reused streams hold none.
 pub(super) struct ExchangePermits<'a> {
-    per_peer: Arc<Semaphore>,
+    per_peer: Arc<PeerPermits>,
     all: &'a Semaphore,
 }
 
 impl ExchangePermits<'_> {
     /// Both permits; None if a semaphore was closed.
     pub(super) async fn acquire(&self) -> Option<(SemaphorePermit<'_>, SemaphorePermit<'_>)> {
-        let peer = self.per_peer.acquire().await.ok()?;
+        let peer = self.per_peer.exchanges.acquire().await.ok()?;
         let all = self.all.acquire().await.ok()?;
         Some((peer, all))
     }
 
-    /// The next request on a reused stream and the permits its exchange holds; None once the
-    /// peer closed the stream (or left it idle). The permits are taken once the request
-    /// begins, so idle streams hold none.
+    /// The next request on a reused stream, of at most `max` bytes, and the permits its
+    /// exchange holds; None once the peer closed the stream (or left it idle). The permits are
+    /// taken once the request has arrived whole (see the module docs), so idle streams and
+    /// stalled requests hold none.
     pub(super) async fn next_request<T: serde::de::DeserializeOwned>(
         &self,
         stream: &mut libp2p::Stream,
+        max: usize,
     ) -> Result<Option<(T, impl Sized + '_)>, WireError> {
         let Some(first) = next_frame_start(stream).await? else {
             return Ok(None);
         };
+        let request = {
+            let Ok(_reading) = self.per_peer.reading.acquire().await else {
+                return Ok(None);
+            };
+            read_frame_after(stream, first, max).await?
+        };
         let Some(permits) = self.acquire().await else {
             return Ok(None);
         };
-        let request = read_frame_after(stream, first, MAX_FRAME).await?;
         Ok(Some((request, permits)))
+    }
+
+    /// Reads past the next request on the stream without keeping it (for a peer that may not
+    /// ask it: the request is answered with a refusal, and costs no memory): whether there was
+    /// one.
+    pub(super) async fn skip_request(
+        &self,
+        stream: &mut libp2p::Stream,
+    ) -> Result<bool, WireError> {
+        let Some(first) = next_frame_start(stream).await? else {
+            return Ok(false);
+        };
+        let Ok(_reading) = self.per_peer.reading.acquire().await else {
+            return Ok(false);
+        };
+        skip_frame_after(stream, first, MAX_FRAME).await?;
+        Ok(true)
     }
 }
 

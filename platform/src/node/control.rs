@@ -76,7 +76,7 @@ pub(super) async fn handle_control(
     mut stream: libp2p::Stream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
-    while let Some((request, _permits)) = permits.next_request(&mut stream).await? {
+    while let Some((request, _permits)) = permits.next_request(&mut stream, MAX_FRAME).await? {
         answer(shared, peer, &mut stream, request).await?;
     }
     Ok(())

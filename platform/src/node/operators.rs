@@ -16,7 +16,7 @@ use super::{hex, Shared};
 use crate::store::{AgentState, StoreError};
 use crate::wire::{
     write_frame, AgentEnd, AgentStatus, ClientRequest, ControlRefusal, ControlReply, StatusReport,
-    WireError, MESSAGE_TTL,
+    WireError, MAX_FRAME, MESSAGE_TTL,
 };
 
 /// Serves an operator's requests on a stream, one after the other, until the client closes
@@ -28,15 +28,20 @@ pub(super) async fn handle_client(
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
     let key = shared.peers.key_of(&peer);
-    let operator = key.as_ref().is_some_and(|k| shared.trust.is_operator(k));
-    while let Some((request, _permits)) = permits.next_request::<ClientRequest>(&mut stream).await?
-    {
-        if !operator {
+    if !key.as_ref().is_some_and(|k| shared.trust.is_operator(k)) {
+        // Refused without reading (or keeping) what it asks.
+        if permits.skip_request(&mut stream).await? {
             let client = key.map_or_else(|| peer.to_string(), |k| k.to_string());
             tracing::warn!(%peer, "refused a client request: not an operator");
             let refusal = ControlRefusal::NotOperator { client };
-            return write_frame(&mut stream, &ControlReply::Refused(refusal)).await;
+            write_frame(&mut stream, &ControlReply::Refused(refusal)).await?;
         }
+        return Ok(());
+    }
+    while let Some((request, _permits)) = permits
+        .next_request::<ClientRequest>(&mut stream, MAX_FRAME)
+        .await?
+    {
         answer(shared, peer, &mut stream, request).await?;
     }
     Ok(())

@@ -176,10 +176,12 @@ pub(super) async fn handle_package(
     mut stream: libp2p::Stream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
-    let Some(_permits) = permits.acquire().await else {
+    let Some((request, _permits)) = permits
+        .next_request::<PackageRequest>(&mut stream, 1024)
+        .await?
+    else {
         return Ok(());
     };
-    let request: PackageRequest = read_frame(&mut stream, 1024).await?;
     let reply = if !shared.trust.serve_packages {
         PackageReply::Refused
     } else {

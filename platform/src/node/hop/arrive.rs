@@ -39,7 +39,31 @@ pub(in crate::node) async fn handle_hop(
     mut stream: libp2p::Stream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
-    while let Some((offer, _permits)) = permits.next_request::<HopOffer>(&mut stream).await? {
+    // A peer that may not push agents here is refused without its offer being read (or kept).
+    if !shared
+        .peers
+        .key_of(&peer)
+        .is_some_and(|k| shared.trust.accepts_push_from(&k))
+    {
+        if permits.skip_request(&mut stream).await? {
+            tracing::warn!(%peer, "refused a pushed agent: peer not in accept_from");
+            let refusal = HopRefusal::PeerNotAccepted {
+                peer: peer.to_string(),
+            };
+            shared.events.emit(NodeEvent::HopRefused {
+                agent: None,
+                hop: None,
+                from: shared.peers.name_of_peer(&peer),
+                reason: refusal.clone(),
+            });
+            write_frame(&mut stream, &HopReply::Refused(refusal)).await?;
+        }
+        return Ok(());
+    }
+    while let Some((offer, _permits)) = permits
+        .next_request::<HopOffer>(&mut stream, MAX_FRAME)
+        .await?
+    {
         let mut claimed = None;
         match receive_hop(shared, peer, &mut stream, offer, &mut claimed).await {
             Ok(arrived) => {

@@ -420,6 +420,7 @@ impl Execution {
             program: program.clone(),
             frames,
             state: RunState::Suspended(primitive),
+            slice_operations: 0,
         })
     }
 }

@@ -12,6 +12,9 @@ pub enum AgentErrorKind {
     Thrown,
     /// The slice ran more operations than the node allows (a runaway loop).
     OperationLimit,
+    /// The agent ran more operations in all than its lifetime budget
+    /// ([`Limits::max_total_operations`](crate::Limits)).
+    OperationBudget,
     /// A string, array, map, blob or the continuation grew past its limit.
     SizeLimit,
     /// Calls nested deeper than the node allows.

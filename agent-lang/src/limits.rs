@@ -8,6 +8,9 @@
 pub struct Limits {
     /// Rhai operations allowed in one run slice (from a resume to the next suspension).
     pub max_operations: u64,
+    /// Rhai operations allowed in the agent's whole life, all its slices on every node
+    /// together (the host keeps the count: see `Execution::resume_within`).
+    pub max_total_operations: u64,
     /// Depth of nested function calls, walked and native together.
     pub max_call_depth: usize,
     /// Longest string, in bytes.
@@ -24,6 +27,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_operations: 100_000_000,
+            max_total_operations: 10_000_000_000,
             max_call_depth: 64,
             max_string_size: 64 << 20,
             max_array_size: 16 << 20,
@@ -37,6 +41,11 @@ impl Limits {
     /// Sets [`Limits::max_operations`].
     pub fn with_max_operations(mut self, n: u64) -> Self {
         self.max_operations = n;
+        self
+    }
+    /// Sets [`Limits::max_total_operations`].
+    pub fn with_max_total_operations(mut self, n: u64) -> Self {
+        self.max_total_operations = n;
         self
     }
     /// Sets [`Limits::max_call_depth`].

@@ -24,6 +24,7 @@ fn record(id: &str, hop: u64, continuation: Vec<u8>) -> AgentRecord {
             package: [3; 32],
             hop,
             hops: hop,
+            operations: 0,
             home: "12D3KooWHomeNodePeerIdText0000000000000000000000".to_owned(),
             launcher: Some("12D3KooWLauncherPeerIdText00000000000000000000".to_owned()),
             state: AgentState::Ready,

@@ -660,6 +660,7 @@ fn record(continuation: Vec<u8>, envelope: Vec<u8>) -> AgentRecord {
             package: [7; 32],
             hop: 1,
             hops: 1,
+            operations: 0,
             home: "home".into(),
             launcher: None,
             state: AgentState::Ready,

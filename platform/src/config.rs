@@ -15,7 +15,8 @@
 //! [peers]                    # node names pinned to keys: no other peer takes them
 //! beta = "ed25519:..."
 //! [limits]
-//! max_operations = 100000000
+//! max_operations = 100000000        # per slice (from a resume to the next suspension)
+//! max_total_operations = 10000000000  # in the agent's whole life, every slice on every node
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
 //! max_messages_per_peer_per_second = 1000
 //! ```
@@ -57,6 +58,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct LimitsConfig {
     max_operations: Option<u64>,
+    max_total_operations: Option<u64>,
     max_call_depth: Option<usize>,
     max_string_size: Option<usize>,
     max_array_size: Option<usize>,
@@ -134,6 +136,9 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
     let l = &file.limits;
     if let Some(v) = l.max_operations {
         limits = limits.with_max_operations(v);
+    }
+    if let Some(v) = l.max_total_operations {
+        limits = limits.with_max_total_operations(v);
     }
     if let Some(v) = l.max_call_depth {
         limits = limits.with_max_call_depth(v);
@@ -213,13 +218,16 @@ mod tests {
 
     #[test]
     fn mailbox_limits_are_read_and_the_rest_default() {
-        let config = load_text("max_queued_messages = 10\nmax_operations = 5").unwrap();
+        let config =
+            load_text("max_queued_messages = 10\nmax_operations = 5\nmax_total_operations = 50")
+                .unwrap();
         assert_eq!(config.mailbox.max_queued_messages, 10);
         assert_eq!(
             config.mailbox.max_message_bytes,
             crate::node::MailboxLimits::default().max_message_bytes
         );
         assert_eq!(config.limits.max_operations, 5);
+        assert_eq!(config.limits.max_total_operations, 50);
     }
 
     #[test]

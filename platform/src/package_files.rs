@@ -5,9 +5,9 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use security::{
-    Manifest, Package, PackageLimits, ResourceDecl, SecretKey, TrustPolicy, VerifiedPackage,
+    Grant, Manifest, Package, PackageLimits, ResourceDecl, SecretKey, TrustPolicy, VerifiedPackage,
 };
 
 /// Writes a new secret key as PKCS#8 PEM with mode 0600; refuses to overwrite unless `force`.
@@ -113,9 +113,11 @@ pub fn read_package(path: &Path) -> Result<VerifiedPackage> {
     })
 }
 
-/// The agent limits a run applies: the node's defaults, tightened by what the package asks for.
-pub fn limits_for(package: &VerifiedPackage, limits: agent_lang::Limits) -> agent_lang::Limits {
-    let asked = package.manifest().limits;
+/// The agent limits a run applies: the node's defaults, tightened by the package's (its
+/// manifest's, or better, the grant `TrustPolicy::admit_package` gave it, which adds what the
+/// author's grant caps and the manifest left unsaid).
+pub fn limits_for(asked: &PackageLimits, limits: agent_lang::Limits) -> agent_lang::Limits {
+    let asked = *asked;
     let cap = |node: usize, asked: Option<u64>| {
         asked.map_or(node, |a| node.min(usize::try_from(a).unwrap_or(usize::MAX)))
     };
@@ -140,13 +142,12 @@ pub fn limits_for(package: &VerifiedPackage, limits: agent_lang::Limits) -> agen
 /// # Errors
 ///
 /// The author is not trusted, or it asks for more than the policy grants.
-pub fn admit(policy: &TrustPolicy, package: &VerifiedPackage) -> Result<()> {
-    if let Err(e) = policy.admit_package(package) {
-        bail!(
+pub fn admit(policy: &TrustPolicy, package: &VerifiedPackage) -> Result<Grant> {
+    policy.admit_package(package).map_err(|e| {
+        anyhow::anyhow!(
             "package '{}' refused: {e}; to run it, trust its author with --trust-author {}",
             package.manifest().name,
             package.author()
-        );
-    }
-    Ok(())
+        )
+    })
 }

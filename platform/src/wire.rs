@@ -330,6 +330,8 @@ pub struct HopOffer {
     pub inline: Vec<u8>,
     /// Hops the agent will have made on arrival (what `hops()` reports).
     pub hops: u64,
+    /// Operations the agent has run in all (its lifetime budget is counted against them).
+    pub operations: u64,
     /// Microseconds the source spent from the agent's suspension to sending this offer.
     pub prepared_micros: u64,
     /// Messages queued for the agent at the source, oldest first: they travel with it, so the

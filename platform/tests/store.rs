@@ -32,6 +32,7 @@ fn agent(id: &str, hop: u64) -> AgentRecord {
             package: [3; 32],
             hop,
             hops: hop,
+            operations: 0,
             home: "12D3KooWHome".to_string(),
             launcher: Some("12D3KooWLauncher".to_string()),
             state: AgentState::Ready,
@@ -335,6 +336,7 @@ fn metadata_reads_and_writes_leave_the_continuation_alone() {
             timeout_at_ms: Some(7),
         },
         hops: 9,
+        operations: 0,
         ..big.meta.clone()
     };
     assert!(store.batch(|b| b.put_agent_meta(&ready)).unwrap());

@@ -860,7 +860,10 @@ pub mod raw_peer {
         dest: PublicKey,
         home: &str,
     ) -> (HopOffer, Vec<u8>) {
-        let limits = platform::package_files::limits_for(package, agent_lang::Limits::default());
+        let limits = platform::package_files::limits_for(
+            &package.manifest().limits,
+            agent_lang::Limits::default(),
+        );
         let program = agent_lang::Program::compile(package.source(), &limits).expect("compile");
         let mut exec = agent_lang::Execution::new(&program);
         let env = agent_lang::HostEnv {
@@ -902,6 +905,7 @@ pub mod raw_peer {
             // The raw path (Ready, then the bytes); tests that want the inline one fill it.
             inline: Vec::new(),
             hops: 1,
+            operations: 0,
             prepared_micros: 0,
             messages: Vec::new(),
             home: home.to_string(),

@@ -1214,3 +1214,36 @@ fn stalled_requests_from_throwaway_identities_do_not_stall_the_node() {
         drop((held, peers));
     });
 }
+
+/// The limits of an author's grant hold for packages whose manifest asks for none (they were
+/// computed and then ignored: a package that stated no limits ran under the node's defaults).
+#[test]
+fn the_limits_of_an_author_grant_are_enforced() {
+    run(async {
+        let author = SecretKey::generate();
+        let trust: TrustPolicy = toml::from_str(&format!(
+            "authors = [{{ key = \"{}\", limits = {{ max_operations = 5000 }} }}]",
+            author.public()
+        ))
+        .expect("trust policy");
+        let (node, _dir) = start(
+            "solo",
+            SecretKey::generate(),
+            trust,
+            vec![],
+            MailboxLimits::default(),
+        )
+        .await;
+        let busy = sign("let n = 0; while n < 1000000 { n += 1; } n", &author);
+        let (_, end) = node.launch(busy, None).expect("launch");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the agent did not end")
+            .expect("ended");
+        assert!(
+            matches!(&end, AgentEnd::Failed { error, .. } if error.contains("too many operations")),
+            "{end:?}"
+        );
+        node.stop().await;
+    });
+}

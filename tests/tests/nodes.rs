@@ -173,6 +173,33 @@ fn a_long_journey_away_from_home_still_reports_its_end_home() {
     });
 }
 
+/// An agent that suspends all the time (a `migrate` to where it is, and a real hop every 100)
+/// runs short slices only: its lifetime budget, counted across slices and nodes, still ends it.
+#[test]
+fn an_agent_stops_at_its_lifetime_operation_budget_however_it_splits_its_work() {
+    rt().block_on(async {
+        let (package, trust) = package(
+            "let n = 0; loop { n += 1; if n % 100 == 0 { migrate(nodes()[(n / 100) % 2]); } \
+             else { migrate(here()); } }",
+        );
+        let limits = agent_lang::Limits::default()
+            .with_max_operations(2_000)
+            .with_max_total_operations(200_000);
+        let mesh = LoopbackMesh::start(2, trust, limits).await.unwrap();
+        let (_, end) = tokio::time::timeout(Duration::from_secs(60), mesh.run(package))
+            .await
+            .unwrap()
+            .unwrap();
+        match end {
+            AgentEnd::Failed { error, .. } => assert!(
+                error.contains("operation budget") && error.contains("200000 in all"),
+                "{error}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
 async fn mesh_for(nodes: usize, source: &str) -> (LoopbackMesh, security::VerifiedPackage) {
     let (package, trust) = package(source);
     let mesh = LoopbackMesh::start(nodes, trust, agent_lang::Limits::default())

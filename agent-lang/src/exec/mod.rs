@@ -99,6 +99,8 @@ pub struct Execution {
     pub(crate) program: Program,
     pub(crate) frames: Vec<Frame>,
     pub(crate) state: RunState,
+    /// Operations the last slice ran (not part of the continuation).
+    pub(crate) slice_operations: u64,
 }
 
 /// Per-slice evaluation context.
@@ -130,6 +132,7 @@ impl Execution {
             program: program.clone(),
             frames: Vec::new(),
             state: RunState::NotStarted,
+            slice_operations: 0,
         }
     }
 
@@ -143,6 +146,12 @@ impl Execution {
         self.state == RunState::Done
     }
 
+    /// How many operations the last slice ran (counted as Rhai counts them for
+    /// [`Limits::max_operations`](crate::Limits)).
+    pub fn slice_operations(&self) -> u64 {
+        self.slice_operations
+    }
+
     /// Depth of the walked call stack (1 = only the main body).
     pub fn depth(&self) -> usize {
         self.frames.len()
@@ -153,9 +162,21 @@ impl Execution {
     /// `env` is what the host functions report during this slice. The slice may run at most
     /// [`Limits::max_operations`](crate::Limits) operations.
     pub fn resume(&mut self, env: &HostEnv, input: Resume) -> Outcome {
+        self.resume_within(env, input, u64::MAX)
+    }
+
+    /// [`Execution::resume`], running at most `budget` operations in this slice (what is left
+    /// of the agent's lifetime budget) if that is fewer than
+    /// [`Limits::max_operations`](crate::Limits). Past it the agent fails with
+    /// [`AgentErrorKind::OperationBudget`]. [`Execution::slice_operations`] then says how many
+    /// the slice ran.
+    pub fn resume_within(&mut self, env: &HostEnv, input: Resume, budget: u64) -> Outcome {
         let _host = HostGuard::install(env);
         let program = self.program.clone();
-        let result = catch_unwind(AssertUnwindSafe(|| self.run_slice(&program.inner, input)));
+        self.slice_operations = 0;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            self.run_slice(&program.inner, input, budget)
+        }));
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(panic) => {
@@ -178,9 +199,17 @@ impl Execution {
         outcome
     }
 
-    fn run_slice(&mut self, prog: &ProgramInner, input: Resume) -> Outcome {
+    fn run_slice(&mut self, prog: &ProgramInner, input: Resume, budget: u64) -> Outcome {
         let mut global = prog.engine.new_global_runtime_state();
         global.lib.push(prog.ast.shared_lib().clone());
+        // A budget below the per-slice limit: the slice starts with the difference counted,
+        // so that Rhai's own check (and the walker's, `track`) stops it where the budget ends.
+        let max = prog.engine.max_operations();
+        let budgeted = max > 0 && budget < max;
+        if budgeted {
+            global.num_operations = max - budget;
+        }
+        let counted_from = global.num_operations;
         let mut ctx = Ctx {
             prog,
             global,
@@ -213,8 +242,20 @@ impl Execution {
             Ok(()) => self.run(&mut ctx),
             Err(err) => self.raise(&mut ctx, err).and_then(|()| self.run(&mut ctx)),
         };
+        self.slice_operations = ctx.global.num_operations.saturating_sub(counted_from);
         match step {
             Ok(()) => unreachable_outcome(),
+            Err(Stop::Outcome(Outcome::Failed(e)))
+                if budgeted && e.kind == AgentErrorKind::OperationLimit =>
+            {
+                Outcome::Failed(AgentError::new(
+                    AgentErrorKind::OperationBudget,
+                    "too many operations: the agent used up its operation budget (all its \
+                     slices together, on every node)"
+                        .into(),
+                    e.position,
+                ))
+            }
             Err(Stop::Outcome(o)) => o,
         }
     }

@@ -279,6 +279,7 @@ mod tests {
                 package: [0; 32],
                 hop: 0,
                 hops: 0,
+                operations: 0,
                 home: "home".into(),
                 launcher: None,
                 state: AgentState::Ready,

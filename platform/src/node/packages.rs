@@ -45,7 +45,12 @@ impl Shared {
         let package = Package::from_bytes(&bytes)
             .and_then(Package::verify)
             .map_err(|e| e.to_string())?;
-        let limits = crate::package_files::limits_for(&package, self.limits.clone());
+        // The limits of the author's grant, not only those the manifest asks for.
+        let grant = self
+            .trust
+            .admit_package(&package)
+            .map_err(|e| e.to_string())?;
+        let limits = crate::package_files::limits_for(&grant.limits, self.limits.clone());
         let program = Program::compile(package.source(), &limits).map_err(|e| e.to_string())?;
         let loaded = Arc::new(Loaded { package, program });
         lock(&self.programs.compiled).insert(*hash, loaded.clone());

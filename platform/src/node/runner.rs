@@ -83,6 +83,7 @@ pub(super) fn launch(
             package: *hash.as_bytes(),
             hop: 0,
             hops: 0,
+            operations: 0,
             home: me.clone(),
             launcher,
             state: AgentState::Ready,
@@ -238,10 +239,12 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
         }
         (None, _) => Resume::Start,
     };
+    let budget = exec.program().limits().max_total_operations;
     loop {
         let env = shared.env(&rec);
+        let left = budget.saturating_sub(rec.operations);
         let slice = crate::slices::run(move || {
-            let outcome = exec.resume(&env, input);
+            let outcome = exec.resume_within(&env, input, left);
             (exec, outcome)
         })
         .await;
@@ -257,6 +260,7 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
             }
         };
         exec = e;
+        rec.operations = rec.operations.saturating_add(exec.slice_operations());
         match outcome {
             Outcome::Finished(v) => {
                 let json = agent_lang::to_json(&v).to_string();
@@ -268,8 +272,11 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
                 };
                 return finish(shared, &rec, end).await;
             }
-            Outcome::Failed(err) => {
-                return finish(shared, &rec, failed_end(shared.peers.local_name(), err)).await
+            Outcome::Failed(mut err) => {
+                if err.kind == agent_lang::AgentErrorKind::OperationBudget {
+                    err.message = format!("{} (this node allows {budget} in all)", err.message);
+                }
+                return finish(shared, &rec, failed_end(shared.peers.local_name(), err)).await;
             }
             // The hop, a send and the end are boxed: an `.await`ed future is laid out inside
             // this one, so the largest (the hop's, 4.3 KiB) would be paid by every agent that

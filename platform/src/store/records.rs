@@ -70,6 +70,10 @@ pub struct AgentMeta {
     /// counts, but needs no envelope).
     #[serde(default)]
     pub hops: u64,
+    /// Operations the agent has run in all, every slice on every node: what its lifetime
+    /// budget (`Limits::max_total_operations`) is counted against.
+    #[serde(default)]
+    pub operations: u64,
     /// The agent's home node (peer id text), which tracks where it is.
     pub home: String,
     /// Who to send the result to (peer id text), if anyone.
@@ -103,6 +107,7 @@ struct MetaRef<'a> {
     package: &'a [u8; 32],
     hop: u64,
     hops: u64,
+    operations: u64,
     home: &'a str,
     launcher: Option<&'a str>,
     state: &'a AgentState,
@@ -121,6 +126,7 @@ impl<'a> MetaRef<'a> {
             package: &m.package,
             hop: m.hop,
             hops: m.hops,
+            operations: m.operations,
             home: &m.home,
             launcher: m.launcher.as_deref(),
             state: &m.state,
@@ -136,6 +142,7 @@ impl<'a> MetaRef<'a> {
             package: &r.package,
             hop: r.hop,
             hops: r.hops,
+            operations: r.operations,
             home: &r.home,
             launcher: r.launcher.as_deref(),
             state: &r.state,
@@ -155,6 +162,8 @@ struct StoredAgent {
     hop: u64,
     #[serde(default)]
     hops: u64,
+    #[serde(default)]
+    operations: u64,
     home: String,
     launcher: Option<String>,
     state: AgentState,
@@ -173,6 +182,7 @@ impl StoredAgent {
             package: self.package,
             hop: self.hop,
             hops: self.hops,
+            operations: self.operations,
             home: self.home,
             launcher: self.launcher,
             state: self.state,

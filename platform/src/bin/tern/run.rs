@@ -43,8 +43,8 @@ pub(crate) fn run_agent(args: RunArgs) -> Result<()> {
     let (package, trust) = if args.file.extension().is_some_and(|e| e == "tern") {
         let package = package_files::read_package(&args.file)?;
         let trust = trust_policy(&args)?;
-        package_files::admit(&trust, &package)?;
-        limits = package_files::limits_for(&package, limits);
+        let grant = package_files::admit(&trust, &package)?;
+        limits = package_files::limits_for(&grant.limits, limits);
         (package, trust)
     } else {
         let source = std::fs::read_to_string(&args.file)

@@ -209,6 +209,7 @@ pub(in crate::node) async fn receive_hop(
             package: *hash.as_bytes(),
             hop: fields.hop,
             hops: offer.hops,
+            operations: offer.operations,
             home: offer.home,
             launcher: offer.launcher,
             state: AgentState::Arriving {

@@ -244,6 +244,7 @@ pub(in crate::node) async fn hop(
             Vec::new()
         },
         hops: rec.hops + 1,
+        operations: rec.operations,
         prepared_micros: started.elapsed().as_micros() as u64,
         messages: carried
             .iter()

@@ -56,12 +56,26 @@ pub(super) fn check_homecoming(
     shared: &Shared,
     agent: &str,
     tail: &[ByteBuf],
+    verified: &EnvelopeHash,
 ) -> Result<CustodyPoint, ControlRefusal> {
     let recorded = shared
         .store
         .custody(agent)
         .map_err(|e| ControlRefusal::StoreUnreadable(e.to_string()))?;
-    follow(shared, agent, recorded, tail, shared.peers.local_key())
+    let genuine = |h: &EnvelopeHash| h == verified || signed_here(shared, h);
+    follow(
+        shared,
+        agent,
+        recorded,
+        tail,
+        shared.peers.local_key(),
+        genuine,
+    )
+}
+
+/// Whether this node signed the envelope with hash `h` (lately): its signature needs no check.
+fn signed_here(shared: &Shared, h: &EnvelopeHash) -> bool {
+    shared.departures.signed_here(h.as_bytes())
 }
 
 /// The key of the peer presenting a report.
@@ -75,13 +89,15 @@ fn key_of(shared: &Shared, agent: &str, peer: &PeerId) -> Result<PublicKey, Cont
         })
 }
 
-/// Where the custody `tail` presented by `presenter` for `agent` leads from `recorded`.
+/// Where the custody `tail` presented by `presenter` for `agent` leads from `recorded` (the
+/// signatures of envelopes `genuine` vouches for are not checked again).
 fn follow(
     shared: &Shared,
     agent: &str,
     recorded: Option<CustodyPoint>,
     tail: &[ByteBuf],
     presenter: &PublicKey,
+    genuine: impl Fn(&EnvelopeHash) -> bool,
 ) -> Result<CustodyPoint, ControlRefusal> {
     let refuse = |reason: String| ControlRefusal::NoCustody {
         agent: agent.to_string(),
@@ -101,7 +117,7 @@ fn follow(
                 .map_err(|err| refuse(format!("envelope {i} of the tail: {err}")))
         })
         .collect::<Result<_, _>>()?;
-    follow_custody(&id, &recorded, &tail, presenter).map_err(|e| match e {
+    follow_custody(&id, &recorded, &tail, presenter, genuine).map_err(|e| match e {
         CustodyError::Superseded { hop, .. } => ControlRefusal::Superseded {
             agent: agent.to_string(),
             hop,
@@ -129,7 +145,9 @@ pub(super) async fn confirm_report(
         .custody(agent)
         .map_err(|e| ControlRefusal::StoreUnreadable(e.to_string()))?;
     let presenter_key = key_of(shared, agent, &presenter)?;
-    let point = follow(shared, agent, checked_from, &tail, &presenter_key)?;
+    let point = follow(shared, agent, checked_from, &tail, &presenter_key, |h| {
+        signed_here(shared, h)
+    })?;
     let (task_shared, id, holder) = (shared.clone(), agent.to_string(), presenter.to_string());
     shared
         .store
@@ -138,7 +156,9 @@ pub(super) async fn confirm_report(
             let point = if now == checked_from {
                 Ok(point)
             } else {
-                follow(&task_shared, &id, now, &tail, &presenter_key)
+                follow(&task_shared, &id, now, &tail, &presenter_key, |h| {
+                    signed_here(&task_shared, h)
+                })
             };
             if let Ok(point) = &point {
                 b.set_custody(&id, point)?;

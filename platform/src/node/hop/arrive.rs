@@ -194,7 +194,7 @@ pub(in crate::node) async fn receive_hop(
     let custody = if offer.home == shared.peers.local_text() {
         let mut tail = custody;
         tail.push(serde_bytes::ByteBuf::from(offer.envelope.clone()));
-        if let Err(e) = check_homecoming(shared, &id, &tail) {
+        if let Err(e) = check_homecoming(shared, &id, &tail, &EnvelopeHash(envelope_hash)) {
             tracing::warn!(%peer, "refused an agent coming home: {e}");
             let refusal = refused(HopRefusal::Verification(e.to_string()));
             return Err(after_decision(stream, refusal).await);

@@ -312,6 +312,7 @@ async fn fsync_pair(author: &Author) -> Result<(Vec<NodeHandle>, Vec<tempfile::T
             trust: author.trust.clone(),
             limits: Limits::default(),
             mailbox: Default::default(),
+            max_agents: platform::node::DEFAULT_MAX_AGENTS,
             pinned_names: Default::default(),
         };
         nodes.push(Node::start(config).await?);

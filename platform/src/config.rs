@@ -17,6 +17,7 @@
 //! [limits]
 //! max_operations = 100000000        # per slice (from a resume to the next suspension)
 //! max_total_operations = 10000000000  # in the agent's whole life, every slice on every node
+//! max_agents = 100000                 # stored on this node at once
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
 //! max_messages_per_peer_per_second = 1000
 //! ```
@@ -59,6 +60,7 @@ struct FileConfig {
 struct LimitsConfig {
     max_operations: Option<u64>,
     max_total_operations: Option<u64>,
+    max_agents: Option<u64>,
     max_call_depth: Option<usize>,
     max_string_size: Option<usize>,
     max_array_size: Option<usize>,
@@ -196,6 +198,7 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         trust,
         limits,
         mailbox,
+        max_agents: l.max_agents.unwrap_or(crate::node::DEFAULT_MAX_AGENTS),
         pinned_names,
     })
 }

@@ -381,6 +381,12 @@ pub enum HopReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum HopRefusal {
+    /// This node holds as many agents as it takes (`[limits] max_agents`).
+    #[error("this node is full: it holds its maximum of {max} agents")]
+    NodeFull {
+        /// The node's `max_agents`.
+        max: u64,
+    },
     /// This node accepted this hop of the agent already, by another envelope: one of the two
     /// claims on it was made by a node that did not hold the agent. The agent stays where it is.
     #[error("hop {hop} of this agent came here already, by another envelope")]
@@ -468,6 +474,12 @@ pub enum HopRefusal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum ControlRefusal {
+    /// This node holds as many agents as it takes (`[limits] max_agents`).
+    #[error("this node is full: it holds its maximum of {max} agents")]
+    NodeFull {
+        /// The node's `max_agents`.
+        max: u64,
+    },
     /// The client's key is not one of the node's operators.
     #[error(
         "this node takes launch, status, result and send only from its operators ([trust] \

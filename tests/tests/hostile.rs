@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt};
-use platform::node::{MailboxLimits, Node, NodeConfig, NodeHandle};
+use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::wire::{
     read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
     ControlRequest, HopDecision, HopOffer, HopRefusal, HopReply, MAX_FRAME,
@@ -56,23 +56,24 @@ async fn start(
     key: SecretKey,
     trust: TrustPolicy,
     bootstrap: Vec<libp2p::Multiaddr>,
-    mailbox: MailboxLimits,
+    tune: impl FnOnce(&mut NodeConfig),
 ) -> (NodeHandle, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let config = NodeConfig {
+    let mut config = NodeConfig {
         bootstrap,
-        mailbox,
         ..NodeConfig::local(name, key, dir.path().to_path_buf(), trust)
     };
+    tune(&mut config);
     (Node::start(config).await.expect("node starts"), dir)
 }
 
 impl Mesh {
     async fn start() -> Mesh {
-        Mesh::with_target_mailbox(MailboxLimits::default()).await
+        Mesh::with_target(|_| {}).await
     }
 
-    async fn with_target_mailbox(mailbox: MailboxLimits) -> Mesh {
+    /// A mesh whose target node's configuration `tune` changes.
+    async fn with_target(tune: impl FnOnce(&mut NodeConfig)) -> Mesh {
         let author = SecretKey::generate();
         let raw_key = SecretKey::generate();
         let (honest_key, target_key) = (SecretKey::generate(), SecretKey::generate());
@@ -82,7 +83,7 @@ impl Mesh {
             honest_key.clone(),
             trust(&author, &[&target_public]),
             vec![],
-            MailboxLimits::default(),
+            |_| {},
         )
         .await;
         let (target, d2) = start(
@@ -90,7 +91,7 @@ impl Mesh {
             target_key,
             trust(&author, &[&honest_key.public(), &raw_key.public()]),
             honest.listen_addrs(),
-            mailbox,
+            tune,
         )
         .await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -784,9 +785,8 @@ fn a_message_over_the_size_limit_is_refused_before_it_is_read_as_a_value() {
 #[test]
 fn a_peer_flooding_messages_is_refused_past_its_rate_and_others_still_deliver() {
     run(async {
-        let mesh = Mesh::with_target_mailbox(MailboxLimits {
-            max_messages_per_peer_per_second: std::num::NonZeroU32::new(5).unwrap(),
-            ..MailboxLimits::default()
+        let mesh = Mesh::with_target(|c| {
+            c.mailbox.max_messages_per_peer_per_second = std::num::NonZeroU32::new(5).unwrap()
         })
         .await;
         let raw = RawPeer::new(SecretKey::generate(), &mesh.target.listen_addrs()[0]);
@@ -1226,14 +1226,7 @@ fn the_limits_of_an_author_grant_are_enforced() {
             author.public()
         ))
         .expect("trust policy");
-        let (node, _dir) = start(
-            "solo",
-            SecretKey::generate(),
-            trust,
-            vec![],
-            MailboxLimits::default(),
-        )
-        .await;
+        let (node, _dir) = start("solo", SecretKey::generate(), trust, vec![], |_| {}).await;
         let busy = sign("let n = 0; while n < 1000000 { n += 1; } n", &author);
         let (_, end) = node.launch(busy, None).expect("launch");
         let end = tokio::time::timeout(Duration::from_secs(20), end)
@@ -1245,5 +1238,51 @@ fn the_limits_of_an_author_grant_are_enforced() {
             "{end:?}"
         );
         node.stop().await;
+    });
+}
+
+/// A node holds at most `max_agents`: past it, a launch is refused, and so is a hop of a new
+/// agent (which stays where it is, `migrate` throwing); the node serves on.
+#[test]
+fn a_full_node_refuses_launches_and_arrivals_and_serves_on() {
+    run(async {
+        let mesh = Mesh::with_target(|c| c.max_agents = 2).await;
+        let waiter = || sign("let m = receive(); m", &mesh.author);
+        let mut ends = Vec::new();
+        for _ in 0..2 {
+            let (id, end) = mesh.target.launch(waiter(), None).expect("launch");
+            held_in_state(&mesh.target, &id, "waiting").await;
+            ends.push((id, end));
+        }
+        match mesh.target.launch(waiter(), None) {
+            Err(ControlRefusal::NodeFull { max: 2 }) => {}
+            other => panic!("{:?}", other.map(|(id, _)| id)),
+        }
+        let mover = sign(
+            r#"let why = ""; try { migrate("target"); } catch (e) { why = e; } [here(), why]"#,
+            &mesh.author,
+        );
+        let (_, end) = mesh.honest.launch(mover, None).expect("launch");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the mover did not end")
+            .expect("ended");
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, .. }
+                if json.starts_with(r#"["honest","#) && json.contains("is full")),
+            "{end:?}"
+        );
+        // Its agents still take messages and end; then there is room again.
+        for (id, end) in ends {
+            mesh.honest
+                .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+                .await
+                .expect("delivered");
+            tokio::time::timeout(Duration::from_secs(20), end)
+                .await
+                .expect("ended in time")
+                .expect("ended");
+        }
+        mesh.still_serves().await;
     });
 }

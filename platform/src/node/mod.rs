@@ -92,6 +92,10 @@ use runner::Agents;
 use streams::{PeerStream, StreamPool};
 use tasks::NodeTasks;
 
+/// [`NodeConfig::max_agents`] unless configured: 10,000 agents waiting in `receive` take about
+/// 70 MiB (`bench_mesh`), so this bounds such a node's memory to about 700 MiB.
+pub const DEFAULT_MAX_AGENTS: u64 = 100_000;
+
 /// Everything a node is configured with.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -115,6 +119,9 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// How much mail the node takes for each agent.
     pub mailbox: MailboxLimits,
+    /// Most agents stored on the node at once (running, waiting, arriving or leaving): past it,
+    /// launches and arriving hops are refused (`NodeFull`).
+    pub max_agents: u64,
     /// Node names only one key may take (`[peers]`): another peer announcing one is not named.
     pub pinned_names: HashMap<String, PublicKey>,
 }
@@ -135,6 +142,7 @@ impl NodeConfig {
             trust,
             limits: Limits::default(),
             mailbox: MailboxLimits::default(),
+            max_agents: DEFAULT_MAX_AGENTS,
             pinned_names: HashMap::new(),
         }
     }
@@ -151,6 +159,8 @@ struct Shared {
     trust: TrustPolicy,
     limits: Limits,
     mailbox: MailboxLimits,
+    /// [`NodeConfig::max_agents`].
+    max_agents: u64,
     /// How many messages each peer may still deliver.
     sender_rates: SenderRates,
     faults: Faults,
@@ -300,6 +310,7 @@ impl Node {
             limits: config.limits,
             sender_rates: SenderRates::new(config.mailbox.max_messages_per_peer_per_second),
             mailbox: config.mailbox,
+            max_agents: config.max_agents,
             faults,
             listen: Mutex::default(),
             programs: Programs::default(),

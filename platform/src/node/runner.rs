@@ -62,6 +62,15 @@ pub(super) fn launch(
         .trust
         .admit_package(&package)
         .map_err(|e| ControlRefusal::UntrustedPackage(e.to_string()))?;
+    let resident = shared
+        .store
+        .agent_count()
+        .map_err(|e| ControlRefusal::StoreUnreadable(e.to_string()))?;
+    if resident >= shared.max_agents {
+        return Err(ControlRefusal::NodeFull {
+            max: shared.max_agents,
+        });
+    }
     let hash = package.hash();
     shared
         .store

@@ -16,7 +16,7 @@
 //! continuation, and [`Batch::put_agent_meta`] changes the metadata without rewriting the
 //! continuation.
 
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 
 use super::chunks::{insert_chunks, read_chunks, remove_chunks, LARGE};
@@ -51,6 +51,21 @@ impl AgentRecord {
     /// The record made of `meta` and `continuation` (moved, not copied).
     pub fn from_parts(meta: AgentMeta, continuation: Vec<u8>) -> AgentRecord {
         AgentRecord { meta, continuation }
+    }
+
+    /// Decodes `bytes` as an `agents` value with the store's own decoders: the metadata alone
+    /// (as [`Store::agent_meta`] reads it) and the whole record (as [`Store::agent`] reads it;
+    /// `None` for a continuation kept in chunks). It exists for fuzzing (`fuzz/`, target
+    /// `store_record`), which needs the decoders without a database; the node never calls it.
+    #[doc(hidden)]
+    #[allow(clippy::type_complexity)]
+    pub fn decode_agent_value(
+        bytes: &[u8],
+    ) -> (
+        Result<AgentMeta, StoreError>,
+        Result<(AgentMeta, Option<Vec<u8>>), StoreError>,
+    ) {
+        (decode_meta("", bytes), decode_agent("", bytes))
     }
 }
 
@@ -312,6 +327,15 @@ impl Store {
                 })
                 .collect()
         })
+    }
+
+    /// How many agents are stored here (in any state), read without decoding any.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn agent_count(&self) -> Result<u64, StoreError> {
+        self.read(|txn| Ok(txn.open_table(AGENTS)?.len()?))
     }
 
     /// The metadata of every agent resident here, ordered by id, without their continuations:

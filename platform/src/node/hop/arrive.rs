@@ -417,6 +417,19 @@ pub(in crate::node) async fn check_offer<'a>(
             HopSeen::ByAnotherEnvelope => return Err(conflict(&peer, &agent, fields.hop)),
         }
     }
+    // A new agent here must fit (one coming back, or replacing an arrival, takes its own place).
+    if here.is_none() {
+        let resident = shared
+            .store
+            .agent_count()
+            .map_err(|e| refused(HopRefusal::StoreRead(e.to_string())))?;
+        if resident >= shared.max_agents {
+            tracing::warn!(%peer, agent, "refused a hop: the node is full");
+            return Err(refused(HopRefusal::NodeFull {
+                max: shared.max_agents,
+            }));
+        }
+    }
     match here {
         None
         | Some(AgentMeta {

@@ -8,8 +8,10 @@
 //! store without fsync), `fsync` (the same with fsync on both sides, against this machine's
 //! fsync latency), `concurrent` (many agents in flight), `bulk` (a 100 MB continuation hop
 //! against a raw libp2p-stream transfer of the same bytes), `resident` (resident agents on one
-//! node, in a child process so its RSS is the node's alone), `parts` (component timings that
-//! explain the figures: store commits, envelope sign/verify, continuation encode/decode).
+//! node, in a child process so its RSS is the node's alone), `flood` (hop latency while ten
+//! throwaway identities flood the destination with garbage and stalled streams, against the
+//! same without them, taking turns), `parts` (component timings that explain the figures: store
+//! commits, envelope sign/verify, continuation encode/decode).
 //!
 //! Options: `--hops N` (hops of the bouncing agent, default 1000), `--agents N` (agents in
 //! flight, default 200), `--agent-hops N` (hops each of those makes, default 50), `--bulk-mb N`
@@ -42,8 +44,9 @@ use security::{
 };
 use tokio::sync::mpsc;
 
-const BENCHES: [&str; 6] = [
+const BENCHES: [&str; 7] = [
     "latency",
+    "flood",
     "fsync",
     "concurrent",
     "bulk",
@@ -350,6 +353,88 @@ fn fsync_latency(n: usize) -> Result<Vec<f64>> {
         .collect::<Result<_>>()?;
     v.sort_by(f64::total_cmp);
     Ok(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flooders: throwaway identities that send garbage
+
+/// Identities flooding the node.
+const FLOODERS: usize = 10;
+/// Streams each flooder opens a second (garbage requests, one in eight stalled).
+const FLOOD_STREAMS_PER_SECOND: u64 = 200;
+
+/// Throwaway identities (in no `accept_from`, no operators) that open streams to `node` on the
+/// hop and control protocols as fast as [`FLOOD_STREAMS_PER_SECOND`], each sending garbage: a
+/// frame length then random bytes, either closing at once or (one in eight) stalling with its
+/// request half sent. Stops when dropped.
+struct Flood {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    opened: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Flood {
+    async fn start(node: &Multiaddr) -> Result<Flood> {
+        let opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let Some(libp2p::multiaddr::Protocol::P2p(target)) = node.iter().last() else {
+            bail!("{node} names no peer");
+        };
+        let mut tasks = Vec::new();
+        for f in 0..FLOODERS {
+            let mut swarm = bare_swarm()?;
+            let control = swarm.behaviour().new_control();
+            swarm.dial(node.clone())?;
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    swarm.select_next_some().await;
+                }
+            }));
+            let opened = opened.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut control = control;
+                let mut stalled = Vec::new();
+                let mut tick = tokio::time::interval(Duration::from_micros(
+                    1_000_000 / FLOOD_STREAMS_PER_SECOND,
+                ));
+                for n in 0u64.. {
+                    tick.tick().await;
+                    let protocol = if n % 2 == 0 {
+                        platform::wire::HOP_PROTOCOL
+                    } else {
+                        platform::wire::CONTROL_PROTOCOL
+                    };
+                    let Ok(mut s) = control.open_stream(target, protocol).await else {
+                        continue;
+                    };
+                    opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let seed = blake3::hash(&[f as u8, (n & 0xff) as u8, (n >> 8) as u8]);
+                    let garbage = seed.as_bytes();
+                    if n % 8 == 0 {
+                        // A request that says 1 MiB and stops after 32 bytes.
+                        let _ = s.write_all(&(1u32 << 20).to_be_bytes()).await;
+                        let _ = s.write_all(garbage).await;
+                        let _ = s.flush().await;
+                        stalled.push(s);
+                        if stalled.len() > 64 {
+                            stalled.remove(0);
+                        }
+                    } else {
+                        let _ = s.write_all(&(garbage.len() as u32).to_be_bytes()).await;
+                        let _ = s.write_all(garbage).await;
+                        let _ = s.close().await;
+                    }
+                }
+            }));
+        }
+        Ok(Flood { tasks, opened })
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -862,6 +947,54 @@ fn main() -> Result<()> {
         o.benches.join(" "),
         std::env::temp_dir().display()
     );
+
+    if has("flood") {
+        rt.block_on(async {
+            let mesh = LoopbackMesh::start(2, author.trust.clone(), Limits::default()).await?;
+            let nodes = mesh.nodes().to_vec();
+            let mut rx = hop_records(&nodes);
+            let target = nodes[1].listen_addrs()[0].clone();
+            eprintln!(
+                "flood: one agent, {} hops, {} times with and without {FLOODERS} flooders ...",
+                o.hops, o.repeats
+            );
+            let (mut quiet, mut flooded) = (Vec::new(), Vec::new());
+            let mut streams = 0;
+            for _ in 0..o.repeats {
+                quiet.push(pct(
+                    &bounce(&nodes, &author, &mut rx, o.hops).await?.micros,
+                    50.0,
+                ) as f64);
+                let flood = Flood::start(&target).await?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let before = flood.opened.load(std::sync::atomic::Ordering::Relaxed);
+                let b = bounce(&nodes, &author, &mut rx, o.hops).await?;
+                streams += flood.opened.load(std::sync::atomic::Ordering::Relaxed) - before;
+                flooded.push(pct(&b.micros, 50.0) as f64);
+                drop(flood);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let (q, f) = (median(&mut quiet), median(&mut flooded));
+            rows.push(Row {
+                what: format!(
+                    "hop latency p50 while {FLOODERS} throwaway identities flood the destination \
+                     ({} garbage streams/s each, one in eight stalled half-sent) / without them \
+                     (medians of {} runs of {} hops, taking turns)",
+                    FLOOD_STREAMS_PER_SECOND, o.repeats, o.hops
+                ),
+                measured: format!(
+                    "{:.2} ({} flooded / {} quiet; {streams} flood streams opened while measured)",
+                    f / q,
+                    us(f),
+                    us(q)
+                ),
+                target: "≤ 2".into(),
+                met: Some(f / q <= 2.0),
+            });
+            drop(mesh);
+            Ok::<(), anyhow::Error>(())
+        })?;
+    }
 
     if has("latency") || has("concurrent") || has("bulk") {
         rt.block_on(async {

@@ -136,6 +136,24 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
     };
     let mut limits = agent_lang::Limits::default();
     let l = &file.limits;
+    // Rhai reads a limit of 0 as "no limit": refused rather than taken that way.
+    for (name, value) in [
+        ("max_operations", l.max_operations),
+        ("max_total_operations", l.max_total_operations),
+        ("max_call_depth", l.max_call_depth.map(|v| v as u64)),
+        ("max_string_size", l.max_string_size.map(|v| v as u64)),
+        ("max_array_size", l.max_array_size.map(|v| v as u64)),
+        ("max_map_size", l.max_map_size.map(|v| v as u64)),
+        (
+            "max_continuation_bytes",
+            l.max_continuation_bytes.map(|v| v as u64),
+        ),
+        ("max_agents", l.max_agents),
+    ] {
+        if value == Some(0) {
+            bail!("{}: [limits] {name} must be at least 1", path.display());
+        }
+    }
     if let Some(v) = l.max_operations {
         limits = limits.with_max_operations(v);
     }
@@ -245,6 +263,11 @@ mod tests {
         );
         let err = load_text("max_message_bytes = 9000000").unwrap_err();
         assert!(format!("{err:#}").contains("max_message_bytes"), "{err:#}");
+        let err = load_text("max_operations = 0").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("max_operations must be at least 1"),
+            "{err:#}"
+        );
         let err = load_text("max_messages_per_peer_per_second = 0").unwrap_err();
         assert!(
             format!("{err:#}").contains("max_messages_per_peer_per_second must be at least 1"),

@@ -117,12 +117,16 @@ pub fn read_package(path: &Path) -> Result<VerifiedPackage> {
 /// manifest's, or better, the grant `TrustPolicy::admit_package` gave it, which adds what the
 /// author's grant caps and the manifest left unsaid).
 pub fn limits_for(asked: &PackageLimits, limits: agent_lang::Limits) -> agent_lang::Limits {
+    // (Rhai reads 0 as "no limit": a 0 asked for is taken as not asked.)
     let asked = *asked;
     let cap = |node: usize, asked: Option<u64>| {
-        asked.map_or(node, |a| node.min(usize::try_from(a).unwrap_or(usize::MAX)))
+        asked
+            .filter(|&a| a > 0)
+            .map_or(node, |a| node.min(usize::try_from(a).unwrap_or(usize::MAX)))
     };
     let ops = asked
         .max_operations
+        .filter(|&a| a > 0)
         .map_or(limits.max_operations, |a| limits.max_operations.min(a));
     limits
         .clone()

@@ -389,7 +389,7 @@ pub enum HopRefusal {
     },
     /// This node accepted this hop of the agent already, by another envelope: one of the two
     /// claims on it was made by a node that did not hold the agent. The agent stays where it is.
-    #[error("hop {hop} of this agent came here already, by another envelope")]
+    #[error("hop {hop} of this agent, or a later one, came here already by another envelope")]
     Conflict {
         /// The hop.
         hop: u64,

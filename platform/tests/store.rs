@@ -662,10 +662,10 @@ fn accept_arrival_twice_is_duplicate() {
     );
     assert_eq!(store.agent("a").unwrap(), Some(ran));
 
-    // An older hop of the same agent is stale; a later one, or another agent, is new.
+    // An older hop of the same agent is a conflict; a later one, or another agent, is new.
     assert_eq!(
         store.batch(|b| b.accept_arrival(&agent("a", 1))).unwrap(),
-        Arrival::Duplicate
+        Arrival::Conflict
     );
     assert_eq!(store.remembered_hops("a").unwrap(), [3]);
     assert_eq!(
@@ -683,7 +683,7 @@ fn accept_arrival_twice_is_duplicate() {
     assert!(!store.has_seen("a", 6, None).unwrap());
     assert_eq!(
         store.batch(|b| b.accept_arrival(&agent("a", 4))).unwrap(),
-        Arrival::Duplicate
+        Arrival::Conflict
     );
 
     // The same hop by another envelope is a conflicting claim, and writes nothing.

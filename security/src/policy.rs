@@ -200,6 +200,8 @@ impl TrustPolicy {
                 .zip(grant.limits.entries()),
         ) {
             *slot = match (requested, allowed) {
+                // 0 means "no limit" to Rhai: asking for it is asking for nothing.
+                (Some(0), allowed) => allowed,
                 (Some(requested), Some(allowed)) if requested > allowed => {
                     return Err(PolicyError::LimitExceeded {
                         limit,

@@ -184,3 +184,25 @@ fn only_listed_keys_operate_a_node() {
     assert!(!TrustPolicy::default().is_operator(&key(1).public()));
     assert!(toml::from_str::<TrustPolicy>("operators = \"any\"").is_err());
 }
+
+/// A limit of 0, which Rhai reads as "no limit", is asking for nothing: the grant's cap holds.
+#[test]
+fn asking_for_a_zero_limit_gets_the_cap() {
+    let author = key(1);
+    let mut manifest = manifest(author.public());
+    manifest.limits.max_operations = Some(0);
+    let package = Package::sign(manifest, "1".into(), &author)
+        .unwrap()
+        .verify()
+        .unwrap();
+    let policy = parse(&format!(
+        r#"
+        [trust]
+        authors = [{{ key = "{}", capabilities = "any", limits = {{ max_operations = 20000 }} }}]
+        "#,
+        author.public()
+    ))
+    .unwrap();
+    let grant = policy.admit_package(&package).unwrap();
+    assert_eq!(grant.limits.max_operations, Some(20_000));
+}

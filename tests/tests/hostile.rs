@@ -1118,62 +1118,95 @@ fn a_peer_that_does_not_hold_an_agent_can_neither_end_it_nor_take_its_messages()
 }
 
 /// Row 9 of issue 12: a peer target accepts pushes from claims hop 1 of an agent that is still
-/// on honest, before honest sends it there. The real hop 1 then comes by another envelope: a
-/// conflict, refused, never taken for a duplicate (which would make honest delete the only
-/// real copy). The agent stays on honest, where `migrate` throws.
+/// on honest (or hop 2, "after" a hop 1 a throwaway key signed to it), before honest sends it
+/// there. The real hop 1 then comes by another envelope, or after a later hop: a conflict,
+/// refused, never taken for a duplicate (which would make honest delete the only real copy).
+/// The agent stays on honest, where `migrate` throws.
 #[test]
 fn a_claim_on_a_hop_by_another_envelope_is_a_conflict_and_the_agent_stays() {
-    run(async {
-        let mesh = Mesh::start().await;
-        let raw = mesh.raw();
-        let victim = sign(
-            r#"
-                let m = receive();
-                let why = "";
-                try { migrate("target"); } catch (e) { why = e; }
-                [here(), why]
-            "#,
-            &mesh.author,
-        );
-        let (id, end) = mesh.honest.launch(victim, None).expect("launch");
-        held_in_state(&mesh.honest, &id, "waiting").await;
-        let evil = sign(r#"migrate("target"); receive(); "hijacked""#, &mesh.author);
-        raw.serve(&evil, evil.to_bytes());
-        let (offer, continuation) = first_hop_of(
-            id.parse::<AgentId>().unwrap(),
+    for forged_hop in [1, 2] {
+        run(claim_then_hop(forged_hop));
+    }
+}
+
+async fn claim_then_hop(forged_hop: u64) {
+    let mesh = Mesh::start().await;
+    let raw = mesh.raw();
+    let victim = sign(
+        r#"
+            let m = receive();
+            let why = "";
+            try { migrate("target"); } catch (e) { why = e; }
+            [here(), why]
+        "#,
+        &mesh.author,
+    );
+    let (id, end) = mesh.honest.launch(victim, None).expect("launch");
+    held_in_state(&mesh.honest, &id, "waiting").await;
+    let evil = sign(r#"migrate("target"); receive(); "hijacked""#, &mesh.author);
+    raw.serve(&evil, evil.to_bytes());
+    let home = mesh.honest.peer_id().to_string();
+    let agent_id = id.parse::<AgentId>().unwrap();
+    let (offer, continuation) = if forged_hop == 1 {
+        first_hop_of(
+            agent_id,
             &evil,
             &mesh.raw_key,
             mesh.raw_key.public(),
             mesh.target_key,
-            &mesh.honest.peer_id().to_string(),
+            &home,
+        )
+    } else {
+        // Hop 1 from a throwaway key to the raw peer, then hop 2 from the raw peer to target.
+        let throwaway = SecretKey::generate();
+        let (mut offer, continuation) = first_hop_of(
+            agent_id,
+            &evil,
+            &throwaway,
+            throwaway.public(),
+            mesh.raw_key.public(),
+            &home,
         );
-        let mut s = raw.open_hop().await;
-        assert!(
-            matches!(
-                send_hop(&mut s, &offer, &continuation).await,
-                HopReply::Stored
-            ),
-            "the forged hop is one link deep and takes (the gap ARCHITECTURE names)"
-        );
-        mesh.honest
-            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
-            .await
-            .expect("delivered");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the victim did not end")
-            .expect("ended");
-        match &end {
-            AgentEnd::Finished { json, node, .. } => {
-                assert_eq!(node, "honest");
-                assert!(
-                    json.starts_with(r#"["honest","#) && json.contains("by another envelope"),
-                    "{json}"
-                );
-            }
-            other => panic!("{other:?}"),
+        let first = HopEnvelope::decode(&offer.envelope).unwrap();
+        let second = HopEnvelope::sign(
+            security::HopFields {
+                hop: 2,
+                previous: Some(first.hash()),
+                from: mesh.raw_key.public(),
+                to: mesh.target_key,
+                ..first.fields().clone()
+            },
+            &mesh.raw_key,
+        )
+        .unwrap();
+        offer.previous = offer.envelope;
+        offer.envelope = second.encode();
+        (offer, continuation)
+    };
+    let mut s = raw.open_hop().await;
+    let reply = send_hop(&mut s, &offer, &continuation).await;
+    assert!(
+        matches!(reply, HopReply::Stored),
+        "the forged hop {forged_hop} is one link deep and takes (the gap ARCHITECTURE names): {reply:?}"
+    );
+    mesh.honest
+        .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+        .await
+        .expect("delivered");
+    let end = tokio::time::timeout(Duration::from_secs(20), end)
+        .await
+        .expect("the victim did not end")
+        .expect("ended");
+    match &end {
+        AgentEnd::Finished { json, node, .. } => {
+            assert_eq!(node, "honest");
+            assert!(
+                json.starts_with(r#"["honest","#) && json.contains("by another envelope"),
+                "forged hop {forged_hop}: {json}"
+            );
         }
-    });
+        other => panic!("forged hop {forged_hop}: {other:?}"),
+    }
 }
 
 /// Row 6 of issue 12: ten throwaway identities start control requests (a length saying 1 MiB,

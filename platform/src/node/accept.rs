@@ -115,12 +115,13 @@ impl ExchangePermits<'_> {
         let Some(first) = next_frame_start(stream).await? else {
             return Ok(None);
         };
-        let request = {
-            let Ok(_reading) = self.per_peer.reading.acquire().await else {
-                return Ok(None);
-            };
-            read_frame_after(stream, first, max).await?
+        // The reading slot is held until the exchange has its permits: a request read whole
+        // and waiting for them still counts against its peer's reading slots, so one peer can
+        // have at most 8 requests in memory beyond those being handled.
+        let Ok(_reading) = self.per_peer.reading.acquire().await else {
+            return Ok(None);
         };
+        let request = read_frame_after(stream, first, max).await?;
         let Some(permits) = self.acquire().await else {
             return Ok(None);
         };

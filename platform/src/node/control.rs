@@ -103,7 +103,11 @@ async fn answer(
             }
         },
         ControlRequest::Location { agent, custody } => {
-            let reply = match confirm_report(shared, &agent, custody, peer).await {
+            let checked = match shared.sender_rates.admit(&peer) {
+                Ok(()) => confirm_report(shared, &agent, custody, peer).await,
+                Err(refusal) => Err(refusal),
+            };
+            let reply = match checked {
                 Ok(_) => ControlReply::Ok,
                 Err(refusal) => refuse_report(&peer, "location", refusal),
             };
@@ -114,7 +118,11 @@ async fn answer(
             end,
             custody,
         } => {
-            let reply = match confirm_report(shared, &agent, custody, peer).await {
+            let checked = match shared.sender_rates.admit(&peer) {
+                Ok(()) => confirm_report(shared, &agent, custody, peer).await,
+                Err(refusal) => Err(refusal),
+            };
+            let reply = match checked {
                 Ok(_) => {
                     deliver_end(shared, &agent, end);
                     ControlReply::Ok

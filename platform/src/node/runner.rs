@@ -369,9 +369,16 @@ async fn end_here(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
     };
     for attempt in 0..20u64 {
         match control_request(shared, home, &report).await {
-            Ok(ControlReply::Refused(refusal)) => {
+            // Refused for what the report is: final. (A busy or failing home is asked again.)
+            Ok(ControlReply::Refused(
+                refusal @ (ControlRefusal::NoCustody { .. } | ControlRefusal::Superseded { .. }),
+            )) => {
                 tracing::error!(agent = %rec.id, "the home node refused the agent's end (its result stays here): {refusal}");
                 return;
+            }
+            Ok(ControlReply::Refused(refusal)) => {
+                tracing::warn!(agent = %rec.id, "the home node did not take the agent's end (attempt {attempt}): {refusal}");
+                tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
             }
             Ok(_) => return,
             Err(e) => {

@@ -20,12 +20,14 @@ pub enum HopSeen {
     ByThisEnvelope,
     /// That hop was accepted here by another envelope: a conflicting claim on it.
     ByAnotherEnvelope,
-    /// A later hop of the agent was accepted here: the offer is stale (see [`Store::has_seen`]).
+    /// A later hop of the agent was accepted here: as an offer, a conflict (its honest source
+    /// never offers a hop again once it committed); as a recovering source's question, held
+    /// (see [`Store::has_seen`]).
     Later,
 }
 
 impl HopSeen {
-    /// Whether the hop, by this envelope, needs no accepting again.
+    /// Whether this node took the hop (as far as it can tell: see [`HopSeen::Later`]).
     pub fn is_duplicate(self) -> bool {
         matches!(self, HopSeen::ByThisEnvelope | HopSeen::Later)
     }
@@ -37,11 +39,11 @@ impl HopSeen {
 pub enum Arrival {
     /// The agent is stored: acknowledge the hop and run it.
     New,
-    /// This hop by the same envelope (or a later one of the same agent) was already accepted
-    /// here; nothing was written. Acknowledge without running it again.
+    /// This hop by the same envelope was already accepted here; nothing was written.
+    /// Acknowledge without running it again.
     Duplicate,
-    /// This hop was accepted here by another envelope; nothing was written. Refuse it: only one
-    /// claim on a hop can be the agent's.
+    /// This hop was accepted here by another envelope, or a later hop was; nothing was
+    /// written. Refuse it: only one claim on a hop can be the agent's.
     Conflict,
 }
 
@@ -159,8 +161,9 @@ impl Store {
 
 impl Batch<'_> {
     /// The destination side of a hop: if this node already accepted hop `rec.hop` of agent
-    /// `rec.id`, or a later one (the offer is stale: the agent has moved past it), returns
-    /// [`Arrival::Duplicate`] and writes nothing. Otherwise stores the agent, remembers
+    /// `rec.id` by the same envelope, returns [`Arrival::Duplicate`], and if by another, or a
+    /// later hop (an honest source does not offer a hop again once it committed),
+    /// [`Arrival::Conflict`]; either way it writes nothing. Otherwise stores the agent, remembers
     /// (`rec.id`, `rec.hop`) as seen (forgetting the agent's older hops if it arrives runnable:
     /// see [`Store::has_seen`]), drops any forwarding pointer for the agent (it lives here
     /// again) and returns [`Arrival::New`].
@@ -174,8 +177,8 @@ impl Batch<'_> {
         let mut seen = self.txn.open_table(SEEN)?;
         match seen_from(&seen, id, rec.hop, &envelope)? {
             HopSeen::No => {}
-            HopSeen::ByAnotherEnvelope => return Ok(Arrival::Conflict),
-            HopSeen::ByThisEnvelope | HopSeen::Later => return Ok(Arrival::Duplicate),
+            HopSeen::ByAnotherEnvelope | HopSeen::Later => return Ok(Arrival::Conflict),
+            HopSeen::ByThisEnvelope => return Ok(Arrival::Duplicate),
         }
         seen.insert((id, rec.hop), envelope)?;
         if rec.state == AgentState::Ready {

@@ -189,9 +189,39 @@ pub(in crate::node) async fn receive_hop(
         }
     }
     let id = fields.agent_id.to_string();
+    // The tail is kept with the agent (and read with its record): no entry may be more than an
+    // envelope.
+    if let Some(index) = offer
+        .custody
+        .iter()
+        .position(|e| e.len() > security::MAX_ENVELOPE_BYTES)
+    {
+        let refusal = refused(HopRefusal::Envelope(format!(
+            "custody tail entry {index} is larger than an envelope"
+        )));
+        return Err(after_decision(stream, refusal).await);
+    }
+    // This node is the agent's home if it keeps its custody, whatever the offer says.
+    let me = shared.peers.local_text();
+    let home_here = match shared.store.custody(&id) {
+        Ok(recorded) => recorded.is_some(),
+        Err(e) => {
+            let refusal = refused(HopRefusal::StoreRead(e.to_string()));
+            return Err(after_decision(stream, refusal).await);
+        }
+    };
+    if home_here != (offer.home == me) {
+        tracing::warn!(%peer, agent = id, "refused a hop that names another home than the agent's");
+        let refusal = refused(HopRefusal::Envelope(format!(
+            "the agent's home is {}, not {}",
+            if home_here { me } else { "another node" },
+            offer.home
+        )));
+        return Err(after_decision(stream, refusal).await);
+    }
     let custody = arriving_tail(offer.custody, &offer.previous);
     // Coming home: only from the node the home confirmed, or one its tail leads from it to.
-    let custody = if offer.home == shared.peers.local_text() {
+    let custody = if home_here {
         let mut tail = custody;
         tail.push(serde_bytes::ByteBuf::from(offer.envelope.clone()));
         if let Err(e) = check_homecoming(shared, &id, &tail, &EnvelopeHash(envelope_hash)) {
@@ -245,6 +275,7 @@ pub(in crate::node) async fn receive_hop(
     let mut rec = rec;
     let source = shared.peers.text_of(&peer);
     let store = shared.store.write(move |b| {
+        let mut since = Vec::new();
         // An arrival of this hop number by another envelope from the same source still waits
         // for its decision: the source gave it up (it is offering this one), so it goes.
         if let Some(AgentMeta {
@@ -259,7 +290,9 @@ pub(in crate::node) async fn receive_hop(
         }) = b.agent_meta(&rec.id)?
         {
             if hop == rec.hop && old != envelope_hash && from == source {
-                b.abort_arrival(&rec.id, &old)?;
+                // What was queued for it since it arrived (its senders were told "delivered")
+                // is queued again, after what this offer carries.
+                since = b.abort_arrival(&rec.id, &old)?.unwrap_or_default();
             }
         }
         let committed = commit_seen.load(Ordering::Acquire);
@@ -268,7 +301,11 @@ pub(in crate::node) async fn receive_hop(
         }
         let arrival = b.accept_arrival(&rec)?;
         if let Arrival::New = arrival {
-            for m in &messages {
+            for m in messages
+                .iter()
+                .map(|m| m.as_slice())
+                .chain(since.iter().map(Vec::as_slice))
+            {
                 b.push_message(&rec.id, m)?;
             }
             if committed && rec.home == me {
@@ -408,13 +445,16 @@ pub(in crate::node) async fn check_offer<'a>(
             && matches!(&m.state, AgentState::Arriving { from, .. } if *from == source)
             && !m.arriving_by(envelope.hash().as_bytes())
     });
+    // (An offer of a hop older than one accepted here is a conflict too: its honest source
+    // never offers it again once it sent `Commit`, it asks `HopStatus`; and taking it for a
+    // duplicate would let a fabricated later hop make that source delete the agent.)
     if !replaces {
         match seen {
             HopSeen::No => {}
-            HopSeen::ByThisEnvelope | HopSeen::Later => {
-                return Err(Refusal::Reply(HopReply::Duplicate))
+            HopSeen::ByThisEnvelope => return Err(Refusal::Reply(HopReply::Duplicate)),
+            HopSeen::ByAnotherEnvelope | HopSeen::Later => {
+                return Err(conflict(&peer, &agent, fields.hop))
             }
-            HopSeen::ByAnotherEnvelope => return Err(conflict(&peer, &agent, fields.hop)),
         }
     }
     // A new agent here must fit (one coming back, or replacing an arrival, takes its own place).

@@ -731,6 +731,16 @@ pub enum ControlRequest {
         /// BLAKE3 of the hop's envelope.
         envelope: [u8; 32],
     },
+    /// Did the agent leave this node by the hop with this envelope hash (its destination took
+    /// it)? Asked by the agent's home before it takes a report from that destination: a node
+    /// that was only offered the agent holds a signed envelope too. The answer waits (briefly)
+    /// for a departure still completing.
+    Departed {
+        /// The agent.
+        agent: String,
+        /// BLAKE3 of the hop's envelope.
+        envelope: [u8; 32],
+    },
 }
 
 /// How an agent ended.

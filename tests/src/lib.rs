@@ -600,8 +600,8 @@ pub mod raw_peer {
     use libp2p::{Multiaddr, PeerId};
     use platform::wire::{
         read_frame, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
-        ControlRequest, HopOffer, PackageReply, PackageRequest, CLIENT_PROTOCOL, CONTROL_PROTOCOL,
-        HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
+        ControlRequest, HopOffer, HopRefusal, HopReply, PackageReply, PackageRequest,
+        CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
     };
     use security::{AgentId, HopEnvelope, HopFields, PublicKey, SecretKey, VerifiedPackage};
 
@@ -619,6 +619,7 @@ pub mod raw_peer {
         packages: Packages,
         ended: Arc<Mutex<Vec<(String, AgentEnd)>>>,
         departures: Arc<Mutex<HashSet<[u8; 32]>>>,
+        offers: Arc<Mutex<Vec<HopOffer>>>,
         tasks: Vec<tokio::task::JoinHandle<()>>,
     }
 
@@ -650,6 +651,7 @@ pub mod raw_peer {
             let mut control = swarm.behaviour().new_control();
             let mut package_streams = control.accept(PACKAGE_PROTOCOL).expect("accept pkg");
             let mut control_streams = control.accept(CONTROL_PROTOCOL).expect("accept ctl");
+            let mut hop_streams = control.accept(HOP_PROTOCOL).expect("accept hop");
             let packages: Packages = Arc::default();
             let ended: Arc<Mutex<Vec<(String, AgentEnd)>>> = Arc::default();
             // Streams are opened only once the connection is up: opening one while the dial is
@@ -716,6 +718,21 @@ pub mod raw_peer {
                     });
                 }
             }));
+            // Hops offered to the raw peer are kept and refused.
+            let offers: Arc<Mutex<Vec<HopOffer>>> = Arc::default();
+            let offered = offers.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some((_, mut stream)) = hop_streams.next().await {
+                    if let Ok(offer) = read_frame::<_, HopOffer>(&mut stream, MAX_FRAME).await {
+                        offered
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(offer);
+                        let refusal = HopReply::Refused(HopRefusal::LivesHere);
+                        let _ = write_frame(&mut stream, &refusal).await;
+                    }
+                }
+            }));
             RawPeer {
                 key,
                 peer_id,
@@ -725,8 +742,17 @@ pub mod raw_peer {
                 packages,
                 ended,
                 departures,
+                offers,
                 tasks,
             }
+        }
+
+        /// The hops the node offered to this peer (each was refused).
+        pub fn offers(&self) -> Vec<HopOffer> {
+            self.offers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
         }
 
         /// Opens a hop stream to the node.

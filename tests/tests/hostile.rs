@@ -1319,3 +1319,69 @@ fn a_full_node_refuses_launches_and_arrivals_and_serves_on() {
         mesh.still_serves().await;
     });
 }
+
+/// A node an agent was offered to, which refused it, holds an envelope addressed to it and
+/// signed by the agent's holder. Its reports of the agent's location or end are still refused:
+/// the home asks the hop's source whether the agent left by that hop.
+#[test]
+fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = RawPeer::new(SecretKey::generate(), &mesh.honest.listen_addrs()[0]);
+        let source = format!(
+            r#"
+                let why = "";
+                try {{ migrate("{}"); }} catch (e) {{ why = e; }}
+                let m = receive();
+                [here(), m]
+            "#,
+            raw.peer_id
+        );
+        let (id, end) = mesh
+            .honest
+            .launch(sign(&source, &mesh.author), None)
+            .expect("launch");
+        held_in_state(&mesh.honest, &id, "waiting").await;
+        let offer = raw
+            .offers()
+            .pop()
+            .expect("the hop was offered to the raw peer");
+        let tail = vec![serde_bytes::ByteBuf::from(offer.envelope)];
+        let forged_end = AgentEnd::Finished {
+            json: "\"forged\"".into(),
+            node: "raw".into(),
+            hops: 1,
+            unread: 0,
+        };
+        for request in [
+            ControlRequest::Location {
+                agent: id.clone(),
+                custody: tail.clone(),
+            },
+            ControlRequest::Ended {
+                agent: id.clone(),
+                end: forged_end,
+                custody: tail,
+            },
+        ] {
+            let (reply, _) = raw.control(&request).await;
+            assert!(
+                matches!(&reply, ControlReply::Refused(ControlRefusal::NoCustody { reason, .. })
+                    if reason.contains("did not complete")),
+                "{request:?}: {reply:?}"
+            );
+        }
+        mesh.honest
+            .send(&id, &agent_lang::rhai::Dynamic::from(5_i64))
+            .await
+            .expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(20), end)
+            .await
+            .expect("the agent did not end")
+            .expect("ended");
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, .. } if json == r#"["honest",5]"#),
+            "{end:?}"
+        );
+    });
+}

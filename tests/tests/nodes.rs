@@ -200,6 +200,44 @@ fn an_agent_stops_at_its_lifetime_operation_budget_however_it_splits_its_work() 
     });
 }
 
+/// An agent away from home that pauses where it is (so its location reports are confirmed
+/// while it is there) carries only the custody since: not the 256 envelopes of a journey.
+#[test]
+fn confirmed_custody_does_not_travel_on() {
+    rt().block_on(async {
+        let (mesh, package) = mesh_for(
+            3,
+            r#"
+                let home = here();
+                let away = [];
+                for n in nodes() { if n != home { away.push(n); } }
+                let i = 0;
+                while i < 300 { migrate(away[i % 2]); receive(5); i += 1; }
+                receive(600000)
+            "#,
+        )
+        .await;
+        let (id, _end) = mesh.nodes()[0].launch(package, None).expect("launch");
+        let mut tail = None;
+        eventually(|| {
+            tail = mesh.nodes()[1..].iter().find_map(|n| {
+                n.agent(&id)
+                    .ok()
+                    .flatten()
+                    .filter(|m| {
+                        m.hops == 300
+                            && matches!(m.state, platform::store::AgentState::Waiting { .. })
+                    })
+                    .map(|m| m.custody.len())
+            });
+            tail.is_some()
+        })
+        .await;
+        let tail = tail.unwrap_or_default();
+        assert!(tail <= 4, "the agent carries {tail} envelopes of custody");
+    });
+}
+
 async fn mesh_for(nodes: usize, source: &str) -> (LoopbackMesh, security::VerifiedPackage) {
     let (package, trust) = package(source);
     let mesh = LoopbackMesh::start(nodes, trust, agent_lang::Limits::default())

@@ -9,7 +9,7 @@ use libp2p::PeerId;
 use super::accept::ExchangePermits;
 use super::custody::confirm_report;
 use super::fault::FaultPoint;
-use super::hop::{hop_committed, hop_held};
+use super::hop::{departed_by, hop_committed, hop_held};
 use super::mailbox::Wake;
 use super::routing::{route, Undelivered};
 use super::runner::deliver_end;
@@ -146,6 +146,13 @@ async fn answer(
         ControlRequest::HopCommitted { agent, envelope } => {
             let reply = match hop_committed(shared, &agent, &envelope).await {
                 Ok(committed) => ControlReply::HopCommitted(committed),
+                Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
+            };
+            write_frame(stream, &reply).await
+        }
+        ControlRequest::Departed { agent, envelope } => {
+            let reply = match departed_by(shared, &agent, &envelope).await {
+                Ok(departed) => ControlReply::HopCommitted(departed),
                 Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
             };
             write_frame(stream, &reply).await

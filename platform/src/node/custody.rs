@@ -2,12 +2,13 @@
 //! ended, and proves it holds the agent with its custody tail (`security::follow_custody`).
 //!
 //! Both sides live here. The holder presents the envelopes it has since what the home last
-//! confirmed ([`tail_of`]) and forgets those the home confirmed ([`trim_confirmed`]). The home
+//! confirmed ([`tail_of`]) and drops those the home confirmed ([`ConfirmedCustody`]). The home
 //! follows the tail from its `custody` record ([`confirm_report`]) and takes the report only if
 //! it leads to the peer that sent it: a peer that never held the agent can neither end it nor
 //! redirect its messages, whatever ids it learned.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
 use security::{
@@ -15,9 +16,11 @@ use security::{
 };
 use serde_bytes::ByteBuf;
 
-use super::Shared;
+use super::control::control_request;
+use super::hop::departed_by;
+use super::{lock, Shared};
 use crate::store::{AgentMeta, StoreError};
-use crate::wire::{ControlRefusal, MAX_CUSTODY_TAIL};
+use crate::wire::{ControlRefusal, ControlReply, ControlRequest, MAX_CUSTODY_TAIL};
 
 /// The custody tail the holder of `meta` presents: the envelopes the home may not have
 /// confirmed, then the one that brought the agent here. Empty on the home node before the
@@ -148,6 +151,9 @@ pub(super) async fn confirm_report(
     let point = follow(shared, agent, checked_from, &tail, &presenter_key, |h| {
         signed_here(shared, h)
     })?;
+    if checked_from.is_none_or(|c| c.hop < point.hop) {
+        hop_completed(shared, agent, &tail, &point).await?;
+    }
     let (task_shared, id, holder) = (shared.clone(), agent.to_string(), presenter.to_string());
     shared
         .store
@@ -170,27 +176,95 @@ pub(super) async fn confirm_report(
         .map_err(|e: StoreError| ControlRefusal::Store(e.to_string()))?
 }
 
-/// On the holder: the home confirmed custody up to `hop` by envelope `envelope`; if the agent
-/// is still here by that envelope, it need not carry the tail before it any more. (Unsynced: a
-/// tail lost in a crash is only carried a little longer.)
-pub(super) async fn trim_confirmed(shared: &Shared, agent: &str, envelope: EnvelopeHash) {
-    let id = agent.to_string();
-    let trimmed = shared
-        .store
-        .write_unsynced(move |b| {
-            let Some(mut meta) = b.agent_meta(&id)? else {
-                return Ok(());
-            };
-            let here_by_it = !meta.envelope.is_empty()
-                && blake3::hash(&meta.envelope).as_bytes() == envelope.as_bytes();
-            if here_by_it && !meta.custody.is_empty() {
-                meta.custody.clear();
-                b.put_agent_meta(&meta)?;
+/// Whether the hop that brought the agent to the presenter (the last of its tail, `to`) was
+/// completed: its source says the agent left by it. A node that was only offered the agent
+/// (and refused it, or was given up on) holds that signed envelope too, and must not take
+/// custody with it.
+///
+/// # Errors
+///
+/// [`ControlRefusal::NoCustody`] if the source says no; [`ControlRefusal::Unreachable`] if it
+/// cannot be asked (the report may be sent again).
+async fn hop_completed(
+    shared: &Shared,
+    agent: &str,
+    tail: &[ByteBuf],
+    to: &CustodyPoint,
+) -> Result<(), ControlRefusal> {
+    let Some(hash) = to.envelope else {
+        return Ok(());
+    };
+    let last = tail
+        .iter()
+        .rev()
+        .find(|e| blake3::hash(e).as_bytes() == hash.as_bytes())
+        .and_then(|e| HopEnvelope::decode_known(e, |k| shared.peers.known_key(k)).ok())
+        .ok_or_else(|| ControlRefusal::NoCustody {
+            agent: agent.to_string(),
+            reason: "the tail lost its last envelope".into(),
+        })?;
+    let source = last.fields().from;
+    let departed = if source == *shared.peers.local_key() {
+        departed_by(shared, agent, hash.as_bytes())
+            .await
+            .map_err(|e| ControlRefusal::StoreUnreadable(e.to_string()))?
+    } else {
+        let peer = source
+            .peer_id_string()
+            .parse::<PeerId>()
+            .map_err(|e| ControlRefusal::Unreachable(e.to_string()))?;
+        let question = ControlRequest::Departed {
+            agent: agent.to_string(),
+            envelope: *hash.as_bytes(),
+        };
+        match control_request(shared, peer, &question).await {
+            Ok(ControlReply::HopCommitted(departed)) => departed,
+            Ok(other) => {
+                return Err(ControlRefusal::Unreachable(format!(
+                    "the hop's source answered {other:?}"
+                )))
             }
-            Ok(())
+            Err(e) => return Err(ControlRefusal::Unreachable(e.to_string())),
+        }
+    };
+    if departed {
+        Ok(())
+    } else {
+        Err(ControlRefusal::NoCustody {
+            agent: agent.to_string(),
+            reason: format!("hop {} to the sender did not complete", to.hop),
         })
-        .await;
-    if let Err(e) = trimmed {
-        tracing::debug!(agent, "cannot drop the confirmed custody tail: {e}");
+    }
+}
+
+/// On the holder: the custody its agents' homes confirmed while they were here (agent id ->
+/// the envelope the agent was held by), until the agent's next hop drops the tail before it
+/// ([`ConfirmedCustody::take`]). Bounded: past [`CONFIRMED_REMEMBERED`] entries it starts
+/// afresh (an agent that then leaves untrimmed only carries its tail a little longer).
+#[derive(Default)]
+pub(super) struct ConfirmedCustody {
+    /// A `std` mutex held for one map operation.
+    by_agent: Mutex<HashMap<String, EnvelopeHash>>,
+}
+
+/// Confirmations kept at most.
+const CONFIRMED_REMEMBERED: usize = 65_536;
+
+impl ConfirmedCustody {
+    /// The home confirmed custody of `agent` up to the envelope with hash `envelope`.
+    pub(super) fn record(&self, agent: &str, envelope: EnvelopeHash) {
+        let mut map = lock(&self.by_agent);
+        if map.len() >= CONFIRMED_REMEMBERED {
+            map.clear();
+        }
+        map.insert(agent.to_string(), envelope);
+    }
+
+    /// Whether the home confirmed custody of `agent` held by `envelope` (its encoded bytes):
+    /// then the tail before it need not travel. Forgets the confirmation either way.
+    pub(super) fn take(&self, agent: &str, envelope: &[u8]) -> bool {
+        lock(&self.by_agent).remove(agent).is_some_and(|h| {
+            !envelope.is_empty() && blake3::hash(envelope).as_bytes() == h.as_bytes()
+        })
     }
 }

@@ -175,6 +175,8 @@ struct Shared {
     /// Hops being received right now, and offers their senders gave up on.
     arrivals: ArrivalGate,
     departures: Departures,
+    /// Custody the homes of agents here confirmed.
+    confirmed: custody::ConfirmedCustody,
     /// Checks the signatures of arriving hops in batches.
     verifier: BatchVerifier,
     events: Events,
@@ -319,6 +321,7 @@ impl Node {
             outbound: StreamPool::default(),
             arrivals: ArrivalGate::default(),
             departures: Departures::default(),
+            confirmed: custody::ConfirmedCustody::default(),
             verifier: BatchVerifier::default(),
             events,
             activity: ActivityLog::default(),

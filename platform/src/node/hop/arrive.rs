@@ -19,7 +19,7 @@ use super::gate::Arriving;
 use super::recover::ask_hop_decision;
 use crate::node::accept::ExchangePermits;
 use crate::node::control::control_request;
-use crate::node::custody::{arriving_tail, check_homecoming, tail_of, trim_confirmed};
+use crate::node::custody::{arriving_tail, check_homecoming, tail_of};
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::{ensure_package, Loaded};
@@ -630,7 +630,7 @@ pub(in crate::node) fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecor
     );
     shared.tasks.spawn(async move {
         match control_request(&task_shared, home, &request).await {
-            Ok(ControlReply::Ok) => trim_confirmed(&task_shared, &agent, envelope).await,
+            Ok(ControlReply::Ok) => task_shared.confirmed.record(&agent, envelope),
             Ok(ControlReply::Refused(ControlRefusal::Superseded { .. })) => {}
             Ok(ControlReply::Refused(refusal)) => {
                 tracing::warn!(agent, "the home node refused the agent's location: {refusal}")

@@ -101,6 +101,14 @@ pub(in crate::node) async fn complete_departure(
     Ok(())
 }
 
+/// Drops the custody tail the agent's home confirmed while the agent was here: only the
+/// envelope it is held by travels on as custody.
+fn drop_confirmed_custody(shared: &Shared, rec: &mut AgentRecord) {
+    if shared.confirmed.take(&rec.id, &rec.envelope) {
+        rec.custody.clear();
+    }
+}
+
 /// What became of an agent's hop attempt.
 pub(in crate::node) enum HopResult {
     /// The agent lives on the destination now.
@@ -137,6 +145,7 @@ pub(in crate::node) async fn hop(
         .peers
         .key_of(&dest)
         .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
+    drop_confirmed_custody(shared, rec);
     let started = std::time::Instant::now();
     let continuation = exec
         .encode_into(Vec::with_capacity(exec.encoded_len_hint()))

@@ -10,4 +10,6 @@ mod recover;
 pub(super) use arrive::handle_hop;
 pub(super) use depart::{hop, Departures, HopResult};
 pub(super) use gate::ArrivalGate;
-pub(super) use recover::{ask_hop_decision, hop_committed, hop_held, recover_departure};
+pub(super) use recover::{
+    ask_hop_decision, departed_by, hop_committed, hop_held, recover_departure,
+};

@@ -165,6 +165,34 @@ pub(in crate::node) async fn ask_hop_decision(shared: Arc<Shared>, meta: AgentMe
     }
 }
 
+/// How long [`departed_by`] waits for a departure still completing.
+const DEPARTURE_WAIT: Duration = Duration::from_secs(3);
+
+/// The source's answer to [`ControlRequest::Departed`]: whether agent `agent` left this node by
+/// the hop with this envelope hash, waiting up to [`DEPARTURE_WAIT`] while it is still leaving
+/// by it (the destination may report before this node heard its acknowledgement). A store that
+/// cannot be read is an error, never a "no".
+pub(in crate::node) async fn departed_by(
+    shared: &Shared,
+    agent: &str,
+    envelope: &[u8; 32],
+) -> Result<bool, StoreError> {
+    let deadline = tokio::time::Instant::now() + DEPARTURE_WAIT;
+    loop {
+        if shared.store.departed(agent)? == Some(*envelope) {
+            return Ok(true);
+        }
+        let leaving_by_it = matches!(
+            shared.store.agent_meta(agent)?,
+            Some(AgentMeta { state: AgentState::Leaving { envelope: e, .. }, .. }) if e == *envelope
+        ) || shared.departures.recording(envelope).is_some();
+        if !leaving_by_it || tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The source's answer to [`ControlRequest::HopCommitted`]: whether the departure record of the
 /// hop with this envelope hash is durable (waiting for it while it is written). A store that
 /// cannot be read is an error, never a "no".

@@ -119,10 +119,7 @@ impl Mesh {
             .honest
             .launch(sign(HONEST_AGENT, &self.author), None)
             .expect("launch");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the honest agent did not finish within 20 s")
-            .expect("ended");
+        let end = ended(end).await;
         match end {
             AgentEnd::Finished { json, .. } => assert_eq!(json, r#"["honest",2]"#),
             other => panic!("the honest agent failed: {other:?}"),
@@ -621,10 +618,7 @@ fn a_hop_cannot_replace_an_agent_that_lives_on_the_node() {
         );
         let mut s = raw.open_hop().await;
         let reply = send_hop(&mut s, &offer, &continuation).await;
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the victim did not end")
-            .expect("ended");
+        let end = ended(end).await;
         assert_eq!(
             end,
             AgentEnd::Finished {
@@ -663,6 +657,14 @@ fn silent_streams_from_one_peer_do_not_starve_the_node() {
         );
         drop(held);
     });
+}
+
+/// The agent's end, within 20 s.
+async fn ended(end: tokio::sync::oneshot::Receiver<AgentEnd>) -> AgentEnd {
+    tokio::time::timeout(Duration::from_secs(20), end)
+        .await
+        .expect("the agent did not end within 20 s")
+        .expect("ended")
 }
 
 /// Waits (up to 20 s) until `node` holds `agent` in a state that starts with `state`.
@@ -732,10 +734,7 @@ fn a_malformed_message_is_refused_and_the_waiting_agent_lives_on() {
             .send(&id, &agent_lang::rhai::Dynamic::from(42_i64))
             .await
             .expect("a good message is delivered");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the agent did not end")
-            .expect("ended");
+        let end = ended(end).await;
         match end {
             AgentEnd::Finished { json, .. } => assert_eq!(json, r#"[42,"target"]"#),
             other => panic!("{other:?}"),
@@ -770,10 +769,7 @@ fn a_message_over_the_size_limit_is_refused_before_it_is_read_as_a_value() {
             .send(&id, &agent_lang::rhai::Dynamic::from(7_i64))
             .await
             .expect("delivered");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the agent did not end")
-            .expect("ended");
+        let end = ended(end).await;
         assert!(
             matches!(&end, AgentEnd::Finished { json, .. } if json == "7"),
             "{end:?}"
@@ -816,10 +812,7 @@ fn a_peer_flooding_messages_is_refused_past_its_rate_and_others_still_deliver() 
         // Another peer has a quota of its own.
         let stop = agent_lang::rhai::Dynamic::from("stop");
         mesh.honest.send(&id, &stop).await.expect("delivered");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the agent did not end")
-            .expect("ended");
+        let end = ended(end).await;
         assert!(
             matches!(&end, AgentEnd::Finished { json, .. } if *json == delivered.to_string()),
             "{end:?} after {delivered} delivered"
@@ -973,10 +966,7 @@ fn only_operators_launch_agents_and_ask_about_them() {
             .send(&victim, &agent_lang::rhai::Dynamic::from(42_i64))
             .await
             .expect("a node's agents still send to it");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the agent did not end")
-            .expect("ended");
+        let end = ended(end).await;
         match end {
             AgentEnd::Finished { json, .. } => assert_eq!(json, "42", "its first message"),
             other => panic!("{other:?}"),
@@ -1105,10 +1095,7 @@ fn a_peer_that_does_not_hold_an_agent_can_neither_end_it_nor_take_its_messages()
             .send(&id, &agent_lang::rhai::Dynamic::from(9_i64))
             .await
             .expect("delivered");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the agent did not end")
-            .expect("ended");
+        let end = ended(end).await;
         assert!(
             matches!(&end, AgentEnd::Finished { json, .. } if json == r#"[9,"honest"]"#),
             "{end:?}"
@@ -1193,10 +1180,7 @@ async fn claim_then_hop(forged_hop: u64) {
         .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
         .await
         .expect("delivered");
-    let end = tokio::time::timeout(Duration::from_secs(20), end)
-        .await
-        .expect("the victim did not end")
-        .expect("ended");
+    let end = ended(end).await;
     match &end {
         AgentEnd::Finished { json, node, .. } => {
             assert_eq!(node, "honest");
@@ -1262,10 +1246,7 @@ fn the_limits_of_an_author_grant_are_enforced() {
         let (node, _dir) = start("solo", SecretKey::generate(), trust, vec![], |_| {}).await;
         let busy = sign("let n = 0; while n < 1000000 { n += 1; } n", &author);
         let (_, end) = node.launch(busy, None).expect("launch");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the agent did not end")
-            .expect("ended");
+        let end = ended(end).await;
         assert!(
             matches!(&end, AgentEnd::Failed { error, .. } if error.contains("too many operations")),
             "{end:?}"
@@ -1296,10 +1277,7 @@ fn a_full_node_refuses_launches_and_arrivals_and_serves_on() {
             &mesh.author,
         );
         let (_, end) = mesh.honest.launch(mover, None).expect("launch");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the mover did not end")
-            .expect("ended");
+        let end = ended(end).await;
         assert!(
             matches!(&end, AgentEnd::Finished { json, .. }
                 if json.starts_with(r#"["honest","#) && json.contains("is full")),
@@ -1311,10 +1289,7 @@ fn a_full_node_refuses_launches_and_arrivals_and_serves_on() {
                 .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
                 .await
                 .expect("delivered");
-            tokio::time::timeout(Duration::from_secs(20), end)
-                .await
-                .expect("ended in time")
-                .expect("ended");
+            ended(end).await;
         }
         mesh.still_serves().await;
     });
@@ -1375,10 +1350,7 @@ fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
             .send(&id, &agent_lang::rhai::Dynamic::from(5_i64))
             .await
             .expect("delivered");
-        let end = tokio::time::timeout(Duration::from_secs(20), end)
-            .await
-            .expect("the agent did not end")
-            .expect("ended");
+        let end = ended(end).await;
         assert!(
             matches!(&end, AgentEnd::Finished { json, .. } if json == r#"["honest",5]"#),
             "{end:?}"

@@ -103,13 +103,9 @@ async fn answer(
             }
         },
         ControlRequest::Location { agent, custody } => {
-            let checked = match shared.sender_rates.admit(&peer) {
-                Ok(()) => confirm_report(shared, &agent, custody, peer).await,
-                Err(refusal) => Err(refusal),
-            };
-            let reply = match checked {
-                Ok(_) => ControlReply::Ok,
-                Err(refusal) => refuse_report(&peer, "location", refusal),
+            let reply = match take_report(shared, peer, &agent, custody, "location").await {
+                Ok(()) => ControlReply::Ok,
+                Err(refused) => refused,
             };
             write_frame(stream, &reply).await
         }
@@ -118,16 +114,12 @@ async fn answer(
             end,
             custody,
         } => {
-            let checked = match shared.sender_rates.admit(&peer) {
-                Ok(()) => confirm_report(shared, &agent, custody, peer).await,
-                Err(refusal) => Err(refusal),
-            };
-            let reply = match checked {
-                Ok(_) => {
+            let reply = match take_report(shared, peer, &agent, custody, "end").await {
+                Ok(()) => {
                     deliver_end(shared, &agent, end);
                     ControlReply::Ok
                 }
-                Err(refusal) => refuse_report(&peer, "end", refusal),
+                Err(refused) => refused,
             };
             write_frame(stream, &reply).await
         }
@@ -160,15 +152,30 @@ async fn answer(
     }
 }
 
-/// A report on an agent from a peer that does not show it holds it: logged, and refused.
-/// (One that is only older than what this node knows is not worth a warning.)
-fn refuse_report(peer: &PeerId, what: &str, refusal: ControlRefusal) -> ControlReply {
-    if matches!(refusal, ControlRefusal::Superseded { .. }) {
-        tracing::debug!(%peer, "an agent's {what} report came late: {refusal}");
-    } else {
-        tracing::warn!(%peer, "refused a report of an agent's {what}: {refusal}");
-    }
-    ControlReply::Refused(refusal)
+/// A report on an agent's `what` (location or end): counted against the sender's rate, then
+/// taken if its custody shows the sender holds the agent (`custody::confirm_report`). Refused
+/// otherwise, with a warning (none for a report that is only older than what this node knows).
+async fn take_report(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    agent: &str,
+    custody: Vec<serde_bytes::ByteBuf>,
+    what: &str,
+) -> Result<(), ControlReply> {
+    let checked = match shared.sender_rates.admit(&peer) {
+        Ok(()) => confirm_report(shared, agent, custody, peer)
+            .await
+            .map(|_| ()),
+        Err(refusal) => Err(refusal),
+    };
+    checked.map_err(|refusal| {
+        if matches!(refusal, ControlRefusal::Superseded { .. }) {
+            tracing::debug!(%peer, "an agent's {what} report came late: {refusal}");
+        } else {
+            tracing::warn!(%peer, "refused a report of an agent's {what}: {refusal}");
+        }
+        ControlReply::Refused(refusal)
+    })
 }
 
 /// `Deliver`: queues the message here or passes it on; an agent it was queued for here is

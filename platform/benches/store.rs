@@ -30,6 +30,8 @@ fn record(id: &str, hop: u64, continuation: Vec<u8>) -> AgentRecord {
             state: AgentState::Ready,
             envelope: vec![9; 300],
             custody: Vec::new(),
+            nonce: [5; 16],
+            certificate: vec![6; 200],
         },
         continuation,
     }

@@ -39,8 +39,8 @@ use platform::node::{Node, NodeConfig, NodeEvent, NodeHandle};
 use platform::store::{AgentMeta, AgentRecord, AgentState, Durability, Store};
 use platform::wire::AgentEnd;
 use security::{
-    verify_hop, AgentId, HopCheck, HopEnvelope, HopFields, PeersPolicy, SecretKey, TrustPolicy,
-    VerifiedPackage, FIRST_HOP,
+    verify_hop, AgentId, HopCheck, HopEnvelope, HopFields, LaunchNonce, PeersPolicy, SecretKey,
+    TrustPolicy, VerifiedPackage, FIRST_HOP,
 };
 use tokio::sync::mpsc;
 
@@ -742,7 +742,8 @@ fn suspended(source: &str) -> Result<(Program, Execution)> {
 fn record(continuation: Vec<u8>, envelope: Vec<u8>) -> AgentRecord {
     AgentRecord {
         meta: AgentMeta {
-            id: AgentId::generate().to_string(),
+            id: AgentId::launched(&SecretKey::generate().public(), &LaunchNonce([5; 16]))
+                .to_string(),
             package: [7; 32],
             hop: 1,
             hops: 1,
@@ -752,6 +753,8 @@ fn record(continuation: Vec<u8>, envelope: Vec<u8>) -> AgentRecord {
             state: AgentState::Ready,
             envelope,
             custody: Vec::new(),
+            nonce: [5; 16],
+            certificate: Vec::new(),
         },
         continuation,
     }
@@ -793,7 +796,7 @@ fn parts(author: &Author, bulk_bytes: usize) -> Result<Vec<Part>> {
     let package = author.sign(bouncer(1000))?;
     let continuation_hash = *blake3::hash(&small).as_bytes();
     let fields = HopFields {
-        agent_id: AgentId::generate(),
+        agent_id: AgentId::launched(&node_a.public(), &LaunchNonce::generate()),
         hop: FIRST_HOP,
         package_hash: package.hash(),
         continuation_hash,

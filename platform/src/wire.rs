@@ -45,15 +45,15 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
 
 /// Moving an agent: offer, (package pull by the receiver), continuation bytes, the source's
 /// decision, acknowledgement.
-pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/5");
+pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/6");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Node to node: messages on their way, agents' ends and whereabouts for their home, hop
 /// recovery questions.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/5");
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/6");
 /// An operator's client (the CLI) to a node: launch, status, result, send. Only the keys of the
 /// node's `[trust] operators` are answered.
-pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/client/1");
+pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/client/2");
 
 /// Forwarding steps a message may take on its way to an agent (guards against pointer loops).
 pub const MESSAGE_TTL: u8 = 16;
@@ -72,10 +72,10 @@ pub const STREAM_IDLE: Duration = Duration::from_secs(20);
 pub const MAX_CARRIED_MESSAGES: usize = 4096;
 
 /// Most envelopes of custody tail an agent carries besides the one it arrived with (about 300
-/// bytes each). The tail is what the agent's home has not confirmed yet; when it is longer (the
-/// home unreachable for this many hops), the oldest are dropped, and the home, which can then no
-/// longer follow the chain, refuses the agent's location and end reports (the result stays on
-/// the node where the agent ended).
+/// bytes each). The tail is what the agent's home has not certified yet: every node the agent
+/// comes to follows it from the home's latest certificate. A holder whose agent would carry more
+/// asks the home for a certificate before the agent leaves; if the home cannot be reached, the
+/// agent stays (`migrate` throws) until it can.
 pub const MAX_CUSTODY_TAIL: usize = 256;
 
 /// Most bytes of messages a hop offer may carry: a node's `max_queued_bytes` is at most this,
@@ -346,6 +346,15 @@ pub struct HopOffer {
     pub custody: Vec<serde_bytes::ByteBuf>,
     /// The agent's home node (peer id).
     pub home: String,
+    /// The nonce the home derived the agent's id with (`security::AgentId::launched`): with
+    /// `home`, it shows whose agent this is.
+    #[serde(with = "serde_bytes")]
+    pub nonce: [u8; 16],
+    /// The home's latest certificate of the agent's custody (`security::CustodyCertificate`),
+    /// from which `custody` leads on to `previous`; empty if there is none yet (custody then
+    /// leads on from the launch).
+    #[serde(with = "serde_bytes")]
+    pub certificate: Vec<u8>,
     /// Who waits for the agent's result (peer id), if anyone.
     pub launcher: Option<String>,
 }
@@ -815,6 +824,9 @@ pub enum ControlReply {
     NotHere,
     /// Done.
     Ok,
+    /// (To a location report) the home took it: its certificate of the custody confirmed
+    /// (`security::CustodyCertificate`), which the holder sends on with the agent.
+    CustodyConfirmed(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The request was refused or failed.
     Refused(ControlRefusal),
     /// The message went on to the node holding the agent, which broke off without answering:

@@ -38,6 +38,8 @@ fn agent(id: &str, hop: u64) -> AgentRecord {
             state: AgentState::Ready,
             envelope: vec![9; 40],
             custody: vec![serde_bytes::ByteBuf::from(vec![8; 40])],
+            nonce: [5; 16],
+            certificate: vec![6; 30],
         },
         continuation: vec![1, 2, 3, hop as u8],
     }

@@ -9,9 +9,21 @@
 //! reporter. A peer that never held the agent cannot present such a chain: it would need an
 //! envelope addressed to it, signed by a holder, linked back to what the home confirmed. (Checking
 //! one link is not enough: a throwaway key can sign a "previous hop" to its owner.)
+//!
+//! Any other node a hop brings the agent to checks its custody the same way, from a point the
+//! home vouches for: the home signs a [`CustodyCertificate`] of each point it confirms, the
+//! holder sends the latest one with the agent, and [`follow_anchored`] follows the tail from it
+//! (or from the launch, when there is none yet). The home's key is the one the agent's id was
+//! derived from ([`AgentId::launched`]), so a peer cannot name itself the home of an agent
+//! it did not launch.
 
-use crate::envelope::{check_signatures, AgentId, EnvelopeHash, HopEnvelope, FIRST_HOP};
-use crate::keys::PublicKey;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, fixed_bytes, opt_fixed_bytes, DecodeError};
+use crate::envelope::{
+    check_signatures, AgentId, EnvelopeHash, HopEnvelope, LaunchNonce, FIRST_HOP,
+};
+use crate::keys::{wire_key, PublicKey, SecretKey};
 
 /// What a home node last confirmed of an agent's custody.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +43,158 @@ impl CustodyPoint {
             hop: 0,
             holder: home,
             envelope: None,
+        }
+    }
+}
+
+/// Who launched an agent: the home's key and the nonce its id was derived with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentOrigin {
+    /// The home node's key.
+    pub home: PublicKey,
+    /// The nonce the home chose.
+    pub nonce: LaunchNonce,
+}
+
+/// The first bytes of an encoded certificate: `TERNCRT` and format version 1.
+pub const CERTIFICATE_MAGIC: &[u8; 8] = b"TERNCRT\x01";
+
+/// Largest certificate [`CustodyCertificate::decode`] accepts. A real one is about 200 bytes.
+pub const MAX_CERTIFICATE_BYTES: usize = 512;
+
+/// Domain-separation tag for certificate signatures.
+const CERTIFICATE_TAG: &str = "tern/custody/v1";
+
+/// A custody point of an agent, signed by the agent's home: "I confirmed that `holder` held
+/// this agent by the envelope of hop `hop`". Checked with [`CustodyCertificate::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustodyCertificate {
+    agent: AgentId,
+    point: CustodyPoint,
+    signature: [u8; 64],
+}
+
+/// What the home signs, borrowed.
+#[derive(Serialize)]
+struct CertifiedRef<'a> {
+    #[serde(with = "fixed_bytes")]
+    agent_id: &'a [u8; 16],
+    hop: u64,
+    #[serde(with = "fixed_bytes")]
+    holder: &'a [u8; 32],
+    #[serde(with = "opt_fixed_bytes")]
+    envelope: Option<[u8; 32]>,
+}
+
+/// The encoded form: [`CertifiedRef`]'s fields and the signature.
+#[derive(Serialize, Deserialize)]
+struct CertificateWire {
+    #[serde(with = "fixed_bytes")]
+    agent_id: [u8; 16],
+    hop: u64,
+    #[serde(with = "fixed_bytes")]
+    holder: [u8; 32],
+    #[serde(with = "opt_fixed_bytes")]
+    envelope: Option<[u8; 32]>,
+    #[serde(with = "fixed_bytes")]
+    signature: [u8; 64],
+}
+
+fn certified_bytes(agent: &AgentId, point: &CustodyPoint) -> Vec<u8> {
+    let holder = point.holder.to_bytes();
+    let mut out = Vec::with_capacity(160);
+    codec::encode(
+        &(
+            CERTIFICATE_TAG,
+            CertifiedRef {
+                agent_id: &agent.0,
+                hop: point.hop,
+                holder: &holder,
+                envelope: point.envelope.map(|h| h.0),
+            },
+        ),
+        &mut out,
+    );
+    out
+}
+
+impl CustodyCertificate {
+    /// The home (whose key is `home`) certifies `point` of `agent`.
+    pub fn sign(agent: AgentId, point: CustodyPoint, home: &SecretKey) -> Self {
+        let signature = home.sign(&certified_bytes(&agent, &point));
+        Self {
+            agent,
+            point,
+            signature,
+        }
+    }
+
+    /// The point certified (not yet checked, unless it came from [`CustodyCertificate::verify`]).
+    pub fn point(&self) -> &CustodyPoint {
+        &self.point
+    }
+
+    /// The wire bytes: [`CERTIFICATE_MAGIC`] then canonical CBOR of the fields and signature.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(200);
+        out.extend_from_slice(CERTIFICATE_MAGIC);
+        codec::encode(
+            &CertificateWire {
+                agent_id: self.agent.0,
+                hop: self.point.hop,
+                holder: self.point.holder.to_bytes(),
+                envelope: self.point.envelope.map(|h| h.0),
+                signature: self.signature,
+            },
+            &mut out,
+        );
+        out
+    }
+
+    /// Reads a certificate of at most [`MAX_CERTIFICATE_BYTES`]; `known` as for
+    /// [`HopEnvelope::decode_known`]. Checks the format only.
+    ///
+    /// # Errors
+    ///
+    /// A [`DecodeError`] for anything but a canonical certificate with a valid key.
+    pub fn decode_known(
+        bytes: &[u8],
+        known: impl Fn(&[u8; 32]) -> Option<PublicKey>,
+    ) -> Result<Self, DecodeError> {
+        let body = codec::strip_magic(
+            bytes,
+            CERTIFICATE_MAGIC,
+            "tern custody certificate",
+            MAX_CERTIFICATE_BYTES,
+        )?;
+        let w: CertificateWire = codec::decode_canonical(body, CERTIFICATE_MAGIC.len())?;
+        let holder = match known(&w.holder) {
+            Some(k) if k.to_bytes() == w.holder => k,
+            _ => wire_key(&w.holder, "holder")?,
+        };
+        Ok(Self {
+            agent: AgentId(w.agent_id),
+            point: CustodyPoint {
+                hop: w.hop,
+                holder,
+                envelope: w.envelope.map(EnvelopeHash),
+            },
+            signature: w.signature,
+        })
+    }
+
+    /// The point certified, if this certificate is for `agent` and signed by `home`.
+    ///
+    /// # Errors
+    ///
+    /// [`CustodyError::BadCertificate`] otherwise.
+    pub fn verify(&self, agent: &AgentId, home: &PublicKey) -> Result<CustodyPoint, CustodyError> {
+        let consistent =
+            self.agent == *agent && (self.point.hop == 0) == self.point.envelope.is_none();
+        if consistent && home.verify(&certified_bytes(&self.agent, &self.point), &self.signature) {
+            Ok(self.point)
+        } else {
+            Err(CustodyError::BadCertificate)
         }
     }
 }
@@ -80,6 +244,15 @@ pub enum CustodyError {
         /// The hop confirmed.
         confirmed: u64,
     },
+    /// The agent's id was not derived from the key of the node named as its home.
+    #[error("the agent was not launched by {home}")]
+    NotLaunchedBy {
+        /// The home named.
+        home: Box<PublicKey>,
+    },
+    /// The custody certificate is not the home's, or not for this agent.
+    #[error("the custody certificate is not signed by the agent's home for this agent")]
+    BadCertificate,
     /// The tail leads to another node than the one presenting it.
     #[error("the custody tail leads to {holder}, not to the node presenting it")]
     NotHolder {
@@ -162,4 +335,33 @@ pub fn follow_custody(
         });
     }
     Ok(at)
+}
+
+/// Follows `tail` (oldest first) to `presenter` from the point `certificate` vouches for, or
+/// from the launch when there is none, as any node a hop brings the agent to checks it: the
+/// agent's id must be `origin`'s, and the certificate signed by its home. Then as
+/// [`follow_custody`], with the same `genuine`.
+///
+/// # Errors
+///
+/// [`CustodyError::NotLaunchedBy`], [`CustodyError::BadCertificate`], or those of
+/// [`follow_custody`].
+pub fn follow_anchored(
+    agent: &AgentId,
+    origin: &AgentOrigin,
+    certificate: Option<&CustodyCertificate>,
+    tail: &[HopEnvelope],
+    presenter: &PublicKey,
+    genuine: impl Fn(&EnvelopeHash) -> bool,
+) -> Result<CustodyPoint, CustodyError> {
+    if !agent.is_launched_by(&origin.home, &origin.nonce) {
+        return Err(CustodyError::NotLaunchedBy {
+            home: Box::new(origin.home),
+        });
+    }
+    let start = match certificate {
+        Some(c) => c.verify(agent, &origin.home)?,
+        None => CustodyPoint::launched(origin.home),
+    };
+    follow_custody(agent, &start, tail, presenter, genuine)
 }

@@ -35,10 +35,19 @@ pub const FIRST_HOP: u64 = 1;
 const SIGNING_TAG: &str = "tern/hop/v1";
 
 byte_id!(
-    /// An agent's identity for its whole life, chosen at launch (random). Text form: 32 hex digits.
+    /// An agent's identity for its whole life, fixed at launch and bound to the key of the node
+    /// that launched it, its home ([`AgentId::launched`]). Text form: 32 hex digits.
     AgentId,
     16,
     "agent id"
+);
+
+byte_id!(
+    /// The random part of an agent's id, chosen by its home at launch; it travels with the
+    /// agent so that any node can check whose agent it is ([`AgentId::launched`]).
+    LaunchNonce,
+    16,
+    "launch nonce"
 );
 
 byte_id!(
@@ -48,8 +57,32 @@ byte_id!(
     "envelope hash"
 );
 
+/// Domain-separation tag for deriving agent ids.
+const AGENT_ID_TAG: &[u8] = b"tern/agent-id/v1";
+
 impl AgentId {
-    /// A fresh random id from the operating system's generator.
+    /// The id of the agent that the node with key `home` launched with `nonce`: the first 16
+    /// bytes of BLAKE3 over a tag, the key and the nonce. Finding another key that gives an
+    /// existing id is a 128-bit second preimage, so an id names its home: only the home's
+    /// signature vouches for where the agent is ([`crate::CustodyCertificate`]).
+    pub fn launched(home: &PublicKey, nonce: &LaunchNonce) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(AGENT_ID_TAG);
+        hasher.update(&home.to_bytes());
+        hasher.update(&nonce.0);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        Self(id)
+    }
+
+    /// Whether this is the id of an agent launched by `home` with `nonce`.
+    pub fn is_launched_by(&self, home: &PublicKey, nonce: &LaunchNonce) -> bool {
+        Self::launched(home, nonce) == *self
+    }
+}
+
+impl LaunchNonce {
+    /// A fresh random nonce from the operating system's generator.
     pub fn generate() -> Self {
         let mut bytes = [0u8; 16];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);

@@ -11,7 +11,7 @@
 //! | [`SecretKey`], [`PublicKey`] | ed25519 keys of authors and nodes; PEM files, `ed25519:<hex>` text, libp2p `PeerId` text | `keys` |
 //! | [`Manifest`], [`Package`] → [`VerifiedPackage`], [`PackageHash`] | an agent's code, signed by its author; a file format; its content hash | `package` |
 //! | [`HopEnvelope`], [`HopCheck`], [`verify_hop`] → [`VerifiedHop`] | what the sending node signs at each hop; the checks a receiver makes | `envelope` |
-//! | [`CustodyPoint`], [`follow_custody`] | what a home node confirmed of an agent's custody; the check that a node reporting on the agent holds it | `custody` |
+//! | [`CustodyPoint`], [`CustodyCertificate`], [`follow_custody`], [`follow_anchored`] | what a home node confirmed of an agent's custody, and signed; the checks that a node reporting on the agent, or sending it on, holds it | `custody` |
 //! | [`TrustPolicy`] → [`Grant`] | which authors a node runs, with what, and which peers may push to it | `policy` |
 //! | [`DecodeError`] | why bytes are not a package or envelope | `codec` |
 //!
@@ -54,7 +54,7 @@
 //! let continuation_hash = *blake3::hash(continuation).as_bytes();
 //! let envelope = HopEnvelope::sign(
 //!     HopFields {
-//!         agent_id: AgentId::generate(),
+//!         agent_id: AgentId::launched(&a.public(), &LaunchNonce::generate()),
 //!         hop: FIRST_HOP,
 //!         package_hash: package.hash(),
 //!         continuation_hash,
@@ -84,10 +84,13 @@ mod package;
 mod policy;
 
 pub use codec::{BadHex, DecodeError};
-pub use custody::{follow_custody, CustodyError, CustodyPoint};
+pub use custody::{
+    follow_anchored, follow_custody, AgentOrigin, CustodyCertificate, CustodyError, CustodyPoint,
+    CERTIFICATE_MAGIC, MAX_CERTIFICATE_BYTES,
+};
 pub use envelope::{
     check_signatures, verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope, HopError,
-    HopFields, LastHop, SignatureChecked, VerifiedHop, ENVELOPE_MAGIC, FIRST_HOP,
+    HopFields, LastHop, LaunchNonce, SignatureChecked, VerifiedHop, ENVELOPE_MAGIC, FIRST_HOP,
     MAX_ENVELOPE_BYTES,
 };
 pub use keys::{KeyError, PublicKey, SecretKey, PUBLIC_KEY_PREFIX};

@@ -208,3 +208,171 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         Err(CustodyError::OtherAgent { hop: 1 })
     );
 }
+
+/// An agent launched by `home`, and the envelopes of its journey home -> a -> b -> c.
+fn anchored_journey() -> (Journey, AgentOrigin) {
+    let (home, a, b, c) = (key(40), key(41), key(42), key(43));
+    let origin = AgentOrigin {
+        home: home.public(),
+        nonce: LaunchNonce([7; 16]),
+    };
+    let id = AgentId::launched(&origin.home, &origin.nonce);
+    let package = package().hash();
+    let mut hops: Vec<HopEnvelope> = Vec::new();
+    for (from, to) in [(&home, &a), (&a, &b), (&b, &c)] {
+        let previous = hops.last();
+        let e = HopEnvelope::sign(
+            HopFields {
+                agent_id: id,
+                hop: previous.map_or(FIRST_HOP, |p| p.fields().hop + 1),
+                package_hash: package,
+                continuation_hash: continuation_hash(b"state"),
+                previous: previous.map(HopEnvelope::hash),
+                from: from.public(),
+                to: to.public(),
+                time_ms: T0,
+            },
+            from,
+        )
+        .unwrap();
+        hops.push(e);
+    }
+    (
+        Journey {
+            home,
+            a,
+            b,
+            c,
+            hops,
+        },
+        origin,
+    )
+}
+
+#[test]
+fn a_destination_follows_custody_from_the_launch_or_from_a_certificate_of_the_home() {
+    let (j, origin) = anchored_journey();
+    let id = j.hops[0].fields().agent_id;
+    let at_c = CustodyPoint {
+        hop: 3,
+        holder: j.c.public(),
+        envelope: Some(j.hops[2].hash()),
+    };
+    // From the launch, the whole tail.
+    assert_eq!(
+        follow_anchored(&id, &origin, None, &j.hops, &j.c.public(), none),
+        Ok(at_c)
+    );
+    // From the home's certificate of hop 2 at b, only what came after it.
+    let at_b = CustodyPoint {
+        hop: 2,
+        holder: j.b.public(),
+        envelope: Some(j.hops[1].hash()),
+    };
+    let certificate = CustodyCertificate::sign(id, at_b, &j.home);
+    let wire = certificate.encode();
+    assert!(wire.starts_with(CERTIFICATE_MAGIC));
+    let certificate = CustodyCertificate::decode_known(&wire, |_| None).unwrap();
+    assert_eq!(certificate.point(), &at_b);
+    assert_eq!(certificate.encode(), wire);
+    assert_eq!(
+        follow_anchored(
+            &id,
+            &origin,
+            Some(&certificate),
+            &j.hops[2..],
+            &j.c.public(),
+            none
+        ),
+        Ok(at_c)
+    );
+    // Without the certificate, that short tail has nowhere to start from.
+    assert!(follow_anchored(&id, &origin, None, &j.hops[2..], &j.c.public(), none).is_err());
+}
+
+#[test]
+fn no_one_but_the_home_anchors_an_agents_custody() {
+    let (j, origin) = anchored_journey();
+    let id = j.hops[0].fields().agent_id;
+    let stranger = key(44);
+    // The stranger names itself the home (with the real nonce, or any other).
+    for nonce in [origin.nonce, LaunchNonce([8; 16])] {
+        let claimed = AgentOrigin {
+            home: stranger.public(),
+            nonce,
+        };
+        assert_eq!(
+            follow_anchored(&id, &claimed, None, &j.hops, &j.c.public(), none),
+            Err(CustodyError::NotLaunchedBy {
+                home: Box::new(stranger.public())
+            })
+        );
+    }
+    // A certificate of custody at the stranger: signed by the stranger, or by the home for
+    // another agent, or the home's with its hop changed.
+    let at_stranger = CustodyPoint {
+        hop: 3,
+        holder: stranger.public(),
+        envelope: Some(j.hops[2].hash()),
+    };
+    let other = AgentId::launched(&origin.home, &LaunchNonce([9; 16]));
+    let mut changed = CustodyCertificate::sign(id, at_stranger, &j.home).encode();
+    // The hop is the byte after the "hop" key: 3 -> 2.
+    let at = changed
+        .windows(4)
+        .position(|w| w == b"hop\x03")
+        .expect("the hop is encoded as a small integer");
+    changed[at + 3] = 2;
+    let changed = CustodyCertificate::decode_known(&changed, |_| None).unwrap();
+    for forged in [
+        CustodyCertificate::sign(id, at_stranger, &stranger),
+        CustodyCertificate::sign(other, at_stranger, &j.home),
+        changed,
+    ] {
+        assert_eq!(
+            follow_anchored(&id, &origin, Some(&forged), &[], &stranger.public(), none),
+            Err(CustodyError::BadCertificate)
+        );
+    }
+    // A certificate of the launch point with an envelope, or of a later point without one.
+    for point in [
+        CustodyPoint {
+            hop: 0,
+            holder: j.a.public(),
+            envelope: Some(j.hops[0].hash()),
+        },
+        CustodyPoint {
+            hop: 1,
+            holder: j.a.public(),
+            envelope: None,
+        },
+    ] {
+        let odd = CustodyCertificate::sign(id, point, &j.home);
+        assert_eq!(
+            odd.verify(&id, &origin.home),
+            Err(CustodyError::BadCertificate)
+        );
+    }
+}
+
+#[test]
+fn certificates_decode_only_from_their_own_canonical_bytes() {
+    let (j, _) = anchored_journey();
+    let id = j.hops[0].fields().agent_id;
+    let good =
+        CustodyCertificate::sign(id, CustodyPoint::launched(j.home.public()), &j.home).encode();
+    assert!(CustodyCertificate::decode_known(&good, |_| None).is_ok());
+    for bad in [
+        &good[..good.len() - 1],
+        &good[..5],
+        &j.hops[0].encode()[..],
+        &[good.as_slice(), &[0]].concat()[..],
+    ] {
+        assert!(CustodyCertificate::decode_known(bad, |_| None).is_err());
+    }
+    let big = vec![0u8; MAX_CERTIFICATE_BYTES + 1];
+    assert!(matches!(
+        CustodyCertificate::decode_known(&big, |_| None),
+        Err(DecodeError::Oversized { .. })
+    ));
+}

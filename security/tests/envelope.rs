@@ -344,10 +344,25 @@ fn truncations_and_oversize_are_decode_errors() {
 
 #[test]
 fn agent_id_text_round_trips() {
-    let id = AgentId::generate();
+    let home = SecretKey::generate().public();
+    let id = AgentId::launched(&home, &LaunchNonce::generate());
     assert_eq!(id.to_string().len(), 32);
     assert_eq!(id.to_string().parse::<AgentId>(), Ok(id));
-    assert_ne!(AgentId::generate(), id);
+    assert_ne!(AgentId::launched(&home, &LaunchNonce::generate()), id);
+}
+
+#[test]
+fn an_agent_id_names_the_home_and_nonce_it_was_launched_with() {
+    let (home, other) = (
+        SecretKey::generate().public(),
+        SecretKey::generate().public(),
+    );
+    let nonce = LaunchNonce::generate();
+    let id = AgentId::launched(&home, &nonce);
+    assert_eq!(AgentId::launched(&home, &nonce), id, "derived, not drawn");
+    assert!(id.is_launched_by(&home, &nonce));
+    assert!(!id.is_launched_by(&other, &nonce));
+    assert!(!id.is_launched_by(&home, &LaunchNonce::generate()));
 }
 
 #[test]

@@ -603,7 +603,9 @@ pub mod raw_peer {
         ControlRequest, HopOffer, HopRefusal, HopReply, PackageReply, PackageRequest,
         CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
     };
-    use security::{AgentId, HopEnvelope, HopFields, PublicKey, SecretKey, VerifiedPackage};
+    use security::{
+        AgentId, HopEnvelope, HopFields, LaunchNonce, PublicKey, SecretKey, VerifiedPackage,
+    };
 
     type Packages = Arc<Mutex<HashMap<[u8; 32], Vec<u8>>>>;
 
@@ -874,12 +876,18 @@ pub mod raw_peer {
         dest: PublicKey,
         home: &str,
     ) -> (HopOffer, Vec<u8>) {
-        first_hop_of(AgentId::generate(), package, signer, from, dest, home)
+        // An agent launched by `home` (if it is a peer id: otherwise by a throwaway key).
+        let home_key =
+            PublicKey::from_peer_id_str(home).unwrap_or_else(|_| SecretKey::generate().public());
+        let nonce = LaunchNonce::generate();
+        let agent_id = AgentId::launched(&home_key, &nonce);
+        first_hop_of((agent_id, nonce), package, signer, from, dest, home)
     }
 
-    /// [`first_hop`] for a given agent id.
+    /// [`first_hop`] for a given agent id and the nonce the offer names (the id need not be
+    /// the one `home` launched with it).
     pub fn first_hop_of(
-        agent_id: AgentId,
+        (agent_id, nonce): (AgentId, LaunchNonce),
         package: &VerifiedPackage,
         signer: &SecretKey,
         from: PublicKey,
@@ -935,6 +943,8 @@ pub mod raw_peer {
             prepared_micros: 0,
             messages: Vec::new(),
             home: home.to_string(),
+            nonce: nonce.0,
+            certificate: Vec::new(),
             launcher: None,
             custody: Vec::new(),
         };

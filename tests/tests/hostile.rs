@@ -12,7 +12,7 @@ use platform::wire::{
     read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
     ControlRequest, HopDecision, HopOffer, HopRefusal, HopReply, MAX_FRAME,
 };
-use security::{AgentId, HopEnvelope, SecretKey, TrustPolicy, VerifiedPackage};
+use security::{AgentId, HopEnvelope, LaunchNonce, SecretKey, TrustPolicy, VerifiedPackage};
 use tern_tests::raw_peer::{first_hop, first_hop_of, RawPeer};
 
 /// Two honest nodes, `honest` and `target`, and the key of a raw peer that `target` accepts
@@ -609,7 +609,7 @@ fn a_hop_cannot_replace_an_agent_that_lives_on_the_node() {
         let evil = sign(r#"migrate("target"); "hijacked""#, &mesh.author);
         raw.serve(&evil, evil.to_bytes());
         let (offer, continuation) = first_hop_of(
-            id.parse::<AgentId>().unwrap(),
+            (id.parse::<AgentId>().unwrap(), LaunchNonce::generate()),
             &evil,
             &mesh.raw_key,
             mesh.raw_key.public(),
@@ -1106,17 +1106,17 @@ fn a_peer_that_does_not_hold_an_agent_can_neither_end_it_nor_take_its_messages()
 
 /// Row 9 of issue 12: a peer target accepts pushes from claims hop 1 of an agent that is still
 /// on honest (or hop 2, "after" a hop 1 a throwaway key signed to it), before honest sends it
-/// there. The real hop 1 then comes by another envelope, or after a later hop: a conflict,
-/// refused, never taken for a duplicate (which would make honest delete the only real copy).
-/// The agent stays on honest, where `migrate` throws.
+/// there; it names honest as the agent's home with a nonce of its choosing, or itself. The id
+/// is honest's, and custody must lead from honest: target refuses the claim, and the agent then
+/// moves there as it would have.
 #[test]
-fn a_claim_on_a_hop_by_another_envelope_is_a_conflict_and_the_agent_stays() {
-    for forged_hop in [1, 2] {
-        run(claim_then_hop(forged_hop));
+fn a_push_of_an_agent_the_sender_never_held_is_refused_and_the_agent_moves_on() {
+    for (forged_hop, home_is_raw) in [(1, false), (2, false), (1, true)] {
+        run(claim_then_hop(forged_hop, home_is_raw));
     }
 }
 
-async fn claim_then_hop(forged_hop: u64) {
+async fn claim_then_hop(forged_hop: u64, home_is_raw: bool) {
     let mesh = Mesh::start().await;
     let raw = mesh.raw();
     let victim = sign(
@@ -1132,11 +1132,15 @@ async fn claim_then_hop(forged_hop: u64) {
     held_in_state(&mesh.honest, &id, "waiting").await;
     let evil = sign(r#"migrate("target"); receive(); "hijacked""#, &mesh.author);
     raw.serve(&evil, evil.to_bytes());
-    let home = mesh.honest.peer_id().to_string();
-    let agent_id = id.parse::<AgentId>().unwrap();
+    let home = if home_is_raw {
+        raw.peer_id.to_string()
+    } else {
+        mesh.honest.peer_id().to_string()
+    };
+    let claimed = (id.parse::<AgentId>().unwrap(), LaunchNonce::generate());
     let (offer, continuation) = if forged_hop == 1 {
         first_hop_of(
-            agent_id,
+            claimed,
             &evil,
             &mesh.raw_key,
             mesh.raw_key.public(),
@@ -1147,7 +1151,7 @@ async fn claim_then_hop(forged_hop: u64) {
         // Hop 1 from a throwaway key to the raw peer, then hop 2 from the raw peer to target.
         let throwaway = SecretKey::generate();
         let (mut offer, continuation) = first_hop_of(
-            agent_id,
+            claimed,
             &evil,
             &throwaway,
             throwaway.public(),
@@ -1173,24 +1177,67 @@ async fn claim_then_hop(forged_hop: u64) {
     let mut s = raw.open_hop().await;
     let reply = send_hop(&mut s, &offer, &continuation).await;
     assert!(
-        matches!(reply, HopReply::Stored),
-        "the forged hop {forged_hop} is one link deep and takes (the gap ARCHITECTURE names): {reply:?}"
+        matches!(&reply, HopReply::Refused(HopRefusal::Verification(why)) if why.contains("not launched by")),
+        "the forged hop {forged_hop} (home {home}): {reply:?}"
     );
     mesh.honest
         .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
         .await
         .expect("delivered");
     let end = ended(end).await;
-    match &end {
-        AgentEnd::Finished { json, node, .. } => {
-            assert_eq!(node, "honest");
-            assert!(
-                json.starts_with(r#"["honest","#) && json.contains("by another envelope"),
-                "forged hop {forged_hop}: {json}"
-            );
-        }
-        other => panic!("forged hop {forged_hop}: {other:?}"),
-    }
+    assert!(
+        matches!(&end, AgentEnd::Finished { json, node, .. } if json == r#"["target",""]"# && node == "target"),
+        "forged hop {forged_hop}: {end:?}"
+    );
+}
+
+/// The home of an agent (here the raw peer, which launched it) can sign two hops of the same
+/// number to two nodes, or two envelopes of one hop to the same node: a fork, which only a
+/// holder can make. The node that took one refuses the other as a conflict, logged, never as
+/// a duplicate.
+#[test]
+fn a_second_envelope_for_a_hop_taken_already_is_a_conflict() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let agent = sign(r#"migrate("target"); "ran""#, &mesh.author);
+        raw.serve(&agent, agent.to_bytes());
+        let home = raw.peer_id.to_string();
+        let (first, continuation) = first_hop(
+            &agent,
+            &mesh.raw_key,
+            mesh.raw_key.public(),
+            mesh.target_key,
+            &home,
+        );
+        let mut s = raw.open_hop().await;
+        let reply = send_hop(&mut s, &first, &continuation).await;
+        assert!(matches!(reply, HopReply::Stored), "{reply:?}");
+        // The same hop again by the same envelope is a retry; by another, a conflict.
+        let mut s = raw.open_hop().await;
+        let reply = send_hop(&mut s, &first, &continuation).await;
+        assert!(matches!(reply, HopReply::Duplicate), "{reply:?}");
+        let signed = HopEnvelope::decode(&first.envelope).unwrap();
+        let other = HopEnvelope::sign(
+            security::HopFields {
+                time_ms: signed.fields().time_ms + 1,
+                ..signed.fields().clone()
+            },
+            &mesh.raw_key,
+        )
+        .unwrap();
+        let second = HopOffer {
+            envelope: other.encode(),
+            ..first.clone()
+        };
+        let mut s = raw.open_hop().await;
+        let reply = send_hop(&mut s, &second, &continuation).await;
+        assert!(
+            matches!(reply, HopReply::Refused(HopRefusal::Conflict { hop: 1 })),
+            "{reply:?}"
+        );
+        mesh.still_serves().await;
+    });
 }
 
 /// Row 6 of issue 12: ten throwaway identities start control requests (a length saying 1 MiB,

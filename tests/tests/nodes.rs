@@ -238,6 +238,65 @@ fn confirmed_custody_does_not_travel_on() {
     });
 }
 
+/// Every node an agent comes to follows its custody from the home's latest certificate, so the
+/// tail since then must travel whole. With its home gone, an agent carries up to 256 envelopes
+/// of it; the hop that would need more is refused at the source (`migrate` throws, naming why),
+/// and the agent stays, alive, where it is.
+#[test]
+fn an_agent_whose_home_is_gone_stays_where_it_is_when_its_custody_is_full() {
+    rt().block_on(async {
+        let (mesh, package) = mesh_for(
+            3,
+            r#"
+                let home = here();
+                let away = [];
+                for n in nodes() { if n != home { away.push(n); } }
+                migrate(away[0]);
+                receive();
+                let i = 0;
+                let why = "";
+                try {
+                    while i < 400 { migrate(away[(i + 1) % 2]); i += 1; }
+                } catch (e) { why = e; }
+                [i, why]
+            "#,
+        )
+        .await;
+        let mut events = mesh.nodes()[1].events();
+        let mut events_2 = mesh.nodes()[2].events();
+        let (id, _end) = mesh.nodes()[0].launch(package, None).expect("launch");
+        eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
+        mesh.nodes()[1]
+            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+            .await
+            .expect("delivered");
+        mesh.nodes()[0].stop().await;
+        let end = tokio::time::timeout(Duration::from_secs(120), async {
+            loop {
+                let event = tokio::select! {
+                    e = events.recv() => e,
+                    e = events_2.recv() => e,
+                };
+                match event {
+                    Ok(platform::node::NodeEvent::AgentEnded { agent, end }) if agent == id => {
+                        return end
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await
+        .expect("the agent ends");
+        let (json, _, _) = finished(end);
+        // Hop 1 came from the home (certified), then 256 envelopes of tail: hops 2 to 257.
+        assert!(
+            json.starts_with("[256,") && json.contains("certified none of its last 257 hops"),
+            "{json}"
+        );
+    });
+}
+
 async fn mesh_for(nodes: usize, source: &str) -> (LoopbackMesh, security::VerifiedPackage) {
     let (package, trust) = package(source);
     let mesh = LoopbackMesh::start(nodes, trust, agent_lang::Limits::default())

@@ -1,13 +1,14 @@
-//! The node-to-node control protocol (`/tern/ctl/5`), both sides: the requests this node sends
+//! The node-to-node control protocol (`/tern/ctl/6`), both sides: the requests this node sends
 //! to a peer over a pooled stream ([`control_request`]), and the answers it gives, one handler
 //! per request. What an operator's client asks is `operators`.
 
 use std::sync::Arc;
 
 use libp2p::PeerId;
+use security::CustodyPoint;
 
 use super::accept::ExchangePermits;
-use super::custody::confirm_report;
+use super::custody::{certify, confirm_report};
 use super::fault::FaultPoint;
 use super::hop::{departed_by, hop_committed, hop_held};
 use super::mailbox::Wake;
@@ -104,7 +105,7 @@ async fn answer(
         },
         ControlRequest::Location { agent, custody } => {
             let reply = match take_report(shared, peer, &agent, custody, "location").await {
-                Ok(()) => ControlReply::Ok,
+                Ok(point) => certify(shared, &agent, point),
                 Err(refused) => refused,
             };
             write_frame(stream, &reply).await
@@ -115,7 +116,7 @@ async fn answer(
             custody,
         } => {
             let reply = match take_report(shared, peer, &agent, custody, "end").await {
-                Ok(()) => {
+                Ok(_) => {
                     deliver_end(shared, &agent, end);
                     ControlReply::Ok
                 }
@@ -161,11 +162,9 @@ async fn take_report(
     agent: &str,
     custody: Vec<serde_bytes::ByteBuf>,
     what: &str,
-) -> Result<(), ControlReply> {
+) -> Result<CustodyPoint, ControlReply> {
     let checked = match shared.sender_rates.admit(&peer) {
-        Ok(()) => confirm_report(shared, agent, custody, peer)
-            .await
-            .map(|_| ()),
+        Ok(()) => confirm_report(shared, agent, custody, peer).await,
         Err(refusal) => Err(refusal),
     };
     checked.map_err(|refusal| {

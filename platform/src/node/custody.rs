@@ -2,17 +2,24 @@
 //! ended, and proves it holds the agent with its custody tail (`security::follow_custody`).
 //!
 //! Both sides live here. The holder presents the envelopes it has since what the home last
-//! confirmed ([`tail_of`]) and drops those the home confirmed ([`ConfirmedCustody`]). The home
-//! follows the tail from its `custody` record ([`confirm_report`]) and takes the report only if
-//! it leads to the peer that sent it: a peer that never held the agent can neither end it nor
-//! redirect its messages, whatever ids it learned.
+//! confirmed ([`tail_of`]). The home follows the tail from its `custody` record
+//! ([`confirm_report`]) and takes the report only if it leads to the peer that sent it: a peer
+//! that never held the agent can neither end it nor redirect its messages, whatever ids it
+//! learned. For a location it answers with its certificate of the custody it confirmed, which
+//! the holder keeps ([`ConfirmedCustody`]) and sends on with the agent instead of the tail
+//! before it.
+//!
+//! Any other node an agent comes to checks its custody the same way ([`check_arrival`]), from
+//! the home's latest certificate the agent carries, or from its launch: a peer allowed to push
+//! agents cannot push a copy of one it never held.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
 use security::{
-    follow_custody, AgentId, CustodyError, CustodyPoint, EnvelopeHash, HopEnvelope, PublicKey,
+    follow_anchored, follow_custody, AgentId, AgentOrigin, CustodyCertificate, CustodyError,
+    CustodyPoint, EnvelopeHash, HopEnvelope, LaunchNonce, PublicKey,
 };
 use serde_bytes::ByteBuf;
 
@@ -20,7 +27,7 @@ use super::control::control_request;
 use super::hop::departed_by;
 use super::{lock, Shared};
 use crate::store::{AgentMeta, StoreError};
-use crate::wire::{ControlRefusal, ControlReply, ControlRequest, MAX_CUSTODY_TAIL};
+use crate::wire::{ControlRefusal, ControlReply, ControlRequest};
 
 /// The custody tail the holder of `meta` presents: the envelopes the home may not have
 /// confirmed, then the one that brought the agent here. Empty on the home node before the
@@ -34,16 +41,61 @@ pub(super) fn tail_of(meta: &AgentMeta) -> Vec<ByteBuf> {
 }
 
 /// The custody an arriving agent keeps: the tail it came with and the envelope its source held
-/// it by, the newest [`MAX_CUSTODY_TAIL`] of them (older ones the home has confirmed long ago,
-/// or cannot follow any more: see [`MAX_CUSTODY_TAIL`]).
+/// it by.
 pub(super) fn arriving_tail(carried: Vec<ByteBuf>, previous: &[u8]) -> Vec<ByteBuf> {
     let mut tail = carried;
     if !previous.is_empty() {
         tail.push(ByteBuf::from(previous.to_vec()));
     }
-    let excess = tail.len().saturating_sub(MAX_CUSTODY_TAIL);
-    tail.drain(..excess);
     tail
+}
+
+/// On any node but the agent's home: whether an agent arriving by the custody `tail` (ending
+/// with the envelope of this very hop) comes from its holder. The agent's id must be the one
+/// `home` launched with `nonce`, and the tail must lead to this node from the home's
+/// `certificate` (or from the launch, if empty). Signatures `genuine` vouches for are not
+/// checked again.
+///
+/// # Errors
+///
+/// [`ControlRefusal::NoCustody`], saying why.
+pub(super) fn check_arrival(
+    shared: &Shared,
+    agent: &str,
+    (home, nonce): (&str, [u8; 16]),
+    certificate: &[u8],
+    tail: &[ByteBuf],
+    genuine: impl Fn(&EnvelopeHash) -> bool,
+) -> Result<CustodyPoint, ControlRefusal> {
+    let refuse = |reason: String| ControlRefusal::NoCustody {
+        agent: agent.to_string(),
+        reason,
+    };
+    let home = PublicKey::from_peer_id_str(home)
+        .map_err(|_| refuse("its home is not an ed25519 peer id".into()))?;
+    let origin = AgentOrigin {
+        home,
+        nonce: LaunchNonce(nonce),
+    };
+    let known = |k: &[u8; 32]| shared.peers.known_key(k);
+    let certificate = if certificate.is_empty() {
+        None
+    } else {
+        Some(
+            CustodyCertificate::decode_known(certificate, known)
+                .map_err(|e| refuse(format!("custody certificate: {e}")))?,
+        )
+    };
+    let (id, tail) = decode_tail(shared, agent, tail)?;
+    follow_anchored(
+        &id,
+        &origin,
+        certificate.as_ref(),
+        &tail,
+        shared.peers.local_key(),
+        genuine,
+    )
+    .map_err(|e| refuse(e.to_string()))
 }
 
 /// On the home node: whether an agent coming home by the custody `tail` (ending with the
@@ -108,18 +160,7 @@ fn follow(
     };
     let recorded =
         recorded.ok_or_else(|| refuse("no agent of this id was launched here".into()))?;
-    let id: AgentId = agent
-        .parse()
-        .map_err(|_| refuse("not an agent id".into()))?;
-    let known = |k: &[u8; 32]| shared.peers.known_key(k);
-    let tail: Vec<HopEnvelope> = tail
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            HopEnvelope::decode_known(e, known)
-                .map_err(|err| refuse(format!("envelope {i} of the tail: {err}")))
-        })
-        .collect::<Result<_, _>>()?;
+    let (id, tail) = decode_tail(shared, agent, tail)?;
     follow_custody(&id, &recorded, &tail, presenter, genuine).map_err(|e| match e {
         CustodyError::Superseded { hop, .. } => ControlRefusal::Superseded {
             agent: agent.to_string(),
@@ -127,6 +168,31 @@ fn follow(
         },
         e => refuse(e.to_string()),
     })
+}
+
+/// The agent id and the envelopes of a custody tail, decoded.
+fn decode_tail(
+    shared: &Shared,
+    agent: &str,
+    tail: &[ByteBuf],
+) -> Result<(AgentId, Vec<HopEnvelope>), ControlRefusal> {
+    let refuse = |reason: String| ControlRefusal::NoCustody {
+        agent: agent.to_string(),
+        reason,
+    };
+    let id: AgentId = agent
+        .parse()
+        .map_err(|_| refuse("not an agent id".into()))?;
+    let known = |k: &[u8; 32]| shared.peers.known_key(k);
+    let tail = tail
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            HopEnvelope::decode_known(e, known)
+                .map_err(|err| refuse(format!("envelope {i} of the tail: {err}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((id, tail))
 }
 
 /// On the home node: takes a report of `agent` from `presenter` with custody `tail` if the tail
@@ -174,6 +240,20 @@ pub(super) async fn confirm_report(
         })
         .await
         .map_err(|e: StoreError| ControlRefusal::Store(e.to_string()))?
+}
+
+/// The home's answer to a location report it took: its certificate of `point`, the custody of
+/// `agent` it confirmed.
+pub(super) fn certify(shared: &Shared, agent: &str, point: CustodyPoint) -> ControlReply {
+    match agent.parse::<AgentId>() {
+        Ok(id) => ControlReply::CustodyConfirmed(
+            CustodyCertificate::sign(id, point, &shared.key).encode(),
+        ),
+        Err(_) => ControlReply::Refused(ControlRefusal::NoCustody {
+            agent: agent.to_string(),
+            reason: "not an agent id".into(),
+        }),
+    }
 }
 
 /// Whether the hop that brought the agent to the presenter (the last of its tail, `to`) was
@@ -237,34 +317,91 @@ async fn hop_completed(
     }
 }
 
-/// On the holder: the custody its agents' homes confirmed while they were here (agent id ->
-/// the envelope the agent was held by), until the agent's next hop drops the tail before it
+/// Reports where the agent of `meta` is (here) to its home `home`, with its custody tail.
+///
+/// # Errors
+///
+/// Why the home did not take it, or answered something else than its certificate of this
+/// custody.
+pub(super) async fn report_location(
+    shared: &Arc<Shared>,
+    meta: &AgentMeta,
+    home: PeerId,
+) -> Result<Vec<u8>, ReportFailure> {
+    let request = ControlRequest::Location {
+        agent: meta.id.clone(),
+        custody: tail_of(meta),
+    };
+    let certificate = match control_request(shared, home, &request).await {
+        Ok(ControlReply::CustodyConfirmed(certificate)) => certificate,
+        Ok(ControlReply::Refused(refusal)) => return Err(ReportFailure::Refused(refusal)),
+        Ok(other) => return Err(ReportFailure::Answer(format!("{other:?}"))),
+        Err(e) => return Err(ReportFailure::Answer(e.to_string())),
+    };
+    // Only a certificate of this very custody replaces the tail.
+    let here = CustodyPoint {
+        hop: meta.hop,
+        holder: *shared.peers.local_key(),
+        envelope: Some(EnvelopeHash(*blake3::hash(&meta.envelope).as_bytes())),
+    };
+    match CustodyCertificate::decode_known(&certificate, |k| shared.peers.known_key(k)) {
+        Ok(c) if *c.point() == here => Ok(certificate),
+        Ok(_) => Err(ReportFailure::Answer(
+            "a certificate of another custody".into(),
+        )),
+        Err(e) => Err(ReportFailure::Answer(format!(
+            "a certificate that does not decode: {e}"
+        ))),
+    }
+}
+
+/// Why a location report did not bring a certificate back.
+#[derive(Debug)]
+pub(super) enum ReportFailure {
+    /// The home refused the report.
+    Refused(ControlRefusal),
+    /// The home could not be asked, or gave an answer that is no certificate of the custody.
+    Answer(String),
+}
+
+impl std::fmt::Display for ReportFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused(refusal) => write!(f, "the home refused it: {refusal}"),
+            Self::Answer(e) => write!(f, "the home answered {e}"),
+        }
+    }
+}
+
+/// On the holder: the certificates its agents' homes sent while they were here (agent id ->
+/// the envelope the agent was held by, and the home's certificate of that custody), until the
+/// agent's next hop sends the certificate instead of the tail before it
 /// ([`ConfirmedCustody::take`]). Bounded: past [`CONFIRMED_REMEMBERED`] entries it starts
-/// afresh (an agent that then leaves untrimmed only carries its tail a little longer).
+/// afresh (an agent that then leaves carries its tail a little longer).
 #[derive(Default)]
 pub(super) struct ConfirmedCustody {
     /// A `std` mutex held for one map operation.
-    by_agent: Mutex<HashMap<String, EnvelopeHash>>,
+    by_agent: Mutex<HashMap<String, (EnvelopeHash, Vec<u8>)>>,
 }
 
 /// Confirmations kept at most.
 const CONFIRMED_REMEMBERED: usize = 65_536;
 
 impl ConfirmedCustody {
-    /// The home confirmed custody of `agent` up to the envelope with hash `envelope`.
-    pub(super) fn record(&self, agent: &str, envelope: EnvelopeHash) {
+    /// The home certified custody of `agent` held by the envelope with hash `envelope`.
+    pub(super) fn record(&self, agent: &str, envelope: EnvelopeHash, certificate: Vec<u8>) {
         let mut map = lock(&self.by_agent);
         if map.len() >= CONFIRMED_REMEMBERED {
             map.clear();
         }
-        map.insert(agent.to_string(), envelope);
+        map.insert(agent.to_string(), (envelope, certificate));
     }
 
-    /// Whether the home confirmed custody of `agent` held by `envelope` (its encoded bytes):
+    /// The home's certificate of `agent` held by `envelope` (its encoded bytes), if it came:
     /// then the tail before it need not travel. Forgets the confirmation either way.
-    pub(super) fn take(&self, agent: &str, envelope: &[u8]) -> bool {
-        lock(&self.by_agent).remove(agent).is_some_and(|h| {
-            !envelope.is_empty() && blake3::hash(envelope).as_bytes() == h.as_bytes()
-        })
+    pub(super) fn take(&self, agent: &str, envelope: &[u8]) -> Option<Vec<u8>> {
+        let (hash, certificate) = lock(&self.by_agent).remove(agent)?;
+        (!envelope.is_empty() && blake3::hash(envelope).as_bytes() == hash.as_bytes())
+            .then_some(certificate)
     }
 }

@@ -285,6 +285,8 @@ mod tests {
                 state: AgentState::Ready,
                 envelope: Vec::new(),
                 custody: Vec::new(),
+                nonce: [0; 16],
+                certificate: Vec::new(),
             },
             Vec::new(),
         );

@@ -8,7 +8,7 @@ use std::time::Duration;
 use agent_lang::rhai::Dynamic;
 use agent_lang::{Execution, HostEnv, Outcome, Resume};
 use libp2p::PeerId;
-use security::{AgentId, CustodyPoint, VerifiedPackage};
+use security::{AgentId, CustodyPoint, LaunchNonce, VerifiedPackage};
 use tokio::sync::oneshot;
 
 use super::control::control_request;
@@ -79,7 +79,8 @@ pub(super) fn launch(
     shared
         .loaded(hash.as_bytes())
         .map_err(ControlRefusal::Package)?;
-    let id = AgentId::generate().to_string();
+    let nonce = LaunchNonce::generate();
+    let id = AgentId::launched(shared.peers.local_key(), &nonce).to_string();
     let (tx, rx) = oneshot::channel();
     lock(&shared.agents.launchers)
         .entry(id.clone())
@@ -98,6 +99,8 @@ pub(super) fn launch(
             state: AgentState::Ready,
             envelope: Vec::new(),
             custody: Vec::new(),
+            nonce: nonce.0,
+            certificate: Vec::new(),
         },
         continuation: Vec::new(),
     };

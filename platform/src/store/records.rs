@@ -103,6 +103,15 @@ pub struct AgentMeta {
     /// [`MAX_CUSTODY_TAIL`](crate::wire::MAX_CUSTODY_TAIL).
     #[serde(default)]
     pub custody: Vec<serde_bytes::ByteBuf>,
+    /// The nonce the agent's home derived its id with (`security::AgentId::launched`): with
+    /// `home`, it shows whose agent this is.
+    #[serde(default, with = "serde_bytes")]
+    pub nonce: [u8; 16],
+    /// The home's latest certificate of the agent's custody that came here
+    /// (`security::CustodyCertificate`), from which `custody` leads on; empty if none came
+    /// (custody then leads on from the launch).
+    #[serde(default, with = "serde_bytes")]
+    pub certificate: Vec<u8>,
 }
 
 impl AgentMeta {
@@ -129,6 +138,10 @@ struct MetaRef<'a> {
     #[serde(with = "serde_bytes")]
     envelope: &'a [u8],
     custody: &'a [serde_bytes::ByteBuf],
+    #[serde(with = "serde_bytes")]
+    nonce: &'a [u8; 16],
+    #[serde(with = "serde_bytes")]
+    certificate: &'a [u8],
     /// The continuation when it is inline.
     #[serde(with = "serde_bytes", skip_serializing_if = "Option::is_none")]
     continuation: Option<&'a [u8]>,
@@ -147,6 +160,8 @@ impl<'a> MetaRef<'a> {
             state: &m.state,
             envelope: &m.envelope,
             custody: &m.custody,
+            nonce: &m.nonce,
+            certificate: &m.certificate,
             continuation,
         }
     }
@@ -163,6 +178,8 @@ impl<'a> MetaRef<'a> {
             state: &r.state,
             envelope: &r.envelope,
             custody: &r.custody,
+            nonce: &r.nonce,
+            certificate: &r.certificate,
             continuation,
         }
     }
@@ -187,6 +204,10 @@ struct StoredAgent {
     #[serde(default)]
     custody: Vec<serde_bytes::ByteBuf>,
     #[serde(default, with = "serde_bytes")]
+    nonce: [u8; 16],
+    #[serde(default, with = "serde_bytes")]
+    certificate: Vec<u8>,
+    #[serde(default, with = "serde_bytes")]
     continuation: Option<Vec<u8>>,
 }
 
@@ -203,6 +224,8 @@ impl StoredAgent {
             state: self.state,
             envelope: self.envelope,
             custody: self.custody,
+            nonce: self.nonce,
+            certificate: self.certificate,
         };
         (meta, self.continuation)
     }

@@ -18,8 +18,9 @@ const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 use super::gate::Arriving;
 use super::recover::ask_hop_decision;
 use crate::node::accept::ExchangePermits;
-use crate::node::control::control_request;
-use crate::node::custody::{arriving_tail, check_homecoming, tail_of};
+use crate::node::custody::{
+    arriving_tail, check_arrival, check_homecoming, report_location, ReportFailure,
+};
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::{ensure_package, Loaded};
@@ -28,8 +29,8 @@ use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::{now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, HopSeen};
 use crate::wire::{
-    read_bulk, read_frame, write_frame, ControlRefusal, ControlReply, ControlRequest, HopDecision,
-    HopOffer, HopRefusal, HopReply, WireError, MAX_FRAME,
+    read_bulk, read_frame, write_frame, ControlRefusal, HopDecision, HopOffer, HopRefusal,
+    HopReply, WireError, MAX_FRAME,
 };
 
 /// Destination side of hops: offer after offer on one stream, until the source closes it.
@@ -219,19 +220,32 @@ pub(in crate::node) async fn receive_hop(
         )));
         return Err(after_decision(stream, refusal).await);
     }
+    // Custody must lead to this node: coming home, from the custody recorded here; anywhere
+    // else, from the home's certificate the agent carries (or its launch).
     let custody = arriving_tail(offer.custody, &offer.previous);
-    // Coming home: only from the node the home confirmed, or one its tail leads from it to.
-    let custody = if home_here {
-        let mut tail = custody;
-        tail.push(serde_bytes::ByteBuf::from(offer.envelope.clone()));
-        if let Err(e) = check_homecoming(shared, &id, &tail, &EnvelopeHash(envelope_hash)) {
-            tracing::warn!(%peer, "refused an agent coming home: {e}");
-            let refusal = refused(HopRefusal::Verification(e.to_string()));
-            return Err(after_decision(stream, refusal).await);
-        }
-        Vec::new()
+    let mut tail = custody.clone();
+    tail.push(serde_bytes::ByteBuf::from(offer.envelope.clone()));
+    let previous_hash = previous.as_ref().map(HopEnvelope::hash);
+    let checked = if home_here {
+        check_homecoming(shared, &id, &tail, &EnvelopeHash(envelope_hash))
     } else {
-        custody
+        let genuine = |h: &EnvelopeHash| {
+            *h.as_bytes() == envelope_hash
+                || Some(*h) == previous_hash
+                || shared.departures.signed_here(h.as_bytes())
+        };
+        let origin = (offer.home.as_str(), offer.nonce);
+        check_arrival(shared, &id, origin, &offer.certificate, &tail, genuine)
+    };
+    if let Err(e) = checked {
+        tracing::warn!(%peer, "refused a hop: {e}");
+        let refusal = refused(HopRefusal::Verification(e.to_string()));
+        return Err(after_decision(stream, refusal).await);
+    }
+    let (custody, certificate) = if home_here {
+        (Vec::new(), Vec::new())
+    } else {
+        (custody, offer.certificate)
     };
     let rec = AgentRecord {
         meta: AgentMeta {
@@ -249,6 +263,8 @@ pub(in crate::node) async fn receive_hop(
             },
             envelope: offer.envelope,
             custody,
+            nonce: offer.nonce,
+            certificate,
         },
         continuation,
     };
@@ -619,24 +635,19 @@ pub(in crate::node) fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecor
     if home == *from {
         return;
     }
-    let task_shared = shared.clone();
-    let request = ControlRequest::Location {
-        agent: rec.id.clone(),
-        custody: tail_of(rec),
-    };
-    let (agent, envelope) = (
-        rec.id.clone(),
-        EnvelopeHash(*blake3::hash(&rec.envelope).as_bytes()),
-    );
+    let (task_shared, meta) = (shared.clone(), rec.meta.clone());
     shared.tasks.spawn(async move {
-        match control_request(&task_shared, home, &request).await {
-            Ok(ControlReply::Ok) => task_shared.confirmed.record(&agent, envelope),
-            Ok(ControlReply::Refused(ControlRefusal::Superseded { .. })) => {}
-            Ok(ControlReply::Refused(refusal)) => {
+        let agent = &meta.id;
+        match report_location(&task_shared, &meta, home).await {
+            Ok(certificate) => {
+                let envelope = EnvelopeHash(*blake3::hash(&meta.envelope).as_bytes());
+                task_shared.confirmed.record(agent, envelope, certificate)
+            }
+            Err(ReportFailure::Refused(ControlRefusal::Superseded { .. })) => {}
+            Err(ReportFailure::Refused(refusal)) => {
                 tracing::warn!(agent, "the home node refused the agent's location: {refusal}")
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!("cannot tell the home node where the agent is (forwarding pointers still lead there): {e}"),
+            Err(e) => tracing::debug!(agent, "cannot tell the home node where the agent is (forwarding pointers still lead there): {e}"),
         }
     });
 }

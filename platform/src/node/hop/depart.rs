@@ -10,9 +10,12 @@ use agent_lang::{unknown_node_error, Execution};
 use futures::future::{BoxFuture, Shared as SharedFuture};
 use futures::FutureExt;
 use libp2p::PeerId;
-use security::{AgentId, HopEnvelope, HopFields, FIRST_HOP};
+use security::{
+    AgentId, CustodyCertificate, CustodyPoint, EnvelopeHash, HopEnvelope, HopFields, FIRST_HOP,
+};
 
 use super::recover::{recover_departure, resolve_departure};
+use crate::node::custody::report_location;
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::Loaded;
@@ -23,7 +26,7 @@ use crate::node::{lock, now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Batch, Durability, StoreError};
 use crate::wire::{
     push_frame, read_frame, write_bulk, write_frame, write_frames, HopDecision, HopOffer, HopReply,
-    HOP_PROTOCOL, INLINE_CONTINUATION, MAX_FRAME,
+    HOP_PROTOCOL, INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME,
 };
 
 /// Envelopes this node signed that it remembers: an agent that comes back presents one as its
@@ -101,12 +104,53 @@ pub(in crate::node) async fn complete_departure(
     Ok(())
 }
 
-/// Drops the custody tail the agent's home confirmed while the agent was here: only the
-/// envelope it is held by travels on as custody.
-fn drop_confirmed_custody(shared: &Shared, rec: &mut AgentRecord) {
-    if shared.confirmed.take(&rec.id, &rec.envelope) {
+/// Brings the custody the agent takes along up to date before it leaves. On its home, the home
+/// certifies that it holds it. Elsewhere, the home's certificate of this node's custody, if one
+/// came while the agent was here, replaces the tail before it; a tail too long to take along
+/// is certified first, or the agent stays.
+async fn anchor_custody(
+    shared: &Arc<Shared>,
+    rec: &mut AgentRecord,
+    agent_id: AgentId,
+) -> Result<(), String> {
+    let held_by = EnvelopeHash(*blake3::hash(&rec.envelope).as_bytes());
+    if rec.home == shared.peers.local_text() {
+        // (Before the first hop, custody leads from the launch, which needs no certificate.)
+        if !rec.envelope.is_empty() {
+            let point = CustodyPoint {
+                hop: rec.hop,
+                holder: *shared.peers.local_key(),
+                envelope: Some(held_by),
+            };
+            rec.certificate = CustodyCertificate::sign(agent_id, point, &shared.key).encode();
+        }
         rec.custody.clear();
+        return Ok(());
     }
+    let certificate = match shared.confirmed.take(&rec.id, &rec.envelope) {
+        Some(certificate) => certificate,
+        None if rec.custody.len() >= MAX_CUSTODY_TAIL => {
+            let home = rec.home.parse::<PeerId>().map_err(|e| {
+                format!(
+                    "migrate: the agent's home {} is not a peer id: {e}",
+                    rec.home
+                )
+            })?;
+            report_location(shared, &rec.meta, home)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "migrate: the agent's home has certified none of its last {} hops, and \
+                         cannot now ({e}): it stays until its home can be reached",
+                        rec.custody.len() + 1
+                    )
+                })?
+        }
+        None => return Ok(()),
+    };
+    rec.certificate = certificate;
+    rec.custody.clear();
+    Ok(())
 }
 
 /// What became of an agent's hop attempt.
@@ -145,7 +189,11 @@ pub(in crate::node) async fn hop(
         .peers
         .key_of(&dest)
         .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
-    drop_confirmed_custody(shared, rec);
+    let agent_id: AgentId = rec
+        .id
+        .parse()
+        .map_err(|_| "migrate: agent id is not an envelope id".to_string())?;
+    anchor_custody(shared, rec, agent_id).await?;
     let started = std::time::Instant::now();
     let continuation = exec
         .encode_into(Vec::with_capacity(exec.encoded_len_hint()))
@@ -158,10 +206,6 @@ pub(in crate::node) async fn hop(
                 .map_err(|e| format!("migrate: stored envelope: {e}"))?,
         )
     };
-    let agent_id: AgentId = rec
-        .id
-        .parse()
-        .map_err(|_| "migrate: agent id is not an envelope id".to_string())?;
     let next_hop = previous.as_ref().map_or(FIRST_HOP, |p| p.fields().hop + 1);
     let envelope = HopEnvelope::sign(
         HopFields {
@@ -261,6 +305,8 @@ pub(in crate::node) async fn hop(
             .map(serde_bytes::ByteBuf::from)
             .collect(),
         home: rec.home.clone(),
+        nonce: rec.nonce,
+        certificate: rec.certificate.clone(),
         launcher: rec.launcher.clone(),
         custody: rec.custody.clone(),
     };

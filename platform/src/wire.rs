@@ -321,6 +321,8 @@ pub struct HopOffer {
     /// The envelope the source received this agent with (empty on its first hop).
     #[serde(with = "serde_bytes")]
     pub previous: Vec<u8>,
+    /// The commit signature of that hop, by its own source (none on the first hop).
+    pub previous_commit: Option<CommitSignature>,
     /// Length of the continuation.
     pub continuation_len: u64,
     /// The continuation itself when it is at most [`INLINE_CONTINUATION`] bytes, and then a
@@ -337,13 +339,12 @@ pub struct HopOffer {
     /// Messages queued for the agent at the source, oldest first: they travel with it, so the
     /// destination's queue keeps their order. At most [`MAX_CARRIED_MESSAGES`] (more do not
     /// decode: a million empty messages in one frame would cost tens of MiB to decode).
-    #[serde(deserialize_with = "at_most::<MAX_CARRIED_MESSAGES, _>")]
+    #[serde(deserialize_with = "at_most::<MAX_CARRIED_MESSAGES, _, _>")]
     pub messages: Vec<serde_bytes::ByteBuf>,
-    /// The envelopes the source received the agent with before `previous` that its home node
-    /// may not have confirmed yet, oldest first (the custody tail): at most
-    /// [`MAX_CUSTODY_TAIL`].
-    #[serde(deserialize_with = "at_most::<MAX_CUSTODY_TAIL, _>")]
-    pub custody: Vec<serde_bytes::ByteBuf>,
+    /// The hops of the agent before `previous` that its home node may not have certified yet,
+    /// oldest first (the custody tail): at most [`MAX_CUSTODY_TAIL`].
+    #[serde(deserialize_with = "at_most::<MAX_CUSTODY_TAIL, _, _>")]
+    pub custody: Vec<CustodyLink>,
     /// The agent's home node (peer id).
     pub home: String,
     /// The nonce the home derived the agent's id with (`security::AgentId::launched`): with
@@ -359,6 +360,28 @@ pub struct HopOffer {
     pub launcher: Option<String>,
 }
 
+/// A source's signature that a hop committed (`security::HopEnvelope::sign_commit`).
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitSignature(#[serde(with = "serde_bytes")] pub [u8; 64]);
+
+impl std::fmt::Debug for CommitSignature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CommitSignature({:02x?}..)", &self.0[..4])
+    }
+}
+
+/// One hop of an agent's custody as it travels and is stored: the envelope that moved it
+/// (at most `security::MAX_ENVELOPE_BYTES`: checked where it is taken) and its source's commit
+/// signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustodyLink {
+    /// The hop's envelope.
+    #[serde(with = "serde_bytes")]
+    pub envelope: Vec<u8>,
+    /// Its source's commit signature.
+    pub commit: CommitSignature,
+}
+
 /// The source's last word on a hop, sent after the continuation (inline in the offer, or raw
 /// after it) once the departure record it writes meanwhile is durable, or could not be written.
 /// The destination stores the agent as arriving while this travels, and runs it only after
@@ -366,8 +389,9 @@ pub struct HopOffer {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum HopDecision {
     /// The source's departure record is durable: the hop commits once the destination holds
-    /// the agent.
-    Commit,
+    /// the agent. With the source's signature of that (`HopEnvelope::sign_commit`), which the
+    /// destination keeps as its proof of custody.
+    Commit(CommitSignature),
     /// The source could not record the departure: drop what arrived.
     Abort(String),
 }
@@ -606,16 +630,18 @@ pub enum ControlRefusal {
     },
 }
 
-/// Decodes a list of byte strings (an offer's carried messages, a custody tail), refusing more
-/// than `MAX` before building them: a million empty items in one frame would cost tens of MiB.
-fn at_most<'de, const MAX: usize, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Vec<serde_bytes::ByteBuf>, D::Error> {
-    struct AtMost<const MAX: usize>;
-    impl<'de, const MAX: usize> serde::de::Visitor<'de> for AtMost<MAX> {
-        type Value = Vec<serde_bytes::ByteBuf>;
+/// Decodes a list (an offer's carried messages, a custody tail), refusing more than `MAX` items
+/// before building them: a million empty items in one frame would cost tens of MiB.
+fn at_most<'de, const MAX: usize, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct AtMost<const MAX: usize, T>(std::marker::PhantomData<T>);
+    impl<'de, const MAX: usize, T: Deserialize<'de>> serde::de::Visitor<'de> for AtMost<MAX, T> {
+        type Value = Vec<T>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            write!(f, "at most {MAX} byte strings")
+            write!(f, "at most {MAX} items")
         }
         fn visit_seq<A: serde::de::SeqAccess<'de>>(
             self,
@@ -631,7 +657,7 @@ fn at_most<'de, const MAX: usize, D: serde::Deserializer<'de>>(
             Ok(items)
         }
     }
-    deserializer.deserialize_seq(AtMost::<MAX>)
+    deserializer.deserialize_seq(AtMost::<MAX, T>(std::marker::PhantomData))
 }
 
 /// A package download request: the package hash.
@@ -690,11 +716,11 @@ pub enum ControlRequest {
         agent: String,
         /// How it ended.
         end: AgentEnd,
-        /// The custody tail that shows the sender held the agent: the envelopes since the
-        /// hop the home last confirmed, up to the one that brought the agent to the sender
-        /// (at most [`MAX_CUSTODY_TAIL`] + 1).
-        #[serde(deserialize_with = "at_most::<{ MAX_CUSTODY_TAIL + 1 }, _>")]
-        custody: Vec<serde_bytes::ByteBuf>,
+        /// The custody tail that shows the sender held the agent: the hops since the one the
+        /// home last confirmed, up to the one that brought the agent to the sender (at most
+        /// [`MAX_CUSTODY_TAIL`] + 1).
+        #[serde(deserialize_with = "at_most::<{ MAX_CUSTODY_TAIL + 1 }, _, _>")]
+        custody: Vec<CustodyLink>,
     },
     /// Deliver a message to an agent: held here → queued for it; moved on → forwarded along
     /// the forwarding pointer or the home's location record.
@@ -714,8 +740,8 @@ pub enum ControlRequest {
         /// The agent.
         agent: String,
         /// The custody tail that shows it, as in `Ended`.
-        #[serde(deserialize_with = "at_most::<{ MAX_CUSTODY_TAIL + 1 }, _>")]
-        custody: Vec<serde_bytes::ByteBuf>,
+        #[serde(deserialize_with = "at_most::<{ MAX_CUSTODY_TAIL + 1 }, _, _>")]
+        custody: Vec<CustodyLink>,
     },
     /// Does this node hold (agent, hop)? Asked by a source that lost a hop's acknowledgement.
     /// The answer waits for an arrival of that hop still in progress; a "no" about the offer
@@ -735,16 +761,6 @@ pub enum ControlRequest {
     /// Did the hop with this envelope hash commit (is the source's departure record durable)?
     /// Asked by a destination holding the agent as arriving that missed the source's decision.
     HopCommitted {
-        /// The agent.
-        agent: String,
-        /// BLAKE3 of the hop's envelope.
-        envelope: [u8; 32],
-    },
-    /// Did the agent leave this node by the hop with this envelope hash (its destination took
-    /// it)? Asked by the agent's home before it takes a report from that destination: a node
-    /// that was only offered the agent holds a signed envelope too. The answer waits (briefly)
-    /// for a departure still completing.
-    Departed {
         /// The agent.
         agent: String,
         /// BLAKE3 of the hop's envelope.
@@ -816,8 +832,8 @@ pub enum ControlReply {
     Status(StatusReport),
     /// Whether this node holds the hop asked about.
     HopHeld(bool),
-    /// Whether the hop asked about committed.
-    HopCommitted(bool),
+    /// Whether the hop asked about committed: if it did, the source's commit signature.
+    HopCommitted(Option<CommitSignature>),
     /// The message is queued for the agent (or forwarded to where it is).
     Delivered,
     /// (To a probe) this node knows nothing of the agent.

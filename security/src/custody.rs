@@ -3,12 +3,14 @@
 //!
 //! A node that reports where an agent is, or how it ended, must hold it. The home node keeps a
 //! [`CustodyPoint`] per agent it launched: the hop, holder and envelope it last confirmed. The
-//! reporting node presents the envelopes it has since that point (its *custody tail*: the ones
-//! the agent arrived with, up to the one that brought it to the reporter); [`follow_custody`]
-//! checks that they link, hop by hop and signature by signature, from the confirmed holder to the
-//! reporter. A peer that never held the agent cannot present such a chain: it would need an
-//! envelope addressed to it, signed by a holder, linked back to what the home confirmed. (Checking
-//! one link is not enough: a throwaway key can sign a "previous hop" to its owner.)
+//! reporting node presents the hops since that point (its *custody tail*: the ones the agent
+//! arrived with, up to the one that brought it to the reporter), each a [`CommittedHop`]: the
+//! envelope and its sender's signature that the hop committed. [`follow_custody`] checks that
+//! they link, hop by hop and signature by signature, from the confirmed holder to the reporter.
+//! A peer that never held the agent cannot present such a chain: it would need a hop to it,
+//! committed by a holder, linked back to what the home confirmed. (Checking one link is not
+//! enough: a throwaway key can sign a "previous hop" to its owner. And an envelope is not
+//! enough: a node that was offered the agent and did not take it holds one addressed to it.)
 //!
 //! Any other node a hop brings the agent to checks its custody the same way, from a point the
 //! home vouches for: the home signs a [`CustodyCertificate`] of each point it confirms, the
@@ -21,9 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, fixed_bytes, opt_fixed_bytes, DecodeError};
 use crate::envelope::{
-    check_signatures, AgentId, EnvelopeHash, HopEnvelope, LaunchNonce, FIRST_HOP,
+    commit_bytes, signing_bytes, AgentId, EnvelopeHash, HopEnvelope, LaunchNonce, FIRST_HOP,
 };
-use crate::keys::{wire_key, PublicKey, SecretKey};
+use crate::keys::{verify_many, wire_key, PublicKey, SecretKey};
 
 /// What a home node last confirmed of an agent's custody.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,27 @@ impl CustodyPoint {
             envelope: None,
         }
     }
+}
+
+/// A hop of an agent's custody: the envelope that moved it, and its sender's signature that the
+/// hop committed ([`HopEnvelope::sign_commit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedHop {
+    /// The hop's envelope.
+    pub envelope: HopEnvelope,
+    /// The sender's commit signature.
+    pub commit: [u8; 64],
+}
+
+/// Which signatures of a hop the caller vouches for (it made them itself), so that
+/// [`follow_custody`] does not check them again. Signing an envelope is not committing its hop:
+/// a node signs one for every offer, taken or not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Vouched {
+    /// The envelope's signature.
+    pub envelope: bool,
+    /// The commit signature.
+    pub commit: bool,
 }
 
 /// Who launched an agent: the home's key and the nonce its id was derived with.
@@ -235,6 +258,13 @@ pub enum CustodyError {
         /// Its hop number.
         hop: u64,
     },
+    /// A hop's commit signature does not verify: its sender did not say it committed (the
+    /// envelope may be one the hop was only offered by).
+    #[error("hop {hop} was not committed by its sender")]
+    NotCommitted {
+        /// Its hop number.
+        hop: u64,
+    },
     /// The home has confirmed a later hop than the last of the tail: the report is older than
     /// what the home knows (reports of a fast-moving agent can arrive out of order).
     #[error("the custody tail ends at hop {hop}, and hop {confirmed} is confirmed already")]
@@ -262,11 +292,11 @@ pub enum CustodyError {
 }
 
 /// Follows `tail` (oldest first) from `confirmed` and returns the custody it leads to, which must
-/// be `presenter`'s. The signature of an envelope for whose hash `genuine` says yes is not checked
-/// again (one the caller signed itself, or verified a moment ago). Envelopes at or before the confirmed hop are skipped (a tail may overlap what
-/// the home confirmed already); the others must each be the next hop, name the envelope before
-/// (the confirmed one for the first), be sent by the node the one before was addressed to, and be
-/// signed by it. An empty tail (or one the home confirmed entirely) leaves `confirmed`, which
+/// be `presenter`'s. The signatures of a hop that `vouched` vouches for (given its envelope's
+/// hash) are not checked. Hops at or before the confirmed one are
+/// skipped (a tail may overlap what the home confirmed already); the others must each be the
+/// next hop, name the envelope before (the confirmed one for the first), be sent by the node the
+/// one before was addressed to, and be signed and committed by it. An empty tail (or one the home confirmed entirely) leaves `confirmed`, which
 /// `presenter` must then hold. A tail that ends before the confirmed hop is [`Superseded`]
 /// (nothing in it is checked: it changes nothing either way).
 ///
@@ -278,12 +308,12 @@ pub enum CustodyError {
 pub fn follow_custody(
     agent: &AgentId,
     confirmed: &CustodyPoint,
-    tail: &[HopEnvelope],
+    tail: &[CommittedHop],
     presenter: &PublicKey,
-    genuine: impl Fn(&EnvelopeHash) -> bool,
+    vouched: impl Fn(&EnvelopeHash) -> Vouched,
 ) -> Result<CustodyPoint, CustodyError> {
     if let Some(last) = tail.last() {
-        let hop = last.fields().hop;
+        let hop = last.envelope.fields().hop;
         if hop < confirmed.hop {
             return Err(CustodyError::Superseded {
                 hop,
@@ -291,12 +321,13 @@ pub fn follow_custody(
             });
         }
     }
-    let new: Vec<&HopEnvelope> = tail
+    let new: Vec<&CommittedHop> = tail
         .iter()
-        .filter(|e| e.fields().hop > confirmed.hop)
+        .filter(|h| h.envelope.fields().hop > confirmed.hop)
         .collect();
     let mut at = *confirmed;
-    for e in &new {
+    for h in &new {
+        let e = &h.envelope;
         let f = e.fields();
         if f.agent_id != *agent {
             return Err(CustodyError::OtherAgent { hop: f.hop });
@@ -321,13 +352,37 @@ pub fn follow_custody(
         };
     }
     // Signatures last, all at once: the cheap checks above refuse garbage first.
-    let unchecked: Vec<&HopEnvelope> = new.into_iter().filter(|e| !genuine(&e.hash())).collect();
-    if let Some(bad) = check_signatures(&unchecked)
+    // (hop, whether the signature is the commit, what it signs), for each one to check.
+    let mut unchecked: Vec<(&CommittedHop, bool, Vec<u8>)> = Vec::new();
+    for h in new {
+        let e = &h.envelope;
+        let known = vouched(&e.hash());
+        if !known.envelope {
+            unchecked.push((h, false, signing_bytes(e.fields())));
+        }
+        if !known.commit {
+            unchecked.push((h, true, commit_bytes(&e.hash())));
+        }
+    }
+    let items: Vec<(&PublicKey, &[u8], &[u8; 64])> = unchecked
         .iter()
-        .zip(&unchecked)
-        .find_map(|(ok, e)| ok.is_none().then_some(e.fields().hop))
-    {
-        return Err(CustodyError::BadSignature { hop: bad });
+        .map(|(h, commit, message)| {
+            let signature = if *commit {
+                &h.commit
+            } else {
+                h.envelope.signature()
+            };
+            (&h.envelope.fields().from, message.as_slice(), signature)
+        })
+        .collect();
+    let verified = verify_many(&items);
+    if let Some(((h, commit, _), _)) = unchecked.iter().zip(&verified).find(|(_, ok)| !**ok) {
+        let hop = h.envelope.fields().hop;
+        return Err(if *commit {
+            CustodyError::NotCommitted { hop }
+        } else {
+            CustodyError::BadSignature { hop }
+        });
     }
     if at.holder != *presenter {
         return Err(CustodyError::NotHolder {
@@ -340,7 +395,7 @@ pub fn follow_custody(
 /// Follows `tail` (oldest first) to `presenter` from the point `certificate` vouches for, or
 /// from the launch when there is none, as any node a hop brings the agent to checks it: the
 /// agent's id must be `origin`'s, and the certificate signed by its home. Then as
-/// [`follow_custody`], with the same `genuine`.
+/// [`follow_custody`], with the same `vouched`.
 ///
 /// # Errors
 ///
@@ -350,9 +405,9 @@ pub fn follow_anchored(
     agent: &AgentId,
     origin: &AgentOrigin,
     certificate: Option<&CustodyCertificate>,
-    tail: &[HopEnvelope],
+    tail: &[CommittedHop],
     presenter: &PublicKey,
-    genuine: impl Fn(&EnvelopeHash) -> bool,
+    vouched: impl Fn(&EnvelopeHash) -> Vouched,
 ) -> Result<CustodyPoint, CustodyError> {
     if !agent.is_launched_by(&origin.home, &origin.nonce) {
         return Err(CustodyError::NotLaunchedBy {
@@ -363,5 +418,5 @@ pub fn follow_anchored(
         Some(c) => c.verify(agent, &origin.home)?,
         None => CustodyPoint::launched(origin.home),
     };
-    follow_custody(agent, &start, tail, presenter, genuine)
+    follow_custody(agent, &start, tail, presenter, vouched)
 }

@@ -34,6 +34,9 @@ pub const FIRST_HOP: u64 = 1;
 /// Domain-separation tag for envelope signatures.
 const SIGNING_TAG: &str = "tern/hop/v1";
 
+/// Domain-separation tag for commit signatures ([`HopEnvelope::sign_commit`]).
+const COMMIT_TAG: &str = "tern/commit/v1";
+
 byte_id!(
     /// An agent's identity for its whole life, fixed at launch and bound to the key of the node
     /// that launched it, its home ([`AgentId::launched`]). Text form: 32 hex digits.
@@ -288,7 +291,7 @@ fn fields_ref<'a>(f: &'a HopFields, from: &'a [u8; 32], to: &'a [u8; 32]) -> Fie
     }
 }
 
-fn signing_bytes(fields: &HopFields) -> Vec<u8> {
+pub(crate) fn signing_bytes(fields: &HopFields) -> Vec<u8> {
     let (from, to) = (fields.from.to_bytes(), fields.to.to_bytes());
     let mut out = Vec::with_capacity(256);
     codec::encode(&(SIGNING_TAG, fields_ref(fields, &from, &to)), &mut out);
@@ -410,11 +413,35 @@ impl HopEnvelope {
         }
     }
 
+    /// Whether `commit` is this envelope's sender's signature that the hop committed
+    /// ([`sign_commit`]).
+    pub fn commit_verifies(&self, commit: &[u8; 64]) -> bool {
+        self.fields.from.verify(&commit_bytes(&self.hash), commit)
+    }
+
     fn signature_ok(&self) -> bool {
         self.fields
             .from
             .verify(&signing_bytes(&self.fields), &self.signature)
     }
+}
+
+/// The signature of the sender of the hop with envelope hash `envelope` (`key` must be its
+/// `from`, or the signature will not verify) that the hop committed: its departure record is
+/// durable, so the agent is the destination's from then on. An envelope alone shows that a hop
+/// was *offered*; a node that was offered an agent and did not take it holds one too.
+pub fn sign_commit(envelope: &EnvelopeHash, key: &SecretKey) -> [u8; 64] {
+    key.sign(&commit_bytes(envelope))
+}
+
+/// What a commit signature signs: the tag, a zero byte and the envelope's hash (envelope
+/// signatures sign CBOR, which never starts with the tag's first byte).
+pub(crate) fn commit_bytes(hash: &EnvelopeHash) -> Vec<u8> {
+    let mut out = Vec::with_capacity(COMMIT_TAG.len() + 33);
+    out.extend_from_slice(COMMIT_TAG.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&hash.0);
+    out
 }
 
 /// Proof that an envelope's signature verifies under its sender's key, from

@@ -85,13 +85,13 @@ mod policy;
 
 pub use codec::{BadHex, DecodeError};
 pub use custody::{
-    follow_anchored, follow_custody, AgentOrigin, CustodyCertificate, CustodyError, CustodyPoint,
-    CERTIFICATE_MAGIC, MAX_CERTIFICATE_BYTES,
+    follow_anchored, follow_custody, AgentOrigin, CommittedHop, CustodyCertificate, CustodyError,
+    CustodyPoint, Vouched, CERTIFICATE_MAGIC, MAX_CERTIFICATE_BYTES,
 };
 pub use envelope::{
-    check_signatures, verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope, HopError,
-    HopFields, LastHop, LaunchNonce, SignatureChecked, VerifiedHop, ENVELOPE_MAGIC, FIRST_HOP,
-    MAX_ENVELOPE_BYTES,
+    check_signatures, sign_commit, verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope,
+    HopError, HopFields, LastHop, LaunchNonce, SignatureChecked, VerifiedHop, ENVELOPE_MAGIC,
+    FIRST_HOP, MAX_ENVELOPE_BYTES,
 };
 pub use keys::{KeyError, PublicKey, SecretKey, PUBLIC_KEY_PREFIX};
 pub use package::{

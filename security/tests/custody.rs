@@ -6,9 +6,27 @@ mod common;
 use common::*;
 use security::*;
 
-/// No envelope is known genuine: every signature is checked.
-fn none(_: &EnvelopeHash) -> bool {
-    false
+/// The hops of `envelopes`, each committed by its sender (every key in these tests is a
+/// `key(n)`).
+fn committed(envelopes: &[HopEnvelope]) -> Vec<CommittedHop> {
+    envelopes
+        .iter()
+        .map(|e| {
+            let sender = (0..=u8::MAX)
+                .map(key)
+                .find(|k| k.public() == e.fields().from)
+                .expect("a test key");
+            CommittedHop {
+                commit: sign_commit(&e.hash(), &sender),
+                envelope: e.clone(),
+            }
+        })
+        .collect()
+}
+
+/// No hop is vouched for: every signature is checked.
+fn none(_: &EnvelopeHash) -> Vouched {
+    Vouched::default()
 }
 
 /// home -> a -> b -> c, and the envelopes of those hops.
@@ -39,7 +57,7 @@ fn journey() -> Journey {
 fn a_tail_from_the_launch_leads_to_its_holder() {
     let j = journey();
     let start = CustodyPoint::launched(j.home.public());
-    let at = follow_custody(&agent(), &start, &j.hops, &j.c.public(), none).unwrap();
+    let at = follow_custody(&agent(), &start, &committed(&j.hops), &j.c.public(), none).unwrap();
     assert_eq!(
         at,
         CustodyPoint {
@@ -49,18 +67,37 @@ fn a_tail_from_the_launch_leads_to_its_holder() {
         }
     );
     // From a later confirmed point, an overlapping tail is fine, and so is the exact rest.
-    let confirmed = follow_custody(&agent(), &start, &j.hops[..1], &j.a.public(), none).unwrap();
+    let confirmed = follow_custody(
+        &agent(),
+        &start,
+        &committed(&j.hops[..1]),
+        &j.a.public(),
+        none,
+    )
+    .unwrap();
     assert_eq!(
-        follow_custody(&agent(), &confirmed, &j.hops, &j.c.public(), none),
+        follow_custody(
+            &agent(),
+            &confirmed,
+            &committed(&j.hops),
+            &j.c.public(),
+            none
+        ),
         Ok(at)
     );
     assert_eq!(
-        follow_custody(&agent(), &confirmed, &j.hops[1..], &j.c.public(), none),
+        follow_custody(
+            &agent(),
+            &confirmed,
+            &committed(&j.hops[1..]),
+            &j.c.public(),
+            none
+        ),
         Ok(at)
     );
     // The holder the home confirmed needs no tail.
     assert_eq!(
-        follow_custody(&agent(), &at, &[], &j.c.public(), none),
+        follow_custody(&agent(), &at, &committed(&[]), &j.c.public(), none),
         Ok(at)
     );
 }
@@ -72,14 +109,27 @@ fn a_node_that_is_not_where_the_tail_leads_is_refused() {
     // A former holder presenting the tail it carried, or the whole one.
     for (tail, presenter) in [(&j.hops[..2], &j.a), (&j.hops[..], &j.b)] {
         assert!(matches!(
-            follow_custody(&agent(), &start, tail, &presenter.public(), none),
+            follow_custody(
+                &agent(),
+                &start,
+                &committed(tail),
+                &presenter.public(),
+                none
+            ),
             Err(CustodyError::NotHolder { .. })
         ));
     }
     // A tail older than what the home confirmed.
-    let confirmed = follow_custody(&agent(), &start, &j.hops, &j.c.public(), none).unwrap();
+    let confirmed =
+        follow_custody(&agent(), &start, &committed(&j.hops), &j.c.public(), none).unwrap();
     assert_eq!(
-        follow_custody(&agent(), &confirmed, &j.hops[..2], &j.b.public(), none),
+        follow_custody(
+            &agent(),
+            &confirmed,
+            &committed(&j.hops[..2]),
+            &j.b.public(),
+            none
+        ),
         Err(CustodyError::Superseded {
             hop: 2,
             confirmed: 3
@@ -87,7 +137,7 @@ fn a_node_that_is_not_where_the_tail_leads_is_refused() {
     );
     // Nobody but the home before the first hop.
     assert!(matches!(
-        follow_custody(&agent(), &start, &[], &j.a.public(), none),
+        follow_custody(&agent(), &start, &committed(&[]), &j.a.public(), none),
         Err(CustodyError::NotHolder { .. })
     ));
 }
@@ -101,7 +151,13 @@ fn a_stranger_cannot_make_a_tail_to_itself() {
     // A "previous hop" signed by a throwaway key, to the stranger: the home never sent it there.
     let forged = hop(None, &throwaway, &stranger.public(), package, b"x");
     assert_eq!(
-        follow_custody(&agent(), &start, &[forged], &stranger.public(), none),
+        follow_custody(
+            &agent(),
+            &start,
+            &committed(&[forged]),
+            &stranger.public(),
+            none
+        ),
         Err(CustodyError::NotFromHolder { hop: 1 })
     );
     // Hop 4, signed by the stranger, following the real hop 3 (to c, not to the stranger).
@@ -115,12 +171,24 @@ fn a_stranger_cannot_make_a_tail_to_itself() {
     let mut tail = j.hops.clone();
     tail.push(e4.clone());
     assert_eq!(
-        follow_custody(&agent(), &start, &tail, &stranger.public(), none),
+        follow_custody(
+            &agent(),
+            &start,
+            &committed(&tail),
+            &stranger.public(),
+            none
+        ),
         Err(CustodyError::NotFromHolder { hop: 4 })
     );
     // Skipping hops, or the real hops with one left out.
     assert_eq!(
-        follow_custody(&agent(), &start, &[e4], &stranger.public(), none),
+        follow_custody(
+            &agent(),
+            &start,
+            &committed(&[e4]),
+            &stranger.public(),
+            none
+        ),
         Err(CustodyError::Gap {
             expected: 1,
             found: 4
@@ -130,7 +198,7 @@ fn a_stranger_cannot_make_a_tail_to_itself() {
         follow_custody(
             &agent(),
             &start,
-            &[j.hops[0].clone(), j.hops[2].clone()],
+            &committed(&[j.hops[0].clone(), j.hops[2].clone()]),
             &j.c.public(),
             none
         ),
@@ -149,7 +217,7 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         follow_custody(
             &agent(),
             &start,
-            &[j.hops[0].clone(), other2],
+            &committed(&[j.hops[0].clone(), other2]),
             &j.b.public(),
             none
         ),
@@ -163,7 +231,7 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         follow_custody(
             &agent(),
             &start,
-            &[j.hops[0].clone(), unlinked],
+            &committed(&[j.hops[0].clone(), unlinked]),
             &j.b.public(),
             none
         ),
@@ -186,25 +254,50 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         follow_custody(
             &agent(),
             &start,
-            std::slice::from_ref(&tampered),
+            &committed(std::slice::from_ref(&tampered)),
             &j.a.public(),
             none
         ),
         Err(CustodyError::BadSignature { hop: 1 })
     );
-    // Unless the caller vouches for that envelope (it verified it itself).
+    // Unless the caller vouches for that envelope (it signed it itself); the commit signature
+    // is still checked unless vouched for too.
     let vouched = tampered.hash();
-    assert!(
-        follow_custody(&agent(), &start, &[tampered], &j.a.public(), |h| *h
-            == vouched)
-        .is_ok()
+    let envelope_only = |h: &EnvelopeHash| Vouched {
+        envelope: *h == vouched,
+        commit: false,
+    };
+    assert!(follow_custody(
+        &agent(),
+        &start,
+        &committed(std::slice::from_ref(&tampered)),
+        &j.a.public(),
+        envelope_only
+    )
+    .is_ok());
+    let mut uncommitted = committed(&[tampered]);
+    uncommitted[0].commit = [0; 64];
+    assert_eq!(
+        follow_custody(&agent(), &start, &uncommitted, &j.a.public(), envelope_only),
+        Err(CustodyError::NotCommitted { hop: 1 })
     );
+    let both = |h: &EnvelopeHash| Vouched {
+        envelope: *h == vouched,
+        commit: *h == vouched,
+    };
+    assert!(follow_custody(&agent(), &start, &uncommitted, &j.a.public(), both).is_ok());
     // Another agent's hop 1 from the same home.
     let mut fields = j.hops[0].fields().clone();
     fields.agent_id = AgentId([7; 16]);
     let other_agent = HopEnvelope::sign(fields, &j.home).unwrap();
     assert_eq!(
-        follow_custody(&agent(), &start, &[other_agent], &j.a.public(), none),
+        follow_custody(
+            &agent(),
+            &start,
+            &committed(&[other_agent]),
+            &j.a.public(),
+            none
+        ),
         Err(CustodyError::OtherAgent { hop: 1 })
     );
 }
@@ -260,7 +353,7 @@ fn a_destination_follows_custody_from_the_launch_or_from_a_certificate_of_the_ho
     };
     // From the launch, the whole tail.
     assert_eq!(
-        follow_anchored(&id, &origin, None, &j.hops, &j.c.public(), none),
+        follow_anchored(&id, &origin, None, &committed(&j.hops), &j.c.public(), none),
         Ok(at_c)
     );
     // From the home's certificate of hop 2 at b, only what came after it.
@@ -280,14 +373,22 @@ fn a_destination_follows_custody_from_the_launch_or_from_a_certificate_of_the_ho
             &id,
             &origin,
             Some(&certificate),
-            &j.hops[2..],
+            &committed(&j.hops[2..]),
             &j.c.public(),
             none
         ),
         Ok(at_c)
     );
     // Without the certificate, that short tail has nowhere to start from.
-    assert!(follow_anchored(&id, &origin, None, &j.hops[2..], &j.c.public(), none).is_err());
+    assert!(follow_anchored(
+        &id,
+        &origin,
+        None,
+        &committed(&j.hops[2..]),
+        &j.c.public(),
+        none
+    )
+    .is_err());
 }
 
 #[test]
@@ -302,7 +403,14 @@ fn no_one_but_the_home_anchors_an_agents_custody() {
             nonce,
         };
         assert_eq!(
-            follow_anchored(&id, &claimed, None, &j.hops, &j.c.public(), none),
+            follow_anchored(
+                &id,
+                &claimed,
+                None,
+                &committed(&j.hops),
+                &j.c.public(),
+                none
+            ),
             Err(CustodyError::NotLaunchedBy {
                 home: Box::new(stranger.public())
             })
@@ -330,7 +438,14 @@ fn no_one_but_the_home_anchors_an_agents_custody() {
         changed,
     ] {
         assert_eq!(
-            follow_anchored(&id, &origin, Some(&forged), &[], &stranger.public(), none),
+            follow_anchored(
+                &id,
+                &origin,
+                Some(&forged),
+                &committed(&[]),
+                &stranger.public(),
+                none
+            ),
             Err(CustodyError::BadCertificate)
         );
     }
@@ -375,4 +490,37 @@ fn certificates_decode_only_from_their_own_canonical_bytes() {
         CustodyCertificate::decode_known(&big, |_| None),
         Err(DecodeError::Oversized { .. })
     ));
+}
+
+#[test]
+fn a_hop_that_was_only_offered_does_not_make_custody() {
+    let j = journey();
+    let start = CustodyPoint::launched(j.home.public());
+    // b was offered hop 2 by a, and a then sent the agent elsewhere: b holds the envelope, but
+    // not a's commit signature. Without it, or with one b made, or a's for another hop:
+    let mut tail = committed(&j.hops[..2]);
+    for commit in [
+        [0; 64],
+        sign_commit(&j.hops[1].hash(), &j.b),
+        sign_commit(&j.hops[0].hash(), &j.home),
+    ] {
+        tail[1].commit = commit;
+        assert_eq!(
+            follow_custody(&agent(), &start, &tail, &j.b.public(), none),
+            Err(CustodyError::NotCommitted { hop: 2 })
+        );
+    }
+    // The hop's own signature checked before its commit: a forged envelope is BadSignature.
+    let mut forged = committed(&j.hops[..2]);
+    let mut fields = j.hops[1].fields().clone();
+    fields.time_ms += 1;
+    let other = HopEnvelope::sign(fields, &j.a).unwrap();
+    let mut bytes = other.encode();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    forged[1].envelope = HopEnvelope::decode(&bytes).unwrap();
+    assert_eq!(
+        follow_custody(&agent(), &start, &forged, &j.b.public(), none),
+        Err(CustodyError::BadSignature { hop: 2 })
+    );
 }

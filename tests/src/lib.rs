@@ -599,9 +599,10 @@ pub mod raw_peer {
     use futures::StreamExt;
     use libp2p::{Multiaddr, PeerId};
     use platform::wire::{
-        read_frame, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
-        ControlRequest, HopOffer, HopRefusal, HopReply, PackageReply, PackageRequest,
-        CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
+        read_frame, write_frame, AgentEnd, ClientRequest, CommitSignature, ControlRefusal,
+        ControlReply, ControlRequest, HopDecision, HopOffer, HopRefusal, HopReply, PackageReply,
+        PackageRequest, CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME,
+        PACKAGE_PROTOCOL,
     };
     use security::{
         AgentId, HopEnvelope, HopFields, LaunchNonce, PublicKey, SecretKey, VerifiedPackage,
@@ -692,9 +693,10 @@ pub mod raw_peer {
             let ends = ended.clone();
             let departures: Arc<Mutex<HashSet<[u8; 32]>>> = Arc::default();
             let recorded = departures.clone();
+            let signer = key.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some((_, mut stream)) = control_streams.next().await {
-                    let (ends, recorded) = (ends.clone(), recorded.clone());
+                    let (ends, recorded, signer) = (ends.clone(), recorded.clone(), signer.clone());
                     tokio::spawn(async move {
                         let reply =
                             match read_frame::<_, ControlRequest>(&mut stream, MAX_FRAME).await {
@@ -705,12 +707,13 @@ pub mod raw_peer {
                                     ControlReply::Ok
                                 }
                                 Ok(ControlRequest::HopCommitted { envelope, .. }) => {
-                                    ControlReply::HopCommitted(
-                                        recorded
-                                            .lock()
-                                            .unwrap_or_else(|e| e.into_inner())
-                                            .contains(&envelope),
-                                    )
+                                    let committed = recorded
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .contains(&envelope);
+                                    ControlReply::HopCommitted(committed.then(|| {
+                                        commit_of(&security::EnvelopeHash(envelope), &signer)
+                                    }))
                                 }
                                 _ => ControlReply::Refused(ControlRefusal::UnexpectedReply(
                                     "raw peer".into(),
@@ -862,6 +865,18 @@ pub mod raw_peer {
         }
     }
 
+    /// `key`'s signature that the hop with envelope hash `envelope` committed, as a source sends
+    /// it with `HopDecision::Commit`.
+    pub fn commit_of(envelope: &security::EnvelopeHash, key: &SecretKey) -> CommitSignature {
+        CommitSignature(security::sign_commit(envelope, key))
+    }
+
+    /// The decision to commit the hop `offer`, signed by `key` (its sender).
+    pub fn commit_decision(offer: &HopOffer, key: &SecretKey) -> HopDecision {
+        let hash = security::EnvelopeHash(*blake3::hash(&offer.envelope).as_bytes());
+        HopDecision::Commit(commit_of(&hash, key))
+    }
+
     /// A first hop of a fresh agent of `package`, prepared the way a source node does it: the
     /// agent runs here until its first `migrate`, its continuation is encoded, and an envelope
     /// from `signer` to `dest` is signed. `home` is the peer id the node reports the end to.
@@ -935,6 +950,7 @@ pub mod raw_peer {
         let offer = HopOffer {
             envelope: envelope.encode(),
             previous: Vec::new(),
+            previous_commit: None,
             continuation_len: continuation.len() as u64,
             // The raw path (Ready, then the bytes); tests that want the inline one fill it.
             inline: Vec::new(),

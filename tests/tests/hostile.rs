@@ -9,11 +9,12 @@ use std::time::Duration;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::wire::{
-    read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
-    ControlRequest, HopDecision, HopOffer, HopRefusal, HopReply, MAX_FRAME,
+    read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, CommitSignature, ControlRefusal,
+    ControlReply, ControlRequest, CustodyLink, HopDecision, HopOffer, HopRefusal, HopReply,
+    MAX_FRAME,
 };
 use security::{AgentId, HopEnvelope, LaunchNonce, SecretKey, TrustPolicy, VerifiedPackage};
-use tern_tests::raw_peer::{first_hop, first_hop_of, RawPeer};
+use tern_tests::raw_peer::{commit_decision, commit_of, first_hop, first_hop_of, RawPeer};
 
 /// Two honest nodes, `honest` and `target`, and the key of a raw peer that `target` accepts
 /// pushes from (as it would a registered node that turned hostile).
@@ -178,9 +179,14 @@ async fn expect_closed(stream: &mut libp2p::Stream) {
 }
 
 /// Sends a hop (offer; then, for a raw continuation, the bytes if the node is ready; then the
-/// decision to commit) and returns the last reply.
-async fn send_hop(stream: &mut libp2p::Stream, offer: &HopOffer, continuation: &[u8]) -> HopReply {
-    send_hop_deciding(stream, offer, continuation, HopDecision::Commit).await
+/// decision to commit, signed by `signer`) and returns the last reply.
+async fn send_hop(
+    stream: &mut libp2p::Stream,
+    offer: &HopOffer,
+    continuation: &[u8],
+    signer: &SecretKey,
+) -> HopReply {
+    send_hop_deciding(stream, offer, continuation, commit_decision(offer, signer)).await
 }
 
 async fn send_hop_deciding(
@@ -227,7 +233,7 @@ async fn send_then_close(stream: &mut libp2p::Stream, offer: &HopOffer, bytes: &
 async fn stored_on_a_new_stream(raw: &RawPeer, offer: &HopOffer, continuation: &[u8]) {
     let mut s = raw.open_hop().await;
     assert!(matches!(
-        send_hop(&mut s, offer, continuation).await,
+        send_hop(&mut s, offer, continuation, &raw.key).await,
         HopReply::Stored
     ));
 }
@@ -297,9 +303,10 @@ fn a_four_gigabyte_length_is_refused_before_allocating() {
         let (mut offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
         offer.continuation_len = u64::MAX;
         let mut s = raw.open_hop().await;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::OverLimit { .. })
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::OverLimit { .. }),
+        );
         mesh.still_serves().await;
     });
 }
@@ -321,17 +328,19 @@ fn an_envelope_signed_by_another_key_than_the_connections_is_refused() {
             &raw.peer_id.to_string(),
         );
         let mut s = raw.open_hop().await;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::Verification(_))
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::Verification(_)),
+        );
         // A genuine envelope whose continuation was changed on the way.
         let (offer, mut continuation) = mesh.hop(&package, &raw.peer_id.to_string());
         let last = continuation.len() - 1;
         continuation[last] ^= 1;
         let mut s = raw.open_hop().await;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::Verification(_))
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::Verification(_)),
+        );
         // An envelope addressed to another node.
         let (offer, continuation) = first_hop(
             &package,
@@ -341,9 +350,10 @@ fn an_envelope_signed_by_another_key_than_the_connections_is_refused() {
             &raw.peer_id.to_string(),
         );
         let mut s = raw.open_hop().await;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::Verification(_))
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::Verification(_)),
+        );
         assert!(mesh.target.status().expect("status").agents.is_empty());
         assert!(raw.ended().is_empty());
         mesh.still_serves().await;
@@ -361,13 +371,13 @@ fn a_replayed_hop_is_a_duplicate_and_runs_once() {
         let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
         let mut s = raw.open_hop().await;
         assert!(matches!(
-            send_hop(&mut s, &offer, &continuation).await,
+            send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
             HopReply::Stored
         ));
         // Replayed at once, and again after the agent has ended.
         let mut s = raw.open_hop().await;
         assert!(matches!(
-            send_hop(&mut s, &offer, &continuation).await,
+            send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
             HopReply::Duplicate
         ));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -377,7 +387,7 @@ fn a_replayed_hop_is_a_duplicate_and_runs_once() {
         }
         let mut s = raw.open_hop().await;
         assert!(matches!(
-            send_hop(&mut s, &offer, &continuation).await,
+            send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
             HopReply::Duplicate
         ));
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -419,25 +429,27 @@ fn an_inline_continuation_is_checked_like_a_raw_one_and_one_stream_serves_many_o
         let mut s = raw.open_hop().await;
         // Not the length the offer announces.
         offer.inline = continuation[..continuation.len() - 1].to_vec();
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::LengthMismatch { .. })
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::LengthMismatch { .. }),
+        );
         // Changed on the way; same stream.
         let mut tampered = continuation.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         offer.inline = tampered;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::Verification(_))
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::Verification(_)),
+        );
         // The genuine bytes, then a replay, still on the same stream.
         offer.inline = continuation.clone();
         assert!(matches!(
-            send_hop(&mut s, &offer, &continuation).await,
+            send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
             HopReply::Stored
         ));
         assert!(matches!(
-            send_hop(&mut s, &offer, &continuation).await,
+            send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
             HopReply::Duplicate
         ));
         mesh.still_serves().await;
@@ -531,9 +543,10 @@ fn an_offer_its_sender_was_told_is_not_held_cannot_arrive_later() {
             .await;
         assert!(matches!(reply, ControlReply::HopHeld(false)), "{reply:?}");
         let mut s = raw.open_hop().await;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            *r == HopRefusal::Abandoned
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| *r == HopRefusal::Abandoned,
+        );
         assert!(mesh.target.status().expect("status").agents.is_empty());
         mesh.still_serves().await;
     });
@@ -555,9 +568,10 @@ fn a_push_from_a_peer_not_in_accept_from_is_refused() {
             &raw.peer_id.to_string(),
         );
         let mut s = raw.open_hop().await;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::PeerNotAccepted { .. })
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::PeerNotAccepted { .. }),
+        );
         assert!(mesh.target.status().expect("status").agents.is_empty());
         mesh.still_serves().await;
     });
@@ -574,23 +588,26 @@ fn a_pulled_package_that_is_not_the_announced_one_is_refused() {
         raw.serve(&package, other.to_bytes());
         let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
         let mut s = raw.open_hop().await;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::BadPackage(_))
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::BadPackage(_)),
+        );
         // Bytes that are no package at all.
         raw.serve(&package, vec![0x42; 1000]);
         let mut s = raw.open_hop().await;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::BadPackage(_))
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::BadPackage(_)),
+        );
         // A package by an author the node does not trust.
         let untrusted = sign(r#"migrate("target"); 3"#, &SecretKey::generate());
         raw.serve(&untrusted, untrusted.to_bytes());
         let (offer, continuation) = mesh.hop(&untrusted, &raw.peer_id.to_string());
         let mut s = raw.open_hop().await;
-        refused(&send_hop(&mut s, &offer, &continuation).await, |r| {
-            matches!(r, HopRefusal::UntrustedPackage(_))
-        });
+        refused(
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
+            |r| matches!(r, HopRefusal::UntrustedPackage(_)),
+        );
         assert!(mesh.target.status().expect("status").agents.is_empty());
         mesh.still_serves().await;
     });
@@ -617,7 +634,7 @@ fn a_hop_cannot_replace_an_agent_that_lives_on_the_node() {
             &mesh.target.peer_id().to_string(),
         );
         let mut s = raw.open_hop().await;
-        let reply = send_hop(&mut s, &offer, &continuation).await;
+        let reply = send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await;
         let end = ended(end).await;
         assert_eq!(
             end,
@@ -857,7 +874,7 @@ fn a_full_queue_refuses_more_messages_and_the_agent_still_leaves_with_its_queue(
         );
         // Committed, the agent runs on target and goes to honest and back with its 8 MiB
         // queue (it ends on target, which reports to the raw peer, its home).
-        write_frame(&mut s, &HopDecision::Commit)
+        write_frame(&mut s, &commit_decision(&offer, &mesh.raw_key))
             .await
             .expect("send the decision");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -894,7 +911,7 @@ fn carried_messages_are_checked_and_bounded() {
             serde_bytes::ByteBuf::from(b"\xff junk".to_vec()),
         ];
         let mut s = raw.open_hop().await;
-        let reply = send_hop(&mut s, &offer, &continuation).await;
+        let reply = send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await;
         refused(&reply, |r| {
             matches!(r, HopRefusal::BadMessage { index: 1, .. })
         });
@@ -1006,7 +1023,7 @@ fn an_envelope_dated_beyond_the_clock_skew_is_refused() {
         let (offer, continuation) = dated(now_ms + 60 * 60 * 1000);
         let mut s = raw.open_hop().await;
         refused(
-            &send_hop(&mut s, &offer, &continuation).await,
+            &send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await,
             |r| matches!(r, HopRefusal::Verification(why) if why.contains("ahead of local time")),
         );
         assert!(mesh.target.status().expect("status").agents.is_empty());
@@ -1061,15 +1078,15 @@ fn a_peer_that_does_not_hold_an_agent_can_neither_end_it_nor_take_its_messages()
             &throwaway,
         )
         .unwrap();
-        for custody in [
-            vec![],
-            vec![meta.envelope.clone()],
-            vec![to_stranger.encode()],
-        ] {
-            let custody: Vec<serde_bytes::ByteBuf> = custody
-                .into_iter()
-                .map(serde_bytes::ByteBuf::from)
-                .collect();
+        let real = CustodyLink {
+            envelope: meta.envelope.clone(),
+            commit: meta.commit.expect("the hop to honest committed"),
+        };
+        let forged = CustodyLink {
+            envelope: to_stranger.encode(),
+            commit: commit_of(&to_stranger.hash(), &throwaway),
+        };
+        for custody in [vec![], vec![real], vec![forged]] {
             let ended = ControlRequest::Ended {
                 agent: id.clone(),
                 end: forged_end.clone(),
@@ -1175,7 +1192,7 @@ async fn claim_then_hop(forged_hop: u64, home_is_raw: bool) {
         (offer, continuation)
     };
     let mut s = raw.open_hop().await;
-    let reply = send_hop(&mut s, &offer, &continuation).await;
+    let reply = send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await;
     assert!(
         matches!(&reply, HopReply::Refused(HopRefusal::Verification(why)) if why.contains("not launched by")),
         "the forged hop {forged_hop} (home {home}): {reply:?}"
@@ -1211,11 +1228,11 @@ fn a_second_envelope_for_a_hop_taken_already_is_a_conflict() {
             &home,
         );
         let mut s = raw.open_hop().await;
-        let reply = send_hop(&mut s, &first, &continuation).await;
+        let reply = send_hop(&mut s, &first, &continuation, &mesh.raw_key).await;
         assert!(matches!(reply, HopReply::Stored), "{reply:?}");
         // The same hop again by the same envelope is a retry; by another, a conflict.
         let mut s = raw.open_hop().await;
-        let reply = send_hop(&mut s, &first, &continuation).await;
+        let reply = send_hop(&mut s, &first, &continuation, &mesh.raw_key).await;
         assert!(matches!(reply, HopReply::Duplicate), "{reply:?}");
         let signed = HopEnvelope::decode(&first.envelope).unwrap();
         let other = HopEnvelope::sign(
@@ -1231,7 +1248,7 @@ fn a_second_envelope_for_a_hop_taken_already_is_a_conflict() {
             ..first.clone()
         };
         let mut s = raw.open_hop().await;
-        let reply = send_hop(&mut s, &second, &continuation).await;
+        let reply = send_hop(&mut s, &second, &continuation, &mesh.raw_key).await;
         assert!(
             matches!(reply, HopReply::Refused(HopRefusal::Conflict { hop: 1 })),
             "{reply:?}"
@@ -1344,7 +1361,7 @@ fn a_full_node_refuses_launches_and_arrivals_and_serves_on() {
 
 /// A node an agent was offered to, which refused it, holds an envelope addressed to it and
 /// signed by the agent's holder. Its reports of the agent's location or end are still refused:
-/// the home asks the hop's source whether the agent left by that hop.
+/// it does not have the holder's signature that the hop committed.
 #[test]
 fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
     run(async {
@@ -1368,29 +1385,36 @@ fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
             .offers()
             .pop()
             .expect("the hop was offered to the raw peer");
-        let tail = vec![serde_bytes::ByteBuf::from(offer.envelope)];
         let forged_end = AgentEnd::Finished {
             json: "\"forged\"".into(),
             node: "raw".into(),
             hops: 1,
             unread: 0,
         };
-        for request in [
-            ControlRequest::Location {
-                agent: id.clone(),
-                custody: tail.clone(),
-            },
-            ControlRequest::Ended {
-                agent: id.clone(),
-                end: forged_end,
-                custody: tail,
-            },
-        ] {
+        let hash = security::EnvelopeHash(*blake3::hash(&offer.envelope).as_bytes());
+        let requests = [CommitSignature([0; 64]), commit_of(&hash, &raw.key)].map(|commit| {
+            let tail = vec![CustodyLink {
+                envelope: offer.envelope.clone(),
+                commit,
+            }];
+            [
+                ControlRequest::Location {
+                    agent: id.clone(),
+                    custody: tail.clone(),
+                },
+                ControlRequest::Ended {
+                    agent: id.clone(),
+                    end: forged_end.clone(),
+                    custody: tail,
+                },
+            ]
+        });
+        for request in requests.into_iter().flatten() {
             let (reply, _) = raw.control(&request).await;
             assert!(
                 matches!(&reply, ControlReply::Refused(ControlRefusal::NoCustody { reason, .. })
-                    if reason.contains("did not complete")),
-                "{request:?}: {reply:?}"
+                    if reason.contains("not committed")),
+                "{reply:?}"
             );
         }
         mesh.honest

@@ -228,7 +228,7 @@ fn confirmed_custody_does_not_travel_on() {
                         m.hops == 300
                             && matches!(m.state, platform::store::AgentState::Waiting { .. })
                     })
-                    .map(|m| m.custody.len())
+                    .map(|m| m.tail.len())
             });
             tail.is_some()
         })

@@ -10,13 +10,13 @@ use security::CustodyPoint;
 use super::accept::ExchangePermits;
 use super::custody::{certify, confirm_report};
 use super::fault::FaultPoint;
-use super::hop::{departed_by, hop_committed, hop_held};
+use super::hop::{commit_signature, hop_committed, hop_held};
 use super::mailbox::Wake;
 use super::routing::{route, Undelivered};
 use super::runner::deliver_end;
 use super::Shared;
 use crate::wire::{
-    read_frame, write_frame, ControlRefusal, ControlReply, ControlRequest, WireError,
+    read_frame, write_frame, ControlRefusal, ControlReply, ControlRequest, CustodyLink, WireError,
     CONTROL_PROTOCOL, MAX_FRAME,
 };
 
@@ -138,14 +138,9 @@ async fn answer(
         }
         ControlRequest::HopCommitted { agent, envelope } => {
             let reply = match hop_committed(shared, &agent, &envelope).await {
-                Ok(committed) => ControlReply::HopCommitted(committed),
-                Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
-            };
-            write_frame(stream, &reply).await
-        }
-        ControlRequest::Departed { agent, envelope } => {
-            let reply = match departed_by(shared, &agent, &envelope).await {
-                Ok(departed) => ControlReply::HopCommitted(departed),
+                Ok(committed) => ControlReply::HopCommitted(
+                    committed.then(|| commit_signature(shared, &envelope)),
+                ),
                 Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
             };
             write_frame(stream, &reply).await
@@ -160,7 +155,7 @@ async fn take_report(
     shared: &Arc<Shared>,
     peer: PeerId,
     agent: &str,
-    custody: Vec<serde_bytes::ByteBuf>,
+    custody: Vec<CustodyLink>,
     what: &str,
 ) -> Result<CustodyPoint, ControlReply> {
     let checked = match shared.sender_rates.admit(&peer) {

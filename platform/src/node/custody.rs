@@ -18,43 +18,69 @@ use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
 use security::{
-    follow_anchored, follow_custody, AgentId, AgentOrigin, CustodyCertificate, CustodyError,
-    CustodyPoint, EnvelopeHash, HopEnvelope, LaunchNonce, PublicKey,
+    follow_anchored, follow_custody, AgentId, AgentOrigin, CommittedHop, CustodyCertificate,
+    CustodyError, CustodyPoint, EnvelopeHash, HopEnvelope, LaunchNonce, PublicKey, Vouched,
 };
-use serde_bytes::ByteBuf;
 
 use super::control::control_request;
-use super::hop::departed_by;
 use super::{lock, Shared};
 use crate::store::{AgentMeta, StoreError};
-use crate::wire::{ControlRefusal, ControlReply, ControlRequest};
+use crate::wire::{CommitSignature, ControlRefusal, ControlReply, ControlRequest, CustodyLink};
 
-/// The custody tail the holder of `meta` presents: the envelopes the home may not have
-/// confirmed, then the one that brought the agent here. Empty on the home node before the
-/// agent's first hop (the home confirmed it holds it).
-pub(super) fn tail_of(meta: &AgentMeta) -> Vec<ByteBuf> {
-    let mut tail = meta.custody.clone();
-    if !meta.envelope.is_empty() {
-        tail.push(ByteBuf::from(meta.envelope.clone()));
-    }
-    tail
+/// The custody tail the holder of `meta` presents: the hops the home may not have certified,
+/// then the one that brought the agent here. Empty on the home node before the agent's first
+/// hop (the home confirmed it holds it).
+pub(super) fn tail_of(meta: &AgentMeta) -> Vec<CustodyLink> {
+    arriving_tail(meta.tail.clone(), &meta.envelope, meta.commit)
 }
 
-/// The custody an arriving agent keeps: the tail it came with and the envelope its source held
-/// it by.
-pub(super) fn arriving_tail(carried: Vec<ByteBuf>, previous: &[u8]) -> Vec<ByteBuf> {
+/// The custody an arriving agent keeps: the tail it came with and the hop its source held it
+/// by (a link without its commit signature, which no check accepts, if there is none).
+pub(super) fn arriving_tail(
+    carried: Vec<CustodyLink>,
+    previous: &[u8],
+    commit: Option<CommitSignature>,
+) -> Vec<CustodyLink> {
     let mut tail = carried;
     if !previous.is_empty() {
-        tail.push(ByteBuf::from(previous.to_vec()));
+        tail.push(CustodyLink {
+            envelope: previous.to_vec(),
+            commit: commit.unwrap_or(CommitSignature([0; 64])),
+        });
     }
     tail
 }
 
-/// On any node but the agent's home: whether an agent arriving by the custody `tail` (ending
-/// with the envelope of this very hop) comes from its holder. The agent's id must be the one
-/// `home` launched with `nonce`, and the tail must lead to this node from the home's
-/// `certificate` (or from the launch, if empty). Signatures `genuine` vouches for are not
-/// checked again.
+/// How an arriving hop stands in its agent's custody: who sends it, and the envelope it names
+/// as the one before (the one its sender holds the agent by).
+pub(super) struct Arrival<'a> {
+    /// The sending peer's key.
+    pub(super) sender: &'a PublicKey,
+    /// The envelope the hop names as previous (none on a first hop).
+    pub(super) previous: Option<EnvelopeHash>,
+}
+
+impl Arrival<'_> {
+    /// Whether custody followed to `point` is the sender's, by the envelope the hop follows.
+    fn held_at(&self, agent: &str, point: &CustodyPoint) -> Result<(), ControlRefusal> {
+        if point.holder == *self.sender && point.envelope == self.previous {
+            Ok(())
+        } else {
+            Err(ControlRefusal::NoCustody {
+                agent: agent.to_string(),
+                reason: format!(
+                    "the hop does not follow the custody its sender holds (hop {})",
+                    point.hop
+                ),
+            })
+        }
+    }
+}
+
+/// On any node but the agent's home: whether an agent arriving by a hop comes from its holder.
+/// The agent's id must be the one `home` launched with `nonce`, and the custody `tail` must lead
+/// to the sender, by the envelope the hop follows, from the home's `certificate` (or from the
+/// launch, if empty). The home itself needs no tail: it vouches for its own agents.
 ///
 /// # Errors
 ///
@@ -64,9 +90,9 @@ pub(super) fn check_arrival(
     agent: &str,
     (home, nonce): (&str, [u8; 16]),
     certificate: &[u8],
-    tail: &[ByteBuf],
-    genuine: impl Fn(&EnvelopeHash) -> bool,
-) -> Result<CustodyPoint, ControlRefusal> {
+    tail: &[CustodyLink],
+    arrival: &Arrival<'_>,
+) -> Result<(), ControlRefusal> {
     let refuse = |reason: String| ControlRefusal::NoCustody {
         agent: agent.to_string(),
         reason,
@@ -77,6 +103,10 @@ pub(super) fn check_arrival(
         home,
         nonce: LaunchNonce(nonce),
     };
+    let (id, tail) = decode_tail(shared, agent, tail)?;
+    if *arrival.sender == home && id.is_launched_by(&home, &origin.nonce) {
+        return Ok(());
+    }
     let known = |k: &[u8; 32]| shared.peers.known_key(k);
     let certificate = if certificate.is_empty() {
         None
@@ -86,51 +116,45 @@ pub(super) fn check_arrival(
                 .map_err(|e| refuse(format!("custody certificate: {e}")))?,
         )
     };
-    let (id, tail) = decode_tail(shared, agent, tail)?;
-    follow_anchored(
+    let point = follow_anchored(
         &id,
         &origin,
         certificate.as_ref(),
         &tail,
-        shared.peers.local_key(),
-        genuine,
+        arrival.sender,
+        |h| signed_here(shared, h),
     )
-    .map_err(|e| refuse(e.to_string()))
+    .map_err(|e| refuse(e.to_string()))?;
+    arrival.held_at(agent, &point)
 }
 
-/// On the home node: whether an agent coming home by the custody `tail` (ending with the
-/// envelope of this very hop) follows from the custody recorded here. A home takes its agents
-/// back only from their holders.
+/// On the home node: whether an agent coming home by a hop comes from its holder: the custody
+/// `tail` must lead from the custody recorded here to the sender, by the envelope the hop
+/// follows.
 ///
 /// # Errors
 ///
 /// [`ControlRefusal::NoCustody`] if the agent was not launched here, an envelope does not
-/// decode, or the tail does not lead from the recorded custody to this node;
-/// [`ControlRefusal::StoreUnreadable`] if the record cannot be read.
+/// decode, or the tail does not lead to the sender; [`ControlRefusal::StoreUnreadable`] if
+/// the record cannot be read.
 pub(super) fn check_homecoming(
     shared: &Shared,
     agent: &str,
-    tail: &[ByteBuf],
-    verified: &EnvelopeHash,
-) -> Result<CustodyPoint, ControlRefusal> {
+    tail: &[CustodyLink],
+    arrival: &Arrival<'_>,
+) -> Result<(), ControlRefusal> {
     let recorded = shared
         .store
         .custody(agent)
         .map_err(|e| ControlRefusal::StoreUnreadable(e.to_string()))?;
-    let genuine = |h: &EnvelopeHash| h == verified || signed_here(shared, h);
-    follow(
-        shared,
-        agent,
-        recorded,
-        tail,
-        shared.peers.local_key(),
-        genuine,
-    )
+    let point = follow(shared, agent, recorded, tail, arrival.sender)?;
+    arrival.held_at(agent, &point)
 }
 
-/// Whether this node signed the envelope with hash `h` (lately): its signature needs no check.
-fn signed_here(shared: &Shared, h: &EnvelopeHash) -> bool {
-    shared.departures.signed_here(h.as_bytes())
+/// Which signatures of the hop with envelope hash `h` this node made (lately): they need no
+/// check.
+fn signed_here(shared: &Shared, h: &EnvelopeHash) -> Vouched {
+    shared.departures.vouched(h.as_bytes())
 }
 
 /// The key of the peer presenting a report.
@@ -145,14 +169,13 @@ fn key_of(shared: &Shared, agent: &str, peer: &PeerId) -> Result<PublicKey, Cont
 }
 
 /// Where the custody `tail` presented by `presenter` for `agent` leads from `recorded` (the
-/// signatures of envelopes `genuine` vouches for are not checked again).
+/// signatures of hops this node made are not checked again).
 fn follow(
     shared: &Shared,
     agent: &str,
     recorded: Option<CustodyPoint>,
-    tail: &[ByteBuf],
+    tail: &[CustodyLink],
     presenter: &PublicKey,
-    genuine: impl Fn(&EnvelopeHash) -> bool,
 ) -> Result<CustodyPoint, ControlRefusal> {
     let refuse = |reason: String| ControlRefusal::NoCustody {
         agent: agent.to_string(),
@@ -161,21 +184,23 @@ fn follow(
     let recorded =
         recorded.ok_or_else(|| refuse("no agent of this id was launched here".into()))?;
     let (id, tail) = decode_tail(shared, agent, tail)?;
-    follow_custody(&id, &recorded, &tail, presenter, genuine).map_err(|e| match e {
-        CustodyError::Superseded { hop, .. } => ControlRefusal::Superseded {
-            agent: agent.to_string(),
-            hop,
+    follow_custody(&id, &recorded, &tail, presenter, |h| signed_here(shared, h)).map_err(
+        |e| match e {
+            CustodyError::Superseded { hop, .. } => ControlRefusal::Superseded {
+                agent: agent.to_string(),
+                hop,
+            },
+            e => refuse(e.to_string()),
         },
-        e => refuse(e.to_string()),
-    })
+    )
 }
 
-/// The agent id and the envelopes of a custody tail, decoded.
+/// The agent id and the hops of a custody tail, decoded.
 fn decode_tail(
     shared: &Shared,
     agent: &str,
-    tail: &[ByteBuf],
-) -> Result<(AgentId, Vec<HopEnvelope>), ControlRefusal> {
+    tail: &[CustodyLink],
+) -> Result<(AgentId, Vec<CommittedHop>), ControlRefusal> {
     let refuse = |reason: String| ControlRefusal::NoCustody {
         agent: agent.to_string(),
         reason,
@@ -187,8 +212,12 @@ fn decode_tail(
     let tail = tail
         .iter()
         .enumerate()
-        .map(|(i, e)| {
-            HopEnvelope::decode_known(e, known)
+        .map(|(i, link)| {
+            HopEnvelope::decode_known(&link.envelope, known)
+                .map(|envelope| CommittedHop {
+                    envelope,
+                    commit: link.commit.0,
+                })
                 .map_err(|err| refuse(format!("envelope {i} of the tail: {err}")))
         })
         .collect::<Result<_, _>>()?;
@@ -206,7 +235,7 @@ fn decode_tail(
 pub(super) async fn confirm_report(
     shared: &Arc<Shared>,
     agent: &str,
-    tail: Vec<ByteBuf>,
+    tail: Vec<CustodyLink>,
     presenter: PeerId,
 ) -> Result<CustodyPoint, ControlRefusal> {
     let checked_from = shared
@@ -214,12 +243,7 @@ pub(super) async fn confirm_report(
         .custody(agent)
         .map_err(|e| ControlRefusal::StoreUnreadable(e.to_string()))?;
     let presenter_key = key_of(shared, agent, &presenter)?;
-    let point = follow(shared, agent, checked_from, &tail, &presenter_key, |h| {
-        signed_here(shared, h)
-    })?;
-    if checked_from.is_none_or(|c| c.hop < point.hop) {
-        hop_completed(shared, agent, &tail, &point).await?;
-    }
+    let point = follow(shared, agent, checked_from, &tail, &presenter_key)?;
     let (task_shared, id, holder) = (shared.clone(), agent.to_string(), presenter.to_string());
     shared
         .store
@@ -228,9 +252,7 @@ pub(super) async fn confirm_report(
             let point = if now == checked_from {
                 Ok(point)
             } else {
-                follow(&task_shared, &id, now, &tail, &presenter_key, |h| {
-                    signed_here(&task_shared, h)
-                })
+                follow(&task_shared, &id, now, &tail, &presenter_key)
             };
             if let Ok(point) = &point {
                 b.set_custody(&id, point)?;
@@ -253,67 +275,6 @@ pub(super) fn certify(shared: &Shared, agent: &str, point: CustodyPoint) -> Cont
             agent: agent.to_string(),
             reason: "not an agent id".into(),
         }),
-    }
-}
-
-/// Whether the hop that brought the agent to the presenter (the last of its tail, `to`) was
-/// completed: its source says the agent left by it. A node that was only offered the agent
-/// (and refused it, or was given up on) holds that signed envelope too, and must not take
-/// custody with it.
-///
-/// # Errors
-///
-/// [`ControlRefusal::NoCustody`] if the source says no; [`ControlRefusal::Unreachable`] if it
-/// cannot be asked (the report may be sent again).
-async fn hop_completed(
-    shared: &Shared,
-    agent: &str,
-    tail: &[ByteBuf],
-    to: &CustodyPoint,
-) -> Result<(), ControlRefusal> {
-    let Some(hash) = to.envelope else {
-        return Ok(());
-    };
-    let last = tail
-        .iter()
-        .rev()
-        .find(|e| blake3::hash(e).as_bytes() == hash.as_bytes())
-        .and_then(|e| HopEnvelope::decode_known(e, |k| shared.peers.known_key(k)).ok())
-        .ok_or_else(|| ControlRefusal::NoCustody {
-            agent: agent.to_string(),
-            reason: "the tail lost its last envelope".into(),
-        })?;
-    let source = last.fields().from;
-    let departed = if source == *shared.peers.local_key() {
-        departed_by(shared, agent, hash.as_bytes())
-            .await
-            .map_err(|e| ControlRefusal::StoreUnreadable(e.to_string()))?
-    } else {
-        let peer = source
-            .peer_id_string()
-            .parse::<PeerId>()
-            .map_err(|e| ControlRefusal::Unreachable(e.to_string()))?;
-        let question = ControlRequest::Departed {
-            agent: agent.to_string(),
-            envelope: *hash.as_bytes(),
-        };
-        match control_request(shared, peer, &question).await {
-            Ok(ControlReply::HopCommitted(departed)) => departed,
-            Ok(other) => {
-                return Err(ControlRefusal::Unreachable(format!(
-                    "the hop's source answered {other:?}"
-                )))
-            }
-            Err(e) => return Err(ControlRefusal::Unreachable(e.to_string())),
-        }
-    };
-    if departed {
-        Ok(())
-    } else {
-        Err(ControlRefusal::NoCustody {
-            agent: agent.to_string(),
-            reason: format!("hop {} to the sender did not complete", to.hop),
-        })
     }
 }
 

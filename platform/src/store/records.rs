@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::chunks::{insert_chunks, read_chunks, remove_chunks, LARGE};
 use super::schema::{AGENTS, CHUNKS};
 use super::{Batch, Store, StoreError};
+use crate::wire::{CommitSignature, CustodyLink};
 
 /// An agent resident on this node, as a restart finds it: its metadata and its continuation.
 /// The metadata's fields read through the record (`rec.id` is `rec.meta.id`).
@@ -98,11 +99,16 @@ pub struct AgentMeta {
     /// The envelope of the hop that brought the agent here; empty on its home node.
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
-    /// The envelopes before `envelope` that the home node may not have confirmed yet, oldest
-    /// first (the custody tail: see `security::follow_custody`); at most
-    /// [`MAX_CUSTODY_TAIL`](crate::wire::MAX_CUSTODY_TAIL).
+    /// The source's commit signature of the hop by `envelope` (none on the home node before
+    /// the agent's first hop): with `envelope`, the last link of the agent's custody here.
     #[serde(default)]
-    pub custody: Vec<serde_bytes::ByteBuf>,
+    pub commit: Option<CommitSignature>,
+    /// The hops before `envelope` that the home node may not have certified yet, oldest first
+    /// (the custody tail: see `security::follow_custody`); at most
+    /// [`MAX_CUSTODY_TAIL`](crate::wire::MAX_CUSTODY_TAIL) + 1. (Records before custody links
+    /// had a `custody` list of envelopes instead, which is ignored.)
+    #[serde(default)]
+    pub tail: Vec<CustodyLink>,
     /// The nonce the agent's home derived its id with (`security::AgentId::launched`): with
     /// `home`, it shows whose agent this is.
     #[serde(default, with = "serde_bytes")]
@@ -137,7 +143,8 @@ struct MetaRef<'a> {
     state: &'a AgentState,
     #[serde(with = "serde_bytes")]
     envelope: &'a [u8],
-    custody: &'a [serde_bytes::ByteBuf],
+    commit: Option<&'a CommitSignature>,
+    tail: &'a [CustodyLink],
     #[serde(with = "serde_bytes")]
     nonce: &'a [u8; 16],
     #[serde(with = "serde_bytes")]
@@ -159,7 +166,8 @@ impl<'a> MetaRef<'a> {
             launcher: m.launcher.as_deref(),
             state: &m.state,
             envelope: &m.envelope,
-            custody: &m.custody,
+            commit: m.commit.as_ref(),
+            tail: &m.tail,
             nonce: &m.nonce,
             certificate: &m.certificate,
             continuation,
@@ -177,7 +185,8 @@ impl<'a> MetaRef<'a> {
             launcher: r.launcher.as_deref(),
             state: &r.state,
             envelope: &r.envelope,
-            custody: &r.custody,
+            commit: r.commit.as_ref(),
+            tail: &r.tail,
             nonce: &r.nonce,
             certificate: &r.certificate,
             continuation,
@@ -202,7 +211,9 @@ struct StoredAgent {
     #[serde(with = "serde_bytes")]
     envelope: Vec<u8>,
     #[serde(default)]
-    custody: Vec<serde_bytes::ByteBuf>,
+    commit: Option<CommitSignature>,
+    #[serde(default)]
+    tail: Vec<CustodyLink>,
     #[serde(default, with = "serde_bytes")]
     nonce: [u8; 16],
     #[serde(default, with = "serde_bytes")]
@@ -223,7 +234,8 @@ impl StoredAgent {
             launcher: self.launcher,
             state: self.state,
             envelope: self.envelope,
-            custody: self.custody,
+            commit: self.commit,
+            tail: self.tail,
             nonce: self.nonce,
             certificate: self.certificate,
         };

@@ -2,8 +2,7 @@
 //! take and verify the continuation, store the agent as arriving, and make it runnable once the
 //! source's decision to commit is here.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use agent_lang::Execution;
 use libp2p::PeerId;
@@ -19,7 +18,8 @@ use super::gate::Arriving;
 use super::recover::ask_hop_decision;
 use crate::node::accept::ExchangePermits;
 use crate::node::custody::{
-    arriving_tail, check_arrival, check_homecoming, report_location, ReportFailure,
+    arriving_tail, check_arrival, check_homecoming, report_location, Arrival as CustodyArrival,
+    ReportFailure,
 };
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
@@ -29,8 +29,8 @@ use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::{now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, HopSeen};
 use crate::wire::{
-    read_bulk, read_frame, write_frame, ControlRefusal, HopDecision, HopOffer, HopRefusal,
-    HopReply, WireError, MAX_FRAME,
+    read_bulk, read_frame, write_frame, CommitSignature, ControlRefusal, HopDecision, HopOffer,
+    HopRefusal, HopReply, WireError, MAX_FRAME,
 };
 
 /// Destination side of hops: offer after offer on one stream, until the source closes it.
@@ -143,10 +143,6 @@ pub(in crate::node) async fn receive_hop(
     } = checked;
     let fields = envelope.fields().clone();
     let envelope_hash = *envelope.hash().as_bytes();
-    // An agent coming back presents the envelope this node signed when it sent it away.
-    let signed_here = previous
-        .as_ref()
-        .is_some_and(|p| shared.departures.signed_here(p.hash().as_bytes()));
     let hash = fields.package_hash;
     // The signature is checked with those of the hops arriving at the same time.
     let signature_checked = if envelope.fields().from == sender {
@@ -161,7 +157,8 @@ pub(in crate::node) async fn receive_hop(
     let check = HopCheck::new(&sender, shared.peers.local_key(), &hash, &continuation_hash)
         .with_clock(now_ms(), MAX_CLOCK_SKEW_MS)
         .with_previous(previous.as_ref())
-        .with_previous_known_genuine(signed_here)
+        // (Its signature is checked with the custody that must lead to it, below.)
+        .with_previous_known_genuine(true)
         .with_signature_checked(signature_checked);
     if let Err(e) = verify_hop(envelope, &check) {
         tracing::warn!(%peer, "refused a hop: {e}");
@@ -195,7 +192,7 @@ pub(in crate::node) async fn receive_hop(
     if let Some(index) = offer
         .custody
         .iter()
-        .position(|e| e.len() > security::MAX_ENVELOPE_BYTES)
+        .position(|link| link.envelope.len() > security::MAX_ENVELOPE_BYTES)
     {
         let refusal = refused(HopRefusal::Envelope(format!(
             "custody tail entry {index} is larger than an envelope"
@@ -222,20 +219,16 @@ pub(in crate::node) async fn receive_hop(
     }
     // Custody must lead to this node: coming home, from the custody recorded here; anywhere
     // else, from the home's certificate the agent carries (or its launch).
-    let custody = arriving_tail(offer.custody, &offer.previous);
-    let mut tail = custody.clone();
-    tail.push(serde_bytes::ByteBuf::from(offer.envelope.clone()));
-    let previous_hash = previous.as_ref().map(HopEnvelope::hash);
+    let custody = arriving_tail(offer.custody, &offer.previous, offer.previous_commit);
+    let arrival = CustodyArrival {
+        sender: &sender,
+        previous: previous.as_ref().map(HopEnvelope::hash),
+    };
     let checked = if home_here {
-        check_homecoming(shared, &id, &tail, &EnvelopeHash(envelope_hash))
+        check_homecoming(shared, &id, &custody, &arrival)
     } else {
-        let genuine = |h: &EnvelopeHash| {
-            *h.as_bytes() == envelope_hash
-                || Some(*h) == previous_hash
-                || shared.departures.signed_here(h.as_bytes())
-        };
         let origin = (offer.home.as_str(), offer.nonce);
-        check_arrival(shared, &id, origin, &offer.certificate, &tail, genuine)
+        check_arrival(shared, &id, origin, &offer.certificate, &custody, &arrival)
     };
     if let Err(e) = checked {
         tracing::warn!(%peer, "refused a hop: {e}");
@@ -262,7 +255,8 @@ pub(in crate::node) async fn receive_hop(
                 carried: messages.len() as u64,
             },
             envelope: offer.envelope,
-            custody,
+            commit: None,
+            tail: custody,
             nonce: offer.nonce,
             certificate,
         },
@@ -271,13 +265,13 @@ pub(in crate::node) async fn receive_hop(
     // Stored durably while the source's departure record is written and its decision travels;
     // runnable at once if the decision to commit is already here when the write runs (the
     // decision is read first, so one that came with the offer is).
-    let commit_seen = Arc::new(AtomicBool::new(false));
+    let commit_seen = Arc::new(OnceLock::new());
     let decision = {
         let commit_seen = commit_seen.clone();
         async move {
             let decision = read_frame::<_, HopDecision>(stream, MAX_FRAME).await;
-            if let Ok(HopDecision::Commit) = decision {
-                commit_seen.store(true, Ordering::Release);
+            if let Ok(HopDecision::Commit(signature)) = decision {
+                let _ = commit_seen.set(signature);
             }
             decision
         }
@@ -311,10 +305,12 @@ pub(in crate::node) async fn receive_hop(
                 since = b.abort_arrival(&rec.id, &old)?.unwrap_or_default();
             }
         }
-        let committed = commit_seen.load(Ordering::Acquire);
-        if committed {
+        let committed = commit_seen.get().copied();
+        if committed.is_some() {
             rec.state = AgentState::Ready;
+            rec.commit = committed;
         }
+        let committed = committed.is_some();
         let arrival = b.accept_arrival(&rec)?;
         if let Arrival::New = arrival {
             for m in messages
@@ -348,10 +344,10 @@ pub(in crate::node) async fn receive_hop(
         }
     };
     shared.faults.die_at(FaultPoint::DestinationAfterStore);
-    match decision {
-        Ok(HopDecision::Commit) => {}
+    let commit = match decision {
+        Ok(HopDecision::Commit(signature)) => signature,
         Ok(HopDecision::Abort(why)) => {
-            settle_arrival(shared, &rec.meta, false).await;
+            settle_arrival(shared, &rec.meta, None).await;
             return Err(refused(HopRefusal::SourceAborted(why)));
         }
         Err(e) => {
@@ -361,14 +357,15 @@ pub(in crate::node) async fn receive_hop(
                 .spawn(ask_hop_decision(shared.clone(), rec.meta.clone()));
             return Err(Refusal::Wire(e));
         }
-    }
+    };
     let rec = if committed {
         rec
     } else {
-        match commit_arrival(shared, &rec.id, &envelope_hash).await {
+        match commit_arrival(shared, &rec.id, &envelope_hash, commit).await {
             Some(meta) => AgentRecord {
                 meta: AgentMeta {
                     state: meta.state,
+                    commit: meta.commit,
                     ..rec.meta
                 },
                 ..rec
@@ -548,6 +545,7 @@ pub(in crate::node) async fn commit_arrival(
     shared: &Shared,
     id: &str,
     envelope: &[u8; 32],
+    commit: CommitSignature,
 ) -> Option<AgentMeta> {
     let (agent, envelope, me, my_key) = (
         id.to_string(),
@@ -558,7 +556,7 @@ pub(in crate::node) async fn commit_arrival(
     let committed = shared
         .store
         .write_unsynced(move |b| {
-            let Some(meta) = b.commit_arrival(&agent, &envelope)? else {
+            let Some(meta) = b.commit_arrival(&agent, &envelope, commit)? else {
                 return Ok(None);
             };
             // (On the agent's home node, its location and custody with it.)
@@ -586,6 +584,7 @@ pub(in crate::node) async fn commit_arrival(
                 .flatten()
                 .map(|m| AgentMeta {
                     state: AgentState::Ready,
+                    commit: Some(commit),
                     ..m
                 })
         }
@@ -597,13 +596,16 @@ pub(in crate::node) async fn commit_arrival(
 pub(in crate::node) async fn settle_arrival(
     shared: &Arc<Shared>,
     meta: &AgentMeta,
-    committed: bool,
+    committed: Option<CommitSignature>,
 ) {
     let AgentState::Arriving { envelope, .. } = meta.state else {
         return;
     };
-    if committed {
-        if commit_arrival(shared, &meta.id, &envelope).await.is_some() {
+    if let Some(commit) = committed {
+        if commit_arrival(shared, &meta.id, &envelope, commit)
+            .await
+            .is_some()
+        {
             spawn_agent(shared, meta.id.clone(), meta.hop);
         }
         return;

@@ -11,10 +11,11 @@ use futures::future::{BoxFuture, Shared as SharedFuture};
 use futures::FutureExt;
 use libp2p::PeerId;
 use security::{
-    AgentId, CustodyCertificate, CustodyPoint, EnvelopeHash, HopEnvelope, HopFields, FIRST_HOP,
+    AgentId, CustodyCertificate, CustodyPoint, EnvelopeHash, HopEnvelope, HopFields, Vouched,
+    FIRST_HOP,
 };
 
-use super::recover::{recover_departure, resolve_departure};
+use super::recover::{commit_signature, recover_departure, resolve_departure};
 use crate::node::custody::report_location;
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
@@ -43,16 +44,14 @@ pub(in crate::node) struct Departures {
     recording: Mutex<HashMap<[u8; 32], DepartureRecorded>>,
     /// Hashes of the hop envelopes this node signed lately.
     signed: Mutex<HashSet<[u8; 32]>>,
+    /// Hashes of the envelopes of hops this node signed the commit of lately.
+    committed: Mutex<HashSet<[u8; 32]>>,
 }
 
 impl Departures {
     /// Remembers an envelope this node signed.
     fn signed(&self, hash: [u8; 32]) {
-        let mut signed = lock(&self.signed);
-        if signed.len() >= SIGNED_REMEMBERED {
-            signed.clear();
-        }
-        signed.insert(hash);
+        remember(&self.signed, hash);
     }
 
     /// Whether this node signed the envelope with this hash (lately).
@@ -60,10 +59,33 @@ impl Departures {
         lock(&self.signed).contains(hash)
     }
 
+    /// Remembers a hop (by its envelope's hash) this node signed the commit of.
+    pub(in crate::node) fn committed(&self, hash: [u8; 32]) {
+        remember(&self.committed, hash);
+    }
+
+    /// Which signatures of the hop with this envelope hash this node made (lately): they need
+    /// no check.
+    pub(in crate::node) fn vouched(&self, hash: &[u8; 32]) -> Vouched {
+        Vouched {
+            envelope: self.signed_here(hash),
+            commit: lock(&self.committed).contains(hash),
+        }
+    }
+
     /// The departure record of the hop with this envelope hash, while it is being written.
     pub(in crate::node) fn recording(&self, hash: &[u8; 32]) -> Option<DepartureRecorded> {
         lock(&self.recording).get(hash).cloned()
     }
+}
+
+/// Adds `hash` to a bounded set (emptied when full: forgetting costs only a signature check).
+fn remember(set: &Mutex<HashSet<[u8; 32]>>, hash: [u8; 32]) {
+    let mut set = lock(set);
+    if set.len() >= SIGNED_REMEMBERED {
+        set.clear();
+    }
+    set.insert(hash);
 }
 
 /// The source's side of a completed hop, in one transaction: drop our copy and leave a
@@ -124,12 +146,12 @@ async fn anchor_custody(
             };
             rec.certificate = CustodyCertificate::sign(agent_id, point, &shared.key).encode();
         }
-        rec.custody.clear();
+        rec.tail.clear();
         return Ok(());
     }
     let certificate = match shared.confirmed.take(&rec.id, &rec.envelope) {
         Some(certificate) => certificate,
-        None if rec.custody.len() >= MAX_CUSTODY_TAIL => {
+        None if rec.tail.len() >= MAX_CUSTODY_TAIL => {
             let home = rec.home.parse::<PeerId>().map_err(|e| {
                 format!(
                     "migrate: the agent's home {} is not a peer id: {e}",
@@ -142,14 +164,14 @@ async fn anchor_custody(
                     format!(
                         "migrate: the agent's home has certified none of its last {} hops, and \
                          cannot now ({e}): it stays until its home can be reached",
-                        rec.custody.len() + 1
+                        rec.tail.len() + 1
                     )
                 })?
         }
         None => return Ok(()),
     };
     rec.certificate = certificate;
-    rec.custody.clear();
+    rec.tail.clear();
     Ok(())
 }
 
@@ -290,6 +312,7 @@ pub(in crate::node) async fn hop(
     let offer = HopOffer {
         envelope: envelope.encode(),
         previous: rec.envelope.clone(),
+        previous_commit: rec.commit,
         continuation_len: continuation.len() as u64,
         inline: if inline {
             continuation.clone()
@@ -308,7 +331,7 @@ pub(in crate::node) async fn hop(
         nonce: rec.nonce,
         certificate: rec.certificate.clone(),
         launcher: rec.launcher.clone(),
-        custody: rec.custody.clone(),
+        custody: rec.tail.clone(),
     };
     let sent = SentHop {
         dest,
@@ -533,13 +556,20 @@ pub(in crate::node) async fn hop_exchange(
             false,
         ),
     };
+    // The commit signature goes with `Commit`: the destination's proof that it holds the agent.
+    let commit = || {
+        HopDecision::Commit(commit_signature(
+            shared,
+            blake3::hash(&offer.envelope).as_bytes(),
+        ))
+    };
     if !offer.inline.is_empty() && matches!(recorded.peek(), Some(Ok(()))) {
         // The departure record is written already (see `hop`): the offer and the decision to
         // commit go out together, and the destination stores the agent runnable at once.
         shared.faults.die_at(FaultPoint::SourceAfterLeaving);
         let mut frames = Vec::with_capacity(offer.inline.len() + 1024);
-        let pushed = push_frame(&mut frames, offer)
-            .and_then(|()| push_frame(&mut frames, &HopDecision::Commit));
+        let pushed =
+            push_frame(&mut frames, offer).and_then(|()| push_frame(&mut frames, &commit()));
         if let Err(e) = pushed {
             return HopExchange::NotSent(e.to_string());
         }
@@ -578,13 +608,13 @@ pub(in crate::node) async fn hop_exchange(
     let decision = match recorded.clone().await {
         Ok(()) => {
             shared.faults.die_at(FaultPoint::SourceAfterLeaving);
-            HopDecision::Commit
+            commit()
         }
         Err(e) => HopDecision::Abort(e),
     };
     if let Err(e) = write_frame(stream, &decision).await {
         return match decision {
-            HopDecision::Commit => HopExchange::Unknown(e.to_string()),
+            HopDecision::Commit(_) => HopExchange::Unknown(e.to_string()),
             HopDecision::Abort(why) => HopExchange::Answered(SendOutcome::NotTaken(why), false),
         };
     }
@@ -597,10 +627,10 @@ pub(in crate::node) async fn hop_exchange(
             }
             other => other,
         },
-        (Ok(reply), HopDecision::Commit) => answered(reply),
+        (Ok(reply), HopDecision::Commit(_)) => answered(reply),
         (Err(_), HopDecision::Abort(why)) => {
             HopExchange::Answered(SendOutcome::NotTaken(why), false)
         }
-        (Err(e), HopDecision::Commit) => HopExchange::Unknown(e.to_string()),
+        (Err(e), HopDecision::Commit(_)) => HopExchange::Unknown(e.to_string()),
     }
 }

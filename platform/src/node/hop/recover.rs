@@ -13,8 +13,10 @@ use crate::node::control::control_request;
 use crate::node::events::NodeEvent;
 use crate::node::runner::{spawn_agent, spawn_runner};
 use crate::node::Shared;
+use security::{sign_commit, EnvelopeHash};
+
 use crate::store::{AgentMeta, AgentState, StoreError};
-use crate::wire::{ControlReply, ControlRequest};
+use crate::wire::{CommitSignature, ControlReply, ControlRequest};
 
 /// Whether this node holds (agent, hop) (by the envelope with hash `envelope`, if given: held
 /// by another is a "no"), once no receipt of that hop is in progress; with `give_up`, a "no"
@@ -143,7 +145,7 @@ pub(in crate::node) async fn ask_hop_decision(shared: Arc<Shared>, meta: AgentMe
     };
     let Ok(source) = from.parse::<PeerId>() else {
         tracing::error!(agent = %meta.id, "arrival from an unreadable peer id {from:?}: dropped");
-        return settle_arrival(&shared, &meta, false).await;
+        return settle_arrival(&shared, &meta, None).await;
     };
     let request = ControlRequest::HopCommitted {
         agent: meta.id.clone(),
@@ -165,32 +167,11 @@ pub(in crate::node) async fn ask_hop_decision(shared: Arc<Shared>, meta: AgentMe
     }
 }
 
-/// How long [`departed_by`] waits for a departure still completing.
-const DEPARTURE_WAIT: Duration = Duration::from_secs(3);
-
-/// The source's answer to [`ControlRequest::Departed`]: whether agent `agent` left this node by
-/// the hop with this envelope hash, waiting up to [`DEPARTURE_WAIT`] while it is still leaving
-/// by it (the destination may report before this node heard its acknowledgement). A store that
-/// cannot be read is an error, never a "no".
-pub(in crate::node) async fn departed_by(
-    shared: &Shared,
-    agent: &str,
-    envelope: &[u8; 32],
-) -> Result<bool, StoreError> {
-    let deadline = tokio::time::Instant::now() + DEPARTURE_WAIT;
-    loop {
-        if shared.store.departed(agent)? == Some(*envelope) {
-            return Ok(true);
-        }
-        let leaving_by_it = matches!(
-            shared.store.agent_meta(agent)?,
-            Some(AgentMeta { state: AgentState::Leaving { envelope: e, .. }, .. }) if e == *envelope
-        ) || shared.departures.recording(envelope).is_some();
-        if !leaving_by_it || tokio::time::Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// This node's signature that the hop with envelope hash `envelope`, which it sent, committed:
+/// what it sends with `HopDecision::Commit`, and to a destination that asks.
+pub(in crate::node) fn commit_signature(shared: &Shared, envelope: &[u8; 32]) -> CommitSignature {
+    shared.departures.committed(*envelope);
+    CommitSignature(sign_commit(&EnvelopeHash(*envelope), &shared.key))
 }
 
 /// The source's answer to [`ControlRequest::HopCommitted`]: whether the departure record of the

@@ -337,10 +337,11 @@ pub fn follow_custody(
     Ok(at)
 }
 
-/// Follows `tail` (oldest first) to `presenter` from the point `certificate` vouches for, or
-/// from the launch when there is none, as any node a hop brings the agent to checks it: the
-/// agent's id must be `origin`'s, and the certificate signed by its home. Then as
-/// [`follow_custody`], with the same `genuine`.
+/// Follows `tail` (oldest first) to `presenter` as any node a hop brings the agent to checks
+/// it: the agent's id must be `origin`'s, and custody starts from what the home vouches for,
+/// whichever is latest: the point `certificate` certifies (signed by the home), the home's own
+/// hop in the tail (an envelope the home sent is its word that it held the agent just before),
+/// or else the launch. Then as [`follow_custody`], with the same `genuine`.
 ///
 /// # Errors
 ///
@@ -359,9 +360,26 @@ pub fn follow_anchored(
             home: Box::new(origin.home),
         });
     }
-    let start = match certificate {
+    let certified = match certificate {
         Some(c) => c.verify(agent, &origin.home)?,
         None => CustodyPoint::launched(origin.home),
     };
-    follow_custody(agent, &start, tail, presenter, genuine)
+    // The home's latest hop in the tail starts custody where it held the agent, if that is
+    // later than what it certified: the hop's own checks (its signature among them) follow.
+    let sent_by_home = tail.iter().rposition(|e| {
+        let f = e.fields();
+        f.from == origin.home && f.agent_id == *agent && f.hop > certified.hop
+    });
+    match sent_by_home {
+        Some(i) => {
+            let f = tail[i].fields();
+            let home_held = CustodyPoint {
+                hop: f.hop - 1,
+                holder: origin.home,
+                envelope: f.previous,
+            };
+            follow_custody(agent, &home_held, &tail[i..], presenter, genuine)
+        }
+        None => follow_custody(agent, &certified, tail, presenter, genuine),
+    }
 }

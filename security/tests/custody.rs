@@ -376,3 +376,86 @@ fn certificates_decode_only_from_their_own_canonical_bytes() {
         Err(DecodeError::Oversized { .. })
     ));
 }
+
+#[test]
+fn a_hop_the_home_sent_anchors_custody_without_a_certificate() {
+    let (j, origin) = anchored_journey();
+    let id = j.hops[0].fields().agent_id;
+    let package = package().hash();
+    // The agent came home by hop 3 (c -> home, not shown), and the home sends it on to a.
+    let sign_hop = |from: &SecretKey, to: &SecretKey, previous: EnvelopeHash| {
+        HopEnvelope::sign(
+            HopFields {
+                agent_id: id,
+                hop: 4,
+                package_hash: package,
+                continuation_hash: continuation_hash(b"state"),
+                previous: Some(previous),
+                from: from.public(),
+                to: to.public(),
+                time_ms: T0,
+            },
+            from,
+        )
+        .unwrap()
+    };
+    let came_home = EnvelopeHash([3; 32]);
+    let e4 = sign_hop(&j.home, &j.a, came_home);
+    let e5 = HopEnvelope::sign(
+        HopFields {
+            hop: 5,
+            previous: Some(e4.hash()),
+            from: j.a.public(),
+            to: j.b.public(),
+            ..e4.fields().clone()
+        },
+        &j.a,
+    )
+    .unwrap();
+    assert_eq!(
+        follow_anchored(
+            &id,
+            &origin,
+            None,
+            &[e4.clone(), e5.clone()],
+            &j.b.public(),
+            none
+        ),
+        Ok(CustodyPoint {
+            hop: 5,
+            holder: j.b.public(),
+            envelope: Some(e5.hash()),
+        })
+    );
+    // Anything before the home's hop does not matter; a hop "from the home" that the home did
+    // not sign anchors nothing.
+    assert!(follow_anchored(
+        &id,
+        &origin,
+        None,
+        &[j.hops[1].clone(), e4.clone(), e5.clone()],
+        &j.b.public(),
+        none
+    )
+    .is_ok());
+    let mut forged = e4.encode();
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    let forged = HopEnvelope::decode(&forged).unwrap();
+    assert_eq!(
+        follow_anchored(&id, &origin, None, &[forged], &j.a.public(), none),
+        Err(CustodyError::BadSignature { hop: 4 })
+    );
+    // A stranger's hop to itself, "following" the home's, does not lead from it.
+    let stranger = key(45);
+    let e5_stranger = sign_hop(&stranger, &stranger, e4.hash());
+    assert!(follow_anchored(
+        &id,
+        &origin,
+        None,
+        &[e4, e5_stranger],
+        &stranger.public(),
+        none
+    )
+    .is_err());
+}

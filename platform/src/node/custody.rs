@@ -71,8 +71,16 @@ pub(super) fn check_arrival(
         agent: agent.to_string(),
         reason,
     };
-    let home = PublicKey::from_peer_id_str(home)
-        .map_err(|_| refuse("its home is not an ed25519 peer id".into()))?;
+    // (A known peer's key is not decoded again: decompressing one costs a few signatures' worth.)
+    let home = match home
+        .parse::<PeerId>()
+        .ok()
+        .and_then(|p| shared.peers.key_of(&p))
+    {
+        Some(key) => key,
+        None => PublicKey::from_peer_id_str(home)
+            .map_err(|_| refuse("its home is not an ed25519 peer id".into()))?,
+    };
     let origin = AgentOrigin {
         home,
         nonce: LaunchNonce(nonce),

@@ -10,9 +10,7 @@ use agent_lang::{unknown_node_error, Execution};
 use futures::future::{BoxFuture, Shared as SharedFuture};
 use futures::FutureExt;
 use libp2p::PeerId;
-use security::{
-    AgentId, CustodyCertificate, CustodyPoint, EnvelopeHash, HopEnvelope, HopFields, FIRST_HOP,
-};
+use security::{AgentId, HopEnvelope, HopFields, FIRST_HOP};
 
 use super::recover::{recover_departure, resolve_departure};
 use crate::node::custody::report_location;
@@ -104,26 +102,12 @@ pub(in crate::node) async fn complete_departure(
     Ok(())
 }
 
-/// Brings the custody the agent takes along up to date before it leaves. On its home, the home
-/// certifies that it holds it. Elsewhere, the home's certificate of this node's custody, if one
-/// came while the agent was here, replaces the tail before it; a tail too long to take along
-/// is certified first, or the agent stays.
-async fn anchor_custody(
-    shared: &Arc<Shared>,
-    rec: &mut AgentRecord,
-    agent_id: AgentId,
-) -> Result<(), String> {
-    let held_by = EnvelopeHash(*blake3::hash(&rec.envelope).as_bytes());
+/// Brings the custody the agent takes along up to date before it leaves. The home needs none:
+/// the envelope it signs is its word. Elsewhere, the home's certificate of this node's custody,
+/// if one came while the agent was here, replaces the tail before it; a tail too long to take
+/// along is certified first, or the agent stays.
+async fn anchor_custody(shared: &Arc<Shared>, rec: &mut AgentRecord) -> Result<(), String> {
     if rec.home == shared.peers.local_text() {
-        // (Before the first hop, custody leads from the launch, which needs no certificate.)
-        if !rec.envelope.is_empty() {
-            let point = CustodyPoint {
-                hop: rec.hop,
-                holder: *shared.peers.local_key(),
-                envelope: Some(held_by),
-            };
-            rec.certificate = CustodyCertificate::sign(agent_id, point, &shared.key).encode();
-        }
         rec.custody.clear();
         return Ok(());
     }
@@ -189,11 +173,7 @@ pub(in crate::node) async fn hop(
         .peers
         .key_of(&dest)
         .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
-    let agent_id: AgentId = rec
-        .id
-        .parse()
-        .map_err(|_| "migrate: agent id is not an envelope id".to_string())?;
-    anchor_custody(shared, rec, agent_id).await?;
+    anchor_custody(shared, rec).await?;
     let started = std::time::Instant::now();
     let continuation = exec
         .encode_into(Vec::with_capacity(exec.encoded_len_hint()))
@@ -206,6 +186,10 @@ pub(in crate::node) async fn hop(
                 .map_err(|e| format!("migrate: stored envelope: {e}"))?,
         )
     };
+    let agent_id: AgentId = rec
+        .id
+        .parse()
+        .map_err(|_| "migrate: agent id is not an envelope id".to_string())?;
     let next_hop = previous.as_ref().map_or(FIRST_HOP, |p| p.fields().hop + 1);
     let envelope = HopEnvelope::sign(
         HopFields {

@@ -29,7 +29,7 @@ fn record(id: &str, hop: u64, continuation: Vec<u8>) -> AgentRecord {
             launcher: Some("12D3KooWLauncherPeerIdText00000000000000000000".to_owned()),
             state: AgentState::Ready,
             envelope: vec![9; 300],
-            commit: Some(platform::wire::CommitSignature([4; 64])),
+            handover: Some(platform::wire::HandoverSignature([4; 64])),
             tail: Vec::new(),
             nonce: [5; 16],
             certificate: vec![6; 200],

@@ -752,7 +752,7 @@ fn record(continuation: Vec<u8>, envelope: Vec<u8>) -> AgentRecord {
             launcher: None,
             state: AgentState::Ready,
             envelope,
-            commit: None,
+            handover: None,
             tail: Vec::new(),
             nonce: [5; 16],
             certificate: Vec::new(),

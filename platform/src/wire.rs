@@ -321,8 +321,8 @@ pub struct HopOffer {
     /// The envelope the source received this agent with (empty on its first hop).
     #[serde(with = "serde_bytes")]
     pub previous: Vec<u8>,
-    /// The commit signature of that hop, by its own source (none on the first hop).
-    pub previous_commit: Option<CommitSignature>,
+    /// The handover signature of that hop, by its own source (none on the first hop).
+    pub previous_handover: Option<HandoverSignature>,
     /// Length of the continuation.
     pub continuation_len: u64,
     /// The continuation itself when it is at most [`INLINE_CONTINUATION`] bytes, and then a
@@ -360,27 +360,33 @@ pub struct HopOffer {
     pub launcher: Option<String>,
 }
 
-/// A source's signature that a hop committed (`security::HopEnvelope::sign_commit`).
+/// A source's signature that it handed an agent over by a hop (`security::sign_handover`).
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CommitSignature(#[serde(with = "serde_bytes")] pub [u8; 64]);
+pub struct HandoverSignature(#[serde(with = "serde_bytes")] pub [u8; 64]);
 
-impl std::fmt::Debug for CommitSignature {
+impl std::fmt::Debug for HandoverSignature {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CommitSignature({:02x?}..)", &self.0[..4])
+        write!(f, "HandoverSignature({:02x?}..)", &self.0[..4])
     }
 }
 
 /// One hop of an agent's custody as it travels and is stored: the envelope that moved it
-/// (at most `security::MAX_ENVELOPE_BYTES`: checked where it is taken) and its source's commit
-/// signature.
+/// (at most `security::MAX_ENVELOPE_BYTES`: checked where it is taken) and its source's
+/// handover signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustodyLink {
     /// The hop's envelope.
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
-    /// Its source's commit signature.
-    pub commit: CommitSignature,
+    /// Its source's handover signature.
+    pub handover: HandoverSignature,
 }
+
+/// The source's word, after the destination answered `Stored` or `Duplicate`, that it handed the
+/// agent over: the destination's proof of custody for the hop (reports to the home, the next
+/// hop). A destination that misses it asks with [`ControlRequest::Departed`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HopHandover(pub HandoverSignature);
 
 /// The source's last word on a hop, sent after the continuation (inline in the offer, or raw
 /// after it) once the departure record it writes meanwhile is durable, or could not be written.
@@ -389,9 +395,8 @@ pub struct CustodyLink {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum HopDecision {
     /// The source's departure record is durable: the hop commits once the destination holds
-    /// the agent. With the source's signature of that (`HopEnvelope::sign_commit`), which the
-    /// destination keeps as its proof of custody.
-    Commit(CommitSignature),
+    /// the agent.
+    Commit,
     /// The source could not record the departure: drop what arrived.
     Abort(String),
 }
@@ -766,6 +771,15 @@ pub enum ControlRequest {
         /// BLAKE3 of the hop's envelope.
         envelope: [u8; 32],
     },
+    /// Did the agent leave this node by the hop with this envelope hash (its destination took
+    /// it)? Asked by that destination when it missed the [`HopHandover`]. The answer waits
+    /// (briefly) for a departure still completing.
+    Departed {
+        /// The agent.
+        agent: String,
+        /// BLAKE3 of the hop's envelope.
+        envelope: [u8; 32],
+    },
 }
 
 /// How an agent ended.
@@ -832,8 +846,11 @@ pub enum ControlReply {
     Status(StatusReport),
     /// Whether this node holds the hop asked about.
     HopHeld(bool),
-    /// Whether the hop asked about committed: if it did, the source's commit signature.
-    HopCommitted(Option<CommitSignature>),
+    /// Whether the hop asked about committed.
+    HopCommitted(bool),
+    /// Whether the agent left by the hop asked about: if it did, the source's handover
+    /// signature.
+    HandedOver(Option<HandoverSignature>),
     /// The message is queued for the agent (or forwarded to where it is).
     Delivered,
     /// (To a probe) this node knows nothing of the agent.

@@ -37,10 +37,10 @@ fn agent(id: &str, hop: u64) -> AgentRecord {
             launcher: Some("12D3KooWLauncher".to_string()),
             state: AgentState::Ready,
             envelope: vec![9; 40],
-            commit: Some(platform::wire::CommitSignature([4; 64])),
+            handover: Some(platform::wire::HandoverSignature([4; 64])),
             tail: vec![platform::wire::CustodyLink {
                 envelope: vec![8; 40],
-                commit: platform::wire::CommitSignature([5; 64]),
+                handover: platform::wire::HandoverSignature([5; 64]),
             }],
             nonce: [5; 16],
             certificate: vec![6; 30],
@@ -54,9 +54,6 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("continuation_chunks");
 
 const MB: usize = 1024 * 1024;
-
-/// A commit signature (the store keeps it, and checks nothing of it).
-const COMMIT: platform::wire::CommitSignature = platform::wire::CommitSignature([6; 64]);
 
 /// `len` bytes starting with `mark`, in a pattern whose period (a prime) matches no chunk size,
 /// so that chunks out of order, missing or left over from an older continuation change them.
@@ -769,7 +766,7 @@ fn only_the_last_committed_hop_of_an_agent_is_remembered() {
         Arrival::New
     );
     assert!(store
-        .batch(|b| b.commit_arrival("a", &[2; 32], COMMIT))
+        .batch(|b| b.commit_arrival("a", &[2; 32]))
         .unwrap()
         .is_some());
     assert_eq!(store.remembered_hops("a").unwrap(), [101]);
@@ -1737,9 +1734,7 @@ fn an_arrival_commits_or_is_dropped_by_its_envelope_only() {
 
     // Another hop's decision changes nothing.
     assert_eq!(
-        store
-            .batch(|b| b.commit_arrival("a", &other, COMMIT))
-            .unwrap(),
+        store.batch(|b| b.commit_arrival("a", &other)).unwrap(),
         None
     );
     assert_eq!(store.batch(|b| b.abort_arrival("a", &other)).unwrap(), None);
@@ -1756,12 +1751,9 @@ fn an_arrival_commits_or_is_dropped_by_its_envelope_only() {
     // The same hop number again, by another envelope: committed, it is runnable, its hop seen,
     // and it lives here (no forwarding pointer).
     assert_eq!(arrive(&store, "a", 2, second, &[]), Arrival::New);
-    let ready = store
-        .batch(|b| b.commit_arrival("a", &second, COMMIT))
-        .unwrap();
+    let ready = store.batch(|b| b.commit_arrival("a", &second)).unwrap();
     let ready = ready.expect("committed");
     assert_eq!(ready.state, AgentState::Ready);
-    assert_eq!(ready.commit, Some(COMMIT));
     assert_eq!(store.agent_meta("a").unwrap(), Some(ready));
     assert_eq!(
         store.agent("a").unwrap().unwrap().continuation,
@@ -1771,9 +1763,7 @@ fn an_arrival_commits_or_is_dropped_by_its_envelope_only() {
     assert_eq!(store.forward("a").unwrap(), None);
     // Settled: a late decision about it changes nothing.
     assert_eq!(
-        store
-            .batch(|b| b.commit_arrival("a", &second, COMMIT))
-            .unwrap(),
+        store.batch(|b| b.commit_arrival("a", &second)).unwrap(),
         None
     );
     assert_eq!(

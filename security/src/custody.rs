@@ -4,11 +4,11 @@
 //! A node that reports where an agent is, or how it ended, must hold it. The home node keeps a
 //! [`CustodyPoint`] per agent it launched: the hop, holder and envelope it last confirmed. The
 //! reporting node presents the hops since that point (its *custody tail*: the ones the agent
-//! arrived with, up to the one that brought it to the reporter), each a [`CommittedHop`]: the
-//! envelope and its sender's signature that the hop committed. [`follow_custody`] checks that
-//! they link, hop by hop and signature by signature, from the confirmed holder to the reporter.
-//! A peer that never held the agent cannot present such a chain: it would need a hop to it,
-//! committed by a holder, linked back to what the home confirmed. (Checking one link is not
+//! arrived with, up to the one that brought it to the reporter), each a [`HandedOverHop`]: the
+//! envelope and its sender's signature that it handed the agent over by it. [`follow_custody`]
+//! checks that they link, hop by hop and signature by signature, from the confirmed holder to
+//! the reporter. A peer that never held the agent cannot present such a chain: it would need a
+//! hop to it, handed over by a holder, linked back to what the home confirmed. (Checking one link is not
 //! enough: a throwaway key can sign a "previous hop" to its owner. And an envelope is not
 //! enough: a node that was offered the agent and did not take it holds one addressed to it.)
 //!
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, fixed_bytes, opt_fixed_bytes, DecodeError};
 use crate::envelope::{
-    commit_bytes, signing_bytes, AgentId, EnvelopeHash, HopEnvelope, LaunchNonce, FIRST_HOP,
+    handover_bytes, signing_bytes, AgentId, EnvelopeHash, HopEnvelope, LaunchNonce, FIRST_HOP,
 };
 use crate::keys::{verify_many, wire_key, PublicKey, SecretKey};
 
@@ -49,25 +49,25 @@ impl CustodyPoint {
     }
 }
 
-/// A hop of an agent's custody: the envelope that moved it, and its sender's signature that the
-/// hop committed ([`HopEnvelope::sign_commit`]).
+/// A hop of an agent's custody: the envelope that moved it, and its sender's signature that it
+/// handed the agent over by it ([`sign_handover`](crate::sign_handover)).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommittedHop {
+pub struct HandedOverHop {
     /// The hop's envelope.
     pub envelope: HopEnvelope,
-    /// The sender's commit signature.
-    pub commit: [u8; 64],
+    /// The sender's handover signature.
+    pub handover: [u8; 64],
 }
 
 /// Which signatures of a hop the caller vouches for (it made them itself), so that
-/// [`follow_custody`] does not check them again. Signing an envelope is not committing its hop:
+/// [`follow_custody`] does not check them again. Signing an envelope is not handing over:
 /// a node signs one for every offer, taken or not.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Vouched {
     /// The envelope's signature.
     pub envelope: bool,
-    /// The commit signature.
-    pub commit: bool,
+    /// The handover signature.
+    pub handover: bool,
 }
 
 /// Who launched an agent: the home's key and the nonce its id was derived with.
@@ -258,10 +258,10 @@ pub enum CustodyError {
         /// Its hop number.
         hop: u64,
     },
-    /// A hop's commit signature does not verify: its sender did not say it committed (the
-    /// envelope may be one the hop was only offered by).
-    #[error("hop {hop} was not committed by its sender")]
-    NotCommitted {
+    /// A hop's handover signature does not verify: its sender did not say it handed the agent
+    /// over (the envelope may be one the agent was only offered by).
+    #[error("hop {hop} was not handed over by its sender")]
+    NotHandedOver {
         /// Its hop number.
         hop: u64,
     },
@@ -296,7 +296,7 @@ pub enum CustodyError {
 /// hash) are not checked. Hops at or before the confirmed one are
 /// skipped (a tail may overlap what the home confirmed already); the others must each be the
 /// next hop, name the envelope before (the confirmed one for the first), be sent by the node the
-/// one before was addressed to, and be signed and committed by it. An empty tail (or one the home confirmed entirely) leaves `confirmed`, which
+/// one before was addressed to, and be signed and handed over by it. An empty tail (or one the home confirmed entirely) leaves `confirmed`, which
 /// `presenter` must then hold. A tail that ends before the confirmed hop is [`Superseded`]
 /// (nothing in it is checked: it changes nothing either way).
 ///
@@ -308,7 +308,7 @@ pub enum CustodyError {
 pub fn follow_custody(
     agent: &AgentId,
     confirmed: &CustodyPoint,
-    tail: &[CommittedHop],
+    tail: &[HandedOverHop],
     presenter: &PublicKey,
     vouched: impl Fn(&EnvelopeHash) -> Vouched,
 ) -> Result<CustodyPoint, CustodyError> {
@@ -321,7 +321,7 @@ pub fn follow_custody(
             });
         }
     }
-    let new: Vec<&CommittedHop> = tail
+    let new: Vec<&HandedOverHop> = tail
         .iter()
         .filter(|h| h.envelope.fields().hop > confirmed.hop)
         .collect();
@@ -352,23 +352,23 @@ pub fn follow_custody(
         };
     }
     // Signatures last, all at once: the cheap checks above refuse garbage first.
-    // (hop, whether the signature is the commit, what it signs), for each one to check.
-    let mut unchecked: Vec<(&CommittedHop, bool, Vec<u8>)> = Vec::new();
+    // (hop, whether the signature is the handover, what it signs), for each one to check.
+    let mut unchecked: Vec<(&HandedOverHop, bool, Vec<u8>)> = Vec::new();
     for h in new {
         let e = &h.envelope;
         let known = vouched(&e.hash());
         if !known.envelope {
             unchecked.push((h, false, signing_bytes(e.fields())));
         }
-        if !known.commit {
-            unchecked.push((h, true, commit_bytes(&e.hash())));
+        if !known.handover {
+            unchecked.push((h, true, handover_bytes(&e.hash())));
         }
     }
     let items: Vec<(&PublicKey, &[u8], &[u8; 64])> = unchecked
         .iter()
-        .map(|(h, commit, message)| {
-            let signature = if *commit {
-                &h.commit
+        .map(|(h, handover, message)| {
+            let signature = if *handover {
+                &h.handover
             } else {
                 h.envelope.signature()
             };
@@ -376,10 +376,10 @@ pub fn follow_custody(
         })
         .collect();
     let verified = verify_many(&items);
-    if let Some(((h, commit, _), _)) = unchecked.iter().zip(&verified).find(|(_, ok)| !**ok) {
+    if let Some(((h, handover, _), _)) = unchecked.iter().zip(&verified).find(|(_, ok)| !**ok) {
         let hop = h.envelope.fields().hop;
-        return Err(if *commit {
-            CustodyError::NotCommitted { hop }
+        return Err(if *handover {
+            CustodyError::NotHandedOver { hop }
         } else {
             CustodyError::BadSignature { hop }
         });
@@ -392,10 +392,11 @@ pub fn follow_custody(
     Ok(at)
 }
 
-/// Follows `tail` (oldest first) to `presenter` from the point `certificate` vouches for, or
-/// from the launch when there is none, as any node a hop brings the agent to checks it: the
-/// agent's id must be `origin`'s, and the certificate signed by its home. Then as
-/// [`follow_custody`], with the same `vouched`.
+/// Follows `tail` (oldest first) to `presenter` as any node a hop brings the agent to checks
+/// it: the agent's id must be `origin`'s, and custody starts from what the home vouches for,
+/// whichever is latest: the point `certificate` certifies (signed by the home), the home's own
+/// hop in the tail (an envelope the home sent is its word that it held the agent just before),
+/// or else the launch. Then as [`follow_custody`], with the same `vouched`.
 ///
 /// # Errors
 ///
@@ -405,7 +406,7 @@ pub fn follow_anchored(
     agent: &AgentId,
     origin: &AgentOrigin,
     certificate: Option<&CustodyCertificate>,
-    tail: &[CommittedHop],
+    tail: &[HandedOverHop],
     presenter: &PublicKey,
     vouched: impl Fn(&EnvelopeHash) -> Vouched,
 ) -> Result<CustodyPoint, CustodyError> {
@@ -414,9 +415,26 @@ pub fn follow_anchored(
             home: Box::new(origin.home),
         });
     }
-    let start = match certificate {
+    let certified = match certificate {
         Some(c) => c.verify(agent, &origin.home)?,
         None => CustodyPoint::launched(origin.home),
     };
-    follow_custody(agent, &start, tail, presenter, vouched)
+    // The home's latest hop in the tail starts custody where it held the agent, if that is
+    // later than what it certified: the hop's own checks (its signature among them) follow.
+    let sent_by_home = tail.iter().rposition(|e| {
+        let f = e.envelope.fields();
+        f.from == origin.home && f.agent_id == *agent && f.hop > certified.hop
+    });
+    match sent_by_home {
+        Some(i) => {
+            let f = tail[i].envelope.fields();
+            let home_held = CustodyPoint {
+                hop: f.hop - 1,
+                holder: origin.home,
+                envelope: f.previous,
+            };
+            follow_custody(agent, &home_held, &tail[i..], presenter, vouched)
+        }
+        None => follow_custody(agent, &certified, tail, presenter, vouched),
+    }
 }

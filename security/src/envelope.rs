@@ -34,8 +34,8 @@ pub const FIRST_HOP: u64 = 1;
 /// Domain-separation tag for envelope signatures.
 const SIGNING_TAG: &str = "tern/hop/v1";
 
-/// Domain-separation tag for commit signatures ([`HopEnvelope::sign_commit`]).
-const COMMIT_TAG: &str = "tern/commit/v1";
+/// Domain-separation tag for handover signatures ([`sign_handover`]).
+const HANDOVER_TAG: &str = "tern/handover/v1";
 
 byte_id!(
     /// An agent's identity for its whole life, fixed at launch and bound to the key of the node
@@ -413,10 +413,12 @@ impl HopEnvelope {
         }
     }
 
-    /// Whether `commit` is this envelope's sender's signature that the hop committed
-    /// ([`sign_commit`]).
-    pub fn commit_verifies(&self, commit: &[u8; 64]) -> bool {
-        self.fields.from.verify(&commit_bytes(&self.hash), commit)
+    /// Whether `handover` is this envelope's sender's signature that it handed the agent over
+    /// ([`sign_handover`]).
+    pub fn handover_verifies(&self, handover: &[u8; 64]) -> bool {
+        self.fields
+            .from
+            .verify(&handover_bytes(&self.hash), handover)
     }
 
     fn signature_ok(&self) -> bool {
@@ -427,18 +429,20 @@ impl HopEnvelope {
 }
 
 /// The signature of the sender of the hop with envelope hash `envelope` (`key` must be its
-/// `from`, or the signature will not verify) that the hop committed: its departure record is
-/// durable, so the agent is the destination's from then on. An envelope alone shows that a hop
-/// was *offered*; a node that was offered an agent and did not take it holds one too.
-pub fn sign_commit(envelope: &EnvelopeHash, key: &SecretKey) -> [u8; 64] {
-    key.sign(&commit_bytes(envelope))
+/// `from`, or the signature will not verify) that it handed the agent over by that hop: the
+/// destination said it holds the agent, and the sender will not run it again. An envelope alone
+/// shows that a hop was *offered*; a node that was offered an agent and did not take it holds
+/// one too. (A signature sent with the decision to commit would not do either: the destination
+/// reads that decision before it answers, and can then refuse.)
+pub fn sign_handover(envelope: &EnvelopeHash, key: &SecretKey) -> [u8; 64] {
+    key.sign(&handover_bytes(envelope))
 }
 
-/// What a commit signature signs: the tag, a zero byte and the envelope's hash (envelope
+/// What a handover signature signs: the tag, a zero byte and the envelope's hash (envelope
 /// signatures sign CBOR, which never starts with the tag's first byte).
-pub(crate) fn commit_bytes(hash: &EnvelopeHash) -> Vec<u8> {
-    let mut out = Vec::with_capacity(COMMIT_TAG.len() + 33);
-    out.extend_from_slice(COMMIT_TAG.as_bytes());
+pub(crate) fn handover_bytes(hash: &EnvelopeHash) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HANDOVER_TAG.len() + 33);
+    out.extend_from_slice(HANDOVER_TAG.as_bytes());
     out.push(0);
     out.extend_from_slice(&hash.0);
     out

@@ -85,11 +85,11 @@ mod policy;
 
 pub use codec::{BadHex, DecodeError};
 pub use custody::{
-    follow_anchored, follow_custody, AgentOrigin, CommittedHop, CustodyCertificate, CustodyError,
-    CustodyPoint, Vouched, CERTIFICATE_MAGIC, MAX_CERTIFICATE_BYTES,
+    follow_anchored, follow_custody, AgentOrigin, CustodyCertificate, CustodyError, CustodyPoint,
+    HandedOverHop, Vouched, CERTIFICATE_MAGIC, MAX_CERTIFICATE_BYTES,
 };
 pub use envelope::{
-    check_signatures, sign_commit, verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope,
+    check_signatures, sign_handover, verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope,
     HopError, HopFields, LastHop, LaunchNonce, SignatureChecked, VerifiedHop, ENVELOPE_MAGIC,
     FIRST_HOP, MAX_ENVELOPE_BYTES,
 };

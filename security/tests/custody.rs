@@ -6,9 +6,9 @@ mod common;
 use common::*;
 use security::*;
 
-/// The hops of `envelopes`, each committed by its sender (every key in these tests is a
+/// The hops of `envelopes`, each handed over by its sender (every key in these tests is a
 /// `key(n)`).
-fn committed(envelopes: &[HopEnvelope]) -> Vec<CommittedHop> {
+fn handed_over(envelopes: &[HopEnvelope]) -> Vec<HandedOverHop> {
     envelopes
         .iter()
         .map(|e| {
@@ -16,8 +16,8 @@ fn committed(envelopes: &[HopEnvelope]) -> Vec<CommittedHop> {
                 .map(key)
                 .find(|k| k.public() == e.fields().from)
                 .expect("a test key");
-            CommittedHop {
-                commit: sign_commit(&e.hash(), &sender),
+            HandedOverHop {
+                handover: sign_handover(&e.hash(), &sender),
                 envelope: e.clone(),
             }
         })
@@ -57,7 +57,7 @@ fn journey() -> Journey {
 fn a_tail_from_the_launch_leads_to_its_holder() {
     let j = journey();
     let start = CustodyPoint::launched(j.home.public());
-    let at = follow_custody(&agent(), &start, &committed(&j.hops), &j.c.public(), none).unwrap();
+    let at = follow_custody(&agent(), &start, &handed_over(&j.hops), &j.c.public(), none).unwrap();
     assert_eq!(
         at,
         CustodyPoint {
@@ -70,7 +70,7 @@ fn a_tail_from_the_launch_leads_to_its_holder() {
     let confirmed = follow_custody(
         &agent(),
         &start,
-        &committed(&j.hops[..1]),
+        &handed_over(&j.hops[..1]),
         &j.a.public(),
         none,
     )
@@ -79,7 +79,7 @@ fn a_tail_from_the_launch_leads_to_its_holder() {
         follow_custody(
             &agent(),
             &confirmed,
-            &committed(&j.hops),
+            &handed_over(&j.hops),
             &j.c.public(),
             none
         ),
@@ -89,7 +89,7 @@ fn a_tail_from_the_launch_leads_to_its_holder() {
         follow_custody(
             &agent(),
             &confirmed,
-            &committed(&j.hops[1..]),
+            &handed_over(&j.hops[1..]),
             &j.c.public(),
             none
         ),
@@ -97,7 +97,7 @@ fn a_tail_from_the_launch_leads_to_its_holder() {
     );
     // The holder the home confirmed needs no tail.
     assert_eq!(
-        follow_custody(&agent(), &at, &committed(&[]), &j.c.public(), none),
+        follow_custody(&agent(), &at, &handed_over(&[]), &j.c.public(), none),
         Ok(at)
     );
 }
@@ -112,7 +112,7 @@ fn a_node_that_is_not_where_the_tail_leads_is_refused() {
             follow_custody(
                 &agent(),
                 &start,
-                &committed(tail),
+                &handed_over(tail),
                 &presenter.public(),
                 none
             ),
@@ -121,12 +121,12 @@ fn a_node_that_is_not_where_the_tail_leads_is_refused() {
     }
     // A tail older than what the home confirmed.
     let confirmed =
-        follow_custody(&agent(), &start, &committed(&j.hops), &j.c.public(), none).unwrap();
+        follow_custody(&agent(), &start, &handed_over(&j.hops), &j.c.public(), none).unwrap();
     assert_eq!(
         follow_custody(
             &agent(),
             &confirmed,
-            &committed(&j.hops[..2]),
+            &handed_over(&j.hops[..2]),
             &j.b.public(),
             none
         ),
@@ -137,7 +137,7 @@ fn a_node_that_is_not_where_the_tail_leads_is_refused() {
     );
     // Nobody but the home before the first hop.
     assert!(matches!(
-        follow_custody(&agent(), &start, &committed(&[]), &j.a.public(), none),
+        follow_custody(&agent(), &start, &handed_over(&[]), &j.a.public(), none),
         Err(CustodyError::NotHolder { .. })
     ));
 }
@@ -154,7 +154,7 @@ fn a_stranger_cannot_make_a_tail_to_itself() {
         follow_custody(
             &agent(),
             &start,
-            &committed(&[forged]),
+            &handed_over(&[forged]),
             &stranger.public(),
             none
         ),
@@ -174,7 +174,7 @@ fn a_stranger_cannot_make_a_tail_to_itself() {
         follow_custody(
             &agent(),
             &start,
-            &committed(&tail),
+            &handed_over(&tail),
             &stranger.public(),
             none
         ),
@@ -185,7 +185,7 @@ fn a_stranger_cannot_make_a_tail_to_itself() {
         follow_custody(
             &agent(),
             &start,
-            &committed(&[e4]),
+            &handed_over(&[e4]),
             &stranger.public(),
             none
         ),
@@ -198,7 +198,7 @@ fn a_stranger_cannot_make_a_tail_to_itself() {
         follow_custody(
             &agent(),
             &start,
-            &committed(&[j.hops[0].clone(), j.hops[2].clone()]),
+            &handed_over(&[j.hops[0].clone(), j.hops[2].clone()]),
             &j.c.public(),
             none
         ),
@@ -217,7 +217,7 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         follow_custody(
             &agent(),
             &start,
-            &committed(&[j.hops[0].clone(), other2]),
+            &handed_over(&[j.hops[0].clone(), other2]),
             &j.b.public(),
             none
         ),
@@ -231,7 +231,7 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         follow_custody(
             &agent(),
             &start,
-            &committed(&[j.hops[0].clone(), unlinked]),
+            &handed_over(&[j.hops[0].clone(), unlinked]),
             &j.b.public(),
             none
         ),
@@ -254,38 +254,44 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         follow_custody(
             &agent(),
             &start,
-            &committed(std::slice::from_ref(&tampered)),
+            &handed_over(std::slice::from_ref(&tampered)),
             &j.a.public(),
             none
         ),
         Err(CustodyError::BadSignature { hop: 1 })
     );
-    // Unless the caller vouches for that envelope (it signed it itself); the commit signature
+    // Unless the caller vouches for that envelope (it signed it itself); the handover signature
     // is still checked unless vouched for too.
     let vouched = tampered.hash();
     let envelope_only = |h: &EnvelopeHash| Vouched {
         envelope: *h == vouched,
-        commit: false,
+        handover: false,
     };
     assert!(follow_custody(
         &agent(),
         &start,
-        &committed(std::slice::from_ref(&tampered)),
+        &handed_over(std::slice::from_ref(&tampered)),
         &j.a.public(),
         envelope_only
     )
     .is_ok());
-    let mut uncommitted = committed(&[tampered]);
-    uncommitted[0].commit = [0; 64];
+    let mut not_handed_over = handed_over(&[tampered]);
+    not_handed_over[0].handover = [0; 64];
     assert_eq!(
-        follow_custody(&agent(), &start, &uncommitted, &j.a.public(), envelope_only),
-        Err(CustodyError::NotCommitted { hop: 1 })
+        follow_custody(
+            &agent(),
+            &start,
+            &not_handed_over,
+            &j.a.public(),
+            envelope_only
+        ),
+        Err(CustodyError::NotHandedOver { hop: 1 })
     );
     let both = |h: &EnvelopeHash| Vouched {
         envelope: *h == vouched,
-        commit: *h == vouched,
+        handover: *h == vouched,
     };
-    assert!(follow_custody(&agent(), &start, &uncommitted, &j.a.public(), both).is_ok());
+    assert!(follow_custody(&agent(), &start, &not_handed_over, &j.a.public(), both).is_ok());
     // Another agent's hop 1 from the same home.
     let mut fields = j.hops[0].fields().clone();
     fields.agent_id = AgentId([7; 16]);
@@ -294,7 +300,7 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         follow_custody(
             &agent(),
             &start,
-            &committed(&[other_agent]),
+            &handed_over(&[other_agent]),
             &j.a.public(),
             none
         ),
@@ -353,7 +359,14 @@ fn a_destination_follows_custody_from_the_launch_or_from_a_certificate_of_the_ho
     };
     // From the launch, the whole tail.
     assert_eq!(
-        follow_anchored(&id, &origin, None, &committed(&j.hops), &j.c.public(), none),
+        follow_anchored(
+            &id,
+            &origin,
+            None,
+            &handed_over(&j.hops),
+            &j.c.public(),
+            none
+        ),
         Ok(at_c)
     );
     // From the home's certificate of hop 2 at b, only what came after it.
@@ -373,7 +386,7 @@ fn a_destination_follows_custody_from_the_launch_or_from_a_certificate_of_the_ho
             &id,
             &origin,
             Some(&certificate),
-            &committed(&j.hops[2..]),
+            &handed_over(&j.hops[2..]),
             &j.c.public(),
             none
         ),
@@ -384,7 +397,7 @@ fn a_destination_follows_custody_from_the_launch_or_from_a_certificate_of_the_ho
         &id,
         &origin,
         None,
-        &committed(&j.hops[2..]),
+        &handed_over(&j.hops[2..]),
         &j.c.public(),
         none
     )
@@ -407,7 +420,7 @@ fn no_one_but_the_home_anchors_an_agents_custody() {
                 &id,
                 &claimed,
                 None,
-                &committed(&j.hops),
+                &handed_over(&j.hops),
                 &j.c.public(),
                 none
             ),
@@ -442,7 +455,7 @@ fn no_one_but_the_home_anchors_an_agents_custody() {
                 &id,
                 &origin,
                 Some(&forged),
-                &committed(&[]),
+                &handed_over(&[]),
                 &stranger.public(),
                 none
             ),
@@ -497,21 +510,21 @@ fn a_hop_that_was_only_offered_does_not_make_custody() {
     let j = journey();
     let start = CustodyPoint::launched(j.home.public());
     // b was offered hop 2 by a, and a then sent the agent elsewhere: b holds the envelope, but
-    // not a's commit signature. Without it, or with one b made, or a's for another hop:
-    let mut tail = committed(&j.hops[..2]);
-    for commit in [
+    // not a's handover signature. Without it, or with one b made, or a's for another hop:
+    let mut tail = handed_over(&j.hops[..2]);
+    for handover in [
         [0; 64],
-        sign_commit(&j.hops[1].hash(), &j.b),
-        sign_commit(&j.hops[0].hash(), &j.home),
+        sign_handover(&j.hops[1].hash(), &j.b),
+        sign_handover(&j.hops[0].hash(), &j.home),
     ] {
-        tail[1].commit = commit;
+        tail[1].handover = handover;
         assert_eq!(
             follow_custody(&agent(), &start, &tail, &j.b.public(), none),
-            Err(CustodyError::NotCommitted { hop: 2 })
+            Err(CustodyError::NotHandedOver { hop: 2 })
         );
     }
-    // The hop's own signature checked before its commit: a forged envelope is BadSignature.
-    let mut forged = committed(&j.hops[..2]);
+    // The hop's own signature checked before its handover: a forged envelope is BadSignature.
+    let mut forged = handed_over(&j.hops[..2]);
     let mut fields = j.hops[1].fields().clone();
     fields.time_ms += 1;
     let other = HopEnvelope::sign(fields, &j.a).unwrap();
@@ -523,4 +536,94 @@ fn a_hop_that_was_only_offered_does_not_make_custody() {
         follow_custody(&agent(), &start, &forged, &j.b.public(), none),
         Err(CustodyError::BadSignature { hop: 2 })
     );
+}
+
+#[test]
+fn a_hop_the_home_sent_anchors_custody_without_a_certificate() {
+    let (j, origin) = anchored_journey();
+    let id = j.hops[0].fields().agent_id;
+    let package = package().hash();
+    // The agent came home by hop 3 (c -> home, not shown), and the home sends it on to a.
+    let sign_hop = |from: &SecretKey, to: &SecretKey, previous: EnvelopeHash| {
+        HopEnvelope::sign(
+            HopFields {
+                agent_id: id,
+                hop: 4,
+                package_hash: package,
+                continuation_hash: continuation_hash(b"state"),
+                previous: Some(previous),
+                from: from.public(),
+                to: to.public(),
+                time_ms: T0,
+            },
+            from,
+        )
+        .unwrap()
+    };
+    let came_home = EnvelopeHash([3; 32]);
+    let e4 = sign_hop(&j.home, &j.a, came_home);
+    let e5 = HopEnvelope::sign(
+        HopFields {
+            hop: 5,
+            previous: Some(e4.hash()),
+            from: j.a.public(),
+            to: j.b.public(),
+            ..e4.fields().clone()
+        },
+        &j.a,
+    )
+    .unwrap();
+    assert_eq!(
+        follow_anchored(
+            &id,
+            &origin,
+            None,
+            &handed_over(&[e4.clone(), e5.clone()]),
+            &j.b.public(),
+            none
+        ),
+        Ok(CustodyPoint {
+            hop: 5,
+            holder: j.b.public(),
+            envelope: Some(e5.hash()),
+        })
+    );
+    // Anything before the home's hop does not matter; a hop "from the home" that the home did
+    // not sign anchors nothing.
+    assert!(follow_anchored(
+        &id,
+        &origin,
+        None,
+        &handed_over(&[j.hops[1].clone(), e4.clone(), e5.clone()]),
+        &j.b.public(),
+        none
+    )
+    .is_ok());
+    let mut forged = e4.encode();
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    let forged = HopEnvelope::decode(&forged).unwrap();
+    assert_eq!(
+        follow_anchored(
+            &id,
+            &origin,
+            None,
+            &handed_over(&[forged]),
+            &j.a.public(),
+            none
+        ),
+        Err(CustodyError::BadSignature { hop: 4 })
+    );
+    // A stranger's hop to itself, "following" the home's, does not lead from it.
+    let stranger = key(45);
+    let e5_stranger = sign_hop(&stranger, &stranger, e4.hash());
+    assert!(follow_anchored(
+        &id,
+        &origin,
+        None,
+        &handed_over(&[e4, e5_stranger]),
+        &stranger.public(),
+        none
+    )
+    .is_err());
 }

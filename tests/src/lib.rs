@@ -599,9 +599,9 @@ pub mod raw_peer {
     use futures::StreamExt;
     use libp2p::{Multiaddr, PeerId};
     use platform::wire::{
-        read_frame, write_frame, AgentEnd, ClientRequest, CommitSignature, ControlRefusal,
-        ControlReply, ControlRequest, HopDecision, HopOffer, HopRefusal, HopReply, PackageReply,
-        PackageRequest, CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME,
+        read_frame, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
+        ControlRequest, HandoverSignature, HopHandover, HopOffer, HopRefusal, HopReply,
+        PackageReply, PackageRequest, CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME,
         PACKAGE_PROTOCOL,
     };
     use security::{
@@ -707,12 +707,20 @@ pub mod raw_peer {
                                     ControlReply::Ok
                                 }
                                 Ok(ControlRequest::HopCommitted { envelope, .. }) => {
-                                    let committed = recorded
+                                    ControlReply::HopCommitted(
+                                        recorded
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .contains(&envelope),
+                                    )
+                                }
+                                Ok(ControlRequest::Departed { envelope, .. }) => {
+                                    let departed = recorded
                                         .lock()
                                         .unwrap_or_else(|e| e.into_inner())
                                         .contains(&envelope);
-                                    ControlReply::HopCommitted(committed.then(|| {
-                                        commit_of(&security::EnvelopeHash(envelope), &signer)
+                                    ControlReply::HandedOver(departed.then(|| {
+                                        handover_of(&security::EnvelopeHash(envelope), &signer)
                                     }))
                                 }
                                 _ => ControlReply::Refused(ControlRefusal::UnexpectedReply(
@@ -865,16 +873,16 @@ pub mod raw_peer {
         }
     }
 
-    /// `key`'s signature that the hop with envelope hash `envelope` committed, as a source sends
-    /// it with `HopDecision::Commit`.
-    pub fn commit_of(envelope: &security::EnvelopeHash, key: &SecretKey) -> CommitSignature {
-        CommitSignature(security::sign_commit(envelope, key))
+    /// `key`'s signature that it handed an agent over by the hop with envelope hash `envelope`.
+    pub fn handover_of(envelope: &security::EnvelopeHash, key: &SecretKey) -> HandoverSignature {
+        HandoverSignature(security::sign_handover(envelope, key))
     }
 
-    /// The decision to commit the hop `offer`, signed by `key` (its sender).
-    pub fn commit_decision(offer: &HopOffer, key: &SecretKey) -> HopDecision {
+    /// The handover of the hop `offer` by `key` (its sender), as a source sends it after
+    /// `Stored`.
+    pub fn handover_after(offer: &HopOffer, key: &SecretKey) -> HopHandover {
         let hash = security::EnvelopeHash(*blake3::hash(&offer.envelope).as_bytes());
-        HopDecision::Commit(commit_of(&hash, key))
+        HopHandover(handover_of(&hash, key))
     }
 
     /// A first hop of a fresh agent of `package`, prepared the way a source node does it: the
@@ -950,7 +958,7 @@ pub mod raw_peer {
         let offer = HopOffer {
             envelope: envelope.encode(),
             previous: Vec::new(),
-            previous_commit: None,
+            previous_handover: None,
             continuation_len: continuation.len() as u64,
             // The raw path (Ready, then the bytes); tests that want the inline one fill it.
             inline: Vec::new(),

@@ -9,12 +9,12 @@ use std::time::Duration;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::wire::{
-    read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, CommitSignature, ControlRefusal,
-    ControlReply, ControlRequest, CustodyLink, HopDecision, HopOffer, HopRefusal, HopReply,
+    read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
+    ControlRequest, CustodyLink, HandoverSignature, HopDecision, HopOffer, HopRefusal, HopReply,
     MAX_FRAME,
 };
 use security::{AgentId, HopEnvelope, LaunchNonce, SecretKey, TrustPolicy, VerifiedPackage};
-use tern_tests::raw_peer::{commit_decision, commit_of, first_hop, first_hop_of, RawPeer};
+use tern_tests::raw_peer::{first_hop, first_hop_of, handover_after, handover_of, RawPeer};
 
 /// Two honest nodes, `honest` and `target`, and the key of a raw peer that `target` accepts
 /// pushes from (as it would a registered node that turned hostile).
@@ -179,14 +179,21 @@ async fn expect_closed(stream: &mut libp2p::Stream) {
 }
 
 /// Sends a hop (offer; then, for a raw continuation, the bytes if the node is ready; then the
-/// decision to commit, signed by `signer`) and returns the last reply.
+/// decision to commit; then, if the node holds the agent, the handover signed by `signer`) and
+/// returns the last reply.
 async fn send_hop(
     stream: &mut libp2p::Stream,
     offer: &HopOffer,
     continuation: &[u8],
     signer: &SecretKey,
 ) -> HopReply {
-    send_hop_deciding(stream, offer, continuation, commit_decision(offer, signer)).await
+    let reply = send_hop_deciding(stream, offer, continuation, HopDecision::Commit).await;
+    if let HopReply::Stored | HopReply::Duplicate = reply {
+        write_frame(stream, &handover_after(offer, signer))
+            .await
+            .expect("send the handover");
+    }
+    reply
 }
 
 async fn send_hop_deciding(
@@ -874,9 +881,14 @@ fn a_full_queue_refuses_more_messages_and_the_agent_still_leaves_with_its_queue(
         );
         // Committed, the agent runs on target and goes to honest and back with its 8 MiB
         // queue (it ends on target, which reports to the raw peer, its home).
-        write_frame(&mut s, &commit_decision(&offer, &mesh.raw_key))
+        write_frame(&mut s, &HopDecision::Commit)
             .await
             .expect("send the decision");
+        let reply = read_frame::<_, HopReply>(&mut s, MAX_FRAME).await;
+        assert!(matches!(reply, Ok(HopReply::Stored)), "{reply:?}");
+        write_frame(&mut s, &handover_after(&offer, &mesh.raw_key))
+            .await
+            .expect("send the handover");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let end = loop {
             if let Some((_, end)) = raw.ended().into_iter().find(|(a, _)| *a == id) {
@@ -1080,11 +1092,13 @@ fn a_peer_that_does_not_hold_an_agent_can_neither_end_it_nor_take_its_messages()
         .unwrap();
         let real = CustodyLink {
             envelope: meta.envelope.clone(),
-            commit: meta.commit.expect("the hop to honest committed"),
+            // (Its real handover is honest's to have; the stranger has none, and the tail
+            // leads to honest anyway.)
+            handover: HandoverSignature([0; 64]),
         };
         let forged = CustodyLink {
             envelope: to_stranger.encode(),
-            commit: commit_of(&to_stranger.hash(), &throwaway),
+            handover: handover_of(&to_stranger.hash(), &throwaway),
         };
         for custody in [vec![], vec![real], vec![forged]] {
             let ended = ControlRequest::Ended {
@@ -1361,7 +1375,7 @@ fn a_full_node_refuses_launches_and_arrivals_and_serves_on() {
 
 /// A node an agent was offered to, which refused it, holds an envelope addressed to it and
 /// signed by the agent's holder. Its reports of the agent's location or end are still refused:
-/// it does not have the holder's signature that the hop committed.
+/// it does not have the holder's signature that it handed the agent over.
 #[test]
 fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
     run(async {
@@ -1392,10 +1406,10 @@ fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
             unread: 0,
         };
         let hash = security::EnvelopeHash(*blake3::hash(&offer.envelope).as_bytes());
-        let requests = [CommitSignature([0; 64]), commit_of(&hash, &raw.key)].map(|commit| {
+        let requests = [HandoverSignature([0; 64]), handover_of(&hash, &raw.key)].map(|handover| {
             let tail = vec![CustodyLink {
                 envelope: offer.envelope.clone(),
-                commit,
+                handover,
             }];
             [
                 ControlRequest::Location {
@@ -1413,7 +1427,7 @@ fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
             let (reply, _) = raw.control(&request).await;
             assert!(
                 matches!(&reply, ControlReply::Refused(ControlRefusal::NoCustody { reason, .. })
-                    if reason.contains("not committed")),
+                    if reason.contains("not handed over")),
                 "{reply:?}"
             );
         }
@@ -1424,6 +1438,77 @@ fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
         let end = ended(end).await;
         assert!(
             matches!(&end, AgentEnd::Finished { json, .. } if json == r#"["honest",5]"#),
+            "{end:?}"
+        );
+    });
+}
+
+/// Row 9, the last way in: a peer in target's `accept_from` was offered an agent by honest and
+/// refused it, so it holds a real envelope addressed to it and the agent's real state. It
+/// pushes the agent on to target as if it held it. Target refuses: honest never handed the
+/// agent over to it (no handover signature, or one the peer made itself). The agent stays on
+/// honest, and moves to target afterwards as it would have.
+#[test]
+fn a_peer_that_was_only_offered_an_agent_cannot_push_it_on() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let offered = RawPeer::new(mesh.raw_key.clone(), &mesh.honest.listen_addrs()[0]);
+        let source = format!(
+            r#"
+                let why = "";
+                try {{ migrate("{}"); }} catch (e) {{ why = e; }}
+                receive();
+                migrate("target");
+                [here(), why != ""]
+            "#,
+            offered.peer_id
+        );
+        let package = sign(&source, &mesh.author);
+        let (id, end) = mesh.honest.launch(package.clone(), None).expect("launch");
+        held_in_state(&mesh.honest, &id, "waiting").await;
+        let offer = offered
+            .offers()
+            .pop()
+            .expect("the hop was offered to the raw peer");
+        assert!(!offer.inline.is_empty(), "a small agent travels inline");
+        let raw = mesh.raw();
+        raw.serve(&package, package.to_bytes());
+        let first = HopEnvelope::decode(&offer.envelope).expect("honest's envelope");
+        let second = HopEnvelope::sign(
+            security::HopFields {
+                hop: first.fields().hop + 1,
+                previous: Some(first.hash()),
+                from: mesh.raw_key.public(),
+                to: mesh.target_key,
+                ..first.fields().clone()
+            },
+            &mesh.raw_key,
+        )
+        .expect("sign");
+        for previous_handover in [None, Some(handover_of(&first.hash(), &mesh.raw_key))] {
+            let pushed = HopOffer {
+                envelope: second.encode(),
+                previous: offer.envelope.clone(),
+                previous_handover,
+                hops: offer.hops + 1,
+                ..offer.clone()
+            };
+            let mut s = raw.open_hop().await;
+            let reply = send_hop(&mut s, &pushed, &offer.inline, &mesh.raw_key).await;
+            assert!(
+                matches!(&reply, HopReply::Refused(HopRefusal::Verification(why))
+                    if why.contains("not handed over")),
+                "{reply:?}"
+            );
+        }
+        assert!(mesh.target.status().expect("status").agents.is_empty());
+        mesh.honest
+            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+            .await
+            .expect("delivered");
+        let end = ended(end).await;
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, node, .. } if json == r#"["target",true]"# && node == "target"),
             "{end:?}"
         );
     });

@@ -10,7 +10,7 @@ use security::CustodyPoint;
 use super::accept::ExchangePermits;
 use super::custody::{certify, confirm_report};
 use super::fault::FaultPoint;
-use super::hop::{commit_signature, hop_committed, hop_held};
+use super::hop::{departed_by, handover_signature, hop_committed, hop_held};
 use super::mailbox::Wake;
 use super::routing::{route, Undelivered};
 use super::runner::deliver_end;
@@ -138,8 +138,15 @@ async fn answer(
         }
         ControlRequest::HopCommitted { agent, envelope } => {
             let reply = match hop_committed(shared, &agent, &envelope).await {
-                Ok(committed) => ControlReply::HopCommitted(
-                    committed.then(|| commit_signature(shared, &envelope)),
+                Ok(committed) => ControlReply::HopCommitted(committed),
+                Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
+            };
+            write_frame(stream, &reply).await
+        }
+        ControlRequest::Departed { agent, envelope } => {
+            let reply = match departed_by(shared, &agent, &envelope).await {
+                Ok(departed) => ControlReply::HandedOver(
+                    departed.then(|| handover_signature(shared, &envelope)),
                 ),
                 Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
             };

@@ -18,34 +18,77 @@ use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
 use security::{
-    follow_anchored, follow_custody, AgentId, AgentOrigin, CommittedHop, CustodyCertificate,
-    CustodyError, CustodyPoint, EnvelopeHash, HopEnvelope, LaunchNonce, PublicKey, Vouched,
+    follow_anchored, follow_custody, AgentId, AgentOrigin, CustodyCertificate, CustodyError,
+    CustodyPoint, EnvelopeHash, HandedOverHop, HopEnvelope, LaunchNonce, PublicKey, Vouched,
 };
 
 use super::control::control_request;
 use super::{lock, Shared};
 use crate::store::{AgentMeta, StoreError};
-use crate::wire::{CommitSignature, ControlRefusal, ControlReply, ControlRequest, CustodyLink};
+use crate::wire::{ControlRefusal, ControlReply, ControlRequest, CustodyLink, HandoverSignature};
 
 /// The custody tail the holder of `meta` presents: the hops the home may not have certified,
-/// then the one that brought the agent here. Empty on the home node before the agent's first
-/// hop (the home confirmed it holds it).
-pub(super) fn tail_of(meta: &AgentMeta) -> Vec<CustodyLink> {
-    arriving_tail(meta.tail.clone(), &meta.envelope, meta.commit)
+/// then the one that brought the agent here (with its handover, [`handover_of`]). Empty on the
+/// home node before the agent's first hop (the home confirmed it holds it).
+pub(super) async fn custody_tail(shared: &Arc<Shared>, meta: &AgentMeta) -> Vec<CustodyLink> {
+    let handover = handover_of(shared, meta).await;
+    arriving_tail(meta.tail.clone(), &meta.envelope, handover)
+}
+
+/// The source's handover of the hop that brought the agent of `meta` here: kept with the agent,
+/// or sent after the hop ([`Handovers`]), or else asked of the source
+/// (`ControlRequest::Departed`). None if the source does not say it handed the agent over (or
+/// cannot be asked), and on the home node before the agent's first hop.
+pub(super) async fn handover_of(
+    shared: &Arc<Shared>,
+    meta: &AgentMeta,
+) -> Option<HandoverSignature> {
+    if meta.handover.is_some() || meta.envelope.is_empty() {
+        return meta.handover;
+    }
+    let envelope = *blake3::hash(&meta.envelope).as_bytes();
+    // It follows the source's `Stored` at once; an agent that leaves right after it arrived
+    // may be quicker.
+    if let Some(handover) = shared.handovers.wait_for(&meta.id, &envelope).await {
+        return Some(handover);
+    }
+    let source = HopEnvelope::decode_known(&meta.envelope, |k| shared.peers.known_key(k))
+        .ok()?
+        .fields()
+        .from;
+    let peer = source.peer_id_string().parse::<PeerId>().ok()?;
+    let question = ControlRequest::Departed {
+        agent: meta.id.clone(),
+        envelope,
+    };
+    match control_request(shared, peer, &question).await {
+        Ok(ControlReply::HandedOver(Some(handover))) => {
+            shared.handovers.record(&meta.id, envelope, handover);
+            Some(handover)
+        }
+        Ok(other) => {
+            tracing::warn!(agent = %meta.id, "the hop's source answered {other:?} about its handover");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(agent = %meta.id, "cannot ask the hop's source for its handover: {e}");
+            None
+        }
+    }
 }
 
 /// The custody an arriving agent keeps: the tail it came with and the hop its source held it
-/// by (a link without its commit signature, which no check accepts, if there is none).
+/// by (a link without its handover signature, which no check accepts, if there is none).
 pub(super) fn arriving_tail(
     carried: Vec<CustodyLink>,
     previous: &[u8],
-    commit: Option<CommitSignature>,
+    handover: Option<HandoverSignature>,
 ) -> Vec<CustodyLink> {
     let mut tail = carried;
     if !previous.is_empty() {
         tail.push(CustodyLink {
             envelope: previous.to_vec(),
-            commit: commit.unwrap_or(CommitSignature([0; 64])),
+            handover: handover.unwrap_or(HandoverSignature([0; 64])),
         });
     }
     tail
@@ -97,8 +140,16 @@ pub(super) fn check_arrival(
         agent: agent.to_string(),
         reason,
     };
-    let home = PublicKey::from_peer_id_str(home)
-        .map_err(|_| refuse("its home is not an ed25519 peer id".into()))?;
+    // (A known peer's key is not decoded again: decompressing one costs a few signatures' worth.)
+    let home = match home
+        .parse::<PeerId>()
+        .ok()
+        .and_then(|p| shared.peers.key_of(&p))
+    {
+        Some(key) => key,
+        None => PublicKey::from_peer_id_str(home)
+            .map_err(|_| refuse("its home is not an ed25519 peer id".into()))?,
+    };
     let origin = AgentOrigin {
         home,
         nonce: LaunchNonce(nonce),
@@ -200,7 +251,7 @@ fn decode_tail(
     shared: &Shared,
     agent: &str,
     tail: &[CustodyLink],
-) -> Result<(AgentId, Vec<CommittedHop>), ControlRefusal> {
+) -> Result<(AgentId, Vec<HandedOverHop>), ControlRefusal> {
     let refuse = |reason: String| ControlRefusal::NoCustody {
         agent: agent.to_string(),
         reason,
@@ -214,9 +265,9 @@ fn decode_tail(
         .enumerate()
         .map(|(i, link)| {
             HopEnvelope::decode_known(&link.envelope, known)
-                .map(|envelope| CommittedHop {
+                .map(|envelope| HandedOverHop {
                     envelope,
-                    commit: link.commit.0,
+                    handover: link.handover.0,
                 })
                 .map_err(|err| refuse(format!("envelope {i} of the tail: {err}")))
         })
@@ -291,7 +342,7 @@ pub(super) async fn report_location(
 ) -> Result<Vec<u8>, ReportFailure> {
     let request = ControlRequest::Location {
         agent: meta.id.clone(),
-        custody: tail_of(meta),
+        custody: custody_tail(shared, meta).await,
     };
     let certificate = match control_request(shared, home, &request).await {
         Ok(ControlReply::CustodyConfirmed(certificate)) => certificate,
@@ -343,6 +394,60 @@ impl std::fmt::Display for ReportFailure {
 pub(super) struct ConfirmedCustody {
     /// A `std` mutex held for one map operation.
     by_agent: Mutex<HashMap<String, (EnvelopeHash, Vec<u8>)>>,
+}
+
+/// On a destination: the handovers its sources sent after the hops agents arrived here by
+/// (agent id -> the hop's envelope hash and the handover), until the agent leaves or reports
+/// with them. Bounded as [`ConfirmedCustody`] (a handover forgotten is asked for again).
+#[derive(Default)]
+pub(super) struct Handovers {
+    /// A `std` mutex held for one map operation.
+    by_agent: Mutex<HashMap<String, ([u8; 32], HandoverSignature)>>,
+    /// Wakes those waiting for a handover ([`Handovers::wait_for`]) when one comes.
+    arrived: tokio::sync::Notify,
+}
+
+/// How long [`Handovers::wait_for`] waits for a handover on its way before the source is asked.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Handovers {
+    /// The source of the hop with envelope hash `envelope` handed `agent` over.
+    pub(super) fn record(&self, agent: &str, envelope: [u8; 32], handover: HandoverSignature) {
+        let mut map = lock(&self.by_agent);
+        if map.len() >= CONFIRMED_REMEMBERED {
+            map.clear();
+        }
+        map.insert(agent.to_string(), (envelope, handover));
+        drop(map);
+        self.arrived.notify_waiters();
+    }
+
+    /// The handover of `agent` by the hop with envelope hash `envelope`, once it came, waiting
+    /// up to [`HANDOVER_WAIT`] for it.
+    async fn wait_for(&self, agent: &str, envelope: &[u8; 32]) -> Option<HandoverSignature> {
+        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            // (Registered before looking, so that a handover recorded in between wakes it.)
+            arrived.as_mut().enable();
+            let found = lock(&self.by_agent)
+                .get(agent)
+                .filter(|(e, _)| e == envelope)
+                .map(|(_, h)| *h);
+            if found.is_some() {
+                return found;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Forgets `agent`'s handover (it left, or keeps it in its record).
+    pub(super) fn forget(&self, agent: &str) {
+        lock(&self.by_agent).remove(agent);
+    }
 }
 
 /// Confirmations kept at most.

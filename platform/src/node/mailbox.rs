@@ -284,7 +284,7 @@ mod tests {
                 launcher: None,
                 state: AgentState::Ready,
                 envelope: Vec::new(),
-                commit: None,
+                handover: None,
                 tail: Vec::new(),
                 nonce: [0; 16],
                 certificate: Vec::new(),

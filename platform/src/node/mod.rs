@@ -177,6 +177,8 @@ struct Shared {
     departures: Departures,
     /// Custody the homes of agents here confirmed.
     confirmed: custody::ConfirmedCustody,
+    /// The handovers of the hops agents arrived here by.
+    handovers: custody::Handovers,
     /// Checks the signatures of arriving hops in batches.
     verifier: BatchVerifier,
     events: Events,
@@ -322,6 +324,7 @@ impl Node {
             arrivals: ArrivalGate::default(),
             departures: Departures::default(),
             confirmed: custody::ConfirmedCustody::default(),
+            handovers: custody::Handovers::default(),
             verifier: BatchVerifier::default(),
             events,
             activity: ActivityLog::default(),

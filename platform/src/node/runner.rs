@@ -12,7 +12,7 @@ use security::{AgentId, CustodyPoint, LaunchNonce, VerifiedPackage};
 use tokio::sync::oneshot;
 
 use super::control::control_request;
-use super::custody::tail_of;
+use super::custody::custody_tail;
 use super::events::NodeEvent;
 use super::hop::{hop, HopResult};
 use super::packages::Loaded;
@@ -98,7 +98,7 @@ pub(super) fn launch(
             launcher,
             state: AgentState::Ready,
             envelope: Vec::new(),
-            commit: None,
+            handover: None,
             tail: Vec::new(),
             nonce: nonce.0,
             certificate: Vec::new(),
@@ -369,7 +369,7 @@ async fn end_here(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
     let report = ControlRequest::Ended {
         agent: rec.id.clone(),
         end,
-        custody: tail_of(rec),
+        custody: custody_tail(shared, rec).await,
     };
     for attempt in 0..20u64 {
         match control_request(shared, home, &report).await {

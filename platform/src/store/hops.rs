@@ -8,7 +8,6 @@ use redb::ReadableTable;
 use super::records::get_meta;
 use super::schema::{AGENTS, DEPARTED, FORWARDS, SEEN};
 use super::{AgentMeta, AgentRecord, AgentState, Batch, Store, StoreError};
-use crate::wire::CommitSignature;
 
 /// What a node knows of an offered hop (agent, hop) by envelope hash: see
 /// [`Store::arrival_view`].
@@ -245,9 +244,8 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// The hop with envelope hash `envelope` committed (its source's signature of that is
-    /// `commit`): agent `id`, stored by it as [`AgentState::Arriving`], becomes
-    /// [`AgentState::Ready`] with that signature, and any forwarding pointer of
+    /// The hop with envelope hash `envelope` committed: agent `id`, stored by it as
+    /// [`AgentState::Arriving`], becomes [`AgentState::Ready`], and any forwarding pointer of
     /// the agent goes (it lives here again). Returns its metadata as now stored, or None,
     /// having written nothing, if the agent is not stored as arriving by that hop.
     ///
@@ -258,13 +256,11 @@ impl Batch<'_> {
         &mut self,
         id: &str,
         envelope: &[u8; 32],
-        commit: CommitSignature,
     ) -> Result<Option<AgentMeta>, StoreError> {
         match self.agent_meta(id)? {
             Some(meta) if meta.arriving_by(envelope) => {
                 let ready = AgentMeta {
                     state: AgentState::Ready,
-                    commit: Some(commit),
                     ..meta
                 };
                 self.put_agent_meta(&ready)?;

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::chunks::{insert_chunks, read_chunks, remove_chunks, LARGE};
 use super::schema::{AGENTS, CHUNKS};
 use super::{Batch, Store, StoreError};
-use crate::wire::{CommitSignature, CustodyLink};
+use crate::wire::{CustodyLink, HandoverSignature};
 
 /// An agent resident on this node, as a restart finds it: its metadata and its continuation.
 /// The metadata's fields read through the record (`rec.id` is `rec.meta.id`).
@@ -99,10 +99,11 @@ pub struct AgentMeta {
     /// The envelope of the hop that brought the agent here; empty on its home node.
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
-    /// The source's commit signature of the hop by `envelope` (none on the home node before
-    /// the agent's first hop): with `envelope`, the last link of the agent's custody here.
+    /// The source's handover signature of the hop by `envelope`, once this node has it (none
+    /// on the home node before the agent's first hop): with `envelope`, the last link of the
+    /// agent's custody here.
     #[serde(default)]
-    pub commit: Option<CommitSignature>,
+    pub handover: Option<HandoverSignature>,
     /// The hops before `envelope` that the home node may not have certified yet, oldest first
     /// (the custody tail: see `security::follow_custody`); at most
     /// [`MAX_CUSTODY_TAIL`](crate::wire::MAX_CUSTODY_TAIL) + 1. (Records before custody links
@@ -143,7 +144,7 @@ struct MetaRef<'a> {
     state: &'a AgentState,
     #[serde(with = "serde_bytes")]
     envelope: &'a [u8],
-    commit: Option<&'a CommitSignature>,
+    handover: Option<&'a HandoverSignature>,
     tail: &'a [CustodyLink],
     #[serde(with = "serde_bytes")]
     nonce: &'a [u8; 16],
@@ -166,7 +167,7 @@ impl<'a> MetaRef<'a> {
             launcher: m.launcher.as_deref(),
             state: &m.state,
             envelope: &m.envelope,
-            commit: m.commit.as_ref(),
+            handover: m.handover.as_ref(),
             tail: &m.tail,
             nonce: &m.nonce,
             certificate: &m.certificate,
@@ -185,7 +186,7 @@ impl<'a> MetaRef<'a> {
             launcher: r.launcher.as_deref(),
             state: &r.state,
             envelope: &r.envelope,
-            commit: r.commit.as_ref(),
+            handover: r.handover.as_ref(),
             tail: &r.tail,
             nonce: &r.nonce,
             certificate: &r.certificate,
@@ -211,7 +212,7 @@ struct StoredAgent {
     #[serde(with = "serde_bytes")]
     envelope: Vec<u8>,
     #[serde(default)]
-    commit: Option<CommitSignature>,
+    handover: Option<HandoverSignature>,
     #[serde(default)]
     tail: Vec<CustodyLink>,
     #[serde(default, with = "serde_bytes")]
@@ -234,7 +235,7 @@ impl StoredAgent {
             launcher: self.launcher,
             state: self.state,
             envelope: self.envelope,
-            commit: self.commit,
+            handover: self.handover,
             tail: self.tail,
             nonce: self.nonce,
             certificate: self.certificate,

@@ -2,7 +2,8 @@
 //! take and verify the continuation, store the agent as arriving, and make it runnable once the
 //! source's decision to commit is here.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use agent_lang::Execution;
 use libp2p::PeerId;
@@ -29,7 +30,7 @@ use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::{now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, HopSeen};
 use crate::wire::{
-    read_bulk, read_frame, write_frame, CommitSignature, ControlRefusal, HopDecision, HopOffer,
+    read_bulk, read_frame, write_frame, ControlRefusal, HopDecision, HopHandover, HopOffer,
     HopRefusal, HopReply, WireError, MAX_FRAME,
 };
 
@@ -71,10 +72,12 @@ pub(in crate::node) async fn handle_hop(
                 let acknowledged = write_frame(&mut stream, &HopReply::Stored).await;
                 // Stored is stored: the agent runs here even if the acknowledgement is lost
                 // (the source then learns of the hop through `HopStatus`).
-                tell_home_location(shared, &arrived.rec, &peer);
-                let (id, hop) = (arrived.rec.id.clone(), arrived.rec.hop);
-                spawn_runner(shared, id, hop, None, Some(arrived));
+                let meta = arrived.rec.meta.clone();
+                spawn_runner(shared, meta.id.clone(), meta.hop, None, Some(arrived));
                 acknowledged?;
+                let handover = take_handover(shared, &mut stream, &meta).await;
+                tell_home_location(shared, meta, &peer);
+                handover?;
             }
             Err(Refusal::Reply(reply)) => {
                 if let HopReply::Refused(reason) = &reply {
@@ -85,11 +88,32 @@ pub(in crate::node) async fn handle_hop(
                         reason: reason.clone(),
                     });
                 }
-                write_frame(&mut stream, &reply).await?
+                write_frame(&mut stream, &reply).await?;
+                // A hop this node holds already: its handover follows all the same.
+                if let (HopReply::Duplicate, Some((agent, _))) = (&reply, &claimed) {
+                    let handover = read_frame::<_, HopHandover>(&mut stream, MAX_FRAME).await?;
+                    if let Ok(Some(meta)) = shared.store.agent_meta(agent) {
+                        let envelope = *blake3::hash(&meta.envelope).as_bytes();
+                        shared.handovers.record(agent, envelope, handover.0);
+                    }
+                }
             }
             Err(Refusal::Wire(e)) => return Err(e),
         }
     }
+    Ok(())
+}
+
+/// Reads the source's handover of the hop that brought the agent of `meta` here, which follows
+/// `Stored`, and keeps it for the agent ([`Handovers`](crate::node::custody::Handovers)).
+async fn take_handover(
+    shared: &Shared,
+    stream: &mut libp2p::Stream,
+    meta: &AgentMeta,
+) -> Result<(), WireError> {
+    let handover = read_frame::<_, HopHandover>(stream, MAX_FRAME).await?;
+    let envelope = *blake3::hash(&meta.envelope).as_bytes();
+    shared.handovers.record(&meta.id, envelope, handover.0);
     Ok(())
 }
 
@@ -219,7 +243,7 @@ pub(in crate::node) async fn receive_hop(
     }
     // Custody must lead to this node: coming home, from the custody recorded here; anywhere
     // else, from the home's certificate the agent carries (or its launch).
-    let custody = arriving_tail(offer.custody, &offer.previous, offer.previous_commit);
+    let custody = arriving_tail(offer.custody, &offer.previous, offer.previous_handover);
     let arrival = CustodyArrival {
         sender: &sender,
         previous: previous.as_ref().map(HopEnvelope::hash),
@@ -255,7 +279,7 @@ pub(in crate::node) async fn receive_hop(
                 carried: messages.len() as u64,
             },
             envelope: offer.envelope,
-            commit: None,
+            handover: None,
             tail: custody,
             nonce: offer.nonce,
             certificate,
@@ -265,13 +289,13 @@ pub(in crate::node) async fn receive_hop(
     // Stored durably while the source's departure record is written and its decision travels;
     // runnable at once if the decision to commit is already here when the write runs (the
     // decision is read first, so one that came with the offer is).
-    let commit_seen = Arc::new(OnceLock::new());
+    let commit_seen = Arc::new(AtomicBool::new(false));
     let decision = {
         let commit_seen = commit_seen.clone();
         async move {
             let decision = read_frame::<_, HopDecision>(stream, MAX_FRAME).await;
-            if let Ok(HopDecision::Commit(signature)) = decision {
-                let _ = commit_seen.set(signature);
+            if let Ok(HopDecision::Commit) = decision {
+                commit_seen.store(true, Ordering::Release);
             }
             decision
         }
@@ -305,12 +329,10 @@ pub(in crate::node) async fn receive_hop(
                 since = b.abort_arrival(&rec.id, &old)?.unwrap_or_default();
             }
         }
-        let committed = commit_seen.get().copied();
-        if committed.is_some() {
+        let committed = commit_seen.load(Ordering::Acquire);
+        if committed {
             rec.state = AgentState::Ready;
-            rec.commit = committed;
         }
-        let committed = committed.is_some();
         let arrival = b.accept_arrival(&rec)?;
         if let Arrival::New = arrival {
             for m in messages
@@ -344,10 +366,10 @@ pub(in crate::node) async fn receive_hop(
         }
     };
     shared.faults.die_at(FaultPoint::DestinationAfterStore);
-    let commit = match decision {
-        Ok(HopDecision::Commit(signature)) => signature,
+    match decision {
+        Ok(HopDecision::Commit) => {}
         Ok(HopDecision::Abort(why)) => {
-            settle_arrival(shared, &rec.meta, None).await;
+            settle_arrival(shared, &rec.meta, false).await;
             return Err(refused(HopRefusal::SourceAborted(why)));
         }
         Err(e) => {
@@ -357,15 +379,14 @@ pub(in crate::node) async fn receive_hop(
                 .spawn(ask_hop_decision(shared.clone(), rec.meta.clone()));
             return Err(Refusal::Wire(e));
         }
-    };
+    }
     let rec = if committed {
         rec
     } else {
-        match commit_arrival(shared, &rec.id, &envelope_hash, commit).await {
+        match commit_arrival(shared, &rec.id, &envelope_hash).await {
             Some(meta) => AgentRecord {
                 meta: AgentMeta {
                     state: meta.state,
-                    commit: meta.commit,
                     ..rec.meta
                 },
                 ..rec
@@ -545,7 +566,6 @@ pub(in crate::node) async fn commit_arrival(
     shared: &Shared,
     id: &str,
     envelope: &[u8; 32],
-    commit: CommitSignature,
 ) -> Option<AgentMeta> {
     let (agent, envelope, me, my_key) = (
         id.to_string(),
@@ -556,7 +576,7 @@ pub(in crate::node) async fn commit_arrival(
     let committed = shared
         .store
         .write_unsynced(move |b| {
-            let Some(meta) = b.commit_arrival(&agent, &envelope, commit)? else {
+            let Some(meta) = b.commit_arrival(&agent, &envelope)? else {
                 return Ok(None);
             };
             // (On the agent's home node, its location and custody with it.)
@@ -584,7 +604,6 @@ pub(in crate::node) async fn commit_arrival(
                 .flatten()
                 .map(|m| AgentMeta {
                     state: AgentState::Ready,
-                    commit: Some(commit),
                     ..m
                 })
         }
@@ -596,16 +615,13 @@ pub(in crate::node) async fn commit_arrival(
 pub(in crate::node) async fn settle_arrival(
     shared: &Arc<Shared>,
     meta: &AgentMeta,
-    committed: Option<CommitSignature>,
+    committed: bool,
 ) {
     let AgentState::Arriving { envelope, .. } = meta.state else {
         return;
     };
-    if let Some(commit) = committed {
-        if commit_arrival(shared, &meta.id, &envelope, commit)
-            .await
-            .is_some()
-        {
+    if committed {
+        if commit_arrival(shared, &meta.id, &envelope).await.is_some() {
             spawn_agent(shared, meta.id.clone(), meta.hop);
         }
         return;
@@ -627,17 +643,17 @@ pub(in crate::node) async fn settle_arrival(
 /// Updates the agent's location at its home node (best effort; forwarding pointers cover gaps).
 /// A home that sent the agent here recorded where it went when the hop completed.
 /// (An agent arriving at its home is recorded there with the arrival.)
-pub(in crate::node) fn tell_home_location(shared: &Arc<Shared>, rec: &AgentRecord, from: &PeerId) {
-    if rec.home == shared.peers.local_text() {
+pub(in crate::node) fn tell_home_location(shared: &Arc<Shared>, meta: AgentMeta, from: &PeerId) {
+    if meta.home == shared.peers.local_text() {
         return;
     }
-    let Ok(home) = rec.home.parse::<PeerId>() else {
+    let Ok(home) = meta.home.parse::<PeerId>() else {
         return;
     };
     if home == *from {
         return;
     }
-    let (task_shared, meta) = (shared.clone(), rec.meta.clone());
+    let task_shared = shared.clone();
     shared.tasks.spawn(async move {
         let agent = &meta.id;
         match report_location(&task_shared, &meta, home).await {

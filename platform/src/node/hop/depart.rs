@@ -10,13 +10,10 @@ use agent_lang::{unknown_node_error, Execution};
 use futures::future::{BoxFuture, Shared as SharedFuture};
 use futures::FutureExt;
 use libp2p::PeerId;
-use security::{
-    AgentId, CustodyCertificate, CustodyPoint, EnvelopeHash, HopEnvelope, HopFields, Vouched,
-    FIRST_HOP,
-};
+use security::{AgentId, HopEnvelope, HopFields, Vouched, FIRST_HOP};
 
-use super::recover::{commit_signature, recover_departure, resolve_departure};
-use crate::node::custody::report_location;
+use super::recover::{handover_signature, recover_departure, resolve_departure};
+use crate::node::custody::{handover_of, report_location};
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::Loaded;
@@ -26,8 +23,8 @@ use crate::node::streams::PeerStream;
 use crate::node::{lock, now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Batch, Durability, StoreError};
 use crate::wire::{
-    push_frame, read_frame, write_bulk, write_frame, write_frames, HopDecision, HopOffer, HopReply,
-    HOP_PROTOCOL, INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME,
+    push_frame, read_frame, write_bulk, write_frame, write_frames, HopDecision, HopHandover,
+    HopOffer, HopReply, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME,
 };
 
 /// Envelopes this node signed that it remembers: an agent that comes back presents one as its
@@ -44,8 +41,8 @@ pub(in crate::node) struct Departures {
     recording: Mutex<HashMap<[u8; 32], DepartureRecorded>>,
     /// Hashes of the hop envelopes this node signed lately.
     signed: Mutex<HashSet<[u8; 32]>>,
-    /// Hashes of the envelopes of hops this node signed the commit of lately.
-    committed: Mutex<HashSet<[u8; 32]>>,
+    /// Hashes of the envelopes of hops this node signed the handover of lately.
+    handed_over: Mutex<HashSet<[u8; 32]>>,
 }
 
 impl Departures {
@@ -59,9 +56,9 @@ impl Departures {
         lock(&self.signed).contains(hash)
     }
 
-    /// Remembers a hop (by its envelope's hash) this node signed the commit of.
-    pub(in crate::node) fn committed(&self, hash: [u8; 32]) {
-        remember(&self.committed, hash);
+    /// Remembers a hop (by its envelope's hash) this node signed the handover of.
+    pub(in crate::node) fn handed_over(&self, hash: [u8; 32]) {
+        remember(&self.handed_over, hash);
     }
 
     /// Which signatures of the hop with this envelope hash this node made (lately): they need
@@ -69,7 +66,7 @@ impl Departures {
     pub(in crate::node) fn vouched(&self, hash: &[u8; 32]) -> Vouched {
         Vouched {
             envelope: self.signed_here(hash),
-            commit: lock(&self.committed).contains(hash),
+            handover: lock(&self.handed_over).contains(hash),
         }
     }
 
@@ -126,28 +123,20 @@ pub(in crate::node) async fn complete_departure(
     Ok(())
 }
 
-/// Brings the custody the agent takes along up to date before it leaves. On its home, the home
-/// certifies that it holds it. Elsewhere, the home's certificate of this node's custody, if one
-/// came while the agent was here, replaces the tail before it; a tail too long to take along
-/// is certified first, or the agent stays.
-async fn anchor_custody(
-    shared: &Arc<Shared>,
-    rec: &mut AgentRecord,
-    agent_id: AgentId,
-) -> Result<(), String> {
-    let held_by = EnvelopeHash(*blake3::hash(&rec.envelope).as_bytes());
+/// Brings the custody the agent takes along up to date before it leaves. The home needs none:
+/// the envelope it signs is its word. Elsewhere, the home's certificate of this node's custody,
+/// if one came while the agent was here, replaces the tail before it; a tail too long to take
+/// along is certified first, or the agent stays.
+async fn anchor_custody(shared: &Arc<Shared>, rec: &mut AgentRecord) -> Result<(), String> {
     if rec.home == shared.peers.local_text() {
-        // (Before the first hop, custody leads from the launch, which needs no certificate.)
-        if !rec.envelope.is_empty() {
-            let point = CustodyPoint {
-                hop: rec.hop,
-                holder: *shared.peers.local_key(),
-                envelope: Some(held_by),
-            };
-            rec.certificate = CustodyCertificate::sign(agent_id, point, &shared.key).encode();
-        }
         rec.tail.clear();
         return Ok(());
+    }
+    // The handover of the hop that brought the agent here travels on with it (and stays in its
+    // record, should it not leave).
+    if rec.handover.is_none() {
+        rec.handover = handover_of(shared, &rec.meta).await;
+        shared.handovers.forget(&rec.id);
     }
     let certificate = match shared.confirmed.take(&rec.id, &rec.envelope) {
         Some(certificate) => certificate,
@@ -211,11 +200,7 @@ pub(in crate::node) async fn hop(
         .peers
         .key_of(&dest)
         .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
-    let agent_id: AgentId = rec
-        .id
-        .parse()
-        .map_err(|_| "migrate: agent id is not an envelope id".to_string())?;
-    anchor_custody(shared, rec, agent_id).await?;
+    anchor_custody(shared, rec).await?;
     let started = std::time::Instant::now();
     let continuation = exec
         .encode_into(Vec::with_capacity(exec.encoded_len_hint()))
@@ -228,6 +213,10 @@ pub(in crate::node) async fn hop(
                 .map_err(|e| format!("migrate: stored envelope: {e}"))?,
         )
     };
+    let agent_id: AgentId = rec
+        .id
+        .parse()
+        .map_err(|_| "migrate: agent id is not an envelope id".to_string())?;
     let next_hop = previous.as_ref().map_or(FIRST_HOP, |p| p.fields().hop + 1);
     let envelope = HopEnvelope::sign(
         HopFields {
@@ -312,7 +301,7 @@ pub(in crate::node) async fn hop(
     let offer = HopOffer {
         envelope: envelope.encode(),
         previous: rec.envelope.clone(),
-        previous_commit: rec.commit,
+        previous_handover: rec.handover,
         continuation_len: continuation.len() as u64,
         inline: if inline {
             continuation.clone()
@@ -537,8 +526,28 @@ pub(in crate::node) async fn send_hop(
 
 /// One attempt at a hop on one stream: the offer (with the continuation inline when it is
 /// small, else Ready and the raw continuation), the source's decision once its departure record
-/// is written, then the destination's answer.
+/// is written, then the destination's answer; if it holds the agent, this node's handover.
 pub(in crate::node) async fn hop_exchange(
+    shared: &Shared,
+    s: &mut PeerStream,
+    offer: &HopOffer,
+    continuation: &[u8],
+    recorded: &DepartureRecorded,
+) -> HopExchange {
+    let exchange = offer_and_decide(shared, s, offer, continuation, recorded).await;
+    if let HopExchange::Answered(SendOutcome::Owned, true) = exchange {
+        let envelope = blake3::hash(&offer.envelope);
+        let handover = HopHandover(handover_signature(shared, envelope.as_bytes()));
+        if write_frame(&mut s.stream, &handover).await.is_err() {
+            // (The destination asks for it: `ControlRequest::Departed`.)
+            return HopExchange::Answered(SendOutcome::Owned, false);
+        }
+    }
+    exchange
+}
+
+/// [`hop_exchange`] up to the destination's answer.
+async fn offer_and_decide(
     shared: &Shared,
     s: &mut PeerStream,
     offer: &HopOffer,
@@ -556,20 +565,13 @@ pub(in crate::node) async fn hop_exchange(
             false,
         ),
     };
-    // The commit signature goes with `Commit`: the destination's proof that it holds the agent.
-    let commit = || {
-        HopDecision::Commit(commit_signature(
-            shared,
-            blake3::hash(&offer.envelope).as_bytes(),
-        ))
-    };
     if !offer.inline.is_empty() && matches!(recorded.peek(), Some(Ok(()))) {
         // The departure record is written already (see `hop`): the offer and the decision to
         // commit go out together, and the destination stores the agent runnable at once.
         shared.faults.die_at(FaultPoint::SourceAfterLeaving);
         let mut frames = Vec::with_capacity(offer.inline.len() + 1024);
-        let pushed =
-            push_frame(&mut frames, offer).and_then(|()| push_frame(&mut frames, &commit()));
+        let pushed = push_frame(&mut frames, offer)
+            .and_then(|()| push_frame(&mut frames, &HopDecision::Commit));
         if let Err(e) = pushed {
             return HopExchange::NotSent(e.to_string());
         }
@@ -608,13 +610,13 @@ pub(in crate::node) async fn hop_exchange(
     let decision = match recorded.clone().await {
         Ok(()) => {
             shared.faults.die_at(FaultPoint::SourceAfterLeaving);
-            commit()
+            HopDecision::Commit
         }
         Err(e) => HopDecision::Abort(e),
     };
     if let Err(e) = write_frame(stream, &decision).await {
         return match decision {
-            HopDecision::Commit(_) => HopExchange::Unknown(e.to_string()),
+            HopDecision::Commit => HopExchange::Unknown(e.to_string()),
             HopDecision::Abort(why) => HopExchange::Answered(SendOutcome::NotTaken(why), false),
         };
     }
@@ -627,10 +629,10 @@ pub(in crate::node) async fn hop_exchange(
             }
             other => other,
         },
-        (Ok(reply), HopDecision::Commit(_)) => answered(reply),
+        (Ok(reply), HopDecision::Commit) => answered(reply),
         (Err(_), HopDecision::Abort(why)) => {
             HopExchange::Answered(SendOutcome::NotTaken(why), false)
         }
-        (Err(e), HopDecision::Commit(_)) => HopExchange::Unknown(e.to_string()),
+        (Err(e), HopDecision::Commit) => HopExchange::Unknown(e.to_string()),
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use agent_lang::Resume;
 use libp2p::PeerId;
+use security::{sign_handover, EnvelopeHash};
 
 use super::arrive::settle_arrival;
 use super::depart::{complete_departure, SentHop};
@@ -13,10 +14,8 @@ use crate::node::control::control_request;
 use crate::node::events::NodeEvent;
 use crate::node::runner::{spawn_agent, spawn_runner};
 use crate::node::Shared;
-use security::{sign_commit, EnvelopeHash};
-
 use crate::store::{AgentMeta, AgentState, StoreError};
-use crate::wire::{CommitSignature, ControlReply, ControlRequest};
+use crate::wire::{ControlReply, ControlRequest, HandoverSignature};
 
 /// Whether this node holds (agent, hop) (by the envelope with hash `envelope`, if given: held
 /// by another is a "no"), once no receipt of that hop is in progress; with `give_up`, a "no"
@@ -145,7 +144,7 @@ pub(in crate::node) async fn ask_hop_decision(shared: Arc<Shared>, meta: AgentMe
     };
     let Ok(source) = from.parse::<PeerId>() else {
         tracing::error!(agent = %meta.id, "arrival from an unreadable peer id {from:?}: dropped");
-        return settle_arrival(&shared, &meta, None).await;
+        return settle_arrival(&shared, &meta, false).await;
     };
     let request = ControlRequest::HopCommitted {
         agent: meta.id.clone(),
@@ -167,11 +166,43 @@ pub(in crate::node) async fn ask_hop_decision(shared: Arc<Shared>, meta: AgentMe
     }
 }
 
-/// This node's signature that the hop with envelope hash `envelope`, which it sent, committed:
-/// what it sends with `HopDecision::Commit`, and to a destination that asks.
-pub(in crate::node) fn commit_signature(shared: &Shared, envelope: &[u8; 32]) -> CommitSignature {
-    shared.departures.committed(*envelope);
-    CommitSignature(sign_commit(&EnvelopeHash(*envelope), &shared.key))
+/// How long [`departed_by`] waits for a departure still completing.
+const DEPARTURE_WAIT: Duration = Duration::from_secs(3);
+
+/// The source's answer to [`ControlRequest::Departed`]: whether agent `agent` left this node by
+/// the hop with this envelope hash, waiting up to [`DEPARTURE_WAIT`] while it is still leaving
+/// by it (the destination may ask before this node heard its acknowledgement). A store that
+/// cannot be read is an error, never a "no".
+pub(in crate::node) async fn departed_by(
+    shared: &Shared,
+    agent: &str,
+    envelope: &[u8; 32],
+) -> Result<bool, StoreError> {
+    let deadline = tokio::time::Instant::now() + DEPARTURE_WAIT;
+    loop {
+        if shared.store.departed(agent)? == Some(*envelope) {
+            return Ok(true);
+        }
+        let leaving_by_it = matches!(
+            shared.store.agent_meta(agent)?,
+            Some(AgentMeta { state: AgentState::Leaving { envelope: e, .. }, .. }) if e == *envelope
+        ) || shared.departures.recording(envelope).is_some();
+        if !leaving_by_it || tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// This node's signature that it handed its agent over by the hop with envelope hash
+/// `envelope`: sent once the destination said it holds the agent, and to a destination that
+/// asks ([`departed_by`]).
+pub(in crate::node) fn handover_signature(
+    shared: &Shared,
+    envelope: &[u8; 32],
+) -> HandoverSignature {
+    shared.departures.handed_over(*envelope);
+    HandoverSignature(sign_handover(&EnvelopeHash(*envelope), &shared.key))
 }
 
 /// The source's answer to [`ControlRequest::HopCommitted`]: whether the departure record of the

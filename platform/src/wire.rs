@@ -45,12 +45,12 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
 
 /// Moving an agent: offer, (package pull by the receiver), continuation bytes, the source's
 /// decision, acknowledgement.
-pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/6");
+pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/7");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Node to node: messages on their way, agents' ends and whereabouts for their home, hop
 /// recovery questions.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/6");
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/7");
 /// An operator's client (the CLI) to a node: launch, status, result, send. Only the keys of the
 /// node's `[trust] operators` are answered.
 pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/client/2");

@@ -1,17 +1,19 @@
 //! Custody reports: the node holding an agent tells the agent's home where it is and how it
 //! ended, and proves it holds the agent with its custody tail (`security::follow_custody`).
 //!
-//! Both sides live here. The holder presents the envelopes it has since what the home last
-//! confirmed ([`tail_of`]). The home follows the tail from its `custody` record
-//! ([`confirm_report`]) and takes the report only if it leads to the peer that sent it: a peer
-//! that never held the agent can neither end it nor redirect its messages, whatever ids it
-//! learned. For a location it answers with its certificate of the custody it confirmed, which
-//! the holder keeps ([`ConfirmedCustody`]) and sends on with the agent instead of the tail
-//! before it.
+//! Both sides live here. The holder presents the hops it has since what the home last
+//! confirmed ([`custody_tail`]), each with its source's handover signature ([`handover_of`]:
+//! sent after `Stored`, kept in [`Handovers`], or asked of the source). The home follows the
+//! tail from its `custody` record ([`confirm_report`]) and takes the report only if it leads to
+//! the peer that sent it: a peer that never held the agent (or was only offered it) can neither
+//! end it nor redirect its messages, whatever ids it learned. For a location it answers with
+//! its certificate of the custody it confirmed, which the holder keeps ([`ConfirmedCustody`])
+//! and sends on with the agent instead of the tail before it.
 //!
 //! Any other node an agent comes to checks its custody the same way ([`check_arrival`]), from
-//! the home's latest certificate the agent carries, or from its launch: a peer allowed to push
-//! agents cannot push a copy of one it never held.
+//! the latest point the home vouches for (its certificate the agent carries, a hop the home
+//! handed it over by, or the launch): a peer allowed to push agents cannot push a copy of one
+//! it never held.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

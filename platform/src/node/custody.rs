@@ -98,14 +98,14 @@ pub(super) fn arriving_tail(
 
 /// How an arriving hop stands in its agent's custody: who sends it, and the envelope it names
 /// as the one before (the one its sender holds the agent by).
-pub(super) struct Arrival<'a> {
+pub(super) struct ArrivingHop<'a> {
     /// The sending peer's key.
     pub(super) sender: &'a PublicKey,
     /// The envelope the hop names as previous (none on a first hop).
     pub(super) previous: Option<EnvelopeHash>,
 }
 
-impl Arrival<'_> {
+impl ArrivingHop<'_> {
     /// Whether custody followed to `point` is the sender's, by the envelope the hop follows.
     fn held_at(&self, agent: &str, point: &CustodyPoint) -> Result<(), ControlRefusal> {
         if point.holder == *self.sender && point.envelope == self.previous {
@@ -136,7 +136,7 @@ pub(super) fn check_arrival(
     (home, nonce): (&str, [u8; 16]),
     certificate: &[u8],
     tail: &[CustodyLink],
-    arrival: &Arrival<'_>,
+    arrival: &ArrivingHop<'_>,
 ) -> Result<(), ControlRefusal> {
     let refuse = |reason: String| ControlRefusal::NoCustody {
         agent: agent.to_string(),
@@ -194,7 +194,7 @@ pub(super) fn check_homecoming(
     shared: &Shared,
     agent: &str,
     tail: &[CustodyLink],
-    arrival: &Arrival<'_>,
+    arrival: &ArrivingHop<'_>,
 ) -> Result<(), ControlRefusal> {
     let recorded = shared
         .store

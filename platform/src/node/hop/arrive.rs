@@ -19,8 +19,7 @@ use super::gate::Arriving;
 use super::recover::ask_hop_decision;
 use crate::node::accept::ExchangePermits;
 use crate::node::custody::{
-    arriving_tail, check_arrival, check_homecoming, report_location, Arrival as CustodyArrival,
-    ReportFailure,
+    arriving_tail, check_arrival, check_homecoming, report_location, ArrivingHop, ReportFailure,
 };
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
@@ -244,7 +243,7 @@ pub(in crate::node) async fn receive_hop(
     // Custody must lead to this node: coming home, from the custody recorded here; anywhere
     // else, from the home's certificate the agent carries (or its launch).
     let custody = arriving_tail(offer.custody, &offer.previous, offer.previous_handover);
-    let arrival = CustodyArrival {
+    let arrival = ArrivingHop {
         sender: &sender,
         previous: previous.as_ref().map(HopEnvelope::hash),
     };

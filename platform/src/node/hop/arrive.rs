@@ -61,7 +61,7 @@ pub(in crate::node) async fn handle_hop(
         }
         return Ok(());
     }
-    while let Some((offer, _permits)) = permits
+    while let Some((offer, exchange_permits)) = permits
         .next_request::<HopOffer>(&mut stream, MAX_FRAME)
         .await?
     {
@@ -74,6 +74,8 @@ pub(in crate::node) async fn handle_hop(
                 let meta = arrived.rec.meta.clone();
                 spawn_runner(shared, meta.id.clone(), meta.hop, None, Some(arrived));
                 acknowledged?;
+                // (The handover is waited for without holding the node's permits.)
+                drop(exchange_permits);
                 let handover = take_handover(shared, &mut stream, &meta).await;
                 tell_home_location(shared, meta, &peer);
                 handover?;
@@ -88,9 +90,11 @@ pub(in crate::node) async fn handle_hop(
                     });
                 }
                 write_frame(&mut stream, &reply).await?;
+                drop(exchange_permits);
                 // A hop this node holds already: its handover follows all the same.
                 if let (HopReply::Duplicate, Some((agent, _))) = (&reply, &claimed) {
-                    let handover = read_frame::<_, HopHandover>(&mut stream, MAX_FRAME).await?;
+                    let handover =
+                        read_frame::<_, HopHandover>(&mut stream, HANDOVER_FRAME).await?;
                     if let Ok(Some(meta)) = shared.store.agent_meta(agent) {
                         let envelope = *blake3::hash(&meta.envelope).as_bytes();
                         shared.handovers.record(agent, envelope, handover.0);
@@ -103,6 +107,9 @@ pub(in crate::node) async fn handle_hop(
     Ok(())
 }
 
+/// Largest `HopHandover` frame read (one is 70 bytes).
+const HANDOVER_FRAME: usize = 256;
+
 /// Reads the source's handover of the hop that brought the agent of `meta` here, which follows
 /// `Stored`, and keeps it for the agent ([`Handovers`](crate::node::custody::Handovers)).
 async fn take_handover(
@@ -110,7 +117,7 @@ async fn take_handover(
     stream: &mut libp2p::Stream,
     meta: &AgentMeta,
 ) -> Result<(), WireError> {
-    let handover = read_frame::<_, HopHandover>(stream, MAX_FRAME).await?;
+    let handover = read_frame::<_, HopHandover>(stream, HANDOVER_FRAME).await?;
     let envelope = *blake3::hash(&meta.envelope).as_bytes();
     shared.handovers.record(&meta.id, envelope, handover.0);
     Ok(())

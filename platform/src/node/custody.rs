@@ -387,24 +387,59 @@ impl std::fmt::Display for ReportFailure {
     }
 }
 
-/// On the holder: the certificates its agents' homes sent while they were here (agent id ->
-/// the envelope the agent was held by, and the home's certificate of that custody), until the
-/// agent's next hop sends the certificate instead of the tail before it
-/// ([`ConfirmedCustody::take`]). Bounded: past [`CONFIRMED_REMEMBERED`] entries it starts
-/// afresh (an agent that then leaves carries its tail a little longer).
-#[derive(Default)]
-pub(super) struct ConfirmedCustody {
-    /// A `std` mutex held for one map operation.
-    by_agent: Mutex<HashMap<String, (EnvelopeHash, Vec<u8>)>>,
+/// What this node keeps per agent for the envelope the agent is held by here (agent id -> that
+/// envelope's hash and the value), until the agent's next hop or report uses it. A `std` mutex
+/// held for one map operation. Bounded: past [`REMEMBERED`] entries it starts afresh (what is
+/// forgotten costs a longer tail, or a question to the hop's source).
+pub(super) struct HeldBy<T> {
+    by_agent: Mutex<HashMap<String, ([u8; 32], T)>>,
 }
 
-/// On a destination: the handovers its sources sent after the hops agents arrived here by
-/// (agent id -> the hop's envelope hash and the handover), until the agent leaves or reports
-/// with them. Bounded as [`ConfirmedCustody`] (a handover forgotten is asked for again).
+/// Entries a [`HeldBy`] keeps at most.
+const REMEMBERED: usize = 65_536;
+
+impl<T> Default for HeldBy<T> {
+    fn default() -> Self {
+        HeldBy {
+            by_agent: Mutex::default(),
+        }
+    }
+}
+
+impl<T: Clone> HeldBy<T> {
+    /// Keeps `value` for `agent` held by the envelope with hash `envelope`.
+    pub(super) fn record(&self, agent: &str, envelope: [u8; 32], value: T) {
+        let mut map = lock(&self.by_agent);
+        if map.len() >= REMEMBERED {
+            map.clear();
+        }
+        map.insert(agent.to_string(), (envelope, value));
+    }
+
+    /// The value kept for `agent` held by the envelope with hash `envelope`.
+    fn get(&self, agent: &str, envelope: &[u8; 32]) -> Option<T> {
+        lock(&self.by_agent)
+            .get(agent)
+            .filter(|(e, _)| e == envelope)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// As [`HeldBy::get`], and forgets what was kept for `agent` either way.
+    pub(super) fn take(&self, agent: &str, envelope: &[u8; 32]) -> Option<T> {
+        let (held_by, value) = lock(&self.by_agent).remove(agent)?;
+        (held_by == *envelope).then_some(value)
+    }
+}
+
+/// On the holder: the certificates its agents' homes sent while they were here, until the
+/// agent's next hop sends the certificate instead of the tail before it.
+pub(super) type ConfirmedCustody = HeldBy<Vec<u8>>;
+
+/// On a destination: the handovers its sources sent after the hops agents arrived here by,
+/// until the agent leaves or reports with them.
 #[derive(Default)]
 pub(super) struct Handovers {
-    /// A `std` mutex held for one map operation.
-    by_agent: Mutex<HashMap<String, ([u8; 32], HandoverSignature)>>,
+    held: HeldBy<HandoverSignature>,
     /// Wakes those waiting for a handover ([`Handovers::wait_for`]) when one comes.
     arrived: tokio::sync::Notify,
 }
@@ -415,12 +450,7 @@ const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_millis(500)
 impl Handovers {
     /// The source of the hop with envelope hash `envelope` handed `agent` over.
     pub(super) fn record(&self, agent: &str, envelope: [u8; 32], handover: HandoverSignature) {
-        let mut map = lock(&self.by_agent);
-        if map.len() >= CONFIRMED_REMEMBERED {
-            map.clear();
-        }
-        map.insert(agent.to_string(), (envelope, handover));
-        drop(map);
+        self.held.record(agent, envelope, handover);
         self.arrived.notify_waiters();
     }
 
@@ -433,12 +463,8 @@ impl Handovers {
             tokio::pin!(arrived);
             // (Registered before looking, so that a handover recorded in between wakes it.)
             arrived.as_mut().enable();
-            let found = lock(&self.by_agent)
-                .get(agent)
-                .filter(|(e, _)| e == envelope)
-                .map(|(_, h)| *h);
-            if found.is_some() {
-                return found;
+            if let Some(found) = self.held.get(agent, envelope) {
+                return Some(found);
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
                 return None;
@@ -448,28 +474,6 @@ impl Handovers {
 
     /// Forgets `agent`'s handover (it left, or keeps it in its record).
     pub(super) fn forget(&self, agent: &str) {
-        lock(&self.by_agent).remove(agent);
-    }
-}
-
-/// Confirmations kept at most.
-const CONFIRMED_REMEMBERED: usize = 65_536;
-
-impl ConfirmedCustody {
-    /// The home certified custody of `agent` held by the envelope with hash `envelope`.
-    pub(super) fn record(&self, agent: &str, envelope: EnvelopeHash, certificate: Vec<u8>) {
-        let mut map = lock(&self.by_agent);
-        if map.len() >= CONFIRMED_REMEMBERED {
-            map.clear();
-        }
-        map.insert(agent.to_string(), (envelope, certificate));
-    }
-
-    /// The home's certificate of `agent` held by `envelope` (its encoded bytes), if it came:
-    /// then the tail before it need not travel. Forgets the confirmation either way.
-    pub(super) fn take(&self, agent: &str, envelope: &[u8]) -> Option<Vec<u8>> {
-        let (hash, certificate) = lock(&self.by_agent).remove(agent)?;
-        (!envelope.is_empty() && blake3::hash(envelope).as_bytes() == hash.as_bytes())
-            .then_some(certificate)
+        lock(&self.held.by_agent).remove(agent);
     }
 }

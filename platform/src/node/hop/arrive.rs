@@ -664,7 +664,7 @@ pub(in crate::node) fn tell_home_location(shared: &Arc<Shared>, meta: AgentMeta,
         let agent = &meta.id;
         match report_location(&task_shared, &meta, home).await {
             Ok(certificate) => {
-                let envelope = EnvelopeHash(*blake3::hash(&meta.envelope).as_bytes());
+                let envelope = *blake3::hash(&meta.envelope).as_bytes();
                 task_shared.confirmed.record(agent, envelope, certificate)
             }
             Err(ReportFailure::Refused(ControlRefusal::Superseded { .. })) => {}

@@ -138,7 +138,8 @@ async fn anchor_custody(shared: &Arc<Shared>, rec: &mut AgentRecord) -> Result<(
         rec.handover = handover_of(shared, &rec.meta).await;
         shared.handovers.forget(&rec.id);
     }
-    let certificate = match shared.confirmed.take(&rec.id, &rec.envelope) {
+    let held_by = *blake3::hash(&rec.envelope).as_bytes();
+    let certificate = match shared.confirmed.take(&rec.id, &held_by) {
         Some(certificate) => certificate,
         None if rec.tail.len() >= MAX_CUSTODY_TAIL => {
             let home = rec.home.parse::<PeerId>().map_err(|e| {

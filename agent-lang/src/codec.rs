@@ -73,6 +73,17 @@ pub enum DecodeError {
         /// The program it names.
         found: ProgramHash,
     },
+    /// The state it holds takes more memory here than the agent's budget allows.
+    #[error(
+        "the agent's state takes {held} bytes of memory here, more than its memory budget of \
+         {max} bytes"
+    )]
+    OverMemoryBudget {
+        /// What the decoded state took.
+        held: u64,
+        /// [`Limits::max_memory_bytes`](crate::Limits).
+        max: u64,
+    },
     /// Malformed or inconsistent content.
     #[error("malformed continuation at byte {offset}: {what}")]
     Malformed {
@@ -322,7 +333,25 @@ impl Execution {
     ///
     /// Oversized input (checked before parsing), wrong magic, version or program hash, and any
     /// malformed or inconsistent content, with the byte offset where it was noticed. Never panics.
+    ///
+    /// What the decoded state takes in memory is measured (where the allocator is
+    /// [`Metered`](crate::Metered)) and counts against the agent's memory budget from here on;
+    /// a state over the budget is refused.
     pub fn decode(program: &Program, bytes: &[u8]) -> Result<Execution, DecodeError> {
+        let (decoded, held) = crate::meter::net_allocation(|| Self::decode_state(program, bytes));
+        let mut exec = decoded?;
+        exec.memory = held.max(0) as u64;
+        let max = program.limits().max_memory_bytes;
+        if exec.memory > max {
+            return Err(DecodeError::OverMemoryBudget {
+                held: exec.memory,
+                max,
+            });
+        }
+        Ok(exec)
+    }
+
+    fn decode_state(program: &Program, bytes: &[u8]) -> Result<Execution, DecodeError> {
         let prog = &program.inner;
         let limit = prog.limits.max_continuation_bytes;
         if bytes.len() > limit {
@@ -421,6 +450,7 @@ impl Execution {
             frames,
             state: RunState::Suspended(primitive),
             slice_operations: 0,
+            memory: 0,
         })
     }
 }

@@ -100,7 +100,10 @@ pub fn exit_value(err: &EvalAltResult) -> Option<Dynamic> {
 /// builds on, and what a test oracle uses to run a script in plain Rhai under the same rules.
 ///
 /// The sandbox: no `eval`, no modules, strict variables (undefined names are compile errors),
-/// size, depth and operation limits, `exit` ending the whole agent.
+/// depth and operation limits, `exit` ending the whole agent. Rhai's per-object size limits are
+/// not set: they cost a walk of the whole value after every change. Memory is bounded per agent
+/// by the executor's meter instead ([`crate::meter`]), and the built-ins that allocate what
+/// their arguments ask are re-registered to ask the meter first ([`crate::sized`]).
 pub fn sandboxed_engine(limits: &Limits) -> Engine {
     let mut engine = Engine::new();
     engine.disable_symbol("eval");
@@ -110,11 +113,9 @@ pub fn sandboxed_engine(limits: &Limits) -> Engine {
     engine.set_strict_variables(true);
     engine.set_max_operations(limits.max_operations);
     engine.set_max_call_levels(limits.max_call_depth);
-    engine.set_max_string_size(limits.max_string_size);
-    engine.set_max_array_size(limits.max_array_size);
-    engine.set_max_map_size(limits.max_map_size);
     engine.set_max_expr_depths(64, 64);
     engine.set_max_modules(0);
+    crate::sized::register(&mut engine);
     engine.register_fn("exit", |v: Dynamic| -> Result<(), Box<EvalAltResult>> {
         Err(EvalAltResult::ErrorTerminated(Dynamic::from(ExitValue(v)), Position::NONE).into())
     });
@@ -130,11 +131,15 @@ pub fn sandboxed_engine(limits: &Limits) -> Engine {
 /// The engine programs are compiled and run with: the sandbox plus the host API.
 pub(crate) fn agent_engine(limits: &Limits) -> Engine {
     let mut engine = sandboxed_engine(limits);
+    let max_operations = limits.max_operations;
+    engine.on_progress(move |operations| {
+        crate::meter::check(operations, max_operations).map(Dynamic::from)
+    });
     engine.on_print(|s| {
-        let _ = with_host(|h| (h.printer)(s));
+        let _ = crate::meter::outside_the_agent(|| with_host(|h| (h.printer)(s)));
     });
     engine.on_debug(|s, _, _| {
-        let _ = with_host(|h| (h.printer)(s));
+        let _ = crate::meter::outside_the_agent(|| with_host(|h| (h.printer)(s)));
     });
     engine.register_fn("here", || {
         with_host(|h| ImmutableString::from(h.here.as_str()))

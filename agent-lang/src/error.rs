@@ -4,6 +4,8 @@ use std::fmt;
 
 use rhai::EvalAltResult;
 
+use crate::meter::Exceeded;
+
 /// What kind of failure ended an agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -17,6 +19,9 @@ pub enum AgentErrorKind {
     OperationBudget,
     /// A string, array, map, blob or the continuation grew past its limit.
     SizeLimit,
+    /// The agent's values took more memory than its budget
+    /// ([`Limits::max_memory_bytes`](crate::Limits)).
+    MemoryBudget,
     /// Calls nested deeper than the node allows.
     StackOverflow,
     /// Any other run-time error: type mismatch, unknown function, bad index...
@@ -61,7 +66,39 @@ impl AgentError {
                 position = e.position();
             }
         }
-        let kind = match inner {
+        let exceeded = match inner {
+            EvalAltResult::ErrorTerminated(token, _) => token.read_lock::<Exceeded>().map(|e| *e),
+            _ => None,
+        };
+        let kind = match (inner, exceeded) {
+            (_, Some(Exceeded::Memory { held, max })) => {
+                return AgentError::new(
+                    AgentErrorKind::MemoryBudget,
+                    format!(
+                        "out of memory: the agent's values took {held} bytes, more than its \
+                         memory budget of {max} bytes on this node"
+                    ),
+                    line_and_column(position),
+                );
+            }
+            (_, Some(Exceeded::Operations)) => AgentErrorKind::OperationLimit,
+            (inner, None) => Self::kind_of(inner),
+        };
+        let message = match kind {
+            AgentErrorKind::OperationLimit => {
+                "too many operations: the agent ran past the node's operation limit for one slice (a runaway loop?)".to_string()
+            }
+            _ => message_without_position(err),
+        };
+        AgentError {
+            kind,
+            message,
+            position: line_and_column(position),
+        }
+    }
+
+    fn kind_of(inner: &EvalAltResult) -> AgentErrorKind {
+        match inner {
             EvalAltResult::ErrorRuntime(..) => AgentErrorKind::Thrown,
             EvalAltResult::ErrorTooManyOperations(..) => AgentErrorKind::OperationLimit,
             EvalAltResult::ErrorDataTooLarge(..) | EvalAltResult::ErrorTooManyVariables(..) => {
@@ -70,22 +107,14 @@ impl AgentError {
             EvalAltResult::ErrorStackOverflow(..) => AgentErrorKind::StackOverflow,
             EvalAltResult::ErrorSystem(..) => AgentErrorKind::Internal,
             _ => AgentErrorKind::Runtime,
-        };
-        let message = match kind {
-            AgentErrorKind::OperationLimit => {
-                "too many operations: the agent ran past the node's operation limit for one slice (a runaway loop?)".to_string()
-            }
-            _ => message_without_position(err),
-        };
-        let position = match (position.line(), position.position()) {
-            (Some(l), c) => Some((l, c.unwrap_or(0))),
-            _ => None,
-        };
-        AgentError {
-            kind,
-            message,
-            position,
         }
+    }
+}
+
+fn line_and_column(position: rhai::Position) -> Option<(usize, usize)> {
+    match (position.line(), position.position()) {
+        (Some(l), c) => Some((l, c.unwrap_or(0))),
+        _ => None,
     }
 }
 

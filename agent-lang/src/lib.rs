@@ -54,6 +54,8 @@ mod error;
 mod exec;
 mod layout;
 mod limits;
+mod meter;
+mod sized;
 mod value;
 
 pub use codec::{
@@ -64,6 +66,7 @@ pub use engine::{exit_value, sandboxed_engine, unknown_node_error, ExitValue, Ho
 pub use error::{AgentError, AgentErrorKind};
 pub use exec::{Execution, Outcome, Resume};
 pub use limits::Limits;
+pub use meter::{is_installed as memory_is_metered, Metered, BYTES_PER_OPERATION};
 pub use value::{
     check_portable, decode_portable, encode_portable, from_json, to_json, ValueError, TAG_CHAR,
     TAG_FN_PTR,

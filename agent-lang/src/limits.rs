@@ -13,11 +13,15 @@ pub struct Limits {
     pub max_total_operations: u64,
     /// Depth of nested function calls, walked and native together.
     pub max_call_depth: usize,
-    /// Longest string, in bytes.
+    /// Bytes of memory the agent's values may hold in all, on the node it is on: its variables,
+    /// its frames, and whatever it allocated and still holds (counted at the allocator, see
+    /// `agent_lang::Metered`).
+    pub max_memory_bytes: u64,
+    /// Longest string that may travel (in a continuation or a message), in bytes.
     pub max_string_size: usize,
-    /// Longest array or blob, in elements.
+    /// Longest array or blob that may travel, in elements.
     pub max_array_size: usize,
-    /// Largest object map, in entries.
+    /// Largest object map that may travel, in entries.
     pub max_map_size: usize,
     /// Largest encoded continuation, in bytes.
     pub max_continuation_bytes: usize,
@@ -29,6 +33,7 @@ impl Default for Limits {
             max_operations: 100_000_000,
             max_total_operations: 10_000_000_000,
             max_call_depth: 64,
+            max_memory_bytes: 64 << 20,
             max_string_size: 64 << 20,
             max_array_size: 16 << 20,
             max_map_size: 1 << 20,
@@ -51,6 +56,11 @@ impl Limits {
     /// Sets [`Limits::max_call_depth`].
     pub fn with_max_call_depth(mut self, n: usize) -> Self {
         self.max_call_depth = n;
+        self
+    }
+    /// Sets [`Limits::max_memory_bytes`].
+    pub fn with_max_memory_bytes(mut self, n: u64) -> Self {
+        self.max_memory_bytes = n;
         self
     }
     /// Sets [`Limits::max_string_size`].

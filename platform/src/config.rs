@@ -17,6 +17,7 @@
 //! [limits]
 //! max_operations = 100000000        # per slice (from a resume to the next suspension)
 //! max_total_operations = 10000000000  # in the agent's whole life, every slice on every node
+//! max_memory_bytes = 67108864         # all of one agent's values together, on this node
 //! max_agents = 100000                 # stored on this node at once
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
 //! max_messages_per_peer_per_second = 1000
@@ -60,6 +61,7 @@ struct FileConfig {
 struct LimitsConfig {
     max_operations: Option<u64>,
     max_total_operations: Option<u64>,
+    max_memory_bytes: Option<u64>,
     max_agents: Option<u64>,
     max_call_depth: Option<usize>,
     max_string_size: Option<usize>,
@@ -140,6 +142,7 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
     for (name, value) in [
         ("max_operations", l.max_operations),
         ("max_total_operations", l.max_total_operations),
+        ("max_memory_bytes", l.max_memory_bytes),
         ("max_call_depth", l.max_call_depth.map(|v| v as u64)),
         ("max_string_size", l.max_string_size.map(|v| v as u64)),
         ("max_array_size", l.max_array_size.map(|v| v as u64)),
@@ -159,6 +162,9 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
     }
     if let Some(v) = l.max_total_operations {
         limits = limits.with_max_total_operations(v);
+    }
+    if let Some(v) = l.max_memory_bytes {
+        limits = limits.with_max_memory_bytes(v);
     }
     if let Some(v) = l.max_call_depth {
         limits = limits.with_max_call_depth(v);
@@ -239,9 +245,11 @@ mod tests {
 
     #[test]
     fn mailbox_limits_are_read_and_the_rest_default() {
-        let config =
-            load_text("max_queued_messages = 10\nmax_operations = 5\nmax_total_operations = 50")
-                .unwrap();
+        let config = load_text(
+            "max_queued_messages = 10\nmax_operations = 5\nmax_total_operations = 50\n\
+                 max_memory_bytes = 4096",
+        )
+        .unwrap();
         assert_eq!(config.mailbox.max_queued_messages, 10);
         assert_eq!(
             config.mailbox.max_message_bytes,
@@ -249,6 +257,7 @@ mod tests {
         );
         assert_eq!(config.limits.max_operations, 5);
         assert_eq!(config.limits.max_total_operations, 50);
+        assert_eq!(config.limits.max_memory_bytes, 4096);
     }
 
     #[test]

@@ -24,25 +24,33 @@
 //! latency and throughput unchanged within noise.
 //!
 //! A binary opts in with [`jemalloc_for_large_hops!`](crate::jemalloc_for_large_hops) at its
-//! top level (`tern` and the benchmarks do; tests keep the system allocator).
+//! top level (`tern` and the benchmarks do; tests keep the system allocator, metered). Either
+//! way the allocator is [`Metered`]: that is how agents' memory budgets are counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 
+pub use agent_lang::Metered;
 #[cfg(not(target_env = "msvc"))]
 #[doc(hidden)]
 pub use tikv_jemallocator;
 
 /// Makes jemalloc, with [`JEMALLOC_CONF`], the allocator of the binary it is used in (once, at
-/// the binary's top level; nothing on MSVC targets, where jemalloc does not build).
+/// the binary's top level; the system allocator on MSVC targets, where jemalloc does not
+/// build), [`Metered`] so that agents' memory budgets hold.
 #[macro_export]
 macro_rules! jemalloc_for_large_hops {
     () => {
         #[cfg(not(target_env = "msvc"))]
         #[global_allocator]
-        static ALLOC: $crate::memory::tikv_jemallocator::Jemalloc =
-            $crate::memory::tikv_jemallocator::Jemalloc;
+        static ALLOC: $crate::memory::Metered<$crate::memory::tikv_jemallocator::Jemalloc> =
+            $crate::memory::Metered($crate::memory::tikv_jemallocator::Jemalloc);
+
+        #[cfg(target_env = "msvc")]
+        #[global_allocator]
+        static ALLOC: $crate::memory::Metered<std::alloc::System> =
+            $crate::memory::Metered(std::alloc::System);
 
         /// Read by jemalloc when it starts.
         #[cfg(not(target_env = "msvc"))]

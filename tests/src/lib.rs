@@ -3,6 +3,11 @@
 
 use security::{PeersPolicy, SecretKey, TrustPolicy, VerifiedPackage};
 
+/// The tests' allocator: the system's, metered as in `tern`, so that agents' memory budgets
+/// hold in the nodes the tests start.
+#[global_allocator]
+static ALLOC: agent_lang::Metered<std::alloc::System> = agent_lang::Metered(std::alloc::System);
+
 /// Signs `source` with a fresh author key; returns the package and a trust policy that trusts
 /// that author and accepts pushes from any peer.
 pub fn package(source: &str) -> (VerifiedPackage, TrustPolicy) {

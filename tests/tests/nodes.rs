@@ -13,10 +13,12 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 async fn run(nodes: usize, source: &str) -> AgentEnd {
+    run_within(nodes, source, agent_lang::Limits::default()).await
+}
+
+async fn run_within(nodes: usize, source: &str, limits: agent_lang::Limits) -> AgentEnd {
     let (package, trust) = package(source);
-    let mesh = LoopbackMesh::start(nodes, trust, agent_lang::Limits::default())
-        .await
-        .unwrap();
+    let mesh = LoopbackMesh::start(nodes, trust, limits).await.unwrap();
     let (_, end) = tokio::time::timeout(Duration::from_secs(60), mesh.run(package))
         .await
         .unwrap()
@@ -118,8 +120,8 @@ fn failures_name_node_line_and_column() {
 #[test]
 fn a_100_mb_continuation_travels_over_a_stream_and_back() {
     rt().block_on(async {
-        // Seven blobs of 14.3 MB in seven variables (the sandbox limits the size of one blob,
-        // and of an array counting what it holds).
+        // Seven blobs of 14.3 MB in seven variables, on nodes whose memory budget admits them
+        // (the default budget of 64 MiB would end this agent).
         let src = r#"
             let b0 = blob(14300000, 1); let b1 = blob(14300000, 2); let b2 = blob(14300000, 3);
             let b3 = blob(14300000, 4); let b4 = blob(14300000, 5); let b5 = blob(14300000, 6);
@@ -131,7 +133,8 @@ fn a_100_mb_continuation_travels_over_a_stream_and_back() {
             let total = b0.len() + b1.len() + b2.len() + b3.len() + b4.len() + b5.len() + b6.len();
             [total, there, here(), b0[0], b6[14299999], b3[1000], b3[999]]
         "#;
-        let (json, _, hops) = finished(run(2, src).await);
+        let limits = agent_lang::Limits::default().with_max_memory_bytes(256 << 20);
+        let (json, _, hops) = finished(run_within(2, src, limits).await);
         assert_eq!(json, r#"[100100000,"node-1","node-0",1,7,99,4]"#);
         assert_eq!(hops, 2);
     });

@@ -38,6 +38,7 @@ use rhai::{Caches, Dynamic, EvalAltResult, GlobalRuntimeState, Position, Scope};
 use crate::compile::{Primitive, Program, ProgramInner, MAIN_BODY};
 use crate::engine::{HostEnv, HostGuard};
 use crate::error::{AgentError, AgentErrorKind};
+use crate::meter::SliceMeter;
 
 pub(crate) use frame::{Caught, Cursor, Frame};
 pub(crate) use loops::{ForIter, LoopState};
@@ -67,8 +68,8 @@ pub enum Outcome {
     Send {
         /// The receiving agent's id.
         to: String,
-        /// The message.
-        value: Dynamic,
+        /// The value sent, encoded as a portable value ([`crate::decode_portable`] reads it).
+        message: Vec<u8>,
     },
     /// The agent failed; it cannot be resumed.
     Failed(AgentError),
@@ -79,10 +80,37 @@ pub enum Outcome {
 pub enum Resume {
     /// Start a new execution (the first resume), or continue one whose primitive returns `()`.
     Start,
-    /// The primitive returns this value.
+    /// The primitive returns this value. It is not counted in the agent's memory (it was
+    /// built outside the agent): hosts hand over what agents send with [`Resume::Message`].
     Value(Dynamic),
+    /// The primitive returns this portable value (what [`Outcome::Send`] gave, or
+    /// [`crate::encode_portable`] made), decoded in the slice with the program's limits so
+    /// that the agent's memory counts it; a malformed one is thrown as "receive: bad message".
+    Message(Vec<u8>),
     /// The primitive throws this message (catchable by the agent).
     Error(String),
+}
+
+impl Resume {
+    /// Heap bytes the input brings into the slice, which the slice frees or keeps.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Resume::Message(bytes) => bytes.capacity(),
+            Resume::Error(message) => message.capacity(),
+            Resume::Start | Resume::Value(_) => 0,
+        }
+    }
+}
+
+impl Outcome {
+    /// Heap bytes the outcome takes out of the slice, which the agent no longer holds.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Outcome::Migrate { to } => to.capacity(),
+            Outcome::Send { to, message } => to.capacity() + message.capacity(),
+            Outcome::Finished(_) | Outcome::Receive { .. } | Outcome::Failed(_) => 0,
+        }
+    }
 }
 
 /// Where an execution is between two slices.
@@ -99,8 +127,12 @@ pub struct Execution {
     pub(crate) program: Program,
     pub(crate) frames: Vec<Frame>,
     pub(crate) state: RunState,
-    /// Operations the last slice ran (not part of the continuation).
+    /// Operations the last slice ran, with its allocation charge (not part of the
+    /// continuation).
     pub(crate) slice_operations: u64,
+    /// Bytes of memory the agent holds, as the meter counts them (not part of the
+    /// continuation: decoding measures it afresh).
+    pub(crate) memory: u64,
 }
 
 /// Per-slice evaluation context.
@@ -133,6 +165,7 @@ impl Execution {
             frames: Vec::new(),
             state: RunState::NotStarted,
             slice_operations: 0,
+            memory: 0,
         }
     }
 
@@ -147,9 +180,16 @@ impl Execution {
     }
 
     /// How many operations the last slice ran (counted as Rhai counts them for
-    /// [`Limits::max_operations`](crate::Limits)).
+    /// [`Limits::max_operations`](crate::Limits)), plus one per
+    /// [`BYTES_PER_OPERATION`](crate::BYTES_PER_OPERATION) bytes it allocated.
     pub fn slice_operations(&self) -> u64 {
         self.slice_operations
+    }
+
+    /// Bytes of memory the agent's state holds on this node, as far as the allocator is
+    /// [`Metered`](crate::Metered): what decoding it took, and what its slices took since.
+    pub fn memory(&self) -> u64 {
+        self.memory
     }
 
     /// Depth of the walked call stack (1 = only the main body).
@@ -171,6 +211,21 @@ impl Execution {
     /// [`AgentErrorKind::OperationBudget`]. [`Execution::slice_operations`] then says how many
     /// the slice ran.
     pub fn resume_within(&mut self, env: &HostEnv, input: Resume, budget: u64) -> Outcome {
+        let max_memory = self.program.limits().max_memory_bytes;
+        let held = self.memory.saturating_add(input.heap_bytes() as u64);
+        let meter = SliceMeter::start(held, max_memory);
+        let outcome = self.run_metered(env, input, budget);
+        let (held, allocated) = meter.reading();
+        drop(meter);
+        self.slice_operations = self
+            .slice_operations
+            .saturating_add(allocated / crate::BYTES_PER_OPERATION);
+        self.memory = held.saturating_sub(outcome.heap_bytes() as u64);
+        outcome
+    }
+
+    /// [`Execution::resume_within`] inside the memory meter.
+    fn run_metered(&mut self, env: &HostEnv, input: Resume, budget: u64) -> Outcome {
         let _host = HostGuard::install(env);
         let program = self.program.clone();
         self.slice_operations = 0;
@@ -232,6 +287,19 @@ impl Execution {
             }
             (RunState::Suspended(_), Resume::Start) => self.complete(&mut ctx, Dynamic::UNIT),
             (RunState::Suspended(_), Resume::Value(v)) => self.complete(&mut ctx, v),
+            (RunState::Suspended(_), Resume::Message(bytes)) => {
+                match crate::value::decode_portable(&self.program, &bytes) {
+                    Ok(v) => {
+                        drop(bytes);
+                        self.complete(&mut ctx, v)
+                    }
+                    Err(e) => {
+                        let pos = self.pending_pos(prog);
+                        let msg = format!("receive: bad message: {e}");
+                        Err(EvalAltResult::ErrorRuntime(msg.into(), pos).into())
+                    }
+                }
+            }
             (RunState::Suspended(_), Resume::Error(msg)) => {
                 let pos = self.pending_pos(prog);
                 Err(EvalAltResult::ErrorRuntime(msg.into(), pos).into())

@@ -58,8 +58,8 @@ impl Execution {
 
     /// Counts one operation of a walked statement, as Rhai's `Engine::track_operation`
     /// (`src/eval/data_check.rs`) counts each statement it evaluates, so walked and delegated
-    /// statements draw on the same `max_operations` budget. (Its progress callback is left out:
-    /// the sandbox sets none.)
+    /// statements draw on the same `max_operations` budget. (Its progress callback is the
+    /// memory meter's check, made here too.)
     pub(super) fn track(&mut self, ctx: &mut Ctx, pos: Position) -> Result<(), StepErr> {
         ctx.global.num_operations += 1;
         let max = ctx.prog.engine.max_operations();
@@ -68,7 +68,14 @@ impl Execution {
                 EvalAltResult::ErrorTooManyOperations(pos).into(),
             ));
         }
-        Ok(())
+        match crate::meter::check(ctx.global.num_operations, max) {
+            None => Ok(()),
+            Some(exceeded) => {
+                let mut err = crate::sized::terminate(exceeded);
+                err.set_position(pos);
+                Err(StepErr::Eval(err))
+            }
+        }
     }
 }
 

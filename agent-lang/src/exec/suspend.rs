@@ -74,9 +74,17 @@ impl Execution {
                 let to = args.next().unwrap_or_default();
                 let value = args.next().unwrap_or_default();
                 match to.into_immutable_string() {
-                    Ok(s) => Outcome::Send {
-                        to: s.to_string(),
-                        value: value.flatten(),
+                    Ok(s) => match crate::value::encode_portable(&value.flatten()) {
+                        Ok(message) => Outcome::Send {
+                            to: s.to_string(),
+                            message,
+                        },
+                        Err(e) => {
+                            let msg = format!("send: {e}");
+                            return Err(StepErr::Eval(
+                                EvalAltResult::ErrorRuntime(msg.into(), pos).into(),
+                            ));
+                        }
                     },
                     Err(t) => {
                         return Err(StepErr::Eval(

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_lang::rhai::Dynamic;
-use agent_lang::{Execution, Program};
+use agent_lang::{Execution, Resume};
 use tokio::sync::Notify;
 
 use super::events::{Events, NodeEvent};
@@ -101,9 +101,22 @@ impl Mailboxes {
         &self,
         rec: &mut AgentRecord,
         exec: &Execution,
-        program: &Program,
         timeout_ms: Option<u64>,
-    ) -> Result<Dynamic, String> {
+    ) -> Resume {
+        match self.wait_for_message(rec, exec, timeout_ms).await {
+            Ok(Some(message)) => Resume::Message(message),
+            Ok(None) => Resume::Value(Dynamic::UNIT),
+            Err(e) => Resume::Error(e),
+        }
+    }
+
+    /// [`Mailboxes::receive`]: the message, or None at the timeout.
+    async fn wait_for_message(
+        &self,
+        rec: &mut AgentRecord,
+        exec: &Execution,
+        timeout_ms: Option<u64>,
+    ) -> Result<Option<Vec<u8>>, String> {
         let notify = self.notify_of(&rec.id);
         let deadline = timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
         let mut here = match exec.encode() {
@@ -118,8 +131,7 @@ impl Mailboxes {
                 Ok(0) => {}
                 Ok(_) => {
                     if let Some(message) = self.take_message(rec, &mut here).await? {
-                        return agent_lang::decode_portable(program, &message)
-                            .map_err(|e| format!("receive: bad message: {e}"));
+                        return Ok(Some(message));
                     }
                 }
                 Err(e) => return Err(format!("receive: {e}")),
@@ -161,7 +173,7 @@ impl Mailboxes {
                                 .await;
                             rec.state = stored.map_err(|e| format!("receive: {e}"))?;
                         }
-                        return Ok(Dynamic::UNIT);
+                        return Ok(None);
                     }
                 }
                 None => notify.notified().await,
@@ -232,7 +244,7 @@ impl Mailboxes {
 
 #[cfg(test)]
 mod tests {
-    use agent_lang::{Limits, Outcome, Resume};
+    use agent_lang::{Limits, Outcome, Program};
     use tokio::sync::broadcast::error::TryRecvError;
 
     use super::*;
@@ -255,11 +267,22 @@ mod tests {
         )
     }
 
+    /// The integer a `receive` answered with.
+    fn int_of(answer: Resume) -> Option<i64> {
+        let program = Program::compile("1", &Limits::default()).expect("compiles");
+        match answer {
+            Resume::Message(bytes) => agent_lang::decode_portable(&program, &bytes)
+                .ok()
+                .and_then(|v| v.as_int().ok()),
+            _ => None,
+        }
+    }
+
     /// An agent stopped at `receive(..)`, stored as a resident agent.
     fn agent_at_receive(
         mailboxes: &Mailboxes,
         source: &str,
-    ) -> (AgentRecord, Execution, Program, Option<u64>) {
+    ) -> (AgentRecord, Execution, Option<u64>) {
         let program = Program::compile(source, &Limits::default()).expect("test agent compiles");
         let mut exec = Execution::new(&program);
         let env = agent_lang::HostEnv {
@@ -296,7 +319,7 @@ mod tests {
             .store
             .batch(|b| b.put_agent(&stored))
             .expect("agent stored");
-        (rec, exec, program, timeout_ms)
+        (rec, exec, timeout_ms)
     }
 
     fn queue(mailboxes: &Mailboxes, value: i64) {
@@ -317,13 +340,10 @@ mod tests {
     #[tokio::test]
     async fn a_queued_message_is_taken_with_the_checkpoint_that_answers_it() {
         let (mailboxes, _dir, mut events) = mailboxes();
-        let (mut rec, exec, program, timeout) = agent_at_receive(&mailboxes, "receive()");
+        let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive()");
         queue(&mailboxes, 7);
-        let got = mailboxes
-            .receive(&mut rec, &exec, &program, timeout)
-            .await
-            .expect("receive");
-        assert_eq!(got.as_int().ok(), Some(7));
+        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
+        assert_eq!(int_of(got), Some(7));
         assert_eq!(mailboxes.store.message_count("agent-1").ok(), Some(0));
         assert!(matches!(
             stored_state(&mailboxes),
@@ -342,15 +362,10 @@ mod tests {
     async fn a_waiting_agent_is_stored_waiting_and_woken_by_a_delivery() {
         let (mailboxes, _dir, mut events) = mailboxes();
         let mailboxes = Arc::new(mailboxes);
-        let (mut rec, exec, program, timeout) = agent_at_receive(&mailboxes, "receive()");
+        let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive()");
         let waiting = tokio::spawn({
             let mailboxes = mailboxes.clone();
-            async move {
-                mailboxes
-                    .receive(&mut rec, &exec, &program, timeout)
-                    .await
-                    .map(|v| v.as_int().ok())
-            }
+            async move { int_of(mailboxes.receive(&mut rec, &exec, timeout).await) }
         });
         while !matches!(
             stored_state(&mailboxes),
@@ -362,7 +377,7 @@ mod tests {
         }
         queue(&mailboxes, 42);
         mailboxes.wake(Wake::agent("agent-1"));
-        assert_eq!(waiting.await.ok(), Some(Ok(Some(42))));
+        assert_eq!(waiting.await.ok(), Some(Some(42)));
         assert_eq!(
             events.try_recv(),
             Ok(NodeEvent::MessageQueued {
@@ -374,24 +389,21 @@ mod tests {
     #[tokio::test]
     async fn a_wake_that_comes_before_the_wait_is_not_lost() {
         let (mailboxes, _dir, _events) = mailboxes();
-        let (mut rec, exec, program, timeout) = agent_at_receive(&mailboxes, "receive()");
+        let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive()");
         // Queued and woken before `receive` ever looked: it finds the message at once.
         queue(&mailboxes, 1);
         mailboxes.wake(Wake::agent("agent-1"));
-        let got = mailboxes.receive(&mut rec, &exec, &program, timeout).await;
-        assert_eq!(got.map(|v| v.as_int().ok()), Ok(Some(1)));
+        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
+        assert_eq!(int_of(got), Some(1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_timeout_answers_unit_and_the_checkpoint_says_so() {
         let (mailboxes, _dir, mut events) = mailboxes();
-        let (mut rec, exec, program, timeout) = agent_at_receive(&mailboxes, "receive(5000)");
+        let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive(5000)");
         assert_eq!(timeout, Some(5000));
-        let got = mailboxes
-            .receive(&mut rec, &exec, &program, timeout)
-            .await
-            .expect("receive");
-        assert!(got.is_unit());
+        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
+        assert!(matches!(got, Resume::Value(v) if v.is_unit()));
         let unit = agent_lang::encode_portable(&Dynamic::UNIT).expect("portable");
         assert_eq!(
             stored_state(&mailboxes),
@@ -403,13 +415,29 @@ mod tests {
     #[tokio::test]
     async fn a_message_that_does_not_decode_is_an_error_for_the_agent_only() {
         let (mailboxes, _dir, _events) = mailboxes();
-        let (mut rec, exec, program, timeout) = agent_at_receive(&mailboxes, "receive()");
+        let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive()");
         mailboxes
             .store
             .batch(|b| b.push_message("agent-1", b"\xff\x00 not a value").map(drop))
             .expect("message queued");
-        let got = mailboxes.receive(&mut rec, &exec, &program, timeout).await;
-        assert!(matches!(got, Err(e) if e.starts_with("receive: bad message")));
+        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
         assert_eq!(mailboxes.store.message_count("agent-1").ok(), Some(0));
+        // The agent decodes it in its slice, where it throws.
+        let Resume::Message(bytes) = got else {
+            panic!("{got:?}");
+        };
+        let env = agent_lang::HostEnv {
+            here: "n".into(),
+            home: "n".into(),
+            nodes: vec!["n".into()],
+            agent_id: "agent-1".into(),
+            hops: 0,
+            printer: Arc::new(|_: &str| {}),
+        };
+        let mut exec = exec;
+        let Outcome::Failed(e) = exec.resume(&env, Resume::Message(bytes)) else {
+            panic!("the agent fails");
+        };
+        assert!(e.message.contains("receive: bad message"), "{e}");
     }
 }

@@ -256,6 +256,13 @@ impl Node {
             .check()
             .map_err(|e| anyhow::anyhow!("mailbox limits: {e}"))?;
         crate::memory::return_freed_memory_when_idle();
+        if !agent_lang::memory_is_metered() {
+            tracing::warn!(
+                node = %config.name,
+                "agents' memory budgets are not enforced: this program's allocator is not \
+                 agent_lang::Metered (see platform::jemalloc_for_large_hops!)"
+            );
+        }
         let data_dir = config.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&data_dir)

@@ -235,21 +235,9 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
         (Some(input), _) => input,
         (None, AgentState::Waiting { timeout_at_ms }) => {
             let left = timeout_at_ms.map(|t| t.saturating_sub(now_ms()));
-            match shared
-                .mailboxes
-                .receive(&mut rec, &exec, &loaded.program, left)
-                .await
-            {
-                Ok(v) => Resume::Value(v),
-                Err(e) => Resume::Error(e),
-            }
+            shared.mailboxes.receive(&mut rec, &exec, left).await
         }
-        (None, AgentState::Answered { value }) => {
-            match agent_lang::decode_portable(&loaded.program, value) {
-                Ok(v) => Resume::Value(v),
-                Err(e) => Resume::Error(format!("receive: bad message: {e}")),
-            }
-        }
+        (None, AgentState::Answered { value }) => Resume::Message(value.clone()),
         (None, _) => Resume::Start,
     };
     let budget = exec.program().limits().max_total_operations;
@@ -302,21 +290,11 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
                 }
             }
             Outcome::Receive { timeout_ms } => {
-                input = match shared
-                    .mailboxes
-                    .receive(&mut rec, &exec, &loaded.program, timeout_ms)
-                    .await
-                {
-                    Ok(v) => Resume::Value(v),
-                    Err(e) => Resume::Error(e),
-                }
+                input = shared.mailboxes.receive(&mut rec, &exec, timeout_ms).await;
             }
-            Outcome::Send { to, value } => {
-                input = match agent_lang::encode_portable(&value) {
-                    Ok(bytes) => match Box::pin(route_message(shared, &to, bytes)).await {
-                        Ok(()) => Resume::Value(Dynamic::UNIT),
-                        Err(e) => Resume::Error(format!("send: {e}")),
-                    },
+            Outcome::Send { to, message } => {
+                input = match Box::pin(route_message(shared, &to, message)).await {
+                    Ok(()) => Resume::Value(Dynamic::UNIT),
                     Err(e) => Resume::Error(format!("send: {e}")),
                 }
             }

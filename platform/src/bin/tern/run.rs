@@ -28,6 +28,13 @@ pub(crate) struct RunArgs {
     /// Operations the agent may run between two suspensions before it is stopped.
     #[arg(long, default_value_t = agent_lang::Limits::default().max_operations)]
     max_operations: u64,
+    /// Bytes of memory all of the agent's values together may take on a node.
+    #[arg(
+        long,
+        default_value_t = agent_lang::Limits::default().max_memory_bytes,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_memory_bytes: u64,
     /// Trust packages signed by this author key (`ed25519:<hex>`; repeatable). Packages of other
     /// authors are refused.
     #[arg(long = "trust-author", value_name = "KEY")]
@@ -39,7 +46,9 @@ pub(crate) struct RunArgs {
 
 /// Runs `tern run`.
 pub(crate) fn run_agent(args: RunArgs) -> Result<()> {
-    let mut limits = agent_lang::Limits::default().with_max_operations(args.max_operations);
+    let mut limits = agent_lang::Limits::default()
+        .with_max_operations(args.max_operations)
+        .with_max_memory_bytes(args.max_memory_bytes);
     let (package, trust) = if args.file.extension().is_some_and(|e| e == "tern") {
         let package = package_files::read_package(&args.file)?;
         let trust = trust_policy(&args)?;

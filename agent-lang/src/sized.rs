@@ -1,0 +1,158 @@
+//! The built-ins whose arguments, rather than their inputs, choose how much they allocate
+//! (`blob(n)`, `pad`, `replace` with an empty or short pattern), registered over Rhai's own so
+//! that they ask the memory meter before they allocate.
+//!
+//! Rhai checked these against its per-object size limits. tern counts memory at the allocator
+//! instead ([`crate::meter`]), which sees an allocation once it is made: one such call asking
+//! for a terabyte would make the allocator fail, and the process abort. Each behaves as Rhai's
+//! does (`src/packages/{blob_basic,array_basic,string_more}.rs` in Rhai 1.25), except that
+//! `pad` with an empty padding string returns at once where Rhai's never returns.
+
+use rhai::{Array, Blob, Dynamic, Engine, EvalAltResult, ImmutableString, Position, INT};
+
+use crate::meter::{self, Exceeded};
+
+type Checked<T> = Result<T, Box<EvalAltResult>>;
+
+/// Registers the checked built-ins on `engine`, over Rhai's.
+pub(crate) fn register(engine: &mut Engine) {
+    engine.register_fn("blob", |len: INT| blob(len, 0));
+    engine.register_fn("blob", blob);
+    engine.register_fn("pad", pad_blob);
+    engine.register_fn("pad", pad_array);
+    engine.register_fn("pad", pad_with_char);
+    engine.register_fn("pad", pad_with_string);
+    engine.register_fn(
+        "replace",
+        |s: &mut ImmutableString, find: &str, by: &str| replace(s, find, by),
+    );
+    engine.register_fn(
+        "replace",
+        |s: &mut ImmutableString, find: &str, by: char| {
+            replace(s, find, by.encode_utf8(&mut [0; 4]))
+        },
+    );
+    engine.register_fn(
+        "replace",
+        |s: &mut ImmutableString, find: char, by: &str| {
+            replace(s, find.encode_utf8(&mut [0; 4]), by)
+        },
+    );
+}
+
+/// Fails unless the running agent may take `bytes` more.
+fn admit(bytes: usize) -> Checked<()> {
+    meter::admits(u64::try_from(bytes).unwrap_or(u64::MAX)).map_err(terminate)
+}
+
+/// The uncatchable error that ends an agent over its budget.
+pub(crate) fn terminate(exceeded: Exceeded) -> Box<EvalAltResult> {
+    EvalAltResult::ErrorTerminated(Dynamic::from(exceeded), Position::NONE).into()
+}
+
+fn blob(len: INT, value: INT) -> Checked<Blob> {
+    let Ok(len) = usize::try_from(len) else {
+        return Ok(Blob::new());
+    };
+    admit(len)?;
+    Ok(vec![(value & 0xff) as u8; len])
+}
+
+fn pad_blob(blob: &mut Blob, len: INT, value: INT) -> Checked<()> {
+    let len = usize::try_from(len).unwrap_or(0);
+    if len > blob.len() {
+        admit(len - blob.len())?;
+        blob.resize(len, (value & 0xff) as u8);
+    }
+    Ok(())
+}
+
+fn pad_array(array: &mut Array, len: INT, item: Dynamic) -> Checked<()> {
+    let len = usize::try_from(len).unwrap_or(0);
+    if len <= array.len() {
+        return Ok(());
+    }
+    let more = len - array.len();
+    admit(more.saturating_mul(std::mem::size_of::<Dynamic>()))?;
+    array.reserve_exact(more);
+    if item.is_unit() || item.is_int() || item.is_float() || item.is_bool() || item.is_char() {
+        array.resize(len, item);
+        return Ok(());
+    }
+    // Each copy of a string, array, map or blob can be large: look again after each.
+    while array.len() < len {
+        array.push(item.clone());
+        admit(0)?;
+    }
+    Ok(())
+}
+
+fn pad_with_char(string: &mut ImmutableString, len: INT, character: char) -> Checked<()> {
+    let Some(more) = chars_short(string, len)? else {
+        return Ok(());
+    };
+    admit(
+        string
+            .len()
+            .saturating_add(more.saturating_mul(character.len_utf8())),
+    )?;
+    let s = string.make_mut();
+    s.extend(std::iter::repeat_n(character, more));
+    Ok(())
+}
+
+fn pad_with_string(string: &mut ImmutableString, len: INT, padding: &str) -> Checked<()> {
+    let Some(more) = chars_short(string, len)? else {
+        return Ok(());
+    };
+    let per = padding.chars().count();
+    if per == 0 {
+        return Ok(());
+    }
+    let tail: usize = padding.chars().take(more % per).map(char::len_utf8).sum();
+    let bytes = (more / per)
+        .saturating_mul(padding.len())
+        .saturating_add(tail);
+    admit(string.len().saturating_add(bytes))?;
+    let s = string.make_mut();
+    for _ in 0..more / per {
+        s.push_str(padding);
+    }
+    s.extend(padding.chars().take(more % per));
+    Ok(())
+}
+
+/// How many characters `string` lacks to be `len` long, if any (Rhai's error for a length
+/// beyond the address space).
+fn chars_short(string: &ImmutableString, len: INT) -> Checked<Option<usize>> {
+    if len <= 0 {
+        return Ok(None);
+    }
+    let Ok(len) = usize::try_from(len) else {
+        return Err(
+            EvalAltResult::ErrorDataTooLarge("Length of string".into(), Position::NONE).into(),
+        );
+    };
+    let have = string.chars().count();
+    Ok((len > have).then(|| len - have))
+}
+
+fn replace(string: &mut ImmutableString, find: &str, by: &str) -> Checked<()> {
+    if string.is_empty() {
+        return Ok(());
+    }
+    if by.len() > find.len() {
+        let found = if find.is_empty() {
+            string.chars().count() + 1
+        } else {
+            string.matches(find).count()
+        };
+        admit(
+            string
+                .len()
+                .saturating_add(found.saturating_mul(by.len() - find.len())),
+        )?;
+    }
+    *string = string.replace(find, by).into();
+    Ok(())
+}

@@ -639,3 +639,49 @@ fn a_name_two_keys_claim_is_refused_until_it_is_pinned() {
         assert_eq!(stored(&impostor), 0);
     });
 }
+
+/// A memory bomb that grows across hops ends with an error naming the memory budget; an agent
+/// running beside it on the same nodes finishes, and the nodes take the next agent.
+#[test]
+fn a_memory_bomb_ends_alone_and_the_nodes_carry_on() {
+    rt().block_on(async {
+        let (bomb, _) = package(
+            "let all = [];\nloop { all.push(blob(1000000)); if all.len() % 4 == 0 { migrate(nodes()[all.len() % 2]); } }\n",
+        );
+        let (steady, _) = package(
+            "let n = 0; for i in 0..40 { n += i; migrate(nodes()[i % 2]); } n",
+        );
+        let trust: security::TrustPolicy = toml::from_str(&format!(
+            "authors = [\"{}\", \"{}\"]",
+            bomb.author(),
+            steady.author()
+        ))
+        .unwrap();
+        let trust = security::TrustPolicy {
+            accept_from: PeersPolicy::Any,
+            ..trust
+        };
+        let limits = agent_lang::Limits::default().with_max_memory_bytes(16 << 20);
+        let mesh = LoopbackMesh::start(2, trust, limits).await.unwrap();
+        let (_, bomb_end) = mesh.nodes()[0].launch(bomb, None).unwrap();
+        let (_, steady_end) = mesh.nodes()[1].launch(steady.clone(), None).unwrap();
+        let within = |end| tokio::time::timeout(Duration::from_secs(60), end);
+        match within(bomb_end).await.unwrap().unwrap() {
+            AgentEnd::Failed {
+                error, position, ..
+            } => {
+                assert!(
+                    error.contains("out of memory") && error.contains("16777216"),
+                    "{error}"
+                );
+                assert_eq!(position.map(|p| p.0), Some(2));
+            }
+            other => panic!("{other:?}"),
+        }
+        let done = within(steady_end).await.unwrap().unwrap();
+        assert!(matches!(done, AgentEnd::Finished { ref json, .. } if json == "780"), "{done:?}");
+        let (_, again) = mesh.nodes()[0].launch(steady, None).unwrap();
+        let again = within(again).await.unwrap().unwrap();
+        assert!(matches!(again, AgentEnd::Finished { ref json, .. } if json == "780"), "{again:?}");
+    });
+}

@@ -92,7 +92,14 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Metered<A> {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size, layout.size());
+        // Only the change counts: a string grown a few bytes at a time (Rhai's `+=`) is
+        // reallocated at every step, and counting each new size whole would charge a loop that
+        // builds a string quadratically.
+        let old_size = layout.size();
+        count(
+            new_size.saturating_sub(old_size),
+            old_size.saturating_sub(new_size),
+        );
         // SAFETY: the caller's contract, passed on.
         unsafe { self.0.realloc(ptr, layout, new_size) }
     }

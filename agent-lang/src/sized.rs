@@ -91,13 +91,14 @@ fn pad_with_char(string: &mut ImmutableString, len: INT, character: char) -> Che
     let Some(more) = chars_short(string, len)? else {
         return Ok(());
     };
-    admit(
-        string
-            .len()
-            .saturating_add(more.saturating_mul(character.len_utf8())),
-    )?;
-    let s = string.make_mut();
-    s.extend(std::iter::repeat_n(character, more));
+    let bytes = string
+        .len()
+        .saturating_add(more.saturating_mul(character.len_utf8()));
+    admit(bytes)?;
+    let mut padded = String::with_capacity(bytes);
+    padded.push_str(string);
+    padded.extend(std::iter::repeat_n(character, more));
+    *string = padded.into();
     Ok(())
 }
 
@@ -113,12 +114,17 @@ fn pad_with_string(string: &mut ImmutableString, len: INT, padding: &str) -> Che
     let bytes = (more / per)
         .saturating_mul(padding.len())
         .saturating_add(tail);
-    admit(string.len().saturating_add(bytes))?;
-    let s = string.make_mut();
+    let bytes = string.len().saturating_add(bytes);
+    admit(bytes)?;
+    // Built in a `String` sized once: Rhai's string grows by what each push needs, and the
+    // reallocations would be quadratic.
+    let mut padded = String::with_capacity(bytes);
+    padded.push_str(string);
     for _ in 0..more / per {
-        s.push_str(padding);
+        padded.push_str(padding);
     }
-    s.extend(padding.chars().take(more % per));
+    padded.extend(padding.chars().take(more % per));
+    *string = padded.into();
     Ok(())
 }
 

@@ -232,3 +232,27 @@ fn printing_is_not_charged_to_the_agent() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn strings_grown_a_little_at_a_time_cost_what_they_grow() {
+    // Each `+=` reallocates the string a few bytes larger; counting every new size whole would
+    // charge 10^12 bytes here, and end the agent long before 4 MB are built.
+    let limits = Limits::default().with_max_operations(20_000_000);
+    for (source, expected) in [
+        (
+            "let t = \"\"; for i in 0..1000000 { t += \"ab\"; } t.len()",
+            2_000_000,
+        ),
+        (
+            "let t = \"\"; for i in 0..1000000 { t += 'x'; } t.len()",
+            1_000_000,
+        ),
+        ("let s = \"\"; s.pad(4000000, \"ab\"); s.len()", 4_000_000),
+        ("let s = \"\"; s.pad(4000000, 'é'); s.len()", 4_000_000),
+    ] {
+        match run(source, &limits) {
+            Outcome::Finished(v) => assert_eq!(v.as_int(), Ok(expected), "{source}"),
+            other => panic!("{source}: {other:?}"),
+        }
+    }
+}

@@ -10,7 +10,9 @@
 //! against a raw libp2p-stream transfer of the same bytes), `resident` (resident agents on one
 //! node, in a child process so its RSS is the node's alone), `flood` (hop latency while ten
 //! throwaway identities flood the destination with garbage and stalled streams, against the
-//! same without them, taking turns), `parts` (component timings that explain the figures: store
+//! same without them, taking turns), `hostile` (the RSS a node reaches above idle while one
+//! hostile script runs under the default limits, each in a child process), `parts` (component
+//! timings that explain the figures: store
 //! commits, envelope sign/verify, continuation encode/decode).
 //!
 //! Options: `--hops N` (hops of the bouncing agent, default 1000), `--agents N` (agents in
@@ -44,13 +46,14 @@ use security::{
 };
 use tokio::sync::mpsc;
 
-const BENCHES: [&str; 7] = [
+const BENCHES: [&str; 8] = [
     "latency",
     "flood",
     "fsync",
     "concurrent",
     "bulk",
     "resident",
+    "hostile",
     "parts",
 ];
 
@@ -657,30 +660,40 @@ fn resident_child(n: usize) -> Result<()> {
     Ok(())
 }
 
-struct Resident {
+/// The `KEY=value` fields of the report line a child process printed.
+struct ChildReport {
     fields: std::collections::HashMap<String, u64>,
 }
 
-fn resident_in_child(n: usize) -> Result<Resident> {
+impl ChildReport {
+    fn get(&self, key: &str) -> u64 {
+        self.fields.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// Runs this bench again as a child process with `args`, and reads the first line of its
+/// stdout that starts with `prefix`, within `timeout`. The child is killed if it lingers.
+fn child_report(args: &[&str], prefix: &str, timeout: Duration) -> Result<ChildReport> {
     let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(exe)
-        .args(["resident-child", &n.to_string()])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()?;
     let stdout = child.stdout.take().context("child stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
+    let prefix_owned = format!("{prefix} ");
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
         {
-            if line.starts_with("RESIDENT ") {
+            if line.starts_with(&prefix_owned) {
                 let _ = tx.send(line);
             }
         }
     });
-    let line = rx.recv_timeout(Duration::from_secs(240));
+    let line = rx.recv_timeout(timeout);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if child.try_wait()?.is_some() {
@@ -693,7 +706,7 @@ fn resident_in_child(n: usize) -> Result<Resident> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let line = line.map_err(|_| anyhow!("the resident-agents child reported nothing"))?;
+    let line = line.map_err(|_| anyhow!("the {args:?} child reported nothing"))?;
     let fields = line
         .split_whitespace()
         .skip(1)
@@ -702,7 +715,67 @@ fn resident_in_child(n: usize) -> Result<Resident> {
             Some((k.to_string(), v.parse().ok()?))
         })
         .collect();
-    Ok(Resident { fields })
+    Ok(ChildReport { fields })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile scripts: the RSS one of them takes a node to, in a child process each.
+
+/// Each: what it does, and the script. All run under the default limits.
+const HOSTILE: [(&str, &str); 9] = [
+    (
+        "arrays of 100,000 elements held in an array",
+        "let all = []; loop { let a = []; a.pad(100000, 0); all.push(a); }",
+    ),
+    ("a string doubled", "let s = \"xx\"; loop { s += s; }"),
+    ("pushes forever", "let a = []; loop { a.push(a.len()); }"),
+    (
+        "map entries forever",
+        "let m = #{}; let i = 0; loop { m[`k${i}`] = i; i += 1; }",
+    ),
+    ("one blob of 1 TB", "blob(1 << 40)"),
+    (
+        "`replace` of the empty string by 1 MB",
+        "let s = \"abcdefgh\"; let x = \"\"; x.pad(1000000, \"x\"); loop { s.replace(\"\", x); }",
+    ),
+    (
+        "1 MB blobs held across hops",
+        "let all = []; loop { all.push(blob(1000000)); migrate(nodes()[all.len() % 2]); }",
+    ),
+    ("`a = [a]` repeated", "let a = []; loop { a = [a]; }"),
+    (
+        "`split` of a 40 MB string into 40 M empty strings",
+        "let s = \"\"; s.pad(40000000, \" \"); let p = s.split(\" \"); p.len()",
+    ),
+];
+
+/// In the child: a mesh of two nodes, idle, then one hostile script run to its end; prints
+/// `HOSTILE idle_kb=.. peak_kb=.. failed=0|1`.
+fn hostile_child(index: usize) -> Result<()> {
+    let (_, source) = HOSTILE.get(index).context("no such hostile script")?;
+    let rt = runtime()?;
+    let author = Author::new()?;
+    rt.block_on(async {
+        let mesh = LoopbackMesh::start(2, author.trust.clone(), Limits::default()).await?;
+        let package = author.sign(source.to_string())?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let idle = rss_kb();
+        // Peak RSS counted from here (Linux: "5" resets VmHWM).
+        std::fs::write("/proc/self/clear_refs", "5")?;
+        let (_, end) = mesh.nodes()[0]
+            .launch(package, None)
+            .map_err(anyhow::Error::msg)?;
+        let end = tokio::time::timeout(Duration::from_secs(300), end).await??;
+        let peak = status_field("VmHWM:");
+        let failed = u8::from(matches!(end, AgentEnd::Failed { .. }));
+        eprintln!("{end:?}");
+        println!("HOSTILE idle_kb={idle} peak_kb={peak} failed={failed}");
+        std::io::stdout().flush()?;
+        drop(mesh);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -929,6 +1002,13 @@ fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some("resident-child") {
         let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
         return resident_child(n);
+    }
+    if args.first().map(String::as_str) == Some("hostile-child") {
+        let index = args
+            .get(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(usize::MAX);
+        return hostile_child(index);
     }
     let o = parse_args(&args)?;
     if std::env::var_os("RUST_LOG").is_some() {
@@ -1271,8 +1351,12 @@ fn main() -> Result<()> {
             "resident: {} agents in receive(600000), child process ...",
             o.resident
         );
-        let r = resident_in_child(o.resident)?;
-        let f = |k: &str| r.fields.get(k).copied().unwrap_or(0);
+        let r = child_report(
+            &["resident-child", &o.resident.to_string()],
+            "RESIDENT",
+            Duration::from_secs(240),
+        )?;
+        let f = |k: &str| r.get(k);
         let rss = f("rss_kb");
         let per = (rss.saturating_sub(f("before_kb"))) as f64 / o.resident as f64;
         let resident = f("stored") as usize;
@@ -1295,6 +1379,37 @@ fn main() -> Result<()> {
             target: "10,000 within 1 GB".into(),
             met: Some(resident >= 10_000 && rss <= 1 << 20 && f("unfinished") >= 10_000),
         });
+    }
+
+    if has("hostile") {
+        for (index, (what, _)) in HOSTILE.iter().enumerate() {
+            eprintln!("hostile: {what}, child process ...");
+            let measured = match child_report(
+                &["hostile-child", &index.to_string()],
+                "HOSTILE",
+                Duration::from_secs(330),
+            ) {
+                Ok(r) => {
+                    let above = r.get("peak_kb").saturating_sub(r.get("idle_kb")) as f64 / 1024.0;
+                    let ended = if r.get("failed") == 1 {
+                        "the agent failed"
+                    } else {
+                        "the agent finished"
+                    };
+                    (
+                        format!("{above:.0} MiB ({ended})"),
+                        Some(above <= 256.0 && r.get("failed") == 1),
+                    )
+                }
+                Err(e) => (format!("the node did not survive: {e}"), Some(false)),
+            };
+            rows.push(Row {
+                what: format!("node RSS above idle (peak) while one agent runs: {what}"),
+                measured: measured.0,
+                target: "≤ 256 MiB, the agent ends with an error".into(),
+                met: measured.1,
+            });
+        }
     }
 
     if has("parts") {

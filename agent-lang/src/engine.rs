@@ -103,7 +103,9 @@ pub fn exit_value(err: &EvalAltResult) -> Option<Dynamic> {
 /// depth and operation limits, `exit` ending the whole agent. Rhai's per-object size limits are
 /// not set: they cost a walk of the whole value after every change. Memory is bounded per agent
 /// by the executor's meter instead ([`crate::meter`]), and the built-ins that allocate what
-/// their arguments ask are re-registered to ask the meter first ([`crate::sized`]).
+/// their arguments ask are re-registered to ask the meter first ([`crate::sized`]). Comparing
+/// and printing arrays and maps are re-registered to walk deep nesting without Rhai's dispatch
+/// at every level ([`crate::nested`]).
 pub fn sandboxed_engine(limits: &Limits) -> Engine {
     let mut engine = Engine::new();
     engine.disable_symbol("eval");
@@ -116,6 +118,7 @@ pub fn sandboxed_engine(limits: &Limits) -> Engine {
     engine.set_max_expr_depths(64, 64);
     engine.set_max_modules(0);
     crate::sized::register(&mut engine);
+    crate::nested::register(&mut engine);
     engine.register_fn("exit", |v: Dynamic| -> Result<(), Box<EvalAltResult>> {
         Err(EvalAltResult::ErrorTerminated(Dynamic::from(ExitValue(v)), Position::NONE).into())
     });

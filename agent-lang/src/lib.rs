@@ -55,6 +55,7 @@ mod exec;
 mod layout;
 mod limits;
 mod meter;
+mod nested;
 mod sized;
 mod value;
 
@@ -67,6 +68,7 @@ pub use error::{AgentError, AgentErrorKind};
 pub use exec::{Execution, Outcome, Resume};
 pub use limits::Limits;
 pub use meter::{is_installed as memory_is_metered, Metered, BYTES_PER_OPERATION};
+pub use nested::MAX_WALKED_DEPTH;
 pub use value::{
     check_portable, decode_portable, encode_portable, from_json, to_json, ValueError, TAG_CHAR,
     TAG_FN_PTR,

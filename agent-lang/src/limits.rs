@@ -43,6 +43,19 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The stack a thread needs to run this agent's slices: Rhai drops and clones nested values
+    /// recursively, about 170 bytes of stack a level in a release build (measured), and a level
+    /// takes at least 40 bytes of the memory budget (an array of one), so the deepest value the
+    /// budget admits needs about 4.25 stack bytes per budget byte; 5 of them, plus 64 MiB for
+    /// Rhai's evaluation itself. See `crate::nested`.
+    pub fn slice_stack_bytes(&self) -> usize {
+        let per_budget_byte = 5;
+        usize::try_from(self.max_memory_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(per_budget_byte)
+            .saturating_add(64 << 20)
+    }
+
     /// Sets [`Limits::max_operations`].
     pub fn with_max_operations(mut self, n: u64) -> Self {
         self.max_operations = n;

@@ -711,12 +711,31 @@ fn unknown_fn(name: &str) -> String {
 
 /// The JSON form of a result: unit → null, char → one-character string, blob → array of byte
 /// values, map → object, function pointer → its name, non-finite float → null.
-pub fn to_json(value: &Dynamic) -> serde_json::Value {
+///
+/// # Errors
+///
+/// [`ValueError::TooDeep`] for arrays and maps nested deeper than a portable value may be (a
+/// JSON value that deep would be read, printed and dropped recursively).
+pub fn to_json(value: &Dynamic) -> Result<serde_json::Value, ValueError> {
+    json_at(value, 0)
+}
+
+fn json_at(value: &Dynamic, depth: usize) -> Result<serde_json::Value, ValueError> {
     use serde_json::Value as J;
-    if value.is_shared() {
-        return to_json(&value.flatten_clone());
+    if depth > MAX_DEPTH {
+        return Err(ValueError::TooDeep {
+            what: "the result".into(),
+        });
     }
-    if value.is_unit() {
+    if value.is_shared() {
+        return json_at(
+            &value
+                .read_lock::<Dynamic>()
+                .map_or(Dynamic::UNIT, |v| v.clone()),
+            depth,
+        );
+    }
+    Ok(if value.is_unit() {
         J::Null
     } else if let Ok(b) = value.as_bool() {
         J::Bool(b)
@@ -731,14 +750,22 @@ pub fn to_json(value: &Dynamic) -> serde_json::Value {
     } else if let Some(b) = value.read_lock::<Blob>() {
         J::Array(b.iter().map(|&x| J::from(x)).collect())
     } else if let Some(a) = value.read_lock::<Array>() {
-        J::Array(a.iter().map(to_json).collect())
+        J::Array(
+            a.iter()
+                .map(|v| json_at(v, depth + 1))
+                .collect::<Result<_, _>>()?,
+        )
     } else if let Some(m) = value.read_lock::<Map>() {
-        J::Object(m.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect())
+        J::Object(
+            m.iter()
+                .map(|(k, v)| Ok((k.to_string(), json_at(v, depth + 1)?)))
+                .collect::<Result<_, ValueError>>()?,
+        )
     } else if let Some(f) = value.read_lock::<FnPtr>() {
         J::String(f.fn_name().to_string())
     } else {
         J::String(value.to_string())
-    }
+    })
 }
 
 /// Encodes one portable value on its own (a message between agents).

@@ -443,7 +443,7 @@ fn scalars_of_every_cbor_width_round_trip() {
     assert_eq!(back.encode().unwrap(), bytes);
     match back.resume(&env("b"), Resume::Start) {
         Outcome::Finished(v) => {
-            let json = agent_lang::to_json(&v).to_string();
+            let json = agent_lang::to_json(&v).unwrap().to_string();
             assert_eq!(
                 json,
                 r#"[0.0,-0.0,1.5,2.5,65504.0,0.1,1e+300,-3.25,null,null,0,23,24,255,256,65535,65536,4294967295,4294967296,-1,-24,-25,-256,-257,9223372036854775807,-9223372036854775808,"x","",[9,9,9],{"a":[null]},true,false]"#
@@ -494,7 +494,7 @@ fn long_mixed_integer_arrays_round_trip() {
     let mut back = Execution::decode(&program, &bytes).unwrap();
     assert_eq!(back.encode().unwrap(), bytes);
     let results = [&mut original, &mut back].map(|e| match e.resume(&env("b"), Resume::Start) {
-        Outcome::Finished(v) => agent_lang::to_json(&v).to_string(),
+        Outcome::Finished(v) => agent_lang::to_json(&v).unwrap().to_string(),
         other => panic!("{other:?}"),
     });
     assert_eq!(results[0], results[1]);

@@ -10,14 +10,21 @@
 //!
 //! A slice can run long (an agent computing for seconds), and it must not hold back the others.
 //! So when every thread has been on its slice for [`SHORT_SLICE`] or longer, a new slice runs on
-//! tokio's blocking pool, as before, and a watcher moves the slices already queued there too.
+//! a thread of its own (up to [`MAX_EXTRA_THREADS`] at once), and a watcher moves the slices
+//! already queued there too.
+//!
+//! Every thread that runs a slice has the stack the slice asks for: an agent's values can nest
+//! as deep as its memory budget admits, and Rhai drops and clones them recursively
+//! ([`agent_lang::Limits::slice_stack_bytes`]). The threads are made for the default limits; a
+//! slice that needs more runs on a thread of its own. (Tokio's blocking pool, which ran the
+//! overflow before, has one stack size for the whole runtime.) A stack is address space: only
+//! the pages a slice touches take memory.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 /// How long a thread may be on one slice and still count as about to take the next one: well
@@ -25,8 +32,9 @@ use tokio::sync::oneshot;
 /// can take a few milliseconds; at 2 ms, busy runs sent slices to the blocking pool for nothing).
 pub const SHORT_SLICE: Duration = Duration::from_millis(20);
 
-/// The stack of each thread: room for Rhai's recursion, as on `tern`'s blocking threads.
-const STACK: usize = 64 << 20;
+/// Slice threads started outside the pool (long or oversized slices) at most at once; past it,
+/// slices wait in the queue.
+pub const MAX_EXTRA_THREADS: usize = 256;
 
 /// The slice did not come back: it panicked (the message is in the log), or the runtime that was
 /// to run it shut down.
@@ -34,37 +42,49 @@ const STACK: usize = 64 << 20;
 #[error("the agent slice did not complete (it panicked, or its runtime shut down)")]
 pub struct SliceLost;
 
-/// Runs `slice` on the slice threads (or tokio's blocking pool, see the module docs) and returns
-/// what it returns. Called from a tokio runtime.
+/// The largest stack asked for before the pool's threads started: theirs.
+static RESERVED_STACK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Asks for the pool's threads to have stacks of at least `stack` bytes, if they have not
+/// started yet (a node calls it when it starts, with what its limits need); slices that need
+/// more than the threads have run on threads of their own.
+pub fn reserve_stack(stack: usize) {
+    RESERVED_STACK.fetch_max(stack, std::sync::atomic::Ordering::AcqRel);
+}
+
+/// Runs `slice` on a slice thread with a stack of at least `stack` bytes (see the module docs)
+/// and returns what it returns.
 ///
 /// # Errors
 ///
 /// [`SliceLost`] if `slice` panicked or could not be run.
 pub async fn run<T: Send + 'static>(
+    stack: usize,
     slice: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, SliceLost> {
-    start(slice)?.await.map_err(|_| SliceLost)
+    start(stack, slice).await.map_err(|_| SliceLost)
 }
 
 /// Queues `slice` at once; its result comes on the receiver.
 fn start<T: Send + 'static>(
+    stack: usize,
     slice: impl FnOnce() -> T + Send + 'static,
-) -> Result<oneshot::Receiver<T>, SliceLost> {
+) -> oneshot::Receiver<T> {
     let (reply, result) = oneshot::channel();
     let job = Job {
         run: Box::new(move || {
             let _ = reply.send(slice());
         }),
-        runtime: Handle::try_current().map_err(|_| SliceLost)?,
+        stack,
     };
     pool().submit(job);
-    Ok(result)
+    result
 }
 
-/// One slice, and the runtime whose blocking pool takes it if the slice threads cannot.
+/// One slice, and the stack it needs.
 struct Job {
     run: Box<dyn FnOnce() + Send>,
-    runtime: Handle,
+    stack: usize,
 }
 
 impl Job {
@@ -79,15 +99,11 @@ impl Job {
             tracing::error!("an agent slice panicked: {what}");
         }
     }
-
-    fn run_on_blocking_pool(self) {
-        let runtime = self.runtime.clone();
-        // If the runtime is shutting down the job is dropped, and with it the reply.
-        drop(runtime.spawn_blocking(move || self.run_here()));
-    }
 }
 
 struct Pool {
+    /// The stack of each of the pool's threads.
+    stack: usize,
     state: Mutex<PoolState>,
     /// The threads wait here for slices.
     work: Condvar,
@@ -103,18 +119,29 @@ struct PoolState {
     sleeping: usize,
     /// Whether the watcher waits for the queue to fill.
     watcher_sleeping: bool,
+    /// Slices that need a larger stack than the pool's threads have, waiting for an extra
+    /// thread.
+    oversized: VecDeque<Job>,
+    /// Extra threads running.
+    extra: usize,
 }
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<&'static Pool> = OnceLock::new();
     POOL.get_or_init(|| {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        let stack = agent_lang::Limits::default()
+            .slice_stack_bytes()
+            .max(RESERVED_STACK.load(std::sync::atomic::Ordering::Acquire));
         let pool: &'static Pool = Box::leak(Box::new(Pool {
+            stack,
             state: Mutex::new(PoolState {
                 queue: VecDeque::new(),
                 lanes: vec![None; threads],
                 sleeping: 0,
                 watcher_sleeping: false,
+                oversized: VecDeque::new(),
+                extra: 0,
             }),
             work: Condvar::new(),
             watch: Condvar::new(),
@@ -125,7 +152,7 @@ fn pool() -> &'static Pool {
             let lane = started;
             let spawned = std::thread::Builder::new()
                 .name(format!("tern-slice-{lane}"))
-                .stack_size(STACK)
+                .stack_size(stack)
                 .spawn(move || pool.serve(lane));
             started += usize::from(spawned.is_ok());
         }
@@ -149,11 +176,22 @@ impl Pool {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn submit(&self, job: Job) {
+    fn submit(&'static self, job: Job) {
         let mut state = self.lock();
-        if state.stuck() {
+        if job.stack > self.stack {
+            if state.extra < MAX_EXTRA_THREADS {
+                state.extra += 1;
+                drop(state);
+                self.start_extra(job);
+            } else {
+                state.oversized.push_back(job);
+            }
+            return;
+        }
+        if state.stuck() && state.extra < MAX_EXTRA_THREADS {
+            state.extra += 1;
             drop(state);
-            job.run_on_blocking_pool();
+            self.start_extra(job);
             return;
         }
         state.queue.push_back(job);
@@ -170,6 +208,44 @@ impl Pool {
         }
         if wake_watcher {
             self.watch.notify_one();
+        }
+    }
+
+    /// Starts an extra thread (counted in `extra` already) with `job`. It goes on with the
+    /// slices waiting for an extra thread, and with the queue while the pool's threads are
+    /// stuck, then ends.
+    fn start_extra(&'static self, job: Job) {
+        let stack = job.stack.max(self.stack);
+        let spawned = std::thread::Builder::new()
+            .name("tern-slice-extra".into())
+            .stack_size(stack)
+            .spawn(move || {
+                let mut job = job;
+                loop {
+                    job.run_here();
+                    let mut state = self.lock();
+                    match state.oversized.pop_front() {
+                        Some(next) if next.stack <= stack => job = next,
+                        // It needs a larger stack than this thread's: a thread of its own.
+                        Some(next) => {
+                            drop(state);
+                            self.start_extra(next);
+                            return;
+                        }
+                        None => match state.queue.pop_front().filter(|_| state.stuck()) {
+                            Some(next) => job = next,
+                            None => {
+                                state.extra -= 1;
+                                return;
+                            }
+                        },
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // The job went with the closure: its reply is dropped, which reports the slice lost.
+            self.lock().extra -= 1;
+            tracing::error!("cannot start a thread for an agent slice: {e}");
         }
     }
 
@@ -197,8 +273,8 @@ impl Pool {
         }
     }
 
-    /// Moves the queued slices to the blocking pool whenever every thread is stuck on a long one.
-    fn watch(&self) {
+    /// Moves the queued slices to extra threads whenever every thread is stuck on a long one.
+    fn watch(&'static self) {
         let mut state = self.lock();
         loop {
             if state.queue.is_empty() {
@@ -208,11 +284,13 @@ impl Pool {
                     .wait(state)
                     .unwrap_or_else(PoisonError::into_inner);
                 state.watcher_sleeping = false;
-            } else if state.stuck() {
-                let stuck: Vec<Job> = state.queue.drain(..).collect();
+            } else if state.stuck() && state.extra < MAX_EXTRA_THREADS {
+                let room = MAX_EXTRA_THREADS - state.extra;
+                let moved: Vec<Job> = (0..room).map_while(|_| state.queue.pop_front()).collect();
+                state.extra += moved.len();
                 drop(state);
-                for job in stuck {
-                    job.run_on_blocking_pool();
+                for job in moved {
+                    self.start_extra(job);
                 }
                 state = self.lock();
             } else {
@@ -243,7 +321,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn slices_return_their_results() {
         let results: Vec<_> = (0..100u64)
-            .map(|i| tokio::spawn(run(move || i * i)))
+            .map(|i| tokio::spawn(run(0, move || i * i)))
             .collect();
         for (i, r) in (0..100u64).zip(results) {
             assert_eq!(r.await.unwrap().unwrap(), i * i);
@@ -252,9 +330,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_slice_is_reported_and_the_threads_go_on() {
-        assert!(run(|| panic!("boom")).await.is_err());
+        assert!(run(0, || panic!("boom")).await.is_err());
         for _ in 0..10 {
-            assert_eq!(run(|| 7).await.unwrap(), 7);
+            assert_eq!(run(0, || 7).await.unwrap(), 7);
         }
     }
 
@@ -269,13 +347,12 @@ mod tests {
         let long: Vec<_> = (0..lanes)
             .map(|_| {
                 let gate = gate.clone();
-                start(move || {
+                start(0, move || {
                     let _ = gate.lock().map(|g| g.recv_timeout(Duration::from_secs(30)));
                 })
-                .unwrap()
             })
             .collect();
-        let queued = start(|| 1).unwrap();
+        let queued = start(0, || 1);
         let queued = tokio::time::timeout(Duration::from_secs(10), queued).await;
         assert_eq!(
             queued
@@ -284,7 +361,7 @@ mod tests {
             1
         );
         tokio::time::sleep(SHORT_SLICE * 2).await;
-        let later = tokio::time::timeout(Duration::from_secs(10), run(|| 2)).await;
+        let later = tokio::time::timeout(Duration::from_secs(10), run(0, || 2)).await;
         assert_eq!(later.expect("a slice waited for long ones").unwrap(), 2);
         for _ in 0..long.len() {
             let _ = release.send(());
@@ -292,5 +369,30 @@ mod tests {
         for l in long {
             l.await.unwrap();
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slice_gets_the_stack_it_asks_for() {
+        // At least 1 MiB of stack in each of 450 frames: more than the pool's threads have
+        // (384 MiB), less than what is asked for (2 GiB, room for a debug build's copies).
+        fn deep(n: usize) -> u8 {
+            let buf = std::hint::black_box([n as u8; 1 << 20]);
+            if n == 0 {
+                buf[7]
+            } else {
+                deep(n - 1).wrapping_add(buf[9])
+            }
+        }
+        let asked = 2 << 30;
+        assert!(pool().stack < 450 << 20);
+        let expected = (1..=450u32).map(|n| n as u8).fold(0u8, u8::wrapping_add);
+        assert_eq!(run(asked, || deep(450)).await.unwrap(), expected);
+        for _ in 0..100 {
+            if pool().lock().extra == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the extra thread did not end");
     }
 }

@@ -685,3 +685,64 @@ fn a_memory_bomb_ends_alone_and_the_nodes_carry_on() {
         assert!(matches!(again, AgentEnd::Finished { ref json, .. } if json == "780"), "{again:?}");
     });
 }
+
+/// Arrays nested a million deep within the memory budget (40 bytes a level): the agent that
+/// keeps nesting ends at its budget, one that returns a value too deep for JSON ends with an
+/// error, and one that waits holding a million levels is dropped when its node stops. None of
+/// them overflows a stack, and the nodes take the next agent.
+#[test]
+fn values_nested_a_million_deep_end_their_agent_only() {
+    rt().block_on(async {
+        let (bomb, _) = package("let a = [];\nloop { a = [a.take()]; }\n");
+        let (deep_result, _) = package("let a = []; for i in 0..1000 { a = [a.take()]; } a");
+        let (waiting, _) = package(
+            "let a = []; for i in 0..1000000 { a = [a.take()]; } let m = receive(600000); m",
+        );
+        let (steady, _) =
+            package("let n = 0; for i in 0..4 { n += i; migrate(nodes()[i % 2]); } n");
+        let packages = [&bomb, &deep_result, &waiting, &steady];
+        let authors: Vec<String> = packages
+            .iter()
+            .map(|p| format!("\"{}\"", p.author()))
+            .collect();
+        let trust: security::TrustPolicy =
+            toml::from_str(&format!("authors = [{}]", authors.join(", "))).unwrap();
+        let trust = security::TrustPolicy {
+            accept_from: PeersPolicy::Any,
+            ..trust
+        };
+        let mesh = LoopbackMesh::start(2, trust, agent_lang::Limits::default())
+            .await
+            .unwrap();
+        let within = |end| tokio::time::timeout(Duration::from_secs(120), end);
+        let (_, end) = mesh.nodes()[0].launch(bomb, None).unwrap();
+        match within(end).await.unwrap().unwrap() {
+            AgentEnd::Failed {
+                error, position, ..
+            } => {
+                assert!(error.contains("memory budget"), "{error}");
+                assert_eq!(position.map(|p| p.0), Some(2));
+            }
+            other => panic!("{other:?}"),
+        }
+        let (_, end) = mesh.nodes()[0].launch(deep_result, None).unwrap();
+        match within(end).await.unwrap().unwrap() {
+            AgentEnd::Failed { error, .. } => {
+                assert!(error.contains("result cannot be returned"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // It cannot be checkpointed (too deep to encode), so it waits in its runner's memory.
+        let (_, mut waiting_end) = mesh.nodes()[1].launch(waiting, None).unwrap();
+        let (_, end) = mesh.nodes()[0].launch(steady, None).unwrap();
+        let done = within(end).await.unwrap().unwrap();
+        assert!(
+            matches!(done, AgentEnd::Finished { ref json, .. } if json == "6"),
+            "{done:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(waiting_end.try_recv().is_err(), "it waits");
+        // Its runner is dropped with its node, on a runtime thread.
+        drop(mesh);
+    });
+}

@@ -135,6 +135,42 @@ pub struct Execution {
     pub(crate) memory: u64,
 }
 
+impl Drop for Execution {
+    /// The agent's values are taken apart one level at a time ([`crate::nested::dismantle`]):
+    /// an execution may be dropped on a thread whose stack does not fit the deepest value its
+    /// budget admits.
+    fn drop(&mut self) {
+        let mut values = Vec::new();
+        for frame in &mut self.frames {
+            let scope = std::mem::take(&mut frame.scope);
+            values.extend(scope.into_iter().map(|(_, value, _)| value));
+            for cursor in &mut frame.cursors {
+                match cursor {
+                    frame::Cursor::Block { value, .. } => values.push(std::mem::take(value)),
+                    frame::Cursor::Loop {
+                        state:
+                            loops::LoopState::For {
+                                iter: loops::ForIter::Items { items, .. },
+                                ..
+                            },
+                        ..
+                    } => values.append(items),
+                    frame::Cursor::Try {
+                        caught: Some(frame::Caught(error)),
+                        ..
+                    } => {
+                        if let EvalAltResult::ErrorRuntime(value, _) = &mut **error {
+                            values.push(std::mem::take(value));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        crate::nested::dismantle(values);
+    }
+}
+
 /// Per-slice evaluation context.
 struct Ctx<'p> {
     prog: &'p ProgramInner,

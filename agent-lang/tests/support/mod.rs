@@ -23,7 +23,10 @@ pub enum RunResult {
 }
 
 fn show(v: &Dynamic) -> String {
-    format!("{:?}", agent_lang::to_json(v))
+    match agent_lang::to_json(v) {
+        Ok(json) => format!("{json:?}"),
+        Err(e) => format!("no JSON: {e}"),
+    }
 }
 
 /// Plain Rhai, same sandbox, with a fake `migrate` that only changes what `here()` returns.

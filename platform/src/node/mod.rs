@@ -256,6 +256,7 @@ impl Node {
             .check()
             .map_err(|e| anyhow::anyhow!("mailbox limits: {e}"))?;
         crate::memory::return_freed_memory_when_idle();
+        crate::slices::reserve_stack(config.limits.slice_stack_bytes());
         if !agent_lang::memory_is_metered() {
             tracing::warn!(
                 node = %config.name,

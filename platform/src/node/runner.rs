@@ -210,6 +210,33 @@ pub(super) fn node_failure(shared: &Shared, error: String) -> AgentEnd {
     }
 }
 
+/// What a slice gives back to its runner: the agent suspended, with what it asks for, or its
+/// end. An agent that ends is taken apart on the slice's thread (its result turned into JSON,
+/// its values dropped), whose stack fits the deepest value its memory budget admits.
+enum Slice {
+    Suspended(Execution, Outcome),
+    /// The result as JSON, or why it has none.
+    Finished(Result<String, String>),
+    Failed(agent_lang::AgentError),
+}
+
+impl Slice {
+    fn ended(exec: Execution, outcome: Outcome) -> Slice {
+        match outcome {
+            Outcome::Finished(value) => {
+                drop(exec);
+                let json = agent_lang::to_json(&value)
+                    .map(|json| json.to_string())
+                    .map_err(|e| e.to_string());
+                drop(value);
+                Slice::Finished(json)
+            }
+            Outcome::Failed(error) => Slice::Failed(error),
+            other => Slice::Suspended(exec, other),
+        }
+    }
+}
+
 /// Runs a stored agent until it leaves, finishes or fails. `first` is what its pending
 /// primitive returns (a recovered, interrupted hop); otherwise a waiting agent goes back to
 /// waiting and any other resumes with `()`.
@@ -244,13 +271,36 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
     loop {
         let env = shared.env(&rec);
         let left = budget.saturating_sub(rec.operations);
-        let slice = crate::slices::run(move || {
+        let stack = exec.program().limits().slice_stack_bytes();
+        let slice = crate::slices::run(stack, move || {
             let outcome = exec.resume_within(&env, input, left);
-            (exec, outcome)
+            Slice::ended(exec, outcome)
         })
         .await;
-        let (e, outcome) = match slice {
-            Ok(r) => r,
+        let outcome = match slice {
+            Ok(Slice::Suspended(e, outcome)) => {
+                exec = e;
+                rec.operations = rec.operations.saturating_add(exec.slice_operations());
+                outcome
+            }
+            Ok(Slice::Finished(json)) => {
+                let end = match json {
+                    Ok(json) => AgentEnd::Finished {
+                        json,
+                        node: shared.peers.local_name().to_string(),
+                        hops: rec.hops,
+                        unread: 0,
+                    },
+                    Err(e) => node_failure(shared, format!("the result cannot be returned: {e}")),
+                };
+                return finish(shared, &rec, end).await;
+            }
+            Ok(Slice::Failed(mut err)) => {
+                if err.kind == agent_lang::AgentErrorKind::OperationBudget {
+                    err.message = format!("{} (this node allows {budget} in all)", err.message);
+                }
+                return finish(shared, &rec, failed_end(shared.peers.local_name(), err)).await;
+            }
             Err(join) => {
                 return finish(
                     shared,
@@ -260,25 +310,7 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
                 .await
             }
         };
-        exec = e;
-        rec.operations = rec.operations.saturating_add(exec.slice_operations());
         match outcome {
-            Outcome::Finished(v) => {
-                let json = agent_lang::to_json(&v).to_string();
-                let end = AgentEnd::Finished {
-                    json,
-                    node: shared.peers.local_name().to_string(),
-                    hops: rec.hops,
-                    unread: 0,
-                };
-                return finish(shared, &rec, end).await;
-            }
-            Outcome::Failed(mut err) => {
-                if err.kind == agent_lang::AgentErrorKind::OperationBudget {
-                    err.message = format!("{} (this node allows {budget} in all)", err.message);
-                }
-                return finish(shared, &rec, failed_end(shared.peers.local_name(), err)).await;
-            }
             // The hop, a send and the end are boxed: an `.await`ed future is laid out inside
             // this one, so the largest (the hop's, 4.3 KiB) would be paid by every agent that
             // waits in `receive` (its runner task takes under 3 KiB rather than 6).

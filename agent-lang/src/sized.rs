@@ -1,6 +1,9 @@
 //! The built-ins whose arguments, rather than their inputs, choose how much they allocate
 //! (`blob(n)`, `pad`, `replace` with an empty or short pattern), registered over Rhai's own so
-//! that they ask the memory meter before they allocate.
+//! that they ask the memory meter before they allocate; and those that make an array many times
+//! the size of their input in one call (`split` of a string into empty strings, `to_chars`, a
+//! blob's `to_array`, a map's `keys` and `values`: 40 MB became 3.5 GB in one `split`), which
+//! collect their items asking the meter every [`CHECK_EVERY`] items.
 //!
 //! Rhai checked these against its per-object size limits. tern counts memory at the allocator
 //! instead ([`crate::meter`]), which sees an allocation once it is made: one such call asking
@@ -8,7 +11,10 @@
 //! does (`src/packages/{blob_basic,array_basic,string_more}.rs` in Rhai 1.25), except that
 //! `pad` with an empty padding string returns at once where Rhai's never returns.
 
-use rhai::{Array, Blob, Dynamic, Engine, EvalAltResult, ImmutableString, Position, INT};
+use rhai::{
+    Array, Blob, Dynamic, Engine, EvalAltResult, FuncRegistration, ImmutableString, Map, Position,
+    INT,
+};
 
 use crate::meter::{self, Exceeded};
 
@@ -38,6 +44,107 @@ pub(crate) fn register(engine: &mut Engine) {
             replace(s, find.encode_utf8(&mut [0; 4]), by)
         },
     );
+    register_amplifiers(engine);
+}
+
+/// Items an amplifying built-in collects between two questions to the meter.
+pub(crate) const CHECK_EVERY: usize = 1024;
+
+/// Collects `items`, asking the meter every [`CHECK_EVERY`] of them: an agent over its budget
+/// stops within that many items of it.
+fn collect_admitted(items: impl Iterator<Item = Dynamic>) -> Checked<Array> {
+    let mut out = Array::new();
+    for (i, item) in items.enumerate() {
+        if i % CHECK_EVERY == 0 {
+            admit(0)?;
+        }
+        out.push(item);
+    }
+    Ok(out)
+}
+
+/// `string` whole, as Rhai's `split` gives it when there is nothing to split.
+fn unsplit(string: &ImmutableString) -> Checked<Array> {
+    Ok(vec![string.clone().into()])
+}
+
+fn segments(n: INT) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// Rhai's `to_chars`, `split`, `split_rev`, blob `to_array` and map `keys` and `values`
+/// (`src/packages/{string_more,blob_basic,map_basic}.rs` in Rhai 1.25), collected with
+/// [`collect_admitted`]. Pure, as Rhai's are: they may be called on constants.
+fn register_amplifiers(engine: &mut Engine) {
+    let pure = |name: &str| FuncRegistration::new(name).with_purity(true);
+    pure("to_chars").register_into_engine(engine, |s: &mut ImmutableString| {
+        collect_admitted(s.chars().map(Into::<Dynamic>::into))
+    });
+    pure("split").register_into_engine(engine, |s: &mut ImmutableString| {
+        if s.is_empty() {
+            return unsplit(s);
+        }
+        collect_admitted(s.split_whitespace().map(Into::<Dynamic>::into))
+    });
+    pure("split").register_into_engine(engine, |s: &mut ImmutableString, by: &str| {
+        if s.is_empty() || (!by.is_empty() && !s.contains(by)) {
+            return unsplit(s);
+        }
+        collect_admitted(s.split(by).map(Into::<Dynamic>::into))
+    });
+    pure("split").register_into_engine(engine, |s: &mut ImmutableString, by: &str, n: INT| {
+        if n <= 1 || s.is_empty() || (!by.is_empty() && !s.contains(by)) {
+            return unsplit(s);
+        }
+        collect_admitted(s.splitn(segments(n), by).map(Into::<Dynamic>::into))
+    });
+    pure("split").register_into_engine(engine, |s: &mut ImmutableString, by: char| {
+        if s.is_empty() || !s.contains(by) {
+            return unsplit(s);
+        }
+        collect_admitted(s.split(by).map(Into::<Dynamic>::into))
+    });
+    pure("split").register_into_engine(engine, |s: &mut ImmutableString, by: char, n: INT| {
+        if n <= 1 || s.is_empty() || !s.contains(by) {
+            return unsplit(s);
+        }
+        collect_admitted(s.splitn(segments(n), by).map(Into::<Dynamic>::into))
+    });
+    pure("split_rev").register_into_engine(engine, |s: &mut ImmutableString, by: &str| {
+        if s.is_empty() || (!by.is_empty() && !s.contains(by)) {
+            return unsplit(s);
+        }
+        collect_admitted(s.rsplit(by).map(Into::<Dynamic>::into))
+    });
+    pure("split_rev").register_into_engine(engine, |s: &mut ImmutableString, by: &str, n: INT| {
+        if n <= 1 || s.is_empty() || (!by.is_empty() && !s.contains(by)) {
+            return unsplit(s);
+        }
+        collect_admitted(s.rsplitn(segments(n), by).map(Into::<Dynamic>::into))
+    });
+    pure("split_rev").register_into_engine(engine, |s: &mut ImmutableString, by: char| {
+        if s.is_empty() || !s.contains(by) {
+            return unsplit(s);
+        }
+        collect_admitted(s.rsplit(by).map(Into::<Dynamic>::into))
+    });
+    pure("split_rev").register_into_engine(engine, |s: &mut ImmutableString, by: char, n: INT| {
+        if n <= 1 || s.is_empty() || !s.contains(by) {
+            return unsplit(s);
+        }
+        collect_admitted(s.rsplitn(segments(n), by).map(Into::<Dynamic>::into))
+    });
+    pure("to_array").register_into_engine(engine, |b: &mut Blob| {
+        collect_admitted(b.iter().map(|&byte| Dynamic::from_int(INT::from(byte))))
+    });
+    pure("keys").register_into_engine(engine, |m: &mut Map| {
+        collect_admitted(
+            m.keys()
+                .map(|k| Dynamic::from(ImmutableString::from(k.as_str()))),
+        )
+    });
+    pure("values")
+        .register_into_engine(engine, |m: &mut Map| collect_admitted(m.values().cloned()));
 }
 
 /// Fails unless the running agent may take `bytes` more.

@@ -256,3 +256,79 @@ fn strings_grown_a_little_at_a_time_cost_what_they_grow() {
         }
     }
 }
+
+#[test]
+fn built_ins_that_multiply_their_input_stop_at_the_budget() {
+    // Each makes an array many times the size of its input in one call.
+    for source in [
+        "let s = \"\"; s.pad(4000000, \" \"); s.split(\" \")",
+        "let s = \"\"; s.pad(4000000, \" \"); s.split(' ')",
+        "let s = \"\"; s.pad(4000000, \" \"); s.split_rev(\" \")",
+        "let s = \"\"; s.pad(4000000, \" \"); s.split(\" \", 1 << 40)",
+        "let s = \"\"; s.pad(4000000, \"a b\"); s.split()",
+        "let s = \"\"; s.pad(4000000, \"x\"); s.to_chars()",
+        "let b = blob(4000000); b.to_array()",
+    ] {
+        let e = failure(run(source, &budget(16)));
+        assert_eq!(e.kind, AgentErrorKind::MemoryBudget, "{source}: {e}");
+        // Stopped near the budget, not after the whole array was made (hundreds of MB).
+        let took: u64 = e
+            .message
+            .split("took ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{e}"));
+        assert!(took < 20 << 20, "{source}: {took} bytes");
+    }
+}
+
+#[test]
+fn built_ins_that_multiply_their_input_give_plain_rhais_results() {
+    let oracle = agent_lang::rhai::Engine::new();
+    let mut checked = 0;
+    for s in ["", " ", "a", "a b  c ", "ab,cd,,ef", "é,ü ,", ",,"] {
+        for call in [
+            "split()",
+            "split(\",\")",
+            "split(\"\")",
+            "split(',')",
+            "split(\",\", 2)",
+            "split(\",\", 0)",
+            "split(',', 3)",
+            "split_rev(\",\")",
+            "split_rev(\",\", 2)",
+            "split_rev(',')",
+            "split_rev(',', 2)",
+            "to_chars()",
+            "to_blob().to_array()",
+        ] {
+            let source = format!("let s = {s:?}; s.{call}");
+            let expected = oracle
+                .eval::<agent_lang::rhai::Dynamic>(&source)
+                .unwrap()
+                .to_string();
+            match run(&source, &Limits::default()) {
+                Outcome::Finished(v) => assert_eq!(v.to_string(), expected, "{source}"),
+                other => panic!("{source}: {other:?}"),
+            }
+            checked += 1;
+        }
+    }
+    for source in [
+        "let m = #{b: [1, 2], a: \"x\"}; [m.keys(), m.values()]",
+        "let m = #{}; [m.keys(), m.values()]",
+        "const S = \"a,b\"; S.split(\",\")",
+    ] {
+        let expected = oracle
+            .eval::<agent_lang::rhai::Dynamic>(source)
+            .unwrap()
+            .to_string();
+        match run(source, &Limits::default()) {
+            Outcome::Finished(v) => assert_eq!(v.to_string(), expected, "{source}"),
+            other => panic!("{source}: {other:?}"),
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 7 * 13 + 3);
+}

@@ -722,7 +722,7 @@ fn child_report(args: &[&str], prefix: &str, timeout: Duration) -> Result<ChildR
 // Hostile scripts: the RSS one of them takes a node to, in a child process each.
 
 /// Each: what it does, and the script. All run under the default limits.
-const HOSTILE: [(&str, &str); 9] = [
+const HOSTILE: [(&str, &str); 10] = [
     (
         "arrays of 100,000 elements held in an array",
         "let all = []; loop { let a = []; a.pad(100000, 0); all.push(a); }",
@@ -743,6 +743,10 @@ const HOSTILE: [(&str, &str); 9] = [
         "let all = []; loop { all.push(blob(1000000)); migrate(nodes()[all.len() % 2]); }",
     ),
     ("`a = [a]` repeated", "let a = []; loop { a = [a]; }"),
+    (
+        "arrays nested until the budget ends it (`a = [a.take()]`)",
+        "let a = []; loop { a = [a.take()]; }",
+    ),
     (
         "`split` of a 40 MB string into 40 M empty strings",
         "let s = \"\"; s.pad(40000000, \" \"); let p = s.split(\" \"); p.len()",

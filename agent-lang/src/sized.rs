@@ -63,9 +63,27 @@ fn collect_admitted(items: impl Iterator<Item = Dynamic>) -> Checked<Array> {
     Ok(out)
 }
 
-/// `string` whole, as Rhai's `split` gives it when there is nothing to split.
-fn unsplit(string: &ImmutableString) -> Checked<Array> {
-    Ok(vec![string.clone().into()])
+/// Rhai's result of splitting `string`: the string whole when there is nothing to split
+/// (`whole`), else `pieces`, collected with [`collect_admitted`].
+fn split<'a>(
+    string: &ImmutableString,
+    whole: bool,
+    pieces: impl Iterator<Item = &'a str>,
+) -> Checked<Array> {
+    if whole {
+        return Ok(vec![string.clone().into()]);
+    }
+    collect_admitted(pieces.map(Into::<Dynamic>::into))
+}
+
+/// Whether Rhai's `split` by a string returns `string` whole.
+fn lacks(string: &str, by: &str) -> bool {
+    string.is_empty() || (!by.is_empty() && !string.contains(by))
+}
+
+/// Whether Rhai's `split` by a character returns `string` whole.
+fn lacks_char(string: &str, by: char) -> bool {
+    string.is_empty() || !string.contains(by)
 }
 
 fn segments(n: INT) -> usize {
@@ -78,61 +96,34 @@ fn segments(n: INT) -> usize {
 fn register_amplifiers(engine: &mut Engine) {
     let pure = |name: &str| FuncRegistration::new(name).with_purity(true);
     pure("to_chars").register_into_engine(engine, |s: &mut ImmutableString| {
-        collect_admitted(s.chars().map(Into::<Dynamic>::into))
+        collect_admitted(s.chars().map(Dynamic::from))
     });
     pure("split").register_into_engine(engine, |s: &mut ImmutableString| {
-        if s.is_empty() {
-            return unsplit(s);
-        }
-        collect_admitted(s.split_whitespace().map(Into::<Dynamic>::into))
+        split(s, s.is_empty(), s.split_whitespace())
     });
     pure("split").register_into_engine(engine, |s: &mut ImmutableString, by: &str| {
-        if s.is_empty() || (!by.is_empty() && !s.contains(by)) {
-            return unsplit(s);
-        }
-        collect_admitted(s.split(by).map(Into::<Dynamic>::into))
+        split(s, lacks(s, by), s.split(by))
     });
     pure("split").register_into_engine(engine, |s: &mut ImmutableString, by: &str, n: INT| {
-        if n <= 1 || s.is_empty() || (!by.is_empty() && !s.contains(by)) {
-            return unsplit(s);
-        }
-        collect_admitted(s.splitn(segments(n), by).map(Into::<Dynamic>::into))
+        split(s, n <= 1 || lacks(s, by), s.splitn(segments(n), by))
     });
     pure("split").register_into_engine(engine, |s: &mut ImmutableString, by: char| {
-        if s.is_empty() || !s.contains(by) {
-            return unsplit(s);
-        }
-        collect_admitted(s.split(by).map(Into::<Dynamic>::into))
+        split(s, lacks_char(s, by), s.split(by))
     });
     pure("split").register_into_engine(engine, |s: &mut ImmutableString, by: char, n: INT| {
-        if n <= 1 || s.is_empty() || !s.contains(by) {
-            return unsplit(s);
-        }
-        collect_admitted(s.splitn(segments(n), by).map(Into::<Dynamic>::into))
+        split(s, n <= 1 || lacks_char(s, by), s.splitn(segments(n), by))
     });
     pure("split_rev").register_into_engine(engine, |s: &mut ImmutableString, by: &str| {
-        if s.is_empty() || (!by.is_empty() && !s.contains(by)) {
-            return unsplit(s);
-        }
-        collect_admitted(s.rsplit(by).map(Into::<Dynamic>::into))
+        split(s, lacks(s, by), s.rsplit(by))
     });
     pure("split_rev").register_into_engine(engine, |s: &mut ImmutableString, by: &str, n: INT| {
-        if n <= 1 || s.is_empty() || (!by.is_empty() && !s.contains(by)) {
-            return unsplit(s);
-        }
-        collect_admitted(s.rsplitn(segments(n), by).map(Into::<Dynamic>::into))
+        split(s, n <= 1 || lacks(s, by), s.rsplitn(segments(n), by))
     });
     pure("split_rev").register_into_engine(engine, |s: &mut ImmutableString, by: char| {
-        if s.is_empty() || !s.contains(by) {
-            return unsplit(s);
-        }
-        collect_admitted(s.rsplit(by).map(Into::<Dynamic>::into))
+        split(s, lacks_char(s, by), s.rsplit(by))
     });
     pure("split_rev").register_into_engine(engine, |s: &mut ImmutableString, by: char, n: INT| {
-        if n <= 1 || s.is_empty() || !s.contains(by) {
-            return unsplit(s);
-        }
-        collect_admitted(s.rsplitn(segments(n), by).map(Into::<Dynamic>::into))
+        split(s, n <= 1 || lacks_char(s, by), s.rsplitn(segments(n), by))
     });
     pure("to_array").register_into_engine(engine, |b: &mut Blob| {
         collect_admitted(b.iter().map(|&byte| Dynamic::from_int(INT::from(byte))))

@@ -278,6 +278,18 @@ mod tests {
         }
     }
 
+    /// The host of the tests' agent, `agent-1` on the one node `n`.
+    fn test_env() -> agent_lang::HostEnv {
+        agent_lang::HostEnv {
+            here: "n".into(),
+            home: "n".into(),
+            nodes: vec!["n".into()],
+            agent_id: "agent-1".into(),
+            hops: 0,
+            printer: Arc::new(|_: &str| {}),
+        }
+    }
+
     /// An agent stopped at `receive(..)`, stored as a resident agent.
     fn agent_at_receive(
         mailboxes: &Mailboxes,
@@ -285,14 +297,7 @@ mod tests {
     ) -> (AgentRecord, Execution, Option<u64>) {
         let program = Program::compile(source, &Limits::default()).expect("test agent compiles");
         let mut exec = Execution::new(&program);
-        let env = agent_lang::HostEnv {
-            here: "n".into(),
-            home: "n".into(),
-            nodes: vec!["n".into()],
-            agent_id: "agent-1".into(),
-            hops: 0,
-            printer: Arc::new(|_: &str| {}),
-        };
+        let env = test_env();
         let Outcome::Receive { timeout_ms } = exec.resume(&env, Resume::Start) else {
             panic!("the test agent stops at receive");
         };
@@ -426,14 +431,7 @@ mod tests {
         let Resume::Message(bytes) = got else {
             panic!("{got:?}");
         };
-        let env = agent_lang::HostEnv {
-            here: "n".into(),
-            home: "n".into(),
-            nodes: vec!["n".into()],
-            agent_id: "agent-1".into(),
-            hops: 0,
-            printer: Arc::new(|_: &str| {}),
-        };
+        let env = test_env();
         let mut exec = exec;
         let Outcome::Failed(e) = exec.resume(&env, Resume::Message(bytes)) else {
             panic!("the agent fails");

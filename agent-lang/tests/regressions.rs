@@ -30,3 +30,21 @@ fn stepped_range_is_iterated_lazily() {
     check("let s = []; for i in range(0, 5, 0) { migrate(\"node-1\"); s.push(i); } s");
     check("let s = []; for i in range(7, 8, 100) { migrate(\"node-1\"); s.push(i); } for i in range(5, 0, 1) { s.push(i); } s");
 }
+
+/// `global::NAME` read a module-level constant only until the first suspension: the global
+/// constants Rhai collects as the main body runs are not part of a continuation (issue 14,
+/// item 1). Each slice now rebuilds them from the main frame's top level.
+#[test]
+fn global_constants_are_read_after_a_hop() {
+    check("const KEY = 38; fn f(x) { x + global::KEY } migrate(\"node-1\"); f(4)");
+    check("const KEY = 38; fn f(x) { x + global::KEY } migrate(\"node-1\"); const KEY = 1; let k = 5; [f(4), k]");
+    check("const A = [1, 2]; fn f() { global::A.len() + global::B } const B = 3; migrate(\"node-1\"); let r = f(); migrate(\"node-2\"); [r, f(), here()]");
+    check("fn f() { global::C } const C = \"c\"; let r = []; for i in 0..3 { migrate(nodes()[i]); r.push(f()); } r");
+    // A constant in a nested block is not global, before a hop or after.
+    check("fn f() { global::D } { const D = 4; migrate(\"node-1\"); f() }");
+    check("fn f() { global::D } let r = 0; { const D = 4; r = f(); } migrate(\"node-1\"); r");
+    // Shadowed by a variable in a nested block: the constant is still the global one.
+    check("const E = 5; fn f() { global::E } { let E = 6; migrate(\"node-1\"); [f(), E] }");
+    // Read in a function that hops itself.
+    check("const G = 7; fn f() { migrate(\"node-1\"); global::G * 2 } f()");
+}

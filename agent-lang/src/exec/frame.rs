@@ -71,6 +71,17 @@ pub(crate) enum Cursor {
 }
 
 impl Cursor {
+    /// The scope's length when the construct was entered (`None` for a `Value` cursor, which
+    /// adds no variables of its own).
+    pub(crate) fn scope_len(&self) -> Option<usize> {
+        match self {
+            Cursor::Block { scope_len, .. }
+            | Cursor::Loop { scope_len, .. }
+            | Cursor::Try { scope_len, .. } => Some(*scope_len as usize),
+            Cursor::Value { .. } => None,
+        }
+    }
+
     /// The cursor of `block` about to run its first statement, entered with a scope
     /// `scope_len` long.
     pub(super) fn block_start(block: BlockId, scope_len: u32) -> Cursor {

@@ -290,9 +290,44 @@ impl Execution {
         outcome
     }
 
+    /// The constants `global::NAME` reads: Rhai collects them as the main body runs its
+    /// top-level `const` statements, when the script has functions (`Stmt::Var` in
+    /// `src/eval/stmt.rs`). They live in Rhai's runtime state, which is not part of a
+    /// continuation, so every slice rebuilds them from the main frame: the constants among the
+    /// variables of its top level (those before the first construct it is inside), in the order
+    /// they were declared, a later one replacing an earlier one of the same name.
+    fn global_constants(
+        &self,
+        global: &GlobalRuntimeState,
+    ) -> Option<
+        rhai::Shared<rhai::Locked<std::collections::BTreeMap<rhai::ImmutableString, Dynamic>>>,
+    > {
+        let main = self.frames.first()?;
+        if global.lib.iter().all(|m| m.is_empty()) {
+            return None;
+        }
+        let top_level = main
+            .cursors
+            .iter()
+            .skip(1)
+            .find_map(Cursor::scope_len)
+            .unwrap_or(main.scope.len());
+        // (`iter_raw` gives the latest variable first.)
+        let variables: Vec<_> = main.scope.iter_raw().collect();
+        let constants: std::collections::BTreeMap<_, _> = variables
+            .into_iter()
+            .rev()
+            .take(top_level)
+            .filter(|(_, constant, _)| *constant)
+            .map(|(name, _, value)| (name.into(), value.clone()))
+            .collect();
+        (!constants.is_empty()).then(|| rhai::Shared::new(rhai::Locked::new(constants)))
+    }
+
     fn run_slice(&mut self, prog: &ProgramInner, input: Resume, budget: u64) -> Outcome {
         let mut global = prog.engine.new_global_runtime_state();
         global.lib.push(prog.ast.shared_lib().clone());
+        global.constants = self.global_constants(&global);
         // A budget below the per-slice limit: the slice starts with the difference counted,
         // so that Rhai's own check (and the walker's, `track`) stops it where the budget ends.
         let max = prog.engine.max_operations();

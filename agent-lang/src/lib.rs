@@ -70,8 +70,8 @@ pub use limits::Limits;
 pub use meter::{is_installed as memory_is_metered, Metered, BYTES_PER_OPERATION};
 pub use nested::MAX_WALKED_DEPTH;
 pub use value::{
-    check_portable, decode_portable, encode_portable, from_json, to_json, ValueError, TAG_CHAR,
-    TAG_FN_PTR,
+    check_portable, decode_portable, encode_portable, from_json, to_json, ValueError, TAG_BYTE,
+    TAG_CHAR, TAG_FN_PTR,
 };
 
 pub use rhai;

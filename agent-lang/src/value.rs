@@ -4,7 +4,8 @@
 //! CBOR mapping (independent of Rhai's internal layout): unit → null, bool → bool, integer →
 //! integer, float → float, string → text, blob → byte string, array → array, map → map with text
 //! keys, char → tag [`TAG_CHAR`] over its code point, function pointer without captures → tag
-//! [`TAG_FN_PTR`] over its name. Anything else is refused, naming where it was found.
+//! [`TAG_FN_PTR`] over its name, byte (the `u8` items a `for` over a blob gives) → tag
+//! [`TAG_BYTE`] over its value. Anything else is refused, naming where it was found.
 
 use ciborium_ll::{simple, Encoder, Header};
 use rhai::{Array, Blob, Dynamic, FnPtr, ImmutableString, Map};
@@ -15,6 +16,8 @@ use crate::compile::ProgramInner;
 pub const TAG_CHAR: u64 = 0x7465_726E_0001;
 /// CBOR tag of a function pointer (its function name follows).
 pub const TAG_FN_PTR: u64 = 0x7465_726E_0002;
+/// CBOR tag of a byte, Rhai's `u8` (its value follows): what `for x in blob` gives as `x`.
+pub const TAG_BYTE: u64 = 0x7465_726E_0003;
 
 /// Deepest nesting of arrays and maps that is encoded or decoded.
 pub(crate) const MAX_DEPTH: usize = 128;
@@ -303,6 +306,9 @@ pub(crate) fn encode_value(
         }
         enc.tag(TAG_FN_PTR);
         enc.text(f.fn_name());
+    } else if let Some(b) = value.read_lock::<u8>() {
+        enc.tag(TAG_BYTE);
+        enc.uint(u64::from(*b));
     } else {
         return Err(ValueError::NotPortable {
             what: what(),
@@ -550,6 +556,10 @@ impl<'a> Reader<'a> {
                 }
             }
             Header::Tag(TAG_FN_PTR) => Item::FnPtr(self.str()?),
+            Header::Tag(TAG_BYTE) => match u8::try_from(self.uint()?) {
+                Ok(b) => Item::Byte(b),
+                Err(_) => return self.fail("invalid byte"),
+            },
             _ => return self.fail("not a portable value"),
         })
     }
@@ -566,6 +576,7 @@ impl<'a> Reader<'a> {
             Item::Int(n) => Dynamic::from_int(n),
             Item::Float(f) => Dynamic::from_float(f),
             Item::Char(c) => Dynamic::from_char(c),
+            Item::Byte(b) => Dynamic::from(b),
             Item::Text(s) => Dynamic::from(ImmutableString::from(s)),
             Item::Blob(b) => Dynamic::from_blob(b.to_vec()),
             Item::Array(n) => {
@@ -649,6 +660,7 @@ enum Item<'a> {
     Int(i64),
     Float(f64),
     Char(char),
+    Byte(u8),
     Text(&'a str),
     Blob(&'a [u8]),
     Array(usize),
@@ -763,6 +775,8 @@ fn json_at(value: &Dynamic, depth: usize) -> Result<serde_json::Value, ValueErro
         )
     } else if let Some(f) = value.read_lock::<FnPtr>() {
         J::String(f.fn_name().to_string())
+    } else if let Some(b) = value.read_lock::<u8>() {
+        J::from(*b)
     } else {
         J::String(value.to_string())
     })

@@ -48,3 +48,33 @@ fn global_constants_are_read_after_a_hop() {
     // Read in a function that hops itself.
     check("const G = 7; fn f() { migrate(\"node-1\"); global::G * 2 } f()");
 }
+
+/// `for x in blob` gives `x` as Rhai's `u8`, which could not travel: a `migrate` in the loop
+/// threw (issue 14, item 2). A byte is now a portable value (tag `TAG_BYTE`).
+#[test]
+fn blob_loops_hop() {
+    check("let b = blob(3, 7); b[1] = 200; let s = []; for x in b { migrate(\"node-1\"); s.push(x); } s");
+    check("let b = blob(4, 1); let n = 0; for x in b { migrate(nodes()[n % 3]); n += 1; } [n, here()]");
+    check("let b = blob(3, 9); let r = []; for (x, i) in b { migrate(\"node-2\"); r.push([x, i]); } r");
+    check("let b = blob(2, 5); let s = 0; for x in b { migrate(\"node-1\"); s += x; } s");
+    check("fn f(b) { let last = (); for x in b { migrate(\"node-1\"); last = x; } last } f(blob(5, 3))");
+}
+
+#[test]
+fn a_byte_is_portable_and_only_a_byte() {
+    let program = agent_lang::Program::compile("1", &agent_lang::Limits::default()).unwrap();
+    let byte = agent_lang::rhai::Dynamic::from(200u8);
+    let bytes = agent_lang::encode_portable(&byte).unwrap();
+    let back = agent_lang::decode_portable(&program, &bytes).unwrap();
+    assert_eq!(back.clone().try_cast::<u8>(), Some(200));
+    assert!(agent_lang::check_portable(&program, &bytes).is_ok());
+    // The tag over 256: refused by both readers alike.
+    // (200 is `0x18 0xc8` after the tag; 256 is `0x19 0x01 0x00`.)
+    assert_eq!(bytes[bytes.len() - 2..], [0x18, 0xc8]);
+    let mut bad = bytes[..bytes.len() - 2].to_vec();
+    bad.extend([0x19, 0x01, 0x00]);
+    let decoded = agent_lang::decode_portable(&program, &bad).unwrap_err();
+    let checked = agent_lang::check_portable(&program, &bad).unwrap_err();
+    assert_eq!(decoded.to_string(), checked.to_string());
+    assert!(decoded.to_string().contains("invalid byte"), "{decoded}");
+}

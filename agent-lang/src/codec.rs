@@ -451,6 +451,7 @@ impl Execution {
             state: RunState::Suspended(primitive),
             slice_operations: 0,
             memory: 0,
+            slice_peak_memory: 0,
         })
     }
 }

@@ -44,6 +44,8 @@ struct Counters {
     held: Cell<u64>,
     /// The agent's memory budget.
     max_memory: Cell<u64>,
+    /// The most the agent held at a check during the slice.
+    peak: Cell<u64>,
 }
 
 thread_local! {
@@ -58,6 +60,7 @@ thread_local! {
             freed_from: Cell::new(0),
             held: Cell::new(0),
             max_memory: Cell::new(0),
+            peak: Cell::new(0),
         }
     };
 }
@@ -135,6 +138,16 @@ fn signed_net(allocated: u64, freed: u64) -> i64 {
     (allocated as i64).wrapping_sub(freed as i64)
 }
 
+/// What a [`SliceMeter`] measured.
+pub(crate) struct SliceReading {
+    /// Bytes the agent holds now.
+    pub(crate) held: u64,
+    /// Bytes the slice allocated.
+    pub(crate) allocated: u64,
+    /// The most the agent held at one of the slice's checks (or now).
+    pub(crate) peak: u64,
+}
+
 /// A slice being metered on this thread, from [`SliceMeter::start`] until it is dropped.
 pub(crate) struct SliceMeter(());
 
@@ -147,13 +160,21 @@ impl SliceMeter {
             c.freed_from.set(c.freed.get());
             c.held.set(held);
             c.max_memory.set(max_memory);
+            c.peak.set(held);
         });
         SliceMeter(())
     }
 
-    /// The bytes the agent holds now, and the bytes the slice allocated so far.
-    pub(crate) fn reading(&self) -> (u64, u64) {
-        COUNTERS.with(|c| (held_now(c), allocated_since(c)))
+    /// What the slice measured so far.
+    pub(crate) fn reading(&self) -> SliceReading {
+        COUNTERS.with(|c| {
+            let held = held_now(c);
+            SliceReading {
+                held,
+                allocated: allocated_since(c),
+                peak: held.max(c.peak.get()),
+            }
+        })
     }
 }
 
@@ -192,6 +213,7 @@ pub(crate) fn check(operations: u64, max_operations: u64) -> Option<Exceeded> {
             return None;
         }
         let held = held_now(c);
+        c.peak.set(c.peak.get().max(held));
         if held > c.max_memory.get() {
             return Some(Exceeded::Memory {
                 held,

@@ -42,6 +42,23 @@ pub const MAX_EXTRA_THREADS: usize = 256;
 #[error("the agent slice did not complete (it panicked, or its runtime shut down)")]
 pub struct SliceLost;
 
+thread_local! {
+    /// Whether the slice running on this thread asked for the thread to be replaced after it.
+    static RETIRE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Asks for the thread running this slice to be replaced once the slice ends. A slice that
+/// dropped a value nested deep touched much of its thread's stack, and the pages stay with the
+/// thread until it ends (glibc unmaps a stack this large when its thread ends).
+pub fn retire_this_thread() {
+    RETIRE.with(|r| r.set(true));
+}
+
+/// Whether the slice that just ran asked for its thread to be replaced (and clears it).
+fn retiring() -> bool {
+    RETIRE.with(|r| r.replace(false))
+}
+
 /// The largest stack asked for before the pool's threads started: theirs.
 static RESERVED_STACK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -149,12 +166,7 @@ fn pool() -> &'static Pool {
         // Lanes are numbered by the threads that started: the lanes past them are dropped.
         let mut started = 0;
         for _ in 0..threads {
-            let lane = started;
-            let spawned = std::thread::Builder::new()
-                .name(format!("tern-slice-{lane}"))
-                .stack_size(stack)
-                .spawn(move || pool.serve(lane));
-            started += usize::from(spawned.is_ok());
+            started += usize::from(pool.start_lane(started));
         }
         pool.lock().lanes.truncate(started);
         if started > 0
@@ -223,22 +235,26 @@ impl Pool {
                 let mut job = job;
                 loop {
                     job.run_here();
+                    let retire = retiring();
                     let mut state = self.lock();
-                    match state.oversized.pop_front() {
-                        Some(next) if next.stack <= stack => job = next,
-                        // It needs a larger stack than this thread's: a thread of its own.
+                    let next = match state.oversized.pop_front() {
+                        Some(next) => Some(next),
+                        None if state.stuck() => state.queue.pop_front(),
+                        None => None,
+                    };
+                    match next {
+                        Some(next) if next.stack <= stack && !retire => job = next,
+                        // It needs a larger stack than this one, or this one is to go: a thread
+                        // of its own.
                         Some(next) => {
                             drop(state);
                             self.start_extra(next);
                             return;
                         }
-                        None => match state.queue.pop_front().filter(|_| state.stuck()) {
-                            Some(next) => job = next,
-                            None => {
-                                state.extra -= 1;
-                                return;
-                            }
-                        },
+                        None => {
+                            state.extra -= 1;
+                            return;
+                        }
                     }
                 }
             });
@@ -249,8 +265,18 @@ impl Pool {
         }
     }
 
-    /// A slice thread: takes slices from the queue, oldest first.
-    fn serve(&self, lane: usize) {
+    /// Starts the thread of `lane`; whether it started.
+    fn start_lane(&'static self, lane: usize) -> bool {
+        std::thread::Builder::new()
+            .name(format!("tern-slice-{lane}"))
+            .stack_size(self.stack)
+            .spawn(move || self.serve(lane))
+            .is_ok()
+    }
+
+    /// A slice thread: takes slices from the queue, oldest first. After a slice that asked
+    /// ([`retire_this_thread`]), a new thread takes the lane over and this one ends.
+    fn serve(&'static self, lane: usize) {
         let mut state = self.lock();
         loop {
             match state.queue.pop_front() {
@@ -258,6 +284,12 @@ impl Pool {
                     state.lanes[lane] = Some(Instant::now());
                     drop(state);
                     job.run_here();
+                    if retiring() {
+                        self.lock().lanes[lane] = None;
+                        if self.start_lane(lane) {
+                            return;
+                        }
+                    }
                     state = self.lock();
                     state.lanes[lane] = None;
                 }
@@ -394,5 +426,19 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("the extra thread did not end");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thread_asked_to_retire_runs_no_more_slices() {
+        let retired = run(0, || {
+            retire_this_thread();
+            std::thread::current().id()
+        })
+        .await
+        .unwrap();
+        for _ in 0..200 {
+            let id = run(0, || std::thread::current().id()).await.unwrap();
+            assert_ne!(id, retired);
+        }
     }
 }

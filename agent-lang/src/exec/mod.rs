@@ -133,6 +133,8 @@ pub struct Execution {
     /// Bytes of memory the agent holds, as the meter counts them (not part of the
     /// continuation: decoding measures it afresh).
     pub(crate) memory: u64,
+    /// The most the agent held during the last slice (not part of the continuation).
+    pub(crate) slice_peak_memory: u64,
 }
 
 impl Drop for Execution {
@@ -202,6 +204,7 @@ impl Execution {
             state: RunState::NotStarted,
             slice_operations: 0,
             memory: 0,
+            slice_peak_memory: 0,
         }
     }
 
@@ -228,6 +231,12 @@ impl Execution {
         self.memory
     }
 
+    /// The most memory the agent held during the last slice, as far as the meter checked (at
+    /// every operation).
+    pub fn slice_peak_memory(&self) -> u64 {
+        self.slice_peak_memory
+    }
+
     /// Depth of the walked call stack (1 = only the main body).
     pub fn depth(&self) -> usize {
         self.frames.len()
@@ -251,12 +260,13 @@ impl Execution {
         let held = self.memory.saturating_add(input.heap_bytes() as u64);
         let meter = SliceMeter::start(held, max_memory);
         let outcome = self.run_metered(env, input, budget);
-        let (held, allocated) = meter.reading();
+        let reading = meter.reading();
         drop(meter);
         self.slice_operations = self
             .slice_operations
-            .saturating_add(allocated / crate::BYTES_PER_OPERATION);
-        self.memory = held.saturating_sub(outcome.heap_bytes() as u64);
+            .saturating_add(reading.allocated / crate::BYTES_PER_OPERATION);
+        self.memory = reading.held.saturating_sub(outcome.heap_bytes() as u64);
+        self.slice_peak_memory = reading.peak;
         outcome
     }
 

@@ -210,6 +210,13 @@ pub(super) fn node_failure(shared: &Shared, error: String) -> AgentEnd {
     }
 }
 
+/// Memory an agent held during a slice from which the slice's thread is replaced after it.
+/// Such a slice may have dropped a value nested deep (40 bytes a level at least), touching up
+/// to ~4 stack bytes a budget byte; the pages would stay with the thread (`bench_mesh hostile`:
+/// about 200 MB after a million levels). A new thread costs tens of microseconds; a slice that
+/// holds this much takes longer than that to encode at its next hop.
+const RETIRE_THREAD_FROM: u64 = 16 << 20;
+
 /// What a slice gives back to its runner: the agent suspended, with what it asks for, or its
 /// end. An agent that ends is taken apart on the slice's thread (its result turned into JSON,
 /// its values dropped), whose stack fits the deepest value its memory budget admits.
@@ -274,6 +281,9 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
         let stack = exec.program().limits().slice_stack_bytes();
         let slice = crate::slices::run(stack, move || {
             let outcome = exec.resume_within(&env, input, left);
+            if exec.slice_peak_memory() >= RETIRE_THREAD_FROM {
+                crate::slices::retire_this_thread();
+            }
             Slice::ended(exec, outcome)
         })
         .await;

@@ -754,7 +754,7 @@ const HOSTILE: [(&str, &str); 10] = [
 ];
 
 /// In the child: a mesh of two nodes, idle, then one hostile script run to its end; prints
-/// `HOSTILE idle_kb=.. peak_kb=.. failed=0|1`.
+/// `HOSTILE idle_kb=.. peak_kb=.. after_kb=.. failed=0|1`.
 fn hostile_child(index: usize) -> Result<()> {
     let (_, source) = HOSTILE.get(index).context("no such hostile script")?;
     let rt = runtime()?;
@@ -773,7 +773,11 @@ fn hostile_child(index: usize) -> Result<()> {
         let peak = status_field("VmHWM:");
         let failed = u8::from(matches!(end, AgentEnd::Failed { .. }));
         eprintln!("{end:?}");
-        println!("HOSTILE idle_kb={idle} peak_kb={peak} failed={failed}");
+        // What stays once the agent is gone (jemalloc keeps freed memory a while: see
+        // `platform::memory`).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = rss_kb();
+        println!("HOSTILE idle_kb={idle} peak_kb={peak} after_kb={after} failed={failed}");
         std::io::stdout().flush()?;
         drop(mesh);
         Ok::<_, anyhow::Error>(())
@@ -1395,13 +1399,14 @@ fn main() -> Result<()> {
             ) {
                 Ok(r) => {
                     let above = r.get("peak_kb").saturating_sub(r.get("idle_kb")) as f64 / 1024.0;
+                    let after = r.get("after_kb").saturating_sub(r.get("idle_kb")) as f64 / 1024.0;
                     let ended = if r.get("failed") == 1 {
                         "the agent failed"
                     } else {
                         "the agent finished"
                     };
                     (
-                        format!("{above:.0} MiB ({ended})"),
+                        format!("{above:.0} MiB ({ended}; {after:.0} MiB a second after)"),
                         Some(above <= 256.0 && r.get("failed") == 1),
                     )
                 }

@@ -117,7 +117,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
     Ok(o)
 }
 
-/// A runtime like `tern`'s: multi-threaded, with room for Rhai's recursion on blocking threads.
+/// A runtime like `tern`'s: multi-threaded, with room for Rhai's recursion on its threads.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()

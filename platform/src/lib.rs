@@ -11,7 +11,8 @@
 //!   Nothing is shared between nodes but bytes: every hop encodes the agent's continuation at the
 //!   source and decodes it into a fresh executor at the destination.
 //! - [`memory`] says how the binaries allocate (jemalloc, configured for large hops).
-//! - [`slices`] runs agent slices: one thread per core, tokio's blocking pool for the overflow.
+//! - [`slices`] runs agent slices: one thread per core, extra threads for the overflow, each with
+//!   the stack the agent's memory budget needs.
 //! - [`verifier`] checks the signatures of hops that arrive together in batches.
 //! - [`store`] is the node's crash-safe embedded database (redb): agents, packages, hops seen,
 //!   forwarding pointers, locations, message queues and results.

@@ -1,5 +1,5 @@
-//! Where agent slices run: one thread per core, shared by the nodes of the process, with tokio's
-//! blocking pool for what those threads cannot take at once.
+//! Where agent slices run: one thread per core, shared by the nodes of the process, with extra
+//! threads for what those threads cannot take at once.
 //!
 //! An agent slice (its code from one suspension to the next) runs off the async runtime, so a
 //! busy agent never stalls networking. On tokio's blocking pool each slice wakes one of many idle
@@ -15,8 +15,9 @@
 //!
 //! Every thread that runs a slice has the stack the slice asks for: an agent's values can nest
 //! as deep as its memory budget admits, and Rhai drops and clones them recursively
-//! ([`agent_lang::Limits::slice_stack_bytes`]). The threads are made for the default limits; a
-//! slice that needs more runs on a thread of its own. (Tokio's blocking pool, which ran the
+//! ([`agent_lang::Limits::slice_stack_bytes`]). The threads are made for the default limits, or
+//! the largest a node asked for before they started ([`reserve_stack`]); a slice that needs more
+//! runs on a thread of its own. (Tokio's blocking pool, which ran the
 //! overflow before, has one stack size for the whole runtime.) A stack is address space: only
 //! the pages a slice touches take memory.
 
@@ -36,10 +37,10 @@ pub const SHORT_SLICE: Duration = Duration::from_millis(20);
 /// slices wait in the queue.
 pub const MAX_EXTRA_THREADS: usize = 256;
 
-/// The slice did not come back: it panicked (the message is in the log), or the runtime that was
-/// to run it shut down.
+/// The slice did not come back: it panicked (the message is in the log), or no thread could be
+/// started for it.
 #[derive(Debug, thiserror::Error)]
-#[error("the agent slice did not complete (it panicked, or its runtime shut down)")]
+#[error("the agent slice did not complete (it panicked, or no thread could run it)")]
 pub struct SliceLost;
 
 thread_local! {
@@ -175,7 +176,7 @@ fn pool() -> &'static Pool {
                 .spawn(move || pool.watch())
                 .is_err()
         {
-            // Without a watcher, nothing may wait: every slice goes to the blocking pool.
+            // Without a watcher, nothing may wait: every slice goes to an extra thread.
             pool.lock().lanes.clear();
         }
         pool

@@ -41,7 +41,7 @@ pub fn operator_key() -> SecretKey {
         .unwrap_or_else(|e| panic!("the tests' operator key: {e:#}"))
 }
 
-/// A runtime like `tern`'s: multi-threaded, with room for Rhai's recursion on blocking threads.
+/// A runtime like `tern`'s: multi-threaded, with room for Rhai's recursion on its threads.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

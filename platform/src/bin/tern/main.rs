@@ -96,7 +96,8 @@ fn run(cli: Cli) -> Result<()> {
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // Agent slices run on the blocking pool: room for Rhai's native recursion.
+        // Room for Rhai's native recursion where the runtime compiles agents (their slices run
+        // on `platform::slices` threads).
         .thread_stack_size(64 << 20)
         .build()
         .context("cannot start the async runtime")

@@ -70,25 +70,22 @@ impl AgentError {
             EvalAltResult::ErrorTerminated(token, _) => token.read_lock::<Exceeded>().map(|e| *e),
             _ => None,
         };
-        let kind = match (inner, exceeded) {
-            (_, Some(Exceeded::Memory { held, max })) => {
-                return AgentError::new(
-                    AgentErrorKind::MemoryBudget,
-                    format!(
-                        "out of memory: the agent's values took {held} bytes, more than its \
-                         memory budget of {max} bytes on this node"
-                    ),
-                    line_and_column(position),
-                );
-            }
-            (_, Some(Exceeded::Operations)) => AgentErrorKind::OperationLimit,
-            (inner, None) => Self::kind_of(inner),
+        let too_many = || {
+            "too many operations: the agent ran past the node's operation limit for one slice (a runaway loop?)".to_string()
         };
-        let message = match kind {
-            AgentErrorKind::OperationLimit => {
-                "too many operations: the agent ran past the node's operation limit for one slice (a runaway loop?)".to_string()
-            }
-            _ => message_without_position(err),
+        let (kind, message) = match exceeded {
+            Some(Exceeded::Memory { held, max }) => (
+                AgentErrorKind::MemoryBudget,
+                format!(
+                    "out of memory: the agent's values took {held} bytes, more than its memory \
+                     budget of {max} bytes on this node"
+                ),
+            ),
+            Some(Exceeded::Operations) => (AgentErrorKind::OperationLimit, too_many()),
+            None => match Self::kind_of(inner) {
+                AgentErrorKind::OperationLimit => (AgentErrorKind::OperationLimit, too_many()),
+                kind => (kind, message_without_position(err)),
+            },
         };
         AgentError {
             kind,

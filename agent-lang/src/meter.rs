@@ -205,6 +205,14 @@ pub(crate) enum Exceeded {
     Operations,
 }
 
+impl Exceeded {
+    /// The uncatchable error that ends the agent: what the progress hook's token becomes in
+    /// Rhai (`ErrorTerminated`), made by hand where the meter is asked outside the hook.
+    pub(crate) fn into_error(self) -> Box<rhai::EvalAltResult> {
+        rhai::EvalAltResult::ErrorTerminated(rhai::Dynamic::from(self), rhai::Position::NONE).into()
+    }
+}
+
 /// The check made at every operation of a metered slice: `operations` counted so far (as
 /// Rhai counts them against `max_operations`) plus the allocation charge.
 pub(crate) fn check(operations: u64, max_operations: u64) -> Option<Exceeded> {

@@ -140,12 +140,7 @@ fn register_amplifiers(engine: &mut Engine) {
 
 /// Fails unless the running agent may take `bytes` more.
 fn admit(bytes: usize) -> Checked<()> {
-    meter::admits(u64::try_from(bytes).unwrap_or(u64::MAX)).map_err(terminate)
-}
-
-/// The uncatchable error that ends an agent over its budget.
-pub(crate) fn terminate(exceeded: Exceeded) -> Box<EvalAltResult> {
-    EvalAltResult::ErrorTerminated(Dynamic::from(exceeded), Position::NONE).into()
+    meter::admits(u64::try_from(bytes).unwrap_or(u64::MAX)).map_err(Exceeded::into_error)
 }
 
 fn blob(len: INT, value: INT) -> Checked<Blob> {

@@ -71,7 +71,7 @@ impl Execution {
         match crate::meter::check(ctx.global.num_operations, max) {
             None => Ok(()),
             Some(exceeded) => {
-                let mut err = crate::sized::terminate(exceeded);
+                let mut err = exceeded.into_error();
                 err.set_position(pos);
                 Err(StepErr::Eval(err))
             }

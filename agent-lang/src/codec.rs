@@ -184,6 +184,7 @@ impl Execution {
                 enc.bool(constant);
                 encode_value(
                     &mut enc,
+                    &prog.closures,
                     value,
                     &|| format!("variable '{name}' in {}", place()),
                     0,
@@ -204,7 +205,7 @@ impl Execution {
                         enc.uint(*block as u64);
                         enc.uint(*next as u64);
                         enc.uint(*scope_len as u64);
-                        encode_value(&mut enc, value, &temp, 0)?;
+                        encode_value(&mut enc, &prog.closures, value, &temp, 0)?;
                     }
                     Cursor::Loop {
                         node,
@@ -272,6 +273,7 @@ impl Execution {
                                         for (i, item) in rest.iter().enumerate() {
                                             encode_value(
                                                 &mut enc,
+                                                &prog.closures,
                                                 item,
                                                 &|| {
                                                     format!(
@@ -310,7 +312,7 @@ impl Execution {
                                     EvalAltResult::ErrorRuntime(v, _) => v.clone(),
                                     other => other.to_string().into(),
                                 };
-                                encode_value(&mut enc, &v, &temp, 0)?;
+                                encode_value(&mut enc, &prog.closures, &v, &temp, 0)?;
                             }
                         }
                     }

@@ -16,6 +16,7 @@ use rhai::{
     Position, Shared, Stmt, AST, INT,
 };
 
+use crate::closures::ClosureNames;
 use crate::engine::{agent_engine, PRIMITIVES, RESERVED_FUNCTIONS};
 use crate::limits::Limits;
 
@@ -77,6 +78,13 @@ pub(crate) enum Node {
         cond: Snippet,
         then: BlockId,
         otherwise: BlockId,
+    },
+    /// `a ?? b ?? last` whose last operand is walked (`x ?? return v`, `x ?? break v`,
+    /// `x ?? f()` with `f` mobile): `first` is the others, as one expression; when its value is
+    /// `()`, `last` is entered and its value is the value.
+    Coalesce {
+        first: Snippet,
+        last: BlockId,
     },
     /// `selector` is the switch with each arm replaced by its index.
     Switch {
@@ -241,6 +249,8 @@ pub(crate) struct ProgramInner {
     pub(crate) hash: ProgramHash,
     pub(crate) limits: Limits,
     pub(crate) source: String,
+    /// Its closures' names as they travel.
+    pub(crate) closures: ClosureNames,
     /// `fn collect(v) { let a = []; for x in v { a.push(x) } a }`: materializes any iterable
     /// a walked `for` loop meets that is not an integer range or an array.
     pub(crate) collector: AST,
@@ -283,6 +293,7 @@ impl Program {
         hasher.update(b"tern-program/v1\0rhai-1.25.0\0");
         hasher.update(source.as_bytes());
         let hash = ProgramHash(*hasher.finalize().as_bytes());
+        let closures = ClosureNames::of(&ast, &hash);
         Ok(Program {
             inner: Arc::new(ProgramInner {
                 engine,
@@ -291,6 +302,7 @@ impl Program {
                 hash,
                 limits: limits.clone(),
                 source: source.to_string(),
+                closures,
                 collector,
             }),
         })
@@ -544,8 +556,47 @@ impl Planner {
                     pos,
                 )))
             }
+            Expr::Coalesce(..) if self.expr_walk_reason(expr).is_some() => {
+                let pos = expr.start_position();
+                let Some(node) = self.coalesce(expr)? else {
+                    return Ok(None);
+                };
+                let node = self.push_node(node);
+                Ok(Some((Call::Block(self.push_block(vec![node])), pos)))
+            }
             _ => self.direct_call(expr),
         }
+    }
+
+    /// `a ?? .. ?? last` with only `last` walked, as a [`Node::Coalesce`]; None for any other
+    /// expression. An operand before the last that must be walked is refused: the executor
+    /// would have to carry how far along the chain it was.
+    fn coalesce(&mut self, expr: &Expr) -> Result<Option<Node>, CompileError> {
+        let Expr::Coalesce(operands, pos) = expr else {
+            return Ok(None);
+        };
+        let Some((last, first)) = operands.split_last() else {
+            return Ok(None);
+        };
+        let first = match first {
+            [one] => one.clone(),
+            more => Expr::Coalesce(Box::new(more.iter().cloned().collect()), *pos),
+        };
+        if let Some(p) = self.expr_walk_reason(&first) {
+            return Err(unresumable(
+                p,
+                "a call that can suspend (or a jump) in an operand of `??` other than the last",
+                "assign that operand to a variable first, or make it the last operand",
+            ));
+        }
+        let last = match last {
+            Expr::Stmt(block) => self.plan_block(block.statements())?,
+            other => self.plan_block(&[Stmt::Expr(Box::new(other.clone()))])?,
+        };
+        Ok(Some(Node::Coalesce {
+            first: self.plain_expr(&first, "an operand of `??`")?,
+            last,
+        }))
     }
 
     /// `expr` as the whole right-hand side of a suspending statement, if it is a direct call.
@@ -662,6 +713,10 @@ impl Planner {
                 },
                 None => match &**expr {
                     Expr::Stmt(block) => Node::Block(self.plan_block(block.statements())?),
+                    Expr::Coalesce(..) => match self.coalesce(expr)? {
+                        Some(node) => node,
+                        None => return Err(self.refuse_nested(stmt)),
+                    },
                     Expr::MethodCall(fc, pos) => {
                         return Err(unresumable(
                             *pos,

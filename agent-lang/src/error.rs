@@ -22,6 +22,9 @@ pub enum AgentErrorKind {
     /// The agent's values took more memory than its budget
     /// ([`Limits::max_memory_bytes`](crate::Limits)).
     MemoryBudget,
+    /// The agent sent more messages, or bytes of messages, in all than its lifetime budgets
+    /// ([`Limits::max_messages_sent`](crate::Limits), counted by the host).
+    MessageBudget,
     /// Calls nested deeper than the node allows.
     StackOverflow,
     /// Any other run-time error: type mismatch, unknown function, bad index...

@@ -104,6 +104,9 @@ pub(crate) fn check_frame(plan: &Plan, frame: &Frame) -> Result<(), LayoutError>
                 },
                 Cursor::Block { block, .. },
             ) if block == then || block == otherwise => (*block, len),
+            (Node::Coalesce { last, .. }, Cursor::Block { block, .. }) if block == last => {
+                (*block, len)
+            }
             (Node::Switch { arms, .. }, Cursor::Block { block, .. }) if arms.contains(block) => {
                 (*block, len)
             }

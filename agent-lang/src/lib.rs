@@ -47,6 +47,7 @@
 //! assert_eq!(result.as_int().unwrap(), 3);
 //! ```
 
+mod closures;
 mod codec;
 mod compile;
 mod engine;

@@ -25,6 +25,12 @@ pub struct Limits {
     pub max_map_size: usize,
     /// Largest encoded continuation, in bytes.
     pub max_continuation_bytes: usize,
+    /// Messages the agent may send in its whole life, on every node together. The executor
+    /// does not count them: the host that delivers them does (as it keeps the operation count).
+    pub max_messages_sent: u64,
+    /// Bytes of encoded messages the agent may send in its whole life, on every node together
+    /// (counted by the host, as [`Limits::max_messages_sent`]).
+    pub max_message_bytes_sent: u64,
 }
 
 impl Default for Limits {
@@ -38,6 +44,8 @@ impl Default for Limits {
             max_array_size: 16 << 20,
             max_map_size: 1 << 20,
             max_continuation_bytes: 256 << 20,
+            max_messages_sent: 10_000_000,
+            max_message_bytes_sent: 1 << 30,
         }
     }
 }
@@ -94,6 +102,16 @@ impl Limits {
     /// Sets [`Limits::max_continuation_bytes`].
     pub fn with_max_continuation_bytes(mut self, n: usize) -> Self {
         self.max_continuation_bytes = n;
+        self
+    }
+    /// Sets [`Limits::max_messages_sent`].
+    pub fn with_max_messages_sent(mut self, n: u64) -> Self {
+        self.max_messages_sent = n;
+        self
+    }
+    /// Sets [`Limits::max_message_bytes_sent`].
+    pub fn with_max_message_bytes_sent(mut self, n: u64) -> Self {
+        self.max_message_bytes_sent = n;
         self
     }
 }

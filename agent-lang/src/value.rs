@@ -10,6 +10,7 @@
 use ciborium_ll::{simple, Encoder, Header};
 use rhai::{Array, Blob, Dynamic, FnPtr, ImmutableString, Map};
 
+use crate::closures::ClosureNames;
 use crate::compile::ProgramInner;
 
 /// CBOR tag of a `char` (its Unicode scalar value follows).
@@ -251,6 +252,7 @@ pub(crate) fn len_hint(value: &Dynamic, depth: usize) -> usize {
 
 pub(crate) fn encode_value(
     enc: &mut Enc,
+    closures: &ClosureNames,
     value: &Dynamic,
     what: &dyn Fn() -> String,
     depth: usize,
@@ -259,7 +261,7 @@ pub(crate) fn encode_value(
         return Err(ValueError::TooDeep { what: what() });
     }
     if value.is_shared() {
-        return encode_value(enc, &value.flatten_clone(), what, depth);
+        return encode_value(enc, closures, &value.flatten_clone(), what, depth);
     }
     if let Ok(n) = value.as_int() {
         enc.int(n);
@@ -287,7 +289,13 @@ pub(crate) fn encode_value(
             let ints = enc.int_run(rest);
             i += ints;
             if ints == 0 {
-                encode_value(enc, &rest[0], &|| format!("{}[{i}]", what()), depth + 1)?;
+                encode_value(
+                    enc,
+                    closures,
+                    &rest[0],
+                    &|| format!("{}[{i}]", what()),
+                    depth + 1,
+                )?;
                 i += 1;
             }
         }
@@ -295,7 +303,7 @@ pub(crate) fn encode_value(
         enc.map(m.len());
         for (k, v) in m.iter() {
             enc.text(k.as_str());
-            encode_value(enc, v, &|| format!("{}.{k}", what()), depth + 1)?;
+            encode_value(enc, closures, v, &|| format!("{}.{k}", what()), depth + 1)?;
         }
     } else if let Some(f) = value.read_lock::<FnPtr>() {
         if f.is_curried() {
@@ -305,7 +313,7 @@ pub(crate) fn encode_value(
             });
         }
         enc.tag(TAG_FN_PTR);
-        enc.text(f.fn_name());
+        enc.text(closures.portable(f.fn_name()));
     } else if let Some(b) = value.read_lock::<u8>() {
         enc.tag(TAG_BYTE);
         enc.uint(u64::from(*b));
@@ -696,11 +704,14 @@ fn fn_ptr_resolves(prog: &ProgramInner, name: &str) -> bool {
     anon_fn(prog, name).is_some() || rhai::is_valid_function_name(name)
 }
 
-/// The program's closure (an `anon$` function) named `name`.
+/// The program's closure named `name`: by its portable name, or by its name in this process.
 fn anon_fn<'p>(
     prog: &'p ProgramInner,
     name: &str,
 ) -> Option<&'p rhai::Shared<rhai::ScriptFuncDef>> {
+    if let Some(f) = prog.closures.closure(name) {
+        return Some(f);
+    }
     if !name.starts_with("anon$") {
         return None;
     }
@@ -722,7 +733,8 @@ fn unknown_fn(name: &str) -> String {
 }
 
 /// The JSON form of a result: unit → null, char → one-character string, blob → array of byte
-/// values, map → object, function pointer → its name, non-finite float → null.
+/// values, map → object, function pointer → its name (with curried values: an array of its
+/// name and them, as Rhai's serialisation), non-finite float → null.
 ///
 /// # Errors
 ///
@@ -774,7 +786,17 @@ fn json_at(value: &Dynamic, depth: usize) -> Result<serde_json::Value, ValueErro
                 .collect::<Result<_, ValueError>>()?,
         )
     } else if let Some(f) = value.read_lock::<FnPtr>() {
-        J::String(f.fn_name().to_string())
+        // As Rhai serialises one: its name, or with curried values `[name, value, ...]`.
+        let name = J::String(f.fn_name().to_string());
+        if f.is_curried() {
+            let mut items = vec![name];
+            for v in f.iter_curry() {
+                items.push(json_at(v, depth + 1)?);
+            }
+            J::Array(items)
+        } else {
+            name
+        }
     } else if let Some(b) = value.read_lock::<u8>() {
         J::from(*b)
     } else {
@@ -788,8 +810,16 @@ fn json_at(value: &Dynamic, depth: usize) -> Result<serde_json::Value, ValueErro
 ///
 /// The value, or something inside it, cannot travel.
 pub fn encode_portable(value: &Dynamic) -> Result<Vec<u8>, ValueError> {
+    encode_message(&ClosureNames::default(), value)
+}
+
+/// [`encode_portable`] by an agent of a program with these closures.
+pub(crate) fn encode_message(
+    closures: &ClosureNames,
+    value: &Dynamic,
+) -> Result<Vec<u8>, ValueError> {
     let mut enc = Enc::from_vec(Vec::with_capacity(64));
-    encode_value(&mut enc, value, &|| "the message".to_string(), 0)?;
+    encode_value(&mut enc, closures, value, &|| "the message".to_string(), 0)?;
     Ok(enc.into_bytes())
 }
 

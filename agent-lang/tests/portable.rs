@@ -277,3 +277,50 @@ fn hex(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// The message `send(to, value)` makes of `source`'s value.
+fn sent_message(program: &Program) -> Vec<u8> {
+    let env = HostEnv {
+        here: "a".into(),
+        home: "a".into(),
+        nodes: vec!["a".into()],
+        agent_id: "agent-portable".into(),
+        hops: 0,
+        printer: Arc::new(|_| {}),
+    };
+    match Execution::new(program).resume(&env, Resume::Start) {
+        Outcome::Send { message, .. } => message,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A closure an agent sends is named by the place of its body in its program, not by Rhai's
+/// `anon$` hash (seeded per process, issue 14 item 4): the same program resolves it to the
+/// same closure; another program, even with a closure at that very place, refuses it.
+#[test]
+fn a_sent_closure_is_named_by_its_place_and_its_program() {
+    let source = "let f = |x| x + 1; send(\"a\", [f, Fn(\"g\")]); fn g() {}";
+    let program = Program::compile(source, &Limits::default()).unwrap();
+    let message = sent_message(&program);
+    let text = String::from_utf8_lossy(&message);
+    assert!(text.contains("anon@1:15#"), "{text}");
+    assert!(!text.contains("anon$"), "{text}");
+    let back = decode_portable(&program, &message).unwrap();
+    let f = back.into_array().unwrap()[0].clone_cast::<FnPtr>();
+    let engine = agent_lang::rhai::Engine::new();
+    let ast = engine.compile(source).unwrap();
+    assert_eq!(f.call::<i64>(&engine, &ast, (41_i64,)).unwrap(), 42);
+
+    let other = Program::compile(
+        "let f = |x| x * 9; send(\"a\", [f, Fn(\"g\")]); fn g() {}",
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(String::from_utf8_lossy(&sent_message(&other)).contains("anon@1:15#"));
+    let (check, decode) = verdicts(&other, &message);
+    assert_eq!(check, decode);
+    match check {
+        Err(DecodeError::Malformed { what, .. }) => assert!(what.contains("anon@1:15#"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+}

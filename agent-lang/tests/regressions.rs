@@ -78,3 +78,70 @@ fn a_byte_is_portable_and_only_a_byte() {
     assert_eq!(decoded.to_string(), checked.to_string());
     assert!(decoded.to_string().contains("invalid byte"), "{decoded}");
 }
+
+/// A result is written as JSON as Rhai's own serialisation writes it: a curried function
+/// pointer or a closure with captures was its bare name (issue 14, item 5); it is now an array
+/// of its name and the curried values. Every other kind of value is checked against the same
+/// oracle.
+#[test]
+fn results_are_written_as_rhai_serialises_them() {
+    let engine = agent_lang::sandboxed_engine(&agent_lang::Limits::default());
+    for source in [
+        "fn add(a, b) { a + b } Fn(\"add\").curry(40)",
+        "fn f(a, b, c) { a } Fn(\"f\").curry([1, #{ k: 'c' }]).curry(())",
+        "let x = 5; let f = |y| x + y; f",
+        "let x = [1]; let f = |y| x + y; [f, #{ g: f }]",
+        "|x| x + 1",
+        "Fn(\"abs\")",
+        "[(), true, 1, -2.5, 'c', \"s\", blob(3, 7), #{ b: 1, a: [#{}] }]",
+        "[0.0 / 0.0, 1.0 / 0.0]",
+    ] {
+        let value = engine.eval::<agent_lang::rhai::Dynamic>(source).unwrap();
+        let oracle = serde_json::to_value(&value).unwrap();
+        assert_eq!(agent_lang::to_json(&value).unwrap(), oracle, "{source}");
+    }
+    // Through the executor, made after a hop, the same.
+    check("fn add(a, b) { a + b } migrate(\"node-1\"); let x = [1]; [Fn(\"add\").curry(here()), |y| x + y]");
+}
+
+/// `break` and `return` as the last operand of `??` (issue 14, item 3) were refused once the
+/// enclosing block held a `migrate`. The operands before the last run as one expression, and
+/// the last is walked like a block: it may jump, or call something that suspends.
+#[test]
+fn coalesce_with_break_return_or_a_hop() {
+    check("fn f(x) { let y = x ?? return -1; migrate(\"node-1\"); y + 1 } let a = f(()); let b = f(2); [a, b, here()]");
+    check(
+        "fn f(x) { migrate(\"node-2\"); x ?? return here(); } let a = f(()); let b = f(5); [a, b]",
+    );
+    check("let r = []; for x in [1, (), 3] { migrate(\"node-1\"); let y = x ?? break 42; r.push(y); } r");
+    check("let r = []; for x in [1, (), 3] { let y = x ?? continue; migrate(\"node-1\"); r.push(y); } r");
+    check("let v = loop { migrate(\"node-2\"); let k = () ?? break 7; }; [v, here()]");
+    check("let i = 0; let v = loop { i += 1; migrate(nodes()[i % 3]); let k = (if i < 4 { () } else { i }) ?? continue; break k * 10; }; v");
+    check("let a = (); let b = (); let s = 0; while true { s += 1; migrate(\"node-1\"); a ?? b ?? break; } s");
+    check("let a = (); let s = []; for i in 0..3 { migrate(\"node-1\"); s.push(a ?? i); } s");
+    // The last operand may itself suspend, as a mobile function or a block that hops.
+    check("fn g() { migrate(\"node-2\"); here() } let x = (); let y = x ?? g(); [y, here()]");
+    check("let x = (); let y = x ?? { migrate(\"node-1\"); 5 }; [y, here()]");
+    check("let x = 3; let y = x ?? { migrate(\"node-1\"); 5 }; [y, here()]");
+    check("let x = (); x = x ?? { migrate(\"node-2\"); 9 }; [x, here()]");
+    check("fn g() { migrate(\"node-1\"); () } let y = () ?? g(); y");
+}
+
+/// An operand of `??` before the last that must be walked is refused, naming where.
+#[test]
+fn coalesce_refuses_a_walked_operand_before_the_last() {
+    let program = agent_lang::Program::compile(
+        "fn g() { migrate(\"node-1\"); 1 } let x = (); let y = x ?? g() ?? 2; y",
+        &agent_lang::Limits::default(),
+    );
+    match program {
+        Err(e @ agent_lang::CompileError::Unresumable { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains("operand of `??` other than the last"),
+                "{e}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}

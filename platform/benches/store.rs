@@ -25,6 +25,7 @@ fn record(id: &str, hop: u64, continuation: Vec<u8>) -> AgentRecord {
             hop,
             hops: hop,
             operations: 0,
+            sent: Default::default(),
             home: "12D3KooWHomeNodePeerIdText0000000000000000000000".to_owned(),
             launcher: Some("12D3KooWLauncherPeerIdText00000000000000000000".to_owned()),
             state: AgentState::Ready,

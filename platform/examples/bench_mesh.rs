@@ -320,6 +320,7 @@ async fn fsync_pair(author: &Author) -> Result<(Vec<NodeHandle>, Vec<tempfile::T
             mailbox: Default::default(),
             max_agents: platform::node::DEFAULT_MAX_AGENTS,
             pinned_names: Default::default(),
+            store: None,
         };
         nodes.push(Node::start(config).await?);
         dirs.push(dir);
@@ -829,6 +830,7 @@ fn record(continuation: Vec<u8>, envelope: Vec<u8>) -> AgentRecord {
             hop: 1,
             hops: 1,
             operations: 0,
+            sent: Default::default(),
             home: "home".into(),
             launcher: None,
             state: AgentState::Ready,

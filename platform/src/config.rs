@@ -18,6 +18,8 @@
 //! max_operations = 100000000        # per slice (from a resume to the next suspension)
 //! max_total_operations = 10000000000  # in the agent's whole life, every slice on every node
 //! max_memory_bytes = 67108864         # all of one agent's values together, on this node
+//! max_messages_sent = 10000000        # in the agent's whole life, every node together
+//! max_message_bytes_sent = 1073741824 # likewise, bytes of encoded messages
 //! max_agents = 100000                 # stored on this node at once
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
 //! max_messages_per_peer_per_second = 1000
@@ -62,6 +64,8 @@ struct LimitsConfig {
     max_operations: Option<u64>,
     max_total_operations: Option<u64>,
     max_memory_bytes: Option<u64>,
+    max_messages_sent: Option<u64>,
+    max_message_bytes_sent: Option<u64>,
     max_agents: Option<u64>,
     max_call_depth: Option<usize>,
     max_string_size: Option<usize>,
@@ -143,6 +147,8 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         ("max_operations", l.max_operations),
         ("max_total_operations", l.max_total_operations),
         ("max_memory_bytes", l.max_memory_bytes),
+        ("max_messages_sent", l.max_messages_sent),
+        ("max_message_bytes_sent", l.max_message_bytes_sent),
         ("max_call_depth", l.max_call_depth.map(|v| v as u64)),
         ("max_string_size", l.max_string_size.map(|v| v as u64)),
         ("max_array_size", l.max_array_size.map(|v| v as u64)),
@@ -165,6 +171,12 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
     }
     if let Some(v) = l.max_memory_bytes {
         limits = limits.with_max_memory_bytes(v);
+    }
+    if let Some(v) = l.max_messages_sent {
+        limits = limits.with_max_messages_sent(v);
+    }
+    if let Some(v) = l.max_message_bytes_sent {
+        limits = limits.with_max_message_bytes_sent(v);
     }
     if let Some(v) = l.max_call_depth {
         limits = limits.with_max_call_depth(v);
@@ -224,6 +236,7 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         mailbox,
         max_agents: l.max_agents.unwrap_or(crate::node::DEFAULT_MAX_AGENTS),
         pinned_names,
+        store: None,
     })
 }
 
@@ -247,7 +260,7 @@ mod tests {
     fn mailbox_limits_are_read_and_the_rest_default() {
         let config = load_text(
             "max_queued_messages = 10\nmax_operations = 5\nmax_total_operations = 50\n\
-                 max_memory_bytes = 4096",
+                 max_memory_bytes = 4096\nmax_messages_sent = 7\nmax_message_bytes_sent = 70",
         )
         .unwrap();
         assert_eq!(config.mailbox.max_queued_messages, 10);
@@ -258,6 +271,8 @@ mod tests {
         assert_eq!(config.limits.max_operations, 5);
         assert_eq!(config.limits.max_total_operations, 50);
         assert_eq!(config.limits.max_memory_bytes, 4096);
+        assert_eq!(config.limits.max_messages_sent, 7);
+        assert_eq!(config.limits.max_message_bytes_sent, 70);
     }
 
     #[test]

@@ -124,13 +124,21 @@ pub fn limits_for(asked: &PackageLimits, limits: agent_lang::Limits) -> agent_la
             .filter(|&a| a > 0)
             .map_or(node, |a| node.min(usize::try_from(a).unwrap_or(usize::MAX)))
     };
-    let ops = asked
-        .max_operations
-        .filter(|&a| a > 0)
-        .map_or(limits.max_operations, |a| limits.max_operations.min(a));
+    let cap64 =
+        |node: u64, asked: Option<u64>| asked.filter(|&a| a > 0).map_or(node, |a| node.min(a));
     limits
         .clone()
-        .with_max_operations(ops)
+        .with_max_operations(cap64(limits.max_operations, asked.max_operations))
+        .with_max_total_operations(cap64(
+            limits.max_total_operations,
+            asked.max_total_operations,
+        ))
+        .with_max_memory_bytes(cap64(limits.max_memory_bytes, asked.max_memory_bytes))
+        .with_max_messages_sent(cap64(limits.max_messages_sent, asked.max_messages_sent))
+        .with_max_message_bytes_sent(cap64(
+            limits.max_message_bytes_sent,
+            asked.max_message_bytes_sent,
+        ))
         .with_max_call_depth(cap(limits.max_call_depth, asked.max_call_depth))
         .with_max_string_size(cap(limits.max_string_size, asked.max_string_size))
         .with_max_array_size(cap(limits.max_array_size, asked.max_array_size))

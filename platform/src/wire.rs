@@ -312,6 +312,16 @@ async fn with_timeout<T>(
         .unwrap_or(Err(WireError::Timeout))
 }
 
+/// What an agent has sent in its whole life, on every node: counted against its message
+/// budgets (`Limits::max_messages_sent`, `Limits::max_message_bytes_sent`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagesSent {
+    /// Messages.
+    pub count: u64,
+    /// Bytes of their encoded values.
+    pub bytes: u64,
+}
+
 /// The first frame of a hop, from the source.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HopOffer {
@@ -334,6 +344,9 @@ pub struct HopOffer {
     pub hops: u64,
     /// Operations the agent has run in all (its lifetime budget is counted against them).
     pub operations: u64,
+    /// Messages the agent has sent in all.
+    #[serde(default)]
+    pub sent: MessagesSent,
     /// Microseconds the source spent from the agent's suspension to sending this offer.
     pub prepared_micros: u64,
     /// Messages queued for the agent at the source, oldest first: they travel with it, so the

@@ -220,3 +220,43 @@ fn pack_refuses_a_script_that_does_not_compile() {
     );
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// The budgets a package asks for are signed in its manifest, shown by `inspect` and enforced
+/// by `run`: an agent that asks to send at most 3 messages ends at its fourth.
+#[test]
+fn budgets_asked_for_at_pack_are_shown_and_enforced() {
+    let dir = workdir("budgets");
+    let out = tern(&dir, &["keygen", "--out", "k.pem", "--json"]);
+    let key: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    std::fs::write(
+        dir.join("chatty.rhai"),
+        "for i in 0..4 { send(id(), i); receive(); }\n42",
+    )
+    .unwrap();
+    let out = tern(
+        &dir,
+        &[
+            "pack",
+            "chatty.rhai",
+            "--key",
+            "k.pem",
+            "--max-memory-bytes",
+            "8388608",
+            "--max-messages-sent",
+            "3",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = tern(&dir, &["inspect", "chatty.tern", "--json"]);
+    let m: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(m["limits"]["max_memory_bytes"], 8388608);
+    assert_eq!(m["limits"]["max_messages_sent"], 3);
+    let author = key["public_key"].as_str().unwrap();
+    let out = tern(&dir, &["run", "chatty.tern", "--trust-author", author]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("sent 4 messages, more than its budget of 3"),
+        "{}",
+        stderr(&out)
+    );
+}

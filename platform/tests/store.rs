@@ -33,6 +33,7 @@ fn agent(id: &str, hop: u64) -> AgentRecord {
             hop,
             hops: hop,
             operations: 0,
+            sent: Default::default(),
             home: "12D3KooWHome".to_string(),
             launcher: Some("12D3KooWLauncher".to_string()),
             state: AgentState::Ready,
@@ -343,6 +344,7 @@ fn metadata_reads_and_writes_leave_the_continuation_alone() {
         },
         hops: 9,
         operations: 0,
+        sent: Default::default(),
         ..big.meta.clone()
     };
     assert!(store.batch(|b| b.put_agent_meta(&ready)).unwrap());

@@ -94,7 +94,9 @@ pub struct ResourceDecl {
 /// Limits a package asks for (in its manifest) or a policy allows (in an [`crate::AuthorGrant`]).
 /// `None` means "not stated": for a package, the node's default applies; for a grant, no cap.
 ///
-/// All fields may be omitted in TOML. In the canonical encoding every field is present.
+/// All fields may be omitted in TOML. In the canonical encoding the first six fields are always
+/// present; the budgets after them only when stated, so that a package signed before they
+/// existed keeps its bytes and its hash.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PackageLimits {
@@ -110,11 +112,23 @@ pub struct PackageLimits {
     pub max_map_size: Option<u64>,
     /// Bytes of the encoded continuation (the whole execution state that travels).
     pub max_continuation_bytes: Option<u64>,
+    /// Rhai operations in the agent's whole life, every slice on every node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_total_operations: Option<u64>,
+    /// Bytes all the agent's values may hold together, on the node it is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory_bytes: Option<u64>,
+    /// Messages the agent may send in its whole life.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_messages_sent: Option<u64>,
+    /// Bytes of messages the agent may send in its whole life.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes_sent: Option<u64>,
 }
 
 impl PackageLimits {
     /// Every limit with its name, in declaration order.
-    pub fn entries(&self) -> [(&'static str, Option<u64>); 6] {
+    pub fn entries(&self) -> [(&'static str, Option<u64>); 10] {
         [
             ("max_operations", self.max_operations),
             ("max_call_depth", self.max_call_depth),
@@ -122,10 +136,14 @@ impl PackageLimits {
             ("max_array_size", self.max_array_size),
             ("max_map_size", self.max_map_size),
             ("max_continuation_bytes", self.max_continuation_bytes),
+            ("max_total_operations", self.max_total_operations),
+            ("max_memory_bytes", self.max_memory_bytes),
+            ("max_messages_sent", self.max_messages_sent),
+            ("max_message_bytes_sent", self.max_message_bytes_sent),
         ]
     }
 
-    pub(crate) fn from_entries(v: [Option<u64>; 6]) -> Self {
+    pub(crate) fn from_entries(v: [Option<u64>; 10]) -> Self {
         Self {
             max_operations: v[0],
             max_call_depth: v[1],
@@ -133,6 +151,10 @@ impl PackageLimits {
             max_array_size: v[3],
             max_map_size: v[4],
             max_continuation_bytes: v[5],
+            max_total_operations: v[6],
+            max_memory_bytes: v[7],
+            max_messages_sent: v[8],
+            max_message_bytes_sent: v[9],
         }
     }
 }
@@ -521,5 +543,35 @@ mod tests {
         let verified = back.verify().unwrap();
         assert_eq!(verified.hash().0, *blake3::hash(&bytes).as_bytes());
         assert_eq!(verified.to_bytes(), bytes);
+    }
+
+    /// The budgets added to `PackageLimits` after the first six limits are left out of the
+    /// canonical encoding when not stated: a package signed before they existed keeps its
+    /// bytes and its hash (this one's was taken before they were added). Stated, they are
+    /// signed and read back; an explicit `null` for one is not canonical.
+    #[test]
+    fn limits_added_later_leave_older_packages_unchanged() {
+        let key = SecretKey::from_seed([1; 32]);
+        let package = Package::sign(manifest(key.public()), "print(1);".into(), &key).unwrap();
+        assert_eq!(
+            package.hash().to_string(),
+            "3450c4a04c09321dc457cb81b8baf73dfd753df389d6393497fa21d3983fa97f"
+        );
+        let mut m = manifest(key.public());
+        m.limits.max_memory_bytes = Some(1 << 20);
+        m.limits.max_messages_sent = Some(7);
+        let package = Package::sign(m, "print(1);".into(), &key).unwrap();
+        let back = Package::from_bytes(&package.to_bytes()).unwrap();
+        assert_eq!(back.manifest().limits, package.manifest().limits);
+        assert_eq!(back.manifest().limits.max_messages_sent, Some(7));
+
+        let mut limits = Vec::new();
+        crate::codec::encode(&package.manifest().limits, &mut limits);
+        let mut with_null = limits.clone();
+        with_null[0] += 1; // one more entry in the map ...
+        crate::codec::encode(&"max_message_bytes_sent", &mut with_null);
+        with_null.push(0xf6); // ... stated as null
+        assert!(crate::codec::decode_canonical::<PackageLimits>(&with_null, 0).is_err());
+        assert!(crate::codec::decode_canonical::<PackageLimits>(&limits, 0).is_ok());
     }
 }

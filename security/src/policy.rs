@@ -191,7 +191,7 @@ impl TrustPolicy {
                 capability: missing.clone(),
             });
         }
-        let mut limits = [None; 6];
+        let mut limits = [None; 10];
         for (slot, ((limit, requested), (_, allowed))) in limits.iter_mut().zip(
             manifest
                 .limits

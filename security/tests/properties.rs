@@ -46,13 +46,17 @@ fn cbor_value() -> impl Strategy<Value = ciborium::Value> {
 }
 
 fn limits() -> impl Strategy<Value = PackageLimits> {
-    proptest::array::uniform6(proptest::option::of(any::<u64>())).prop_map(|v| PackageLimits {
+    proptest::array::uniform10(proptest::option::of(any::<u64>())).prop_map(|v| PackageLimits {
         max_operations: v[0],
         max_call_depth: v[1],
         max_string_size: v[2],
         max_array_size: v[3],
         max_map_size: v[4],
         max_continuation_bytes: v[5],
+        max_total_operations: v[6],
+        max_memory_bytes: v[7],
+        max_messages_sent: v[8],
+        max_message_bytes_sent: v[9],
     })
 }
 

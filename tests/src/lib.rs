@@ -969,6 +969,7 @@ pub mod raw_peer {
             inline: Vec::new(),
             hops: 1,
             operations: 0,
+            sent: Default::default(),
             prepared_micros: 0,
             messages: Vec::new(),
             home: home.to_string(),
@@ -982,3 +983,4 @@ pub mod raw_peer {
 }
 
 pub mod ctl;
+pub mod disk;

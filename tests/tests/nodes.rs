@@ -746,3 +746,63 @@ fn values_nested_a_million_deep_end_their_agent_only() {
         drop(mesh);
     });
 }
+
+/// An agent's message budgets are counted in its whole life, across hops (issue 12 item 4: a
+/// `send` loop wrote 270 MB to a store in 6 s): the node's count of messages ends the agent on
+/// the node it hopped to, and the author's grant caps the bytes below the node's default. Both
+/// name the budget; the nodes take the next agent.
+#[test]
+fn message_budgets_count_across_hops_and_the_grant_caps_them() {
+    const LOOP: &str = "let away = (); for n in nodes() { if n != here() { away = n; } }\n\
+                        let s = \"x\"; s.pad(100, 'x');\n\
+                        for i in 0..N { if i == 30 { migrate(away); } send(id(), s); receive(); }\n\
+                        here()";
+    let sending = |n: usize| LOOP.replace("0..N", &format!("0..{n}"));
+    rt().block_on(async {
+        let within = |end| tokio::time::timeout(Duration::from_secs(60), end);
+        let (sixty, trust) = package(&sending(60));
+        let limits = agent_lang::Limits::default().with_max_messages_sent(50);
+        let mesh = LoopbackMesh::start(2, trust, limits).await.unwrap();
+        let away = mesh.nodes()[1].name().to_string();
+        let (_, end) = mesh.nodes()[0].launch(sixty, None).unwrap();
+        match within(end).await.unwrap().unwrap() {
+            AgentEnd::Failed { error, node, .. } => {
+                assert!(
+                    error.contains("message budget")
+                        && error.contains("sent 51 messages")
+                        && error.contains("budget of 50 messages"),
+                    "{error}"
+                );
+                assert_eq!(node, away);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // The grant caps the bytes (the node's default is 1 GiB): 10 messages of ~100 bytes.
+        let (package, trust) = package(&sending(40));
+        let mut capped = trust.clone();
+        if let security::AuthorsPolicy::List(grants) = &mut capped.authors {
+            grants[0].limits.max_message_bytes_sent = Some(1000);
+        }
+        let mesh = LoopbackMesh::start(2, capped, agent_lang::Limits::default())
+            .await
+            .unwrap();
+        let (_, end) = mesh.nodes()[0].launch(package.clone(), None).unwrap();
+        match within(end).await.unwrap().unwrap() {
+            AgentEnd::Failed { error, .. } => assert!(
+                error.contains("message budget") && error.contains("budget of 1000 bytes"),
+                "{error}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Without the cap the same agent finishes where it went.
+        let mesh = LoopbackMesh::start(2, trust, agent_lang::Limits::default())
+            .await
+            .unwrap();
+        let (_, end) = mesh.nodes()[0].launch(package, None).unwrap();
+        match within(end).await.unwrap().unwrap() {
+            AgentEnd::Finished { json, .. } => assert_eq!(json, format!("{away:?}")),
+            other => panic!("{other:?}"),
+        }
+    });
+}

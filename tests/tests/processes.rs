@@ -264,3 +264,39 @@ fn tern_status_reaches_a_node_as_its_operator_only() {
         node.log()
     );
 }
+
+/// A closure without captures is a portable value (issue 14 item 4): it hops between two
+/// `tern node` processes, whose Rhai hashes anonymous functions' names with different seeds,
+/// and is called there; so do closures kept in a map and passed as a message to itself.
+#[test]
+fn a_closure_hops_between_two_node_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let author = keygen(dir.path(), "author");
+    let authors = toml_list(&[&author.public_key]);
+    let a = TernNode::start(&NodeFile::new(dir.path(), "a", &authors), None);
+    let mut fb = NodeFile::new(dir.path(), "b", &authors);
+    fb.bootstrap = vec![a.addr.clone()];
+    let b = TernNode::start(&fb, None);
+    a.wait_for_peers(&["b"]);
+    let pkg = pack(
+        dir.path(),
+        "closures",
+        r#"
+        let double = |x| x * 2;
+        let ops = #{ inc: |x| x + 1, named: Fn("square") };
+        fn square(x) { x * x }
+        migrate("b");
+        send(id(), ops.inc);
+        let inc = receive();
+        [here(), double.call(21), inc.call(41), ops.named.call(6), ops.inc.call(1)]
+        "#,
+        &author,
+    );
+    let out = tern(
+        &["launch", pkg.to_str().unwrap(), "--node", &a.addr],
+        AGENT_TIMEOUT,
+    );
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert_eq!(out.last_line(), r#"["b",42,42,36,2]"#);
+    drop(b);
+}

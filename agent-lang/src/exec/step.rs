@@ -73,6 +73,15 @@ impl Execution {
                 let c = self.eval_bool(ctx, cond)?;
                 self.enter(if c { *then } else { *otherwise })
             }
+            Node::Coalesce { first, last } => {
+                self.track(ctx, snippet_pos(first))?;
+                let v = self.eval(ctx, first)?;
+                if v.is_unit() {
+                    self.enter(*last)
+                } else {
+                    self.set_value(v)
+                }
+            }
             Node::Switch { selector, arms } => {
                 let v = self.eval(ctx, selector)?;
                 match v.as_int().ok().and_then(|i| arms.get(i as usize)) {

@@ -74,7 +74,10 @@ impl Execution {
                 let to = args.next().unwrap_or_default();
                 let value = args.next().unwrap_or_default();
                 match to.into_immutable_string() {
-                    Ok(s) => match crate::value::encode_portable(&value.flatten()) {
+                    Ok(s) => match crate::value::encode_message(
+                        &self.program.inner.closures,
+                        &value.flatten(),
+                    ) {
                         Ok(message) => Outcome::Send {
                             to: s.to_string(),
                             message,

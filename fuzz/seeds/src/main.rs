@@ -170,6 +170,10 @@ fn packages() -> Vec<Package> {
             max_array_size: Some(1 << 16),
             max_map_size: Some(1 << 10),
             max_continuation_bytes: Some(1 << 24),
+            max_total_operations: Some(1 << 40),
+            max_memory_bytes: Some(1 << 26),
+            max_messages_sent: Some(1000),
+            max_message_bytes_sent: Some(1 << 20),
         },
     };
     vec![

@@ -308,6 +308,7 @@ mod tests {
                 hop: 0,
                 hops: 0,
                 operations: 0,
+                sent: Default::default(),
                 home: "home".into(),
                 launcher: None,
                 state: AgentState::Ready,

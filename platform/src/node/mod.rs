@@ -124,6 +124,9 @@ pub struct NodeConfig {
     pub max_agents: u64,
     /// Node names only one key may take (`[peers]`): another peer announcing one is not named.
     pub pinned_names: HashMap<String, PublicKey>,
+    /// A store already open, used instead of the one in `data_dir` (tests give a node a store
+    /// on a storage layer of their own, e.g. one that fails on purpose).
+    pub store: Option<Store>,
 }
 
 impl NodeConfig {
@@ -144,6 +147,7 @@ impl NodeConfig {
             mailbox: MailboxLimits::default(),
             max_agents: DEFAULT_MAX_AGENTS,
             pinned_names: HashMap::new(),
+            store: None,
         }
     }
 }
@@ -264,15 +268,21 @@ impl Node {
                  agent_lang::Metered (see platform::jemalloc_for_large_hops!)"
             );
         }
-        let data_dir = config.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&data_dir)
-                .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-            Store::open(&data_dir.join("tern.redb"), config.durability)
-                .with_context(|| format!("cannot open the store in {}", data_dir.display()))
-        })
-        .await
-        .context("opening the store")??;
+        let store = match config.store {
+            Some(store) => store,
+            None => {
+                let data_dir = config.data_dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&data_dir).with_context(|| {
+                        format!("cannot create data directory {}", data_dir.display())
+                    })?;
+                    Store::open(&data_dir.join("tern.redb"), config.durability)
+                        .with_context(|| format!("cannot open the store in {}", data_dir.display()))
+                })
+                .await
+                .context("opening the store")??
+            }
+        };
         let keypair =
             identity::Keypair::ed25519_from_bytes(config.key.seed()).context("node key")?;
         let peer_id = keypair.public().to_peer_id();
@@ -341,6 +351,7 @@ impl Node {
             commands,
         });
         let tasks = &shared.tasks;
+        tasks.spawn(stop_when_the_store_fails(shared.clone()));
         tasks.spawn(shared.activity.clone().follow(shared.events.subscribe()));
         let (listening_tx, listening_rx) = oneshot::channel();
         tasks.spawn(
@@ -497,6 +508,17 @@ impl NodeHandle {
         self.shared.tasks.stop().await;
     }
 
+    /// Resolves once the node is told to stop: by [`NodeHandle::shutdown`], or by itself when
+    /// its store fails (then [`NodeHandle::store_failure`] says why).
+    pub async fn stopped(&self) {
+        self.shared.tasks.stopping().await;
+    }
+
+    /// Why the node's store can no longer be written, if it cannot (the node then stops).
+    pub fn store_failure(&self) -> Option<String> {
+        self.shared.store.failure().borrow().clone()
+    }
+
     /// How many tasks of this node are running (0 once [`NodeHandle::stop`] returned).
     pub fn running_tasks(&self) -> usize {
         self.shared.tasks.running()
@@ -527,6 +549,23 @@ impl NodeHandle {
             }
         }
     }
+}
+
+/// Stops the node once its store fails. Nothing the node does can be kept from then on, and
+/// acting without keeping it would break what the store promises (an agent reported ended
+/// that runs again after a restart, a hop answered that is not recorded). Every agent stays as
+/// it was last stored; a restart (which opens the file again) resumes each from there.
+async fn stop_when_the_store_fails(shared: Arc<Shared>) {
+    let mut failure = shared.store.failure();
+    let cause = match failure.wait_for(Option::is_some).await {
+        Ok(cause) => cause.clone().unwrap_or_default(),
+        Err(_) => return,
+    };
+    tracing::error!(
+        "the store failed ({cause}): the node stops; its agents stay as they were last \
+         stored, and resume from there when it restarts"
+    );
+    shared.tasks.signal_stop();
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

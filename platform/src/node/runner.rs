@@ -19,7 +19,7 @@ use super::packages::Loaded;
 use super::routing::route_message;
 use super::{hex, lock, now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState};
-use crate::wire::{AgentEnd, ControlRefusal, ControlReply, ControlRequest};
+use crate::wire::{AgentEnd, ControlRefusal, ControlReply, ControlRequest, MessagesSent};
 
 /// The agents running on this node, and the launchers waiting for the ends of the agents this
 /// node is home to. `std` mutexes, each held for one set or map operation.
@@ -94,6 +94,7 @@ pub(super) fn launch(
             hop: 0,
             hops: 0,
             operations: 0,
+            sent: MessagesSent::default(),
             home: me.clone(),
             launcher,
             state: AgentState::Ready,
@@ -335,6 +336,9 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
                 input = shared.mailboxes.receive(&mut rec, &exec, timeout_ms).await;
             }
             Outcome::Send { to, message } => {
+                if let Some(over) = count_sent(&mut rec.sent, &message, exec.program().limits()) {
+                    return finish(shared, &rec, failed_end(shared.peers.local_name(), over)).await;
+                }
                 input = match Box::pin(route_message(shared, &to, message)).await {
                     Ok(()) => Resume::Value(Dynamic::UNIT),
                     Err(e) => Resume::Error(format!("send: {e}")),
@@ -357,18 +361,26 @@ async fn end_here(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
     // the transaction that deletes the agent, so a message is either counted here or refused
     // to its sender as sent to a finished agent).
     let id = rec.id.clone();
-    let ending = end.clone();
-    let end = shared
+    let stored = shared
         .store
         .write(move |b| {
             let unread = b.take_messages(&id)?.len() as u64;
-            let end = ending.with_unread(unread);
+            let end = end.with_unread(unread);
             b.delete_agent(&id)?;
             b.put_result(&id, &ciborium_bytes(&end))?;
             Ok(end)
         })
-        .await
-        .unwrap_or(end);
+        .await;
+    // Not stored, the end did not happen as far as the mesh can know: the agent stays as it
+    // was last stored and runs again from there after a restart, so reporting this end would
+    // make it end twice. (A store that failed stops the node.)
+    let end = match stored {
+        Ok(end) => end,
+        Err(e) => {
+            tracing::error!(agent = %rec.id, "the agent's end could not be stored, so it is not reported: {e}; the agent stays as it was last stored");
+            return;
+        }
+    };
     shared.mailboxes.forget(&rec.id);
     shared.events.emit(NodeEvent::AgentEnded {
         agent: rec.id.clone(),
@@ -411,6 +423,36 @@ async fn end_here(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
             }
         }
     }
+}
+
+/// Counts a message the agent is sending against its lifetime message budgets: the error
+/// that ends it when this one is over either. (Counted whether or not it is then delivered:
+/// the budget bounds what the agent makes nodes do.)
+fn count_sent(
+    sent: &mut MessagesSent,
+    message: &[u8],
+    limits: &agent_lang::Limits,
+) -> Option<agent_lang::AgentError> {
+    sent.count = sent.count.saturating_add(1);
+    sent.bytes = sent.bytes.saturating_add(message.len() as u64);
+    let message = if sent.count > limits.max_messages_sent {
+        format!(
+            "message budget: the agent sent {} messages, more than its budget of {} messages in all",
+            sent.count, limits.max_messages_sent
+        )
+    } else if sent.bytes > limits.max_message_bytes_sent {
+        format!(
+            "message budget: the agent sent {} bytes of messages, more than its budget of {} bytes in all",
+            sent.bytes, limits.max_message_bytes_sent
+        )
+    } else {
+        return None;
+    };
+    Some(agent_lang::AgentError {
+        kind: agent_lang::AgentErrorKind::MessageBudget,
+        message,
+        position: None,
+    })
 }
 
 /// The end of an agent whose script failed here.

@@ -155,6 +155,9 @@ pub struct Store {
 struct Shared {
     db: Database,
     durability: Durability,
+    /// Why the store can no longer be written, once it cannot: after an i/o error redb refuses
+    /// every later operation until the file is opened again (`StorageError::PreviousIo`).
+    failure: tokio::sync::watch::Sender<Option<String>>,
     /// The group-commit queue of [`Store::write`]. A std mutex: it is held only to push or pop
     /// writes and flip the leader flag, never across a transaction or an `.await`.
     writes: Mutex<group_commit::Writes>,
@@ -186,16 +189,44 @@ impl Store {
         let db = redb::Builder::new()
             .set_cache_size(STORE_CACHE)
             .create(path)?;
+        Store::on(db, durability)
+    }
+
+    /// Opens the database kept by `backend` (redb's storage layer: a file, memory, or, in
+    /// tests, a layer that fails on purpose to show what the node does when its disk does).
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::open`].
+    pub fn open_on(
+        backend: impl redb::StorageBackend,
+        durability: Durability,
+    ) -> Result<Store, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(STORE_CACHE)
+            .create_with_backend(backend)?;
+        Store::on(db, durability)
+    }
+
+    fn on(db: Database, durability: Durability) -> Result<Store, StoreError> {
         let store = Store {
             shared: Arc::new(Shared {
                 db,
                 durability,
+                failure: tokio::sync::watch::Sender::new(None),
                 writes: Mutex::default(),
                 disk: DiskSpeed::default(),
             }),
         };
         store.batch(|b| b.create_tables())?;
         Ok(store)
+    }
+
+    /// Why the store can no longer be written (`None` while it can): once a transaction could
+    /// not begin or commit for an i/o error, none will until the file is opened again. What was
+    /// committed before stays; the node stops on it (see `NodeHandle::stopped`).
+    pub fn failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.shared.failure.subscribe()
     }
 
     /// The durability this store commits with.
@@ -272,7 +303,11 @@ impl Store {
 impl Shared {
     /// A write transaction with the store's durability, or none (`synced` false).
     fn begin(&self, synced: bool) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write().inspect_err(|e| {
+            if let redb::TransactionError::Storage(e) = e {
+                self.note_failure(e);
+            }
+        })?;
         let durability = if synced {
             self.durability
         } else {
@@ -280,6 +315,24 @@ impl Shared {
         };
         txn.set_durability(durability.into())?;
         Ok(txn)
+    }
+
+    /// Records that the store failed, if `e` says its file did.
+    fn note_failure(&self, e: &redb::StorageError) {
+        if matches!(
+            e,
+            redb::StorageError::Io(_) | redb::StorageError::PreviousIo
+        ) {
+            let cause = e.to_string();
+            self.failure.send_if_modified(|failure| {
+                let first = failure.is_none();
+                if first {
+                    tracing::error!("the store failed: {cause}");
+                    *failure = Some(cause);
+                }
+                first
+            });
+        }
     }
 }
 
@@ -320,12 +373,17 @@ impl Shared {
 
     /// Commits `txn`, timing it if it syncs.
     fn commit(&self, txn: WriteTransaction, synced: bool) -> Result<(), redb::CommitError> {
-        if !(synced && self.durability == Durability::Fsync) {
-            return txn.commit();
+        let committed = if synced && self.durability == Durability::Fsync {
+            let started = Instant::now();
+            let committed = txn.commit();
+            self.disk.record(started.elapsed());
+            committed
+        } else {
+            txn.commit()
+        };
+        if let Err(redb::CommitError::Storage(e)) = &committed {
+            self.note_failure(e);
         }
-        let started = Instant::now();
-        let committed = txn.commit();
-        self.disk.record(started.elapsed());
         committed
     }
 }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::chunks::{insert_chunks, read_chunks, remove_chunks, LARGE};
 use super::schema::{AGENTS, CHUNKS};
 use super::{Batch, Store, StoreError};
-use crate::wire::{CustodyLink, HandoverSignature};
+use crate::wire::{CustodyLink, HandoverSignature, MessagesSent};
 
 /// An agent resident on this node, as a restart finds it: its metadata and its continuation.
 /// The metadata's fields read through the record (`rec.id` is `rec.meta.id`).
@@ -90,6 +90,10 @@ pub struct AgentMeta {
     /// budget (`Limits::max_total_operations`) is counted against.
     #[serde(default)]
     pub operations: u64,
+    /// Messages the agent has sent in all, every node: what its message budgets are counted
+    /// against.
+    #[serde(default)]
+    pub sent: MessagesSent,
     /// The agent's home node (peer id text), which tracks where it is.
     pub home: String,
     /// Who to send the result to (peer id text), if anyone.
@@ -139,6 +143,7 @@ struct MetaRef<'a> {
     hop: u64,
     hops: u64,
     operations: u64,
+    sent: MessagesSent,
     home: &'a str,
     launcher: Option<&'a str>,
     state: &'a AgentState,
@@ -163,6 +168,7 @@ impl<'a> MetaRef<'a> {
             hop: m.hop,
             hops: m.hops,
             operations: m.operations,
+            sent: m.sent,
             home: &m.home,
             launcher: m.launcher.as_deref(),
             state: &m.state,
@@ -182,6 +188,7 @@ impl<'a> MetaRef<'a> {
             hop: r.hop,
             hops: r.hops,
             operations: r.operations,
+            sent: r.sent,
             home: &r.home,
             launcher: r.launcher.as_deref(),
             state: &r.state,
@@ -206,6 +213,8 @@ struct StoredAgent {
     hops: u64,
     #[serde(default)]
     operations: u64,
+    #[serde(default)]
+    sent: MessagesSent,
     home: String,
     launcher: Option<String>,
     state: AgentState,
@@ -231,6 +240,7 @@ impl StoredAgent {
             hop: self.hop,
             hops: self.hops,
             operations: self.operations,
+            sent: self.sent,
             home: self.home,
             launcher: self.launcher,
             state: self.state,

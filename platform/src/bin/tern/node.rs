@@ -30,8 +30,17 @@ pub(crate) async fn run_node(args: NodeArgs) -> Result<()> {
         println!("listening on {addr}");
     }
     std::io::stdout().flush()?;
-    shutdown_signal().await;
-    handle.shutdown();
+    tokio::select! {
+        () = shutdown_signal() => handle.shutdown(),
+        () = handle.stopped() => {}
+    }
+    if let Some(cause) = handle.store_failure() {
+        anyhow::bail!(
+            "{}: stopped because its store failed ({cause}); agents stay as they were last \
+             stored and resume from there when the node starts again",
+            handle.name()
+        );
+    }
     eprintln!("{}: stopped; agents are kept in the store", handle.name());
     Ok(())
 }

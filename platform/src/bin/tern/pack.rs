@@ -27,6 +27,18 @@ pub(crate) struct PackArgs {
     /// Operations per run slice the agent asks for.
     #[arg(long)]
     max_operations: Option<u64>,
+    /// Operations in the agent's whole life it asks for.
+    #[arg(long)]
+    max_total_operations: Option<u64>,
+    /// Bytes all the agent's values may hold, on the node it is on.
+    #[arg(long)]
+    max_memory_bytes: Option<u64>,
+    /// Messages the agent may send in its whole life.
+    #[arg(long)]
+    max_messages_sent: Option<u64>,
+    /// Bytes of messages the agent may send in its whole life.
+    #[arg(long)]
+    max_message_bytes_sent: Option<u64>,
     /// Where to write the package (default: the script path with extension .tern).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -68,6 +80,10 @@ pub(crate) fn pack(args: PackArgs) -> Result<()> {
         capabilities: args.capabilities,
         limits: security::PackageLimits {
             max_operations: args.max_operations,
+            max_total_operations: args.max_total_operations,
+            max_memory_bytes: args.max_memory_bytes,
+            max_messages_sent: args.max_messages_sent,
+            max_message_bytes_sent: args.max_message_bytes_sent,
             ..Default::default()
         },
     };

@@ -277,6 +277,7 @@ pub(in crate::node) async fn receive_hop(
             hop: fields.hop,
             hops: offer.hops,
             operations: offer.operations,
+            sent: offer.sent,
             home: offer.home,
             launcher: offer.launcher,
             state: AgentState::Arriving {

@@ -311,6 +311,7 @@ pub(in crate::node) async fn hop(
         },
         hops: rec.hops + 1,
         operations: rec.operations,
+        sent: rec.sent,
         prepared_micros: started.elapsed().as_micros() as u64,
         messages: carried
             .iter()

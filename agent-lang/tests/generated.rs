@@ -23,6 +23,8 @@ enum E {
     Mul(Box<E>, Box<E>),
     HereLen,
     Hops,
+    /// `global::K0` or `global::K1`: main's top-level constants, read from anywhere.
+    Global(u8),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +65,15 @@ enum S {
     Block(Vec<S>),
     LetIf(u8, E, Vec<S>, E, Vec<S>, E),
     LetLoop(u8, u8, Vec<S>, E),
+    /// A loop over a blob of these bytes.
+    ForBlob(Vec<u8>, Vec<S>),
+    /// A closure without captures, kept in a variable while the body runs, then called.
+    Closure(u8, i64, Vec<S>),
+    /// `let q = (cond ? () : e) ?? <jump or value>`: the jump is `break`, `continue` or
+    /// `return` where one is allowed, a value otherwise.
+    Coalesce(u8, E, E, u8),
+    /// An array and a map built item by item in a loop whose body runs in between.
+    Collect(u8, u8, Vec<S>),
 }
 
 fn expr() -> impl Strategy<Value = E> {
@@ -71,6 +82,7 @@ fn expr() -> impl Strategy<Value = E> {
         6 => (0..VARS).prop_map(E::Var),
         1 => Just(E::HereLen),
         1 => Just(E::Hops),
+        1 => (0u8..2).prop_map(E::Global),
     ];
     leaf.prop_recursive(2, 6, 2, |inner| {
         prop_oneof![
@@ -103,6 +115,7 @@ fn stmt() -> impl Strategy<Value = S> {
         1 => Just(S::Break),
         1 => Just(S::Continue),
         1 => (expr(), expr()).prop_map(|(c, e)| S::Return(c, e)),
+        2 => (0..VARS, expr(), expr(), 0u8..3).prop_map(|(v, c, e, j)| S::Coalesce(v, c, e, j)),
     ];
     leaf.prop_recursive(3, 40, 4, |inner| {
         let body = || prop::collection::vec(inner.clone(), 0..4);
@@ -128,6 +141,9 @@ fn stmt() -> impl Strategy<Value = S> {
             (0..VARS, expr(), body(), expr(), body(), expr())
                 .prop_map(|(v, c, a, ea, b, eb)| S::LetIf(v, c, a, ea, b, eb)),
             (0..VARS, 1u8..4, body(), expr()).prop_map(|(v, n, b, e)| S::LetLoop(v, n, b, e)),
+            (prop::collection::vec(any::<u8>(), 0..4), body()).prop_map(|(a, b)| S::ForBlob(a, b)),
+            (0..VARS, -5i64..5, body()).prop_map(|(v, k, b)| S::Closure(v, k, b)),
+            (0..VARS, 1u8..5, body()).prop_map(|(v, n, b)| S::Collect(v, n, b)),
         ]
     })
 }
@@ -191,6 +207,7 @@ impl Render {
             E::Mul(a, b) => format!("({} * {})", Self::expr(a), Self::expr(b)),
             E::HereLen => "here().len()".into(),
             E::Hops => "hops()".into(),
+            E::Global(k) => format!("global::K{k}"),
         }
     }
 
@@ -413,6 +430,57 @@ impl Render {
                 // A `break;` (unit) can reach here only through a nested plain loop; keep it an int.
                 self.line(d, &format!("if type_of(v{v}) != \"i64\" {{ v{v} = 1; }}"));
             }
+            S::ForBlob(bytes, body) => {
+                let id = self.id();
+                self.line(d, &format!("let b{id} = blob();"));
+                for b in bytes {
+                    self.line(d, &format!("b{id}.push({b});"));
+                }
+                self.line(d, &format!("for (x{id}, k{id}) in b{id} {{"));
+                self.line(d + 1, &format!("v1 = (v1 + x{id} * (k{id} + 1)) % 1000;"));
+                self.body(body, looped(false));
+                self.line(d, "}");
+            }
+            S::Closure(v, k, body) => {
+                let id = self.id();
+                self.line(d, &format!("let c{id} = |x| (x * {k} + 1) % 1000;"));
+                self.body(body, inner);
+                self.line(d, &format!("v{v} = c{id}.call(v{v});"));
+            }
+            S::Coalesce(v, c, e, jump) => {
+                let id = self.id();
+                let tail = match (jump, cx.in_loop, cx.in_fn) {
+                    (0, Some(true), _) => "break 500".to_string(),
+                    (0, Some(false), _) => "break".to_string(),
+                    (1, Some(_), _) => "continue".to_string(),
+                    (2, _, true) => format!("return {}", Self::small(e)),
+                    _ => Self::small(e),
+                };
+                self.line(
+                    d,
+                    &format!(
+                        "let q{id} = (if {} {{ () }} else {{ {} }}) ?? {tail};",
+                        Self::cond(c),
+                        Self::small(e)
+                    ),
+                );
+                self.line(d, &format!("v{v} = (v{v} + q{id}) % 1000;"));
+            }
+            S::Collect(v, n, body) => {
+                let id = self.id();
+                self.line(d, &format!("let a{id} = [];"));
+                self.line(d, &format!("let m{id} = #{{}};"));
+                self.line(d, &format!("for j{id} in 0..{n} {{"));
+                self.line(d + 1, &format!("a{id}.push(j{id} * v{v} % 1000);"));
+                self.line(d + 1, &format!("m{id}[\"k\" + j{id}] = a{id}.len();"));
+                self.body(body, looped(false));
+                self.line(d, "}");
+                self.line(
+                    d,
+                    &format!("v{v} = (v{v} + a{id}.len() * 10 + m{id}.len()) % 1000;"),
+                );
+                self.line(d, &format!("arr.push(a{id}.len());"));
+            }
         }
     }
 
@@ -454,6 +522,8 @@ fn render(a: &Agent) -> String {
         out: String::new(),
         next_id: r.next_id,
     };
+    main.line(1, "const K0 = 17;");
+    main.line(1, "const K1 = -3;");
     main.prelude("0");
     main.body(
         &a.main,

@@ -160,6 +160,30 @@ impl Store {
 }
 
 impl Batch<'_> {
+    /// [`Store::has_seen`] inside a write: ordered with every other write, so that an arrival
+    /// stored before it is seen and one stored after it is not.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn has_seen(
+        &mut self,
+        id: &str,
+        hop: u64,
+        envelope: Option<&[u8; 32]>,
+    ) -> Result<bool, StoreError> {
+        let seen = seen_from(
+            &self.txn.open_table(SEEN)?,
+            id,
+            hop,
+            envelope.unwrap_or(&[0; 32]),
+        )?;
+        Ok(match envelope {
+            Some(_) => seen.is_duplicate(),
+            None => seen != HopSeen::No,
+        })
+    }
+
     /// The destination side of a hop: if this node already accepted hop `rec.hop` of agent
     /// `rec.id` by the same envelope, returns [`Arrival::Duplicate`], and if by another, or a
     /// later hop (an honest source does not offer a hop again once it committed),

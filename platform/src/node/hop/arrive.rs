@@ -315,7 +315,13 @@ pub(in crate::node) async fn receive_hop(
     };
     let mut rec = rec;
     let source = shared.peers.text_of(&peer);
+    let gate = shared.clone();
     let store = shared.store.write(move |b| {
+        // Answered "not held" to its source while this receipt was stuck (see
+        // `ArrivalGate::held`): the source resumes its own copy, so this one is not stored.
+        if gate.arrivals.abandoned(&envelope_hash) {
+            return Ok(None);
+        }
         let mut since = Vec::new();
         // An arrival of this hop number by another envelope from the same source still waits
         // for its decision: the source gave it up (it is offering this one), so it goes.
@@ -354,18 +360,22 @@ pub(in crate::node) async fn receive_hop(
                 b.set_custody(&rec.id, &home_custody)?;
             }
         }
-        Ok((arrival, rec, committed))
+        Ok(Some((arrival, rec, committed)))
     });
     let (decision, stored) = tokio::join!(decision, store);
     let (rec, committed) = match stored {
-        Ok((Arrival::New, rec, committed)) => (rec, committed),
-        Ok((Arrival::Duplicate, ..)) => {
+        Ok(Some((Arrival::New, rec, committed))) => (rec, committed),
+        Ok(Some((Arrival::Duplicate, ..))) => {
             decision?;
             return Err(Refusal::Reply(HopReply::Duplicate));
         }
-        Ok((Arrival::Conflict, rec, _)) => {
+        Ok(Some((Arrival::Conflict, rec, _))) => {
             decision?;
             return Err(conflict(&peer, &rec.id, rec.hop));
+        }
+        Ok(None) => {
+            decision?;
+            return Err(refused(HopRefusal::Abandoned));
         }
         Err(e) => {
             decision?;

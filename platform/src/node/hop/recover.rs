@@ -28,11 +28,19 @@ pub(in crate::node) async fn hop_held(
     envelope: Option<[u8; 32]>,
     give_up: bool,
 ) -> Result<bool, StoreError> {
+    let store = shared.store.clone();
     shared
         .arrivals
-        .held((agent, hop), envelope.filter(|_| give_up), |agent, hop| {
-            shared.store.has_seen(agent, hop, envelope.as_ref())
-        })
+        .held(
+            (agent, hop),
+            envelope.filter(|_| give_up),
+            |agent, hop| shared.store.has_seen(agent, hop, envelope.as_ref()),
+            |agent, hop| async move {
+                store
+                    .write(move |b| b.has_seen(&agent, hop, envelope.as_ref()))
+                    .await
+            },
+        )
         .await
 }
 

@@ -11,9 +11,9 @@
 //! node, in a child process so its RSS is the node's alone), `flood` (hop latency while ten
 //! throwaway identities flood the destination with garbage and stalled streams, against the
 //! same without them, taking turns), `hostile` (the RSS a node reaches above idle while one
-//! hostile script runs under the default limits, each in a child process), `parts` (component
-//! timings that explain the figures: store
-//! commits, envelope sign/verify, continuation encode/decode).
+//! hostile script runs under the default limits: each of the two nodes in a child process of its
+//! own), `parts` (component timings that explain the figures: store commits, envelope
+//! sign/verify, continuation encode/decode).
 //!
 //! Options: `--hops N` (hops of the bouncing agent, default 1000), `--agents N` (agents in
 //! flight, default 200), `--agent-hops N` (hops each of those makes, default 50), `--bulk-mb N`
@@ -134,7 +134,22 @@ struct Author {
 
 impl Author {
     fn new() -> Result<Author> {
-        let key = SecretKey::generate();
+        Author::with_key(SecretKey::generate())
+    }
+
+    /// The author whose key has this seed (64 hex digits).
+    fn from_seed(hex: &str) -> Result<Author> {
+        let mut seed = [0u8; 32];
+        for (i, byte) in seed.iter_mut().enumerate() {
+            let digits = hex
+                .get(2 * i..2 * i + 2)
+                .context("a seed has 64 hex digits")?;
+            *byte = u8::from_str_radix(digits, 16)?;
+        }
+        Author::with_key(SecretKey::from_seed(seed))
+    }
+
+    fn with_key(key: SecretKey) -> Result<Author> {
         let mut trust: TrustPolicy = toml::from_str(&format!("authors = [\"{}\"]", key.public()))?;
         trust.accept_from = PeersPolicy::Any;
         Ok(Author { key, trust })
@@ -670,6 +685,25 @@ impl ChildReport {
     fn get(&self, key: &str) -> u64 {
         self.fields.get(key).copied().unwrap_or(0)
     }
+
+    /// The `key=value` fields of a report line (after its prefix word).
+    fn parse(line: &str) -> ChildReport {
+        let fields = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect();
+        ChildReport { fields }
+    }
+
+    /// MiB above idle: at the peak, and a second after the agent ended.
+    fn above_idle(&self) -> (f64, f64) {
+        let mib = |k: &str| self.get(k).saturating_sub(self.get("idle_kb")) as f64 / 1024.0;
+        (mib("peak_kb"), mib("after_kb"))
+    }
 }
 
 /// Runs this bench again as a child process with `args`, and reads the first line of its
@@ -708,15 +742,7 @@ fn child_report(args: &[&str], prefix: &str, timeout: Duration) -> Result<ChildR
         std::thread::sleep(Duration::from_millis(50));
     }
     let line = line.map_err(|_| anyhow!("the {args:?} child reported nothing"))?;
-    let fields = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect();
-    Ok(ChildReport { fields })
+    Ok(ChildReport::parse(&line))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -754,37 +780,103 @@ const HOSTILE: [(&str, &str); 10] = [
     ),
 ];
 
-/// In the child: a mesh of two nodes, idle, then one hostile script run to its end; prints
-/// `HOSTILE idle_kb=.. peak_kb=.. after_kb=.. failed=0|1`.
-fn hostile_child(index: usize) -> Result<()> {
+/// In a child: one node of a two-node mesh, each node in a process of its own, so that each
+/// node's RSS is its own. `node-1` (no `peer` given) prints `ADDR <address>`, then its
+/// `HOSTILE` line once its stdin closes; `node-0` (given node-1's address) runs hostile script
+/// `index` to its end and prints `HOSTILE idle_kb=.. peak_kb=.. after_kb=.. failed=0|1`. Both
+/// trust the author whose key has this seed (hex).
+fn hostile_child(index: usize, seed: &str, peer: Option<&str>) -> Result<()> {
     let (_, source) = HOSTILE.get(index).context("no such hostile script")?;
+    let author = Author::from_seed(seed)?;
     let rt = runtime()?;
-    let author = Author::new()?;
     rt.block_on(async {
-        let mesh = LoopbackMesh::start(2, author.trust.clone(), Limits::default()).await?;
-        let package = author.sign(source.to_string())?;
+        let dir = tempfile::tempdir()?;
+        let name = if peer.is_some() { "node-0" } else { "node-1" };
+        let mut config = NodeConfig::local(
+            name,
+            SecretKey::generate(),
+            dir.path().to_path_buf(),
+            author.trust.clone(),
+        );
+        if let Some(peer) = peer {
+            config.bootstrap = vec![peer.parse()?];
+        }
+        let node = Node::start(config).await?;
+        if peer.is_none() {
+            let addr = node.listen_addrs().first().cloned().context("no address")?;
+            println!("ADDR {addr}");
+            std::io::stdout().flush()?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while node.peer_names().is_empty() {
+            if Instant::now() > deadline {
+                bail!("{name} met no peer");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let idle = rss_kb();
         // Peak RSS counted from here (Linux: "5" resets VmHWM).
         std::fs::write("/proc/self/clear_refs", "5")?;
-        let (_, end) = mesh.nodes()[0]
-            .launch(package, None)
-            .map_err(anyhow::Error::msg)?;
-        let end = tokio::time::timeout(Duration::from_secs(300), end).await??;
+        let failed = if peer.is_some() {
+            let package = author.sign(source.to_string())?;
+            let (_, end) = node.launch(package, None).map_err(anyhow::Error::msg)?;
+            let end = tokio::time::timeout(Duration::from_secs(300), end).await??;
+            eprintln!("{end:?}");
+            u8::from(matches!(end, AgentEnd::Failed { .. }))
+        } else {
+            // Until the parent says the agent ended (closes stdin).
+            tokio::task::spawn_blocking(|| std::io::stdin().lines().count()).await?;
+            0
+        };
         let peak = status_field("VmHWM:");
-        let failed = u8::from(matches!(end, AgentEnd::Failed { .. }));
-        eprintln!("{end:?}");
         // What stays once the agent is gone (jemalloc keeps freed memory a while: see
         // `platform::memory`).
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = rss_kb();
         println!("HOSTILE idle_kb={idle} peak_kb={peak} after_kb={after} failed={failed}");
         std::io::stdout().flush()?;
-        drop(mesh);
+        node.stop().await;
         Ok::<_, anyhow::Error>(())
     })?;
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+/// Runs hostile script `index` on two nodes in child processes of their own; the reports of
+/// node-0 (where it starts) and node-1.
+fn hostile_pair(index: usize) -> Result<(ChildReport, ChildReport)> {
+    let seed: String = SecretKey::generate()
+        .seed()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let exe = std::env::current_exe()?;
+    let mut second = std::process::Command::new(exe)
+        .args(["hostile-child", &index.to_string(), &seed])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(second.stdout.take().context("child stdout")?).lines();
+    let addr = lines
+        .next()
+        .context("node-1 said nothing")??
+        .strip_prefix("ADDR ")
+        .context("node-1 gave no address")?
+        .to_string();
+    let first = child_report(
+        &["hostile-child", &index.to_string(), &seed, &addr],
+        "HOSTILE",
+        Duration::from_secs(330),
+    );
+    drop(second.stdin.take());
+    let line = lines.find_map(|l| l.ok().filter(|l| l.starts_with("HOSTILE ")));
+    let _ = second.wait();
+    Ok((
+        first?,
+        ChildReport::parse(&line.context("node-1 reported nothing")?),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1018,7 +1110,8 @@ fn main() -> Result<()> {
             .get(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(usize::MAX);
-        return hostile_child(index);
+        let seed = args.get(2).map_or("", String::as_str);
+        return hostile_child(index, seed, args.get(3).map(String::as_str));
     }
     let o = parse_args(&args)?;
     if std::env::var_os("RUST_LOG").is_some() {
@@ -1394,28 +1487,27 @@ fn main() -> Result<()> {
     if has("hostile") {
         for (index, (what, _)) in HOSTILE.iter().enumerate() {
             eprintln!("hostile: {what}, child process ...");
-            let measured = match child_report(
-                &["hostile-child", &index.to_string()],
-                "HOSTILE",
-                Duration::from_secs(330),
-            ) {
-                Ok(r) => {
-                    let above = r.get("peak_kb").saturating_sub(r.get("idle_kb")) as f64 / 1024.0;
-                    let after = r.get("after_kb").saturating_sub(r.get("idle_kb")) as f64 / 1024.0;
-                    let ended = if r.get("failed") == 1 {
+            let measured = match hostile_pair(index) {
+                Ok((first, second)) => {
+                    let ((peak0, after0), (peak1, after1)) =
+                        (first.above_idle(), second.above_idle());
+                    let ended = if first.get("failed") == 1 {
                         "the agent failed"
                     } else {
                         "the agent finished"
                     };
                     (
-                        format!("{above:.0} MiB ({ended}; {after:.0} MiB a second after)"),
-                        Some(above <= 256.0 && r.get("failed") == 1),
+                        format!(
+                            "node-0 {peak0:.0} MiB, node-1 {peak1:.0} MiB ({ended}; \
+                             {after0:.0} / {after1:.0} MiB a second after)"
+                        ),
+                        Some(peak0.max(peak1) <= 256.0 && first.get("failed") == 1),
                     )
                 }
                 Err(e) => (format!("the node did not survive: {e}"), Some(false)),
             };
             rows.push(Row {
-                what: format!("node RSS above idle (peak) while one agent runs: {what}"),
+                what: format!("RSS of each node above idle (peak) while one agent runs: {what}"),
                 measured: measured.0,
                 target: "≤ 256 MiB, the agent ends with an error".into(),
                 met: measured.1,

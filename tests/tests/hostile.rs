@@ -1513,3 +1513,41 @@ fn a_peer_that_was_only_offered_an_agent_cannot_push_it_on() {
         );
     });
 }
+
+/// Connections a swarm with identity `key` holds with `node` once it dialed it `dials` times
+/// (each dial a new connection) and the node had time to deny what it denies.
+async fn connections_after_dialing(key: &SecretKey, node: &libp2p::Multiaddr, dials: usize) -> u32 {
+    use futures::StreamExt;
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.seed()).expect("ed25519 key");
+    let mut swarm =
+        platform::wire::swarm(keypair, |_| libp2p_stream::Behaviour::new()).expect("swarm");
+    let Some(libp2p::multiaddr::Protocol::P2p(node_id)) = node.iter().last() else {
+        panic!("{node} has no peer id");
+    };
+    for _ in 0..dials {
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(node_id)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .addresses(vec![node.clone()])
+            .build();
+        swarm.dial(opts).expect("dial");
+    }
+    let settled = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(_)) = tokio::time::timeout_at(settled, swarm.next()).await {}
+    swarm.network_info().connection_counters().num_established()
+}
+
+/// One identity opening many connections (each would bring its own stream limits) keeps at
+/// most four of them (issue 12 item 6, libp2p connection limits); another identity still
+/// connects, and the node still serves.
+#[test]
+fn one_identity_cannot_hold_more_than_four_connections() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let addr = mesh.target.listen_addrs()[0].clone();
+        let held = connections_after_dialing(&mesh.raw_key, &addr, 12).await;
+        assert!((1..=4).contains(&held), "{held} connections kept");
+        let other = connections_after_dialing(&SecretKey::generate(), &addr, 1).await;
+        assert_eq!(other, 1);
+        mesh.still_serves().await;
+    });
+}

@@ -15,12 +15,36 @@ use tokio::sync::{mpsc, oneshot};
 use super::events::NodeEvent;
 use super::{lock, Shared};
 
-/// The behaviours of a node's swarm: discovery (identify, ping, Kademlia, mDNS) and the
-/// streams tern's own protocols run on.
+/// The behaviours of a node's swarm: the connection limits (first, so that a connection they
+/// deny reaches no other behaviour), discovery (identify, ping, Kademlia, mDNS) and the streams
+/// tern's own protocols run on.
 #[derive(NetworkBehaviour)]
 pub(super) struct NodeBehaviour {
+    pub(super) limits: libp2p::connection_limits::Behaviour,
     pub(super) discovery: discovery::Discovery,
     pub(super) stream: libp2p_stream::Behaviour,
+}
+
+/// Connections one peer may hold with a node at once. An honest node needs one (two for a
+/// moment when both sides dial at once); more would only let one identity multiply the
+/// stream limits each connection brings.
+pub(super) const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+
+/// Incoming connections still in their handshake (noise, yamux) at once: bounds what a flood of
+/// TCP connections can make the node compute and hold before any key is known.
+pub(super) const MAX_PENDING_INCOMING: u32 = 128;
+
+/// Incoming connections established at once, all peers together.
+pub(super) const MAX_ESTABLISHED_INCOMING: u32 = 2048;
+
+/// The connection limits of a node's swarm.
+pub(super) fn connection_limits() -> libp2p::connection_limits::Behaviour {
+    libp2p::connection_limits::Behaviour::new(
+        libp2p::connection_limits::ConnectionLimits::default()
+            .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+            .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
+    )
 }
 
 /// Requests to the task that owns the swarm, each with where to send its answer.

@@ -289,6 +289,7 @@ impl Node {
         let discovery =
             discovery::Discovery::new(&keypair, &config.name, config.mdns).context("discovery")?;
         let mut swarm = crate::wire::swarm(keypair, |_| NodeBehaviour {
+            limits: event_loop::connection_limits(),
             discovery,
             stream: libp2p_stream::Behaviour::new(),
         })?;

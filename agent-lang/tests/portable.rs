@@ -13,9 +13,8 @@ use proptest::prelude::*;
 /// A program with a named function and a closure that function pointers can name.
 const SOURCE: &str = "fn twice(x) { x * 2 } let g = |x| x + 1; g";
 
-/// The program and its closure (a pointer to its `anon$` function).
-fn program() -> (Program, Dynamic) {
-    let program = Program::compile(SOURCE, &Limits::default()).unwrap();
+/// How `program` runs until its first stop, on a one-node mesh.
+fn first_stop(program: &Program) -> Outcome {
     let env = HostEnv {
         here: "a".into(),
         home: "a".into(),
@@ -24,7 +23,13 @@ fn program() -> (Program, Dynamic) {
         hops: 0,
         printer: Arc::new(|_| {}),
     };
-    let closure = match Execution::new(&program).resume(&env, Resume::Start) {
+    Execution::new(program).resume(&env, Resume::Start)
+}
+
+/// The program and its closure (a pointer to its `anon$` function).
+fn program() -> (Program, Dynamic) {
+    let program = Program::compile(SOURCE, &Limits::default()).unwrap();
+    let closure = match first_stop(&program) {
         Outcome::Finished(v) => v,
         other => panic!("{other:?}"),
     };
@@ -278,17 +283,9 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// The message `send(to, value)` makes of `source`'s value.
+/// The message `program`'s first `send(to, value)` makes of its value.
 fn sent_message(program: &Program) -> Vec<u8> {
-    let env = HostEnv {
-        here: "a".into(),
-        home: "a".into(),
-        nodes: vec!["a".into()],
-        agent_id: "agent-portable".into(),
-        hops: 0,
-        printer: Arc::new(|_| {}),
-    };
-    match Execution::new(program).resume(&env, Resume::Start) {
+    match first_stop(program) {
         Outcome::Send { message, .. } => message,
         other => panic!("{other:?}"),
     }

@@ -75,19 +75,31 @@ impl Mailboxes {
             .clone()
     }
 
-    /// Wakes the agent a delivered message was queued for (see [`Wake`]).
+    /// Wakes the agent a delivered message was queued for (see [`Wake`]), if it is in
+    /// `receive` here. (One that calls `receive` later looks at its queue in the store before
+    /// it waits, so nothing is kept for it: an entry made here for an agent that never waits on
+    /// this node would stay.)
     pub(super) fn wake(&self, wake: Wake) {
         if let Some(agent) = wake.0 {
             self.events.emit(NodeEvent::MessageQueued {
                 agent: agent.clone(),
             });
-            self.notify_of(&agent).notify_one();
+            if let Some(notify) = lock(&self.waiting).get(&agent) {
+                notify.notify_one();
+            }
         }
     }
 
-    /// The agent ended here: nothing will wait for its messages any more.
+    /// The agent ended here or left: its entry goes, unless a `receive` of it holds it (the
+    /// agent came back and already waits again).
     pub(super) fn forget(&self, agent: &str) {
-        lock(&self.waiting).remove(agent);
+        let mut waiting = lock(&self.waiting);
+        if waiting
+            .get(agent)
+            .is_some_and(|notify| Arc::strong_count(notify) == 1)
+        {
+            waiting.remove(agent);
+        }
     }
 
     /// Waits for the agent's next message (or the timeout), without holding a thread. Each
@@ -401,6 +413,31 @@ mod tests {
         mailboxes.wake(Wake::agent("agent-1"));
         let got = mailboxes.receive(&mut rec, &exec, timeout).await;
         assert_eq!(int_of(got), Some(1));
+    }
+
+    /// The table of agents in `receive` keeps no entry for an agent that is not waiting: a
+    /// wake for one adds none, and one that waited is forgotten once it left or ended, unless
+    /// it waits here again.
+    #[tokio::test]
+    async fn only_agents_in_receive_have_an_entry() {
+        let (mailboxes, _dir, _events) = mailboxes();
+        mailboxes.wake(Wake::agent("agent-elsewhere"));
+        assert!(lock(&mailboxes.waiting).is_empty());
+        let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive()");
+        queue(&mailboxes, 3);
+        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
+        assert_eq!(int_of(got), Some(3));
+        assert_eq!(lock(&mailboxes.waiting).len(), 1);
+        let held = mailboxes.notify_of("agent-1");
+        mailboxes.forget("agent-1");
+        assert_eq!(
+            lock(&mailboxes.waiting).len(),
+            1,
+            "a receive still holds it"
+        );
+        drop(held);
+        mailboxes.forget("agent-1");
+        assert!(lock(&mailboxes.waiting).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

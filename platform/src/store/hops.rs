@@ -67,18 +67,7 @@ impl Store {
         hop: u64,
         envelope: Option<&[u8; 32]>,
     ) -> Result<bool, StoreError> {
-        self.read(|txn| {
-            let seen = seen_from(
-                &txn.open_table(SEEN)?,
-                id,
-                hop,
-                envelope.unwrap_or(&[0; 32]),
-            )?;
-            Ok(match envelope {
-                Some(_) => seen.is_duplicate(),
-                None => seen != HopSeen::No,
-            })
-        })
+        self.read(|txn| holds(&txn.open_table(SEEN)?, id, hop, envelope))
     }
 
     /// The hops of agent `id` this node remembers accepting, oldest first (diagnostics: see
@@ -172,16 +161,7 @@ impl Batch<'_> {
         hop: u64,
         envelope: Option<&[u8; 32]>,
     ) -> Result<bool, StoreError> {
-        let seen = seen_from(
-            &self.txn.open_table(SEEN)?,
-            id,
-            hop,
-            envelope.unwrap_or(&[0; 32]),
-        )?;
-        Ok(match envelope {
-            Some(_) => seen.is_duplicate(),
-            None => seen != HopSeen::No,
-        })
+        holds(&self.txn.open_table(SEEN)?, id, hop, envelope)
     }
 
     /// The destination side of a hop: if this node already accepted hop `rec.hop` of agent
@@ -330,6 +310,20 @@ impl Batch<'_> {
 }
 
 /// What `seen` holds of hop `hop` of agent `id`, compared with envelope hash `envelope`.
+/// [`Store::has_seen`] on the `seen` table.
+fn holds(
+    seen: &impl ReadableTable<(&'static str, u64), [u8; 32]>,
+    id: &str,
+    hop: u64,
+    envelope: Option<&[u8; 32]>,
+) -> Result<bool, StoreError> {
+    let seen = seen_from(seen, id, hop, envelope.unwrap_or(&[0; 32]))?;
+    Ok(match envelope {
+        Some(_) => seen.is_duplicate(),
+        None => seen != HopSeen::No,
+    })
+}
+
 fn seen_from(
     seen: &impl ReadableTable<(&'static str, u64), [u8; 32]>,
     id: &str,

@@ -117,6 +117,7 @@ pub(in crate::node) async fn complete_departure(
         })
         .await
         .map_err(|e| format!("migrate: {e}"))?;
+    shared.mailboxes.forget(id);
     // The first `carried` travelled with the agent; those that arrived while it was in flight
     // follow it.
     forward_queued(shared, id, queued.into_iter().skip(carried).collect());

@@ -609,10 +609,11 @@ fn a_name_two_keys_claim_is_refused_until_it_is_pinned() {
             &[("beta", beta_key.public())],
         )
         .await;
-        // Once gamma has heard both claims, and refused the impostor's.
+        // Once gamma has heard both claims, and refused the impostor's (once per identify it
+        // heard from it: under load a second one may come in).
         eventually(|| {
             let refused = gamma.status().unwrap().activity.counts.names_refused;
-            gamma.peer_names().contains(&"beta".to_string()) && refused == 1
+            gamma.peer_names().contains(&"beta".to_string()) && refused >= 1
         })
         .await;
         let recent = gamma.status().unwrap().activity.recent;

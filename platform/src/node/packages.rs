@@ -31,11 +31,34 @@ pub(super) struct Programs {
     compiled: Mutex<HashMap<[u8; 32], Arc<Loaded>>>,
 }
 
+/// Compiled packages kept once no agent uses them: past it, those go (and are compiled again
+/// if an agent of theirs comes), so that a stream of new packages does not grow the node.
+const MAX_COMPILED: usize = 256;
+
+impl Programs {
+    pub(super) fn get(&self, hash: &[u8; 32]) -> Option<Arc<Loaded>> {
+        lock(&self.compiled).get(hash).cloned()
+    }
+
+    pub(super) fn contains(&self, hash: &[u8; 32]) -> bool {
+        lock(&self.compiled).contains_key(hash)
+    }
+
+    /// Keeps `loaded`; past [`MAX_COMPILED`], first drops those no agent holds.
+    pub(super) fn insert(&self, hash: [u8; 32], loaded: Arc<Loaded>) {
+        let mut compiled = lock(&self.compiled);
+        if compiled.len() >= MAX_COMPILED {
+            compiled.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        compiled.insert(hash, loaded);
+    }
+}
+
 impl Shared {
     /// Compiles (once) the package with this hash from the store.
     pub(super) fn loaded(&self, hash: &[u8; 32]) -> Result<Arc<Loaded>, String> {
-        if let Some(l) = lock(&self.programs.compiled).get(hash) {
-            return Ok(l.clone());
+        if let Some(l) = self.programs.get(hash) {
+            return Ok(l);
         }
         let bytes = self
             .store
@@ -53,7 +76,7 @@ impl Shared {
         let limits = crate::package_files::limits_for(&grant.limits, self.limits.clone());
         let program = Program::compile(package.source(), &limits).map_err(|e| e.to_string())?;
         let loaded = Arc::new(Loaded { package, program });
-        lock(&self.programs.compiled).insert(*hash, loaded.clone());
+        self.programs.insert(*hash, loaded.clone());
         Ok(loaded)
     }
 }
@@ -65,7 +88,7 @@ pub(super) async fn ensure_package(
     peer: PeerId,
     hash: &PackageHash,
 ) -> Result<(), HopRefusal> {
-    if lock(&shared.programs.compiled).contains_key(hash.as_bytes()) {
+    if shared.programs.contains(hash.as_bytes()) {
         return Ok(());
     }
     if shared
@@ -196,4 +219,56 @@ pub(super) async fn handle_package(
         }
     };
     write_frame(&mut stream, &reply).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded() -> Loaded {
+        let spec = crate::package_files::PackSpec {
+            name: "t".into(),
+            version: "0".into(),
+            resources: vec![],
+            capabilities: vec![],
+            limits: Default::default(),
+        };
+        let key = security::SecretKey::from_seed([3; 32]);
+        let package = crate::package_files::pack("1".to_string(), spec, &key, 0)
+            .and_then(|p| Ok(p.verify()?))
+            .expect("packs");
+        let program =
+            Program::compile(package.source(), &agent_lang::Limits::default()).expect("compiles");
+        Loaded { package, program }
+    }
+
+    fn hash(i: usize) -> [u8; 32] {
+        let mut h = [0; 32];
+        h[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        h
+    }
+
+    /// Compiled packages past the bound go, except those an agent still holds.
+    #[test]
+    fn compiled_packages_no_agent_holds_go_past_the_bound() {
+        let programs = Programs::default();
+        let one = loaded();
+        let again = || {
+            Arc::new(Loaded {
+                package: one.package.clone(),
+                program: one.program.clone(),
+            })
+        };
+        let held = again();
+        programs.insert(hash(0), held.clone());
+        for i in 1..MAX_COMPILED {
+            programs.insert(hash(i), again());
+        }
+        assert_eq!(lock(&programs.compiled).len(), MAX_COMPILED);
+        programs.insert(hash(MAX_COMPILED), again());
+        assert!(programs.contains(&hash(0)), "an agent holds it");
+        assert!(programs.contains(&hash(MAX_COMPILED)));
+        assert_eq!(lock(&programs.compiled).len(), 2);
+        assert!(programs.get(&hash(1)).is_none());
+    }
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use agent_lang::rhai::{Array, Dynamic, FnPtr, Map};
-use agent_lang::{encode_portable, Execution, HostEnv, Limits, Outcome, Program, Resume};
+use agent_lang::{
+    decode_portable, encode_portable, Execution, HostEnv, Limits, Outcome, Program, Resume,
+};
 use platform::store::{AgentMeta, AgentState};
 use platform::wire::{
     push_frame, Activity, ActivityCounts, AgentEnd, AgentStatus, ClientRequest, ControlRefusal,
@@ -184,7 +186,9 @@ fn packages() -> Vec<Package> {
 
 /// Runs `program` from its start, taking every suspension's encoded continuation, until it
 /// ends or `max` slices ran.
-fn continuations(program: &Program, max: usize) -> (Vec<Vec<u8>>, Vec<Dynamic>) {
+/// The continuations of `program` at each of its first `max` suspensions, the values it sent
+/// or ended with, and the messages it sent as it wrote them (closures by their portable names).
+fn continuations(program: &Program, max: usize) -> (Vec<Vec<u8>>, Vec<Dynamic>, Vec<Vec<u8>>) {
     let mut env = HostEnv {
         here: "node-0".into(),
         home: "node-0".into(),
@@ -195,7 +199,7 @@ fn continuations(program: &Program, max: usize) -> (Vec<Vec<u8>>, Vec<Dynamic>) 
     };
     let mut exec = Execution::new(program);
     let mut input = Resume::Start;
-    let (mut bytes, mut sent) = (Vec::new(), Vec::new());
+    let (mut bytes, mut sent, mut messages) = (Vec::new(), Vec::new(), Vec::new());
     for slice in 0..max {
         let outcome = exec.resume(&env, input);
         input = match outcome {
@@ -206,8 +210,9 @@ fn continuations(program: &Program, max: usize) -> (Vec<Vec<u8>>, Vec<Dynamic>) 
             }
             Outcome::Receive { .. } if slice % 3 == 0 => Resume::Start,
             Outcome::Receive { .. } => Resume::Value(Dynamic::from(format!("message {slice}"))),
-            Outcome::Send { value, .. } => {
-                sent.push(value);
+            Outcome::Send { message, .. } => {
+                sent.push(decode_portable(program, &message).expect("its own message decodes"));
+                messages.push(message);
                 Resume::Start
             }
             Outcome::Finished(v) => {
@@ -222,7 +227,7 @@ fn continuations(program: &Program, max: usize) -> (Vec<Vec<u8>>, Vec<Dynamic>) 
         exec = Execution::decode(program, &encoded).expect("its own continuation decodes");
         bytes.push(encoded);
     }
-    (bytes, sent)
+    (bytes, sent, messages)
 }
 
 fn portable_values() -> Vec<Dynamic> {
@@ -308,7 +313,7 @@ fn main() {
         }
     }
     let traveller = Program::compile(TRAVELLER, &limits()).expect("the traveller compiles");
-    let (travelling, _) = continuations(&traveller, 200);
+    let (travelling, ..) = continuations(&traveller, 200);
     {
         let mut c = Corpus::new(&root, "continuation");
         for bytes in &travelling {
@@ -316,10 +321,13 @@ fn main() {
         }
     }
     let receiver = Program::compile(RECEIVER, &limits()).expect("the receiver compiles");
-    let (_, sent) = continuations(&receiver, 4);
+    let (_, sent, as_sent) = continuations(&receiver, 4);
     let mut messages = Vec::new();
     {
         let mut c = Corpus::new(&root, "portable_value");
+        for bytes in &as_sent {
+            c.put(bytes);
+        }
         for value in sent.iter().chain(&portable_values()) {
             let bytes = encode_portable(value).expect("a portable value");
             c.put(&bytes);
@@ -352,6 +360,10 @@ fn main() {
         inline: inline.to_vec(),
         hops: i as u64 + 1,
         operations: 12_345,
+        sent: platform::wire::MessagesSent {
+            count: i as u64,
+            bytes: 100 * i as u64,
+        },
         prepared_micros: 80,
         messages: messages
             .iter()
@@ -534,6 +546,10 @@ fn main() {
             hop,
             hops: hop + 1,
             operations: 99_999,
+            sent: platform::wire::MessagesSent {
+                count: hop,
+                bytes: 10 * hop,
+            },
             home: key(1).public().peer_id_string(),
             launcher: (hop % 2 == 1).then(|| key(4).public().peer_id_string()),
             state,

@@ -57,6 +57,13 @@ fn budget(mib: u64) -> Limits {
     Limits::default().with_max_memory_bytes(mib << 20)
 }
 
+/// How `source` ends under a memory budget of `mib` MiB: over it.
+fn over_budget(source: &str, mib: u64) -> agent_lang::AgentError {
+    let e = failure(run(source, &budget(mib)));
+    assert_eq!(e.kind, AgentErrorKind::MemoryBudget, "{source}: {e}");
+    e
+}
+
 #[test]
 fn the_allocator_is_metered_in_this_binary() {
     assert!(agent_lang::memory_is_metered());
@@ -77,22 +84,20 @@ fn a_million_pushes_finish() {
 #[test]
 fn arrays_held_together_beyond_the_budget_end_the_agent_at_the_statement() {
     // Each array is well under any per-object limit; together they pass 16 MiB.
-    let e = failure(run(
+    let e = over_budget(
         "let all = [];\nloop {\n  let a = []; a.pad(100000, 0); all.push(a);\n}\n",
-        &budget(16),
-    ));
-    assert_eq!(e.kind, AgentErrorKind::MemoryBudget, "{e}");
+        16,
+    );
     assert!(e.message.contains("memory budget of 16777216 bytes"), "{e}");
     assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
 }
 
 #[test]
 fn the_memory_budget_is_not_catchable() {
-    let e = failure(run(
+    over_budget(
         "let all = []; try { loop { all.push(blob(1000000)); } } catch (err) { 0 }",
-        &budget(8),
-    ));
-    assert_eq!(e.kind, AgentErrorKind::MemoryBudget, "{e}");
+        8,
+    );
 }
 
 #[test]
@@ -114,8 +119,7 @@ fn what_an_agent_holds_travels_with_it() {
     // twice, over 16 MiB once the fourth is taken if what it held before a hop still counts.
     let source =
         "let all = [];\nfor i in 0..4 { all.push(blob(6000000)); migrate(\"node-1\"); }\nall.len()";
-    let e = failure(run(source, &budget(16)));
-    assert_eq!(e.kind, AgentErrorKind::MemoryBudget, "{e}");
+    let e = over_budget(source, 16);
     assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
     match run(source, &budget(32)) {
         Outcome::Finished(v) => assert_eq!(v.as_int(), Ok(4)),
@@ -209,8 +213,7 @@ fn built_ins_that_take_a_size_ask_before_allocating() {
         "let s = \"\"; s.pad(1 << 40, 'x'); s",
         "let s = \"ab\"; let big = \"x\"; big.pad(1000000, 'x'); s.replace(\"\", big); s",
     ] {
-        let e = failure(run(source, &budget(1)));
-        assert_eq!(e.kind, AgentErrorKind::MemoryBudget, "{source}: {e}");
+        over_budget(source, 1);
     }
 }
 
@@ -269,8 +272,7 @@ fn built_ins_that_multiply_their_input_stop_at_the_budget() {
         "let s = \"\"; s.pad(4000000, \"x\"); s.to_chars()",
         "let b = blob(4000000); b.to_array()",
     ] {
-        let e = failure(run(source, &budget(16)));
-        assert_eq!(e.kind, AgentErrorKind::MemoryBudget, "{source}: {e}");
+        let e = over_budget(source, 16);
         // Stopped near the budget, not after the whole array was made (hundreds of MB).
         let took: u64 = e
             .message

@@ -58,7 +58,22 @@ pub fn runtime() -> tokio::runtime::Runtime {
 pub fn wait_for<T>(
     what: &str,
     timeout: std::time::Duration,
+    check: impl FnMut() -> Option<T>,
+) -> T {
+    wait_for_or(what, timeout, check, String::new)
+}
+
+/// [`wait_for`], with `context` (the nodes' logs, say) added to the message when `timeout`
+/// passes first.
+///
+/// # Panics
+///
+/// When `timeout` passes first.
+pub fn wait_for_or<T>(
+    what: &str,
+    timeout: std::time::Duration,
     mut check: impl FnMut() -> Option<T>,
+    context: impl FnOnce() -> String,
 ) -> T {
     let deadline = std::time::Instant::now() + timeout;
     loop {
@@ -66,10 +81,28 @@ pub fn wait_for<T>(
             return v;
         }
         if std::time::Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// Polls `check` every 10 ms, without holding the runtime's thread, until it holds.
+///
+/// # Panics
+///
+/// When it does not hold within 20 s.
+pub async fn eventually(mut check: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within 20 s");
 }
 
 /// Separate `tern` processes: node daemons on loopback and CLI invocations, every one of them

@@ -16,7 +16,7 @@ use std::time::Duration;
 use platform::wire::{AgentEnd, StatusReport};
 use tern_tests::ctl;
 use tern_tests::process::{keygen, pack, tern, toml_list, NodeFile, TernNode, QUICK};
-use tern_tests::wait_for;
+use tern_tests::{wait_for, wait_for_or};
 
 const FAULT_EXIT: i32 = 86;
 
@@ -238,19 +238,15 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent: &str) {
     // timeout) and retries with backoff (up to 10 s): under a loaded machine (CI runs these
     // tests side by side) 60 s was seen to be too short, twice in many runs. The logs say
     // why, should it take longer still.
-    let deadline = std::time::Instant::now() + Duration::from_secs(150);
-    let seen = loop {
-        let h = holders(&mesh.reports(), &agent);
-        if h.iter().any(|(n, s)| n == "dst" && live(s)) {
-            break h;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent did not run on dst within 150 s: {h:?}\n{}",
-            mesh.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let seen = wait_for_or(
+        "the agent to run on dst",
+        Duration::from_secs(150),
+        || {
+            let h = holders(&mesh.reports(), &agent);
+            h.iter().any(|(n, s)| n == "dst" && live(s)).then_some(h)
+        },
+        || mesh.logs(),
+    );
     // The nodes are asked one after the other, so that snapshot may show src from just before
     // the hop. Asked again now that dst holds the agent (for 4 s), no other node may run it.
     let after = holders(&mesh.reports(), &agent);

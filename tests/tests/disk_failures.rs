@@ -11,7 +11,7 @@ use platform::store::{AgentMeta, AgentRecord, AgentState, Durability, Store};
 use platform::wire::AgentEnd;
 use security::SecretKey;
 use tern_tests::disk::SimulatedDisk;
-use tern_tests::package;
+use tern_tests::{eventually, package};
 
 fn agent(id: &str, continuation_len: usize) -> AgentRecord {
     AgentRecord::from_parts(
@@ -33,18 +33,6 @@ fn agent(id: &str, continuation_len: usize) -> AgentRecord {
         },
         (0..continuation_len).map(|i| (i % 251) as u8).collect(),
     )
-}
-
-/// Waits (polling) until `check` holds, for at most 10 s.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The agents a store holds, with their continuations' lengths, sorted.
@@ -136,7 +124,7 @@ fn a_node_whose_disk_fails_stops_and_its_agent_ends_once_after_a_restart() {
                 }))
             )
         };
-        eventually("the agent waits", waiting).await;
+        eventually(waiting).await;
         disk.fail(true);
         // Its timeout comes: neither the answer nor the end can be stored, and the node stops.
         tokio::time::timeout(Duration::from_secs(10), node.stopped())
@@ -151,10 +139,7 @@ fn a_node_whose_disk_fails_stops_and_its_agent_ends_once_after_a_restart() {
         let store = Store::open_on(disk.clone(), Durability::Fsync).unwrap();
         let reader = store.clone();
         let node = Node::start(config(store)).await.unwrap();
-        eventually("the agent ends", || {
-            matches!(reader.result(&id), Ok(Some(_)))
-        })
-        .await;
+        eventually(|| matches!(reader.result(&id), Ok(Some(_)))).await;
         let stored = reader.result(&id).unwrap().unwrap();
         let end: AgentEnd = ciborium::from_reader(stored.as_slice()).unwrap();
         match end {

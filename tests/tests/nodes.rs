@@ -6,7 +6,7 @@ use platform::loopback::LoopbackMesh;
 use platform::node::{SendError, Undelivered};
 use platform::wire::{AgentEnd, ControlRefusal};
 use security::PeersPolicy;
-use tern_tests::package;
+use tern_tests::{eventually, package};
 
 fn rt() -> tokio::runtime::Runtime {
     tern_tests::runtime()
@@ -306,17 +306,6 @@ async fn mesh_for(nodes: usize, source: &str) -> (LoopbackMesh, security::Verifi
         .await
         .unwrap();
     (mesh, package)
-}
-
-/// Polls `f` every 10 ms for up to 20 s.
-async fn eventually(mut f: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached within 20 s");
 }
 
 #[test]

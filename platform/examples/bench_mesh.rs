@@ -320,22 +320,17 @@ async fn fsync_pair(author: &Author) -> Result<(Vec<NodeHandle>, Vec<tempfile::T
     for i in 0..2 {
         let dir = tempfile::tempdir()?;
         let config = NodeConfig {
-            name: format!("node-{i}"),
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
             bootstrap: nodes
                 .iter()
                 .flat_map(|h| h.listen_addrs().into_iter().take(1))
                 .collect(),
-            key: SecretKey::generate(),
-            data_dir: dir.path().to_path_buf(),
-            mdns: false,
             durability: Durability::Fsync,
-            trust: author.trust.clone(),
-            limits: Limits::default(),
-            mailbox: Default::default(),
-            max_agents: platform::node::DEFAULT_MAX_AGENTS,
-            pinned_names: Default::default(),
-            store: None,
+            ..NodeConfig::local(
+                &format!("node-{i}"),
+                SecretKey::generate(),
+                dir.path().to_path_buf(),
+                author.trust.clone(),
+            )
         };
         nodes.push(Node::start(config).await?);
         dirs.push(dir);

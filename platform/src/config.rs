@@ -21,6 +21,7 @@
 //! max_messages_sent = 10000000        # in the agent's whole life, every node together
 //! max_message_bytes_sent = 1073741824 # likewise, bytes of encoded messages
 //! max_agents = 100000                 # stored on this node at once
+//! max_store_bytes = 17179869184       # agents' state in the store, all agents together
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
 //! max_messages_per_peer_per_second = 1000
 //! ```
@@ -67,6 +68,7 @@ struct LimitsConfig {
     max_messages_sent: Option<u64>,
     max_message_bytes_sent: Option<u64>,
     max_agents: Option<u64>,
+    max_store_bytes: Option<u64>,
     max_call_depth: Option<usize>,
     max_string_size: Option<usize>,
     max_array_size: Option<usize>,
@@ -158,6 +160,7 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
             l.max_continuation_bytes.map(|v| v as u64),
         ),
         ("max_agents", l.max_agents),
+        ("max_store_bytes", l.max_store_bytes),
     ] {
         if value == Some(0) {
             bail!("{}: [limits] {name} must be at least 1", path.display());
@@ -235,6 +238,9 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         limits,
         mailbox,
         max_agents: l.max_agents.unwrap_or(crate::node::DEFAULT_MAX_AGENTS),
+        max_store_bytes: l
+            .max_store_bytes
+            .unwrap_or(crate::node::DEFAULT_MAX_STORE_BYTES),
         pinned_names,
         store: None,
     })
@@ -260,7 +266,8 @@ mod tests {
     fn mailbox_limits_are_read_and_the_rest_default() {
         let config = load_text(
             "max_queued_messages = 10\nmax_operations = 5\nmax_total_operations = 50\n\
-                 max_memory_bytes = 4096\nmax_messages_sent = 7\nmax_message_bytes_sent = 70",
+                 max_memory_bytes = 4096\nmax_messages_sent = 7\nmax_message_bytes_sent = 70\n\
+                 max_store_bytes = 1000000",
         )
         .unwrap();
         assert_eq!(config.mailbox.max_queued_messages, 10);
@@ -273,6 +280,8 @@ mod tests {
         assert_eq!(config.limits.max_memory_bytes, 4096);
         assert_eq!(config.limits.max_messages_sent, 7);
         assert_eq!(config.limits.max_message_bytes_sent, 70);
+        assert_eq!(config.max_store_bytes, 1_000_000);
+        assert_eq!(config.max_agents, crate::node::DEFAULT_MAX_AGENTS);
     }
 
     #[test]

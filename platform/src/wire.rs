@@ -438,6 +438,19 @@ pub enum HopRefusal {
         /// The node's `max_agents`.
         max: u64,
     },
+    /// The agent does not fit in this node's store quota (`[limits] max_store_bytes`).
+    #[error(
+        "this node's store is full: it holds {stored} bytes of agents' state, and {adding} more \
+         would exceed its quota of {max} bytes (max_store_bytes)"
+    )]
+    StoreFull {
+        /// Bytes of agents' state the node holds.
+        stored: u64,
+        /// Bytes asked for.
+        adding: u64,
+        /// The node's `max_store_bytes`.
+        max: u64,
+    },
     /// This node accepted this hop of the agent already, by another envelope: one of the two
     /// claims on it was made by a node that did not hold the agent. The agent stays where it is.
     #[error("hop {hop} of this agent, or a later one, came here already by another envelope")]
@@ -529,6 +542,19 @@ pub enum ControlRefusal {
     #[error("this node is full: it holds its maximum of {max} agents")]
     NodeFull {
         /// The node's `max_agents`.
+        max: u64,
+    },
+    /// What was asked does not fit in this node's store quota (`[limits] max_store_bytes`).
+    #[error(
+        "this node's store is full: it holds {stored} bytes of agents' state, and {adding} more \
+         would exceed its quota of {max} bytes (max_store_bytes)"
+    )]
+    StoreFull {
+        /// Bytes of agents' state the node holds.
+        stored: u64,
+        /// Bytes asked for.
+        adding: u64,
+        /// The node's `max_store_bytes`.
         max: u64,
     },
     /// The client's key is not one of the node's operators.
@@ -896,6 +922,18 @@ pub struct StatusReport {
     /// What happened on the node since it started (absent from nodes that predate it).
     #[serde(default)]
     pub activity: Activity,
+    /// How full its store is (absent from nodes that predate it).
+    #[serde(default)]
+    pub store: StoreUsage,
+}
+
+/// How much of its store quota a node uses.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Bytes of agents' state in the store.
+    pub stored_bytes: u64,
+    /// The node's `max_store_bytes`.
+    pub max_store_bytes: u64,
 }
 
 /// What happened on a node since it started, from its event stream: counts per kind of event

@@ -1801,3 +1801,110 @@ fn unsynced_writes_land_and_survive_a_clean_close() {
         assert_eq!(store.result(id).unwrap().as_deref(), Some(value.as_bytes()));
     }
 }
+
+/// The bytes the store counts (`Store::stored_bytes`), recounted from the file with a raw redb
+/// handle once the store is closed: the values of the five counted tables, and the total the
+/// store recorded beside them.
+fn raw_stored_bytes(path: &Path) -> (u64, Option<u64>) {
+    fn sum<K: redb::Key + 'static>(txn: &redb::ReadTransaction, name: &str) -> u64 {
+        let def: TableDefinition<K, &[u8]> = TableDefinition::new(name);
+        let table = txn.open_table(def).unwrap();
+        let mut total = 0;
+        for entry in redb::ReadableTable::iter(&table).unwrap() {
+            total += entry.unwrap().1.value().len() as u64;
+        }
+        total
+    }
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let counted = sum::<[u8; 32]>(&txn, "packages")
+        + sum::<&str>(&txn, "agents")
+        + sum::<(&str, u32)>(&txn, "continuation_chunks")
+        + sum::<(&str, u64)>(&txn, "messages")
+        + sum::<&str>(&txn, "results");
+    let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    let recorded = txn
+        .open_table(meta)
+        .unwrap()
+        .get("stored_bytes")
+        .unwrap()
+        .map(|v| v.value());
+    (counted, recorded)
+}
+
+#[test]
+fn stored_bytes_follow_every_write_and_are_counted_for_an_older_file() {
+    let (_dir, path, mut store) = temp_store(Durability::NoSync);
+    let runtime = multi_thread_runtime();
+    // A small deterministic generator: the same mix of writes on every run.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut most = 0;
+    for step in 0..120 {
+        let id = format!("agent-{}", next(6));
+        // Inline and chunked continuations, and lengths around the chunk boundaries.
+        let len = [10, 4000, 4096, 70_000, MB + 5, 3 * MB][next(6) as usize];
+        let rec = agent_with(&id, step, continuation(step as u8, len));
+        let message = vec![7u8; next(3000) as usize];
+        let op = next(10);
+        let wrote = match op {
+            0 | 1 => store.batch(|b| b.put_agent(&rec)),
+            2 => store.batch(|b| b.delete_agent(&id)),
+            3 => store.batch(|b| {
+                let mut meta = rec.meta.clone();
+                meta.launcher = Some("x".repeat(next(500) as usize));
+                b.put_agent_meta(&meta).map(drop)
+            }),
+            4 => store.batch(|b| b.push_message(&id, &message).map(drop)),
+            5 => store.batch(|b| b.pop_message(&id).map(drop)),
+            6 => runtime.block_on(store.write({
+                let id = id.clone();
+                move |b| b.take_messages(&id).map(drop)
+            })),
+            7 => store.batch(|b| b.put_result(&id, &message)),
+            8 => store.batch(|b| b.put_package(&[next(3) as u8; 32], &message)),
+            // A write that fails after writing: nothing of it counts.
+            _ => store.batch(|b| {
+                b.put_agent(&rec)?;
+                b.push_message(&id, &message)?;
+                Err(StoreError::Schema { found: 0 })
+            }),
+        };
+        assert_eq!(wrote.is_err(), op == 9, "step {step}: {wrote:?}");
+        most = most.max(store.stored_bytes());
+        if step % 10 == 9 {
+            let before = store.stored_bytes();
+            drop(store);
+            assert_eq!(
+                raw_stored_bytes(&path),
+                (before, Some(before)),
+                "step {step}"
+            );
+            store = Store::open(&path, Durability::NoSync).unwrap();
+            assert_eq!(store.stored_bytes(), before);
+        }
+    }
+    assert!(most > 3 * MB as u64, "the mix stored little: {most}");
+    let before = store.stored_bytes();
+    drop(store);
+    // A file written before the total existed is counted when it is opened.
+    let db = redb::Database::create(&path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
+        txn.open_table(meta)
+            .unwrap()
+            .remove("stored_bytes")
+            .unwrap();
+    }
+    txn.commit().unwrap();
+    drop(db);
+    assert_eq!(raw_stored_bytes(&path), (before, None));
+    let store = Store::open(&path, Durability::NoSync).unwrap();
+    assert_eq!(store.stored_bytes(), before);
+}

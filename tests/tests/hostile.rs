@@ -1373,6 +1373,90 @@ fn a_full_node_refuses_launches_and_arrivals_and_serves_on() {
     });
 }
 
+/// A node keeps at most `max_store_bytes` of agents' state, all agents together: a launch, a
+/// message, an arriving hop and a grown `receive` checkpoint that would take it past the quota
+/// are refused (the agent that asked carries on, catching the error), while smaller ones go
+/// through, and the node serves on.
+#[test]
+fn a_full_store_refuses_what_would_grow_it_and_serves_on() {
+    run(async {
+        const QUOTA: u64 = 48 << 10;
+        let mesh = Mesh::with_target(|c| c.max_store_bytes = QUOTA).await;
+        let big = 60_000;
+        // A launch whose package alone would not fit.
+        let large_source = format!("let s = \"{}\"; s.len()", "x".repeat(big));
+        match mesh.target.launch(sign(&large_source, &mesh.author), None) {
+            Err(ControlRefusal::StoreFull {
+                max: QUOTA, adding, ..
+            }) if adding > big as u64 => {}
+            other => panic!("{:?}", other.map(|(id, _)| id)),
+        }
+        // An agent waiting here: a message that would not fit is refused to its sender and a
+        // small one is delivered; then it grows past the quota and waits again, which fails.
+        let grower = sign(
+            r#"
+                let m = receive();
+                let s = "y";
+                while s.len() < 60000 { s += s; }
+                let why = "";
+                try { receive(); } catch (e) { why = e; }
+                [m, why]
+            "#,
+            &mesh.author,
+        );
+        let (id, end) = mesh
+            .target
+            .launch(grower, None)
+            .expect("a small launch fits");
+        held_in_state(&mesh.target, &id, "waiting").await;
+        let large = agent_lang::rhai::Dynamic::from("z".repeat(big));
+        let refused = mesh
+            .honest
+            .send(&id, &large)
+            .await
+            .map_err(|e| e.to_string());
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("store is full")),
+            "{refused:?}"
+        );
+        mesh.honest
+            .send(&id, &agent_lang::rhai::Dynamic::from(7_i64))
+            .await
+            .expect("a small message fits");
+        let end = ended(end).await;
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, .. }
+                if json.starts_with("[7,") && json.contains("store is full")),
+            "{end:?}"
+        );
+        // An agent too large for the target's store stays where it is; `migrate` throws.
+        let mover = sign(
+            r#"
+                let s = "w";
+                while s.len() < 60000 { s += s; }
+                let why = "";
+                try { migrate("target"); } catch (e) { why = e; }
+                [here(), why]
+            "#,
+            &mesh.author,
+        );
+        let (_, end) = mesh.honest.launch(mover, None).expect("launch");
+        let end = ended(end).await;
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, .. }
+                if json.starts_with(r#"["honest","#) && json.contains("store is full")),
+            "{end:?}"
+        );
+        mesh.still_serves().await;
+        let usage = mesh.target.status().expect("status").store;
+        assert_eq!(usage.max_store_bytes, QUOTA);
+        assert!(
+            usage.stored_bytes > 0 && usage.stored_bytes <= QUOTA,
+            "{usage:?}"
+        );
+    });
+}
+
 /// A node an agent was offered to, which refused it, holds an envelope addressed to it and
 /// signed by the agent's holder. Its reports of the agent's location or end are still refused:
 /// it does not have the holder's signature that it handed the agent over.

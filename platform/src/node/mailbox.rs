@@ -12,12 +12,16 @@ use tokio::sync::Notify;
 
 use super::events::{Events, NodeEvent};
 use super::fault::{FaultPoint, Faults};
+use super::quota::StoreQuota;
 use super::{lock, now_ms};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Store};
+use crate::wire::ControlRefusal;
 
 /// The agents of this node that may be waiting in `receive`, and how to wake them.
 pub(super) struct Mailboxes {
     store: Store,
+    /// What a checkpoint that grew the agent must fit in.
+    quota: StoreQuota,
     faults: Faults,
     events: Events,
     /// One `Notify` per agent: a wake that comes before the agent waits is kept (as a permit)
@@ -59,9 +63,10 @@ enum AtReceive {
 }
 
 impl Mailboxes {
-    pub(super) fn new(store: Store, faults: Faults, events: Events) -> Mailboxes {
+    pub(super) fn new(quota: StoreQuota, faults: Faults, events: Events) -> Mailboxes {
         Mailboxes {
-            store,
+            store: quota.store().clone(),
+            quota,
             faults,
             events,
             waiting: Mutex::default(),
@@ -132,7 +137,15 @@ impl Mailboxes {
         let notify = self.notify_of(&rec.id);
         let deadline = timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
         let mut here = match exec.encode() {
-            Ok(continuation) => AtReceive::Encoded(continuation),
+            Ok(continuation) => {
+                // A checkpoint larger than the last must fit in the node's store quota; if it
+                // does not, `receive` fails (catchably) and the messages stay queued.
+                let growth = continuation.len().saturating_sub(rec.continuation.len());
+                if let Err(full) = self.quota.room_for(growth as u64) {
+                    return Err(format!("receive: {}", ControlRefusal::from(full)));
+                }
+                AtReceive::Encoded(continuation)
+            }
             Err(e) => {
                 tracing::debug!(agent = %rec.id, "receive without a checkpoint: {e}");
                 AtReceive::Unstorable
@@ -273,7 +286,11 @@ mod tests {
         let events = Events::default();
         let subscriber = events.subscribe();
         (
-            Mailboxes::new(store, Faults::default(), events),
+            Mailboxes::new(
+                StoreQuota::new(store, crate::node::DEFAULT_MAX_STORE_BYTES),
+                Faults::default(),
+                events,
+            ),
             dir,
             subscriber,
         )

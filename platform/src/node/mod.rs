@@ -17,6 +17,7 @@
 //! - [`runner`]: launching agents and running them slice after slice ([`crate::slices`]: off
 //!   the runtime, so a busy agent never stalls networking);
 //! - [`peers`]: names, keys and ids of this node and its peers;
+//! - [`quota`]: the node's quota on its store;
 //! - [`events`]: what happens, as typed [`NodeEvent`]s on one broadcast channel;
 //! - [`activity`]: the counts and latest events `tern status` shows, folded from that channel;
 //! - [`tasks`]: every task the node spawns, stopped with it;
@@ -69,6 +70,7 @@ mod mailbox;
 mod operators;
 mod packages;
 mod peers;
+mod quota;
 mod routing;
 mod runner;
 mod sender_rates;
@@ -88,6 +90,8 @@ use hop::{ArrivalGate, Departures};
 use mailbox::Mailboxes;
 use packages::Programs;
 use peers::Peers;
+use quota::StoreQuota;
+pub use quota::DEFAULT_MAX_STORE_BYTES;
 use runner::Agents;
 use streams::{PeerStream, StreamPool};
 use tasks::NodeTasks;
@@ -122,6 +126,8 @@ pub struct NodeConfig {
     /// Most agents stored on the node at once (running, waiting, arriving or leaving): past it,
     /// launches and arriving hops are refused (`NodeFull`).
     pub max_agents: u64,
+    /// Most bytes of agents' state the store keeps, all agents together (see [`quota`]).
+    pub max_store_bytes: u64,
     /// Node names only one key may take (`[peers]`): another peer announcing one is not named.
     pub pinned_names: HashMap<String, PublicKey>,
     /// A store already open, used instead of the one in `data_dir` (tests give a node a store
@@ -146,6 +152,7 @@ impl NodeConfig {
             limits: Limits::default(),
             mailbox: MailboxLimits::default(),
             max_agents: DEFAULT_MAX_AGENTS,
+            max_store_bytes: DEFAULT_MAX_STORE_BYTES,
             pinned_names: HashMap::new(),
             store: None,
         }
@@ -165,6 +172,8 @@ struct Shared {
     mailbox: MailboxLimits,
     /// [`NodeConfig::max_agents`].
     max_agents: u64,
+    /// [`NodeConfig::max_store_bytes`], over the store.
+    quota: StoreQuota,
     /// How many messages each peer may still deliver.
     sender_rates: SenderRates,
     faults: Faults,
@@ -319,6 +328,7 @@ impl Node {
         let directory = discovery::Directory::new(peer_id).with_pins(pins);
         let events = Events::default();
         let faults = Faults::from_env();
+        let quota = StoreQuota::new(store.clone(), config.max_store_bytes);
         let shared = Arc::new(Shared {
             peers: Peers::new(
                 config.name.clone(),
@@ -327,7 +337,8 @@ impl Node {
                 directory.names().clone(),
             ),
             key: config.key,
-            mailboxes: Mailboxes::new(store.clone(), faults, events.clone()),
+            mailboxes: Mailboxes::new(quota.clone(), faults, events.clone()),
+            quota,
             store,
             trust: config.trust,
             limits: config.limits,

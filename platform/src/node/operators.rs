@@ -162,5 +162,6 @@ pub(super) fn status(shared: &Shared) -> Result<StatusReport, StoreError> {
         agents,
         forwards,
         activity: shared.activity.snapshot(),
+        store: shared.quota.usage(),
     })
 }

@@ -115,6 +115,7 @@ fn deliver_here(shared: &Shared, agent: &str, message: &[u8]) -> Result<Delivery
                 reason: e.to_string(),
             });
         }
+        shared.quota.room_for(bytes)?;
         let queued = shared
             .store
             .batch(|b| {

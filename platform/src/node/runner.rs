@@ -72,9 +72,11 @@ pub(super) fn launch(
         });
     }
     let hash = package.hash();
+    let bytes = package.to_bytes();
+    shared.quota.room_for(bytes.len() as u64)?;
     shared
         .store
-        .batch(|b| b.put_package(hash.as_bytes(), &package.to_bytes()))
+        .batch(|b| b.put_package(hash.as_bytes(), &bytes))
         .map_err(|e| ControlRefusal::Store(e.to_string()))?;
     shared
         .loaded(hash.as_bytes())

@@ -65,13 +65,17 @@ pub(super) fn read_chunks(
     Ok(out)
 }
 
-/// Removes every chunk of agent `id`'s continuation (none is fine).
+/// Removes every chunk of agent `id`'s continuation (none is fine): the bytes they held.
 pub(super) fn remove_chunks(
     chunks: &mut Table<'_, (&'static str, u32), &'static [u8]>,
     id: &str,
-) -> Result<(), StoreError> {
-    chunks.retain_in(chunk_keys(id), |_, _| false)?;
-    Ok(())
+) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    chunks.retain_in(chunk_keys(id), |_, chunk| {
+        removed += chunk.len();
+        false
+    })?;
+    Ok(removed)
 }
 
 /// The most bytes of agent `id`'s continuation one chunk holds: what fills a 1 MiB page.

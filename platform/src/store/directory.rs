@@ -88,7 +88,12 @@ impl Batch<'_> {
     ///
     /// When the write fails.
     pub fn put_result(&mut self, id: &str, result: &[u8]) -> Result<(), StoreError> {
-        self.txn.open_table(RESULTS)?.insert(id, result)?;
+        let old = self
+            .txn
+            .open_table(RESULTS)?
+            .insert(id, result)?
+            .map_or(0, |old| old.value().len());
+        self.count(result.len(), old);
         Ok(())
     }
 }

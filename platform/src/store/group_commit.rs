@@ -220,7 +220,7 @@ impl Shared {
                 return;
             }
         };
-        let mut batch = Batch { txn: &txn };
+        let mut batch = Batch::new(&txn);
         let mut wrote: Vec<Finish> = Vec::with_capacity(group.len());
         while let Some(job) = group.pop_front() {
             match job.run(&mut batch) {
@@ -236,8 +236,20 @@ impl Shared {
                 }
             }
         }
+        let stored = match batch.settle() {
+            Ok(stored) => stored,
+            Err(e) => {
+                let _ = txn.abort();
+                let cause = format!("its usage could not be counted: {}", chain(&e));
+                for finish in wrote {
+                    finish(Err(StoreError::BatchAborted(cause.clone())));
+                }
+                return;
+            }
+        };
         match self.commit(txn, synced) {
             Ok(()) => {
+                self.committed(stored);
                 for finish in wrote {
                     finish(Ok(()));
                 }

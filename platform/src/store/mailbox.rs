@@ -65,6 +65,7 @@ impl Batch<'_> {
         let seq = meta.get(META_NEXT_SEQ)?.map_or(0, |v| v.value());
         meta.insert(META_NEXT_SEQ, seq + 1)?;
         self.txn.open_table(MESSAGES)?.insert((id, seq), message)?;
+        self.count(message.len(), 0);
         let mut queued = self.txn.open_table(QUEUED)?;
         let size = queued_in(&queued, id)?;
         queued.insert(id, (size.messages + 1, size.bytes + message.len() as u64))?;
@@ -98,6 +99,7 @@ impl Batch<'_> {
             return Ok(None);
         };
         t.remove((id, seq))?;
+        self.count(0, message.len());
         let mut queued = self.txn.open_table(QUEUED)?;
         let size = queued_in(&queued, id)?;
         if size.messages <= 1 {
@@ -122,6 +124,7 @@ impl Batch<'_> {
             .map(|entry| entry.map(|(_, v)| v.value().to_vec()))
             .collect::<Result<Vec<_>, _>>()?;
         self.txn.open_table(QUEUED)?.remove(id)?;
+        self.count(0, taken.iter().map(Vec::len).sum());
         Ok(taken)
     }
 }

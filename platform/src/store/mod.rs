@@ -18,6 +18,7 @@
 //! - `mailbox`: the per-agent message queues;
 //! - `directory`: on the home node, where its agents are and how they ended;
 //! - `group_commit`: the queue and the leader behind [`Store::write`];
+//! - `usage`: the bytes agents take in the store ([`Store::stored_bytes`]);
 //! - `error`: [`StoreError`].
 //!
 //! # Writing
@@ -108,6 +109,7 @@ mod mailbox;
 mod packages;
 mod records;
 mod schema;
+mod usage;
 
 use std::fmt;
 use std::path::Path;
@@ -163,6 +165,8 @@ struct Shared {
     writes: Mutex<group_commit::Writes>,
     /// How long this store's synced commits take, which decides where they wait.
     disk: DiskSpeed,
+    /// The bytes agents take in the store, as last committed (see `usage`).
+    stored: AtomicU64,
 }
 
 impl fmt::Debug for Store {
@@ -216,10 +220,23 @@ impl Store {
                 failure: tokio::sync::watch::Sender::new(None),
                 writes: Mutex::default(),
                 disk: DiskSpeed::default(),
+                stored: AtomicU64::new(0),
             }),
         };
-        store.batch(|b| b.create_tables())?;
+        let stored = store.batch(|b| {
+            b.create_tables()?;
+            b.count_stored_if_missing()?;
+            b.stored()
+        })?;
+        store.shared.stored.store(stored, Ordering::Relaxed);
         Ok(store)
+    }
+
+    /// The bytes agents take in this store, as last committed: packages, agent records and
+    /// continuations, queued messages and results (the `usage` module says what is left out).
+    /// One atomic read, for quota checks.
+    pub fn stored_bytes(&self) -> u64 {
+        self.shared.stored.load(Ordering::Relaxed)
     }
 
     /// Why the store can no longer be written (`None` while it can): once a transaction could
@@ -265,10 +282,12 @@ impl Store {
     ) -> Result<T, StoreError> {
         let run = || {
             let txn = self.shared.begin(true)?;
-            let result = f(&mut Batch { txn: &txn });
+            let mut batch = Batch::new(&txn);
+            let result = f(&mut batch).and_then(|value| Ok((value, batch.settle()?)));
             match result {
-                Ok(value) => {
+                Ok((value, stored)) => {
                     self.shared.commit(txn, true)?;
+                    self.shared.committed(stored);
                     Ok(value)
                 }
                 Err(e) => {
@@ -371,6 +390,13 @@ impl Shared {
         }
     }
 
+    /// Takes the bytes stored after a commit, if it changed them.
+    fn committed(&self, stored: Option<u64>) {
+        if let Some(stored) = stored {
+            self.stored.store(stored, Ordering::Relaxed);
+        }
+    }
+
     /// Commits `txn`, timing it if it syncs.
     fn commit(&self, txn: WriteTransaction, synced: bool) -> Result<(), redb::CommitError> {
         let committed = if synced && self.durability == Durability::Fsync {
@@ -421,6 +447,14 @@ impl DiskSpeed {
 /// writes.
 pub struct Batch<'txn> {
     txn: &'txn WriteTransaction,
+    /// How much this transaction changed the bytes stored (see `usage`).
+    grew: i64,
+}
+
+impl<'txn> Batch<'txn> {
+    fn new(txn: &'txn WriteTransaction) -> Self {
+        Batch { txn, grew: 0 }
+    }
 }
 
 impl fmt::Debug for Batch<'_> {

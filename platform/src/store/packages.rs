@@ -34,7 +34,12 @@ impl Batch<'_> {
     ///
     /// When the write fails.
     pub fn put_package(&mut self, hash: &[u8; 32], bytes: &[u8]) -> Result<(), StoreError> {
-        self.txn.open_table(PACKAGES)?.insert(hash, bytes)?;
+        let old = self
+            .txn
+            .open_table(PACKAGES)?
+            .insert(hash, bytes)?
+            .map_or(0, |old| old.value().len());
+        self.count(bytes.len(), old);
         Ok(())
     }
 }

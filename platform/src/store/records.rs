@@ -450,20 +450,28 @@ impl Batch<'_> {
         } else {
             encode_agent(INLINE, &MetaRef::of_record(rec, Some(&rec.continuation)))?
         };
-        let old_inline = self
+        let (old_len, old_inline) = self
             .txn
             .open_table(AGENTS)?
             .insert(id, value.as_slice())?
-            .map(|old| old.value().first() == Some(&INLINE));
+            .map_or((0, None), |old| {
+                (
+                    old.value().len(),
+                    Some(old.value().first() == Some(&INLINE)),
+                )
+            });
+        self.count(value.len(), old_len);
         // The old chunks go first, so that redb never copies them (a replacement in place
         // copies the old value, or its whole page), and none is left behind by a shorter
         // continuation.
         if large || old_inline == Some(false) {
             let mut chunks = self.txn.open_table(CHUNKS)?;
-            remove_chunks(&mut chunks, id)?;
+            let removed = remove_chunks(&mut chunks, id)?;
             if large {
                 insert_chunks(&mut chunks, id, &rec.continuation)?;
             }
+            drop(chunks);
+            self.count(if large { rec.continuation.len() } else { 0 }, removed);
         }
         Ok(())
     }
@@ -488,7 +496,11 @@ impl Batch<'_> {
                 None => encode_agent(CHUNKED, &MetaRef::new(meta, None))?,
             }
         };
-        agents.insert(id, value.as_slice())?;
+        let old_len = agents
+            .insert(id, value.as_slice())?
+            .map_or(0, |old| old.value().len());
+        drop(agents);
+        self.count(value.len(), old_len);
         Ok(true)
     }
 
@@ -498,14 +510,20 @@ impl Batch<'_> {
     ///
     /// When the write fails.
     pub fn delete_agent(&mut self, id: &str) -> Result<(), StoreError> {
-        let old_inline = self
+        let Some((old_len, old_inline)) = self
             .txn
             .open_table(AGENTS)?
             .remove(id)?
-            .map(|old| old.value().first() == Some(&INLINE));
-        if old_inline == Some(false) {
-            remove_chunks(&mut self.txn.open_table(CHUNKS)?, id)?;
-        }
+            .map(|old| (old.value().len(), old.value().first() == Some(&INLINE)))
+        else {
+            return Ok(());
+        };
+        let removed = if old_inline {
+            0
+        } else {
+            remove_chunks(&mut self.txn.open_table(CHUNKS)?, id)?
+        };
+        self.count(0, old_len + removed);
         Ok(())
     }
 }

@@ -21,7 +21,7 @@
 //! | `messages`            | (agent id, seq)         | message bytes            | per-agent FIFO queues; `seq` orders them |
 //! | `queued`              | agent id                | (`u64` messages, `u64` bytes) | the size of each non-empty queue, kept with it: a quota check costs one read |
 //! | `results`             | agent id                | result bytes             | how agents ended, kept for whoever launched them |
-//! | `meta`                | name                    | `u64`                    | `schema` version and `next_message_seq` |
+//! | `meta`                | name                    | `u64`                    | `schema` version, `next_message_seq` and `stored_bytes` (see `usage`) |
 //!
 //! Packages, messages, results and continuations are opaque bytes to the store; only agent
 //! records are decoded (in `records`). A record that does not decode is reported as

@@ -38,7 +38,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
         let activity = serde_json::to_value(&report.activity)?;
         println!(
             "{}",
-            serde_json::json!({"name": report.name, "peer_id": report.peer_id, "peers": peers, "agents": agents, "forwards": forwards, "activity": activity})
+            serde_json::json!({"name": report.name, "peer_id": report.peer_id, "peers": peers, "agents": agents, "forwards": forwards, "activity": activity, "store": report.store})
         );
     } else {
         println!("node {} ({})", report.name, report.peer_id);
@@ -56,6 +56,10 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
                 &a.package[..16.min(a.package.len())]
             );
         }
+        println!(
+            "store: {} of {} bytes of agents' state",
+            report.store.stored_bytes, report.store.max_store_bytes
+        );
         println!("forwarding pointers: {}", report.forwards.len());
         for (a, n) in &report.forwards {
             println!("  {a} -> {n}");

@@ -538,6 +538,10 @@ pub(in crate::node) async fn check_offer<'a>(
             bytes: offer.continuation_len,
         }));
     }
+    if let Err(full) = shared.quota.room_for(offer.continuation_len) {
+        tracing::warn!(%peer, agent, "refused a hop: {}", HopRefusal::from(full));
+        return Err(refused(full.into()));
+    }
     if !offer.inline.is_empty() && offer.inline.len() as u64 != offer.continuation_len {
         return Err(refused(HopRefusal::LengthMismatch {
             inline: offer.inline.len() as u64,

@@ -1,0 +1,89 @@
+//! How many bytes the store holds for agents, kept with it: the figure a node's store quota
+//! (`[limits] max_store_bytes`) is checked against, in one atomic read, so that a launch, an
+//! arrival or a queued message is admitted without a scan of the store.
+//!
+//! Counted: the values of `packages`, `agents`, `continuation_chunks`, `messages` and
+//! `results`, which are what agents and their senders can make grow. Not counted: the keys, the
+//! bookkeeping tables (hops seen, locations, custody, queue sizes), and redb's own pages and free
+//! space, which are bounded by the counted ones or by the number of agents. The figure is
+//! therefore a little under the file's size, never over what the agents made it hold.
+//!
+//! Every write that adds or removes such a value says so to its [`Batch`]; the batch writes the
+//! new total to `meta` once, just before its transaction commits, so the figure on disk is always
+//! that of the data beside it. A file written before the figure existed is counted once, when
+//! it is opened.
+
+use redb::ReadableTable;
+
+use super::schema::{AGENTS, CHUNKS, MESSAGES, META, PACKAGES, RESULTS};
+use super::{Batch, StoreError};
+
+/// The `meta` entry holding the counted bytes.
+const META_STORED: &str = "stored_bytes";
+
+impl Batch<'_> {
+    /// Records that this transaction wrote `added` bytes of counted values and removed
+    /// `removed`.
+    pub(super) fn count(&mut self, added: usize, removed: usize) {
+        self.grew = self
+            .grew
+            .saturating_add(added as i64)
+            .saturating_sub(removed as i64);
+    }
+
+    /// Writes the new total to `meta` if this transaction changed it, and returns it (None if it
+    /// did not): called once per transaction, before it commits.
+    ///
+    /// # Errors
+    ///
+    /// When the read or the write fails.
+    pub(super) fn settle(&mut self) -> Result<Option<u64>, StoreError> {
+        if self.grew == 0 {
+            return Ok(None);
+        }
+        let after = self.stored()?.saturating_add_signed(self.grew);
+        self.txn.open_table(META)?.insert(META_STORED, after)?;
+        self.grew = 0;
+        Ok(Some(after))
+    }
+
+    /// The total as committed before this transaction.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub(super) fn stored(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .txn
+            .open_table(META)?
+            .get(META_STORED)?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// Counts the bytes of a file that has no total yet (written before it existed, or new).
+    ///
+    /// # Errors
+    ///
+    /// When a read or the write fails.
+    pub(super) fn count_stored_if_missing(&mut self) -> Result<(), StoreError> {
+        if self.txn.open_table(META)?.get(META_STORED)?.is_some() {
+            return Ok(());
+        }
+        fn sum<K: redb::Key + 'static>(
+            table: impl ReadableTable<K, &'static [u8]>,
+        ) -> Result<u64, StoreError> {
+            let mut total = 0u64;
+            for entry in table.iter()? {
+                total = total.saturating_add(entry?.1.value().len() as u64);
+            }
+            Ok(total)
+        }
+        let total = sum(self.txn.open_table(PACKAGES)?)?
+            + sum(self.txn.open_table(AGENTS)?)?
+            + sum(self.txn.open_table(CHUNKS)?)?
+            + sum(self.txn.open_table(MESSAGES)?)?
+            + sum(self.txn.open_table(RESULTS)?)?;
+        self.txn.open_table(META)?.insert(META_STORED, total)?;
+        Ok(())
+    }
+}

@@ -11,6 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 fn env() -> HostEnv {
     HostEnv {
+        resources: agent_lang::no_resources(),
         here: "node-0".into(),
         home: "node-0".into(),
         nodes: vec!["node-0".into(), "node-1".into()],

@@ -16,6 +16,7 @@ static ALLOCATOR: Metered<std::alloc::System> = Metered(std::alloc::System);
 
 fn env() -> HostEnv {
     HostEnv {
+        resources: agent_lang::no_resources(),
         here: "node-0".into(),
         home: "node-0".into(),
         nodes: vec!["node-0".into(), "node-1".into()],

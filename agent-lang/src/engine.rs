@@ -29,6 +29,8 @@ pub struct HostEnv {
     pub hops: i64,
     /// Where `print(..)` and `debug(..)` go.
     pub printer: Arc<dyn Fn(&str) + Send + Sync>,
+    /// What `resource(name)` and the handles' methods reach ([`crate::no_resources`] for none).
+    pub resources: Arc<dyn crate::ResourceHost>,
 }
 
 impl std::fmt::Debug for HostEnv {
@@ -65,7 +67,7 @@ impl Drop for HostGuard {
     }
 }
 
-fn with_host<T>(f: impl FnOnce(&HostEnv) -> T) -> Result<T, Box<EvalAltResult>> {
+pub(crate) fn with_host<T>(f: impl FnOnce(&HostEnv) -> T) -> Result<T, Box<EvalAltResult>> {
     HOST.with(|h| match &*h.borrow() {
         Some(env) => Ok(f(env)),
         None => Err("host functions are only available inside a running agent".into()),
@@ -78,7 +80,7 @@ pub(crate) const PRIMITIVES: &[(&str, usize)] =
 
 /// The names an agent may not define functions under.
 pub(crate) const RESERVED_FUNCTIONS: &[&str] = &[
-    "migrate", "receive", "send", "here", "home", "nodes", "id", "hops",
+    "migrate", "receive", "send", "here", "home", "nodes", "id", "hops", "resource",
 ];
 
 /// The value carried by `exit(value)`: Rhai's own `exit` would end only the statement the executor
@@ -162,6 +164,7 @@ pub(crate) fn agent_engine(limits: &Limits) -> Engine {
                 .collect::<rhai::Array>()
         })
     });
+    crate::resources::register(&mut engine);
     engine.register_fn("migrate", |_: Dynamic| -> Result<(), Box<EvalAltResult>> {
         Err(native_primitive_error("migrate").into())
     });

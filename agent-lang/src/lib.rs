@@ -27,7 +27,7 @@
 //! let nodes = vec!["a".to_string(), "bb".to_string()];
 //! let mut env = HostEnv {
 //!     here: "a".into(), home: "a".into(), nodes: nodes.clone(), agent_id: "agent-1".into(),
-//!     hops: 0, printer: Arc::new(|_| {}),
+//!     hops: 0, printer: Arc::new(|_| {}), resources: agent_lang::no_resources(),
 //! };
 //! let mut exec = Execution::new(&program);
 //! let mut input = Resume::Start;
@@ -57,6 +57,7 @@ mod layout;
 mod limits;
 mod meter;
 mod nested;
+mod resources;
 mod sized;
 mod value;
 
@@ -70,9 +71,13 @@ pub use exec::{Execution, Outcome, Resume};
 pub use limits::Limits;
 pub use meter::{is_installed as memory_is_metered, Metered, BYTES_PER_OPERATION};
 pub use nested::MAX_WALKED_DEPTH;
+pub use resources::{
+    is_valid_resource_name, no_resources, NoResources, Resource, ResourceCall, ResourceHost,
+    ResourceKind,
+};
 pub use value::{
     check_portable, decode_portable, encode_portable, from_json, to_json, ValueError, TAG_BYTE,
-    TAG_CHAR, TAG_FN_PTR,
+    TAG_CHAR, TAG_FN_PTR, TAG_RESOURCE,
 };
 
 pub use rhai;

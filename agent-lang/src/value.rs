@@ -5,13 +5,15 @@
 //! integer, float → float, string → text, blob → byte string, array → array, map → map with text
 //! keys, char → tag [`TAG_CHAR`] over its code point, function pointer without captures → tag
 //! [`TAG_FN_PTR`] over its name, byte (the `u8` items a `for` over a blob gives) → tag
-//! [`TAG_BYTE`] over its value. Anything else is refused, naming where it was found.
+//! [`TAG_BYTE`] over its value, resource handle → tag [`TAG_RESOURCE`] over `[name, type code,
+//! node bound at]`. Anything else is refused, naming where it was found.
 
 use ciborium_ll::{simple, Encoder, Header};
 use rhai::{Array, Blob, Dynamic, FnPtr, ImmutableString, Map};
 
 use crate::closures::ClosureNames;
 use crate::compile::ProgramInner;
+use crate::resources::{is_valid_resource_name, Resource, ResourceKind};
 
 /// CBOR tag of a `char` (its Unicode scalar value follows).
 pub const TAG_CHAR: u64 = 0x7465_726E_0001;
@@ -19,6 +21,8 @@ pub const TAG_CHAR: u64 = 0x7465_726E_0001;
 pub const TAG_FN_PTR: u64 = 0x7465_726E_0002;
 /// CBOR tag of a byte, Rhai's `u8` (its value follows): what `for x in blob` gives as `x`.
 pub const TAG_BYTE: u64 = 0x7465_726E_0003;
+/// CBOR tag of a resource handle (`[name, type code, node bound at]` follows).
+pub const TAG_RESOURCE: u64 = 0x7465_726E_0004;
 
 /// Deepest nesting of arrays and maps that is encoded or decoded.
 pub(crate) const MAX_DEPTH: usize = 128;
@@ -28,7 +32,7 @@ pub(crate) const MAX_DEPTH: usize = 128;
 #[non_exhaustive]
 pub enum ValueError {
     /// A value of a type that cannot travel.
-    #[error("{what} holds a value of type '{type_name}', which cannot travel between nodes (portable: (), bool, int, float, char, string, blob, array, map, Fn pointers without captures)")]
+    #[error("{what} holds a value of type '{type_name}', which cannot travel between nodes (portable: (), bool, int, float, char, string, blob, array, map, Fn pointers without captures, resource handles)")]
     NotPortable {
         /// Where the value was found (e.g. "variable 'x' in function 'f'").
         what: String,
@@ -317,6 +321,12 @@ pub(crate) fn encode_value(
     } else if let Some(b) = value.read_lock::<u8>() {
         enc.tag(TAG_BYTE);
         enc.uint(u64::from(*b));
+    } else if let Some(r) = value.read_lock::<Resource>() {
+        enc.tag(TAG_RESOURCE);
+        enc.array(3);
+        enc.text(&r.name);
+        enc.uint(r.kind.code());
+        enc.text(&r.bound_at);
     } else {
         return Err(ValueError::NotPortable {
             what: what(),
@@ -456,6 +466,29 @@ impl<'a> Reader<'a> {
     }
 
     /// A text string, borrowed from the input.
+    /// A resource handle's `[name, type code, node bound at]`, checked.
+    fn resource(&mut self) -> Result<Resource, Malformed> {
+        if !matches!(self.header()?, Header::Array(Some(3))) {
+            return self.fail("a resource handle is an array of 3 items");
+        }
+        let name = self.str()?;
+        if !is_valid_resource_name(name) {
+            return self.fail("invalid resource name");
+        }
+        let Some(kind) = ResourceKind::from_code(self.uint()?) else {
+            return self.fail("unknown resource type");
+        };
+        let bound_at = self.str()?;
+        if bound_at.is_empty() || bound_at.len() > 64 {
+            return self.fail("invalid node name in a resource handle");
+        }
+        Ok(Resource {
+            name: name.into(),
+            kind,
+            bound_at: bound_at.into(),
+        })
+    }
+
     fn str(&mut self) -> Result<&'a str, Malformed> {
         match self.header()? {
             Header::Text(Some(len)) => self.text_payload(len),
@@ -568,6 +601,7 @@ impl<'a> Reader<'a> {
                 Ok(b) => Item::Byte(b),
                 Err(_) => return self.fail("invalid byte"),
             },
+            Header::Tag(TAG_RESOURCE) => Item::Resource(self.resource()?),
             _ => return self.fail("not a portable value"),
         })
     }
@@ -625,6 +659,7 @@ impl<'a> Reader<'a> {
                 Some(f) => Dynamic::from(f),
                 None => return self.fail(unknown_fn(name)),
             },
+            Item::Resource(r) => Dynamic::from(r),
         })
     }
 
@@ -675,6 +710,7 @@ enum Item<'a> {
     Map(usize),
     /// A function pointer's name, not yet resolved against the program.
     FnPtr(&'a str),
+    Resource(Resource),
 }
 
 /// An IEEE 754 half-precision float (CBOR's shortest float form) as an f64.
@@ -799,6 +835,8 @@ fn json_at(value: &Dynamic, depth: usize) -> Result<serde_json::Value, ValueErro
         }
     } else if let Some(b) = value.read_lock::<u8>() {
         J::from(*b)
+    } else if let Some(r) = value.read_lock::<Resource>() {
+        serde_json::json!({"resource": r.name.as_str(), "type": r.kind.as_str(), "bound_at": r.bound_at.as_str()})
     } else {
         J::String(value.to_string())
     })

@@ -9,6 +9,7 @@ use agent_lang::{AgentErrorKind, Execution, HostEnv, Limits, Outcome, Program, R
 
 fn env() -> HostEnv {
     HostEnv {
+        resources: agent_lang::no_resources(),
         here: "node-0".into(),
         home: "node-0".into(),
         nodes: support::mesh(),

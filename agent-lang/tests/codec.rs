@@ -36,6 +36,7 @@ total
 
 fn env(here: &str) -> HostEnv {
     HostEnv {
+        resources: agent_lang::no_resources(),
         here: here.into(),
         home: "node-0".into(),
         nodes: support::mesh(),

@@ -16,6 +16,7 @@ static ALLOCATOR: Metered<System> = Metered(System);
 
 fn env() -> HostEnv {
     HostEnv {
+        resources: agent_lang::no_resources(),
         here: "node-0".into(),
         home: "node-0".into(),
         nodes: support::mesh(),

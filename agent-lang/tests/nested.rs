@@ -9,6 +9,7 @@ use agent_lang::{Execution, HostEnv, Limits, Outcome, Program, Resume, MAX_WALKE
 
 fn env() -> HostEnv {
     HostEnv {
+        resources: agent_lang::no_resources(),
         here: "node-0".into(),
         home: "node-0".into(),
         nodes: support::mesh(),

@@ -16,6 +16,7 @@ const SOURCE: &str = "fn twice(x) { x * 2 } let g = |x| x + 1; g";
 /// How `program` runs until its first stop, on a one-node mesh.
 fn first_stop(program: &Program) -> Outcome {
     let env = HostEnv {
+        resources: agent_lang::no_resources(),
         here: "a".into(),
         home: "a".into(),
         nodes: vec!["a".into()],

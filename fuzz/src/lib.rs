@@ -134,6 +134,7 @@ pub fn receiver() -> &'static Program {
 /// What the host tells a resumed agent: three nodes, output dropped.
 pub fn env() -> HostEnv {
     HostEnv {
+        resources: agent_lang::no_resources(),
         here: "node-1".into(),
         home: "node-0".into(),
         nodes: (0..3).map(|i| format!("node-{i}")).collect(),

@@ -889,6 +889,7 @@ fn time_median<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> 
 
 fn env() -> HostEnv {
     HostEnv {
+        resources: agent_lang::no_resources(),
         here: "node-0".into(),
         home: "node-0".into(),
         nodes: vec!["node-0".into(), "node-1".into()],

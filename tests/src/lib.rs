@@ -962,6 +962,7 @@ pub mod raw_peer {
         let program = agent_lang::Program::compile(package.source(), &limits).expect("compile");
         let mut exec = agent_lang::Execution::new(&program);
         let env = agent_lang::HostEnv {
+            resources: agent_lang::no_resources(),
             here: "raw".into(),
             home: "raw".into(),
             nodes: vec!["raw".into()],

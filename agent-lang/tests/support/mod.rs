@@ -98,6 +98,7 @@ pub fn tern(source: &str, limits: &Limits) -> (RunResult, Trace) {
     };
     let nodes = mesh();
     let mut env = HostEnv {
+        resources: agent_lang::no_resources(),
         here: nodes[0].clone(),
         home: nodes[0].clone(),
         nodes: nodes.clone(),

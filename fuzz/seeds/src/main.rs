@@ -190,6 +190,7 @@ fn packages() -> Vec<Package> {
 /// or ended with, and the messages it sent as it wrote them (closures by their portable names).
 fn continuations(program: &Program, max: usize) -> (Vec<Vec<u8>>, Vec<Dynamic>, Vec<Vec<u8>>) {
     let mut env = HostEnv {
+        resources: agent_lang::no_resources(),
         here: "node-0".into(),
         home: "node-0".into(),
         nodes: (0..3).map(|i| format!("node-{i}")).collect(),
@@ -255,6 +256,11 @@ fn portable_values() -> Vec<Dynamic> {
         Dynamic::from_array(numbers),
         deep,
         Dynamic::from(FnPtr::new("twice").expect("a valid name")),
+        Dynamic::from(agent_lang::Resource {
+            name: "shard".into(),
+            kind: agent_lang::ResourceKind::Dataset,
+            bound_at: "node-1".into(),
+        }),
     ]
 }
 
@@ -467,6 +473,10 @@ fn main() {
                 hops: 3,
             }],
             forwards: vec![(agent.clone(), "node-2".into())],
+            store: platform::wire::StoreUsage {
+                stored_bytes: 4096,
+                max_store_bytes: 1 << 30,
+            },
             activity: Activity {
                 counts: ActivityCounts {
                     peers_up: 2,

@@ -310,6 +310,7 @@ mod tests {
     /// The host of the tests' agent, `agent-1` on the one node `n`.
     fn test_env() -> agent_lang::HostEnv {
         agent_lang::HostEnv {
+            resources: agent_lang::no_resources(),
             here: "n".into(),
             home: "n".into(),
             nodes: vec!["n".into()],

@@ -38,6 +38,7 @@ impl Shared {
         let node = self.peers.local_name().to_string();
         let agent = rec.id.clone();
         HostEnv {
+            resources: agent_lang::no_resources(),
             here: node.clone(),
             home: self.peers.name_of(&rec.home),
             nodes: self.peers.node_names(),

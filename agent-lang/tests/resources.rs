@@ -1,0 +1,280 @@
+//! Resource handles through the executor, against a host that keeps each node's resources in
+//! memory: a handle is bound once, travels in the continuation (and in messages) and reaches
+//! the resource of the node the agent is on; its methods check their resource's type, and the
+//! host's errors are catchable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use agent_lang::rhai::{Array, Dynamic, ImmutableString};
+use agent_lang::{
+    Execution, HostEnv, Limits, Outcome, Program, Resource, ResourceCall, ResourceHost,
+    ResourceKind, Resume,
+};
+
+/// One node's resources: datasets as lines, tables, values.
+#[derive(Default)]
+struct NodeData {
+    datasets: HashMap<String, Vec<String>>,
+    tables: Mutex<HashMap<String, BTreeMap<String, Vec<u8>>>>,
+    values: HashMap<String, i64>,
+}
+
+/// The resources of the node named `here`, bound by name wherever the agent is (rebind).
+struct Host {
+    here: String,
+    data: Arc<NodeData>,
+    program: Program,
+}
+
+impl Host {
+    fn kind_of(&self, name: &str) -> Option<ResourceKind> {
+        if self.data.datasets.contains_key(name) {
+            Some(ResourceKind::Dataset)
+        } else if lock(&self.data.tables).contains_key(name) {
+            Some(ResourceKind::Table)
+        } else if self.data.values.contains_key(name) {
+            Some(ResourceKind::Value)
+        } else {
+            None
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ResourceHost for Host {
+    fn bind(&self, name: &str) -> Result<Resource, String> {
+        let kind = self
+            .kind_of(name)
+            .ok_or_else(|| format!("resource: no '{name}' at {}", self.here))?;
+        Ok(Resource {
+            name: name.into(),
+            kind,
+            bound_at: self.here.as_str().into(),
+        })
+    }
+
+    fn call(&self, r: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, String> {
+        if self.kind_of(&r.name) != Some(r.kind) {
+            return Err(format!(
+                "{}: no {} '{}' at {}",
+                call.method(),
+                r.kind,
+                r.name,
+                self.here
+            ));
+        }
+        let d = &self.data;
+        Ok(match call {
+            ResourceCall::LineCount => Dynamic::from_int(d.datasets[r.name.as_str()].len() as i64),
+            ResourceCall::Lines { start, count } => d.datasets[r.name.as_str()]
+                .iter()
+                .skip(start as usize)
+                .take(count as usize)
+                .map(|l| Dynamic::from(ImmutableString::from(l.as_str())))
+                .collect::<Array>()
+                .into(),
+            ResourceCall::Value => Dynamic::from_int(d.values[r.name.as_str()]),
+            ResourceCall::Set(key, value) => {
+                let bytes = agent_lang::encode_portable(value).map_err(|e| e.to_string())?;
+                lock(&d.tables)
+                    .get_mut(r.name.as_str())
+                    .map(|t| t.insert(key.to_string(), bytes));
+                Dynamic::UNIT
+            }
+            ResourceCall::Get(key) => match lock(&d.tables)[r.name.as_str()].get(key) {
+                Some(bytes) => {
+                    agent_lang::decode_portable(&self.program, bytes).map_err(|e| e.to_string())?
+                }
+                None => Dynamic::UNIT,
+            },
+            ResourceCall::Len => Dynamic::from_int(lock(&d.tables)[r.name.as_str()].len() as i64),
+            other => return Err(format!("{}: not in this test", other.method())),
+        })
+    }
+}
+
+/// The nodes of a test mesh, by name.
+type Mesh = Vec<(String, Arc<NodeData>)>;
+
+/// Three nodes: each has a dataset `shard` of its own lines and a table `counts`; node-0 also
+/// offers a value `base`.
+fn nodes() -> Mesh {
+    (0..3)
+        .map(|i| {
+            let mut data = NodeData::default();
+            data.datasets.insert(
+                "shard".into(),
+                (0..=i).map(|n| format!("line {n} at node-{i}")).collect(),
+            );
+            lock(&data.tables).insert("counts".into(), BTreeMap::new());
+            if i == 0 {
+                data.values.insert("base".into(), 100);
+            }
+            (format!("node-{i}"), Arc::new(data))
+        })
+        .collect()
+}
+
+/// Runs `source` through the executor over [`nodes`], encoding and decoding the continuation at
+/// every hop: its result as JSON, and the nodes' data afterwards.
+fn run(source: &str) -> (Result<String, String>, Mesh) {
+    let mesh = nodes();
+    let program = Program::compile(source, &Limits::default()).expect("compiles");
+    let env_at = |i: usize, hops: i64| HostEnv {
+        here: mesh[i].0.clone(),
+        home: "node-0".into(),
+        nodes: mesh.iter().map(|(n, _)| n.clone()).collect(),
+        agent_id: "agent".into(),
+        hops,
+        printer: Arc::new(|_| {}),
+        resources: Arc::new(Host {
+            here: mesh[i].0.clone(),
+            data: mesh[i].1.clone(),
+            program: program.clone(),
+        }),
+    };
+    let (mut at, mut hops) = (0, 0);
+    let mut exec = Execution::new(&program);
+    let mut input = Resume::Start;
+    let result = loop {
+        match exec.resume(&env_at(at, hops), input) {
+            Outcome::Migrate { to } => {
+                let bytes = exec.encode().expect("encodes");
+                exec = Execution::decode(&program, &bytes).expect("decodes");
+                match mesh.iter().position(|(n, _)| *n == to) {
+                    Some(i) => {
+                        at = i;
+                        hops += 1;
+                        input = Resume::Start;
+                    }
+                    None => input = Resume::Error(format!("no node {to}")),
+                }
+            }
+            Outcome::Finished(v) => {
+                break Ok(agent_lang::to_json(&v).expect("json").to_string());
+            }
+            Outcome::Failed(e) => break Err(e.message),
+            other => panic!("{other:?}"),
+        }
+    };
+    (result, mesh)
+}
+
+#[test]
+fn a_handle_bound_once_reaches_the_resource_of_each_node_it_is_taken_to() {
+    let (result, _) = run(r#"
+        let shard = resource("shard");
+        let seen = [];
+        for n in nodes() {
+            migrate(n);
+            seen += shard.lines(0, 10);
+            seen.push(shard.line_count());
+        }
+        seen
+    "#);
+    assert_eq!(
+        result.as_deref(),
+        Ok(
+            r#"["line 0 at node-0",1,"line 0 at node-1","line 1 at node-1",2,"line 0 at node-2","line 1 at node-2","line 2 at node-2",3]"#
+        )
+    );
+}
+
+#[test]
+fn tables_are_written_where_the_agent_is_and_read_back_after_hops() {
+    let (result, mesh) = run(r#"
+        let counts = resource("counts");
+        counts.set("visits", 1);
+        migrate("node-1");
+        counts.set("visits", [here(), #{ n: 2 }]);
+        migrate("node-0");
+        [counts.get("visits"), counts.get("absent"), counts.len()]
+    "#);
+    assert_eq!(result.as_deref(), Ok(r#"[1,null,1]"#));
+    assert_eq!(lock(&mesh[1].1.tables)["counts"].len(), 1);
+    assert!(lock(&mesh[2].1.tables)["counts"].is_empty());
+}
+
+#[test]
+fn host_errors_and_wrong_methods_are_catchable_and_say_what_and_where() {
+    let (result, _) = run(r#"
+        let errors = [];
+        try { resource("nowhere"); } catch (e) { errors.push(e); }
+        let base = resource("base");
+        let v = base.get();
+        try { base.lines(0, 1); } catch (e) { errors.push(e); }
+        migrate("node-1");
+        try { base.get(); } catch (e) { errors.push(e); }
+        try { resource("shard").lines(-1, 2); } catch (e) { errors.push(e); }
+        [v, errors]
+    "#);
+    assert_eq!(
+        result.as_deref(),
+        Ok(concat!(
+            r#"[100,["resource: no 'nowhere' at node-0","#,
+            r#""lines() is a method of dataset resources; 'base' is a value","#,
+            r#""get: no value 'base' at node-1","#,
+            r#""lines: start must not be negative, got -1"]]"#
+        ))
+    );
+}
+
+#[test]
+fn a_handle_is_a_portable_value_with_a_json_form_and_a_checked_encoding() {
+    let (result, _) = run(r#"
+        let h = resource("counts");
+        migrate("node-2");
+        [h, type_of(h), h.name, h.kind, h == resource("counts"), `${h}`]
+    "#);
+    assert_eq!(
+        result.as_deref(),
+        Ok(concat!(
+            r#"[{"bound_at":"node-0","resource":"counts","type":"table"},"resource","counts","#,
+            r#""table",false,"resource 'counts' (table, bound at node-0)"]"#
+        ))
+    );
+    // In a message, and refused when it names no valid resource.
+    let program = Program::compile("1", &Limits::default()).expect("compiles");
+    let handle = Dynamic::from(Resource {
+        name: "counts".into(),
+        kind: ResourceKind::Table,
+        bound_at: "node-0".into(),
+    });
+    let bytes = agent_lang::encode_portable(&handle).expect("encodes");
+    let back = agent_lang::decode_portable(&program, &bytes).expect("decodes");
+    assert_eq!(back.cast::<Resource>().name.as_str(), "counts");
+    let bad = Dynamic::from(Resource {
+        name: "../etc".into(),
+        kind: ResourceKind::Dataset,
+        bound_at: "node-0".into(),
+    });
+    let bytes = agent_lang::encode_portable(&bad).expect("encodes");
+    let err = agent_lang::decode_portable(&program, &bytes).expect_err("an invalid name");
+    assert!(err.to_string().contains("invalid resource name"), "{err}");
+}
+
+#[test]
+fn an_agent_without_resources_is_told_so() {
+    let program = Program::compile(
+        r#"let why = ""; try { resource("x"); } catch (e) { why = e; } why"#,
+        &Limits::default(),
+    )
+    .expect("compiles");
+    let env = HostEnv {
+        here: "solo".into(),
+        home: "solo".into(),
+        nodes: vec!["solo".into()],
+        agent_id: "a".into(),
+        hops: 0,
+        printer: Arc::new(|_| {}),
+        resources: agent_lang::no_resources(),
+    };
+    match Execution::new(&program).resume(&env, Resume::Start) {
+        Outcome::Finished(v) => assert_eq!(v.to_string(), "resource: no resource named 'x' here"),
+        other => panic!("{other:?}"),
+    }
+}

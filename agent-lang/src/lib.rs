@@ -72,8 +72,8 @@ pub use limits::Limits;
 pub use meter::{is_installed as memory_is_metered, Metered, BYTES_PER_OPERATION};
 pub use nested::MAX_WALKED_DEPTH;
 pub use resources::{
-    is_valid_resource_name, no_resources, NoResources, Resource, ResourceCall, ResourceHost,
-    ResourceKind,
+    is_valid_resource_name, memory_admits, no_resources, NoResources, Resource, ResourceCall,
+    ResourceError, ResourceHost, ResourceKind,
 };
 pub use value::{
     check_portable, decode_portable, encode_portable, from_json, to_json, ValueError, TAG_BYTE,

@@ -170,6 +170,32 @@ impl ResourceCall<'_> {
     }
 }
 
+/// Why a resource call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResourceError {
+    /// What the call throws in the agent (catchable).
+    Failed(String),
+    /// Its result would take the agent past its memory budget by holding `bytes` more (a host
+    /// asks [`memory_admits`] as it builds the result): this ends the agent, as any allocation
+    /// over its budget does.
+    OverMemory {
+        /// What the result would have added.
+        bytes: u64,
+    },
+}
+
+impl From<String> for ResourceError {
+    fn from(message: String) -> Self {
+        ResourceError::Failed(message)
+    }
+}
+
+/// Whether the agent whose slice runs on this thread may hold `bytes` more: for hosts building
+/// a result whose size the agent's arguments choose (true outside a metered slice).
+pub fn memory_admits(bytes: u64) -> bool {
+    crate::meter::admits(bytes).is_ok()
+}
+
 /// What the node gives an agent's resource calls: installed with the [`crate::HostEnv`] for
 /// one slice, called on the slice's thread (it may block on a file or the store, never on the
 /// agent's node's runtime).
@@ -187,7 +213,7 @@ pub trait ResourceHost: Send + Sync {
     /// # Errors
     ///
     /// Why the call failed: the text it throws.
-    fn call(&self, resource: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, String>;
+    fn call(&self, resource: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, ResourceError>;
 }
 
 /// The host of an agent that may reach no resource: every `resource(name)` throws.
@@ -198,12 +224,12 @@ impl ResourceHost for NoResources {
         Err(format!("resource: no resource named '{name}' here"))
     }
 
-    fn call(&self, resource: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, String> {
-        Err(format!(
+    fn call(&self, resource: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, ResourceError> {
+        Err(ResourceError::Failed(format!(
             "{}: resource '{}' is not reachable here",
             call.method(),
             resource.name
-        ))
+        )))
     }
 }
 
@@ -225,7 +251,18 @@ fn call(resource: &Resource, call: ResourceCall<'_>) -> Checked<Dynamic> {
         )
         .into());
     }
-    with_host(|h| h.resources.call(resource, call))?.map_err(Into::into)
+    match with_host(|h| h.resources.call(resource, call))? {
+        Ok(value) => Ok(value),
+        Err(ResourceError::Failed(message)) => Err(message.into()),
+        Err(ResourceError::OverMemory { bytes }) => match crate::meter::admits(bytes) {
+            Err(exceeded) => Err(exceeded.into_error()),
+            // (Freed meanwhile: the call is only refused.)
+            Ok(()) => Err(format!(
+                "the result would exceed the agent's memory budget by {bytes} bytes"
+            )
+            .into()),
+        },
+    }
 }
 
 /// A count or an offset given by the agent: negative ones are refused.

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use agent_lang::rhai::{Array, Dynamic, ImmutableString};
 use agent_lang::{
-    Execution, HostEnv, Limits, Outcome, Program, Resource, ResourceCall, ResourceHost,
-    ResourceKind, Resume,
+    Execution, HostEnv, Limits, Outcome, Program, Resource, ResourceCall, ResourceError,
+    ResourceHost, ResourceKind, Resume,
 };
 
 /// One node's resources: datasets as lines, tables, values.
@@ -57,7 +57,7 @@ impl ResourceHost for Host {
         })
     }
 
-    fn call(&self, r: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, String> {
+    fn call(&self, r: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, ResourceError> {
         if self.kind_of(&r.name) != Some(r.kind) {
             return Err(format!(
                 "{}: no {} '{}' at {}",
@@ -65,7 +65,8 @@ impl ResourceHost for Host {
                 r.kind,
                 r.name,
                 self.here
-            ));
+            )
+            .into());
         }
         let d = &self.data;
         Ok(match call {
@@ -92,7 +93,7 @@ impl ResourceHost for Host {
                 None => Dynamic::UNIT,
             },
             ResourceCall::Len => Dynamic::from_int(lock(&d.tables)[r.name.as_str()].len() as i64),
-            other => return Err(format!("{}: not in this test", other.method())),
+            other => return Err(format!("{}: not in this test", other.method()).into()),
         })
     }
 }

@@ -24,6 +24,15 @@
 //! max_store_bytes = 17179869184       # agents' state in the store, all agents together
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
 //! max_messages_per_peer_per_second = 1000
+//! [resources.shard]          # what agents reach with resource("shard") (see `crate::resources`)
+//! type = "dataset"           # dataset | table | value
+//! path = "shards/0"          # a file or a directory of files, relative to this file
+//! mobility = "fixed"         # free | fixed-transferable | fixed (the default)
+//! [resources.counts]
+//! type = "table"             # kept in the node's store
+//! [resources.settings]
+//! type = "value"
+//! value = { depth = 3 }      # any TOML value
 //! ```
 //! Relative paths are relative to the file's directory.
 
@@ -57,6 +66,9 @@ struct FileConfig {
     peers: std::collections::HashMap<String, String>,
     #[serde(default)]
     limits: LimitsConfig,
+    /// What the node offers agents, one table per resource.
+    #[serde(default)]
+    resources: toml::Table,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -238,6 +250,8 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         limits,
         mailbox,
         max_agents: l.max_agents.unwrap_or(crate::node::DEFAULT_MAX_AGENTS),
+        resources: crate::resources::NodeResources::from_toml(&file.resources, base)
+            .map_err(|e| anyhow::anyhow!("{}: [resources] {e}", path.display()))?,
         max_store_bytes: l
             .max_store_bytes
             .unwrap_or(crate::node::DEFAULT_MAX_STORE_BYTES),

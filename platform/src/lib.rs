@@ -11,6 +11,8 @@
 //!   Nothing is shared between nodes but bytes: every hop encodes the agent's continuation at the
 //!   source and decodes it into a fresh executor at the destination.
 //! - [`memory`] says how the binaries allocate (jemalloc, configured for large hops).
+//! - [`resources`]: what a node offers agents (datasets, tables, values) and how their handles
+//!   reach it.
 //! - [`slices`] runs agent slices: one thread per core, extra threads for the overflow, each with
 //!   the stack the agent's memory budget needs.
 //! - [`verifier`] checks the signatures of hops that arrive together in batches.
@@ -23,6 +25,7 @@ pub mod loopback;
 pub mod memory;
 pub mod node;
 pub mod package_files;
+pub mod resources;
 pub mod slices;
 pub mod store;
 pub mod verifier;

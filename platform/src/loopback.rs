@@ -13,6 +13,7 @@ use security::{SecretKey, TrustPolicy, VerifiedPackage};
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 use crate::node::{Node, NodeConfig, NodeEvent, NodeHandle};
+use crate::resources::NodeResources;
 use crate::wire::AgentEnd;
 
 /// A running loopback mesh; its nodes stop and their directories are removed when dropped.
@@ -32,6 +33,22 @@ impl LoopbackMesh {
         trust: TrustPolicy,
         limits: agent_lang::Limits,
     ) -> Result<LoopbackMesh> {
+        LoopbackMesh::start_with(n, trust, limits, vec![]).await
+    }
+
+    /// [`LoopbackMesh::start`], node `i` offering `resources[i]` (none past the list's end).
+    ///
+    /// # Errors
+    ///
+    /// As [`LoopbackMesh::start`].
+    pub async fn start_with(
+        n: usize,
+        trust: TrustPolicy,
+        limits: agent_lang::Limits,
+        mut resources: Vec<NodeResources>,
+    ) -> Result<LoopbackMesh> {
+        resources.resize_with(n.max(resources.len()), NodeResources::default);
+        let mut resources = resources.into_iter();
         let mut nodes: Vec<NodeHandle> = Vec::with_capacity(n);
         let mut dirs = Vec::with_capacity(n);
         for i in 0..n {
@@ -43,6 +60,7 @@ impl LoopbackMesh {
             let config = NodeConfig {
                 bootstrap,
                 limits: limits.clone(),
+                resources: resources.next().unwrap_or_default(),
                 ..NodeConfig::local(
                     &format!("node-{i}"),
                     SecretKey::generate(),

@@ -1821,7 +1821,17 @@ fn raw_stored_bytes(path: &Path) -> (u64, Option<u64>) {
         + sum::<&str>(&txn, "agents")
         + sum::<(&str, u32)>(&txn, "continuation_chunks")
         + sum::<(&str, u64)>(&txn, "messages")
-        + sum::<&str>(&txn, "results");
+        + sum::<&str>(&txn, "results")
+        + {
+            let def: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("resource_tables");
+            let table = txn.open_table(def).unwrap();
+            let mut total = 0;
+            for entry in redb::ReadableTable::iter(&table).unwrap() {
+                let (k, v) = entry.unwrap();
+                total += (k.value().1.len() + v.value().len()) as u64;
+            }
+            total
+        };
     let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
     let recorded = txn
         .open_table(meta)
@@ -1851,7 +1861,7 @@ fn stored_bytes_follow_every_write_and_are_counted_for_an_older_file() {
         let len = [10, 4000, 4096, 70_000, MB + 5, 3 * MB][next(6) as usize];
         let rec = agent_with(&id, step, continuation(step as u8, len));
         let message = vec![7u8; next(3000) as usize];
-        let op = next(10);
+        let op = next(12);
         let wrote = match op {
             0 | 1 => store.batch(|b| b.put_agent(&rec)),
             2 => store.batch(|b| b.delete_agent(&id)),
@@ -1868,6 +1878,8 @@ fn stored_bytes_follow_every_write_and_are_counted_for_an_older_file() {
             })),
             7 => store.batch(|b| b.put_result(&id, &message)),
             8 => store.batch(|b| b.put_package(&[next(3) as u8; 32], &message)),
+            10 => store.batch(|b| b.table_set(&format!("t{}", next(2)), &id, &message)),
+            11 => store.batch(|b| b.table_remove(&format!("t{}", next(2)), &id).map(drop)),
             // A write that fails after writing: nothing of it counts.
             _ => store.batch(|b| {
                 b.put_agent(&rec)?;
@@ -1907,4 +1919,56 @@ fn stored_bytes_follow_every_write_and_are_counted_for_an_older_file() {
     assert_eq!(raw_stored_bytes(&path), (before, None));
     let store = Store::open(&path, Durability::NoSync).unwrap();
     assert_eq!(store.stored_bytes(), before);
+}
+
+#[test]
+fn resource_tables_keep_their_entries_sorted_counted_and_apart() {
+    let (_dir, path, store) = temp_store(Durability::NoSync);
+    store
+        .batch(|b| {
+            for key in ["b", "a", "c", ""] {
+                b.table_set("counts", key, key.as_bytes())?;
+            }
+            b.table_set("counts", "a", b"again")?;
+            // A table whose name sorts right after: its keys are not the first table's.
+            b.table_set("counts2", "a", b"other")?;
+            b.table_set("count", "z", b"before")
+        })
+        .unwrap();
+    assert_eq!(store.table_len("counts").unwrap(), 4);
+    assert_eq!(
+        store.table_get("counts", "a").unwrap().as_deref(),
+        Some(&b"again"[..])
+    );
+    assert_eq!(store.table_get("counts", "zz").unwrap(), None);
+    assert_eq!(
+        store.table_keys("counts", 0, 10).unwrap(),
+        ["", "a", "b", "c"]
+    );
+    assert_eq!(store.table_keys("counts", 1, 2).unwrap(), ["a", "b"]);
+    assert_eq!(
+        store.table_keys("counts", 9, 2).unwrap(),
+        Vec::<String>::new()
+    );
+    let removed = store.batch(|b| b.table_remove("counts", "b")).unwrap();
+    assert_eq!(removed.as_deref(), Some(&b"b"[..]));
+    assert_eq!(
+        store.batch(|b| b.table_remove("counts", "b")).unwrap(),
+        None
+    );
+    drop(store);
+    let store = Store::open(&path, Durability::NoSync).unwrap();
+    assert_eq!(store.table_len("counts").unwrap(), 3);
+    assert_eq!(store.table_keys("counts2", 0, 10).unwrap(), ["a"]);
+    assert_eq!(store.table_count().unwrap(), 3);
+    store
+        .batch(|b| {
+            for key in ["", "a", "c"] {
+                b.table_remove("counts", key)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(store.table_len("counts").unwrap(), 0);
+    assert_eq!(store.table_count().unwrap(), 2);
 }

@@ -11,11 +11,22 @@ static ALLOC: agent_lang::Metered<std::alloc::System> = agent_lang::Metered(std:
 /// Signs `source` with a fresh author key; returns the package and a trust policy that trusts
 /// that author and accepts pushes from any peer.
 pub fn package(source: &str) -> (VerifiedPackage, TrustPolicy) {
+    package_binding(source, &[])
+}
+
+/// [`package`], declaring resource bindings (`("shard", "rebind")`).
+pub fn package_binding(source: &str, bindings: &[(&str, &str)]) -> (VerifiedPackage, TrustPolicy) {
     let key = SecretKey::generate();
     let spec = platform::package_files::PackSpec {
         name: "test".into(),
         version: "0".into(),
-        resources: vec![],
+        resources: bindings
+            .iter()
+            .map(|(name, policy)| security::ResourceDecl {
+                name: name.to_string(),
+                policy: policy.parse().unwrap_or_else(|e| panic!("{e}")),
+            })
+            .collect(),
         capabilities: vec![],
         limits: Default::default(),
     };

@@ -51,6 +51,7 @@ use libp2p::{identity, Multiaddr, PeerId, StreamProtocol};
 use security::{PublicKey, SecretKey, TrustPolicy, VerifiedPackage};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::resources::NodeResources;
 use crate::store::{AgentMeta, AgentState, Durability, Store, StoreError};
 use crate::verifier::BatchVerifier;
 use crate::wire::{
@@ -70,7 +71,7 @@ mod mailbox;
 mod operators;
 mod packages;
 mod peers;
-mod quota;
+pub(crate) mod quota;
 mod routing;
 mod runner;
 mod sender_rates;
@@ -90,7 +91,7 @@ use hop::{ArrivalGate, Departures};
 use mailbox::Mailboxes;
 use packages::Programs;
 use peers::Peers;
-use quota::StoreQuota;
+pub(crate) use quota::StoreQuota;
 pub use quota::DEFAULT_MAX_STORE_BYTES;
 use runner::Agents;
 use streams::{PeerStream, StreamPool};
@@ -128,6 +129,8 @@ pub struct NodeConfig {
     pub max_agents: u64,
     /// Most bytes of agents' state the store keeps, all agents together (see [`quota`]).
     pub max_store_bytes: u64,
+    /// What the node offers the agents that come to it (`[resources]`).
+    pub resources: NodeResources,
     /// Node names only one key may take (`[peers]`): another peer announcing one is not named.
     pub pinned_names: HashMap<String, PublicKey>,
     /// A store already open, used instead of the one in `data_dir` (tests give a node a store
@@ -153,6 +156,7 @@ impl NodeConfig {
             mailbox: MailboxLimits::default(),
             max_agents: DEFAULT_MAX_AGENTS,
             max_store_bytes: DEFAULT_MAX_STORE_BYTES,
+            resources: NodeResources::default(),
             pinned_names: HashMap::new(),
             store: None,
         }
@@ -174,6 +178,8 @@ struct Shared {
     max_agents: u64,
     /// [`NodeConfig::max_store_bytes`], over the store.
     quota: StoreQuota,
+    /// [`NodeConfig::resources`].
+    resources: NodeResources,
     /// How many messages each peer may still deliver.
     sender_rates: SenderRates,
     faults: Faults,
@@ -339,6 +345,7 @@ impl Node {
             key: config.key,
             mailboxes: Mailboxes::new(quota.clone(), faults, events.clone()),
             quota,
+            resources: config.resources,
             store,
             trust: config.trust,
             limits: config.limits,

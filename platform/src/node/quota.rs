@@ -16,14 +16,14 @@ pub const DEFAULT_MAX_STORE_BYTES: u64 = 16 << 30;
 
 /// The store and its quota.
 #[derive(Clone)]
-pub(super) struct StoreQuota {
+pub(crate) struct StoreQuota {
     store: Store,
     max: u64,
 }
 
 /// What does not fit in the store's quota: how full it is, what was asked, the quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct StoreFull {
+pub(crate) struct StoreFull {
     pub(super) stored: u64,
     pub(super) adding: u64,
     pub(super) max: u64,
@@ -79,7 +79,7 @@ impl StoreQuota {
     }
 
     /// Whether `adding` more bytes fit in the quota now.
-    pub(super) fn room_for(&self, adding: u64) -> Result<(), StoreFull> {
+    pub(crate) fn room_for(&self, adding: u64) -> Result<(), StoreFull> {
         let stored = self.store.stored_bytes();
         if stored.saturating_add(adding) > self.max {
             return Err(StoreFull {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_lang::rhai::Dynamic;
-use agent_lang::{Execution, HostEnv, Outcome, Resume};
+use agent_lang::{Execution, HostEnv, Outcome, ResourceHost, Resume};
 use libp2p::PeerId;
 use security::{AgentId, CustodyPoint, LaunchNonce, VerifiedPackage};
 use tokio::sync::oneshot;
@@ -18,6 +18,7 @@ use super::hop::{hop, HopResult};
 use super::packages::Loaded;
 use super::routing::route_message;
 use super::{hex, lock, now_ms, Shared};
+use crate::resources::AgentResources;
 use crate::store::{AgentMeta, AgentRecord, AgentState};
 use crate::wire::{AgentEnd, ControlRefusal, ControlReply, ControlRequest, MessagesSent};
 
@@ -33,12 +34,13 @@ pub(super) struct Agents {
 }
 
 impl Shared {
-    /// What the agent's host functions see of this node.
-    fn env(&self, rec: &AgentRecord) -> HostEnv {
+    /// What the agent's host functions see of this node; `resources` is what its handles reach
+    /// here ([`Shared::resources_of`]).
+    fn env(&self, rec: &AgentRecord, resources: &Arc<dyn ResourceHost>) -> HostEnv {
         let node = self.peers.local_name().to_string();
         let agent = rec.id.clone();
         HostEnv {
-            resources: agent_lang::no_resources(),
+            resources: resources.clone(),
             here: node.clone(),
             home: self.peers.name_of(&rec.home),
             nodes: self.peers.node_names(),
@@ -49,6 +51,23 @@ impl Shared {
                 eprintln!("[{node} {agent}] {text}");
             }),
         }
+    }
+
+    /// The resources an agent of `loaded`'s package reaches on this node, by the bindings its
+    /// manifest declares (none: every `resource(name)` throws).
+    fn resources_of(&self, loaded: &Loaded) -> Arc<dyn ResourceHost> {
+        let declared = &loaded.package.manifest().resources;
+        if declared.is_empty() {
+            return agent_lang::no_resources();
+        }
+        Arc::new(AgentResources::new(
+            self.peers.local_name().to_string(),
+            self.resources.clone(),
+            self.store.clone(),
+            self.quota.clone(),
+            declared.iter().map(|d| (d.name.clone(), d.policy)),
+            loaded.program.clone(),
+        ))
     }
 }
 
@@ -279,8 +298,9 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
         (None, _) => Resume::Start,
     };
     let budget = exec.program().limits().max_total_operations;
+    let resources = shared.resources_of(&loaded);
     loop {
-        let env = shared.env(&rec);
+        let env = shared.env(&rec, &resources);
         let left = budget.saturating_sub(rec.operations);
         let stack = exec.program().limits().slice_stack_bytes();
         let slice = crate::slices::run(stack, move || {

@@ -19,6 +19,7 @@
 //! - `directory`: on the home node, where its agents are and how they ended;
 //! - `group_commit`: the queue and the leader behind [`Store::write`];
 //! - `usage`: the bytes agents take in the store ([`Store::stored_bytes`]);
+//! - `tables`: the node's `table` resources ([`Store::table_get`], [`Batch::table_set`], ...);
 //! - `error`: [`StoreError`].
 //!
 //! # Writing
@@ -109,6 +110,7 @@ mod mailbox;
 mod packages;
 mod records;
 mod schema;
+mod tables;
 mod usage;
 
 use std::fmt;

@@ -4,7 +4,8 @@
 //! schema 3 file is upgraded when opened (its `seen` table kept no envelope hashes: its hops
 //! move to `seen_envelopes` with zeros, which match any envelope), and a schema 2 file too (it
 //! also lacked `queued`, which is filled from `messages`); `custody` is created when missing
-//! (agents launched before it have no custody record, and their homes refuse their reports);
+//! (agents launched before it have no custody record, and their homes refuse their reports),
+//! and so are the two tables of `table` resources;
 //! a file of another schema is refused with [`StoreError::Schema`] (schema 1, which kept the
 //! continuation inside the CBOR agent record, never held deployed data).
 //!
@@ -21,6 +22,8 @@
 //! | `messages`            | (agent id, seq)         | message bytes            | per-agent FIFO queues; `seq` orders them |
 //! | `queued`              | agent id                | (`u64` messages, `u64` bytes) | the size of each non-empty queue, kept with it: a quota check costs one read |
 //! | `results`             | agent id                | result bytes             | how agents ended, kept for whoever launched them |
+//! | `resource_tables`     | (table name, key)       | value bytes              | the node's `table` resources, each a key range (see `tables`) |
+//! | `resource_table_sizes`| table name              | `u64` entries            | each non-empty table's entry count: `len()` costs one read |
 //! | `meta`                | name                    | `u64`                    | `schema` version, `next_message_seq` and `stored_bytes` (see `usage`) |
 //!
 //! Packages, messages, results and continuations are opaque bytes to the store; only agent
@@ -49,6 +52,10 @@ pub(super) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition
 pub(super) const QUEUED: TableDefinition<&str, (u64, u64)> = TableDefinition::new("queued");
 pub(super) const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(super) const TABLE_ENTRIES: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("resource_tables");
+pub(super) const TABLE_SIZES: TableDefinition<&str, u64> =
+    TableDefinition::new("resource_table_sizes");
 
 /// The on-disk format this code reads and writes.
 pub(super) const SCHEMA: u64 = 4;
@@ -75,6 +82,8 @@ impl Batch<'_> {
         self.txn.open_table(MESSAGES)?;
         self.txn.open_table(QUEUED)?;
         self.txn.open_table(RESULTS)?;
+        self.txn.open_table(TABLE_ENTRIES)?;
+        self.txn.open_table(TABLE_SIZES)?;
         let found = self
             .txn
             .open_table(META)?

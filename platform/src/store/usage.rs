@@ -3,7 +3,8 @@
 //! arrival or a queued message is admitted without a scan of the store.
 //!
 //! Counted: the values of `packages`, `agents`, `continuation_chunks`, `messages` and
-//! `results`, which are what agents and their senders can make grow. Not counted: the keys, the
+//! `results`, and the keys and values of `resource_tables`, which are what agents and their
+//! senders can make grow. Not counted: the keys, the
 //! bookkeeping tables (hops seen, locations, custody, queue sizes), and redb's own pages and free
 //! space, which are bounded by the counted ones or by the number of agents. The figure is
 //! therefore a little under the file's size, never over what the agents made it hold.
@@ -15,7 +16,7 @@
 
 use redb::ReadableTable;
 
-use super::schema::{AGENTS, CHUNKS, MESSAGES, META, PACKAGES, RESULTS};
+use super::schema::{AGENTS, CHUNKS, MESSAGES, META, PACKAGES, RESULTS, TABLE_ENTRIES};
 use super::{Batch, StoreError};
 
 /// The `meta` entry holding the counted bytes.
@@ -78,11 +79,15 @@ impl Batch<'_> {
             }
             Ok(total)
         }
-        let total = sum(self.txn.open_table(PACKAGES)?)?
+        let mut total = sum(self.txn.open_table(PACKAGES)?)?
             + sum(self.txn.open_table(AGENTS)?)?
             + sum(self.txn.open_table(CHUNKS)?)?
             + sum(self.txn.open_table(MESSAGES)?)?
             + sum(self.txn.open_table(RESULTS)?)?;
+        for entry in self.txn.open_table(TABLE_ENTRIES)?.iter()? {
+            let (k, v) = entry?;
+            total = total.saturating_add((k.value().1.len() + v.value().len()) as u64);
+        }
         self.txn.open_table(META)?.insert(META_STORED, total)?;
         Ok(())
     }

@@ -1,0 +1,521 @@
+//! `dataset` resources: a read-only file, or a directory of files read as one, that agents read
+//! in lines or byte ranges with bounded memory however large it is.
+//!
+//! The files and their lengths are fixed when the node opens the dataset: a read never goes
+//! past them (a file that grew is read as it was; one that shrank is an error). A directory is
+//! its regular files, in name order; a symbolic link or a subdirectory inside it is refused when
+//! it is opened, so nothing outside it is ever read (agents give only line and byte positions,
+//! never paths).
+//!
+//! Lines are what `\n` ends (a `\r` before it is dropped); a file's last line needs no `\n`, and
+//! the next file starts a new line. To find line `n` without reading everything before it, the
+//! first line operation builds a sparse index: where every [`INDEX_EVERY`]-th line starts (one
+//! scan of the data, 16 bytes per 1,024 lines kept), after which `lines(n, k)` reads at most
+//! 1,023 lines before the ones asked for.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// One in this many lines has its start in the index.
+const INDEX_EVERY: u64 = 1024;
+
+/// How much is read from a file at a time while scanning it.
+const SCAN_BUFFER: usize = 256 << 10;
+
+/// Why a dataset cannot be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A file or directory could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// What could not be read.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Something in a dataset directory that is not a regular file.
+    #[error("{path}: a dataset directory holds only regular files (no links, no subdirectories)")]
+    NotAFile {
+        /// The entry refused.
+        path: PathBuf,
+    },
+    /// A file shorter than when the dataset was opened.
+    #[error("{path} changed since the node opened it")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A line longer than a read may return.
+    #[error("line {line} is longer than {max} bytes")]
+    LineTooLong {
+        /// Its number (0-based).
+        line: u64,
+        /// The longest line returned.
+        max: usize,
+    },
+    /// The agent cannot hold more (see [`Dataset::lines`]).
+    #[error("the lines would exceed the agent's memory budget")]
+    OverMemory {
+        /// Bytes the next line would have added.
+        bytes: u64,
+    },
+}
+
+/// A file of a dataset and the length it had when the dataset was opened.
+#[derive(Debug)]
+struct DataFile {
+    path: PathBuf,
+    len: u64,
+    /// Where it starts in the dataset's bytes.
+    start: u64,
+}
+
+/// Where line `line` starts: file `file`, byte `offset`.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    line: u64,
+    file: usize,
+    offset: u64,
+}
+
+/// The sparse line index.
+#[derive(Debug)]
+struct LineIndex {
+    lines: u64,
+    marks: Vec<Mark>,
+}
+
+/// An opened dataset.
+#[derive(Debug)]
+pub struct Dataset {
+    files: Vec<DataFile>,
+    size: u64,
+    /// Built on the first line operation (one scan of the data), or why it could not be.
+    index: OnceLock<Result<LineIndex, String>>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Dataset {
+    /// Opens the file or directory at `path`.
+    ///
+    /// # Errors
+    ///
+    /// It cannot be read, or a directory holds something other than regular files.
+    pub fn open(path: &Path) -> Result<Dataset, DatasetError> {
+        let meta = std::fs::metadata(path).map_err(io(path))?;
+        let mut paths = Vec::new();
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).map_err(io(path))? {
+                let entry = entry.map_err(io(path))?;
+                let kind = entry.file_type().map_err(io(&entry.path()))?;
+                if !kind.is_file() {
+                    return Err(DatasetError::NotAFile { path: entry.path() });
+                }
+                paths.push(entry.path());
+            }
+            paths.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+        } else {
+            paths.push(path.to_path_buf());
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut size = 0u64;
+        for path in paths {
+            let len = std::fs::metadata(&path).map_err(io(&path))?.len();
+            files.push(DataFile {
+                path,
+                len,
+                start: size,
+            });
+            size = size.saturating_add(len);
+        }
+        Ok(Dataset {
+            files,
+            size,
+            index: OnceLock::new(),
+        })
+    }
+
+    /// Its length in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Its number of lines.
+    ///
+    /// # Errors
+    ///
+    /// The data cannot be read.
+    pub fn line_count(&self) -> Result<u64, DatasetError> {
+        Ok(self.index()?.lines)
+    }
+
+    fn index(&self) -> Result<&LineIndex, DatasetError> {
+        self.index
+            .get_or_init(|| self.build_index().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| DatasetError::Io {
+                path: self
+                    .files
+                    .first()
+                    .map_or_else(PathBuf::new, |f| f.path.clone()),
+                source: std::io::Error::other(e.clone()),
+            })
+    }
+
+    fn build_index(&self) -> Result<LineIndex, DatasetError> {
+        let mut marks = Vec::new();
+        let mut line = 0u64;
+        let mut buffer = vec![0u8; SCAN_BUFFER];
+        for (i, file) in self.files.iter().enumerate() {
+            if file.len == 0 {
+                continue;
+            }
+            let handle = File::open(&file.path).map_err(io(&file.path))?;
+            // A line starts at the file's start, and after every `\n` but one that ends it.
+            let mut line_start = Some(0u64);
+            let mut at = 0u64;
+            while at < file.len {
+                let want = usize::try_from(file.len - at)
+                    .map_or(buffer.len(), |left| left.min(buffer.len()));
+                let chunk = &mut buffer[..want];
+                handle
+                    .read_exact_at(chunk, at)
+                    .map_err(|_| DatasetError::Changed {
+                        path: file.path.clone(),
+                    })?;
+                let mut from = 0;
+                loop {
+                    if let Some(start) = line_start.take() {
+                        if line % INDEX_EVERY == 0 {
+                            marks.push(Mark {
+                                line,
+                                file: i,
+                                offset: start,
+                            });
+                        }
+                        line += 1;
+                    }
+                    match memchr::memchr(b'\n', &chunk[from..]) {
+                        Some(n) => {
+                            let next = at + (from + n) as u64 + 1;
+                            if next < file.len {
+                                line_start = Some(next);
+                            }
+                            from += n + 1;
+                        }
+                        None => break,
+                    }
+                }
+                at += want as u64;
+            }
+        }
+        Ok(LineIndex { lines: line, marks })
+    }
+
+    /// Up to `count` lines from line `start` (0-based), each at most `max_line` bytes, as text
+    /// (invalid UTF-8 replaced). `admits(bytes)` is asked before each line is kept: when it says
+    /// no, the read stops with [`DatasetError::OverMemory`].
+    ///
+    /// # Errors
+    ///
+    /// The data cannot be read, a line is too long, or the agent cannot hold the lines.
+    pub fn lines(
+        &self,
+        start: u64,
+        count: u64,
+        max_line: usize,
+        admits: impl Fn(u64) -> bool,
+    ) -> Result<Vec<String>, DatasetError> {
+        let index = self.index()?;
+        if start >= index.lines || count == 0 {
+            return Ok(Vec::new());
+        }
+        let Some(mark) = index.marks.get((start / INDEX_EVERY) as usize).copied() else {
+            return Ok(Vec::new());
+        };
+        let wanted = count.min(index.lines - start);
+        let mut out = Vec::new();
+        let mut line = mark.line;
+        let mut buffer = Vec::new();
+        for (i, file) in self.files.iter().enumerate().skip(mark.file) {
+            let offset = if i == mark.file { mark.offset } else { 0 };
+            if offset >= file.len {
+                continue;
+            }
+            let mut handle = File::open(&file.path).map_err(io(&file.path))?;
+            handle
+                .seek(SeekFrom::Start(offset))
+                .map_err(io(&file.path))?;
+            let mut reader = BufReader::new(handle.take(file.len - offset));
+            loop {
+                if line < start {
+                    if !skip_line(&mut reader).map_err(io(&file.path))? {
+                        break;
+                    }
+                    line += 1;
+                    continue;
+                }
+                buffer.clear();
+                let read = (&mut reader)
+                    .take(max_line as u64 + 2)
+                    .read_until(b'\n', &mut buffer)
+                    .map_err(io(&file.path))?;
+                if read == 0 {
+                    break;
+                }
+                if buffer.last() == Some(&b'\n') {
+                    buffer.pop();
+                    if buffer.last() == Some(&b'\r') {
+                        buffer.pop();
+                    }
+                } else if buffer.len() > max_line {
+                    return Err(DatasetError::LineTooLong {
+                        line,
+                        max: max_line,
+                    });
+                }
+                if buffer.len() > max_line {
+                    return Err(DatasetError::LineTooLong {
+                        line,
+                        max: max_line,
+                    });
+                }
+                // A `String` and its place in the array the agent gets.
+                let bytes = buffer.len() as u64 + 40;
+                if !admits(bytes) {
+                    return Err(DatasetError::OverMemory { bytes });
+                }
+                out.push(String::from_utf8_lossy(&buffer).into_owned());
+                line += 1;
+                if out.len() as u64 == wanted {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `len` bytes from byte `offset` (fewer at the end; none past it).
+    ///
+    /// # Errors
+    ///
+    /// The data cannot be read.
+    pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DatasetError> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        let first = self.files.partition_point(|f| f.start + f.len <= offset);
+        let mut at = offset;
+        for file in &self.files[first..] {
+            if at >= end {
+                break;
+            }
+            let from = at - file.start;
+            let upto = (end - file.start).min(file.len);
+            if from >= upto {
+                continue;
+            }
+            let place = (at - offset) as usize;
+            let slot = &mut out[place..place + (upto - from) as usize];
+            File::open(&file.path)
+                .map_err(io(&file.path))?
+                .read_exact_at(slot, from)
+                .map_err(|_| DatasetError::Changed {
+                    path: file.path.clone(),
+                })?;
+            at = file.start + upto;
+        }
+        Ok(out)
+    }
+}
+
+/// Reads past the next line without keeping it: whether there was one.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<bool> {
+    let mut any = false;
+    loop {
+        let (done, used) = {
+            let available = reader.fill_buf()?;
+            if available.is_empty() {
+                return Ok(any);
+            }
+            any = true;
+            match memchr::memchr(b'\n', available) {
+                Some(n) => (true, n + 1),
+                None => (false, available.len()),
+            }
+        };
+        reader.consume(used);
+        if done {
+            return Ok(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).expect("write");
+    }
+
+    /// Every way of reading a dataset against the obvious answer from its whole text.
+    fn check(dataset: &Dataset, text: &str) {
+        let expected = file_lines(text);
+        assert_eq!(dataset.line_count().expect("count"), expected.len() as u64);
+        for start in 0..expected.len() as u64 + 2 {
+            for count in [0, 1, 2, 5, 3000] {
+                let got = dataset
+                    .lines(start, count, 1 << 20, |_| true)
+                    .expect("lines");
+                let want: Vec<String> = expected
+                    .iter()
+                    .skip(start as usize)
+                    .take(count as usize)
+                    .cloned()
+                    .collect();
+                assert_eq!(got, want, "lines({start}, {count})");
+            }
+        }
+        assert_eq!(dataset.size(), text.len() as u64);
+        for offset in [
+            0,
+            1,
+            7,
+            text.len() as u64 / 2,
+            text.len() as u64,
+            text.len() as u64 + 5,
+        ] {
+            for len in [0, 1, 3, 100, 1 << 20] {
+                let got = dataset.read(offset, len).expect("read");
+                let from = (offset as usize).min(text.len());
+                let to = (offset.saturating_add(len) as usize).min(text.len());
+                assert_eq!(got, text.as_bytes()[from..to], "read({offset}, {len})");
+            }
+        }
+    }
+
+    /// The lines of one file's text.
+    fn file_lines(text: &str) -> Vec<String> {
+        if text.is_empty() {
+            return Vec::new();
+        }
+        let body = text.strip_suffix('\n').unwrap_or(text);
+        body.split('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_file_reads_as_its_lines_and_bytes() {
+        let dir = tempfile::tempdir().expect("dir");
+        for (i, text) in ["", "one", "one\n", "a\r\nb\n\nc", "\n\n\n"]
+            .iter()
+            .enumerate()
+        {
+            let name = format!("f{i}");
+            write(dir.path(), &name, text);
+            check(&Dataset::open(&dir.path().join(name)).expect("open"), text);
+        }
+    }
+
+    #[test]
+    fn a_directory_reads_as_its_files_in_name_order_each_starting_a_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let parts = ["x\ny", "", "z\n", "last"];
+        for (i, text) in parts.iter().enumerate() {
+            write(dir.path(), &format!("part-{i}"), text);
+        }
+        let dataset = Dataset::open(dir.path()).expect("open");
+        let lines: Vec<String> = parts.iter().flat_map(|p| file_lines(p)).collect();
+        assert_eq!(lines, ["x", "y", "z", "last"]);
+        assert_eq!(dataset.line_count().expect("count"), 4);
+        assert_eq!(
+            dataset.lines(1, 10, 100, |_| true).expect("lines"),
+            lines[1..]
+        );
+        assert_eq!(dataset.read(0, 100).expect("read"), b"x\nyz\nlast");
+        assert_eq!(dataset.read(2, 3).expect("read"), b"yz\n");
+    }
+
+    #[test]
+    fn many_lines_are_found_through_the_index() {
+        let dir = tempfile::tempdir().expect("dir");
+        let text: String = (0..5000).map(|i| format!("line {i}\n")).collect();
+        write(dir.path(), "a", &text);
+        let dataset = Dataset::open(&dir.path().join("a")).expect("open");
+        assert_eq!(dataset.line_count().expect("count"), 5000);
+        for start in [0, 1023, 1024, 1025, 4095, 4999] {
+            let got = dataset.lines(start, 2, 100, |_| true).expect("lines");
+            let want: Vec<String> = (start..5000.min(start + 2))
+                .map(|i| format!("line {i}"))
+                .collect();
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn links_and_subdirectories_in_a_dataset_directory_are_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        write(dir.path(), "ok", "fine");
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("escape")).expect("link");
+        let err = Dataset::open(dir.path()).expect_err("a link");
+        assert!(err.to_string().contains("escape"), "{err}");
+        std::fs::remove_file(dir.path().join("escape")).expect("rm");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        let err = Dataset::open(dir.path()).expect_err("a subdirectory");
+        assert!(err.to_string().contains("sub"), "{err}");
+    }
+
+    #[test]
+    fn long_lines_and_the_memory_budget_stop_a_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        write(
+            dir.path(),
+            "a",
+            &format!("short\n{}\nshort\n", "x".repeat(100)),
+        );
+        let dataset = Dataset::open(&dir.path().join("a")).expect("open");
+        assert!(matches!(
+            dataset.lines(0, 3, 50, |_| true),
+            Err(DatasetError::LineTooLong { line: 1, max: 50 })
+        ));
+        assert_eq!(
+            dataset.lines(2, 1, 50, |_| true).expect("skips it"),
+            ["short"]
+        );
+        let budget = std::cell::Cell::new(100u64);
+        let admits = |bytes: u64| {
+            let left = budget.get();
+            budget.set(left.saturating_sub(bytes));
+            bytes <= left
+        };
+        assert!(matches!(
+            dataset.lines(0, 3, 1000, admits),
+            Err(DatasetError::OverMemory { .. })
+        ));
+    }
+
+    #[test]
+    fn a_file_that_shrank_is_an_error_not_a_short_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        write(dir.path(), "a", "0123456789");
+        let dataset = Dataset::open(&dir.path().join("a")).expect("open");
+        write(dir.path(), "a", "01");
+        assert!(matches!(
+            dataset.read(0, 10),
+            Err(DatasetError::Changed { .. })
+        ));
+    }
+}

@@ -1,0 +1,162 @@
+//! Node resources: what a node offers the agents that come to it (data sets, tables, values),
+//! declared in its configuration, and how an agent's handles reach them.
+//!
+//! - [`dataset`]: read-only files, read in lines or byte ranges with bounded memory;
+//! - `binding`: the [`agent_lang::ResourceHost`] of one agent on this node: which resource a
+//!   handle reaches, by the binding policy its package declares, and the calls on it.
+//!
+//! `table` resources live in the node's store (`store::tables`); `value` resources are portable
+//! values kept encoded.
+
+mod binding;
+pub mod dataset;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use agent_lang::ResourceKind;
+
+pub(crate) use binding::AgentResources;
+pub use binding::{MAX_TABLE_KEY, MAX_TABLE_VALUE};
+use dataset::Dataset;
+
+/// Whether a resource may leave its node (with a `move` binding, or as a copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mobility {
+    /// It may leave its node.
+    Free,
+    /// It may be moved, but it is bound to its node otherwise.
+    FixedTransferable,
+    /// It never leaves its node.
+    Fixed,
+}
+
+impl std::str::FromStr for Mobility {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "free" => Ok(Mobility::Free),
+            "fixed-transferable" => Ok(Mobility::FixedTransferable),
+            "fixed" => Ok(Mobility::Fixed),
+            _ => Err(format!(
+                "unknown mobility '{s}': expected free, fixed-transferable or fixed"
+            )),
+        }
+    }
+}
+
+/// What backs a resource.
+#[derive(Debug)]
+pub enum Backing {
+    /// Files, read-only.
+    Dataset(Dataset),
+    /// A table in the node's store, by the resource's name.
+    Table,
+    /// A portable value, encoded.
+    Value(Vec<u8>),
+}
+
+/// One resource a node offers.
+#[derive(Debug)]
+pub struct NodeResource {
+    /// Whether it may leave the node.
+    pub mobility: Mobility,
+    /// What backs it.
+    pub backing: Backing,
+}
+
+impl NodeResource {
+    /// Its type.
+    pub fn kind(&self) -> ResourceKind {
+        match self.backing {
+            Backing::Dataset(_) => ResourceKind::Dataset,
+            Backing::Table => ResourceKind::Table,
+            Backing::Value(_) => ResourceKind::Value,
+        }
+    }
+}
+
+/// The resources a node offers, by name.
+#[derive(Debug, Default, Clone)]
+pub struct NodeResources {
+    by_name: Arc<BTreeMap<String, NodeResource>>,
+}
+
+impl NodeResources {
+    /// The resource named `name`, if the node offers one.
+    pub fn get(&self, name: &str) -> Option<&NodeResource> {
+        self.by_name.get(name)
+    }
+
+    /// Names and types of every resource offered, in name order.
+    pub fn list(&self) -> impl Iterator<Item = (&str, ResourceKind)> {
+        self.by_name.iter().map(|(n, r)| (n.as_str(), r.kind()))
+    }
+
+    /// Reads the resources of a `[resources]` section (a TOML table of tables, one per
+    /// resource: `type`, then `path` for a dataset, relative to `base`, or `value` for a value;
+    /// `mobility`, `fixed` unless stated).
+    ///
+    /// # Errors
+    ///
+    /// A resource is malformed or its dataset cannot be opened: the message names it.
+    pub fn from_toml(section: &toml::Table, base: &Path) -> Result<NodeResources, String> {
+        let mut by_name = BTreeMap::new();
+        for (name, entry) in section {
+            let resource =
+                parse(name, entry, base).map_err(|e| format!("resource '{name}': {e}"))?;
+            by_name.insert(name.clone(), resource);
+        }
+        Ok(NodeResources {
+            by_name: Arc::new(by_name),
+        })
+    }
+}
+
+fn parse(name: &str, entry: &toml::Value, base: &Path) -> Result<NodeResource, String> {
+    if !agent_lang::is_valid_resource_name(name) {
+        return Err("a resource name is 1 to 64 of A-Z a-z 0-9 . _ -".into());
+    }
+    let toml::Value::Table(fields) = entry else {
+        return Err("expected a table (type = ..., ...)".into());
+    };
+    let text = |key: &str| match fields.get(key) {
+        None => Ok(None),
+        Some(toml::Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(format!("'{key}' must be a string")),
+    };
+    for key in fields.keys() {
+        if !matches!(key.as_str(), "type" | "path" | "value" | "mobility") {
+            return Err(format!(
+                "unknown field '{key}' (expected type, path, value, mobility)"
+            ));
+        }
+    }
+    let kind: ResourceKind = text("type")?.ok_or("'type' is missing")?.parse()?;
+    let mobility = text("mobility")?.map_or(Ok(Mobility::Fixed), str::parse)?;
+    let backing = match kind {
+        ResourceKind::Dataset => {
+            let path = text("path")?.ok_or("a dataset needs a 'path'")?;
+            let path = base.join(path);
+            Backing::Dataset(Dataset::open(&path).map_err(|e| e.to_string())?)
+        }
+        ResourceKind::Table => Backing::Table,
+        ResourceKind::Value => {
+            let value = fields
+                .get("value")
+                .ok_or("a value resource needs a 'value'")?;
+            let json = serde_json::to_value(value).map_err(|e| e.to_string())?;
+            let value = agent_lang::from_json(&json);
+            Backing::Value(agent_lang::encode_portable(&value).map_err(|e| e.to_string())?)
+        }
+    };
+    if kind != ResourceKind::Dataset && fields.contains_key("path") {
+        return Err(format!("a {kind} has no 'path'"));
+    }
+    if kind != ResourceKind::Value && fields.contains_key("value") {
+        return Err(format!("a {kind} has no 'value'"));
+    }
+    Ok(NodeResource { mobility, backing })
+}

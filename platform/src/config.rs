@@ -277,6 +277,41 @@ mod tests {
     }
 
     #[test]
+    fn resources_are_read_relative_to_the_file_and_errors_name_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("words.txt"), "one\ntwo\n").unwrap();
+        let path = dir.path().join("node.toml");
+        let head = "name = \"alpha\"\nkey = \"alpha.pem\"\ndata_dir = \"data\"\n";
+        std::fs::write(
+            &path,
+            format!(
+                "{head}[resources.words]\ntype = \"dataset\"\npath = \"words.txt\"\n\
+                 [resources.counts]\ntype = \"table\"\nmobility = \"free\"\n"
+            ),
+        )
+        .unwrap();
+        let config = load(&path).unwrap();
+        let listed: Vec<_> = config.resources.list().collect();
+        assert_eq!(
+            listed,
+            [
+                ("counts", agent_lang::ResourceKind::Table),
+                ("words", agent_lang::ResourceKind::Dataset)
+            ]
+        );
+        std::fs::write(
+            &path,
+            format!("{head}[resources.words]\ntype = \"dataset\"\npath = \"gone.txt\"\n"),
+        )
+        .unwrap();
+        let err = format!("{:#}", load(&path).unwrap_err());
+        assert!(
+            err.contains("[resources] resource 'words'") && err.contains("gone.txt"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn mailbox_limits_are_read_and_the_rest_default() {
         let config = load_text(
             "max_queued_messages = 10\nmax_operations = 5\nmax_total_operations = 50\n\

@@ -22,6 +22,69 @@ pub struct LoopbackMesh {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+/// One node of a mesh to start: its name and what it offers agents.
+#[derive(Debug, Clone)]
+pub struct MeshNode {
+    /// Its name (`here()` there, `migrate(name)` to it).
+    pub name: String,
+    /// Its resources.
+    pub resources: NodeResources,
+}
+
+impl MeshNode {
+    /// Reads a mesh description (`tern run --mesh`): one `[[node]]` table per node, in order,
+    /// each with a `name` and optionally `[node.resources.NAME]` tables as a node configuration
+    /// has them (paths relative to the description's directory).
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read or is malformed: the error names the node and field.
+    pub fn read_mesh(path: &std::path::Path) -> Result<Vec<MeshNode>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Mesh {
+            node: Vec<Described>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Described {
+            name: String,
+            #[serde(default)]
+            resources: toml::Table,
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mesh: Mesh = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid mesh description", path.display()))?;
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        let mut seen = std::collections::HashSet::new();
+        if mesh.node.is_empty() || mesh.node.len() > 256 {
+            bail!("{}: a mesh has 1 to 256 nodes", path.display());
+        }
+        mesh.node
+            .into_iter()
+            .map(|d| {
+                if !discovery::is_valid_name(&d.name) {
+                    bail!(
+                        "{}: node name '{}' must be 1 to 64 of A-Z a-z 0-9 . _ -",
+                        path.display(),
+                        d.name
+                    );
+                }
+                if !seen.insert(d.name.clone()) {
+                    bail!("{}: node '{}' is described twice", path.display(), d.name);
+                }
+                let resources = NodeResources::from_toml(&d.resources, base)
+                    .map_err(|e| anyhow::anyhow!("{}: node '{}': {e}", path.display(), d.name))?;
+                Ok(MeshNode {
+                    name: d.name,
+                    resources,
+                })
+            })
+            .collect()
+    }
+}
+
 impl LoopbackMesh {
     /// Starts `n` nodes named `node-0` .. and connects every pair.
     ///
@@ -33,25 +96,30 @@ impl LoopbackMesh {
         trust: TrustPolicy,
         limits: agent_lang::Limits,
     ) -> Result<LoopbackMesh> {
-        LoopbackMesh::start_with(n, trust, limits, vec![]).await
+        let nodes = (0..n)
+            .map(|i| MeshNode {
+                name: format!("node-{i}"),
+                resources: NodeResources::default(),
+            })
+            .collect();
+        LoopbackMesh::start_with(nodes, trust, limits).await
     }
 
-    /// [`LoopbackMesh::start`], node `i` offering `resources[i]` (none past the list's end).
+    /// Starts the nodes `nodes` describes (the first is where [`LoopbackMesh::run`] launches)
+    /// and connects every pair.
     ///
     /// # Errors
     ///
     /// As [`LoopbackMesh::start`].
     pub async fn start_with(
-        n: usize,
+        described: Vec<MeshNode>,
         trust: TrustPolicy,
         limits: agent_lang::Limits,
-        mut resources: Vec<NodeResources>,
     ) -> Result<LoopbackMesh> {
-        resources.resize_with(n.max(resources.len()), NodeResources::default);
-        let mut resources = resources.into_iter();
+        let n = described.len();
         let mut nodes: Vec<NodeHandle> = Vec::with_capacity(n);
         let mut dirs = Vec::with_capacity(n);
-        for i in 0..n {
+        for node in described {
             let dir = tempfile::tempdir().context("temporary directory")?;
             let bootstrap = nodes
                 .iter()
@@ -60,9 +128,9 @@ impl LoopbackMesh {
             let config = NodeConfig {
                 bootstrap,
                 limits: limits.clone(),
-                resources: resources.next().unwrap_or_default(),
+                resources: node.resources,
                 ..NodeConfig::local(
-                    &format!("node-{i}"),
+                    &node.name,
                     SecretKey::generate(),
                     dir.path().to_path_buf(),
                     trust.clone(),

@@ -252,3 +252,84 @@ fn every_example_runs() {
     }
     assert!(count >= 2);
 }
+
+#[test]
+fn a_mesh_description_names_the_nodes_and_their_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("shards")).unwrap();
+    for (i, words) in ["a b", "b c c"].iter().enumerate() {
+        std::fs::write(dir.path().join(format!("shards/{i}")), words).unwrap();
+    }
+    let mesh = dir.path().join("mesh.toml");
+    std::fs::write(
+        &mesh,
+        r#"
+            [[node]]
+            name = "alpha"
+            [node.resources.shard]
+            type = "dataset"
+            path = "shards/0"
+            [[node]]
+            name = "beta"
+            [node.resources.shard]
+            type = "dataset"
+            path = "shards/1"
+            mobility = "fixed"
+        "#,
+    )
+    .unwrap();
+    let script = dir.path().join("count.rhai");
+    std::fs::write(
+        &script,
+        r#"
+            let shard = resource("shard");
+            let words = 0;
+            for n in nodes() {
+                migrate(n);
+                for line in shard.lines(0, 100) { words += line.split(" ").len(); }
+            }
+            [nodes(), words]
+        "#,
+    )
+    .unwrap();
+    let mesh_arg = mesh.to_str().unwrap();
+    let script_arg = script.to_str().unwrap();
+    let out = tern(&[
+        "run",
+        "--mesh",
+        mesh_arg,
+        "--resource",
+        "shard=rebind",
+        script_arg,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(last_line(&stdout), r#"[["alpha","beta"],5]"#);
+    // Without the binding the script is told what to declare.
+    let out = tern(&["run", "--mesh", mesh_arg, script_arg]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--resource shard=rebind"), "{stderr}");
+    // A mesh description that is wrong says where.
+    std::fs::write(&mesh, "[[node]]\nname = \"alpha\"\n[node.resources.shard]\ntype = \"dataset\"\npath = \"nowhere\"\n").unwrap();
+    let out = tern(&[
+        "run",
+        "--mesh",
+        mesh_arg,
+        "--resource",
+        "shard=rebind",
+        script_arg,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("node 'alpha': resource 'shard'") && stderr.contains("nowhere"),
+        "{stderr}"
+    );
+    let out = tern(&["run", "--mesh", mesh_arg, "--nodes", "2", script_arg]);
+    assert!(!out.status.success());
+}

@@ -99,5 +99,6 @@ pub use package::{
     UnknownResourcePolicy, VerifiedPackage, DEFAULT_MAX_PACKAGE_BYTES, PACKAGE_MAGIC,
 };
 pub use policy::{
-    AuthorGrant, AuthorsPolicy, Capabilities, Grant, PeersPolicy, PolicyError, TrustPolicy,
+    Access, AuthorGrant, AuthorsPolicy, Capabilities, Grant, PeersPolicy, PolicyError,
+    ResourceGrants, TrustPolicy,
 };

@@ -10,6 +10,8 @@
 //! authors = [
 //!   "ed25519:3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29",
 //!   { key = "ed25519:...", capabilities = ["net"], limits = { max_operations = 1000000 } },
+//!   # The node's resources its agents may use: "any" (all, read and write), or by name.
+//!   { key = "ed25519:...", resources = { shard = "read", counts = "read-write" } },
 //! ]
 //! # "any", or a list of `ed25519:` keys or peer ids; omitted means nobody may push.
 //! accept_from = "any"
@@ -66,8 +68,9 @@ pub enum AuthorsPolicy {
     List(Vec<AuthorGrant>),
 }
 
-/// One trusted author. TOML: the key as a string (no capabilities, no extra limits), or a table
-/// `{ key = "...", capabilities = [...] | "any", limits = { ... } }`.
+/// One trusted author. TOML: the key as a string (no capabilities, no extra limits, no
+/// resources), or a table `{ key = "...", capabilities = [...] | "any", limits = { ... },
+/// resources = "any" | { name = "read" | "read-write" } }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuthorGrant {
     /// The author's key.
@@ -77,6 +80,94 @@ pub struct AuthorGrant {
     /// Caps on the limits its packages may ask for; a package asking for more is refused, and a
     /// package stating no limit gets the cap.
     pub limits: PackageLimits,
+    /// The node's resources its agents may use.
+    pub resources: ResourceGrants,
+}
+
+/// How an agent may use a resource it was granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Access {
+    /// Read it (a dataset, a value, a table's entries).
+    Read,
+    /// Read it and change it (a table's entries).
+    ReadWrite,
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::ReadWrite => "read-write",
+        })
+    }
+}
+
+/// Which of a node's resources an author's agents may use, and how. TOML: `"any"` (every
+/// resource, read and write) or a table of names, `{ shard = "read", counts = "read-write" }`.
+/// Default: none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResourceGrants {
+    /// Every resource, read and write.
+    Any,
+    /// Only these, each as stated.
+    Named(std::collections::BTreeMap<String, Access>),
+}
+
+impl Default for ResourceGrants {
+    fn default() -> Self {
+        Self::Named(Default::default())
+    }
+}
+
+impl ResourceGrants {
+    /// How resource `name` may be used; None: not at all.
+    pub fn access(&self, name: &str) -> Option<Access> {
+        match self {
+            Self::Any => Some(Access::ReadWrite),
+            Self::Named(names) => names.get(name).copied(),
+        }
+    }
+}
+
+impl Serialize for ResourceGrants {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Any => s.serialize_str(ANY),
+            Self::Named(names) => names.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ResourceGrants {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct GrantsVisitor;
+
+        impl<'de> Visitor<'de> for GrantsVisitor {
+            type Value = ResourceGrants;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"any\" or a table of resource names, each \"read\" or \"read-write\"")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ResourceGrants, E> {
+                if v == ANY {
+                    Ok(ResourceGrants::Any)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                }
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ResourceGrants, A::Error> {
+                let names = std::collections::BTreeMap::<String, Access>::deserialize(
+                    MapAccessDeserializer::new(map),
+                )?;
+                Ok(ResourceGrants::Named(names))
+            }
+        }
+
+        d.deserialize_any(GrantsVisitor)
+    }
 }
 
 /// A set of capabilities. TOML: `"any"` or a list of names. Default: none.
@@ -123,6 +214,8 @@ pub struct Grant {
     pub capabilities: Vec<String>,
     /// The limits in force; `None` leaves the node's default.
     pub limits: PackageLimits,
+    /// The node's resources it may use.
+    pub resources: ResourceGrants,
 }
 
 /// Why a package is not admitted.
@@ -171,6 +264,7 @@ impl TrustPolicy {
                     author,
                     capabilities: manifest.capabilities.clone(),
                     limits: manifest.limits,
+                    resources: ResourceGrants::Any,
                 })
             }
             AuthorsPolicy::List(list) => {
@@ -217,6 +311,7 @@ impl TrustPolicy {
             author,
             capabilities: manifest.capabilities.clone(),
             limits: PackageLimits::from_entries(limits),
+            resources: grant.resources.clone(),
         })
     }
 
@@ -329,6 +424,8 @@ impl<'de> Deserialize<'de> for AuthorGrant {
             capabilities: Capabilities,
             #[serde(default)]
             limits: PackageLimits,
+            #[serde(default)]
+            resources: ResourceGrants,
         }
 
         struct GrantVisitor;
@@ -345,6 +442,7 @@ impl<'de> Deserialize<'de> for AuthorGrant {
                     key: v.parse().map_err(E::custom)?,
                     capabilities: Capabilities::default(),
                     limits: PackageLimits::default(),
+                    resources: ResourceGrants::default(),
                 })
             }
 
@@ -354,6 +452,7 @@ impl<'de> Deserialize<'de> for AuthorGrant {
                     key: t.key,
                     capabilities: t.capabilities,
                     limits: t.limits,
+                    resources: t.resources,
                 })
             }
         }

@@ -154,6 +154,13 @@ fn policy_round_trips_through_toml() {
                 max_operations: Some(3),
                 ..PackageLimits::default()
             },
+            resources: ResourceGrants::Named(
+                [
+                    ("shard".to_string(), Access::Read),
+                    ("counts".to_string(), Access::ReadWrite),
+                ]
+                .into(),
+            ),
         }]),
         accept_from: PeersPolicy::Any,
         serve_packages: true,
@@ -205,4 +212,36 @@ fn asking_for_a_zero_limit_gets_the_cap() {
     .unwrap();
     let grant = policy.admit_package(&package).unwrap();
     assert_eq!(grant.limits.max_operations, Some(20_000));
+}
+
+#[test]
+fn resource_grants_are_none_unless_stated_and_any_for_any_author() {
+    let author = key(1).public();
+    let package = package().verify().unwrap();
+    let policy_with = |resources: &str| {
+        toml::from_str::<TrustPolicy>(&format!(
+            r#"authors = [{{ key = "{author}", capabilities = "any"{resources} }}]"#
+        ))
+    };
+    let none = policy_with("").unwrap();
+    assert_eq!(
+        none.admit_package(&package)
+            .unwrap()
+            .resources
+            .access("table"),
+        None
+    );
+    let named = policy_with(r#", resources = { table = "read", log = "read-write" }"#).unwrap();
+    let grant = named.admit_package(&package).unwrap();
+    assert_eq!(grant.resources.access("table"), Some(Access::Read));
+    assert_eq!(grant.resources.access("log"), Some(Access::ReadWrite));
+    assert_eq!(grant.resources.access("other"), None);
+    let any: TrustPolicy = toml::from_str(r#"authors = "any""#).unwrap();
+    assert_eq!(
+        any.admit_package(&package).unwrap().resources.access("x"),
+        Some(Access::ReadWrite)
+    );
+    for bad in [r#", resources = "all""#, r#", resources = { a = "write" }"#] {
+        assert!(policy_with(bad).is_err(), "{bad}");
+    }
 }

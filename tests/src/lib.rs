@@ -33,8 +33,11 @@ pub fn package_binding(source: &str, bindings: &[(&str, &str)]) -> (VerifiedPack
     let package = platform::package_files::pack(source.to_string(), spec, &key, 0)
         .and_then(|p| Ok(p.verify()?))
         .unwrap_or_else(|e| panic!("test agent does not pack: {e:#}"));
-    let mut trust: TrustPolicy =
-        toml::from_str(&format!("authors = [\"{}\"]", key.public())).unwrap_or_default();
+    let mut trust: TrustPolicy = toml::from_str(&format!(
+        "authors = [{{ key = \"{}\", resources = \"any\" }}]",
+        key.public()
+    ))
+    .unwrap_or_default();
     trust.accept_from = PeersPolicy::Any;
     (package, trust)
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use platform::loopback::LoopbackMesh;
+use platform::loopback::{LoopbackMesh, MeshNode};
 use platform::resources::NodeResources;
 use platform::wire::AgentEnd;
 use tern_tests::package_binding;
@@ -16,7 +16,7 @@ fn resources(toml_text: &str, base: &Path) -> NodeResources {
 
 /// Three nodes, each with a dataset `shard` of its own and a table `counts`; node-0 also
 /// offers a value `settings`, and node-2 has no `shard`.
-fn three_nodes(dir: &Path) -> Vec<NodeResources> {
+fn three_nodes(dir: &Path) -> Vec<MeshNode> {
     (0..3)
         .map(|i| {
             let shard = dir.join(format!("shard-{i}"));
@@ -29,7 +29,10 @@ fn three_nodes(dir: &Path) -> Vec<NodeResources> {
                 text +=
                     "[settings]\ntype = \"value\"\nvalue = { depth = 3, names = [\"a\", \"b\"] }\n";
             }
-            resources(&text, dir)
+            MeshNode {
+                name: format!("node-{i}"),
+                resources: resources(&text, dir),
+            }
         })
         .collect()
 }
@@ -37,7 +40,7 @@ fn three_nodes(dir: &Path) -> Vec<NodeResources> {
 async fn run(source: &str, bindings: &[(&str, &str)]) -> AgentEnd {
     let dir = tempfile::tempdir().expect("dir");
     let (package, trust) = package_binding(source, bindings);
-    let mesh = LoopbackMesh::start_with(3, trust, Default::default(), three_nodes(dir.path()))
+    let mesh = LoopbackMesh::start_with(three_nodes(dir.path()), trust, Default::default())
         .await
         .expect("mesh");
     let (_, end) = tokio::time::timeout(Duration::from_secs(60), mesh.run(package))
@@ -173,4 +176,99 @@ fn a_malformed_resource_is_refused_naming_it() {
         let err = NodeResources::from_toml(&table, dir.path()).expect_err(text);
         assert!(err.contains(says), "{text}: {err}");
     }
+}
+
+/// Reading more lines than the agent's memory budget holds ends that agent with the budget's
+/// error, however many the call asks for, before the node has allocated them all.
+#[test]
+fn a_read_past_the_memory_budget_ends_the_agent_not_the_node() {
+    tern_tests::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let text: String = (0..200_000).map(|i| format!("line number {i}\n")).collect();
+        std::fs::write(dir.path().join("big"), &text).expect("dataset");
+        let node = MeshNode {
+            name: "node-0".into(),
+            resources: resources("[big]\ntype = \"dataset\"\npath = \"big\"\n", dir.path()),
+        };
+        let (package, trust) = package_binding(
+            r#"
+                let big = resource("big");
+                let n = big.line_count();
+                let some = big.lines(n - 3, 10);
+                let all = big.lines(0, 100000000);
+                [n, some, all.len()]
+            "#,
+            &[("big", "rebind")],
+        );
+        let limits = agent_lang::Limits::default().with_max_memory_bytes(1 << 20);
+        let mesh = LoopbackMesh::start_with(vec![node], trust, limits)
+            .await
+            .expect("mesh");
+        let (_, end) = mesh.run(package).await.expect("runs");
+        assert!(
+            matches!(&end, AgentEnd::Failed { error, .. } if error.contains("memory")),
+            "{end:?}"
+        );
+        // Byte ranges of the same data (on a mesh of its own: a mesh trusts one author).
+        let (package, trust) = package_binding(
+            r#"let big = resource("big"); [big.size(), big.read(12, 14)]"#,
+            &[("big", "rebind")],
+        );
+        let node = MeshNode {
+            name: "node-0".into(),
+            resources: resources("[big]\ntype = \"dataset\"\npath = \"big\"\n", dir.path()),
+        };
+        let mesh = LoopbackMesh::start_with(vec![node], trust, Default::default())
+            .await
+            .expect("mesh");
+        let (_, end) = mesh.run(package).await.expect("runs");
+        let expected: Vec<u8> = text.as_bytes()[12..26].to_vec();
+        assert_eq!(
+            json(end),
+            format!(
+                "[{},{}]",
+                text.len(),
+                serde_json::to_string(&expected).expect("json")
+            )
+        );
+    });
+}
+
+/// A node's trust policy says which resources an author's agents may use, and how: a resource
+/// not granted cannot be bound, and one granted for reading cannot be written.
+#[test]
+fn resources_are_used_only_as_the_node_grants_them() {
+    tern_tests::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let (package, mut trust) = package_binding(
+            r#"
+                let shard = resource("shard");
+                let counts = resource("counts");
+                let errors = [shard.line_count(), counts.len()];
+                try { counts.set("k", 1); } catch (e) { errors.push(e); }
+                try { counts.remove("k"); } catch (e) { errors.push(e); }
+                try { resource("settings"); } catch (e) { errors.push(e); }
+                errors
+            "#,
+            &[("shard", "rebind"), ("counts", "rebind"), ("settings", "rebind")],
+        );
+        trust.authors = toml::from_str::<security::TrustPolicy>(&format!(
+            r#"authors = [{{ key = "{}", resources = {{ shard = "read", counts = "read" }} }}]"#,
+            package.author()
+        ))
+        .expect("trust")
+        .authors;
+        let mesh = LoopbackMesh::start_with(three_nodes(dir.path()), trust, Default::default())
+            .await
+            .expect("mesh");
+        let (_, end) = mesh.run(package).await.expect("runs");
+        assert_eq!(
+            json(end),
+            concat!(
+                r#"[2,0,"set: node 'node-0' grants the agent's author read access only to resource 'counts'","#,
+                r#""remove: node 'node-0' grants the agent's author read access only to resource 'counts'","#,
+                r#""resource: node 'node-0' grants the agent's author no access to resource 'settings' ([trust] authors: resources)"]"#
+            )
+        );
+    });
 }

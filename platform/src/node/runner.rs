@@ -54,18 +54,22 @@ impl Shared {
     }
 
     /// The resources an agent of `loaded`'s package reaches on this node, by the bindings its
-    /// manifest declares (none: every `resource(name)` throws).
+    /// manifest declares.
     fn resources_of(&self, loaded: &Loaded) -> Arc<dyn ResourceHost> {
         let declared = &loaded.package.manifest().resources;
-        if declared.is_empty() {
-            return agent_lang::no_resources();
-        }
+        // (Admitted when it came: if the policy changed since, it reaches nothing.)
+        let grants = self
+            .trust
+            .admit_package(&loaded.package)
+            .map(|grant| grant.resources)
+            .unwrap_or_default();
         Arc::new(AgentResources::new(
             self.peers.local_name().to_string(),
             self.resources.clone(),
             self.store.clone(),
             self.quota.clone(),
             declared.iter().map(|d| (d.name.clone(), d.policy)),
+            grants,
             loaded.program.clone(),
         ))
     }

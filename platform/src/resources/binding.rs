@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use agent_lang::rhai::{Array, Dynamic, ImmutableString};
 use agent_lang::{Program, Resource, ResourceCall, ResourceError, ResourceHost};
-use security::ResourcePolicy;
+use security::{Access, ResourceGrants, ResourcePolicy};
 
 use super::{Backing, NodeResource, NodeResources};
 use crate::node::StoreQuota;
@@ -32,6 +32,8 @@ pub(crate) struct AgentResources {
     quota: StoreQuota,
     /// The agent's bindings, from its package's manifest.
     bindings: HashMap<String, ResourcePolicy>,
+    /// What this node grants the agent's author (`[trust]`).
+    grants: ResourceGrants,
     /// Decodes the values the agent reads.
     program: Program,
 }
@@ -43,6 +45,7 @@ impl AgentResources {
         store: Store,
         quota: StoreQuota,
         bindings: impl IntoIterator<Item = (String, ResourcePolicy)>,
+        grants: ResourceGrants,
         program: Program,
     ) -> AgentResources {
         AgentResources {
@@ -51,7 +54,25 @@ impl AgentResources {
             store,
             quota,
             bindings: bindings.into_iter().collect(),
+            grants,
             program,
+        }
+    }
+
+    /// Whether the agent may use resource `name` as `needed` here.
+    fn allowed(&self, what: &str, name: &str, needed: Access) -> Result<(), String> {
+        match self.grants.access(name) {
+            Some(granted) if granted >= needed => Ok(()),
+            Some(granted) => Err(format!(
+                "{what}: node '{}' grants the agent's author {granted} access only to resource \
+                 '{name}'",
+                self.here
+            )),
+            None => Err(format!(
+                "{what}: node '{}' grants the agent's author no access to resource '{name}' \
+                 ([trust] authors: resources)",
+                self.here
+            )),
         }
     }
 
@@ -100,6 +121,7 @@ impl ResourceHost for AgentResources {
     fn bind(&self, name: &str) -> Result<Resource, String> {
         match self.policy("resource", name)? {
             ResourcePolicy::Rebind => {
+                self.allowed("resource", name, Access::Read)?;
                 let local = self.local("resource", name)?;
                 Ok(Resource {
                     name: name.into(),
@@ -120,6 +142,11 @@ impl ResourceHost for AgentResources {
         if self.policy(what, name)? != ResourcePolicy::Rebind {
             return Err(format!("{what}: resource '{name}' is not bound by rebind").into());
         }
+        let needed = match call {
+            ResourceCall::Set(..) | ResourceCall::Remove(_) => Access::ReadWrite,
+            _ => Access::Read,
+        };
+        self.allowed(what, name, needed)?;
         let local = self.local(what, name)?;
         if local.kind() != handle.kind {
             return Err(format!(

@@ -49,22 +49,7 @@ pub(crate) fn pack(args: PackArgs) -> Result<()> {
     let key = package_files::read_key(&args.key)?;
     let source = std::fs::read_to_string(&args.script)
         .with_context(|| format!("cannot read {}", args.script.display()))?;
-    let resources = args
-        .resources
-        .iter()
-        .map(|r| {
-            let (name, policy) = r
-                .split_once('=')
-                .with_context(|| format!("--resource {r}: expected NAME=POLICY"))?;
-            let policy = policy
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--resource {r}: {e}"))?;
-            Ok(security::ResourceDecl {
-                name: name.to_string(),
-                policy,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let resources = resource_decls(&args.resources)?;
     let name = match args.name {
         Some(n) => n,
         None => args
@@ -104,4 +89,30 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The bindings `--resource NAME=POLICY` flags declare (`tern pack` and `tern run`).
+pub(crate) fn resource_decls(flags: &[String]) -> Result<Vec<security::ResourceDecl>> {
+    let mut names = std::collections::HashSet::new();
+    flags
+        .iter()
+        .map(|r| {
+            let (name, policy) = r
+                .split_once('=')
+                .with_context(|| format!("--resource {r}: expected NAME=POLICY"))?;
+            if !agent_lang::is_valid_resource_name(name) {
+                anyhow::bail!("--resource {r}: a resource name is 1 to 64 of A-Z a-z 0-9 . _ -");
+            }
+            if !names.insert(name) {
+                anyhow::bail!("--resource {r}: '{name}' is declared twice");
+            }
+            let policy = policy
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--resource {r}: {e}"))?;
+            Ok(security::ResourceDecl {
+                name: name.to_string(),
+                policy,
+            })
+        })
+        .collect()
 }

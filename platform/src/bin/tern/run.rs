@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use platform::loopback::{HopTrace, TracedHop};
+use platform::loopback::{HopTrace, MeshNode, TracedHop};
 use platform::package_files;
 use platform::wire::AgentEnd;
 
@@ -17,8 +17,16 @@ pub(crate) struct RunArgs {
     /// The agent: a Rhai script.
     file: PathBuf,
     /// Number of nodes in the mesh (named node-0 .. node-{N-1}); the agent starts on node-0.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=256), conflicts_with = "mesh")]
     nodes: u16,
+    /// The mesh to run on, described in a TOML file: its nodes, in order (the agent starts on
+    /// the first), and the resources each offers (see the README).
+    #[arg(long, value_name = "FILE")]
+    mesh: Option<PathBuf>,
+    /// Declares how the script binds a resource (NAME=copy|rebind|remote|move; repeatable), as
+    /// `tern pack --resource` does. A package declares its own.
+    #[arg(long = "resource", value_name = "NAME=POLICY")]
+    resources: Vec<String>,
     /// Write one line per hop to stderr: from, to, continuation bytes, microseconds.
     #[arg(long)]
     trace: bool,
@@ -50,6 +58,12 @@ pub(crate) fn run_agent(args: RunArgs) -> Result<()> {
         .with_max_operations(args.max_operations)
         .with_max_memory_bytes(args.max_memory_bytes);
     let (package, trust) = if args.file.extension().is_some_and(|e| e == "tern") {
+        if !args.resources.is_empty() {
+            anyhow::bail!(
+                "--resource declares a script's bindings; the package {} declares its own",
+                args.file.display()
+            );
+        }
         let package = package_files::read_package(&args.file)?;
         let trust = trust_policy(&args)?;
         let grant = package_files::admit(&trust, &package)?;
@@ -78,13 +92,15 @@ pub(crate) fn run_agent(args: RunArgs) -> Result<()> {
         let spec = package_files::PackSpec {
             name,
             version: "0.0.0".into(),
-            resources: Vec::new(),
+            resources: crate::pack::resource_decls(&args.resources)?,
             capabilities: Vec::new(),
             limits: security::PackageLimits::default(),
         };
         let package = package_files::pack(source, spec, &key, crate::pack::now_ms())?.verify()?;
-        let trust: security::TrustPolicy =
-            toml::from_str(&format!("authors = [\"{}\"]", key.public()))?;
+        let trust: security::TrustPolicy = toml::from_str(&format!(
+            "authors = [{{ key = \"{}\", resources = \"any\" }}]",
+            key.public()
+        ))?;
         (package, trust)
     };
     // Every node of the one-process mesh accepts pushes from the others.
@@ -101,7 +117,16 @@ async fn run_on_loopback(
     trust: security::TrustPolicy,
     limits: agent_lang::Limits,
 ) -> Result<()> {
-    let mesh = platform::loopback::LoopbackMesh::start(args.nodes as usize, trust, limits)
+    let nodes = match &args.mesh {
+        Some(path) => MeshNode::read_mesh(path)?,
+        None => (0..args.nodes)
+            .map(|i| MeshNode {
+                name: format!("node-{i}"),
+                resources: Default::default(),
+            })
+            .collect(),
+    };
+    let mesh = platform::loopback::LoopbackMesh::start_with(nodes, trust, limits)
         .await
         .context("cannot start the mesh")?;
     let mut trace = args.trace.then(|| HopTrace::new(&mesh));
@@ -170,8 +195,9 @@ fn trust_policy(args: &RunArgs) -> Result<security::TrustPolicy> {
             .trust_authors
             .iter()
             .map(|k| {
+                // The mesh is the user's own: its resources are theirs to use.
                 k.parse::<security::PublicKey>()
-                    .map(|k| format!("\"{k}\""))
+                    .map(|k| format!("{{ key = \"{k}\", resources = \"any\" }}"))
                     .with_context(|| format!("--trust-author {k}"))
             })
             .collect::<Result<_>>()?;

@@ -208,6 +208,14 @@ pub trait ResourceHost: Send + Sync {
     /// text the agent's `resource` call throws.
     fn bind(&self, name: &str) -> Result<Resource, String>;
 
+    /// `resource(name, node)`: a handle on resource `name` of node `node`, which the agent
+    /// reaches from wherever it is (a `remote` binding).
+    ///
+    /// # Errors
+    ///
+    /// As [`ResourceHost::bind`].
+    fn bind_at(&self, name: &str, node: &str) -> Result<Resource, String>;
+
     /// A method call on `resource` (whose kind matches the call's).
     ///
     /// # Errors
@@ -222,6 +230,10 @@ pub struct NoResources;
 impl ResourceHost for NoResources {
     fn bind(&self, name: &str) -> Result<Resource, String> {
         Err(format!("resource: no resource named '{name}' here"))
+    }
+
+    fn bind_at(&self, name: &str, node: &str) -> Result<Resource, String> {
+        Err(format!("resource: no resource named '{name}' at {node}"))
     }
 
     fn call(&self, resource: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, ResourceError> {
@@ -275,6 +287,9 @@ pub(crate) fn register(engine: &mut Engine) {
     engine.register_type_with_name::<Resource>("resource");
     engine.register_fn("resource", |name: &str| -> Checked<Resource> {
         with_host(|h| h.resources.bind(name))?.map_err(Into::into)
+    });
+    engine.register_fn("resource", |name: &str, node: &str| -> Checked<Resource> {
+        with_host(|h| h.resources.bind_at(name, node))?.map_err(Into::into)
     });
     engine.register_fn("to_string", |r: &mut Resource| {
         format!(

@@ -57,6 +57,10 @@ impl ResourceHost for Host {
         })
     }
 
+    fn bind_at(&self, name: &str, node: &str) -> Result<Resource, String> {
+        Err(format!("resource: not remotely ({name} at {node})"))
+    }
+
     fn call(&self, r: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, ResourceError> {
         if self.kind_of(&r.name) != Some(r.kind) {
             return Err(format!(

@@ -125,13 +125,13 @@ fn undeclared_and_not_yet_provided_bindings_are_refused_with_the_reason() {
                 try { resource("../../etc/passwd"); } catch (e) { errors.push(e); }
                 errors
             "#,
-            &[("counts", "remote")],
+            &[("counts", "move")],
         )
         .await;
         let text = json(end);
         assert!(
             text.contains("declares no resource 'shard'")
-                && text.contains("'counts' is declared with the remote binding")
+                && text.contains("'counts' is declared with the move binding")
                 && text.contains("declares no resource '../../etc/passwd'"),
             "{text}"
         );
@@ -269,6 +269,119 @@ fn resources_are_used_only_as_the_node_grants_them() {
                 r#""remove: node 'node-0' grants the agent's author read access only to resource 'counts'","#,
                 r#""resource: node 'node-0' grants the agent's author no access to resource 'settings' ([trust] authors: resources)"]"#
             )
+        );
+    });
+}
+
+/// A `remote` handle stays bound to its node: from anywhere else, its calls are requests to
+/// that node, whose resource they read and write.
+#[test]
+fn a_remote_handle_reaches_its_node_from_wherever_the_agent_is() {
+    tern_tests::runtime().block_on(async {
+        let end = run(
+            r#"
+                let far = resource("shard", "node-1");
+                let counts = resource("counts");
+                let seen = [far.lines(0, 10), far.kind];
+                migrate("node-2");
+                seen.push(far.line_count());
+                counts.set("from", here());
+                seen.push(counts.len());
+                try { resource("shard", "node-2"); } catch (e) { seen.push(e); }
+                try { resource("shard", "nowhere"); } catch (e) { seen.push(e); }
+                migrate("node-0");
+                seen.push(counts.get("from"));
+                seen
+            "#,
+            &[("shard", "remote"), ("counts", "remote")],
+        )
+        .await;
+        assert_eq!(
+            json(end),
+            concat!(
+                r#"[["alpha 1","beta 1"],"dataset",2,1,"#,
+                r#""resource: node 'node-2' has no resource 'shard'","#,
+                r#""node 'nowhere' is not in the mesh","node-2"]"#
+            )
+        );
+    });
+}
+
+/// Results larger than one reply come in pages; the agent gets them whole.
+#[test]
+fn a_remote_read_larger_than_a_reply_comes_in_pages() {
+    tern_tests::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let text: String = (0..300_000).map(|i| format!("{i:07}\n")).collect();
+        std::fs::write(dir.path().join("big"), &text).expect("dataset");
+        let nodes = vec![
+            MeshNode {
+                name: "node-0".into(),
+                resources: NodeResources::default(),
+            },
+            MeshNode {
+                name: "node-1".into(),
+                resources: resources("[big]\ntype = \"dataset\"\npath = \"big\"\n", dir.path()),
+            },
+        ];
+        let (package, trust) = package_binding(
+            r#"
+                let big = resource("big", "node-1");
+                let lines = big.lines(10, 1000000);
+                let bytes = big.read(8, 9000000);
+                [lines.len(), lines[0], lines[lines.len() - 1], bytes.len(), big.size()]
+            "#,
+            &[("big", "remote")],
+        );
+        let mesh = LoopbackMesh::start_with(nodes, trust, Default::default())
+            .await
+            .expect("mesh");
+        let (_, end) = mesh.run(package).await.expect("runs");
+        assert_eq!(
+            json(end),
+            format!(
+                r#"[299990,"0000010","0299999",{},{}]"#,
+                text.len() - 8,
+                text.len()
+            )
+        );
+    });
+}
+
+/// An owner that is gone makes a remote call throw (catchably) instead of hanging.
+#[test]
+fn a_remote_call_to_an_owner_that_is_gone_throws() {
+    tern_tests::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let (package, trust) = package_binding(
+            r#"
+                let far = resource("shard", "node-1");
+                let first = far.size();
+                let m = receive();
+                let why = "";
+                try { far.size(); } catch (e) { why = e; }
+                [first, why]
+            "#,
+            &[("shard", "remote")],
+        );
+        let mesh = LoopbackMesh::start_with(three_nodes(dir.path()), trust, Default::default())
+            .await
+            .expect("mesh");
+        let (id, end) = mesh.nodes()[0].launch(package, None).expect("launch");
+        tern_tests::eventually(|| mesh.nodes()[0].waits_for_a_message(&id)).await;
+        mesh.nodes()[1].stop().await;
+        mesh.nodes()[2]
+            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+            .await
+            .expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(30), end)
+            .await
+            .expect("in time")
+            .expect("an end");
+        let text = json(end);
+        assert!(
+            text.starts_with("[15,\"") && text.contains("node-1"),
+            "{text}"
         );
     });
 }

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::{control, hop, lock, operators, packages, Shared};
+use super::{control, hop, lock, operators, packages, resource_protocol, Shared};
 use crate::wire::{next_frame_start, read_frame_after, skip_frame_after, WireError, MAX_FRAME};
 
 /// Exchanges the node handles at once.
@@ -34,6 +34,7 @@ pub(super) enum Protocol {
     Package,
     Control,
     Client,
+    Resource,
 }
 
 /// The permits of the exchanges in hand.
@@ -165,6 +166,9 @@ pub(super) async fn accept_loop(
                 }
                 Protocol::Client => {
                     operators::handle_client(&exchange, peer, stream, &permits).await
+                }
+                Protocol::Resource => {
+                    resource_protocol::handle_resource(&exchange, peer, stream, &permits).await
                 }
             };
             if let Err(e) = result {

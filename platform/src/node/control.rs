@@ -26,9 +26,20 @@ pub(super) async fn control_request(
     peer: PeerId,
     request: &ControlRequest,
 ) -> Result<ControlReply, ControlFailure> {
+    request_over(shared, peer, CONTROL_PROTOCOL, request).await
+}
+
+/// Sends `request` to `peer` over `protocol` (one whose streams serve request after request,
+/// each with one reply) and reads its reply, on an idle stream to it or a new one.
+pub(super) async fn request_over<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    peer: PeerId,
+    protocol: libp2p::StreamProtocol,
+    request: &Q,
+) -> Result<R, ControlFailure> {
     loop {
         let mut s = shared
-            .open_stream(peer, CONTROL_PROTOCOL)
+            .open_stream(peer, protocol.clone())
             .await
             .map_err(ControlFailure::NotSent)?;
         if let Err(e) = write_frame(&mut s.stream, request).await {
@@ -41,7 +52,7 @@ pub(super) async fn control_request(
         }
         match read_frame(&mut s.stream, MAX_FRAME).await {
             Ok(reply) => {
-                shared.outbound.put(peer, CONTROL_PROTOCOL, s.stream);
+                shared.outbound.put(peer, protocol, s.stream);
                 return Ok(reply);
             }
             // A peer that serves one request per stream closed the idle one: afresh. (tern

@@ -14,6 +14,7 @@
 //! - [`packages`]: compiled programs and the anonymous package pull;
 //! - [`control`]: the control protocol, one handler per request;
 //! - [`routing`] and [`mailbox`]: messages, on their way and at the agent;
+//! - [`resource_protocol`]: agents' calls on resources of other nodes (`remote` bindings);
 //! - [`runner`]: launching agents and running them slice after slice ([`crate::slices`]: off
 //!   the runtime, so a busy agent never stalls networking);
 //! - [`peers`]: names, keys and ids of this node and its peers;
@@ -56,7 +57,7 @@ use crate::store::{AgentMeta, AgentState, Durability, Store, StoreError};
 use crate::verifier::BatchVerifier;
 use crate::wire::{
     AgentEnd, ControlRefusal, StatusReport, CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL,
-    PACKAGE_PROTOCOL,
+    PACKAGE_PROTOCOL, RESOURCE_PROTOCOL,
 };
 
 mod accept;
@@ -72,6 +73,7 @@ mod operators;
 mod packages;
 mod peers;
 pub(crate) mod quota;
+mod resource_protocol;
 mod routing;
 mod runner;
 mod sender_rates;
@@ -322,6 +324,9 @@ impl Node {
             .accept(CONTROL_PROTOCOL)
             .context("control protocol")?;
         let incoming_clients = control.accept(CLIENT_PROTOCOL).context("client protocol")?;
+        let incoming_resources = control
+            .accept(RESOURCE_PROTOCOL)
+            .context("resource protocol")?;
         let (commands, command_rx) = mpsc::channel(64);
         let pins = config
             .pinned_names
@@ -391,6 +396,11 @@ impl Node {
             incoming_clients,
             shared.clone(),
             Protocol::Client,
+        ));
+        tasks.spawn(accept_loop(
+            incoming_resources,
+            shared.clone(),
+            Protocol::Resource,
         ));
         if !config.listen.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(10), listening_rx).await;

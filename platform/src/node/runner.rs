@@ -16,9 +16,10 @@ use super::custody::custody_tail;
 use super::events::NodeEvent;
 use super::hop::{hop, HopResult};
 use super::packages::Loaded;
+use super::resource_protocol::NodeRemote;
 use super::routing::route_message;
 use super::{hex, lock, now_ms, Shared};
-use crate::resources::AgentResources;
+use crate::resources::{AgentOf, AgentResources};
 use crate::store::{AgentMeta, AgentRecord, AgentState};
 use crate::wire::{AgentEnd, ControlRefusal, ControlReply, ControlRequest, MessagesSent};
 
@@ -52,27 +53,43 @@ impl Shared {
             }),
         }
     }
+}
 
-    /// The resources an agent of `loaded`'s package reaches on this node, by the bindings its
-    /// manifest declares.
-    fn resources_of(&self, loaded: &Loaded) -> Arc<dyn ResourceHost> {
-        let declared = &loaded.package.manifest().resources;
-        // (Admitted when it came: if the policy changed since, it reaches nothing.)
-        let grants = self
-            .trust
-            .admit_package(&loaded.package)
-            .map(|grant| grant.resources)
-            .unwrap_or_default();
-        Arc::new(AgentResources::new(
-            self.peers.local_name().to_string(),
-            self.resources.clone(),
-            self.store.clone(),
-            self.quota.clone(),
-            declared.iter().map(|d| (d.name.clone(), d.policy)),
-            grants,
-            loaded.program.clone(),
-        ))
-    }
+/// The resources agent `agent` of `loaded`'s package reaches from this node, by the bindings
+/// its manifest declares and what this node grants its author.
+pub(super) fn resources_of(
+    shared: &Arc<Shared>,
+    loaded: &Loaded,
+    agent: &str,
+) -> Arc<AgentResources> {
+    let declared = &loaded.package.manifest().resources;
+    // (Admitted when it came: if the policy changed since, it reaches nothing.)
+    let grants = shared
+        .trust
+        .admit_package(&loaded.package)
+        .map(|grant| grant.resources)
+        .unwrap_or_default();
+    let of = AgentOf {
+        agent: agent.to_string(),
+        package: *loaded.package.hash().as_bytes(),
+        bindings: declared
+            .iter()
+            .map(|d| (d.name.clone(), d.policy))
+            .collect(),
+        grants,
+        program: loaded.program.clone(),
+    };
+    Arc::new(AgentResources::new(
+        shared.peers.local_name().to_string(),
+        shared.resources.clone(),
+        shared.store.clone(),
+        shared.quota.clone(),
+        of,
+        Arc::new(NodeRemote {
+            shared: shared.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }),
+    ))
 }
 
 /// Launches a verified package here, with this node as the agent's home; `launcher` (a peer
@@ -302,7 +319,7 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
         (None, _) => Resume::Start,
     };
     let budget = exec.program().limits().max_total_operations;
-    let resources = shared.resources_of(&loaded);
+    let resources: Arc<dyn ResourceHost> = resources_of(shared, &loaded, &rec.id);
     loop {
         let env = shared.env(&rec, &resources);
         let left = budget.saturating_sub(rec.operations);

@@ -1,21 +1,32 @@
 //! The resources of one agent on this node: the [`ResourceHost`] its slices run with. It turns
-//! `resource(name)` and the handles' method calls into reads and writes of this node's
-//! resources, by the binding policy the agent's package declares for each name.
+//! `resource(name)`, `resource(name, node)` and the handles' method calls into reads and writes
+//! of resources, by the binding policy the agent's package declares for each name:
 //!
-//! Policies built so far: **rebind**, under which a handle reaches, at every node, that node's
-//! resource of the same name and type (a node without one makes the call throw, naming the node
-//! and the resource). The others (`copy`, `remote`, `move`) are refused when the handle is
-//! bound, with the reason, rather than run as something they are not.
+//! - **rebind**: at every node, a handle reaches that node's resource of the same name and type
+//!   (a node without one makes the call throw, naming the node and the resource);
+//! - **remote**: a handle stays bound to the node it was bound at; from any other node its
+//!   calls are requests to that node ([`RemoteResources`], the node's resource protocol), which
+//!   serves them as it would its own agents' ([`AgentResources::serve`]), by its own policy.
+//!
+//! The others (`copy`, `move`) are refused when the handle is bound, with the reason, rather
+//! than run as something they are not.
+//!
+//! The same type answers both sides of a remote call: the agent's node builds one for the agent,
+//! and the owner builds one for the agent's package to serve its requests, so a resource is
+//! checked (declared, granted, present, of the type asked) by the same code wherever it is used.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use agent_lang::rhai::{Array, Dynamic, ImmutableString};
-use agent_lang::{Program, Resource, ResourceCall, ResourceError, ResourceHost};
+use agent_lang::rhai::{Array, Blob, Dynamic, ImmutableString};
+use agent_lang::{Program, Resource, ResourceCall, ResourceError, ResourceHost, ResourceKind};
 use security::{Access, ResourceGrants, ResourcePolicy};
+use serde_bytes::ByteBuf;
 
 use super::{Backing, NodeResource, NodeResources};
 use crate::node::StoreQuota;
 use crate::store::Store;
+use crate::wire::{ResourceOp, ResourceReply, ResourceRequest, RESOURCE_PAGE};
 
 /// Longest table key, in bytes.
 pub const MAX_TABLE_KEY: usize = 1024;
@@ -23,7 +34,18 @@ pub const MAX_TABLE_KEY: usize = 1024;
 /// Largest table value, encoded, in bytes.
 pub const MAX_TABLE_VALUE: usize = 4 << 20;
 
-/// One agent's view of this node's resources.
+/// How a node sends its agents' requests to the nodes that own their remote resources.
+pub(crate) trait RemoteResources: Send + Sync {
+    /// Sends `request` to node `owner` and waits for the reply, blocking the calling thread (a
+    /// slice's), at most for the protocol's deadline.
+    ///
+    /// # Errors
+    ///
+    /// The owner is unknown or unreachable, or did not answer in time: the text thrown.
+    fn request(&self, owner: &str, request: &ResourceRequest) -> Result<ResourceReply, String>;
+}
+
+/// One agent's view of the resources it reaches from this node.
 pub(crate) struct AgentResources {
     /// This node's name.
     here: String,
@@ -36,6 +58,40 @@ pub(crate) struct AgentResources {
     grants: ResourceGrants,
     /// Decodes the values the agent reads.
     program: Program,
+    /// The agent's id and package, which its remote requests name.
+    agent: String,
+    package: [u8; 32],
+    remote: Arc<dyn RemoteResources>,
+}
+
+/// Who a result is built for: the agent itself (its memory budget bounds it; going over ends
+/// it), or a remote agent's request (a page of at most [`RESOURCE_PAGE`] bytes; the rest is
+/// asked for in turn).
+#[derive(Clone, Copy)]
+enum Budget {
+    Agent,
+    Page,
+}
+
+/// A result, and whether it is whole (a page of lines or bytes may not be).
+struct Served {
+    value: Dynamic,
+    done: bool,
+}
+
+impl Served {
+    fn whole(value: Dynamic) -> Result<Served, ResourceError> {
+        Ok(Served { value, done: true })
+    }
+}
+
+/// What the owner of a resource needs to know of an agent to serve it.
+pub(crate) struct AgentOf {
+    pub(crate) agent: String,
+    pub(crate) package: [u8; 32],
+    pub(crate) bindings: HashMap<String, ResourcePolicy>,
+    pub(crate) grants: ResourceGrants,
+    pub(crate) program: Program,
 }
 
 impl AgentResources {
@@ -44,18 +100,20 @@ impl AgentResources {
         resources: NodeResources,
         store: Store,
         quota: StoreQuota,
-        bindings: impl IntoIterator<Item = (String, ResourcePolicy)>,
-        grants: ResourceGrants,
-        program: Program,
+        of: AgentOf,
+        remote: Arc<dyn RemoteResources>,
     ) -> AgentResources {
         AgentResources {
             here,
             resources,
             store,
             quota,
-            bindings: bindings.into_iter().collect(),
-            grants,
-            program,
+            bindings: of.bindings,
+            grants: of.grants,
+            program: of.program,
+            agent: of.agent,
+            package: of.package,
+            remote,
         }
     }
 
@@ -81,12 +139,12 @@ impl AgentResources {
         self.bindings.get(name).copied().ok_or_else(|| {
             format!(
                 "{what}: the agent's package declares no resource '{name}' (declare its binding: \
-                 tern pack --resource {name}=rebind)"
+                 tern pack --resource {name}=rebind, or =remote)"
             )
         })
     }
 
-    /// The resource of this node a handle named `name` reaches.
+    /// The resource of this node named `name`.
     fn local(&self, what: &str, name: &str) -> Result<&NodeResource, String> {
         self.resources
             .get(name)
@@ -95,8 +153,293 @@ impl AgentResources {
 
     fn decode(&self, what: &str, bytes: &[u8]) -> Result<Dynamic, String> {
         agent_lang::decode_portable(&self.program, bytes)
-            .map_err(|e| format!("{what}: the stored value cannot be read by this agent: {e}"))
+            .map_err(|e| format!("{what}: the value cannot be read by this agent: {e}"))
     }
+
+    /// A handle on this node's resource `name`, checked as a bind is.
+    fn bind_here(&self, name: &str) -> Result<Resource, String> {
+        self.allowed("resource", name, Access::Read)?;
+        let local = self.local("resource", name)?;
+        Ok(Resource {
+            name: name.into(),
+            kind: local.kind(),
+            bound_at: self.here.as_str().into(),
+        })
+    }
+
+    /// Runs `op` on this node's resource `name` (of type `kind`), for the agent or for a page.
+    fn run_here(
+        &self,
+        name: &str,
+        kind: ResourceKind,
+        op: ResourceOp,
+        budget: Budget,
+    ) -> Result<Served, ResourceError> {
+        let what = method(&op);
+        let needed = match op {
+            ResourceOp::Set { .. } | ResourceOp::Remove { .. } => Access::ReadWrite,
+            _ => Access::Read,
+        };
+        self.allowed(what, name, needed)?;
+        let local = self.local(what, name)?;
+        if local.kind() != kind {
+            return Err(format!(
+                "{what}: resource '{name}' at node '{}' is a {}, not a {kind}",
+                self.here,
+                local.kind()
+            )
+            .into());
+        }
+        let failed = |e: &dyn std::fmt::Display| ResourceError::Failed(format!("{what}: {e}"));
+        match (&local.backing, op) {
+            (_, ResourceOp::Describe) => {
+                Served::whole(Dynamic::from(ImmutableString::from(local.kind().as_str())))
+            }
+            (Backing::Dataset(data), ResourceOp::Size) => {
+                Served::whole(Dynamic::from_int(data.size() as i64))
+            }
+            (Backing::Dataset(data), ResourceOp::LineCount) => Served::whole(Dynamic::from_int(
+                data.line_count().map_err(|e| failed(&e))? as i64,
+            )),
+            (Backing::Dataset(data), ResourceOp::Lines { start, count }) => {
+                let max_line = self.program.limits().max_string_size;
+                let mut page = RESOURCE_PAGE as u64;
+                let admits = |bytes: u64| match budget {
+                    Budget::Agent => agent_lang::memory_admits(bytes),
+                    Budget::Page => {
+                        let fits = bytes <= page;
+                        page = page.saturating_sub(bytes);
+                        fits
+                    }
+                };
+                let read = data
+                    .lines(start, count, max_line, admits)
+                    .map_err(|e| failed(&e))?;
+                match (read.refused, budget) {
+                    (Some(bytes), Budget::Agent) => Err(ResourceError::OverMemory { bytes }),
+                    (Some(_), Budget::Page) if read.lines.is_empty() => Err(format!(
+                        "{what}: line {start} does not fit in one reply of {RESOURCE_PAGE} bytes"
+                    )
+                    .into()),
+                    (refused, _) => Ok(Served {
+                        done: refused.is_none(),
+                        value: text_array(read.lines),
+                    }),
+                }
+            }
+            (Backing::Dataset(data), ResourceOp::Read { offset, len }) => {
+                let (len, done) = match budget {
+                    Budget::Agent => (len, true),
+                    Budget::Page => {
+                        let page = len.min(RESOURCE_PAGE as u64);
+                        (page, page == len)
+                    }
+                };
+                let bytes = data.read(offset, len).map_err(|e| failed(&e))?;
+                let done = done || (bytes.len() as u64) < len;
+                Ok(Served {
+                    value: Dynamic::from_blob(bytes),
+                    done,
+                })
+            }
+            (Backing::Table, ResourceOp::Get { key }) => {
+                match self.store.table_get(name, &key).map_err(|e| failed(&e))? {
+                    Some(bytes) => Served::whole(self.decode(what, &bytes)?),
+                    None => Served::whole(Dynamic::UNIT),
+                }
+            }
+            (Backing::Table, ResourceOp::Set { key, value }) => {
+                check_key(what, &key)?;
+                if value.len() > MAX_TABLE_VALUE {
+                    return Err(format!(
+                        "{what}: a table value is at most {MAX_TABLE_VALUE} bytes encoded, this \
+                         one is {}",
+                        value.len()
+                    )
+                    .into());
+                }
+                // (Checked as a message is: a value this agent's program could not read back,
+                // or that is not a portable value at all, is not stored.)
+                agent_lang::check_portable(&self.program, &value).map_err(|e| failed(&e))?;
+                self.quota
+                    .room_for((key.len() + value.len()) as u64)
+                    .map_err(|full| failed(&crate::wire::ControlRefusal::from(full)))?;
+                self.store
+                    .batch(|b| b.table_set(name, &key, &value))
+                    .map_err(|e| failed(&e))?;
+                Served::whole(Dynamic::UNIT)
+            }
+            (Backing::Table, ResourceOp::Remove { key }) => {
+                check_key(what, &key)?;
+                match self
+                    .store
+                    .batch(|b| b.table_remove(name, &key))
+                    .map_err(|e| failed(&e))?
+                {
+                    Some(bytes) => Served::whole(self.decode(what, &bytes)?),
+                    None => Served::whole(Dynamic::UNIT),
+                }
+            }
+            (Backing::Table, ResourceOp::Len) => Served::whole(Dynamic::from_int(
+                self.store.table_len(name).map_err(|e| failed(&e))? as i64,
+            )),
+            (Backing::Table, ResourceOp::Keys { start, count }) => {
+                // Keys are at most 1 KiB each: a page holds 4,096, and the agent's budget is
+                // asked once for all it asked for.
+                let most = count.min(self.store.table_len(name).map_err(|e| failed(&e))?);
+                let (most, done) = match budget {
+                    Budget::Agent => {
+                        let bytes = most.saturating_mul(MAX_TABLE_KEY as u64 + 40);
+                        if !agent_lang::memory_admits(bytes) {
+                            return Err(ResourceError::OverMemory { bytes });
+                        }
+                        (most, true)
+                    }
+                    Budget::Page => {
+                        let page = most.min((RESOURCE_PAGE / MAX_TABLE_KEY) as u64);
+                        (page, page == most)
+                    }
+                };
+                let keys = self
+                    .store
+                    .table_keys(name, start, most)
+                    .map_err(|e| failed(&e))?;
+                let done = done || (keys.len() as u64) < most;
+                Ok(Served {
+                    value: text_array(keys),
+                    done,
+                })
+            }
+            (Backing::Value(bytes), ResourceOp::Value) => Served::whole(self.decode(what, bytes)?),
+            (_, op) => Err(format!("{}: not a method of a {}", method(&op), local.kind()).into()),
+        }
+    }
+
+    /// Runs `op` on resource `name` of node `owner` for the agent: one request, or one per page
+    /// of a long result, each page asked of the agent's memory budget before it is kept.
+    fn run_at(&self, owner: &str, name: &str, op: ResourceOp) -> Result<Dynamic, ResourceError> {
+        let what = method(&op);
+        let mut op = op;
+        let mut lines = Array::new();
+        let mut bytes = Blob::new();
+        loop {
+            let request = ResourceRequest {
+                agent: self.agent.clone(),
+                package: self.package,
+                resource: name.to_string(),
+                op: op.clone(),
+            };
+            let (value, done) = match self.remote.request(owner, &request)? {
+                ResourceReply::Done { value, done } => (value, done),
+                ResourceReply::Failed(message) => return Err(message.into()),
+            };
+            if !agent_lang::memory_admits(value.len() as u64) {
+                return Err(ResourceError::OverMemory {
+                    bytes: value.len() as u64,
+                });
+            }
+            let value = self.decode(what, &value)?;
+            let next = match (&mut op, value) {
+                (ResourceOp::Lines { start, count } | ResourceOp::Keys { start, count }, page) => {
+                    let Some(page) = page.try_cast::<Array>() else {
+                        return Err(format!("{what}: node '{owner}' answered with no list").into());
+                    };
+                    let got = page.len() as u64;
+                    lines.extend(page);
+                    *start += got;
+                    *count = count.saturating_sub(got);
+                    done || got == 0 || *count == 0
+                }
+                (ResourceOp::Read { offset, len }, page) => {
+                    let Some(page) = page.try_cast::<Blob>() else {
+                        return Err(format!("{what}: node '{owner}' answered with no blob").into());
+                    };
+                    let got = page.len() as u64;
+                    bytes.extend(page);
+                    *offset += got;
+                    *len = len.saturating_sub(got);
+                    done || got == 0 || *len == 0
+                }
+                (_, value) => return Ok(value),
+            };
+            if next {
+                return Ok(match op {
+                    ResourceOp::Read { .. } => Dynamic::from_blob(bytes),
+                    _ => lines.into(),
+                });
+            }
+        }
+    }
+
+    /// Answers a request of a remote agent (whose package this was built for) on one of this
+    /// node's resources: by the same checks as for the agents here, plus that the package binds
+    /// the resource `remote`.
+    pub(crate) fn serve(&self, request: ResourceRequest) -> ResourceReply {
+        let name = request.resource.as_str();
+        let what = method(&request.op);
+        let served = match self.policy(what, name) {
+            Ok(ResourcePolicy::Remote) => self
+                .local(what, name)
+                .map_err(ResourceError::from)
+                .and_then(|local| self.run_here(name, local.kind(), request.op, Budget::Page)),
+            Ok(other) => Err(format!(
+                "{what}: the agent's package binds '{name}' by {other}, not remote"
+            )
+            .into()),
+            Err(e) => Err(e.into()),
+        };
+        let encoded = served.and_then(|s| {
+            agent_lang::encode_portable(&s.value)
+                .map(|value| (value, s.done))
+                .map_err(|e| ResourceError::Failed(format!("{what}: {e}")))
+        });
+        match encoded {
+            Ok((value, done)) => ResourceReply::Done { value, done },
+            Err(ResourceError::Failed(message)) => ResourceReply::Failed(message),
+            // (Pages are bounded by their size: no agent's budget is asked here.)
+            Err(ResourceError::OverMemory { bytes }) => {
+                ResourceReply::Failed(format!("{what}: a result of {bytes} bytes is too large"))
+            }
+        }
+    }
+}
+
+/// The method an operation is, as the agent calls it.
+fn method(op: &ResourceOp) -> &'static str {
+    match op {
+        ResourceOp::Describe => "resource",
+        ResourceOp::Size => "size",
+        ResourceOp::LineCount => "line_count",
+        ResourceOp::Lines { .. } => "lines",
+        ResourceOp::Read { .. } => "read",
+        ResourceOp::Get { .. } | ResourceOp::Value => "get",
+        ResourceOp::Set { .. } => "set",
+        ResourceOp::Remove { .. } => "remove",
+        ResourceOp::Len => "len",
+        ResourceOp::Keys { .. } => "keys",
+    }
+}
+
+/// The operation a call is (a value to set, encoded).
+fn op_of(call: ResourceCall<'_>) -> Result<ResourceOp, ResourceError> {
+    Ok(match call {
+        ResourceCall::Size => ResourceOp::Size,
+        ResourceCall::LineCount => ResourceOp::LineCount,
+        ResourceCall::Lines { start, count } => ResourceOp::Lines { start, count },
+        ResourceCall::Read { offset, len } => ResourceOp::Read { offset, len },
+        ResourceCall::Get(key) => ResourceOp::Get { key: key.into() },
+        ResourceCall::Set(key, value) => ResourceOp::Set {
+            key: key.into(),
+            value: ByteBuf::from(
+                agent_lang::encode_portable(value)
+                    .map_err(|e| ResourceError::Failed(format!("set: {e}")))?,
+            ),
+        },
+        ResourceCall::Remove(key) => ResourceOp::Remove { key: key.into() },
+        ResourceCall::Len => ResourceOp::Len,
+        ResourceCall::Keys { start, count } => ResourceOp::Keys { start, count },
+        ResourceCall::Value => ResourceOp::Value,
+    })
 }
 
 fn text_array(items: Vec<String>) -> Dynamic {
@@ -120,18 +463,35 @@ fn check_key(what: &str, key: &str) -> Result<(), String> {
 impl ResourceHost for AgentResources {
     fn bind(&self, name: &str) -> Result<Resource, String> {
         match self.policy("resource", name)? {
-            ResourcePolicy::Rebind => {
-                self.allowed("resource", name, Access::Read)?;
-                let local = self.local("resource", name)?;
+            ResourcePolicy::Rebind | ResourcePolicy::Remote => self.bind_here(name),
+            other => Err(format!(
+                "resource: '{name}' is declared with the {other} binding, which this node does \
+                 not provide yet (rebind and remote only)"
+            )),
+        }
+    }
+
+    fn bind_at(&self, name: &str, node: &str) -> Result<Resource, String> {
+        match self.policy("resource", name)? {
+            ResourcePolicy::Remote if node == self.here => self.bind_here(name),
+            ResourcePolicy::Remote => {
+                let kind = match self.run_at(node, name, ResourceOp::Describe) {
+                    Ok(kind) => kind.into_immutable_string().ok(),
+                    Err(ResourceError::Failed(message)) => return Err(message),
+                    Err(ResourceError::OverMemory { .. }) => None,
+                };
+                let Some(kind) = kind.and_then(|k| k.parse::<ResourceKind>().ok()) else {
+                    return Err(format!("resource: node '{node}' described '{name}' oddly"));
+                };
                 Ok(Resource {
                     name: name.into(),
-                    kind: local.kind(),
-                    bound_at: self.here.as_str().into(),
+                    kind,
+                    bound_at: node.into(),
                 })
             }
             other => Err(format!(
-                "resource: '{name}' is declared with the {other} binding, which this node does \
-                 not provide yet (only rebind)"
+                "resource: resource(name, node) reaches another node's resource, which is a \
+                 remote binding; '{name}' is declared {other}"
             )),
         }
     }
@@ -139,98 +499,19 @@ impl ResourceHost for AgentResources {
     fn call(&self, handle: &Resource, call: ResourceCall<'_>) -> Result<Dynamic, ResourceError> {
         let what = call.method();
         let name = handle.name.as_str();
-        if self.policy(what, name)? != ResourcePolicy::Rebind {
-            return Err(format!("{what}: resource '{name}' is not bound by rebind").into());
-        }
-        let needed = match call {
-            ResourceCall::Set(..) | ResourceCall::Remove(_) => Access::ReadWrite,
-            _ => Access::Read,
-        };
-        self.allowed(what, name, needed)?;
-        let local = self.local(what, name)?;
-        if local.kind() != handle.kind {
-            return Err(format!(
-                "{what}: resource '{name}' at node '{}' is a {}, not a {}",
-                self.here,
-                local.kind(),
-                handle.kind
+        let op = op_of(call)?;
+        match self.policy(what, name)? {
+            ResourcePolicy::Rebind => {
+                Ok(self.run_here(name, handle.kind, op, Budget::Agent)?.value)
+            }
+            ResourcePolicy::Remote if *handle.bound_at == *self.here => {
+                Ok(self.run_here(name, handle.kind, op, Budget::Agent)?.value)
+            }
+            ResourcePolicy::Remote => self.run_at(&handle.bound_at, name, op),
+            other => Err(format!(
+                "{what}: resource '{name}' is bound by {other}, which is not provided yet"
             )
-            .into());
+            .into()),
         }
-        let failed = |e: &dyn std::fmt::Display| ResourceError::Failed(format!("{what}: {e}"));
-        Ok(match (&local.backing, call) {
-            (Backing::Dataset(data), ResourceCall::Size) => Dynamic::from_int(data.size() as i64),
-            (Backing::Dataset(data), ResourceCall::LineCount) => {
-                Dynamic::from_int(data.line_count().map_err(|e| failed(&e))? as i64)
-            }
-            (Backing::Dataset(data), ResourceCall::Lines { start, count }) => {
-                let max_line = self.program.limits().max_string_size;
-                match data.lines(start, count, max_line, agent_lang::memory_admits) {
-                    Ok(lines) => text_array(lines),
-                    Err(super::dataset::DatasetError::OverMemory { bytes }) => {
-                        return Err(ResourceError::OverMemory { bytes })
-                    }
-                    Err(e) => return Err(failed(&e)),
-                }
-            }
-            (Backing::Dataset(data), ResourceCall::Read { offset, len }) => {
-                Dynamic::from_blob(data.read(offset, len).map_err(|e| failed(&e))?)
-            }
-            (Backing::Table, ResourceCall::Get(key)) => {
-                match self.store.table_get(name, key).map_err(|e| failed(&e))? {
-                    Some(bytes) => self.decode(what, &bytes)?,
-                    None => Dynamic::UNIT,
-                }
-            }
-            (Backing::Table, ResourceCall::Set(key, value)) => {
-                check_key(what, key)?;
-                let bytes = agent_lang::encode_portable(value).map_err(|e| failed(&e))?;
-                if bytes.len() > MAX_TABLE_VALUE {
-                    return Err(format!(
-                        "{what}: a table value is at most {MAX_TABLE_VALUE} bytes encoded, this one is {}",
-                        bytes.len()
-                    )
-                    .into());
-                }
-                self.quota
-                    .room_for((key.len() + bytes.len()) as u64)
-                    .map_err(|full| failed(&crate::wire::ControlRefusal::from(full)))?;
-                self.store
-                    .batch(|b| b.table_set(name, key, &bytes))
-                    .map_err(|e| failed(&e))?;
-                Dynamic::UNIT
-            }
-            (Backing::Table, ResourceCall::Remove(key)) => {
-                check_key(what, key)?;
-                match self
-                    .store
-                    .batch(|b| b.table_remove(name, key))
-                    .map_err(|e| failed(&e))?
-                {
-                    Some(bytes) => self.decode(what, &bytes)?,
-                    None => Dynamic::UNIT,
-                }
-            }
-            (Backing::Table, ResourceCall::Len) => {
-                Dynamic::from_int(self.store.table_len(name).map_err(|e| failed(&e))? as i64)
-            }
-            (Backing::Table, ResourceCall::Keys { start, count }) => {
-                // Keys are at most 1 KiB each: the agent's budget is asked once for them all.
-                let most = count.min(self.store.table_len(name).map_err(|e| failed(&e))?);
-                let bytes = most.saturating_mul(MAX_TABLE_KEY as u64 + 40);
-                if !agent_lang::memory_admits(bytes) {
-                    return Err(ResourceError::OverMemory { bytes });
-                }
-                text_array(
-                    self.store
-                        .table_keys(name, start, most)
-                        .map_err(|e| failed(&e))?,
-                )
-            }
-            (Backing::Value(bytes), ResourceCall::Value) => self.decode(what, bytes)?,
-            (_, call) => {
-                return Err(format!("{}: not a method of a {}", call.method(), local.kind()).into())
-            }
-        })
     }
 }

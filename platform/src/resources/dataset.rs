@@ -56,12 +56,15 @@ pub enum DatasetError {
         /// The longest line returned.
         max: usize,
     },
-    /// The agent cannot hold more (see [`Dataset::lines`]).
-    #[error("the lines would exceed the agent's memory budget")]
-    OverMemory {
-        /// Bytes the next line would have added.
-        bytes: u64,
-    },
+}
+
+/// Lines read by [`Dataset::lines`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Lines {
+    /// The lines, in order.
+    pub lines: Vec<String>,
+    /// Bytes of the next line asked for, when `admits` refused it (the read stopped there).
+    pub refused: Option<u64>,
 }
 
 /// A file of a dataset and the length it had when the dataset was opened.
@@ -223,27 +226,30 @@ impl Dataset {
 
     /// Up to `count` lines from line `start` (0-based), each at most `max_line` bytes, as text
     /// (invalid UTF-8 replaced). `admits(bytes)` is asked before each line is kept: when it says
-    /// no, the read stops with [`DatasetError::OverMemory`].
+    /// no, the read stops there ([`Lines::refused`]).
     ///
     /// # Errors
     ///
-    /// The data cannot be read, a line is too long, or the agent cannot hold the lines.
+    /// The data cannot be read, or a line is too long.
     pub fn lines(
         &self,
         start: u64,
         count: u64,
         max_line: usize,
-        admits: impl Fn(u64) -> bool,
-    ) -> Result<Vec<String>, DatasetError> {
+        mut admits: impl FnMut(u64) -> bool,
+    ) -> Result<Lines, DatasetError> {
         let index = self.index()?;
+        let mut out = Lines {
+            lines: Vec::new(),
+            refused: None,
+        };
         if start >= index.lines || count == 0 {
-            return Ok(Vec::new());
+            return Ok(out);
         }
         let Some(mark) = index.marks.get((start / INDEX_EVERY) as usize).copied() else {
-            return Ok(Vec::new());
+            return Ok(out);
         };
         let wanted = count.min(index.lines - start);
-        let mut out = Vec::new();
         let mut line = mark.line;
         let mut buffer = Vec::new();
         for (i, file) in self.files.iter().enumerate().skip(mark.file) {
@@ -292,11 +298,13 @@ impl Dataset {
                 // A `String` and its place in the array the agent gets.
                 let bytes = buffer.len() as u64 + 40;
                 if !admits(bytes) {
-                    return Err(DatasetError::OverMemory { bytes });
+                    out.refused = Some(bytes);
+                    return Ok(out);
                 }
-                out.push(String::from_utf8_lossy(&buffer).into_owned());
+                out.lines
+                    .push(String::from_utf8_lossy(&buffer).into_owned());
                 line += 1;
-                if out.len() as u64 == wanted {
+                if out.lines.len() as u64 == wanted {
                     return Ok(out);
                 }
             }
@@ -378,7 +386,8 @@ mod tests {
             for count in [0, 1, 2, 5, 3000] {
                 let got = dataset
                     .lines(start, count, 1 << 20, |_| true)
-                    .expect("lines");
+                    .expect("lines")
+                    .lines;
                 let want: Vec<String> = expected
                     .iter()
                     .skip(start as usize)
@@ -442,7 +451,7 @@ mod tests {
         assert_eq!(lines, ["x", "y", "z", "last"]);
         assert_eq!(dataset.line_count().expect("count"), 4);
         assert_eq!(
-            dataset.lines(1, 10, 100, |_| true).expect("lines"),
+            dataset.lines(1, 10, 100, |_| true).expect("lines").lines,
             lines[1..]
         );
         assert_eq!(dataset.read(0, 100).expect("read"), b"x\nyz\nlast");
@@ -457,7 +466,7 @@ mod tests {
         let dataset = Dataset::open(&dir.path().join("a")).expect("open");
         assert_eq!(dataset.line_count().expect("count"), 5000);
         for start in [0, 1023, 1024, 1025, 4095, 4999] {
-            let got = dataset.lines(start, 2, 100, |_| true).expect("lines");
+            let got = dataset.lines(start, 2, 100, |_| true).expect("lines").lines;
             let want: Vec<String> = (start..5000.min(start + 2))
                 .map(|i| format!("line {i}"))
                 .collect();
@@ -492,19 +501,22 @@ mod tests {
             Err(DatasetError::LineTooLong { line: 1, max: 50 })
         ));
         assert_eq!(
-            dataset.lines(2, 1, 50, |_| true).expect("skips it"),
+            dataset.lines(2, 1, 50, |_| true).expect("skips it").lines,
             ["short"]
         );
-        let budget = std::cell::Cell::new(100u64);
+        let mut budget = 100u64;
         let admits = |bytes: u64| {
-            let left = budget.get();
-            budget.set(left.saturating_sub(bytes));
-            bytes <= left
+            let fits = bytes <= budget;
+            budget = budget.saturating_sub(bytes);
+            fits
         };
-        assert!(matches!(
-            dataset.lines(0, 3, 1000, admits),
-            Err(DatasetError::OverMemory { .. })
-        ));
+        assert_eq!(
+            dataset.lines(0, 3, 1000, admits).expect("a page"),
+            Lines {
+                lines: vec!["short".into()],
+                refused: Some(140)
+            }
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use agent_lang::ResourceKind;
 
-pub(crate) use binding::AgentResources;
+pub(crate) use binding::{AgentOf, AgentResources, RemoteResources};
 pub use binding::{MAX_TABLE_KEY, MAX_TABLE_VALUE};
 use dataset::Dataset;
 

@@ -1,6 +1,6 @@
 //! Every protocol stream carries frames (a 4-byte length, then CBOR) that a peer, an operator's
 //! client or any node answering a request writes: hop offers, decisions and replies, control
-//! and client requests and replies, package requests and replies. `read_frame` must take any
+//! and client requests and replies, package requests and replies, resource requests and replies. `read_frame` must take any
 //! bytes to a message or an error, with the limits the node reads them under (`MAX_FRAME`, and
 //! 1024 bytes for a package request), never allocating for a length the stream only announces,
 //! and never building more than `MAX_CARRIED_MESSAGES` carried messages or a custody tail over
@@ -16,7 +16,7 @@ use futures::io::Cursor;
 use libfuzzer_sys::fuzz_target;
 use platform::wire::{
     push_frame, read_frame, ClientRequest, ControlReply, ControlRequest, HopDecision, HopHandover,
-    HopOffer, HopReply, PackageReply, PackageRequest, MAX_FRAME,
+    HopOffer, HopReply, PackageReply, PackageRequest, ResourceReply, ResourceRequest, MAX_FRAME,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, stream)) = data.split_first() else {
         return;
     };
-    match which % 9 {
+    match which % 11 {
         0 => frames::<HopOffer>("HopOffer", stream, MAX_FRAME),
         1 => frames::<HopReply>("HopReply", stream, MAX_FRAME),
         2 => frames::<HopDecision>("HopDecision", stream, MAX_FRAME),
@@ -68,6 +68,8 @@ fuzz_target!(|data: &[u8]| {
         5 => frames::<ClientRequest>("ClientRequest", stream, MAX_FRAME),
         6 => frames::<PackageRequest>("PackageRequest", stream, 1024),
         7 => frames::<PackageReply>("PackageReply", stream, MAX_FRAME),
-        _ => frames::<HopHandover>("HopHandover", stream, MAX_FRAME),
+        8 => frames::<HopHandover>("HopHandover", stream, MAX_FRAME),
+        9 => frames::<ResourceRequest>("ResourceRequest", stream, MAX_FRAME),
+        _ => frames::<ResourceReply>("ResourceReply", stream, MAX_FRAME),
     }
 });

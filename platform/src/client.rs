@@ -213,7 +213,7 @@ impl Client {
     /// The node cannot be reached or does not answer.
     pub async fn status(&self) -> Result<StatusReport, ClientError> {
         match self.query(&ClientRequest::Status).await? {
-            ControlReply::Status(report) => Ok(report),
+            ControlReply::Status(report) => Ok(*report),
             other => Err(unexpected(other)),
         }
     }

@@ -888,7 +888,7 @@ pub enum ControlReply {
     /// The agent ended.
     Ended(AgentEnd),
     /// The node's status.
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     /// Whether this node holds the hop asked about.
     HopHeld(bool),
     /// Whether the hop asked about committed.
@@ -931,6 +931,67 @@ pub struct StatusReport {
     /// How full its store is (absent from nodes that predate it).
     #[serde(default)]
     pub store: StoreUsage,
+    /// What its protocols carried (absent from nodes that predate it).
+    #[serde(default)]
+    pub bytes: WireBytes,
+    /// Remote resource bindings in use through it, both ways (absent from nodes that predate
+    /// them).
+    #[serde(default)]
+    pub remote: Vec<RemoteDependency>,
+}
+
+/// Bytes a node's protocols carried since it started: (sent, received) each, counting what
+/// tern's protocols write and read on their streams (not the transport's own bytes).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[allow(missing_docs)] // each is the protocol of its name
+pub struct WireBytes {
+    pub hop: (u64, u64),
+    pub package: (u64, u64),
+    pub control: (u64, u64),
+    pub client: (u64, u64),
+    pub resource: (u64, u64),
+}
+
+impl WireBytes {
+    /// The bytes sent, by protocol, as `tern run --json` and `tern status --json` give them
+    /// (`{"hop": N, "package": N, "control": N, "resource": N}`; the operators' client protocol
+    /// is left out: it is not traffic between nodes).
+    pub fn sent_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "hop": self.hop.0,
+            "package": self.package.0,
+            "control": self.control.0,
+            "resource": self.resource.0,
+        })
+    }
+
+    /// The sum of two nodes' figures.
+    pub fn plus(self, other: WireBytes) -> WireBytes {
+        let add = |a: (u64, u64), b: (u64, u64)| (a.0 + b.0, a.1 + b.1);
+        WireBytes {
+            hop: add(self.hop, other.hop),
+            package: add(self.package, other.package),
+            control: add(self.control, other.control),
+            client: add(self.client, other.client),
+            resource: add(self.resource, other.resource),
+        }
+    }
+}
+
+/// A remote resource binding in use through a node (`tern status`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteDependency {
+    /// The agent.
+    pub agent: String,
+    /// The other node: the resource's owner, or where the agent asks from.
+    pub node: String,
+    /// The resource.
+    pub resource: String,
+    /// True: an agent elsewhere uses this node's resource; false: an agent here uses the
+    /// other node's.
+    pub serves: bool,
+    /// Seconds since its last request.
+    pub seconds_ago: u64,
 }
 
 /// How much of its store quota a node uses.

@@ -67,10 +67,21 @@ fn messages_the_agent_never_received_are_reported() {
 }
 
 #[test]
-fn json_mode_prints_only_the_result() {
-    let (code, out, _) = run_source("json.rhai", r#"migrate("node-1"); here()"#, &["--json"]);
+fn json_mode_prints_only_the_result_and_ends_stderr_with_the_bytes_moved() {
+    let (code, out, err) = run_source("json.rhai", r#"migrate("node-1"); here()"#, &["--json"]);
     assert_eq!(code, 0);
     assert_eq!(out.trim(), "\"node-1\"");
+    let bytes: serde_json::Value = serde_json::from_str(last_line(&err)).unwrap();
+    let hop = bytes["bytes"]["hop"].as_u64().unwrap();
+    // The offer and the answers of one small hop: some hundreds of bytes, not kilobytes.
+    assert!((100..4096).contains(&hop), "{bytes}");
+    assert!(bytes["bytes"]["package"].as_u64().unwrap() > 0, "{bytes}");
+    assert_eq!(bytes["bytes"]["resource"], 0, "{bytes}");
+    // A failed run ends with them too.
+    let (code, _, err) = run_source("fail.rhai", r#"migrate("node-1"); throw "no""#, &["--json"]);
+    assert_eq!(code, 1);
+    let bytes: serde_json::Value = serde_json::from_str(last_line(&err)).unwrap();
+    assert!(bytes["bytes"]["hop"].as_u64().unwrap() > 0, "{bytes}");
 }
 
 #[test]

@@ -345,6 +345,30 @@ fn a_remote_read_larger_than_a_reply_comes_in_pages() {
                 text.len()
             )
         );
+        // The owner sent the lines and the bytes: the data twice, and not much more.
+        let sent = mesh.nodes()[1].wire_bytes().resource.0;
+        let data = 2 * text.len() as u64;
+        assert!(
+            sent > data && sent < data + data / 4,
+            "{sent} bytes for {data}"
+        );
+        assert_eq!(mesh.nodes()[0].wire_bytes().resource.1, sent);
+        // Both nodes show the residual dependency.
+        let uses = mesh.nodes()[0].status().expect("status").remote;
+        let serves = mesh.nodes()[1].status().expect("status").remote;
+        assert_eq!(
+            (
+                uses.len(),
+                uses[0].node.as_str(),
+                uses[0].resource.as_str(),
+                uses[0].serves
+            ),
+            (1, "node-1", "big", false)
+        );
+        assert_eq!(
+            (serves.len(), serves[0].node.as_str(), serves[0].serves),
+            (1, "node-0", true)
+        );
     });
 }
 

@@ -17,7 +17,8 @@ use platform::store::{AgentMeta, AgentState};
 use platform::wire::{
     push_frame, Activity, ActivityCounts, AgentEnd, AgentStatus, ClientRequest, ControlRefusal,
     ControlReply, ControlRequest, CustodyLink, HandoverSignature, HopDecision, HopHandover,
-    HopOffer, HopRefusal, HopReply, PackageReply, PackageRequest, RecentEvent, StatusReport,
+    HopOffer, HopRefusal, HopReply, PackageReply, PackageRequest, RecentEvent, ResourceOp,
+    ResourceReply, ResourceRequest, StatusReport,
 };
 use security::{
     AgentId, CustodyCertificate, CustodyPoint, EnvelopeHash, HopEnvelope, HopFields, Manifest,
@@ -477,6 +478,18 @@ fn main() {
                 stored_bytes: 4096,
                 max_store_bytes: 1 << 30,
             },
+            bytes: platform::wire::WireBytes {
+                hop: (1000, 900),
+                resource: (5, 7),
+                ..Default::default()
+            },
+            remote: vec![platform::wire::RemoteDependency {
+                agent: agent.clone(),
+                node: "node-1".into(),
+                resource: "shard".into(),
+                serves: false,
+                seconds_ago: 3,
+            }],
             activity: Activity {
                 counts: ActivityCounts {
                     peers_up: 2,
@@ -497,7 +510,7 @@ fn main() {
                     agent: agent.clone(),
                 },
                 ControlReply::Ended(failed.clone()),
-                ControlReply::Status(status),
+                ControlReply::Status(Box::new(status)),
                 ControlReply::HopHeld(true),
                 ControlReply::HopCommitted(false),
                 ControlReply::HandedOver(Some(HandoverSignature([7; 64]))),
@@ -538,6 +551,36 @@ fn main() {
             ],
         ));
         c.put(&frame(6, &[PackageRequest { hash: [9; 32] }]));
+        let resource = |op| ResourceRequest {
+            agent: agent.clone(),
+            package: [9; 32],
+            resource: "shard".into(),
+            op,
+        };
+        c.put(&frame(
+            9,
+            &[
+                resource(ResourceOp::Describe),
+                resource(ResourceOp::Lines { start: 3, count: 1000 }),
+                resource(ResourceOp::Read { offset: 1 << 40, len: 4096 }),
+                resource(ResourceOp::Set {
+                    key: "k".into(),
+                    value: serde_bytes::ByteBuf::from(messages[0].clone()),
+                }),
+                resource(ResourceOp::Keys { start: 0, count: u64::MAX }),
+                resource(ResourceOp::Value),
+            ],
+        ));
+        c.put(&frame(
+            10,
+            &[
+                ResourceReply::Done {
+                    value: messages[0].clone(),
+                    done: false,
+                },
+                ResourceReply::Failed("no such resource".into()),
+            ],
+        ));
         c.put(&frame(
             7,
             &[

@@ -15,8 +15,11 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::{control, hop, lock, operators, packages, resource_protocol, Shared};
-use crate::wire::{next_frame_start, read_frame_after, skip_frame_after, WireError, MAX_FRAME};
+use super::{control, hop, lock, operators, packages, resource_protocol, NodeStream, Shared};
+use crate::wire::{
+    next_frame_start, read_frame_after, skip_frame_after, WireError, CONTROL_PROTOCOL,
+    HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL, RESOURCE_PROTOCOL,
+};
 
 /// Exchanges the node handles at once.
 const MAX_STREAMS: usize = 256;
@@ -35,6 +38,20 @@ pub(super) enum Protocol {
     Control,
     Client,
     Resource,
+}
+
+impl Protocol {
+    /// The protocol named `name` (the client's for a name that is none of the node's: only a
+    /// node's own protocols are opened).
+    pub(super) fn of(name: &libp2p::StreamProtocol) -> Protocol {
+        match name.as_ref() {
+            n if n == HOP_PROTOCOL.as_ref() => Protocol::Hop,
+            n if n == PACKAGE_PROTOCOL.as_ref() => Protocol::Package,
+            n if n == CONTROL_PROTOCOL.as_ref() => Protocol::Control,
+            n if n == RESOURCE_PROTOCOL.as_ref() => Protocol::Resource,
+            _ => Protocol::Client,
+        }
+    }
 }
 
 /// The permits of the exchanges in hand.
@@ -110,7 +127,7 @@ impl ExchangePermits<'_> {
     /// stalled requests hold none.
     pub(super) async fn next_request<T: serde::de::DeserializeOwned>(
         &self,
-        stream: &mut libp2p::Stream,
+        stream: &mut NodeStream,
         max: usize,
     ) -> Result<Option<(T, impl Sized + '_)>, WireError> {
         let Some(first) = next_frame_start(stream).await? else {
@@ -132,10 +149,7 @@ impl ExchangePermits<'_> {
     /// Reads past the next request on the stream without keeping it (for a peer that may not
     /// ask it: the request is answered with a refusal, and costs no memory): whether there was
     /// one.
-    pub(super) async fn skip_request(
-        &self,
-        stream: &mut libp2p::Stream,
-    ) -> Result<bool, WireError> {
+    pub(super) async fn skip_request(&self, stream: &mut NodeStream) -> Result<bool, WireError> {
         let Some(first) = next_frame_start(stream).await? else {
             return Ok(false);
         };
@@ -156,6 +170,7 @@ pub(super) async fn accept_loop(
 ) {
     while let Some((peer, stream)) = incoming.next().await {
         let exchange = shared.clone();
+        let stream = shared.wire.count(protocol, stream);
         shared.tasks.spawn(async move {
             let permits = exchange.inbound.permits_of(peer);
             let result = match protocol {

@@ -14,6 +14,7 @@ use super::hop::{departed_by, handover_signature, hop_committed, hop_held};
 use super::mailbox::Wake;
 use super::routing::{route, Undelivered};
 use super::runner::deliver_end;
+use super::NodeStream;
 use super::Shared;
 use crate::wire::{
     read_frame, write_frame, ControlRefusal, ControlReply, ControlRequest, CustodyLink, WireError,
@@ -85,7 +86,7 @@ impl std::fmt::Display for ControlFailure {
 pub(super) async fn handle_control(
     shared: &Arc<Shared>,
     peer: PeerId,
-    mut stream: libp2p::Stream,
+    mut stream: NodeStream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
     while let Some((request, _permits)) = permits.next_request(&mut stream, MAX_FRAME).await? {
@@ -98,7 +99,7 @@ pub(super) async fn handle_control(
 async fn answer(
     shared: &Arc<Shared>,
     peer: PeerId,
-    stream: &mut libp2p::Stream,
+    stream: &mut NodeStream,
     request: ControlRequest,
 ) -> Result<(), WireError> {
     match request {
@@ -194,7 +195,7 @@ async fn take_report(
 /// woken only once the sender is answered (see [`Wake`]).
 pub(super) async fn on_deliver(
     shared: &Arc<Shared>,
-    stream: &mut libp2p::Stream,
+    stream: &mut NodeStream,
     agent: &str,
     message: Vec<u8>,
     ttl: u8,

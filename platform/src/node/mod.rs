@@ -56,8 +56,8 @@ use crate::resources::NodeResources;
 use crate::store::{AgentMeta, AgentState, Durability, Store, StoreError};
 use crate::verifier::BatchVerifier;
 use crate::wire::{
-    AgentEnd, ControlRefusal, StatusReport, CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL,
-    PACKAGE_PROTOCOL, RESOURCE_PROTOCOL,
+    AgentEnd, ControlRefusal, StatusReport, WireBytes, CLIENT_PROTOCOL, CONTROL_PROTOCOL,
+    HOP_PROTOCOL, PACKAGE_PROTOCOL, RESOURCE_PROTOCOL,
 };
 
 mod accept;
@@ -73,12 +73,14 @@ mod operators;
 mod packages;
 mod peers;
 pub(crate) mod quota;
+mod residual;
 mod resource_protocol;
 mod routing;
 mod runner;
 mod sender_rates;
 mod streams;
 mod tasks;
+mod wire_bytes;
 
 pub use events::{NodeEvent, EVENT_BUFFER};
 pub use routing::{MailboxLimits, SendError, Undelivered};
@@ -98,6 +100,7 @@ pub use quota::DEFAULT_MAX_STORE_BYTES;
 use runner::Agents;
 use streams::{PeerStream, StreamPool};
 use tasks::NodeTasks;
+use wire_bytes::{CountedStream as NodeStream, WireCounters};
 
 /// [`NodeConfig::max_agents`] unless configured: 10,000 agents waiting in `receive` take about
 /// 70 MiB (`bench_mesh`), so this bounds such a node's memory to about 700 MiB.
@@ -182,6 +185,10 @@ struct Shared {
     quota: StoreQuota,
     /// [`NodeConfig::resources`].
     resources: NodeResources,
+    /// Bytes its protocols carried.
+    wire: WireCounters,
+    /// Remote resource bindings in use through it.
+    residuals: residual::Residuals,
     /// How many messages each peer may still deliver.
     sender_rates: SenderRates,
     faults: Faults,
@@ -192,7 +199,7 @@ struct Shared {
     agents: Agents,
     mailboxes: Mailboxes,
     inbound: InboundLimits,
-    outbound: StreamPool<libp2p::Stream>,
+    outbound: StreamPool<NodeStream>,
     /// Hops being received right now, and offers their senders gave up on.
     arrivals: ArrivalGate,
     departures: Departures,
@@ -221,11 +228,14 @@ impl Shared {
     ) -> Result<PeerStream, String> {
         self.outbound
             .stream_to(peer, protocol, async |peer, protocol| {
-                self.control
+                let counted = Protocol::of(&protocol);
+                let stream = self
+                    .control
                     .clone()
                     .open_stream(peer, protocol)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                Ok(self.wire.count(counted, stream))
             })
             .await
     }
@@ -351,6 +361,8 @@ impl Node {
             mailboxes: Mailboxes::new(quota.clone(), faults, events.clone()),
             quota,
             resources: config.resources,
+            wire: WireCounters::default(),
+            residuals: Default::default(),
             store,
             trust: config.trust,
             limits: config.limits,
@@ -510,6 +522,11 @@ impl NodeHandle {
     /// The store cannot be read.
     pub fn agent(&self, id: &str) -> Result<Option<AgentMeta>, StoreError> {
         self.shared.store.agent_meta(id)
+    }
+
+    /// What this node's protocols carried since it started.
+    pub fn wire_bytes(&self) -> WireBytes {
+        self.shared.wire.snapshot()
     }
 
     /// This node's status.

@@ -12,6 +12,7 @@ use security::Package;
 use super::accept::ExchangePermits;
 use super::control::on_deliver;
 use super::runner::launch;
+use super::NodeStream;
 use super::{hex, Shared};
 use crate::store::{AgentState, StoreError};
 use crate::wire::{
@@ -24,7 +25,7 @@ use crate::wire::{
 pub(super) async fn handle_client(
     shared: &Arc<Shared>,
     peer: PeerId,
-    mut stream: libp2p::Stream,
+    mut stream: NodeStream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
     let key = shared.peers.key_of(&peer);
@@ -51,7 +52,7 @@ pub(super) async fn handle_client(
 async fn answer(
     shared: &Arc<Shared>,
     peer: PeerId,
-    stream: &mut libp2p::Stream,
+    stream: &mut NodeStream,
     request: ClientRequest,
 ) -> Result<(), WireError> {
     match request {
@@ -64,7 +65,7 @@ async fn answer(
         ClientRequest::Result { agent } => write_frame(stream, &on_result(shared, &agent)).await,
         ClientRequest::Status => {
             let reply = match status(shared) {
-                Ok(report) => ControlReply::Status(report),
+                Ok(report) => ControlReply::Status(Box::new(report)),
                 Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
             };
             write_frame(stream, &reply).await
@@ -76,7 +77,7 @@ async fn answer(
 async fn on_launch(
     shared: &Arc<Shared>,
     peer: PeerId,
-    stream: &mut libp2p::Stream,
+    stream: &mut NodeStream,
     package: &[u8],
     wait: bool,
 ) -> Result<(), WireError> {
@@ -163,5 +164,7 @@ pub(super) fn status(shared: &Shared) -> Result<StatusReport, StoreError> {
         forwards,
         activity: shared.activity.snapshot(),
         store: shared.quota.usage(),
+        bytes: shared.wire.snapshot(),
+        remote: shared.residuals.list(),
     })
 }

@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 
 use super::accept::ExchangePermits;
 use super::event_loop::SwarmCommand;
+use super::NodeStream;
 use super::{hex, lock, Shared};
 use crate::wire::{
     read_frame, write_frame, HopRefusal, PackageReply, PackageRequest, WireError, MAX_FRAME,
@@ -201,7 +202,7 @@ async fn request_package(
 
 pub(super) async fn handle_package(
     shared: &Shared,
-    mut stream: libp2p::Stream,
+    mut stream: NodeStream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
     let Some((request, _permits)) = permits

@@ -17,7 +17,9 @@ use super::accept::ExchangePermits;
 use super::control::request_over;
 use super::packages::ensure_package;
 use super::peers::Unresolved;
+use super::residual::Direction;
 use super::runner::resources_of;
+use super::NodeStream;
 use super::Shared;
 use crate::resources::RemoteResources;
 use crate::wire::{
@@ -46,6 +48,9 @@ impl RemoteResources for NodeRemote {
             }
         };
         // (A slice thread is not one of the runtime's: it may wait for it here.)
+        self.shared
+            .residuals
+            .note(Direction::Uses, &request.agent, owner, &request.resource);
         // (The deadline's timer is made inside: only the runtime's context has one.)
         let reply = self.runtime.block_on(async {
             tokio::time::timeout(
@@ -69,7 +74,7 @@ impl RemoteResources for NodeRemote {
 pub(super) async fn handle_resource(
     shared: &Arc<Shared>,
     peer: PeerId,
-    mut stream: libp2p::Stream,
+    mut stream: NodeStream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
     while let Some((request, _permits)) = permits
@@ -107,6 +112,12 @@ async fn answer(shared: &Arc<Shared>, peer: PeerId, request: ResourceRequest) ->
             "node '{here}' does not admit the agent's package: {e}"
         ));
     }
+    shared.residuals.note(
+        Direction::Serves,
+        &request.agent,
+        &shared.peers.name_of_peer(&peer),
+        &request.resource,
+    );
     let host = resources_of(shared, &loaded, &request.agent);
     // Datasets are files, tables the store: read off the runtime's workers.
     match tokio::task::spawn_blocking(move || host.serve(request)).await {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use libp2p::{PeerId, StreamProtocol};
 use tokio::time::Instant;
 
-use super::lock;
+use super::{lock, NodeStream};
 
 /// Idle streams kept per peer and protocol.
 const IDLE_STREAMS_PER_PEER: usize = 128;
@@ -33,7 +33,7 @@ type PoolKey = (PeerId, StreamProtocol);
 /// dropped.
 ///
 /// Generic over the stream so that its expiry is tested without a network; the node's is
-/// `StreamPool<libp2p::Stream>`.
+/// `StreamPool<NodeStream>`.
 pub(super) struct StreamPool<S> {
     /// Idle streams, oldest first. A `std` mutex held to push or pop one, never across an
     /// `.await`.
@@ -52,7 +52,7 @@ impl<S> Default for StreamPool<S> {
 }
 
 /// A stream for one exchange.
-pub(super) struct PeerStream<S = libp2p::Stream> {
+pub(super) struct PeerStream<S = NodeStream> {
     pub(super) stream: S,
     /// It served an exchange before (and may have died with its connection since).
     pub(super) reused: bool,

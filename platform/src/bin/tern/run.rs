@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use platform::loopback::{HopTrace, MeshNode, TracedHop};
+use platform::node::NodeHandle;
 use platform::package_files;
-use platform::wire::AgentEnd;
+use platform::wire::{AgentEnd, WireBytes};
 
 use crate::agent_end::{failed, note_unread, report_failure, AgentFailed};
 
@@ -158,9 +159,14 @@ async fn run_on_loopback(
     for h in trace.as_mut().map(HopTrace::rest).unwrap_or_default() {
         print_hop(h);
     }
+    let bytes = mesh
+        .nodes()
+        .iter()
+        .map(NodeHandle::wire_bytes)
+        .fold(WireBytes::default(), WireBytes::plus);
     drop(mesh);
     note_unread(&agent, &end);
-    match end {
+    let outcome = match end {
         AgentEnd::Finished {
             json, node, hops, ..
         } => {
@@ -183,7 +189,17 @@ async fn run_on_loopback(
             position,
             ..
         } => Err(failed(args.json, &node, &agent, &error, position)),
+    };
+    // Bytes on the wire: the mesh's protocols, every node's sent bytes together.
+    if args.json {
+        eprintln!("{}", serde_json::json!({"bytes": bytes.sent_json()}));
+    } else if args.trace {
+        eprintln!(
+            "bytes sent: hop {}, package {}, control {}, resource {}",
+            bytes.hop.0, bytes.package.0, bytes.control.0, bytes.resource.0
+        );
     }
+    outcome
 }
 
 /// The trust policy of an embedded run, from `--trust-author` / `--trust-any-author`.

@@ -38,7 +38,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
         let activity = serde_json::to_value(&report.activity)?;
         println!(
             "{}",
-            serde_json::json!({"name": report.name, "peer_id": report.peer_id, "peers": peers, "agents": agents, "forwards": forwards, "activity": activity, "store": report.store})
+            serde_json::json!({"name": report.name, "peer_id": report.peer_id, "peers": peers, "agents": agents, "forwards": forwards, "activity": activity, "store": report.store, "bytes": report.bytes.sent_json(), "remote": report.remote})
         );
     } else {
         println!("node {} ({})", report.name, report.peer_id);
@@ -60,6 +60,33 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
             "store: {} of {} bytes of agents' state",
             report.store.stored_bytes, report.store.max_store_bytes
         );
+        let b = &report.bytes;
+        println!(
+            "bytes sent/received: hop {}/{}, package {}/{}, control {}/{}, resource {}/{}",
+            b.hop.0,
+            b.hop.1,
+            b.package.0,
+            b.package.1,
+            b.control.0,
+            b.control.1,
+            b.resource.0,
+            b.resource.1
+        );
+        println!("remote resources in use: {}", report.remote.len());
+        for d in &report.remote {
+            let ago = d.seconds_ago;
+            if d.serves {
+                println!(
+                    "  {} at {} uses '{}' here ({ago} s ago)",
+                    d.agent, d.node, d.resource
+                );
+            } else {
+                println!(
+                    "  {} uses '{}' of {} ({ago} s ago)",
+                    d.agent, d.resource, d.node
+                );
+            }
+        }
         println!("forwarding pointers: {}", report.forwards.len());
         for (a, n) in &report.forwards {
             println!("  {a} -> {n}");

@@ -26,6 +26,7 @@ use crate::node::fault::FaultPoint;
 use crate::node::packages::{ensure_package, Loaded};
 use crate::node::routing::forward_queued;
 use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
+use crate::node::NodeStream;
 use crate::node::{now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, HopSeen};
 use crate::wire::{
@@ -37,7 +38,7 @@ use crate::wire::{
 pub(in crate::node) async fn handle_hop(
     shared: &Arc<Shared>,
     peer: PeerId,
-    mut stream: libp2p::Stream,
+    mut stream: NodeStream,
     permits: &ExchangePermits<'_>,
 ) -> Result<(), WireError> {
     // A peer that may not push agents here is refused without its offer being read (or kept).
@@ -114,7 +115,7 @@ const HANDOVER_FRAME: usize = 256;
 /// `Stored`, and keeps it for the agent ([`Handovers`](crate::node::custody::Handovers)).
 async fn take_handover(
     shared: &Shared,
-    stream: &mut libp2p::Stream,
+    stream: &mut NodeStream,
     meta: &AgentMeta,
 ) -> Result<(), WireError> {
     let handover = read_frame::<_, HopHandover>(stream, HANDOVER_FRAME).await?;
@@ -144,7 +145,7 @@ pub(in crate::node) fn refused(why: HopRefusal) -> Refusal {
 pub(in crate::node) async fn receive_hop(
     shared: &Arc<Shared>,
     peer: PeerId,
-    stream: &mut libp2p::Stream,
+    stream: &mut NodeStream,
     offer: HopOffer,
     claimed: &mut Option<(String, u64)>,
 ) -> Result<Runnable, Refusal> {
@@ -568,10 +569,7 @@ pub(in crate::node) async fn check_offer<'a>(
 
 /// Takes the source's decision that follows the continuation, then gives `refusal`: the stream
 /// stays in step for the next offer.
-pub(in crate::node) async fn after_decision(
-    stream: &mut libp2p::Stream,
-    refusal: Refusal,
-) -> Refusal {
+pub(in crate::node) async fn after_decision(stream: &mut NodeStream, refusal: Refusal) -> Refusal {
     if let Refusal::Reply(_) = refusal {
         if let Err(e) = read_frame::<_, HopDecision>(stream, MAX_FRAME).await {
             return Refusal::Wire(e);

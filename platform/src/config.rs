@@ -24,6 +24,7 @@
 //! max_store_bytes = 17179869184       # agents' state in the store, all agents together
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
 //! max_messages_per_peer_per_second = 1000
+//! upload_mbit = 20                    # pace outgoing protocol bytes to 20 Mbit/s (no cap if omitted)
 //! [resources.shard]          # what agents reach with resource("shard") (see `crate::resources`)
 //! type = "dataset"           # dataset | table | value
 //! path = "shards/0"          # a file or a directory of files, relative to this file
@@ -90,6 +91,7 @@ struct LimitsConfig {
     max_queued_messages: Option<u64>,
     max_queued_bytes: Option<u64>,
     max_messages_per_peer_per_second: Option<u32>,
+    upload_mbit: Option<f64>,
 }
 
 fn default_listen() -> Vec<String> {
@@ -252,6 +254,15 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         max_agents: l.max_agents.unwrap_or(crate::node::DEFAULT_MAX_AGENTS),
         resources: crate::resources::NodeResources::from_toml(&file.resources, base)
             .map_err(|e| anyhow::anyhow!("{}: [resources] {e}", path.display()))?,
+        upload_mbit: match l.upload_mbit {
+            Some(m) if !(m.is_finite() && m > 0.0) => {
+                bail!(
+                    "{}: [limits] upload_mbit must be a positive number",
+                    path.display()
+                )
+            }
+            m => m,
+        },
         max_store_bytes: l
             .max_store_bytes
             .unwrap_or(crate::node::DEFAULT_MAX_STORE_BYTES),
@@ -316,7 +327,7 @@ mod tests {
         let config = load_text(
             "max_queued_messages = 10\nmax_operations = 5\nmax_total_operations = 50\n\
                  max_memory_bytes = 4096\nmax_messages_sent = 7\nmax_message_bytes_sent = 70\n\
-                 max_store_bytes = 1000000",
+                 max_store_bytes = 1000000\nupload_mbit = 20.5",
         )
         .unwrap();
         assert_eq!(config.mailbox.max_queued_messages, 10);
@@ -330,6 +341,12 @@ mod tests {
         assert_eq!(config.limits.max_messages_sent, 7);
         assert_eq!(config.limits.max_message_bytes_sent, 70);
         assert_eq!(config.max_store_bytes, 1_000_000);
+        assert_eq!(config.upload_mbit, Some(20.5));
+        let err = load_text("upload_mbit = 0").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("upload_mbit must be a positive number"),
+            "{err:#}"
+        );
         assert_eq!(config.max_agents, crate::node::DEFAULT_MAX_AGENTS);
     }
 

@@ -29,12 +29,14 @@ pub struct MeshNode {
     pub name: String,
     /// Its resources.
     pub resources: NodeResources,
+    /// Its upload cap, in Mbit/s (None: not capped).
+    pub upload_mbit: Option<f64>,
 }
 
 impl MeshNode {
     /// Reads a mesh description (`tern run --mesh`): one `[[node]]` table per node, in order,
-    /// each with a `name` and optionally `[node.resources.NAME]` tables as a node configuration
-    /// has them (paths relative to the description's directory).
+    /// each with a `name`, optionally an `upload_mbit` cap, and `[node.resources.NAME]` tables as
+    /// a node configuration has them (paths relative to the description's directory).
     ///
     /// # Errors
     ///
@@ -51,6 +53,7 @@ impl MeshNode {
             name: String,
             #[serde(default)]
             resources: toml::Table,
+            upload_mbit: Option<f64>,
         }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -76,9 +79,17 @@ impl MeshNode {
                 }
                 let resources = NodeResources::from_toml(&d.resources, base)
                     .map_err(|e| anyhow::anyhow!("{}: node '{}': {e}", path.display(), d.name))?;
+                if d.upload_mbit.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+                    bail!(
+                        "{}: node '{}': upload_mbit must be a positive number",
+                        path.display(),
+                        d.name
+                    );
+                }
                 Ok(MeshNode {
                     name: d.name,
                     resources,
+                    upload_mbit: d.upload_mbit,
                 })
             })
             .collect()
@@ -100,6 +111,7 @@ impl LoopbackMesh {
             .map(|i| MeshNode {
                 name: format!("node-{i}"),
                 resources: NodeResources::default(),
+                upload_mbit: None,
             })
             .collect();
         LoopbackMesh::start_with(nodes, trust, limits).await
@@ -129,6 +141,7 @@ impl LoopbackMesh {
                 bootstrap,
                 limits: limits.clone(),
                 resources: node.resources,
+                upload_mbit: node.upload_mbit,
                 ..NodeConfig::local(
                     &node.name,
                     SecretKey::generate(),

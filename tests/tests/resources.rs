@@ -30,6 +30,7 @@ fn three_nodes(dir: &Path) -> Vec<MeshNode> {
                     "[settings]\ntype = \"value\"\nvalue = { depth = 3, names = [\"a\", \"b\"] }\n";
             }
             MeshNode {
+                upload_mbit: None,
                 name: format!("node-{i}"),
                 resources: resources(&text, dir),
             }
@@ -187,6 +188,7 @@ fn a_read_past_the_memory_budget_ends_the_agent_not_the_node() {
         let text: String = (0..200_000).map(|i| format!("line number {i}\n")).collect();
         std::fs::write(dir.path().join("big"), &text).expect("dataset");
         let node = MeshNode {
+            upload_mbit: None,
             name: "node-0".into(),
             resources: resources("[big]\ntype = \"dataset\"\npath = \"big\"\n", dir.path()),
         };
@@ -215,6 +217,7 @@ fn a_read_past_the_memory_budget_ends_the_agent_not_the_node() {
             &[("big", "rebind")],
         );
         let node = MeshNode {
+            upload_mbit: None,
             name: "node-0".into(),
             resources: resources("[big]\ntype = \"dataset\"\npath = \"big\"\n", dir.path()),
         };
@@ -316,10 +319,12 @@ fn a_remote_read_larger_than_a_reply_comes_in_pages() {
         std::fs::write(dir.path().join("big"), &text).expect("dataset");
         let nodes = vec![
             MeshNode {
+                upload_mbit: None,
                 name: "node-0".into(),
                 resources: NodeResources::default(),
             },
             MeshNode {
+                upload_mbit: None,
                 name: "node-1".into(),
                 resources: resources("[big]\ntype = \"dataset\"\npath = \"big\"\n", dir.path()),
             },
@@ -406,6 +411,39 @@ fn a_remote_call_to_an_owner_that_is_gone_throws() {
         assert!(
             text.starts_with("[15,\"") && text.contains("node-1"),
             "{text}"
+        );
+    });
+}
+
+/// A node's upload cap paces what its protocols send: a 2 MB agent leaving a node capped at
+/// 8 Mbit/s (1 MB/s) takes at least about 2 s to go, and the bytes are all counted.
+#[test]
+fn an_upload_cap_paces_what_a_node_sends() {
+    tern_tests::runtime().block_on(async {
+        let nodes = (0..2)
+            .map(|i| MeshNode {
+                upload_mbit: (i == 0).then_some(8.0),
+                name: format!("node-{i}"),
+                resources: NodeResources::default(),
+            })
+            .collect();
+        let (package, trust) = package_binding(
+            r#"let load = blob(2000000, 7); migrate("node-1"); load.len()"#,
+            &[],
+        );
+        let mesh = LoopbackMesh::start_with(nodes, trust, Default::default())
+            .await
+            .expect("mesh");
+        let started = std::time::Instant::now();
+        let (_, end) = mesh.run(package).await.expect("runs");
+        let took = started.elapsed();
+        assert_eq!(json(end), "2000000");
+        let sent = mesh.nodes()[0].wire_bytes().hop.0;
+        assert!(sent > 2_000_000, "{sent}");
+        // (A lower bound only: how much longer it takes depends on the machine.)
+        assert!(
+            took >= Duration::from_millis(1800),
+            "{took:?} for {sent} bytes at 1 MB/s"
         );
     });
 }

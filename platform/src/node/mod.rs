@@ -136,6 +136,9 @@ pub struct NodeConfig {
     pub max_store_bytes: u64,
     /// What the node offers the agents that come to it (`[resources]`).
     pub resources: NodeResources,
+    /// The node's upload cap, in Mbit/s: its protocols' outgoing bytes together are paced to it
+    /// (None: not capped).
+    pub upload_mbit: Option<f64>,
     /// Node names only one key may take (`[peers]`): another peer announcing one is not named.
     pub pinned_names: HashMap<String, PublicKey>,
     /// A store already open, used instead of the one in `data_dir` (tests give a node a store
@@ -162,6 +165,7 @@ impl NodeConfig {
             max_agents: DEFAULT_MAX_AGENTS,
             max_store_bytes: DEFAULT_MAX_STORE_BYTES,
             resources: NodeResources::default(),
+            upload_mbit: None,
             pinned_names: HashMap::new(),
             store: None,
         }
@@ -361,7 +365,7 @@ impl Node {
             mailboxes: Mailboxes::new(quota.clone(), faults, events.clone()),
             quota,
             resources: config.resources,
-            wire: WireCounters::default(),
+            wire: WireCounters::with_cap(config.upload_mbit),
             residuals: Default::default(),
             store,
             trust: config.trust,

@@ -24,6 +24,10 @@ pub(crate) struct RunArgs {
     /// the first), and the resources each offers (see the README).
     #[arg(long, value_name = "FILE")]
     mesh: Option<PathBuf>,
+    /// Caps every node's upload at this many Mbit/s (a node the mesh description caps keeps
+    /// its own).
+    #[arg(long, value_name = "MBIT", value_parser = parse_mbit)]
+    upload_mbit: Option<f64>,
     /// Declares how the script binds a resource (NAME=copy|rebind|remote|move; repeatable), as
     /// `tern pack --resource` does. A package declares its own.
     #[arg(long = "resource", value_name = "NAME=POLICY")]
@@ -118,15 +122,19 @@ async fn run_on_loopback(
     trust: security::TrustPolicy,
     limits: agent_lang::Limits,
 ) -> Result<()> {
-    let nodes = match &args.mesh {
+    let mut nodes = match &args.mesh {
         Some(path) => MeshNode::read_mesh(path)?,
         None => (0..args.nodes)
             .map(|i| MeshNode {
                 name: format!("node-{i}"),
                 resources: Default::default(),
+                upload_mbit: None,
             })
             .collect(),
     };
+    for node in &mut nodes {
+        node.upload_mbit = node.upload_mbit.or(args.upload_mbit);
+    }
     let mesh = platform::loopback::LoopbackMesh::start_with(nodes, trust, limits)
         .await
         .context("cannot start the mesh")?;
@@ -221,4 +229,11 @@ fn trust_policy(args: &RunArgs) -> Result<security::TrustPolicy> {
     };
     let text = format!("authors = {authors}");
     toml::from_str(&text).context("trust policy")
+}
+
+fn parse_mbit(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(m) if m.is_finite() && m > 0.0 => Ok(m),
+        _ => Err(format!("'{text}' is not a positive number of Mbit/s")),
+    }
 }

@@ -344,3 +344,24 @@ fn a_mesh_description_names_the_nodes_and_their_resources() {
     let out = tern(&["run", "--mesh", mesh_arg, "--nodes", "2", script_arg]);
     assert!(!out.status.success());
 }
+
+/// The data-locality job at a small size: both agents agree, with and without upload caps, and
+/// the agent that goes to the data moves fewer bytes than the one that ships the data to itself.
+#[test]
+fn the_wordcount_demo_runs_and_both_agents_agree() {
+    let out = tern(&["demo", "wordcount", "--shard-mb", "0.2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(last_line(&stdout), "results equal: yes");
+    let bytes_row = stdout
+        .lines()
+        .find(|l| l.starts_with("| bytes on the wire"))
+        .unwrap();
+    let cells: Vec<&str> = bytes_row.split('|').map(str::trim).collect();
+    let (locality, shipping): (u64, u64) = (cells[2].parse().unwrap(), cells[3].parse().unwrap());
+    assert!(locality * 5 < shipping, "{bytes_row}");
+}

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod agent_end;
+mod demo;
 mod inspect;
 mod keygen;
 mod launch;
@@ -34,6 +35,9 @@ enum Command {
     /// Run an agent (a .rhai script or a signed .tern package) on an embedded mesh of N nodes
     /// inside this process.
     Run(run::RunArgs),
+    /// Run a demonstration: `wordcount`, the data-locality job (an agent that goes to the data
+    /// against one that ships the data to itself), with a table of bytes and times.
+    Demo(demo::DemoArgs),
     /// Create an ed25519 key (for an author or a node) as a PKCS#8 PEM file.
     Keygen(keygen::KeygenArgs),
     /// Compile a script and sign it into a package.
@@ -81,6 +85,7 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => run::run_agent(args),
+        Command::Demo(args) => demo::demo(args),
         Command::Keygen(args) => keygen::keygen(args),
         Command::Pack(args) => pack::pack(args),
         Command::Inspect(args) => inspect::inspect(args),

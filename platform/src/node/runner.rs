@@ -36,7 +36,7 @@ pub(super) struct Agents {
 
 impl Shared {
     /// What the agent's host functions see of this node; `resources` is what its handles reach
-    /// here ([`Shared::resources_of`]).
+    /// here ([`resources_of`]).
     fn env(&self, rec: &AgentRecord, resources: &Arc<dyn ResourceHost>) -> HostEnv {
         let node = self.peers.local_name().to_string();
         let agent = rec.id.clone();
@@ -56,35 +56,41 @@ impl Shared {
 }
 
 /// The resources agent `agent` of `loaded`'s package reaches from this node, by the bindings
-/// its manifest declares and what this node grants its author.
+/// its manifest declares and what this node grants its author (worked out when the agent first
+/// uses a resource: most agents never do, and this is made at every arrival).
 pub(super) fn resources_of(
     shared: &Arc<Shared>,
-    loaded: &Loaded,
+    loaded: &Arc<Loaded>,
     agent: &str,
 ) -> Arc<AgentResources> {
-    let declared = &loaded.package.manifest().resources;
-    // (Admitted when it came: if the policy changed since, it reaches nothing.)
-    let grants = shared
-        .trust
-        .admit_package(&loaded.package)
-        .map(|grant| grant.resources)
-        .unwrap_or_default();
-    let of = AgentOf {
-        agent: agent.to_string(),
-        package: *loaded.package.hash().as_bytes(),
-        bindings: declared
-            .iter()
-            .map(|d| (d.name.clone(), d.policy))
-            .collect(),
-        grants,
-        program: loaded.program.clone(),
+    let (trust, loaded, agent) = (shared.clone(), loaded.clone(), agent.to_string());
+    let of = move || {
+        // (Admitted when it came: if the policy changed since, it reaches nothing.)
+        let grants = trust
+            .trust
+            .admit_package(&loaded.package)
+            .map(|grant| grant.resources)
+            .unwrap_or_default();
+        AgentOf {
+            agent,
+            package: *loaded.package.hash().as_bytes(),
+            bindings: loaded
+                .package
+                .manifest()
+                .resources
+                .iter()
+                .map(|d| (d.name.clone(), d.policy))
+                .collect(),
+            grants,
+            program: loaded.program.clone(),
+        }
     };
     Arc::new(AgentResources::new(
         shared.peers.local_name().to_string(),
         shared.resources.clone(),
         shared.store.clone(),
         shared.quota.clone(),
-        of,
+        Box::new(of),
         Arc::new(NodeRemote {
             shared: shared.clone(),
             runtime: tokio::runtime::Handle::current(),

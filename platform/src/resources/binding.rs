@@ -16,7 +16,7 @@
 //! checked (declared, granted, present, of the type asked) by the same code wherever it is used.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use agent_lang::rhai::{Array, Blob, Dynamic, ImmutableString};
 use agent_lang::{Program, Resource, ResourceCall, ResourceError, ResourceHost, ResourceKind};
@@ -52,15 +52,8 @@ pub(crate) struct AgentResources {
     resources: NodeResources,
     store: Store,
     quota: StoreQuota,
-    /// The agent's bindings, from its package's manifest.
-    bindings: HashMap<String, ResourcePolicy>,
-    /// What this node grants the agent's author (`[trust]`).
-    grants: ResourceGrants,
-    /// Decodes the values the agent reads.
-    program: Program,
-    /// The agent's id and package, which its remote requests name.
-    agent: String,
-    package: [u8; 32],
+    /// The agent, worked out on first use.
+    of: LazyLock<AgentOf, Box<dyn FnOnce() -> AgentOf + Send>>,
     remote: Arc<dyn RemoteResources>,
 }
 
@@ -85,12 +78,17 @@ impl Served {
     }
 }
 
-/// What the owner of a resource needs to know of an agent to serve it.
+/// What resources an agent reaches depend on.
 pub(crate) struct AgentOf {
+    /// The agent's id, which its remote requests name.
     pub(crate) agent: String,
+    /// Its package, which its remote requests name.
     pub(crate) package: [u8; 32],
+    /// Its bindings, from its package's manifest.
     pub(crate) bindings: HashMap<String, ResourcePolicy>,
+    /// What this node grants its author (`[trust]`).
     pub(crate) grants: ResourceGrants,
+    /// Decodes the values it reads.
     pub(crate) program: Program,
 }
 
@@ -100,7 +98,7 @@ impl AgentResources {
         resources: NodeResources,
         store: Store,
         quota: StoreQuota,
-        of: AgentOf,
+        of: Box<dyn FnOnce() -> AgentOf + Send>,
         remote: Arc<dyn RemoteResources>,
     ) -> AgentResources {
         AgentResources {
@@ -108,18 +106,14 @@ impl AgentResources {
             resources,
             store,
             quota,
-            bindings: of.bindings,
-            grants: of.grants,
-            program: of.program,
-            agent: of.agent,
-            package: of.package,
+            of: LazyLock::new(of),
             remote,
         }
     }
 
     /// Whether the agent may use resource `name` as `needed` here.
     fn allowed(&self, what: &str, name: &str, needed: Access) -> Result<(), String> {
-        match self.grants.access(name) {
+        match self.of.grants.access(name) {
             Some(granted) if granted >= needed => Ok(()),
             Some(granted) => Err(format!(
                 "{what}: node '{}' grants the agent's author {granted} access only to resource \
@@ -136,7 +130,7 @@ impl AgentResources {
 
     /// The policy the package declares for `name`.
     fn policy(&self, what: &str, name: &str) -> Result<ResourcePolicy, String> {
-        self.bindings.get(name).copied().ok_or_else(|| {
+        self.of.bindings.get(name).copied().ok_or_else(|| {
             format!(
                 "{what}: the agent's package declares no resource '{name}' (declare its binding: \
                  tern pack --resource {name}=rebind, or =remote)"
@@ -152,7 +146,7 @@ impl AgentResources {
     }
 
     fn decode(&self, what: &str, bytes: &[u8]) -> Result<Dynamic, String> {
-        agent_lang::decode_portable(&self.program, bytes)
+        agent_lang::decode_portable(&self.of.program, bytes)
             .map_err(|e| format!("{what}: the value cannot be read by this agent: {e}"))
     }
 
@@ -202,7 +196,7 @@ impl AgentResources {
                 data.line_count().map_err(|e| failed(&e))? as i64,
             )),
             (Backing::Dataset(data), ResourceOp::Lines { start, count }) => {
-                let max_line = self.program.limits().max_string_size;
+                let max_line = self.of.program.limits().max_string_size;
                 let mut page = RESOURCE_PAGE as u64;
                 let admits = |bytes: u64| match budget {
                     Budget::Agent => agent_lang::memory_admits(bytes),
@@ -260,7 +254,7 @@ impl AgentResources {
                 }
                 // (Checked as a message is: a value this agent's program could not read back,
                 // or that is not a portable value at all, is not stored.)
-                agent_lang::check_portable(&self.program, &value).map_err(|e| failed(&e))?;
+                agent_lang::check_portable(&self.of.program, &value).map_err(|e| failed(&e))?;
                 self.quota
                     .room_for((key.len() + value.len()) as u64)
                     .map_err(|full| failed(&crate::wire::ControlRefusal::from(full)))?;
@@ -324,8 +318,8 @@ impl AgentResources {
         let mut bytes = Blob::new();
         loop {
             let request = ResourceRequest {
-                agent: self.agent.clone(),
-                package: self.package,
+                agent: self.of.agent.clone(),
+                package: self.of.package,
                 resource: name.to_string(),
                 op: op.clone(),
             };

@@ -254,15 +254,11 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         max_agents: l.max_agents.unwrap_or(crate::node::DEFAULT_MAX_AGENTS),
         resources: crate::resources::NodeResources::from_toml(&file.resources, base)
             .map_err(|e| anyhow::anyhow!("{}: [resources] {e}", path.display()))?,
-        upload_mbit: match l.upload_mbit {
-            Some(m) if !(m.is_finite() && m > 0.0) => {
-                bail!(
-                    "{}: [limits] upload_mbit must be a positive number",
-                    path.display()
-                )
-            }
-            m => m,
-        },
+        upload_mbit: l
+            .upload_mbit
+            .map(crate::node::check_upload_mbit)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{}: [limits] {e}", path.display()))?,
         max_store_bytes: l
             .max_store_bytes
             .unwrap_or(crate::node::DEFAULT_MAX_STORE_BYTES),
@@ -344,7 +340,7 @@ mod tests {
         assert_eq!(config.upload_mbit, Some(20.5));
         let err = load_text("upload_mbit = 0").unwrap_err();
         assert!(
-            format!("{err:#}").contains("upload_mbit must be a positive number"),
+            format!("{err:#}").contains("[limits] upload_mbit must be a positive number"),
             "{err:#}"
         );
         assert_eq!(config.max_agents, crate::node::DEFAULT_MAX_AGENTS);

@@ -79,17 +79,15 @@ impl MeshNode {
                 }
                 let resources = NodeResources::from_toml(&d.resources, base)
                     .map_err(|e| anyhow::anyhow!("{}: node '{}': {e}", path.display(), d.name))?;
-                if d.upload_mbit.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
-                    bail!(
-                        "{}: node '{}': upload_mbit must be a positive number",
-                        path.display(),
-                        d.name
-                    );
-                }
+                let upload_mbit = d
+                    .upload_mbit
+                    .map(crate::node::check_upload_mbit)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("{}: node '{}': {e}", path.display(), d.name))?;
                 Ok(MeshNode {
                     name: d.name,
                     resources,
-                    upload_mbit: d.upload_mbit,
+                    upload_mbit,
                 })
             })
             .collect()

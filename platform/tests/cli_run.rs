@@ -343,6 +343,13 @@ fn a_mesh_description_names_the_nodes_and_their_resources() {
     );
     let out = tern(&["run", "--mesh", mesh_arg, "--nodes", "2", script_arg]);
     assert!(!out.status.success());
+    std::fs::write(&mesh, "[[node]]\nname = \"alpha\"\nupload_mbit = -3\n").unwrap();
+    let out = tern(&["run", "--mesh", mesh_arg, script_arg]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("node 'alpha': upload_mbit must be a positive number"),
+        "{stderr}"
+    );
 }
 
 /// The data-locality job at a small size: both agents agree, with and without upload caps, and

@@ -100,6 +100,7 @@ pub use quota::DEFAULT_MAX_STORE_BYTES;
 use runner::Agents;
 use streams::{PeerStream, StreamPool};
 use tasks::NodeTasks;
+pub use wire_bytes::check_upload_mbit;
 use wire_bytes::{CountedStream as NodeStream, WireCounters};
 
 /// [`NodeConfig::max_agents`] unless configured: 10,000 agents waiting in `receive` take about
@@ -280,6 +281,9 @@ impl Node {
     ///
     /// The store cannot be opened or a listen address is refused.
     pub async fn start(config: NodeConfig) -> anyhow::Result<NodeHandle> {
+        if let Some(mbit) = config.upload_mbit {
+            check_upload_mbit(mbit).map_err(anyhow::Error::msg)?;
+        }
         if !discovery::is_valid_name(&config.name) {
             anyhow::bail!(
                 "invalid node name '{}': use 1 to 64 of A-Z a-z 0-9 . _ -",

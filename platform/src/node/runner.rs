@@ -63,10 +63,10 @@ pub(super) fn resources_of(
     loaded: &Arc<Loaded>,
     agent: &str,
 ) -> Arc<AgentResources> {
-    let (trust, loaded, agent) = (shared.clone(), loaded.clone(), agent.to_string());
+    let (node, loaded, agent) = (shared.clone(), loaded.clone(), agent.to_string());
     let of = move || {
         // (Admitted when it came: if the policy changed since, it reaches nothing.)
-        let grants = trust
+        let grants = node
             .trust
             .admit_package(&loaded.package)
             .map(|grant| grant.resources)

@@ -26,6 +26,21 @@ struct Counters {
     received: AtomicU64,
 }
 
+/// `mbit_per_second` if it can be an upload cap: a finite number above 0.
+///
+/// # Errors
+///
+/// What is wrong with it, as a configuration error says it.
+pub fn check_upload_mbit(mbit_per_second: f64) -> Result<f64, String> {
+    if mbit_per_second.is_finite() && mbit_per_second > 0.0 {
+        Ok(mbit_per_second)
+    } else {
+        Err(format!(
+            "upload_mbit must be a positive number of Mbit/s, not {mbit_per_second}"
+        ))
+    }
+}
+
 /// The node's counters, one pair per protocol, and its upload cap.
 #[derive(Default, Debug)]
 pub(super) struct WireCounters {

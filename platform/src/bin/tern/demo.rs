@@ -32,7 +32,7 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 50.0, value_parser = parse_size)]
     shard_mb: f64,
     /// The upload cap of every node in the capped runs, in Mbit/s.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 20.0, value_parser = crate::run::parse_mbit)]
     upload_mbit: f64,
     /// Where to make the shards (default: a temporary directory, removed afterwards).
     #[arg(long)]

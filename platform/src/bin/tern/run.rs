@@ -231,9 +231,10 @@ fn trust_policy(args: &RunArgs) -> Result<security::TrustPolicy> {
     toml::from_str(&text).context("trust policy")
 }
 
-fn parse_mbit(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(m) if m.is_finite() && m > 0.0 => Ok(m),
-        _ => Err(format!("'{text}' is not a positive number of Mbit/s")),
-    }
+/// An upload cap given on the command line (`tern run`, `tern demo`).
+pub(crate) fn parse_mbit(text: &str) -> Result<f64, String> {
+    let mbit = text
+        .parse::<f64>()
+        .map_err(|_| format!("'{text}' is not a number of Mbit/s"))?;
+    platform::node::check_upload_mbit(mbit)
 }

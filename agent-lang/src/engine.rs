@@ -164,7 +164,7 @@ pub(crate) fn agent_engine(limits: &Limits) -> Engine {
                 .collect::<rhai::Array>()
         })
     });
-    crate::resources::register(&mut engine);
+    crate::resources::register(&mut engine, limits.max_string_size);
     engine.register_fn("migrate", |_: Dynamic| -> Result<(), Box<EvalAltResult>> {
         Err(native_primitive_error("migrate").into())
     });

@@ -5,7 +5,9 @@
 //! the continuation and in messages like any other) that names the resource, its type and the
 //! node it was bound at. Its methods are requests to the host ([`ResourceHost`]), which decides,
 //! by the binding policy the agent's package declares, which resource at which node a handle
-//! reaches now: this crate holds no I/O, only the handle, the calls and their checks.
+//! reaches now: this crate holds no I/O, only the handle, the calls and their checks. A handle
+//! of the `copy` binding holds the agent's own copy of the resource ([`crate::copies`]), which
+//! answers its calls itself.
 //!
 //! Each method is a native call: it does not suspend the agent, and it runs at full speed from
 //! delegated statements. A host error (a resource missing where the agent is now, a read past
@@ -16,6 +18,7 @@ use std::sync::Arc;
 
 use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, INT};
 
+use crate::copies::Copied;
 use crate::engine::with_host;
 
 /// What kind of resource a handle is bound to.
@@ -79,7 +82,10 @@ impl std::str::FromStr for ResourceKind {
 }
 
 /// A handle on a resource, as the agent holds it (Rhai type name `resource`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+///
+/// Two handles are equal when they reach the same resource the same way: the same name, type
+/// and node, and both copies or neither (a copy's contents are not compared).
+#[derive(Clone, Debug)]
 pub struct Resource {
     /// The name the agent bound it by (`resource(name)`).
     pub name: ImmutableString,
@@ -87,6 +93,30 @@ pub struct Resource {
     pub kind: ResourceKind,
     /// The node it was bound at.
     pub bound_at: ImmutableString,
+    /// The agent's own copy of the resource, for a `copy` binding (of the same kind).
+    pub copy: Option<Arc<Copied>>,
+}
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.kind == other.kind
+            && self.bound_at == other.bound_at
+            && self.copy.is_some() == other.copy.is_some()
+    }
+}
+
+impl Eq for Resource {}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let copy = if self.copy.is_some() { "a copy, " } else { "" };
+        write!(
+            f,
+            "resource '{}' ({}, {copy}bound at {})",
+            self.name, self.kind, self.bound_at
+        )
+    }
 }
 
 /// Whether `name` may name a resource: 1 to 64 of `A-Z a-z 0-9 . _ -`.
@@ -200,13 +230,14 @@ pub fn memory_admits(bytes: u64) -> bool {
 /// one slice, called on the slice's thread (it may block on a file or the store, never on the
 /// agent's node's runtime).
 pub trait ResourceHost: Send + Sync {
-    /// `resource(name)`: a handle on the resource the agent's package binds under `name`.
+    /// `resource(name)`: a handle on the resource the agent's package binds under `name` (with
+    /// a copy of it, for a `copy` binding).
     ///
     /// # Errors
     ///
     /// Why there is none (not declared by the package, not at this node, not granted): the
-    /// text the agent's `resource` call throws.
-    fn bind(&self, name: &str) -> Result<Resource, String>;
+    /// text the agent's `resource` call throws; or a copy over the agent's memory budget.
+    fn bind(&self, name: &str) -> Result<Resource, ResourceError>;
 
     /// `resource(name, node)`: a handle on resource `name` of node `node`, which the agent
     /// reaches from wherever it is (a `remote` binding).
@@ -228,8 +259,10 @@ pub trait ResourceHost: Send + Sync {
 pub struct NoResources;
 
 impl ResourceHost for NoResources {
-    fn bind(&self, name: &str) -> Result<Resource, String> {
-        Err(format!("resource: no resource named '{name}' here"))
+    fn bind(&self, name: &str) -> Result<Resource, ResourceError> {
+        Err(ResourceError::Failed(format!(
+            "resource: no resource named '{name}' here"
+        )))
     }
 
     fn bind_at(&self, name: &str, node: &str) -> Result<Resource, String> {
@@ -252,7 +285,7 @@ pub fn no_resources() -> Arc<dyn ResourceHost> {
 
 type Checked<T> = Result<T, Box<EvalAltResult>>;
 
-fn call(resource: &Resource, call: ResourceCall<'_>) -> Checked<Dynamic> {
+fn call(resource: &mut Resource, call: ResourceCall<'_>, max_line: usize) -> Checked<Dynamic> {
     if call.kind() != resource.kind {
         return Err(format!(
             "{}() is a method of {} resources; '{}' is a {}",
@@ -263,7 +296,17 @@ fn call(resource: &Resource, call: ResourceCall<'_>) -> Checked<Dynamic> {
         )
         .into());
     }
-    match with_host(|h| h.resources.call(resource, call))? {
+    let result = match &mut resource.copy {
+        Some(copy) => crate::copies::call(copy, call, max_line),
+        None => with_host(|h| h.resources.call(resource, call))?,
+    };
+    thrown(result)
+}
+
+/// A host's result as the agent sees it: an error thrown (catchable), or the end of the agent
+/// when its memory budget is still exceeded.
+fn thrown<T>(result: Result<T, ResourceError>) -> Checked<T> {
+    match result {
         Ok(value) => Ok(value),
         Err(ResourceError::Failed(message)) => Err(message.into()),
         Err(ResourceError::OverMemory { bytes }) => match crate::meter::admits(bytes) {
@@ -282,63 +325,56 @@ fn unsigned(what: &str, n: INT) -> Checked<u64> {
     u64::try_from(n).map_err(|_| format!("{what} must not be negative, got {n}").into())
 }
 
-/// Registers `resource(name)`, the `resource` type and its methods on `engine`.
-pub(crate) fn register(engine: &mut Engine) {
+/// Registers `resource(name)`, the `resource` type and its methods on `engine`, for agents
+/// whose strings are at most `max_line` bytes (the longest line a copy's `lines` returns, as a
+/// node's dataset does).
+pub(crate) fn register(engine: &mut Engine, max_line: usize) {
     engine.register_type_with_name::<Resource>("resource");
     engine.register_fn("resource", |name: &str| -> Checked<Resource> {
-        with_host(|h| h.resources.bind(name))?.map_err(Into::into)
+        thrown(with_host(|h| h.resources.bind(name))?)
     });
     engine.register_fn("resource", |name: &str, node: &str| -> Checked<Resource> {
         with_host(|h| h.resources.bind_at(name, node))?.map_err(Into::into)
     });
-    engine.register_fn("to_string", |r: &mut Resource| {
-        format!(
-            "resource '{}' ({}, bound at {})",
-            r.name, r.kind, r.bound_at
-        )
-    });
-    engine.register_fn("to_debug", |r: &mut Resource| {
-        format!(
-            "resource '{}' ({}, bound at {})",
-            r.name, r.kind, r.bound_at
-        )
-    });
+    engine.register_fn("to_string", |r: &mut Resource| r.to_string());
+    engine.register_fn("to_debug", |r: &mut Resource| r.to_string());
     engine.register_fn("==", |a: &mut Resource, b: Resource| *a == b);
     engine.register_fn("!=", |a: &mut Resource, b: Resource| *a != b);
     engine.register_get("name", |r: &mut Resource| r.name.clone());
     engine.register_get("kind", |r: &mut Resource| {
         ImmutableString::from(r.kind.as_str())
     });
-    engine.register_fn("size", |r: &mut Resource| call(r, ResourceCall::Size));
+    engine.register_get("is_copy", |r: &mut Resource| r.copy.is_some());
+    engine.register_fn("size", |r: &mut Resource| call(r, ResourceCall::Size, 0));
     engine.register_fn("line_count", |r: &mut Resource| {
-        call(r, ResourceCall::LineCount)
+        call(r, ResourceCall::LineCount, 0)
     });
-    engine.register_fn("lines", |r: &mut Resource, start: INT, count: INT| {
+    engine.register_fn("lines", move |r: &mut Resource, start: INT, count: INT| {
         let start = unsigned("lines: start", start)?;
         let count = unsigned("lines: count", count)?;
-        call(r, ResourceCall::Lines { start, count })
+        call(r, ResourceCall::Lines { start, count }, max_line)
     });
     engine.register_fn("read", |r: &mut Resource, offset: INT, len: INT| {
         let offset = unsigned("read: offset", offset)?;
         let len = unsigned("read: len", len)?;
         // The blob is allocated by the host: the meter is asked first, as `blob(n)` asks it.
         crate::meter::admits(len).map_err(crate::meter::Exceeded::into_error)?;
-        call(r, ResourceCall::Read { offset, len })
+        call(r, ResourceCall::Read { offset, len }, 0)
     });
     engine.register_fn("get", |r: &mut Resource, key: &str| {
-        call(r, ResourceCall::Get(key))
+        call(r, ResourceCall::Get(key), 0)
     });
-    engine.register_fn("get", |r: &mut Resource| call(r, ResourceCall::Value));
+    engine.register_fn("get", |r: &mut Resource| call(r, ResourceCall::Value, 0));
     engine.register_fn("set", |r: &mut Resource, key: &str, value: Dynamic| {
-        call(r, ResourceCall::Set(key, &value)).map(drop)
+        call(r, ResourceCall::Set(key, &value), 0).map(drop)
     });
     engine.register_fn("remove", |r: &mut Resource, key: &str| {
-        call(r, ResourceCall::Remove(key))
+        call(r, ResourceCall::Remove(key), 0)
     });
-    engine.register_fn("len", |r: &mut Resource| call(r, ResourceCall::Len));
+    engine.register_fn("len", |r: &mut Resource| call(r, ResourceCall::Len, 0));
     engine.register_fn("keys", |r: &mut Resource, start: INT, count: INT| {
         let start = unsigned("keys: start", start)?;
         let count = unsigned("keys: count", count)?;
-        call(r, ResourceCall::Keys { start, count })
+        call(r, ResourceCall::Keys { start, count }, 0)
     });
 }

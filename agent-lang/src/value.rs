@@ -6,13 +6,18 @@
 //! keys, char → tag [`TAG_CHAR`] over its code point, function pointer without captures → tag
 //! [`TAG_FN_PTR`] over its name, byte (the `u8` items a `for` over a blob gives) → tag
 //! [`TAG_BYTE`] over its value, resource handle → tag [`TAG_RESOURCE`] over `[name, type code,
-//! node bound at]`. Anything else is refused, naming where it was found.
+//! node bound at]`, with a fourth item for a handle that carries a copy (a dataset's files as an
+//! array of byte strings, a table's entries as a map, a value as itself). Anything else is
+//! refused, naming where it was found.
 
 use ciborium_ll::{simple, Encoder, Header};
 use rhai::{Array, Blob, Dynamic, FnPtr, ImmutableString, Map};
 
+use std::sync::Arc;
+
 use crate::closures::ClosureNames;
 use crate::compile::ProgramInner;
+use crate::copies::{Copied, CopiedDataset};
 use crate::resources::{is_valid_resource_name, Resource, ResourceKind};
 
 /// CBOR tag of a `char` (its Unicode scalar value follows).
@@ -249,6 +254,16 @@ pub(crate) fn len_hint(value: &Dynamic, depth: usize) -> usize {
         })
     } else if let Ok(n) = value.as_int() {
         int_len(n)
+    } else if let Some(r) = value.read_lock::<Resource>() {
+        let copy = match r.copy.as_deref() {
+            None => 0,
+            Some(Copied::Dataset(data)) => data.files().iter().map(|f| f.len() + 9).sum(),
+            Some(Copied::Table(entries)) => entries.iter().fold(9usize, |n, (k, v)| {
+                n.saturating_add(k.len() + 9 + len_hint(v, depth + 1))
+            }),
+            Some(Copied::Value(v)) => len_hint(v, depth + 1),
+        };
+        r.name.len() + r.bound_at.len() + 24 + copy
     } else {
         9
     }
@@ -323,10 +338,28 @@ pub(crate) fn encode_value(
         enc.uint(u64::from(*b));
     } else if let Some(r) = value.read_lock::<Resource>() {
         enc.tag(TAG_RESOURCE);
-        enc.array(3);
+        enc.array(if r.copy.is_some() { 4 } else { 3 });
         enc.text(&r.name);
         enc.uint(r.kind.code());
         enc.text(&r.bound_at);
+        match r.copy.as_deref() {
+            None => {}
+            Some(Copied::Dataset(data)) => {
+                enc.array(data.files().len());
+                for file in data.files() {
+                    enc.bytes(file);
+                }
+            }
+            Some(Copied::Table(entries)) => {
+                enc.map(entries.len());
+                for (k, v) in entries {
+                    enc.text(k.as_str());
+                    let what = || format!("{}.{k}", what());
+                    encode_value(enc, closures, v, &what, depth + 1)?;
+                }
+            }
+            Some(Copied::Value(v)) => encode_value(enc, closures, v, what, depth + 1)?,
+        }
     } else {
         return Err(ValueError::NotPortable {
             what: what(),
@@ -465,12 +498,14 @@ impl<'a> Reader<'a> {
         self.str().map(String::from)
     }
 
-    /// A text string, borrowed from the input.
-    /// A resource handle's `[name, type code, node bound at]`, checked.
-    fn resource(&mut self) -> Result<Resource, Malformed> {
-        if !matches!(self.header()?, Header::Array(Some(3))) {
-            return self.fail("a resource handle is an array of 3 items");
-        }
+    /// A resource handle's `[name, type code, node bound at]`, checked, and whether a copy
+    /// follows (a fourth item).
+    fn resource(&mut self) -> Result<(Resource, bool), Malformed> {
+        let copy = match self.header()? {
+            Header::Array(Some(3)) => false,
+            Header::Array(Some(4)) => true,
+            _ => return self.fail("a resource handle is an array of 3 or 4 items"),
+        };
         let name = self.str()?;
         if !is_valid_resource_name(name) {
             return self.fail("invalid resource name");
@@ -482,10 +517,57 @@ impl<'a> Reader<'a> {
         if bound_at.is_empty() || bound_at.len() > 64 {
             return self.fail("invalid node name in a resource handle");
         }
-        Ok(Resource {
+        let handle = Resource {
             name: name.into(),
             kind,
             bound_at: bound_at.into(),
+            copy: None,
+        };
+        Ok((handle, copy))
+    }
+
+    /// The copy of a resource of type `kind` that a handle carries: a dataset's files (an array
+    /// of byte strings), a table's entries (a map) or a value. Built when `build`, otherwise
+    /// only read past, accepting exactly the same bytes.
+    fn copy(
+        &mut self,
+        kind: ResourceKind,
+        prog: &ProgramInner,
+        depth: usize,
+        build: bool,
+    ) -> Result<Option<Copied>, Malformed> {
+        // The next item's CBOR major type, without reading it.
+        let major = self.bytes.get(self.pos).map(|b| b >> 5);
+        Ok(match kind {
+            ResourceKind::Dataset => {
+                let n = match self.header()? {
+                    Header::Array(Some(n)) if n <= self.remaining() => n,
+                    _ => return self.fail("a dataset copy is an array of byte strings"),
+                };
+                let mut files = Vec::with_capacity(if build { n } else { 0 });
+                for _ in 0..n {
+                    let file = match self.header()? {
+                        Header::Bytes(Some(len)) => self.payload(len)?,
+                        _ => return self.fail("a dataset copy is an array of byte strings"),
+                    };
+                    if build {
+                        files.push(file.to_vec());
+                    }
+                }
+                build.then(|| Copied::Dataset(CopiedDataset::new(files)))
+            }
+            ResourceKind::Table if major != Some(5) => {
+                return self.fail("a table copy is a map");
+            }
+            ResourceKind::Table | ResourceKind::Value if !build => {
+                self.skip_value(prog, depth + 1)?;
+                None
+            }
+            ResourceKind::Table => {
+                let entries = self.value(prog, depth + 1)?;
+                Some(Copied::Table(entries.cast::<Map>()))
+            }
+            ResourceKind::Value => Some(Copied::Value(self.value(prog, depth + 1)?)),
         })
     }
 
@@ -601,7 +683,10 @@ impl<'a> Reader<'a> {
                 Ok(b) => Item::Byte(b),
                 Err(_) => return self.fail("invalid byte"),
             },
-            Header::Tag(TAG_RESOURCE) => Item::Resource(self.resource()?),
+            Header::Tag(TAG_RESOURCE) => {
+                let (handle, copy) = self.resource()?;
+                Item::Resource(handle, copy)
+            }
             _ => return self.fail("not a portable value"),
         })
     }
@@ -659,7 +744,12 @@ impl<'a> Reader<'a> {
                 Some(f) => Dynamic::from(f),
                 None => return self.fail(unknown_fn(name)),
             },
-            Item::Resource(r) => Dynamic::from(r),
+            Item::Resource(mut r, copy) => {
+                if copy {
+                    r.copy = self.copy(r.kind, prog, depth, true)?.map(Arc::new);
+                }
+                Dynamic::from(r)
+            }
         })
     }
 
@@ -689,6 +779,9 @@ impl<'a> Reader<'a> {
             Item::FnPtr(name) if !fn_ptr_resolves(prog, name) => {
                 return self.fail(unknown_fn(name))
             }
+            Item::Resource(r, true) => {
+                self.copy(r.kind, prog, depth, false)?;
+            }
             _ => {}
         }
         Ok(())
@@ -710,7 +803,8 @@ enum Item<'a> {
     Map(usize),
     /// A function pointer's name, not yet resolved against the program.
     FnPtr(&'a str),
-    Resource(Resource),
+    /// A handle, and whether its copy follows.
+    Resource(Resource, bool),
 }
 
 /// An IEEE 754 half-precision float (CBOR's shortest float form) as an f64.
@@ -836,7 +930,8 @@ fn json_at(value: &Dynamic, depth: usize) -> Result<serde_json::Value, ValueErro
     } else if let Some(b) = value.read_lock::<u8>() {
         J::from(*b)
     } else if let Some(r) = value.read_lock::<Resource>() {
-        serde_json::json!({"resource": r.name.as_str(), "type": r.kind.as_str(), "bound_at": r.bound_at.as_str()})
+        serde_json::json!({"resource": r.name.as_str(), "type": r.kind.as_str(),
+            "bound_at": r.bound_at.as_str(), "copy": r.copy.is_some()})
     } else {
         J::String(value.to_string())
     })

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use agent_lang::rhai::{Dynamic, FnPtr, ImmutableString, Map};
 use agent_lang::{
-    check_portable, decode_portable, encode_portable, DecodeError, Execution, HostEnv, Limits,
-    Outcome, Program, Resume, TAG_FN_PTR,
+    check_portable, decode_portable, encode_portable, Copied, CopiedDataset, DecodeError,
+    Execution, HostEnv, Limits, Outcome, Program, Resource, ResourceKind, Resume, TAG_FN_PTR,
 };
 use proptest::prelude::*;
 
@@ -79,8 +79,32 @@ fn value(closure: Dynamic) -> impl Strategy<Value = Dynamic> {
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Dynamic::from_array),
-            prop::collection::btree_map("[a-z]{0,3}", inner, 0..4).prop_map(|m| {
+            prop::collection::btree_map("[a-z]{0,3}", inner.clone(), 0..4).prop_map(|m| {
                 Dynamic::from_map(m.into_iter().map(|(k, v)| (k.into(), v)).collect::<Map>())
+            }),
+            // Handles, with and without copies of each kind.
+            (inner.clone(), 0..4u8).prop_map(|(v, which)| {
+                let (kind, copy) = match which {
+                    0 => (ResourceKind::Table, None),
+                    1 => (ResourceKind::Value, Some(Copied::Value(v))),
+                    2 => {
+                        let mut entries = Map::new();
+                        entries.insert("k".into(), v);
+                        (ResourceKind::Table, Some(Copied::Table(entries)))
+                    }
+                    _ => {
+                        let file = v.to_string().into_bytes();
+                        let files = vec![file, b"a\nb".to_vec()];
+                        let dataset = Copied::Dataset(CopiedDataset::new(files));
+                        (ResourceKind::Dataset, Some(dataset))
+                    }
+                };
+                Dynamic::from(Resource {
+                    name: "res".into(),
+                    kind,
+                    bound_at: "node-0".into(),
+                    copy: copy.map(Arc::new),
+                })
             }),
         ]
     })

@@ -1,15 +1,15 @@
 //! Resource handles through the executor, against a host that keeps each node's resources in
 //! memory: a handle is bound once, travels in the continuation (and in messages) and reaches
 //! the resource of the node the agent is on; its methods check their resource's type, and the
-//! host's errors are catchable.
+//! host's errors are catchable. A handle that carries a copy answers from it at every node.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use agent_lang::rhai::{Array, Dynamic, ImmutableString};
+use agent_lang::rhai::{Array, Dynamic, ImmutableString, Map};
 use agent_lang::{
-    Execution, HostEnv, Limits, Outcome, Program, Resource, ResourceCall, ResourceError,
-    ResourceHost, ResourceKind, Resume,
+    Copied, CopiedDataset, Execution, HostEnv, Limits, Outcome, Program, Resource, ResourceCall,
+    ResourceError, ResourceHost, ResourceKind, Resume,
 };
 
 /// One node's resources: datasets as lines, tables, values.
@@ -18,6 +18,8 @@ struct NodeData {
     datasets: HashMap<String, Vec<String>>,
     tables: Mutex<HashMap<String, BTreeMap<String, Vec<u8>>>>,
     values: HashMap<String, i64>,
+    /// What `resource(name)` copies into the handle (a `copy` binding).
+    copies: HashMap<String, Copied>,
 }
 
 /// The resources of the node named `here`, bound by name wherever the agent is (rebind).
@@ -46,14 +48,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ResourceHost for Host {
-    fn bind(&self, name: &str) -> Result<Resource, String> {
-        let kind = self
-            .kind_of(name)
+    fn bind(&self, name: &str) -> Result<Resource, ResourceError> {
+        let copy = self.data.copies.get(name).cloned();
+        let kind = copy
+            .as_ref()
+            .map(Copied::kind)
+            .or_else(|| self.kind_of(name))
             .ok_or_else(|| format!("resource: no '{name}' at {}", self.here))?;
         Ok(Resource {
             name: name.into(),
             kind,
             bound_at: self.here.as_str().into(),
+            copy: copy.map(Arc::new),
         })
     }
 
@@ -118,6 +124,15 @@ fn nodes() -> Mesh {
             lock(&data.tables).insert("counts".into(), BTreeMap::new());
             if i == 0 {
                 data.values.insert("base".into(), 100);
+                let files = vec![b"a\r\nb\n\n".to_vec(), Vec::new(), b"c\rd".to_vec()];
+                let dataset = Copied::Dataset(CopiedDataset::new(files));
+                data.copies.insert("cshard".into(), dataset);
+                let mut entries = Map::new();
+                entries.insert("k1".into(), Dynamic::from_int(1));
+                entries.insert("k0".into(), Dynamic::from_array(vec![Dynamic::TRUE]));
+                data.copies.insert("ctable".into(), Copied::Table(entries));
+                let value = Dynamic::from(ImmutableString::from("settings"));
+                data.copies.insert("cvalue".into(), Copied::Value(value));
             }
             (format!("node-{i}"), Arc::new(data))
         })
@@ -238,7 +253,8 @@ fn a_handle_is_a_portable_value_with_a_json_form_and_a_checked_encoding() {
     assert_eq!(
         result.as_deref(),
         Ok(concat!(
-            r#"[{"bound_at":"node-0","resource":"counts","type":"table"},"resource","counts","#,
+            r#"[{"bound_at":"node-0","copy":false,"resource":"counts","type":"table"},"#,
+            r#""resource","counts","#,
             r#""table",false,"resource 'counts' (table, bound at node-0)"]"#
         ))
     );
@@ -248,6 +264,7 @@ fn a_handle_is_a_portable_value_with_a_json_form_and_a_checked_encoding() {
         name: "counts".into(),
         kind: ResourceKind::Table,
         bound_at: "node-0".into(),
+        copy: None,
     });
     let bytes = agent_lang::encode_portable(&handle).expect("encodes");
     let back = agent_lang::decode_portable(&program, &bytes).expect("decodes");
@@ -256,6 +273,7 @@ fn a_handle_is_a_portable_value_with_a_json_form_and_a_checked_encoding() {
         name: "../etc".into(),
         kind: ResourceKind::Dataset,
         bound_at: "node-0".into(),
+        copy: None,
     });
     let bytes = agent_lang::encode_portable(&bad).expect("encodes");
     let err = agent_lang::decode_portable(&program, &bytes).expect_err("an invalid name");
@@ -282,4 +300,106 @@ fn an_agent_without_resources_is_told_so() {
         Outcome::Finished(v) => assert_eq!(v.to_string(), "resource: no resource named 'x' here"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_copy_travels_in_the_continuation_and_answers_at_every_node() {
+    // Only node-0 has the resources: at the others, only the copies can answer.
+    let (result, mesh) = run(r#"
+        let shard = resource("cshard");
+        let table = resource("ctable");
+        let value = resource("cvalue");
+        migrate("node-1");
+        let seen = [shard.is_copy, shard.size(), shard.line_count(), shard.lines(0, 10)];
+        seen += [shard.lines(2, 2), shard.read(3, 4), shard.read(9, 100)];
+        table.set("k2", #{ at: here() });
+        let other = table;
+        other.remove("k0");
+        migrate("node-2");
+        seen += [table.len(), table.keys(0, 10), table.keys(1, 1), table.get("k2"), table.get("x")];
+        seen += [other.keys(0, 10), value.get(), table == other, `${value}`];
+        seen
+    "#);
+    assert_eq!(
+        result.as_deref(),
+        Ok(concat!(
+            r#"[true,9,4,["a","b","","c\rd"],["","c\rd"],[98,10,10,99],[],"#,
+            r#"3,["k0","k1","k2"],["k1"],{"at":"node-1"},null,["k1","k2"],"settings",true,"#,
+            r#""resource 'cvalue' (value, a copy, bound at node-0)"]"#
+        ))
+    );
+    assert!(lock(&mesh[0].1.tables)["counts"].is_empty());
+}
+
+#[test]
+fn a_copys_table_refuses_what_a_nodes_table_refuses() {
+    let (result, _) = run(r#"
+        let table = resource("ctable");
+        let errors = [];
+        let key = "k";
+        key.pad(1025, "k");
+        let y = 1;
+        try { table.set(key, 1); } catch (e) { errors.push(e); }
+        try { table.set("f", |x| x + y); } catch (e) { errors.push(e); }
+        try { table.set("b", blob(5000000)); } catch (e) { errors.push(e); }
+        [errors, table.len()]
+    "#);
+    assert_eq!(
+        result.as_deref(),
+        Ok(concat!(
+            r#"[["set: a table key is at most 1024 bytes, this one is 1025","#,
+            r#""set: the message holds a value of type 'closure with captured variables', "#,
+            r#"which cannot travel between nodes (portable: (), bool, int, float, char, "#,
+            r#"string, blob, array, map, Fn pointers without captures, resource handles)","#,
+            r#""set: a table value is at most 4194304 bytes encoded, this one is 5000005"],2]"#
+        ))
+    );
+}
+
+#[test]
+fn a_copy_of_the_wrong_shape_is_refused_when_decoded_or_checked() {
+    let program = Program::compile("1", &Limits::default()).expect("compiles");
+    let handle = |kind, copy| {
+        Dynamic::from(Resource {
+            name: "r".into(),
+            kind,
+            bound_at: "node-0".into(),
+            copy: Some(Arc::new(copy)),
+        })
+    };
+    let text = Dynamic::from(ImmutableString::from("x"));
+    for (kind, copy, error) in [
+        (
+            ResourceKind::Dataset,
+            Copied::Value(text.clone()),
+            "a dataset copy is an array of byte strings",
+        ),
+        (
+            ResourceKind::Dataset,
+            Copied::Value(Dynamic::from_array(vec![text.clone()])),
+            "a dataset copy is an array of byte strings",
+        ),
+        (
+            ResourceKind::Table,
+            Copied::Value(text.clone()),
+            "a table copy is a map",
+        ),
+    ] {
+        let bytes = agent_lang::encode_portable(&handle(kind, copy)).expect("encodes");
+        let decoded = agent_lang::decode_portable(&program, &bytes).expect_err("wrong shape");
+        let checked = agent_lang::check_portable(&program, &bytes).expect_err("wrong shape");
+        assert!(decoded.to_string().contains(error), "{decoded}");
+        assert_eq!(decoded.to_string(), checked.to_string());
+    }
+    let good = handle(
+        ResourceKind::Dataset,
+        Copied::Dataset(CopiedDataset::new(vec![b"x\ny".to_vec()])),
+    );
+    let bytes = agent_lang::encode_portable(&good).expect("encodes");
+    agent_lang::check_portable(&program, &bytes).expect("checks");
+    let back = agent_lang::decode_portable(&program, &bytes).expect("decodes");
+    let Some(Copied::Dataset(data)) = back.cast::<Resource>().copy.as_deref().cloned() else {
+        panic!("no dataset copy");
+    };
+    assert_eq!(data.files(), [b"x\ny".to_vec()]);
 }

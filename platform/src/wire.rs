@@ -578,6 +578,10 @@ pub enum ControlRefusal {
     /// The trust policy refuses the package (its author, its grants).
     #[error("package refused: {0}")]
     UntrustedPackage(String),
+    /// A binding the package declares cannot be kept with this node's resource of its name (a
+    /// move of a fixed resource, a copy of a non-transferable one).
+    #[error("package refused: {0}")]
+    ImpossibleBinding(String),
     /// The package could not be loaded (compiled) here.
     #[error("{0}")]
     Package(String),

@@ -221,6 +221,34 @@ fn pack_refuses_a_script_that_does_not_compile() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// `--resource NAME=POLICY/BINDING` states the kind of binding; one its policy cannot keep
+/// (the paper's table) is refused at pack with the reason, and `inspect` shows the kind.
+#[test]
+fn pack_takes_the_kind_of_binding_and_refuses_what_the_policy_cannot_keep() {
+    let dir = workdir("bindings");
+    assert!(tern(&dir, &["keygen", "--out", "k.pem"]).status.success());
+    std::fs::write(dir.join("ok.rhai"), "1").unwrap();
+    let pack = |binding: &str| {
+        let args = ["pack", "ok.rhai", "--key", "k.pem", "--resource", binding];
+        tern(&dir, &args)
+    };
+    for (binding, says) in [
+        ("x=rebind/by-identifier", "binding by type"),
+        ("x=copy/by-identifier", "needs that very resource"),
+        ("x=move/by-name", "unknown binding kind 'by-name'"),
+    ] {
+        let out = pack(binding);
+        assert_eq!(out.status.code(), Some(1), "{binding}");
+        assert!(stderr(&out).contains(says), "{binding}: {}", stderr(&out));
+    }
+    let out = pack("x=copy/by-type");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = tern(&dir, &["inspect", "ok.tern", "--json"]);
+    let m: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(m["resources"][0]["policy"], "copy");
+    assert_eq!(m["resources"][0]["binding"], "by-type");
+}
+
 /// The budgets a package asks for are signed in its manifest, shown by `inspect` and enforced
 /// by `run`: an agent that asks to send at most 3 messages ends at its fourth.
 #[test]

@@ -36,7 +36,7 @@
 //!     version: "1.0.0".into(),
 //!     author: author.public(),
 //!     created_ms: 1_700_000_000_000,
-//!     resources: vec![ResourceDecl { name: "data".into(), policy: ResourcePolicy::Rebind }],
+//!     resources: vec![ResourceDecl::new("data", ResourcePolicy::Rebind)],
 //!     capabilities: vec![],
 //!     limits: PackageLimits::default(),
 //! };
@@ -95,8 +95,9 @@ pub use envelope::{
 };
 pub use keys::{KeyError, PublicKey, SecretKey, PUBLIC_KEY_PREFIX};
 pub use package::{
-    Manifest, Package, PackageError, PackageHash, PackageLimits, ResourceDecl, ResourcePolicy,
-    UnknownResourcePolicy, VerifiedPackage, DEFAULT_MAX_PACKAGE_BYTES, PACKAGE_MAGIC,
+    BindingKind, Manifest, Mobility, Package, PackageError, PackageHash, PackageLimits,
+    ResourceDecl, ResourcePolicy, UnknownResourcePolicy, VerifiedPackage,
+    DEFAULT_MAX_PACKAGE_BYTES, PACKAGE_MAGIC,
 };
 pub use policy::{
     Access, AuthorGrant, AuthorsPolicy, Capabilities, Grant, PeersPolicy, PolicyError,

@@ -29,11 +29,12 @@ byte_id!(
     "package hash"
 );
 
-/// How a resource binding moves when its agent hops (see DESIGN.md, "Resources").
+/// How a resource binding moves when its agent hops (see ARCHITECTURE.md, "Resources").
 ///
-/// Text form (`Display`, `FromStr`, serde): `copy`, `rebind`, `remote`, `move`.
+/// Text form (`Display`, `FromStr`, serde): `copy`, `rebind`, `remote`, `move`,
+/// `copy-on-reference`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum ResourcePolicy {
     /// The value travels with the agent.
     Copy,
@@ -43,9 +44,21 @@ pub enum ResourcePolicy {
     Remote,
     /// The resource itself goes with the agent (only where it may leave its host).
     Move,
+    /// A lazy copy: reads go to the resource where it was bound, and each part read is kept at
+    /// the node the agent is on, so that reading it again there is local.
+    CopyOnReference,
 }
 
 impl ResourcePolicy {
+    /// Every policy.
+    pub const ALL: [ResourcePolicy; 5] = [
+        Self::Copy,
+        Self::Rebind,
+        Self::Remote,
+        Self::Move,
+        Self::CopyOnReference,
+    ];
+
     /// The text form.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -53,6 +66,61 @@ impl ResourcePolicy {
             Self::Rebind => "rebind",
             Self::Remote => "remote",
             Self::Move => "move",
+            Self::CopyOnReference => "copy-on-reference",
+        }
+    }
+
+    /// The kind of binding a declaration of this policy alone stands for: `rebind` binds by
+    /// type, `copy` and copy-on-reference by value, `move` and `remote` by identifier.
+    pub fn usual_binding(self) -> BindingKind {
+        match self {
+            Self::Rebind => BindingKind::ByType,
+            Self::Copy | Self::CopyOnReference => BindingKind::ByValue,
+            Self::Move | Self::Remote => BindingKind::ByIdentifier,
+        }
+    }
+
+    /// Whether a binding of `kind` may be kept by this policy: the rows of Fuggetta, Picco and
+    /// Vigna's table ("Understanding Code Mobility", 1998, table 1). A binding by identifier
+    /// needs that very resource (moved, or reached where it is); by value, its contents (copied,
+    /// moved, or reached); by type, any resource of its type (rebound, or any of the others).
+    ///
+    /// # Errors
+    ///
+    /// Why not, in a sentence.
+    pub fn keeps(self, kind: BindingKind) -> Result<(), String> {
+        match (kind, self) {
+            (BindingKind::ByIdentifier, Self::Copy | Self::CopyOnReference) => Err(format!(
+                "a binding by identifier needs that very resource, and a {self} is another one \
+                 (use move or remote)"
+            )),
+            (BindingKind::ByIdentifier | BindingKind::ByValue, Self::Rebind) => Err(format!(
+                "rebind reaches whichever resource of the type each node has, which only a \
+                 binding by type accepts, not one {kind}"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this policy may be used on a resource of `mobility`: the columns of the same
+    /// table. A `move` takes the resource away, which only a free one may leave; a copy (eager
+    /// or lazy) takes its contents, which a fixed non-transferable one never gives; `remote`
+    /// and `rebind` leave every resource where it is.
+    ///
+    /// # Errors
+    ///
+    /// Why not, in a sentence.
+    pub fn admits(self, mobility: Mobility) -> Result<(), String> {
+        match (self, mobility) {
+            (Self::Move, Mobility::FixedTransferable | Mobility::Fixed) => Err(format!(
+                "a move takes the resource away from its node, and it is {mobility} (only a \
+                 free resource may be moved)"
+            )),
+            (Self::Copy | Self::CopyOnReference, Mobility::Fixed) => Err(format!(
+                "a {self} takes the resource's contents from its node, and it is fixed (not \
+                 transferable): use remote"
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -63,22 +131,110 @@ impl fmt::Display for ResourcePolicy {
     }
 }
 
-/// A resource policy name that is not `copy`, `rebind`, `remote` or `move`.
+/// A resource policy name that is not one of [`ResourcePolicy::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown resource policy {0:?}: expected copy, rebind, remote or move")]
+#[error("unknown resource policy {0:?}: expected copy, rebind, remote, move or copy-on-reference")]
 pub struct UnknownResourcePolicy(pub String);
 
 impl FromStr for ResourcePolicy {
     type Err = UnknownResourcePolicy;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "copy" => Ok(Self::Copy),
-            "rebind" => Ok(Self::Rebind),
-            "remote" => Ok(Self::Remote),
-            "move" => Ok(Self::Move),
-            other => Err(UnknownResourcePolicy(other.chars().take(64).collect())),
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownResourcePolicy(s.chars().take(64).collect()))
+    }
+}
+
+/// What an agent's binding to a resource needs of it (the paper's three kinds).
+///
+/// Text form: `by-identifier`, `by-value`, `by-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BindingKind {
+    /// That very resource.
+    ByIdentifier,
+    /// Its contents.
+    ByValue,
+    /// Any resource of its type.
+    ByType,
+}
+
+impl BindingKind {
+    /// The text form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ByIdentifier => "by-identifier",
+            Self::ByValue => "by-value",
+            Self::ByType => "by-type",
         }
+    }
+}
+
+impl fmt::Display for BindingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BindingKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::ByIdentifier, Self::ByValue, Self::ByType]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown binding kind '{}': expected by-identifier, by-value or by-type",
+                    s.chars().take(64).collect::<String>()
+                )
+            })
+    }
+}
+
+/// Whether a resource may leave the node that offers it (the paper's columns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mobility {
+    /// Free transferable: it may be moved or copied.
+    Free,
+    /// Fixed transferable: it may be copied (its contents leave), never moved.
+    FixedTransferable,
+    /// Fixed non-transferable: it never leaves its node; agents reach it there.
+    Fixed,
+}
+
+impl Mobility {
+    /// The text form, as in node configurations.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Free => "free",
+            Self::FixedTransferable => "fixed-transferable",
+            Self::Fixed => "fixed",
+        }
+    }
+}
+
+impl fmt::Display for Mobility {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mobility {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::Free, Self::FixedTransferable, Self::Fixed]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown mobility '{}': expected free, fixed-transferable or fixed",
+                    s.chars().take(64).collect::<String>()
+                )
+            })
     }
 }
 
@@ -89,6 +245,48 @@ pub struct ResourceDecl {
     pub name: String,
     /// How the binding travels.
     pub policy: ResourcePolicy,
+    /// The kind of binding, when the author stated it (otherwise the policy's
+    /// [`ResourcePolicy::usual_binding`]; left out of the encoding then, so that a package
+    /// signed before it existed keeps its bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<BindingKind>,
+}
+
+impl ResourceDecl {
+    /// A declaration of `policy`, of its usual kind of binding.
+    pub fn new(name: impl Into<String>, policy: ResourcePolicy) -> ResourceDecl {
+        ResourceDecl {
+            name: name.into(),
+            policy,
+            binding: None,
+        }
+    }
+
+    /// A declaration from its text form, `POLICY` or `POLICY/BINDING` (as `tern pack
+    /// --resource NAME=...` takes it): `rebind`, `copy/by-type`, `move/by-value`.
+    ///
+    /// # Errors
+    ///
+    /// An unknown policy or kind of binding, or a kind the policy cannot keep.
+    pub fn from_text(name: impl Into<String>, text: &str) -> Result<ResourceDecl, String> {
+        let (policy, binding) = match text.split_once('/') {
+            Some((policy, binding)) => (policy, Some(binding.parse::<BindingKind>()?)),
+            None => (text, None),
+        };
+        let policy: ResourcePolicy = policy.parse().map_err(|e| format!("{e}"))?;
+        let decl = ResourceDecl {
+            name: name.into(),
+            policy,
+            binding,
+        };
+        policy.keeps(decl.binding())?;
+        Ok(decl)
+    }
+
+    /// The kind of binding: as stated, or the policy's usual one.
+    pub fn binding(&self) -> BindingKind {
+        self.binding.unwrap_or(self.policy.usual_binding())
+    }
 }
 
 /// Limits a package asks for (in its manifest) or a policy allows (in an [`crate::AuthorGrant`]).
@@ -199,6 +397,9 @@ impl Manifest {
             }
             if !seen.insert(r.name.as_str()) {
                 return invalid(format!("resource {:?} declared twice", r.name));
+            }
+            if let Err(why) = r.policy.keeps(r.binding()) {
+                return invalid(format!("resource {:?}: {why}", r.name));
             }
         }
         let mut seen = BTreeSet::new();
@@ -472,10 +673,7 @@ mod tests {
             version: "1.0.0".into(),
             author,
             created_ms: 1_700_000_000_000,
-            resources: vec![ResourceDecl {
-                name: "data".into(),
-                policy: ResourcePolicy::Rebind,
-            }],
+            resources: vec![ResourceDecl::new("data", ResourcePolicy::Rebind)],
             capabilities: vec!["net".into()],
             limits: PackageLimits {
                 max_operations: Some(1_000_000),
@@ -486,15 +684,77 @@ mod tests {
 
     #[test]
     fn resource_policy_text_round_trips() {
-        for p in [
-            ResourcePolicy::Copy,
-            ResourcePolicy::Rebind,
-            ResourcePolicy::Remote,
-            ResourcePolicy::Move,
-        ] {
+        for p in ResourcePolicy::ALL {
             assert_eq!(p.to_string().parse(), Ok(p));
         }
         assert!("Copy".parse::<ResourcePolicy>().is_err());
+        for k in [
+            BindingKind::ByIdentifier,
+            BindingKind::ByValue,
+            BindingKind::ByType,
+        ] {
+            assert_eq!(k.to_string().parse(), Ok(k));
+        }
+        for m in [Mobility::Free, Mobility::FixedTransferable, Mobility::Fixed] {
+            assert_eq!(m.to_string().parse(), Ok(m));
+        }
+    }
+
+    #[test]
+    fn the_combinations_allowed_are_the_papers_table() {
+        // Fuggetta, Picco & Vigna 1998, table 1: for each kind of binding, the mechanisms
+        // allowed on a free, a fixed transferable and a fixed non-transferable resource.
+        let table = [
+            (
+                BindingKind::ByIdentifier,
+                ["move remote", "remote", "remote"],
+            ),
+            (
+                BindingKind::ByValue,
+                [
+                    "copy remote move copy-on-reference",
+                    "copy remote copy-on-reference",
+                    "remote",
+                ],
+            ),
+            (
+                BindingKind::ByType,
+                [
+                    "rebind remote copy move copy-on-reference",
+                    "rebind remote copy copy-on-reference",
+                    "rebind remote",
+                ],
+            ),
+        ];
+        let columns = [Mobility::Free, Mobility::FixedTransferable, Mobility::Fixed];
+        for (kind, row) in table {
+            for (mobility, allowed) in columns.into_iter().zip(row) {
+                for policy in ResourcePolicy::ALL {
+                    let expected = allowed.split(' ').any(|p| p == policy.as_str());
+                    let got = policy.keeps(kind).and(policy.admits(mobility));
+                    assert_eq!(got.is_ok(), expected, "{kind} {policy} {mobility}: {got:?}");
+                }
+            }
+        }
+        assert_eq!(
+            ResourcePolicy::ALL.map(|p| p.keeps(p.usual_binding())),
+            [const { Ok(()) }; 5]
+        );
+    }
+
+    #[test]
+    fn a_binding_the_policy_cannot_keep_is_refused_when_signed() {
+        let key = SecretKey::from_seed([1; 32]);
+        let mut m = manifest(key.public());
+        m.resources[0].binding = Some(BindingKind::ByIdentifier);
+        let Err(PackageError::InvalidManifest { reason }) = Package::sign(m, "x".into(), &key)
+        else {
+            panic!("a rebind by identifier was signed");
+        };
+        assert!(
+            reason.contains("\"data\"") && reason.contains("by type"),
+            "{reason}"
+        );
     }
 
     #[test]

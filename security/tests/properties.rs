@@ -61,12 +61,7 @@ fn limits() -> impl Strategy<Value = PackageLimits> {
 }
 
 fn policy() -> impl Strategy<Value = ResourcePolicy> {
-    prop_oneof![
-        Just(ResourcePolicy::Copy),
-        Just(ResourcePolicy::Rebind),
-        Just(ResourcePolicy::Remote),
-        Just(ResourcePolicy::Move),
-    ]
+    proptest::sample::select(ResourcePolicy::ALL.to_vec())
 }
 
 prop_compose! {
@@ -88,7 +83,7 @@ prop_compose! {
             created_ms,
             resources: resources
                 .into_iter()
-                .map(|(name, policy)| ResourceDecl { name, policy })
+                .map(|(name, policy)| ResourceDecl::new(name, policy))
                 .collect(),
             capabilities: capabilities.into_iter().collect(),
             limits,

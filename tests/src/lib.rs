@@ -16,32 +16,41 @@ pub fn package(source: &str) -> (VerifiedPackage, TrustPolicy) {
     package_binding(source, &[])
 }
 
-/// [`package`], declaring resource bindings (`("shard", "rebind")`).
+/// [`package`], declaring resource bindings (`("shard", "rebind")`, `("t", "move/by-value")`).
 pub fn package_binding(source: &str, bindings: &[(&str, &str)]) -> (VerifiedPackage, TrustPolicy) {
     let key = SecretKey::generate();
-    let spec = platform::package_files::PackSpec {
-        name: "test".into(),
-        version: "0".into(),
-        resources: bindings
-            .iter()
-            .map(|(name, policy)| security::ResourceDecl {
-                name: name.to_string(),
-                policy: policy.parse().unwrap_or_else(|e| panic!("{e}")),
-            })
-            .collect(),
-        capabilities: vec![],
-        limits: Default::default(),
-    };
-    let package = platform::package_files::pack(source.to_string(), spec, &key, 0)
-        .and_then(|p| Ok(p.verify()?))
-        .unwrap_or_else(|e| panic!("test agent does not pack: {e:#}"));
+    (package_by(&key, source, bindings), trust_for(&key))
+}
+
+/// A trust policy that trusts `key` as an author (every resource granted) and accepts pushes
+/// from any peer.
+pub fn trust_for(key: &SecretKey) -> TrustPolicy {
     let mut trust: TrustPolicy = toml::from_str(&format!(
         "authors = [{{ key = \"{}\", resources = \"any\" }}]",
         key.public()
     ))
     .unwrap_or_default();
     trust.accept_from = PeersPolicy::Any;
-    (package, trust)
+    trust
+}
+
+/// `source` signed by `key`, declaring resource bindings as [`package_binding`] does.
+pub fn package_by(key: &SecretKey, source: &str, bindings: &[(&str, &str)]) -> VerifiedPackage {
+    let spec = platform::package_files::PackSpec {
+        name: "test".into(),
+        version: "0".into(),
+        resources: bindings
+            .iter()
+            .map(|(name, policy)| {
+                security::ResourceDecl::from_text(*name, policy).unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect(),
+        capabilities: vec![],
+        limits: Default::default(),
+    };
+    platform::package_files::pack(source.to_string(), spec, key, 0)
+        .and_then(|p| Ok(p.verify()?))
+        .unwrap_or_else(|e| panic!("test agent does not pack: {e:#}"))
 }
 
 /// The operator key of every test node started from a configuration file (`tests/fixtures`,

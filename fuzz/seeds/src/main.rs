@@ -148,22 +148,10 @@ fn packages() -> Vec<Package> {
         author: author.public(),
         created_ms: 0,
         resources: vec![
-            ResourceDecl {
-                name: "data".into(),
-                policy: ResourcePolicy::Rebind,
-            },
-            ResourceDecl {
-                name: "log".into(),
-                policy: ResourcePolicy::Copy,
-            },
-            ResourceDecl {
-                name: "db".into(),
-                policy: ResourcePolicy::Remote,
-            },
-            ResourceDecl {
-                name: "token".into(),
-                policy: ResourcePolicy::Move,
-            },
+            ResourceDecl::new("data", ResourcePolicy::Rebind),
+            ResourceDecl::new("log", ResourcePolicy::Copy),
+            ResourceDecl::new("db", ResourcePolicy::Remote),
+            ResourceDecl::new("token", ResourcePolicy::Move),
         ],
         capabilities: vec!["net".into(), "clock".into()],
         limits: PackageLimits {
@@ -261,6 +249,15 @@ fn portable_values() -> Vec<Dynamic> {
             name: "shard".into(),
             kind: agent_lang::ResourceKind::Dataset,
             bound_at: "node-1".into(),
+            copy: None,
+        }),
+        Dynamic::from(agent_lang::Resource {
+            name: "copied".into(),
+            kind: agent_lang::ResourceKind::Dataset,
+            bound_at: "node-1".into(),
+            copy: Some(std::sync::Arc::new(agent_lang::Copied::Dataset(
+                agent_lang::CopiedDataset::new(vec![b"one\ntwo\n".to_vec(), b"three".to_vec()]),
+            ))),
         }),
     ]
 }

@@ -109,6 +109,10 @@ pub(super) fn launch(
         .trust
         .admit_package(&package)
         .map_err(|e| ControlRefusal::UntrustedPackage(e.to_string()))?;
+    shared
+        .resources
+        .check_bindings(&package.manifest().resources)
+        .map_err(ControlRefusal::ImpossibleBinding)?;
     let resident = shared
         .store
         .agent_count()

@@ -8,8 +8,13 @@
 //!   calls are requests to that node ([`RemoteResources`], the node's resource protocol), which
 //!   serves them as it would its own agents' ([`AgentResources::serve`]), by its own policy.
 //!
-//! The others (`copy`, `move`) are refused when the handle is bound, with the reason, rather
-//! than run as something they are not.
+//! - **copy**: `resource(name)` takes a copy of this node's resource into the handle (a
+//!   dataset's files, a table's entries as one snapshot, a value), which answers the handle's
+//!   calls from then on, wherever the agent is (`agent_lang::Copied`); only a resource whose
+//!   mobility admits it (free or fixed-transferable) is copied.
+//!
+//! The others (`move`, copy-on-reference) are refused when the handle is bound, with the
+//! reason, rather than run as something they are not.
 //!
 //! The same type answers both sides of a remote call: the agent's node builds one for the agent,
 //! and the owner builds one for the agent's package to serve its requests, so a resource is
@@ -18,8 +23,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
-use agent_lang::rhai::{Array, Blob, Dynamic, ImmutableString};
-use agent_lang::{Program, Resource, ResourceCall, ResourceError, ResourceHost, ResourceKind};
+use agent_lang::rhai::{Array, Blob, Dynamic, ImmutableString, Map};
+use agent_lang::{
+    Copied, CopiedDataset, Program, Resource, ResourceCall, ResourceError, ResourceHost,
+    ResourceKind,
+};
 use security::{Access, ResourceGrants, ResourcePolicy};
 use serde_bytes::ByteBuf;
 
@@ -158,7 +166,54 @@ impl AgentResources {
             name: name.into(),
             kind: local.kind(),
             bound_at: self.here.as_str().into(),
+            copy: None,
         })
+    }
+
+    /// A handle on this node's resource `name` that carries a copy of it.
+    fn copy_here(&self, name: &str) -> Result<Resource, ResourceError> {
+        let what = "resource";
+        let mut handle = self.bind_here(name)?;
+        let local = self.local(what, name)?;
+        ResourcePolicy::Copy.admits(local.mobility).map_err(|why| {
+            format!(
+                "{what}: '{name}' at node '{}' cannot be copied: {why}",
+                self.here
+            )
+        })?;
+        let failed = |e: &dyn std::fmt::Display| ResourceError::Failed(format!("{what}: {e}"));
+        let admit = |bytes: u64| {
+            if agent_lang::memory_admits(bytes) {
+                Ok(())
+            } else {
+                Err(ResourceError::OverMemory { bytes })
+            }
+        };
+        let copy = match &local.backing {
+            Backing::Dataset(data) => {
+                admit(data.size())?;
+                Copied::Dataset(CopiedDataset::new(
+                    data.read_files().map_err(|e| failed(&e))?,
+                ))
+            }
+            Backing::Table => {
+                let mut entries = Map::new();
+                let mut refused = Ok(());
+                self.store
+                    .table_each(name, |key, value| {
+                        refused = admit((key.len() + value.len()) as u64 + 64)
+                            .and_then(|()| Ok(self.decode(what, value)?))
+                            .map(|value| drop(entries.insert(key.into(), value)));
+                        refused.is_ok()
+                    })
+                    .map_err(|e| failed(&e))?;
+                refused?;
+                Copied::Table(entries)
+            }
+            Backing::Value(bytes) => Copied::Value(self.decode(what, bytes)?),
+        };
+        handle.copy = Some(Arc::new(copy));
+        Ok(handle)
     }
 
     /// Runs `op` on this node's resource `name` (of type `kind`), for the agent or for a page.
@@ -455,13 +510,15 @@ fn check_key(what: &str, key: &str) -> Result<(), String> {
 }
 
 impl ResourceHost for AgentResources {
-    fn bind(&self, name: &str) -> Result<Resource, String> {
+    fn bind(&self, name: &str) -> Result<Resource, ResourceError> {
         match self.policy("resource", name)? {
-            ResourcePolicy::Rebind | ResourcePolicy::Remote => self.bind_here(name),
+            ResourcePolicy::Rebind | ResourcePolicy::Remote => Ok(self.bind_here(name)?),
+            ResourcePolicy::Copy => self.copy_here(name),
             other => Err(format!(
                 "resource: '{name}' is declared with the {other} binding, which this node does \
-                 not provide yet (rebind and remote only)"
-            )),
+                 not provide yet (copy, rebind and remote only)"
+            )
+            .into()),
         }
     }
 
@@ -481,6 +538,7 @@ impl ResourceHost for AgentResources {
                     name: name.into(),
                     kind,
                     bound_at: node.into(),
+                    copy: None,
                 })
             }
             other => Err(format!(

@@ -312,6 +312,27 @@ impl Dataset {
         Ok(out)
     }
 
+    /// The bytes of each of its files, in order: a copy of it, `size` bytes in all.
+    ///
+    /// # Errors
+    ///
+    /// A file cannot be read, or is shorter than when the dataset was opened.
+    pub fn read_files(&self) -> Result<Vec<Vec<u8>>, DatasetError> {
+        self.files
+            .iter()
+            .map(|file| {
+                let mut bytes = vec![0u8; file.len as usize];
+                File::open(&file.path)
+                    .map_err(io(&file.path))?
+                    .read_exact_at(&mut bytes, 0)
+                    .map_err(|_| DatasetError::Changed {
+                        path: file.path.clone(),
+                    })?;
+                Ok(bytes)
+            })
+            .collect()
+    }
+
     /// Up to `len` bytes from byte `offset` (fewer at the end; none past it).
     ///
     /// # Errors
@@ -529,5 +550,74 @@ mod tests {
             dataset.read(0, 10),
             Err(DatasetError::Changed { .. })
         ));
+    }
+
+    /// The same files as a dataset of the node and as an agent's copy of it
+    /// (`agent_lang::CopiedDataset`), which must answer every call alike.
+    fn compare_with_copy(files: &[Vec<u8>], calls: &[(u64, u64, usize)]) {
+        let dir = tempfile::tempdir().expect("dir");
+        for (i, bytes) in files.iter().enumerate() {
+            std::fs::write(dir.path().join(format!("{i:03}")), bytes).expect("write");
+        }
+        let dataset = Dataset::open(dir.path()).expect("opens");
+        let copy = agent_lang::CopiedDataset::new(dataset.read_files().expect("reads"));
+        assert_eq!(copy.files(), files);
+        assert_eq!(copy.size(), dataset.size());
+        assert_eq!(copy.line_count(), dataset.line_count().expect("count"));
+        for &(start, count, max_line) in calls {
+            let node = dataset.lines(start, count, max_line, |_| true);
+            let copied = copy.lines(start, count, max_line);
+            match (node, copied) {
+                (Ok(node), Ok(copied)) => {
+                    let copied: Vec<String> = copied.into_iter().map(|l| l.to_string()).collect();
+                    assert_eq!(node.lines, copied, "lines({start}, {count}) max {max_line}");
+                }
+                (Err(DatasetError::LineTooLong { line, .. }), Err(e)) => {
+                    assert!(format!("{e:?}").contains(&format!("line {line} ")), "{e:?}");
+                }
+                (node, copied) => panic!("lines({start}, {count}): {node:?} vs {copied:?}"),
+            }
+            assert_eq!(
+                dataset.read(start, count).expect("read"),
+                copy.read(start, count),
+                "read({start}, {count})"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_copy_answers_as_the_dataset_it_was_taken_from(
+            files in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(b"ab\r\n".to_vec()), 0..40),
+                1..4,
+            ),
+            calls in proptest::collection::vec((0u64..50, 0u64..50, 0usize..8), 1..8),
+        ) {
+            compare_with_copy(&files, &calls);
+        }
+    }
+
+    #[test]
+    fn a_copy_of_many_lines_finds_them_through_its_index_as_the_dataset_does() {
+        let file = |from: usize, n: usize| {
+            (from..from + n)
+                .map(|i| format!("line {i}\r\n"))
+                .collect::<String>()
+                .into_bytes()
+        };
+        let files = [
+            file(0, 1500),
+            Vec::new(),
+            file(1500, 1100),
+            b"last".to_vec(),
+        ];
+        let calls: Vec<_> = [
+            0, 1, 1023, 1024, 1025, 1499, 1500, 2047, 2048, 2599, 2600, 2601,
+        ]
+        .into_iter()
+        .flat_map(|start| [(start, 1, 64), (start, 3, 64), (start, 2000, 64)])
+        .collect();
+        compare_with_copy(&files, &calls);
     }
 }

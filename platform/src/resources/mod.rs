@@ -16,36 +16,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use agent_lang::ResourceKind;
+pub use security::Mobility;
+use security::ResourceDecl;
 
 pub(crate) use binding::{AgentOf, AgentResources, RemoteResources};
 pub use binding::{MAX_TABLE_KEY, MAX_TABLE_VALUE};
 use dataset::Dataset;
-
-/// Whether a resource may leave its node (with a `move` binding, or as a copy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mobility {
-    /// It may leave its node.
-    Free,
-    /// It may be moved, but it is bound to its node otherwise.
-    FixedTransferable,
-    /// It never leaves its node.
-    Fixed,
-}
-
-impl std::str::FromStr for Mobility {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "free" => Ok(Mobility::Free),
-            "fixed-transferable" => Ok(Mobility::FixedTransferable),
-            "fixed" => Ok(Mobility::Fixed),
-            _ => Err(format!(
-                "unknown mobility '{s}': expected free, fixed-transferable or fixed"
-            )),
-        }
-    }
-}
 
 /// What backs a resource.
 #[derive(Debug)]
@@ -93,6 +69,32 @@ impl NodeResources {
     /// Names and types of every resource offered, in name order.
     pub fn list(&self) -> impl Iterator<Item = (&str, ResourceKind)> {
         self.by_name.iter().map(|(n, r)| (n.as_str(), r.kind()))
+    }
+
+    /// Whether the bindings `declared` (a package's) can be kept with the resources of this
+    /// node: for each one this node has, whether its policy admits the resource's mobility
+    /// (`ResourcePolicy::admits`, the columns of the paper's table; the rows were checked when
+    /// the package was signed). A resource of another node is checked where it is bound.
+    ///
+    /// # Errors
+    ///
+    /// The first binding that cannot be kept, with the reason.
+    pub fn check_bindings(&self, declared: &[ResourceDecl]) -> Result<(), String> {
+        for decl in declared {
+            if let Some(local) = self.get(&decl.name) {
+                decl.policy.admits(local.mobility).map_err(|why| {
+                    format!(
+                        "resource '{}' is bound by {} ({}), which its {} resource here cannot \
+                         take: {why}",
+                        decl.name,
+                        decl.policy,
+                        decl.binding(),
+                        local.mobility
+                    )
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads the resources of a `[resources]` section (a TOML table of tables, one per

@@ -73,6 +73,30 @@ impl Store {
         })
     }
 
+    /// Calls `each` with every entry of table `name` in key order, as one snapshot, until it
+    /// returns `false`.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn table_each(
+        &self,
+        name: &str,
+        mut each: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.read(|txn| {
+            let entries = txn.open_table(TABLE_ENTRIES)?;
+            for entry in entries.range(range(name))? {
+                let (k, v) = entry?;
+                let (table, key) = k.value();
+                if table != name || !each(key, v.value()) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// How many tables hold entries (for tests and status).
     ///
     /// # Errors

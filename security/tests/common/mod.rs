@@ -17,14 +17,8 @@ pub fn manifest(author: PublicKey) -> Manifest {
         author,
         created_ms: T0,
         resources: vec![
-            ResourceDecl {
-                name: "table".into(),
-                policy: ResourcePolicy::Rebind,
-            },
-            ResourceDecl {
-                name: "log".into(),
-                policy: ResourcePolicy::Remote,
-            },
+            ResourceDecl::new("table", ResourcePolicy::Rebind),
+            ResourceDecl::new("log", ResourcePolicy::Remote),
         ],
         capabilities: vec!["net".into(), "table:read".into()],
         limits: PackageLimits {

@@ -22,7 +22,10 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<()> {
         let resources: Vec<_> = m
             .resources
             .iter()
-            .map(|r| serde_json::json!({"name": r.name, "policy": r.policy.as_str()}))
+            .map(|r| {
+                serde_json::json!({"name": r.name, "policy": r.policy.as_str(),
+                    "binding": r.binding().as_str()})
+            })
             .collect();
         let limits: serde_json::Map<String, serde_json::Value> = m
             .limits
@@ -45,7 +48,7 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<()> {
         println!("signature:    valid");
         println!("created (ms): {}", m.created_ms);
         for r in &m.resources {
-            println!("resource:     {} ({})", r.name, r.policy.as_str());
+            println!("resource:     {} ({}, {})", r.name, r.policy, r.binding());
         }
         for c in &m.capabilities {
             println!("capability:   {c}");

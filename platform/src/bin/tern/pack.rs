@@ -18,8 +18,10 @@ pub(crate) struct PackArgs {
     /// Version text.
     #[arg(long, default_value = "0.1.0")]
     version: String,
-    /// A resource binding, NAME=POLICY with POLICY one of copy, rebind, remote, move (repeatable).
-    #[arg(long = "resource", value_name = "NAME=POLICY")]
+    /// A resource binding, NAME=POLICY or NAME=POLICY/BINDING (repeatable): POLICY one of copy,
+    /// rebind, remote, move, copy-on-reference; BINDING one of by-identifier, by-value, by-type
+    /// (by default: by-type for rebind, by-value for the copies, by-identifier otherwise).
+    #[arg(long = "resource", value_name = "NAME=POLICY[/BINDING]")]
     resources: Vec<String>,
     /// A capability the agent asks for (repeatable).
     #[arg(long = "capability")]
@@ -91,7 +93,7 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The bindings `--resource NAME=POLICY` flags declare (`tern pack` and `tern run`).
+/// The bindings `--resource NAME=POLICY[/BINDING]` flags declare (`tern pack` and `tern run`).
 pub(crate) fn resource_decls(flags: &[String]) -> Result<Vec<security::ResourceDecl>> {
     let mut names = std::collections::HashSet::new();
     flags
@@ -106,13 +108,8 @@ pub(crate) fn resource_decls(flags: &[String]) -> Result<Vec<security::ResourceD
             if !names.insert(name) {
                 anyhow::bail!("--resource {r}: '{name}' is declared twice");
             }
-            let policy = policy
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--resource {r}: {e}"))?;
-            Ok(security::ResourceDecl {
-                name: name.to_string(),
-                policy,
-            })
+            security::ResourceDecl::from_text(name, policy)
+                .map_err(|e| anyhow::anyhow!("--resource {r}: {e}"))
         })
         .collect()
 }

@@ -28,9 +28,9 @@ pub(crate) struct RunArgs {
     /// its own).
     #[arg(long, value_name = "MBIT", value_parser = parse_mbit)]
     upload_mbit: Option<f64>,
-    /// Declares how the script binds a resource (NAME=copy|rebind|remote|move; repeatable), as
+    /// Declares how the script binds a resource (NAME=POLICY[/BINDING]; repeatable), as
     /// `tern pack --resource` does. A package declares its own.
-    #[arg(long = "resource", value_name = "NAME=POLICY")]
+    #[arg(long = "resource", value_name = "NAME=POLICY[/BINDING]")]
     resources: Vec<String>,
     /// Write one line per hop to stderr: from, to, continuation bytes, microseconds.
     #[arg(long)]

@@ -1005,6 +1005,10 @@ pub struct StoreUsage {
     pub stored_bytes: u64,
     /// The node's `max_store_bytes`.
     pub max_store_bytes: u64,
+    /// Chunks of other nodes' resources its agents keep by copy-on-reference (absent from
+    /// nodes that predate them).
+    #[serde(default)]
+    pub cached_chunks: u64,
 }
 
 /// What happened on a node since it started, from its event stream: counts per kind of event

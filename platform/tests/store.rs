@@ -1831,6 +1831,17 @@ fn raw_stored_bytes(path: &Path) -> (u64, Option<u64>) {
                 total += (k.value().1.len() + v.value().len()) as u64;
             }
             total
+        }
+        + {
+            let def: TableDefinition<(&str, &str, u64), &[u8]> =
+                TableDefinition::new("resource_cache");
+            let table = txn.open_table(def).unwrap();
+            let mut total = 0;
+            for entry in redb::ReadableTable::iter(&table).unwrap() {
+                let (k, v) = entry.unwrap();
+                total += (k.value().1.len() + v.value().len()) as u64;
+            }
+            total
         };
     let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
     let recorded = txn
@@ -1861,7 +1872,7 @@ fn stored_bytes_follow_every_write_and_are_counted_for_an_older_file() {
         let len = [10, 4000, 4096, 70_000, MB + 5, 3 * MB][next(6) as usize];
         let rec = agent_with(&id, step, continuation(step as u8, len));
         let message = vec![7u8; next(3000) as usize];
-        let op = next(12);
+        let op = next(14);
         let wrote = match op {
             0 | 1 => store.batch(|b| b.put_agent(&rec)),
             2 => store.batch(|b| b.delete_agent(&id)),
@@ -1880,6 +1891,8 @@ fn stored_bytes_follow_every_write_and_are_counted_for_an_older_file() {
             8 => store.batch(|b| b.put_package(&[next(3) as u8; 32], &message)),
             10 => store.batch(|b| b.table_set(&format!("t{}", next(2)), &id, &message)),
             11 => store.batch(|b| b.table_remove(&format!("t{}", next(2)), &id).map(drop)),
+            12 => store.batch(|b| b.cache_chunk(&id, "node-0\0shard\0lines", next(3), &message)),
+            13 => store.batch(|b| b.drop_cached_chunks(&id)),
             // A write that fails after writing: nothing of it counts.
             _ => store.batch(|b| {
                 b.put_agent(&rec)?;

@@ -547,6 +547,84 @@ fn a_binding_the_nodes_resource_cannot_take_is_refused_at_launch() {
     });
 }
 
+/// A copy-on-reference handle reads each chunk from its owner once per node: a second pass at
+/// the same node sends no resource bytes from the owner, and the chunks go when the agent
+/// leaves. A table is not copied so, and neither is a fixed resource.
+#[test]
+fn a_copy_on_reference_reads_each_chunk_from_the_owner_once_per_node() {
+    tern_tests::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let (package, trust) = package_binding(
+            r#"
+                let shard = resource("shard");
+                let settings = resource("settings", "node-0");
+                migrate("node-1");
+                let passes = [];
+                for pass in 0..2 {
+                    let total = 0;
+                    let count = shard.line_count();
+                    for start in range(0, count, 7000) {
+                        for line in shard.lines(start, 7000) { total += line.parse_int(); }
+                    }
+                    let bytes = shard.read(1000000, 1500000);
+                    let across = shard.read(1048570, 14).as_string();
+                    passes.push([count, total, bytes.len(), bytes[0], across, settings.get(), shard.size()]);
+                    if pass == 0 { receive(); }
+                }
+                let errors = [];
+                try { resource("counts"); } catch (e) { errors.push(e); }
+                migrate("node-2");
+                [passes[0] == passes[1], passes[0], errors]
+            "#,
+            &[
+                ("shard", "copy-on-reference"),
+                ("settings", "copy-on-reference"),
+                ("counts", "copy-on-reference/by-type"),
+            ],
+        );
+        let mut nodes = copyable_nodes(dir.path());
+        // 2.1 MB: three chunks of bytes, 293 of lines.
+        let numbers: String = (0..300_000).map(|i| format!("{i:06}\n")).collect();
+        std::fs::write(dir.path().join("numbers"), numbers).expect("numbers");
+        nodes[0].resources = resources(
+            concat!(
+                "[shard]\ntype = \"dataset\"\npath = \"numbers\"\nmobility = \"free\"\n",
+                "[settings]\ntype = \"value\"\nvalue = { depth = 3 }\nmobility = \"free\"\n",
+            ),
+            dir.path(),
+        );
+        // Node-1 has a table `counts` of its own, which is not copied on reference.
+        nodes[1].resources = resources("[counts]\ntype = \"table\"\nmobility = \"free\"\n", dir.path());
+        let mesh = LoopbackMesh::start_with(nodes, trust, Default::default())
+            .await
+            .expect("mesh");
+        let (id, end) = mesh.nodes()[0].launch(package, None).expect("launch");
+        let owner_sent = || mesh.nodes()[0].wire_bytes().resource.0;
+        let kept = || mesh.nodes()[1].status().expect("status").store.cached_chunks;
+        tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
+        let after_first = owner_sent();
+        // 300,000 lines in chunks of 1,024, three chunks of bytes, the size, the count, the
+        // value.
+        assert_eq!(kept(), 293 + 3 + 3);
+        assert!(after_first > 2_100_000, "{after_first}");
+        let one = agent_lang::rhai::Dynamic::from(1_i64);
+        mesh.nodes()[1].send(&id, &one).await.expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(60), end)
+            .await
+            .expect("in time")
+            .expect("an end");
+        let text = json(end);
+        assert!(
+            text.starts_with(r#"[true,[300000,44999850000,1100000,52,"5\n149796\n14979",{"depth":3},2100000],"#)
+                && text.contains("it is a table, which changes"),
+            "{text}"
+        );
+        assert_eq!(owner_sent(), after_first, "the second pass asked the owner again");
+        // (Node-1 lets the agent go once node-2 has it, maybe after it ended there.)
+        tern_tests::eventually(|| kept() == 0).await;
+    });
+}
+
 /// An owner that is gone makes a remote call throw (catchably) instead of hanging.
 #[test]
 fn a_remote_call_to_an_owner_that_is_gone_throws() {

@@ -163,7 +163,7 @@ pub(super) fn status(shared: &Shared) -> Result<StatusReport, StoreError> {
         agents,
         forwards,
         activity: shared.activity.snapshot(),
-        store: shared.quota.usage(),
+        store: shared.quota.usage()?,
         bytes: shared.wire.snapshot(),
         remote: shared.residuals.list(),
     })

@@ -8,7 +8,7 @@
 //! an agent waiting in `receive` writes when it grew. What frees it (an agent leaving or ending,
 //! a message taken) is never refused, so a full node empties as its agents go.
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::wire::{ControlRefusal, HopRefusal, StoreUsage};
 
 /// Most bytes of agents' state a node keeps unless configured (`[limits] max_store_bytes`).
@@ -71,11 +71,16 @@ impl StoreQuota {
     }
 
     /// How much of the quota is used.
-    pub(super) fn usage(&self) -> StoreUsage {
-        StoreUsage {
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be read.
+    pub(super) fn usage(&self) -> Result<StoreUsage, StoreError> {
+        Ok(StoreUsage {
             stored_bytes: self.store.stored_bytes(),
             max_store_bytes: self.max,
-        }
+            cached_chunks: self.store.cached_chunk_count()?,
+        })
     }
 
     /// Whether `adding` more bytes fit in the quota now.

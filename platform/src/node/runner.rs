@@ -421,6 +421,7 @@ async fn end_here(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
             let unread = b.take_messages(&id)?.len() as u64;
             let end = end.with_unread(unread);
             b.delete_agent(&id)?;
+            b.drop_cached_chunks(&id)?;
             b.put_result(&id, &ciborium_bytes(&end))?;
             Ok(end)
         })

@@ -13,8 +13,12 @@
 //!   calls from then on, wherever the agent is (`agent_lang::Copied`); only a resource whose
 //!   mobility admits it (free or fixed-transferable) is copied.
 //!
-//! The others (`move`, copy-on-reference) are refused when the handle is bound, with the
-//! reason, rather than run as something they are not.
+//! - **copy-on-reference**: bound as `remote` is, but from any other node its reads go through
+//!   the chunks it keeps there (`copy_on_reference`), so each part is asked of the owner once
+//!   per node; only datasets and values, whose mobility admits a copy.
+//!
+//! `move` is refused when the handle is bound, with the reason, rather than run as something
+//! it is not.
 //!
 //! The same type answers both sides of a remote call: the agent's node builds one for the agent,
 //! and the owner builds one for the agent's package to serve its requests, so a resource is
@@ -31,6 +35,7 @@ use agent_lang::{
 use security::{Access, ResourceGrants, ResourcePolicy};
 use serde_bytes::ByteBuf;
 
+use super::copy_on_reference::ChunkCache;
 use super::{Backing, NodeResource, NodeResources};
 use crate::node::StoreQuota;
 use crate::store::Store;
@@ -168,6 +173,29 @@ impl AgentResources {
             bound_at: self.here.as_str().into(),
             copy: None,
         })
+    }
+
+    /// A handle on this node's resource `name` for copy-on-reference, if it may be copied so.
+    fn bind_by_reference(&self, what: &str, name: &str) -> Result<Resource, String> {
+        let handle = self.bind_here(name)?;
+        let local = self.local(what, name)?;
+        let refused = |why: String| {
+            format!(
+                "{what}: '{name}' at node '{}' cannot be copied on reference: {why}",
+                self.here
+            )
+        };
+        if local.kind() == ResourceKind::Table {
+            return Err(refused(
+                "it is a table, which changes, and chunks kept of it would go stale (use copy \
+                 or remote)"
+                    .into(),
+            ));
+        }
+        ResourcePolicy::CopyOnReference
+            .admits(local.mobility)
+            .map_err(refused)?;
+        Ok(handle)
     }
 
     /// A handle on this node's resource `name` that carries a copy of it.
@@ -431,8 +459,13 @@ impl AgentResources {
                 .local(what, name)
                 .map_err(ResourceError::from)
                 .and_then(|local| self.run_here(name, local.kind(), request.op, Budget::Page)),
+            Ok(ResourcePolicy::CopyOnReference) => self
+                .bind_by_reference(what, name)
+                .map_err(ResourceError::from)
+                .and_then(|h| self.run_here(name, h.kind, request.op, Budget::Page)),
             Ok(other) => Err(format!(
-                "{what}: the agent's package binds '{name}' by {other}, not remote"
+                "{what}: the agent's package binds '{name}' by {other}, not remote or \
+                 copy-on-reference"
             )
             .into()),
             Err(e) => Err(e.into()),
@@ -454,7 +487,7 @@ impl AgentResources {
 }
 
 /// The method an operation is, as the agent calls it.
-fn method(op: &ResourceOp) -> &'static str {
+pub(super) fn method(op: &ResourceOp) -> &'static str {
     match op {
         ResourceOp::Describe => "resource",
         ResourceOp::Size => "size",
@@ -514,9 +547,10 @@ impl ResourceHost for AgentResources {
         match self.policy("resource", name)? {
             ResourcePolicy::Rebind | ResourcePolicy::Remote => Ok(self.bind_here(name)?),
             ResourcePolicy::Copy => self.copy_here(name),
-            other => Err(format!(
-                "resource: '{name}' is declared with the {other} binding, which this node does \
-                 not provide yet (copy, rebind and remote only)"
+            ResourcePolicy::CopyOnReference => Ok(self.bind_by_reference("resource", name)?),
+            ResourcePolicy::Move => Err(format!(
+                "resource: '{name}' is declared with the move binding, which this node does not \
+                 provide yet"
             )
             .into()),
         }
@@ -525,7 +559,10 @@ impl ResourceHost for AgentResources {
     fn bind_at(&self, name: &str, node: &str) -> Result<Resource, String> {
         match self.policy("resource", name)? {
             ResourcePolicy::Remote if node == self.here => self.bind_here(name),
-            ResourcePolicy::Remote => {
+            ResourcePolicy::CopyOnReference if node == self.here => {
+                self.bind_by_reference("resource", name)
+            }
+            ResourcePolicy::Remote | ResourcePolicy::CopyOnReference => {
                 let kind = match self.run_at(node, name, ResourceOp::Describe) {
                     Ok(kind) => kind.into_immutable_string().ok(),
                     Err(ResourceError::Failed(message)) => return Err(message),
@@ -542,8 +579,8 @@ impl ResourceHost for AgentResources {
                 })
             }
             other => Err(format!(
-                "resource: resource(name, node) reaches another node's resource, which is a \
-                 remote binding; '{name}' is declared {other}"
+                "resource: resource(name, node) reaches another node's resource, which a remote \
+                 or copy-on-reference binding does; '{name}' is declared {other}"
             )),
         }
     }
@@ -560,6 +597,23 @@ impl ResourceHost for AgentResources {
                 Ok(self.run_here(name, handle.kind, op, Budget::Agent)?.value)
             }
             ResourcePolicy::Remote => self.run_at(&handle.bound_at, name, op),
+            ResourcePolicy::CopyOnReference if *handle.bound_at == *self.here => {
+                Ok(self.run_here(name, handle.kind, op, Budget::Agent)?.value)
+            }
+            ResourcePolicy::CopyOnReference => {
+                let chunks = ChunkCache {
+                    store: &self.store,
+                    quota: &self.quota,
+                    agent: &self.of.agent,
+                    owner: &handle.bound_at,
+                    name,
+                };
+                chunks.serve(
+                    op,
+                    &|op| self.run_at(&handle.bound_at, name, op),
+                    &|bytes| self.decode(what, bytes),
+                )
+            }
             other => Err(format!(
                 "{what}: resource '{name}' is bound by {other}, which is not provided yet"
             )

@@ -3,12 +3,14 @@
 //!
 //! - [`dataset`]: read-only files, read in lines or byte ranges with bounded memory;
 //! - `binding`: the [`agent_lang::ResourceHost`] of one agent on this node: which resource a
-//!   handle reaches, by the binding policy its package declares, and the calls on it.
+//!   handle reaches, by the binding policy its package declares, and the calls on it;
+//! - [`copy_on_reference`]: the chunks of other nodes' resources an agent keeps where it is.
 //!
 //! `table` resources live in the node's store (`store::tables`); `value` resources are portable
 //! values kept encoded.
 
 mod binding;
+pub mod copy_on_reference;
 pub mod dataset;
 
 use std::collections::BTreeMap;

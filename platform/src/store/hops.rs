@@ -244,6 +244,7 @@ impl Batch<'_> {
             self.txn.open_table(DEPARTED)?.insert(id, envelope)?;
         }
         self.delete_agent(id)?;
+        self.drop_cached_chunks(id)?;
         self.txn.open_table(FORWARDS)?.insert(id, to)?;
         Ok(())
     }

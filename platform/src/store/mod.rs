@@ -109,6 +109,7 @@ mod hops;
 mod mailbox;
 mod packages;
 mod records;
+mod resource_cache;
 mod schema;
 mod tables;
 mod usage;

@@ -5,7 +5,7 @@
 //! move to `seen_envelopes` with zeros, which match any envelope), and a schema 2 file too (it
 //! also lacked `queued`, which is filled from `messages`); `custody` is created when missing
 //! (agents launched before it have no custody record, and their homes refuse their reports),
-//! and so are the two tables of `table` resources;
+//! and so are the two tables of `table` resources and `resource_cache`;
 //! a file of another schema is refused with [`StoreError::Schema`] (schema 1, which kept the
 //! continuation inside the CBOR agent record, never held deployed data).
 //!
@@ -24,6 +24,7 @@
 //! | `results`             | agent id                | result bytes             | how agents ended, kept for whoever launched them |
 //! | `resource_tables`     | (table name, key)       | value bytes              | the node's `table` resources, each a key range (see `tables`) |
 //! | `resource_table_sizes`| table name              | `u64` entries            | each non-empty table's entry count: `len()` costs one read |
+//! | `resource_cache`      | (agent id, resource, `u64` chunk) | chunk bytes    | chunks of other nodes' resources that agents read here by copy-on-reference, each agent's own until it leaves or ends (see `resource_cache`) |
 //! | `meta`                | name                    | `u64`                    | `schema` version, `next_message_seq` and `stored_bytes` (see `usage`) |
 //!
 //! Packages, messages, results and continuations are opaque bytes to the store; only agent
@@ -56,6 +57,8 @@ pub(super) const TABLE_ENTRIES: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("resource_tables");
 pub(super) const TABLE_SIZES: TableDefinition<&str, u64> =
     TableDefinition::new("resource_table_sizes");
+pub(super) const RESOURCE_CACHE: TableDefinition<(&str, &str, u64), &[u8]> =
+    TableDefinition::new("resource_cache");
 
 /// The on-disk format this code reads and writes.
 pub(super) const SCHEMA: u64 = 4;
@@ -84,6 +87,7 @@ impl Batch<'_> {
         self.txn.open_table(RESULTS)?;
         self.txn.open_table(TABLE_ENTRIES)?;
         self.txn.open_table(TABLE_SIZES)?;
+        self.txn.open_table(RESOURCE_CACHE)?;
         let found = self
             .txn
             .open_table(META)?

@@ -3,8 +3,8 @@
 //! arrival or a queued message is admitted without a scan of the store.
 //!
 //! Counted: the values of `packages`, `agents`, `continuation_chunks`, `messages` and
-//! `results`, and the keys and values of `resource_tables`, which are what agents and their
-//! senders can make grow. Not counted: the keys, the
+//! `results`, the keys and values of `resource_tables`, and the values and resource keys of
+//! `resource_cache`, which are what agents and their senders can make grow. Not counted: the keys, the
 //! bookkeeping tables (hops seen, locations, custody, queue sizes), and redb's own pages and free
 //! space, which are bounded by the counted ones or by the number of agents. The figure is
 //! therefore a little under the file's size, never over what the agents made it hold.
@@ -16,7 +16,9 @@
 
 use redb::ReadableTable;
 
-use super::schema::{AGENTS, CHUNKS, MESSAGES, META, PACKAGES, RESULTS, TABLE_ENTRIES};
+use super::schema::{
+    AGENTS, CHUNKS, MESSAGES, META, PACKAGES, RESOURCE_CACHE, RESULTS, TABLE_ENTRIES,
+};
 use super::{Batch, StoreError};
 
 /// The `meta` entry holding the counted bytes.
@@ -85,6 +87,10 @@ impl Batch<'_> {
             + sum(self.txn.open_table(MESSAGES)?)?
             + sum(self.txn.open_table(RESULTS)?)?;
         for entry in self.txn.open_table(TABLE_ENTRIES)?.iter()? {
+            let (k, v) = entry?;
+            total = total.saturating_add((k.value().1.len() + v.value().len()) as u64);
+        }
+        for entry in self.txn.open_table(RESOURCE_CACHE)?.iter()? {
             let (k, v) = entry?;
             total = total.saturating_add((k.value().1.len() + v.value().len()) as u64);
         }

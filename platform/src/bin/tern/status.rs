@@ -57,8 +57,8 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
             );
         }
         println!(
-            "store: {} of {} bytes of agents' state",
-            report.store.stored_bytes, report.store.max_store_bytes
+            "store: {} of {} bytes of agents' state ({} chunks kept by copy-on-reference)",
+            report.store.stored_bytes, report.store.max_store_bytes, report.store.cached_chunks
         );
         let b = &report.bytes;
         println!(

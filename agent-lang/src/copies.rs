@@ -177,7 +177,7 @@ pub(crate) fn call(
         };
         return match call {
             ResourceCall::Set(key, value) => {
-                check_key(what, key)?;
+                check_table_key(what, key)?;
                 let encoded = crate::encode_portable(value)
                     .map_err(|e| ResourceError::Failed(format!("{what}: {e}")))?;
                 if encoded.len() > MAX_TABLE_VALUE {
@@ -191,7 +191,7 @@ pub(crate) fn call(
                 Ok(Dynamic::UNIT)
             }
             ResourceCall::Remove(key) => {
-                check_key(what, key)?;
+                check_table_key(what, key)?;
                 Ok(entries.remove(key).unwrap_or(Dynamic::UNIT))
             }
             _ => Ok(Dynamic::UNIT),
@@ -232,8 +232,13 @@ fn not_a_method(call: &ResourceCall<'_>, copy: &Copied) -> ResourceError {
     ))
 }
 
-/// A table key longer than [`MAX_TABLE_KEY`] is refused, as a node's table refuses it.
-pub(crate) fn check_key(what: &str, key: &str) -> Result<(), String> {
+/// A table key longer than [`MAX_TABLE_KEY`] is refused (by node tables and table copies
+/// alike): the error names the method `what`.
+///
+/// # Errors
+///
+/// The key is too long.
+pub fn check_table_key(what: &str, key: &str) -> Result<(), String> {
     if key.len() > MAX_TABLE_KEY {
         return Err(format!(
             "{what}: a table key is at most {MAX_TABLE_KEY} bytes, this one is {}",

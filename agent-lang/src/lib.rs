@@ -66,7 +66,7 @@ pub use codec::{
     DecodeError, EncodeError, MAGIC as CONTINUATION_MAGIC, VERSION as CONTINUATION_VERSION,
 };
 pub use compile::{CompileError, Program, ProgramHash};
-pub use copies::{Copied, CopiedDataset, MAX_TABLE_KEY, MAX_TABLE_VALUE};
+pub use copies::{check_table_key, Copied, CopiedDataset, MAX_TABLE_KEY, MAX_TABLE_VALUE};
 pub use engine::{exit_value, sandboxed_engine, unknown_node_error, ExitValue, HostEnv};
 pub use error::{AgentError, AgentErrorKind};
 pub use exec::{Execution, Outcome, Resume};

@@ -377,7 +377,31 @@ pub struct HopOffer {
     pub certificate: Vec<u8>,
     /// Who waits for the agent's result (peer id), if anyone.
     pub launcher: Option<String>,
+    /// The tables that move with the agent (bound by `move`), at most [`MAX_MOVED_TABLES`]:
+    /// the destination stores them with it, the source drops them once the hop is complete.
+    #[serde(default, deserialize_with = "at_most::<MAX_MOVED_TABLES, _, _>")]
+    pub tables: Vec<MovedTable>,
 }
+
+/// A table moving with its agent: its name and its entries (key, encoded value), in key order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MovedTable {
+    /// The resource's name.
+    pub name: String,
+    /// Its entries, at most [`MAX_MOVED_ENTRIES`].
+    #[serde(deserialize_with = "at_most::<MAX_MOVED_ENTRIES, _, _>")]
+    pub entries: Vec<(String, serde_bytes::ByteBuf)>,
+}
+
+/// Most tables that move with one hop.
+pub const MAX_MOVED_TABLES: usize = 8;
+
+/// Most entries of one table that moves with a hop.
+pub const MAX_MOVED_ENTRIES: usize = 16_384;
+
+/// Most bytes (keys and values) of the tables that move with one hop: they travel in the hop's
+/// offer, a frame of at most [`MAX_FRAME`] bytes, beside the messages the agent carries.
+pub const MAX_MOVED_BYTES: usize = 8 << 20;
 
 /// A source's signature that it handed an agent over by a hop (`security::sign_handover`).
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -514,6 +538,10 @@ pub enum HopRefusal {
     /// The trust policy refuses the package (its author, its grants).
     #[error("package refused: {0}")]
     UntrustedPackage(String),
+    /// A table moving with the agent cannot come here (this node has one of that name, does
+    /// not grant it to the agent's author, or the table is malformed).
+    #[error("moving table: {0}")]
+    MovingTable(String),
     /// A message the agent carries does not decode as a portable value for its program.
     #[error("carried message {index}: {reason}")]
     BadMessage {
@@ -942,6 +970,11 @@ pub struct StatusReport {
     /// them).
     #[serde(default)]
     pub remote: Vec<RemoteDependency>,
+    /// The tables that moved with agents (a `move` binding), by name, and where they are as
+    /// this node knows: "here", "here, held by AGENT", "arriving with AGENT" or "gone to NODE"
+    /// (absent from nodes that predate them).
+    #[serde(default)]
+    pub moved_tables: Vec<(String, String)>,
 }
 
 /// Bytes a node's protocols carried since it started: (sent, received) each, counting what

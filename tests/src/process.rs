@@ -247,21 +247,32 @@ pub fn keygen(dir: &Path, name: &str) -> KeyFile {
 
 /// Writes `source` to DIR/NAME.rhai and signs it with `tern pack` into DIR/NAME.tern.
 pub fn pack(dir: &Path, name: &str, source: &str, author: &KeyFile) -> PathBuf {
+    pack_binding(dir, name, source, author, &[])
+}
+
+/// [`pack`], declaring resource bindings (`"counts=move"`).
+pub fn pack_binding(
+    dir: &Path,
+    name: &str,
+    source: &str,
+    author: &KeyFile,
+    bindings: &[&str],
+) -> PathBuf {
     let script = dir.join(format!("{name}.rhai"));
     std::fs::write(&script, source).expect("write the script");
     let out = dir.join(format!("{name}.tern"));
-    tern(
-        &[
-            "pack",
-            script.to_str().expect("utf-8 path"),
-            "--key",
-            author.path.to_str().expect("utf-8 path"),
-            "--out",
-            out.to_str().expect("utf-8 path"),
-        ],
-        QUICK,
-    )
-    .expect_code(0);
+    let mut args = vec![
+        "pack",
+        script.to_str().expect("utf-8 path"),
+        "--key",
+        author.path.to_str().expect("utf-8 path"),
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ];
+    for binding in bindings {
+        args.extend(["--resource", binding]);
+    }
+    tern(&args, QUICK).expect_code(0);
     out
 }
 
@@ -286,6 +297,8 @@ pub struct NodeFile {
     pub accept_from: String,
     /// `"none"` or `"fsync"`.
     pub durability: String,
+    /// TOML appended to the file (`[resources.NAME]` sections), if any.
+    pub extra: String,
 }
 
 impl NodeFile {
@@ -299,6 +312,7 @@ impl NodeFile {
             authors: authors.into(),
             accept_from: "\"any\"".into(),
             durability: "none".into(),
+            extra: String::new(),
         }
     }
 
@@ -326,7 +340,7 @@ impl NodeFile {
             self.authors,
             self.accept_from,
             crate::operator_key().public(),
-        );
+        ) + self.extra.as_str();
         std::fs::write(&path, text).expect("write the node config");
         path
     }

@@ -381,6 +381,7 @@ pub fn first_hop_of(
         nonce: nonce.0,
         certificate: Vec::new(),
         launcher: None,
+        tables: Vec::new(),
         custody: Vec::new(),
     };
     (offer, continuation)

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use platform::wire::{AgentEnd, StatusReport};
 use tern_tests::ctl;
-use tern_tests::process::{keygen, pack, tern, toml_list, NodeFile, TernNode, QUICK};
+use tern_tests::process::{keygen, pack_binding, tern, toml_list, NodeFile, TernNode, QUICK};
 use tern_tests::{wait_for, wait_for_or};
 
 const FAULT_EXIT: i32 = 86;
@@ -44,6 +44,31 @@ print("finished " + id());
 [total, here(), hops(), tries]
 "#;
 
+/// [`AGENT`], holding src's table `counts` by move: it fills the table on src, and the table
+/// goes with it to dst by the hop that crashes.
+const MOVING_AGENT: &str = r#"
+migrate("src");
+print("work " + id());
+let counts = resource("counts");
+let total = 0;
+for i in 1..=100 { total += i; counts.set(`k${i % 10}`, total); }
+let tries = 0;
+let moved = false;
+while !moved {
+    tries += 1;
+    try {
+        migrate("dst");
+        moved = true;
+    } catch (e) {
+        print("retry " + id() + ": " + e);
+        receive(300);
+    }
+}
+receive(4000);
+print("finished " + id());
+[total, here(), hops(), tries, counts.len(), counts.get("k0")]
+"#;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
     Source,
@@ -66,10 +91,17 @@ impl Mesh {
     }
 
     fn start_with(fault: Option<(Side, &str)>, agent: &str) -> Mesh {
+        let moving = agent == MOVING_AGENT;
         let dir = tempfile::tempdir().unwrap();
         let author = keygen(dir.path(), "author");
-        let package = std::fs::read(pack(dir.path(), "agent", agent, &author)).unwrap();
-        let authors = toml_list(&[&author.public_key]);
+        let bindings: &[&str] = if moving { &["counts=move"] } else { &[] };
+        let package = pack_binding(dir.path(), "agent", agent, &author, bindings);
+        let package = std::fs::read(package).unwrap();
+        let authors = if moving {
+            format!("[{{ key = {:?}, resources = \"any\" }}]", author.public_key)
+        } else {
+            toml_list(&[&author.public_key])
+        };
         let mut files = Vec::new();
         let mut nodes: Vec<TernNode> = Vec::new();
         for (name, side) in [
@@ -80,6 +112,9 @@ impl Mesh {
             let mut f = NodeFile::new(dir.path(), name, &authors);
             // Crash recovery depends on what reached the disk.
             f.durability = "fsync".into();
+            if moving && name == "src" {
+                f.extra = "[resources.counts]\ntype = \"table\"\nmobility = \"free\"\n".into();
+            }
             f.bootstrap = nodes.iter().map(|n| n.addr.clone()).collect();
             let env = fault.and_then(|(s, f)| (Some(s) == side).then_some(f));
             nodes.push(TernNode::start(&f, env));
@@ -223,8 +258,8 @@ fn live(state: &str) -> bool {
     !state.starts_with("leaving") && !state.starts_with("arriving")
 }
 
-fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent: &str) {
-    let mut mesh = Mesh::start_with(Some((side, fault)), agent);
+fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent_source: &str) {
+    let mut mesh = Mesh::start_with(Some((side, fault)), agent_source);
     let home = mesh.nodes[0].addr.clone();
     let launch = ctl::launch_in_background(&home, mesh.package.clone(), Duration::from_secs(240));
     let agent = launch.agent.clone();
@@ -267,6 +302,10 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent: &str) {
         }) => {
             let v: serde_json::Value = serde_json::from_str(&json).unwrap();
             assert_eq!(v[0], 5050, "{json}");
+            if agent_source == MOVING_AGENT {
+                // The table came with it, whole.
+                assert_eq!((&v[4], &v[5]), (&10.into(), &5050.into()), "{json}");
+            }
             assert_eq!(v[1], "dst", "{json}");
             assert_eq!(v[2], 2, "{json}");
             let tries = v[3].as_i64().unwrap_or(0);
@@ -301,6 +340,18 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent: &str) {
     assert_eq!(forward(&reports[0]).as_deref(), Some("src"));
     assert_eq!(forward(&reports[1]).as_deref(), Some("dst"));
     assert_eq!(forward(&reports[2]), None);
+    if agent_source == MOVING_AGENT {
+        // The table is at exactly one node: dst, where the agent ended; src knows it went.
+        let places: Vec<Vec<(String, String)>> =
+            reports.iter().map(|r| r.moved_tables.clone()).collect();
+        let counts = |place: &str| vec![("counts".to_string(), place.to_string())];
+        assert_eq!(
+            places,
+            [vec![], counts("gone to dst"), counts("here")],
+            "{}",
+            mesh.logs()
+        );
+    }
 
     // The work ran once (or again from the checkpoint), the agent finished once.
     let work = mesh.count_in_logs(&format!("work {agent}"));
@@ -408,6 +459,43 @@ fn destination_dies_after_storing_a_large_agent() {
         "destination-after-store",
         Retry::Never,
         &large_agent(),
+    );
+}
+
+/// The hops above, with a table moving with the agent (a `move` binding): whichever side dies
+/// wherever, the table ends at exactly one node, dst, whole, and src knows it went there.
+#[test]
+fn a_table_moving_with_an_agent_survives_the_source_dying_after_recording_the_departure() {
+    crash_and_recover_agent(
+        Side::Source,
+        "source-after-leaving",
+        Retry::Maybe,
+        MOVING_AGENT,
+    );
+}
+
+#[test]
+fn a_table_moving_with_an_agent_survives_the_source_dying_after_the_acknowledgement() {
+    crash_and_recover_agent(Side::Source, "source-after-ack", Retry::Never, MOVING_AGENT);
+}
+
+#[test]
+fn a_table_moving_with_an_agent_survives_the_source_dying_before_offering_the_hop() {
+    crash_and_recover_agent(
+        Side::Source,
+        "source-before-offer",
+        Retry::Always,
+        MOVING_AGENT,
+    );
+}
+
+#[test]
+fn a_table_moving_with_an_agent_survives_the_destination_dying_after_storing_it() {
+    crash_and_recover_agent(
+        Side::Destination,
+        "destination-after-store",
+        Retry::Never,
+        MOVING_AGENT,
     );
 }
 

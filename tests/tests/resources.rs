@@ -116,7 +116,7 @@ fn tables_persist_at_their_node_and_values_are_portable() {
 }
 
 #[test]
-fn undeclared_and_not_yet_provided_bindings_are_refused_with_the_reason() {
+fn undeclared_bindings_and_missing_resources_are_refused_with_the_reason() {
     tern_tests::runtime().block_on(async {
         let end = run(
             r#"
@@ -132,7 +132,7 @@ fn undeclared_and_not_yet_provided_bindings_are_refused_with_the_reason() {
         let text = json(end);
         assert!(
             text.contains("declares no resource 'shard'")
-                && text.contains("'elsewhere' is declared with the move binding")
+                && text.contains("node 'node-0' has no resource 'elsewhere'")
                 && text.contains("declares no resource '../../etc/passwd'"),
             "{text}"
         );
@@ -525,8 +525,8 @@ fn a_binding_the_nodes_resource_cannot_take_is_refused_at_launch() {
         let why = launch(0, &[("counts", "rebind"), ("shard", "move/by-value")]);
         assert!(
             why.contains(
-                "resource 'shard' is bound by move (by-value), which its fixed-transferable \
-                 resource here cannot take: a move takes the resource away"
+                "resource 'shard' is bound by move, which a dataset here cannot take (only \
+                 tables move"
             ),
             "{why}"
         );
@@ -622,6 +622,119 @@ fn a_copy_on_reference_reads_each_chunk_from_the_owner_once_per_node() {
         assert_eq!(owner_sent(), after_first, "the second pass asked the owner again");
         // (Node-1 lets the agent go once node-2 has it, maybe after it ended there.)
         tern_tests::eventually(|| kept() == 0).await;
+    });
+}
+
+/// Three nodes for moves: node-0 offers a free table `counts`, node-1 none, node-2 a table
+/// `counts` of its own.
+fn moving_nodes(dir: &Path) -> Vec<MeshNode> {
+    let texts = [
+        "[counts]\ntype = \"table\"\nmobility = \"free\"\n",
+        "",
+        "[counts]\ntype = \"table\"\nmobility = \"free\"\n",
+    ];
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| MeshNode {
+            upload_mbit: None,
+            name: format!("node-{i}"),
+            resources: resources(text, dir),
+        })
+        .collect()
+}
+
+/// Where each node says the moved table `counts` is.
+fn places(mesh: &LoopbackMesh) -> Vec<String> {
+    mesh.nodes()
+        .iter()
+        .map(|n| {
+            let report = n.status().expect("status");
+            let place = report
+                .moved_tables
+                .iter()
+                .find(|(name, _)| name == "counts");
+            place.map_or_else(|| "-".to_string(), |(_, place)| place.clone())
+        })
+        .collect()
+}
+
+/// A table bound by move goes with its agent at every hop and comes back with it; while the
+/// agent holds it, no other agent uses it; a node with a table of the same name refuses the
+/// hop (the agent stays, with its table); when the agent ends, the table stays where it ended,
+/// for every agent granted it there.
+#[test]
+fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
+    tern_tests::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = security::SecretKey::generate();
+        let mesh = LoopbackMesh::start_with(
+            moving_nodes(dir.path()),
+            tern_tests::trust_for(&key),
+            Default::default(),
+        )
+        .await
+        .expect("mesh");
+        let mover = tern_tests::package_by(
+            &key,
+            r#"
+                let t = resource("counts");
+                t.set("a", 1);
+                let refused = "";
+                try { migrate("node-2"); } catch (e) { refused = e; }
+                let seen = [here(), refused];
+                migrate("node-1");
+                t.set("b", here());
+                seen.push(t.len());
+                receive();
+                migrate("node-0");
+                t.set("c", 3);
+                seen.push(t.keys(0, 9));
+                migrate("node-1");
+                seen
+            "#,
+            &[("counts", "move")],
+        );
+        let user = |node: usize| {
+            let package = tern_tests::package_by(
+                &key,
+                r#"let r = ""; try { r = resource("counts").len(); } catch (e) { r = e; } r"#,
+                &[("counts", "rebind")],
+            );
+            let node = &mesh.nodes()[node];
+            async move {
+                let (_, end) = node.launch(package, None).expect("launch");
+                let end = tokio::time::timeout(Duration::from_secs(30), end).await;
+                json(end.expect("in time").expect("an end"))
+            }
+        };
+        let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
+        tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
+        let held = format!("here, held by {id}");
+        assert_eq!(places(&mesh), ["gone to node-1", held.as_str(), "-"]);
+        let there = user(1).await;
+        assert!(there.contains(&format!("is held by agent {id}")), "{there}");
+        let gone = user(0).await;
+        assert!(gone.contains("left node 'node-0' with an agent"), "{gone}");
+        mesh.nodes()[1]
+            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+            .await
+            .expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(30), end)
+            .await
+            .expect("in time")
+            .expect("an end");
+        let text = json(end);
+        assert!(
+            text.starts_with(r#"["node-0","migrate: cannot move to node-2: "#)
+                && text.contains("this node has a resource 'counts' of its own")
+                && text.ends_with(r#"2,["a","b","c"]]"#),
+            "{text}"
+        );
+        tern_tests::eventually(|| places(&mesh) == ["gone to node-1", "here", "-"]).await;
+        assert_eq!(user(1).await, "3");
+        // Node-2's own table was never touched.
+        assert_eq!(user(2).await, "0");
     });
 }
 

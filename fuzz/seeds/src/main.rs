@@ -383,6 +383,7 @@ fn main() {
             certificates[i - 1].clone()
         },
         launcher: (i == 1).then(|| key(4).public().peer_id_string()),
+        tables: Vec::new(),
     };
     let finished = AgentEnd::Finished {
         json: "{\"total\":12}".into(),

@@ -14,7 +14,7 @@ use super::control::on_deliver;
 use super::runner::launch;
 use super::NodeStream;
 use super::{hex, Shared};
-use crate::store::{AgentState, StoreError};
+use crate::store::{AgentState, StoreError, TablePlace};
 use crate::wire::{
     write_frame, AgentEnd, AgentStatus, ClientRequest, ControlRefusal, ControlReply, StatusReport,
     WireError, MAX_FRAME, MESSAGE_TTL,
@@ -166,5 +166,21 @@ pub(super) fn status(shared: &Shared) -> Result<StatusReport, StoreError> {
         store: shared.quota.usage()?,
         bytes: shared.wire.snapshot(),
         remote: shared.residuals.list(),
+        moved_tables: shared
+            .store
+            .table_places()?
+            .into_iter()
+            .map(|(name, place)| {
+                let place = match place {
+                    TablePlace::Here { holder: None } => "here".to_string(),
+                    TablePlace::Here {
+                        holder: Some(agent),
+                    } => format!("here, held by {agent}"),
+                    TablePlace::Arriving { holder, .. } => format!("arriving with {holder}"),
+                    TablePlace::Gone { to } => format!("gone to {}", shared.peers.name_of(&to)),
+                };
+                (name, place)
+            })
+            .collect(),
     })
 }

@@ -17,8 +17,9 @@
 //!   the chunks it keeps there (`copy_on_reference`), so each part is asked of the owner once
 //!   per node; only datasets and values, whose mobility admits a copy.
 //!
-//! `move` is refused when the handle is bound, with the reason, rather than run as something
-//! it is not.
+//! - **move**: `resource(name)` makes the agent hold this node's table `name`: from then on it
+//!   is the agent's alone here, and it moves with the agent at each hop, in the hop's own
+//!   transactions (`store::moved_tables`), so the handle reaches it wherever the agent is.
 //!
 //! The same type answers both sides of a remote call: the agent's node builds one for the agent,
 //! and the owner builds one for the agent's package to serve its requests, so a resource is
@@ -30,22 +31,16 @@ use std::sync::{Arc, LazyLock};
 use agent_lang::rhai::{Array, Blob, Dynamic, ImmutableString, Map};
 use agent_lang::{
     Copied, CopiedDataset, Program, Resource, ResourceCall, ResourceError, ResourceHost,
-    ResourceKind,
+    ResourceKind, MAX_TABLE_KEY, MAX_TABLE_VALUE,
 };
 use security::{Access, ResourceGrants, ResourcePolicy};
 use serde_bytes::ByteBuf;
 
 use super::copy_on_reference::ChunkCache;
-use super::{Backing, NodeResource, NodeResources};
+use super::{Backing, Mobility, NodeResource, NodeResources};
 use crate::node::StoreQuota;
-use crate::store::Store;
+use crate::store::{Store, TablePlace};
 use crate::wire::{ResourceOp, ResourceReply, ResourceRequest, RESOURCE_PAGE};
-
-/// Longest table key, in bytes.
-pub const MAX_TABLE_KEY: usize = 1024;
-
-/// Largest table value, encoded, in bytes.
-pub const MAX_TABLE_VALUE: usize = 4 << 20;
 
 /// How a node sends its agents' requests to the nodes that own their remote resources.
 pub(crate) trait RemoteResources: Send + Sync {
@@ -90,6 +85,13 @@ impl Served {
         Ok(Served { value, done: true })
     }
 }
+
+/// A table that came to this node with an agent and is not in its configuration: free, as it
+/// was to be moved at all.
+static MOVED_IN: LazyLock<NodeResource> = LazyLock::new(|| NodeResource {
+    mobility: Mobility::Free,
+    backing: Backing::Table,
+});
 
 /// What resources an agent reaches depend on.
 pub(crate) struct AgentOf {
@@ -151,11 +153,36 @@ impl AgentResources {
         })
     }
 
-    /// The resource of this node named `name`.
+    /// The resource of this node named `name`, as the agent may use it now: a table that moves
+    /// with agents is here only while its place says so (`store::TablePlace`), and only for
+    /// the agent that holds it, if one does.
     fn local(&self, what: &str, name: &str) -> Result<&NodeResource, String> {
-        self.resources
-            .get(name)
-            .ok_or_else(|| format!("{what}: node '{}' has no resource '{name}'", self.here))
+        let here = &self.here;
+        let place = self
+            .store
+            .table_place(name)
+            .map_err(|e| format!("{what}: {e}"))?;
+        let configured = self.resources.get(name);
+        match place {
+            None => {
+                configured.ok_or_else(|| format!("{what}: node '{here}' has no resource '{name}'"))
+            }
+            Some(TablePlace::Here { holder }) => match holder {
+                Some(holder) if holder != self.of.agent => Err(format!(
+                    "{what}: resource '{name}' at node '{here}' is held by agent {holder}, which \
+                     takes it along when it leaves (a move binding)"
+                )),
+                _ => Ok(configured.unwrap_or(&MOVED_IN)),
+            },
+            Some(TablePlace::Arriving { .. }) => Err(format!(
+                "{what}: resource '{name}' is arriving at node '{here}' with an agent, whose hop \
+                 has not completed"
+            )),
+            Some(TablePlace::Gone { .. }) => Err(format!(
+                "{what}: resource '{name}' left node '{here}' with an agent that holds it (a \
+                 move binding)"
+            )),
+        }
     }
 
     fn decode(&self, what: &str, bytes: &[u8]) -> Result<Dynamic, String> {
@@ -196,6 +223,35 @@ impl AgentResources {
             .admits(local.mobility)
             .map_err(refused)?;
         Ok(handle)
+    }
+
+    /// A handle on this node's table `name`, which the agent holds from now on: it leaves
+    /// with the agent, in the transactions of its hops (`store::moved_tables`).
+    fn hold_here(&self, name: &str) -> Result<Resource, String> {
+        let what = "resource";
+        self.allowed(what, name, Access::ReadWrite)?;
+        let handle = self.bind_here(name)?;
+        let local = self.local(what, name)?;
+        let refused = |why: String| {
+            format!(
+                "{what}: '{name}' at node '{}' cannot be moved: {why}",
+                self.here
+            )
+        };
+        if local.kind() != ResourceKind::Table {
+            return Err(refused(format!(
+                "it is a {}, which stays with its node (only tables move; use copy)",
+                local.kind()
+            )));
+        }
+        ResourcePolicy::Move
+            .admits(local.mobility)
+            .map_err(refused)?;
+        match self.store.batch(|b| b.hold_table(name, &self.of.agent)) {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(_)) => Err(refused("another agent took it meanwhile".into())),
+            Err(e) => Err(refused(e.to_string())),
+        }
     }
 
     /// A handle on this node's resource `name` that carries a copy of it.
@@ -326,7 +382,7 @@ impl AgentResources {
                 }
             }
             (Backing::Table, ResourceOp::Set { key, value }) => {
-                check_key(what, &key)?;
+                agent_lang::check_table_key(what, &key)?;
                 if value.len() > MAX_TABLE_VALUE {
                     return Err(format!(
                         "{what}: a table value is at most {MAX_TABLE_VALUE} bytes encoded, this \
@@ -347,7 +403,7 @@ impl AgentResources {
                 Served::whole(Dynamic::UNIT)
             }
             (Backing::Table, ResourceOp::Remove { key }) => {
-                check_key(what, &key)?;
+                agent_lang::check_table_key(what, &key)?;
                 match self
                     .store
                     .batch(|b| b.table_remove(name, &key))
@@ -532,27 +588,13 @@ fn text_array(items: Vec<String>) -> Dynamic {
         .into()
 }
 
-fn check_key(what: &str, key: &str) -> Result<(), String> {
-    if key.len() > MAX_TABLE_KEY {
-        return Err(format!(
-            "{what}: a table key is at most {MAX_TABLE_KEY} bytes, this one is {}",
-            key.len()
-        ));
-    }
-    Ok(())
-}
-
 impl ResourceHost for AgentResources {
     fn bind(&self, name: &str) -> Result<Resource, ResourceError> {
         match self.policy("resource", name)? {
             ResourcePolicy::Rebind | ResourcePolicy::Remote => Ok(self.bind_here(name)?),
             ResourcePolicy::Copy => self.copy_here(name),
             ResourcePolicy::CopyOnReference => Ok(self.bind_by_reference("resource", name)?),
-            ResourcePolicy::Move => Err(format!(
-                "resource: '{name}' is declared with the move binding, which this node does not \
-                 provide yet"
-            )
-            .into()),
+            ResourcePolicy::Move => Ok(self.hold_here(name)?),
         }
     }
 
@@ -590,7 +632,8 @@ impl ResourceHost for AgentResources {
         let name = handle.name.as_str();
         let op = op_of(call)?;
         match self.policy(what, name)? {
-            ResourcePolicy::Rebind => {
+            // (A moved table is wherever the agent is: `local` finds it, held by the agent.)
+            ResourcePolicy::Rebind | ResourcePolicy::Move => {
                 Ok(self.run_here(name, handle.kind, op, Budget::Agent)?.value)
             }
             ResourcePolicy::Remote if *handle.bound_at == *self.here => {

@@ -19,10 +19,10 @@ use std::sync::Arc;
 
 use agent_lang::ResourceKind;
 pub use security::Mobility;
-use security::ResourceDecl;
+use security::{ResourceDecl, ResourcePolicy};
 
+pub use agent_lang::{MAX_TABLE_KEY, MAX_TABLE_VALUE};
 pub(crate) use binding::{AgentOf, AgentResources, RemoteResources};
-pub use binding::{MAX_TABLE_KEY, MAX_TABLE_VALUE};
 use dataset::Dataset;
 
 /// What backs a resource.
@@ -76,7 +76,8 @@ impl NodeResources {
     /// Whether the bindings `declared` (a package's) can be kept with the resources of this
     /// node: for each one this node has, whether its policy admits the resource's mobility
     /// (`ResourcePolicy::admits`, the columns of the paper's table; the rows were checked when
-    /// the package was signed). A resource of another node is checked where it is bound.
+    /// the package was signed) and its type (only tables move; tables are not copied on
+    /// reference). A resource of another node is checked where it is bound.
     ///
     /// # Errors
     ///
@@ -84,6 +85,19 @@ impl NodeResources {
     pub fn check_bindings(&self, declared: &[ResourceDecl]) -> Result<(), String> {
         for decl in declared {
             if let Some(local) = self.get(&decl.name) {
+                let kind = local.kind();
+                let fits = match decl.policy {
+                    ResourcePolicy::Move => kind == ResourceKind::Table,
+                    ResourcePolicy::CopyOnReference => kind != ResourceKind::Table,
+                    _ => true,
+                };
+                if !fits {
+                    return Err(format!(
+                        "resource '{}' is bound by {}, which a {kind} here cannot take (only \
+                         tables move; tables are not copied on reference)",
+                        decl.name, decl.policy
+                    ));
+                }
                 decl.policy.admits(local.mobility).map_err(|why| {
                     format!(
                         "resource '{}' is bound by {} ({}), which its {} resource here cannot \

@@ -245,6 +245,7 @@ impl Batch<'_> {
         }
         self.delete_agent(id)?;
         self.drop_cached_chunks(id)?;
+        self.depart_tables(id, to)?;
         self.txn.open_table(FORWARDS)?.insert(id, to)?;
         Ok(())
     }
@@ -269,6 +270,7 @@ impl Batch<'_> {
                     ..meta
                 };
                 self.put_agent_meta(&ready)?;
+                self.commit_arriving_tables(id)?;
                 self.txn.open_table(FORWARDS)?.remove(id)?;
                 forget_hops_before(&mut self.txn.open_table(SEEN)?, id, ready.hop)?;
                 Ok(Some(ready))
@@ -299,6 +301,7 @@ impl Batch<'_> {
             return Ok(None);
         };
         self.delete_agent(id)?;
+        self.abort_arriving_tables(id)?;
         self.txn.open_table(SEEN)?.remove((id, meta.hop))?;
         let queued = self.take_messages(id)?;
         Ok(Some(

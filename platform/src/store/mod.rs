@@ -107,6 +107,7 @@ mod error;
 mod group_commit;
 mod hops;
 mod mailbox;
+mod moved_tables;
 mod packages;
 mod records;
 mod resource_cache;
@@ -127,6 +128,7 @@ pub use error::StoreError;
 pub use group_commit::MAX_GROUP;
 pub use hops::{Arrival, HopSeen};
 pub use mailbox::QueueSize;
+pub use moved_tables::{TableEntries, TablePlace};
 pub use records::{AgentMeta, AgentRecord, AgentState};
 
 /// Whether a commit waits for the disk.

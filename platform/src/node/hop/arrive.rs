@@ -5,9 +5,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use agent_lang::Execution;
+use agent_lang::{Execution, MAX_TABLE_KEY, MAX_TABLE_VALUE};
 use libp2p::PeerId;
-use security::{verify_hop, CustodyPoint, EnvelopeHash, HopCheck, HopEnvelope, PublicKey};
+use security::{verify_hop, Access, CustodyPoint, EnvelopeHash, HopCheck, HopEnvelope, PublicKey};
 
 use super::depart::KEEP_CHECKPOINT_FROM;
 
@@ -28,10 +28,12 @@ use crate::node::routing::forward_queued;
 use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::NodeStream;
 use crate::node::{now_ms, Shared};
-use crate::store::{AgentMeta, AgentRecord, AgentState, Arrival, HopSeen};
+use crate::store::{
+    AgentMeta, AgentRecord, AgentState, Arrival, HopSeen, TableEntries, TablePlace,
+};
 use crate::wire::{
     read_bulk, read_frame, write_frame, ControlRefusal, HopDecision, HopHandover, HopOffer,
-    HopRefusal, HopReply, WireError, MAX_FRAME,
+    HopRefusal, HopReply, MovedTable, WireError, MAX_FRAME,
 };
 
 /// Destination side of hops: offer after offer on one stream, until the source closes it.
@@ -218,6 +220,13 @@ pub(in crate::node) async fn receive_hop(
         }
     }
     let id = fields.agent_id.to_string();
+    let tables = match moved_tables(shared, &loaded, &id, offer.tables) {
+        Ok(tables) => tables,
+        Err(why) => {
+            let refusal = refused(HopRefusal::MovingTable(why));
+            return Err(after_decision(stream, refusal).await);
+        }
+    };
     // The tail is kept with the agent (and read with its record): no entry may be more than an
     // envelope.
     if let Some(index) = offer
@@ -349,6 +358,7 @@ pub(in crate::node) async fn receive_hop(
         }
         let arrival = b.accept_arrival(&rec)?;
         if let Arrival::New = arrival {
+            b.arrive_tables(&rec.id, &tables, committed)?;
             for m in messages
                 .iter()
                 .map(|m| m.as_slice())
@@ -565,6 +575,62 @@ pub(in crate::node) async fn check_offer<'a>(
         loaded,
         _arriving: arriving,
     })
+}
+
+/// The tables moving with agent `agent`, checked before they are stored with it: each must be
+/// granted to its author for reading and writing here, must not meet a resource of this node
+/// of the same name, and must hold what a table holds (keys and values of a table's sizes,
+/// values the agent's program reads); together they must fit in the store quota.
+fn moved_tables(
+    shared: &Shared,
+    loaded: &Loaded,
+    agent: &str,
+    tables: Vec<MovedTable>,
+) -> Result<Vec<(String, TableEntries)>, String> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let grants = shared
+        .trust
+        .admit_package(&loaded.package)
+        .map(|grant| grant.resources)
+        .unwrap_or_default();
+    let mut bytes = 0u64;
+    let mut checked = Vec::with_capacity(tables.len());
+    for table in tables {
+        let name = table.name;
+        if !agent_lang::is_valid_resource_name(&name) {
+            return Err("a table name is 1 to 64 of A-Z a-z 0-9 . _ -".into());
+        }
+        if grants.access(&name) != Some(Access::ReadWrite) {
+            return Err(format!(
+                "this node does not grant the agent's author '{name}' for reading and writing"
+            ));
+        }
+        let place = shared.store.table_place(&name).map_err(|e| e.to_string())?;
+        match place {
+            Some(TablePlace::Gone { .. }) => {}
+            Some(TablePlace::Arriving { holder, .. }) if holder == agent => {}
+            None if shared.resources.get(&name).is_none() => {}
+            _ => return Err(format!("this node has a resource '{name}' of its own")),
+        }
+        let mut entries = Vec::with_capacity(table.entries.len());
+        for (key, value) in table.entries {
+            if key.len() > MAX_TABLE_KEY || value.len() > MAX_TABLE_VALUE {
+                return Err(format!("'{name}': an entry is larger than a table holds"));
+            }
+            agent_lang::check_portable(&loaded.program, &value)
+                .map_err(|e| format!("'{name}', key '{key}': {e}"))?;
+            bytes += (key.len() + value.len()) as u64;
+            entries.push((key, value.into_vec()));
+        }
+        checked.push((name, entries));
+    }
+    shared
+        .quota
+        .room_for(bytes)
+        .map_err(|full| HopRefusal::from(full).to_string())?;
+    Ok(checked)
 }
 
 /// Takes the source's decision that follows the continuation, then gives `refusal`: the stream

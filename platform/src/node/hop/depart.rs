@@ -24,7 +24,8 @@ use crate::node::{lock, now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Batch, Durability, StoreError};
 use crate::wire::{
     push_frame, read_frame, write_bulk, write_frame, write_frames, HopDecision, HopHandover,
-    HopOffer, HopReply, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME,
+    HopOffer, HopReply, MovedTable, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME,
+    MAX_MOVED_BYTES, MAX_MOVED_ENTRIES, MAX_MOVED_TABLES,
 };
 
 /// Envelopes this node signed that it remembers: an agent that comes back presents one as its
@@ -236,6 +237,7 @@ pub(in crate::node) async fn hop(
     .map_err(|e| format!("migrate: {e}"))?;
     let envelope_hash = *envelope.hash().as_bytes();
     shared.departures.signed(envelope_hash);
+    let tables = moving_tables(shared, &rec.id)?;
     // The messages queued so far travel with the agent.
     let carried = shared
         .store
@@ -324,6 +326,7 @@ pub(in crate::node) async fn hop(
         certificate: rec.certificate.clone(),
         launcher: rec.launcher.clone(),
         custody: rec.tail.clone(),
+        tables,
     };
     let sent = SentHop {
         dest,
@@ -402,6 +405,49 @@ pub(in crate::node) async fn hop(
         crate::memory::after_large_hop();
     }
     result
+}
+
+/// The tables agent `agent` holds here (bound by `move`), which go with it: refused, and the
+/// agent stays, when they are more than one hop carries.
+fn moving_tables(shared: &Shared, agent: &str) -> Result<Vec<MovedTable>, String> {
+    let held = shared
+        .store
+        .tables_held_by(agent)
+        .map_err(|e| format!("migrate: {e}"))?;
+    if held.len() > MAX_MOVED_TABLES {
+        return Err(format!(
+            "migrate: the agent holds {} tables bound by move, and at most {MAX_MOVED_TABLES} \
+             move with one hop",
+            held.len()
+        ));
+    }
+    let mut bytes = 0;
+    held.into_iter()
+        .map(|(name, entries)| {
+            if entries.len() > MAX_MOVED_ENTRIES {
+                return Err(format!(
+                    "migrate: table '{name}' holds {} entries, and a table moves with at most \
+                     {MAX_MOVED_ENTRIES}",
+                    entries.len()
+                ));
+            }
+            bytes += entries
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+            if bytes > MAX_MOVED_BYTES {
+                return Err(format!(
+                    "migrate: the tables bound by move hold more than {MAX_MOVED_BYTES} bytes, \
+                     which is what moves with one hop"
+                ));
+            }
+            let entries = entries
+                .into_iter()
+                .map(|(k, v)| (k, serde_bytes::ByteBuf::from(v)))
+                .collect();
+            Ok(MovedTable { name, entries })
+        })
+        .collect()
 }
 
 /// From this size on, a departure record keeps the agent's last checkpoint rather than its

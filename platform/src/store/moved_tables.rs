@@ -1,0 +1,292 @@
+//! Where the `table` resources that move with agents are (the `move` binding), as this node
+//! knows it: each such table's [`TablePlace`], kept in `table_places` beside the tables'
+//! entries, and changed only in the transactions of the hop that moves it, so that a table is
+//! at exactly one node whatever crashes when:
+//!
+//! - an agent that binds a table by move holds it ([`Batch::hold_table`]): from then on only
+//!   that agent uses it here, and it leaves with the agent;
+//! - the destination of the hop stores the table's entries with the arriving agent
+//!   ([`Batch::arrive_tables`], in the transaction of `accept_arrival`), as
+//!   [`TablePlace::Arriving`]: not usable until the hop commits (`commit_arrival`, which makes
+//!   it held), and dropped with the agent if it does not (`abort_arrival`, which puts back what
+//!   the node knew before);
+//! - the source drops the entries when the hop is complete (`depart`, in the transaction that
+//!   deletes the agent), and remembers the table as [`TablePlace::Gone`];
+//! - an agent that ends lets go of what it holds ([`Batch::release_tables`]): the tables stay
+//!   where it ended, usable by every agent granted them.
+//!
+//! A table with no place is as the node's configuration says (there, or not).
+
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+
+use super::schema::{TABLE_ENTRIES, TABLE_PLACES};
+use super::{Batch, Store, StoreError};
+
+/// Where a table that moves is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TablePlace {
+    /// Here; held by an agent (it leaves with it) or by none (any agent granted it may use it).
+    Here {
+        /// The agent holding it.
+        holder: Option<String>,
+    },
+    /// Here as part of an agent's arrival that has not committed: not usable yet.
+    Arriving {
+        /// The arriving agent.
+        holder: String,
+        /// Where the node knew it to be before (put back if the hop does not commit).
+        before: Option<Box<TablePlace>>,
+    },
+    /// Gone with an agent, to the node with this peer id.
+    Gone {
+        /// The node it went to.
+        to: String,
+    },
+}
+
+/// A table's entries as they move: (key, encoded value), in key order.
+pub type TableEntries = Vec<(String, Vec<u8>)>;
+
+fn decode(name: &str, bytes: &[u8]) -> Result<TablePlace, StoreError> {
+    ciborium::from_reader(bytes).map_err(|source| StoreError::Decode {
+        table: "table_places",
+        key: name.to_owned(),
+        source,
+    })
+}
+
+impl Store {
+    /// Where table `name` is, if it ever moved (None: as configured).
+    ///
+    /// # Errors
+    ///
+    /// When the read fails or the record does not decode.
+    pub fn table_place(&self, name: &str) -> Result<Option<TablePlace>, StoreError> {
+        self.read(|txn| match txn.open_table(TABLE_PLACES)?.get(name)? {
+            Some(bytes) => Ok(Some(decode(name, bytes.value())?)),
+            None => Ok(None),
+        })
+    }
+
+    /// Every table whose place this node knows, by name.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails or a record does not decode.
+    pub fn table_places(&self) -> Result<Vec<(String, TablePlace)>, StoreError> {
+        self.read(|txn| {
+            let mut places = Vec::new();
+            for entry in txn.open_table(TABLE_PLACES)?.iter()? {
+                let (name, bytes) = entry?;
+                places.push((
+                    name.value().to_string(),
+                    decode(name.value(), bytes.value())?,
+                ));
+            }
+            Ok(places)
+        })
+    }
+
+    /// The names of the tables agent `agent` holds here, and their entries: what leaves with
+    /// it.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails or a record does not decode.
+    pub fn tables_held_by(&self, agent: &str) -> Result<Vec<(String, TableEntries)>, StoreError> {
+        let held: Vec<String> = self
+            .table_places()?
+            .into_iter()
+            .filter(
+                |(_, place)| matches!(place, TablePlace::Here { holder: Some(h) } if h == agent),
+            )
+            .map(|(name, _)| name)
+            .collect();
+        held.into_iter()
+            .map(|name| {
+                let mut entries = Vec::new();
+                self.table_each(&name, |key, value| {
+                    entries.push((key.to_string(), value.to_vec()));
+                    true
+                })?;
+                Ok((name, entries))
+            })
+            .collect()
+    }
+}
+
+impl Batch<'_> {
+    fn place(&mut self, name: &str) -> Result<Option<TablePlace>, StoreError> {
+        match self.txn.open_table(TABLE_PLACES)?.get(name)? {
+            Some(bytes) => Ok(Some(decode(name, bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn set_place(&mut self, name: &str, place: Option<&TablePlace>) -> Result<(), StoreError> {
+        let mut places = self.txn.open_table(TABLE_PLACES)?;
+        match place {
+            Some(place) => {
+                let mut bytes = Vec::new();
+                ciborium::into_writer(place, &mut bytes).map_err(|source| StoreError::Encode {
+                    table: "table_places",
+                    key: name.to_owned(),
+                    source,
+                })?;
+                places.insert(name, bytes.as_slice())?;
+            }
+            None => {
+                places.remove(name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The tables whose place is `matching`, by name.
+    fn places_where(
+        &mut self,
+        matching: impl Fn(&TablePlace) -> bool,
+    ) -> Result<Vec<(String, TablePlace)>, StoreError> {
+        let mut found = Vec::new();
+        for entry in self.txn.open_table(TABLE_PLACES)?.iter()? {
+            let (name, bytes) = entry?;
+            let place = decode(name.value(), bytes.value())?;
+            if matching(&place) {
+                found.push((name.value().to_string(), place));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Agent `agent` holds table `name`, which is here: it leaves with the agent from now on.
+    /// Returns the holder that keeps it instead, if another agent holds it, or why it is not
+    /// here.
+    ///
+    /// # Errors
+    ///
+    /// When the read or the write fails.
+    pub fn hold_table(
+        &mut self,
+        name: &str,
+        agent: &str,
+    ) -> Result<Result<(), TablePlace>, StoreError> {
+        match self.place(name)? {
+            None | Some(TablePlace::Here { holder: None }) => {
+                let held = TablePlace::Here {
+                    holder: Some(agent.to_string()),
+                };
+                self.set_place(name, Some(&held))?;
+                Ok(Ok(()))
+            }
+            Some(TablePlace::Here { holder: Some(h) }) if h == agent => Ok(Ok(())),
+            Some(other) => Ok(Err(other)),
+        }
+    }
+
+    /// Stores the tables arriving with agent `agent` (by a hop not yet committed, unless
+    /// `committed`), replacing whatever entries were left of them.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn arrive_tables(
+        &mut self,
+        agent: &str,
+        tables: &[(String, TableEntries)],
+        committed: bool,
+    ) -> Result<(), StoreError> {
+        for (name, entries) in tables {
+            let before = self.place(name)?;
+            self.clear_table(name)?;
+            for (key, value) in entries {
+                self.table_set(name, key, value)?;
+            }
+            let place = if committed {
+                TablePlace::Here {
+                    holder: Some(agent.to_string()),
+                }
+            } else {
+                TablePlace::Arriving {
+                    holder: agent.to_string(),
+                    before: before.map(Box::new),
+                }
+            };
+            self.set_place(name, Some(&place))?;
+        }
+        Ok(())
+    }
+
+    /// The arrival of agent `agent` committed: the tables that came with it are its own here.
+    pub(super) fn commit_arriving_tables(&mut self, agent: &str) -> Result<(), StoreError> {
+        let arrived = self.places_where(
+            |p| matches!(p, TablePlace::Arriving { holder, .. } if holder == agent),
+        )?;
+        for (name, _) in arrived {
+            let held = TablePlace::Here {
+                holder: Some(agent.to_string()),
+            };
+            self.set_place(&name, Some(&held))?;
+        }
+        Ok(())
+    }
+
+    /// The arrival of agent `agent` did not commit: the tables that came with it go, and the
+    /// node knows of them what it knew before.
+    pub(super) fn abort_arriving_tables(&mut self, agent: &str) -> Result<(), StoreError> {
+        let arrived = self.places_where(
+            |p| matches!(p, TablePlace::Arriving { holder, .. } if holder == agent),
+        )?;
+        for (name, place) in arrived {
+            self.clear_table(&name)?;
+            let TablePlace::Arriving { before, .. } = place else {
+                continue;
+            };
+            self.set_place(&name, before.as_deref())?;
+        }
+        Ok(())
+    }
+
+    /// Agent `agent` left for `to`: the tables it held here went with it.
+    pub(super) fn depart_tables(&mut self, agent: &str, to: &str) -> Result<(), StoreError> {
+        let held =
+            self.places_where(|p| matches!(p, TablePlace::Here { holder: Some(h) } if h == agent))?;
+        for (name, _) in held {
+            self.clear_table(&name)?;
+            let gone = TablePlace::Gone { to: to.to_string() };
+            self.set_place(&name, Some(&gone))?;
+        }
+        Ok(())
+    }
+
+    /// Agent `agent` ended here: the tables it held stay, held by no agent.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn release_tables(&mut self, agent: &str) -> Result<(), StoreError> {
+        let held =
+            self.places_where(|p| matches!(p, TablePlace::Here { holder: Some(h) } if h == agent))?;
+        for (name, _) in held {
+            self.set_place(&name, Some(&TablePlace::Here { holder: None }))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry of table `name`.
+    fn clear_table(&mut self, name: &str) -> Result<(), StoreError> {
+        let mut keys = Vec::new();
+        for entry in self.txn.open_table(TABLE_ENTRIES)?.range((name, "")..)? {
+            let (key, _) = entry?;
+            let (table, key) = key.value();
+            if table != name {
+                break;
+            }
+            keys.push(key.to_string());
+        }
+        for key in keys {
+            self.table_remove(name, &key)?;
+        }
+        Ok(())
+    }
+}

@@ -4,6 +4,7 @@
 //! stream closed promptly) and the node must keep serving: after each attack an honest agent
 //! still hops through it.
 
+use std::path::Path;
 use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt};
@@ -934,6 +935,93 @@ fn carried_messages_are_checked_and_bounded() {
         write_frame(&mut s, &offer).await.expect("offer sent");
         expect_closed(&mut s).await;
         no_agent_left(&mesh).await;
+        mesh.still_serves().await;
+    });
+}
+
+/// A peer pushing tables along with an agent (as a `move` binding's do) cannot overwrite the
+/// node's own table, store a table its author is not granted, store what is not a table's
+/// content, or make the node build a huge offer: each hop is refused, nothing is stored, and
+/// the node serves on.
+#[test]
+fn tables_pushed_with_an_agent_are_checked_and_bounded() {
+    run(async {
+        let granted: security::ResourceGrants = toml::from_str(
+            r#"counts = "read-write"
+fresh = "read-write"
+small = "read""#,
+        )
+        .expect("grants");
+        let table: toml::Table =
+            toml::from_str("[counts]\ntype = \"table\"\nmobility = \"free\"").expect("resources");
+        let mesh = Mesh::with_target(|config| {
+            if let security::AuthorsPolicy::List(authors) = &mut config.trust.authors {
+                for author in authors {
+                    author.resources = granted.clone();
+                }
+            }
+            config.resources =
+                platform::resources::NodeResources::from_toml(&table, Path::new("."))
+                    .expect("resources");
+        })
+        .await;
+        let (raw, mut offer, continuation) = mesh.plain_hop();
+        let entry =
+            |key: &str, value: &[u8]| (key.to_string(), serde_bytes::ByteBuf::from(value.to_vec()));
+        let one =
+            agent_lang::encode_portable(&agent_lang::rhai::Dynamic::from(1_i64)).expect("encodes");
+        let moved = |name: &str, entries| platform::wire::MovedTable {
+            name: name.into(),
+            entries,
+        };
+        for (tables, says) in [
+            (
+                vec![moved("counts", vec![entry("k", &one)])],
+                "has a resource 'counts' of its own",
+            ),
+            (
+                vec![moved("small", vec![entry("k", &one)])],
+                "does not grant",
+            ),
+            (
+                vec![moved("other", vec![entry("k", &one)])],
+                "does not grant",
+            ),
+            (
+                vec![moved("fresh", vec![entry("k", b"\xff junk")])],
+                "'fresh', key 'k'",
+            ),
+            (
+                vec![moved("fresh", vec![entry(&"k".repeat(1025), &one)])],
+                "larger than a table holds",
+            ),
+            (vec![moved("../x", vec![])], "a table name is"),
+        ] {
+            offer.tables = tables;
+            let mut s = raw.open_hop().await;
+            let reply = send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await;
+            refused(
+                &reply,
+                |r| matches!(r, HopRefusal::MovingTable(why) if why.contains(says)),
+            );
+        }
+        // More entries or tables than a hop moves: the offer does not decode.
+        offer.tables = vec![moved(
+            "fresh",
+            vec![entry("k", &one); platform::wire::MAX_MOVED_ENTRIES + 1],
+        )];
+        let mut s = raw.open_hop().await;
+        write_frame(&mut s, &offer).await.expect("offer sent");
+        expect_closed(&mut s).await;
+        offer.tables = (0..=platform::wire::MAX_MOVED_TABLES)
+            .map(|_| moved("fresh", vec![]))
+            .collect();
+        let mut s = raw.open_hop().await;
+        write_frame(&mut s, &offer).await.expect("offer sent");
+        expect_closed(&mut s).await;
+        no_agent_left(&mesh).await;
+        let report = mesh.target.status().expect("status");
+        assert!(report.moved_tables.is_empty(), "{:?}", report.moved_tables);
         mesh.still_serves().await;
     });
 }

@@ -383,7 +383,18 @@ fn main() {
             certificates[i - 1].clone()
         },
         launcher: (i == 1).then(|| key(4).public().peer_id_string()),
-        tables: Vec::new(),
+        // The second hop carries a table moving with the agent.
+        tables: (i == 1)
+            .then(|| platform::wire::MovedTable {
+                name: "counts".into(),
+                entries: messages
+                    .iter()
+                    .enumerate()
+                    .map(|(k, m)| (format!("key-{k}"), serde_bytes::ByteBuf::from(m.clone())))
+                    .collect(),
+            })
+            .into_iter()
+            .collect(),
     };
     let finished = AgentEnd::Finished {
         json: "{\"total\":12}".into(),
@@ -475,6 +486,7 @@ fn main() {
             store: platform::wire::StoreUsage {
                 stored_bytes: 4096,
                 max_store_bytes: 1 << 30,
+                cached_chunks: 3,
             },
             bytes: platform::wire::WireBytes {
                 hop: (1000, 900),
@@ -488,6 +500,7 @@ fn main() {
                 serves: false,
                 seconds_ago: 3,
             }],
+            moved_tables: vec![("counts".into(), format!("here, held by {agent}"))],
             activity: Activity {
                 counts: ActivityCounts {
                     peers_up: 2,

@@ -1803,46 +1803,33 @@ fn unsynced_writes_land_and_survive_a_clean_close() {
 }
 
 /// The bytes the store counts (`Store::stored_bytes`), recounted from the file with a raw redb
-/// handle once the store is closed: the values of the five counted tables, and the total the
-/// store recorded beside them.
+/// handle once the store is closed: what the counted tables hold, and the total the store
+/// recorded beside them.
 fn raw_stored_bytes(path: &Path) -> (u64, Option<u64>) {
-    fn sum<K: redb::Key + 'static>(txn: &redb::ReadTransaction, name: &str) -> u64 {
+    /// The values of a table, and the part of each key that `key_len` says is counted.
+    fn sum<K: redb::Key + 'static>(
+        txn: &redb::ReadTransaction,
+        name: &str,
+        key_len: impl Fn(K::SelfType<'_>) -> usize,
+    ) -> u64 {
         let def: TableDefinition<K, &[u8]> = TableDefinition::new(name);
         let table = txn.open_table(def).unwrap();
         let mut total = 0;
         for entry in redb::ReadableTable::iter(&table).unwrap() {
-            total += entry.unwrap().1.value().len() as u64;
+            let (k, v) = entry.unwrap();
+            total += (key_len(k.value()) + v.value().len()) as u64;
         }
         total
     }
     let db = redb::Database::create(path).unwrap();
     let txn = db.begin_read().unwrap();
-    let counted = sum::<[u8; 32]>(&txn, "packages")
-        + sum::<&str>(&txn, "agents")
-        + sum::<(&str, u32)>(&txn, "continuation_chunks")
-        + sum::<(&str, u64)>(&txn, "messages")
-        + sum::<&str>(&txn, "results")
-        + {
-            let def: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("resource_tables");
-            let table = txn.open_table(def).unwrap();
-            let mut total = 0;
-            for entry in redb::ReadableTable::iter(&table).unwrap() {
-                let (k, v) = entry.unwrap();
-                total += (k.value().1.len() + v.value().len()) as u64;
-            }
-            total
-        }
-        + {
-            let def: TableDefinition<(&str, &str, u64), &[u8]> =
-                TableDefinition::new("resource_cache");
-            let table = txn.open_table(def).unwrap();
-            let mut total = 0;
-            for entry in redb::ReadableTable::iter(&table).unwrap() {
-                let (k, v) = entry.unwrap();
-                total += (k.value().1.len() + v.value().len()) as u64;
-            }
-            total
-        };
+    let counted = sum::<[u8; 32]>(&txn, "packages", |_| 0)
+        + sum::<&str>(&txn, "agents", |_| 0)
+        + sum::<(&str, u32)>(&txn, "continuation_chunks", |_| 0)
+        + sum::<(&str, u64)>(&txn, "messages", |_| 0)
+        + sum::<&str>(&txn, "results", |_| 0)
+        + sum::<(&str, &str)>(&txn, "resource_tables", |k| k.1.len())
+        + sum::<(&str, &str, u64)>(&txn, "resource_cache", |k| k.1.len());
     let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
     let recorded = txn
         .open_table(meta)

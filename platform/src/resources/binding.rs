@@ -158,11 +158,15 @@ impl AgentResources {
     /// the agent that holds it, if one does.
     fn local(&self, what: &str, name: &str) -> Result<&NodeResource, String> {
         let here = &self.here;
+        let configured = self.resources.get(name);
+        // (Only tables move: a dataset or a value of the configuration is always here.)
+        if let Some(resource) = configured.filter(|r| r.kind() != ResourceKind::Table) {
+            return Ok(resource);
+        }
         let place = self
             .store
             .table_place(name)
             .map_err(|e| format!("{what}: {e}"))?;
-        let configured = self.resources.get(name);
         match place {
             None => {
                 configured.ok_or_else(|| format!("{what}: node '{here}' has no resource '{name}'"))

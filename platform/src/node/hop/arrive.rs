@@ -608,9 +608,14 @@ fn moved_tables(
             ));
         }
         let place = shared.store.table_place(&name).map_err(|e| e.to_string())?;
+        // (The agent's own table, arriving or here: a retry of a hop stored or committed
+        // already, which the store answers as such.)
         match place {
             Some(TablePlace::Gone { .. }) => {}
             Some(TablePlace::Arriving { holder, .. }) if holder == agent => {}
+            Some(TablePlace::Here {
+                holder: Some(holder),
+            }) if holder == agent => {}
             None if shared.resources.get(&name).is_none() => {}
             _ => return Err(format!("this node has a resource '{name}' of its own")),
         }

@@ -10,7 +10,7 @@ use agent_lang::{unknown_node_error, Execution};
 use futures::future::{BoxFuture, Shared as SharedFuture};
 use futures::FutureExt;
 use libp2p::PeerId;
-use security::{AgentId, HopEnvelope, HopFields, Vouched, FIRST_HOP};
+use security::{AgentId, HopEnvelope, HopFields, ResourcePolicy, Vouched, FIRST_HOP};
 
 use super::recover::{handover_signature, recover_departure, resolve_departure};
 use crate::node::custody::{handover_of, report_location};
@@ -237,7 +237,17 @@ pub(in crate::node) async fn hop(
     .map_err(|e| format!("migrate: {e}"))?;
     let envelope_hash = *envelope.hash().as_bytes();
     shared.departures.signed(envelope_hash);
-    let tables = moving_tables(shared, &rec.id)?;
+    let moves = loaded
+        .package
+        .manifest()
+        .resources
+        .iter()
+        .any(|r| r.policy == ResourcePolicy::Move);
+    let tables = if moves {
+        moving_tables(shared, &rec.id)?
+    } else {
+        Vec::new()
+    };
     // The messages queued so far travel with the agent.
     let carried = shared
         .store

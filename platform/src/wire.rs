@@ -45,15 +45,15 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
 
 /// Moving an agent: offer, (package pull by the receiver), continuation bytes, the source's
 /// decision, acknowledgement.
-pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/7");
+pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/8");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Node to node: messages on their way, agents' ends and whereabouts for their home, hop
 /// recovery questions.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/7");
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/8");
 /// An operator's client (the CLI) to a node: launch, status, result, send. Only the keys of the
 /// node's `[trust] operators` are answered.
-pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/client/2");
+pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/client/3");
 /// An agent's operations on a resource of another node (a `remote` binding), to that node.
 pub const RESOURCE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/res/1");
 
@@ -85,8 +85,9 @@ pub const MAX_CARRIED_MESSAGES: usize = 4096;
 pub const MAX_CUSTODY_TAIL: usize = 256;
 
 /// Most bytes of messages a hop offer may carry: a node's `max_queued_bytes` is at most this,
-/// so an agent's queue, with its continuation's inline part and envelopes, always fits in one
-/// [`MAX_FRAME`] and never keeps the agent from leaving.
+/// so an agent's queue, with its continuation's inline part, its envelopes and the tables that
+/// move with it (at most [`MAX_MOVED_BYTES`]), always fits in one [`MAX_FRAME`] and never keeps
+/// the agent from leaving.
 pub const MAX_CARRIED_BYTES: u64 = 12 << 20;
 
 /// Continuations up to this size travel inside the hop offer (one round trip per hop); larger
@@ -399,9 +400,14 @@ pub const MAX_MOVED_TABLES: usize = 8;
 /// Most entries of one table that moves with a hop.
 pub const MAX_MOVED_ENTRIES: usize = 16_384;
 
-/// Most bytes (keys and values) of the tables that move with one hop: they travel in the hop's
-/// offer, a frame of at most [`MAX_FRAME`] bytes, beside the messages the agent carries.
-pub const MAX_MOVED_BYTES: usize = 8 << 20;
+/// Most bytes of the tables that move with one hop, counting [`MOVED_ENTRY_OVERHEAD`] for each
+/// entry besides its key and value: they travel in the hop's offer, a frame of at most
+/// [`MAX_FRAME`] bytes, beside the messages the agent carries (at most [`MAX_CARRIED_BYTES`]).
+pub const MAX_MOVED_BYTES: usize = 4 << 20;
+
+/// What an entry of a moving table costs in the offer besides its key and value (its CBOR
+/// heads), counted against [`MAX_MOVED_BYTES`].
+pub const MOVED_ENTRY_OVERHEAD: usize = 16;
 
 /// A source's signature that it handed an agent over by a hop (`security::sign_handover`).
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -940,9 +940,9 @@ fn carried_messages_are_checked_and_bounded() {
 }
 
 /// A peer pushing tables along with an agent (as a `move` binding's do) cannot overwrite the
-/// node's own table, store a table its author is not granted, store what is not a table's
-/// content, or make the node build a huge offer: each hop is refused, nothing is stored, and
-/// the node serves on.
+/// node's own table, store a table its author is not granted or its package does not bind by
+/// move, store what is not a table's content, or make the node build a huge offer: each hop is
+/// refused, nothing is stored, and the node serves on.
 #[test]
 fn tables_pushed_with_an_agent_are_checked_and_bounded() {
     run(async {
@@ -965,7 +965,27 @@ small = "read""#,
                     .expect("resources");
         })
         .await;
-        let (raw, mut offer, continuation) = mesh.plain_hop();
+        // A package that binds all but `unbound` by move.
+        let raw = mesh.raw();
+        let spec = platform::package_files::PackSpec {
+            name: "mover".into(),
+            version: "0".into(),
+            resources: ["counts", "small", "other", "fresh"]
+                .map(|name| security::ResourceDecl::new(name, security::ResourcePolicy::Move))
+                .to_vec(),
+            capabilities: vec![],
+            limits: Default::default(),
+        };
+        let package = platform::package_files::pack(
+            r#"migrate("target"); here()"#.into(),
+            spec,
+            &mesh.author,
+            0,
+        )
+        .and_then(|p| Ok(p.verify()?))
+        .expect("packs");
+        raw.serve(&package, package.to_bytes());
+        let (mut offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
         let entry =
             |key: &str, value: &[u8]| (key.to_string(), serde_bytes::ByteBuf::from(value.to_vec()));
         let one =
@@ -996,6 +1016,14 @@ small = "read""#,
                 "larger than a table holds",
             ),
             (vec![moved("../x", vec![])], "a table name is"),
+            (
+                vec![moved("unbound", vec![])],
+                "does not bind 'unbound' by move",
+            ),
+            (
+                vec![moved("fresh", vec![]), moved("fresh", vec![])],
+                "'fresh' comes twice",
+            ),
         ] {
             offer.tables = tables;
             let mut s = raw.open_hop().await;

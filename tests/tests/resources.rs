@@ -696,6 +696,15 @@ fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
         assert!(there.contains(&format!("is held by agent {id}")), "{there}");
         let gone = user(0).await;
         assert!(gone.contains("left node 'node-0' with an agent"), "{gone}");
+        // Nor from another node: a request cannot prove it comes from the holder.
+        let remote = tern_tests::package_by(
+            &key,
+            r#"let r = ""; try { r = resource("counts", "node-1").len(); } catch (e) { r = e; } r"#,
+            &[("counts", "remote")],
+        );
+        let (_, asked) = mesh.nodes()[0].launch(remote, None).expect("launch");
+        let far = json(asked.await.expect("an end"));
+        assert!(far.contains("is not served to other nodes"), "{far}");
         mesh.nodes()[1]
             .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
             .await

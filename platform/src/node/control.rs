@@ -1,4 +1,4 @@
-//! The node-to-node control protocol (`/tern/ctl/7`), both sides: the requests this node sends
+//! The node-to-node control protocol (`/tern/ctl/8`), both sides: the requests this node sends
 //! to a peer over a pooled stream ([`control_request`]), and the answers it gives, one handler
 //! per request. What an operator's client asks is `operators`.
 

@@ -1,4 +1,4 @@
-//! The client protocol (`/tern/client/2`), node side: what an operator's client (the CLI) may ask
+//! The client protocol (`/tern/client/3`), node side: what an operator's client (the CLI) may ask
 //! a node — launch an agent, the node's status, an agent's result, send a message — answered
 //! only for the keys of the node's `[trust] operators`. Peers that are not operators get a
 //! `NotOperator` refusal and nothing else: they cannot start agents here or learn the ids of

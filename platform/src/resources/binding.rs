@@ -40,7 +40,7 @@ use super::copy_on_reference::ChunkCache;
 use super::{Backing, Mobility, NodeResource, NodeResources};
 use crate::node::StoreQuota;
 use crate::store::{Store, TablePlace};
-use crate::wire::{ResourceOp, ResourceReply, ResourceRequest, RESOURCE_PAGE};
+use crate::wire::{ResourceOp, ResourceReply, ResourceRequest, MAX_MOVED_TABLES, RESOURCE_PAGE};
 
 /// How a node sends its agents' requests to the nodes that own their remote resources.
 pub(crate) trait RemoteResources: Send + Sync {
@@ -148,7 +148,8 @@ impl AgentResources {
         self.of.bindings.get(name).copied().ok_or_else(|| {
             format!(
                 "{what}: the agent's package declares no resource '{name}' (declare its binding: \
-                 tern pack --resource {name}=rebind, or =remote)"
+                 tern pack --resource {name}=rebind, or =remote, =copy, \
+                 =copy-on-reference, =move)"
             )
         })
     }
@@ -206,6 +207,20 @@ impl AgentResources {
         })
     }
 
+    /// For a request from another node: a table held by an agent (a move binding) is that
+    /// agent's alone, and the request cannot prove it comes from that agent.
+    fn not_held(&self, what: &str, name: &str) -> Result<(), String> {
+        match self.store.table_place(name) {
+            Ok(Some(TablePlace::Here { holder: Some(_) })) => Err(format!(
+                "{what}: resource '{name}' at node '{}' is held by an agent (a move binding), \
+                 and is not served to other nodes",
+                self.here
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("{what}: {e}")),
+        }
+    }
+
     /// A handle on this node's resource `name` for copy-on-reference, if it may be copied so.
     fn bind_by_reference(&self, what: &str, name: &str) -> Result<Resource, String> {
         let handle = self.bind_here(name)?;
@@ -251,6 +266,22 @@ impl AgentResources {
         ResourcePolicy::Move
             .admits(local.mobility)
             .map_err(refused)?;
+        let held = self
+            .store
+            .table_places()
+            .map_err(|e| refused(e.to_string()))?
+            .into_iter()
+            .filter(|(other, place)| {
+                other != name
+                    && matches!(place, TablePlace::Here { holder: Some(h) } if *h == self.of.agent)
+            })
+            .count();
+        if held >= MAX_MOVED_TABLES {
+            return Err(refused(format!(
+                "the agent holds {held} tables already, and at most {MAX_MOVED_TABLES} move with \
+                 one hop"
+            )));
+        }
         match self.store.batch(|b| b.hold_table(name, &self.of.agent)) {
             Ok(Ok(())) => Ok(handle),
             Ok(Err(_)) => Err(refused("another agent took it meanwhile".into())),
@@ -401,20 +432,43 @@ impl AgentResources {
                 self.quota
                     .room_for((key.len() + value.len()) as u64)
                     .map_err(|full| failed(&crate::wire::ControlRefusal::from(full)))?;
-                self.store
-                    .batch(|b| b.table_set(name, &key, &value))
+                let agent = &self.of.agent;
+                let written = self
+                    .store
+                    .batch(|b| {
+                        // (Checked again where it is written: the table may have been taken
+                        // by an agent holding it since `local` looked.)
+                        if !b.table_usable_by(name, agent)? {
+                            return Ok(false);
+                        }
+                        b.table_set(name, &key, &value).map(|()| true)
+                    })
                     .map_err(|e| failed(&e))?;
+                if !written {
+                    self.local(what, name)?;
+                    return Err(failed(&"the table was taken meanwhile"));
+                }
                 Served::whole(Dynamic::UNIT)
             }
             (Backing::Table, ResourceOp::Remove { key }) => {
                 agent_lang::check_table_key(what, &key)?;
-                match self
+                let agent = &self.of.agent;
+                let removed = self
                     .store
-                    .batch(|b| b.table_remove(name, &key))
-                    .map_err(|e| failed(&e))?
-                {
-                    Some(bytes) => Served::whole(self.decode(what, &bytes)?),
-                    None => Served::whole(Dynamic::UNIT),
+                    .batch(|b| {
+                        if !b.table_usable_by(name, agent)? {
+                            return Ok(Err(()));
+                        }
+                        b.table_remove(name, &key).map(Ok)
+                    })
+                    .map_err(|e| failed(&e))?;
+                match removed {
+                    Ok(Some(bytes)) => Served::whole(self.decode(what, &bytes)?),
+                    Ok(None) => Served::whole(Dynamic::UNIT),
+                    Err(()) => {
+                        self.local(what, name)?;
+                        Err(failed(&"the table was taken meanwhile"))
+                    }
                 }
             }
             (Backing::Table, ResourceOp::Len) => Served::whole(Dynamic::from_int(
@@ -516,7 +570,8 @@ impl AgentResources {
         let what = method(&request.op);
         let served = match self.policy(what, name) {
             Ok(ResourcePolicy::Remote) => self
-                .local(what, name)
+                .not_held(what, name)
+                .and_then(|()| self.local(what, name))
                 .map_err(ResourceError::from)
                 .and_then(|local| self.run_here(name, local.kind(), request.op, Budget::Page)),
             Ok(ResourcePolicy::CopyOnReference) => self
@@ -661,8 +716,11 @@ impl ResourceHost for AgentResources {
                     &|bytes| self.decode(what, bytes),
                 )
             }
-            other => Err(format!(
-                "{what}: resource '{name}' is bound by {other}, which is not provided yet"
+            // A plain handle (from a message, or bound by an agent of another package) where
+            // this agent's package copies the resource: only `resource(name)` makes the copy.
+            ResourcePolicy::Copy => Err(format!(
+                "{what}: this handle holds no copy of '{name}', which the agent's package binds \
+                 by copy: bind it here with resource(\"{name}\")"
             )
             .into()),
         }

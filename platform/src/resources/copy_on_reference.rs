@@ -56,8 +56,21 @@ impl Part {
 
 impl ChunkCache<'_> {
     /// Answers `op`, from the chunks kept here, asking `fetch` (a request to the owner) for
-    /// each chunk that is not. `decode` reads a kept chunk back as the agent's value.
+    /// each chunk that is not. `decode` reads a kept chunk back as the agent's value. When the
+    /// chunks cannot serve it (one holds a line longer than the agent's strings may be, or is
+    /// over its memory budget, though the part asked for is not), `op` is asked of the owner
+    /// as it is, as a `remote` binding would.
     pub(super) fn serve(
+        &self,
+        op: ResourceOp,
+        fetch: &dyn Fn(ResourceOp) -> Result<Dynamic, ResourceError>,
+        decode: &dyn Fn(&[u8]) -> Result<Dynamic, String>,
+    ) -> Result<Dynamic, ResourceError> {
+        self.serve_in_chunks(op.clone(), fetch, decode)
+            .or_else(|_| fetch(op))
+    }
+
+    fn serve_in_chunks(
         &self,
         op: ResourceOp,
         fetch: &dyn Fn(ResourceOp) -> Result<Dynamic, ResourceError>,

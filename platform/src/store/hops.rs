@@ -302,6 +302,7 @@ impl Batch<'_> {
         };
         self.delete_agent(id)?;
         self.abort_arriving_tables(id)?;
+        self.drop_cached_chunks(id)?;
         self.txn.open_table(SEEN)?.remove((id, meta.hop))?;
         let queued = self.take_messages(id)?;
         Ok(Some(

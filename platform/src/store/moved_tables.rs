@@ -184,8 +184,56 @@ impl Batch<'_> {
         }
     }
 
-    /// Stores the tables arriving with agent `agent` (by a hop not yet committed, unless
-    /// `committed`), replacing whatever entries were left of them.
+    /// Whether one of the tables `names`, arriving with agent `agent`, meets one this node
+    /// holds otherwise (here, or arriving with another agent): why, if so. A table the node
+    /// never knew of is the caller's to check against its configuration.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails or a record does not decode.
+    pub fn tables_taken<'n>(
+        &mut self,
+        agent: &str,
+        names: impl IntoIterator<Item = &'n String>,
+    ) -> Result<Option<String>, StoreError> {
+        for name in names {
+            match self.place(name)? {
+                None | Some(TablePlace::Gone { .. }) => {}
+                Some(
+                    TablePlace::Here {
+                        holder: Some(holder),
+                    }
+                    | TablePlace::Arriving { holder, .. },
+                ) if holder == agent => {}
+                Some(_) => {
+                    return Ok(Some(format!(
+                        "this node has a resource '{name}' of its own"
+                    )))
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether agent `agent` may change table `name` here now: it is here and held by no other
+    /// agent (checked in the transaction that changes it).
+    ///
+    /// # Errors
+    ///
+    /// When the read fails or the record does not decode.
+    pub fn table_usable_by(&mut self, name: &str, agent: &str) -> Result<bool, StoreError> {
+        Ok(match self.place(name)? {
+            None | Some(TablePlace::Here { holder: None }) => true,
+            Some(TablePlace::Here {
+                holder: Some(holder),
+            }) => holder == agent,
+            Some(TablePlace::Arriving { .. } | TablePlace::Gone { .. }) => false,
+        })
+    }
+
+    /// Stores the tables arriving with agent `agent` from the node with peer id `from` (by a
+    /// hop not yet committed, unless `committed`), replacing whatever entries were left of
+    /// them. (Checked first with [`Batch::tables_taken`].)
     ///
     /// # Errors
     ///
@@ -193,11 +241,22 @@ impl Batch<'_> {
     pub fn arrive_tables(
         &mut self,
         agent: &str,
+        from: &str,
         tables: &[(String, TableEntries)],
         committed: bool,
     ) -> Result<(), StoreError> {
         for (name, entries) in tables {
-            let before = self.place(name)?;
+            // Held here by this very agent, it is not here any more: the agent comes back
+            // before this node completed its departure, and the table is where the agent
+            // comes from. Should this arrival not commit, that is where it stays.
+            let before = match self.place(name)? {
+                Some(TablePlace::Here {
+                    holder: Some(holder),
+                }) if holder == agent => Some(TablePlace::Gone {
+                    to: from.to_string(),
+                }),
+                before => before,
+            };
             self.clear_table(name)?;
             for (key, value) in entries {
                 self.table_set(name, key, value)?;
@@ -288,5 +347,101 @@ impl Batch<'_> {
             self.table_remove(name, &key)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Durability;
+
+    fn entries(n: u8) -> TableEntries {
+        (0..n).map(|i| (format!("k{i}"), vec![i])).collect()
+    }
+
+    fn place(store: &Store) -> Option<TablePlace> {
+        store.table_place("t").expect("read")
+    }
+
+    fn len(store: &Store) -> u64 {
+        store.table_len("t").expect("read")
+    }
+
+    #[test]
+    fn a_table_is_at_one_place_through_arrivals_departures_and_their_races() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(&dir.path().join("s.redb"), Durability::NoSync).expect("opens");
+        let t = vec![("t".to_string(), entries(3))];
+        let names = || vec!["t".to_string()];
+        // Agent x arrives with it (not committed yet): y, arriving with a table of the same
+        // name meanwhile, is refused inside its own transaction.
+        store
+            .batch(|b| {
+                assert_eq!(b.tables_taken("x", &names())?, None);
+                b.arrive_tables("x", "peer-a", &t, false)
+            })
+            .expect("arrives");
+        let taken = store
+            .batch(|b| b.tables_taken("y", &names()))
+            .expect("read");
+        assert!(taken.is_some_and(|why| why.contains("'t'")));
+        assert!(!store.batch(|b| b.table_usable_by("t", "x")).expect("read"));
+        // The hop commits: x holds it, and only x may change it.
+        store
+            .batch(|b| b.commit_arriving_tables("x"))
+            .expect("commits");
+        let held = TablePlace::Here {
+            holder: Some("x".into()),
+        };
+        assert_eq!((place(&store), len(&store)), (Some(held.clone()), 3));
+        assert!(store.batch(|b| b.table_usable_by("t", "x")).expect("read"));
+        assert!(!store.batch(|b| b.table_usable_by("t", "y")).expect("read"));
+        assert_eq!(store.tables_held_by("x").expect("read"), t);
+        // x comes back from peer-c before this node completed its departure to peer-c, and
+        // that return does not commit: the table is where x is, not here.
+        store
+            .batch(|b| b.arrive_tables("x", "peer-c", &[("t".into(), entries(5))], false))
+            .expect("arrives");
+        assert_eq!(len(&store), 5);
+        store
+            .batch(|b| b.abort_arriving_tables("x"))
+            .expect("aborts");
+        let gone = TablePlace::Gone {
+            to: "peer-c".into(),
+        };
+        assert_eq!((place(&store), len(&store)), (Some(gone.clone()), 0));
+        // It comes back for good, and x leaves with it, for peer-d.
+        store
+            .batch(|b| b.arrive_tables("x", "peer-c", &t, true))
+            .expect("arrives");
+        assert_eq!((place(&store), len(&store)), (Some(held), 3));
+        store
+            .batch(|b| b.depart_tables("x", "peer-d"))
+            .expect("departs");
+        let gone = TablePlace::Gone {
+            to: "peer-d".into(),
+        };
+        assert_eq!((place(&store), len(&store)), (Some(gone), 0));
+        assert!(store.tables_held_by("x").expect("read").is_empty());
+        // Back once more, and x ends here: the table stays, held by no agent.
+        store
+            .batch(|b| b.arrive_tables("x", "peer-d", &t, true))
+            .expect("arrives");
+        store.batch(|b| b.release_tables("x")).expect("releases");
+        assert_eq!(
+            (place(&store), len(&store)),
+            (Some(TablePlace::Here { holder: None }), 3)
+        );
+        assert!(store.batch(|b| b.table_usable_by("t", "y")).expect("read"));
+        assert_eq!(
+            store.batch(|b| b.hold_table("t", "y")).expect("holds"),
+            Ok(())
+        );
+        assert_eq!(
+            store.batch(|b| b.hold_table("t", "z")).expect("reads"),
+            Err(TablePlace::Here {
+                holder: Some("y".into())
+            })
+        );
     }
 }

@@ -4,10 +4,12 @@
 //!
 //! Counted: the values of `packages`, `agents`, `continuation_chunks`, `messages` and
 //! `results`, the keys and values of `resource_tables`, and the values and resource keys of
-//! `resource_cache`, which are what agents and their senders can make grow. Not counted: the keys, the
-//! bookkeeping tables (hops seen, locations, custody, queue sizes), and redb's own pages and free
-//! space, which are bounded by the counted ones or by the number of agents. The figure is
-//! therefore a little under the file's size, never over what the agents made it hold.
+//! `resource_cache`, which are what agents and their senders can make grow. Not counted: the
+//! other keys, the bookkeeping tables (hops seen, locations, custody, queue sizes, the places of
+//! moved tables), and redb's own pages and free space, which are bounded by the counted ones, by
+//! the number of agents, or (`table_places`) by the table names that trusted packages bind by
+//! move. The figure is therefore a little under the file's size, never over what the agents made
+//! it hold.
 //!
 //! Every write that adds or removes such a value says so to its [`Batch`]; the batch writes the
 //! new total to `meta` once, just before its transaction commits, so the figure on disk is always

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use agent_lang::{Execution, MAX_TABLE_KEY, MAX_TABLE_VALUE};
 use libp2p::PeerId;
-use security::{verify_hop, Access, CustodyPoint, EnvelopeHash, HopCheck, HopEnvelope, PublicKey};
+use security::{
+    verify_hop, Access, CustodyPoint, EnvelopeHash, HopCheck, HopEnvelope, PublicKey,
+    ResourcePolicy,
+};
 
 use super::depart::KEEP_CHECKPOINT_FROM;
 
@@ -332,6 +335,11 @@ pub(in crate::node) async fn receive_hop(
         if gate.arrivals.abandoned(&envelope_hash) {
             return Ok(None);
         }
+        // Checked again where it is written: another arrival may have brought a table of the
+        // same name since `moved_tables` looked.
+        if let Some(why) = b.tables_taken(&rec.id, tables.iter().map(|(name, _)| name))? {
+            return Ok(Some(Err(why)));
+        }
         let mut since = Vec::new();
         // An arrival of this hop number by another envelope from the same source still waits
         // for its decision: the source gave it up (it is offering this one), so it goes.
@@ -358,7 +366,7 @@ pub(in crate::node) async fn receive_hop(
         }
         let arrival = b.accept_arrival(&rec)?;
         if let Arrival::New = arrival {
-            b.arrive_tables(&rec.id, &tables, committed)?;
+            b.arrive_tables(&rec.id, &source, &tables, committed)?;
             for m in messages
                 .iter()
                 .map(|m| m.as_slice())
@@ -371,16 +379,20 @@ pub(in crate::node) async fn receive_hop(
                 b.set_custody(&rec.id, &home_custody)?;
             }
         }
-        Ok(Some((arrival, rec, committed)))
+        Ok(Some(Ok((arrival, rec, committed))))
     });
     let (decision, stored) = tokio::join!(decision, store);
     let (rec, committed) = match stored {
-        Ok(Some((Arrival::New, rec, committed))) => (rec, committed),
-        Ok(Some((Arrival::Duplicate, ..))) => {
+        Ok(Some(Ok((Arrival::New, rec, committed)))) => (rec, committed),
+        Ok(Some(Err(why))) => {
+            decision?;
+            return Err(refused(HopRefusal::MovingTable(why)));
+        }
+        Ok(Some(Ok((Arrival::Duplicate, ..)))) => {
             decision?;
             return Err(Refusal::Reply(HopReply::Duplicate));
         }
-        Ok(Some((Arrival::Conflict, rec, _))) => {
+        Ok(Some(Ok((Arrival::Conflict, rec, _)))) => {
             decision?;
             return Err(conflict(&peer, &rec.id, rec.hop));
         }
@@ -595,12 +607,25 @@ fn moved_tables(
         .admit_package(&loaded.package)
         .map(|grant| grant.resources)
         .unwrap_or_default();
+    let manifest = loaded.package.manifest();
     let mut bytes = 0u64;
-    let mut checked = Vec::with_capacity(tables.len());
+    let mut checked: Vec<(String, TableEntries)> = Vec::with_capacity(tables.len());
     for table in tables {
         let name = table.name;
         if !agent_lang::is_valid_resource_name(&name) {
             return Err("a table name is 1 to 64 of A-Z a-z 0-9 . _ -".into());
+        }
+        if !manifest
+            .resources
+            .iter()
+            .any(|r| r.name == name && r.policy == ResourcePolicy::Move)
+        {
+            return Err(format!(
+                "the agent's package does not bind '{name}' by move"
+            ));
+        }
+        if checked.iter().any(|(seen, _)| *seen == name) {
+            return Err(format!("'{name}' comes twice"));
         }
         if grants.access(&name) != Some(Access::ReadWrite) {
             return Err(format!(

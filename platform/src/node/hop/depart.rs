@@ -25,7 +25,7 @@ use crate::store::{AgentMeta, AgentRecord, AgentState, Batch, Durability, StoreE
 use crate::wire::{
     push_frame, read_frame, write_bulk, write_frame, write_frames, HopDecision, HopHandover,
     HopOffer, HopReply, MovedTable, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME,
-    MAX_MOVED_BYTES, MAX_MOVED_ENTRIES, MAX_MOVED_TABLES,
+    MAX_MOVED_BYTES, MAX_MOVED_ENTRIES, MAX_MOVED_TABLES, MOVED_ENTRY_OVERHEAD,
 };
 
 /// Envelopes this node signed that it remembers: an agent that comes back presents one as its
@@ -443,12 +443,13 @@ fn moving_tables(shared: &Shared, agent: &str) -> Result<Vec<MovedTable>, String
             }
             bytes += entries
                 .iter()
-                .map(|(k, v)| k.len() + v.len())
+                .map(|(k, v)| k.len() + v.len() + MOVED_ENTRY_OVERHEAD)
                 .sum::<usize>();
             if bytes > MAX_MOVED_BYTES {
                 return Err(format!(
-                    "migrate: the tables bound by move hold more than {MAX_MOVED_BYTES} bytes, \
-                     which is what moves with one hop"
+                    "migrate: the tables bound by move hold more than {MAX_MOVED_BYTES} bytes \
+                     ({MOVED_ENTRY_OVERHEAD} more for each entry), which is what moves with one \
+                     hop"
                 ));
             }
             let entries = entries

@@ -7,6 +7,9 @@
 //! external address confirmation; it also holds provider records for packages. mDNS is behind a
 //! [`Toggle`](libp2p::swarm::behaviour::toggle::Toggle): it does not see loopback, so tests keep it off.
 //!
+//! [`InboundStreams`] takes the streams peers open for the node's own protocols and queues
+//! them per peer for the node (see its module).
+//!
 //! [`Directory`] handles the behaviours' events: it keeps the map of peer names ([`PeerNames`],
 //! which the node's tasks read), feeds Kademlia the addresses identify learns, and says what the
 //! swarm must do in answer ([`SwarmAction`]) and what the node learned ([`Learned`]).
@@ -21,8 +24,10 @@
 use std::time::Duration;
 
 mod directory;
+mod inbound;
 
 pub use directory::{Directory, Learned, PeerNames, Reaction, SwarmAction};
+pub use inbound::{InboundStreams, IncomingStreams, MAX_QUEUED, MAX_QUEUED_PER_PEER};
 
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;

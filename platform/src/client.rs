@@ -18,10 +18,9 @@ use crate::wire::{
 const REACH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How many times a question that changes nothing (status, result) is asked when the node
-/// closes the stream without an answer. libp2p-stream hands a node's inbound streams of one
-/// protocol over a channel of one slot and drops a stream that arrives while the slot is full,
-/// which a busy node's accept loop can let happen: such a stream was never read, and asking
-/// again is the remedy (for questions only: a request that acts may have been carried out).
+/// closes the stream without an answer (its connection closed, or the node's queue of this
+/// client's new streams was full): such a stream was never read, and asking again is the
+/// remedy (for questions only: a request that acts may have been carried out).
 const QUERY_ATTEMPTS: u32 = 4;
 
 /// Why a request to a node failed.

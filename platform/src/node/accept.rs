@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
 use libp2p::PeerId;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -161,14 +160,11 @@ impl ExchangePermits<'_> {
     }
 }
 
-/// Takes the inbound streams of `protocol` until the node stops, each to a task of the node's
-/// own (libp2p-stream drops inbound streams when this loop lags).
-pub(super) async fn accept_loop(
-    mut incoming: libp2p_stream::IncomingStreams,
-    shared: Arc<Shared>,
-    protocol: Protocol,
-) {
-    while let Some((peer, stream)) = incoming.next().await {
+/// Takes the inbound streams of the node's protocols until the node stops, each to a task of
+/// the node's own.
+pub(super) async fn accept_loop(incoming: discovery::IncomingStreams, shared: Arc<Shared>) {
+    while let Some((peer, protocol, stream)) = incoming.next().await {
+        let protocol = Protocol::of(&protocol);
         let exchange = shared.clone();
         let stream = shared.wire.count(protocol, stream);
         shared.tasks.spawn(async move {

@@ -1,7 +1,8 @@
 //! The task that owns the libp2p `Swarm`: it reacts to each swarm event in a method of its own
 //! and carries out the commands other parts of the node send it (dial, announce a package, find
 //! its providers). Nothing else touches the swarm, and nothing here waits on a peer or the disk:
-//! every exchange with a peer runs in a task of its own over libp2p-stream.
+//! every exchange with a peer runs in a task of its own (opened with libp2p-stream, or taken by
+//! the accept loop from `discovery::IncomingStreams`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,12 +18,13 @@ use super::{lock, Shared};
 
 /// The behaviours of a node's swarm: the connection limits (first, so that a connection they
 /// deny reaches no other behaviour), discovery (identify, ping, Kademlia, mDNS) and the streams
-/// tern's own protocols run on.
+/// tern's own protocols run on: opened with libp2p-stream, accepted by `InboundStreams`.
 #[derive(NetworkBehaviour)]
 pub(super) struct NodeBehaviour {
     pub(super) limits: libp2p::connection_limits::Behaviour,
     pub(super) discovery: discovery::Discovery,
     pub(super) stream: libp2p_stream::Behaviour,
+    pub(super) inbound: discovery::InboundStreams,
 }
 
 /// Connections one peer may hold with a node at once. An honest node needs one (two for a

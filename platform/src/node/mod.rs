@@ -323,28 +323,25 @@ impl Node {
         let peer_id = keypair.public().to_peer_id();
         let discovery =
             discovery::Discovery::new(&keypair, &config.name, config.mdns).context("discovery")?;
+        let (inbound, incoming) = discovery::InboundStreams::new(vec![
+            HOP_PROTOCOL,
+            PACKAGE_PROTOCOL,
+            CONTROL_PROTOCOL,
+            CLIENT_PROTOCOL,
+            RESOURCE_PROTOCOL,
+        ]);
         let mut swarm = crate::wire::swarm(keypair, |_| NodeBehaviour {
             limits: event_loop::connection_limits(),
             discovery,
             stream: libp2p_stream::Behaviour::new(),
+            inbound,
         })?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
-        let mut control = swarm.behaviour().stream.new_control();
-        let incoming_hops = control.accept(HOP_PROTOCOL).context("hop protocol")?;
-        let incoming_packages = control
-            .accept(PACKAGE_PROTOCOL)
-            .context("package protocol")?;
-        let incoming_control = control
-            .accept(CONTROL_PROTOCOL)
-            .context("control protocol")?;
-        let incoming_clients = control.accept(CLIENT_PROTOCOL).context("client protocol")?;
-        let incoming_resources = control
-            .accept(RESOURCE_PROTOCOL)
-            .context("resource protocol")?;
+        let control = swarm.behaviour().stream.new_control();
         let (commands, command_rx) = mpsc::channel(64);
         let pins = config
             .pinned_names
@@ -401,27 +398,7 @@ impl Node {
         tasks.spawn(
             EventLoop::new(swarm, shared.clone(), command_rx, directory, listening_tx).run(),
         );
-        tasks.spawn(accept_loop(incoming_hops, shared.clone(), Protocol::Hop));
-        tasks.spawn(accept_loop(
-            incoming_packages,
-            shared.clone(),
-            Protocol::Package,
-        ));
-        tasks.spawn(accept_loop(
-            incoming_control,
-            shared.clone(),
-            Protocol::Control,
-        ));
-        tasks.spawn(accept_loop(
-            incoming_clients,
-            shared.clone(),
-            Protocol::Client,
-        ));
-        tasks.spawn(accept_loop(
-            incoming_resources,
-            shared.clone(),
-            Protocol::Resource,
-        ));
+        tasks.spawn(accept_loop(incoming, shared.clone()));
         if !config.listen.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(10), listening_rx).await;
         }

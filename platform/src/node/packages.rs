@@ -142,8 +142,8 @@ async fn pull_package(
     peer: PeerId,
     hash: &PackageHash,
 ) -> Result<Vec<u8>, HopRefusal> {
-    // A download is idempotent: a stream that broke (libp2p-stream drops inbound streams that
-    // arrive while the peer's accept queue is full) is tried again.
+    // A download is idempotent: a stream that broke (its connection closed, or the peer's
+    // inbound queue for this node was full) is tried again.
     let mut attempt = 0u64;
     let reply = loop {
         attempt += 1;

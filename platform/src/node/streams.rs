@@ -28,9 +28,9 @@ type PoolKey = (PeerId, StreamProtocol);
 /// The idle streams to each peer, by protocol, and whose turn it is to open a new one.
 ///
 /// New streams to a peer are opened one at a time, each once the previous one got its first
-/// answer: libp2p-stream hands inbound streams to the receiver through a queue of one and drops
-/// what does not fit, so a burst of new streams (many agents leaving at once) would mostly be
-/// dropped.
+/// answer: a peer queues at most `discovery::MAX_QUEUED_PER_PEER` of a node's new streams
+/// before its accept loop takes them and drops the rest, so a burst of new streams (many
+/// agents leaving at once) must not outrun it. Reused streams need no turn.
 ///
 /// Generic over the stream so that its expiry is tested without a network; the node's is
 /// `StreamPool<NodeStream>`.

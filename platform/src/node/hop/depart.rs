@@ -533,8 +533,8 @@ pub(in crate::node) async fn send_hop(
     continuation: &[u8],
     recorded: &DepartureRecorded,
 ) -> SendOutcome {
-    // Attempts are retried: libp2p-stream drops inbound streams when the destination's accept
-    // queue is full, and a reused stream may have died with its connection. Resending the
+    // Attempts are retried: a destination drops new streams past what it queues for one peer,
+    // and a reused stream may have died with its connection. Resending the
     // same offer is safe (the destination stores it once); giving up is only safe once the
     // destination has shut out every copy that may still be on its way.
     let mut attempt = 0u64;

@@ -21,7 +21,8 @@
 //! the raw transfer, taking turns, default 7), `--repeats N` (measured repetitions of the
 //! one-agent and the many-agent runs, default 5: each lasts under a second, so one hiccup of
 //! the machine would decide a single one; the figure is their median, with their range; also
-//! the rounds in which fsync probes and durable hops take turns).
+//! the rounds in which fsync probes and durable hops take turns), `--hostile-script INDEX` (only
+//! that row of `hostile`, counted from 0).
 
 use std::fmt::Write as _;
 use std::io::{BufRead, Write as _};
@@ -66,6 +67,8 @@ struct Options {
     resident: usize,
     runs: usize,
     repeats: usize,
+    /// Only this row of the `hostile` bench (its index in `HOSTILE`).
+    hostile_script: Option<usize>,
 }
 
 fn parse_args(args: &[String]) -> Result<Options> {
@@ -78,6 +81,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
         resident: 10_000,
         runs: 7,
         repeats: 5,
+        hostile_script: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -96,10 +100,18 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--resident" => o.resident = value(a)?.max(1) as usize,
             "--runs" => o.runs = value(a)?.max(1) as usize,
             "--repeats" => o.repeats = value(a)?.max(1) as usize,
+            "--hostile-script" => {
+                let index = value(a)? as usize;
+                if index >= HOSTILE.len() {
+                    bail!("--hostile-script: {index} is not below {}", HOSTILE.len());
+                }
+                o.hostile_script = Some(index);
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: bench_mesh [{}] [--hops N] [--agents N] [--agent-hops N] \
-                     [--bulk-mb N] [--resident N] [--runs N] [--repeats N]",
+                     [--bulk-mb N] [--resident N] [--runs N] [--repeats N] \
+                     [--hostile-script INDEX]",
                     BENCHES.join("|")
                 );
                 std::process::exit(0);
@@ -1482,6 +1494,9 @@ fn main() -> Result<()> {
 
     if has("hostile") {
         for (index, (what, _)) in HOSTILE.iter().enumerate() {
+            if o.hostile_script.is_some_and(|only| only != index) {
+                continue;
+            }
             eprintln!("hostile: {what}, child process ...");
             let measured = match hostile_pair(index) {
                 Ok((first, second)) => {

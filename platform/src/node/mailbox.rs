@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use super::events::{Events, NodeEvent};
 use super::fault::{FaultPoint, Faults};
+use super::hop::release_large_checkpoint;
 use super::quota::StoreQuota;
 use super::{lock, now_ms};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Store};
@@ -113,14 +114,16 @@ impl Mailboxes {
     /// is here, as Answered by it, in the transaction that takes the message off the queue (a
     /// crash after that resumes it with that message: none is lost or received twice). An
     /// agent holding a value that cannot be stored gets no checkpoint here (a crash resumes it
-    /// from its last one).
+    /// from its last one). `stored` is the size of the agent's stored checkpoint, whose bytes
+    /// `rec` holds only while small (`hop::release_large_checkpoint`); it follows each new one.
     pub(super) async fn receive(
         &self,
         rec: &mut AgentRecord,
+        stored: &mut usize,
         exec: &Execution,
         timeout_ms: Option<u64>,
     ) -> Resume {
-        match self.wait_for_message(rec, exec, timeout_ms).await {
+        match self.wait_for_message(rec, stored, exec, timeout_ms).await {
             Ok(Some(message)) => Resume::Message(message),
             Ok(None) => Resume::Value(Dynamic::UNIT),
             Err(e) => Resume::Error(e),
@@ -131,6 +134,7 @@ impl Mailboxes {
     async fn wait_for_message(
         &self,
         rec: &mut AgentRecord,
+        stored: &mut usize,
         exec: &Execution,
         timeout_ms: Option<u64>,
     ) -> Result<Option<Vec<u8>>, String> {
@@ -140,7 +144,7 @@ impl Mailboxes {
             Ok(continuation) => {
                 // A checkpoint larger than the last must fit in the node's store quota; if it
                 // does not, `receive` fails (catchably) and the messages stay queued.
-                let growth = continuation.len().saturating_sub(rec.continuation.len());
+                let growth = continuation.len().saturating_sub(*stored);
                 if let Err(full) = self.quota.room_for(growth as u64) {
                     return Err(format!("receive: {}", ControlRefusal::from(full)));
                 }
@@ -155,7 +159,7 @@ impl Mailboxes {
             match self.store.message_count(&rec.id) {
                 Ok(0) => {}
                 Ok(_) => {
-                    if let Some(message) = self.take_message(rec, &mut here).await? {
+                    if let Some(message) = self.take_message(rec, stored, &mut here).await? {
                         return Ok(Some(message));
                     }
                 }
@@ -173,11 +177,12 @@ impl Mailboxes {
                     },
                     continuation,
                 );
-                let stored = self
+                let written = self
                     .store
                     .write(move |b| b.put_agent(&checkpoint).map(|()| checkpoint))
                     .await;
-                *rec = stored.map_err(|e| format!("receive: {e}"))?;
+                *rec = written.map_err(|e| format!("receive: {e}"))?;
+                *stored = release_large_checkpoint(rec);
                 // A message may have come in before the record said Waiting: look again.
                 continue;
             }
@@ -212,6 +217,7 @@ impl Mailboxes {
     async fn take_message(
         &self,
         rec: &mut AgentRecord,
+        stored_len: &mut usize,
         here: &mut AtReceive,
     ) -> Result<Option<Vec<u8>>, String> {
         let checkpoint = std::mem::replace(here, AtReceive::Unstorable);
@@ -251,6 +257,7 @@ impl Mailboxes {
                     rec.state = state;
                     if let Some(continuation) = continuation {
                         rec.continuation = continuation;
+                        *stored_len = release_large_checkpoint(rec);
                     }
                 }
                 self.events.emit(NodeEvent::MessageDelivered {
@@ -378,7 +385,7 @@ mod tests {
         let (mailboxes, _dir, mut events) = mailboxes();
         let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive()");
         queue(&mailboxes, 7);
-        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
+        let got = mailboxes.receive(&mut rec, &mut 0, &exec, timeout).await;
         assert_eq!(int_of(got), Some(7));
         assert_eq!(mailboxes.store.message_count("agent-1").ok(), Some(0));
         assert!(matches!(
@@ -401,7 +408,7 @@ mod tests {
         let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive()");
         let waiting = tokio::spawn({
             let mailboxes = mailboxes.clone();
-            async move { int_of(mailboxes.receive(&mut rec, &exec, timeout).await) }
+            async move { int_of(mailboxes.receive(&mut rec, &mut 0, &exec, timeout).await) }
         });
         while !matches!(
             stored_state(&mailboxes),
@@ -429,7 +436,7 @@ mod tests {
         // Queued and woken before `receive` ever looked: it finds the message at once.
         queue(&mailboxes, 1);
         mailboxes.wake(Wake::agent("agent-1"));
-        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
+        let got = mailboxes.receive(&mut rec, &mut 0, &exec, timeout).await;
         assert_eq!(int_of(got), Some(1));
     }
 
@@ -443,7 +450,7 @@ mod tests {
         assert!(lock(&mailboxes.waiting).is_empty());
         let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive()");
         queue(&mailboxes, 3);
-        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
+        let got = mailboxes.receive(&mut rec, &mut 0, &exec, timeout).await;
         assert_eq!(int_of(got), Some(3));
         assert_eq!(lock(&mailboxes.waiting).len(), 1);
         let held = mailboxes.notify_of("agent-1");
@@ -463,7 +470,7 @@ mod tests {
         let (mailboxes, _dir, mut events) = mailboxes();
         let (mut rec, exec, timeout) = agent_at_receive(&mailboxes, "receive(5000)");
         assert_eq!(timeout, Some(5000));
-        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
+        let got = mailboxes.receive(&mut rec, &mut 0, &exec, timeout).await;
         assert!(matches!(got, Resume::Value(v) if v.is_unit()));
         let unit = agent_lang::encode_portable(&Dynamic::UNIT).expect("portable");
         assert_eq!(
@@ -481,7 +488,7 @@ mod tests {
             .store
             .batch(|b| b.push_message("agent-1", b"\xff\x00 not a value").map(drop))
             .expect("message queued");
-        let got = mailboxes.receive(&mut rec, &exec, timeout).await;
+        let got = mailboxes.receive(&mut rec, &mut 0, &exec, timeout).await;
         assert_eq!(mailboxes.store.message_count("agent-1").ok(), Some(0));
         // The agent decodes it in its slice, where it throws.
         let Resume::Message(bytes) = got else {

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::control::control_request;
 use super::custody::custody_tail;
 use super::events::NodeEvent;
-use super::hop::{hop, HopResult};
+use super::hop::{hop, release_large_checkpoint, HopResult};
 use super::packages::Loaded;
 use super::resource_protocol::NodeRemote;
 use super::routing::route_message;
@@ -319,11 +319,15 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
             return finish(shared, &rec, failure).await;
         }
     };
+    let mut stored_checkpoint = release_large_checkpoint(&mut rec);
     let mut input = match (first, &rec.state) {
         (Some(input), _) => input,
         (None, AgentState::Waiting { timeout_at_ms }) => {
             let left = timeout_at_ms.map(|t| t.saturating_sub(now_ms()));
-            shared.mailboxes.receive(&mut rec, &exec, left).await
+            let mailboxes = &shared.mailboxes;
+            mailboxes
+                .receive(&mut rec, &mut stored_checkpoint, &exec, left)
+                .await
         }
         (None, AgentState::Answered { value }) => Resume::Message(value.clone()),
         (None, _) => Resume::Start,
@@ -380,14 +384,18 @@ async fn run_agent(shared: &Arc<Shared>, state: Runnable, first: Option<Resume>)
             // this one, so the largest (the hop's, 4.3 KiB) would be paid by every agent that
             // waits in `receive` (its runner task takes under 3 KiB rather than 6).
             Outcome::Migrate { to } => {
-                match Box::pin(hop(shared, &mut rec, &exec, &loaded, &to)).await {
+                let hop = hop(shared, &mut rec, stored_checkpoint, &exec, &loaded, &to);
+                match Box::pin(hop).await {
                     Ok(HopResult::Left) => return,
                     Ok(HopResult::Stayed) => input = Resume::Start,
                     Err(message) => input = Resume::Error(message),
                 }
             }
             Outcome::Receive { timeout_ms } => {
-                input = shared.mailboxes.receive(&mut rec, &exec, timeout_ms).await;
+                input = shared
+                    .mailboxes
+                    .receive(&mut rec, &mut stored_checkpoint, &exec, timeout_ms)
+                    .await;
             }
             Outcome::Send { to, message } => {
                 if let Some(over) = count_sent(&mut rec.sent, &message, exec.program().limits()) {

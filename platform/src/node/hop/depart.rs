@@ -180,6 +180,7 @@ pub(in crate::node) enum HopResult {
 pub(in crate::node) async fn hop(
     shared: &Arc<Shared>,
     rec: &mut AgentRecord,
+    stored_checkpoint: usize,
     exec: &Execution,
     loaded: &Loaded,
     to: &str,
@@ -267,8 +268,11 @@ pub(in crate::node) async fn hop(
     };
     // A large continuation is not written again while it travels (that write would compete
     // with sending it): the record keeps the agent's last checkpoint, from which it resumes
-    // if the hop does not happen.
-    let kept = if continuation.len() >= KEEP_CHECKPOINT_FROM {
+    // if the hop does not happen. So it does when that checkpoint is large: its bytes are no
+    // longer in `rec` to be written back (`release_large_checkpoint`).
+    let kept = if continuation.len() >= KEEP_CHECKPOINT_FROM
+        || stored_checkpoint >= KEEP_CHECKPOINT_FROM
+    {
         match shared.store.agent_meta(&rec.id) {
             Ok(Some(stored)) => Some(AgentMeta {
                 state: leaving_state(Some(Box::new(stored.state.clone()))),
@@ -466,6 +470,20 @@ fn moving_tables(shared: &Shared, agent: &str) -> Result<Vec<MovedTable>, String
 /// sending it. So a crash of the source during such a hop that does not go through resumes the
 /// agent from that checkpoint (as a crash between checkpoints does), not at `migrate`.
 pub(in crate::node) const KEEP_CHECKPOINT_FROM: usize = 1 << 20;
+
+/// Lets go of the bytes of the agent's stored checkpoint once they are decoded, when they are
+/// large (at least [`KEEP_CHECKPOINT_FROM`]); gives their length. The running agent's values
+/// hold the same state, and keeping the bytes too would hold one more copy of it for as long
+/// as the agent runs or waits here. Small ones are kept: [`stay`] writes them back after a hop
+/// that did not happen, while a departure leaves a large one in the store and writes the
+/// metadata only (see [`hop`]).
+pub(in crate::node) fn release_large_checkpoint(rec: &mut AgentRecord) -> usize {
+    let stored = rec.continuation.len();
+    if stored >= KEEP_CHECKPOINT_FROM {
+        rec.continuation = Vec::new();
+    }
+    stored
+}
 
 /// BLAKE3 of a continuation: a large one hashed on every core (while it is hashed, the hop
 /// waits and nothing else of it runs).

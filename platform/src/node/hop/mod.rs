@@ -8,7 +8,7 @@ mod gate;
 mod recover;
 
 pub(super) use arrive::handle_hop;
-pub(super) use depart::{hop, Departures, HopResult};
+pub(super) use depart::{hop, release_large_checkpoint, Departures, HopResult};
 pub(super) use gate::ArrivalGate;
 pub(super) use recover::{
     ask_hop_decision, departed_by, handover_signature, hop_committed, hop_held, recover_departure,

@@ -1193,7 +1193,15 @@ fn main() -> Result<()> {
 
     if has("latency") || has("concurrent") || has("bulk") {
         rt.block_on(async {
-            let limits = Limits::default();
+            // Room for the bulk agent's blobs (the default budget is 64 MiB), and the memory
+            // its hops free kept for the next (as `[limits] keep_freed_bytes` would); no other
+            // agent comes near either.
+            let defaults = Limits::default();
+            let bulk_memory = 3 * o.bulk_mb as u64 * 1_000_000;
+            platform::memory::keep_freed_up_to(4 * bulk_memory);
+            let limits = defaults
+                .clone()
+                .with_max_memory_bytes(defaults.max_memory_bytes.max(bulk_memory));
             let mesh = LoopbackMesh::start(2, author.trust.clone(), limits).await?;
             let nodes = mesh.nodes().to_vec();
             let mut rx = hop_records(&nodes);

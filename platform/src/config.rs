@@ -25,6 +25,7 @@
 //! max_message_bytes = 1048576  # and max_queued_messages, max_queued_bytes (per agent)
 //! max_messages_per_peer_per_second = 1000
 //! upload_mbit = 20                    # pace outgoing protocol bytes to 20 Mbit/s (no cap if omitted)
+//! keep_freed_bytes = 67108864         # memory freed by large hops kept for the next, above idle
 //! [resources.shard]          # what agents reach with resource("shard") (see `crate::resources`)
 //! type = "dataset"           # dataset | table | value
 //! path = "shards/0"          # a file or a directory of files, relative to this file
@@ -92,6 +93,7 @@ struct LimitsConfig {
     max_queued_bytes: Option<u64>,
     max_messages_per_peer_per_second: Option<u32>,
     upload_mbit: Option<f64>,
+    keep_freed_bytes: Option<u64>,
 }
 
 fn default_listen() -> Vec<String> {
@@ -262,6 +264,9 @@ pub fn load(path: &Path) -> Result<NodeConfig> {
         max_store_bytes: l
             .max_store_bytes
             .unwrap_or(crate::node::DEFAULT_MAX_STORE_BYTES),
+        keep_freed_bytes: l
+            .keep_freed_bytes
+            .unwrap_or(crate::memory::DEFAULT_KEEP_FREED),
         pinned_names,
         store: None,
     })
@@ -323,7 +328,7 @@ mod tests {
         let config = load_text(
             "max_queued_messages = 10\nmax_operations = 5\nmax_total_operations = 50\n\
                  max_memory_bytes = 4096\nmax_messages_sent = 7\nmax_message_bytes_sent = 70\n\
-                 max_store_bytes = 1000000\nupload_mbit = 20.5",
+                 max_store_bytes = 1000000\nupload_mbit = 20.5\nkeep_freed_bytes = 0",
         )
         .unwrap();
         assert_eq!(config.mailbox.max_queued_messages, 10);
@@ -338,6 +343,7 @@ mod tests {
         assert_eq!(config.limits.max_message_bytes_sent, 70);
         assert_eq!(config.max_store_bytes, 1_000_000);
         assert_eq!(config.upload_mbit, Some(20.5));
+        assert_eq!(config.keep_freed_bytes, 0);
         let err = load_text("upload_mbit = 0").unwrap_err();
         assert!(
             format!("{err:#}").contains("[limits] upload_mbit must be a positive number"),

@@ -13,7 +13,15 @@
 //!   buffer reuses them. Any finite decay (30 s or 10 min alike) left the 100 MB hop faulting in
 //!   200–250 fresh huge pages per hop; never decaying, ~50.
 //!   The memory goes back to the system every [`KEEP_FREED_FOR`] in which no large hop ended
-//!   ([`return_freed_memory_when_idle`]);
+//!   ([`return_freed_memory_when_idle`]), and before and after each large hop once the
+//!   process's resident memory is more than [`keep_freed_up_to`] above what it was when its
+//!   first node started ([`DEFAULT_KEEP_FREED`] unless a node's `[limits] keep_freed_bytes`
+//!   says more). Kept pages are not always reused (a continuation a little larger than the last
+//!   does not fit in the pages it left): an agent holding 1 MB blobs across hops took each node
+//!   430–590 MiB above idle under the default 64 MiB budget (`bench_mesh hostile`), and
+//!   210–260 MiB once bounded. A node that moves large agents may keep more, and its large hops
+//!   are faster for it: a 100 MB hop took 330–340 ms with the default bound and 250–260 ms
+//!   without;
 //! - serves large buffers from its ordinary arenas (`oversize_threshold:0`: its dedicated arena
 //!   for large allocations returns them at once) and keeps one arena (`narenas:1`), so that a
 //!   buffer freed by one thread is reused by the next that allocates one (the 200-agent
@@ -72,6 +80,27 @@ pub const KEEP_FREED_FOR: Duration = Duration::from_secs(30);
 /// When the last large hop ended: milliseconds since [`started`] (0: none yet).
 static LAST_LARGE_HOP_MS: AtomicU64 = AtomicU64::new(0);
 
+/// How far above its idle resident memory a process keeps freed memory for the next large hop,
+/// unless a node is configured for more: the default agent memory budget (64 MiB), so that an
+/// agent under the default limits cannot make a node keep much more than it holds.
+pub const DEFAULT_KEEP_FREED: u64 = 64 << 20;
+
+/// Resident memory above the idle process's past which a large hop returns freed memory to
+/// the system (see [`keep_freed_up_to`]).
+static KEEP_FREED_UP_TO_BYTES: AtomicU64 = AtomicU64::new(DEFAULT_KEEP_FREED);
+
+/// The process's resident bytes when its first node started (0: unknown).
+static IDLE_RESIDENT: AtomicU64 = AtomicU64::new(0);
+
+/// Freed memory is kept for the next large hop as long as the process's resident memory is at
+/// most `bytes` above its idle resident memory, or more if a node of the process asked for more
+/// (nodes ask for their agents' memory budget when they start). Hops of agents under a larger
+/// budget are faster for it (their buffers are not faulted in afresh), at the price of that
+/// much memory held after them.
+pub fn keep_freed_up_to(bytes: u64) {
+    KEEP_FREED_UP_TO_BYTES.fetch_max(bytes, Ordering::Relaxed);
+}
+
 fn started() -> Instant {
     static STARTED: OnceLock<Instant> = OnceLock::new();
     *STARTED.get_or_init(Instant::now)
@@ -82,9 +111,44 @@ fn now_ms() -> u64 {
 }
 
 /// Called at the end of a hop of a large continuation (either side): the memory freed since
-/// is kept for the next one for at least [`KEEP_FREED_FOR`].
+/// is kept for the next one for at least [`KEEP_FREED_FOR`], unless the process is more than
+/// [`keep_freed_up_to`] above its idle resident memory, in which case it is returned now.
 pub fn after_large_hop() {
     LAST_LARGE_HOP_MS.store(now_ms(), Ordering::Relaxed);
+    bound_freed_memory();
+}
+
+/// Called before a hop of a large continuation starts (either side): the memory kept since the
+/// last one is returned if the process is more than [`keep_freed_up_to`] above its idle resident
+/// memory, so that what the hop allocates and what was kept do not add up.
+pub fn before_large_hop() {
+    bound_freed_memory();
+}
+
+/// Returns freed memory to the system if the process is more than [`keep_freed_up_to`] above
+/// its idle resident memory.
+fn bound_freed_memory() {
+    let idle = IDLE_RESIDENT.load(Ordering::Relaxed);
+    let bound = KEEP_FREED_UP_TO_BYTES.load(Ordering::Relaxed);
+    if idle > 0 && resident_bytes().is_some_and(|now| now.saturating_sub(idle) > bound) {
+        if let Err(code) = return_freed_memory() {
+            tracing::debug!("jemalloc did not purge its arenas (error {code})");
+        }
+    }
+}
+
+/// The process's resident memory (Linux: `VmRSS` of `/proc/self/status`; None elsewhere).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// Starts (once per process; nodes call it when they start) a thread that, every
@@ -95,6 +159,7 @@ pub fn return_freed_memory_when_idle() {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| {
         started();
+        IDLE_RESIDENT.store(resident_bytes().unwrap_or(0), Ordering::Relaxed);
         let spawned = std::thread::Builder::new()
             .name("tern-memory".into())
             .spawn(|| loop {
@@ -148,6 +213,18 @@ mod tests {
         // jemalloc knows the control (a wrong name would be refused), even when it is not
         // the allocator.
         assert_eq!(return_freed_memory(), Ok(()));
+    }
+
+    #[test]
+    fn resident_memory_is_read_where_linux_tells_it() {
+        let resident = resident_bytes();
+        if cfg!(target_os = "linux") {
+            // More than a megabyte, less than a terabyte.
+            assert!(
+                resident.is_some_and(|b| (1 << 20..1 << 40).contains(&b)),
+                "{resident:?}"
+            );
+        }
     }
 
     #[test]

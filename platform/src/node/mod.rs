@@ -140,6 +140,10 @@ pub struct NodeConfig {
     /// The node's upload cap, in Mbit/s: its protocols' outgoing bytes together are paced to it
     /// (None: not capped).
     pub upload_mbit: Option<f64>,
+    /// Memory freed by a large hop is kept for the next one while the process's resident memory
+    /// is at most this far above its idle size, and given back beyond (`[limits]
+    /// keep_freed_bytes`; see [`crate::memory::keep_freed_up_to`]).
+    pub keep_freed_bytes: u64,
     /// Node names only one key may take (`[peers]`): another peer announcing one is not named.
     pub pinned_names: HashMap<String, PublicKey>,
     /// A store already open, used instead of the one in `data_dir` (tests give a node a store
@@ -167,6 +171,7 @@ impl NodeConfig {
             max_store_bytes: DEFAULT_MAX_STORE_BYTES,
             resources: NodeResources::default(),
             upload_mbit: None,
+            keep_freed_bytes: crate::memory::DEFAULT_KEEP_FREED,
             pinned_names: HashMap::new(),
             store: None,
         }
@@ -295,6 +300,7 @@ impl Node {
             .check()
             .map_err(|e| anyhow::anyhow!("mailbox limits: {e}"))?;
         crate::memory::return_freed_memory_when_idle();
+        crate::memory::keep_freed_up_to(config.keep_freed_bytes);
         crate::slices::reserve_stack(config.limits.slice_stack_bytes());
         if !agent_lang::memory_is_metered() {
             tracing::warn!(

@@ -166,6 +166,9 @@ pub(in crate::node) async fn receive_hop(
         let hash = *blake3::hash(&offer.inline).as_bytes();
         (offer.inline, hash)
     } else {
+        if offer.continuation_len >= KEEP_CHECKPOINT_FROM as u64 {
+            crate::memory::before_large_hop();
+        }
         write_frame(stream, &HopReply::Ready).await?;
         read_bulk(stream, offer.continuation_len as usize).await?
     };

@@ -206,8 +206,12 @@ pub(in crate::node) async fn hop(
         .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
     anchor_custody(shared, rec).await?;
     let started = std::time::Instant::now();
+    let expected = exec.encoded_len_hint();
+    if expected >= KEEP_CHECKPOINT_FROM {
+        crate::memory::before_large_hop();
+    }
     let continuation = exec
-        .encode_into(Vec::with_capacity(exec.encoded_len_hint()))
+        .encode_into(Vec::with_capacity(expected))
         .map_err(|e| format!("migrate: {e}"))?;
     let previous = if rec.envelope.is_empty() {
         None

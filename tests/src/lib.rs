@@ -134,3 +134,25 @@ pub mod ctl;
 pub mod disk;
 pub mod process;
 pub mod raw_peer;
+
+/// Starts node `name` on 127.0.0.1 with its store in `dir` (the same `dir` and `key` restart
+/// it), trusting as `trust` does, after dialing `bootstrap`.
+///
+/// # Panics
+///
+/// The node does not start.
+pub async fn start_node(
+    name: &str,
+    dir: &std::path::Path,
+    key: &SecretKey,
+    trust: &TrustPolicy,
+    bootstrap: Vec<libp2p::Multiaddr>,
+) -> platform::node::NodeHandle {
+    let config = platform::node::NodeConfig {
+        bootstrap,
+        ..platform::node::NodeConfig::local(name, key.clone(), dir.to_path_buf(), trust.clone())
+    };
+    platform::node::Node::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("node {name} starts: {e:#}"))
+}

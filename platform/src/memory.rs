@@ -18,8 +18,8 @@
 //!   first node started ([`DEFAULT_KEEP_FREED`] unless a node's `[limits] keep_freed_bytes`
 //!   says more). Kept pages are not always reused (a continuation a little larger than the last
 //!   does not fit in the pages it left): an agent holding 1 MB blobs across hops took each node
-//!   430–590 MiB above idle under the default 64 MiB budget (`bench_mesh hostile`), and
-//!   210–260 MiB once bounded. A node that moves large agents may keep more, and its large hops
+//!   430–590 MiB above idle under the default 64 MiB budget (`bench_mesh hostile`), 210–270
+//!   MiB once bounded, and 179–189 MiB with the store's page cache halved as well. A node that moves large agents may keep more, and its large hops
 //!   are faster for it: a 100 MB hop took 330–340 ms with the default bound and 250–260 ms
 //!   without;
 //! - serves large buffers from its ordinary arenas (`oversize_threshold:0`: its dedicated arena

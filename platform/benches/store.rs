@@ -30,7 +30,7 @@ fn record(id: &str, hop: u64, continuation: Vec<u8>) -> AgentRecord {
             launcher: Some("12D3KooWLauncherPeerIdText00000000000000000000".to_owned()),
             state: AgentState::Ready,
             envelope: vec![9; 300],
-            handover: Some(platform::wire::HandoverSignature([4; 64])),
+            handover: Some(platform::wire::HandoverKey([4; 32])),
             tail: Vec::new(),
             nonce: [5; 16],
             certificate: vec![6; 200],

@@ -45,12 +45,12 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
 
 /// Moving an agent: offer, (package pull by the receiver), continuation bytes, the source's
 /// decision, acknowledgement.
-pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/8");
+pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/9");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Node to node: messages on their way, agents' ends and whereabouts for their home, hop
 /// recovery questions.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/8");
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/ctl/9");
 /// An operator's client (the CLI) to a node: launch, status, result, send. Only the keys of the
 /// node's `[trust] operators` are answered.
 pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/client/3");
@@ -338,8 +338,8 @@ pub struct HopOffer {
     /// The envelope the source received this agent with (empty on its first hop).
     #[serde(with = "serde_bytes")]
     pub previous: Vec<u8>,
-    /// The handover signature of that hop, by its own source (none on the first hop).
-    pub previous_handover: Option<HandoverSignature>,
+    /// The handover key of that hop, by its own source (none on the first hop).
+    pub previous_handover: Option<HandoverKey>,
     /// Length of the continuation.
     pub continuation_len: u64,
     /// The continuation itself when it is at most [`INLINE_CONTINUATION`] bytes, and then a
@@ -409,33 +409,34 @@ pub const MAX_MOVED_BYTES: usize = 4 << 20;
 /// heads), counted against [`MAX_MOVED_BYTES`].
 pub const MOVED_ENTRY_OVERHEAD: usize = 16;
 
-/// A source's signature that it handed an agent over by a hop (`security::sign_handover`).
+/// The key a source reveals when it handed an agent over by a hop, which opens the handover lock
+/// of the hop's envelope (`security::HopEnvelope::handover_key`).
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HandoverSignature(#[serde(with = "serde_bytes")] pub [u8; 64]);
+pub struct HandoverKey(#[serde(with = "serde_bytes")] pub [u8; 32]);
 
-impl std::fmt::Debug for HandoverSignature {
+impl std::fmt::Debug for HandoverKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HandoverSignature({:02x?}..)", &self.0[..4])
+        write!(f, "HandoverKey({:02x?}..)", &self.0[..4])
     }
 }
 
 /// One hop of an agent's custody as it travels and is stored: the envelope that moved it
 /// (at most `security::MAX_ENVELOPE_BYTES`: checked where it is taken) and its source's
-/// handover signature.
+/// handover key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustodyLink {
     /// The hop's envelope.
     #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
-    /// Its source's handover signature.
-    pub handover: HandoverSignature,
+    /// Its source's handover key.
+    pub handover: HandoverKey,
 }
 
 /// The source's word, after the destination answered `Stored` or `Duplicate`, that it handed the
 /// agent over: the destination's proof of custody for the hop (reports to the home, the next
 /// hop). A destination that misses it asks with [`ControlRequest::Departed`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HopHandover(pub HandoverSignature);
+pub struct HopHandover(pub HandoverKey);
 
 /// The source's last word on a hop, sent after the continuation (inline in the offer, or raw
 /// after it) once the departure record it writes meanwhile is durable, or could not be written.
@@ -854,14 +855,17 @@ pub enum ControlRequest {
         /// BLAKE3 of the hop's envelope.
         envelope: [u8; 32],
     },
-    /// Did the agent leave this node by the hop with this envelope hash (its destination took
-    /// it)? Asked by that destination when it missed the [`HopHandover`]. The answer waits
-    /// (briefly) for a departure still completing.
+    /// Did the agent leave this node by the hop with this envelope (its destination took it)?
+    /// Asked by that destination when it missed the [`HopHandover`]: the source needs the
+    /// envelope's fields to compute the key again. The answer waits (briefly) for a departure
+    /// still completing.
     Departed {
         /// The agent.
         agent: String,
-        /// BLAKE3 of the hop's envelope.
-        envelope: [u8; 32],
+        /// The hop's envelope (at most `security::MAX_ENVELOPE_BYTES`: checked where it is
+        /// taken).
+        #[serde(with = "serde_bytes")]
+        envelope: Vec<u8>,
     },
 }
 
@@ -931,9 +935,8 @@ pub enum ControlReply {
     HopHeld(bool),
     /// Whether the hop asked about committed.
     HopCommitted(bool),
-    /// Whether the agent left by the hop asked about: if it did, the source's handover
-    /// signature.
-    HandedOver(Option<HandoverSignature>),
+    /// Whether the agent left by the hop asked about: if it did, the source's handover key.
+    HandedOver(Option<HandoverKey>),
     /// The message is queued for the agent (or forwarded to where it is).
     Delivered,
     /// (To a probe) this node knows nothing of the agent.

@@ -38,10 +38,10 @@ fn agent(id: &str, hop: u64) -> AgentRecord {
             launcher: Some("12D3KooWLauncher".to_string()),
             state: AgentState::Ready,
             envelope: vec![9; 40],
-            handover: Some(platform::wire::HandoverSignature([4; 64])),
+            handover: Some(platform::wire::HandoverKey([4; 32])),
             tail: vec![platform::wire::CustodyLink {
                 envelope: vec![8; 40],
-                handover: platform::wire::HandoverSignature([5; 64]),
+                handover: platform::wire::HandoverKey([5; 32]),
             }],
             nonce: [5; 16],
             certificate: vec![6; 30],

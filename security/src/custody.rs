@@ -22,9 +22,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, fixed_bytes, opt_fixed_bytes, DecodeError};
-use crate::envelope::{
-    handover_bytes, signing_bytes, AgentId, EnvelopeHash, HopEnvelope, LaunchNonce, FIRST_HOP,
-};
+use crate::envelope::{AgentId, EnvelopeHash, HopEnvelope, LaunchNonce, FIRST_HOP};
 use crate::keys::{verify_many, wire_key, PublicKey, SecretKey};
 
 /// What a home node last confirmed of an agent's custody.
@@ -49,25 +47,24 @@ impl CustodyPoint {
     }
 }
 
-/// A hop of an agent's custody: the envelope that moved it, and its sender's signature that it
-/// handed the agent over by it ([`sign_handover`](crate::sign_handover)).
+/// A hop of an agent's custody: the envelope that moved it, and the key its sender revealed when
+/// it handed the agent over by it ([`HopEnvelope::handover_key`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandedOverHop {
     /// The hop's envelope.
     pub envelope: HopEnvelope,
-    /// The sender's handover signature.
-    pub handover: [u8; 64],
+    /// The handover key the sender revealed.
+    pub handover: [u8; 32],
 }
 
-/// Which signatures of a hop the caller vouches for (it made them itself), so that
-/// [`follow_custody`] does not check them again. Signing an envelope is not handing over:
-/// a node signs one for every offer, taken or not.
+/// Whether the caller vouches for a hop's envelope signature (it made it itself), so that
+/// [`follow_custody`] does not check it again. Signing an envelope is not handing over: a node
+/// signs one for every offer, taken or not, so the handover key is checked all the same (one
+/// hash).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Vouched {
     /// The envelope's signature.
     pub envelope: bool,
-    /// The handover signature.
-    pub handover: bool,
 }
 
 /// Who launched an agent: the home's key and the nonce its id was derived with.
@@ -351,37 +348,30 @@ pub fn follow_custody(
             envelope: Some(e.hash()),
         };
     }
-    // Signatures last, all at once: the cheap checks above refuse garbage first.
-    // (hop, whether the signature is the handover, what it signs), for each one to check.
-    let mut unchecked: Vec<(&HandedOverHop, bool, Vec<u8>)> = Vec::new();
-    for h in new {
-        let e = &h.envelope;
-        let known = vouched(&e.hash());
-        if !known.envelope {
-            unchecked.push((h, false, signing_bytes(e.fields())));
-        }
-        if !known.handover {
-            unchecked.push((h, true, handover_bytes(&e.hash())));
-        }
-    }
+    // Signatures last, all at once: the cheap checks above refuse garbage first. Then the
+    // handover keys (a hash each).
+    let unchecked: Vec<(&HopEnvelope, Vec<u8>)> = new
+        .iter()
+        .map(|h| &h.envelope)
+        .filter(|e| !vouched(&e.hash()).envelope)
+        .map(|e| (e, e.signed_bytes()))
+        .collect();
     let items: Vec<(&PublicKey, &[u8], &[u8; 64])> = unchecked
         .iter()
-        .map(|(h, handover, message)| {
-            let signature = if *handover {
-                &h.handover
-            } else {
-                h.envelope.signature()
-            };
-            (&h.envelope.fields().from, message.as_slice(), signature)
-        })
+        .map(|(e, message)| (&e.fields().from, message.as_slice(), e.signature()))
         .collect();
     let verified = verify_many(&items);
-    if let Some(((h, handover, _), _)) = unchecked.iter().zip(&verified).find(|(_, ok)| !**ok) {
-        let hop = h.envelope.fields().hop;
-        return Err(if *handover {
-            CustodyError::NotHandedOver { hop }
-        } else {
-            CustodyError::BadSignature { hop }
+    if let Some(((e, _), _)) = unchecked.iter().zip(&verified).find(|(_, ok)| !**ok) {
+        return Err(CustodyError::BadSignature {
+            hop: e.fields().hop,
+        });
+    }
+    if let Some(h) = new
+        .iter()
+        .find(|h| !h.envelope.handover_verifies(&h.handover))
+    {
+        return Err(CustodyError::NotHandedOver {
+            hop: h.envelope.fields().hop,
         });
     }
     if at.holder != *presenter {

@@ -15,6 +15,17 @@
 //! Separately, each node keeps a [`LastHop`] per agent — the latest hop it has accepted *or sent*
 //! — and passes it as [`HopCheck::with_last_seen`]: anything at or below it is a replay (or, if it
 //! is that very envelope again, a [`HopError::Duplicate`] the platform can acknowledge again).
+//!
+//! # Handing over
+//!
+//! An envelope shows that a hop was *offered*: a node that was offered an agent and did not take
+//! it holds one too. Each envelope therefore also carries a **handover lock**, BLAKE3 of a
+//! secret only its sender can compute (derived from the sender's key and the envelope's
+//! fields). Once the destination said it holds the agent, the sender reveals the secret
+//! ([`HopEnvelope::handover_key`]); anyone can check it against the signed lock
+//! ([`HopEnvelope::handover_verifies`]). It proves the same as a second signature over the
+//! envelope's hash would, for a hash instead of a signature on both sides (an ed25519
+//! signature costs about 20 µs, a check 50 µs; a handover was one of each per hop).
 
 use serde::{Deserialize, Serialize};
 
@@ -22,20 +33,25 @@ use crate::codec::{self, byte_id, fixed_bytes, opt_fixed_bytes, DecodeError};
 use crate::keys::{wire_key, PublicKey, SecretKey};
 use crate::package::PackageHash;
 
-/// The first bytes of an encoded envelope: `TERNHOP` and format version 1.
-pub const ENVELOPE_MAGIC: &[u8; 8] = b"TERNHOP\x01";
+/// The first bytes of an encoded envelope: `TERNHOP` and format version 2 (version 1 had no
+/// handover lock).
+pub const ENVELOPE_MAGIC: &[u8; 8] = b"TERNHOP\x02";
 
-/// Largest envelope [`HopEnvelope::decode`] accepts. A real one is about 330 bytes.
+/// Largest envelope [`HopEnvelope::decode`] accepts. A real one is about 365 bytes.
 pub const MAX_ENVELOPE_BYTES: usize = 1024;
 
 /// Hop number of the first envelope of a chain (the agent's first move).
 pub const FIRST_HOP: u64 = 1;
 
 /// Domain-separation tag for envelope signatures.
-const SIGNING_TAG: &str = "tern/hop/v1";
+const SIGNING_TAG: &str = "tern/hop/v2";
 
-/// Domain-separation tag for handover signatures ([`sign_handover`]).
-const HANDOVER_TAG: &str = "tern/handover/v1";
+/// Domain-separation tag for handover locks: a lock is BLAKE3 of this tag, a zero byte and the
+/// handover key.
+const HANDOVER_TAG: &[u8] = b"tern/handover-lock/v1";
+
+/// BLAKE3 key-derivation context of the key a node derives its handover keys with.
+const HANDOVER_KEY_CONTEXT: &str = "tern 2026-12-07 hop handover keys v1";
 
 byte_id!(
     /// An agent's identity for its whole life, fixed at launch and bound to the key of the node
@@ -118,6 +134,8 @@ pub struct HopFields {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HopEnvelope {
     fields: HopFields,
+    /// BLAKE3 of the key its sender reveals once it handed the agent over.
+    handover_lock: [u8; 32],
     signature: [u8; 64],
     /// BLAKE3 of the wire bytes, computed once: a hop needs it four or five times.
     hash: EnvelopeHash,
@@ -235,6 +253,8 @@ struct FieldsRef<'a> {
     #[serde(with = "fixed_bytes")]
     to: &'a [u8; 32],
     time_ms: u64,
+    #[serde(with = "fixed_bytes")]
+    handover_lock: &'a [u8; 32],
 }
 
 #[derive(Serialize, Deserialize)]
@@ -253,6 +273,8 @@ struct EnvelopeWire {
     #[serde(with = "fixed_bytes")]
     to: [u8; 32],
     time_ms: u64,
+    #[serde(with = "fixed_bytes")]
+    handover_lock: [u8; 32],
     #[serde(with = "fixed_bytes")]
     signature: [u8; 64],
 }
@@ -275,10 +297,17 @@ struct EnvelopeRef<'a> {
     to: &'a [u8; 32],
     time_ms: u64,
     #[serde(with = "fixed_bytes")]
+    handover_lock: &'a [u8; 32],
+    #[serde(with = "fixed_bytes")]
     signature: &'a [u8; 64],
 }
 
-fn fields_ref<'a>(f: &'a HopFields, from: &'a [u8; 32], to: &'a [u8; 32]) -> FieldsRef<'a> {
+fn fields_ref<'a>(
+    f: &'a HopFields,
+    from: &'a [u8; 32],
+    to: &'a [u8; 32],
+    handover_lock: &'a [u8; 32],
+) -> FieldsRef<'a> {
     FieldsRef {
         agent_id: &f.agent_id.0,
         hop: f.hop,
@@ -288,14 +317,37 @@ fn fields_ref<'a>(f: &'a HopFields, from: &'a [u8; 32], to: &'a [u8; 32]) -> Fie
         from,
         to,
         time_ms: f.time_ms,
+        handover_lock,
     }
 }
 
-pub(crate) fn signing_bytes(fields: &HopFields) -> Vec<u8> {
+/// What an envelope's signature signs: the tag, the fields and the handover lock.
+pub(crate) fn signing_bytes(fields: &HopFields, handover_lock: &[u8; 32]) -> Vec<u8> {
     let (from, to) = (fields.from.to_bytes(), fields.to.to_bytes());
     let mut out = Vec::with_capacity(256);
-    codec::encode(&(SIGNING_TAG, fields_ref(fields, &from, &to)), &mut out);
+    codec::encode(
+        &(SIGNING_TAG, fields_ref(fields, &from, &to, handover_lock)),
+        &mut out,
+    );
     out
+}
+
+/// The handover key of the envelope with these fields signed by `key`: a keyed hash of the
+/// fields, under a key derived from the signing key. Only the signer can compute it, and it
+/// differs for every envelope (the fields include the time, the destination and the
+/// continuation's hash).
+fn handover_key_of(fields: &HopFields, key: &SecretKey) -> [u8; 32] {
+    let derived = key.derive(HANDOVER_KEY_CONTEXT);
+    *blake3::keyed_hash(&derived, &signing_bytes(fields, &[0; 32])).as_bytes()
+}
+
+/// The lock a handover key opens.
+fn lock_of(handover_key: &[u8; 32]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(HANDOVER_TAG);
+    hasher.update(&[0]);
+    hasher.update(handover_key);
+    *hasher.finalize().as_bytes()
 }
 
 impl HopEnvelope {
@@ -308,9 +360,11 @@ impl HopEnvelope {
         if key.public() != fields.from {
             return Err(HopError::SignerNotSender);
         }
-        let signature = key.sign(&signing_bytes(&fields));
+        let handover_lock = lock_of(&handover_key_of(&fields, key));
+        let signature = key.sign(&signing_bytes(&fields, &handover_lock));
         let mut envelope = Self {
             fields,
+            handover_lock,
             signature,
             hash: EnvelopeHash([0; 32]),
         };
@@ -321,6 +375,12 @@ impl HopEnvelope {
     /// What the envelope says (not yet checked, unless it came from a [`VerifiedHop`]).
     pub fn fields(&self) -> &HopFields {
         &self.fields
+    }
+
+    /// BLAKE3 of the key its sender reveals once it handed the agent over
+    /// ([`HopEnvelope::handover_key`]).
+    pub fn handover_lock(&self) -> &[u8; 32] {
+        &self.handover_lock
     }
 
     /// The sender's signature.
@@ -344,6 +404,7 @@ impl HopEnvelope {
                 from: &from,
                 to: &to,
                 time_ms: f.time_ms,
+                handover_lock: &self.handover_lock,
                 signature: &self.signature,
             },
             &mut out,
@@ -394,6 +455,7 @@ impl HopEnvelope {
                 to: key(&w.to, "to")?,
                 time_ms: w.time_ms,
             },
+            handover_lock: w.handover_lock,
             signature: w.signature,
             // The decoder took canonical bytes only: these are what `encode` gives.
             hash: EnvelopeHash(*blake3::hash(bytes).as_bytes()),
@@ -413,39 +475,32 @@ impl HopEnvelope {
         }
     }
 
-    /// Whether `handover` is this envelope's sender's signature that it handed the agent over
-    /// ([`sign_handover`]).
-    pub fn handover_verifies(&self, handover: &[u8; 64]) -> bool {
-        self.fields
-            .from
-            .verify(&handover_bytes(&self.hash), handover)
+    /// The key that opens this envelope's handover lock, which its sender (holding `key`)
+    /// reveals once it handed the agent over by this hop: the destination said it holds the
+    /// agent, and the sender will not run it again. None if `key` did not sign this envelope.
+    /// (Revealed with the decision to commit, it would prove nothing: the destination reads
+    /// that decision before it answers, and can then refuse.)
+    pub fn handover_key(&self, key: &SecretKey) -> Option<[u8; 32]> {
+        let handover_key = handover_key_of(&self.fields, key);
+        (lock_of(&handover_key) == self.handover_lock).then_some(handover_key)
+    }
+
+    /// Whether `handover` opens this envelope's handover lock: its sender said it handed the
+    /// agent over by this hop ([`HopEnvelope::handover_key`]). One hash.
+    pub fn handover_verifies(&self, handover: &[u8; 32]) -> bool {
+        lock_of(handover) == self.handover_lock
+    }
+
+    /// What its signature signs.
+    pub(crate) fn signed_bytes(&self) -> Vec<u8> {
+        signing_bytes(&self.fields, &self.handover_lock)
     }
 
     fn signature_ok(&self) -> bool {
         self.fields
             .from
-            .verify(&signing_bytes(&self.fields), &self.signature)
+            .verify(&self.signed_bytes(), &self.signature)
     }
-}
-
-/// The signature of the sender of the hop with envelope hash `envelope` (`key` must be its
-/// `from`, or the signature will not verify) that it handed the agent over by that hop: the
-/// destination said it holds the agent, and the sender will not run it again. An envelope alone
-/// shows that a hop was *offered*; a node that was offered an agent and did not take it holds
-/// one too. (A signature sent with the decision to commit would not do either: the destination
-/// reads that decision before it answers, and can then refuse.)
-pub fn sign_handover(envelope: &EnvelopeHash, key: &SecretKey) -> [u8; 64] {
-    key.sign(&handover_bytes(envelope))
-}
-
-/// What a handover signature signs: the tag, a zero byte and the envelope's hash (envelope
-/// signatures sign CBOR, which never starts with the tag's first byte).
-pub(crate) fn handover_bytes(hash: &EnvelopeHash) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HANDOVER_TAG.len() + 33);
-    out.extend_from_slice(HANDOVER_TAG.as_bytes());
-    out.push(0);
-    out.extend_from_slice(&hash.0);
-    out
 }
 
 /// Proof that an envelope's signature verifies under its sender's key, from
@@ -458,7 +513,7 @@ pub struct SignatureChecked(EnvelopeHash);
 /// about half the cost of checking them one by one): `Some` proof for each that verifies. For
 /// a node that receives many hops at the same time; [`verify_hop`] does everything else.
 pub fn check_signatures(envelopes: &[&HopEnvelope]) -> Vec<Option<SignatureChecked>> {
-    let messages: Vec<Vec<u8>> = envelopes.iter().map(|e| signing_bytes(&e.fields)).collect();
+    let messages: Vec<Vec<u8>> = envelopes.iter().map(|e| e.signed_bytes()).collect();
     let items: Vec<(&PublicKey, &[u8], &[u8; 64])> = envelopes
         .iter()
         .zip(&messages)

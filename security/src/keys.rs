@@ -65,6 +65,12 @@ impl SecretKey {
         self.0.to_bytes()
     }
 
+    /// A 32-byte key for `context` derived from this one (BLAKE3's key derivation): a secret
+    /// of this node's for a purpose other than signing, which changes with the key.
+    pub(crate) fn derive(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, self.0.as_bytes())
+    }
+
     /// The public half.
     pub fn public(&self) -> PublicKey {
         let key = self.0.verifying_key();

@@ -17,7 +17,7 @@ fn handed_over(envelopes: &[HopEnvelope]) -> Vec<HandedOverHop> {
                 .find(|k| k.public() == e.fields().from)
                 .expect("a test key");
             HandedOverHop {
-                handover: sign_handover(&e.hash(), &sender),
+                handover: e.handover_key(&sender).expect("the sender's envelope"),
                 envelope: e.clone(),
             }
         })
@@ -240,8 +240,8 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
     // Hop 1 claiming to be from the home, signed by someone else.
     let mut fields = j.hops[0].fields().clone();
     fields.to = j.c.public();
-    let bytes = HopEnvelope::sign(fields, &j.home).unwrap().encode();
-    let mut tampered = bytes.clone();
+    let original = HopEnvelope::sign(fields, &j.home).unwrap();
+    let mut tampered = original.encode();
     // The `to` key sits in the CBOR; swap c's key bytes for a's, keeping the signature.
     let (c, a) = (j.c.public().to_bytes(), j.a.public().to_bytes());
     let at = tampered
@@ -250,33 +250,31 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         .expect("c's key is in the envelope");
     tampered[at..at + 32].copy_from_slice(&a);
     let tampered = HopEnvelope::decode(&tampered).unwrap();
+    // (Its lock is the original's: the original's key opens it.)
+    let tampered_hop = vec![HandedOverHop {
+        envelope: tampered.clone(),
+        handover: original.handover_key(&j.home).unwrap(),
+    }];
     assert_eq!(
-        follow_custody(
-            &agent(),
-            &start,
-            &handed_over(std::slice::from_ref(&tampered)),
-            &j.a.public(),
-            none
-        ),
+        follow_custody(&agent(), &start, &tampered_hop, &j.a.public(), none),
         Err(CustodyError::BadSignature { hop: 1 })
     );
-    // Unless the caller vouches for that envelope (it signed it itself); the handover signature
-    // is still checked unless vouched for too.
+    // Unless the caller vouches for that envelope (it signed it itself); the handover key is
+    // checked all the same.
     let vouched = tampered.hash();
     let envelope_only = |h: &EnvelopeHash| Vouched {
         envelope: *h == vouched,
-        handover: false,
     };
     assert!(follow_custody(
         &agent(),
         &start,
-        &handed_over(std::slice::from_ref(&tampered)),
+        &tampered_hop,
         &j.a.public(),
         envelope_only
     )
     .is_ok());
-    let mut not_handed_over = handed_over(&[tampered]);
-    not_handed_over[0].handover = [0; 64];
+    let mut not_handed_over = tampered_hop;
+    not_handed_over[0].handover = [0; 32];
     assert_eq!(
         follow_custody(
             &agent(),
@@ -287,11 +285,6 @@ fn a_tail_with_a_replaced_or_misattributed_envelope_is_refused() {
         ),
         Err(CustodyError::NotHandedOver { hop: 1 })
     );
-    let both = |h: &EnvelopeHash| Vouched {
-        envelope: *h == vouched,
-        handover: *h == vouched,
-    };
-    assert!(follow_custody(&agent(), &start, &not_handed_over, &j.a.public(), both).is_ok());
     // Another agent's hop 1 from the same home.
     let mut fields = j.hops[0].fields().clone();
     fields.agent_id = AgentId([7; 16]);
@@ -510,13 +503,13 @@ fn a_hop_that_was_only_offered_does_not_make_custody() {
     let j = journey();
     let start = CustodyPoint::launched(j.home.public());
     // b was offered hop 2 by a, and a then sent the agent elsewhere: b holds the envelope, but
-    // not a's handover signature. Without it, or with one b made, or a's for another hop:
+    // not the key a reveals when it hands the agent over, and cannot make it. Without it, or
+    // with the lock itself, or the key of another hop:
+    assert_eq!(j.hops[1].handover_key(&j.b), None);
+    assert_eq!(j.hops[1].handover_key(&j.home), None);
     let mut tail = handed_over(&j.hops[..2]);
-    for handover in [
-        [0; 64],
-        sign_handover(&j.hops[1].hash(), &j.b),
-        sign_handover(&j.hops[0].hash(), &j.home),
-    ] {
+    let hop_1 = handed_over(&j.hops[..1]).remove(0).handover;
+    for handover in [[0; 32], hop_1, *j.hops[1].handover_lock()] {
         tail[1].handover = handover;
         assert_eq!(
             follow_custody(&agent(), &start, &tail, &j.b.public(), none),
@@ -536,6 +529,31 @@ fn a_hop_that_was_only_offered_does_not_make_custody() {
         follow_custody(&agent(), &start, &forged, &j.b.public(), none),
         Err(CustodyError::BadSignature { hop: 2 })
     );
+}
+
+#[test]
+fn a_handover_key_opens_its_own_envelope_only() {
+    // a offers hop 2 to b, b does not take it, a sends the agent to c by another hop 2 instead:
+    // the key a reveals to c does not open b's envelope, though it is the same agent, hop,
+    // package, sender and (here) time.
+    let j = journey();
+    let to_b = &j.hops[1];
+    let mut fields = to_b.fields().clone();
+    fields.to = j.c.public();
+    let to_c = HopEnvelope::sign(fields, &j.a).unwrap();
+    let revealed = to_c.handover_key(&j.a).unwrap();
+    assert!(to_c.handover_verifies(&revealed));
+    assert!(!to_b.handover_verifies(&revealed));
+    let start = CustodyPoint::launched(j.home.public());
+    let mut tail = handed_over(&j.hops[..2]);
+    tail[1].handover = revealed;
+    assert_eq!(
+        follow_custody(&agent(), &start, &tail, &j.b.public(), none),
+        Err(CustodyError::NotHandedOver { hop: 2 })
+    );
+    // And a key is the same however often its sender computes it (a destination that lost it
+    // asks again).
+    assert_eq!(to_b.handover_key(&j.a), to_b.handover_key(&j.a));
 }
 
 #[test]

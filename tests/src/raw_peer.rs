@@ -11,7 +11,7 @@ use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
 use platform::wire::{
     read_frame, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply, ControlRequest,
-    HandoverSignature, HopHandover, HopOffer, HopRefusal, HopReply, PackageReply, PackageRequest,
+    HandoverKey, HopHandover, HopOffer, HopRefusal, HopReply, PackageReply, PackageRequest,
     CLIENT_PROTOCOL, CONTROL_PROTOCOL, HOP_PROTOCOL, MAX_FRAME, PACKAGE_PROTOCOL,
 };
 use security::{
@@ -107,35 +107,39 @@ impl RawPeer {
             while let Some((_, mut stream)) = control_streams.next().await {
                 let (ends, recorded, signer) = (ends.clone(), recorded.clone(), signer.clone());
                 tokio::spawn(async move {
-                    let reply =
-                        match read_frame::<_, ControlRequest>(&mut stream, MAX_FRAME).await {
-                            Ok(ControlRequest::Ended { agent, end, .. }) => {
-                                ends.lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .push((agent, end));
-                                ControlReply::Ok
-                            }
-                            Ok(ControlRequest::HopCommitted { envelope, .. }) => {
-                                ControlReply::HopCommitted(
-                                    recorded
-                                        .lock()
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .contains(&envelope),
-                                )
-                            }
-                            Ok(ControlRequest::Departed { envelope, .. }) => {
-                                let departed = recorded
+                    let reply = match read_frame::<_, ControlRequest>(&mut stream, MAX_FRAME).await
+                    {
+                        Ok(ControlRequest::Ended { agent, end, .. }) => {
+                            ends.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((agent, end));
+                            ControlReply::Ok
+                        }
+                        Ok(ControlRequest::HopCommitted { envelope, .. }) => {
+                            ControlReply::HopCommitted(
+                                recorded
                                     .lock()
                                     .unwrap_or_else(|e| e.into_inner())
-                                    .contains(&envelope);
-                                ControlReply::HandedOver(departed.then(|| {
-                                    handover_of(&security::EnvelopeHash(envelope), &signer)
-                                }))
-                            }
-                            _ => ControlReply::Refused(ControlRefusal::UnexpectedReply(
-                                "raw peer".into(),
-                            )),
-                        };
+                                    .contains(&envelope),
+                            )
+                        }
+                        Ok(ControlRequest::Departed { envelope, .. }) => {
+                            let hash = *blake3::hash(&envelope).as_bytes();
+                            let departed = recorded
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .contains(&hash);
+                            ControlReply::HandedOver(
+                                HopEnvelope::decode(&envelope)
+                                    .ok()
+                                    .filter(|_| departed)
+                                    .map(|e| handover_of(&e, &signer)),
+                            )
+                        }
+                        _ => ControlReply::Refused(ControlRefusal::UnexpectedReply(
+                            "raw peer".into(),
+                        )),
+                    };
                     let _ = write_frame(&mut stream, &reply).await;
                 });
             }
@@ -282,16 +286,21 @@ impl Drop for RawPeer {
     }
 }
 
-/// `key`'s signature that it handed an agent over by the hop with envelope hash `envelope`.
-pub fn handover_of(envelope: &security::EnvelopeHash, key: &SecretKey) -> HandoverSignature {
-    HandoverSignature(security::sign_handover(envelope, key))
+/// The handover key `key` gives for the hop by `envelope`: the real one if `key` signed the
+/// envelope, else the best a peer without the signer's key can make (a keyed hash of its own).
+pub fn handover_of(envelope: &HopEnvelope, key: &SecretKey) -> HandoverKey {
+    HandoverKey(
+        envelope
+            .handover_key(key)
+            .unwrap_or_else(|| *blake3::keyed_hash(&key.seed(), &envelope.encode()).as_bytes()),
+    )
 }
 
 /// The handover of the hop `offer` by `key` (its sender), as a source sends it after
 /// `Stored`.
 pub fn handover_after(offer: &HopOffer, key: &SecretKey) -> HopHandover {
-    let hash = security::EnvelopeHash(*blake3::hash(&offer.envelope).as_bytes());
-    HopHandover(handover_of(&hash, key))
+    let envelope = HopEnvelope::decode(&offer.envelope).expect("the offer's envelope");
+    HopHandover(handover_of(&envelope, key))
 }
 
 /// A first hop of a fresh agent of `package`, prepared the way a source node does it: the

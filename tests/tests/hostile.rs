@@ -11,7 +11,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::wire::{
     read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
-    ControlRequest, CustodyLink, HandoverSignature, HopDecision, HopOffer, HopRefusal, HopReply,
+    ControlRequest, CustodyLink, HandoverKey, HopDecision, HopOffer, HopRefusal, HopReply,
     MAX_FRAME,
 };
 use security::{AgentId, HopEnvelope, LaunchNonce, SecretKey, TrustPolicy, VerifiedPackage};
@@ -1210,11 +1210,11 @@ fn a_peer_that_does_not_hold_an_agent_can_neither_end_it_nor_take_its_messages()
             envelope: meta.envelope.clone(),
             // (Its real handover is honest's to have; the stranger has none, and the tail
             // leads to honest anyway.)
-            handover: HandoverSignature([0; 64]),
+            handover: HandoverKey([0; 32]),
         };
         let forged = CustodyLink {
             envelope: to_stranger.encode(),
-            handover: handover_of(&to_stranger.hash(), &throwaway),
+            handover: handover_of(&to_stranger, &throwaway),
         };
         for custody in [vec![], vec![real], vec![forged]] {
             let ended = ControlRequest::Ended {
@@ -1602,8 +1602,8 @@ fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
             hops: 1,
             unread: 0,
         };
-        let hash = security::EnvelopeHash(*blake3::hash(&offer.envelope).as_bytes());
-        let requests = [HandoverSignature([0; 64]), handover_of(&hash, &raw.key)].map(|handover| {
+        let offered = HopEnvelope::decode(&offer.envelope).expect("the offer's envelope");
+        let requests = [HandoverKey([0; 32]), handover_of(&offered, &raw.key)].map(|handover| {
             let tail = vec![CustodyLink {
                 envelope: offer.envelope.clone(),
                 handover,
@@ -1682,7 +1682,7 @@ fn a_peer_that_was_only_offered_an_agent_cannot_push_it_on() {
             &mesh.raw_key,
         )
         .expect("sign");
-        for previous_handover in [None, Some(handover_of(&first.hash(), &mesh.raw_key))] {
+        for previous_handover in [None, Some(handover_of(&first, &mesh.raw_key))] {
             let pushed = HopOffer {
                 envelope: second.encode(),
                 previous: offer.envelope.clone(),

@@ -16,7 +16,7 @@ use agent_lang::{
 use platform::store::{AgentMeta, AgentState};
 use platform::wire::{
     push_frame, Activity, ActivityCounts, AgentEnd, AgentStatus, ClientRequest, ControlRefusal,
-    ControlReply, ControlRequest, CustodyLink, HandoverSignature, HopDecision, HopHandover,
+    ControlReply, ControlRequest, CustodyLink, HandoverKey, HopDecision, HopHandover,
     HopOffer, HopRefusal, HopReply, PackageReply, PackageRequest, RecentEvent, ResourceOp,
     ResourceReply, ResourceRequest, StatusReport,
 };
@@ -353,13 +353,13 @@ fn main() {
         .iter()
         .map(|w| CustodyLink {
             envelope: w.clone(),
-            handover: HandoverSignature([5; 64]),
+            handover: HandoverKey([5; 32]),
         })
         .collect();
     let offer = |i: usize, inline: &[u8]| HopOffer {
         envelope: wires[i].clone(),
         previous: if i == 0 { vec![] } else { wires[i - 1].clone() },
-        previous_handover: (i > 0).then_some(HandoverSignature([4; 64])),
+        previous_handover: (i > 0).then_some(HandoverKey([4; 32])),
         continuation_len: inline.len() as u64,
         inline: inline.to_vec(),
         hops: i as u64 + 1,
@@ -437,7 +437,7 @@ fn main() {
             2,
             &[HopDecision::Commit, HopDecision::Abort("disk full".into())],
         ));
-        c.put(&frame(8, &[HopHandover(HandoverSignature([6; 64]))]));
+        c.put(&frame(8, &[HopHandover(HandoverKey([6; 32]))]));
         c.put(&frame(
             3,
             &[
@@ -468,7 +468,7 @@ fn main() {
                 },
                 ControlRequest::Departed {
                     agent: agent.clone(),
-                    envelope: *envelopes[0].hash().as_bytes(),
+                    envelope: envelopes[0].encode(),
                 },
             ],
         ));
@@ -524,7 +524,7 @@ fn main() {
                 ControlReply::Status(Box::new(status)),
                 ControlReply::HopHeld(true),
                 ControlReply::HopCommitted(false),
-                ControlReply::HandedOver(Some(HandoverSignature([7; 64]))),
+                ControlReply::HandedOver(Some(HandoverKey([7; 32]))),
                 ControlReply::HandedOver(None),
                 ControlReply::Delivered,
                 ControlReply::NotHere,
@@ -618,7 +618,7 @@ fn main() {
             launcher: (hop % 2 == 1).then(|| key(4).public().peer_id_string()),
             state,
             envelope: if hop == 0 { vec![] } else { wires[0].clone() },
-            handover: (hop > 0).then_some(HandoverSignature([8; 64])),
+            handover: (hop > 0).then_some(HandoverKey([8; 32])),
             tail: custody[..hop.min(2) as usize].to_vec(),
             nonce: [hop as u8; 16],
             certificate: if hop % 2 == 0 {

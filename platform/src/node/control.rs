@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use security::CustodyPoint;
+use security::{CustodyPoint, HopEnvelope};
 
 use super::accept::ExchangePermits;
 use super::custody::{certify, confirm_report};
 use super::fault::FaultPoint;
-use super::hop::{departed_by, handover_signature, hop_committed, hop_held};
+use super::hop::{departed_by, handover_key, hop_committed, hop_held};
 use super::mailbox::Wake;
 use super::routing::{route, Undelivered};
 use super::runner::deliver_end;
@@ -156,9 +156,20 @@ async fn answer(
             write_frame(stream, &reply).await
         }
         ControlRequest::Departed { agent, envelope } => {
-            let reply = match departed_by(shared, &agent, &envelope).await {
+            // An envelope that does not decode, or that this node did not sign, is no hop it
+            // handed an agent over by.
+            let envelope = match HopEnvelope::decode_known(&envelope, |k| shared.peers.known_key(k))
+            {
+                Ok(envelope) => envelope,
+                Err(e) => {
+                    tracing::debug!(%peer, agent, "asked about a hop by an unreadable envelope: {e}");
+                    return write_frame(stream, &ControlReply::HandedOver(None)).await;
+                }
+            };
+            let hash = *envelope.hash().as_bytes();
+            let reply = match departed_by(shared, &agent, &hash).await {
                 Ok(departed) => ControlReply::HandedOver(
-                    departed.then(|| handover_signature(shared, &envelope)),
+                    departed.then(|| handover_key(shared, &envelope)).flatten(),
                 ),
                 Err(e) => ControlReply::Refused(ControlRefusal::StoreUnreadable(e.to_string())),
             };

@@ -27,7 +27,7 @@ use security::{
 use super::control::control_request;
 use super::{lock, Shared};
 use crate::store::{AgentMeta, StoreError};
-use crate::wire::{ControlRefusal, ControlReply, ControlRequest, CustodyLink, HandoverSignature};
+use crate::wire::{ControlRefusal, ControlReply, ControlRequest, CustodyLink, HandoverKey};
 
 /// The custody tail the holder of `meta` presents: the hops the home may not have certified,
 /// then the one that brought the agent here (with its handover, [`handover_of`]). Empty on the
@@ -41,10 +41,7 @@ pub(super) async fn custody_tail(shared: &Arc<Shared>, meta: &AgentMeta) -> Vec<
 /// or sent after the hop ([`Handovers`]), or else asked of the source
 /// (`ControlRequest::Departed`). None if the source does not say it handed the agent over (or
 /// cannot be asked), and on the home node before the agent's first hop.
-pub(super) async fn handover_of(
-    shared: &Arc<Shared>,
-    meta: &AgentMeta,
-) -> Option<HandoverSignature> {
+pub(super) async fn handover_of(shared: &Arc<Shared>, meta: &AgentMeta) -> Option<HandoverKey> {
     if meta.handover.is_some() || meta.envelope.is_empty() {
         return meta.handover;
     }
@@ -54,17 +51,14 @@ pub(super) async fn handover_of(
     if let Some(handover) = shared.handovers.wait_for(&meta.id, &envelope).await {
         return Some(handover);
     }
-    let source = HopEnvelope::decode_known(&meta.envelope, |k| shared.peers.known_key(k))
-        .ok()?
-        .fields()
-        .from;
-    let peer = source.peer_id_string().parse::<PeerId>().ok()?;
+    let hop = HopEnvelope::decode_known(&meta.envelope, |k| shared.peers.known_key(k)).ok()?;
+    let peer = hop.fields().from.peer_id_string().parse::<PeerId>().ok()?;
     let question = ControlRequest::Departed {
         agent: meta.id.clone(),
-        envelope,
+        envelope: meta.envelope.clone(),
     };
     match control_request(shared, peer, &question).await {
-        Ok(ControlReply::HandedOver(Some(handover))) => {
+        Ok(ControlReply::HandedOver(Some(handover))) if hop.handover_verifies(&handover.0) => {
             shared.handovers.record(&meta.id, envelope, handover);
             Some(handover)
         }
@@ -84,13 +78,13 @@ pub(super) async fn handover_of(
 pub(super) fn arriving_tail(
     carried: Vec<CustodyLink>,
     previous: &[u8],
-    handover: Option<HandoverSignature>,
+    handover: Option<HandoverKey>,
 ) -> Vec<CustodyLink> {
     let mut tail = carried;
     if !previous.is_empty() {
         tail.push(CustodyLink {
             envelope: previous.to_vec(),
-            handover: handover.unwrap_or(HandoverSignature([0; 64])),
+            handover: handover.unwrap_or(HandoverKey([0; 32])),
         });
     }
     tail
@@ -182,24 +176,20 @@ pub(super) fn check_arrival(
 }
 
 /// On the home node: whether an agent coming home by a hop comes from its holder: the custody
-/// `tail` must lead from the custody recorded here to the sender, by the envelope the hop
-/// follows.
+/// `tail` must lead from the custody `recorded` here (`Store::custody`) to the sender, by the
+/// envelope the hop follows.
 ///
 /// # Errors
 ///
 /// [`ControlRefusal::NoCustody`] if the agent was not launched here, an envelope does not
-/// decode, or the tail does not lead to the sender; [`ControlRefusal::StoreUnreadable`] if
-/// the record cannot be read.
+/// decode, or the tail does not lead to the sender.
 pub(super) fn check_homecoming(
     shared: &Shared,
     agent: &str,
+    recorded: Option<CustodyPoint>,
     tail: &[CustodyLink],
     arrival: &ArrivingHop<'_>,
 ) -> Result<(), ControlRefusal> {
-    let recorded = shared
-        .store
-        .custody(agent)
-        .map_err(|e| ControlRefusal::StoreUnreadable(e.to_string()))?;
     let point = follow(shared, agent, recorded, tail, arrival.sender)?;
     arrival.held_at(agent, &point)
 }
@@ -293,7 +283,7 @@ pub(super) async fn confirm_report(
 ) -> Result<CustodyPoint, ControlRefusal> {
     let checked_from = shared
         .store
-        .custody(agent)
+        .custody(agent, |k| shared.peers.known_key(k))
         .map_err(|e| ControlRefusal::StoreUnreadable(e.to_string()))?;
     let presenter_key = key_of(shared, agent, &presenter)?;
     let point = follow(shared, agent, checked_from, &tail, &presenter_key)?;
@@ -301,7 +291,7 @@ pub(super) async fn confirm_report(
     shared
         .store
         .write(move |b| {
-            let now = b.custody(&id)?;
+            let now = b.custody(&id, |k| task_shared.peers.known_key(k))?;
             let point = if now == checked_from {
                 Ok(point)
             } else {
@@ -439,7 +429,7 @@ pub(super) type ConfirmedCustody = HeldBy<Vec<u8>>;
 /// until the agent leaves or reports with them.
 #[derive(Default)]
 pub(super) struct Handovers {
-    held: HeldBy<HandoverSignature>,
+    held: HeldBy<HandoverKey>,
     /// Wakes those waiting for a handover ([`Handovers::wait_for`]) when one comes.
     arrived: tokio::sync::Notify,
 }
@@ -449,14 +439,14 @@ const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_millis(500)
 
 impl Handovers {
     /// The source of the hop with envelope hash `envelope` handed `agent` over.
-    pub(super) fn record(&self, agent: &str, envelope: [u8; 32], handover: HandoverSignature) {
+    pub(super) fn record(&self, agent: &str, envelope: [u8; 32], handover: HandoverKey) {
         self.held.record(agent, envelope, handover);
         self.arrived.notify_waiters();
     }
 
     /// The handover of `agent` by the hop with envelope hash `envelope`, once it came, waiting
     /// up to [`HANDOVER_WAIT`] for it.
-    async fn wait_for(&self, agent: &str, envelope: &[u8; 32]) -> Option<HandoverSignature> {
+    async fn wait_for(&self, agent: &str, envelope: &[u8; 32]) -> Option<HandoverKey> {
         let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
         loop {
             let arrived = self.arrived.notified();

@@ -30,8 +30,15 @@ impl Store {
     ///
     /// When the read fails, or the entry holds no valid key
     /// ([`StoreError::Inconsistent`]).
-    pub fn custody(&self, id: &str) -> Result<Option<CustodyPoint>, StoreError> {
-        self.read(|txn| custody_in(&txn.open_table(CUSTODY)?, id))
+    ///
+    /// A holder's key that `known` returns for its bytes is taken as it is rather than
+    /// decompressed again (a home reads this twice a hop of each of its agents).
+    pub fn custody(
+        &self,
+        id: &str,
+        known: impl Fn(&[u8; 32]) -> Option<PublicKey>,
+    ) -> Result<Option<CustodyPoint>, StoreError> {
+        self.read(|txn| custody_in(&txn.open_table(CUSTODY)?, id, known))
     }
 
     /// How agent `id` ended, if it did and the result was kept here.
@@ -65,8 +72,12 @@ impl Batch<'_> {
     /// # Errors
     ///
     /// As [`Store::custody`].
-    pub fn custody(&mut self, id: &str) -> Result<Option<CustodyPoint>, StoreError> {
-        custody_in(&self.txn.open_table(CUSTODY)?, id)
+    pub fn custody(
+        &mut self,
+        id: &str,
+        known: impl Fn(&[u8; 32]) -> Option<PublicKey>,
+    ) -> Result<Option<CustodyPoint>, StoreError> {
+        custody_in(&self.txn.open_table(CUSTODY)?, id, known)
     }
 
     /// On the home node: records the custody of agent `id` it confirmed.
@@ -101,16 +112,20 @@ impl Batch<'_> {
 fn custody_in(
     table: &impl ReadableTable<&'static str, (u64, [u8; 32], [u8; 32])>,
     id: &str,
+    known: impl Fn(&[u8; 32]) -> Option<PublicKey>,
 ) -> Result<Option<CustodyPoint>, StoreError> {
     let Some(entry) = table.get(id)? else {
         return Ok(None);
     };
     let (hop, holder, envelope) = entry.value();
-    let holder = PublicKey::from_bytes(&holder).map_err(|_| StoreError::Inconsistent {
-        table: "custody",
-        key: id.to_string(),
-        what: "the holder is not a public key",
-    })?;
+    let holder = match known(&holder) {
+        Some(key) if key.to_bytes() == holder => key,
+        _ => PublicKey::from_bytes(&holder).map_err(|_| StoreError::Inconsistent {
+            table: "custody",
+            key: id.to_string(),
+            what: "the holder is not a public key",
+        })?,
+    };
     Ok(Some(CustodyPoint {
         hop,
         holder,

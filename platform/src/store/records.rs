@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::chunks::{insert_chunks, read_chunks, remove_chunks, LARGE};
 use super::schema::{AGENTS, CHUNKS};
 use super::{Batch, Store, StoreError};
-use crate::wire::{CustodyLink, HandoverSignature, MessagesSent};
+use crate::wire::{CustodyLink, HandoverKey, MessagesSent};
 
 /// An agent resident on this node, as a restart finds it: its metadata and its continuation.
 /// The metadata's fields read through the record (`rec.id` is `rec.meta.id`).
@@ -107,7 +107,7 @@ pub struct AgentMeta {
     /// on the home node before the agent's first hop): with `envelope`, the last link of the
     /// agent's custody here.
     #[serde(default)]
-    pub handover: Option<HandoverSignature>,
+    pub handover: Option<HandoverKey>,
     /// The hops before `envelope` that the home node may not have certified yet, oldest first
     /// (the custody tail: see `security::follow_custody`); at most
     /// [`MAX_CUSTODY_TAIL`](crate::wire::MAX_CUSTODY_TAIL) + 1. (Records before custody links
@@ -149,7 +149,7 @@ struct MetaRef<'a> {
     state: &'a AgentState,
     #[serde(with = "serde_bytes")]
     envelope: &'a [u8],
-    handover: Option<&'a HandoverSignature>,
+    handover: Option<&'a HandoverKey>,
     tail: &'a [CustodyLink],
     #[serde(with = "serde_bytes")]
     nonce: &'a [u8; 16],
@@ -221,7 +221,7 @@ struct StoredAgent {
     #[serde(with = "serde_bytes")]
     envelope: Vec<u8>,
     #[serde(default)]
-    handover: Option<HandoverSignature>,
+    handover: Option<HandoverKey>,
     #[serde(default)]
     tail: Vec<CustodyLink>,
     #[serde(default, with = "serde_bytes")]

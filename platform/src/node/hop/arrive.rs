@@ -35,8 +35,8 @@ use crate::store::{
     AgentMeta, AgentRecord, AgentState, Arrival, HopSeen, TableEntries, TablePlace,
 };
 use crate::wire::{
-    read_bulk, read_frame, write_frame, ControlRefusal, HopDecision, HopHandover, HopOffer,
-    HopRefusal, HopReply, MovedTable, WireError, MAX_FRAME,
+    read_bulk, read_frame, write_frame, ControlRefusal, HandoverKey, HopDecision, HopHandover,
+    HopOffer, HopRefusal, HopReply, MovedTable, WireError, MAX_FRAME,
 };
 
 /// Destination side of hops: offer after offer on one stream, until the source closes it.
@@ -102,8 +102,7 @@ pub(in crate::node) async fn handle_hop(
                     let handover =
                         read_frame::<_, HopHandover>(&mut stream, HANDOVER_FRAME).await?;
                     if let Ok(Some(meta)) = shared.store.agent_meta(agent) {
-                        let envelope = *blake3::hash(&meta.envelope).as_bytes();
-                        shared.handovers.record(agent, envelope, handover.0);
+                        record_handover(shared, agent, &meta.envelope, handover.0);
                     }
                 }
             }
@@ -117,16 +116,31 @@ pub(in crate::node) async fn handle_hop(
 const HANDOVER_FRAME: usize = 256;
 
 /// Reads the source's handover of the hop that brought the agent of `meta` here, which follows
-/// `Stored`, and keeps it for the agent ([`Handovers`](crate::node::custody::Handovers)).
+/// `Stored`, and keeps it for the agent ([`Handovers`](crate::node::custody::Handovers)) if it
+/// opens the envelope's handover lock.
 async fn take_handover(
     shared: &Shared,
     stream: &mut NodeStream,
     meta: &AgentMeta,
 ) -> Result<(), WireError> {
     let handover = read_frame::<_, HopHandover>(stream, HANDOVER_FRAME).await?;
-    let envelope = *blake3::hash(&meta.envelope).as_bytes();
-    shared.handovers.record(&meta.id, envelope, handover.0);
+    record_handover(shared, &meta.id, &meta.envelope, handover.0);
     Ok(())
+}
+
+/// Keeps `handover` for `agent`, held by `envelope`, if it opens the envelope's handover lock.
+fn record_handover(shared: &Shared, agent: &str, envelope: &[u8], handover: HandoverKey) {
+    match HopEnvelope::decode_known(envelope, |k| shared.peers.known_key(k)) {
+        Ok(e) if e.handover_verifies(&handover.0) => {
+            shared
+                .handovers
+                .record(agent, *e.hash().as_bytes(), handover)
+        }
+        _ => tracing::debug!(
+            agent,
+            "a handover key that does not open the lock of the envelope held"
+        ),
+    }
 }
 
 /// Why a hop was not received: an answer for the source, or a broken stream.
@@ -247,13 +261,14 @@ pub(in crate::node) async fn receive_hop(
     }
     // This node is the agent's home if it keeps its custody, whatever the offer says.
     let me = shared.peers.local_text();
-    let home_here = match shared.store.custody(&id) {
-        Ok(recorded) => recorded.is_some(),
+    let recorded = match shared.store.custody(&id, |k| shared.peers.known_key(k)) {
+        Ok(recorded) => recorded,
         Err(e) => {
             let refusal = refused(HopRefusal::StoreRead(e.to_string()));
             return Err(after_decision(stream, refusal).await);
         }
     };
+    let home_here = recorded.is_some();
     if home_here != (offer.home == me) {
         tracing::warn!(%peer, agent = id, "refused a hop that names another home than the agent's");
         let refusal = refused(HopRefusal::Envelope(format!(
@@ -271,7 +286,7 @@ pub(in crate::node) async fn receive_hop(
         previous: previous.as_ref().map(HopEnvelope::hash),
     };
     let checked = if home_here {
-        check_homecoming(shared, &id, &custody, &arrival)
+        check_homecoming(shared, &id, recorded, &custody, &arrival)
     } else {
         let origin = (offer.home.as_str(), offer.nonce);
         check_arrival(shared, &id, origin, &offer.certificate, &custody, &arrival)

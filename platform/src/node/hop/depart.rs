@@ -12,7 +12,7 @@ use futures::FutureExt;
 use libp2p::PeerId;
 use security::{AgentId, HopEnvelope, HopFields, ResourcePolicy, Vouched, FIRST_HOP};
 
-use super::recover::{handover_signature, recover_departure, resolve_departure};
+use super::recover::{handover_key, recover_departure, resolve_departure};
 use crate::node::custody::{handover_of, report_location};
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
@@ -23,9 +23,10 @@ use crate::node::streams::PeerStream;
 use crate::node::{lock, now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Batch, Durability, StoreError};
 use crate::wire::{
-    push_frame, read_frame, write_bulk, write_frame, write_frames, HopDecision, HopHandover,
-    HopOffer, HopReply, MovedTable, HOP_PROTOCOL, INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME,
-    MAX_MOVED_BYTES, MAX_MOVED_ENTRIES, MAX_MOVED_TABLES, MOVED_ENTRY_OVERHEAD,
+    push_frame, read_frame, write_bulk, write_frame, write_frames, HandoverKey, HopDecision,
+    HopHandover, HopOffer, HopReply, MovedTable, HOP_PROTOCOL, INLINE_CONTINUATION,
+    MAX_CUSTODY_TAIL, MAX_FRAME, MAX_MOVED_BYTES, MAX_MOVED_ENTRIES, MAX_MOVED_TABLES,
+    MOVED_ENTRY_OVERHEAD,
 };
 
 /// Envelopes this node signed that it remembers: an agent that comes back presents one as its
@@ -42,8 +43,6 @@ pub(in crate::node) struct Departures {
     recording: Mutex<HashMap<[u8; 32], DepartureRecorded>>,
     /// Hashes of the hop envelopes this node signed lately.
     signed: Mutex<HashSet<[u8; 32]>>,
-    /// Hashes of the envelopes of hops this node signed the handover of lately.
-    handed_over: Mutex<HashSet<[u8; 32]>>,
 }
 
 impl Departures {
@@ -57,17 +56,11 @@ impl Departures {
         lock(&self.signed).contains(hash)
     }
 
-    /// Remembers a hop (by its envelope's hash) this node signed the handover of.
-    pub(in crate::node) fn handed_over(&self, hash: [u8; 32]) {
-        remember(&self.handed_over, hash);
-    }
-
-    /// Which signatures of the hop with this envelope hash this node made (lately): they need
-    /// no check.
+    /// Whether this node signed the envelope with this hash (lately): its signature needs no
+    /// check.
     pub(in crate::node) fn vouched(&self, hash: &[u8; 32]) -> Vouched {
         Vouched {
             envelope: self.signed_here(hash),
-            handover: lock(&self.handed_over).contains(hash),
         }
     }
 
@@ -366,7 +359,9 @@ pub(in crate::node) async fn hop(
         to: shared.peers.name_of_peer(&dest),
         bytes: continuation.len(),
     });
-    let outcome = send_hop(shared, &sent, &offer, continuation, &recorded).await;
+    let handover = handover_key(shared, &envelope)
+        .ok_or_else(|| "migrate: the envelope signed has no handover key".to_string())?;
+    let outcome = send_hop(shared, &sent, &offer, continuation, &recorded, handover).await;
     let result = match (outcome, recorded.await) {
         (SendOutcome::Owned, Ok(())) => {
             shared.faults.die_at(FaultPoint::SourceAfterAck);
@@ -554,6 +549,7 @@ pub(in crate::node) async fn send_hop(
     offer: &HopOffer,
     continuation: &[u8],
     recorded: &DepartureRecorded,
+    handover: HandoverKey,
 ) -> SendOutcome {
     // Attempts are retried: a destination drops new streams past what it queues for one peer,
     // and a reused stream may have died with its connection. Resending the
@@ -567,7 +563,7 @@ pub(in crate::node) async fn send_hop(
             Err(e) => format!("unreachable ({e})"),
             Ok(mut s) => {
                 let reused = s.reused;
-                match hop_exchange(shared, &mut s, offer, continuation, recorded).await {
+                match hop_exchange(shared, &mut s, offer, continuation, recorded, handover).await {
                     HopExchange::Answered(outcome, reusable) => {
                         if reusable {
                             shared.outbound.put(sent.dest, HOP_PROTOCOL, s.stream);
@@ -608,19 +604,21 @@ pub(in crate::node) async fn send_hop(
 
 /// One attempt at a hop on one stream: the offer (with the continuation inline when it is
 /// small, else Ready and the raw continuation), the source's decision once its departure record
-/// is written, then the destination's answer; if it holds the agent, this node's handover.
-pub(in crate::node) async fn hop_exchange(
+/// is written, then the destination's answer; if it holds the agent, this node's `handover` key.
+async fn hop_exchange(
     shared: &Shared,
     s: &mut PeerStream,
     offer: &HopOffer,
     continuation: &[u8],
     recorded: &DepartureRecorded,
+    handover: HandoverKey,
 ) -> HopExchange {
     let exchange = offer_and_decide(shared, s, offer, continuation, recorded).await;
     if let HopExchange::Answered(SendOutcome::Owned, true) = exchange {
-        let envelope = blake3::hash(&offer.envelope);
-        let handover = HopHandover(handover_signature(shared, envelope.as_bytes()));
-        if write_frame(&mut s.stream, &handover).await.is_err() {
+        if write_frame(&mut s.stream, &HopHandover(handover))
+            .await
+            .is_err()
+        {
             // (The destination asks for it: `ControlRequest::Departed`.)
             return HopExchange::Answered(SendOutcome::Owned, false);
         }

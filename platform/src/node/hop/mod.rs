@@ -11,5 +11,5 @@ pub(super) use arrive::handle_hop;
 pub(super) use depart::{hop, release_large_checkpoint, Departures, HopResult};
 pub(super) use gate::ArrivalGate;
 pub(super) use recover::{
-    ask_hop_decision, departed_by, handover_signature, hop_committed, hop_held, recover_departure,
+    ask_hop_decision, departed_by, handover_key, hop_committed, hop_held, recover_departure,
 };

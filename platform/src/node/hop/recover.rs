@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agent_lang::Resume;
 use libp2p::PeerId;
-use security::{sign_handover, EnvelopeHash};
+use security::HopEnvelope;
 
 use super::arrive::settle_arrival;
 use super::depart::{complete_departure, SentHop};
@@ -15,7 +15,7 @@ use crate::node::events::NodeEvent;
 use crate::node::runner::{spawn_agent, spawn_runner};
 use crate::node::Shared;
 use crate::store::{AgentMeta, AgentState, StoreError};
-use crate::wire::{ControlReply, ControlRequest, HandoverSignature};
+use crate::wire::{ControlReply, ControlRequest, HandoverKey};
 
 /// Whether this node holds (agent, hop) (by the envelope with hash `envelope`, if given: held
 /// by another is a "no"), once no receipt of that hop is in progress; with `give_up`, a "no"
@@ -202,15 +202,14 @@ pub(in crate::node) async fn departed_by(
     }
 }
 
-/// This node's signature that it handed its agent over by the hop with envelope hash
-/// `envelope`: sent once the destination said it holds the agent, and to a destination that
-/// asks ([`departed_by`]).
-pub(in crate::node) fn handover_signature(
+/// This node's handover key of the hop with this envelope, which opens the envelope's handover
+/// lock: sent once the destination said it holds the agent, and to a destination that asks
+/// ([`departed_by`]). None if this node did not sign the envelope.
+pub(in crate::node) fn handover_key(
     shared: &Shared,
-    envelope: &[u8; 32],
-) -> HandoverSignature {
-    shared.departures.handed_over(*envelope);
-    HandoverSignature(sign_handover(&EnvelopeHash(*envelope), &shared.key))
+    envelope: &HopEnvelope,
+) -> Option<HandoverKey> {
+    envelope.handover_key(&shared.key).map(HandoverKey)
 }
 
 /// The source's answer to [`ControlRequest::HopCommitted`]: whether the departure record of the

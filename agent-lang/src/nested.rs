@@ -9,7 +9,12 @@
 //! - Dropping and cloning recurse in Rhai's own code, about 170 bytes of stack a level (release
 //!   build): the host runs slices on threads whose stack is [`Limits::slice_stack_bytes`], sized
 //!   for the deepest value the memory budget allows. Off those threads, an [`Execution`] is
-//!   dropped by [`dismantle`], which takes nested values apart one level at a time.
+//!   dropped by [`dismantle`], which takes nested values apart one level at a time. On them,
+//!   the variables that go out of scope in the executor (a block or loop left, an error
+//!   unwinding, a function returning) go by [`rewind`], the same way: a drop a million levels
+//!   deep touches some 270 MB of the thread's stack, which the process keeps until the thread
+//!   is replaced. (What Rhai drops itself, e.g. the old value of a variable assigned over inside
+//!   a statement, still recurses.)
 //! - Comparing (`==`, `!=`) and printing (`print`, `debug`, `to_string`, `to_debug`) arrays and
 //!   maps go through Rhai's function dispatch at every level, 1 to 2 KB of stack each. They are
 //!   registered over Rhai's here: the same results, with arrays and maps walked directly, and
@@ -20,7 +25,7 @@
 
 use std::fmt::Write as _;
 
-use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position, Scope};
 
 /// How deep comparing or printing follows arrays and maps inside each other.
 pub const MAX_WALKED_DEPTH: usize = 10_000;
@@ -197,16 +202,57 @@ fn write_item(
     Ok(())
 }
 
+/// Rewinds `scope` to its first `len` variables, as `Scope::rewind` does, but with the arrays,
+/// maps and function pointers among those that go taken apart one level at a time. A shared
+/// cell (a variable a closure captured) is left whole: the closure may live on.
+pub(crate) fn rewind(scope: &mut Scope, len: usize) {
+    let holds_values = |v: &Dynamic| !v.is_shared() && (v.is_array() || v.is_map() || v.is_fnptr());
+    // (`iter_raw` goes from the last variable to the first.)
+    let going = scope.len().saturating_sub(len);
+    if !scope
+        .iter_raw()
+        .take(going)
+        .any(|(_, constant, v)| !constant && holds_values(v))
+    {
+        scope.rewind(len);
+        return;
+    }
+    let names: Vec<String> = scope
+        .iter_raw()
+        .take(going)
+        .map(|(n, ..)| n.to_string())
+        .collect();
+    let mut values = Vec::new();
+    for name in &names {
+        // The last variable of that name is the last of the scope (`get_mut` looks from the
+        // end); a constant stays as it is.
+        if let Some(value) = scope.get_mut(name) {
+            if holds_values(value) {
+                values.push(std::mem::take(value));
+            }
+        }
+        scope.pop();
+    }
+    take_apart(values, false);
+}
+
 /// Drops `values` one level at a time: the arrays, maps, function pointers and shared cells
 /// inside are emptied onto a list rather than dropped inside each other, so no depth of
 /// nesting recurses.
 pub(crate) fn dismantle(values: impl IntoIterator<Item = Dynamic>) {
+    take_apart(values, true);
+}
+
+/// [`dismantle`], opening shared cells only if `open_shared` (when their other holders go too).
+fn take_apart(values: impl IntoIterator<Item = Dynamic>, open_shared: bool) {
     let mut pending: Vec<Dynamic> = values.into_iter().collect();
     while let Some(mut value) = pending.pop() {
         if value.is_shared() {
             // Other holders of the cell are parts of the same state, going too.
-            if let Some(mut inner) = value.write_lock::<Dynamic>() {
-                pending.push(std::mem::take(&mut *inner));
+            if open_shared {
+                if let Some(mut inner) = value.write_lock::<Dynamic>() {
+                    pending.push(std::mem::take(&mut *inner));
+                }
             }
         } else if value.is_array() {
             if let Ok(mut array) = value.as_array_mut() {

@@ -94,6 +94,20 @@ fn arrays_held_together_beyond_the_budget_end_the_agent_at_the_statement() {
 }
 
 #[test]
+fn an_agent_stopped_while_nesting_arrays_ends_on_a_small_stack() {
+    // 16 MiB of arrays one in another is some 400,000 levels: dropped whole as the error
+    // unwinds, 70 MB of stack. A slice thread has room for it, but every page it touches stays
+    // with the process.
+    let e = std::thread::Builder::new()
+        .stack_size(4 << 20)
+        .spawn(|| failure(run("let a = []; loop { a = [a.take()]; }", &budget(16))))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(e.kind, AgentErrorKind::MemoryBudget, "{e}");
+}
+
+#[test]
 fn the_memory_budget_is_not_catchable() {
     over_budget(
         "let all = []; try { loop { all.push(blob(1000000)); } } catch (err) { 0 }",

@@ -209,7 +209,7 @@ impl Execution {
                     Some(item) => {
                         *index += 1;
                         let i = *index;
-                        frame.scope.rewind(scope_len as usize);
+                        crate::nested::rewind(&mut frame.scope, scope_len as usize);
                         if let Some(c) = counter {
                             frame.scope.push(c.clone(), i);
                         }
@@ -226,7 +226,7 @@ impl Execution {
             None => {
                 let frame = self.top_frame()?;
                 frame.cursors.pop();
-                frame.scope.rewind(scope_len as usize);
+                crate::nested::rewind(&mut frame.scope, scope_len as usize);
                 self.deliver(ctx, Dynamic::UNIT)
             }
         }

@@ -45,7 +45,7 @@ impl Execution {
                     else {
                         return Err(internal("block cursor vanished"));
                     };
-                    frame.scope.rewind(scope_len as usize);
+                    crate::nested::rewind(&mut frame.scope, scope_len as usize);
                     self.deliver(ctx, value)
                 }
             }
@@ -143,7 +143,7 @@ impl Execution {
                 else {
                     return Err(internal("try cursor vanished"));
                 };
-                frame.scope.rewind(scope_len as usize);
+                crate::nested::rewind(&mut frame.scope, scope_len as usize);
                 let value = if caught.is_some() {
                     Dynamic::UNIT
                 } else {

@@ -26,7 +26,7 @@ impl Execution {
                     let (node, scope_len) = (*node, *scope_len);
                     if is_break {
                         frame.cursors.pop();
-                        frame.scope.rewind(scope_len as usize);
+                        crate::nested::rewind(&mut frame.scope, scope_len as usize);
                         // A loop is always directly inside a block (or a try, whose body is a
                         // block): the `break` value becomes the loop statement's value.
                         return self.set_value(value);
@@ -42,7 +42,7 @@ impl Execution {
                 Some(Cursor::Block { scope_len, .. }) | Some(Cursor::Try { scope_len, .. }) => {
                     let l = *scope_len as usize;
                     frame.cursors.pop();
-                    frame.scope.rewind(l);
+                    crate::nested::rewind(&mut frame.scope, l);
                 }
                 Some(Cursor::Value { .. }) => {
                     frame.cursors.pop();
@@ -58,7 +58,9 @@ impl Execution {
         ctx: &mut Ctx,
         value: Dynamic,
     ) -> Result<(), StepErr> {
-        self.frames.pop();
+        if let Some(mut frame) = self.frames.pop() {
+            crate::nested::rewind(&mut frame.scope, 0);
+        }
         if self.frames.is_empty() {
             return Err(StepErr::Stop(Stop::Outcome(Outcome::Finished(value))));
         }
@@ -89,14 +91,14 @@ impl Execution {
             while let Some(cursor) = frame.cursors.pop() {
                 match cursor {
                     Cursor::Block { scope_len, .. } | Cursor::Loop { scope_len, .. } => {
-                        frame.scope.rewind(scope_len as usize);
+                        crate::nested::rewind(&mut frame.scope, scope_len as usize);
                     }
                     Cursor::Try {
                         scope_len,
                         caught: Some(caught),
                         ..
                     } => {
-                        frame.scope.rewind(scope_len as usize);
+                        crate::nested::rewind(&mut frame.scope, scope_len as usize);
                         // A bare `throw;` in a catch block re-throws the caught error.
                         if let EvalAltResult::ErrorRuntime(v, pos) = &*err {
                             if v.is_unit() {
@@ -111,7 +113,7 @@ impl Execution {
                         scope_len,
                         caught: None,
                     } if catchable => {
-                        frame.scope.rewind(scope_len as usize);
+                        crate::nested::rewind(&mut frame.scope, scope_len as usize);
                         let Node::Try {
                             catch_var, catch, ..
                         } = &prog.plan.nodes[node as usize]
@@ -143,15 +145,16 @@ impl Execution {
                         return Ok(());
                     }
                     Cursor::Try { scope_len, .. } => {
-                        frame.scope.rewind(scope_len as usize);
+                        crate::nested::rewind(&mut frame.scope, scope_len as usize);
                     }
                     Cursor::Value { .. } => {}
                 }
             }
             // The error leaves this frame.
-            let Some(frame) = self.frames.pop() else {
+            let Some(mut frame) = self.frames.pop() else {
                 continue;
             };
+            crate::nested::rewind(&mut frame.scope, 0);
             if self.frames.is_empty() {
                 return Err(Stop::Outcome(Outcome::Failed(failure(
                     err,

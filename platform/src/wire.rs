@@ -85,9 +85,9 @@ pub const MAX_CARRIED_MESSAGES: usize = 4096;
 pub const MAX_CUSTODY_TAIL: usize = 256;
 
 /// Most bytes of messages a hop offer may carry: a node's `max_queued_bytes` is at most this,
-/// so an agent's queue, with its continuation's inline part, its envelopes and the tables that
-/// move with it (at most [`MAX_MOVED_BYTES`]), always fits in one [`MAX_FRAME`] and never keeps
-/// the agent from leaving.
+/// so an agent's queue, with its continuation's inline part and its envelopes, always fits in
+/// one [`MAX_FRAME`] and never keeps the agent from leaving. (The tables that move with it
+/// follow the offer: [`MAX_MOVED_BYTES`].)
 pub const MAX_CARRIED_BYTES: u64 = 12 << 20;
 
 /// Continuations up to this size travel inside the hop offer (one round trip per hop); larger
@@ -378,10 +378,41 @@ pub struct HopOffer {
     pub certificate: Vec<u8>,
     /// Who waits for the agent's result (peer id), if anyone.
     pub launcher: Option<String>,
-    /// The tables that move with the agent (bound by `move`), at most [`MAX_MOVED_TABLES`]:
-    /// the destination stores them with it, the source drops them once the hop is complete.
-    #[serde(default, deserialize_with = "at_most::<MAX_MOVED_TABLES, _, _>")]
-    pub tables: Vec<MovedTable>,
+    /// Bytes of the tables that move with the agent (bound by `move`; [`MovedTables`], at most
+    /// [`MAX_MOVED_BYTES`]), 0 if none. They follow the continuation on the raw path (an offer
+    /// with tables is never inline): the destination stores them with the agent, the source
+    /// drops them once the hop is complete.
+    #[serde(default)]
+    pub tables_len: u64,
+}
+
+/// The tables that move with an agent by a hop, as they follow its continuation: at most
+/// [`MAX_MOVED_TABLES`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MovedTables(
+    #[serde(deserialize_with = "at_most::<MAX_MOVED_TABLES, _, _>")] pub Vec<MovedTable>,
+);
+
+impl MovedTables {
+    /// Their bytes (CBOR).
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Malformed`] if they do not encode.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).map_err(|e| WireError::Malformed(e.to_string()))?;
+        Ok(out)
+    }
+
+    /// Reads them from their bytes, with the bounds of [`MovedTable`].
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Malformed`] if they do not decode.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        ciborium::from_reader(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+    }
 }
 
 /// A table moving with its agent: its name and its entries (key, encoded value), in key order.
@@ -400,14 +431,10 @@ pub const MAX_MOVED_TABLES: usize = 8;
 /// Most entries of one table that moves with a hop.
 pub const MAX_MOVED_ENTRIES: usize = 16_384;
 
-/// Most bytes of the tables that move with one hop, counting [`MOVED_ENTRY_OVERHEAD`] for each
-/// entry besides its key and value: they travel in the hop's offer, a frame of at most
-/// [`MAX_FRAME`] bytes, beside the messages the agent carries (at most [`MAX_CARRIED_BYTES`]).
-pub const MAX_MOVED_BYTES: usize = 4 << 20;
-
-/// What an entry of a moving table costs in the offer besides its key and value (its CBOR
-/// heads), counted against [`MAX_MOVED_BYTES`].
-pub const MOVED_ENTRY_OVERHEAD: usize = 16;
+/// Most bytes of the tables that move with one hop ([`MovedTables`] encoded): they follow the
+/// continuation on the raw path, so a table larger than a frame moves. The destination counts
+/// them against its store quota as well.
+pub const MAX_MOVED_BYTES: usize = 64 << 20;
 
 /// The key a source reveals when it handed an agent over by a hop, which opens the handover lock
 /// of the hop's envelope (`security::HopEnvelope::handover_key`).

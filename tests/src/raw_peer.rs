@@ -390,7 +390,7 @@ pub fn first_hop_of(
         nonce: nonce.0,
         certificate: Vec::new(),
         launcher: None,
-        tables: Vec::new(),
+        tables_len: 0,
         custody: Vec::new(),
     };
     (offer, continuation)

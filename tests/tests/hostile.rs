@@ -12,7 +12,7 @@ use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::wire::{
     read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
     ControlRequest, CustodyLink, HandoverKey, HopDecision, HopOffer, HopRefusal, HopReply,
-    MAX_FRAME,
+    MovedTables, MAX_FRAME,
 };
 use security::{AgentId, HopEnvelope, LaunchNonce, SecretKey, TrustPolicy, VerifiedPackage};
 use tern_tests::raw_peer::{first_hop, first_hop_of, handover_after, handover_of, RawPeer};
@@ -222,6 +222,24 @@ async fn send_hop_deciding(
     read_frame(stream, MAX_FRAME)
         .await
         .expect("a reply to the continuation")
+}
+
+/// Sends the hop `offer` on a new stream with `tables` (encoded) moving with the agent, after
+/// its continuation on the raw path, and returns the last reply.
+async fn send_tables(
+    raw: &RawPeer,
+    offer: &HopOffer,
+    continuation: &[u8],
+    tables: &[u8],
+    signer: &SecretKey,
+) -> HopReply {
+    let mut offer = offer.clone();
+    offer.inline = Vec::new();
+    offer.tables_len = tables.len() as u64;
+    // (On the wire, the tables follow the continuation's bytes.)
+    let raw_bytes = [continuation, tables].concat();
+    let mut s = raw.open_hop().await;
+    send_hop(&mut s, &offer, &raw_bytes, signer).await
 }
 
 /// Offers a hop whose continuation follows raw, sends `bytes` once the node is ready, then
@@ -985,7 +1003,7 @@ small = "read""#,
         .and_then(|p| Ok(p.verify()?))
         .expect("packs");
         raw.serve(&package, package.to_bytes());
-        let (mut offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
         let entry =
             |key: &str, value: &[u8]| (key.to_string(), serde_bytes::ByteBuf::from(value.to_vec()));
         let one =
@@ -1025,28 +1043,58 @@ small = "read""#,
                 "'fresh' comes twice",
             ),
         ] {
-            offer.tables = tables;
-            let mut s = raw.open_hop().await;
-            let reply = send_hop(&mut s, &offer, &continuation, &mesh.raw_key).await;
+            let tables = MovedTables(tables).encode().expect("tables encode");
+            let reply = send_tables(&raw, &offer, &continuation, &tables, &mesh.raw_key).await;
             refused(
                 &reply,
                 |r| matches!(r, HopRefusal::MovingTable(why) if why.contains(says)),
             );
         }
-        // More entries or tables than a hop moves: the offer does not decode.
-        offer.tables = vec![moved(
+        // More entries or tables than a hop moves, or bytes that are no tables: they do not
+        // decode.
+        let too_many_entries = MovedTables(vec![moved(
             "fresh",
             vec![entry("k", &one); platform::wire::MAX_MOVED_ENTRIES + 1],
-        )];
+        )]);
+        let too_many_tables = MovedTables(
+            (0..=platform::wire::MAX_MOVED_TABLES)
+                .map(|_| moved("fresh", vec![]))
+                .collect(),
+        );
+        for tables in [
+            too_many_entries.encode().expect("encodes"),
+            too_many_tables.encode().expect("encodes"),
+            b"\xff not cbor".to_vec(),
+        ] {
+            let reply = send_tables(&raw, &offer, &continuation, &tables, &mesh.raw_key).await;
+            refused(
+                &reply,
+                |r| matches!(r, HopRefusal::MovingTable(why) if why.contains("do not decode")),
+            );
+        }
+        // More bytes than a hop moves, or tables with an inline continuation: refused before
+        // they are read.
+        let mut inline_with_tables = offer.clone();
+        inline_with_tables.inline = continuation.clone();
+        inline_with_tables.tables_len = 10;
         let mut s = raw.open_hop().await;
-        write_frame(&mut s, &offer).await.expect("offer sent");
-        expect_closed(&mut s).await;
-        offer.tables = (0..=platform::wire::MAX_MOVED_TABLES)
-            .map(|_| moved("fresh", vec![]))
-            .collect();
+        let reply = send_hop(&mut s, &inline_with_tables, &continuation, &mesh.raw_key).await;
+        refused(
+            &reply,
+            |r| matches!(r, HopRefusal::MovingTable(why) if why.contains("inline")),
+        );
+        let mut over = offer.clone();
+        over.inline = Vec::new();
+        over.tables_len = platform::wire::MAX_MOVED_BYTES as u64 + 1;
         let mut s = raw.open_hop().await;
-        write_frame(&mut s, &offer).await.expect("offer sent");
-        expect_closed(&mut s).await;
+        write_frame(&mut s, &over).await.expect("offer sent");
+        let reply = read_frame::<_, HopReply>(&mut s, MAX_FRAME)
+            .await
+            .expect("a reply");
+        refused(
+            &reply,
+            |r| matches!(r, HopRefusal::MovingTable(why) if why.contains("more than")),
+        );
         no_agent_left(&mesh).await;
         let report = mesh.target.status().expect("status");
         assert!(report.moved_tables.is_empty(), "{:?}", report.moved_tables);

@@ -727,6 +727,43 @@ fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
     });
 }
 
+/// A table larger than a frame (10 MB, where tables rode in the hop's offer up to 4 MiB) moves
+/// with its agent after the continuation, there and back, whole.
+#[test]
+fn a_table_of_ten_megabytes_moves_with_its_agent() {
+    tern_tests::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = security::SecretKey::generate();
+        let mesh = mesh_of(moving_nodes(dir.path()), tern_tests::trust_for(&key)).await;
+        let mover = tern_tests::package_by(
+            &key,
+            r#"
+                let t = resource("counts");
+                let value = "";
+                value.pad(4000, "x");
+                for i in 0..2500 { t.set(`k${i}`, `${i}:${value}`); }
+                migrate("node-1");
+                let there = [here(), t.len(), t.get("k1234").len(), t.get("k2499").sub_string(0, 6)];
+                t.set("back", true);
+                migrate("node-0");
+                [there, here(), t.len(), t.get("back")]
+            "#,
+            &[("counts", "move")],
+        );
+        let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
+        let end = tokio::time::timeout(Duration::from_secs(60), end)
+            .await
+            .expect("in time")
+            .expect("an end");
+        assert_eq!(
+            json(end),
+            r#"[["node-1",2500,4005,"2499:x"],"node-0",2501,true]"#,
+            "{id}"
+        );
+        tern_tests::eventually(|| places(&mesh) == ["here", "gone to node-0", "-"]).await;
+    });
+}
+
 /// An owner that is gone makes a remote call throw (catchably) instead of hanging.
 #[test]
 fn a_remote_call_to_an_owner_that_is_gone_throws() {

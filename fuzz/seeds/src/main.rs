@@ -16,9 +16,9 @@ use agent_lang::{
 use platform::store::{AgentMeta, AgentState};
 use platform::wire::{
     push_frame, Activity, ActivityCounts, AgentEnd, AgentStatus, ClientRequest, ControlRefusal,
-    ControlReply, ControlRequest, CustodyLink, HandoverKey, HopDecision, HopHandover,
-    HopOffer, HopRefusal, HopReply, PackageReply, PackageRequest, RecentEvent, ResourceOp,
-    ResourceReply, ResourceRequest, StatusReport,
+    ControlReply, ControlRequest, CustodyLink, HandoverKey, HopDecision, HopHandover, HopOffer,
+    HopRefusal, HopReply, PackageReply, PackageRequest, RecentEvent, ResourceOp, ResourceReply,
+    ResourceRequest, StatusReport,
 };
 use security::{
     AgentId, CustodyCertificate, CustodyPoint, EnvelopeHash, HopEnvelope, HopFields, Manifest,
@@ -262,6 +262,18 @@ fn portable_values() -> Vec<Dynamic> {
     ]
 }
 
+/// A table moving with an agent, of `messages` as values.
+fn moved_tables(messages: &[Vec<u8>]) -> platform::wire::MovedTables {
+    platform::wire::MovedTables(vec![platform::wire::MovedTable {
+        name: "counts".into(),
+        entries: messages
+            .iter()
+            .enumerate()
+            .map(|(k, m)| (format!("key-{k}"), serde_bytes::ByteBuf::from(m.clone())))
+            .collect(),
+    }])
+}
+
 fn frame<T: serde::Serialize>(which: u8, messages: &[T]) -> Vec<u8> {
     let mut out = vec![which];
     for m in messages {
@@ -383,18 +395,15 @@ fn main() {
             certificates[i - 1].clone()
         },
         launcher: (i == 1).then(|| key(4).public().peer_id_string()),
-        // The second hop carries a table moving with the agent.
-        tables: (i == 1)
-            .then(|| platform::wire::MovedTable {
-                name: "counts".into(),
-                entries: messages
-                    .iter()
-                    .enumerate()
-                    .map(|(k, m)| (format!("key-{k}"), serde_bytes::ByteBuf::from(m.clone())))
-                    .collect(),
-            })
-            .into_iter()
-            .collect(),
+        // The second hop carries a table moving with the agent (`moved_tables`).
+        tables_len: if i == 1 {
+            moved_tables(&messages)
+                .encode()
+                .expect("tables encode")
+                .len() as u64
+        } else {
+            0
+        },
     };
     let finished = AgentEnd::Finished {
         json: "{\"total\":12}".into(),
@@ -438,6 +447,7 @@ fn main() {
             &[HopDecision::Commit, HopDecision::Abort("disk full".into())],
         ));
         c.put(&frame(8, &[HopHandover(HandoverKey([6; 32]))]));
+        c.put(&frame(10, &[moved_tables(&messages)]));
         c.put(&frame(
             3,
             &[
@@ -572,13 +582,22 @@ fn main() {
             9,
             &[
                 resource(ResourceOp::Describe),
-                resource(ResourceOp::Lines { start: 3, count: 1000 }),
-                resource(ResourceOp::Read { offset: 1 << 40, len: 4096 }),
+                resource(ResourceOp::Lines {
+                    start: 3,
+                    count: 1000,
+                }),
+                resource(ResourceOp::Read {
+                    offset: 1 << 40,
+                    len: 4096,
+                }),
                 resource(ResourceOp::Set {
                     key: "k".into(),
                     value: serde_bytes::ByteBuf::from(messages[0].clone()),
                 }),
-                resource(ResourceOp::Keys { start: 0, count: u64::MAX }),
+                resource(ResourceOp::Keys {
+                    start: 0,
+                    count: u64::MAX,
+                }),
                 resource(ResourceOp::Value),
             ],
         ));

@@ -36,7 +36,7 @@ use crate::store::{
 };
 use crate::wire::{
     read_bulk, read_frame, write_frame, ControlRefusal, HandoverKey, HopDecision, HopHandover,
-    HopOffer, HopRefusal, HopReply, MovedTable, WireError, MAX_FRAME,
+    HopOffer, HopRefusal, HopReply, MovedTable, MovedTables, WireError, MAX_FRAME, MAX_MOVED_BYTES,
 };
 
 /// Destination side of hops: offer after offer on one stream, until the source closes it.
@@ -186,6 +186,13 @@ pub(in crate::node) async fn receive_hop(
         write_frame(stream, &HopReply::Ready).await?;
         read_bulk(stream, offer.continuation_len as usize).await?
     };
+    // The tables that move with the agent follow its continuation (checked against
+    // `MAX_MOVED_BYTES` with the offer).
+    let tables = if offer.tables_len > 0 {
+        read_bulk(stream, offer.tables_len as usize).await?.0
+    } else {
+        Vec::new()
+    };
     // From here on the source's decision follows, whatever the answer.
     let CheckedOffer {
         envelope,
@@ -240,7 +247,13 @@ pub(in crate::node) async fn receive_hop(
         }
     }
     let id = fields.agent_id.to_string();
-    let tables = match moved_tables(shared, &loaded, &id, offer.tables) {
+    let tables = if tables.is_empty() {
+        Ok(MovedTables::default())
+    } else {
+        MovedTables::decode(&tables)
+            .map_err(|e| format!("the tables that move with the agent do not decode: {e}"))
+    };
+    let tables = match tables.and_then(|tables| moved_tables(shared, &loaded, &id, tables.0)) {
         Ok(tables) => tables,
         Err(why) => {
             let refusal = refused(HopRefusal::MovingTable(why));
@@ -579,7 +592,22 @@ pub(in crate::node) async fn check_offer<'a>(
             bytes: offer.continuation_len,
         }));
     }
-    if let Err(full) = shared.quota.room_for(offer.continuation_len) {
+    if offer.tables_len > MAX_MOVED_BYTES as u64 {
+        return Err(refused(HopRefusal::MovingTable(format!(
+            "the tables that move with the agent take {} bytes, more than the {MAX_MOVED_BYTES} \
+             a hop moves",
+            offer.tables_len
+        ))));
+    }
+    if !offer.inline.is_empty() && offer.tables_len > 0 {
+        return Err(refused(HopRefusal::MovingTable(
+            "an inline offer moves no tables: they follow a raw continuation".into(),
+        )));
+    }
+    if let Err(full) = shared
+        .quota
+        .room_for(offer.continuation_len.saturating_add(offer.tables_len))
+    {
         tracing::warn!(%peer, agent, "refused a hop: {}", HopRefusal::from(full));
         return Err(refused(full.into()));
     }

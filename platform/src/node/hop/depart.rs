@@ -24,9 +24,8 @@ use crate::node::{lock, now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Batch, Durability, StoreError};
 use crate::wire::{
     push_frame, read_frame, write_bulk, write_frame, write_frames, HandoverKey, HopDecision,
-    HopHandover, HopOffer, HopReply, MovedTable, HOP_PROTOCOL, INLINE_CONTINUATION,
+    HopHandover, HopOffer, HopReply, MovedTable, MovedTables, HOP_PROTOCOL, INLINE_CONTINUATION,
     MAX_CUSTODY_TAIL, MAX_FRAME, MAX_MOVED_BYTES, MAX_MOVED_ENTRIES, MAX_MOVED_TABLES,
-    MOVED_ENTRY_OVERHEAD,
 };
 
 /// Envelopes this node signed that it remembers: an agent that comes back presents one as its
@@ -311,7 +310,8 @@ pub(in crate::node) async fn hop(
     };
     lock(&shared.departures.recording).insert(envelope_hash, recorded.clone());
     let continuation = &leaving.continuation;
-    let inline = continuation.len() <= INLINE_CONTINUATION;
+    // (Tables follow the continuation on the raw path.)
+    let inline = continuation.len() <= INLINE_CONTINUATION && tables.is_empty();
     let dest_text = shared.peers.text_of(&dest);
     let offer = HopOffer {
         envelope: envelope.encode(),
@@ -337,7 +337,7 @@ pub(in crate::node) async fn hop(
         certificate: rec.certificate.clone(),
         launcher: rec.launcher.clone(),
         custody: rec.tail.clone(),
-        tables,
+        tables_len: tables.len() as u64,
     };
     let sent = SentHop {
         dest,
@@ -361,7 +361,11 @@ pub(in crate::node) async fn hop(
     });
     let handover = handover_key(shared, &envelope)
         .ok_or_else(|| "migrate: the envelope signed has no handover key".to_string())?;
-    let outcome = send_hop(shared, &sent, &offer, continuation, &recorded, handover).await;
+    let payload = HopPayload {
+        continuation,
+        tables: &tables,
+    };
+    let outcome = send_hop(shared, &sent, &offer, payload, &recorded, handover).await;
     let result = match (outcome, recorded.await) {
         (SendOutcome::Owned, Ok(())) => {
             shared.faults.die_at(FaultPoint::SourceAfterAck);
@@ -420,13 +424,17 @@ pub(in crate::node) async fn hop(
     result
 }
 
-/// The tables agent `agent` holds here (bound by `move`), which go with it: refused, and the
-/// agent stays, when they are more than one hop carries.
-fn moving_tables(shared: &Shared, agent: &str) -> Result<Vec<MovedTable>, String> {
+/// The tables agent `agent` holds here (bound by `move`), which go with it, encoded
+/// ([`MovedTables`]; empty if none): refused, and the agent stays, when they are more than one
+/// hop carries.
+fn moving_tables(shared: &Shared, agent: &str) -> Result<Vec<u8>, String> {
     let held = shared
         .store
         .tables_held_by(agent)
         .map_err(|e| format!("migrate: {e}"))?;
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
     if held.len() > MAX_MOVED_TABLES {
         return Err(format!(
             "migrate: the agent holds {} tables bound by move, and at most {MAX_MOVED_TABLES} \
@@ -434,8 +442,8 @@ fn moving_tables(shared: &Shared, agent: &str) -> Result<Vec<MovedTable>, String
             held.len()
         ));
     }
-    let mut bytes = 0;
-    held.into_iter()
+    let tables = held
+        .into_iter()
         .map(|(name, entries)| {
             if entries.len() > MAX_MOVED_ENTRIES {
                 return Err(format!(
@@ -444,24 +452,24 @@ fn moving_tables(shared: &Shared, agent: &str) -> Result<Vec<MovedTable>, String
                     entries.len()
                 ));
             }
-            bytes += entries
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + MOVED_ENTRY_OVERHEAD)
-                .sum::<usize>();
-            if bytes > MAX_MOVED_BYTES {
-                return Err(format!(
-                    "migrate: the tables bound by move hold more than {MAX_MOVED_BYTES} bytes \
-                     ({MOVED_ENTRY_OVERHEAD} more for each entry), which is what moves with one \
-                     hop"
-                ));
-            }
             let entries = entries
                 .into_iter()
                 .map(|(k, v)| (k, serde_bytes::ByteBuf::from(v)))
                 .collect();
             Ok(MovedTable { name, entries })
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()?;
+    let bytes = MovedTables(tables)
+        .encode()
+        .map_err(|e| format!("migrate: {e}"))?;
+    if bytes.len() > MAX_MOVED_BYTES {
+        return Err(format!(
+            "migrate: the tables bound by move take {} bytes, more than the {MAX_MOVED_BYTES} \
+             that move with one hop",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
 }
 
 /// From this size on, a departure record keeps the agent's last checkpoint rather than its
@@ -533,6 +541,15 @@ pub(in crate::node) struct SentHop<'a> {
     pub(in crate::node) envelope: Option<[u8; 32]>,
 }
 
+/// The raw bytes of a hop: the continuation, then the tables that move with the agent
+/// ([`MovedTables`], empty if none). Both follow `HopReply::Ready` unless the continuation is
+/// inline (then there are no tables).
+#[derive(Clone, Copy)]
+pub(in crate::node) struct HopPayload<'a> {
+    pub(in crate::node) continuation: &'a [u8],
+    pub(in crate::node) tables: &'a [u8],
+}
+
 /// How one attempt to send a hop over a stream ended.
 pub(in crate::node) enum HopExchange {
     /// The destination answered; `reusable`: the stream is fit for the next exchange.
@@ -547,7 +564,7 @@ pub(in crate::node) async fn send_hop(
     shared: &Shared,
     sent: &SentHop<'_>,
     offer: &HopOffer,
-    continuation: &[u8],
+    payload: HopPayload<'_>,
     recorded: &DepartureRecorded,
     handover: HandoverKey,
 ) -> SendOutcome {
@@ -563,7 +580,7 @@ pub(in crate::node) async fn send_hop(
             Err(e) => format!("unreachable ({e})"),
             Ok(mut s) => {
                 let reused = s.reused;
-                match hop_exchange(shared, &mut s, offer, continuation, recorded, handover).await {
+                match hop_exchange(shared, &mut s, offer, payload, recorded, handover).await {
                     HopExchange::Answered(outcome, reusable) => {
                         if reusable {
                             shared.outbound.put(sent.dest, HOP_PROTOCOL, s.stream);
@@ -609,11 +626,11 @@ async fn hop_exchange(
     shared: &Shared,
     s: &mut PeerStream,
     offer: &HopOffer,
-    continuation: &[u8],
+    payload: HopPayload<'_>,
     recorded: &DepartureRecorded,
     handover: HandoverKey,
 ) -> HopExchange {
-    let exchange = offer_and_decide(shared, s, offer, continuation, recorded).await;
+    let exchange = offer_and_decide(shared, s, offer, payload, recorded).await;
     if let HopExchange::Answered(SendOutcome::Owned, true) = exchange {
         if write_frame(&mut s.stream, &HopHandover(handover))
             .await
@@ -631,7 +648,7 @@ async fn offer_and_decide(
     shared: &Shared,
     s: &mut PeerStream,
     offer: &HopOffer,
-    continuation: &[u8],
+    payload: HopPayload<'_>,
     recorded: &DepartureRecorded,
 ) -> HopExchange {
     let stream = &mut s.stream;
@@ -683,8 +700,13 @@ async fn offer_and_decide(
             Ok(reply) => return answered(reply),
         }
         // Until the bytes are all out, the destination holds nothing.
-        if let Err(e) = write_bulk(stream, continuation).await {
-            return HopExchange::NotSent(e.to_string());
+        for bytes in [payload.continuation, payload.tables] {
+            if bytes.is_empty() {
+                continue;
+            }
+            if let Err(e) = write_bulk(stream, bytes).await {
+                return HopExchange::NotSent(e.to_string());
+            }
         }
     }
     let decision = match recorded.clone().await {

@@ -233,6 +233,9 @@ pub(in crate::node) async fn hop(
     )
     .map_err(|e| format!("migrate: {e}"))?;
     let envelope_hash = *envelope.hash().as_bytes();
+    // (Revealed once the destination holds the agent.)
+    let handover = handover_key(shared, &envelope)
+        .ok_or_else(|| "migrate: the envelope signed has no handover key".to_string())?;
     shared.departures.signed(envelope_hash);
     let moves = loaded
         .package
@@ -359,8 +362,6 @@ pub(in crate::node) async fn hop(
         to: shared.peers.name_of_peer(&dest),
         bytes: continuation.len(),
     });
-    let handover = handover_key(shared, &envelope)
-        .ok_or_else(|| "migrate: the envelope signed has no handover key".to_string())?;
     let payload = HopPayload {
         continuation,
         tables: &tables,

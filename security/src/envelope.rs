@@ -341,6 +341,12 @@ fn handover_key_of(fields: &HopFields, key: &SecretKey) -> [u8; 32] {
     *blake3::keyed_hash(&derived, &signing_bytes(fields, &[0; 32])).as_bytes()
 }
 
+/// Whether `handover` opens the handover lock `lock` (an envelope's
+/// [`HopEnvelope::handover_lock`], kept apart from it).
+pub fn handover_opens(lock: &[u8; 32], handover: &[u8; 32]) -> bool {
+    lock_of(handover) == *lock
+}
+
 /// The lock a handover key opens.
 fn lock_of(handover_key: &[u8; 32]) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
@@ -488,7 +494,7 @@ impl HopEnvelope {
     /// Whether `handover` opens this envelope's handover lock: its sender said it handed the
     /// agent over by this hop ([`HopEnvelope::handover_key`]). One hash.
     pub fn handover_verifies(&self, handover: &[u8; 32]) -> bool {
-        lock_of(handover) == self.handover_lock
+        handover_opens(&self.handover_lock, handover)
     }
 
     /// What its signature signs.

@@ -89,9 +89,9 @@ pub use custody::{
     HandedOverHop, Vouched, CERTIFICATE_MAGIC, MAX_CERTIFICATE_BYTES,
 };
 pub use envelope::{
-    check_signatures, verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope, HopError,
-    HopFields, LastHop, LaunchNonce, SignatureChecked, VerifiedHop, ENVELOPE_MAGIC, FIRST_HOP,
-    MAX_ENVELOPE_BYTES,
+    check_signatures, handover_opens, verify_hop, AgentId, EnvelopeHash, HopCheck, HopEnvelope,
+    HopError, HopFields, LastHop, LaunchNonce, SignatureChecked, VerifiedHop, ENVELOPE_MAGIC,
+    FIRST_HOP, MAX_ENVELOPE_BYTES,
 };
 pub use keys::{KeyError, PublicKey, SecretKey, PUBLIC_KEY_PREFIX};
 pub use package::{

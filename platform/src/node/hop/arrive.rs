@@ -73,7 +73,7 @@ pub(in crate::node) async fn handle_hop(
     {
         let mut claimed = None;
         match receive_hop(shared, peer, &mut stream, offer, &mut claimed).await {
-            Ok(arrived) => {
+            Ok((arrived, lock)) => {
                 let acknowledged = write_frame(&mut stream, &HopReply::Stored).await;
                 // Stored is stored: the agent runs here even if the acknowledgement is lost
                 // (the source then learns of the hop through `HopStatus`).
@@ -82,7 +82,7 @@ pub(in crate::node) async fn handle_hop(
                 acknowledged?;
                 // (The handover is waited for without holding the node's permits.)
                 drop(exchange_permits);
-                let handover = take_handover(shared, &mut stream, &meta).await;
+                let handover = take_handover(shared, &mut stream, &meta, &lock).await;
                 tell_home_location(shared, meta, &peer);
                 handover?;
             }
@@ -117,14 +117,23 @@ const HANDOVER_FRAME: usize = 256;
 
 /// Reads the source's handover of the hop that brought the agent of `meta` here, which follows
 /// `Stored`, and keeps it for the agent ([`Handovers`](crate::node::custody::Handovers)) if it
-/// opens the envelope's handover lock.
+/// opens `lock`, the handover lock of the envelope the agent came by.
 async fn take_handover(
     shared: &Shared,
     stream: &mut NodeStream,
     meta: &AgentMeta,
+    lock: &[u8; 32],
 ) -> Result<(), WireError> {
-    let handover = read_frame::<_, HopHandover>(stream, HANDOVER_FRAME).await?;
-    record_handover(shared, &meta.id, &meta.envelope, handover.0);
+    let HopHandover(handover) = read_frame::<_, HopHandover>(stream, HANDOVER_FRAME).await?;
+    if security::handover_opens(lock, &handover.0) {
+        let envelope = *blake3::hash(&meta.envelope).as_bytes();
+        shared.handovers.record(&meta.id, envelope, handover);
+    } else {
+        tracing::debug!(
+            agent = meta.id,
+            "a handover key that does not open the envelope's lock"
+        );
+    }
     Ok(())
 }
 
@@ -161,13 +170,14 @@ pub(in crate::node) fn refused(why: HopRefusal) -> Refusal {
 
 /// Checks an offer, takes the continuation (inline, or raw after Ready), verifies it, stores the
 /// agent as arriving while the source's decision travels, and makes it runnable on `Commit`.
+/// Gives the agent, and the handover lock of its envelope (the source's key follows).
 pub(in crate::node) async fn receive_hop(
     shared: &Arc<Shared>,
     peer: PeerId,
     stream: &mut NodeStream,
     offer: HopOffer,
     claimed: &mut Option<(String, u64)>,
-) -> Result<Runnable, Refusal> {
+) -> Result<(Runnable, [u8; 32]), Refusal> {
     let received = std::time::Instant::now();
     let inline = !offer.inline.is_empty();
     let checked = match check_offer(shared, peer, &offer, claimed).await {
@@ -203,6 +213,7 @@ pub(in crate::node) async fn receive_hop(
     } = checked;
     let fields = envelope.fields().clone();
     let envelope_hash = *envelope.hash().as_bytes();
+    let lock = *envelope.handover_lock();
     let hash = fields.package_hash;
     // The signature is checked with those of the hops arriving at the same time.
     let signature_checked = if envelope.fields().from == sender {
@@ -478,7 +489,7 @@ pub(in crate::node) async fn receive_hop(
         bytes: rec.continuation.len(),
         micros: offer.prepared_micros + received.elapsed().as_micros() as u64,
     });
-    Ok(Runnable { rec, exec, loaded })
+    Ok((Runnable { rec, exec, loaded }, lock))
 }
 
 /// A hop this node accepted by another envelope, offered again: refused (only one claim on a

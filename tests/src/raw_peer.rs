@@ -32,6 +32,8 @@ pub struct RawPeer {
     packages: Packages,
     ended: Arc<Mutex<Vec<(String, AgentEnd)>>>,
     departures: Arc<Mutex<HashSet<[u8; 32]>>>,
+    /// Hashes of the envelopes the node asked about with `ControlRequest::Departed`.
+    asked_departed: Arc<Mutex<Vec<[u8; 32]>>>,
     offers: Arc<Mutex<Vec<HopOffer>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -102,10 +104,17 @@ impl RawPeer {
         let ends = ended.clone();
         let departures: Arc<Mutex<HashSet<[u8; 32]>>> = Arc::default();
         let recorded = departures.clone();
+        let asked_departed: Arc<Mutex<Vec<[u8; 32]>>> = Arc::default();
+        let asked = asked_departed.clone();
         let signer = key.clone();
         tasks.push(tokio::spawn(async move {
             while let Some((_, mut stream)) = control_streams.next().await {
-                let (ends, recorded, signer) = (ends.clone(), recorded.clone(), signer.clone());
+                let (ends, recorded, signer, asked) = (
+                    ends.clone(),
+                    recorded.clone(),
+                    signer.clone(),
+                    asked.clone(),
+                );
                 tokio::spawn(async move {
                     let reply = match read_frame::<_, ControlRequest>(&mut stream, MAX_FRAME).await
                     {
@@ -125,6 +134,7 @@ impl RawPeer {
                         }
                         Ok(ControlRequest::Departed { envelope, .. }) => {
                             let hash = *blake3::hash(&envelope).as_bytes();
+                            asked.lock().unwrap_or_else(|e| e.into_inner()).push(hash);
                             let departed = recorded
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
@@ -168,6 +178,7 @@ impl RawPeer {
             packages,
             ended,
             departures,
+            asked_departed,
             offers,
             tasks,
         }
@@ -176,6 +187,15 @@ impl RawPeer {
     /// The hops the node offered to this peer (each was refused).
     pub fn offers(&self) -> Vec<HopOffer> {
         self.offers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The hashes of the envelopes the node asked this peer about with
+    /// `ControlRequest::Departed` (whether it handed an agent over by them), in order.
+    pub fn asked_departed(&self) -> Vec<[u8; 32]> {
+        self.asked_departed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

@@ -1759,6 +1759,116 @@ fn a_peer_that_was_only_offered_an_agent_cannot_push_it_on() {
     });
 }
 
+/// An agent going back to the source of its last hop goes without that hop's handover, and
+/// without asking for it: the source knows its own key. (Here the source, a raw peer, never
+/// sends it; the agent's hop back is offered at once, with no handover and no question asked.)
+#[test]
+fn an_agent_back_at_its_last_source_goes_without_asking_for_the_handover() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = mesh.raw();
+        let source = format!(
+            r#"migrate("target"); try {{ migrate("{}"); }} catch (e) {{}} receive(); here()"#,
+            raw.peer_id
+        );
+        let package = sign(&source, &mesh.author);
+        raw.serve(&package, package.to_bytes());
+        let (offer, continuation) = mesh.hop(&package, &raw.peer_id.to_string());
+        let mut s = raw.open_hop().await;
+        let reply = send_hop_deciding(&mut s, &offer, &continuation, HopDecision::Commit).await;
+        assert!(matches!(reply, HopReply::Stored), "{reply:?}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let back = loop {
+            if let Some(back) = raw.offers().pop() {
+                break back;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no hop back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(back.previous, offer.envelope);
+        assert!(back.previous_handover.is_none());
+        assert!(
+            raw.asked_departed().is_empty(),
+            "the node asked for the handover"
+        );
+        drop(s);
+    });
+}
+
+/// A peer an agent was offered to, which refused it, pushes it back to the node that offered
+/// it once the agent went elsewhere, without the handover (as an agent back at its last source
+/// comes). The node refuses: it did not hand the agent over by that hop.
+#[test]
+fn a_peer_that_was_only_offered_an_agent_cannot_push_it_back() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let offered = mesh.raw();
+        let source = format!(
+            r#"
+                migrate("target");
+                try {{ migrate("{}"); }} catch (e) {{}}
+                receive();
+                migrate("honest");
+                here()
+            "#,
+            offered.peer_id
+        );
+        let package = sign(&source, &mesh.author);
+        let (id, end) = mesh.honest.launch(package.clone(), None).expect("launch");
+        held_in_state(&mesh.target, &id, "waiting").await;
+        let offer = offered
+            .offers()
+            .pop()
+            .expect("the hop was offered to the raw peer");
+        mesh.target
+            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+            .await
+            .expect("delivered");
+        let end = ended(end).await;
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, .. } if json == r#""honest""#),
+            "{end:?}"
+        );
+        offered.serve(&package, package.to_bytes());
+        let first = HopEnvelope::decode(&offer.envelope).expect("target's envelope");
+        let back = HopEnvelope::sign(
+            security::HopFields {
+                hop: first.fields().hop + 1,
+                previous: Some(first.hash()),
+                from: mesh.raw_key.public(),
+                to: mesh.target_key,
+                ..first.fields().clone()
+            },
+            &mesh.raw_key,
+        )
+        .expect("sign");
+        // The custody the peer got with the offer, up to target (as a holder would keep it).
+        let mut custody = offer.custody.clone();
+        custody.push(CustodyLink {
+            envelope: offer.previous.clone(),
+            handover: offer
+                .previous_handover
+                .expect("honest's handover travels on"),
+        });
+        let pushed = HopOffer {
+            envelope: back.encode(),
+            previous: offer.envelope.clone(),
+            previous_handover: None,
+            custody,
+            hops: offer.hops + 1,
+            ..offer.clone()
+        };
+        let mut s = offered.open_hop().await;
+        let reply = send_hop(&mut s, &pushed, &offer.inline, &mesh.raw_key).await;
+        assert!(
+            matches!(&reply, HopReply::Refused(HopRefusal::Verification(why))
+                if why.contains("not handed over")),
+            "{reply:?}"
+        );
+        assert!(mesh.target.status().expect("status").agents.is_empty());
+    });
+}
+
 /// Connections a swarm with identity `key` holds with `node` once it dialed it `dials` times
 /// (each dial a new connection) and the node had time to deny what it denies.
 async fn connections_after_dialing(key: &SecretKey, node: &libp2p::Multiaddr, dials: usize) -> u32 {

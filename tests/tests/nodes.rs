@@ -86,6 +86,22 @@ fn a_refusing_destination_throws_at_the_source() {
     });
 }
 
+/// An agent bouncing between two nodes neither of which is its home goes back to the source
+/// of each hop without that hop's handover: the source knows it and checks it handed the agent
+/// over (the check on a node that is not the agent's home).
+#[test]
+fn an_agent_bounces_between_nodes_that_are_not_its_home() {
+    rt().block_on(async {
+        let src = r#"
+            migrate("node-1");
+            for i in 0..3 { migrate("node-2"); migrate("node-1"); }
+            [here(), hops()]
+        "#;
+        let (json, _, _) = finished(run(3, src).await);
+        assert_eq!(json, r#"["node-1",7]"#);
+    });
+}
+
 #[test]
 fn code_is_pulled_once_and_then_cached() {
     rt().block_on(async {

@@ -19,7 +19,7 @@ use super::depart::KEEP_CHECKPOINT_FROM;
 /// hosts that keep time with NTP are within a second of each other.
 const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 use super::gate::Arriving;
-use super::recover::ask_hop_decision;
+use super::recover::{ask_hop_decision, departed_by, handover_key};
 use crate::node::accept::ExchangePermits;
 use crate::node::custody::{
     arriving_tail, check_arrival, check_homecoming, report_location, ArrivingHop, ReportFailure,
@@ -32,7 +32,7 @@ use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::NodeStream;
 use crate::node::{now_ms, Shared};
 use crate::store::{
-    AgentMeta, AgentRecord, AgentState, Arrival, HopSeen, TableEntries, TablePlace,
+    AgentMeta, AgentRecord, AgentState, Arrival, HopSeen, StoreError, TableEntries, TablePlace,
 };
 use crate::wire::{
     read_bulk, read_frame, write_frame, ControlRefusal, HandoverKey, HopDecision, HopHandover,
@@ -135,6 +135,20 @@ async fn take_handover(
         );
     }
     Ok(())
+}
+
+/// This node's handover key of the hop that took `agent` from here by `envelope`, once the
+/// destination holds it (see [`departed_by`]): an agent back at the source of its last hop
+/// comes without the key, which the source knows, so that it need not wait for it to leave.
+async fn own_handover(
+    shared: &Shared,
+    agent: &str,
+    envelope: &HopEnvelope,
+) -> Result<Option<HandoverKey>, StoreError> {
+    Ok(departed_by(shared, agent, envelope.hash().as_bytes())
+        .await?
+        .then(|| handover_key(shared, envelope))
+        .flatten())
 }
 
 /// Keeps `handover` for `agent`, held by `envelope`, if it opens the envelope's handover lock.
@@ -304,7 +318,19 @@ pub(in crate::node) async fn receive_hop(
     }
     // Custody must lead to this node: coming home, from the custody recorded here; anywhere
     // else, from the home's certificate the agent carries (or its launch).
-    let custody = arriving_tail(offer.custody, &offer.previous, offer.previous_handover);
+    let previous_handover = match (offer.previous_handover, &previous) {
+        (None, Some(previous)) if previous.fields().from == *shared.peers.local_key() => {
+            match own_handover(shared, &id, previous).await {
+                Ok(handover) => handover,
+                Err(e) => {
+                    let refusal = refused(HopRefusal::StoreRead(e.to_string()));
+                    return Err(after_decision(stream, refusal).await);
+                }
+            }
+        }
+        (handover, _) => handover,
+    };
+    let custody = arriving_tail(offer.custody, &offer.previous, previous_handover);
     let arrival = ArrivingHop {
         sender: &sender,
         previous: previous.as_ref().map(HopEnvelope::hash),

@@ -10,10 +10,10 @@ use agent_lang::{unknown_node_error, Execution};
 use futures::future::{BoxFuture, Shared as SharedFuture};
 use futures::FutureExt;
 use libp2p::PeerId;
-use security::{AgentId, HopEnvelope, HopFields, ResourcePolicy, Vouched, FIRST_HOP};
+use security::{AgentId, HopEnvelope, HopFields, PublicKey, ResourcePolicy, Vouched, FIRST_HOP};
 
 use super::recover::{handover_key, recover_departure, resolve_departure};
-use crate::node::custody::{handover_of, report_location};
+use crate::node::custody::{handover_of, report_location, signed_by};
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::Loaded;
@@ -42,6 +42,12 @@ pub(in crate::node) struct Departures {
     recording: Mutex<HashMap<[u8; 32], DepartureRecorded>>,
     /// Hashes of the hop envelopes this node signed lately.
     signed: Mutex<HashSet<[u8; 32]>>,
+    /// Hashes of the envelopes of hops this node handed its agents over by lately (the
+    /// destination said it holds the agent), from that moment on: before the departure is
+    /// complete in the store.
+    handed_over: Mutex<HashSet<[u8; 32]>>,
+    /// Wakes those waiting for how a departure ends ([`departed_by`](super::departed_by)).
+    settled: tokio::sync::Notify,
 }
 
 impl Departures {
@@ -61,6 +67,28 @@ impl Departures {
         Vouched {
             envelope: self.signed_here(hash),
         }
+    }
+
+    /// The destination holds the agent this node sent by the envelope with this hash.
+    fn hand_over(&self, hash: [u8; 32]) {
+        remember(&self.handed_over, hash);
+        self.settled.notify_waiters();
+    }
+
+    /// Whether this node handed an agent over by the envelope with this hash (lately).
+    pub(in crate::node) fn handed_over(&self, hash: &[u8; 32]) -> bool {
+        lock(&self.handed_over).contains(hash)
+    }
+
+    /// A departure ended, one way or the other: those waiting look again.
+    pub(in crate::node) fn settle(&self) {
+        self.settled.notify_waiters();
+    }
+
+    /// Resolves at the next [`Departures::settle`] or [`Departures::hand_over`], if enabled
+    /// before looking (see [`departed_by`](super::departed_by)).
+    pub(in crate::node) fn settled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.settled.notified()
     }
 
     /// The departure record of the hop with this envelope hash, while it is being written.
@@ -111,6 +139,7 @@ pub(in crate::node) async fn complete_departure(
         .await
         .map_err(|e| format!("migrate: {e}"))?;
     shared.mailboxes.forget(id);
+    shared.departures.settle();
     // The first `carried` travelled with the agent; those that arrived while it was in flight
     // follow it.
     forward_queued(shared, id, queued.into_iter().skip(carried).collect());
@@ -121,14 +150,19 @@ pub(in crate::node) async fn complete_departure(
 /// the envelope it signs is its word. Elsewhere, the home's certificate of this node's custody,
 /// if one came while the agent was here, replaces the tail before it; a tail too long to take
 /// along is certified first, or the agent stays.
-async fn anchor_custody(shared: &Arc<Shared>, rec: &mut AgentRecord) -> Result<(), String> {
+async fn anchor_custody(
+    shared: &Arc<Shared>,
+    rec: &mut AgentRecord,
+    dest: &PublicKey,
+) -> Result<(), String> {
     if rec.home == shared.peers.local_text() {
         rec.tail.clear();
         return Ok(());
     }
     // The handover of the hop that brought the agent here travels on with it (and stays in its
-    // record, should it not leave).
-    if rec.handover.is_none() {
+    // record, should it not leave); back to that hop's source, it is not needed: the source
+    // knows its own key (see `own_handover`).
+    if rec.handover.is_none() && !signed_by(shared, &rec.envelope, dest) {
         rec.handover = handover_of(shared, &rec.meta).await;
         shared.handovers.forget(&rec.id);
     }
@@ -196,7 +230,7 @@ pub(in crate::node) async fn hop(
         .peers
         .key_of(&dest)
         .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
-    anchor_custody(shared, rec).await?;
+    anchor_custody(shared, rec, &dest_key).await?;
     let started = std::time::Instant::now();
     let expected = exec.encoded_len_hint();
     if expected >= KEEP_CHECKPOINT_FROM {
@@ -369,6 +403,7 @@ pub(in crate::node) async fn hop(
     let outcome = send_hop(shared, &sent, &offer, payload, &recorded, handover).await;
     let result = match (outcome, recorded.await) {
         (SendOutcome::Owned, Ok(())) => {
+            shared.departures.hand_over(envelope_hash);
             shared.faults.die_at(FaultPoint::SourceAfterAck);
             shared.events.emit(NodeEvent::HopCommitted {
                 agent: rec.id.clone(),
@@ -419,6 +454,7 @@ pub(in crate::node) async fn hop(
     // Only now: until the store says how the hop ended, a destination asking about it must
     // wait for the record.
     lock(&shared.departures.recording).remove(&envelope_hash);
+    shared.departures.settle();
     if continuation.len() >= KEEP_CHECKPOINT_FROM {
         crate::memory::after_large_hop();
     }

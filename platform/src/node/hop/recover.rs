@@ -132,6 +132,7 @@ pub(in crate::node) async fn recover_departure(shared: Arc<Shared>, rec: AgentMe
                 };
                 let stored = back.clone();
                 let _ = shared.store.write(move |b| b.put_agent_meta(&stored)).await;
+                shared.departures.settle();
                 spawn_runner(&shared, back.id, back.hop, first, None);
             }
             return;
@@ -177,10 +178,11 @@ pub(in crate::node) async fn ask_hop_decision(shared: Arc<Shared>, meta: AgentMe
 /// How long [`departed_by`] waits for a departure still completing.
 const DEPARTURE_WAIT: Duration = Duration::from_secs(3);
 
-/// The source's answer to [`ControlRequest::Departed`]: whether agent `agent` left this node by
-/// the hop with this envelope hash, waiting up to [`DEPARTURE_WAIT`] while it is still leaving
-/// by it (the destination may ask before this node heard its acknowledgement). A store that
-/// cannot be read is an error, never a "no".
+/// The source's answer to [`ControlRequest::Departed`], and its check of a hop that brings an
+/// agent back by an envelope it signed: whether agent `agent` left this node by the hop with
+/// this envelope hash (the destination said it holds it), waiting up to [`DEPARTURE_WAIT`]
+/// while it is still leaving by it (the destination may ask, or come back, before this node
+/// heard its acknowledgement). A store that cannot be read is an error, never a "no".
 pub(in crate::node) async fn departed_by(
     shared: &Shared,
     agent: &str,
@@ -188,17 +190,22 @@ pub(in crate::node) async fn departed_by(
 ) -> Result<bool, StoreError> {
     let deadline = tokio::time::Instant::now() + DEPARTURE_WAIT;
     loop {
-        if shared.store.departed(agent)? == Some(*envelope) {
+        let settled = shared.departures.settled();
+        tokio::pin!(settled);
+        // (Enabled before looking, so that a departure settled in between wakes it.)
+        settled.as_mut().enable();
+        if shared.departures.handed_over(envelope)
+            || shared.store.departed(agent)? == Some(*envelope)
+        {
             return Ok(true);
         }
         let leaving_by_it = matches!(
             shared.store.agent_meta(agent)?,
             Some(AgentMeta { state: AgentState::Leaving { envelope: e, .. }, .. }) if e == *envelope
         ) || shared.departures.recording(envelope).is_some();
-        if !leaving_by_it || tokio::time::Instant::now() >= deadline {
+        if !leaving_by_it || tokio::time::timeout_at(deadline, settled).await.is_err() {
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -45,7 +45,7 @@ pub fn swarm<B: libp2p::swarm::NetworkBehaviour>(
 
 /// Moving an agent: offer, (package pull by the receiver), continuation bytes, the source's
 /// decision, acknowledgement.
-pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/9");
+pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/hop/10");
 /// Anonymous, receiver-initiated download of a package by hash.
 pub const PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/pkg/1");
 /// Node to node: messages on their way, agents' ends and whereabouts for their home, hop
@@ -461,7 +461,8 @@ pub struct CustodyLink {
 
 /// The source's word, after the destination answered `Stored` or `Duplicate`, that it handed the
 /// agent over: the destination's proof of custody for the hop (reports to the home, the next
-/// hop). A destination that misses it asks with [`ControlRequest::Departed`].
+/// hop). A destination that misses it asks with [`ControlRequest::Departed`]. None follows a
+/// hop to the agent's home, which keeps the agent's custody itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HopHandover(pub HandoverKey);
 

@@ -363,10 +363,24 @@ impl HopEnvelope {
     ///
     /// [`HopError::SignerNotSender`] if `key` is not `fields.from`.
     pub fn sign(fields: HopFields, key: &SecretKey) -> Result<Self, HopError> {
+        Self::sign_with_handover(fields, key).map(|(envelope, _)| envelope)
+    }
+
+    /// [`HopEnvelope::sign`], and the envelope's handover key
+    /// ([`HopEnvelope::handover_key`]), computed once for both.
+    ///
+    /// # Errors
+    ///
+    /// As [`HopEnvelope::sign`].
+    pub fn sign_with_handover(
+        fields: HopFields,
+        key: &SecretKey,
+    ) -> Result<(Self, [u8; 32]), HopError> {
         if key.public() != fields.from {
             return Err(HopError::SignerNotSender);
         }
-        let handover_lock = lock_of(&handover_key_of(&fields, key));
+        let handover_key = handover_key_of(&fields, key);
+        let handover_lock = lock_of(&handover_key);
         let signature = key.sign(&signing_bytes(&fields, &handover_lock));
         let mut envelope = Self {
             fields,
@@ -375,7 +389,7 @@ impl HopEnvelope {
             hash: EnvelopeHash([0; 32]),
         };
         envelope.hash = EnvelopeHash(*blake3::hash(&envelope.encode()).as_bytes());
-        Ok(envelope)
+        Ok((envelope, handover_key))
     }
 
     /// What the envelope says (not yet checked, unless it came from a [`VerifiedHop`]).

@@ -72,6 +72,8 @@ pub(in crate::node) async fn handle_hop(
         .await?
     {
         let mut claimed = None;
+        // No handover follows a hop to the agent's home (it keeps the agent's custody itself).
+        let to_home = offer.home == shared.peers.local_text();
         match receive_hop(shared, peer, &mut stream, offer, &mut claimed).await {
             Ok((arrived, lock)) => {
                 let acknowledged = write_frame(&mut stream, &HopReply::Stored).await;
@@ -82,7 +84,11 @@ pub(in crate::node) async fn handle_hop(
                 acknowledged?;
                 // (The handover is waited for without holding the node's permits.)
                 drop(exchange_permits);
-                let handover = take_handover(shared, &mut stream, &meta, &lock).await;
+                let handover = if to_home {
+                    Ok(())
+                } else {
+                    take_handover(shared, &mut stream, &meta, &lock).await
+                };
                 tell_home_location(shared, meta, &peer);
                 handover?;
             }
@@ -98,7 +104,8 @@ pub(in crate::node) async fn handle_hop(
                 write_frame(&mut stream, &reply).await?;
                 drop(exchange_permits);
                 // A hop this node holds already: its handover follows all the same.
-                if let (HopReply::Duplicate, Some((agent, _))) = (&reply, &claimed) {
+                if let (HopReply::Duplicate, Some((agent, _)), false) = (&reply, &claimed, to_home)
+                {
                     let handover =
                         read_frame::<_, HopHandover>(&mut stream, HANDOVER_FRAME).await?;
                     if let Ok(Some(meta)) = shared.store.agent_meta(agent) {

@@ -12,7 +12,7 @@ use futures::FutureExt;
 use libp2p::PeerId;
 use security::{AgentId, HopEnvelope, HopFields, PublicKey, ResourcePolicy, Vouched, FIRST_HOP};
 
-use super::recover::{handover_key, recover_departure, resolve_departure};
+use super::recover::{recover_departure, resolve_departure};
 use crate::node::custody::{handover_of, report_location, signed_by};
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
@@ -252,7 +252,7 @@ pub(in crate::node) async fn hop(
         .parse()
         .map_err(|_| "migrate: agent id is not an envelope id".to_string())?;
     let next_hop = previous.as_ref().map_or(FIRST_HOP, |p| p.fields().hop + 1);
-    let envelope = HopEnvelope::sign(
+    let (envelope, handover) = HopEnvelope::sign_with_handover(
         HopFields {
             agent_id,
             hop: next_hop,
@@ -267,9 +267,9 @@ pub(in crate::node) async fn hop(
     )
     .map_err(|e| format!("migrate: {e}"))?;
     let envelope_hash = *envelope.hash().as_bytes();
-    // (Revealed once the destination holds the agent.)
-    let handover = handover_key(shared, &envelope)
-        .ok_or_else(|| "migrate: the envelope signed has no handover key".to_string())?;
+    // The handover key is revealed once the destination holds the agent; not to the agent's
+    // home, which keeps its custody itself and has no use for it.
+    let handover = (rec.home != shared.peers.text_of(&dest)).then_some(HandoverKey(handover));
     shared.departures.signed(envelope_hash);
     let moves = loaded
         .package
@@ -603,7 +603,7 @@ pub(in crate::node) async fn send_hop(
     offer: &HopOffer,
     payload: HopPayload<'_>,
     recorded: &DepartureRecorded,
-    handover: HandoverKey,
+    handover: Option<HandoverKey>,
 ) -> SendOutcome {
     // Attempts are retried: a destination drops new streams past what it queues for one peer,
     // and a reused stream may have died with its connection. Resending the
@@ -658,17 +658,19 @@ pub(in crate::node) async fn send_hop(
 
 /// One attempt at a hop on one stream: the offer (with the continuation inline when it is
 /// small, else Ready and the raw continuation), the source's decision once its departure record
-/// is written, then the destination's answer; if it holds the agent, this node's `handover` key.
+/// is written, then the destination's answer; if it holds the agent, this node's `handover` key
+/// (none to the agent's home).
 async fn hop_exchange(
     shared: &Shared,
     s: &mut PeerStream,
     offer: &HopOffer,
     payload: HopPayload<'_>,
     recorded: &DepartureRecorded,
-    handover: HandoverKey,
+    handover: Option<HandoverKey>,
 ) -> HopExchange {
     let exchange = offer_and_decide(shared, s, offer, payload, recorded).await;
-    if let HopExchange::Answered(SendOutcome::Owned, true) = exchange {
+    if let (HopExchange::Answered(SendOutcome::Owned, true), Some(handover)) = (&exchange, handover)
+    {
         if write_frame(&mut s.stream, &HopHandover(handover))
             .await
             .is_err()

@@ -1,4 +1,4 @@
-//! The hop protocol (`/tern/hop/9`), exactly once: the source's side ([`depart`]), the
+//! The hop protocol (`/tern/hop/10`), exactly once: the source's side ([`depart`]), the
 //! destination's ([`arrive`]), the destination's record of receipts in progress ([`gate`]),
 //! and the settling of hops whose outcome a crash or a lost answer left unknown ([`recover`]).
 

@@ -400,7 +400,18 @@ impl MovedTables {
     ///
     /// [`WireError::Malformed`] if they do not encode.
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
-        let mut out = Vec::new();
+        // Sized beforehand (CBOR adds at most 9 bytes to a string or a byte string, and 1 to a
+        // pair): grown as it is written, a 10 MB buffer was copied into ever larger fresh
+        // memory, a fifth of the time of a hop carrying a 10 MB table.
+        let size: usize = self
+            .0
+            .iter()
+            .map(|t| {
+                let entries: usize = t.entries.iter().map(|(k, v)| k.len() + v.len() + 19).sum();
+                t.name.len() + entries + 32
+            })
+            .sum();
+        let mut out = Vec::with_capacity(size + 16);
         ciborium::into_writer(self, &mut out).map_err(|e| WireError::Malformed(e.to_string()))?;
         Ok(out)
     }

@@ -20,7 +20,7 @@
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
-use super::schema::{TABLE_ENTRIES, TABLE_PLACES};
+use super::schema::TABLE_PLACES;
 use super::{Batch, Store, StoreError};
 
 /// Where a table that moves is.
@@ -257,10 +257,8 @@ impl Batch<'_> {
                 }),
                 before => before,
             };
-            self.clear_table(name)?;
-            for (key, value) in entries {
-                self.table_set(name, key, value)?;
-            }
+            self.table_clear(name)?;
+            self.table_set_all(name, entries)?;
             let place = if committed {
                 TablePlace::Here {
                     holder: Some(agent.to_string()),
@@ -297,7 +295,7 @@ impl Batch<'_> {
             |p| matches!(p, TablePlace::Arriving { holder, .. } if holder == agent),
         )?;
         for (name, place) in arrived {
-            self.clear_table(&name)?;
+            self.table_clear(&name)?;
             let TablePlace::Arriving { before, .. } = place else {
                 continue;
             };
@@ -311,7 +309,7 @@ impl Batch<'_> {
         let held =
             self.places_where(|p| matches!(p, TablePlace::Here { holder: Some(h) } if h == agent))?;
         for (name, _) in held {
-            self.clear_table(&name)?;
+            self.table_clear(&name)?;
             let gone = TablePlace::Gone { to: to.to_string() };
             self.set_place(&name, Some(&gone))?;
         }
@@ -328,23 +326,6 @@ impl Batch<'_> {
             self.places_where(|p| matches!(p, TablePlace::Here { holder: Some(h) } if h == agent))?;
         for (name, _) in held {
             self.set_place(&name, Some(&TablePlace::Here { holder: None }))?;
-        }
-        Ok(())
-    }
-
-    /// Removes every entry of table `name`.
-    fn clear_table(&mut self, name: &str) -> Result<(), StoreError> {
-        let mut keys = Vec::new();
-        for entry in self.txn.open_table(TABLE_ENTRIES)?.range((name, "")..)? {
-            let (key, _) = entry?;
-            let (table, key) = key.value();
-            if table != name {
-                break;
-            }
-            keys.push(key.to_string());
-        }
-        for key in keys {
-            self.table_remove(name, &key)?;
         }
         Ok(())
     }

@@ -46,8 +46,10 @@ impl Batch<'_> {
         if self.grew == 0 {
             return Ok(None);
         }
-        let after = self.stored()?.saturating_add_signed(self.grew);
-        self.txn.open_table(META)?.insert(META_STORED, after)?;
+        let mut meta = self.txn.open_table(META)?;
+        let before = meta.get(META_STORED)?.map_or(0, |v| v.value());
+        let after = before.saturating_add_signed(self.grew);
+        meta.insert(META_STORED, after)?;
         self.grew = 0;
         Ok(Some(after))
     }

@@ -70,7 +70,7 @@ pub use copies::{check_table_key, Copied, CopiedDataset, MAX_TABLE_KEY, MAX_TABL
 pub use engine::{exit_value, sandboxed_engine, unknown_node_error, ExitValue, HostEnv};
 pub use error::{AgentError, AgentErrorKind};
 pub use exec::{Execution, Outcome, Resume};
-pub use limits::Limits;
+pub use limits::{Limits, DEFAULT_MEMORY_BYTES};
 pub use meter::{is_installed as memory_is_metered, Metered, BYTES_PER_OPERATION};
 pub use nested::MAX_WALKED_DEPTH;
 pub use resources::{

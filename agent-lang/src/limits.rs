@@ -1,6 +1,13 @@
 //! The resource limits a node imposes on the agents it runs, so a runaway loop or a memory bomb
 //! ends that agent with a clear error and nothing else.
 
+/// The default of [`Limits::max_memory_bytes`]: 48 MiB. A value nested as deep as the budget
+/// admits is dropped recursively by Rhai with about 4.25 bytes of stack per budget byte (see
+/// [`Limits::slice_stack_bytes`]), so a node's peak under one agent nesting arrays until its
+/// budget ends it is about 5.25 times the budget: 48 MiB keeps it under the 256 MiB above idle
+/// a node promises under any one hostile script (64 MiB took it to 289 MiB).
+pub const DEFAULT_MEMORY_BYTES: u64 = 48 << 20;
+
 /// Limits applied to one agent. A node fills them from its policy; [`Limits::default`] is a
 /// reasonable policy for a trusted single-user mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +46,7 @@ impl Default for Limits {
             max_operations: 100_000_000,
             max_total_operations: 10_000_000_000,
             max_call_depth: 64,
-            max_memory_bytes: 64 << 20,
+            max_memory_bytes: DEFAULT_MEMORY_BYTES,
             max_string_size: 64 << 20,
             max_array_size: 16 << 20,
             max_map_size: 1 << 20,

@@ -17,7 +17,7 @@
 //! [limits]
 //! max_operations = 100000000        # per slice (from a resume to the next suspension)
 //! max_total_operations = 10000000000  # in the agent's whole life, every slice on every node
-//! max_memory_bytes = 67108864         # all of one agent's values together, on this node
+//! max_memory_bytes = 50331648         # all of one agent's values together, on this node
 //! max_messages_sent = 10000000        # in the agent's whole life, every node together
 //! max_message_bytes_sent = 1073741824 # likewise, bytes of encoded messages
 //! max_agents = 100000                 # stored on this node at once

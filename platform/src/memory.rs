@@ -18,7 +18,7 @@
 //!   first node started ([`DEFAULT_KEEP_FREED`] unless a node's `[limits] keep_freed_bytes`
 //!   says more). Kept pages are not always reused (a continuation a little larger than the last
 //!   does not fit in the pages it left): an agent holding 1 MB blobs across hops took each node
-//!   430–590 MiB above idle under the default 64 MiB budget (`bench_mesh hostile`), 210–270
+//!   430–590 MiB above idle under a 64 MiB budget (the default then) (`bench_mesh hostile`), 210–270
 //!   MiB once bounded, and 179–189 MiB with the store's page cache halved as well. A node that moves large agents may keep more, and its large hops
 //!   are faster for it: a 100 MB hop took 330–340 ms with the default bound and 250–260 ms
 //!   without;
@@ -81,8 +81,9 @@ pub const KEEP_FREED_FOR: Duration = Duration::from_secs(30);
 static LAST_LARGE_HOP_MS: AtomicU64 = AtomicU64::new(0);
 
 /// How far above its idle resident memory a process keeps freed memory for the next large hop,
-/// unless a node is configured for more: the default agent memory budget (64 MiB), so that an
-/// agent under the default limits cannot make a node keep much more than it holds.
+/// unless a node is configured for more: 64 MiB, a little more than the default agent memory
+/// budget, so that an agent under the default limits cannot make a node keep much more than
+/// it holds.
 pub const DEFAULT_KEEP_FREED: u64 = 64 << 20;
 
 /// Resident memory above the idle process's past which a large hop returns freed memory to

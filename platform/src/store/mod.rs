@@ -185,7 +185,7 @@ impl fmt::Debug for Store {
 /// Bytes of redb's page cache. Its default, 1 GiB, kept every page written (a 100 MB
 /// continuation stayed cached after its agent left, and each large hop filled fresh memory);
 /// the metadata of 10,000 agents takes about 10 MiB. Every large continuation stored passes
-/// through it, so its size adds to a node's peak: with 64 MiB, an agent of the default budget
+/// through it, so its size adds to a node's peak: with 64 MiB, an agent of a 64 MiB budget
 /// hopping back and forth took each node 214–270 MiB above idle, with 32 MiB 179–189 MiB
 /// (`bench_mesh hostile`).
 const STORE_CACHE: usize = 32 << 20;

@@ -1688,6 +1688,34 @@ fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
     });
 }
 
+/// Pushes `pushed` (with `continuation`) from `raw`, and checks the node refuses it: its
+/// sender was never handed the agent over.
+async fn push_refused_as_not_handed_over(raw: &RawPeer, pushed: &HopOffer, continuation: &[u8]) {
+    let mut s = raw.open_hop().await;
+    let reply = send_hop(&mut s, pushed, continuation, &raw.key).await;
+    assert!(
+        matches!(&reply, HopReply::Refused(HopRefusal::Verification(why))
+            if why.contains("not handed over")),
+        "{reply:?}"
+    );
+}
+
+/// The hop after `first`, signed by `signer` (as if it held the agent `first` offered it) and
+/// addressed to `to`.
+fn next_hop_by(first: &HopEnvelope, signer: &SecretKey, to: security::PublicKey) -> HopEnvelope {
+    HopEnvelope::sign(
+        security::HopFields {
+            hop: first.fields().hop + 1,
+            previous: Some(first.hash()),
+            from: signer.public(),
+            to,
+            ..first.fields().clone()
+        },
+        signer,
+    )
+    .expect("sign")
+}
+
 /// Row 9, the last way in: a peer in target's `accept_from` was offered an agent by honest and
 /// refused it, so it holds a real envelope addressed to it and the agent's real state. It
 /// pushes the agent on to target as if it held it. Target refuses: honest never handed the
@@ -1719,17 +1747,7 @@ fn a_peer_that_was_only_offered_an_agent_cannot_push_it_on() {
         let raw = mesh.raw();
         raw.serve(&package, package.to_bytes());
         let first = HopEnvelope::decode(&offer.envelope).expect("honest's envelope");
-        let second = HopEnvelope::sign(
-            security::HopFields {
-                hop: first.fields().hop + 1,
-                previous: Some(first.hash()),
-                from: mesh.raw_key.public(),
-                to: mesh.target_key,
-                ..first.fields().clone()
-            },
-            &mesh.raw_key,
-        )
-        .expect("sign");
+        let second = next_hop_by(&first, &mesh.raw_key, mesh.target_key);
         for previous_handover in [None, Some(handover_of(&first, &mesh.raw_key))] {
             let pushed = HopOffer {
                 envelope: second.encode(),
@@ -1738,13 +1756,7 @@ fn a_peer_that_was_only_offered_an_agent_cannot_push_it_on() {
                 hops: offer.hops + 1,
                 ..offer.clone()
             };
-            let mut s = raw.open_hop().await;
-            let reply = send_hop(&mut s, &pushed, &offer.inline, &mesh.raw_key).await;
-            assert!(
-                matches!(&reply, HopReply::Refused(HopRefusal::Verification(why))
-                    if why.contains("not handed over")),
-                "{reply:?}"
-            );
+            push_refused_as_not_handed_over(&raw, &pushed, &offer.inline).await;
         }
         assert!(mesh.target.status().expect("status").agents.is_empty());
         mesh.honest
@@ -1831,17 +1843,7 @@ fn a_peer_that_was_only_offered_an_agent_cannot_push_it_back() {
         );
         offered.serve(&package, package.to_bytes());
         let first = HopEnvelope::decode(&offer.envelope).expect("target's envelope");
-        let back = HopEnvelope::sign(
-            security::HopFields {
-                hop: first.fields().hop + 1,
-                previous: Some(first.hash()),
-                from: mesh.raw_key.public(),
-                to: mesh.target_key,
-                ..first.fields().clone()
-            },
-            &mesh.raw_key,
-        )
-        .expect("sign");
+        let back = next_hop_by(&first, &mesh.raw_key, mesh.target_key);
         // The custody the peer got with the offer, up to target (as a holder would keep it).
         let mut custody = offer.custody.clone();
         custody.push(CustodyLink {
@@ -1858,13 +1860,7 @@ fn a_peer_that_was_only_offered_an_agent_cannot_push_it_back() {
             hops: offer.hops + 1,
             ..offer.clone()
         };
-        let mut s = offered.open_hop().await;
-        let reply = send_hop(&mut s, &pushed, &offer.inline, &mesh.raw_key).await;
-        assert!(
-            matches!(&reply, HopReply::Refused(HopRefusal::Verification(why))
-                if why.contains("not handed over")),
-            "{reply:?}"
-        );
+        push_refused_as_not_handed_over(&offered, &pushed, &offer.inline).await;
         assert!(mesh.target.status().expect("status").agents.is_empty());
     });
 }

@@ -618,6 +618,15 @@ fn a_copy_on_reference_reads_each_chunk_from_the_owner_once_per_node() {
     });
 }
 
+/// A mesh of [`moving_nodes`] in a temporary directory (kept alive by the first value), whose
+/// nodes trust the returned author key.
+async fn moving_mesh() -> (tempfile::TempDir, security::SecretKey, LoopbackMesh) {
+    let dir = tempfile::tempdir().expect("dir");
+    let key = security::SecretKey::generate();
+    let mesh = mesh_of(moving_nodes(dir.path()), tern_tests::trust_for(&key)).await;
+    (dir, key, mesh)
+}
+
 /// Three nodes for moves: node-0 offers a free table `counts`, node-1 none, node-2 a table
 /// `counts` of its own.
 fn moving_nodes(dir: &Path) -> Vec<MeshNode> {
@@ -651,9 +660,7 @@ fn places(mesh: &LoopbackMesh) -> Vec<String> {
 #[test]
 fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
     tern_tests::runtime().block_on(async {
-        let dir = tempfile::tempdir().expect("dir");
-        let key = security::SecretKey::generate();
-        let mesh = mesh_of(moving_nodes(dir.path()), tern_tests::trust_for(&key)).await;
+        let (_dir, key, mesh) = moving_mesh().await;
         let mover = tern_tests::package_by(
             &key,
             r#"
@@ -732,9 +739,7 @@ fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
 #[test]
 fn a_table_of_ten_megabytes_moves_with_its_agent() {
     tern_tests::runtime().block_on(async {
-        let dir = tempfile::tempdir().expect("dir");
-        let key = security::SecretKey::generate();
-        let mesh = mesh_of(moving_nodes(dir.path()), tern_tests::trust_for(&key)).await;
+        let (_dir, key, mesh) = moving_mesh().await;
         let mover = tern_tests::package_by(
             &key,
             r#"

@@ -73,12 +73,6 @@ pub(super) async fn handover_of(shared: &Arc<Shared>, meta: &AgentMeta) -> Optio
     }
 }
 
-/// Whether `key` signed the hop envelope `envelope` (false if it does not decode).
-pub(super) fn signed_by(shared: &Shared, envelope: &[u8], key: &PublicKey) -> bool {
-    HopEnvelope::decode_known(envelope, |k| shared.peers.known_key(k))
-        .is_ok_and(|e| e.fields().from == *key)
-}
-
 /// The custody an arriving agent keeps: the tail it came with and the hop its source held it
 /// by (a link without its handover signature, which no check accepts, if there is none).
 pub(super) fn arriving_tail(

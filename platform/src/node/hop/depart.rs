@@ -13,7 +13,7 @@ use libp2p::PeerId;
 use security::{AgentId, HopEnvelope, HopFields, PublicKey, ResourcePolicy, Vouched, FIRST_HOP};
 
 use super::recover::{recover_departure, resolve_departure};
-use crate::node::custody::{handover_of, report_location, signed_by};
+use crate::node::custody::{handover_of, report_location};
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::Loaded;
@@ -149,10 +149,12 @@ pub(in crate::node) async fn complete_departure(
 /// Brings the custody the agent takes along up to date before it leaves. The home needs none:
 /// the envelope it signs is its word. Elsewhere, the home's certificate of this node's custody,
 /// if one came while the agent was here, replaces the tail before it; a tail too long to take
-/// along is certified first, or the agent stays.
+/// along is certified first, or the agent stays. `held_by` is the envelope the agent is held by
+/// here (none before its first hop), `dest` the key of the node it leaves for.
 async fn anchor_custody(
     shared: &Arc<Shared>,
     rec: &mut AgentRecord,
+    held_by: Option<&HopEnvelope>,
     dest: &PublicKey,
 ) -> Result<(), String> {
     if rec.home == shared.peers.local_text() {
@@ -162,7 +164,7 @@ async fn anchor_custody(
     // The handover of the hop that brought the agent here travels on with it (and stays in its
     // record, should it not leave); back to that hop's source, it is not needed: the source
     // knows its own key (see `own_handover`).
-    if rec.handover.is_none() && !signed_by(shared, &rec.envelope, dest) {
+    if rec.handover.is_none() && held_by.is_none_or(|e| e.fields().from != *dest) {
         rec.handover = handover_of(shared, &rec.meta).await;
         shared.handovers.forget(&rec.id);
     }
@@ -230,15 +232,6 @@ pub(in crate::node) async fn hop(
         .peers
         .key_of(&dest)
         .ok_or_else(|| format!("migrate: {to} has no ed25519 identity"))?;
-    anchor_custody(shared, rec, &dest_key).await?;
-    let started = std::time::Instant::now();
-    let expected = exec.encoded_len_hint();
-    if expected >= KEEP_CHECKPOINT_FROM {
-        crate::memory::before_large_hop();
-    }
-    let continuation = exec
-        .encode_into(Vec::with_capacity(expected))
-        .map_err(|e| format!("migrate: {e}"))?;
     let previous = if rec.envelope.is_empty() {
         None
     } else {
@@ -247,6 +240,15 @@ pub(in crate::node) async fn hop(
                 .map_err(|e| format!("migrate: stored envelope: {e}"))?,
         )
     };
+    anchor_custody(shared, rec, previous.as_ref(), &dest_key).await?;
+    let started = std::time::Instant::now();
+    let expected = exec.encoded_len_hint();
+    if expected >= KEEP_CHECKPOINT_FROM {
+        crate::memory::before_large_hop();
+    }
+    let continuation = exec
+        .encode_into(Vec::with_capacity(expected))
+        .map_err(|e| format!("migrate: {e}"))?;
     let agent_id: AgentId = rec
         .id
         .parse()

@@ -1,6 +1,7 @@
 //! Crash tests with separate `tern node` processes: a node dies (`TERN_FAULT`, exit code 86) at
 //! each step of a hop, is restarted from the same key and data directory without the fault, and
-//! the agent still exists exactly once and finishes exactly once with the right result.
+//! the agent still exists exactly once and finishes exactly once with the right result. One
+//! test SIGKILLs nodes at random moments instead, while an agent takes a table back and forth.
 //!
 //! Three nodes: `home` (where the agent is launched and its result delivered; never crashes),
 //! `src` and `dst`. The agent goes home -> src, does its work there, then src -> dst: the hop
@@ -69,6 +70,34 @@ print("finished " + id());
 [total, here(), hops(), tries, counts.len(), counts.get("k0")]
 "#;
 
+/// An agent that fills src's table `counts` (bound by move) with 1 MB and 100 entries, then
+/// takes it back and forth between src and dst, retrying any hop a crash interrupts, until a
+/// message tells it to stop. With each hop carrying the table, a crash at any moment is likely
+/// to fall in the middle of a move.
+const BOUNCING_AGENT: &str = r#"
+migrate("src");
+print("work " + id());
+let counts = resource("counts");
+counts.set("ballast", blob(1000000, 7));
+for i in 0..100 { counts.set(`k${i}`, i * i); }
+let stop = ();
+while stop == () {
+    let to = if here() == "src" { "dst" } else { "src" };
+    let pause = 0;
+    try {
+        migrate(to);
+    } catch (e) {
+        print("retry " + id() + ": " + e);
+        pause = 300;
+    }
+    stop = receive(pause);
+}
+print("finished " + id());
+let sum = 0;
+for i in 0..100 { sum += counts.get(`k${i}`); }
+[here(), counts.len(), sum, counts.get("ballast").len()]
+"#;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
     Source,
@@ -91,7 +120,7 @@ impl Mesh {
     }
 
     fn start_with(fault: Option<(Side, &str)>, agent: &str) -> Mesh {
-        let moving = agent == MOVING_AGENT;
+        let moving = agent.contains(r#"resource("counts")"#);
         let dir = tempfile::tempdir().unwrap();
         let author = keygen(dir.path(), "author");
         let bindings: &[&str] = if moving { &["counts=move"] } else { &[] };
@@ -497,6 +526,80 @@ fn a_table_moving_with_an_agent_survives_the_destination_dying_after_storing_it(
         Retry::Never,
         MOVING_AGENT,
     );
+}
+
+/// SIGKILLs of src or dst at random moments while an agent takes its table back and forth
+/// between them ([`BOUNCING_AGENT`]): after each, the node restarts from its data directory.
+/// The agent finishes once, with its table whole, and the table is at exactly one node, where
+/// the agent ended; the other knows where it went. `TERN_CRASH_SEED` replays a run (the seed is
+/// in every failure message).
+#[test]
+fn a_table_moving_back_and_forth_survives_kills_at_random_moments() {
+    let seed = std::env::var("TERN_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut mesh = Mesh::start_with(None, BOUNCING_AGENT);
+    let home = mesh.nodes[0].addr.clone();
+    let launch = ctl::launch_in_background(&home, mesh.package.clone(), Duration::from_secs(240));
+    let agent = launch.agent.clone();
+    wait_for("the agent to start on src", QUICK, || {
+        (mesh.nodes[1].count_in_log(&format!("work {agent}")) > 0).then_some(())
+    });
+    let mut kills = Vec::new();
+    for _ in 0..4 {
+        let side = if rng.bool() {
+            Side::Source
+        } else {
+            Side::Destination
+        };
+        let after = Duration::from_millis(rng.u64(0..1_000));
+        std::thread::sleep(after);
+        mesh.kill(side);
+        kills.push((side, after));
+        mesh.restart(side);
+    }
+    tern(&["send", &agent, "0", "--node", &home], QUICK).expect_code(0);
+    let context = || format!("seed {seed}, kills {kills:?}\n{}", mesh.logs());
+    let last = match launch.end() {
+        Some(AgentEnd::Finished { json, node, .. }) => {
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            // 101 entries, the sum of i * i for i < 100, the ballast whole.
+            assert_eq!(
+                (&v[1], &v[2], &v[3]),
+                (&101.into(), &328_350.into(), &1_000_000.into()),
+                "{json}, {}",
+                context()
+            );
+            assert_eq!(v[0], node.as_str(), "{}", context());
+            node
+        }
+        other => panic!(
+            "the agent did not finish: {other:?}, held as {:?}, {}",
+            holders(&mesh.reports(), &agent),
+            context()
+        ),
+    };
+    assert_eq!(
+        mesh.count_in_logs(&format!("finished {agent}")),
+        1,
+        "{}",
+        context()
+    );
+    let reports = wait_for("every node to settle", Duration::from_secs(60), || {
+        let r = mesh.reports();
+        holders(&r, &agent).is_empty().then_some(r)
+    });
+    let places: Vec<Vec<(String, String)>> =
+        reports.iter().map(|r| r.moved_tables.clone()).collect();
+    let counts = |place: &str| vec![("counts".to_string(), place.to_string())];
+    let expected = if last == "src" {
+        [vec![], counts("here"), counts("gone to src")]
+    } else {
+        [vec![], counts("gone to dst"), counts("here")]
+    };
+    assert_eq!(places, expected, "{}", context());
 }
 
 /// A node SIGKILLed while an agent waits on it resumes the agent when it restarts.

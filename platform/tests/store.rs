@@ -853,6 +853,55 @@ fn complete_departure_by_completes_only_the_hop_named() {
     assert_eq!(store.departed("a").unwrap(), Some([9; 32]));
 }
 
+/// The agent comes back from peer-b (hop 3) before this node completed its departure by hop 2:
+/// the arrival completes it. The message it took along comes back in the offer and is queued
+/// once; the one that came while it was away stays, after it; the late completion finds the
+/// new arrival and does nothing.
+#[test]
+fn an_agent_back_before_its_departure_completed_has_each_message_once() {
+    let (_dir, _path, store) = temp_store(Durability::NoSync);
+    let mut rec = leaving_for_peer_b("a");
+    rec.state = AgentState::Leaving {
+        to: "peer-b".into(),
+        hop: 2,
+        carried: 1,
+        envelope: [9; 32],
+        checkpoint: None,
+    };
+    store
+        .batch(|b| b.push_message("a", b"taken along"))
+        .unwrap();
+    store.batch(|b| b.put_agent(&rec)).unwrap();
+    store.batch(|b| b.push_message("a", b"came later")).unwrap();
+
+    let back = agent("a", 3);
+    store
+        .batch(|b| {
+            assert_eq!(b.accept_arrival(&back)?, Arrival::New);
+            let since = b.complete_return("a", &[9; 32], "peer-b", 1)?;
+            assert_eq!(since, vec![b"came later".to_vec()]);
+            for m in std::iter::once(b"taken along".to_vec()).chain(since) {
+                b.push_message("a", &m)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(store.departed("a").unwrap(), Some([9; 32]));
+    assert_eq!(
+        store
+            .batch(|b| b.complete_departure_by("a", 2, "peer-b"))
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.agent("a").unwrap(), Some(back));
+    assert_eq!(store.forward("a").unwrap(), None);
+    assert_eq!(
+        store.messages("a").unwrap(),
+        vec![b"taken along".to_vec(), b"came later".to_vec()]
+    );
+    assert_eq!(store.message_count("a").unwrap(), 2);
+}
+
 #[test]
 fn message_fifo_order_across_reopen() {
     let (_dir, path, store) = temp_store(Durability::Fsync);

@@ -602,6 +602,31 @@ fn a_table_moving_back_and_forth_survives_kills_at_random_moments() {
     assert_eq!(places, expected, "{}", context());
 }
 
+/// An agent with a message queued on src (sent to itself) goes to dst and straight back, while
+/// src is slow to complete its departure (`slow-departure`): the agent is back before src
+/// deleted its copy. The message went to dst with the agent and came back with it; the agent
+/// receives it once.
+#[test]
+fn a_message_that_went_and_came_back_with_its_agent_is_received_once() {
+    const AGENT: &str = r#"
+migrate("src");
+send(id(), 7);
+migrate("dst");
+migrate("src");
+let first = receive(1000);
+let second = receive(1000);
+[first, second, here()]
+"#;
+    let mesh = Mesh::start_with(Some((Side::Source, "slow-departure")), AGENT);
+    let home = mesh.nodes[0].addr.clone();
+    match ctl::launch_in_background(&home, mesh.package.clone(), QUICK).end() {
+        Some(AgentEnd::Finished { json, .. }) => {
+            assert_eq!(json, r#"[7,null,"src"]"#, "{}", mesh.logs());
+        }
+        other => panic!("the agent did not finish: {other:?}\n{}", mesh.logs()),
+    }
+}
+
 /// A node SIGKILLed while an agent waits on it resumes the agent when it restarts.
 #[test]
 fn a_killed_node_resumes_its_agents_on_restart() {

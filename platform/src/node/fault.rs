@@ -1,5 +1,6 @@
 //! Fault injection for the crash tests: the points of a hop or a delivery where a test may ask a
-//! node to die (`TERN_FAULT`), so that recovery is tested at every step.
+//! node to die (`TERN_FAULT`), so that recovery is tested at every step, or to be slow, so that
+//! a race that is rare on a fast machine happens every time.
 
 /// Where a test wants a node to die (never set outside tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +17,9 @@ pub(super) enum FaultPoint {
     AfterReceive,
     /// Any node: after it queued a message for an agent it holds, before answering the sender.
     AfterQueue,
+    /// Source: not a death but a delay of a second once the destination acknowledged, before
+    /// deleting its copy, so that an agent that goes straight back comes back first.
+    SlowDeparture,
 }
 
 /// The fault point this node dies at, if any.
@@ -32,6 +36,7 @@ impl Faults {
             Some("destination-after-store") => Some(FaultPoint::DestinationAfterStore),
             Some("after-receive") => Some(FaultPoint::AfterReceive),
             Some("after-queue") => Some(FaultPoint::AfterQueue),
+            Some("slow-departure") => Some(FaultPoint::SlowDeparture),
             _ => None,
         };
         Faults(point)

@@ -236,18 +236,55 @@ impl Batch<'_> {
     /// Deletes agent `id`, whose metadata this transaction read as `meta`, leaving a forwarding
     /// pointer to `to` (and the envelope hash of its departure, if it was leaving).
     fn depart(&mut self, id: &str, meta: Option<&AgentMeta>, to: &str) -> Result<(), StoreError> {
-        if let Some(AgentMeta {
-            state: AgentState::Leaving { envelope, .. },
-            ..
-        }) = meta
-        {
-            self.txn.open_table(DEPARTED)?.insert(id, envelope)?;
-        }
+        let departure = match meta {
+            Some(AgentMeta {
+                state: AgentState::Leaving { envelope, .. },
+                ..
+            }) => Some(envelope),
+            _ => None,
+        };
+        self.left(id, departure, to)?;
         self.delete_agent(id)?;
-        self.drop_cached_chunks(id)?;
-        self.depart_tables(id, to)?;
         self.txn.open_table(FORWARDS)?.insert(id, to)?;
         Ok(())
+    }
+
+    /// What goes of agent `id` here when it leaves for `to` (by the hop with envelope hash
+    /// `departure`, if known), besides its record: its copy-on-reference chunks, the tables it
+    /// takes along.
+    fn left(&mut self, id: &str, departure: Option<&[u8; 32]>, to: &str) -> Result<(), StoreError> {
+        if let Some(envelope) = departure {
+            self.txn.open_table(DEPARTED)?.insert(id, envelope)?;
+        }
+        self.drop_cached_chunks(id)?;
+        self.depart_tables(id, to)
+    }
+
+    /// Agent `id`, stored here as [`AgentState::Leaving`] for `to` by the hop with envelope hash
+    /// `departure`, comes back from `to` by the hop that follows it, before this node completed
+    /// that departure (a write of its own, which then finds the new arrival and does nothing):
+    /// completes it in the transaction that stores the arrival, after
+    /// [`Batch::accept_arrival`], before the arrival's tables and messages. The `carried` oldest
+    /// messages queued here went with the agent (and come back in the offer, if it did not
+    /// receive them): they go. Returns the others, which came here while it was away, to queue
+    /// again after the offer's.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn complete_return(
+        &mut self,
+        id: &str,
+        departure: &[u8; 32],
+        to: &str,
+        carried: u64,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.left(id, Some(departure), to)?;
+        let queued = self.take_messages(id)?;
+        Ok(queued
+            .into_iter()
+            .skip(usize::try_from(carried).unwrap_or(usize::MAX))
+            .collect())
     }
 
     /// The hop with envelope hash `envelope` committed: agent `id`, stored by it as

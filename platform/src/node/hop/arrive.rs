@@ -403,6 +403,7 @@ pub(in crate::node) async fn receive_hop(
     };
     let mut rec = rec;
     let source = shared.peers.text_of(&peer);
+    let previous = fields.previous.map(|h| h.0);
     let gate = shared.clone();
     let store = shared.store.write(move |b| {
         // Answered "not held" to its source while this receipt was stuck (see
@@ -415,25 +416,42 @@ pub(in crate::node) async fn receive_hop(
         if let Some(why) = b.tables_taken(&rec.id, tables.iter().map(|(name, _)| name))? {
             return Ok(Some(Err(why)));
         }
+        // What was queued here for the agent that this offer does not carry, to queue again
+        // after what it carries.
         let mut since = Vec::new();
-        // An arrival of this hop number by another envelope from the same source still waits
-        // for its decision: the source gave it up (it is offering this one), so it goes.
-        if let Some(AgentMeta {
-            state:
-                AgentState::Arriving {
-                    envelope: old,
-                    from,
-                    ..
-                },
-            hop,
-            ..
-        }) = b.agent_meta(&rec.id)?
-        {
-            if hop == rec.hop && old != envelope_hash && from == source {
-                // What was queued for it since it arrived (its senders were told "delivered")
-                // is queued again, after what this offer carries.
+        let mut returning = None;
+        match b.agent_meta(&rec.id)? {
+            // An arrival of this hop number by another envelope from the same source still
+            // waits for its decision: the source gave it up (it is offering this one), so it
+            // goes, and what was queued since it arrived (its senders were told "delivered")
+            // stays.
+            Some(AgentMeta {
+                state:
+                    AgentState::Arriving {
+                        envelope: old,
+                        from,
+                        ..
+                    },
+                hop,
+                ..
+            }) if hop == rec.hop && old != envelope_hash && from == source => {
                 since = b.abort_arrival(&rec.id, &old)?.unwrap_or_default();
             }
+            // Back from where it left for, by the hop after that one, before this node
+            // completed the departure: completed with this arrival.
+            Some(AgentMeta {
+                state:
+                    AgentState::Leaving {
+                        to,
+                        envelope,
+                        carried,
+                        ..
+                    },
+                ..
+            }) if previous == Some(envelope) && to == source => {
+                returning = Some((envelope, carried));
+            }
+            _ => {}
         }
         let committed = commit_seen.load(Ordering::Acquire);
         if committed {
@@ -441,6 +459,9 @@ pub(in crate::node) async fn receive_hop(
         }
         let arrival = b.accept_arrival(&rec)?;
         if let Arrival::New = arrival {
+            if let Some((departure, carried)) = returning {
+                since.extend(b.complete_return(&rec.id, &departure, &source, carried)?);
+            }
             b.arrive_tables(&rec.id, &source, &tables, committed)?;
             for m in messages
                 .iter()

@@ -407,6 +407,9 @@ pub(in crate::node) async fn hop(
         (SendOutcome::Owned, Ok(())) => {
             shared.departures.hand_over(envelope_hash);
             shared.faults.die_at(FaultPoint::SourceAfterAck);
+            if shared.faults.at(FaultPoint::SlowDeparture) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             shared.events.emit(NodeEvent::HopCommitted {
                 agent: rec.id.clone(),
                 hop: next_hop,

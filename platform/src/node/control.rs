@@ -21,13 +21,29 @@ use crate::wire::{
     CONTROL_PROTOCOL, MAX_FRAME,
 };
 
-/// Sends `request` to `peer` and reads its reply, on an idle stream to it or a new one.
+/// Sends `request` to `peer` and reads its reply, on an idle stream to it or a new one. A
+/// message (`Deliver`) is never sent twice: see [`Repeat`].
 pub(super) async fn control_request(
     shared: &Shared,
     peer: PeerId,
     request: &ControlRequest,
 ) -> Result<ControlReply, ControlFailure> {
-    request_over(shared, peer, CONTROL_PROTOCOL, request).await
+    let repeat = match request {
+        ControlRequest::Deliver { .. } => Repeat::Never,
+        _ => Repeat::WhenUnanswered,
+    };
+    request_over(shared, peer, CONTROL_PROTOCOL, request, repeat).await
+}
+
+/// Whether a request whose reused stream ended without an answer is sent again on a fresh one.
+/// The end of such a stream is mostly the other side having closed it, unread; but a node that
+/// died after carrying the request out ends it the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Repeat {
+    /// Sent again: carrying it out twice changes nothing.
+    WhenUnanswered,
+    /// Not: it is unanswered (it may have been carried out).
+    Never,
 }
 
 /// Sends `request` to `peer` over `protocol` (one whose streams serve request after request,
@@ -37,6 +53,7 @@ pub(super) async fn request_over<Q: serde::Serialize, R: serde::de::DeserializeO
     peer: PeerId,
     protocol: libp2p::StreamProtocol,
     request: &Q,
+    repeat: Repeat,
 ) -> Result<R, ControlFailure> {
     loop {
         let mut s = shared
@@ -56,9 +73,12 @@ pub(super) async fn request_over<Q: serde::Serialize, R: serde::de::DeserializeO
                 shared.outbound.put(peer, protocol, s.stream);
                 return Ok(reply);
             }
-            // A peer that serves one request per stream closed the idle one: afresh. (tern
-            // nodes answer every request they read, so the request was not handled.)
-            Err(WireError::Io(e)) if s.reused && e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            // The peer closed the idle stream, most likely unread: afresh, if the request may
+            // be carried out twice (a node that died after carrying it out ends it so too).
+            Err(WireError::Io(e))
+                if s.reused
+                    && repeat == Repeat::WhenUnanswered
+                    && e.kind() == std::io::ErrorKind::UnexpectedEof => {}
             Err(e) => return Err(ControlFailure::Unanswered(e.to_string())),
         }
     }

@@ -14,7 +14,7 @@ use libp2p::PeerId;
 use security::PackageHash;
 
 use super::accept::ExchangePermits;
-use super::control::request_over;
+use super::control::{request_over, Repeat};
 use super::packages::ensure_package;
 use super::peers::Unresolved;
 use super::residual::Direction;
@@ -55,7 +55,13 @@ impl RemoteResources for NodeRemote {
         let reply = self.runtime.block_on(async {
             tokio::time::timeout(
                 RESOURCE_DEADLINE,
-                request_over::<_, ResourceReply>(&self.shared, peer, RESOURCE_PROTOCOL, request),
+                request_over::<_, ResourceReply>(
+                    &self.shared,
+                    peer,
+                    RESOURCE_PROTOCOL,
+                    request,
+                    Repeat::WhenUnanswered,
+                ),
             )
             .await
         });

@@ -861,13 +861,9 @@ fn complete_departure_by_completes_only_the_hop_named() {
 fn an_agent_back_before_its_departure_completed_has_each_message_once() {
     let (_dir, _path, store) = temp_store(Durability::NoSync);
     let mut rec = leaving_for_peer_b("a");
-    rec.state = AgentState::Leaving {
-        to: "peer-b".into(),
-        hop: 2,
-        carried: 1,
-        envelope: [9; 32],
-        checkpoint: None,
-    };
+    if let AgentState::Leaving { carried, .. } = &mut rec.state {
+        *carried = 1;
+    }
     store
         .batch(|b| b.push_message("a", b"taken along"))
         .unwrap();

@@ -702,6 +702,23 @@ fn silent_streams_from_one_peer_do_not_starve_the_node() {
     });
 }
 
+/// Launches `package` on `home`, whose agent offers a hop to `offered` (which refuses it) and
+/// then waits in `receive` on `waiting_on`: the agent, where its end will come, and that offer.
+async fn offered_then_waiting(
+    home: &NodeHandle,
+    package: VerifiedPackage,
+    offered: &RawPeer,
+    waiting_on: &NodeHandle,
+) -> (String, tokio::sync::oneshot::Receiver<AgentEnd>, HopOffer) {
+    let (id, end) = home.launch(package, None).expect("launch");
+    held_in_state(waiting_on, &id, "waiting").await;
+    let offer = offered
+        .offers()
+        .pop()
+        .expect("the hop was offered to the raw peer");
+    (id, end, offer)
+}
+
 /// The agent's end, within 20 s.
 async fn ended(end: tokio::sync::oneshot::Receiver<AgentEnd>) -> AgentEnd {
     tokio::time::timeout(Duration::from_secs(20), end)
@@ -1635,15 +1652,13 @@ fn a_node_that_was_only_offered_an_agent_cannot_report_on_it() {
             "#,
             raw.peer_id
         );
-        let (id, end) = mesh
-            .honest
-            .launch(sign(&source, &mesh.author), None)
-            .expect("launch");
-        held_in_state(&mesh.honest, &id, "waiting").await;
-        let offer = raw
-            .offers()
-            .pop()
-            .expect("the hop was offered to the raw peer");
+        let (id, end, offer) = offered_then_waiting(
+            &mesh.honest,
+            sign(&source, &mesh.author),
+            &raw,
+            &mesh.honest,
+        )
+        .await;
         let forged_end = AgentEnd::Finished {
             json: "\"forged\"".into(),
             node: "raw".into(),
@@ -1737,12 +1752,8 @@ fn a_peer_that_was_only_offered_an_agent_cannot_push_it_on() {
             offered.peer_id
         );
         let package = sign(&source, &mesh.author);
-        let (id, end) = mesh.honest.launch(package.clone(), None).expect("launch");
-        held_in_state(&mesh.honest, &id, "waiting").await;
-        let offer = offered
-            .offers()
-            .pop()
-            .expect("the hop was offered to the raw peer");
+        let (id, end, offer) =
+            offered_then_waiting(&mesh.honest, package.clone(), &offered, &mesh.honest).await;
         assert!(!offer.inline.is_empty(), "a small agent travels inline");
         let raw = mesh.raw();
         raw.serve(&package, package.to_bytes());
@@ -1826,12 +1837,8 @@ fn a_peer_that_was_only_offered_an_agent_cannot_push_it_back() {
             offered.peer_id
         );
         let package = sign(&source, &mesh.author);
-        let (id, end) = mesh.honest.launch(package.clone(), None).expect("launch");
-        held_in_state(&mesh.target, &id, "waiting").await;
-        let offer = offered
-            .offers()
-            .pop()
-            .expect("the hop was offered to the raw peer");
+        let (id, end, offer) =
+            offered_then_waiting(&mesh.honest, package.clone(), &offered, &mesh.target).await;
         mesh.target
             .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
             .await

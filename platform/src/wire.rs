@@ -862,6 +862,11 @@ pub enum ControlRequest {
         ttl: u8,
         /// Only answer for what this node knows; do not ask other peers.
         probe: bool,
+        /// How long the sender still waits for the answer, in milliseconds: a message that
+        /// must follow an agent leaving the receiving node waits that long at most for the
+        /// agent's hop to settle.
+        #[serde(default)]
+        wait_ms: u32,
     },
     /// An agent of this home node is now on the sending node (which it arrived at).
     Location {

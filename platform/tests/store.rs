@@ -855,7 +855,7 @@ fn complete_departure_by_completes_only_the_hop_named() {
 
 /// The agent comes back from peer-b (hop 3) before this node completed its departure by hop 2:
 /// the arrival completes it. The message it took along comes back in the offer and is queued
-/// once; the one that came while it was away stays, after it; the late completion finds the
+/// once; the one that came while it was away stays, before it; the late completion finds the
 /// new arrival and does nothing.
 #[test]
 fn an_agent_back_before_its_departure_completed_has_each_message_once() {
@@ -874,12 +874,9 @@ fn an_agent_back_before_its_departure_completed_has_each_message_once() {
     store
         .batch(|b| {
             assert_eq!(b.accept_arrival(&back)?, Arrival::New);
-            let since = b.complete_return("a", &[9; 32], "peer-b", 1)?;
-            assert_eq!(since, vec![b"came later".to_vec()]);
-            for m in std::iter::once(b"taken along".to_vec()).chain(since) {
-                b.push_message("a", &m)?;
-            }
-            Ok(())
+            b.complete_return("a", &[9; 32], "peer-b", 1)?;
+            // The offer's message.
+            b.push_message("a", b"taken along").map(drop)
         })
         .unwrap();
     assert_eq!(store.departed("a").unwrap(), Some([9; 32]));
@@ -893,7 +890,7 @@ fn an_agent_back_before_its_departure_completed_has_each_message_once() {
     assert_eq!(store.forward("a").unwrap(), None);
     assert_eq!(
         store.messages("a").unwrap(),
-        vec![b"taken along".to_vec(), b"came later".to_vec()]
+        vec![b"came later".to_vec(), b"taken along".to_vec()]
     );
     assert_eq!(store.message_count("a").unwrap(), 2);
 }
@@ -1773,7 +1770,7 @@ fn an_arrival_commits_or_is_dropped_by_its_envelope_only() {
         .batch(|b| b.complete_departure("a", "peer-c"))
         .unwrap();
     assert_eq!(arrive(&store, "a", 2, first, &[b"carried"]), Arrival::New);
-    store
+    let later = store
         .batch(|b| b.push_message("a", b"arrived later"))
         .unwrap();
     let meta = store.agent_meta("a").unwrap().unwrap();
@@ -1788,10 +1785,22 @@ fn an_arrival_commits_or_is_dropped_by_its_envelope_only() {
     assert_eq!(store.agent_meta("a").unwrap(), Some(meta));
 
     // Dropped: the record, the messages that came with it, and the hop, which may arrive again;
-    // what was queued since comes back to be forwarded.
+    // what was queued since stays behind, to be forwarded.
     let queued = store.batch(|b| b.abort_arrival("a", &first)).unwrap();
-    assert_eq!(queued, Some(vec![b"arrived later".to_vec()]));
+    assert_eq!(queued, Some(vec![later]));
     assert_eq!(store.agent("a").unwrap(), None);
+    assert_eq!(
+        store.messages("a").unwrap(),
+        vec![b"arrived later".to_vec()]
+    );
+    assert_eq!(
+        store.left_behind().unwrap(),
+        vec![("a".to_string(), vec![later])]
+    );
+    assert_eq!(
+        store.batch(|b| b.take_message("a", later)).unwrap(),
+        Some(b"arrived later".to_vec())
+    );
     assert_eq!(store.message_count("a").unwrap(), 0);
     assert!(!store.has_seen("a", 2, None).unwrap());
 

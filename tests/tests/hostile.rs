@@ -751,6 +751,7 @@ fn deliver(agent: &str, message: Vec<u8>) -> ControlRequest {
         message,
         ttl: 16,
         probe: false,
+        wait_ms: 10_000,
     }
 }
 

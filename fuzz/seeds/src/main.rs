@@ -461,6 +461,7 @@ fn main() {
                     message: messages[0].clone(),
                     ttl: 16,
                     probe: false,
+                    wait_ms: 10_000,
                 },
                 ControlRequest::Location {
                     agent: agent.clone(),

@@ -3,6 +3,7 @@
 //! per request. What an operator's client asks is `operators`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use libp2p::PeerId;
 use security::{CustodyPoint, HopEnvelope};
@@ -12,7 +13,7 @@ use super::custody::{certify, confirm_report};
 use super::fault::FaultPoint;
 use super::hop::{departed_by, handover_key, hop_committed, hop_held};
 use super::mailbox::Wake;
-use super::routing::{route, Undelivered};
+use super::routing::{route, Undelivered, SENDER_WAIT};
 use super::runner::deliver_end;
 use super::NodeStream;
 use super::Shared;
@@ -22,28 +23,35 @@ use crate::wire::{
 };
 
 /// Sends `request` to `peer` and reads its reply, on an idle stream to it or a new one. A
-/// message (`Deliver`) is never sent twice: see [`Repeat`].
+/// message (`Deliver`) is never sent twice: see [`Exchange`].
 pub(super) async fn control_request(
     shared: &Shared,
     peer: PeerId,
     request: &ControlRequest,
 ) -> Result<ControlReply, ControlFailure> {
-    let repeat = match request {
-        ControlRequest::Deliver { .. } => Repeat::Never,
-        _ => Repeat::WhenUnanswered,
+    let exchange = match request {
+        ControlRequest::Deliver { .. } => Exchange::Message,
+        _ => Exchange::Idempotent,
     };
-    request_over(shared, peer, CONTROL_PROTOCOL, request, repeat).await
+    request_over(shared, peer, CONTROL_PROTOCOL, request, exchange).await
 }
 
-/// Whether a request whose reused stream ended without an answer is sent again on a fresh one.
-/// The end of such a stream is mostly the other side having closed it, unread; but a node that
-/// died after carrying the request out ends it the same way.
+/// What kind of request an exchange carries, which says whether it is sent again when its
+/// reused stream ends without an answer (mostly the other side having closed the stream,
+/// unread; but a node that died after carrying the request out ends it the same way), and how
+/// long it holds its peer's opening turn ([`super::streams::StreamPool`]) when it is on a new
+/// stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Repeat {
-    /// Sent again: carrying it out twice changes nothing.
-    WhenUnanswered,
-    /// Not: it is unanswered (it may have been carried out).
-    Never,
+pub(super) enum Exchange {
+    /// Carrying it out twice changes nothing: sent again. Its answer comes at once, and it
+    /// holds the opening turn until then.
+    Idempotent,
+    /// A message: never sent twice (unanswered, it may have been delivered). Its answer may
+    /// wait for the agent's hop to settle, and for what the peer asks of this node meanwhile
+    /// (a message that followed its agent here and on, back to the same peer): it gives the
+    /// opening turn up once it is sent, or such a request would wait for the turn until this
+    /// one's answer.
+    Message,
 }
 
 /// Sends `request` to `peer` over `protocol` (one whose streams serve request after request,
@@ -53,7 +61,7 @@ pub(super) async fn request_over<Q: serde::Serialize, R: serde::de::DeserializeO
     peer: PeerId,
     protocol: libp2p::StreamProtocol,
     request: &Q,
-    repeat: Repeat,
+    exchange: Exchange,
 ) -> Result<R, ControlFailure> {
     loop {
         let mut s = shared
@@ -68,6 +76,9 @@ pub(super) async fn request_over<Q: serde::Serialize, R: serde::de::DeserializeO
             }
             return Err(ControlFailure::NotSent(e.to_string()));
         }
+        if exchange == Exchange::Message {
+            s.opening = None;
+        }
         match read_frame(&mut s.stream, MAX_FRAME).await {
             Ok(reply) => {
                 shared.outbound.put(peer, protocol, s.stream);
@@ -77,7 +88,7 @@ pub(super) async fn request_over<Q: serde::Serialize, R: serde::de::DeserializeO
             // be carried out twice (a node that died after carrying it out ends it so too).
             Err(WireError::Io(e))
                 if s.reused
-                    && repeat == Repeat::WhenUnanswered
+                    && exchange == Exchange::Idempotent
                     && e.kind() == std::io::ErrorKind::UnexpectedEof => {}
             Err(e) => return Err(ControlFailure::Unanswered(e.to_string())),
         }
@@ -128,8 +139,12 @@ async fn answer(
             message,
             ttl,
             probe,
+            wait_ms,
         } => match shared.sender_rates.admit(&peer) {
-            Ok(()) => on_deliver(shared, stream, &agent, message, ttl, probe).await,
+            Ok(()) => {
+                let wait = Duration::from_millis(u64::from(wait_ms));
+                on_deliver(shared, stream, &agent, message, (ttl, probe), wait).await
+            }
             Err(refusal) => {
                 tracing::debug!(%peer, "refused a message: over the peer's rate");
                 write_frame(stream, &ControlReply::Refused(refusal)).await
@@ -229,10 +244,11 @@ pub(super) async fn on_deliver(
     stream: &mut NodeStream,
     agent: &str,
     message: Vec<u8>,
-    ttl: u8,
-    probe: bool,
+    (ttl, probe): (u8, bool),
+    wait: Duration,
 ) -> Result<(), WireError> {
-    let (reply, wake) = match route(shared, agent, message, ttl, probe).await {
+    let until = tokio::time::Instant::now() + wait.min(SENDER_WAIT);
+    let (reply, wake) = match route(shared, agent, message, ttl, probe, until).await {
         Ok(wake) => (ControlReply::Delivered, wake),
         Err(Undelivered::NotHere) => (ControlReply::NotHere, Wake::none()),
         Err(Undelivered::Unconfirmed(e)) => (ControlReply::Unconfirmed(e), Wake::none()),

@@ -20,6 +20,9 @@ pub(super) enum FaultPoint {
     /// Source: not a death but a delay of a second once the destination acknowledged, before
     /// deleting its copy, so that an agent that goes straight back comes back first.
     SlowDeparture,
+    /// Source: as [`FaultPoint::SlowDeparture`], then a death once the departure is complete,
+    /// before a message queued meanwhile is forwarded.
+    SourceAfterDeparture,
 }
 
 /// The fault point this node dies at, if any.
@@ -37,6 +40,7 @@ impl Faults {
             Some("after-receive") => Some(FaultPoint::AfterReceive),
             Some("after-queue") => Some(FaultPoint::AfterQueue),
             Some("slow-departure") => Some(FaultPoint::SlowDeparture),
+            Some("source-after-departure") => Some(FaultPoint::SourceAfterDeparture),
             _ => None,
         };
         Faults(point)

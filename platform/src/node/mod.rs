@@ -213,6 +213,8 @@ struct Shared {
     /// Hops being received right now, and offers their senders gave up on.
     arrivals: ArrivalGate,
     departures: Departures,
+    /// Messages whose senders wait for them to follow a leaving agent.
+    following: routing::Following,
     /// Custody the homes of agents here confirmed.
     confirmed: custody::ConfirmedCustody,
     /// The handovers of the hops agents arrived here by.
@@ -388,6 +390,7 @@ impl Node {
             outbound: StreamPool::default(),
             arrivals: ArrivalGate::default(),
             departures: Departures::default(),
+            following: Default::default(),
             confirmed: custody::ConfirmedCustody::default(),
             handovers: custody::Handovers::default(),
             verifier: BatchVerifier::default(),
@@ -584,6 +587,16 @@ impl NodeHandle {
                 }
                 _ => runner::spawn_agent(shared, rec.id.clone(), rec.hop),
             }
+        }
+        // Messages that stayed queued for agents that left (or whose arrival did not commit),
+        // whose forwarding this node's restart cut short.
+        match self.shared.store.left_behind() {
+            Ok(queues) => {
+                for (agent, seqs) in queues {
+                    routing::forward_left_behind(&self.shared, &agent, seqs);
+                }
+            }
+            Err(e) => tracing::error!("cannot list the messages left behind: {e}"),
         }
     }
 }

@@ -11,6 +11,7 @@ use security::Package;
 
 use super::accept::ExchangePermits;
 use super::control::on_deliver;
+use super::routing::SENDER_WAIT;
 use super::runner::launch;
 use super::NodeStream;
 use super::{hex, Shared};
@@ -60,7 +61,15 @@ async fn answer(
             on_launch(shared, peer, stream, &package, wait).await
         }
         ClientRequest::Send { agent, message } => {
-            on_deliver(shared, stream, &agent, message, MESSAGE_TTL, false).await
+            on_deliver(
+                shared,
+                stream,
+                &agent,
+                message,
+                (MESSAGE_TTL, false),
+                SENDER_WAIT,
+            )
+            .await
         }
         ClientRequest::Result { agent } => write_frame(stream, &on_result(shared, &agent)).await,
         ClientRequest::Status => {

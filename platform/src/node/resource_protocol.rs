@@ -14,7 +14,7 @@ use libp2p::PeerId;
 use security::PackageHash;
 
 use super::accept::ExchangePermits;
-use super::control::{request_over, Repeat};
+use super::control::{request_over, Exchange};
 use super::packages::ensure_package;
 use super::peers::Unresolved;
 use super::residual::Direction;
@@ -60,7 +60,7 @@ impl RemoteResources for NodeRemote {
                     peer,
                     RESOURCE_PROTOCOL,
                     request,
-                    Repeat::WhenUnanswered,
+                    Exchange::Idempotent,
                 ),
             )
             .await

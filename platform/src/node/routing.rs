@@ -1,24 +1,39 @@
 //! Message routing: a message for an agent is queued where the agent is, or followed along
 //! forwarding pointers and the home node's location record, or, when this node knows nothing of
-//! the agent, asked for at every peer.
+//! the agent, asked for at every peer. A message queued for an agent that is leaving follows it
+//! once the hop settles, before its sender hears that it was delivered.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::time::Instant;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use libp2p::PeerId;
 
 use super::control::{control_request, ControlFailure};
 use super::mailbox::Wake;
-use super::Shared;
-use crate::store::QueueSize;
+use super::{lock, Shared};
+use crate::store::{AgentState, QueueSize};
 use crate::wire::{
     ControlRefusal, ControlReply, ControlRequest, MAX_CARRIED_BYTES, MAX_CARRIED_MESSAGES,
     MESSAGE_TTL,
 };
 
+/// How long the sender of a message waits, at most, for it to follow an agent that was leaving
+/// the node it reached (each time it was left behind, along the way): past that, the sender is
+/// told that it is unconfirmed, and it follows the agent all the same. A peer's `Deliver` says
+/// how long its sender still waits ([`ControlRequest::Deliver`]'s `wait_ms`), never longer
+/// than this.
+pub(super) const SENDER_WAIT: Duration = Duration::from_secs(10);
+
 /// What this node can do with a message for `agent`.
 enum Delivery {
-    /// Queued here (the agent is here, or leaving from here).
-    Queued,
+    /// Queued here, with this sequence number; `leaving`: the agent is leaving by this hop,
+    /// which may have read its queue before this message came (see [`follow_departure`]).
+    Queued { seq: u64, leaving: Option<u64> },
     /// The agent is elsewhere: this peer knows more.
     Forward(PeerId),
     /// The agent finished.
@@ -127,12 +142,22 @@ fn deliver_here(shared: &Shared, agent: &str, message: &[u8]) -> Result<Delivery
                 if !limits.fits(size, bytes) {
                     return Ok(Some(Err(size)));
                 }
-                b.push_message(agent, message)?;
-                Ok(Some(Ok(())))
+                let leaving = b
+                    .agent_meta(agent)?
+                    .and_then(|meta| leaving_by(&meta.state));
+                Ok(Some(Ok((b.push_message(agent, message)?, leaving))))
             })
             .map_err(store_failed)?;
         match queued {
-            Some(Ok(())) => return Ok(Delivery::Queued),
+            Some(Ok((seq, leaving))) => {
+                // Looked at once the message is stored: a hop that marks the agent later reads
+                // its queue later, and takes the message along.
+                let leaving = shared.departures.leaving_by(agent).or(leaving);
+                if leaving.is_some() {
+                    shared.following.add(seq);
+                }
+                return Ok(Delivery::Queued { seq, leaving });
+            }
             Some(Err(size)) => {
                 return Err(ControlRefusal::QueueFull {
                     agent: agent.to_string(),
@@ -167,7 +192,8 @@ pub(super) async fn route_message(
     agent: &str,
     message: Vec<u8>,
 ) -> Result<(), Undelivered> {
-    route(shared, agent, message, MESSAGE_TTL, false)
+    let until = Instant::now() + SENDER_WAIT;
+    route(shared, agent, message, MESSAGE_TTL, false, until)
         .await
         .map(|wake| shared.mailboxes.wake(wake))
 }
@@ -225,17 +251,23 @@ fn forwarded(
 }
 
 /// Delivers a message here or passes it on, `ttl` forwarding steps at most. A `probe` only
-/// answers for what this node knows.
+/// answers for what this node knows. The sender waits `until` then, at most, for a message
+/// that follows a leaving agent.
 pub(super) async fn route(
     shared: &Arc<Shared>,
     agent: &str,
     message: Vec<u8>,
     ttl: u8,
     probe: bool,
+    until: Instant,
 ) -> Result<Wake, Undelivered> {
     let agent_text = || agent.to_string();
     match deliver_here(shared, agent, &message).map_err(Undelivered::Refused)? {
-        Delivery::Queued => Ok(Wake::agent(agent)),
+        Delivery::Queued { leaving: None, .. } => Ok(Wake::agent(agent)),
+        Delivery::Queued {
+            seq,
+            leaving: Some(hop),
+        } => follow_departure(shared, agent, hop, seq, (ttl, probe), until).await,
         Delivery::Finished => Err(Undelivered::Refused(ControlRefusal::Finished {
             agent: agent_text(),
         })),
@@ -245,6 +277,7 @@ pub(super) async fn route(
                 message,
                 ttl: ttl - 1,
                 probe: false,
+                wait_ms: wait_ms(until),
             };
             match forwarded(shared, peer, control_request(shared, peer, &request).await) {
                 // (Only a probe is answered so; the pointer led nowhere.)
@@ -270,6 +303,7 @@ pub(super) async fn route(
                     message: message.clone(),
                     ttl: ttl.saturating_sub(1),
                     probe: true,
+                    wait_ms: wait_ms(until),
                 };
                 let answer = control_request(shared, peer, &request).await;
                 if matches!(answer, Err(ControlFailure::NotSent(_))) {
@@ -294,16 +328,164 @@ pub(super) async fn route(
     }
 }
 
-/// Forwards the messages queued for an agent that has just left to where it went.
-pub(super) fn forward_queued(shared: &Arc<Shared>, agent: &str, messages: Vec<Vec<u8>>) {
-    if messages.is_empty() {
+/// Messages queued here for agents that were leaving, whose senders wait for them to be
+/// delivered (see [`follow_departure`]), by sequence number: their senders forward them, so
+/// [`forward_left_behind`] does not. A `std` mutex held for one set operation.
+#[derive(Default)]
+pub(super) struct Following(Mutex<HashSet<u64>>);
+
+impl Following {
+    fn add(&self, seq: u64) {
+        lock(&self.0).insert(seq);
+    }
+
+    fn remove(&self, seq: u64) {
+        lock(&self.0).remove(&seq);
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        lock(&self.0).contains(&seq)
+    }
+}
+
+/// A message (sequence number `seq`) queued for `agent` while it was leaving by hop `hop`: the
+/// hop took it along if it read the queue after the message came, else the message stays
+/// behind. Waits for the hop to settle, `until` at most, then forwards it if it stayed behind
+/// (`steps`: the `ttl` and `probe` it came with), so the sender hears "delivered" only once it
+/// is with the agent, or queued where the agent is. Past the wait, the sender hears that the
+/// message is unconfirmed, and it follows the agent from a task.
+async fn follow_departure(
+    shared: &Arc<Shared>,
+    agent: &str,
+    hop: u64,
+    seq: u64,
+    steps: (u8, bool),
+    until: Instant,
+) -> Result<Wake, Undelivered> {
+    if !departure_settled(shared, agent, hop, Some(until)).await {
+        let (task_shared, task_agent) = (shared.clone(), agent.to_string());
+        shared.tasks.spawn(async move {
+            let (shared, agent) = (&task_shared, task_agent.as_str());
+            departure_settled(shared, agent, hop, None).await;
+            let until = Instant::now() + SENDER_WAIT;
+            match forward_follower(shared, agent, seq, steps, until).await {
+                Ok(wake) => shared.mailboxes.wake(wake),
+                Err(e) => tracing::warn!(%agent, "a message could not follow the agent: {e}"),
+            }
+        });
+        return Err(Undelivered::Unconfirmed(format!(
+            "agent {agent} is still leaving {}: the message follows it once the hop settles",
+            shared.peers.local_name()
+        )));
+    }
+    forward_follower(shared, agent, seq, steps, until).await
+}
+
+/// What a `Deliver` says of the time its sender still waits until `until`.
+fn wait_ms(until: Instant) -> u32 {
+    let left = until.saturating_duration_since(Instant::now()).as_millis();
+    u32::try_from(left).unwrap_or(u32::MAX)
+}
+
+/// The hop an agent in this state is leaving by, if it is.
+fn leaving_by(state: &AgentState) -> Option<u64> {
+    match state {
+        AgentState::Leaving { hop, .. } => Some(*hop),
+        _ => None,
+    }
+}
+
+/// Waits until `agent` is no longer leaving this node by hop `hop` (true; it may be leaving by
+/// a later one), or the deadline passes (false).
+async fn departure_settled(
+    shared: &Shared,
+    agent: &str,
+    hop: u64,
+    deadline: Option<Instant>,
+) -> bool {
+    loop {
+        let settled = shared.departures.settled();
+        tokio::pin!(settled);
+        // (Enabled before looking, so that a departure settled in between wakes it.)
+        settled.as_mut().enable();
+        let stored = shared.store.agent_meta(agent).ok().flatten();
+        let leaving = shared.departures.leaving_by(agent) == Some(hop)
+            || stored.is_some_and(|meta| leaving_by(&meta.state) == Some(hop));
+        if !leaving {
+            return true;
+        }
+        if let Some(d) = deadline {
+            if tokio::time::timeout_at(d, settled).await.is_err() {
+                return false;
+            }
+        } else {
+            settled.await;
+        }
+    }
+}
+
+/// [`follow_departure`] once the hop settled: the message is queued for the agent if the agent
+/// is here (it stayed, or came back), gone with it if no longer queued, and otherwise taken off
+/// the queue and routed after it, as one more step.
+fn forward_follower<'a>(
+    shared: &'a Arc<Shared>,
+    agent: &'a str,
+    seq: u64,
+    (ttl, probe): (u8, bool),
+    until: Instant,
+) -> BoxFuture<'a, Result<Wake, Undelivered>> {
+    // (Boxed: it routes the message again, which may follow another departure.)
+    async move {
+        let taken = shared.store.batch(|b| {
+            if b.agent_meta(agent)?.is_some() {
+                return Ok(Err(()));
+            }
+            b.take_message(agent, seq).map(Ok)
+        });
+        shared.following.remove(seq);
+        match taken {
+            Ok(Err(())) => Ok(Wake::agent(agent)),
+            Ok(Ok(None)) => Ok(Wake::none()),
+            Ok(Ok(Some(message))) => {
+                route(shared, agent, message, ttl.saturating_sub(1), probe, until).await
+            }
+            Err(e) => Err(Undelivered::Refused(ControlRefusal::Store(e.to_string()))),
+        }
+    }
+    .boxed()
+}
+
+/// Forwards to where `agent` went the messages with sequence numbers `seqs` that stayed queued
+/// here when it left (or when its arrival did not commit), from a task: each is taken off the
+/// queue as it is sent, unless the agent is here again (they are its) or a waiting sender
+/// forwards it ([`Following`]). One lost with this node on its way is lost: its sender was
+/// told it was delivered, or (while it waited) that it may not have been.
+pub(super) fn forward_left_behind(shared: &Arc<Shared>, agent: &str, seqs: Vec<u64>) {
+    if seqs.is_empty() {
         return;
     }
     let task_shared = shared.clone();
     let agent = agent.to_string();
     shared.tasks.spawn(async move {
-        for m in messages {
-            if let Err(e) = route_message(&task_shared, &agent, m).await {
+        for seq in seqs {
+            if task_shared.following.contains(seq) {
+                continue;
+            }
+            let taken = task_shared.store.batch(|b| {
+                if b.agent_meta(&agent)?.is_some() {
+                    return Ok(None);
+                }
+                b.take_message(&agent, seq)
+            });
+            let message = match taken {
+                Ok(Some(message)) => message,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(%agent, "cannot take a message left behind: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = route_message(&task_shared, &agent, message).await {
                 tracing::warn!(%agent, "a queued message could not follow the agent: {e}");
             }
         }

@@ -266,8 +266,8 @@ impl Batch<'_> {
     /// completes it in the transaction that stores the arrival, after
     /// [`Batch::accept_arrival`], before the arrival's tables and messages. The `carried` oldest
     /// messages queued here went with the agent (and come back in the offer, if it did not
-    /// receive them): they go. Returns the others, which came here while it was away, to queue
-    /// again after the offer's.
+    /// receive them): they go. Those that came here while it was away stay queued for it,
+    /// before the offer's.
     ///
     /// # Errors
     ///
@@ -278,13 +278,9 @@ impl Batch<'_> {
         departure: &[u8; 32],
         to: &str,
         carried: u64,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
+    ) -> Result<(), StoreError> {
         self.left(id, Some(departure), to)?;
-        let queued = self.take_messages(id)?;
-        Ok(queued
-            .into_iter()
-            .skip(usize::try_from(carried).unwrap_or(usize::MAX))
-            .collect())
+        self.drop_oldest_messages(id, carried).map(drop)
     }
 
     /// The hop with envelope hash `envelope` committed: agent `id`, stored by it as
@@ -318,9 +314,10 @@ impl Batch<'_> {
 
     /// The hop with envelope hash `envelope` did not commit: agent `id`, stored by it as
     /// [`AgentState::Arriving`], is dropped with the messages that came with it, and its hop is
-    /// forgotten (so that a later offer of that hop number is not taken for a duplicate).
-    /// Returns the messages queued for the agent since it arrived (to forward), or None, having
-    /// written nothing, if the agent is not stored as arriving by that hop.
+    /// forgotten (so that a later offer of that hop number is not taken for a duplicate). The
+    /// messages queued for the agent since it arrived stay queued, left behind; returns their
+    /// sequence numbers (to forward them), or None, having written nothing, if the agent is not
+    /// stored as arriving by that hop.
     ///
     /// # Errors
     ///
@@ -329,7 +326,7 @@ impl Batch<'_> {
         &mut self,
         id: &str,
         envelope: &[u8; 32],
-    ) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+    ) -> Result<Option<Vec<u64>>, StoreError> {
         let meta = match self.agent_meta(id)? {
             Some(meta) if meta.arriving_by(envelope) => meta,
             _ => return Ok(None),
@@ -341,13 +338,7 @@ impl Batch<'_> {
         self.abort_arriving_tables(id)?;
         self.drop_cached_chunks(id)?;
         self.txn.open_table(SEEN)?.remove((id, meta.hop))?;
-        let queued = self.take_messages(id)?;
-        Ok(Some(
-            queued
-                .into_iter()
-                .skip(usize::try_from(carried).unwrap_or(usize::MAX))
-                .collect(),
-        ))
+        self.drop_oldest_messages(id, carried).map(Some)
     }
 }
 

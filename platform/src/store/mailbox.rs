@@ -3,7 +3,7 @@
 
 use redb::ReadableTable;
 
-use super::schema::{MESSAGES, META, META_NEXT_SEQ, QUEUED};
+use super::schema::{AGENTS, MESSAGES, META, META_NEXT_SEQ, QUEUED};
 use super::{Batch, Store, StoreError};
 
 impl Store {
@@ -30,6 +30,36 @@ impl Store {
     /// When the read fails.
     pub fn message_count(&self, id: &str) -> Result<usize, StoreError> {
         self.read(|txn| Ok(queued_in(&txn.open_table(QUEUED)?, id)?.messages as usize))
+    }
+}
+
+impl Store {
+    /// The messages queued on this node for agents it does not hold (left behind by a hop, or
+    /// by an arrival that did not commit), by agent: the sequence numbers of each, oldest
+    /// first.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn left_behind(&self) -> Result<Vec<(String, Vec<u64>)>, StoreError> {
+        self.read(|txn| {
+            let queued = txn.open_table(QUEUED)?;
+            let agents = txn.open_table(AGENTS)?;
+            let messages = txn.open_table(MESSAGES)?;
+            let mut out = Vec::new();
+            for entry in queued.iter()? {
+                let id = entry?.0.value().to_string();
+                if agents.get(id.as_str())?.is_some() {
+                    continue;
+                }
+                let mut seqs = Vec::new();
+                for m in messages.range(queue(&id))? {
+                    seqs.push(m?.0.value().1);
+                }
+                out.push((id, seqs));
+            }
+            Ok(out)
+        })
     }
 }
 
@@ -87,18 +117,28 @@ impl Batch<'_> {
     ///
     /// When the write fails.
     pub fn pop_message(&mut self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut t = self.txn.open_table(MESSAGES)?;
-        let oldest = match t.range(queue(id))?.next() {
-            Some(entry) => {
-                let (k, v) = entry?;
-                Some((k.value().1, v.value().to_vec()))
-            }
-            None => None,
+        let oldest = match self.txn.open_table(MESSAGES)?.range(queue(id))?.next() {
+            Some(entry) => entry?.0.value().1,
+            None => return Ok(None),
         };
-        let Some((seq, message)) = oldest else {
+        self.take_message(id, oldest)
+    }
+
+    /// Removes and returns the message with sequence number `seq` from agent `id`'s queue
+    /// (None if it is not there).
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn take_message(&mut self, id: &str, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(message) = self
+            .txn
+            .open_table(MESSAGES)?
+            .remove((id, seq))?
+            .map(|v| v.value().to_vec())
+        else {
             return Ok(None);
         };
-        t.remove((id, seq))?;
         self.count(0, message.len());
         let mut queued = self.txn.open_table(QUEUED)?;
         let size = queued_in(&queued, id)?;
@@ -109,6 +149,35 @@ impl Batch<'_> {
             queued.insert(id, (size.messages - 1, bytes))?;
         }
         Ok(Some(message))
+    }
+
+    /// Removes the `n` oldest messages queued for agent `id` (those a hop took along) and
+    /// returns the sequence numbers of those that stay, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn drop_oldest_messages(&mut self, id: &str, n: u64) -> Result<Vec<u64>, StoreError> {
+        let seqs = self.message_seqs(id)?;
+        let n = usize::try_from(n).unwrap_or(usize::MAX).min(seqs.len());
+        for &seq in &seqs[..n] {
+            self.take_message(id, seq)?;
+        }
+        Ok(seqs[n..].to_vec())
+    }
+
+    /// The sequence numbers of the messages queued for agent `id`, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// When the read fails.
+    pub fn message_seqs(&self, id: &str) -> Result<Vec<u64>, StoreError> {
+        let t = self.txn.open_table(MESSAGES)?;
+        let mut seqs = Vec::new();
+        for entry in t.range(queue(id))? {
+            seqs.push(entry?.0.value().1);
+        }
+        Ok(seqs)
     }
 
     /// Removes and returns every message queued for agent `id`, oldest first.

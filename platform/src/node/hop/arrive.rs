@@ -27,7 +27,7 @@ use crate::node::custody::{
 use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::{ensure_package, Loaded};
-use crate::node::routing::forward_queued;
+use crate::node::routing::forward_left_behind;
 use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::NodeStream;
 use crate::node::{now_ms, Shared};
@@ -416,15 +416,12 @@ pub(in crate::node) async fn receive_hop(
         if let Some(why) = b.tables_taken(&rec.id, tables.iter().map(|(name, _)| name))? {
             return Ok(Some(Err(why)));
         }
-        // What was queued here for the agent that this offer does not carry, to queue again
-        // after what it carries.
-        let mut since = Vec::new();
         let mut returning = None;
         match b.agent_meta(&rec.id)? {
             // An arrival of this hop number by another envelope from the same source still
             // waits for its decision: the source gave it up (it is offering this one), so it
             // goes, and what was queued since it arrived (its senders were told "delivered")
-            // stays.
+            // stays queued, before what this offer carries.
             Some(AgentMeta {
                 state:
                     AgentState::Arriving {
@@ -435,7 +432,7 @@ pub(in crate::node) async fn receive_hop(
                 hop,
                 ..
             }) if hop == rec.hop && old != envelope_hash && from == source => {
-                since = b.abort_arrival(&rec.id, &old)?.unwrap_or_default();
+                b.abort_arrival(&rec.id, &old)?;
             }
             // Back from where it left for, by the hop after that one, before this node
             // completed the departure: completed with this arrival.
@@ -460,14 +457,10 @@ pub(in crate::node) async fn receive_hop(
         let arrival = b.accept_arrival(&rec)?;
         if let Arrival::New = arrival {
             if let Some((departure, carried)) = returning {
-                since.extend(b.complete_return(&rec.id, &departure, &source, carried)?);
+                b.complete_return(&rec.id, &departure, &source, carried)?;
             }
             b.arrive_tables(&rec.id, &source, &tables, committed)?;
-            for m in messages
-                .iter()
-                .map(|m| m.as_slice())
-                .chain(since.iter().map(Vec::as_slice))
-            {
+            for m in &messages {
                 b.push_message(&rec.id, m)?;
             }
             if committed && rec.home == me {
@@ -858,7 +851,7 @@ pub(in crate::node) async fn settle_arrival(
         .write(move |b| b.abort_arrival(&agent, &envelope))
         .await
     {
-        Ok(Some(queued)) => forward_queued(shared, &meta.id, queued),
+        Ok(Some(left_behind)) => forward_left_behind(shared, &meta.id, left_behind),
         Ok(None) => {}
         Err(e) => {
             tracing::error!(agent = %meta.id, "cannot drop an arrival that did not commit: {e}")

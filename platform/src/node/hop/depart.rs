@@ -18,7 +18,6 @@ use crate::node::events::NodeEvent;
 use crate::node::fault::FaultPoint;
 use crate::node::packages::Loaded;
 use crate::node::peers::Unresolved;
-use crate::node::routing::forward_queued;
 use crate::node::streams::PeerStream;
 use crate::node::{lock, now_ms, Shared};
 use crate::store::{AgentMeta, AgentRecord, AgentState, Batch, Durability, StoreError};
@@ -46,8 +45,31 @@ pub(in crate::node) struct Departures {
     /// destination said it holds the agent), from that moment on: before the departure is
     /// complete in the store.
     handed_over: Mutex<HashSet<[u8; 32]>>,
+    /// Agents leaving this node, with the number of the hop they leave by: from before the
+    /// hop reads the agent's message queue until the hop ends (a message queued meanwhile may
+    /// be left behind: see `routing`).
+    leaving: Mutex<HashMap<String, u64>>,
     /// Wakes those waiting for how a departure ends ([`departed_by`](super::departed_by)).
     settled: tokio::sync::Notify,
+}
+
+/// An agent marked leaving by a hop ([`Departures::leave`]) until this drops.
+struct Leaving<'a> {
+    departures: &'a Departures,
+    agent: String,
+    hop: u64,
+}
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        let mut leaving = lock(&self.departures.leaving);
+        // (Unless the agent came back and leaves again, by a later hop.)
+        if leaving.get(&self.agent) == Some(&self.hop) {
+            leaving.remove(&self.agent);
+        }
+        drop(leaving);
+        self.departures.settle();
+    }
 }
 
 impl Departures {
@@ -80,6 +102,22 @@ impl Departures {
         lock(&self.handed_over).contains(hash)
     }
 
+    /// Marks `agent` leaving by hop `hop` until the returned guard drops.
+    fn leave(&self, agent: &str, hop: u64) -> Leaving<'_> {
+        lock(&self.leaving).insert(agent.to_string(), hop);
+        Leaving {
+            departures: self,
+            agent: agent.to_string(),
+            hop,
+        }
+    }
+
+    /// The hop `agent` is leaving this node by, if it is (the hop may have read its queue
+    /// already).
+    pub(in crate::node) fn leaving_by(&self, agent: &str) -> Option<u64> {
+        lock(&self.leaving).get(agent).copied()
+    }
+
     /// A departure ended, one way or the other: those waiting look again.
     pub(in crate::node) fn settle(&self) {
         self.settled.notify_waiters();
@@ -109,7 +147,9 @@ fn remember(set: &Mutex<HashSet<[u8; 32]>>, hash: [u8; 32]) {
 /// The source's side of a completed hop, in one transaction: drop our copy and leave a
 /// forwarding pointer (and, on the agent's home node, record where it went) — unless the agent
 /// has already come back (a newer arrival replaced the departure record), in which case the
-/// record is the new arrival's and stays.
+/// record is the new arrival's and stays. The `carried` oldest messages went with the agent;
+/// returns the sequence numbers of those that came after the hop read the queue, which stay
+/// queued here until they are forwarded (their senders do it: see `routing`).
 ///
 /// (The write waits for the disk. Recovery could redo it, but tried unsynced, it made the next
 /// hop slower: redb's next synced commit then writes out what the unsynced one deferred.)
@@ -118,14 +158,14 @@ pub(in crate::node) async fn complete_departure(
     id: &str,
     to: &str,
     hop: u64,
-    carried: usize,
-) -> Result<(), String> {
+    carried: u64,
+) -> Result<Vec<u64>, String> {
     let (agent, dest, me) = (
         id.to_string(),
         to.to_string(),
         shared.peers.local_text().to_string(),
     );
-    let queued = shared
+    let left_behind = shared
         .store
         .write(move |b| {
             let Some(left) = b.complete_departure_by(&agent, hop, &dest)? else {
@@ -134,16 +174,13 @@ pub(in crate::node) async fn complete_departure(
             if left.home == me {
                 b.set_location(&agent, &dest)?;
             }
-            b.take_messages(&agent)
+            b.drop_oldest_messages(&agent, carried)
         })
         .await
         .map_err(|e| format!("migrate: {e}"))?;
     shared.mailboxes.forget(id);
     shared.departures.settle();
-    // The first `carried` travelled with the agent; those that arrived while it was in flight
-    // follow it.
-    forward_queued(shared, id, queued.into_iter().skip(carried).collect());
-    Ok(())
+    Ok(left_behind)
 }
 
 /// Brings the custody the agent takes along up to date before it leaves. The home needs none:
@@ -284,7 +321,9 @@ pub(in crate::node) async fn hop(
     } else {
         Vec::new()
     };
-    // The messages queued so far travel with the agent.
+    // The messages queued so far travel with the agent; one queued from now on may not (see
+    // `routing`).
+    let _leaving = shared.departures.leave(&rec.id, next_hop);
     let carried = shared
         .store
         .messages(&rec.id)
@@ -407,7 +446,9 @@ pub(in crate::node) async fn hop(
         (SendOutcome::Owned, Ok(())) => {
             shared.departures.hand_over(envelope_hash);
             shared.faults.die_at(FaultPoint::SourceAfterAck);
-            if shared.faults.at(FaultPoint::SlowDeparture) {
+            if shared.faults.at(FaultPoint::SlowDeparture)
+                || shared.faults.at(FaultPoint::SourceAfterDeparture)
+            {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             shared.events.emit(NodeEvent::HopCommitted {
@@ -416,7 +457,10 @@ pub(in crate::node) async fn hop(
                 to: shared.peers.name_of_peer(&dest),
             });
             let completed =
-                complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len()).await;
+                complete_departure(shared, &rec.id, &dest_text, next_hop, carried.len() as u64)
+                    .await;
+            // (What came after the hop read the queue is forwarded by its senders.)
+            shared.faults.die_at(FaultPoint::SourceAfterDeparture);
             if let Err(e) = completed {
                 // The destination owns the agent: it must not run here again. The departure
                 // record stays; recovery (now, or after a restart) completes it.

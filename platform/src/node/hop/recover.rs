@@ -12,6 +12,7 @@ use super::arrive::settle_arrival;
 use super::depart::{complete_departure, SentHop};
 use crate::node::control::control_request;
 use crate::node::events::NodeEvent;
+use crate::node::routing::forward_left_behind;
 use crate::node::runner::{spawn_agent, spawn_runner};
 use crate::node::Shared;
 use crate::store::{AgentMeta, AgentState, StoreError};
@@ -111,7 +112,13 @@ pub(in crate::node) async fn recover_departure(shared: Arc<Shared>, rec: AgentMe
                     hop,
                     to: shared.peers.name_of(&to),
                 });
-                let _ = complete_departure(&shared, &rec.id, &to, hop, carried as usize).await;
+                // After a restart, no sender waits to forward what came after the hop read the
+                // queue: it follows from here.
+                if let Ok(left_behind) =
+                    complete_departure(&shared, &rec.id, &to, hop, carried).await
+                {
+                    forward_left_behind(&shared, &rec.id, left_behind);
+                }
             } else {
                 // Back to the state before the hop (only the state changes: the stored
                 // continuation stays as it is). At `migrate`, the agent resumes and `migrate`

@@ -1,7 +1,8 @@
 //! Message routing: a message for an agent is queued where the agent is, or followed along
 //! forwarding pointers and the home node's location record, or, when this node knows nothing of
 //! the agent, asked for at every peer. A message queued for an agent that is leaving follows it
-//! once the hop settles, before its sender hears that it was delivered.
+//! once the hop settles, if the agent did not take it along, before its sender hears that it
+//! was delivered.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -16,14 +17,14 @@ use libp2p::PeerId;
 use super::control::{control_request, ControlFailure};
 use super::mailbox::Wake;
 use super::{lock, Shared};
-use crate::store::{AgentState, QueueSize};
+use crate::store::{AgentMeta, AgentState, QueueSize};
 use crate::wire::{
     ControlRefusal, ControlReply, ControlRequest, MAX_CARRIED_BYTES, MAX_CARRIED_MESSAGES,
     MESSAGE_TTL,
 };
 
-/// How long the sender of a message waits, at most, for it to follow an agent that was leaving
-/// the node it reached (each time it was left behind, along the way): past that, the sender is
+/// How long the sender of a message waits, at most, for it to follow an agent whose hop was
+/// unsettled at the node it reached (each time it was left behind, along the way): past that, the sender is
 /// told that it is unconfirmed, and it follows the agent all the same. A peer's `Deliver` says
 /// how long its sender still waits ([`ControlRequest::Deliver`]'s `wait_ms`), never longer
 /// than this.
@@ -31,9 +32,9 @@ pub(super) const SENDER_WAIT: Duration = Duration::from_secs(10);
 
 /// What this node can do with a message for `agent`.
 enum Delivery {
-    /// Queued here, with this sequence number; `leaving`: the agent is leaving by this hop,
-    /// which may have read its queue before this message came (see [`follow_departure`]).
-    Queued { seq: u64, leaving: Option<u64> },
+    /// Queued here, with this sequence number; `unsettled`: the agent is leaving by this hop,
+    /// which may have read its queue before this message came (see [`follow_hop`]).
+    Queued { seq: u64, unsettled: Option<u64> },
     /// The agent is elsewhere: this peer knows more.
     Forward(PeerId),
     /// The agent finished.
@@ -142,21 +143,19 @@ fn deliver_here(shared: &Shared, agent: &str, message: &[u8]) -> Result<Delivery
                 if !limits.fits(size, bytes) {
                     return Ok(Some(Err(size)));
                 }
-                let leaving = b
-                    .agent_meta(agent)?
-                    .and_then(|meta| leaving_by(&meta.state));
-                Ok(Some(Ok((b.push_message(agent, message)?, leaving))))
+                let unsettled = b.agent_meta(agent)?.and_then(|meta| unsettled_hop(&meta));
+                Ok(Some(Ok((b.push_message(agent, message)?, unsettled))))
             })
             .map_err(store_failed)?;
         match queued {
-            Some(Ok((seq, leaving))) => {
+            Some(Ok((seq, unsettled))) => {
                 // Looked at once the message is stored: a hop that marks the agent later reads
                 // its queue later, and takes the message along.
-                let leaving = shared.departures.leaving_by(agent).or(leaving);
-                if leaving.is_some() {
+                let unsettled = shared.departures.leaving_by(agent).or(unsettled);
+                if unsettled.is_some() {
                     shared.following.add(seq);
                 }
-                return Ok(Delivery::Queued { seq, leaving });
+                return Ok(Delivery::Queued { seq, unsettled });
             }
             Some(Err(size)) => {
                 return Err(ControlRefusal::QueueFull {
@@ -252,7 +251,7 @@ fn forwarded(
 
 /// Delivers a message here or passes it on, `ttl` forwarding steps at most. A `probe` only
 /// answers for what this node knows. The sender waits `until` then, at most, for a message
-/// that follows a leaving agent.
+/// that follows its agent after a hop.
 pub(super) async fn route(
     shared: &Arc<Shared>,
     agent: &str,
@@ -263,11 +262,13 @@ pub(super) async fn route(
 ) -> Result<Wake, Undelivered> {
     let agent_text = || agent.to_string();
     match deliver_here(shared, agent, &message).map_err(Undelivered::Refused)? {
-        Delivery::Queued { leaving: None, .. } => Ok(Wake::agent(agent)),
+        Delivery::Queued {
+            unsettled: None, ..
+        } => Ok(Wake::agent(agent)),
         Delivery::Queued {
             seq,
-            leaving: Some(hop),
-        } => follow_departure(shared, agent, hop, seq, (ttl, probe), until).await,
+            unsettled: Some(hop),
+        } => follow_hop(shared, agent, hop, seq, (ttl, probe), until).await,
         Delivery::Finished => Err(Undelivered::Refused(ControlRefusal::Finished {
             agent: agent_text(),
         })),
@@ -328,8 +329,8 @@ pub(super) async fn route(
     }
 }
 
-/// Messages queued here for agents that were leaving, whose senders wait for them to be
-/// delivered (see [`follow_departure`]), by sequence number: their senders forward them, so
+/// Messages queued here for agents in the middle of a hop, whose senders wait for them to be
+/// delivered (see [`follow_hop`]), by sequence number: their senders forward them, so
 /// [`forward_left_behind`] does not. A `std` mutex held for one set operation.
 #[derive(Default)]
 pub(super) struct Following(Mutex<HashSet<u64>>);
@@ -354,7 +355,7 @@ impl Following {
 /// (`steps`: the `ttl` and `probe` it came with), so the sender hears "delivered" only once it
 /// is with the agent, or queued where the agent is. Past the wait, the sender hears that the
 /// message is unconfirmed, and it follows the agent from a task.
-async fn follow_departure(
+async fn follow_hop(
     shared: &Arc<Shared>,
     agent: &str,
     hop: u64,
@@ -362,11 +363,11 @@ async fn follow_departure(
     steps: (u8, bool),
     until: Instant,
 ) -> Result<Wake, Undelivered> {
-    if !departure_settled(shared, agent, hop, Some(until)).await {
+    if !hop_settled(shared, agent, hop, Some(until)).await {
         let (task_shared, task_agent) = (shared.clone(), agent.to_string());
         shared.tasks.spawn(async move {
             let (shared, agent) = (&task_shared, task_agent.as_str());
-            departure_settled(shared, agent, hop, None).await;
+            hop_settled(shared, agent, hop, None).await;
             let until = Instant::now() + SENDER_WAIT;
             match forward_follower(shared, agent, seq, steps, until).await {
                 Ok(wake) => shared.mailboxes.wake(wake),
@@ -374,7 +375,8 @@ async fn follow_departure(
             }
         });
         return Err(Undelivered::Unconfirmed(format!(
-            "agent {agent} is still leaving {}: the message follows it once the hop settles",
+            "the hop of agent {agent} at {} is still unsettled: the message follows the agent \
+             once it settles",
             shared.peers.local_name()
         )));
     }
@@ -387,31 +389,28 @@ fn wait_ms(until: Instant) -> u32 {
     u32::try_from(left).unwrap_or(u32::MAX)
 }
 
-/// The hop an agent in this state is leaving by, if it is.
-fn leaving_by(state: &AgentState) -> Option<u64> {
-    match state {
-        AgentState::Leaving { hop, .. } => Some(*hop),
+/// The hop this agent is leaving by, if it is: a message queued for it now may stay behind.
+/// (Not one it is arriving by, whose decision a peer gives: a sender is not made to wait for
+/// a peer that holds it back; see `settle_arrival`.)
+fn unsettled_hop(meta: &AgentMeta) -> Option<u64> {
+    match meta.state {
+        AgentState::Leaving { hop, .. } => Some(hop),
         _ => None,
     }
 }
 
-/// Waits until `agent` is no longer leaving this node by hop `hop` (true; it may be leaving by
-/// a later one), or the deadline passes (false).
-async fn departure_settled(
-    shared: &Shared,
-    agent: &str,
-    hop: u64,
-    deadline: Option<Instant>,
-) -> bool {
+/// Waits until hop `hop` of `agent` is no longer unsettled here (true; a later one may be), or
+/// the deadline passes (false).
+async fn hop_settled(shared: &Shared, agent: &str, hop: u64, deadline: Option<Instant>) -> bool {
     loop {
         let settled = shared.departures.settled();
         tokio::pin!(settled);
         // (Enabled before looking, so that a departure settled in between wakes it.)
         settled.as_mut().enable();
         let stored = shared.store.agent_meta(agent).ok().flatten();
-        let leaving = shared.departures.leaving_by(agent) == Some(hop)
-            || stored.is_some_and(|meta| leaving_by(&meta.state) == Some(hop));
-        if !leaving {
+        let unsettled = shared.departures.leaving_by(agent) == Some(hop)
+            || stored.is_some_and(|meta| unsettled_hop(&meta) == Some(hop));
+        if !unsettled {
             return true;
         }
         if let Some(d) = deadline {
@@ -424,9 +423,9 @@ async fn departure_settled(
     }
 }
 
-/// [`follow_departure`] once the hop settled: the message is queued for the agent if the agent
+/// [`follow_hop`] once the hop settled: the message is queued for the agent if the agent
 /// is here (it stayed, or came back), gone with it if no longer queued, and otherwise taken off
-/// the queue and routed after it, as one more step.
+/// the queue and routed after it (forwarding it is the step its `ttl` counts).
 fn forward_follower<'a>(
     shared: &'a Arc<Shared>,
     agent: &'a str,
@@ -446,9 +445,7 @@ fn forward_follower<'a>(
         match taken {
             Ok(Err(())) => Ok(Wake::agent(agent)),
             Ok(Ok(None)) => Ok(Wake::none()),
-            Ok(Ok(Some(message))) => {
-                route(shared, agent, message, ttl.saturating_sub(1), probe, until).await
-            }
+            Ok(Ok(Some(message))) => route(shared, agent, message, ttl, probe, until).await,
             Err(e) => Err(Undelivered::Refused(ControlRefusal::Store(e.to_string()))),
         }
     }

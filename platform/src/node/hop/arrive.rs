@@ -830,7 +830,10 @@ pub(in crate::node) async fn commit_arrival(
 }
 
 /// Applies the source's decision to an agent stored as arriving: runs it if the hop committed,
-/// else drops it (and forwards what was queued for it since it arrived).
+/// else drops it (and forwards what was queued for it since it arrived: from a task, after
+/// their senders heard "delivered", and lost if this node dies first. Making them wait for the
+/// decision, as for a departure, would let a source that holds its decision back hold every
+/// sender of a message to the agent).
 pub(in crate::node) async fn settle_arrival(
     shared: &Arc<Shared>,
     meta: &AgentMeta,

@@ -853,6 +853,49 @@ fn complete_departure_by_completes_only_the_hop_named() {
     assert_eq!(store.departed("a").unwrap(), Some([9; 32]));
 }
 
+/// A departure removes the messages its offer carried and leaves those that came after the
+/// hop read the queue: they stay queued, for an agent no longer here, until they are taken one
+/// by one to be forwarded, and a restarted node finds them.
+#[test]
+fn a_departure_leaves_the_messages_that_came_after_its_offer() {
+    let (_dir, path, store) = temp_store(Durability::Fsync);
+    store
+        .batch(|b| b.put_agent(&leaving_for_peer_b("a")))
+        .unwrap();
+    let carried = store.batch(|b| b.push_message("a", b"carried")).unwrap();
+    let late = store.batch(|b| b.push_message("a", b"late")).unwrap();
+    let later = store.batch(|b| b.push_message("a", b"later")).unwrap();
+    assert!(carried < late && late < later);
+    let left = store
+        .batch(|b| {
+            b.complete_departure_by("a", 2, "peer-b")?;
+            b.drop_oldest_messages("a", 1)
+        })
+        .unwrap();
+    assert_eq!(left, vec![late, later]);
+    assert_eq!(store.agent("a").unwrap(), None);
+    assert_eq!(store.message_count("a").unwrap(), 2);
+    drop(store);
+    let store = Store::open(&path, Durability::Fsync).unwrap();
+    assert_eq!(
+        store.left_behind().unwrap(),
+        vec![("a".to_string(), vec![late, later])]
+    );
+    assert_eq!(
+        store.batch(|b| b.take_message("a", later)).unwrap(),
+        Some(b"later".to_vec())
+    );
+    assert_eq!(store.batch(|b| b.take_message("a", later)).unwrap(), None);
+    assert_eq!(store.messages("a").unwrap(), vec![b"late".to_vec()]);
+    assert_eq!(store.message_count("a").unwrap(), 1);
+    assert_eq!(
+        store.batch(|b| b.take_message("a", late)).unwrap(),
+        Some(b"late".to_vec())
+    );
+    assert_eq!(store.message_count("a").unwrap(), 0);
+    assert!(store.left_behind().unwrap().is_empty());
+}
+
 /// The agent comes back from peer-b (hop 3) before this node completed its departure by hop 2:
 /// the arrival completes it. The message it took along comes back in the offer and is queued
 /// once; the one that came while it was away stays, before it; the late completion finds the

@@ -1,9 +1,11 @@
 //! A raw libp2p peer that speaks tern's wire protocols by hand, for hostile-peer tests: it can
 //! open hop streams and write anything on them, serves the packages it is given, and records
 //! the agent ends nodes report to it (when it names itself as an agent's home), and answers
-//! whether the hops it sent committed ([`RawPeer::record_departure`]).
+//! whether the hops it sent committed ([`RawPeer::record_departure`]). Hops offered to it are
+//! refused, or left unanswered ([`RawPeer::stall_hops`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +37,8 @@ pub struct RawPeer {
     /// Hashes of the envelopes the node asked about with `ControlRequest::Departed`.
     asked_departed: Arc<Mutex<Vec<[u8; 32]>>>,
     offers: Arc<Mutex<Vec<HopOffer>>>,
+    /// Whether hops offered to it are left unanswered.
+    stalling: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -154,16 +158,24 @@ impl RawPeer {
                 });
             }
         }));
-        // Hops offered to the raw peer are kept and refused.
+        // Hops offered to the raw peer are kept and refused (or, stalling, left unanswered on
+        // streams kept open until the peer is dropped).
         let offers: Arc<Mutex<Vec<HopOffer>>> = Arc::default();
         let offered = offers.clone();
+        let stalling = Arc::new(AtomicBool::new(false));
+        let stall = stalling.clone();
         tasks.push(tokio::spawn(async move {
+            let mut stalled = Vec::new();
             while let Some((_, mut stream)) = hop_streams.next().await {
                 if let Ok(offer) = read_frame::<_, HopOffer>(&mut stream, MAX_FRAME).await {
                     offered
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push(offer);
+                    if stall.load(Ordering::Relaxed) {
+                        stalled.push(stream);
+                        continue;
+                    }
                     let refusal = HopReply::Refused(HopRefusal::LivesHere);
                     let _ = write_frame(&mut stream, &refusal).await;
                 }
@@ -180,8 +192,15 @@ impl RawPeer {
             departures,
             asked_departed,
             offers,
+            stalling,
             tasks,
         }
+    }
+
+    /// From now on, hops offered to this peer are left unanswered: their agents stay leaving
+    /// the node that offered them.
+    pub fn stall_hops(&self) {
+        self.stalling.store(true, Ordering::Relaxed);
     }
 
     /// The hops the node offered to this peer (each was refused).

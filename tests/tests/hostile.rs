@@ -1636,6 +1636,51 @@ fn a_full_store_refuses_what_would_grow_it_and_serves_on() {
     });
 }
 
+/// A message for an agent that is leaving holds its sender until the hop settles, as long as
+/// the sender says it waits, and never longer than the node's own limit (10 s): a peer that
+/// stalls a hop and asks to wait forever gets "unconfirmed" within that limit, and the node
+/// serves on.
+#[test]
+fn a_message_for_a_leaving_agent_waits_no_longer_than_the_node_allows() {
+    run(async {
+        let mesh = Mesh::start().await;
+        let raw = RawPeer::new(SecretKey::generate(), &mesh.honest.listen_addrs()[0]);
+        raw.stall_hops();
+        let source = format!(r#"migrate("{}"); 1"#, raw.peer_id);
+        let (id, _end) = mesh
+            .honest
+            .launch(sign(&source, &mesh.author), None)
+            .expect("launch");
+        held_in_state(&mesh.honest, &id, "leaving").await;
+        let message =
+            agent_lang::encode_portable(&agent_lang::rhai::Dynamic::from(7_i64)).expect("portable");
+        for (wait_ms, within) in [
+            (200, Duration::from_secs(2)),
+            (u32::MAX, Duration::from_secs(13)),
+        ] {
+            let request = ControlRequest::Deliver {
+                agent: id.clone(),
+                message: message.clone(),
+                ttl: 16,
+                probe: false,
+                wait_ms,
+            };
+            let started = std::time::Instant::now();
+            let (reply, _stream) = raw.control(&request).await;
+            let waited = started.elapsed();
+            assert!(
+                matches!(reply, ControlReply::Unconfirmed(_)),
+                "wait_ms {wait_ms}: {reply:?}"
+            );
+            assert!(
+                waited < within,
+                "wait_ms {wait_ms}: answered after {waited:?}"
+            );
+        }
+        mesh.still_serves().await;
+    });
+}
+
 /// A node an agent was offered to, which refused it, holds an envelope addressed to it and
 /// signed by the agent's holder. Its reports of the agent's location or end are still refused:
 /// it does not have the holder's signature that it handed the agent over.

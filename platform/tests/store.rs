@@ -855,7 +855,8 @@ fn complete_departure_by_completes_only_the_hop_named() {
 
 /// A departure removes the messages its offer carried and leaves those that came after the
 /// hop read the queue: they stay queued, for an agent no longer here, until they are taken one
-/// by one to be forwarded, and a restarted node finds them.
+/// by one to be forwarded (or put back, when they could not go out), and a restarted node
+/// finds them.
 #[test]
 fn a_departure_leaves_the_messages_that_came_after_its_offer() {
     let (_dir, path, store) = temp_store(Durability::Fsync);
@@ -887,6 +888,20 @@ fn a_departure_leaves_the_messages_that_came_after_its_offer() {
     );
     assert_eq!(store.batch(|b| b.take_message("a", later)).unwrap(), None);
     assert_eq!(store.messages("a").unwrap(), vec![b"late".to_vec()]);
+    assert_eq!(store.message_count("a").unwrap(), 1);
+    // Put back (it could not be sent), in its place; never over another.
+    store
+        .batch(|b| b.put_message("a", later, b"later"))
+        .unwrap();
+    assert_eq!(
+        store.messages("a").unwrap(),
+        vec![b"late".to_vec(), b"later".to_vec()]
+    );
+    assert!(store.batch(|b| b.put_message("a", late, b"other")).is_err());
+    assert_eq!(
+        store.batch(|b| b.take_message("a", later)).unwrap(),
+        Some(b"later".to_vec())
+    );
     assert_eq!(store.message_count("a").unwrap(), 1);
     assert_eq!(
         store.batch(|b| b.take_message("a", late)).unwrap(),

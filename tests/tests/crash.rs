@@ -734,6 +734,17 @@ let second = receive(1000);
 /// cut off by the death, must not have said "delivered" of a message that then never came.
 #[test]
 fn a_message_left_behind_by_a_hop_follows_the_agent_after_its_source_dies() {
+    message_left_behind_by_a_dying_source(false);
+}
+
+/// [`a_message_left_behind_by_a_hop_follows_the_agent_after_its_source_dies`], with dst down
+/// when src restarts: the message cannot go out, stays queued on src, and goes once dst is back.
+#[test]
+fn a_message_left_behind_waits_on_its_restarted_source_until_the_agent_can_be_reached() {
+    message_left_behind_by_a_dying_source(true);
+}
+
+fn message_left_behind_by_a_dying_source(destination_down: bool) {
     const AGENT: &str = r#"
 migrate("src");
 migrate("dst");
@@ -756,7 +767,15 @@ let second = receive(1000);
         std::thread::spawn(move || tern(&["send", &agent, "7", "--node", &src], QUICK))
     };
     mesh.expect_fault_exit(Side::Source);
-    mesh.restart(Side::Source);
+    if destination_down {
+        mesh.kill(Side::Destination);
+        mesh.restart(Side::Source);
+        // src tries to send the message (after its restart, and 1 s later) and cannot.
+        std::thread::sleep(Duration::from_millis(1500));
+        mesh.restart(Side::Destination);
+    } else {
+        mesh.restart(Side::Source);
+    }
     let said = Delivery::of(sender.join().expect("the sending thread"));
     let expected = match said {
         Delivery::Failed(_) => r#"[null,null,"dst"]"#,

@@ -452,11 +452,17 @@ fn forward_follower<'a>(
     .boxed()
 }
 
+/// How often a message that stayed behind is sent again while no peer it must go to can be
+/// reached (after a restart, before the node's peers are back), 1 s apart at first, then 2 s,
+/// up to 30 s.
+const LEFT_BEHIND_ATTEMPTS: u32 = 12;
+
 /// Forwards to where `agent` went the messages with sequence numbers `seqs` that stayed queued
 /// here when it left (or when its arrival did not commit), from a task: each is taken off the
 /// queue as it is sent, unless the agent is here again (they are its) or a waiting sender
-/// forwards it ([`Following`]). One lost with this node on its way is lost: its sender was
-/// told it was delivered, or (while it waited) that it may not have been.
+/// forwards it ([`Following`]); one that could not go out (no peer reachable) is put back and
+/// tried again later. One lost with this node on its way is lost: its sender was told it was
+/// delivered, or (while it waited) that it may not have been.
 pub(super) fn forward_left_behind(shared: &Arc<Shared>, agent: &str, seqs: Vec<u64>) {
     if seqs.is_empty() {
         return;
@@ -464,26 +470,46 @@ pub(super) fn forward_left_behind(shared: &Arc<Shared>, agent: &str, seqs: Vec<u
     let task_shared = shared.clone();
     let agent = agent.to_string();
     shared.tasks.spawn(async move {
+        let shared = &task_shared;
         for seq in seqs {
-            if task_shared.following.contains(seq) {
-                continue;
-            }
-            let taken = task_shared.store.batch(|b| {
-                if b.agent_meta(&agent)?.is_some() {
-                    return Ok(None);
+            let mut delay = Duration::from_secs(1);
+            for attempt in 1..=LEFT_BEHIND_ATTEMPTS {
+                if shared.following.contains(seq) {
+                    break;
                 }
-                b.take_message(&agent, seq)
-            });
-            let message = match taken {
-                Ok(Some(message)) => message,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(%agent, "cannot take a message left behind: {e}");
-                    return;
+                let taken = shared.store.batch(|b| {
+                    if b.agent_meta(&agent)?.is_some() {
+                        return Ok(None);
+                    }
+                    b.take_message(&agent, seq)
+                });
+                let message = match taken {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(%agent, "cannot take a message left behind: {e}");
+                        return;
+                    }
+                };
+                match route_message(shared, &agent, message.clone()).await {
+                    Ok(()) => break,
+                    Err(Undelivered::Refused(
+                        ControlRefusal::Unreachable(_) | ControlRefusal::UnknownAgent { .. },
+                    )) if attempt < LEFT_BEHIND_ATTEMPTS => {
+                        // Nothing went out: back in its place, and again later.
+                        let put = shared.store.batch(|b| b.put_message(&agent, seq, &message));
+                        if let Err(e) = put {
+                            tracing::error!(%agent, "cannot keep a message left behind: {e}");
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%agent, "a queued message could not follow the agent: {e}");
+                        break;
+                    }
                 }
-            };
-            if let Err(e) = route_message(&task_shared, &agent, message).await {
-                tracing::warn!(%agent, "a queued message could not follow the agent: {e}");
             }
         }
     });

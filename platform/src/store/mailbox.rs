@@ -94,12 +94,35 @@ impl Batch<'_> {
         let mut meta = self.txn.open_table(META)?;
         let seq = meta.get(META_NEXT_SEQ)?.map_or(0, |v| v.value());
         meta.insert(META_NEXT_SEQ, seq + 1)?;
-        self.txn.open_table(MESSAGES)?.insert((id, seq), message)?;
+        drop(meta);
+        self.put_message(id, seq, message)?;
+        Ok(seq)
+    }
+
+    /// Puts back a message taken off agent `id`'s queue ([`Batch::take_message`]) with its
+    /// sequence number `seq`, in its place (it was not sent anywhere).
+    ///
+    /// # Errors
+    ///
+    /// When the write fails.
+    pub fn put_message(&mut self, id: &str, seq: u64, message: &[u8]) -> Result<(), StoreError> {
+        if self
+            .txn
+            .open_table(MESSAGES)?
+            .insert((id, seq), message)?
+            .is_some()
+        {
+            return Err(StoreError::Inconsistent {
+                table: "messages",
+                key: format!("{id} {seq}"),
+                what: "a message is already queued with this sequence number",
+            });
+        }
         self.count(message.len(), 0);
         let mut queued = self.txn.open_table(QUEUED)?;
         let size = queued_in(&queued, id)?;
         queued.insert(id, (size.messages + 1, size.bytes + message.len() as u64))?;
-        Ok(seq)
+        Ok(())
     }
 
     /// The size of agent `id`'s message queue.

@@ -329,7 +329,7 @@ pub(super) async fn route(
     }
 }
 
-/// Messages queued here for agents in the middle of a hop, whose senders wait for them to be
+/// Messages queued here for agents that were leaving, whose senders wait for them to be
 /// delivered (see [`follow_hop`]), by sequence number: their senders forward them, so
 /// [`forward_left_behind`] does not. A `std` mutex held for one set operation.
 #[derive(Default)]
@@ -453,8 +453,8 @@ fn forward_follower<'a>(
 }
 
 /// How often a message that stayed behind is sent again while no peer it must go to can be
-/// reached (after a restart, before the node's peers are back), 1 s apart at first, then 2 s,
-/// up to 30 s.
+/// reached (after a restart, before the node's peers are back): 1 s apart at first, twice as
+/// long each time, 30 s at most (about three and a half minutes in all).
 const LEFT_BEHIND_ATTEMPTS: u32 = 12;
 
 /// Forwards to where `agent` went the messages with sequence numbers `seqs` that stayed queued

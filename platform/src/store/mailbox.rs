@@ -31,9 +31,7 @@ impl Store {
     pub fn message_count(&self, id: &str) -> Result<usize, StoreError> {
         self.read(|txn| Ok(queued_in(&txn.open_table(QUEUED)?, id)?.messages as usize))
     }
-}
 
-impl Store {
     /// The messages queued on this node for agents it does not hold (left behind by a hop, or
     /// by an arrival that did not commit), by agent: the sequence numbers of each, oldest
     /// first.
@@ -52,10 +50,7 @@ impl Store {
                 if agents.get(id.as_str())?.is_some() {
                     continue;
                 }
-                let mut seqs = Vec::new();
-                for m in messages.range(queue(&id))? {
-                    seqs.push(m?.0.value().1);
-                }
+                let seqs = seqs_in(&messages, &id)?;
                 out.push((id, seqs));
             }
             Ok(out)
@@ -195,12 +190,7 @@ impl Batch<'_> {
     ///
     /// When the read fails.
     pub fn message_seqs(&self, id: &str) -> Result<Vec<u64>, StoreError> {
-        let t = self.txn.open_table(MESSAGES)?;
-        let mut seqs = Vec::new();
-        for entry in t.range(queue(id))? {
-            seqs.push(entry?.0.value().1);
-        }
-        Ok(seqs)
+        seqs_in(&self.txn.open_table(MESSAGES)?, id)
     }
 
     /// Removes and returns every message queued for agent `id`, oldest first.
@@ -219,6 +209,18 @@ impl Batch<'_> {
         self.count(0, taken.iter().map(Vec::len).sum());
         Ok(taken)
     }
+}
+
+/// The sequence numbers of agent `id`'s messages in `t`, oldest first.
+fn seqs_in(
+    t: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    id: &str,
+) -> Result<Vec<u64>, StoreError> {
+    let mut seqs = Vec::new();
+    for entry in t.range(queue(id))? {
+        seqs.push(entry?.0.value().1);
+    }
+    Ok(seqs)
 }
 
 /// The keys of agent `id`'s message queue, oldest first.

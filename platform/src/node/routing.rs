@@ -17,7 +17,7 @@ use libp2p::PeerId;
 use super::control::{control_request, ControlFailure};
 use super::mailbox::Wake;
 use super::{lock, Shared};
-use crate::store::{AgentMeta, AgentState, QueueSize};
+use crate::store::{AgentMeta, AgentState, QueueSize, StoreError};
 use crate::wire::{
     ControlRefusal, ControlReply, ControlRequest, MAX_CARRIED_BYTES, MAX_CARRIED_MESSAGES,
     MESSAGE_TTL,
@@ -435,21 +435,39 @@ fn forward_follower<'a>(
 ) -> BoxFuture<'a, Result<Wake, Undelivered>> {
     // (Boxed: it routes the message again, which may follow another departure.)
     async move {
-        let taken = shared.store.batch(|b| {
-            if b.agent_meta(agent)?.is_some() {
-                return Ok(Err(()));
-            }
-            b.take_message(agent, seq).map(Ok)
-        });
+        let taken = take_left_behind(shared, agent, seq);
         shared.following.remove(seq);
         match taken {
-            Ok(Err(())) => Ok(Wake::agent(agent)),
-            Ok(Ok(None)) => Ok(Wake::none()),
-            Ok(Ok(Some(message))) => route(shared, agent, message, ttl, probe, until).await,
+            Ok(LeftBehind::Held) => Ok(Wake::agent(agent)),
+            Ok(LeftBehind::Gone) => Ok(Wake::none()),
+            Ok(LeftBehind::Taken(message)) => {
+                route(shared, agent, message, ttl, probe, until).await
+            }
             Err(e) => Err(Undelivered::Refused(ControlRefusal::Store(e.to_string()))),
         }
     }
     .boxed()
+}
+
+/// A message queued here for an agent that left, as [`take_left_behind`] found it.
+enum LeftBehind {
+    /// The agent is here again: the message is queued for it.
+    Held,
+    /// It is no longer queued (it went with the agent, or was forwarded).
+    Gone,
+    /// Taken off the queue, to send after the agent.
+    Taken(Vec<u8>),
+}
+
+/// Takes message `seq` off `agent`'s queue here, unless the agent is here again.
+fn take_left_behind(shared: &Shared, agent: &str, seq: u64) -> Result<LeftBehind, StoreError> {
+    shared.store.batch(|b| {
+        if b.agent_meta(agent)?.is_some() {
+            return Ok(LeftBehind::Held);
+        }
+        Ok(b.take_message(agent, seq)?
+            .map_or(LeftBehind::Gone, LeftBehind::Taken))
+    })
 }
 
 /// How often a message that stayed behind is sent again while no peer it must go to can be
@@ -477,15 +495,9 @@ pub(super) fn forward_left_behind(shared: &Arc<Shared>, agent: &str, seqs: Vec<u
                 if shared.following.contains(seq) {
                     break;
                 }
-                let taken = shared.store.batch(|b| {
-                    if b.agent_meta(&agent)?.is_some() {
-                        return Ok(None);
-                    }
-                    b.take_message(&agent, seq)
-                });
-                let message = match taken {
-                    Ok(Some(message)) => message,
-                    Ok(None) => break,
+                let message = match take_left_behind(shared, &agent, seq) {
+                    Ok(LeftBehind::Taken(message)) => message,
+                    Ok(LeftBehind::Held | LeftBehind::Gone) => break,
                     Err(e) => {
                         tracing::error!(%agent, "cannot take a message left behind: {e}");
                         return;

@@ -220,7 +220,7 @@ impl Shared {
                 return;
             }
         };
-        let mut batch = Batch::new(&txn);
+        let mut batch = Batch::new(&txn, &self.occupied);
         let mut wrote: Vec<Finish> = Vec::with_capacity(group.len());
         while let Some(job) = group.pop_front() {
             match job.run(&mut batch) {

@@ -117,7 +117,7 @@ mod usage;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -172,6 +172,33 @@ struct Shared {
     disk: DiskSpeed,
     /// The bytes agents take in the store, as last committed (see `usage`).
     stored: AtomicU64,
+    /// Which of the resource tables a hop looks into have held anything.
+    occupied: Occupied,
+}
+
+/// Whether the two resource tables every departure looks into for the leaving agent's entries
+/// (`table_places`, `resource_cache`) have held anything since the store was opened, or did
+/// then. Nearly every agent binds nothing by move or copy-on-reference, and its hops skip
+/// both tables while they are empty. Set, never cleared, by the transaction that first writes
+/// one; write transactions run one at a time, so one that reads `false` finds the table empty.
+#[derive(Debug, Default)]
+struct Occupied {
+    table_places: AtomicBool,
+    cached_chunks: AtomicBool,
+}
+
+impl Batch<'_> {
+    /// Notes which of the tables of [`Occupied`] hold anything now (as the store opens).
+    fn note_occupied_resource_tables(&mut self) -> Result<(), StoreError> {
+        use redb::ReadableTableMetadata;
+        if !self.txn.open_table(schema::TABLE_PLACES)?.is_empty()? {
+            self.occupied.table_places.store(true, Ordering::Relaxed);
+        }
+        if !self.txn.open_table(schema::RESOURCE_CACHE)?.is_empty()? {
+            self.occupied.cached_chunks.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Debug for Store {
@@ -229,11 +256,13 @@ impl Store {
                 writes: Mutex::default(),
                 disk: DiskSpeed::default(),
                 stored: AtomicU64::new(0),
+                occupied: Occupied::default(),
             }),
         };
         let stored = store.batch(|b| {
             b.create_tables()?;
             b.count_stored_if_missing()?;
+            b.note_occupied_resource_tables()?;
             b.stored()
         })?;
         store.shared.stored.store(stored, Ordering::Relaxed);
@@ -290,7 +319,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         let run = || {
             let txn = self.shared.begin(true)?;
-            let mut batch = Batch::new(&txn);
+            let mut batch = Batch::new(&txn, &self.shared.occupied);
             let result = f(&mut batch).and_then(|value| Ok((value, batch.settle()?)));
             match result {
                 Ok((value, stored)) => {
@@ -457,11 +486,16 @@ pub struct Batch<'txn> {
     txn: &'txn WriteTransaction,
     /// How much this transaction changed the bytes stored (see `usage`).
     grew: i64,
+    occupied: &'txn Occupied,
 }
 
 impl<'txn> Batch<'txn> {
-    fn new(txn: &'txn WriteTransaction) -> Self {
-        Batch { txn, grew: 0 }
+    fn new(txn: &'txn WriteTransaction, occupied: &'txn Occupied) -> Self {
+        Batch {
+            txn,
+            grew: 0,
+            occupied,
+        }
     }
 }
 

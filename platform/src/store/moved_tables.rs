@@ -17,6 +17,8 @@
 //!
 //! A table with no place is as the node's configuration says (there, or not).
 
+use std::sync::atomic::Ordering;
+
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +97,9 @@ impl Store {
     ///
     /// When the read fails or a record does not decode.
     pub fn tables_held_by(&self, agent: &str) -> Result<Vec<(String, TableEntries)>, StoreError> {
+        if !self.shared.occupied.table_places.load(Ordering::Relaxed) {
+            return Ok(Vec::new());
+        }
         let held: Vec<String> = self
             .table_places()?
             .into_iter()
@@ -128,6 +133,7 @@ impl Batch<'_> {
         let mut places = self.txn.open_table(TABLE_PLACES)?;
         match place {
             Some(place) => {
+                self.occupied.table_places.store(true, Ordering::Relaxed);
                 let mut bytes = Vec::new();
                 ciborium::into_writer(place, &mut bytes).map_err(|source| StoreError::Encode {
                     table: "table_places",
@@ -149,6 +155,9 @@ impl Batch<'_> {
         matching: impl Fn(&TablePlace) -> bool,
     ) -> Result<Vec<(String, TablePlace)>, StoreError> {
         let mut found = Vec::new();
+        if !self.occupied.table_places.load(Ordering::Relaxed) {
+            return Ok(found);
+        }
         for entry in self.txn.open_table(TABLE_PLACES)?.iter()? {
             let (name, bytes) = entry?;
             let place = decode(name.value(), bytes.value())?;
@@ -424,5 +433,30 @@ mod tests {
                 holder: Some("y".into())
             })
         );
+    }
+
+    #[test]
+    fn a_reopened_store_still_finds_the_tables_held_and_the_chunks_kept() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path, Durability::NoSync).expect("opens");
+        // Nothing was ever held or kept: a departure finds nothing to take or drop.
+        assert!(store.tables_held_by("x").expect("read").is_empty());
+        store
+            .batch(|b| {
+                b.table_set("t", "k", &[1])?;
+                assert_eq!(b.hold_table("t", "x")?, Ok(()));
+                b.cache_chunk("x", "d", 0, b"chunk")
+            })
+            .expect("writes");
+        drop(store);
+        // Opened again, the store knows both tables hold something before any write.
+        let store = Store::open(&path, Durability::NoSync).expect("opens again");
+        assert_eq!(
+            store.tables_held_by("x").expect("read"),
+            vec![("t".to_string(), vec![("k".to_string(), vec![1])])]
+        );
+        store.batch(|b| b.drop_cached_chunks("x")).expect("drops");
+        assert_eq!(store.cached_chunk_count().expect("read"), 0);
     }
 }

@@ -3,6 +3,8 @@
 //! the store's usage (so the store quota bounds it), and goes with its agent when the agent
 //! leaves this node or ends (the node's `depart` and `end_here`), in the same transaction.
 
+use std::sync::atomic::Ordering;
+
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::schema::RESOURCE_CACHE;
@@ -51,6 +53,7 @@ impl Batch<'_> {
         chunk: u64,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
+        self.occupied.cached_chunks.store(true, Ordering::Relaxed);
         let old = self
             .txn
             .open_table(RESOURCE_CACHE)?
@@ -69,6 +72,9 @@ impl Batch<'_> {
     ///
     /// When the write fails.
     pub fn drop_cached_chunks(&mut self, agent: &str) -> Result<(), StoreError> {
+        if !self.occupied.cached_chunks.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let mut cache = self.txn.open_table(RESOURCE_CACHE)?;
         let mut held = Vec::new();
         for entry in cache.range((agent, "", 0)..)? {

@@ -1,7 +1,7 @@
 //! Every protocol stream carries frames (a 4-byte length, then CBOR) that a peer, an operator's
 //! client or any node answering a request writes: hop offers, decisions and replies, control
 //! and client requests and replies, package requests and replies, resource requests and replies;
-//! and the tables that move with an agent, which follow its continuation (`MovedTables`, read
+//! and the tables that move with an agent, which follow its continuation (`MovedResources`, read
 //! here as a frame body: the node decodes them the same way). `read_frame` must take any
 //! bytes to a message or an error, with the limits the node reads them under (`MAX_FRAME`, and
 //! 1024 bytes for a package request), never allocating for a length the stream only announces,
@@ -18,7 +18,7 @@ use futures::io::Cursor;
 use libfuzzer_sys::fuzz_target;
 use platform::wire::{
     push_frame, read_frame, ClientRequest, ControlReply, ControlRequest, HopDecision, HopHandover,
-    HopOffer, HopReply, MovedTables, PackageReply, PackageRequest, ResourceReply, ResourceRequest,
+    HopOffer, HopReply, MovedResources, PackageReply, PackageRequest, ResourceReply, ResourceRequest,
     MAX_FRAME, MAX_MOVED_BYTES,
 };
 use serde::de::DeserializeOwned;
@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
         7 => frames::<PackageReply>("PackageReply", stream, MAX_FRAME),
         8 => frames::<HopHandover>("HopHandover", stream, MAX_FRAME),
         9 => frames::<ResourceRequest>("ResourceRequest", stream, MAX_FRAME),
-        10 => frames::<MovedTables>("MovedTables", stream, MAX_MOVED_BYTES),
+        10 => frames::<MovedResources>("MovedResources", stream, MAX_MOVED_BYTES),
         _ => frames::<ResourceReply>("ResourceReply", stream, MAX_FRAME),
     }
 });

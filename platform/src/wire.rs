@@ -86,7 +86,7 @@ pub const MAX_CUSTODY_TAIL: usize = 256;
 
 /// Most bytes of messages a hop offer may carry: a node's `max_queued_bytes` is at most this,
 /// so an agent's queue, with its continuation's inline part and its envelopes, always fits in
-/// one [`MAX_FRAME`] and never keeps the agent from leaving. (The tables that move with it
+/// one [`MAX_FRAME`] and never keeps the agent from leaving. (The resources that move with it
 /// follow the offer: [`MAX_MOVED_BYTES`].)
 pub const MAX_CARRIED_BYTES: u64 = 12 << 20;
 
@@ -378,22 +378,22 @@ pub struct HopOffer {
     pub certificate: Vec<u8>,
     /// Who waits for the agent's result (peer id), if anyone.
     pub launcher: Option<String>,
-    /// Bytes of the tables that move with the agent (bound by `move`; [`MovedTables`], at most
-    /// [`MAX_MOVED_BYTES`]), 0 if none. They follow the continuation on the raw path (an offer
-    /// with tables is never inline): the destination stores them with the agent, the source
-    /// drops them once the hop is complete.
+    /// Bytes of the resources that move with the agent (tables and values bound by `move`;
+    /// [`MovedResources`], at most [`MAX_MOVED_BYTES`]), 0 if none. They follow the
+    /// continuation on the raw path (an offer with them is never inline): the destination
+    /// stores them with the agent, the source drops them once the hop is complete.
     #[serde(default)]
     pub tables_len: u64,
 }
 
-/// The tables that move with an agent by a hop, as they follow its continuation: at most
-/// [`MAX_MOVED_TABLES`].
+/// The resources that move with an agent by a hop, as they follow its continuation: at most
+/// [`MAX_MOVED_RESOURCES`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MovedTables(
-    #[serde(deserialize_with = "at_most::<MAX_MOVED_TABLES, _, _>")] pub Vec<MovedTable>,
+pub struct MovedResources(
+    #[serde(deserialize_with = "at_most::<MAX_MOVED_RESOURCES, _, _>")] pub Vec<MovedResource>,
 );
 
-impl MovedTables {
+impl MovedResources {
     /// Their bytes (CBOR).
     ///
     /// # Errors
@@ -406,9 +406,14 @@ impl MovedTables {
         let size: usize = self
             .0
             .iter()
-            .map(|t| {
-                let entries: usize = t.entries.iter().map(|(k, v)| k.len() + v.len() + 19).sum();
-                t.name.len() + entries + 32
+            .map(|r| {
+                let contents = match &r.contents {
+                    MovedContents::Table(entries) => {
+                        entries.iter().map(|(k, v)| k.len() + v.len() + 19).sum()
+                    }
+                    MovedContents::Value(value) => value.len() + 9,
+                };
+                r.name.len() + contents + 32
             })
             .sum();
         let mut out = Vec::with_capacity(size + 16);
@@ -416,7 +421,7 @@ impl MovedTables {
         Ok(out)
     }
 
-    /// Reads them from their bytes, with the bounds of [`MovedTable`].
+    /// Reads them from their bytes, with the bounds of [`MovedResource`].
     ///
     /// # Errors
     ///
@@ -426,23 +431,34 @@ impl MovedTables {
     }
 }
 
-/// A table moving with its agent: its name and its entries (key, encoded value), in key order.
+/// A resource moving with its agent: its name and what of it moves.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MovedTable {
+pub struct MovedResource {
     /// The resource's name.
     pub name: String,
-    /// Its entries, at most [`MAX_MOVED_ENTRIES`].
-    #[serde(deserialize_with = "at_most::<MAX_MOVED_ENTRIES, _, _>")]
-    pub entries: Vec<(String, serde_bytes::ByteBuf)>,
+    /// Its contents.
+    pub contents: MovedContents,
 }
 
-/// Most tables that move with one hop.
-pub const MAX_MOVED_TABLES: usize = 8;
+/// What of a resource moves with its agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MovedContents {
+    /// A table's entries (key, encoded value), in key order, at most [`MAX_MOVED_ENTRIES`].
+    Table(
+        #[serde(deserialize_with = "at_most::<MAX_MOVED_ENTRIES, _, _>")]
+        Vec<(String, serde_bytes::ByteBuf)>,
+    ),
+    /// A value, encoded.
+    Value(serde_bytes::ByteBuf),
+}
+
+/// Most resources that move with one hop.
+pub const MAX_MOVED_RESOURCES: usize = 8;
 
 /// Most entries of one table that moves with a hop.
 pub const MAX_MOVED_ENTRIES: usize = 16_384;
 
-/// Most bytes of the tables that move with one hop ([`MovedTables`] encoded): they follow the
+/// Most bytes of the resources that move with one hop ([`MovedResources`] encoded): they follow the
 /// continuation on the raw path, so a table larger than a frame moves. The destination counts
 /// them against its store quota as well.
 pub const MAX_MOVED_BYTES: usize = 64 << 20;
@@ -1023,11 +1039,11 @@ pub struct StatusReport {
     /// them).
     #[serde(default)]
     pub remote: Vec<RemoteDependency>,
-    /// The tables that moved with agents (a `move` binding), by name, and where they are as
-    /// this node knows: "here", "here, held by AGENT", "arriving with AGENT" or "gone to NODE"
-    /// (absent from nodes that predate them).
+    /// The tables and values that moved with agents (a `move` binding), by name, and where
+    /// they are as this node knows: "here", "here, held by AGENT", "arriving with AGENT" or
+    /// "gone to NODE" (absent from nodes that predate them).
     #[serde(default)]
-    pub moved_tables: Vec<(String, String)>,
+    pub moved_resources: Vec<(String, String)>,
 }
 
 /// Bytes a node's protocols carried since it started: (sent, received) each, counting what

@@ -47,12 +47,13 @@ print("finished " + id());
 [total, here(), hops(), tries]
 "#;
 
-/// [`AGENT`], holding src's table `counts` by move: it fills the table on src, and the table
-/// goes with it to dst by the hop that crashes.
+/// [`AGENT`], holding src's table `counts` and value `token` by move: it fills the table on
+/// src, and both go with it to dst by the hop that crashes.
 const MOVING_AGENT: &str = r#"
 migrate("src");
 print("work " + id());
 let counts = resource("counts");
+let token = resource("token");
 let total = 0;
 for i in 1..=100 { total += i; counts.set(`k${i % 10}`, total); }
 let tries = 0;
@@ -69,17 +70,19 @@ while !moved {
 }
 receive(4000);
 print("finished " + id());
-[total, here(), hops(), tries, counts.len(), counts.get("k0")]
+[total, here(), hops(), tries, counts.len(), counts.get("k0"), token.get()]
 "#;
 
 /// An agent that fills src's table `counts` (bound by move) with 1 MB and 100 entries, then
-/// takes it back and forth between src and dst, retrying any hop a crash interrupts, and
+/// takes it and src's value `token` (bound by move too) back and forth between src and dst,
+/// retrying any hop a crash interrupts, and
 /// takes the messages that came after each hop, until one says "stop". With each hop carrying
 /// the table, a crash at any moment is likely to fall in the middle of a move.
 const BOUNCING_AGENT: &str = r#"
 migrate("src");
 print("work " + id());
 let counts = resource("counts");
+let token = resource("token");
 counts.set("ballast", blob(1000000, 7));
 for i in 0..100 { counts.set(`k${i}`, i * i); }
 let got = [];
@@ -102,7 +105,7 @@ while !stop {
 print("finished " + id());
 let sum = 0;
 for i in 0..100 { sum += counts.get(`k${i}`); }
-[here(), counts.len(), sum, counts.get("ballast").len(), got]
+[here(), counts.len(), sum, counts.get("ballast").len(), token.get(), got]
 "#;
 
 /// What `tern send` said of a message.
@@ -162,7 +165,11 @@ impl Mesh {
         let moving = agent.contains(r#"resource("counts")"#);
         let dir = tempfile::tempdir().unwrap();
         let author = keygen(dir.path(), "author");
-        let bindings: &[&str] = if moving { &["counts=move"] } else { &[] };
+        let bindings: &[&str] = if moving {
+            &["counts=move", "token=move"]
+        } else {
+            &[]
+        };
         let package = pack_binding(dir.path(), "agent", agent, &author, bindings);
         let package = std::fs::read(package).unwrap();
         let authors = if moving {
@@ -181,7 +188,10 @@ impl Mesh {
             // Crash recovery depends on what reached the disk.
             f.durability = "fsync".into();
             if moving && name == "src" {
-                f.extra = "[resources.counts]\ntype = \"table\"\nmobility = \"free\"\n".into();
+                f.extra = "[resources.counts]\ntype = \"table\"\nmobility = \"free\"\n\
+                           [resources.token]\ntype = \"value\"\nvalue = \"src's\"\n\
+                           mobility = \"free\"\n"
+                    .into();
             }
             f.bootstrap = nodes.iter().map(|n| n.addr.clone()).collect();
             let env = fault.and_then(|(s, f)| (Some(s) == side).then_some(f));
@@ -371,8 +381,12 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent_source: 
             let v: serde_json::Value = serde_json::from_str(&json).unwrap();
             assert_eq!(v[0], 5050, "{json}");
             if agent_source == MOVING_AGENT {
-                // The table came with it, whole.
-                assert_eq!((&v[4], &v[5]), (&10.into(), &5050.into()), "{json}");
+                // The table came with it, whole, and the value.
+                assert_eq!(
+                    (&v[4], &v[5], &v[6]),
+                    (&10.into(), &5050.into(), &"src's".into()),
+                    "{json}"
+                );
             }
             assert_eq!(v[1], "dst", "{json}");
             assert_eq!(v[2], 2, "{json}");
@@ -411,8 +425,12 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent_source: 
     if agent_source == MOVING_AGENT {
         // The table is at exactly one node: dst, where the agent ended; src knows it went.
         let places: Vec<Vec<(String, String)>> =
-            reports.iter().map(|r| r.moved_tables.clone()).collect();
-        let counts = |place: &str| vec![("counts".to_string(), place.to_string())];
+            reports.iter().map(|r| r.moved_resources.clone()).collect();
+        let counts = |place: &str| {
+            ["counts", "token"]
+                .map(|name| (name.to_string(), place.to_string()))
+                .to_vec()
+        };
         assert_eq!(
             places,
             [vec![], counts("gone to dst"), counts("here")],
@@ -533,7 +551,7 @@ fn destination_dies_after_storing_a_large_agent() {
 /// The hops above, with a table moving with the agent (a `move` binding): whichever side dies
 /// wherever, the table ends at exactly one node, dst, whole, and src knows it went there.
 #[test]
-fn a_table_moving_with_an_agent_survives_the_source_dying_after_recording_the_departure() {
+fn resources_moving_with_an_agent_survives_the_source_dying_after_recording_the_departure() {
     crash_and_recover_agent(
         Side::Source,
         "source-after-leaving",
@@ -543,12 +561,12 @@ fn a_table_moving_with_an_agent_survives_the_source_dying_after_recording_the_de
 }
 
 #[test]
-fn a_table_moving_with_an_agent_survives_the_source_dying_after_the_acknowledgement() {
+fn resources_moving_with_an_agent_survives_the_source_dying_after_the_acknowledgement() {
     crash_and_recover_agent(Side::Source, "source-after-ack", Retry::Never, MOVING_AGENT);
 }
 
 #[test]
-fn a_table_moving_with_an_agent_survives_the_source_dying_before_offering_the_hop() {
+fn resources_moving_with_an_agent_survives_the_source_dying_before_offering_the_hop() {
     crash_and_recover_agent(
         Side::Source,
         "source-before-offer",
@@ -558,7 +576,7 @@ fn a_table_moving_with_an_agent_survives_the_source_dying_before_offering_the_ho
 }
 
 #[test]
-fn a_table_moving_with_an_agent_survives_the_destination_dying_after_storing_it() {
+fn resources_moving_with_an_agent_survives_the_destination_dying_after_storing_it() {
     crash_and_recover_agent(
         Side::Destination,
         "destination-after-store",
@@ -575,7 +593,7 @@ fn a_table_moving_with_an_agent_survives_the_destination_dying_after_storing_it(
 /// one node, where the agent ended, and the other knows where it went. `TERN_CRASH_SEED`
 /// replays a run (the seed is in every failure message).
 #[test]
-fn a_table_moving_back_and_forth_survives_kills_at_random_moments() {
+fn resources_moving_back_and_forth_survives_kills_at_random_moments() {
     let seed = std::env::var("TERN_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -645,15 +663,20 @@ fn a_table_moving_back_and_forth_survives_kills_at_random_moments() {
     let last = match launch.end() {
         Some(AgentEnd::Finished { json, node, .. }) => {
             let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-            // 101 entries, the sum of i * i for i < 100, the ballast whole.
+            // 101 entries, the sum of i * i for i < 100, the ballast whole, the value.
             assert_eq!(
-                (&v[1], &v[2], &v[3]),
-                (&101.into(), &328_350.into(), &1_000_000.into()),
+                (&v[1], &v[2], &v[3], &v[4]),
+                (
+                    &101.into(),
+                    &328_350.into(),
+                    &1_000_000.into(),
+                    &"src's".into()
+                ),
                 "{json}, {}",
                 context()
             );
             assert_eq!(v[0], node.as_str(), "{}", context());
-            let got: Vec<i64> = v[4]
+            let got: Vec<i64> = v[5]
                 .as_array()
                 .unwrap_or_else(|| panic!("{json}"))
                 .iter()
@@ -692,8 +715,12 @@ fn a_table_moving_back_and_forth_survives_kills_at_random_moments() {
         holders(&r, &agent).is_empty().then_some(r)
     });
     let places: Vec<Vec<(String, String)>> =
-        reports.iter().map(|r| r.moved_tables.clone()).collect();
-    let counts = |place: &str| vec![("counts".to_string(), place.to_string())];
+        reports.iter().map(|r| r.moved_resources.clone()).collect();
+    let counts = |place: &str| {
+        ["counts", "token"]
+            .map(|name| (name.to_string(), place.to_string()))
+            .to_vec()
+    };
     let expected = if last == "src" {
         [vec![], counts("here"), counts("gone to src")]
     } else {

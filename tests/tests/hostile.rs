@@ -12,7 +12,7 @@ use platform::node::{Node, NodeConfig, NodeHandle};
 use platform::wire::{
     read_frame, write_bulk, write_frame, AgentEnd, ClientRequest, ControlRefusal, ControlReply,
     ControlRequest, CustodyLink, HandoverKey, HopDecision, HopOffer, HopRefusal, HopReply,
-    MovedTables, MAX_FRAME,
+    MovedContents, MovedResources, MAX_FRAME,
 };
 use security::{AgentId, HopEnvelope, LaunchNonce, SecretKey, TrustPolicy, VerifiedPackage};
 use tern_tests::raw_peer::{first_hop, first_hop_of, handover_after, handover_of, RawPeer};
@@ -1026,9 +1026,13 @@ small = "read""#,
             |key: &str, value: &[u8]| (key.to_string(), serde_bytes::ByteBuf::from(value.to_vec()));
         let one =
             agent_lang::encode_portable(&agent_lang::rhai::Dynamic::from(1_i64)).expect("encodes");
-        let moved = |name: &str, entries| platform::wire::MovedTable {
+        let moved = |name: &str, entries| platform::wire::MovedResource {
             name: name.into(),
-            entries,
+            contents: MovedContents::Table(entries),
+        };
+        let value = |name: &str, bytes: &[u8]| platform::wire::MovedResource {
+            name: name.into(),
+            contents: MovedContents::Value(serde_bytes::ByteBuf::from(bytes.to_vec())),
         };
         for (tables, says) in [
             (
@@ -1051,7 +1055,12 @@ small = "read""#,
                 vec![moved("fresh", vec![entry(&"k".repeat(1025), &one)])],
                 "larger than a table holds",
             ),
-            (vec![moved("../x", vec![])], "a table name is"),
+            (vec![value("fresh", b"\xff junk")], "'fresh': "),
+            (
+                vec![value("counts", &one)],
+                "has a resource 'counts' of its own",
+            ),
+            (vec![moved("../x", vec![])], "a resource name is"),
             (
                 vec![moved("unbound", vec![])],
                 "does not bind 'unbound' by move",
@@ -1061,7 +1070,7 @@ small = "read""#,
                 "'fresh' comes twice",
             ),
         ] {
-            let tables = MovedTables(tables).encode().expect("tables encode");
+            let tables = MovedResources(tables).encode().expect("tables encode");
             let reply = send_tables(&raw, &offer, &continuation, &tables, &mesh.raw_key).await;
             refused(
                 &reply,
@@ -1070,12 +1079,12 @@ small = "read""#,
         }
         // More entries or tables than a hop moves, or bytes that are no tables: they do not
         // decode.
-        let too_many_entries = MovedTables(vec![moved(
+        let too_many_entries = MovedResources(vec![moved(
             "fresh",
             vec![entry("k", &one); platform::wire::MAX_MOVED_ENTRIES + 1],
         )]);
-        let too_many_tables = MovedTables(
-            (0..=platform::wire::MAX_MOVED_TABLES)
+        let too_many_tables = MovedResources(
+            (0..=platform::wire::MAX_MOVED_RESOURCES)
                 .map(|_| moved("fresh", vec![]))
                 .collect(),
         );
@@ -1115,7 +1124,11 @@ small = "read""#,
         );
         no_agent_left(&mesh).await;
         let report = mesh.target.status().expect("status");
-        assert!(report.moved_tables.is_empty(), "{:?}", report.moved_tables);
+        assert!(
+            report.moved_resources.is_empty(),
+            "{:?}",
+            report.moved_resources
+        );
         mesh.still_serves().await;
     });
 }

@@ -520,8 +520,8 @@ fn a_binding_the_nodes_resource_cannot_take_is_refused_at_launch() {
         let why = launch(0, &[("counts", "rebind"), ("shard", "move/by-value")]);
         assert!(
             why.contains(
-                "resource 'shard' is bound by move, which a dataset here cannot take (only \
-                 tables move"
+                "resource 'shard' is bound by move, which a dataset here cannot take (a \
+                 dataset's files stay with their node"
             ),
             "{why}"
         );
@@ -645,7 +645,7 @@ fn places(mesh: &LoopbackMesh) -> Vec<String> {
         .map(|n| {
             let report = n.status().expect("status");
             let place = report
-                .moved_tables
+                .moved_resources
                 .iter()
                 .find(|(name, _)| name == "counts");
             place.map_or_else(|| "-".to_string(), |(_, place)| place.clone())
@@ -731,6 +731,104 @@ fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
         assert_eq!(user(1).await, "3");
         // Node-2's own table was never touched.
         assert_eq!(user(2).await, "0");
+    });
+}
+
+/// A value bound by move goes with its agent as a table does: gone from its node while the
+/// agent holds it elsewhere, refused by a node with a value of its own of that name, back with
+/// the agent, and left where the agent ends, for every agent there; a fixed value is not
+/// moved (refused at launch).
+#[test]
+fn a_moved_value_goes_with_its_agent_and_stays_where_it_ends() {
+    tern_tests::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = security::SecretKey::generate();
+        let texts = [
+            "[token]\ntype = \"value\"\nvalue = { owner = \"node-0\" }\nmobility = \"free\"\n\
+             [pinned]\ntype = \"value\"\nvalue = 1\n",
+            "",
+            "[token]\ntype = \"value\"\nvalue = { owner = \"node-2\" }\nmobility = \"free\"\n",
+        ];
+        let mesh = mesh_of(nodes_of(&texts, dir.path()), tern_tests::trust_for(&key)).await;
+        let pinned = tern_tests::package_by(&key, "1", &[("pinned", "move")]);
+        match mesh.nodes()[0].launch(pinned, None) {
+            Err(ControlRefusal::ImpossibleBinding(why)) => {
+                assert!(why.contains("only a free resource may be moved"), "{why}");
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        let mover = tern_tests::package_by(
+            &key,
+            r#"
+                let t = resource("token");
+                let seen = [t.get().owner];
+                let refused = "";
+                try { migrate("node-2"); } catch (e) { refused = e; }
+                seen.push(refused);
+                migrate("node-1");
+                seen.push(`${here()}: ${t.get().owner}`);
+                receive();
+                migrate("node-0");
+                seen.push(`${here()}: ${t.get().owner}`);
+                migrate("node-1");
+                seen
+            "#,
+            &[("token", "move")],
+        );
+        let user = |node: usize| {
+            let package = tern_tests::package_by(
+                &key,
+                r#"let r = ""; try { r = resource("token").get().owner; } catch (e) { r = e; } r"#,
+                &[("token", "rebind")],
+            );
+            let node = &mesh.nodes()[node];
+            async move {
+                let (_, end) = node.launch(package, None).expect("launch");
+                let end = tokio::time::timeout(Duration::from_secs(30), end).await;
+                json(end.expect("in time").expect("an end"))
+            }
+        };
+        let places = || {
+            mesh.nodes()
+                .iter()
+                .map(|n| {
+                    let report = n.status().expect("status");
+                    let place = report
+                        .moved_resources
+                        .iter()
+                        .find(|(name, _)| name == "token");
+                    place.map_or_else(|| "-".to_string(), |(_, place)| place.clone())
+                })
+                .collect::<Vec<_>>()
+        };
+        let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
+        tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
+        let held = format!("here, held by {id}");
+        tern_tests::eventually(|| places() == ["gone to node-1", held.as_str(), "-"]).await;
+        let there = user(1).await;
+        assert!(there.contains(&format!("is held by agent {id}")), "{there}");
+        let gone = user(0).await;
+        assert!(gone.contains("left node 'node-0' with an agent"), "{gone}");
+        mesh.nodes()[1]
+            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+            .await
+            .expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(30), end)
+            .await
+            .expect("in time")
+            .expect("an end");
+        let text = json(end);
+        assert!(
+            text.starts_with(r#"["node-0","migrate: cannot move to node-2: "#)
+                && text.contains("this node has a resource 'token' of its own")
+                && text.ends_with(r#""node-1: node-0","node-0: node-0"]"#),
+            "{text}"
+        );
+        tern_tests::eventually(|| places() == ["gone to node-1", "here", "-"]).await;
+        assert_eq!(user(1).await, r#""node-0""#);
+        assert!(user(0).await.contains("left node 'node-0'"));
+        // Node-2's own value was never touched.
+        assert_eq!(user(2).await, r#""node-2""#);
     });
 }
 

@@ -262,16 +262,26 @@ fn portable_values() -> Vec<Dynamic> {
     ]
 }
 
-/// A table moving with an agent, of `messages` as values.
-fn moved_tables(messages: &[Vec<u8>]) -> platform::wire::MovedTables {
-    platform::wire::MovedTables(vec![platform::wire::MovedTable {
-        name: "counts".into(),
-        entries: messages
-            .iter()
-            .enumerate()
-            .map(|(k, m)| (format!("key-{k}"), serde_bytes::ByteBuf::from(m.clone())))
-            .collect(),
-    }])
+/// A table and a value moving with an agent, of `messages` as values.
+fn moved_resources(messages: &[Vec<u8>]) -> platform::wire::MovedResources {
+    use platform::wire::{MovedContents, MovedResource};
+    let value = messages.first().cloned().unwrap_or_default();
+    platform::wire::MovedResources(vec![
+        MovedResource {
+            name: "counts".into(),
+            contents: MovedContents::Table(
+                messages
+                    .iter()
+                    .enumerate()
+                    .map(|(k, m)| (format!("key-{k}"), serde_bytes::ByteBuf::from(m.clone())))
+                    .collect(),
+            ),
+        },
+        MovedResource {
+            name: "settings".into(),
+            contents: MovedContents::Value(serde_bytes::ByteBuf::from(value)),
+        },
+    ])
 }
 
 fn frame<T: serde::Serialize>(which: u8, messages: &[T]) -> Vec<u8> {
@@ -395,9 +405,9 @@ fn main() {
             certificates[i - 1].clone()
         },
         launcher: (i == 1).then(|| key(4).public().peer_id_string()),
-        // The second hop carries a table moving with the agent (`moved_tables`).
+        // The second hop carries a table moving with the agent (`moved_resources`).
         tables_len: if i == 1 {
-            moved_tables(&messages)
+            moved_resources(&messages)
                 .encode()
                 .expect("tables encode")
                 .len() as u64
@@ -447,7 +457,7 @@ fn main() {
             &[HopDecision::Commit, HopDecision::Abort("disk full".into())],
         ));
         c.put(&frame(8, &[HopHandover(HandoverKey([6; 32]))]));
-        c.put(&frame(10, &[moved_tables(&messages)]));
+        c.put(&frame(10, &[moved_resources(&messages)]));
         c.put(&frame(
             3,
             &[
@@ -511,7 +521,7 @@ fn main() {
                 serves: false,
                 seconds_ago: 3,
             }],
-            moved_tables: vec![("counts".into(), format!("here, held by {agent}"))],
+            moved_resources: vec![("counts".into(), format!("here, held by {agent}"))],
             activity: Activity {
                 counts: ActivityCounts {
                     peers_up: 2,

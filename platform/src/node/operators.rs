@@ -15,7 +15,7 @@ use super::routing::SENDER_WAIT;
 use super::runner::launch;
 use super::NodeStream;
 use super::{hex, Shared};
-use crate::store::{AgentState, StoreError, TablePlace};
+use crate::store::{AgentState, ResourcePlace, StoreError};
 use crate::wire::{
     write_frame, AgentEnd, AgentStatus, ClientRequest, ControlRefusal, ControlReply, StatusReport,
     WireError, MAX_FRAME, MESSAGE_TTL,
@@ -175,18 +175,18 @@ pub(super) fn status(shared: &Shared) -> Result<StatusReport, StoreError> {
         store: shared.quota.usage()?,
         bytes: shared.wire.snapshot(),
         remote: shared.residuals.list(),
-        moved_tables: shared
+        moved_resources: shared
             .store
-            .table_places()?
+            .resource_places()?
             .into_iter()
             .map(|(name, place)| {
                 let place = match place {
-                    TablePlace::Here { holder: None } => "here".to_string(),
-                    TablePlace::Here {
+                    ResourcePlace::Here { holder: None } => "here".to_string(),
+                    ResourcePlace::Here {
                         holder: Some(agent),
                     } => format!("here, held by {agent}"),
-                    TablePlace::Arriving { holder, .. } => format!("arriving with {holder}"),
-                    TablePlace::Gone { to } => format!("gone to {}", shared.peers.name_of(&to)),
+                    ResourcePlace::Arriving { holder, .. } => format!("arriving with {holder}"),
+                    ResourcePlace::Gone { to } => format!("gone to {}", shared.peers.name_of(&to)),
                 };
                 (name, place)
             })

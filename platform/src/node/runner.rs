@@ -430,7 +430,7 @@ async fn end_here(shared: &Arc<Shared>, rec: &AgentRecord, end: AgentEnd) {
             let end = end.with_unread(unread);
             b.delete_agent(&id)?;
             b.drop_cached_chunks(&id)?;
-            b.release_tables(&id)?;
+            b.release_moved(&id)?;
             b.put_result(&id, &ciborium_bytes(&end))?;
             Ok(end)
         })

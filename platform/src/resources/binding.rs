@@ -17,9 +17,10 @@
 //!   the chunks it keeps there (`copy_on_reference`), so each part is asked of the owner once
 //!   per node; only datasets and values, whose mobility admits a copy.
 //!
-//! - **move**: `resource(name)` makes the agent hold this node's table `name`: from then on it
-//!   is the agent's alone here, and it moves with the agent at each hop, in the hop's own
-//!   transactions (`store::moved_tables`), so the handle reaches it wherever the agent is.
+//! - **move**: `resource(name)` makes the agent hold this node's table or value `name`: from
+//!   then on it is the agent's alone here, and it moves with the agent at each hop, in the hop's
+//!   own transactions (`store::moved_resources`), so the handle reaches it wherever the agent
+//!   is. (A dataset does not move: its files are the operator's.)
 //!
 //! The same type answers both sides of a remote call: the agent's node builds one for the agent,
 //! and the owner builds one for the agent's package to serve its requests, so a resource is
@@ -39,8 +40,8 @@ use serde_bytes::ByteBuf;
 use super::copy_on_reference::ChunkCache;
 use super::{Backing, Mobility, NodeResource, NodeResources};
 use crate::node::StoreQuota;
-use crate::store::{Store, TablePlace};
-use crate::wire::{ResourceOp, ResourceReply, ResourceRequest, MAX_MOVED_TABLES, RESOURCE_PAGE};
+use crate::store::{ResourcePlace, Store};
+use crate::wire::{ResourceOp, ResourceReply, ResourceRequest, MAX_MOVED_RESOURCES, RESOURCE_PAGE};
 
 /// How a node sends its agents' requests to the nodes that own their remote resources.
 pub(crate) trait RemoteResources: Send + Sync {
@@ -92,6 +93,24 @@ static MOVED_IN: LazyLock<NodeResource> = LazyLock::new(|| NodeResource {
     mobility: Mobility::Free,
     backing: Backing::Table,
 });
+
+/// A resource of this node as [`AgentResources::local`] finds it: of the configuration (or a
+/// table that moved here), or a value that moved here, read from the store.
+enum Local<'r> {
+    Configured(&'r NodeResource),
+    MovedValue(NodeResource),
+}
+
+impl std::ops::Deref for Local<'_> {
+    type Target = NodeResource;
+
+    fn deref(&self) -> &NodeResource {
+        match self {
+            Local::Configured(resource) => resource,
+            Local::MovedValue(resource) => resource,
+        }
+    }
+}
 
 /// What resources an agent reaches depend on.
 pub(crate) struct AgentOf {
@@ -154,36 +173,43 @@ impl AgentResources {
         })
     }
 
-    /// The resource of this node named `name`, as the agent may use it now: a table that moves
-    /// with agents is here only while its place says so (`store::TablePlace`), and only for
-    /// the agent that holds it, if one does.
-    fn local(&self, what: &str, name: &str) -> Result<&NodeResource, String> {
+    /// The resource of this node named `name`, as the agent may use it now: a table or a value
+    /// that moves with agents is here only while its place says so (`store::ResourcePlace`),
+    /// and only for the agent that holds it, if one does.
+    fn local(&self, what: &str, name: &str) -> Result<Local<'_>, String> {
         let here = &self.here;
         let configured = self.resources.get(name);
-        // (Only tables move: a dataset or a value of the configuration is always here.)
-        if let Some(resource) = configured.filter(|r| r.kind() != ResourceKind::Table) {
-            return Ok(resource);
+        if let Some(resource) = configured.filter(|r| r.kind() == ResourceKind::Dataset) {
+            return Ok(Local::Configured(resource));
         }
         let place = self
             .store
-            .table_place(name)
+            .resource_place(name)
             .map_err(|e| format!("{what}: {e}"))?;
         match place {
-            None => {
-                configured.ok_or_else(|| format!("{what}: node '{here}' has no resource '{name}'"))
-            }
-            Some(TablePlace::Here { holder }) => match holder {
+            None => configured
+                .map(Local::Configured)
+                .ok_or_else(|| format!("{what}: node '{here}' has no resource '{name}'")),
+            Some(ResourcePlace::Here { holder }) => match holder {
                 Some(holder) if holder != self.of.agent => Err(format!(
                     "{what}: resource '{name}' at node '{here}' is held by agent {holder}, which \
                      takes it along when it leaves (a move binding)"
                 )),
-                _ => Ok(configured.unwrap_or(&MOVED_IN)),
+                // A value that moved is in the store; a table's entries always are.
+                _ => match self.store.moved_value(name) {
+                    Ok(Some(value)) => Ok(Local::MovedValue(NodeResource {
+                        mobility: Mobility::Free,
+                        backing: Backing::Value(value),
+                    })),
+                    Ok(None) => Ok(Local::Configured(configured.unwrap_or(&MOVED_IN))),
+                    Err(e) => Err(format!("{what}: {e}")),
+                },
             },
-            Some(TablePlace::Arriving { .. }) => Err(format!(
+            Some(ResourcePlace::Arriving { .. }) => Err(format!(
                 "{what}: resource '{name}' is arriving at node '{here}' with an agent, whose hop \
                  has not completed"
             )),
-            Some(TablePlace::Gone { .. }) => Err(format!(
+            Some(ResourcePlace::Gone { .. }) => Err(format!(
                 "{what}: resource '{name}' left node '{here}' with an agent that holds it (a \
                  move binding)"
             )),
@@ -210,8 +236,8 @@ impl AgentResources {
     /// For a request from another node: a table held by an agent (a move binding) is that
     /// agent's alone, and the request cannot prove it comes from that agent.
     fn not_held(&self, what: &str, name: &str) -> Result<(), String> {
-        match self.store.table_place(name) {
-            Ok(Some(TablePlace::Here { holder: Some(_) })) => Err(format!(
+        match self.store.resource_place(name) {
+            Ok(Some(ResourcePlace::Here { holder: Some(_) })) => Err(format!(
                 "{what}: resource '{name}' at node '{}' is held by an agent (a move binding), \
                  and is not served to other nodes",
                 self.here
@@ -244,8 +270,8 @@ impl AgentResources {
         Ok(handle)
     }
 
-    /// A handle on this node's table `name`, which the agent holds from now on: it leaves
-    /// with the agent, in the transactions of its hops (`store::moved_tables`).
+    /// A handle on this node's table or value `name`, which the agent holds from now on: it
+    /// leaves with the agent, in the transactions of its hops (`store::moved_resources`).
     fn hold_here(&self, name: &str) -> Result<Resource, String> {
         let what = "resource";
         self.allowed(what, name, Access::ReadWrite)?;
@@ -257,32 +283,40 @@ impl AgentResources {
                 self.here
             )
         };
-        if local.kind() != ResourceKind::Table {
-            return Err(refused(format!(
-                "it is a {}, which stays with its node (only tables move; use copy)",
-                local.kind()
-            )));
-        }
+        let configured = match &local.backing {
+            Backing::Table => None,
+            Backing::Value(value) => Some(value.as_slice()),
+            Backing::Dataset(_) => {
+                return Err(refused(
+                    "it is a dataset, whose files stay with their node (tables and values \
+                     move; use copy or remote)"
+                        .into(),
+                ))
+            }
+        };
         ResourcePolicy::Move
             .admits(local.mobility)
             .map_err(refused)?;
         let held = self
             .store
-            .table_places()
+            .resource_places()
             .map_err(|e| refused(e.to_string()))?
             .into_iter()
             .filter(|(other, place)| {
                 other != name
-                    && matches!(place, TablePlace::Here { holder: Some(h) } if *h == self.of.agent)
+                    && matches!(place, ResourcePlace::Here { holder: Some(h) } if *h == self.of.agent)
             })
             .count();
-        if held >= MAX_MOVED_TABLES {
+        if held >= MAX_MOVED_RESOURCES {
             return Err(refused(format!(
-                "the agent holds {held} tables already, and at most {MAX_MOVED_TABLES} move with \
-                 one hop"
+                "the agent holds {held} resources already, and at most {MAX_MOVED_RESOURCES} \
+                 move with one hop"
             )));
         }
-        match self.store.batch(|b| b.hold_table(name, &self.of.agent)) {
+        match self
+            .store
+            .batch(|b| b.hold_resource(name, &self.of.agent, configured))
+        {
             Ok(Ok(())) => Ok(handle),
             Ok(Err(_)) => Err(refused("another agent took it meanwhile".into())),
             Err(e) => Err(refused(e.to_string())),

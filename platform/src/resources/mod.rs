@@ -7,7 +7,7 @@
 //! - [`copy_on_reference`]: the chunks of other nodes' resources an agent keeps where it is.
 //!
 //! `table` resources live in the node's store (`store::tables`); `value` resources are portable
-//! values kept encoded.
+//! values kept encoded (in the store once one moves: `store::moved_resources`).
 
 mod binding;
 pub mod copy_on_reference;
@@ -76,7 +76,7 @@ impl NodeResources {
     /// Whether the bindings `declared` (a package's) can be kept with the resources of this
     /// node: for each one this node has, whether its policy admits the resource's mobility
     /// (`ResourcePolicy::admits`, the columns of the paper's table; the rows were checked when
-    /// the package was signed) and its type (only tables move; tables are not copied on
+    /// the package was signed) and its type (a dataset does not move; a table is not copied on
     /// reference). A resource of another node is checked where it is bound.
     ///
     /// # Errors
@@ -87,14 +87,15 @@ impl NodeResources {
             if let Some(local) = self.get(&decl.name) {
                 let kind = local.kind();
                 let fits = match decl.policy {
-                    ResourcePolicy::Move => kind == ResourceKind::Table,
+                    ResourcePolicy::Move => kind != ResourceKind::Dataset,
                     ResourcePolicy::CopyOnReference => kind != ResourceKind::Table,
                     _ => true,
                 };
                 if !fits {
                     return Err(format!(
-                        "resource '{}' is bound by {}, which a {kind} here cannot take (only \
-                         tables move; tables are not copied on reference)",
+                        "resource '{}' is bound by {}, which a {kind} here cannot take (a \
+                         dataset's files stay with their node; a table, which changes, is not \
+                         copied on reference)",
                         decl.name, decl.policy
                     ));
                 }

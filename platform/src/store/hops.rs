@@ -257,7 +257,7 @@ impl Batch<'_> {
             self.txn.open_table(DEPARTED)?.insert(id, envelope)?;
         }
         self.drop_cached_chunks(id)?;
-        self.depart_tables(id, to)
+        self.depart_moved(id, to)
     }
 
     /// Agent `id`, stored here as [`AgentState::Leaving`] for `to` by the hop with envelope hash
@@ -303,7 +303,7 @@ impl Batch<'_> {
                     ..meta
                 };
                 self.put_agent_meta(&ready)?;
-                self.commit_arriving_tables(id)?;
+                self.commit_arriving_moved(id)?;
                 self.txn.open_table(FORWARDS)?.remove(id)?;
                 forget_hops_before(&mut self.txn.open_table(SEEN)?, id, ready.hop)?;
                 Ok(Some(ready))
@@ -335,7 +335,7 @@ impl Batch<'_> {
             return Ok(None);
         };
         self.delete_agent(id)?;
-        self.abort_arriving_tables(id)?;
+        self.abort_arriving_moved(id)?;
         self.drop_cached_chunks(id)?;
         self.txn.open_table(SEEN)?.remove((id, meta.hop))?;
         self.drop_oldest_messages(id, carried).map(Some)

@@ -107,7 +107,7 @@ mod error;
 mod group_commit;
 mod hops;
 mod mailbox;
-mod moved_tables;
+mod moved_resources;
 mod packages;
 mod records;
 mod resource_cache;
@@ -128,7 +128,7 @@ pub use error::StoreError;
 pub use group_commit::MAX_GROUP;
 pub use hops::{Arrival, HopSeen};
 pub use mailbox::QueueSize;
-pub use moved_tables::{TableEntries, TablePlace};
+pub use moved_resources::{ResourceContents, ResourcePlace, TableEntries};
 pub use records::{AgentMeta, AgentRecord, AgentState};
 
 /// Whether a commit waits for the disk.
@@ -177,13 +177,13 @@ struct Shared {
 }
 
 /// Whether the two resource tables every departure looks into for the leaving agent's entries
-/// (`table_places`, `resource_cache`) have held anything since the store was opened, or did
+/// (`resource_places`, `resource_cache`) have held anything since the store was opened, or did
 /// then. Nearly every agent binds nothing by move or copy-on-reference, and its hops skip
 /// both tables while they are empty. Set, never cleared, by the transaction that first writes
 /// one; write transactions run one at a time, so one that reads `false` finds the table empty.
 #[derive(Debug, Default)]
 struct Occupied {
-    table_places: AtomicBool,
+    resource_places: AtomicBool,
     cached_chunks: AtomicBool,
 }
 
@@ -191,8 +191,8 @@ impl Batch<'_> {
     /// Notes which of the tables of [`Occupied`] hold anything now (as the store opens).
     fn note_occupied_resource_tables(&mut self) -> Result<(), StoreError> {
         use redb::ReadableTableMetadata;
-        if !self.txn.open_table(schema::TABLE_PLACES)?.is_empty()? {
-            self.occupied.table_places.store(true, Ordering::Relaxed);
+        if !self.txn.open_table(schema::RESOURCE_PLACES)?.is_empty()? {
+            self.occupied.resource_places.store(true, Ordering::Relaxed);
         }
         if !self.txn.open_table(schema::RESOURCE_CACHE)?.is_empty()? {
             self.occupied.cached_chunks.store(true, Ordering::Relaxed);

@@ -5,7 +5,8 @@
 //! move to `seen_envelopes` with zeros, which match any envelope), and a schema 2 file too (it
 //! also lacked `queued`, which is filled from `messages`); `custody` is created when missing
 //! (agents launched before it have no custody record, and their homes refuse their reports),
-//! and so are the tables of `table` resources, `table_places` and `resource_cache`;
+//! and so are the tables of `table` resources, `table_places`, `moved_values` and
+//! `resource_cache`;
 //! a file of another schema is refused with [`StoreError::Schema`] (schema 1, which kept the
 //! continuation inside the CBOR agent record, never held deployed data).
 //!
@@ -24,7 +25,8 @@
 //! | `results`             | agent id                | result bytes             | how agents ended, kept for whoever launched them |
 //! | `resource_tables`     | (table name, key)       | value bytes              | the node's `table` resources, each a key range (see `tables`) |
 //! | `resource_table_sizes`| table name              | `u64` entries            | each non-empty table's entry count: `len()` costs one read |
-//! | `table_places`        | table name              | CBOR [`TablePlace`](super::TablePlace) | where each table that moved with an agent is: here (held by an agent or not), arriving with one, or gone (see `moved_tables`) |
+//! | `table_places`        | resource name           | CBOR [`ResourcePlace`](super::ResourcePlace) | where each table or value that moves with agents is: here (held by an agent or not), arriving with one, or gone (see `moved_resources`) |
+//! | `moved_values`        | resource name           | encoded value            | the `value` resources bound by move that are here (see `moved_resources`) |
 //! | `resource_cache`      | (agent id, resource, `u64` chunk) | chunk bytes    | chunks of other nodes' resources that agents read here by copy-on-reference, each agent's own until it leaves or ends (see `resource_cache`) |
 //! | `meta`                | name                    | `u64`                    | `schema` version, `next_message_seq` and `stored_bytes` (see `usage`) |
 //!
@@ -60,7 +62,9 @@ pub(super) const TABLE_SIZES: TableDefinition<&str, u64> =
     TableDefinition::new("resource_table_sizes");
 pub(super) const RESOURCE_CACHE: TableDefinition<(&str, &str, u64), &[u8]> =
     TableDefinition::new("resource_cache");
-pub(super) const TABLE_PLACES: TableDefinition<&str, &[u8]> = TableDefinition::new("table_places");
+pub(super) const RESOURCE_PLACES: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("table_places");
+pub(super) const MOVED_VALUES: TableDefinition<&str, &[u8]> = TableDefinition::new("moved_values");
 
 /// The on-disk format this code reads and writes.
 pub(super) const SCHEMA: u64 = 4;
@@ -90,7 +94,8 @@ impl Batch<'_> {
         self.txn.open_table(TABLE_ENTRIES)?;
         self.txn.open_table(TABLE_SIZES)?;
         self.txn.open_table(RESOURCE_CACHE)?;
-        self.txn.open_table(TABLE_PLACES)?;
+        self.txn.open_table(RESOURCE_PLACES)?;
+        self.txn.open_table(MOVED_VALUES)?;
         let found = self
             .txn
             .open_table(META)?

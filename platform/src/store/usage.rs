@@ -7,7 +7,7 @@
 //! `resource_cache`, which are what agents and their senders can make grow. Not counted: the
 //! other keys, the bookkeeping tables (hops seen, locations, custody, queue sizes, the places of
 //! moved tables), and redb's own pages and free space, which are bounded by the counted ones, by
-//! the number of agents, or (`table_places`) by the table names that trusted packages bind by
+//! the number of agents, or (`resource_places`) by the table names that trusted packages bind by
 //! move. The figure is therefore a little under the file's size, never over what the agents made
 //! it hold.
 //!
@@ -19,7 +19,7 @@
 use redb::ReadableTable;
 
 use super::schema::{
-    AGENTS, CHUNKS, MESSAGES, META, PACKAGES, RESOURCE_CACHE, RESULTS, TABLE_ENTRIES,
+    AGENTS, CHUNKS, MESSAGES, META, MOVED_VALUES, PACKAGES, RESOURCE_CACHE, RESULTS, TABLE_ENTRIES,
 };
 use super::{Batch, StoreError};
 
@@ -89,7 +89,8 @@ impl Batch<'_> {
             + sum(self.txn.open_table(AGENTS)?)?
             + sum(self.txn.open_table(CHUNKS)?)?
             + sum(self.txn.open_table(MESSAGES)?)?
-            + sum(self.txn.open_table(RESULTS)?)?;
+            + sum(self.txn.open_table(RESULTS)?)?
+            + sum(self.txn.open_table(MOVED_VALUES)?)?;
         for entry in self.txn.open_table(TABLE_ENTRIES)?.iter()? {
             let (k, v) = entry?;
             total = total.saturating_add((k.value().1.len() + v.value().len()) as u64);

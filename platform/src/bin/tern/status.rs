@@ -60,8 +60,8 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
             "store: {} of {} bytes of agents' state ({} chunks kept by copy-on-reference)",
             report.store.stored_bytes, report.store.max_store_bytes, report.store.cached_chunks
         );
-        for (name, place) in &report.moved_tables {
-            println!("moved table {name}: {place}");
+        for (name, place) in &report.moved_resources {
+            println!("moved {name}: {place}");
         }
         let b = &report.bytes;
         println!(

@@ -32,11 +32,13 @@ use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::NodeStream;
 use crate::node::{now_ms, Shared};
 use crate::store::{
-    AgentMeta, AgentRecord, AgentState, Arrival, HopSeen, StoreError, TableEntries, TablePlace,
+    AgentMeta, AgentRecord, AgentState, Arrival, HopSeen, ResourceContents, ResourcePlace,
+    StoreError,
 };
 use crate::wire::{
     read_bulk, read_frame, write_frame, ControlRefusal, HandoverKey, HopDecision, HopHandover,
-    HopOffer, HopRefusal, HopReply, MovedTable, MovedTables, WireError, MAX_FRAME, MAX_MOVED_BYTES,
+    HopOffer, HopRefusal, HopReply, MovedContents, MovedResource, MovedResources, WireError,
+    MAX_FRAME, MAX_MOVED_BYTES,
 };
 
 /// Destination side of hops: offer after offer on one stream, until the source closes it.
@@ -280,12 +282,12 @@ pub(in crate::node) async fn receive_hop(
     }
     let id = fields.agent_id.to_string();
     let tables = if tables.is_empty() {
-        Ok(MovedTables::default())
+        Ok(MovedResources::default())
     } else {
-        MovedTables::decode(&tables)
-            .map_err(|e| format!("the tables that move with the agent do not decode: {e}"))
+        MovedResources::decode(&tables)
+            .map_err(|e| format!("the resources that move with the agent do not decode: {e}"))
     };
-    let tables = match tables.and_then(|tables| moved_tables(shared, &loaded, &id, tables.0)) {
+    let tables = match tables.and_then(|tables| moved_resources(shared, &loaded, &id, tables.0)) {
         Ok(tables) => tables,
         Err(why) => {
             let refusal = refused(HopRefusal::MovingTable(why));
@@ -412,8 +414,8 @@ pub(in crate::node) async fn receive_hop(
             return Ok(None);
         }
         // Checked again where it is written: another arrival may have brought a table of the
-        // same name since `moved_tables` looked.
-        if let Some(why) = b.tables_taken(&rec.id, tables.iter().map(|(name, _)| name))? {
+        // same name since `moved_resources` looked.
+        if let Some(why) = b.resources_taken(&rec.id, tables.iter().map(|(name, _)| name))? {
             return Ok(Some(Err(why)));
         }
         let mut returning = None;
@@ -459,7 +461,7 @@ pub(in crate::node) async fn receive_hop(
             if let Some((departure, carried)) = returning {
                 b.complete_return(&rec.id, &departure, &source, carried)?;
             }
-            b.arrive_tables(&rec.id, &source, &tables, committed)?;
+            b.arrive_moved(&rec.id, &source, &tables, committed)?;
             for m in &messages {
                 b.push_message(&rec.id, m)?;
             }
@@ -693,17 +695,18 @@ pub(in crate::node) async fn check_offer<'a>(
     })
 }
 
-/// The tables moving with agent `agent`, checked before they are stored with it: each must be
-/// granted to its author for reading and writing here, must not meet a resource of this node
-/// of the same name, and must hold what a table holds (keys and values of a table's sizes,
-/// values the agent's program reads); together they must fit in the store quota.
-fn moved_tables(
+/// The resources moving with agent `agent`, checked before they are stored with it: each must
+/// be granted to its author for reading and writing here, must not meet a resource of this
+/// node of the same name, and must hold what a table or a value holds (keys and values of a
+/// table's sizes, values the agent's program reads); together they must fit in the store
+/// quota.
+fn moved_resources(
     shared: &Shared,
     loaded: &Loaded,
     agent: &str,
-    tables: Vec<MovedTable>,
-) -> Result<Vec<(String, TableEntries)>, String> {
-    if tables.is_empty() {
+    moving: Vec<MovedResource>,
+) -> Result<Vec<(String, ResourceContents)>, String> {
+    if moving.is_empty() {
         return Ok(Vec::new());
     }
     let grants = shared
@@ -713,11 +716,11 @@ fn moved_tables(
         .unwrap_or_default();
     let manifest = loaded.package.manifest();
     let mut bytes = 0u64;
-    let mut checked: Vec<(String, TableEntries)> = Vec::with_capacity(tables.len());
-    for table in tables {
-        let name = table.name;
+    let mut checked: Vec<(String, ResourceContents)> = Vec::with_capacity(moving.len());
+    for resource in moving {
+        let name = resource.name;
         if !agent_lang::is_valid_resource_name(&name) {
-            return Err("a table name is 1 to 64 of A-Z a-z 0-9 . _ -".into());
+            return Err("a resource name is 1 to 64 of A-Z a-z 0-9 . _ -".into());
         }
         if !manifest
             .resources
@@ -736,29 +739,43 @@ fn moved_tables(
                 "this node does not grant the agent's author '{name}' for reading and writing"
             ));
         }
-        let place = shared.store.table_place(&name).map_err(|e| e.to_string())?;
+        let place = shared
+            .store
+            .resource_place(&name)
+            .map_err(|e| e.to_string())?;
         // (The agent's own table, arriving or here: a retry of a hop stored or committed
         // already, which the store answers as such.)
         match place {
-            Some(TablePlace::Gone { .. }) => {}
-            Some(TablePlace::Arriving { holder, .. }) if holder == agent => {}
-            Some(TablePlace::Here {
+            Some(ResourcePlace::Gone { .. }) => {}
+            Some(ResourcePlace::Arriving { holder, .. }) if holder == agent => {}
+            Some(ResourcePlace::Here {
                 holder: Some(holder),
             }) if holder == agent => {}
             None if shared.resources.get(&name).is_none() => {}
             _ => return Err(format!("this node has a resource '{name}' of its own")),
         }
-        let mut entries = Vec::with_capacity(table.entries.len());
-        for (key, value) in table.entries {
-            if key.len() > MAX_TABLE_KEY || value.len() > MAX_TABLE_VALUE {
-                return Err(format!("'{name}': an entry is larger than a table holds"));
+        let contents = match resource.contents {
+            MovedContents::Table(moved) => {
+                let mut entries = Vec::with_capacity(moved.len());
+                for (key, value) in moved {
+                    if key.len() > MAX_TABLE_KEY || value.len() > MAX_TABLE_VALUE {
+                        return Err(format!("'{name}': an entry is larger than a table holds"));
+                    }
+                    agent_lang::check_portable(&loaded.program, &value)
+                        .map_err(|e| format!("'{name}', key '{key}': {e}"))?;
+                    bytes += (key.len() + value.len()) as u64;
+                    entries.push((key, value.into_vec()));
+                }
+                ResourceContents::Table(entries)
             }
-            agent_lang::check_portable(&loaded.program, &value)
-                .map_err(|e| format!("'{name}', key '{key}': {e}"))?;
-            bytes += (key.len() + value.len()) as u64;
-            entries.push((key, value.into_vec()));
-        }
-        checked.push((name, entries));
+            MovedContents::Value(value) => {
+                agent_lang::check_portable(&loaded.program, &value)
+                    .map_err(|e| format!("'{name}': {e}"))?;
+                bytes += value.len() as u64;
+                ResourceContents::Value(value.into_vec())
+            }
+        };
+        checked.push((name, contents));
     }
     shared
         .quota

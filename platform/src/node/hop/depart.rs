@@ -20,11 +20,14 @@ use crate::node::packages::Loaded;
 use crate::node::peers::Unresolved;
 use crate::node::streams::PeerStream;
 use crate::node::{lock, now_ms, Shared};
-use crate::store::{AgentMeta, AgentRecord, AgentState, Batch, Durability, StoreError};
+use crate::store::{
+    AgentMeta, AgentRecord, AgentState, Batch, Durability, ResourceContents, StoreError,
+};
 use crate::wire::{
     push_frame, read_frame, write_bulk, write_frame, write_frames, HandoverKey, HopDecision,
-    HopHandover, HopOffer, HopReply, MovedTable, MovedTables, HOP_PROTOCOL, INLINE_CONTINUATION,
-    MAX_CUSTODY_TAIL, MAX_FRAME, MAX_MOVED_BYTES, MAX_MOVED_ENTRIES, MAX_MOVED_TABLES,
+    HopHandover, HopOffer, HopReply, MovedContents, MovedResource, MovedResources, HOP_PROTOCOL,
+    INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME, MAX_MOVED_BYTES, MAX_MOVED_ENTRIES,
+    MAX_MOVED_RESOURCES,
 };
 
 /// Envelopes this node signed that it remembers: an agent that comes back presents one as its
@@ -317,7 +320,7 @@ pub(in crate::node) async fn hop(
         .iter()
         .any(|r| r.policy == ResourcePolicy::Move);
     let tables = if moves {
-        moving_tables(shared, &rec.id)?
+        moving_resources(shared, &rec.id)?
     } else {
         Vec::new()
     };
@@ -510,47 +513,54 @@ pub(in crate::node) async fn hop(
     result
 }
 
-/// The tables agent `agent` holds here (bound by `move`), which go with it, encoded
-/// ([`MovedTables`]; empty if none): refused, and the agent stays, when they are more than one
-/// hop carries.
-fn moving_tables(shared: &Shared, agent: &str) -> Result<Vec<u8>, String> {
+/// The resources agent `agent` holds here (bound by `move`), which go with it, encoded
+/// ([`MovedResources`]; empty if none): refused, and the agent stays, when they are more than
+/// one hop carries.
+fn moving_resources(shared: &Shared, agent: &str) -> Result<Vec<u8>, String> {
     let held = shared
         .store
-        .tables_held_by(agent)
+        .moved_with(agent)
         .map_err(|e| format!("migrate: {e}"))?;
     if held.is_empty() {
         return Ok(Vec::new());
     }
-    if held.len() > MAX_MOVED_TABLES {
+    if held.len() > MAX_MOVED_RESOURCES {
         return Err(format!(
-            "migrate: the agent holds {} tables bound by move, and at most {MAX_MOVED_TABLES} \
-             move with one hop",
+            "migrate: the agent holds {} resources bound by move, and at most \
+             {MAX_MOVED_RESOURCES} move with one hop",
             held.len()
         ));
     }
-    let tables = held
+    let moving = held
         .into_iter()
-        .map(|(name, entries)| {
-            if entries.len() > MAX_MOVED_ENTRIES {
-                return Err(format!(
-                    "migrate: table '{name}' holds {} entries, and a table moves with at most \
-                     {MAX_MOVED_ENTRIES}",
-                    entries.len()
-                ));
-            }
-            let entries = entries
-                .into_iter()
-                .map(|(k, v)| (k, serde_bytes::ByteBuf::from(v)))
-                .collect();
-            Ok(MovedTable { name, entries })
+        .map(|(name, contents)| {
+            let contents = match contents {
+                ResourceContents::Table(entries) if entries.len() > MAX_MOVED_ENTRIES => {
+                    return Err(format!(
+                        "migrate: table '{name}' holds {} entries, and a table moves with at \
+                         most {MAX_MOVED_ENTRIES}",
+                        entries.len()
+                    ));
+                }
+                ResourceContents::Table(entries) => MovedContents::Table(
+                    entries
+                        .into_iter()
+                        .map(|(k, v)| (k, serde_bytes::ByteBuf::from(v)))
+                        .collect(),
+                ),
+                ResourceContents::Value(value) => {
+                    MovedContents::Value(serde_bytes::ByteBuf::from(value))
+                }
+            };
+            Ok(MovedResource { name, contents })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let bytes = MovedTables(tables)
+    let bytes = MovedResources(moving)
         .encode()
         .map_err(|e| format!("migrate: {e}"))?;
     if bytes.len() > MAX_MOVED_BYTES {
         return Err(format!(
-            "migrate: the tables bound by move take {} bytes, more than the {MAX_MOVED_BYTES} \
+            "migrate: the resources bound by move take {} bytes, more than the {MAX_MOVED_BYTES} \
              that move with one hop",
             bytes.len()
         ));
@@ -628,7 +638,7 @@ pub(in crate::node) struct SentHop<'a> {
 }
 
 /// The raw bytes of a hop: the continuation, then the tables that move with the agent
-/// ([`MovedTables`], empty if none). Both follow `HopReply::Ready` unless the continuation is
+/// ([`MovedResources`], empty if none). Both follow `HopReply::Ready` unless the continuation is
 /// inline (then there are no tables).
 #[derive(Clone, Copy)]
 pub(in crate::node) struct HopPayload<'a> {

@@ -393,6 +393,28 @@ pub struct MovedResources(
     #[serde(deserialize_with = "at_most::<MAX_MOVED_RESOURCES, _, _>")] pub Vec<MovedResource>,
 );
 
+/// A table's entries as the source reads them from where they are kept, for
+/// [`MovedResources::encode_from`].
+pub trait TableEntriesSource {
+    /// How many entries [`TableEntriesSource::each`] gives.
+    fn count(&self) -> usize;
+
+    /// Calls `each` with every entry (key, encoded value), in key order.
+    ///
+    /// # Errors
+    ///
+    /// Why the entries cannot be read.
+    fn each(&self, each: &mut dyn FnMut(&str, &[u8])) -> Result<(), String>;
+}
+
+/// What of a resource moves, as [`MovedResources::encode_from`] writes it.
+pub enum MovingContents<'a> {
+    /// A table, its entries read as they are written.
+    Table(Box<dyn TableEntriesSource + 'a>),
+    /// A value, encoded.
+    Value(&'a [u8]),
+}
+
 impl MovedResources {
     /// Their bytes (CBOR).
     ///
@@ -428,6 +450,79 @@ impl MovedResources {
     /// [`WireError::Malformed`] if they do not decode.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         ciborium::from_reader(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+    }
+
+    /// The bytes of the [`MovedResources`] of `resources` (name, contents), each table's
+    /// entries written as `source` reads them: the same bytes as [`MovedResources::encode`]
+    /// gives, without a copy of every entry in memory first. `size` is about how many bytes
+    /// they take (the buffer is sized for it).
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Malformed`] if a table cannot be read, or gives other than as many entries
+    /// as it said.
+    pub fn encode_from(
+        resources: &[(&str, MovingContents<'_>)],
+        size: usize,
+    ) -> Result<Vec<u8>, WireError> {
+        // The wire format's types, borrowed: their derived encodings are those of
+        // `MovedResources`, `MovedResource` and `MovedContents` (the test below holds them to it).
+        #[derive(Serialize)]
+        struct Resources<'a>(Vec<Resource<'a>>);
+        #[derive(Serialize)]
+        struct Resource<'a> {
+            name: &'a str,
+            contents: Contents<'a>,
+        }
+        #[derive(Serialize)]
+        enum Contents<'a> {
+            Table(Entries<'a>),
+            Value(#[serde(with = "serde_bytes")] &'a [u8]),
+        }
+        struct Entries<'a>(&'a dyn TableEntriesSource);
+        impl Serialize for Entries<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::{Error, SerializeSeq};
+                let len = self.0.count();
+                let mut seq = s.serialize_seq(Some(len))?;
+                let (mut written, mut failed) = (0, None);
+                self.0
+                    .each(&mut |key, value| {
+                        if failed.is_none() {
+                            written += 1;
+                            failed = seq
+                                .serialize_element(&(key, serde_bytes::Bytes::new(value)))
+                                .err();
+                        }
+                    })
+                    .map_err(S::Error::custom)?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                if written != len {
+                    return Err(S::Error::custom(format!(
+                        "a table said it holds {len} entries, and gave {written}"
+                    )));
+                }
+                seq.end()
+            }
+        }
+        let resources = Resources(
+            resources
+                .iter()
+                .map(|(name, contents)| Resource {
+                    name,
+                    contents: match contents {
+                        MovingContents::Table(source) => Contents::Table(Entries(source.as_ref())),
+                        MovingContents::Value(value) => Contents::Value(value),
+                    },
+                })
+                .collect(),
+        );
+        let mut out = Vec::with_capacity(size.saturating_add(16));
+        ciborium::into_writer(&resources, &mut out)
+            .map_err(|e| WireError::Malformed(e.to_string()))?;
+        Ok(out)
     }
 }
 
@@ -1228,4 +1323,75 @@ pub enum ResourceReply {
     },
     /// The operation failed, or was refused: why (thrown in the agent).
     Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table of entries in memory, as a source.
+    struct Held(Vec<(String, Vec<u8>)>);
+
+    impl TableEntriesSource for Held {
+        fn count(&self) -> usize {
+            self.0.len()
+        }
+
+        fn each(&self, each: &mut dyn FnMut(&str, &[u8])) -> Result<(), String> {
+            self.0.iter().for_each(|(k, v)| each(k, v));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn resources_written_from_their_source_are_the_bytes_of_moved_resources() {
+        let table = Held(
+            (0..300)
+                .map(|i| (format!("k{i}"), vec![i as u8; i]))
+                .collect(),
+        );
+        let moved = MovedResources(vec![
+            MovedResource {
+                name: "counts".into(),
+                contents: MovedContents::Table(
+                    table
+                        .0
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_bytes::ByteBuf::from(v.clone())))
+                        .collect(),
+                ),
+            },
+            MovedResource {
+                name: "token".into(),
+                contents: MovedContents::Value(serde_bytes::ByteBuf::from(b"abc".to_vec())),
+            },
+        ]);
+        let written = MovedResources::encode_from(
+            &[
+                (
+                    "counts",
+                    MovingContents::Table(Box::new(Held(table.0.clone()))),
+                ),
+                ("token", MovingContents::Value(b"abc")),
+            ],
+            0,
+        )
+        .expect("writes");
+        assert_eq!(written, moved.encode().expect("encodes"));
+        assert_eq!(MovedResources::decode(&written).expect("decodes"), moved);
+        // A source that gives fewer entries than it said is an error, not a short table.
+        struct Short;
+        impl TableEntriesSource for Short {
+            fn count(&self) -> usize {
+                2
+            }
+            fn each(&self, each: &mut dyn FnMut(&str, &[u8])) -> Result<(), String> {
+                each("k", b"v");
+                Ok(())
+            }
+        }
+        let short =
+            MovedResources::encode_from(&[("t", MovingContents::Table(Box::new(Short)))], 0);
+        assert!(short.is_err_and(|e| e.to_string().contains("gave 1")));
+    }
 }

@@ -867,6 +867,48 @@ fn a_table_of_ten_megabytes_moves_with_its_agent() {
     });
 }
 
+/// Tables larger than one hop moves (in bytes, or in entries) make `migrate` throw, and the
+/// agent stays with them; once they fit, they go.
+#[test]
+fn tables_larger_than_a_hop_moves_keep_their_agent_where_it_is() {
+    tern_tests::runtime().block_on(async {
+        let (_dir, key, mesh) = moving_mesh().await;
+        let mover = tern_tests::package_by(
+            &key,
+            r#"
+                let t = resource("counts");
+                for i in 0..17 { t.set(`big${i}`, blob(4000000, i)); }
+                let too_large = "";
+                try { migrate("node-1"); } catch (e) { too_large = e; }
+                for i in 0..17 { t.remove(`big${i}`); }
+                for i in 0..16385 { t.set(`k${i}`, i); }
+                let too_many = "";
+                try { migrate("node-1"); } catch (e) { too_many = e; }
+                t.remove("k0");
+                migrate("node-1");
+                [too_large, too_many, here(), t.len(), t.get("k16384")]
+            "#,
+            &[("counts", "move")],
+        );
+        let (_, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
+        let end = tokio::time::timeout(Duration::from_secs(120), end)
+            .await
+            .expect("in time")
+            .expect("an end");
+        let text = json(end);
+        assert!(
+            text.starts_with(r#"["migrate: the resources bound by move take "#)
+                && text.contains("more than the 67108864 that move with one hop")
+                && text.contains(
+                    "migrate: table 'counts' holds 16385 entries, and a table moves with at \
+                     most 16384"
+                )
+                && text.ends_with(r#""node-1",16384,16384]"#),
+            "{text}"
+        );
+    });
+}
+
 /// An owner that is gone makes a remote call throw (catchably) instead of hanging.
 #[test]
 fn a_remote_call_to_an_owner_that_is_gone_throws() {

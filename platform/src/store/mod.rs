@@ -128,7 +128,7 @@ pub use error::StoreError;
 pub use group_commit::MAX_GROUP;
 pub use hops::{Arrival, HopSeen};
 pub use mailbox::QueueSize;
-pub use moved_resources::{ResourceContents, ResourcePlace, TableEntries};
+pub use moved_resources::{HeldResource, ResourceContents, ResourcePlace, TableEntries};
 pub use records::{AgentMeta, AgentRecord, AgentState};
 
 /// Whether a commit waits for the disk.

@@ -51,7 +51,16 @@ pub enum ResourcePlace {
 /// A table's entries as they move: (key, encoded value), in key order.
 pub type TableEntries = Vec<(String, Vec<u8>)>;
 
-/// What of a resource moves with its agent.
+/// A resource an agent holds, as [`Store::moved_with`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeldResource {
+    /// A table (its entries are in the store).
+    Table,
+    /// A value, encoded.
+    Value(Vec<u8>),
+}
+
+/// What of a resource moves with its agent, as its destination stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResourceContents {
     /// A table's entries.
@@ -118,13 +127,13 @@ impl Store {
         })
     }
 
-    /// The names of the resources agent `agent` holds here, and their contents: what leaves
-    /// with it.
+    /// The names of the resources agent `agent` holds here, and what they are: what leaves
+    /// with it (a table's entries are read as they are sent: `Store::table_each`).
     ///
     /// # Errors
     ///
     /// When the read fails or a record does not decode.
-    pub fn moved_with(&self, agent: &str) -> Result<Vec<(String, ResourceContents)>, StoreError> {
+    pub fn moved_with(&self, agent: &str) -> Result<Vec<(String, HeldResource)>, StoreError> {
         if !self.shared.occupied.resource_places.load(Ordering::Relaxed) {
             return Ok(Vec::new());
         }
@@ -138,15 +147,11 @@ impl Store {
             .collect();
         held.into_iter()
             .map(|name| {
-                if let Some(value) = self.moved_value(&name)? {
-                    return Ok((name, ResourceContents::Value(value)));
-                }
-                let mut entries = Vec::new();
-                self.table_each(&name, |key, value| {
-                    entries.push((key.to_string(), value.to_vec()));
-                    true
-                })?;
-                Ok((name, ResourceContents::Table(entries)))
+                let held = match self.moved_value(&name)? {
+                    Some(value) => HeldResource::Value(value),
+                    None => HeldResource::Table,
+                };
+                Ok((name, held))
             })
             .collect()
     }
@@ -449,7 +454,10 @@ mod tests {
         assert_eq!((place(&store), len(&store)), (Some(held.clone()), 3));
         assert!(store.batch(|b| b.table_usable_by("t", "x")).expect("read"));
         assert!(!store.batch(|b| b.table_usable_by("t", "y")).expect("read"));
-        assert_eq!(store.moved_with("x").expect("read"), t);
+        assert_eq!(
+            store.moved_with("x").expect("read"),
+            vec![("t".to_string(), HeldResource::Table)]
+        );
         // x comes back from peer-c before this node completed its departure to peer-c, and
         // that return does not commit: the table is where x is, not here.
         store
@@ -528,10 +536,7 @@ mod tests {
         let store = Store::open(&path, Durability::NoSync).expect("opens again");
         assert_eq!(
             store.moved_with("x").expect("read"),
-            vec![(
-                "t".to_string(),
-                ResourceContents::Table(vec![("k".to_string(), vec![1])])
-            )]
+            vec![("t".to_string(), HeldResource::Table)]
         );
         store.batch(|b| b.drop_cached_chunks("x")).expect("drops");
         assert_eq!(store.cached_chunk_count().expect("read"), 0);
@@ -552,14 +557,14 @@ mod tests {
             (held, value(&store)),
             (Ok(()), Some(b"configured".to_vec()))
         );
-        let carried = store.moved_with("x").expect("read");
         assert_eq!(
-            carried,
-            vec![(
-                "v".to_string(),
-                ResourceContents::Value(b"configured".to_vec())
-            )]
+            store.moved_with("x").expect("read"),
+            vec![("v".to_string(), HeldResource::Value(b"configured".to_vec()))]
         );
+        let carried = vec![(
+            "v".to_string(),
+            ResourceContents::Value(b"configured".to_vec()),
+        )];
         let before = store.stored_bytes();
         store
             .batch(|b| b.depart_moved("x", "peer-b"))

@@ -21,13 +21,13 @@ use crate::node::peers::Unresolved;
 use crate::node::streams::PeerStream;
 use crate::node::{lock, now_ms, Shared};
 use crate::store::{
-    AgentMeta, AgentRecord, AgentState, Batch, Durability, ResourceContents, StoreError,
+    AgentMeta, AgentRecord, AgentState, Batch, Durability, HeldResource, Store, StoreError,
 };
 use crate::wire::{
     push_frame, read_frame, write_bulk, write_frame, write_frames, HandoverKey, HopDecision,
-    HopHandover, HopOffer, HopReply, MovedContents, MovedResource, MovedResources, HOP_PROTOCOL,
-    INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME, MAX_MOVED_BYTES, MAX_MOVED_ENTRIES,
-    MAX_MOVED_RESOURCES,
+    HopHandover, HopOffer, HopReply, MovedResources, MovingContents, TableEntriesSource,
+    HOP_PROTOCOL, INLINE_CONTINUATION, MAX_CUSTODY_TAIL, MAX_FRAME, MAX_MOVED_BYTES,
+    MAX_MOVED_ENTRIES, MAX_MOVED_RESOURCES,
 };
 
 /// Envelopes this node signed that it remembers: an agent that comes back presents one as its
@@ -507,7 +507,7 @@ pub(in crate::node) async fn hop(
     // wait for the record.
     lock(&shared.departures.recording).remove(&envelope_hash);
     shared.departures.settle();
-    if continuation.len() >= KEEP_CHECKPOINT_FROM {
+    if continuation.len() + tables.len() >= KEEP_CHECKPOINT_FROM {
         crate::memory::after_large_hop();
     }
     result
@@ -515,12 +515,10 @@ pub(in crate::node) async fn hop(
 
 /// The resources agent `agent` holds here (bound by `move`), which go with it, encoded
 /// ([`MovedResources`]; empty if none): refused, and the agent stays, when they are more than
-/// one hop carries.
+/// one hop carries. A table's entries are counted first, then written as they are read.
 fn moving_resources(shared: &Shared, agent: &str) -> Result<Vec<u8>, String> {
-    let held = shared
-        .store
-        .moved_with(agent)
-        .map_err(|e| format!("migrate: {e}"))?;
+    let failed = |e: &dyn std::fmt::Display| format!("migrate: {e}");
+    let held = shared.store.moved_with(agent).map_err(|e| failed(&e))?;
     if held.is_empty() {
         return Ok(Vec::new());
     }
@@ -531,41 +529,89 @@ fn moving_resources(shared: &Shared, agent: &str) -> Result<Vec<u8>, String> {
             held.len()
         ));
     }
-    let moving = held
-        .into_iter()
-        .map(|(name, contents)| {
-            let contents = match contents {
-                ResourceContents::Table(entries) if entries.len() > MAX_MOVED_ENTRIES => {
+    let mut moving: Vec<(&str, MovingContents<'_>)> = Vec::with_capacity(held.len());
+    let mut size = 0usize;
+    for (name, held) in &held {
+        let contents = match held {
+            HeldResource::Value(value) => {
+                size += value.len();
+                MovingContents::Value(value)
+            }
+            HeldResource::Table => {
+                let table = StoredTable::count(&shared.store, name).map_err(|e| failed(&e))?;
+                if table.len > MAX_MOVED_ENTRIES {
                     return Err(format!(
                         "migrate: table '{name}' holds {} entries, and a table moves with at \
                          most {MAX_MOVED_ENTRIES}",
-                        entries.len()
+                        table.len
                     ));
                 }
-                ResourceContents::Table(entries) => MovedContents::Table(
-                    entries
-                        .into_iter()
-                        .map(|(k, v)| (k, serde_bytes::ByteBuf::from(v)))
-                        .collect(),
-                ),
-                ResourceContents::Value(value) => {
-                    MovedContents::Value(serde_bytes::ByteBuf::from(value))
-                }
-            };
-            Ok(MovedResource { name, contents })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    let bytes = MovedResources(moving)
-        .encode()
-        .map_err(|e| format!("migrate: {e}"))?;
+                size += table.bytes;
+                MovingContents::Table(Box::new(table))
+            }
+        };
+        size += name.len() + 32;
+        moving.push((name, contents));
+    }
+    let too_large = |bytes: usize| {
+        format!(
+            "migrate: the resources bound by move take {bytes} bytes, more than the \
+             {MAX_MOVED_BYTES} that move with one hop"
+        )
+    };
+    // (`size` counts a little more than they take: larger, they would not fit either.)
+    if size > MAX_MOVED_BYTES + MAX_MOVED_BYTES / 8 {
+        return Err(too_large(size));
+    }
+    let bytes = MovedResources::encode_from(&moving, size).map_err(|e| failed(&e))?;
     if bytes.len() > MAX_MOVED_BYTES {
-        return Err(format!(
-            "migrate: the resources bound by move take {} bytes, more than the {MAX_MOVED_BYTES} \
-             that move with one hop",
-            bytes.len()
-        ));
+        return Err(too_large(bytes.len()));
     }
     Ok(bytes)
+}
+
+/// A table an agent holds, as its hop sends it: read from the store as it is written (it is
+/// the agent's alone, and the agent is not running).
+struct StoredTable<'a> {
+    store: &'a Store,
+    name: &'a str,
+    /// Its entries.
+    len: usize,
+    /// About how many bytes they take encoded.
+    bytes: usize,
+}
+
+impl<'a> StoredTable<'a> {
+    /// Table `name`, its entries counted.
+    fn count(store: &'a Store, name: &'a str) -> Result<StoredTable<'a>, StoreError> {
+        let (mut len, mut bytes) = (0, 0);
+        store.table_each(name, |key, value| {
+            len += 1;
+            bytes += key.len() + value.len() + 19;
+            true
+        })?;
+        Ok(StoredTable {
+            store,
+            name,
+            len,
+            bytes,
+        })
+    }
+}
+
+impl TableEntriesSource for StoredTable<'_> {
+    fn count(&self) -> usize {
+        self.len
+    }
+
+    fn each(&self, each: &mut dyn FnMut(&str, &[u8])) -> Result<(), String> {
+        self.store
+            .table_each(self.name, |key, value| {
+                each(key, value);
+                true
+            })
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// From this size on, a departure record keeps the agent's last checkpoint rather than its

@@ -213,9 +213,7 @@ pub(in crate::node) async fn receive_hop(
         let hash = *blake3::hash(&offer.inline).as_bytes();
         (offer.inline, hash)
     } else {
-        // (The resources that move with the agent make it as large a hop.)
-        if offer.continuation_len.saturating_add(offer.tables_len) >= KEEP_CHECKPOINT_FROM as u64
-        {
+        if offer.continuation_len >= KEEP_CHECKPOINT_FROM as u64 {
             crate::memory::before_large_hop();
         }
         write_frame(stream, &HopReply::Ready).await?;
@@ -223,7 +221,6 @@ pub(in crate::node) async fn receive_hop(
     };
     // The tables that move with the agent follow its continuation (checked against
     // `MAX_MOVED_BYTES` with the offer).
-    let moved_bytes = offer.tables_len;
     let tables = if offer.tables_len > 0 {
         read_bulk(stream, offer.tables_len as usize).await?.0
     } else {
@@ -528,7 +525,7 @@ pub(in crate::node) async fn receive_hop(
             None => return Err(refused(HopRefusal::ArrivalDropped)),
         }
     };
-    if rec.continuation.len() as u64 + moved_bytes >= KEEP_CHECKPOINT_FROM as u64 {
+    if rec.continuation.len() >= KEEP_CHECKPOINT_FROM {
         crate::memory::after_large_hop();
     }
     // Reported by the destination, before the agent runs here: a trace line never races the

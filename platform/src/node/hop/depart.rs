@@ -507,7 +507,7 @@ pub(in crate::node) async fn hop(
     // wait for the record.
     lock(&shared.departures.recording).remove(&envelope_hash);
     shared.departures.settle();
-    if continuation.len() + tables.len() >= KEEP_CHECKPOINT_FROM {
+    if continuation.len() >= KEEP_CHECKPOINT_FROM {
         crate::memory::after_large_hop();
     }
     result

@@ -735,9 +735,9 @@ fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
 }
 
 /// A value bound by move goes with its agent as a table does: gone from its node while the
-/// agent holds it elsewhere, refused by a node with a value of its own of that name, back with
-/// the agent, and left where the agent ends, for every agent there; a fixed value is not
-/// moved (refused at launch).
+/// agent holds it elsewhere, refused by a node with a resource of its own of that name, back
+/// with the agent, and left where the agent ends, for every agent there; a fixed value is not
+/// moved (refused at launch). A table of that name may then move to the node the value left.
 #[test]
 fn a_moved_value_goes_with_its_agent_and_stays_where_it_ends() {
     tern_tests::runtime().block_on(async {
@@ -747,7 +747,7 @@ fn a_moved_value_goes_with_its_agent_and_stays_where_it_ends() {
             "[token]\ntype = \"value\"\nvalue = { owner = \"node-0\" }\nmobility = \"free\"\n\
              [pinned]\ntype = \"value\"\nvalue = 1\n",
             "",
-            "[token]\ntype = \"value\"\nvalue = { owner = \"node-2\" }\nmobility = \"free\"\n",
+            "[token]\ntype = \"table\"\nmobility = \"free\"\n",
         ];
         let mesh = mesh_of(nodes_of(&texts, dir.path()), tern_tests::trust_for(&key)).await;
         let pinned = tern_tests::package_by(&key, "1", &[("pinned", "move")]);
@@ -827,8 +827,19 @@ fn a_moved_value_goes_with_its_agent_and_stays_where_it_ends() {
         tern_tests::eventually(|| places() == ["gone to node-1", "here", "-"]).await;
         assert_eq!(user(1).await, r#""node-0""#);
         assert!(user(0).await.contains("left node 'node-0'"));
-        // Node-2's own value was never touched.
-        assert_eq!(user(2).await, r#""node-2""#);
+        // Node-2's table of that name goes where the value left, and is a table there.
+        let table = tern_tests::package_by(
+            &key,
+            r#"let t = resource("token"); t.set("k", 1); migrate("node-0"); [here(), t.len()]"#,
+            &[("token", "move")],
+        );
+        let (_, end) = mesh.nodes()[2].launch(table, None).expect("launch");
+        let end = tokio::time::timeout(Duration::from_secs(30), end).await;
+        assert_eq!(
+            json(end.expect("in time").expect("an end")),
+            r#"["node-0",1]"#
+        );
+        tern_tests::eventually(|| places() == ["here", "here", "gone to node-0"]).await;
     });
 }
 

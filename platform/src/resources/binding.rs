@@ -195,13 +195,19 @@ impl AgentResources {
                     "{what}: resource '{name}' at node '{here}' is held by agent {holder}, which \
                      takes it along when it leaves (a move binding)"
                 )),
-                // A value that moved is in the store; a table's entries always are.
+                // A value here by a move (or held) is in the store; a table's entries always
+                // are. (What moved in may be of another type than what the configuration
+                // names, which moved away.)
                 _ => match self.store.moved_value(name) {
                     Ok(Some(value)) => Ok(Local::MovedValue(NodeResource {
                         mobility: Mobility::Free,
                         backing: Backing::Value(value),
                     })),
-                    Ok(None) => Ok(Local::Configured(configured.unwrap_or(&MOVED_IN))),
+                    Ok(None) => Ok(Local::Configured(
+                        configured
+                            .filter(|r| r.kind() == ResourceKind::Table)
+                            .unwrap_or(&MOVED_IN),
+                    )),
                     Err(e) => Err(format!("{what}: {e}")),
                 },
             },

@@ -1,12 +1,12 @@
 //! Every protocol stream carries frames (a 4-byte length, then CBOR) that a peer, an operator's
 //! client or any node answering a request writes: hop offers, decisions and replies, control
 //! and client requests and replies, package requests and replies, resource requests and replies;
-//! and the tables that move with an agent, which follow its continuation (`MovedResources`, read
-//! here as a frame body: the node decodes them the same way). `read_frame` must take any
-//! bytes to a message or an error, with the limits the node reads them under (`MAX_FRAME`, and
-//! 1024 bytes for a package request), never allocating for a length the stream only announces,
-//! and never building more than `MAX_CARRIED_MESSAGES` carried messages or a custody tail over
-//! its bound. A stream is read frame after frame, as the node reads a reused stream.
+//! and the tables and values that move with an agent, which follow its continuation
+//! (`MovedResources`, read here as a frame body: the node decodes them the same way).
+//! `read_frame` must take any bytes to a message or an error, with the limits the node reads
+//! them under (`MAX_FRAME`, and 1024 bytes for a package request), never allocating for a length
+//! the stream only announces, and never building more than `MAX_CARRIED_MESSAGES` carried
+//! messages or a custody tail over its bound. A stream is read frame after frame, as the node reads a reused stream.
 //!
 //! The first input byte picks the message type; the rest is the stream. A message read must
 //! encode again (`push_frame`) into a frame that reads back and encodes to the same bytes.

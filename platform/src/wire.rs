@@ -413,6 +413,8 @@ pub enum MovingContents<'a> {
     Table(Box<dyn TableEntriesSource + 'a>),
     /// A value, encoded.
     Value(&'a [u8]),
+    /// A dataset's files, in order.
+    Dataset(Vec<Vec<u8>>),
 }
 
 impl MovedResources {
@@ -434,6 +436,7 @@ impl MovedResources {
                         entries.iter().map(|(k, v)| k.len() + v.len() + 19).sum()
                     }
                     MovedContents::Value(value) => value.len() + 9,
+                    MovedContents::Dataset(files) => files.iter().map(|f| f.len() + 9).sum(),
                 };
                 r.name.len() + contents + 32
             })
@@ -478,6 +481,7 @@ impl MovedResources {
         enum Contents<'a> {
             Table(Entries<'a>),
             Value(#[serde(with = "serde_bytes")] &'a [u8]),
+            Dataset(Vec<&'a serde_bytes::Bytes>),
         }
         struct Entries<'a>(&'a dyn TableEntriesSource);
         impl Serialize for Entries<'_> {
@@ -515,6 +519,9 @@ impl MovedResources {
                     contents: match contents {
                         MovingContents::Table(source) => Contents::Table(Entries(source.as_ref())),
                         MovingContents::Value(value) => Contents::Value(value),
+                        MovingContents::Dataset(files) => Contents::Dataset(
+                            files.iter().map(|f| serde_bytes::Bytes::new(f)).collect(),
+                        ),
                     },
                 })
                 .collect(),
@@ -545,7 +552,14 @@ pub enum MovedContents {
     ),
     /// A value, encoded.
     Value(serde_bytes::ByteBuf),
+    /// A dataset's files, in order, at most [`MAX_MOVED_FILES`].
+    Dataset(
+        #[serde(deserialize_with = "at_most::<MAX_MOVED_FILES, _, _>")] Vec<serde_bytes::ByteBuf>,
+    ),
 }
+
+/// Most files of one dataset that moves with a hop.
+pub const MAX_MOVED_FILES: usize = 4096;
 
 /// Most resources that move with one hop.
 pub const MAX_MOVED_RESOURCES: usize = 8;
@@ -695,9 +709,10 @@ pub enum HopRefusal {
     /// The trust policy refuses the package (its author, its grants).
     #[error("package refused: {0}")]
     UntrustedPackage(String),
-    /// A table moving with the agent cannot come here (this node has one of that name, does
-    /// not grant it to the agent's author, or the table is malformed).
-    #[error("moving table: {0}")]
+    /// A resource moving with the agent (a table, a value, a dataset: the variant keeps its
+    /// first name on the wire) cannot come here (this node has one of that name, does not grant
+    /// it to the agent's author, or it is malformed).
+    #[error("moving resource: {0}")]
     MovingTable(String),
     /// A message the agent carries does not decode as a portable value for its program.
     #[error("carried message {index}: {reason}")]
@@ -1365,6 +1380,13 @@ mod tests {
                 name: "token".into(),
                 contents: MovedContents::Value(serde_bytes::ByteBuf::from(b"abc".to_vec())),
             },
+            MovedResource {
+                name: "shard".into(),
+                contents: MovedContents::Dataset(vec![
+                    serde_bytes::ByteBuf::from(b"a\nb".to_vec()),
+                    serde_bytes::ByteBuf::new(),
+                ]),
+            },
         ]);
         let written = MovedResources::encode_from(
             &[
@@ -1373,6 +1395,10 @@ mod tests {
                     MovingContents::Table(Box::new(Held(table.0.clone()))),
                 ),
                 ("token", MovingContents::Value(b"abc")),
+                (
+                    "shard",
+                    MovingContents::Dataset(vec![b"a\nb".to_vec(), Vec::new()]),
+                ),
             ],
             0,
         )

@@ -47,13 +47,14 @@ print("finished " + id());
 [total, here(), hops(), tries]
 "#;
 
-/// [`AGENT`], holding src's table `counts` and value `token` by move: it fills the table on
-/// src, and both go with it to dst by the hop that crashes.
+/// [`AGENT`], holding src's table `counts`, value `token` and dataset `shard` by move: it fills
+/// the table on src, and all three go with it to dst by the hop that crashes.
 const MOVING_AGENT: &str = r#"
 migrate("src");
 print("work " + id());
 let counts = resource("counts");
 let token = resource("token");
+let shard = resource("shard");
 let total = 0;
 for i in 1..=100 { total += i; counts.set(`k${i % 10}`, total); }
 let tries = 0;
@@ -70,11 +71,12 @@ while !moved {
 }
 receive(4000);
 print("finished " + id());
-[total, here(), hops(), tries, counts.len(), counts.get("k0"), token.get()]
+[total, here(), hops(), tries, counts.len(), counts.get("k0"), token.get(), shard.line_count()]
 "#;
 
 /// An agent that fills src's table `counts` (bound by move) with 1 MB and 100 entries, then
-/// takes it and src's value `token` (bound by move too) back and forth between src and dst,
+/// takes it, src's value `token` and dataset `shard` (bound by move too) back and forth
+/// between src and dst,
 /// retrying any hop a crash interrupts, and
 /// takes the messages that came after each hop, until one says "stop". With each hop carrying
 /// the table, a crash at any moment is likely to fall in the middle of a move.
@@ -83,6 +85,7 @@ migrate("src");
 print("work " + id());
 let counts = resource("counts");
 let token = resource("token");
+let shard = resource("shard");
 counts.set("ballast", blob(1000000, 7));
 for i in 0..100 { counts.set(`k${i}`, i * i); }
 let got = [];
@@ -105,7 +108,7 @@ while !stop {
 print("finished " + id());
 let sum = 0;
 for i in 0..100 { sum += counts.get(`k${i}`); }
-[here(), counts.len(), sum, counts.get("ballast").len(), token.get(), got]
+[here(), counts.len(), sum, counts.get("ballast").len(), token.get(), shard.line_count(), got]
 "#;
 
 /// What `tern send` said of a message.
@@ -166,7 +169,7 @@ impl Mesh {
         let dir = tempfile::tempdir().unwrap();
         let author = keygen(dir.path(), "author");
         let bindings: &[&str] = if moving {
-            &["counts=move", "token=move"]
+            &["counts=move", "token=move", "shard=move"]
         } else {
             &[]
         };
@@ -190,8 +193,11 @@ impl Mesh {
             if moving && name == "src" {
                 f.extra = "[resources.counts]\ntype = \"table\"\nmobility = \"free\"\n\
                            [resources.token]\ntype = \"value\"\nvalue = \"src's\"\n\
+                           mobility = \"free\"\n\
+                           [resources.shard]\ntype = \"dataset\"\npath = \"shard.txt\"\n\
                            mobility = \"free\"\n"
                     .into();
+                std::fs::write(dir.path().join("shard.txt"), "one\ntwo\nthree\n").unwrap();
             }
             f.bootstrap = nodes.iter().map(|n| n.addr.clone()).collect();
             let env = fault.and_then(|(s, f)| (Some(s) == side).then_some(f));
@@ -381,10 +387,10 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent_source: 
             let v: serde_json::Value = serde_json::from_str(&json).unwrap();
             assert_eq!(v[0], 5050, "{json}");
             if agent_source == MOVING_AGENT {
-                // The table came with it, whole, and the value.
+                // The table came with it, whole, and the value and the dataset.
                 assert_eq!(
-                    (&v[4], &v[5], &v[6]),
-                    (&10.into(), &5050.into(), &"src's".into()),
+                    (&v[4], &v[5], &v[6], &v[7]),
+                    (&10.into(), &5050.into(), &"src's".into(), &3.into()),
                     "{json}"
                 );
             }
@@ -427,7 +433,7 @@ fn crash_and_recover_agent(side: Side, fault: &str, retry: Retry, agent_source: 
         let places: Vec<Vec<(String, String)>> =
             reports.iter().map(|r| r.moved_resources.clone()).collect();
         let counts = |place: &str| {
-            ["counts", "token"]
+            ["counts", "shard", "token"]
                 .map(|name| (name.to_string(), place.to_string()))
                 .to_vec()
         };
@@ -663,20 +669,22 @@ fn resources_moving_back_and_forth_survives_kills_at_random_moments() {
     let last = match launch.end() {
         Some(AgentEnd::Finished { json, node, .. }) => {
             let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-            // 101 entries, the sum of i * i for i < 100, the ballast whole, the value.
+            // 101 entries, the sum of i * i for i < 100, the ballast whole, the value, the
+            // dataset's lines.
             assert_eq!(
-                (&v[1], &v[2], &v[3], &v[4]),
+                (&v[1], &v[2], &v[3], &v[4], &v[5]),
                 (
                     &101.into(),
                     &328_350.into(),
                     &1_000_000.into(),
-                    &"src's".into()
+                    &"src's".into(),
+                    &3.into()
                 ),
                 "{json}, {}",
                 context()
             );
             assert_eq!(v[0], node.as_str(), "{}", context());
-            let got: Vec<i64> = v[5]
+            let got: Vec<i64> = v[6]
                 .as_array()
                 .unwrap_or_else(|| panic!("{json}"))
                 .iter()
@@ -717,7 +725,7 @@ fn resources_moving_back_and_forth_survives_kills_at_random_moments() {
     let places: Vec<Vec<(String, String)>> =
         reports.iter().map(|r| r.moved_resources.clone()).collect();
     let counts = |place: &str| {
-        ["counts", "token"]
+        ["counts", "shard", "token"]
             .map(|name| (name.to_string(), place.to_string()))
             .to_vec()
     };

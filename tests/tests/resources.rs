@@ -520,8 +520,15 @@ fn a_binding_the_nodes_resource_cannot_take_is_refused_at_launch() {
         let why = launch(0, &[("counts", "rebind"), ("shard", "move/by-value")]);
         assert!(
             why.contains(
-                "resource 'shard' is bound by move, which a dataset here cannot take (a \
-                 dataset's files stay with their node"
+                "resource 'shard' is bound by move (by-value), which its fixed-transferable \
+                 resource here cannot take: a move takes the resource away"
+            ),
+            "{why}"
+        );
+        let why = launch(0, &[("counts", "copy-on-reference")]);
+        assert!(
+            why.contains(
+                "resource 'counts' is bound by copy-on-reference, which a table here cannot take"
             ),
             "{why}"
         );
@@ -840,6 +847,110 @@ fn a_moved_value_goes_with_its_agent_and_stays_where_it_ends() {
             r#"["node-0",1]"#
         );
         tern_tests::eventually(|| places() == ["here", "here", "gone to node-0"]).await;
+    });
+}
+
+/// A dataset bound by move goes with its agent as a table does, its files copied into the
+/// store where the agent first holds it (the operator's files stay, unread from then on): read
+/// in lines and bytes at every node it is taken to, refused by a node with a resource of that
+/// name, and left where the agent ends, for every agent there. One larger than a hop moves is
+/// not held.
+#[test]
+fn a_moved_dataset_goes_with_its_agent_and_stays_where_it_ends() {
+    tern_tests::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir(&scratch).expect("mkdir");
+        std::fs::write(scratch.join("a"), "alpha\nbeta").expect("write");
+        std::fs::write(scratch.join("b"), "gamma\r\ndelta\n").expect("write");
+        let huge = std::fs::File::create(dir.path().join("huge")).expect("create");
+        huge.set_len(65 << 20).expect("a sparse file");
+        let key = security::SecretKey::generate();
+        let texts = [
+            "[scratch]\ntype = \"dataset\"\npath = \"scratch\"\nmobility = \"free\"\n\
+             [huge]\ntype = \"dataset\"\npath = \"huge\"\nmobility = \"free\"\n",
+            "",
+            "[scratch]\ntype = \"table\"\n",
+        ];
+        let mesh = mesh_of(nodes_of(&texts, dir.path()), tern_tests::trust_for(&key)).await;
+        let mover = tern_tests::package_by(
+            &key,
+            r#"
+                let huge = "";
+                try { resource("huge"); } catch (e) { huge = e; }
+                let d = resource("scratch");
+                let seen = [huge, d.line_count()];
+                let refused = "";
+                try { migrate("node-2"); } catch (e) { refused = e; }
+                seen.push(refused);
+                migrate("node-1");
+                seen.push([here(), d.lines(0, 10), d.size()]);
+                receive();
+                migrate("node-0");
+                seen.push([here(), d.read(6, 4).len(), d.lines(2, 1)]);
+                migrate("node-1");
+                seen
+            "#,
+            &[("scratch", "move"), ("huge", "move")],
+        );
+        let user = |node: usize| {
+            let package = tern_tests::package_by(
+                &key,
+                r#"let r = ""; try { r = resource("scratch").lines(1, 3); } catch (e) { r = e; } r"#,
+                &[("scratch", "rebind")],
+            );
+            let node = &mesh.nodes()[node];
+            async move {
+                let (_, end) = node.launch(package, None).expect("launch");
+                let end = tokio::time::timeout(Duration::from_secs(30), end).await;
+                json(end.expect("in time").expect("an end"))
+            }
+        };
+        let places = || {
+            mesh.nodes()
+                .iter()
+                .map(|n| {
+                    let report = n.status().expect("status");
+                    let place = report
+                        .moved_resources
+                        .iter()
+                        .find(|(name, _)| name == "scratch");
+                    place.map_or_else(|| "-".to_string(), |(_, place)| place.clone())
+                })
+                .collect::<Vec<_>>()
+        };
+        let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
+        tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
+        let held = format!("here, held by {id}");
+        tern_tests::eventually(|| places() == ["gone to node-1", held.as_str(), "-"]).await;
+        let gone = user(0).await;
+        assert!(gone.contains("left node 'node-0' with an agent"), "{gone}");
+        mesh.nodes()[1]
+            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
+            .await
+            .expect("delivered");
+        let end = tokio::time::timeout(Duration::from_secs(30), end)
+            .await
+            .expect("in time")
+            .expect("an end");
+        let text = json(end);
+        assert!(
+            text.starts_with(
+                r#"["resource: 'huge' at node 'node-0' cannot be moved: it is a dataset of 68157440 bytes"#
+            ) && text.contains(r#"4,"migrate: cannot move to node-2: "#)
+                && text.contains("this node has a resource 'scratch' of its own")
+                && text.ends_with(
+                    r#"["node-1",["alpha","beta","gamma","delta"],23],["node-0",4,["gamma"]]]"#
+                ),
+            "{text}"
+        );
+        tern_tests::eventually(|| places() == ["gone to node-1", "here", "-"]).await;
+        assert_eq!(user(1).await, r#"["beta","gamma","delta"]"#);
+        // The operator's files are as they were.
+        assert_eq!(
+            std::fs::read_to_string(scratch.join("a")).expect("read"),
+            "alpha\nbeta"
+        );
     });
 }
 

@@ -262,7 +262,7 @@ fn portable_values() -> Vec<Dynamic> {
     ]
 }
 
-/// A table and a value moving with an agent, of `messages` as values.
+/// A table, a value and a dataset moving with an agent, of `messages` as values.
 fn moved_resources(messages: &[Vec<u8>]) -> platform::wire::MovedResources {
     use platform::wire::{MovedContents, MovedResource};
     let value = messages.first().cloned().unwrap_or_default();
@@ -280,6 +280,13 @@ fn moved_resources(messages: &[Vec<u8>]) -> platform::wire::MovedResources {
         MovedResource {
             name: "settings".into(),
             contents: MovedContents::Value(serde_bytes::ByteBuf::from(value)),
+        },
+        MovedResource {
+            name: "shard".into(),
+            contents: MovedContents::Dataset(vec![
+                serde_bytes::ByteBuf::from(b"alpha\nbeta".to_vec()),
+                serde_bytes::ByteBuf::new(),
+            ]),
         },
     ])
 }

@@ -17,10 +17,11 @@
 //!   the chunks it keeps there (`copy_on_reference`), so each part is asked of the owner once
 //!   per node; only datasets and values, whose mobility admits a copy.
 //!
-//! - **move**: `resource(name)` makes the agent hold this node's table or value `name`: from
-//!   then on it is the agent's alone here, and it moves with the agent at each hop, in the hop's
-//!   own transactions (`store::moved_resources`), so the handle reaches it wherever the agent
-//!   is. (A dataset does not move: its files are the operator's.)
+//! - **move**: `resource(name)` makes the agent hold this node's resource `name`: from then on
+//!   it is the agent's alone here, and it moves with the agent at each hop, in the hop's own
+//!   transactions (`store::moved_resources`), so the handle reaches it wherever the agent is. (A
+//!   dataset's files are copied into the store, up to what a hop moves: the operator's files
+//!   stay, unread by agents from then on.)
 //!
 //! The same type answers both sides of a remote call: the agent's node builds one for the agent,
 //! and the owner builds one for the agent's package to serve its requests, so a resource is
@@ -40,8 +41,10 @@ use serde_bytes::ByteBuf;
 use super::copy_on_reference::ChunkCache;
 use super::{Backing, Mobility, NodeResource, NodeResources};
 use crate::node::StoreQuota;
-use crate::store::{ResourcePlace, Store};
-use crate::wire::{ResourceOp, ResourceReply, ResourceRequest, MAX_MOVED_RESOURCES, RESOURCE_PAGE};
+use crate::store::{ResourceContents, ResourcePlace, Store, StoreError};
+use crate::wire::{
+    ResourceOp, ResourceReply, ResourceRequest, MAX_MOVED_BYTES, MAX_MOVED_RESOURCES, RESOURCE_PAGE,
+};
 
 /// How a node sends its agents' requests to the nodes that own their remote resources.
 pub(crate) trait RemoteResources: Send + Sync {
@@ -95,10 +98,10 @@ static MOVED_IN: LazyLock<NodeResource> = LazyLock::new(|| NodeResource {
 });
 
 /// A resource of this node as [`AgentResources::local`] finds it: of the configuration (or a
-/// table that moved here), or a value that moved here, read from the store.
+/// table that moved here), or a value or a dataset bound by move, read from the store.
 enum Local<'r> {
     Configured(&'r NodeResource),
-    MovedValue(NodeResource),
+    Moved(NodeResource),
 }
 
 impl std::ops::Deref for Local<'_> {
@@ -107,7 +110,7 @@ impl std::ops::Deref for Local<'_> {
     fn deref(&self) -> &NodeResource {
         match self {
             Local::Configured(resource) => resource,
-            Local::MovedValue(resource) => resource,
+            Local::Moved(resource) => resource,
         }
     }
 }
@@ -179,9 +182,6 @@ impl AgentResources {
     fn local(&self, what: &str, name: &str) -> Result<Local<'_>, String> {
         let here = &self.here;
         let configured = self.resources.get(name);
-        if let Some(resource) = configured.filter(|r| r.kind() == ResourceKind::Dataset) {
-            return Ok(Local::Configured(resource));
-        }
         let place = self
             .store
             .resource_place(name)
@@ -195,21 +195,9 @@ impl AgentResources {
                     "{what}: resource '{name}' at node '{here}' is held by agent {holder}, which \
                      takes it along when it leaves (a move binding)"
                 )),
-                // A value here by a move (or held) is in the store; a table's entries always
-                // are. (What moved in may be of another type than what the configuration
-                // names, which moved away.)
-                _ => match self.store.moved_value(name) {
-                    Ok(Some(value)) => Ok(Local::MovedValue(NodeResource {
-                        mobility: Mobility::Free,
-                        backing: Backing::Value(value),
-                    })),
-                    Ok(None) => Ok(Local::Configured(
-                        configured
-                            .filter(|r| r.kind() == ResourceKind::Table)
-                            .unwrap_or(&MOVED_IN),
-                    )),
-                    Err(e) => Err(format!("{what}: {e}")),
-                },
+                _ => self
+                    .moved_here(name, configured)
+                    .map_err(|e| format!("{what}: {e}")),
             },
             Some(ResourcePlace::Arriving { .. }) => Err(format!(
                 "{what}: resource '{name}' is arriving at node '{here}' with an agent, whose hop \
@@ -220,6 +208,33 @@ impl AgentResources {
                  move binding)"
             )),
         }
+    }
+
+    /// Resource `name`, bound by move and here: a value or a dataset is in the store (copied
+    /// there when first held, or come with an agent); a table's entries always are. (What came
+    /// may be of another type than what the configuration names, which left.)
+    fn moved_here<'r>(
+        &'r self,
+        name: &str,
+        configured: Option<&'r NodeResource>,
+    ) -> Result<Local<'r>, StoreError> {
+        let moved = |backing| {
+            Local::Moved(NodeResource {
+                mobility: Mobility::Free,
+                backing,
+            })
+        };
+        if let Some(value) = self.store.moved_value(name)? {
+            return Ok(moved(Backing::Value(value)));
+        }
+        if let Some(dataset) = self.resources.moved_datasets.get(&self.store, name)? {
+            return Ok(moved(Backing::Dataset(dataset)));
+        }
+        Ok(Local::Configured(
+            configured
+                .filter(|r| r.kind() == ResourceKind::Table)
+                .unwrap_or(&MOVED_IN),
+        ))
     }
 
     fn decode(&self, what: &str, bytes: &[u8]) -> Result<Dynamic, String> {
@@ -289,20 +304,26 @@ impl AgentResources {
                 self.here
             )
         };
-        let configured = match &local.backing {
-            Backing::Table => None,
-            Backing::Value(value) => Some(value.as_slice()),
-            Backing::Dataset(_) => {
-                return Err(refused(
-                    "it is a dataset, whose files stay with their node (tables and values \
-                     move; use copy or remote)"
-                        .into(),
-                ))
-            }
-        };
         ResourcePolicy::Move
             .admits(local.mobility)
             .map_err(refused)?;
+        // What of the configuration's resource goes to the store, to leave from there (if it
+        // never moved: otherwise it is there already).
+        let configured = match (&local, &local.backing) {
+            (Local::Moved(_), _) | (_, Backing::Table) => None,
+            (_, Backing::Value(value)) => Some(ResourceContents::Value(value.clone())),
+            (_, Backing::Dataset(data)) => {
+                if data.size() > MAX_MOVED_BYTES as u64 {
+                    return Err(refused(format!(
+                        "it is a dataset of {} bytes, more than the {MAX_MOVED_BYTES} that move \
+                         with one hop (use remote or copy-on-reference)",
+                        data.size()
+                    )));
+                }
+                let files = data.read_files().map_err(|e| refused(e.to_string()))?;
+                Some(ResourceContents::Dataset(files))
+            }
+        };
         let held = self
             .store
             .resource_places()
@@ -321,7 +342,7 @@ impl AgentResources {
         }
         match self
             .store
-            .batch(|b| b.hold_resource(name, &self.of.agent, configured))
+            .batch(|b| b.hold_resource(name, &self.of.agent, configured.as_ref()))
         {
             Ok(Ok(())) => Ok(handle),
             Ok(Err(_)) => Err(refused("another agent took it meanwhile".into())),

@@ -5,7 +5,9 @@
 //! past them (a file that grew is read as it was; one that shrank is an error). A directory is
 //! its regular files, in name order; a symbolic link or a subdirectory inside it is refused when
 //! it is opened, so nothing outside it is ever read (agents give only line and byte positions,
-//! never paths).
+//! never paths). A dataset that moved to this node with an agent has its files in the node's
+//! store instead: the same reads go through a [`DatasetFiles`] of its own
+//! (`store::moved_datasets`).
 //!
 //! Lines are what `\n` ends (a `\r` before it is dropped); a file's last line needs no `\n`, and
 //! the next file starts a new line. To find line `n` without reading everything before it, the
@@ -13,8 +15,9 @@
 //! scan of the data, 16 bytes per 1,024 lines kept), after which `lines(n, k)` reads at most
 //! 1,023 lines before the ones asked for.
 
+use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -24,6 +27,9 @@ const INDEX_EVERY: u64 = 1024;
 
 /// How much is read from a file at a time while scanning it.
 const SCAN_BUFFER: usize = 256 << 10;
+
+/// How much is read from a file at a time while reading its lines.
+const READ_BUFFER: usize = 64 << 10;
 
 /// Why a dataset cannot be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -67,13 +73,84 @@ pub struct Lines {
     pub refused: Option<u64>,
 }
 
+/// Where the files of a dataset are kept.
+pub trait DatasetFiles: Send + Sync + fmt::Debug {
+    /// File `file` (0-based, in the dataset's order), opened for reading.
+    ///
+    /// # Errors
+    ///
+    /// It cannot be opened.
+    fn open(&self, file: usize) -> Result<Box<dyn FileAt + '_>, DatasetError>;
+
+    /// What to call file `file` in an error.
+    fn name(&self, file: usize) -> PathBuf;
+}
+
+/// A file of a dataset, open for reading.
+pub trait FileAt {
+    /// Fills `buf` from byte `offset` of the file.
+    ///
+    /// # Errors
+    ///
+    /// The bytes cannot be read, or the file is shorter.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DatasetError>;
+}
+
+/// The files of a dataset of the node's configuration.
+#[derive(Debug)]
+struct OnDisk(Vec<PathBuf>);
+
+impl DatasetFiles for OnDisk {
+    fn open(&self, file: usize) -> Result<Box<dyn FileAt + '_>, DatasetError> {
+        let path = self.name(file);
+        let handle = File::open(&path).map_err(io(&path))?;
+        Ok(Box::new(OpenFile { handle, path }))
+    }
+
+    fn name(&self, file: usize) -> PathBuf {
+        self.0.get(file).cloned().unwrap_or_default()
+    }
+}
+
+struct OpenFile {
+    handle: File,
+    path: PathBuf,
+}
+
+impl FileAt for OpenFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DatasetError> {
+        self.handle
+            .read_exact_at(buf, offset)
+            .map_err(|_| DatasetError::Changed {
+                path: self.path.clone(),
+            })
+    }
+}
+
 /// A file of a dataset and the length it had when the dataset was opened.
 #[derive(Debug)]
 struct DataFile {
-    path: PathBuf,
     len: u64,
     /// Where it starts in the dataset's bytes.
     start: u64,
+}
+
+/// The bytes of one file from `at` to `end`, read through a [`FileAt`].
+struct Section<'f> {
+    file: &'f dyn FileAt,
+    at: u64,
+    end: u64,
+}
+
+impl Read for Section<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = usize::try_from(self.end - self.at).map_or(buf.len(), |left| left.min(buf.len()));
+        self.file
+            .read_exact_at(&mut buf[..n], self.at)
+            .map_err(std::io::Error::other)?;
+        self.at += n as u64;
+        Ok(n)
+    }
 }
 
 /// Where line `line` starts: file `file`, byte `offset`.
@@ -94,6 +171,7 @@ struct LineIndex {
 /// An opened dataset.
 #[derive(Debug)]
 pub struct Dataset {
+    source: Box<dyn DatasetFiles>,
     files: Vec<DataFile>,
     size: u64,
     /// Built on the first line operation (one scan of the data), or why it could not be.
@@ -129,22 +207,32 @@ impl Dataset {
         } else {
             paths.push(path.to_path_buf());
         }
-        let mut files = Vec::with_capacity(paths.len());
+        let lens = paths
+            .iter()
+            .map(|path| Ok(std::fs::metadata(path).map_err(io(path))?.len()))
+            .collect::<Result<Vec<u64>, DatasetError>>()?;
+        Ok(Dataset::of(Box::new(OnDisk(paths)), &lens))
+    }
+
+    /// The dataset of files `source`, of lengths `lens`.
+    pub fn of(source: Box<dyn DatasetFiles>, lens: &[u64]) -> Dataset {
+        let mut files = Vec::with_capacity(lens.len());
         let mut size = 0u64;
-        for path in paths {
-            let len = std::fs::metadata(&path).map_err(io(&path))?.len();
-            files.push(DataFile {
-                path,
-                len,
-                start: size,
-            });
+        for &len in lens {
+            files.push(DataFile { len, start: size });
             size = size.saturating_add(len);
         }
-        Ok(Dataset {
+        Dataset {
+            source,
             files,
             size,
             index: OnceLock::new(),
-        })
+        }
+    }
+
+    /// The lengths of its files, in order.
+    pub fn file_lens(&self) -> Vec<u64> {
+        self.files.iter().map(|f| f.len).collect()
     }
 
     /// Its length in bytes.
@@ -166,10 +254,7 @@ impl Dataset {
             .get_or_init(|| self.build_index().map_err(|e| e.to_string()))
             .as_ref()
             .map_err(|e| DatasetError::Io {
-                path: self
-                    .files
-                    .first()
-                    .map_or_else(PathBuf::new, |f| f.path.clone()),
+                path: self.source.name(0),
                 source: std::io::Error::other(e.clone()),
             })
     }
@@ -182,7 +267,7 @@ impl Dataset {
             if file.len == 0 {
                 continue;
             }
-            let handle = File::open(&file.path).map_err(io(&file.path))?;
+            let handle = self.source.open(i)?;
             // A line starts at the file's start, and after every `\n` but one that ends it.
             let mut line_start = Some(0u64);
             let mut at = 0u64;
@@ -190,11 +275,7 @@ impl Dataset {
                 let want = usize::try_from(file.len - at)
                     .map_or(buffer.len(), |left| left.min(buffer.len()));
                 let chunk = &mut buffer[..want];
-                handle
-                    .read_exact_at(chunk, at)
-                    .map_err(|_| DatasetError::Changed {
-                        path: file.path.clone(),
-                    })?;
+                handle.read_exact_at(chunk, at)?;
                 let mut from = 0;
                 loop {
                     if let Some(start) = line_start.take() {
@@ -257,14 +338,17 @@ impl Dataset {
             if offset >= file.len {
                 continue;
             }
-            let mut handle = File::open(&file.path).map_err(io(&file.path))?;
-            handle
-                .seek(SeekFrom::Start(offset))
-                .map_err(io(&file.path))?;
-            let mut reader = BufReader::new(handle.take(file.len - offset));
+            let handle = self.source.open(i)?;
+            let path = self.source.name(i);
+            let section = Section {
+                file: handle.as_ref(),
+                at: offset,
+                end: file.len,
+            };
+            let mut reader = BufReader::with_capacity(READ_BUFFER, section);
             loop {
                 if line < start {
-                    if !skip_line(&mut reader).map_err(io(&file.path))? {
+                    if !skip_line(&mut reader).map_err(io(&path))? {
                         break;
                     }
                     line += 1;
@@ -274,7 +358,7 @@ impl Dataset {
                 let read = (&mut reader)
                     .take(max_line as u64 + 2)
                     .read_until(b'\n', &mut buffer)
-                    .map_err(io(&file.path))?;
+                    .map_err(io(&path))?;
                 if read == 0 {
                     break;
                 }
@@ -320,14 +404,10 @@ impl Dataset {
     pub fn read_files(&self) -> Result<Vec<Vec<u8>>, DatasetError> {
         self.files
             .iter()
-            .map(|file| {
+            .enumerate()
+            .map(|(i, file)| {
                 let mut bytes = vec![0u8; file.len as usize];
-                File::open(&file.path)
-                    .map_err(io(&file.path))?
-                    .read_exact_at(&mut bytes, 0)
-                    .map_err(|_| DatasetError::Changed {
-                        path: file.path.clone(),
-                    })?;
+                self.source.open(i)?.read_exact_at(&mut bytes, 0)?;
                 Ok(bytes)
             })
             .collect()
@@ -346,7 +426,7 @@ impl Dataset {
         let mut out = vec![0u8; (end - offset) as usize];
         let first = self.files.partition_point(|f| f.start + f.len <= offset);
         let mut at = offset;
-        for file in &self.files[first..] {
+        for (i, file) in self.files.iter().enumerate().skip(first) {
             if at >= end {
                 break;
             }
@@ -357,12 +437,7 @@ impl Dataset {
             }
             let place = (at - offset) as usize;
             let slot = &mut out[place..place + (upto - from) as usize];
-            File::open(&file.path)
-                .map_err(io(&file.path))?
-                .read_exact_at(slot, from)
-                .map_err(|_| DatasetError::Changed {
-                    path: file.path.clone(),
-                })?;
+            self.source.open(i)?.read_exact_at(slot, from)?;
             at = file.start + upto;
         }
         Ok(out)

@@ -4,14 +4,17 @@
 //! - [`dataset`]: read-only files, read in lines or byte ranges with bounded memory;
 //! - `binding`: the [`agent_lang::ResourceHost`] of one agent on this node: which resource a
 //!   handle reaches, by the binding policy its package declares, and the calls on it;
-//! - [`copy_on_reference`]: the chunks of other nodes' resources an agent keeps where it is.
+//! - [`copy_on_reference`]: the chunks of other nodes' resources an agent keeps where it is;
+//! - `moved_datasets`: the datasets that are here by a move, read from the store.
 //!
 //! `table` resources live in the node's store (`store::tables`); `value` resources are portable
-//! values kept encoded (in the store once one moves: `store::moved_resources`).
+//! values kept encoded; a value or a dataset bound by move is in the store from then on
+//! (`store::moved_resources`).
 
 mod binding;
 pub mod copy_on_reference;
 pub mod dataset;
+mod moved_datasets;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,12 +27,13 @@ use security::{ResourceDecl, ResourcePolicy};
 pub use agent_lang::{MAX_TABLE_KEY, MAX_TABLE_VALUE};
 pub(crate) use binding::{AgentOf, AgentResources, RemoteResources};
 use dataset::Dataset;
+pub(crate) use moved_datasets::MovedDatasets;
 
 /// What backs a resource.
 #[derive(Debug)]
 pub enum Backing {
     /// Files, read-only.
-    Dataset(Dataset),
+    Dataset(Arc<Dataset>),
     /// A table in the node's store, by the resource's name.
     Table,
     /// A portable value, encoded.
@@ -60,6 +64,8 @@ impl NodeResource {
 #[derive(Debug, Default, Clone)]
 pub struct NodeResources {
     by_name: Arc<BTreeMap<String, NodeResource>>,
+    /// The datasets here by a move, opened.
+    pub(crate) moved_datasets: MovedDatasets,
 }
 
 impl NodeResources {
@@ -76,8 +82,7 @@ impl NodeResources {
     /// Whether the bindings `declared` (a package's) can be kept with the resources of this
     /// node: for each one this node has, whether its policy admits the resource's mobility
     /// (`ResourcePolicy::admits`, the columns of the paper's table; the rows were checked when
-    /// the package was signed) and its type (a dataset does not move; a table is not copied on
-    /// reference). A resource of another node is checked where it is bound.
+    /// the package was signed) and its type (a table is not copied on reference). A resource of another node is checked where it is bound.
     ///
     /// # Errors
     ///
@@ -86,16 +91,10 @@ impl NodeResources {
         for decl in declared {
             if let Some(local) = self.get(&decl.name) {
                 let kind = local.kind();
-                let fits = match decl.policy {
-                    ResourcePolicy::Move => kind != ResourceKind::Dataset,
-                    ResourcePolicy::CopyOnReference => kind != ResourceKind::Table,
-                    _ => true,
-                };
-                if !fits {
+                if decl.policy == ResourcePolicy::CopyOnReference && kind == ResourceKind::Table {
                     return Err(format!(
-                        "resource '{}' is bound by {}, which a {kind} here cannot take (a \
-                         dataset's files stay with their node; a table, which changes, is not \
-                         copied on reference)",
+                        "resource '{}' is bound by {}, which a table here cannot take (a \
+                         table changes, and chunks kept of it would go stale)",
                         decl.name, decl.policy
                     ));
                 }
@@ -130,6 +129,7 @@ impl NodeResources {
         }
         Ok(NodeResources {
             by_name: Arc::new(by_name),
+            moved_datasets: MovedDatasets::default(),
         })
     }
 }
@@ -159,7 +159,7 @@ fn parse(name: &str, entry: &toml::Value, base: &Path) -> Result<NodeResource, S
         ResourceKind::Dataset => {
             let path = text("path")?.ok_or("a dataset needs a 'path'")?;
             let path = base.join(path);
-            Backing::Dataset(Dataset::open(&path).map_err(|e| e.to_string())?)
+            Backing::Dataset(Arc::new(Dataset::open(&path).map_err(|e| e.to_string())?))
         }
         ResourceKind::Table => Backing::Table,
         ResourceKind::Value => {

@@ -20,6 +20,9 @@
 //! - `group_commit`: the queue and the leader behind [`Store::write`];
 //! - `usage`: the bytes agents take in the store ([`Store::stored_bytes`]);
 //! - `tables`: the node's `table` resources ([`Store::table_get`], [`Batch::table_set`], ...);
+//! - `moved_resources`: where the resources bound by move are ([`ResourcePlace`]), and the
+//!   values among them; `moved_datasets`: the files of the datasets among them;
+//! - `resource_cache`: the chunks of other nodes' resources read by copy-on-reference;
 //! - `error`: [`StoreError`].
 //!
 //! # Writing
@@ -107,6 +110,7 @@ mod error;
 mod group_commit;
 mod hops;
 mod mailbox;
+mod moved_datasets;
 mod moved_resources;
 mod packages;
 mod records;
@@ -128,6 +132,7 @@ pub use error::StoreError;
 pub use group_commit::MAX_GROUP;
 pub use hops::{Arrival, HopSeen};
 pub use mailbox::QueueSize;
+pub use moved_datasets::MovedDataset;
 pub use moved_resources::{HeldResource, ResourceContents, ResourcePlace, TableEntries};
 pub use records::{AgentMeta, AgentRecord, AgentState};
 
@@ -177,7 +182,7 @@ struct Shared {
 }
 
 /// Whether the two resource tables every departure looks into for the leaving agent's entries
-/// (`resource_places`, `resource_cache`) have held anything since the store was opened, or did
+/// (`table_places`, `resource_cache`) have held anything since the store was opened, or did
 /// then. Nearly every agent binds nothing by move or copy-on-reference, and its hops skip
 /// both tables while they are empty. Set, never cleared, by the transaction that first writes
 /// one; write transactions run one at a time, so one that reads `false` finds the table empty.

@@ -1,11 +1,12 @@
-//! Where the resources that move with agents are (the `move` binding: tables and values), as
-//! this node knows it: each one's [`ResourcePlace`], kept in `table_places` beside a table's
-//! entries or a value's bytes (`moved_values`), and changed only in the transactions of the hop
-//! that moves it, so that a resource is at exactly one node whatever crashes when:
+//! Where the resources that move with agents are (the `move` binding), as this node knows it:
+//! each one's [`ResourcePlace`], kept in `table_places` beside a table's entries, a value's
+//! bytes (`moved_values`) or a dataset's files (`moved_datasets`), and changed only in the
+//! transactions of the hop that moves it, so that a resource is at exactly one node whatever
+//! crashes when:
 //!
 //! - an agent that binds a resource by move holds it ([`Batch::hold_resource`]): from then on
-//!   only that agent uses it here, and it leaves with the agent (a value of the node's
-//!   configuration is copied into `moved_values` then, so that what leaves is in the store);
+//!   only that agent uses it here, and it leaves with the agent (a value or a dataset of the
+//!   node's configuration is copied into the store then, so that what leaves is in the store);
 //! - the destination of the hop stores the resource's contents with the arriving agent
 //!   ([`Batch::arrive_moved`], in the transaction of `accept_arrival`), as
 //!   [`ResourcePlace::Arriving`]: not usable until the hop commits (`commit_arrival`, which makes
@@ -58,6 +59,8 @@ pub enum HeldResource {
     Table,
     /// A value, encoded.
     Value(Vec<u8>),
+    /// A dataset (its files are in the store).
+    Dataset,
 }
 
 /// What of a resource moves with its agent, as its destination stores it.
@@ -67,6 +70,8 @@ pub enum ResourceContents {
     Table(TableEntries),
     /// A value, encoded.
     Value(Vec<u8>),
+    /// A dataset's files, in order.
+    Dataset(Vec<Vec<u8>>),
 }
 
 fn decode(name: &str, bytes: &[u8]) -> Result<ResourcePlace, StoreError> {
@@ -149,6 +154,7 @@ impl Store {
             .map(|name| {
                 let held = match self.moved_value(&name)? {
                     Some(value) => HeldResource::Value(value),
+                    None if self.moved_dataset(&name)?.is_some() => HeldResource::Dataset,
                     None => HeldResource::Table,
                 };
                 Ok((name, held))
@@ -205,9 +211,9 @@ impl Batch<'_> {
     }
 
     /// Agent `agent` holds resource `name`, which is here: it leaves with the agent from now
-    /// on. `configured` is the value of the node's configuration, for a value that never moved
-    /// (None for a table). Returns the holder that keeps it instead, if another agent holds
-    /// it, or why it is not here.
+    /// on. `configured` is the value or the dataset's files of the node's configuration, kept
+    /// if it never moved (None for a table). Returns the holder that keeps it instead, if
+    /// another agent holds it, or why it is not here.
     ///
     /// # Errors
     ///
@@ -216,12 +222,12 @@ impl Batch<'_> {
         &mut self,
         name: &str,
         agent: &str,
-        configured: Option<&[u8]>,
+        configured: Option<&ResourceContents>,
     ) -> Result<Result<(), ResourcePlace>, StoreError> {
         match self.place(name)? {
             place @ (None | Some(ResourcePlace::Here { holder: None })) => {
-                if let (None, Some(value)) = (place, configured) {
-                    self.put_moved_value(name, value)?;
+                if let (None, Some(contents)) = (place, configured) {
+                    self.put_contents(name, contents)?;
                 }
                 let held = ResourcePlace::Here {
                     holder: Some(agent.to_string()),
@@ -308,10 +314,7 @@ impl Batch<'_> {
                 before => before,
             };
             self.drop_contents(name)?;
-            match contents {
-                ResourceContents::Table(entries) => self.table_set_all(name, entries)?,
-                ResourceContents::Value(value) => self.put_moved_value(name, value)?,
-            }
+            self.put_contents(name, contents)?;
             let place = if committed {
                 ResourcePlace::Here {
                     holder: Some(agent.to_string()),
@@ -384,6 +387,15 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Keeps `contents` as what this node holds of moved resource `name`.
+    fn put_contents(&mut self, name: &str, contents: &ResourceContents) -> Result<(), StoreError> {
+        match contents {
+            ResourceContents::Table(entries) => self.table_set_all(name, entries),
+            ResourceContents::Value(value) => self.put_moved_value(name, value),
+            ResourceContents::Dataset(files) => self.put_moved_dataset(name, files),
+        }
+    }
+
     /// Keeps `value` as the bytes of value `name` bound by move.
     fn put_moved_value(&mut self, name: &str, value: &[u8]) -> Result<(), StoreError> {
         let old = self
@@ -395,9 +407,11 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Drops what this node holds of moved resource `name` (a table's entries or a value).
+    /// Drops what this node holds of moved resource `name` (a table's entries, a value or a
+    /// dataset's files).
     fn drop_contents(&mut self, name: &str) -> Result<(), StoreError> {
         self.table_clear(name)?;
+        self.drop_moved_dataset(name)?;
         let old = self
             .txn
             .open_table(MOVED_VALUES)?
@@ -550,8 +564,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let store = Store::open(&dir.path().join("s.redb"), Durability::NoSync).expect("opens");
         let value = |store: &Store| store.moved_value("v").expect("read");
+        let configured = ResourceContents::Value(b"configured".to_vec());
         let held = store
-            .batch(|b| b.hold_resource("v", "x", Some(b"configured")))
+            .batch(|b| b.hold_resource("v", "x", Some(&configured)))
             .expect("holds");
         assert_eq!(
             (held, value(&store)),
@@ -579,7 +594,7 @@ mod tests {
         );
         // Held again with the configuration's bytes, it would not be: it is gone.
         let again = store
-            .batch(|b| b.hold_resource("v", "y", Some(b"configured")))
+            .batch(|b| b.hold_resource("v", "y", Some(&configured)))
             .expect("reads");
         assert!(matches!(again, Err(ResourcePlace::Gone { .. })));
         // It comes back, and that hop does not commit: gone it stays, with nothing kept.

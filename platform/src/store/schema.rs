@@ -5,8 +5,8 @@
 //! move to `seen_envelopes` with zeros, which match any envelope), and a schema 2 file too (it
 //! also lacked `queued`, which is filled from `messages`); `custody` is created when missing
 //! (agents launched before it have no custody record, and their homes refuse their reports),
-//! and so are the tables of `table` resources, `table_places`, `moved_values` and
-//! `resource_cache`;
+//! and so are the tables of `table` resources, `table_places`, `moved_values`,
+//! `moved_datasets`, `moved_dataset_chunks` and `resource_cache`;
 //! a file of another schema is refused with [`StoreError::Schema`] (schema 1, which kept the
 //! continuation inside the CBOR agent record, never held deployed data).
 //!
@@ -27,6 +27,8 @@
 //! | `resource_table_sizes`| table name              | `u64` entries            | each non-empty table's entry count: `len()` costs one read |
 //! | `table_places`        | resource name           | CBOR [`ResourcePlace`](super::ResourcePlace) | where each table or value that moves with agents is: here (held by an agent or not), arriving with one, or gone (see `moved_resources`) |
 //! | `moved_values`        | resource name           | encoded value            | the `value` resources bound by move that are here (see `moved_resources`) |
+//! | `moved_datasets`      | resource name           | CBOR [`MovedDataset`](super::MovedDataset) | the `dataset` resources bound by move that are here: their files' lengths and hash (see `moved_datasets`) |
+//! | `moved_dataset_chunks`| (resource name, `u32` file, `u32` chunk) | file bytes | their files, in chunks of about 1 MiB |
 //! | `resource_cache`      | (agent id, resource, `u64` chunk) | chunk bytes    | chunks of other nodes' resources that agents read here by copy-on-reference, each agent's own until it leaves or ends (see `resource_cache`) |
 //! | `meta`                | name                    | `u64`                    | `schema` version, `next_message_seq` and `stored_bytes` (see `usage`) |
 //!
@@ -65,6 +67,10 @@ pub(super) const RESOURCE_CACHE: TableDefinition<(&str, &str, u64), &[u8]> =
 pub(super) const RESOURCE_PLACES: TableDefinition<&str, &[u8]> =
     TableDefinition::new("table_places");
 pub(super) const MOVED_VALUES: TableDefinition<&str, &[u8]> = TableDefinition::new("moved_values");
+pub(super) const MOVED_DATASETS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("moved_datasets");
+pub(super) const MOVED_DATASET_CHUNKS: TableDefinition<(&str, u32, u32), &[u8]> =
+    TableDefinition::new("moved_dataset_chunks");
 
 /// The on-disk format this code reads and writes.
 pub(super) const SCHEMA: u64 = 4;
@@ -96,6 +102,8 @@ impl Batch<'_> {
         self.txn.open_table(RESOURCE_CACHE)?;
         self.txn.open_table(RESOURCE_PLACES)?;
         self.txn.open_table(MOVED_VALUES)?;
+        self.txn.open_table(MOVED_DATASETS)?;
+        self.txn.open_table(MOVED_DATASET_CHUNKS)?;
         let found = self
             .txn
             .open_table(META)?

@@ -19,7 +19,8 @@
 use redb::ReadableTable;
 
 use super::schema::{
-    AGENTS, CHUNKS, MESSAGES, META, MOVED_VALUES, PACKAGES, RESOURCE_CACHE, RESULTS, TABLE_ENTRIES,
+    AGENTS, CHUNKS, MESSAGES, META, MOVED_DATASET_CHUNKS, MOVED_VALUES, PACKAGES, RESOURCE_CACHE,
+    RESULTS, TABLE_ENTRIES,
 };
 use super::{Batch, StoreError};
 
@@ -90,7 +91,8 @@ impl Batch<'_> {
             + sum(self.txn.open_table(CHUNKS)?)?
             + sum(self.txn.open_table(MESSAGES)?)?
             + sum(self.txn.open_table(RESULTS)?)?
-            + sum(self.txn.open_table(MOVED_VALUES)?)?;
+            + sum(self.txn.open_table(MOVED_VALUES)?)?
+            + sum(self.txn.open_table(MOVED_DATASET_CHUNKS)?)?;
         for entry in self.txn.open_table(TABLE_ENTRIES)?.iter()? {
             let (k, v) = entry?;
             total = total.saturating_add((k.value().1.len() + v.value().len()) as u64);

@@ -698,8 +698,8 @@ pub(in crate::node) async fn check_offer<'a>(
 /// The resources moving with agent `agent`, checked before they are stored with it: each must
 /// be granted to its author for reading and writing here, must not meet a resource of this
 /// node of the same name, and must hold what a table or a value holds (keys and values of a
-/// table's sizes, values the agent's program reads); together they must fit in the store
-/// quota.
+/// table's sizes, values the agent's program reads; a dataset's files are any bytes); together
+/// they must fit in the store quota.
 fn moved_resources(
     shared: &Shared,
     loaded: &Loaded,
@@ -773,6 +773,10 @@ fn moved_resources(
                     .map_err(|e| format!("'{name}': {e}"))?;
                 bytes += value.len() as u64;
                 ResourceContents::Value(value.into_vec())
+            }
+            MovedContents::Dataset(files) => {
+                bytes += files.iter().map(|f| f.len() as u64).sum::<u64>();
+                ResourceContents::Dataset(files.into_iter().map(|f| f.into_vec()).collect())
             }
         };
         checked.push((name, contents));

@@ -537,6 +537,14 @@ fn moving_resources(shared: &Shared, agent: &str) -> Result<Vec<u8>, String> {
                 size += value.len();
                 MovingContents::Value(value)
             }
+            HeldResource::Dataset => {
+                let files = shared
+                    .store
+                    .moved_dataset_files(name)
+                    .map_err(|e| failed(&e))?;
+                size += files.iter().map(|f| f.len() + 9).sum::<usize>();
+                MovingContents::Dataset(files)
+            }
             HeldResource::Table => {
                 let table = StoredTable::count(&shared.store, name).map_err(|e| failed(&e))?;
                 if table.len > MAX_MOVED_ENTRIES {

@@ -1649,6 +1649,54 @@ fn a_full_store_refuses_what_would_grow_it_and_serves_on() {
     });
 }
 
+/// A dataset bound by move is copied into the store when first held: one the store's quota
+/// cannot take is not held (`resource` throws, naming the full store), and the node serves on.
+#[test]
+fn a_dataset_the_store_cannot_take_is_not_moved() {
+    run(async {
+        const QUOTA: u64 = 1 << 20;
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("big"), vec![b'x'; 2 << 20]).expect("write");
+        let section: toml::Table =
+            toml::from_str("[big]\ntype = \"dataset\"\npath = \"big\"\nmobility = \"free\"")
+                .expect("toml");
+        let resources =
+            platform::resources::NodeResources::from_toml(&section, dir.path()).expect("resources");
+        let mesh = Mesh::with_target(|c| {
+            c.max_store_bytes = QUOTA;
+            c.resources = resources;
+            if let security::AuthorsPolicy::List(authors) = &mut c.trust.authors {
+                for author in authors {
+                    author.resources = security::ResourceGrants::Any;
+                }
+            }
+        })
+        .await;
+        let spec = platform::package_files::PackSpec {
+            name: "mover".into(),
+            version: "0".into(),
+            resources: vec![security::ResourceDecl::from_text("big", "move").expect("decl")],
+            capabilities: vec![],
+            limits: Default::default(),
+        };
+        let source = r#"let why = ""; try { resource("big"); } catch (e) { why = e; } why"#;
+        let package = platform::package_files::pack(source.to_string(), spec, &mesh.author, 0)
+            .and_then(|p| Ok(p.verify()?))
+            .expect("packs");
+        let (_, end) = mesh.target.launch(package, None).expect("launch");
+        let end = ended(end).await;
+        assert!(
+            matches!(&end, AgentEnd::Finished { json, .. }
+                if json.contains("'big' at node 'target' cannot be moved")
+                    && json.contains("store is full")),
+            "{end:?}"
+        );
+        mesh.still_serves().await;
+        let usage = mesh.target.status().expect("status").store;
+        assert!(usage.stored_bytes <= QUOTA, "{usage:?}");
+    });
+}
+
 /// A message for an agent that is leaving holds its sender until the hop settles, as long as
 /// the sender says it waits, and never longer than the node's own limit (10 s): a peer that
 /// stalls a hop and asks to wait forever gets "unconfirmed" within that limit, and the node

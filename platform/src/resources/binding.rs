@@ -176,9 +176,9 @@ impl AgentResources {
         })
     }
 
-    /// The resource of this node named `name`, as the agent may use it now: a table or a value
-    /// that moves with agents is here only while its place says so (`store::ResourcePlace`),
-    /// and only for the agent that holds it, if one does.
+    /// The resource of this node named `name`, as the agent may use it now: one that moves
+    /// with agents is here only while its place says so (`store::ResourcePlace`), and only for
+    /// the agent that holds it, if one does.
     fn local(&self, what: &str, name: &str) -> Result<Local<'_>, String> {
         let here = &self.here;
         let configured = self.resources.get(name);
@@ -254,7 +254,7 @@ impl AgentResources {
         })
     }
 
-    /// For a request from another node: a table held by an agent (a move binding) is that
+    /// For a request from another node: a resource held by an agent (a move binding) is that
     /// agent's alone, and the request cannot prove it comes from that agent.
     fn not_held(&self, what: &str, name: &str) -> Result<(), String> {
         match self.store.resource_place(name) {
@@ -291,8 +291,8 @@ impl AgentResources {
         Ok(handle)
     }
 
-    /// A handle on this node's table or value `name`, which the agent holds from now on: it
-    /// leaves with the agent, in the transactions of its hops (`store::moved_resources`).
+    /// A handle on this node's resource `name`, which the agent holds from now on: it leaves
+    /// with the agent, in the transactions of its hops (`store::moved_resources`).
     fn hold_here(&self, name: &str) -> Result<Resource, String> {
         let what = "resource";
         self.allowed(what, name, Access::ReadWrite)?;
@@ -307,23 +307,6 @@ impl AgentResources {
         ResourcePolicy::Move
             .admits(local.mobility)
             .map_err(refused)?;
-        // What of the configuration's resource goes to the store, to leave from there (if it
-        // never moved: otherwise it is there already).
-        let configured = match (&local, &local.backing) {
-            (Local::Moved(_), _) | (_, Backing::Table) => None,
-            (_, Backing::Value(value)) => Some(ResourceContents::Value(value.clone())),
-            (_, Backing::Dataset(data)) => {
-                if data.size() > MAX_MOVED_BYTES as u64 {
-                    return Err(refused(format!(
-                        "it is a dataset of {} bytes, more than the {MAX_MOVED_BYTES} that move \
-                         with one hop (use remote or copy-on-reference)",
-                        data.size()
-                    )));
-                }
-                let files = data.read_files().map_err(|e| refused(e.to_string()))?;
-                Some(ResourceContents::Dataset(files))
-            }
-        };
         let held = self
             .store
             .resource_places()
@@ -340,6 +323,26 @@ impl AgentResources {
                  move with one hop"
             )));
         }
+        // What of the configuration's resource goes to the store, to leave from there (if it
+        // never moved: otherwise it is there already).
+        let configured = match (&local, &local.backing) {
+            (Local::Moved(_), _) | (_, Backing::Table) => None,
+            (_, Backing::Value(value)) => Some(ResourceContents::Value(value.clone())),
+            (_, Backing::Dataset(data)) => {
+                if data.size() > MAX_MOVED_BYTES as u64 {
+                    return Err(refused(format!(
+                        "it is a dataset of {} bytes, more than the {MAX_MOVED_BYTES} that move \
+                         with one hop (use remote or copy-on-reference)",
+                        data.size()
+                    )));
+                }
+                self.quota
+                    .room_for(data.size())
+                    .map_err(|full| refused(crate::wire::ControlRefusal::from(full).to_string()))?;
+                let files = data.read_files().map_err(|e| refused(e.to_string()))?;
+                Some(ResourceContents::Dataset(files))
+            }
+        };
         match self
             .store
             .batch(|b| b.hold_resource(name, &self.of.agent, configured.as_ref()))

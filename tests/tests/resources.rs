@@ -647,6 +647,11 @@ fn moving_nodes(dir: &Path) -> Vec<MeshNode> {
 
 /// Where each node says the moved table `counts` is.
 fn places(mesh: &LoopbackMesh) -> Vec<String> {
+    places_of(mesh, "counts")
+}
+
+/// Where each node says the moved resource `resource` is ("-": it does not know it).
+fn places_of(mesh: &LoopbackMesh, resource: &str) -> Vec<String> {
     mesh.nodes()
         .iter()
         .map(|n| {
@@ -654,10 +659,38 @@ fn places(mesh: &LoopbackMesh) -> Vec<String> {
             let place = report
                 .moved_resources
                 .iter()
-                .find(|(name, _)| name == "counts");
+                .find(|(name, _)| name == resource);
             place.map_or_else(|| "-".to_string(), |(_, place)| place.clone())
         })
         .collect()
+}
+
+/// What agent `id`, waiting for a message on node-1, ends with once it has one.
+async fn wake_on_node_1(
+    mesh: &LoopbackMesh,
+    id: &str,
+    end: tokio::sync::oneshot::Receiver<AgentEnd>,
+) -> String {
+    mesh.nodes()[1]
+        .send(id, &agent_lang::rhai::Dynamic::from(1_i64))
+        .await
+        .expect("delivered");
+    let end = tokio::time::timeout(Duration::from_secs(30), end).await;
+    json(end.expect("in time").expect("an end"))
+}
+
+/// What an agent of `source` by `key`, binding `resource` by rebind, ends with on node `node`.
+async fn rebound_on(
+    mesh: &LoopbackMesh,
+    node: usize,
+    key: &security::SecretKey,
+    source: &str,
+    resource: &str,
+) -> String {
+    let package = tern_tests::package_by(key, source, &[(resource, "rebind")]);
+    let (_, end) = mesh.nodes()[node].launch(package, None).expect("launch");
+    let end = tokio::time::timeout(Duration::from_secs(30), end).await;
+    json(end.expect("in time").expect("an end"))
 }
 
 /// A table bound by move goes with its agent at every hop and comes back with it; while the
@@ -689,17 +722,9 @@ fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
             &[("counts", "move")],
         );
         let user = |node: usize| {
-            let package = tern_tests::package_by(
-                &key,
-                r#"let r = ""; try { r = resource("counts").len(); } catch (e) { r = e; } r"#,
-                &[("counts", "rebind")],
-            );
-            let node = &mesh.nodes()[node];
-            async move {
-                let (_, end) = node.launch(package, None).expect("launch");
-                let end = tokio::time::timeout(Duration::from_secs(30), end).await;
-                json(end.expect("in time").expect("an end"))
-            }
+            let source =
+                r#"let r = ""; try { r = resource("counts").len(); } catch (e) { r = e; } r"#;
+            rebound_on(&mesh, node, &key, source, "counts")
         };
         let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
         tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
@@ -719,15 +744,7 @@ fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
         let (_, asked) = mesh.nodes()[0].launch(remote, None).expect("launch");
         let far = json(asked.await.expect("an end"));
         assert!(far.contains("is not served to other nodes"), "{far}");
-        mesh.nodes()[1]
-            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
-            .await
-            .expect("delivered");
-        let end = tokio::time::timeout(Duration::from_secs(30), end)
-            .await
-            .expect("in time")
-            .expect("an end");
-        let text = json(end);
+        let text = wake_on_node_1(&mesh, &id, end).await;
         assert!(
             text.starts_with(r#"["node-0","migrate: cannot move to node-2: "#)
                 && text.contains("this node has a resource 'counts' of its own")
@@ -783,31 +800,11 @@ fn a_moved_value_goes_with_its_agent_and_stays_where_it_ends() {
             &[("token", "move")],
         );
         let user = |node: usize| {
-            let package = tern_tests::package_by(
-                &key,
-                r#"let r = ""; try { r = resource("token").get().owner; } catch (e) { r = e; } r"#,
-                &[("token", "rebind")],
-            );
-            let node = &mesh.nodes()[node];
-            async move {
-                let (_, end) = node.launch(package, None).expect("launch");
-                let end = tokio::time::timeout(Duration::from_secs(30), end).await;
-                json(end.expect("in time").expect("an end"))
-            }
+            let source =
+                r#"let r = ""; try { r = resource("token").get().owner; } catch (e) { r = e; } r"#;
+            rebound_on(&mesh, node, &key, source, "token")
         };
-        let places = || {
-            mesh.nodes()
-                .iter()
-                .map(|n| {
-                    let report = n.status().expect("status");
-                    let place = report
-                        .moved_resources
-                        .iter()
-                        .find(|(name, _)| name == "token");
-                    place.map_or_else(|| "-".to_string(), |(_, place)| place.clone())
-                })
-                .collect::<Vec<_>>()
-        };
+        let places = || places_of(&mesh, "token");
         let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
         tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
         let held = format!("here, held by {id}");
@@ -816,15 +813,7 @@ fn a_moved_value_goes_with_its_agent_and_stays_where_it_ends() {
         assert!(there.contains(&format!("is held by agent {id}")), "{there}");
         let gone = user(0).await;
         assert!(gone.contains("left node 'node-0' with an agent"), "{gone}");
-        mesh.nodes()[1]
-            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
-            .await
-            .expect("delivered");
-        let end = tokio::time::timeout(Duration::from_secs(30), end)
-            .await
-            .expect("in time")
-            .expect("an end");
-        let text = json(end);
+        let text = wake_on_node_1(&mesh, &id, end).await;
         assert!(
             text.starts_with(r#"["node-0","migrate: cannot move to node-2: "#)
                 && text.contains("this node has a resource 'token' of its own")
@@ -894,46 +883,18 @@ fn a_moved_dataset_goes_with_its_agent_and_stays_where_it_ends() {
             &[("scratch", "move"), ("huge", "move")],
         );
         let user = |node: usize| {
-            let package = tern_tests::package_by(
-                &key,
-                r#"let r = ""; try { r = resource("scratch").lines(1, 3); } catch (e) { r = e; } r"#,
-                &[("scratch", "rebind")],
-            );
-            let node = &mesh.nodes()[node];
-            async move {
-                let (_, end) = node.launch(package, None).expect("launch");
-                let end = tokio::time::timeout(Duration::from_secs(30), end).await;
-                json(end.expect("in time").expect("an end"))
-            }
+            let source =
+                r#"let r = ""; try { r = resource("scratch").lines(1, 3); } catch (e) { r = e; } r"#;
+            rebound_on(&mesh, node, &key, source, "scratch")
         };
-        let places = || {
-            mesh.nodes()
-                .iter()
-                .map(|n| {
-                    let report = n.status().expect("status");
-                    let place = report
-                        .moved_resources
-                        .iter()
-                        .find(|(name, _)| name == "scratch");
-                    place.map_or_else(|| "-".to_string(), |(_, place)| place.clone())
-                })
-                .collect::<Vec<_>>()
-        };
+        let places = || places_of(&mesh, "scratch");
         let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
         tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
         let held = format!("here, held by {id}");
         tern_tests::eventually(|| places() == ["gone to node-1", held.as_str(), "-"]).await;
         let gone = user(0).await;
         assert!(gone.contains("left node 'node-0' with an agent"), "{gone}");
-        mesh.nodes()[1]
-            .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
-            .await
-            .expect("delivered");
-        let end = tokio::time::timeout(Duration::from_secs(30), end)
-            .await
-            .expect("in time")
-            .expect("an end");
-        let text = json(end);
+        let text = wake_on_node_1(&mesh, &id, end).await;
         assert!(
             text.starts_with(
                 r#"["resource: 'huge' at node 'node-0' cannot be moved: it is a dataset of 68157440 bytes"#

@@ -219,7 +219,7 @@ pub(in crate::node) async fn receive_hop(
         write_frame(stream, &HopReply::Ready).await?;
         read_bulk(stream, offer.continuation_len as usize).await?
     };
-    // The tables that move with the agent follow its continuation (checked against
+    // The resources that move with the agent follow its continuation (checked against
     // `MAX_MOVED_BYTES` with the offer).
     let tables = if offer.tables_len > 0 {
         read_bulk(stream, offer.tables_len as usize).await?.0
@@ -654,14 +654,14 @@ pub(in crate::node) async fn check_offer<'a>(
     }
     if offer.tables_len > MAX_MOVED_BYTES as u64 {
         return Err(refused(HopRefusal::MovingTable(format!(
-            "the tables that move with the agent take {} bytes, more than the {MAX_MOVED_BYTES} \
-             a hop moves",
+            "the resources that move with the agent take {} bytes, more than the \
+             {MAX_MOVED_BYTES} a hop moves",
             offer.tables_len
         ))));
     }
     if !offer.inline.is_empty() && offer.tables_len > 0 {
         return Err(refused(HopRefusal::MovingTable(
-            "an inline offer moves no tables: they follow a raw continuation".into(),
+            "an inline offer moves no resources: they follow a raw continuation".into(),
         )));
     }
     if let Err(full) = shared

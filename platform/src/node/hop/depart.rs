@@ -567,7 +567,8 @@ fn moving_resources(shared: &Shared, agent: &str) -> Result<Vec<u8>, String> {
              {MAX_MOVED_BYTES} that move with one hop"
         )
     };
-    // (`size` counts a little more than they take: larger, they would not fit either.)
+    // (`size` counts at most a few bytes an entry more than their encoding takes, far less
+    // than an eighth of the limit: past this, the encoding would not fit either.)
     if size > MAX_MOVED_BYTES + MAX_MOVED_BYTES / 8 {
         return Err(too_large(size));
     }
@@ -691,9 +692,9 @@ pub(in crate::node) struct SentHop<'a> {
     pub(in crate::node) envelope: Option<[u8; 32]>,
 }
 
-/// The raw bytes of a hop: the continuation, then the tables that move with the agent
+/// The raw bytes of a hop: the continuation, then the resources that move with the agent
 /// ([`MovedResources`], empty if none). Both follow `HopReply::Ready` unless the continuation is
-/// inline (then there are no tables).
+/// inline (then none move).
 #[derive(Clone, Copy)]
 pub(in crate::node) struct HopPayload<'a> {
     pub(in crate::node) continuation: &'a [u8],

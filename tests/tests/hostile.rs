@@ -975,12 +975,12 @@ fn carried_messages_are_checked_and_bounded() {
     });
 }
 
-/// A peer pushing tables along with an agent (as a `move` binding's do) cannot overwrite the
-/// node's own table, store a table its author is not granted or its package does not bind by
-/// move, store what is not a table's content, or make the node build a huge offer: each hop is
-/// refused, nothing is stored, and the node serves on.
+/// A peer pushing resources along with an agent (as a `move` binding's do: tables, values,
+/// datasets) cannot overwrite the node's own resource, store one its author is not granted or
+/// its package does not bind by move, store what is not a table's or a value's content, or make
+/// the node build a huge offer: each hop is refused, nothing is stored, and the node serves on.
 #[test]
-fn tables_pushed_with_an_agent_are_checked_and_bounded() {
+fn resources_pushed_with_an_agent_are_checked_and_bounded() {
     run(async {
         let granted: security::ResourceGrants = toml::from_str(
             r#"counts = "read-write"
@@ -1077,12 +1077,19 @@ small = "read""#,
                 |r| matches!(r, HopRefusal::MovingTable(why) if why.contains(says)),
             );
         }
-        // More entries or tables than a hop moves, or bytes that are no tables: they do not
-        // decode.
+        // More entries, files or resources than a hop moves, or bytes that are no resources:
+        // they do not decode.
         let too_many_entries = MovedResources(vec![moved(
             "fresh",
             vec![entry("k", &one); platform::wire::MAX_MOVED_ENTRIES + 1],
         )]);
+        let too_many_files = MovedResources(vec![platform::wire::MovedResource {
+            name: "fresh".into(),
+            contents: MovedContents::Dataset(vec![
+                serde_bytes::ByteBuf::new();
+                platform::wire::MAX_MOVED_FILES + 1
+            ]),
+        }]);
         let too_many_tables = MovedResources(
             (0..=platform::wire::MAX_MOVED_RESOURCES)
                 .map(|_| moved("fresh", vec![]))
@@ -1090,6 +1097,7 @@ small = "read""#,
         );
         for tables in [
             too_many_entries.encode().expect("encodes"),
+            too_many_files.encode().expect("encodes"),
             too_many_tables.encode().expect("encodes"),
             b"\xff not cbor".to_vec(),
         ] {

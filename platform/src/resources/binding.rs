@@ -41,7 +41,7 @@ use serde_bytes::ByteBuf;
 use super::copy_on_reference::ChunkCache;
 use super::{Backing, Mobility, NodeResource, NodeResources};
 use crate::node::StoreQuota;
-use crate::store::{ResourceContents, ResourcePlace, Store, StoreError};
+use crate::store::{HeldResource, ResourceContents, ResourcePlace, Store, StoreError};
 use crate::wire::{
     ResourceOp, ResourceReply, ResourceRequest, MAX_MOVED_BYTES, MAX_MOVED_RESOURCES, RESOURCE_PAGE,
 };
@@ -224,17 +224,19 @@ impl AgentResources {
                 backing,
             })
         };
-        if let Some(value) = self.store.moved_value(name)? {
-            return Ok(moved(Backing::Value(value)));
-        }
-        if let Some(dataset) = self.resources.moved_datasets.get(&self.store, name)? {
-            return Ok(moved(Backing::Dataset(dataset)));
-        }
-        Ok(Local::Configured(
-            configured
-                .filter(|r| r.kind() == ResourceKind::Table)
-                .unwrap_or(&MOVED_IN),
-        ))
+        Ok(match self.store.held_as(name)? {
+            HeldResource::Value(value) => moved(Backing::Value(value)),
+            HeldResource::Dataset(record) => moved(Backing::Dataset(
+                self.resources
+                    .moved_datasets
+                    .open(&self.store, name, &record),
+            )),
+            HeldResource::Table => Local::Configured(
+                configured
+                    .filter(|r| r.kind() == ResourceKind::Table)
+                    .unwrap_or(&MOVED_IN),
+            ),
+        })
     }
 
     fn decode(&self, what: &str, bytes: &[u8]) -> Result<Dynamic, String> {

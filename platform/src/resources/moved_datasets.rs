@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::dataset::{Dataset, DatasetError, DatasetFiles, FileAt};
-use crate::store::{Store, StoreError};
+use crate::store::{MovedDataset, Store};
 
 /// A dataset here by a move, opened: the hash of the copy it is, and the dataset.
 type Opened = ([u8; 32], Arc<Dataset>);
@@ -19,21 +19,13 @@ pub(crate) struct MovedDatasets {
 }
 
 impl MovedDatasets {
-    /// Dataset `name` of `store`, if it is here by a move: opened again only if another copy
-    /// came since it was last opened.
-    pub(crate) fn get(
-        &self,
-        store: &Store,
-        name: &str,
-    ) -> Result<Option<Arc<Dataset>>, StoreError> {
+    /// The copy `record` of dataset `name` of `store` (here by a move), opened: again only if
+    /// another copy came since it was last opened.
+    pub(crate) fn open(&self, store: &Store, name: &str, record: &MovedDataset) -> Arc<Dataset> {
         let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(record) = store.moved_dataset(name)? else {
-            opened.remove(name);
-            return Ok(None);
-        };
         if let Some((hash, dataset)) = opened.get(name) {
             if *hash == record.hash {
-                return Ok(Some(dataset.clone()));
+                return dataset.clone();
             }
         }
         let files = StoredFiles {
@@ -42,7 +34,7 @@ impl MovedDatasets {
         };
         let dataset = Arc::new(Dataset::of(Box::new(files), &record.lens));
         opened.insert(name.to_string(), (record.hash, dataset.clone()));
-        Ok(Some(dataset))
+        dataset
     }
 }
 

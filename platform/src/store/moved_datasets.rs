@@ -9,6 +9,7 @@
 //! which names this copy of the dataset (an opened copy is kept by that name: see
 //! `resources::MovedDatasets`).
 
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::schema::{MOVED_DATASETS, MOVED_DATASET_CHUNKS};
@@ -43,6 +44,17 @@ fn missing(name: &str) -> StoreError {
     }
 }
 
+/// Dataset `name` of `datasets` (the `moved_datasets` table), if it is here by a move.
+pub(super) fn moved_dataset_in(
+    datasets: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<Option<MovedDataset>, StoreError> {
+    match datasets.get(name)? {
+        Some(bytes) => Ok(Some(decode(name, bytes.value())?)),
+        None => Ok(None),
+    }
+}
+
 impl Store {
     /// Dataset `name`, if it is here by a move.
     ///
@@ -50,10 +62,7 @@ impl Store {
     ///
     /// When the read fails or the record does not decode.
     pub fn moved_dataset(&self, name: &str) -> Result<Option<MovedDataset>, StoreError> {
-        self.read(|txn| match txn.open_table(MOVED_DATASETS)?.get(name)? {
-            Some(bytes) => Ok(Some(decode(name, bytes.value())?)),
-            None => Ok(None),
-        })
+        self.read(|txn| moved_dataset_in(&txn.open_table(MOVED_DATASETS)?, name))
     }
 
     /// Fills `buf` from byte `offset` of file `file` of dataset `name` (here by a move).

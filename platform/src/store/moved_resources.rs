@@ -24,7 +24,8 @@ use std::sync::atomic::Ordering;
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
-use super::schema::{MOVED_VALUES, RESOURCE_PLACES};
+use super::moved_datasets::{moved_dataset_in, MovedDataset};
+use super::schema::{MOVED_DATASETS, MOVED_VALUES, RESOURCE_PLACES};
 use super::{Batch, Store, StoreError};
 
 /// Where a resource that moves is.
@@ -60,7 +61,7 @@ pub enum HeldResource {
     /// A value, encoded.
     Value(Vec<u8>),
     /// A dataset (its files are in the store).
-    Dataset,
+    Dataset(MovedDataset),
 }
 
 /// What of a resource moves with its agent, as its destination stores it.
@@ -117,18 +118,24 @@ impl Store {
         })
     }
 
-    /// The bytes of value `name` bound by move here (held, or let go by an agent that ended
-    /// here), if there are any.
+    /// What resource `name`, bound by move and here (held, or let go by an agent that ended
+    /// here), is: a value or a dataset if the store holds one of that name (one read of
+    /// both), else a table.
     ///
     /// # Errors
     ///
-    /// When the read fails.
-    pub fn moved_value(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// When the read fails or the dataset's record does not decode.
+    pub fn held_as(&self, name: &str) -> Result<HeldResource, StoreError> {
         self.read(|txn| {
-            Ok(txn
-                .open_table(MOVED_VALUES)?
-                .get(name)?
-                .map(|v| v.value().to_vec()))
+            if let Some(value) = txn.open_table(MOVED_VALUES)?.get(name)? {
+                return Ok(HeldResource::Value(value.value().to_vec()));
+            }
+            Ok(
+                match moved_dataset_in(&txn.open_table(MOVED_DATASETS)?, name)? {
+                    Some(dataset) => HeldResource::Dataset(dataset),
+                    None => HeldResource::Table,
+                },
+            )
         })
     }
 
@@ -152,11 +159,7 @@ impl Store {
             .collect();
         held.into_iter()
             .map(|name| {
-                let held = match self.moved_value(&name)? {
-                    Some(value) => HeldResource::Value(value),
-                    None if self.moved_dataset(&name)?.is_some() => HeldResource::Dataset,
-                    None => HeldResource::Table,
-                };
+                let held = self.held_as(&name)?;
                 Ok((name, held))
             })
             .collect()
@@ -563,7 +566,10 @@ mod tests {
     fn a_value_moves_as_a_table_does() {
         let dir = tempfile::tempdir().expect("dir");
         let store = Store::open(&dir.path().join("s.redb"), Durability::NoSync).expect("opens");
-        let value = |store: &Store| store.moved_value("v").expect("read");
+        let value = |store: &Store| match store.held_as("v").expect("read") {
+            HeldResource::Value(bytes) => Some(bytes),
+            _ => None,
+        };
         let configured = ResourceContents::Value(b"configured".to_vec());
         let held = store
             .batch(|b| b.hold_resource("v", "x", Some(&configured)))

@@ -537,7 +537,7 @@ fn moving_resources(shared: &Shared, agent: &str) -> Result<Vec<u8>, String> {
                 size += value.len();
                 MovingContents::Value(value)
             }
-            HeldResource::Dataset => {
+            HeldResource::Dataset(_) => {
                 let files = shared
                     .store
                     .moved_dataset_files(name)

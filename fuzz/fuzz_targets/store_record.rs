@@ -6,11 +6,13 @@
 //! the same CBOR, so a record whose whole decodes has metadata that decodes, and the same.
 //!
 //! The `results` table's values (an `AgentEnd` each, read by `tern result`) are decoded here
-//! too, with the call the node makes.
+//! too, with the call the node makes, and so are the records of moved resources: a
+//! `table_places` value (where a resource is) and a `moved_datasets` value (the lengths and
+//! hash of a dataset kept in the store).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use platform::store::AgentRecord;
+use platform::store::{AgentRecord, MovedDataset, ResourcePlace};
 use platform::wire::AgentEnd;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,5 +27,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = tern_fuzz::bounded("results value", data.len(), 128, || {
         ciborium::from_reader::<AgentEnd, _>(data)
+    });
+    let _ = tern_fuzz::bounded("table_places value", data.len(), 128, || {
+        ResourcePlace::decode_place_value(data)
+    });
+    let _ = tern_fuzz::bounded("moved_datasets value", data.len(), 128, || {
+        MovedDataset::decode_record_value(data)
     });
 });

@@ -18,8 +18,8 @@ use futures::io::Cursor;
 use libfuzzer_sys::fuzz_target;
 use platform::wire::{
     push_frame, read_frame, ClientRequest, ControlReply, ControlRequest, HopDecision, HopHandover,
-    HopOffer, HopReply, MovedResources, PackageReply, PackageRequest, ResourceReply, ResourceRequest,
-    MAX_FRAME, MAX_MOVED_BYTES,
+    HopOffer, HopReply, MovedResources, PackageReply, PackageRequest, ResourceReply,
+    ResourceRequest, MAX_FRAME, MAX_MOVED_BYTES,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;

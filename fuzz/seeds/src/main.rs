@@ -13,7 +13,7 @@ use agent_lang::rhai::{Array, Dynamic, FnPtr, Map};
 use agent_lang::{
     decode_portable, encode_portable, Execution, HostEnv, Limits, Outcome, Program, Resume,
 };
-use platform::store::{AgentMeta, AgentState};
+use platform::store::{AgentMeta, AgentState, MovedDataset, ResourcePlace};
 use platform::wire::{
     push_frame, Activity, ActivityCounts, AgentEnd, AgentStatus, ClientRequest, ControlRefusal,
     ControlReply, ControlRequest, CustodyLink, HandoverKey, HopDecision, HopHandover, HopOffer,
@@ -701,5 +701,32 @@ fn main() {
             ciborium::into_writer(end, &mut out).expect("encode a result");
             c.put(&out);
         }
+        let places = [
+            ResourcePlace::Here { holder: None },
+            ResourcePlace::Here {
+                holder: Some(agent.clone()),
+            },
+            ResourcePlace::Gone {
+                to: key(2).public().peer_id_string(),
+            },
+            ResourcePlace::Arriving {
+                holder: agent.clone(),
+                before: Some(Box::new(ResourcePlace::Gone {
+                    to: key(3).public().peer_id_string(),
+                })),
+            },
+        ];
+        for place in &places {
+            let mut out = Vec::new();
+            ciborium::into_writer(place, &mut out).expect("encode a place");
+            c.put(&out);
+        }
+        let dataset = MovedDataset {
+            lens: vec![0, 48, 1 << 20],
+            hash: [6; 32],
+        };
+        let mut out = Vec::new();
+        ciborium::into_writer(&dataset, &mut out).expect("encode a moved dataset");
+        c.put(&out);
     }
 }

@@ -28,6 +28,16 @@ pub struct MovedDataset {
     pub hash: [u8; 32],
 }
 
+impl MovedDataset {
+    /// Decodes `bytes` as a `moved_datasets` value with the store's own decoder. It exists for
+    /// fuzzing (`fuzz/`, target `store_record`), which needs the decoder without a database;
+    /// the node never calls it.
+    #[doc(hidden)]
+    pub fn decode_record_value(bytes: &[u8]) -> Result<MovedDataset, StoreError> {
+        decode("", bytes)
+    }
+}
+
 fn decode(name: &str, bytes: &[u8]) -> Result<MovedDataset, StoreError> {
     ciborium::from_reader(bytes).map_err(|source| StoreError::Decode {
         table: "moved_datasets",

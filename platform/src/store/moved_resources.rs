@@ -75,6 +75,16 @@ pub enum ResourceContents {
     Dataset(Vec<Vec<u8>>),
 }
 
+impl ResourcePlace {
+    /// Decodes `bytes` as a `table_places` value with the store's own decoder. It exists for
+    /// fuzzing (`fuzz/`, target `store_record`), which needs the decoder without a database;
+    /// the node never calls it.
+    #[doc(hidden)]
+    pub fn decode_place_value(bytes: &[u8]) -> Result<ResourcePlace, StoreError> {
+        decode("", bytes)
+    }
+}
+
 fn decode(name: &str, bytes: &[u8]) -> Result<ResourcePlace, StoreError> {
     ciborium::from_reader(bytes).map_err(|source| StoreError::Decode {
         table: "table_places",

@@ -297,7 +297,8 @@ mod tests {
     /// same changes made one entry at a time do: the neighbouring tables, the sizes and the
     /// stored-bytes figure alike. Entries in key order into a table emptied first take the
     /// spliced run (with the empty key, at the very start of the table's range); entries out
-    /// of order, and entries into a table that has some, take the inserts one by one.
+    /// of order or with a key twice, and entries into a table that has some, take the inserts
+    /// one by one.
     #[test]
     fn a_table_cleared_and_filled_at_once_is_as_one_entry_at_a_time() {
         let (_a, at_once) = filled();
@@ -308,21 +309,37 @@ mod tests {
         let ordered: Vec<(String, Vec<u8>)> = std::iter::once((String::new(), vec![1; 5]))
             .chain((0..60).map(|k| (format!("k{k:02}"), vec![k as u8; 3_000])))
             .collect();
+        // In order but for a key that comes twice (as a hostile peer may send it): the last
+        // value stays, counted once.
+        let repeated: Vec<(String, Vec<u8>)> = [("a", 1), ("b", 2), ("b", 3), ("c", 4)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), vec![*v; 100]))
+            .collect();
         at_once
             .batch(|b| {
                 b.table_clear("t")?;
                 b.table_set_all("t", &ordered)?;
                 b.table_set_all("ta", &unordered)?;
                 b.table_set_all("t0", &ordered)?;
+                b.table_set_all("u", &[])?;
+                b.table_clear("u")?;
+                b.table_set_all("u", &repeated)?;
                 b.table_clear("nothing")
             })
             .expect("at once");
         one_by_one
             .batch(|b| {
-                for key in one_by_one_keys("t") {
-                    b.table_remove("t", &key)?;
+                for name in ["t", "u"] {
+                    for key in one_by_one_keys(name) {
+                        b.table_remove(name, &key)?;
+                    }
                 }
-                for (name, entries) in [("t", &ordered), ("ta", &unordered), ("t0", &ordered)] {
+                for (name, entries) in [
+                    ("t", &ordered),
+                    ("ta", &unordered),
+                    ("t0", &ordered),
+                    ("u", &repeated),
+                ] {
                     for (key, value) in entries {
                         b.table_set(name, key, value)?;
                     }
@@ -334,6 +351,11 @@ mod tests {
         assert_eq!(at_once.table_len("t").expect("len"), 61);
         assert_eq!(at_once.table_len("ta").expect("len"), 50);
         assert_eq!(at_once.table_len("t0").expect("len"), 66);
+        assert_eq!(at_once.table_len("u").expect("len"), 3);
+        assert_eq!(
+            at_once.table_get("u", "b").expect("get"),
+            Some(vec![3; 100])
+        );
         assert_eq!(at_once.stored_bytes(), one_by_one.stored_bytes());
     }
 

@@ -108,6 +108,36 @@ fn trace_writes_one_line_per_hop() {
         hops[1].contains("node-1 -> node-2") && hops[1].contains("bytes") && hops[1].contains("µs"),
         "{err}"
     );
+    // Then the bytes each node sent, by protocol, and the mesh's total of each.
+    let sent = |prefix: &str| -> Vec<u64> {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?}: {err}"));
+        ["hop ", "package ", "control ", "resource "]
+            .iter()
+            .map(|p| {
+                let at = line.find(p).unwrap_or_else(|| panic!("{p:?} in {line:?}")) + p.len();
+                let digits: String = line[at..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits
+                    .parse()
+                    .unwrap_or_else(|_| panic!("a count after {p:?} in {line:?}"))
+            })
+            .collect()
+    };
+    let nodes: Vec<Vec<u64>> = ["node-0", "node-1", "node-2"]
+        .iter()
+        .map(|n| sent(&format!("bytes sent by {n}: ")))
+        .collect();
+    let total = sent("bytes sent: ");
+    for (i, total) in total.iter().enumerate() {
+        assert_eq!(*total, nodes.iter().map(|n| n[i]).sum::<u64>(), "{err}");
+    }
+    // Every node sent the agent on once; node-0, where it was launched, sent its package.
+    assert!(nodes.iter().all(|n| n[0] > 0) && nodes[0][1] > 0, "{err}");
 }
 
 #[test]

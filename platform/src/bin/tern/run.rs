@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use platform::loopback::{HopTrace, MeshNode, TracedHop};
-use platform::node::NodeHandle;
 use platform::package_files;
 use platform::wire::{AgentEnd, WireBytes};
 
@@ -167,10 +166,14 @@ async fn run_on_loopback(
     for h in trace.as_mut().map(HopTrace::rest).unwrap_or_default() {
         print_hop(h);
     }
-    let bytes = mesh
+    let by_node: Vec<(String, WireBytes)> = mesh
         .nodes()
         .iter()
-        .map(NodeHandle::wire_bytes)
+        .map(|n| (n.name().to_string(), n.wire_bytes()))
+        .collect();
+    let bytes = by_node
+        .iter()
+        .map(|(_, b)| *b)
         .fold(WireBytes::default(), WireBytes::plus);
     drop(mesh);
     note_unread(&agent, &end);
@@ -198,14 +201,21 @@ async fn run_on_loopback(
             ..
         } => Err(failed(args.json, &node, &agent, &error, position)),
     };
-    // Bytes on the wire: the mesh's protocols, every node's sent bytes together.
+    // Bytes on the wire: the mesh's protocols, every node's sent bytes together (and, with
+    // `--trace`, each node's first).
     if args.json {
         eprintln!("{}", serde_json::json!({"bytes": bytes.sent_json()}));
     } else if args.trace {
-        eprintln!(
-            "bytes sent: hop {}, package {}, control {}, resource {}",
-            bytes.hop.0, bytes.package.0, bytes.control.0, bytes.resource.0
-        );
+        let sent = |b: &WireBytes| {
+            format!(
+                "hop {}, package {}, control {}, resource {}",
+                b.hop.0, b.package.0, b.control.0, b.resource.0
+            )
+        };
+        for (node, b) in &by_node {
+            eprintln!("bytes sent by {node}: {}", sent(b));
+        }
+        eprintln!("bytes sent: {}", sent(&bytes));
     }
     outcome
 }

@@ -268,6 +268,7 @@ fn tern_status_reaches_a_node_as_its_operator_only() {
 /// A closure without captures is a portable value (issue 14 item 4): it hops between two
 /// `tern node` processes, whose Rhai hashes anonymous functions' names with different seeds,
 /// and is called there; so do closures kept in a map and passed as a message to itself.
+/// Afterwards both nodes' `tern status --json` count the bytes they sent (issue 13 item 5).
 #[test]
 fn a_closure_hops_between_two_node_processes() {
     let dir = tempfile::tempdir().unwrap();
@@ -298,5 +299,16 @@ fn a_closure_hops_between_two_node_processes() {
     );
     assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
     assert_eq!(out.last_line(), r#"["b",42,42,36,2]"#);
+    // `tern status --json` gives the bytes each node sent, by protocol: `a` sent the hop and
+    // the package `b` pulled; `b` reported the agent's end to its home, `a`.
+    let sent = |node: &TernNode, protocol: &str| {
+        let status = node.status();
+        status["bytes"][protocol]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no bytes.{protocol} in {status}"))
+    };
+    assert!(sent(&a, "hop") > 0 && sent(&a, "package") > 0);
+    assert!(sent(&b, "control") > 0);
+    assert_eq!(sent(&a, "resource") + sent(&b, "resource"), 0);
     drop(b);
 }

@@ -410,7 +410,7 @@ fn copyable_nodes(dir: &Path) -> Vec<MeshNode> {
 
 /// A copy is taken where the agent binds it and travels in its continuation (a 300 KB one by
 /// the hop's bulk path): it answers at nodes without the resource, the agent's changes stay in
-/// its copy, and a fixed resource is not copied.
+/// its copy (back at the owner too), and a fixed resource is not copied.
 #[test]
 fn a_copy_travels_with_the_agent_and_the_resource_stays_as_it_was() {
     tern_tests::runtime().block_on(async {
@@ -449,6 +449,10 @@ fn a_copy_travels_with_the_agent_and_the_resource_stays_as_it_was() {
                 seen.push(settings.get());
                 migrate("node-1");
                 try { resource("shard"); } catch (e) { seen.push(e); }
+                // Back at the owner, the copy is still the agent's own.
+                migrate("node-0");
+                counts.set("home", hops());
+                seen.push([here(), counts.len(), shard.line_count()]);
                 seen
             "#,
             &[("shard", "copy"), ("counts", "copy/by-type"), ("settings", "copy")],
@@ -461,7 +465,7 @@ fn a_copy_travels_with_the_agent_and_the_resource_stays_as_it_was() {
                 r#"["node-2",30000,["row 29999"],["a","b","node-1","node-2"]],{"depth":3},"#,
                 r#""resource: 'shard' at node 'node-1' cannot be copied: a copy takes the "#,
                 r#"resource's contents from its node, and it is fixed (not transferable): use "#,
-                r#"remote"]"#
+                r#"remote",["node-0",5,30000]]"#
             )
         );
         let after = run(
@@ -551,7 +555,8 @@ fn a_binding_the_nodes_resource_cannot_take_is_refused_at_launch() {
 
 /// A copy-on-reference handle reads each chunk from its owner once per node: a second pass at
 /// the same node sends no resource bytes from the owner, and the chunks go when the agent
-/// leaves. A table is not copied so, and neither is a fixed resource.
+/// leaves; back at the owner, it reads the owner's resources in place. A table is not copied
+/// so, and neither is a fixed resource.
 #[test]
 fn a_copy_on_reference_reads_each_chunk_from_the_owner_once_per_node() {
     tern_tests::runtime().block_on(async {
@@ -576,7 +581,10 @@ fn a_copy_on_reference_reads_each_chunk_from_the_owner_once_per_node() {
                 let errors = [];
                 try { resource("counts"); } catch (e) { errors.push(e); }
                 migrate("node-2");
-                [passes[0] == passes[1], passes[0], errors]
+                // Back at the owner, the handle reads the owner's own resources.
+                migrate("node-0");
+                let home = [here(), shard.lines(299999, 1), shard.size(), settings.get()];
+                [passes[0] == passes[1], passes[0], errors, home]
             "#,
             &[
                 ("shard", "copy-on-reference"),
@@ -616,10 +624,17 @@ fn a_copy_on_reference_reads_each_chunk_from_the_owner_once_per_node() {
         let text = json(end);
         assert!(
             text.starts_with(r#"[true,[300000,44999850000,1100000,52,"5\n149796\n14979",{"depth":3},2100000],"#)
-                && text.contains("it is a table, which changes"),
+                && text.contains("it is a table, which changes")
+                && text.ends_with(r#"["node-0",["299999"],2100000,{"depth":3}]]"#),
             "{text}"
         );
-        assert_eq!(owner_sent(), after_first, "the second pass asked the owner again");
+        assert_eq!(
+            owner_sent(),
+            after_first,
+            "the second pass, or the reads at the owner, asked the owner again"
+        );
+        let at_owner = mesh.nodes()[0].status().expect("status").store.cached_chunks;
+        assert_eq!(at_owner, 0, "the owner kept chunks of its own resources");
         // (Node-1 lets the agent go once node-2 has it, maybe after it ended there.)
         tern_tests::eventually(|| kept() == 0).await;
     });

@@ -16,9 +16,9 @@
 //! 1,023 lines before the ones asked for.
 
 use std::fmt;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -103,7 +103,13 @@ struct OnDisk(Vec<PathBuf>);
 impl DatasetFiles for OnDisk {
     fn open(&self, file: usize) -> Result<Box<dyn FileAt + '_>, DatasetError> {
         let path = self.name(file);
-        let handle = File::open(&path).map_err(io(&path))?;
+        // Not through a link: none was there when the dataset was opened, so one there now
+        // was put in its place since (and could lead anywhere).
+        let handle = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(io(&path))?;
         Ok(Box::new(OpenFile { handle, path }))
     }
 
@@ -205,7 +211,8 @@ impl Dataset {
             }
             paths.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
         } else {
-            paths.push(path.to_path_buf());
+            // A link the operator configured is followed once, here.
+            paths.push(std::fs::canonicalize(path).map_err(io(path))?);
         }
         let lens = paths
             .iter()
@@ -581,6 +588,44 @@ mod tests {
         std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
         let err = Dataset::open(dir.path()).expect_err("a subdirectory");
         assert!(err.to_string().contains("sub"), "{err}");
+    }
+
+    /// A file of a dataset swapped for a link after the dataset was opened is not followed:
+    /// reading it is an error naming it, never the link's target. A dataset configured as a
+    /// link to a file reads that file.
+    #[test]
+    fn a_file_swapped_for_a_link_after_opening_is_not_followed() {
+        let (dir, outside) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        write(dir.path(), "a", "inside\n");
+        write(outside.path(), "secret", "SECRET\n");
+        let secret = outside.path().join("secret");
+        let swapped = |path: &Path| {
+            std::fs::remove_file(path).expect("rm");
+            std::os::unix::fs::symlink(&secret, path).expect("link");
+        };
+        let directory = Dataset::open(dir.path()).expect("a directory");
+        swapped(&dir.path().join("a"));
+        let err = directory
+            .lines(0, 1, 100, |_| true)
+            .expect_err("not followed");
+        let named = dir.path().join("a").display().to_string();
+        assert!(err.to_string().contains(&named), "{err}");
+        assert!(directory.read(0, 7).is_err());
+
+        write(dir.path(), "b", "inside\n");
+        std::os::unix::fs::symlink(dir.path().join("b"), outside.path().join("link"))
+            .expect("link");
+        let linked = Dataset::open(&outside.path().join("link")).expect("a link to a file");
+        assert_eq!(
+            linked.lines(0, 1, 100, |_| true).expect("read").lines,
+            ["inside"]
+        );
+        let single = Dataset::open(&dir.path().join("b")).expect("a file");
+        swapped(&dir.path().join("b"));
+        assert!(single.lines(0, 1, 100, |_| true).is_err());
     }
 
     #[test]

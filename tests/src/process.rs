@@ -447,6 +447,25 @@ impl TernNode {
         let _ = self.child.wait();
     }
 
+    /// Stops the process where it is (SIGSTOP): its connections stay open and nothing it is
+    /// asked is answered, as a node that hangs. [`TernNode::resume`] lets it go on.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) has no memory effects; the pid is this test's own child, not reaped
+        // before the node is dropped.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "kill({pid}, {signal}) failed");
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         wait_child(&mut self.child, timeout)

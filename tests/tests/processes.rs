@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use tern_tests::process::{
-    agent_ids, forward_of, keygen, pack, peer_names, tern, toml_list, KeyFile, NodeFile, TernNode,
-    QUICK,
+    agent_ids, forward_of, keygen, pack, pack_binding, peer_names, spawn_tern, tern, toml_list,
+    KeyFile, NodeFile, TernNode, QUICK,
 };
 use tern_tests::wait_for;
 
@@ -311,4 +311,55 @@ fn a_closure_hops_between_two_node_processes() {
     assert!(sent(&b, "control") > 0);
     assert_eq!(sent(&a, "resource") + sent(&b, "resource"), 0);
     drop(b);
+}
+
+/// An owner that hangs under a remote reference (its process stopped, its connections left
+/// open): the agent's call throws once the resource protocol's deadline has passed, naming the
+/// resource and its node, and the agent carries on to its end (issue 13: an unreachable owner
+/// makes the operation throw within a deadline, nothing hangs).
+#[test]
+fn a_remote_call_to_an_owner_that_hangs_throws_after_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let author = keygen(dir.path(), "author");
+    let authors = format!("[{{ key = {:?}, resources = \"any\" }}]", author.public_key);
+    let mut fa = NodeFile::new(dir.path(), "a", &authors);
+    fa.extra = "[resources.counts]\ntype = \"table\"\nmobility = \"free\"\n".into();
+    let a = TernNode::start(&fa, None);
+    let mut fb = NodeFile::new(dir.path(), "b", &authors);
+    fb.bootstrap = vec![a.addr.clone()];
+    let b = TernNode::start(&fb, None);
+    b.wait_for_peers(&["a"]);
+    let pkg = pack_binding(
+        dir.path(),
+        "hung",
+        r#"
+        let t = resource("counts", "a");
+        t.set("k", 1);
+        receive();
+        let r = "answered";
+        try { t.get("k"); } catch (e) { r = e; }
+        [r, here()]
+        "#,
+        &author,
+        &["counts=remote"],
+    );
+    let launch = spawn_tern(&["launch", pkg.to_str().unwrap(), "--node", &b.addr]);
+    let agent = wait_for("the agent to wait at b", AGENT_TIMEOUT, || {
+        b.status()["agents"]
+            .as_array()?
+            .iter()
+            .find(|x| x["state"] == "waiting")
+            .and_then(|x| x["id"].as_str().map(String::from))
+    });
+    a.pause();
+    let sent = tern(&["send", &agent, "1", "--node", &b.addr], QUICK);
+    let out = launch.wait(AGENT_TIMEOUT);
+    a.resume();
+    assert_eq!(sent.code, Some(0), "stderr: {}", sent.stderr);
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    let result = out.last_line();
+    assert!(
+        result == r#"["resource 'counts' at node 'a' did not answer within 10 s","b"]"#,
+        "{result}"
+    );
 }

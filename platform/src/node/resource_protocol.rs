@@ -65,6 +65,7 @@ impl RemoteResources for NodeRemote {
             )
             .await
         });
+        let what = format!("resource '{}' at {what}", request.resource);
         match reply {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(format!("{what} did not answer: {e}")),

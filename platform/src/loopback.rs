@@ -369,3 +369,26 @@ impl HopTrace {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MeshNode;
+
+    /// A mesh description's `upload_mbit` reaches the node it is given for, and only it.
+    #[test]
+    fn a_mesh_description_caps_the_nodes_it_names() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("mesh.toml");
+        std::fs::write(
+            &path,
+            "[[node]]\nname = \"home\"\n[[node]]\nname = \"far\"\nupload_mbit = 20\n",
+        )
+        .expect("write");
+        let nodes = MeshNode::read_mesh(&path).expect("a mesh");
+        let caps: Vec<(&str, Option<f64>)> = nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.upload_mbit))
+            .collect();
+        assert_eq!(caps, [("home", None), ("far", Some(20.0))]);
+    }
+}

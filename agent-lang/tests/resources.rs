@@ -403,3 +403,49 @@ fn a_copy_of_the_wrong_shape_is_refused_when_decoded_or_checked() {
     };
     assert_eq!(data.files(), [b"x\ny".to_vec()]);
 }
+
+/// A copy travels in the continuation, so its size counts against the continuation limit: an
+/// agent whose copy grew past the limit cannot be encoded to leave (its hop is refused), and
+/// the same agent with the copy as it was can.
+#[test]
+fn a_copy_counts_against_the_continuation_limit() {
+    let mesh = nodes();
+    for (grow, fits) in [(false, true), (true, false)] {
+        let source = format!(
+            r#"let table = resource("ctable");
+               if {grow} {{ table.set("big", blob(20000)); }}
+               migrate("node-1");
+               table.len()"#
+        );
+        let limits = Limits::default().with_max_continuation_bytes(16_000);
+        let program = Program::compile(&source, &limits).expect("compiles");
+        let env = HostEnv {
+            here: mesh[0].0.clone(),
+            home: "node-0".into(),
+            nodes: mesh.iter().map(|(n, _)| n.clone()).collect(),
+            agent_id: "agent".into(),
+            hops: 0,
+            printer: Arc::new(|_| {}),
+            resources: Arc::new(Host {
+                here: mesh[0].0.clone(),
+                data: mesh[0].1.clone(),
+                program: program.clone(),
+            }),
+        };
+        let mut exec = Execution::new(&program);
+        match exec.resume(&env, Resume::Start) {
+            Outcome::Migrate { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        match exec.encode() {
+            Ok(bytes) => assert!(fits && bytes.len() < 16_000, "{} bytes", bytes.len()),
+            Err(agent_lang::EncodeError::TooLarge { size, limit }) => {
+                assert!(
+                    !fits && size > 20_000 && limit == 16_000,
+                    "{size} / {limit}"
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

@@ -39,6 +39,21 @@ fn three_nodes(dir: &std::path::Path, author: &KeyFile) -> (Vec<NodeFile>, Vec<T
     (files, nodes)
 }
 
+/// Nodes `a` and `b` (which dials `a`), both trusting the authors `authors` (a TOML value);
+/// `a` offers the resources `a_resources` (`[resources.NAME]` sections, or none). Returns once
+/// each knows the other's name.
+fn two_nodes(dir: &std::path::Path, authors: &str, a_resources: &str) -> (TernNode, TernNode) {
+    let mut fa = NodeFile::new(dir, "a", authors);
+    fa.extra = a_resources.into();
+    let a = TernNode::start(&fa, None);
+    let mut fb = NodeFile::new(dir, "b", authors);
+    fb.bootstrap = vec![a.addr.clone()];
+    let b = TernNode::start(&fb, None);
+    a.wait_for_peers(&["b"]);
+    b.wait_for_peers(&["a"]);
+    (a, b)
+}
+
 const TOUR: &str = r#"
 let visited = [];
 for n in ["beta", "gamma", "alpha"] {
@@ -273,12 +288,7 @@ fn tern_status_reaches_a_node_as_its_operator_only() {
 fn a_closure_hops_between_two_node_processes() {
     let dir = tempfile::tempdir().unwrap();
     let author = keygen(dir.path(), "author");
-    let authors = toml_list(&[&author.public_key]);
-    let a = TernNode::start(&NodeFile::new(dir.path(), "a", &authors), None);
-    let mut fb = NodeFile::new(dir.path(), "b", &authors);
-    fb.bootstrap = vec![a.addr.clone()];
-    let b = TernNode::start(&fb, None);
-    a.wait_for_peers(&["b"]);
+    let (a, b) = two_nodes(dir.path(), &toml_list(&[&author.public_key]), "");
     let pkg = pack(
         dir.path(),
         "closures",
@@ -321,14 +331,11 @@ fn a_closure_hops_between_two_node_processes() {
 fn a_remote_call_to_an_owner_that_hangs_throws_after_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let author = keygen(dir.path(), "author");
-    let authors = format!("[{{ key = {:?}, resources = \"any\" }}]", author.public_key);
-    let mut fa = NodeFile::new(dir.path(), "a", &authors);
-    fa.extra = "[resources.counts]\ntype = \"table\"\nmobility = \"free\"\n".into();
-    let a = TernNode::start(&fa, None);
-    let mut fb = NodeFile::new(dir.path(), "b", &authors);
-    fb.bootstrap = vec![a.addr.clone()];
-    let b = TernNode::start(&fb, None);
-    b.wait_for_peers(&["a"]);
+    let (a, b) = two_nodes(
+        dir.path(),
+        &format!("[{{ key = {:?}, resources = \"any\" }}]", author.public_key),
+        "[resources.counts]\ntype = \"table\"\nmobility = \"free\"\n",
+    );
     let pkg = pack_binding(
         dir.path(),
         "hung",

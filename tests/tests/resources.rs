@@ -36,7 +36,7 @@ async fn mesh_of(nodes: Vec<MeshNode>, trust: security::TrustPolicy) -> Loopback
 }
 
 /// Three nodes, each with a dataset `shard` of its own and a table `counts`; node-0 also
-/// offers a value `settings`, and node-2 has no `shard`.
+/// offers a value `settings` (and node-2 a table of that name), and node-2 has no `shard`.
 fn three_nodes(dir: &Path) -> Vec<MeshNode> {
     (0..3)
         .map(|i| {
@@ -49,6 +49,9 @@ fn three_nodes(dir: &Path) -> Vec<MeshNode> {
             if i == 0 {
                 text +=
                     "[settings]\ntype = \"value\"\nvalue = { depth = 3, names = [\"a\", \"b\"] }\n";
+            }
+            if i == 2 {
+                text += "[settings]\ntype = \"table\"\n";
             }
             MeshNode {
                 upload_mbit: None,
@@ -102,6 +105,32 @@ fn a_rebound_dataset_is_read_where_the_agent_is_and_a_node_without_it_throws() {
             concat!(
                 r#"[["node-0",2,["beta 0"],15],["node-1",2,["beta 1"],15],"#,
                 r#""line_count: node 'node-2' has no resource 'shard'",["node-0",2,["beta 0"],15]]"#
+            )
+        );
+    });
+}
+
+/// A rebound handle at a node whose resource of that name is of another type throws, naming
+/// the node, the resource and both types; the agent carries on.
+#[test]
+fn a_rebound_handle_meeting_another_type_throws() {
+    tern_tests::runtime().block_on(async {
+        let end = run(
+            r#"
+                let settings = resource("settings");
+                let seen = [settings.get()];
+                migrate("node-2");
+                try { seen.push(settings.get()); } catch (e) { seen.push(e); }
+                seen
+            "#,
+            &[("settings", "rebind")],
+        )
+        .await;
+        assert_eq!(
+            json(end),
+            concat!(
+                r#"[{"depth":3,"names":["a","b"]},"#,
+                r#""get: resource 'settings' at node 'node-2' is a table, not a value"]"#
             )
         );
     });

@@ -7,6 +7,7 @@ use std::time::Duration;
 use platform::loopback::{LoopbackMesh, MeshNode};
 use platform::resources::NodeResources;
 use platform::wire::{AgentEnd, ControlRefusal};
+use security::VerifiedPackage;
 use tern_tests::package_binding;
 
 fn resources(toml_text: &str, base: &Path) -> NodeResources {
@@ -709,6 +710,22 @@ fn places_of(mesh: &LoopbackMesh, resource: &str) -> Vec<String> {
         .collect()
 }
 
+/// Launches `mover` on node-0, which takes `resource` along by move to node-1 and waits there
+/// for a message; returns once node-0 says the resource went to node-1 and node-1 that the
+/// agent holds it (node-0 lets it go once node-1 has the agent, maybe a moment after it runs).
+async fn held_on_node_1(
+    mesh: &LoopbackMesh,
+    mover: VerifiedPackage,
+    resource: &str,
+) -> (String, tokio::sync::oneshot::Receiver<AgentEnd>) {
+    let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
+    tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
+    let held = format!("here, held by {id}");
+    let expected = ["gone to node-1", held.as_str(), "-"];
+    tern_tests::eventually(|| places_of(mesh, resource) == expected).await;
+    (id, end)
+}
+
 /// What agent `id`, waiting for a message on node-1, ends with once it has one.
 async fn wake_on_node_1(
     mesh: &LoopbackMesh,
@@ -770,11 +787,7 @@ fn a_moved_table_goes_with_its_agent_and_stays_where_it_ends() {
                 r#"let r = ""; try { r = resource("counts").len(); } catch (e) { r = e; } r"#;
             rebound_on(&mesh, node, &key, source, "counts")
         };
-        let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
-        tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
-        let held = format!("here, held by {id}");
-        // (Node-0 lets the table go once node-1 has the agent, maybe a moment after it runs.)
-        tern_tests::eventually(|| places(&mesh) == ["gone to node-1", held.as_str(), "-"]).await;
+        let (id, end) = held_on_node_1(&mesh, mover, "counts").await;
         let there = user(1).await;
         assert!(there.contains(&format!("is held by agent {id}")), "{there}");
         let gone = user(0).await;
@@ -849,10 +862,7 @@ fn a_moved_value_goes_with_its_agent_and_stays_where_it_ends() {
             rebound_on(&mesh, node, &key, source, "token")
         };
         let places = || places_of(&mesh, "token");
-        let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
-        tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
-        let held = format!("here, held by {id}");
-        tern_tests::eventually(|| places() == ["gone to node-1", held.as_str(), "-"]).await;
+        let (id, end) = held_on_node_1(&mesh, mover, "token").await;
         let there = user(1).await;
         assert!(there.contains(&format!("is held by agent {id}")), "{there}");
         let gone = user(0).await;
@@ -932,10 +942,7 @@ fn a_moved_dataset_goes_with_its_agent_and_stays_where_it_ends() {
             rebound_on(&mesh, node, &key, source, "scratch")
         };
         let places = || places_of(&mesh, "scratch");
-        let (id, end) = mesh.nodes()[0].launch(mover, None).expect("launch");
-        tern_tests::eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
-        let held = format!("here, held by {id}");
-        tern_tests::eventually(|| places() == ["gone to node-1", held.as_str(), "-"]).await;
+        let (id, end) = held_on_node_1(&mesh, mover, "scratch").await;
         let gone = user(0).await;
         assert!(gone.contains("left node 'node-0' with an agent"), "{gone}");
         let text = wake_on_node_1(&mesh, &id, end).await;

@@ -82,3 +82,17 @@ pub enum StoreError {
         source: ciborium::ser::Error<std::io::Error>,
     },
 }
+
+/// Decodes the CBOR value `bytes` stored in `table` under `key`, naming both if it does not
+/// decode.
+pub(super) fn decode_cbor<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    ciborium::from_reader(bytes).map_err(|source| StoreError::Decode {
+        table,
+        key: key.to_owned(),
+        source,
+    })
+}

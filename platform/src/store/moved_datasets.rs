@@ -12,6 +12,7 @@
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
+use super::error::decode_cbor;
 use super::schema::{MOVED_DATASETS, MOVED_DATASET_CHUNKS};
 use super::{Batch, Store, StoreError};
 
@@ -39,11 +40,7 @@ impl MovedDataset {
 }
 
 fn decode(name: &str, bytes: &[u8]) -> Result<MovedDataset, StoreError> {
-    ciborium::from_reader(bytes).map_err(|source| StoreError::Decode {
-        table: "moved_datasets",
-        key: name.to_owned(),
-        source,
-    })
+    decode_cbor("moved_datasets", name, bytes)
 }
 
 fn missing(name: &str) -> StoreError {

@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
+use super::error::decode_cbor;
 use super::moved_datasets::{moved_dataset_in, MovedDataset};
 use super::schema::{MOVED_DATASETS, MOVED_VALUES, RESOURCE_PLACES};
 use super::{Batch, Store, StoreError};
@@ -86,11 +87,7 @@ impl ResourcePlace {
 }
 
 fn decode(name: &str, bytes: &[u8]) -> Result<ResourcePlace, StoreError> {
-    ciborium::from_reader(bytes).map_err(|source| StoreError::Decode {
-        table: "table_places",
-        key: name.to_owned(),
-        source,
-    })
+    decode_cbor("table_places", name, bytes)
 }
 
 impl Store {

@@ -20,6 +20,7 @@ use redb::{ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 
 use super::chunks::{insert_chunks, read_chunks, remove_chunks, LARGE};
+use super::error::decode_cbor;
 use super::schema::{AGENTS, CHUNKS};
 use super::{Batch, Store, StoreError};
 use crate::wire::{CustodyLink, HandoverKey, MessagesSent};
@@ -559,24 +560,16 @@ fn split_tag<'v>(key: &str, bytes: &'v [u8]) -> Result<(u8, &'v [u8]), StoreErro
     }
 }
 
-fn decode_error(key: &str) -> impl FnOnce(ciborium::de::Error<std::io::Error>) -> StoreError + '_ {
-    move |source| StoreError::Decode {
-        table: "agents",
-        key: key.to_owned(),
-        source,
-    }
-}
-
 /// The metadata of an `agents` value (an inline continuation is skipped, not copied).
 fn decode_meta(key: &str, bytes: &[u8]) -> Result<AgentMeta, StoreError> {
     let (_, cbor) = split_tag(key, bytes)?;
-    ciborium::from_reader(cbor).map_err(decode_error(key))
+    decode_cbor("agents", key, cbor)
 }
 
 /// The metadata of an `agents` value, and its continuation if it is inline (`None`: in chunks).
 fn decode_agent(key: &str, bytes: &[u8]) -> Result<(AgentMeta, Option<Vec<u8>>), StoreError> {
     let (tag, cbor) = split_tag(key, bytes)?;
-    let stored: StoredAgent = ciborium::from_reader(cbor).map_err(decode_error(key))?;
+    let stored: StoredAgent = decode_cbor("agents", key, cbor)?;
     let (meta, continuation) = stored.into_parts();
     match (tag, continuation) {
         (INLINE, None) => Err(StoreError::Inconsistent {

@@ -340,12 +340,17 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// The resources arriving with agent `agent`, and their places.
+    fn arriving_with(&mut self, agent: &str) -> Result<Vec<(String, ResourcePlace)>, StoreError> {
+        self.places_where(
+            |p| matches!(p, ResourcePlace::Arriving { holder, .. } if holder == agent),
+        )
+    }
+
     /// The arrival of agent `agent` committed: the resources that came with it are its own
     /// here.
     pub(super) fn commit_arriving_moved(&mut self, agent: &str) -> Result<(), StoreError> {
-        let arrived = self.places_where(
-            |p| matches!(p, ResourcePlace::Arriving { holder, .. } if holder == agent),
-        )?;
+        let arrived = self.arriving_with(agent)?;
         for (name, _) in arrived {
             let held = ResourcePlace::Here {
                 holder: Some(agent.to_string()),
@@ -358,9 +363,7 @@ impl Batch<'_> {
     /// The arrival of agent `agent` did not commit: the resources that came with it go, and
     /// the node knows of them what it knew before.
     pub(super) fn abort_arriving_moved(&mut self, agent: &str) -> Result<(), StoreError> {
-        let arrived = self.places_where(
-            |p| matches!(p, ResourcePlace::Arriving { holder, .. } if holder == agent),
-        )?;
+        let arrived = self.arriving_with(agent)?;
         for (name, place) in arrived {
             self.drop_contents(&name)?;
             let ResourcePlace::Arriving { before, .. } = place else {

@@ -236,6 +236,12 @@ pub(crate) fn rewind(scope: &mut Scope, len: usize) {
     take_apart(values, false);
 }
 
+/// Whether dropping `value` may recurse: it holds other values (or may, through a shared
+/// cell). Any other value is dropped as it is, outside [`dismantle`].
+pub(crate) fn nests(value: &Dynamic) -> bool {
+    value.is_shared() || value.is_array() || value.is_map() || value.is_fnptr()
+}
+
 /// Drops `values` one level at a time: the arrays, maps, function pointers and shared cells
 /// inside are emptied onto a list rather than dropped inside each other, so no depth of
 /// nesting recurses.

@@ -713,15 +713,19 @@ fn accept_arrival_twice_is_duplicate() {
     let here = store.agent_meta("a").unwrap();
     assert!(here.is_some());
     let (by, other) = (*blake3::hash(&[9; 40]).as_bytes(), [1; 32]);
-    let view = |hop, envelope: &[u8; 32]| store.arrival_view("a", hop, envelope).unwrap();
-    assert_eq!(view(5, &by), (here.clone(), HopSeen::ByThisEnvelope));
-    assert_eq!(view(5, &other), (here.clone(), HopSeen::ByAnotherEnvelope));
-    assert_eq!(view(4, &other), (here.clone(), HopSeen::Later));
-    assert_eq!(view(6, &by), (here, HopSeen::No));
+    let view = |id, hop, envelope: &[u8; 32]| {
+        let view = store.arrival_view(id, hop, envelope, |_| None).unwrap();
+        assert_eq!(view.resident, store.agent_count().unwrap());
+        (view.here, view.seen)
+    };
+    assert_eq!(view("a", 5, &by), (here.clone(), HopSeen::ByThisEnvelope));
     assert_eq!(
-        store.arrival_view("nobody", 3, &by).unwrap(),
-        (None, HopSeen::No)
+        view("a", 5, &other),
+        (here.clone(), HopSeen::ByAnotherEnvelope)
     );
+    assert_eq!(view("a", 4, &other), (here.clone(), HopSeen::Later));
+    assert_eq!(view("a", 6, &by), (here, HopSeen::No));
+    assert_eq!(view("nobody", 3, &by), (None, HopSeen::No));
     assert!(store.has_seen("a", 5, Some(&by)).unwrap());
     assert!(!store.has_seen("a", 5, Some(&other)).unwrap());
 }

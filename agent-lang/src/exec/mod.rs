@@ -145,10 +145,17 @@ impl Drop for Execution {
         let mut values = Vec::new();
         for frame in &mut self.frames {
             let scope = std::mem::take(&mut frame.scope);
-            values.extend(scope.into_iter().map(|(_, value, _)| value));
+            values.extend(
+                scope
+                    .into_iter()
+                    .map(|(_, value, _)| value)
+                    .filter(crate::nested::nests),
+            );
             for cursor in &mut frame.cursors {
                 match cursor {
-                    frame::Cursor::Block { value, .. } => values.push(std::mem::take(value)),
+                    frame::Cursor::Block { value, .. } if crate::nested::nests(value) => {
+                        values.push(std::mem::take(value))
+                    }
                     frame::Cursor::Loop {
                         state:
                             loops::LoopState::For {

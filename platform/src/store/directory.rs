@@ -32,7 +32,8 @@ impl Store {
     /// ([`StoreError::Inconsistent`]).
     ///
     /// A holder's key that `known` returns for its bytes is taken as it is rather than
-    /// decompressed again (a home reads this twice a hop of each of its agents).
+    /// decompressed again (a home reads it at every arrival of its agents, in
+    /// [`Store::arrival_view`], and with every report).
     pub fn custody(
         &self,
         id: &str,
@@ -109,7 +110,7 @@ impl Batch<'_> {
     }
 }
 
-fn custody_in(
+pub(super) fn custody_in(
     table: &impl ReadableTable<&'static str, (u64, [u8; 32], [u8; 32])>,
     id: &str,
     known: impl Fn(&[u8; 32]) -> Option<PublicKey>,

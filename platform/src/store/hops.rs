@@ -3,11 +3,28 @@
 //! once the destination holds it, leaving a forwarding pointer (`forwards`) and the hop it left
 //! by (`departed`) for a destination that asks after a crash.
 
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 
+use security::{CustodyPoint, PublicKey};
+
+use super::directory::custody_in;
 use super::records::get_meta;
-use super::schema::{AGENTS, DEPARTED, FORWARDS, SEEN};
+use super::schema::{AGENTS, CUSTODY, DEPARTED, FORWARDS, SEEN};
 use super::{AgentMeta, AgentRecord, AgentState, Batch, Store, StoreError};
+
+/// What an offered hop is checked against, read in one transaction
+/// ([`Store::arrival_view`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArrivalView {
+    /// The agent's metadata, if it is stored here.
+    pub here: Option<AgentMeta>,
+    /// What this node accepted of the hop.
+    pub seen: HopSeen,
+    /// How many agents are stored here.
+    pub resident: u64,
+    /// The custody of the agent this node confirmed as its home ([`Store::custody`]).
+    pub custody: Option<CustodyPoint>,
+}
 
 /// What a node knows of an offered hop (agent, hop) by envelope hash: see
 /// [`Store::arrival_view`].
@@ -88,22 +105,28 @@ impl Store {
     }
 
     /// What an offer of hop `hop` of agent `id` by envelope hash `envelope` is checked against,
-    /// from one snapshot: the agent's metadata if it is stored here, and what this node accepted
-    /// of that hop.
+    /// from one snapshot ([`ArrivalView`]). A holder's key in the custody record that `known`
+    /// returns for its bytes is taken as it is (as [`Store::custody`]).
     ///
     /// # Errors
     ///
-    /// [`StoreError::Decode`] if the stored record is corrupt, or when the read fails.
+    /// [`StoreError::Decode`] if the stored record is corrupt, [`StoreError::Inconsistent`] if
+    /// the custody record holds no valid key, or when the read fails.
     pub fn arrival_view(
         &self,
         id: &str,
         hop: u64,
         envelope: &[u8; 32],
-    ) -> Result<(Option<AgentMeta>, HopSeen), StoreError> {
+        known: impl Fn(&[u8; 32]) -> Option<PublicKey>,
+    ) -> Result<ArrivalView, StoreError> {
         self.read(|txn| {
-            let meta = get_meta(&txn.open_table(AGENTS)?, id)?;
-            let seen = seen_from(&txn.open_table(SEEN)?, id, hop, envelope)?;
-            Ok((meta, seen))
+            let agents = txn.open_table(AGENTS)?;
+            Ok(ArrivalView {
+                here: get_meta(&agents, id)?,
+                seen: seen_from(&txn.open_table(SEEN)?, id, hop, envelope)?,
+                resident: agents.len()?,
+                custody: custody_in(&txn.open_table(CUSTODY)?, id, known)?,
+            })
         })
     }
 

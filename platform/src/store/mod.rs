@@ -130,7 +130,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 
 pub use error::StoreError;
 pub use group_commit::MAX_GROUP;
-pub use hops::{Arrival, HopSeen};
+pub use hops::{Arrival, ArrivalView, HopSeen};
 pub use mailbox::QueueSize;
 pub use moved_datasets::MovedDataset;
 pub use moved_resources::{HeldResource, ResourceContents, ResourcePlace, TableEntries};

@@ -32,8 +32,8 @@ use crate::node::runner::{spawn_agent, spawn_runner, Runnable};
 use crate::node::NodeStream;
 use crate::node::{now_ms, Shared};
 use crate::store::{
-    AgentMeta, AgentRecord, AgentState, Arrival, HopSeen, ResourceContents, ResourcePlace,
-    StoreError,
+    AgentMeta, AgentRecord, AgentState, Arrival, ArrivalView, HopSeen, ResourceContents,
+    ResourcePlace, StoreError,
 };
 use crate::wire::{
     read_bulk, read_frame, write_frame, ControlRefusal, HandoverKey, HopDecision, HopHandover,
@@ -77,7 +77,7 @@ pub(in crate::node) async fn handle_hop(
         // No handover follows a hop to the agent's home (it keeps the agent's custody itself).
         let to_home = offer.home == shared.peers.local_text();
         match receive_hop(shared, peer, &mut stream, offer, &mut claimed).await {
-            Ok((arrived, lock)) => {
+            Ok((arrived, by)) => {
                 let acknowledged = write_frame(&mut stream, &HopReply::Stored).await;
                 // Stored is stored: the agent runs here even if the acknowledgement is lost
                 // (the source then learns of the hop through `HopStatus`).
@@ -89,7 +89,7 @@ pub(in crate::node) async fn handle_hop(
                 let handover = if to_home {
                     Ok(())
                 } else {
-                    take_handover(shared, &mut stream, &meta, &lock).await
+                    take_handover(shared, &mut stream, &meta.id, &by).await
                 };
                 tell_home_location(shared, meta, &peer);
                 handover?;
@@ -124,22 +124,28 @@ pub(in crate::node) async fn handle_hop(
 /// Largest `HopHandover` frame read (one is 70 bytes).
 const HANDOVER_FRAME: usize = 256;
 
-/// Reads the source's handover of the hop that brought the agent of `meta` here, which follows
-/// `Stored`, and keeps it for the agent ([`Handovers`](crate::node::custody::Handovers)) if it
-/// opens `lock`, the handover lock of the envelope the agent came by.
+/// The envelope an agent arrived by: its hash, and the handover lock its source opens once the
+/// agent is here.
+pub(in crate::node) struct ArrivedBy {
+    envelope: [u8; 32],
+    handover_lock: [u8; 32],
+}
+
+/// Reads the source's handover of the hop that brought `agent` here by, which follows `Stored`,
+/// and keeps it for the agent ([`Handovers`](crate::node::custody::Handovers)) if it opens the
+/// lock of the envelope the agent came by.
 async fn take_handover(
     shared: &Shared,
     stream: &mut NodeStream,
-    meta: &AgentMeta,
-    lock: &[u8; 32],
+    agent: &str,
+    by: &ArrivedBy,
 ) -> Result<(), WireError> {
     let HopHandover(handover) = read_frame::<_, HopHandover>(stream, HANDOVER_FRAME).await?;
-    if security::handover_opens(lock, &handover.0) {
-        let envelope = *blake3::hash(&meta.envelope).as_bytes();
-        shared.handovers.record(&meta.id, envelope, handover);
+    if security::handover_opens(&by.handover_lock, &handover.0) {
+        shared.handovers.record(agent, by.envelope, handover);
     } else {
         tracing::debug!(
-            agent = meta.id,
+            agent,
             "a handover key that does not open the envelope's lock"
         );
     }
@@ -193,14 +199,14 @@ pub(in crate::node) fn refused(why: HopRefusal) -> Refusal {
 
 /// Checks an offer, takes the continuation (inline, or raw after Ready), verifies it, stores the
 /// agent as arriving while the source's decision travels, and makes it runnable on `Commit`.
-/// Gives the agent, and the handover lock of its envelope (the source's key follows).
+/// Gives the agent, and the envelope it came by (the source's handover key follows).
 pub(in crate::node) async fn receive_hop(
     shared: &Arc<Shared>,
     peer: PeerId,
     stream: &mut NodeStream,
     offer: HopOffer,
     claimed: &mut Option<(String, u64)>,
-) -> Result<(Runnable, [u8; 32]), Refusal> {
+) -> Result<(Runnable, ArrivedBy), Refusal> {
     let received = std::time::Instant::now();
     let inline = !offer.inline.is_empty();
     let checked = match check_offer(shared, peer, &offer, claimed).await {
@@ -232,6 +238,7 @@ pub(in crate::node) async fn receive_hop(
         previous,
         sender,
         loaded,
+        custody: recorded,
         _arriving,
     } = checked;
     let fields = envelope.fields().clone();
@@ -308,13 +315,6 @@ pub(in crate::node) async fn receive_hop(
     }
     // This node is the agent's home if it keeps its custody, whatever the offer says.
     let me = shared.peers.local_text();
-    let recorded = match shared.store.custody(&id, |k| shared.peers.known_key(k)) {
-        Ok(recorded) => recorded,
-        Err(e) => {
-            let refusal = refused(HopRefusal::StoreRead(e.to_string()));
-            return Err(after_decision(stream, refusal).await);
-        }
-    };
     let home_here = recorded.is_some();
     if home_here != (offer.home == me) {
         tracing::warn!(%peer, agent = id, "refused a hop that names another home than the agent's");
@@ -538,7 +538,11 @@ pub(in crate::node) async fn receive_hop(
         bytes: rec.continuation.len(),
         micros: offer.prepared_micros + received.elapsed().as_micros() as u64,
     });
-    Ok((Runnable { rec, exec, loaded }, lock))
+    let by = ArrivedBy {
+        envelope: envelope_hash,
+        handover_lock: lock,
+    };
+    Ok((Runnable { rec, exec, loaded }, by))
 }
 
 /// A hop this node accepted by another envelope, offered again: refused (only one claim on a
@@ -555,6 +559,9 @@ pub(in crate::node) struct CheckedOffer<'a> {
     pub(in crate::node) previous: Option<HopEnvelope>,
     pub(in crate::node) sender: PublicKey,
     pub(in crate::node) loaded: Arc<Loaded>,
+    /// The agent's custody as this node confirmed it, if it is the agent's home
+    /// ([`Store::custody`](crate::store::Store::custody)).
+    pub(in crate::node) custody: Option<CustodyPoint>,
     /// Holds the hop in `ArrivalGate::arriving` until the offer is settled.
     pub(in crate::node) _arriving: Arriving<'a>,
 }
@@ -600,9 +607,14 @@ pub(in crate::node) async fn check_offer<'a>(
     // and an arrival of the same hop by another envelope from the same source (which gave it
     // up) to this one. The same hop by the same envelope is a retry (`Duplicate`); by another,
     // from anyone else, a conflicting claim (`Conflict`).
-    let (here, seen) = shared
+    let ArrivalView {
+        here,
+        seen,
+        resident,
+        custody,
+    } = shared
         .store
-        .arrival_view(&agent, fields.hop, envelope.hash().as_bytes())
+        .arrival_view(&agent, fields.hop, envelope.hash().as_bytes(), known)
         .map_err(|e| refused(HopRefusal::StoreRead(e.to_string())))?;
     let source = shared.peers.text_of(&peer);
     let replaces = here.as_ref().is_some_and(|m| {
@@ -624,10 +636,6 @@ pub(in crate::node) async fn check_offer<'a>(
     }
     // A new agent here must fit (one coming back, or replacing an arrival, takes its own place).
     if here.is_none() {
-        let resident = shared
-            .store
-            .agent_count()
-            .map_err(|e| refused(HopRefusal::StoreRead(e.to_string())))?;
         if resident >= shared.max_agents {
             tracing::warn!(%peer, agent, "refused a hop: the node is full");
             return Err(refused(HopRefusal::NodeFull {
@@ -691,6 +699,7 @@ pub(in crate::node) async fn check_offer<'a>(
         previous,
         sender,
         loaded,
+        custody,
         _arriving: arriving,
     })
 }

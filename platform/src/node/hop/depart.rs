@@ -208,8 +208,8 @@ async fn anchor_custody(
         rec.handover = handover_of(shared, &rec.meta).await;
         shared.handovers.forget(&rec.id);
     }
-    let held_by = *blake3::hash(&rec.envelope).as_bytes();
-    let certificate = match shared.confirmed.take(&rec.id, &held_by) {
+    let held_by = held_by.map(|e| *e.hash().as_bytes());
+    let certificate = match held_by.and_then(|h| shared.confirmed.take(&rec.id, &h)) {
         Some(certificate) => certificate,
         None if rec.tail.len() >= MAX_CUSTODY_TAIL => {
             let home = rec.home.parse::<PeerId>().map_err(|e| {

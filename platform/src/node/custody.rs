@@ -95,14 +95,17 @@ pub(super) fn arriving_tail(
 pub(super) struct ArrivingHop<'a> {
     /// The sending peer's key.
     pub(super) sender: &'a PublicKey,
-    /// The envelope the hop names as previous (none on a first hop).
-    pub(super) previous: Option<EnvelopeHash>,
+    /// The envelope the hop names as previous, decoded with the offer (none on a first hop):
+    /// the last link of the custody, with `previous_handover`.
+    pub(super) previous: Option<&'a HopEnvelope>,
+    /// The handover of that envelope's hop, as the offer brought it (or this node knows it).
+    pub(super) previous_handover: Option<HandoverKey>,
 }
 
 impl ArrivingHop<'_> {
     /// Whether custody followed to `point` is the sender's, by the envelope the hop follows.
     fn held_at(&self, agent: &str, point: &CustodyPoint) -> Result<(), ControlRefusal> {
-        if point.holder == *self.sender && point.envelope == self.previous {
+        if point.holder == *self.sender && point.envelope == self.previous.map(HopEnvelope::hash) {
             Ok(())
         } else {
             Err(ControlRefusal::NoCustody {
@@ -116,8 +119,27 @@ impl ArrivingHop<'_> {
     }
 }
 
+/// The custody an arriving hop presents, decoded: the `carried` tail, then the hop its sender
+/// holds the agent by (as [`arriving_tail`] keeps it, without decoding that envelope again).
+fn arriving_custody(
+    shared: &Shared,
+    agent: &str,
+    carried: &[CustodyLink],
+    arrival: &ArrivingHop<'_>,
+) -> Result<(AgentId, Vec<HandedOverHop>), ControlRefusal> {
+    let (id, mut tail) = decode_tail(shared, agent, carried)?;
+    if let Some(previous) = arrival.previous {
+        tail.push(HandedOverHop {
+            envelope: previous.clone(),
+            handover: arrival.previous_handover.map_or([0; 32], |h| h.0),
+        });
+    }
+    Ok((id, tail))
+}
+
 /// On any node but the agent's home: whether an agent arriving by a hop comes from its holder.
-/// The agent's id must be the one `home` launched with `nonce`, and the custody `tail` must lead
+/// The agent's id must be the one `home` launched with `nonce`, and the custody (the `carried`
+/// tail and the hop the sender holds the agent by, [`arriving_custody`]) must lead
 /// to the sender, by the envelope the hop follows, from the home's `certificate` (or from the
 /// launch, if empty). The home itself needs no tail: it vouches for its own agents.
 ///
@@ -129,7 +151,7 @@ pub(super) fn check_arrival(
     agent: &str,
     (home, nonce): (&str, [u8; 16]),
     certificate: &[u8],
-    tail: &[CustodyLink],
+    carried: &[CustodyLink],
     arrival: &ArrivingHop<'_>,
 ) -> Result<(), ControlRefusal> {
     let refuse = |reason: String| ControlRefusal::NoCustody {
@@ -150,7 +172,7 @@ pub(super) fn check_arrival(
         home,
         nonce: LaunchNonce(nonce),
     };
-    let (id, tail) = decode_tail(shared, agent, tail)?;
+    let (id, tail) = arriving_custody(shared, agent, carried, arrival)?;
     if *arrival.sender == home && id.is_launched_by(&home, &origin.nonce) {
         return Ok(());
     }
@@ -187,10 +209,15 @@ pub(super) fn check_homecoming(
     shared: &Shared,
     agent: &str,
     recorded: Option<CustodyPoint>,
-    tail: &[CustodyLink],
+    carried: &[CustodyLink],
     arrival: &ArrivingHop<'_>,
 ) -> Result<(), ControlRefusal> {
-    let point = follow(shared, agent, recorded, tail, arrival.sender)?;
+    let recorded = recorded.ok_or_else(|| ControlRefusal::NoCustody {
+        agent: agent.to_string(),
+        reason: "no agent of this id was launched here".into(),
+    })?;
+    let (id, tail) = arriving_custody(shared, agent, carried, arrival)?;
+    let point = follow_decoded(shared, agent, &recorded, &id, &tail, arrival.sender)?;
     arrival.held_at(agent, &point)
 }
 
@@ -227,15 +254,29 @@ fn follow(
     let recorded =
         recorded.ok_or_else(|| refuse("no agent of this id was launched here".into()))?;
     let (id, tail) = decode_tail(shared, agent, tail)?;
-    follow_custody(&id, &recorded, &tail, presenter, |h| signed_here(shared, h)).map_err(
-        |e| match e {
-            CustodyError::Superseded { hop, .. } => ControlRefusal::Superseded {
-                agent: agent.to_string(),
-                hop,
-            },
-            e => refuse(e.to_string()),
+    follow_decoded(shared, agent, &recorded, &id, &tail, presenter)
+}
+
+/// [`follow`], of a tail decoded already.
+fn follow_decoded(
+    shared: &Shared,
+    agent: &str,
+    recorded: &CustodyPoint,
+    id: &AgentId,
+    tail: &[HandedOverHop],
+    presenter: &PublicKey,
+) -> Result<CustodyPoint, ControlRefusal> {
+    let refuse = |reason: String| ControlRefusal::NoCustody {
+        agent: agent.to_string(),
+        reason,
+    };
+    follow_custody(id, recorded, tail, presenter, |h| signed_here(shared, h)).map_err(|e| match e {
+        CustodyError::Superseded { hop, .. } => ControlRefusal::Superseded {
+            agent: agent.to_string(),
+            hop,
         },
-    )
+        e => refuse(e.to_string()),
+    })
 }
 
 /// The agent id and the hops of a custody tail, decoded.

@@ -339,16 +339,23 @@ pub(in crate::node) async fn receive_hop(
         }
         (handover, _) => handover,
     };
-    let custody = arriving_tail(offer.custody, &offer.previous, previous_handover);
     let arrival = ArrivingHop {
         sender: &sender,
-        previous: previous.as_ref().map(HopEnvelope::hash),
+        previous: previous.as_ref(),
+        previous_handover,
     };
     let checked = if home_here {
-        check_homecoming(shared, &id, recorded, &custody, &arrival)
+        check_homecoming(shared, &id, recorded, &offer.custody, &arrival)
     } else {
         let origin = (offer.home.as_str(), offer.nonce);
-        check_arrival(shared, &id, origin, &offer.certificate, &custody, &arrival)
+        check_arrival(
+            shared,
+            &id,
+            origin,
+            &offer.certificate,
+            &offer.custody,
+            &arrival,
+        )
     };
     if let Err(e) = checked {
         tracing::warn!(%peer, "refused a hop: {e}");
@@ -358,6 +365,7 @@ pub(in crate::node) async fn receive_hop(
     let (custody, certificate) = if home_here {
         (Vec::new(), Vec::new())
     } else {
+        let custody = arriving_tail(offer.custody, &offer.previous, previous_handover);
         (custody, offer.certificate)
     };
     let rec = AgentRecord {

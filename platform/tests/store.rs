@@ -726,6 +726,20 @@ fn accept_arrival_twice_is_duplicate() {
     assert_eq!(view("a", 4, &other), (here.clone(), HopSeen::Later));
     assert_eq!(view("a", 6, &by), (here, HopSeen::No));
     assert_eq!(view("nobody", 3, &by), (None, HopSeen::No));
+    // On the agent's home, the same read gives the custody it confirmed.
+    assert_eq!(
+        store.arrival_view("a", 6, &by, |_| None).unwrap().custody,
+        None
+    );
+    let point = security::CustodyPoint {
+        hop: 5,
+        holder: security::SecretKey::from_seed([3; 32]).public(),
+        envelope: Some(security::EnvelopeHash(by)),
+    };
+    store.batch(|b| b.set_custody("a", &point)).unwrap();
+    let view = store.arrival_view("a", 6, &by, |_| None).unwrap();
+    assert_eq!(view.custody, Some(point));
+    assert_eq!(view.seen, HopSeen::No);
     assert!(store.has_seen("a", 5, Some(&by)).unwrap());
     assert!(!store.has_seen("a", 5, Some(&other)).unwrap());
 }

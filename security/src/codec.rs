@@ -152,12 +152,34 @@ pub(crate) fn decode_canonical<W: Serialize + DeserializeOwned>(
             offset: base + used,
         });
     }
-    let mut again = Vec::with_capacity(used);
-    encode(&value, &mut again);
-    if again != body {
+    if !encodes_to(&value, body) {
         return Err(DecodeError::NonCanonical);
     }
     Ok(value)
+}
+
+/// Whether `value` encodes ([`encode`]) to exactly `expected`: compared piece by piece as the
+/// encoder writes, so that checking a decoded value is canonical allocates nothing.
+fn encodes_to<T: Serialize>(value: &T, expected: &[u8]) -> bool {
+    struct Compare<'a> {
+        rest: &'a [u8],
+    }
+    impl std::io::Write for Compare<'_> {
+        fn write(&mut self, piece: &[u8]) -> std::io::Result<usize> {
+            match self.rest.strip_prefix(piece) {
+                Some(rest) => {
+                    self.rest = rest;
+                    Ok(piece.len())
+                }
+                None => Err(std::io::ErrorKind::InvalidData.into()),
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut compare = Compare { rest: expected };
+    ciborium::into_writer(value, &mut compare).is_ok() && compare.rest.is_empty()
 }
 
 /// Lowercase hex of `bytes`.
@@ -333,6 +355,21 @@ mod tests {
             decode_canonical::<u64>(&[0x19, 0x01], 0),
             Err(DecodeError::Truncated { len: 2 })
         );
+    }
+
+    #[test]
+    fn a_value_encodes_to_exactly_its_bytes_or_not_at_all() {
+        let value = (7u64, String::from("tern"), vec![1u8, 2, 3]);
+        let mut bytes = Vec::new();
+        encode(&value, &mut bytes);
+        assert!(encodes_to(&value, &bytes));
+        // Its encoding a prefix of the bytes, the bytes a prefix of its encoding, one byte off.
+        assert!(!encodes_to(&value, &[&bytes[..], &[0]].concat()));
+        assert!(!encodes_to(&value, &bytes[..bytes.len() - 1]));
+        assert!(!encodes_to(&value, &[]));
+        let mut changed = bytes.clone();
+        changed[3] ^= 1;
+        assert!(!encodes_to(&value, &changed));
     }
 }
 

@@ -283,8 +283,25 @@ fn an_agent_whose_home_is_gone_stays_where_it_is_when_its_custody_is_full() {
         .await;
         let mut events = mesh.nodes()[1].events();
         let mut events_2 = mesh.nodes()[2].events();
+        let mut home_events = mesh.nodes()[0].events();
         let (id, _end) = mesh.nodes()[0].launch(package, None).expect("launch");
         eventually(|| mesh.nodes()[1].waits_for_a_message(&id)).await;
+        // The home goes only once it sent the first hop's handover (just before it reports the
+        // hop committed): without it, no custody leads past that hop, and the agent could not
+        // leave node-1 at all.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match home_events.recv().await {
+                    Ok(platform::node::NodeEvent::HopCommitted { agent, .. }) if agent == id => {
+                        return
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await
+        .expect("the first hop commits at the home");
         mesh.nodes()[1]
             .send(&id, &agent_lang::rhai::Dynamic::from(1_i64))
             .await

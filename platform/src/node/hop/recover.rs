@@ -201,15 +201,20 @@ pub(in crate::node) async fn departed_by(
         tokio::pin!(settled);
         // (Enabled before looking, so that a departure settled in between wakes it.)
         settled.as_mut().enable();
+        // Whether the departure is under way is looked at before whether it is done, since it
+        // goes from one to the other: one that ends between the two looks is seen done. (The
+        // other way round, it was seen neither, and an agent coming back by the next hop was
+        // refused for want of this hop's handover.)
+        let leaving_by_it = shared.departures.recording(envelope).is_some()
+            || matches!(
+                shared.store.agent_meta(agent)?,
+                Some(AgentMeta { state: AgentState::Leaving { envelope: e, .. }, .. }) if e == *envelope
+            );
         if shared.departures.handed_over(envelope)
             || shared.store.departed(agent)? == Some(*envelope)
         {
             return Ok(true);
         }
-        let leaving_by_it = matches!(
-            shared.store.agent_meta(agent)?,
-            Some(AgentMeta { state: AgentState::Leaving { envelope: e, .. }, .. }) if e == *envelope
-        ) || shared.departures.recording(envelope).is_some();
         if !leaving_by_it || tokio::time::timeout_at(deadline, settled).await.is_err() {
             return Ok(false);
         }

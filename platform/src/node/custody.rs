@@ -212,10 +212,7 @@ pub(super) fn check_homecoming(
     carried: &[CustodyLink],
     arrival: &ArrivingHop<'_>,
 ) -> Result<(), ControlRefusal> {
-    let recorded = recorded.ok_or_else(|| ControlRefusal::NoCustody {
-        agent: agent.to_string(),
-        reason: "no agent of this id was launched here".into(),
-    })?;
+    let recorded = launched_here(agent, recorded)?;
     let (id, tail) = arriving_custody(shared, agent, carried, arrival)?;
     let point = follow_decoded(shared, agent, &recorded, &id, &tail, arrival.sender)?;
     arrival.held_at(agent, &point)
@@ -247,14 +244,21 @@ fn follow(
     tail: &[CustodyLink],
     presenter: &PublicKey,
 ) -> Result<CustodyPoint, ControlRefusal> {
-    let refuse = |reason: String| ControlRefusal::NoCustody {
-        agent: agent.to_string(),
-        reason,
-    };
-    let recorded =
-        recorded.ok_or_else(|| refuse("no agent of this id was launched here".into()))?;
+    let recorded = launched_here(agent, recorded)?;
     let (id, tail) = decode_tail(shared, agent, tail)?;
     follow_decoded(shared, agent, &recorded, &id, &tail, presenter)
+}
+
+/// The custody this home `recorded` of `agent` (`Store::custody`), which it has only of the
+/// agents it launched.
+fn launched_here(
+    agent: &str,
+    recorded: Option<CustodyPoint>,
+) -> Result<CustodyPoint, ControlRefusal> {
+    recorded.ok_or_else(|| ControlRefusal::NoCustody {
+        agent: agent.to_string(),
+        reason: "no agent of this id was launched here".into(),
+    })
 }
 
 /// [`follow`], of a tail decoded already.

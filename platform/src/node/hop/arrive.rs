@@ -643,13 +643,11 @@ pub(in crate::node) async fn check_offer<'a>(
         }
     }
     // A new agent here must fit (one coming back, or replacing an arrival, takes its own place).
-    if here.is_none() {
-        if resident >= shared.max_agents {
-            tracing::warn!(%peer, agent, "refused a hop: the node is full");
-            return Err(refused(HopRefusal::NodeFull {
-                max: shared.max_agents,
-            }));
-        }
+    if here.is_none() && resident >= shared.max_agents {
+        tracing::warn!(%peer, agent, "refused a hop: the node is full");
+        return Err(refused(HopRefusal::NodeFull {
+            max: shared.max_agents,
+        }));
     }
     match here {
         None

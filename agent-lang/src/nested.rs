@@ -206,7 +206,7 @@ fn write_item(
 /// maps and function pointers among those that go taken apart one level at a time. A shared
 /// cell (a variable a closure captured) is left whole: the closure may live on.
 pub(crate) fn rewind(scope: &mut Scope, len: usize) {
-    let holds_values = |v: &Dynamic| !v.is_shared() && (v.is_array() || v.is_map() || v.is_fnptr());
+    let holds_values = |v: &Dynamic| !v.is_shared() && nests(v);
     // (`iter_raw` goes from the last variable to the first.)
     let going = scope.len().saturating_sub(len);
     if !scope
